@@ -1,0 +1,22 @@
+"""Train one configuration, or sweep many with -m. See README.md.
+
+    python bench/train.py model=vgg_a norm=bn loss=focal
+    python bench/train.py -m norm=bn,ln,gn batch_size=8,16,32,64
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from normbench.app import main as run_main
+from normbench.resolvers import register
+
+register()
+
+
+@hydra.main(config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    return run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()

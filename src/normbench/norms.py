@@ -1,0 +1,70 @@
+"""Normalization layers the model builders call once per layer.
+
+`ln` normalizes each sample over (C, H, W) like the study's `nn.LayerNorm([C, H, W])`. Its affine
+parameters are per channel by default (`norm.affine=channel`, i.e. GroupNorm with one group), so the
+same config works at any input size; `norm.affine=element` gives the study's per-element affine
+(`nn.LayerNorm([C, H, W])`), which ties the model to one input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from normbench.errors import ConfigError
+
+NORMS = ("none", "bn", "ln", "gn", "lrn")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    name: str = "none"
+    groups: int = 4
+    eps: float = 1e-5
+    momentum: float = 0.1
+    affine: str = "channel"  # ln only: channel | element
+    lrn_size: int = 5
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "NormSpec":
+        spec = cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+        if spec.name not in NORMS:
+            raise ConfigError("norm.name", spec.name, f"choose one of {', '.join(NORMS)}")
+        if spec.groups < 1:
+            raise ConfigError("norm.groups", spec.groups, "must be a positive integer")
+        if spec.affine not in ("channel", "element"):
+            raise ConfigError("norm.affine", spec.affine, "choose channel or element")
+        return spec
+
+    def make(self, channels: int, spatial: int) -> nn.Module:
+        """A norm layer for a (channels, spatial, spatial) activation."""
+        if self.name == "none":
+            return nn.Identity()
+        if self.name == "bn":
+            return nn.BatchNorm2d(channels, eps=self.eps, momentum=self.momentum)
+        if self.name == "ln":
+            if self.affine == "element":
+                return nn.LayerNorm([channels, spatial, spatial], eps=self.eps)
+            return nn.GroupNorm(1, channels, eps=self.eps)
+        if self.name == "gn":
+            if channels % self.groups:
+                raise ConfigError(
+                    "norm.groups", self.groups,
+                    f"must divide every normalized layer's channels; a layer has {channels} channels "
+                    f"(try a divisor such as {_divisor_hint(channels, self.groups)})",
+                )
+            return nn.GroupNorm(self.groups, channels, eps=self.eps)
+        return nn.LocalResponseNorm(self.lrn_size, alpha=1e-4, beta=0.75, k=2.0)
+
+    def check_channels(self, channel_counts: list[int]) -> None:
+        """Raise the gn error before any layer is built."""
+        if self.name == "gn":
+            for channels in channel_counts:
+                if channels % self.groups:
+                    self.make(channels, 1)
+
+
+def _divisor_hint(channels: int, groups: int) -> int:
+    divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+    return min(divisors, key=lambda d: abs(d - groups))

@@ -1,0 +1,85 @@
+"""Metric sinks: the W&B run and a fan-out to several sinks."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+EPOCH_METRICS = ("train/*", "val/*", "lr", "time/*", "throughput/*")
+
+
+def wandb_credentials_configured() -> bool:
+    """An API key in the environment or in the netrc file for the W&B host."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(setting: str) -> str:
+    """WANDB_MODE wins; otherwise `auto` means online only when credentials are configured."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if setting == "auto":
+        return "online" if wandb_credentials_configured() else "offline"
+    return setting
+
+
+class WandbSink:
+    """One W&B run per training job. Epoch metrics use `epoch` as x-axis, per-step ones `step`."""
+
+    def __init__(self, *, project: str, entity: str | None, group: str, name: str, tags: list[str],
+                 config: dict, run_dir: Path, mode: str):
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(project=project, entity=entity, group=group, name=name, tags=tags,
+                              config=config, dir=str(run_dir), mode=mode, reinit="create_new",
+                              job_type="train")
+        self.run.define_metric("step")
+        self.run.define_metric("epoch")
+        self.run.define_metric("step/*", step_metric="step")
+        self.run.define_metric("probe/*", step_metric="step")
+        for pattern in EPOCH_METRICS:
+            self.run.define_metric(pattern, step_metric="epoch")
+
+    def log_steps(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.run.log({"step": row["step"], "step/loss": row["train/loss"], "step/lr": row["lr"]})
+
+    def log_epoch(self, row: dict) -> None:
+        self.run.log(dict(row))
+
+    def log_probe(self, row: dict) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "epoch"})
+
+    def log_images(self, images: dict) -> None:
+        self.run.log({name: self._wandb.Image(image) for name, image in images.items()})
+
+    def log_summary(self, summary: dict) -> None:
+        for key, value in summary.get("metrics", {}).items():
+            self.run.summary[key] = value
+        for key in ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error"):
+            self.run.summary[key] = summary.get(key)
+
+    def finish(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+class FanOut:
+    """Sends every call to each sink."""
+
+    def __init__(self, *sinks):
+        self.sinks = [s for s in sinks if s is not None]
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            for sink in self.sinks:
+                getattr(sink, name)(*args, **kwargs)
+        return call

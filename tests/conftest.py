@@ -1,0 +1,63 @@
+"""Shared fixtures: offline W&B in a temp dir, and the tiny overrides that make runs take seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "bench" / "train.py"
+CONF = ROOT / "conf"
+
+# Small synthetic data, narrow models, few steps: a run takes a second or two on a laptop CPU.
+TINY = [
+    "data=synthetic", "data.synthetic.num_train=512", "data.synthetic.num_test=128", "data.val_size=128",
+    "model.width=0.125", "trainer.epochs=1", "trainer.max_steps_per_epoch=4", "trainer.max_eval_batches=2",
+    "trainer.eval_batch_size=64", "trainer.threads=1", "batch_size=16",
+]
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch) -> dict:
+    """W&B offline, every W&B dir inside the test's temp dir, no credentials from the host."""
+    base = tmp_path / "wandb-home"
+    env = {
+        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
+        "WANDB_DIR": str(base / "dir"), "WANDB_CACHE_DIR": str(base / "cache"),
+        "WANDB_CONFIG_DIR": str(base / "config"), "WANDB_DATA_DIR": str(base / "data"),
+        "NETRC": str(base / "netrc"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for value in env.values():
+        if value.startswith(str(base)) and not value.endswith("netrc"):
+            Path(value).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def run_train(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """`python bench/train.py ARGS` in a fresh process, run from `cwd` (where outputs land)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def wandb_inspect(run_dir: Path) -> dict:
+    """Read an offline W&B run back with W&B's own reader (no server)."""
+    import json
+    import shutil
+
+    wandb_bin = shutil.which("wandb", path=str(Path(sys.executable).parent)) or "wandb"
+    proc = subprocess.run([wandb_bin, "leet", "inspect", "--summary", "--json", str(run_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
