@@ -128,6 +128,8 @@ class Run:
         }
         self.record: RecordSink | None = None
         self.wandb: WandbSink | None = None
+        # Pruner protocol: should_stop(epoch, val_error) -> bool, called after each epoch.
+        self.pruner = None
 
     def execute(self) -> float:
         cfg = self.cfg
@@ -178,10 +180,14 @@ class Run:
         trainer.resize_to = resize_to
 
         def after_epoch(loop_state: LoopState) -> bool:
+            """Checkpoint, then ask the pruner (if any) whether to stop: True means pruned."""
             if cfg.trainer.checkpoint:
                 save_checkpoint(checkpoint_path, identity=self.identity, model=model, optimizer=optimizer,
                                 scheduler=scheduler, generator=generator, state=loop_state)
-            return False
+            if self.pruner is None:
+                return False
+            last = loop_state.history[-1]
+            return self.pruner.should_stop(last["epoch"], 1.0 - last["val/acc"])
 
         state = trainer.run(state, on_epoch_end=after_epoch)
         metrics = self.summary["metrics"]

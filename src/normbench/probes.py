@@ -1,0 +1,421 @@
+"""Optimization probes measured during training (Santurkar et al. 2018, "How Does Batch Normalization
+Help Optimization?").
+
+The training loop calls every probe after ``loss.backward()`` and before ``optimizer.step()``::
+
+    metrics = probe.on_step(step, model, closure, lr)   # dict[str, float] or None
+
+so ``p.grad`` holds the (unscaled) mini-batch gradient g at the weights w, and ``closure()`` runs the
+forward pass on the same mini-batch (under the loop's autocast, with autograd enabled) and returns the
+scalar loss without backpropagating it.  On non-probe steps a probe returns None and does (almost) nothing.
+
+Two probes:
+
+``landscape`` (``LandscapeProbe``) -- along the gradient direction.  For ``num_steps`` step sizes
+  η = lr·f, f geometrically (``spacing: log``, default) or evenly (``linear``) spaced in
+  [eta_min_factor, eta_max_factor] (default ½× .. 4× the lr, 8 values), evaluate the loss L(w − ηg) and the
+  gradient ∇L(w − ηg) on the same batch.  The reference gradient ∇L(w) is recomputed once with the very
+  same RNG state as every η point (so dropout masks and batch statistics match; without dropout it equals
+  g up to kernel nondeterminism).  Metrics:
+
+    probe/loss_min, probe/loss_max   range of L(w − ηg) over the η grid            (Santurkar Fig. 4a)
+    probe/grad_pred                  max over η of ‖∇L(w − ηg) − ∇L(w)‖             (Fig. 4b, upper edge)
+    probe/grad_pred_min              min over η of the same                          (Fig. 4b, lower edge)
+    probe/beta                       max over η of ‖∇L(w − ηg) − ∇L(w)‖ / ‖ηg‖      (Fig. 4c)
+    probe/grad_norm                  ‖g‖ of the loop's mini-batch gradient
+
+  Cost per probe step: num_steps + 1 forward+backward passes on one batch, plus three copies of the
+  parameters (weights, reference gradient, one gradient at a time).  Afterwards weights, every .grad,
+  every buffer (BatchNorm running statistics, num_batches_tracked, ...), the CPU and CUDA RNG states and
+  each module's train/eval flag are restored exactly, so a probed run trains bit-identically to an
+  unprobed one.  Optimizer state is never touched.  Skipped (None) when lr <= 0 or g is not finite.
+
+``grad_similarity`` (``GradSimilarityProbe``) -- consecutive mini-batch gradients.  At every step t with
+  t % interval == 0 it compares the flattened all-parameter gradient of step t with that of step t − 1:
+
+    probe/grad_cos                   cosine similarity  <g_t, g_{t-1}> / (‖g_t‖‖g_{t-1}‖)  (nan if a norm is 0)
+    probe/grad_l2                    ‖g_t − g_{t-1}‖
+
+  A copy of the gradient is kept only at steps t − 1 preceding a probe step (one flat copy of the
+  parameters), so the cost is two flattens and one reduction per ``interval`` steps.
+
+``build_probes(cfg)`` turns a ``conf/probe/<name>.yaml`` node into a list of probes; ``name: none`` -> [].
+All metric values are Python floats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from normbench.errors import ConfigError
+
+__all__ = [
+    "PROBE_NAMES",
+    "GradSimilarityProbe",
+    "LandscapeProbe",
+    "Probe",
+    "build_probes",
+    "run_probes",
+]
+
+PROBE_NAMES = ("none", "landscape", "grad_similarity", "all")
+
+
+@runtime_checkable
+class Probe(Protocol):
+    name: str
+    interval: int
+
+    def on_step(
+        self, step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
+    ) -> dict[str, float] | None: ...
+
+
+def run_probes(
+    probes: list[Probe], step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
+) -> dict[str, float] | None:
+    """Run every probe for this step; the merged metrics, or None when no probe measured anything."""
+    merged: dict[str, float] = {}
+    for probe in probes:
+        out = probe.on_step(step, model, closure, lr)
+        if out:
+            merged.update(out)
+    return merged or None
+
+
+# --------------------------------------------------------------------------------------------------
+# state save / restore
+
+
+class _ModelState:
+    """Everything a forward/backward on perturbed weights may disturb, saved so it can be put back."""
+
+    def __init__(self, model: nn.Module):
+        self.params = list(model.parameters())
+        self.weights = [p.detach().clone() for p in self.params]
+        self.grads = [p.grad for p in self.params]  # references: the probe never writes into them
+        self.buffers = [
+            (module, name, buf, buf.detach().clone())
+            for module in model.modules()
+            for name, buf in module._buffers.items()
+            if buf is not None
+        ]
+        self.modes = [(module, module.training) for module in model.modules()]
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = (
+            torch.cuda.get_rng_state_all()
+            if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else None
+        )
+
+    def reset_rng(self) -> None:
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+    def reset_buffers_and_modes(self) -> None:
+        with torch.no_grad():
+            for module, name, buf, saved in self.buffers:
+                if module._buffers.get(name) is not buf:  # a forward that rebinds instead of updating
+                    module._buffers[name] = buf
+                buf.copy_(saved)
+        for module, training in self.modes:
+            module.training = training
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, w in zip(self.params, self.weights):
+                p.copy_(w)
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        self.reset_buffers_and_modes()
+        self.reset_rng()
+
+
+def _sqnorm(tensors: list[Tensor | None]) -> Tensor:
+    """Squared l2 norm of the concatenation of ``tensors`` (None = zeros) as a float64 0-dim tensor."""
+    total = None
+    for t in tensors:
+        if t is None:
+            continue
+        term = torch.linalg.vector_norm(t).double().square()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
+
+
+def _diff(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return None if b is None else b
+    return a if b is None else a - b
+
+
+# --------------------------------------------------------------------------------------------------
+# along-gradient probe
+
+
+class LandscapeProbe:
+    """Loss range, gradient predictiveness and effective β-smoothness along the gradient direction."""
+
+    name = "landscape"
+
+    def __init__(
+        self,
+        interval: int = 50,
+        eta_min_factor: float = 0.5,
+        eta_max_factor: float = 4.0,
+        num_steps: int = 8,
+        spacing: str = "log",
+    ):
+        self.interval = int(interval)
+        self.eta_min_factor = float(eta_min_factor)
+        self.eta_max_factor = float(eta_max_factor)
+        self.num_steps = int(num_steps)
+        self.spacing = spacing
+
+    def eta_grid(self, lr: float) -> list[float]:
+        """The step sizes η probed for learning rate ``lr`` (ascending)."""
+        lo, hi, n = self.eta_min_factor, self.eta_max_factor, self.num_steps
+        if n == 1:
+            return [lr * lo]
+        if self.spacing == "log":
+            factors = [lo * (hi / lo) ** (k / (n - 1)) for k in range(n)]
+        else:
+            factors = [lo + (hi - lo) * k / (n - 1) for k in range(n)]
+        factors[-1] = hi
+        return [lr * f for f in factors]
+
+    @staticmethod
+    def _loss_and_grads(
+        closure: Callable[[], Tensor], params: list[nn.Parameter]
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        with torch.enable_grad():
+            loss = closure()
+            if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                raise RuntimeError(
+                    "probe closure must return the scalar loss of a forward pass with autograd enabled"
+                )
+            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+        return loss.detach().reshape(()).double(), [None if g is None else g.detach() for g in grads]
+
+    def on_step(
+        self, step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
+    ) -> dict[str, float] | None:
+        if step % self.interval != 0:
+            return None
+        lr = float(lr)
+        if not (lr > 0 and math.isfinite(lr)):
+            return None
+        params = [p for p in model.parameters() if p.requires_grad]
+        direction = [None if p.grad is None else p.grad.detach() for p in params]
+        if not params or all(d is None for d in direction):
+            return None
+
+        state = _ModelState(model)
+        try:
+            gnorm = _sqnorm(direction).sqrt()
+            # reference gradient at w, with the same RNG state as every η point below
+            state.reset_rng()
+            _, ref = self._loss_and_grads(closure, params)
+            state.reset_buffers_and_modes()
+
+            etas = self.eta_grid(lr)
+            losses: list[Tensor] = []
+            changes: list[Tensor] = []
+            weights = dict(zip(map(id, state.params), state.weights))
+            for eta in etas:
+                with torch.no_grad():
+                    for p, d in zip(params, direction):
+                        p.copy_(weights[id(p)])
+                        if d is not None:
+                            p.sub_(d.to(p.dtype), alpha=eta)
+                state.reset_rng()
+                loss, grads = self._loss_and_grads(closure, params)
+                state.reset_buffers_and_modes()
+                losses.append(loss)
+                changes.append(_sqnorm([_diff(g, r) for g, r in zip(grads, ref)]).sqrt())
+                del grads
+            dev = gnorm.device
+            values = torch.stack([t.to(dev) for t in (gnorm, *losses, *changes)]).cpu().tolist()  # one sync
+        finally:
+            state.restore()
+
+        g_norm = values[0]
+        if not math.isfinite(g_norm):
+            return None
+        n = len(etas)
+        loss_vals, change_vals = values[1 : 1 + n], values[1 + n :]
+        betas = [c / (eta * g_norm) if g_norm > 0 else math.nan for c, eta in zip(change_vals, etas)]
+        return {
+            "probe/loss_min": float(min(loss_vals)),
+            "probe/loss_max": float(max(loss_vals)),
+            "probe/grad_pred": float(max(change_vals)),
+            "probe/grad_pred_min": float(min(change_vals)),
+            "probe/beta": float(max(betas)),
+            "probe/grad_norm": float(g_norm),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# consecutive-gradient similarity
+
+
+def _flat_grad(model: nn.Module) -> Tensor | None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or all(p.grad is None for p in params):
+        return None
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    parts = [
+        (p.grad.detach().reshape(-1) if p.grad is not None else p.new_zeros(p.numel())).to(dtype)
+        for p in params
+    ]
+    return torch.cat(parts)  # a fresh tensor: safe to keep across steps
+
+
+class GradSimilarityProbe:
+    """Cosine similarity and l2 distance of the mini-batch gradients of steps t − 1 and t."""
+
+    name = "grad_similarity"
+
+    def __init__(self, interval: int = 10):
+        self.interval = int(interval)
+        self._prev: Tensor | None = None
+        self._prev_step: int | None = None
+
+    def on_step(
+        self, step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
+    ) -> dict[str, float] | None:
+        out = None
+        is_probe = step % self.interval == 0
+        keep = (step + 1) % self.interval == 0
+        cur = _flat_grad(model) if (is_probe or keep) else None
+        if is_probe and cur is not None and self._prev is not None and self._prev_step == step - 1:
+            prev = self._prev
+            if prev.numel() == cur.numel():
+                dot = torch.dot(cur, prev).double()
+                n_cur = torch.linalg.vector_norm(cur).double()
+                n_prev = torch.linalg.vector_norm(prev).double()
+                l2 = torch.linalg.vector_norm(cur - prev).double()
+                dot, n_cur, n_prev, l2 = torch.stack([dot, n_cur, n_prev, l2]).cpu().tolist()
+                denom = n_cur * n_prev
+                cos = dot / denom if denom > 0 else math.nan
+                if math.isfinite(cos):
+                    cos = max(-1.0, min(1.0, cos))
+                out = {"probe/grad_cos": float(cos), "probe/grad_l2": float(l2)}
+        if keep and cur is not None:
+            self._prev, self._prev_step = cur, step
+        else:
+            self._prev, self._prev_step = None, None
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+
+
+_LANDSCAPE_KEYS = {"interval", "eta_min_factor", "eta_max_factor", "num_steps", "spacing"}
+_SIMILARITY_KEYS = {"interval"}
+_LANDSCAPE_DEFAULTS = {
+    "interval": 50,
+    "eta_min_factor": 0.5,
+    "eta_max_factor": 4.0,
+    "num_steps": 8,
+    "spacing": "log",
+}
+_SIMILARITY_DEFAULTS = {"interval": 10}
+
+
+def _to_dict(cfg: Any) -> dict:
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise ConfigError("probe", cfg, "a mapping such as conf/probe/landscape.yaml")
+
+
+def _check_interval(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, value, "an integer number of steps >= 1")
+    return value
+
+
+def _check_factor(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ConfigError(key, value, "a finite number > 0 (a multiple of the learning rate)")
+    return float(value)
+
+
+def _check_keys(prefix: str, cfg: dict, allowed: set[str]) -> None:
+    for key, value in cfg.items():
+        if key not in allowed:
+            raise ConfigError(f"{prefix}.{key}", value, f"unknown key; allowed keys: {sorted(allowed)}")
+
+
+def _landscape(prefix: str, cfg: dict, interval: Any = None) -> LandscapeProbe:
+    _check_keys(prefix, cfg, _LANDSCAPE_KEYS)
+    c = {**_LANDSCAPE_DEFAULTS, **cfg}
+    if interval is not None:
+        c["interval"] = interval
+    lo = _check_factor(f"{prefix}.eta_min_factor", c["eta_min_factor"])
+    hi = _check_factor(f"{prefix}.eta_max_factor", c["eta_max_factor"])
+    if not lo < hi:
+        raise ConfigError(f"{prefix}.eta_min_factor", lo, f"must be < {prefix}.eta_max_factor={hi}")
+    n = c["num_steps"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ConfigError(f"{prefix}.num_steps", n, "an integer >= 2 (number of step sizes probed)")
+    if c["spacing"] not in ("log", "linear"):
+        raise ConfigError(f"{prefix}.spacing", c["spacing"], "one of: log, linear")
+    return LandscapeProbe(
+        interval=_check_interval(f"{prefix}.interval", c["interval"]),
+        eta_min_factor=lo,
+        eta_max_factor=hi,
+        num_steps=n,
+        spacing=c["spacing"],
+    )
+
+
+def _similarity(prefix: str, cfg: dict, interval: Any = None) -> GradSimilarityProbe:
+    _check_keys(prefix, cfg, _SIMILARITY_KEYS)
+    c = {**_SIMILARITY_DEFAULTS, **cfg}
+    if interval is not None:
+        c["interval"] = interval
+    return GradSimilarityProbe(interval=_check_interval(f"{prefix}.interval", c["interval"]))
+
+
+def build_probes(probe_cfg: Any) -> list[Probe]:
+    """Probes from a ``conf/probe/<name>.yaml`` node (DictConfig or mapping); raises ConfigError."""
+    cfg = _to_dict(probe_cfg)
+    name = cfg.pop("name", "none")
+    if name in (None, "none"):
+        return []
+    if name == "landscape":
+        return [_landscape("probe", cfg)]
+    if name == "grad_similarity":
+        return [_similarity("probe", cfg)]
+    if name == "all":
+        _check_keys("probe", cfg, {"interval", "landscape", "grad_similarity"})
+        interval = cfg.get("interval")
+        if interval is not None:
+            _check_interval("probe.interval", interval)
+        subs = {}
+        for key in ("landscape", "grad_similarity"):
+            sub = cfg.get(key) or {}
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"probe.{key}", sub, "a mapping of that probe's settings")
+            subs[key] = dict(sub)
+        return [
+            _landscape("probe.landscape", subs["landscape"], interval),
+            _similarity("probe.grad_similarity", subs["grad_similarity"], interval),
+        ]
+    raise ConfigError("probe.name", name, f"one of: {', '.join(PROBE_NAMES)}")
