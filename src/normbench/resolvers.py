@@ -20,4 +20,4 @@ def job_dirname(override_dirname: str) -> str:
 
 def register() -> None:
     if not OmegaConf.has_resolver("normbench_job_dir"):
-        OmegaConf.register_new_resolver("normbench_job_dir", job_dirname)
+        OmegaConf.register_resolver("normbench_job_dir", job_dirname)

@@ -1,0 +1,125 @@
+"""Every option of every config group composes with Hydra and trains a few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, TINY
+from normbench.app import run_job
+from normbench.data import write_fake_cifar
+
+GROUP_OPTIONS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("model", "norm", "activation", "loss", "optimizer", "scheduler", "data", "probe", "logger")
+}
+CASES = [(group, option) for group, options in GROUP_OPTIONS.items() for option in options]
+# A model-specific width that still lets gn's 4 groups divide every layer.
+SMALL_WIDTH = {"alexnet": 0.0625, "alexnet_cifar": 0.125, "vgg_a": 0.125, "vgg_a_light": 0.5}
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF)):
+        return compose(config_name="config", overrides=overrides)
+
+
+def tiny_overrides(group: str, option: str) -> list[str]:
+    overrides = [o for o in TINY if not o.startswith("model.width")] + ["logger=none"]
+    overrides = [o for o in overrides if not (group == "data" and o.startswith("data"))]
+    model = option if group == "model" else "vgg_a"
+    overrides += [f"{group}={option}", f"model.width={SMALL_WIDTH[model]}"]
+    if model == "alexnet":
+        overrides += ["model.input_size=64"]  # keeps the 224-input path's resize but runs in seconds
+    if group == "probe":
+        overrides += ["probe.interval=2"] if option != "none" else []
+    return overrides
+
+
+def test_every_group_has_the_options_the_studies_use():
+    assert GROUP_OPTIONS["model"] == ["alexnet", "alexnet_cifar", "vgg_a", "vgg_a_light"]
+    assert GROUP_OPTIONS["norm"] == ["bn", "gn", "ln", "lrn", "none"]
+    assert GROUP_OPTIONS["activation"] == ["elu", "gelu", "leaky_relu", "mish", "relu", "swish"]
+    assert GROUP_OPTIONS["loss"] == ["ce", "ce_l1", "ce_l2", "focal", "label_smoothing"]
+    assert GROUP_OPTIONS["optimizer"] == ["adagrad", "adam", "adamw", "rmsprop", "sgd", "sgd_momentum"]
+    assert GROUP_OPTIONS["scheduler"] == ["constant", "cosine", "onecycle", "step"]
+    assert {"cifar10", "cifar100", "synthetic"} <= set(GROUP_OPTIONS["data"])
+
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch):
+    """Real torchvision CIFAR classes reading small files in the real on-disk format."""
+    root = tmp_path / "data"
+    for name, cls in (("cifar10", torchvision.datasets.CIFAR10), ("cifar100", torchvision.datasets.CIFAR100)):
+        md5s = write_fake_cifar(root, name, n_train=300, n_test=60)
+        monkeypatch.setattr(cls, "train_list", [[f, md5s[f]] for f, _ in cls.train_list])
+        monkeypatch.setattr(cls, "test_list", [[f, md5s[f]] for f, _ in cls.test_list])
+        monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5s[cls.meta["filename"]]})
+    return root
+
+
+@pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_option_composes_and_trains(group, option, tmp_path, fake_cifar, wandb_env):
+    overrides = tiny_overrides(group, option)
+    if group == "data" and option != "synthetic":
+        overrides += [f"data.root={fake_cifar}", "data.download=false", "data.val_size=60"]
+    cfg = compose_cfg(overrides)
+    assert cfg[group].get("name", option) == option or group in ("optimizer", "data")
+    objective = run_job(cfg, output_dir=tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    assert 0.0 <= objective <= 1.0 and objective == pytest.approx(1 - summary["metrics"]["val/best_acc"])
+    assert summary["metrics"]["model/params"] > 0
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    if group == "probe" and option != "none":
+        probes = (tmp_path / "run" / "probes.jsonl").read_text().splitlines()
+        assert probes and all("probe/" in "".join(json.loads(p)) for p in probes)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["train/loss"] for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["norm=bn", "optimizer=sgd"],
+    ["norm=gn", "activation=leaky_relu", "loss=focal"],
+    ["norm=none", "optimizer=adam", "scheduler=cosine"],
+    ["model=alexnet_cifar", "norm=ln", "model.width=0.25", "model.dropout=0.0"],
+], ids=lambda o: ",".join(o))
+def test_loss_decreases_over_a_short_run(overrides, tmp_path):
+    base = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.epochs", "model.width"))]
+    cfg = compose_cfg(base + ["logger=none", "model=vgg_a_light", "trainer.epochs=3",
+                              "trainer.max_steps_per_epoch=30", "data.synthetic.num_train=1024",
+                              "data.augment=false", *overrides])
+    run_job(cfg, output_dir=tmp_path)
+    losses = _losses(tmp_path)
+    assert len(losses) == 90
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+
+
+def test_vgg_a_parameter_counts_match_the_study():
+    from normbench.activations import activation_factory
+    from normbench.models import build_model, count_parameters
+    from normbench.norms import NormSpec
+
+    cfg = compose_cfg(["model=vgg_a"])
+    relu = activation_factory("relu")
+    assert count_parameters(build_model(cfg.model, NormSpec(name="none"), relu, 10)) == 9_750_922
+    assert count_parameters(build_model(cfg.model, NormSpec(name="bn"), relu, 10)) == 9_756_426
+
+
+def test_alexnet_layer_norm_shapes_match_the_study():
+    from normbench.activations import activation_factory
+    from normbench.models import build_model
+    from normbench.norms import NormSpec
+
+    cfg = compose_cfg(["model=alexnet"])
+    model = build_model(cfg.model, NormSpec(name="ln", affine="element"), activation_factory("relu"), 10)
+    shapes = [tuple(m.normalized_shape) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert shapes == [(96, 27, 27), (256, 13, 13), (384, 13, 13), (384, 13, 13), (256, 6, 6)]
