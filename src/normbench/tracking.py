@@ -83,3 +83,26 @@ class FanOut:
             for sink in self.sinks:
                 getattr(sink, name)(*args, **kwargs)
         return call
+
+
+class ConsoleSink:
+    """One log line per epoch (Hydra sends it to the console and the job's .log file)."""
+
+    def __init__(self, epochs: int):
+        import logging
+
+        self.log = logging.getLogger("normbench")
+        self.epochs = epochs
+
+    def log_epoch(self, row: dict) -> None:
+        self.log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  "
+                      "%.0f img/s", row["epoch"], self.epochs, row["train/loss"], row["train/acc"],
+                      row["val/loss"], row["val/acc"], row["throughput/img_s"])
+
+    def log_summary(self, summary: dict) -> None:
+        metrics = summary.get("metrics", {})
+        self.log.info("%s: test/acc %s  val/best_acc %s  (%s)", summary["status"], metrics.get("test/acc"),
+                      metrics.get("val/best_acc"), summary["identity"])
+
+    def __getattr__(self, name):  # steps, probes, images: nothing to print
+        return lambda *args, **kwargs: None
