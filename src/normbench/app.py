@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import platform
 import random
 import resource
+import socket
 import sys
 import time
 import traceback
@@ -21,7 +24,7 @@ from normbench.activations import activation_factory
 from normbench.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from normbench.data import BatchStream, load_data
 from normbench.device import resolve_channels_last, resolve_device, resolve_precision
-from normbench.errors import NormbenchError
+from normbench.errors import ConfigError, NormbenchError
 from normbench.filters import filter_grid, first_conv_weight
 from normbench.identity import run_identity
 from normbench.loop import LoopSettings, LoopState, Trainer, convergence_epoch
@@ -29,29 +32,44 @@ from normbench.losses import build_criterion
 from normbench.models import build_model, count_parameters
 from normbench.norms import NormSpec
 from normbench.optim import build_optimizer, build_scheduler
-from normbench.record import RecordSink, atomic_write_text
-from normbench.tracking import FanOut, WandbSink, wandb_mode
+from normbench.pruning import build_pruner, check_pruning, pruning_on
+from normbench.record import SUMMARY, RecordSink, atomic_write_json, atomic_write_text, read_summary
+from normbench.sweep import SWEEP_ID_ENV, SweepState, done_statuses
+from normbench.tracking import ConsoleSink, FanOut, WandbSink, wandb_mode
 from normbench.validate import validate
 
 GROUPS = ("data", "model", "norm", "activation", "loss", "optimizer", "scheduler", "probe")
 WORST_OBJECTIVE = 1.0  # validation error of a run that diverged: worse than any real run
 
 
+NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+FAULTS = ("none", "raise", "oom")
+
+
 @dataclass
 class JobInfo:
-    output_dir: Path
+    output_dir: Path | None
     choices: dict = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     name: str = "default"
     multirun: bool = False
+    sweep_dir: Path | None = None     # multirun only: the sweep's root dir (holds .normbench/)
+    job_num: int | None = None        # multirun only: Hydra's job number
+    n_jobs: int = 1                   # jobs the launcher runs at the same time (joblib's n_jobs)
+    isolate: bool = False             # record a failing run and go on (basic sweeper) instead of raising
+    device: str | None = None         # the device this job trains on (trainer.device, or placed)
+    threads: int = 0                  # torch CPU threads for this job (0: torch's default)
+    reported: bool = field(default=False, repr=False)
 
 
-def job_info(cfg: DictConfig, output_dir: str | Path | None = None) -> JobInfo:
-    """What Hydra knows about this job (output dir, group choices, overrides)."""
+def job_info(cfg: DictConfig, output_dir: str | Path | None = None, require_output_dir: bool = True) -> JobInfo:
+    """What Hydra knows about this job (output dir, group choices, overrides, sweep and launcher)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     choices: dict = {}
+    sweep_dir, job_num, n_jobs, sweeper = None, None, 1, None
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         output_dir = output_dir or hydra_cfg.runtime.output_dir
@@ -59,15 +77,122 @@ def job_info(cfg: DictConfig, output_dir: str | Path | None = None) -> JobInfo:
         overrides = list(hydra_cfg.overrides.task)
         name = hydra_cfg.job.override_dirname or "default"
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        if multirun:
+            sweep_dir = Path(hydra_cfg.sweep.dir).absolute()
+            job_num = hydra_cfg.job.get("num")
+            n_jobs = launcher_jobs(hydra_cfg.get("launcher"))
+            sweeper = (hydra_cfg.get("sweeper") or {}).get("_target_")
     else:
         overrides, name, multirun = [], "default", False
-    if output_dir is None:
-        raise NormbenchError("no output dir: run through bench/train.py or pass output_dir")
+    if output_dir is None and require_output_dir:
+        raise NormbenchError(NO_OUTPUT_DIR)
     for group in GROUPS:
         choices.setdefault(group, cfg[group].get("name") if group in cfg else None)
     choices.update(batch_size=cfg.batch_size, seed=cfg.seed, lr=cfg.optimizer.lr,
                    dropout=cfg.model.dropout, epochs=cfg.trainer.epochs)
-    return JobInfo(Path(output_dir), choices, overrides, name, multirun)
+    info = JobInfo(Path(output_dir) if output_dir is not None else None, choices, overrides, name, multirun,
+                   sweep_dir, job_num, n_jobs, isolate=multirun and sweeper == BASIC_SWEEPER)
+    info.device, info.threads = placement(cfg.trainer.device, cfg.trainer.threads, job_num, n_jobs)
+    return info
+
+
+def launcher_jobs(launcher) -> int:
+    """How many jobs the launcher runs at once: joblib's n_jobs (-1: one per core), else 1."""
+    n_jobs = (launcher or {}).get("n_jobs") if launcher is not None else None
+    if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs == 0:
+        return 1
+    if n_jobs < 0:  # joblib: -1 = all cores, -2 = all but one, ...
+        return max(1, cpu_count() + 1 + n_jobs)
+    return n_jobs
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def placement(device: str, threads: int, job_num: int | None, n_jobs: int) -> tuple[str, int]:
+    """Bind a sweep job to its own device and share of the CPU.
+
+    - trainer.device=auto with several CUDA GPUs: GPU index = job number mod GPU count, so the N jobs
+      a parallel launcher runs at once land on different GPUs (with one GPU they all share it).
+    - trainer.threads=0 with a launcher running n_jobs > 1 at once: cores // n_jobs threads each.
+    Explicit settings (trainer.device=cuda:1, trainer.threads=4) are kept as they are.
+    """
+    device = str(device)
+    if device == "auto" and job_num is not None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        device = f"cuda:{job_num % torch.cuda.device_count()}"
+    if not threads and n_jobs > 1:
+        threads = max(1, cpu_count() // n_jobs)
+    return device, int(threads or 0)
+
+
+def fault_spec(cfg: DictConfig) -> tuple[str, int, int]:
+    """The injected fault (`+trainer.fault=raise|oom`, at `+trainer.fault_epoch` (1) and
+    `+trainer.fault_step` (1), the step within that epoch): for checking that a sweep survives a run
+    that raises or runs out of memory. It fails inside the real training loop, through the real error
+    handling; the run is recorded as failed."""
+    trainer = cfg.trainer
+    kind = trainer.get("fault") or "none"
+    kind = str(kind)
+    if kind not in FAULTS:
+        raise ConfigError("trainer.fault", kind, f"choose one of {', '.join(FAULTS)}")
+    at = []
+    for key in ("fault_epoch", "fault_step"):
+        value = trainer.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"trainer.{key}", value, "must be an integer >= 1")
+        at.append(value)
+    return kind, at[0], at[1]
+
+
+class FaultyStream:
+    """The real batch stream, failing at one training step (see fault_spec)."""
+
+    def __init__(self, stream, kind: str, epoch: int, step: int, device: torch.device, epochs_done: int):
+        self.stream, self.kind, self.epoch, self.step, self.device = stream, kind, epoch, step, device
+        self.current_epoch = epochs_done
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def __iter__(self):
+        self.current_epoch += 1
+        for index, batch in enumerate(self.stream):
+            if self.current_epoch == self.epoch and index + 1 == self.step:
+                self.fail()
+            yield batch
+
+    def fail(self) -> None:
+        where = f"injected by trainer.fault={self.kind} at epoch {self.epoch}, step {self.step}"
+        if self.kind == "oom":
+            if self.device.type == "cuda":  # a real allocation the caching allocator cannot satisfy
+                torch.empty(1 << 50, dtype=torch.uint8, device=self.device)
+            try:
+                np.empty(1 << 60, dtype=np.uint8)  # a real host allocation that fails: MemoryError
+            except MemoryError as err:
+                if hasattr(err, "add_note"):  # Python 3.11+
+                    err.add_note(f"({where})")
+                raise
+        raise RuntimeError(f"fault {where}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def seed_everything(seed: int) -> None:
@@ -115,28 +240,37 @@ def now_iso() -> str:
 class Run:
     """One training job and its record; `execute()` returns the validation error."""
 
-    def __init__(self, cfg: DictConfig, info: JobInfo):
-        self.cfg, self.info = cfg, info
+    def __init__(self, cfg: DictConfig, info: JobInfo, sweep: SweepState | None = None,
+                 identity: str | None = None):
+        self.cfg, self.info, self.sweep = cfg, info, sweep
         self.run_dir = info.output_dir
-        self.identity = run_identity(cfg)
+        self.identity = identity or run_identity(cfg)
         self.started = time.perf_counter()
         self.summary = {
             "status": "running", "identity": self.identity, "experiment": cfg.experiment_name,
             "choices": info.choices, "overrides": info.overrides, "metrics": {}, "objective": None,
             "epochs_done": 0, "diverged_epoch": None, "error": None, "device": None,
             "started_at": now_iso(), "finished_at": None, "versions": versions(),
+            # where and how this job ran (parallel launchers: several jobs at once)
+            "host": socket.gethostname(), "pid": os.getpid(), "job_num": info.job_num,
+            "threads": None, "resumed_from_epoch": None, "started_ts": time.time(), "finished_ts": None,
         }
         self.record: RecordSink | None = None
         self.wandb: WandbSink | None = None
         # Pruner protocol: should_stop(epoch, val_error) -> bool, called after each epoch.
         self.pruner = None
+        self.history: list[dict] = []
 
     def execute(self) -> float:
         cfg = self.cfg
-        device = resolve_device(cfg.trainer.device)
+        device = resolve_device(self.info.device or cfg.trainer.device)
         self.summary["device"] = str(device)
-        if cfg.trainer.threads:
-            torch.set_num_threads(cfg.trainer.threads)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+        threads = self.info.threads or cfg.trainer.threads
+        if threads:
+            torch.set_num_threads(threads)
+        self.summary["threads"] = torch.get_num_threads()
         seed_everything(cfg.seed)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -172,24 +306,38 @@ class Run:
         state = load_checkpoint(checkpoint_path, identity=self.identity, model=model, optimizer=optimizer,
                                 scheduler=scheduler, generator=generator)
         self._open_sinks(resumed=state)
+        if state is not None:
+            self.summary["resumed_from_epoch"] = state.epochs_done
+            print(f"normbench: resuming {self.identity} from its epoch-{state.epochs_done} checkpoint "
+                  f"in {self.run_dir}", flush=True)
+        fault, fault_epoch, fault_step = fault_spec(cfg)
+        if fault != "none":
+            stream = FaultyStream(stream, fault, fault_epoch, fault_step, device,
+                                  state.epochs_done if state else 0)
         trained = torch.compile(model) if cfg.trainer.compile else model
         from normbench.probes import build_probes
 
         trainer = Trainer(trained, criterion, optimizer, scheduler, data, stream, settings,
-                          FanOut(self.record, self.wandb), build_probes(cfg.probe), device)
+                          FanOut(self.record, self.wandb, ConsoleSink(cfg.trainer.epochs)),
+                          build_probes(cfg.probe), device)
         trainer.resize_to = resize_to
 
         def after_epoch(loop_state: LoopState) -> bool:
             """Checkpoint, then ask the pruner (if any) whether to stop: True means pruned."""
+            self.summary["epochs_done"] = loop_state.epochs_done
             if cfg.trainer.checkpoint:
                 save_checkpoint(checkpoint_path, identity=self.identity, model=model, optimizer=optimizer,
                                 scheduler=scheduler, generator=generator, state=loop_state)
             if self.pruner is None:
                 return False
             last = loop_state.history[-1]
-            return self.pruner.should_stop(last["epoch"], 1.0 - last["val/acc"])
+            stop = bool(self.pruner.should_stop(last["epoch"], 1.0 - last["val/acc"]))
+            if stop:
+                self.summary["pruning"] = getattr(self.pruner, "last_decision", None)
+            return stop
 
         state = trainer.run(state, on_epoch_end=after_epoch)
+        self.history = state.history
         metrics = self.summary["metrics"]
         if state.status != "diverged":
             metrics["test/loss"], metrics["test/acc"] = trainer.evaluate(data.test)
@@ -229,35 +377,144 @@ class Run:
             if sink is not None:
                 sink.log_images(images)
 
-    def finish(self, status: str | None = None, error: str | None = None) -> None:
+    def finish(self, status: str | None = None, error: str | None = None, error_type: str | None = None,
+               write_without_record: bool = False) -> None:
+        """Write the final summary. `write_without_record`: a sweep job that failed before its record
+        was opened still leaves a failed summary.json (a single run leaves nothing: see run_job)."""
         if status:
             self.summary["status"] = status
         self.summary["error"] = error
+        if error_type:
+            self.summary["error_type"] = error_type
         self.summary["finished_at"] = now_iso()
+        self.summary["finished_ts"] = time.time()
         self.summary["metrics"]["time/total_s"] = time.perf_counter() - self.started
-        for sink in (self.record, self.wandb):
-            if sink is not None:
-                sink.log_summary(self.summary)
-        if self.record is not None:
-            self.record.close()
-        if self.wandb is not None:
-            self.wandb.finish(failed=self.summary["status"] == "failed")
+        try:
+            for sink in (self.record, self.wandb):
+                if sink is not None:
+                    sink.log_summary(self.summary)
+            if self.record is None and write_without_record:
+                atomic_write_json(self.run_dir / SUMMARY, self.summary)
+            if self.record is not None:
+                self.record.close()
+            if self.wandb is not None:
+                self.wandb.finish(failed=self.summary["status"] == "failed")
+        finally:
+            self._bookkeeping()
+
+    def _bookkeeping(self) -> None:
+        """Sweep jobs: index entry, finished curve (for the median pruner), journal line."""
+        if self.sweep is None:
+            return
+        summary = self.summary
+        try:
+            self.sweep.put(self.identity, dir=self.run_dir, status=summary["status"],
+                           objective=summary["objective"], epochs_done=summary["epochs_done"],
+                           time_s=summary["metrics"].get("time/total_s"))
+            if summary["status"] == "completed" and self.history:
+                self.sweep.add_curve(self.identity, [1.0 - row["val/acc"] for row in self.history])
+            journal(self.info, self.identity, summary["status"], summary["objective"], self.run_dir)
+        except OSError as err:  # never hide the run's own outcome behind a bookkeeping error
+            print(f"normbench: warning: could not update the sweep index: {err}", file=sys.stderr)
+
+
+def journal(info: JobInfo, identity: str | None, status: str, objective, run_dir: Path | None,
+            error: str | None = None) -> None:
+    """This job's outcome, for the summary line of the sweep invocation it belongs to."""
+    sweep_id = os.environ.get(SWEEP_ID_ENV)
+    if info.sweep_dir is None or not sweep_id or info.reported:
+        return
+    job = f"{info.job_num:06d}" if isinstance(info.job_num, int) else f"{identity}-{os.getpid()}"
+    SweepState(info.sweep_dir).journal(sweep_id, job, status=status, identity=identity, objective=objective,
+                                       dir=str(run_dir) if run_dir else None, error=error)
+    info.reported = True
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join("".join(traceback.format_exception_only(exc)).split())
+
+
+def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
+    """Where this identity's record lives: where an earlier attempt of it left its record or
+    checkpoint (so a restarted job continues from it even in another job dir), else the job's own
+    dir -- unless that holds the record of another identity (the same overrides after the config
+    changed), which is never overwritten: then a sibling `<job dir>.<identity>`."""
+    entry = state.get(identity)
+    if entry and entry.get("dir"):
+        earlier = state.run_dir(entry)
+        summary = read_summary(earlier)
+        if (earlier / CHECKPOINT).exists() or (summary and summary.get("identity") == identity):
+            return earlier
+    summary = read_summary(job_dir)
+    if summary is not None and summary.get("identity") != identity:
+        return job_dir.with_name(f"{job_dir.name}.{identity}")
+    return job_dir
 
 
 def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float:
-    """Train one configuration, record it, and return its validation error (what sweepers minimize)."""
-    validate(cfg)
-    info = job_info(cfg, output_dir)
-    print_config_tree(cfg)
-    run = Run(cfg, info)
+    """Train one configuration, record it, and return its validation error (what sweepers minimize).
+
+    In a sweep (multirun) the job first looks its identity up in the sweep's index: a run of the same
+    training config that already completed (or diverged) is not trained again, its recorded objective
+    is returned. With the basic sweeper a run that raises or runs out of memory is recorded as failed
+    and the sweep goes on (the job returns the worst objective); a single run re-raises.
+    """
+    info = job_info(cfg, output_dir, require_output_dir=False)
+    if not info.isolate:
+        return _run_job(cfg, info)
     try:
+        return _run_job(cfg, info)
+    except Exception as exc:  # noqa: BLE001 - failure isolation: the sweep goes on
+        error = str(exc) if isinstance(exc, NormbenchError) else one_line(exc)
+        kind = "out of memory" if is_out_of_memory(exc) else "failed"
+        print(f"normbench: job {info.job_num} {kind}: {error} -- recorded, the sweep goes on",
+              file=sys.stderr, flush=True)
+        journal(info, None, "failed", WORST_OBJECTIVE, None, error)
+    free_memory()
+    return WORST_OBJECTIVE
+
+
+def _run_job(cfg: DictConfig, info: JobInfo) -> float:
+    validate(cfg)
+    check_pruning(cfg)
+    fault_spec(cfg)
+    if info.output_dir is None:
+        raise NormbenchError(NO_OUTPUT_DIR)
+    if info.sweep_dir is None:
+        return _train(cfg, info, None, run_identity(cfg))
+    state = SweepState(info.sweep_dir)
+    state.ensure_index()
+    identity = run_identity(cfg)
+    with state.lock(identity):
+        done = state.done(identity, done_statuses(pruning_on(cfg)))
+        if done is not None:
+            objective = done.get("objective")
+            objective = WORST_OBJECTIVE if objective is None else float(objective)
+            run_dir = state.run_dir(done)
+            print(f"normbench: skipped {identity}: already {done['status']} in {run_dir} "
+                  f"(objective {objective:.4f})", flush=True)
+            journal(info, identity, "skipped", objective, run_dir)
+            return objective
+        info.output_dir = choose_run_dir(state, identity, info.output_dir)
+        state.put(identity, dir=info.output_dir, status="running", objective=None, pid=os.getpid(),
+                  host=socket.gethostname())
+        return _train(cfg, info, state, identity)
+
+
+def _train(cfg: DictConfig, info: JobInfo, state: SweepState | None, identity: str) -> float:
+    print_config_tree(cfg)
+    run = Run(cfg, info, sweep=state, identity=identity)
+    try:
+        run.pruner = build_pruner(cfg, run.run_dir, info.sweep_dir, identity)
         objective = run.execute()
     except NormbenchError as err:
-        if run.record is not None:  # nothing is written for errors caught before the run started
-            run.finish("failed", error=str(err))
+        # a single run leaves nothing for errors caught before the run started; a sweep job records them
+        if run.record is not None or info.isolate:
+            run.finish("failed", error=str(err), error_type=type(err).__name__, write_without_record=True)
         raise
     except BaseException as exc:
-        run.finish("failed", error="".join(traceback.format_exception_only(exc)).strip())
+        error_type = "OutOfMemoryError" if is_out_of_memory(exc) else type(exc).__name__
+        run.finish("failed", error=one_line(exc), error_type=error_type, write_without_record=info.isolate)
         raise
     run.finish()
     return objective

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 # How or where a run executes, not what it computes.
 NOT_IDENTITY = {
     "hydra", "logger", "experiment_name", "paths",
+    "pruning",  # whether a run may be stopped early, not what an epoch computes (normbench.pruning)
     "trainer.device", "trainer.threads", "trainer.compile", "trainer.channels_last",
     "trainer.log_every_steps", "trainer.checkpoint", "trainer.eval_batch_size",
     "data.root", "data.download",

@@ -1,0 +1,128 @@
+"""Stopping runs that are clearly worse than their peers (off by default).
+
+The job asks its pruner after every epoch: `should_stop(epoch, val_error) -> bool`; True ends the run
+with status `pruned` (its record, checkpoint and objective are kept).
+
+- Optuna sweeps: `normbench.optuna_support.trial_pruner(cfg)` (reports to the Optuna trial and asks
+  its pruner) is used when that module exists and returns a pruner.
+- Grid sweeps (`pruning=median`): the median-stopping rule over the finished runs of the same sweep
+  dir. After `warmup_epochs` epochs, and once at least `min_runs` completed peers reached epoch e, a
+  run whose best validation error up to epoch e is worse than the median of the peers' best errors
+  up to epoch e stops. Best-so-far (not the last epoch's error) keeps one noisy epoch from stopping
+  a good run. Peers are completed runs only: their curves are written once, when they complete, to
+  `<sweep dir>/.normbench/curves/`, and read incrementally (each file once per job).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Protocol
+
+from normbench.errors import ConfigError
+
+PRUNERS = ("none", "median")
+
+
+class Pruner(Protocol):
+    def should_stop(self, epoch: int, val_error: float) -> bool: ...
+
+
+class MedianStoppingPruner:
+    def __init__(self, curves_dir: str | Path, identity: str | None, warmup_epochs: int = 1, min_runs: int = 3):
+        self.curves_dir = Path(curves_dir)
+        self.identity = identity
+        self.warmup_epochs, self.min_runs = int(warmup_epochs), int(min_runs)
+        self.best = float("inf")
+        self.peers: dict[str, list[float]] = {}   # identity -> best-so-far error per epoch
+        self.last_decision: dict | None = None
+
+    def _refresh(self) -> None:
+        try:
+            names = os.listdir(self.curves_dir)
+        except OSError:
+            return
+        for name in names:
+            identity = name[:-5]
+            if not name.endswith(".json") or name.startswith(".") or identity in self.peers:
+                continue
+            if identity == self.identity:
+                continue
+            try:
+                errors = json.loads((self.curves_dir / name).read_text())["val_error"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            best, running = float("inf"), []
+            for error in errors:
+                best = min(best, float(error))
+                running.append(best)
+            self.peers[identity] = running
+
+    def should_stop(self, epoch: int, val_error: float) -> bool:
+        self.best = min(self.best, float(val_error))
+        if epoch <= self.warmup_epochs:
+            return False
+        self._refresh()
+        at_epoch = [curve[epoch - 1] for curve in self.peers.values() if len(curve) >= epoch]
+        if len(at_epoch) < self.min_runs:
+            return False
+        median = statistics.median(at_epoch)
+        self.last_decision = {"epoch": epoch, "best_error": self.best, "median": median, "peers": len(at_epoch)}
+        return self.best > median
+
+
+def pruning_spec(cfg) -> dict:
+    spec = cfg.get("pruning") if hasattr(cfg, "get") else None
+    if spec is None:
+        return {"name": "none"}
+    return {"name": spec.get("name", "none"), "warmup_epochs": spec.get("warmup_epochs", 1),
+            "min_runs": spec.get("min_runs", 3)}
+
+
+def check_pruning(cfg) -> dict:
+    """Validate the `pruning` node (before anything expensive); returns it as a dict."""
+    spec = pruning_spec(cfg)
+    if spec["name"] not in PRUNERS:
+        raise ConfigError("pruning.name", spec["name"], f"choose one of {', '.join(PRUNERS)} (e.g. pruning=median)")
+    if spec["name"] == "median":
+        for key in ("warmup_epochs", "min_runs"):
+            value = spec[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"pruning.{key}", value, "must be an integer >= 0")
+    return spec
+
+
+def pruning_on(cfg) -> bool:
+    return pruning_spec(cfg)["name"] != "none"
+
+
+def _optuna_trial_pruner(cfg):
+    try:
+        from normbench.optuna_support import trial_pruner
+    except ModuleNotFoundError as err:
+        if err.name in ("normbench.optuna_support", "optuna"):
+            return None
+        raise
+    return trial_pruner(cfg)
+
+
+def build_pruner(cfg, run_dir: str | Path | None, sweep_dir: str | Path | None,
+                 identity: str | None = None) -> Pruner | None:
+    """The pruner for this job, or None: Optuna's trial pruner in an Optuna sweep, else the grid rule
+    chosen by `pruning.name` (which needs a sweep dir: a single run has no peers)."""
+    pruner = _optuna_trial_pruner(cfg)
+    if pruner is not None:
+        return pruner
+    spec = check_pruning(cfg)
+    if spec["name"] == "none" or sweep_dir is None:
+        return None
+    from normbench.sweep import SweepState
+
+    if identity is None:
+        from normbench.identity import run_identity
+
+        identity = run_identity(cfg)
+    return MedianStoppingPruner(SweepState(sweep_dir).curves_dir, identity, spec["warmup_epochs"],
+                                spec["min_runs"])

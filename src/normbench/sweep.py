@@ -1,0 +1,226 @@
+"""Sweep bookkeeping under the sweep dir: identity index, per-identity locks, finished curves, journal.
+
+Layout (hidden from the report, which does not enter dot-dirs)::
+
+    <sweep dir>/.normbench/
+        index/<identity>.json      where the run of this identity lives and how it ended:
+                                   {"identity", "dir" (relative to the sweep dir), "status",
+                                    "objective", "time_s", "epochs_done", "updated_at"}
+        locks/<identity>.lock      flock()ed while a job trains that identity (released by the
+                                   kernel when the job dies, so a SIGKILL never leaves a stale lock)
+        curves/<identity>.json     validation-error curve of a completed run (for the median pruner)
+        sweeps/<sweep id>/<job>.json   one file per job of one sweep invocation (for the summary line)
+
+Every file is written whole through a temp file + rename, one file per identity, so concurrent jobs
+(joblib workers, SLURM array tasks, several hosts on a shared filesystem) never write the same file
+at the same time and a killed job never leaves a half file. A lookup is one file open: O(1) in the
+size of the sweep.
+
+Nothing here imports torch: the planning command uses it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import warnings
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+from normbench.record import SUMMARY, atomic_write_json, read_summary
+
+STATE_DIR = ".normbench"
+SWEEP_ID_ENV = "NORMBENCH_SWEEP_ID"
+# Statuses a re-run skips: the same identity gives the same numbers (divergence included).
+DONE = ("completed", "diverged")
+OUTCOMES = ("completed", "diverged", "failed", "pruned", "skipped")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def done_statuses(pruning_on: bool) -> tuple[str, ...]:
+    """What counts as done. A pruned run is done while pruning is on (re-running it would only be
+    pruned again); with pruning off, a re-run continues it from its checkpoint to the end."""
+    return DONE + ("pruned",) if pruning_on else DONE
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class SweepState:
+    """The `.normbench/` bookkeeping of one sweep dir."""
+
+    def __init__(self, sweep_dir: str | Path):
+        self.root = Path(sweep_dir).absolute()
+        self.state = self.root / STATE_DIR
+        self.index_dir = self.state / "index"
+        self.locks_dir = self.state / "locks"
+        self.curves_dir = self.state / "curves"
+        self.journal_dir = self.state / "sweeps"
+        self.cached: dict[str, dict] = {}  # the planning command's in-memory copy of the index
+
+    # ------------------------------------------------------------------------------------- index
+    def ensure_index(self) -> None:
+        """Create the index; a sweep dir that has records but no index (written before the index
+        existed, or copied in) is indexed once from its summary.json files."""
+        if self.index_dir.is_dir():
+            return
+        self.state.mkdir(parents=True, exist_ok=True)
+        with self._flock(self.state / "index.lock"):
+            if self.index_dir.is_dir():
+                return
+            entries = self.scan_records()
+            tmp = self.state / f".index.{os.getpid()}.tmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            for identity, entry in entries.items():
+                atomic_write_json(tmp / f"{identity}.json", entry)
+            os.replace(tmp, self.index_dir)
+
+    def scan_records(self) -> dict[str, dict]:
+        """Index entries built from the records under the sweep dir (a one-off full scan). Where an
+        identity has several records, a done one wins over an incomplete one."""
+        entries: dict[str, dict] = {}
+        if not self.root.is_dir():
+            return entries
+        stack = [self.root]
+        while stack:
+            path = stack.pop()
+            try:
+                children = list(os.scandir(path))
+            except OSError:
+                continue
+            if any(c.name == SUMMARY for c in children):
+                summary = read_summary(Path(path))
+                if summary and summary.get("identity"):
+                    entry = self.entry_from_summary(Path(path), summary)
+                    old = entries.get(entry["identity"])
+                    if old is None or (old["status"] not in DONE and entry["status"] in DONE):
+                        entries[entry["identity"]] = entry
+                continue
+            stack.extend(Path(c.path) for c in children
+                         if not c.name.startswith(".") and c.name != "wandb" and c.is_dir(follow_symlinks=False))
+        return entries
+
+    def entry_from_summary(self, run_dir: Path, summary: dict) -> dict:
+        status = summary.get("status") or "running"
+        return {"identity": summary["identity"], "dir": self.relative(run_dir), "status": status,
+                "objective": summary.get("objective"), "epochs_done": summary.get("epochs_done"),
+                "time_s": (summary.get("metrics") or {}).get("time/total_s"),
+                "updated_at": summary.get("finished_at") or summary.get("started_at")}
+
+    def relative(self, run_dir: Path) -> str:
+        run_dir = Path(run_dir).absolute()
+        try:
+            return str(run_dir.relative_to(self.root))
+        except ValueError:
+            return str(run_dir)
+
+    def run_dir(self, entry: dict) -> Path:
+        return self.root / entry["dir"]  # an absolute "dir" stays absolute
+
+    def get(self, identity: str) -> dict | None:
+        return _read_json(self.index_dir / f"{identity}.json")
+
+    def put(self, identity: str, **fields) -> dict:
+        entry = {**(self.get(identity) or {}), **fields, "identity": identity, "updated_at": now_iso()}
+        if isinstance(entry.get("dir"), Path):
+            entry["dir"] = self.relative(entry["dir"])
+        atomic_write_json(self.index_dir / f"{identity}.json", entry)
+        return entry
+
+    def entries(self) -> Iterator[dict]:
+        """All index entries (a full read: for the planning command, not for jobs)."""
+        try:
+            names = os.listdir(self.index_dir)
+        except OSError:
+            return
+        for name in names:
+            if name.endswith(".json") and not name.startswith("."):
+                entry = _read_json(self.index_dir / name)
+                if entry:
+                    yield entry
+
+    def done(self, identity: str, statuses: tuple[str, ...] = DONE) -> dict | None:
+        """The index entry of a finished run of this identity whose record still says so, else None.
+        Two file reads, whatever the size of the sweep."""
+        entry = self.get(identity)
+        if not entry or entry.get("status") not in statuses:
+            return None
+        summary = read_summary(self.run_dir(entry))
+        if not summary or summary.get("identity") != identity or summary.get("status") not in statuses:
+            return None
+        return {**entry, "objective": summary.get("objective", entry.get("objective")),
+                "status": summary["status"]}
+
+    # ------------------------------------------------------------------------------------- locks
+    @staticmethod
+    @contextlib.contextmanager
+    def _flock(path: Path) -> Iterator[None]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:  # a filesystem without flock (some network mounts): go on unlocked
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                warnings.warn(f"no file locking on {path.parent} ({err.strerror}); jobs of the same "
+                              "identity are not kept from running at the same time", stacklevel=3)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def lock(self, identity: str):
+        """Held while a job works on this identity: a second job of the same identity (a duplicate
+        in the grid, or a second sweep process) waits, then finds it done and skips it."""
+        return self._flock(self.locks_dir / f"{identity}.lock")
+
+    # ------------------------------------------------------------------------------------ curves
+    def add_curve(self, identity: str, errors: list[float]) -> None:
+        atomic_write_json(self.curves_dir / f"{identity}.json", {"identity": identity, "val_error": errors})
+
+    # ----------------------------------------------------------------------------------- journal
+    def journal(self, sweep_id: str, job: str, **fields) -> None:
+        atomic_write_json(self.journal_dir / sweep_id / f"{job}.json", {**fields, "at": now_iso()})
+
+    def read_journal(self, sweep_id: str) -> list[dict]:
+        folder = self.journal_dir / sweep_id
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            return []
+        rows = [_read_json(folder / n) for n in names if n.endswith(".json") and not n.startswith(".")]
+        return [r for r in rows if r]
+
+
+def count_outcomes(rows: list[dict]) -> dict[str, int]:
+    counts = dict.fromkeys(OUTCOMES, 0)
+    for row in rows:
+        status = row.get("status")
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def summary_line(sweep_dir: str, counts: dict[str, int], expected: int | None = None) -> str:
+    """`sweep <dir>: N completed / N diverged / N failed / N pruned / N skipped`."""
+    if expected == 0:
+        return f"sweep {sweep_dir}: no runs (the sweep expands to zero jobs; nothing was launched)"
+    line = f"sweep {sweep_dir}: " + " / ".join(f"{counts.get(k, 0)} {k}" for k in OUTCOMES)
+    reported = sum(counts.values())
+    if expected is not None and reported < expected:
+        line += f" ({expected - reported} of {expected} jobs did not report)"
+    return line
