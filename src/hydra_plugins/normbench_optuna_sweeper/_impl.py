@@ -1,0 +1,425 @@
+"""The sweep loop of hydra/sweeper=normbench_optuna (imported lazily: Hydra's plugin scan skips `_` modules).
+
+Differences from hydra-optuna-sweeper 1.4.0rc3's OptunaSweeperImpl.sweep, which this class replaces:
+
+- each job gets its trial (study name, trial id, number) through `hydra.job.env_set` overrides, so the
+  job can report per-epoch validation errors and be pruned (normbench.optuna_support.trial_pruner);
+- jobs that raised, diverged or were pruned don't stop the sweep: they are told to Optuna as
+  COMPLETE(worst value) or FAIL (hydra.sweeper.failure) and PRUNED;
+- n_trials is the study's total over all sweeper processes: under a storage-wide lock a worker counts
+  the study's trials and asks only for what is missing;
+- RUNNING trials carry heartbeats; trials of a dead sweeper are failed and re-queued;
+- the storage defaults to sqlite:///<sweep dir>/optuna.db; a password in the storage URL is masked in
+  logs, in every job's .hydra/*.yaml and in sys.argv (what W&B records); an unreachable storage fails
+  in one line before any job runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from optuna.trial import TrialState
+
+from normbench.errors import StorageError
+from normbench.optuna_support import (
+    ENV_STORAGE,
+    ENV_STUDY,
+    ENV_TRIAL_ID,
+    ENV_TRIAL_NUMBER,
+    FAILURE_STRATEGIES,
+    PRUNED_ATTR,
+    Outcome,
+    StorageSettings,
+    build_pruner,
+    default_storage_url,
+    first_line,
+    mask_text,
+    mask_url,
+    open_storage,
+    quiet_optuna,
+    quote_override,
+    storage_lock,
+    tell_outcome,
+    trials_to_ask,
+    trials_used,
+    url_secrets,
+)
+
+log = logging.getLogger(__name__)
+
+
+class JobExited(RuntimeError):
+    """A job called sys.exit with a non-zero status (normbench's entry point does so on user errors)."""
+
+
+class TrialTask:
+    """The task function as the launcher runs it: a job's sys.exit(n) becomes an ordinary failure, so
+    that one bad trial is recorded as failed instead of ending the whole sweep."""
+
+    def __init__(self, task_function: TaskFunction):
+        self.task_function = task_function
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        try:
+            return self.task_function(cfg)
+        except SystemExit as exc:
+            if exc.code in (None, 0):
+                raise
+            cause = exc.__context__  # normbench's entry point exits 2 while handling a NormbenchError
+            reason = f"{type(cause).__name__}: {cause}" if cause is not None else "no message"
+            raise JobExited(f"the job exited with status {exc.code} ({reason})") from None
+
+
+class Heartbeat:
+    """Records a heartbeat for each running trial of this process every `interval` seconds."""
+
+    def __init__(self, storage, interval: int | None):
+        self.storage, self.interval = storage, interval
+        self.trial_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if interval:
+            self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
+            self._thread.start()
+
+    def beat(self, trial_id: int) -> None:
+        if self.interval:
+            self.storage.record_heartbeat(trial_id)
+
+    def add(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.discard(trial_id)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as err:  # noqa: BLE001 - a missed beat is retried next interval
+                    log.debug("heartbeat for trial id %d failed: %s", trial_id, err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def fail(message: str) -> None:
+    """A user-facing error of the sweep: one line on stderr, exit status 2 (no traceback)."""
+    print(f"normbench: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
+    def __init__(self, *args: Any, pruner: Any = None, failure: str = "worst", worst_value: float = 1.0,
+                 heartbeat_interval: int | None = 60, grace_period: int | None = None,
+                 max_retry: int | None = 3, connect_timeout: int = 10) -> None:
+        super().__init__(*args)
+        self.pruner_cfg = pruner
+        self.failure = str(failure)
+        self.worst_value = float(worst_value)
+        self.settings = StorageSettings(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                        max_retry=max_retry, connect_timeout=connect_timeout)
+        self.storage_url: str | None = None
+        self.masked_storage: str | None = None   # set when the configs had to be scrubbed
+        self.secrets: list[str] = []
+
+    # ----------------------------------------------------------------------------------------------
+    # setup: storage URL, credential scrubbing, the launcher with the wrapped task function
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.job_idx = 0
+        self.config = config
+        self.hydra_context = hydra_context
+        self.sweep_dir = config.hydra.sweep.dir
+        url = self.storage
+        if url is not None and not isinstance(url, str):
+            fail(f"bad value hydra.sweeper.storage: expected a URL string, got {type(url).__name__}")
+        if url is None or not str(url).strip():
+            url = default_storage_url(self.sweep_dir)
+        self.storage_url = str(url).strip()
+        self.secrets = url_secrets(self.storage_url)
+        if self.secrets:
+            self._scrub_credentials(config)
+        # Jobs re-open their trial from this URL; it goes through the environment, never a config.
+        os.environ[ENV_STORAGE] = self.storage_url
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=TrialTask(task_function))
+
+    def _scrub_credentials(self, config: DictConfig) -> None:
+        """Replace the storage password by *** in the sweep's config (jobs are composed from it and
+        save it in .hydra/) and in sys.argv (W&B records the command line)."""
+        masked = mask_url(self.storage_url)
+        with read_write(config.hydra), open_dict(config.hydra):
+            raw = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("storage")
+            if raw is not None and any(s in str(raw) for s in self.secrets):
+                config.hydra.sweeper.storage = masked
+                self.masked_storage = masked
+            scrubbed = []
+            for item in OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False):
+                if any(s in item for s in self.secrets):
+                    key = item.split("=", 1)[0].lstrip("+~")
+                    if key == "hydra.sweeper.storage":
+                        item = f"{key}={quote_override(masked)}"
+                        config.hydra.sweeper.storage = masked
+                        self.masked_storage = masked
+                    else:
+                        item = mask_text(item, self.secrets)
+                scrubbed.append(item)
+            config.hydra.overrides.hydra = scrubbed
+        # HydraConfig holds its own copy of the sweep's hydra node, which launchers pickle with the
+        # jobs (submitit writes it to disk): refresh it from the scrubbed config.
+        if HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)
+        sys.argv[:] = [mask_text(arg, self.secrets) for arg in sys.argv]
+
+    # ----------------------------------------------------------------------------------------------
+    # sweep
+
+    def _job_overrides(self, study: optuna.Study, trial: optuna.Trial) -> tuple[str, ...]:
+        extra = [f"+hydra.job.env_set.{ENV_STUDY}={quote_override(study.study_name)}",
+                 f"+hydra.job.env_set.{ENV_TRIAL_ID}={quote_override(str(trial._trial_id))}",
+                 f"+hydra.job.env_set.{ENV_TRIAL_NUMBER}={quote_override(str(trial.number))}"]
+        if self.masked_storage is not None:
+            extra.append(f"hydra.sweeper.storage={quote_override(self.masked_storage)}")
+        return tuple(extra)
+
+    def _open_study(self, pruner) -> tuple[Any, optuna.Study]:
+        directions = self._get_directions()
+        study_name = self.study_name or Path(self.sweep_dir).name
+        try:
+            storage = open_storage(self.storage_url, self.settings)
+            lock = f"normbench:study:{study_name}"
+            with storage_lock(self.storage_url, lock, self.settings.connect_timeout):
+                study = optuna.create_study(study_name=study_name, storage=storage, sampler=self.sampler,
+                                            pruner=pruner, directions=directions, load_if_exists=True)
+        except StorageError as err:
+            fail(str(err))
+        except Exception as err:  # noqa: BLE001
+            fail(mask_text(f"cannot open the Optuna study {study_name!r} in {mask_url(self.storage_url)}: "
+                           f"{first_line(err)}", self.secrets))
+        existing = [d.name.lower() for d in study.directions]
+        if existing != [d.lower() for d in directions]:
+            fail(f"bad value hydra.sweeper.direction={directions}: study {study_name!r} in "
+                 f"{mask_url(self.storage_url)} already exists with direction {existing}; "
+                 "use another hydra.sweeper.study_name")
+        return storage, study
+
+    def _outcome(self, storage, trial: optuna.Trial, ret: JobReturn) -> Outcome:
+        outcome = self._classify(storage, trial, ret)
+        outcome.run_dir = _run_dir(ret)
+        if outcome.error:
+            outcome.error = mask_text(outcome.error, self.secrets)
+        return outcome
+
+    def _classify(self, storage, trial: optuna.Trial, ret: JobReturn) -> Outcome:
+        summary = _read_summary(ret)
+        status = summary.get("status")
+        if ret.status != JobStatus.COMPLETED:
+            error = ret._return_value
+            text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+            text = (summary.get("error") or text).strip()
+            return Outcome("failed", None, text.splitlines()[0] if text else "failed")
+        try:
+            value = float(ret._return_value)
+        except (TypeError, ValueError):
+            return Outcome("failed", None, f"the job returned {ret._return_value!r}, not a number")
+        if PRUNED_ATTR in storage.get_trial(trial._trial_id).system_attrs or status == "pruned":
+            return Outcome("pruned", value)
+        if status in ("diverged", "failed"):
+            return Outcome(status, value, summary.get("error"))
+        if not math.isfinite(value):
+            return Outcome("diverged", value)
+        return Outcome("completed", value)
+
+    def _requeue(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
+        """Trials whose jobs were interrupted: FAIL (not counted) and a WAITING copy with the same
+        parameters that the next sweeper (this one re-run, or another worker) picks up first."""
+        with quiet_optuna():
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=self.settings.max_retry)
+        for trial in trials:
+            try:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                retry(study, study._storage.get_trial(trial._trial_id))
+                log.warning("Optuna trial %d interrupted: re-queued", trial.number)
+            except Exception as err:  # noqa: BLE001
+                log.warning("Optuna trial %d interrupted, could not re-queue it: %s", trial.number, err)
+
+    def sweep(self, arguments: list[str]) -> None:
+        assert self.config is not None and self.launcher is not None
+        if self.failure not in FAILURE_STRATEGIES:
+            fail(f"bad value hydra.sweeper.failure={self.failure!r}: "
+                 f"choose one of {', '.join(FAILURE_STRATEGIES)}")
+        self._process_searchspace_config()
+        params_conf = self._parse_sweeper_params_config()
+        params_conf.extend(arguments)
+        distributions, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
+        for name in fixed_params:  # a value given on the command line fixes a searched key
+            distributions.pop(name, None)
+
+        target = self.n_trials
+        is_grid = (isinstance(self.sampler, functools.partial)
+                   and self.sampler.func == optuna.samplers.GridSampler)
+        if is_grid:
+            space = {name: self._to_grid_sampler_choices(d) for name, d in distributions.items()}
+            self.sampler = self.sampler(space)
+            grid_size = math.prod(len(v) for v in space.values())
+            target = grid_size if target is None else min(int(target), grid_size)
+        if target is None:
+            fail("bad value hydra.sweeper.n_trials=null: only the grid sampler can infer it; set a number")
+        target = int(target)
+
+        try:
+            pruner = build_pruner(self.pruner_cfg)
+        except Exception as err:  # noqa: BLE001
+            fail(f"bad value hydra.sweeper.pruner: {first_line(err)}")
+        storage, study = self._open_study(pruner)
+        log.info("Study %r in %s: %d of %d trials already there; sampler %s, pruner %s, failures -> %s",
+                 study.study_name, mask_url(self.storage_url), trials_used(study), target,
+                 type(self.sampler).__name__, type(pruner).__name__, self.failure)
+
+        heartbeat = Heartbeat(storage, self.settings.heartbeat_interval)
+        lock_name = f"normbench:study:{study.study_name}"
+        ran = Counter()
+        in_flight: list[optuna.Trial] = []
+        previous_sigterm = _raise_on_sigterm()
+        try:
+            while True:
+                with storage_lock(self.storage_url, lock_name, self.settings.connect_timeout), quiet_optuna():
+                    optuna.storages.fail_stale_trials(study)
+                    missing = trials_to_ask(study, target)
+                    if missing <= 0:
+                        break
+                    for _ in range(min(self.n_jobs, missing)):
+                        trial = study.ask()
+                        in_flight.append(trial)
+                        heartbeat.beat(trial._trial_id)
+                        heartbeat.add(trial._trial_id)
+                overrides = self._configure_trials(in_flight, distributions, fixed_params, fixed_overrides)
+                overrides = [tuple(o) + self._job_overrides(study, t) for o, t in zip(overrides, in_flight)]
+                try:
+                    returns = list(self.launcher.launch(overrides, initial_job_idx=self.job_idx))
+                except (ConfigCompositionException, OverrideParseException) as err:
+                    for trial in in_flight:  # a search space that cannot compose: stop, don't retry
+                        study.tell(trial, state=TrialState.FAIL)
+                    fail(mask_text(f"Optuna trial {in_flight[0].number}: {first_line(err)}", self.secrets))
+                except Exception as err:  # noqa: BLE001 - e.g. a joblib worker killed by the OOM killer
+                    error = mask_text(f"{type(err).__name__}: {first_line(err)}", self.secrets)
+                    returns = [None] * len(in_flight)
+                    log.warning("the launcher failed for trial(s) %s: %s",
+                                [t.number for t in in_flight], error)
+                self.job_idx += len(returns)
+                for trial, ret in zip(list(in_flight), returns):
+                    outcome = (Outcome("failed", None, error) if ret is None
+                               else self._outcome(storage, trial, ret))
+                    try:
+                        tell_outcome(study, trial, outcome, self.failure, self.worst_value)
+                    except RuntimeError as err:  # GridSampler calls study.stop() once the grid is done
+                        if "Study.stop" not in str(err):
+                            raise
+                    heartbeat.discard(trial._trial_id)
+                    in_flight.remove(trial)
+                    ran[outcome.status] += 1
+                    value = "-" if outcome.value is None else f"{outcome.value:.4f}"
+                    log.info("Optuna trial %d: %s, val error %s%s", trial.number, outcome.status, value,
+                             f" ({outcome.error})" if outcome.error else "")
+                n_ran = sum(ran.values())
+                if n_ran and ran["failed"] / n_ran > self.max_failure_rate:
+                    fail(f"{ran['failed']} of {n_ran} trials failed, more than hydra.sweeper."
+                         f"max_failure_rate={self.max_failure_rate}; see the runs' summary.json")
+        except KeyboardInterrupt:
+            if in_flight:
+                self._requeue(study, in_flight)
+            requeued = f"; {len(in_flight)} running trial(s) re-queued" if in_flight else ""
+            print(f"normbench: sweep interrupted{requeued}; run the same command to continue the study",
+                  file=sys.stderr, flush=True)
+            sys.exit(130)
+        except BaseException:
+            if in_flight:
+                self._requeue(study, in_flight)
+            raise
+        finally:
+            heartbeat.stop()
+            _restore_sigterm(previous_sigterm)
+        self._finish(study, target, ran)
+
+    def _finish(self, study: optuna.Study, target: int, ran: Counter) -> None:
+        trials = study.get_trials(deepcopy=False)
+        states = Counter(t.state.name for t in trials)
+        done = ", ".join(f"{k} {v}" for k, v in sorted(ran.items())) or "nothing to do"
+        log.info("Study %r: %d trials (%s) of n_trials=%d; this sweeper ran: %s", study.study_name,
+                 len(trials), ", ".join(f"{k} {v}" for k, v in sorted(states.items())), target, done)
+        if not ran:
+            log.info("Nothing to run: the study already has %d trials; raise hydra.sweeper.n_trials to "
+                     "continue it", target)
+        completed = [t for t in trials if t.state == TrialState.COMPLETE]
+        if not completed:
+            return
+        best = study.best_trial
+        log.info("Best val error %.4f (trial %d): %s", best.value, best.number, best.params)
+        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create({"name": "optuna", "study_name": study.study_name,
+                                         "storage": mask_url(self.storage_url), "best_trial": best.number,
+                                         "best_params": best.params, "best_value": best.value}),
+                       f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
+
+
+def _run_dir(ret: JobReturn) -> str | None:
+    try:
+        return str(ret.hydra_cfg.hydra.runtime.output_dir)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _read_summary(ret: JobReturn) -> dict:
+    import json
+
+    run_dir = _run_dir(ret)
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text()) if run_dir else {}
+    except (OSError, ValueError):  # no record (the job failed before writing one)
+        return {}
+
+
+def _raise_on_sigterm():
+    """SIGTERM (docker stop, SLURM preemption) interrupts the sweep like Ctrl-C, so that its running
+    trials are re-queued instead of staying RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # pragma: no cover
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
