@@ -89,3 +89,18 @@ def test_multirun_grid_records_every_job(tmp_path, wandb_env):
     step_rows = [h for h in history if "step/loss" in h]
     assert [h["epoch"] for h in epoch_rows] == [1]
     assert len(step_rows) == 4 and all("step/lr" in h for h in step_rows)
+
+
+def test_failing_job_still_closes_its_wandb_run(tmp_path, wandb_env):
+    proc = run_train([*WANDB_TINY, "trainer.epochs=2", "+trainer.fault=raise", "+trainer.fault_epoch=2"],
+                     tmp_path, check=False)
+    assert proc.returncode != 0
+    runs = _records(tmp_path / "outputs")
+    assert len(runs) == 1
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["status"] == "failed" and "RuntimeError" in summary["error"]
+    assert summary["epochs_done"] == 1
+    recorded = wandb_inspect(next(runs[0].glob("wandb/offline-run-*")))
+    assert recorded["state"] in ("finished", "failed", "crashed") and recorded["exit_code"] == 1
+    assert recorded["summary"]["status"] == "failed"
+    assert recorded["summary"]["epochs_done"] == 1
