@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from normbench.activations import activation_factory
 from normbench.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from normbench.data import BatchStream, load_data
-from normbench.device import resolve_channels_last, resolve_device, resolve_precision
+from normbench.device import compile_model, resolve_channels_last, resolve_device, resolve_precision
 from normbench.errors import ConfigError, NormbenchError
 from normbench.filters import filter_grid, first_conv_weight
 from normbench.identity import run_identity
@@ -314,7 +314,7 @@ class Run:
         if fault != "none":
             stream = FaultyStream(stream, fault, fault_epoch, fault_step, device,
                                   state.epochs_done if state else 0)
-        trained = torch.compile(model) if cfg.trainer.compile else model
+        trained = compile_model(model) if cfg.trainer.compile else model  # compiled code reused across runs
         from normbench.probes import build_probes
 
         trainer = Trainer(trained, criterion, optimizer, scheduler, data, stream, settings,

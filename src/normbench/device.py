@@ -1,14 +1,38 @@
-"""Device and precision choices."""
+"""Device, precision, memory-format and compilation choices (the fast-path policies).
+
+* ``resolve_precision``: ``auto`` is bf16 autocast on CUDA, fp32 elsewhere.
+* ``keep_norms_fp32``: under autocast every norm layer computes in float32. What autocast does by itself
+  (torch's autocast op lists): on CUDA ``layer_norm``/``group_norm`` are on the fp32 list (input cast to
+  fp32, fp32 output) but ``batch_norm`` is on no list, so BatchNorm runs on the bf16 convolution output
+  (fp32 statistics and affine inside the kernel, bf16 output); ``local_response_norm`` is a composite
+  whose ``pow`` is on the fp32 list. On CPU none of the norms is on a list: under CPU bf16 autocast all of
+  them run in bf16. A forward pre-hook that casts the norm's input to fp32 makes the rule the same
+  everywhere; the following activation then runs in fp32 and the next convolution casts back to bf16.
+* ``resolve_channels_last``: ``auto`` is channels_last on CUDA for the norms whose kernels keep NHWC
+  (none, BatchNorm: cuDNN's NHWC convolutions and batch norm); GroupNorm/LayerNorm/LRN stay NCHW, where
+  the kernels would otherwise copy to contiguous layout around each norm. ``bench/perf.py`` measures the
+  per-norm speed on a GPU so the policy can be checked on the machine at hand.
+* ``compile_model``: ``torch.compile`` with recompile limits raised so that a sweep run in one process
+  (Hydra's basic launcher, or a joblib worker that takes job after job) keeps compiled code for every
+  (model, norm, batch shape, train/eval) it meets. Dynamo caches compiled code on the ``forward`` code
+  object and guards on the module's structure, not its identity (nn.Module inlining is always on in
+  torch >= 2.6), so a new model instance of the same class and shapes reuses the code compiled for an
+  earlier run: compile once per process, per shape (tests/test_fast_path.py checks this).
+"""
 
 from __future__ import annotations
 
 import re
 
 import torch
+from torch import nn
 
 from normbench.errors import ConfigError
 
 DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
+CHANNELS_LAST_NORMS = ("none", "bn")
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+RECOMPILE_LIMIT = 64
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,6 +69,47 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_channels_last(setting, device: torch.device, norm_name: str) -> bool:
+    """`auto`: channels_last on CUDA for the norms in CHANNELS_LAST_NORMS (see the module docstring)."""
     if setting == "auto":
-        return device.type == "cuda" and norm_name in ("none", "bn")
+        return device.type == "cuda" and norm_name in CHANNELS_LAST_NORMS
     return bool(setting)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _norm_input_fp32(module: nn.Module, args: tuple):
+    x = args[0]
+    if x.is_floating_point() and x.dtype != torch.float32:
+        return (x.float(), *args[1:])
+    return None
+
+
+def keep_norms_fp32(model: nn.Module) -> int:
+    """Make every norm layer of `model` compute in float32 under autocast; returns how many were hooked.
+
+    Idempotent (a module is hooked once). Outside autocast inputs are already fp32 and the hook does
+    nothing. Parameters and running statistics are fp32 anyway (autocast never casts module state).
+    """
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, NORM_TYPES) and not getattr(module, "_normbench_fp32", False):
+            module.register_forward_pre_hook(_norm_input_fp32)
+            module._normbench_fp32 = True
+            hooked += 1
+    return hooked
+
+
+def compile_model(model: nn.Module, **kwargs) -> nn.Module:
+    """torch.compile(model, **kwargs) with room in dynamo's cache for the many shapes of a sweep."""
+    import torch._dynamo.config as dynamo_config
+
+    key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    if getattr(dynamo_config, key) < RECOMPILE_LIMIT:
+        setattr(dynamo_config, key, RECOMPILE_LIMIT)
+    return torch.compile(model, **kwargs)

@@ -1,21 +1,38 @@
 """The training loop. It knows nothing about Hydra or W&B: metrics go to a MetricSink.
 
-No host-device sync inside the step loop: per-step losses stay on the device and are read in one
-transfer every `log_every_steps` steps (and at epoch end), which is also where divergence is noticed.
+The hot path (one step) is: forward under autocast, loss, zero_grad, backward, [probes], optimizer step,
+scheduler step, and one ``argmax`` for the accuracy. Nothing in it waits for the device:
+
+* the per-step losses and predictions stay on the device and are read in ONE transfer every
+  ``log_every_steps`` steps (and at the end of the pass), which is also where divergence is noticed, the
+  step rows go to the sink and the progress bar moves;
+* ``scheduler.get_last_lr()`` is a host-side float (constant, cosine, step and one-cycle schedules);
+* probes only synchronise on their own probe steps;
+* the data stream (``normbench.data.BatchStream``) indexes a uint8 tensor on the device.
+
+``docs/PERFORMANCE.md`` has the measurements (``bench/perf.py``) against a hand-written loop.
+
+Set the environment variable ``NORMBENCH_FIRST_STEP_FILE`` to a path and each Trainer appends
+``"<unix time> <pid>"`` to it once its first optimizer step is done (after a device sync): that is how
+``bench/perf.py`` measures the fixed cost from process start to the first training step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from normbench.data import eval_batches
+from normbench.device import keep_norms_fp32, synchronize
+
+FIRST_STEP_ENV = "NORMBENCH_FIRST_STEP_FILE"
 
 
 @dataclass
@@ -45,6 +62,25 @@ class LoopState:
         return max((row["val/acc"] for row in self.history), default=0.0)
 
 
+@dataclass
+class PassTotals:
+    """What one pass of training steps saw (host-side numbers, read at the logging points)."""
+    steps: int = 0
+    seen: int = 0
+    loss_sum: float = 0.0     # sum over steps of loss x batch size
+    correct: int = 0
+    finite: bool = True
+    time_s: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(self.seen, 1)
+
+
 def convergence_epoch(history: list[dict], tolerance: float = 0.01) -> int | None:
     """First epoch whose validation accuracy is within `tolerance` (1 point) of the run's best."""
     if not history:
@@ -53,7 +89,22 @@ def convergence_epoch(history: list[dict], tolerance: float = 0.01) -> int | Non
     return next(row["epoch"] for row in history if row["val/acc"] >= best - tolerance)
 
 
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm  # only when a terminal shows it
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
 class Trainer:
+    """Trains `model` on batches from `stream`; see the module docstring for what the hot path does.
+
+    With an autocast dtype (``settings.amp_dtype``) the norm layers are made to compute in float32
+    (``normbench.device.keep_norms_fp32``): under CUDA autocast BatchNorm would otherwise run on the bf16
+    convolution output, and under CPU autocast every norm would.
+    """
+
     def __init__(self, model, criterion, optimizer, scheduler, data, stream, settings: LoopSettings,
                  sink, probes=(), device: torch.device | None = None):
         self.model, self.criterion = model, criterion
@@ -61,7 +112,10 @@ class Trainer:
         self.data, self.stream, self.settings, self.sink = data, stream, settings, sink
         self.probes = list(probes)
         self.device = device or next(model.parameters()).device
-        self.resize_to = stream.resize_to if hasattr(stream, "resize_to") else None
+        self.resize_to = getattr(stream, "resize_to", None)
+        if settings.amp_dtype is not None:
+            keep_norms_fp32(model)
+        self._first_step_file = os.environ.get(FIRST_STEP_ENV) or None
 
     def autocast(self):
         if self.settings.amp_dtype is None:
@@ -82,12 +136,12 @@ class Trainer:
                                      resize_to=self.resize_to, channels_last=self.settings.channels_last,
                                      max_batches=self.settings.max_eval_batches):
                 logits = self.model(x)
-                loss_sum += self.criterion(logits, y) * y.numel()
+                loss_sum += self.criterion(logits, y).float() * y.numel()
                 correct += (logits.argmax(1) == y).sum()
                 count += y.numel()
+            loss_total, correct_total = torch.stack([loss_sum, correct.float()]).tolist()  # one sync
         self.model.train()
-        loss, acc = (loss_sum / max(count, 1)).item(), correct.item() / max(count, 1)
-        return loss, acc
+        return loss_total / max(count, 1), correct_total / max(count, 1)
 
     def run(self, state: LoopState | None = None,
             on_epoch_end: Callable[[LoopState], bool] | None = None) -> LoopState:
@@ -105,74 +159,96 @@ class Trainer:
         return state
 
     def _train_epoch(self, epoch: int, state: LoopState) -> bool:
-        """One epoch; False when the loss became non-finite."""
-        model, settings = self.model, self.settings
-        model.train()
-        total = self.steps_per_epoch()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        pending_losses: list[torch.Tensor] = []
-        pending_rows: list[dict] = []
-        bar = tqdm(total=total, desc=f"epoch {epoch}/{settings.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not settings.progress)
+        """One epoch of training steps, then validation; False when the loss became non-finite."""
         started = time.perf_counter()
-        finite = True
-        for index, (x, y) in enumerate(self.stream):
-            if index >= total:
-                break
-            lr = self.scheduler.get_last_lr()[0]
-            with self.autocast():
-                logits = model(x)
-                loss = self.criterion(logits, y, model)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            state.step += 1
-            self._run_probes(state.step, epoch, x, y, lr)
-            self.optimizer.step()
-            self.scheduler.step()
-            detached = loss.detach()
-            loss_sum += detached * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += y.numel()
-            pending_losses.append(detached)
-            pending_rows.append({"step": state.step, "epoch": epoch, "lr": lr})
-            if len(pending_losses) >= settings.log_every_steps or index + 1 == total:
-                finite = self._flush_steps(pending_losses, pending_rows, bar)
-                pending_losses, pending_rows = [], []
-                if not finite:
-                    break
-            bar.update(1)
-        bar.close()
-        if not finite:
-            return False
-        train_loss = (loss_sum / max(seen, 1)).item()
-        train_acc = correct.item() / max(seen, 1)
-        train_time = time.perf_counter() - started
-        if not math.isfinite(train_loss):
+        totals = self.train_steps(epoch, state)
+        if not totals.finite or not math.isfinite(totals.loss):
             return False
         val_loss, val_acc = self.evaluate(self.data.val)
-        state.train_time_s += train_time
-        row = {"epoch": epoch, "step": state.step, "train/loss": train_loss, "train/acc": train_acc,
+        state.train_time_s += totals.time_s
+        row = {"epoch": epoch, "step": state.step, "train/loss": totals.loss, "train/acc": totals.acc,
                "val/loss": val_loss, "val/acc": val_acc, "lr": self.scheduler.get_last_lr()[0],
                "time/epoch_s": time.perf_counter() - started,
-               "throughput/img_s": seen / max(train_time, 1e-9)}
+               "throughput/img_s": totals.seen / max(totals.time_s, 1e-9)}
         state.history.append(row)
         self.sink.log_epoch(row)
         return True
 
-    def _flush_steps(self, losses: list[torch.Tensor], rows: list[dict], bar) -> bool:
-        values = torch.stack(losses).float().tolist()  # the one sync per log interval
-        for row, value in zip(rows, values):
+    def train_steps(self, epoch: int, state: LoopState, steps: int | None = None) -> PassTotals:
+        """One pass over the stream: `steps` training steps (default: the epoch's), stopping early at a
+        non-finite loss. Step rows go to the sink at each logging point. This is the hot path that
+        `bench/perf.py` times against a hand-written loop."""
+        model, optimizer, scheduler, criterion = self.model, self.optimizer, self.scheduler, self.criterion
+        log_every = max(1, int(self.settings.log_every_steps))
+        total = self.steps_per_epoch() if steps is None else min(int(steps), len(self.stream))
+        totals = PassTotals()
+        pending_losses: list[torch.Tensor] = []
+        pending_preds: list[torch.Tensor] = []
+        pending_labels: list[torch.Tensor] = []
+        pending_rows: list[dict] = []
+        bar = _progress_bar(total, f"epoch {epoch}/{self.settings.epochs}", self.settings.progress)
+        probes = self.probes
+        model.train()
+        started = time.perf_counter()
+        for x, y in itertools.islice(self.stream, total):
+            lr = scheduler.get_last_lr()[0]
+            with self.autocast():
+                logits = model(x)
+                loss = criterion(logits, y, model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.step += 1
+            if probes:
+                self._run_probes(state.step, epoch, x, y, lr)
+            optimizer.step()
+            scheduler.step()
+            pending_losses.append(loss.detach())
+            pending_preds.append(logits.detach().argmax(1))
+            pending_labels.append(y)
+            pending_rows.append({"step": state.step, "epoch": epoch, "lr": lr})
+            if self._first_step_file is not None:
+                self._mark_first_step()
+            if len(pending_rows) >= log_every and not self._flush(
+                    pending_losses, pending_preds, pending_labels, pending_rows, totals, bar):
+                break
+        if pending_rows:  # the last, partial interval (or a stream that ended early)
+            self._flush(pending_losses, pending_preds, pending_labels, pending_rows, totals, bar)
+        totals.time_s = time.perf_counter() - started
+        if bar is not None:
+            bar.close()
+        return totals
+
+    def _flush(self, losses: list, preds: list, labels: list, rows: list[dict], totals: PassTotals,
+               bar) -> bool:
+        """Read the pending losses and hit count in one device->host transfer; log the step rows."""
+        hits = (torch.cat(preds) == torch.cat(labels)).sum().float()
+        values = torch.cat([torch.stack(losses).float(), hits[None]]).tolist()  # the one sync
+        step_losses, hit_count = values[:-1], int(values[-1])
+        batch_sizes = [int(y.shape[0]) for y in labels]
+        for row, value in zip(rows, step_losses):
             row["train/loss"] = value
-        self.sink.log_steps(rows)
-        bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
-        return all(math.isfinite(v) for v in values)
+        self.sink.log_steps(list(rows))
+        totals.steps += len(rows)
+        totals.seen += sum(batch_sizes)
+        totals.loss_sum += sum(v * b for v, b in zip(step_losses, batch_sizes))
+        totals.correct += hit_count
+        finite = all(math.isfinite(v) for v in step_losses)
+        totals.finite = totals.finite and finite
+        if bar is not None:
+            bar.update(len(rows))
+            bar.set_postfix(loss=f"{step_losses[-1]:.4f}", refresh=False)
+        for pending in (losses, preds, labels, rows):
+            pending.clear()
+        return finite
+
+    def _mark_first_step(self) -> None:
+        """Append the wall-clock time of the first finished step to $NORMBENCH_FIRST_STEP_FILE (once)."""
+        path, self._first_step_file = self._first_step_file, None
+        synchronize(self.device)
+        with open(path, "a") as handle:
+            handle.write(f"{time.time():.6f} {os.getpid()}\n")
 
     def _run_probes(self, step: int, epoch: int, x, y, lr: float) -> None:
-        if not self.probes:
-            return
-
         def closure():
             with self.autocast():
                 return self.criterion(self.model(x), y, self.model)

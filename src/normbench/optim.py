@@ -1,17 +1,45 @@
-"""Optimizers and LR schedulers from `_partial_` configs, completed with parameters and step counts."""
+"""Optimizers and LR schedulers from `_partial_` configs, completed with parameters and step counts.
+
+Fast path: on CUDA, SGD / Adam / AdamW use torch's fused kernels (``fused=True``: one kernel for the
+whole parameter list instead of several per tensor); the other optimizers use the multi-tensor
+``foreach`` implementation, torch's default on CUDA. A ``fused`` or ``foreach`` key set in the optimizer
+config wins. On CPU torch's defaults are kept (the fused CPU kernels measured no faster here).
+The choice does not change the run identity: it changes speed, not the update rule.
+"""
 
 from __future__ import annotations
+
+import inspect
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 ALLOWED_TARGETS = ["torch.optim.*", "torch.optim.lr_scheduler.*"]
 SCHEDULERS = ("constant", "cosine", "step", "onecycle")
+FUSED_ON_CUDA = ("SGD", "Adam", "AdamW")
+
+
+def fast_optimizer_kwargs(optimizer_class, params: list, given=()) -> dict:
+    """Extra constructor arguments for the fastest implementation of `optimizer_class` on `params`."""
+    if "fused" in given or "foreach" in given or not params:
+        return {}
+    on_cuda = all(p.is_cuda and p.is_floating_point() for p in params)
+    if not on_cuda:
+        return {}
+    accepted = inspect.signature(optimizer_class.__init__).parameters
+    if getattr(optimizer_class, "__name__", "") in FUSED_ON_CUDA and "fused" in accepted:
+        return {"fused": True}
+    if "foreach" in accepted:
+        return {"foreach": True}
+    return {}
 
 
 def build_optimizer(optimizer_cfg, model):
     make = instantiate(optimizer_cfg, _execution_whitelist_=ALLOWED_TARGETS)
-    return make(model.parameters())
+    params = list(model.parameters())
+    optimizer_class = getattr(make, "func", make)
+    given = set(getattr(make, "keywords", {}) or {})
+    return make(params, **fast_optimizer_kwargs(optimizer_class, params, given))
 
 
 def build_scheduler(scheduler_cfg, optimizer, epochs: int, steps_per_epoch: int):

@@ -1,0 +1,14 @@
+"""normbench performance benchmarks: one table (rich) + JSON. See docs/PERFORMANCE.md.
+
+    python bench/perf.py                 # full run on whatever device is present (~5-10 min on a laptop CPU)
+    python bench/perf.py --quick         # tiny widths and few steps (CI)
+    python bench/perf.py --out results/  # JSON to results/perf.json (default: ./perf.json)
+    python bench/perf.py --sections loop,data --rounds 7
+"""
+
+import sys
+
+from normbench.perf import main
+
+if __name__ == "__main__":
+    sys.exit(main())
