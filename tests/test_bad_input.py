@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY, run_train
 
 CASES = {
@@ -30,9 +29,9 @@ def _assert_one_line_error(proc, expected: str, cwd) -> None:
 @pytest.mark.parametrize("override", CASES, ids=list(CASES))
 def test_bad_value_is_one_clear_line(override, tmp_path, capsys, monkeypatch):
     """In-process through the same task function bench/train.py runs (Hydra compose, then main)."""
+    from conftest import CONF
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF
     from normbench.app import main
 
     monkeypatch.chdir(tmp_path)

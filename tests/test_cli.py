@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import yaml
-
 from conftest import TINY, run_train, wandb_inspect
 
 WANDB_TINY = [o for o in TINY]  # logger stays at its default: wandb (offline: no credentials)

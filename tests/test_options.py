@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import CONF, TINY
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, TINY
 from normbench.app import run_job
 from normbench.data import write_fake_cifar
 
@@ -123,3 +123,22 @@ def test_alexnet_layer_norm_shapes_match_the_study():
     model = build_model(cfg.model, NormSpec(name="ln", affine="element"), activation_factory("relu"), 10)
     shapes = [tuple(m.normalized_shape) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert shapes == [(96, 27, 27), (256, 13, 13), (384, 13, 13), (384, 13, 13), (256, 6, 6)]
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "rmsprop", "adam", "sgd"])
+def test_onecycle_works_with_every_kind_of_optimizer(optimizer, tmp_path):
+    cfg = compose_cfg([*TINY, "logger=none", "scheduler=onecycle", f"optimizer={optimizer}"])
+    run_job(cfg, output_dir=tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_fp16_trains_with_loss_scaling(tmp_path):
+    from normbench.loop import LoopSettings, Trainer
+
+    cfg = compose_cfg([*TINY, "logger=none", "trainer.precision=fp16"])
+    run_job(cfg, output_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    trainer = Trainer(torch.nn.Linear(2, 2), None, None, None, None, [], LoopSettings(epochs=1,
+                      amp_dtype=torch.float16), None, device=torch.device("cpu"))
+    assert trainer.scaler is not None

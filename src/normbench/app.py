@@ -395,8 +395,6 @@ class Run:
                     sink.log_summary(self.summary)
             if self.record is None and write_without_record:
                 atomic_write_json(self.run_dir / SUMMARY, self.summary)
-            if self.record is not None:
-                self.record.close()
             if self.wandb is not None:
                 self.wandb.finish(failed=self.summary["status"] == "failed")
         finally:

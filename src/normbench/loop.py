@@ -115,6 +115,9 @@ class Trainer:
         self.resize_to = getattr(stream, "resize_to", None)
         if settings.amp_dtype is not None:
             keep_norms_fp32(model)
+        # fp16 needs loss scaling against gradient underflow; bf16 (the CUDA default) does not.
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if settings.amp_dtype == torch.float16 else None)
         self._first_step_file = os.environ.get(FIRST_STEP_ENV) or None
 
     def autocast(self):
@@ -187,7 +190,7 @@ class Trainer:
         pending_labels: list[torch.Tensor] = []
         pending_rows: list[dict] = []
         bar = _progress_bar(total, f"epoch {epoch}/{self.settings.epochs}", self.settings.progress)
-        probes = self.probes
+        probes, scaler = self.probes, self.scaler
         model.train()
         started = time.perf_counter()
         for x, y in itertools.islice(self.stream, total):
@@ -196,11 +199,19 @@ class Trainer:
                 logits = model(x)
                 loss = criterion(logits, y, model)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is None:
+                loss.backward()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # probes and the step see true gradients
             state.step += 1
             if probes:
                 self._run_probes(state.step, epoch, x, y, lr)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             pending_losses.append(loss.detach())
             pending_preds.append(logits.detach().argmax(1))

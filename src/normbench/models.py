@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -19,7 +19,7 @@ MODELS = ("vgg_a", "vgg_a_light", "alexnet", "alexnet_cifar")
 
 
 def scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
+    return max(1, round(channels * width))
 
 
 def _xavier_init(model: nn.Module) -> None:

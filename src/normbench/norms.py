@@ -27,7 +27,7 @@ class NormSpec:
     lrn_size: int = 5
 
     @classmethod
-    def from_cfg(cls, cfg) -> "NormSpec":
+    def from_cfg(cls, cfg) -> NormSpec:
         spec = cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
         if spec.name not in NORMS:
             raise ConfigError("norm.name", spec.name, f"choose one of {', '.join(NORMS)}")

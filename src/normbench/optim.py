@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 ALLOWED_TARGETS = ["torch.optim.*", "torch.optim.lr_scheduler.*"]
 SCHEDULERS = ("constant", "cosine", "step", "onecycle")
@@ -53,10 +52,13 @@ def build_scheduler(scheduler_cfg, optimizer, epochs: int, steps_per_epoch: int)
         return make(optimizer, step_size=max(1, int(scheduler_cfg.every_epochs) * steps_per_epoch))
     if name == "onecycle":
         max_lr = scheduler_cfg.get("max_lr") or optimizer.param_groups[0]["lr"]
-        return make(optimizer, max_lr=max_lr, total_steps=total_steps)
+        return make(optimizer, max_lr=max_lr, total_steps=total_steps,
+                    cycle_momentum=_has_momentum(optimizer))
     return make(optimizer)
 
 
-def optimizer_kwargs(optimizer_cfg) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(optimizer_cfg, resolve=True).items()
-            if not k.startswith("_")}
+def _has_momentum(optimizer) -> bool:
+    """One-cycle cycles momentum only where the optimizer has some: betas (Adam family) or a non-zero
+    momentum (SGD, RMSprop). Adagrad has neither, and an RMSprop without momentum should stay so."""
+    group = optimizer.param_groups[0]
+    return "betas" in group or bool(group.get("momentum", 0))

@@ -52,33 +52,32 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
+JSONL = ("metrics", "steps", "probes")
+
+
 class RecordSink:
     """MetricSink that appends JSON lines to the run dir and writes the summary atomically."""
 
     def __init__(self, run_dir: Path, append: bool = False):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        mode = "a" if append else "w"
-        self._files = {name: open(self.run_dir / f"{name}.jsonl", mode)
-                       for name in ("metrics", "steps", "probes")}
+        if not append:
+            for name in JSONL:
+                (self.run_dir / f"{name}.jsonl").write_text("")
 
     def truncate_to(self, step: int, history: list[dict]) -> None:
         """On resume: keep what the checkpoint covers, drop rows written after it."""
         for name in ("steps", "probes"):
             path = self.run_dir / f"{name}.jsonl"
-            self._files[name].close()
-            rows = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
-            atomic_write_text(path, "".join(f"{line}\n" for line in rows))
-            self._files[name] = open(path, "a")
-        self._files["metrics"].close()
+            lines = path.read_text().splitlines() if path.exists() else []
+            atomic_write_text(path, "".join(f"{line}\n" for line in lines if _step_of(line) <= step))
         atomic_write_text(self.run_dir / "metrics.jsonl",
                           "".join(json.dumps(row, default=_json_default) + "\n" for row in history))
-        self._files["metrics"] = open(self.run_dir / "metrics.jsonl", "a")
 
     def _write(self, name: str, rows: list[dict]) -> None:
-        handle = self._files[name]
-        handle.writelines(json.dumps(row, default=_json_default) + "\n" for row in rows)
-        handle.flush()
+        # Opened per call (calls come at logging points only), so nothing stays open between them.
+        with open(self.run_dir / f"{name}.jsonl", "a") as handle:
+            handle.writelines(json.dumps(row, default=_json_default) + "\n" for row in rows)
 
     def log_steps(self, rows: list[dict]) -> None:
         self._write("steps", rows)
@@ -100,7 +99,3 @@ class RecordSink:
 
     def log_summary(self, summary: dict) -> None:
         atomic_write_json(self.run_dir / SUMMARY, summary)
-
-    def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
