@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import platform
 import random
@@ -24,7 +23,8 @@ from normbench.activations import activation_factory
 from normbench.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from normbench.data import BatchStream, load_data
 from normbench.device import compile_model, resolve_channels_last, resolve_device, resolve_precision
-from normbench.errors import ConfigError, NormbenchError
+from normbench.errors import NormbenchError
+from normbench.faults import FaultyStream, fault_spec, free_memory, is_out_of_memory
 from normbench.filters import filter_grid, first_conv_weight
 from normbench.identity import run_identity
 from normbench.loop import LoopSettings, LoopState, Trainer, convergence_epoch
@@ -32,6 +32,7 @@ from normbench.losses import build_criterion
 from normbench.models import build_model, count_parameters
 from normbench.norms import NormSpec
 from normbench.optim import build_optimizer, build_scheduler
+from normbench.placement import launcher_jobs, placement
 from normbench.pruning import build_pruner, check_pruning, pruning_on
 from normbench.record import SUMMARY, RecordSink, atomic_write_json, atomic_write_text, read_summary
 from normbench.sweep import SWEEP_ID_ENV, SweepState, done_statuses
@@ -44,7 +45,6 @@ WORST_OBJECTIVE = 1.0  # validation error of a run that diverged: worse than any
 
 NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-FAULTS = ("none", "raise", "oom")
 
 
 @dataclass
@@ -94,105 +94,6 @@ def job_info(cfg: DictConfig, output_dir: str | Path | None = None, require_outp
                    sweep_dir, job_num, n_jobs, isolate=multirun and sweeper == BASIC_SWEEPER)
     info.device, info.threads = placement(cfg.trainer.device, cfg.trainer.threads, job_num, n_jobs)
     return info
-
-
-def launcher_jobs(launcher) -> int:
-    """How many jobs the launcher runs at once: joblib's n_jobs (-1: one per core), else 1."""
-    n_jobs = (launcher or {}).get("n_jobs") if launcher is not None else None
-    if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs == 0:
-        return 1
-    if n_jobs < 0:  # joblib: -1 = all cores, -2 = all but one, ...
-        return max(1, cpu_count() + 1 + n_jobs)
-    return n_jobs
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def placement(device: str, threads: int, job_num: int | None, n_jobs: int) -> tuple[str, int]:
-    """Bind a sweep job to its own device and share of the CPU.
-
-    - trainer.device=auto with several CUDA GPUs: GPU index = job number mod GPU count, so the N jobs
-      a parallel launcher runs at once land on different GPUs (with one GPU they all share it).
-    - trainer.threads=0 with a launcher running n_jobs > 1 at once: cores // n_jobs threads each.
-    Explicit settings (trainer.device=cuda:1, trainer.threads=4) are kept as they are.
-    """
-    device = str(device)
-    if device == "auto" and job_num is not None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        device = f"cuda:{job_num % torch.cuda.device_count()}"
-    if not threads and n_jobs > 1:
-        threads = max(1, cpu_count() // n_jobs)
-    return device, int(threads or 0)
-
-
-def fault_spec(cfg: DictConfig) -> tuple[str, int, int]:
-    """The injected fault (`+trainer.fault=raise|oom`, at `+trainer.fault_epoch` (1) and
-    `+trainer.fault_step` (1), the step within that epoch): for checking that a sweep survives a run
-    that raises or runs out of memory. It fails inside the real training loop, through the real error
-    handling; the run is recorded as failed."""
-    trainer = cfg.trainer
-    kind = trainer.get("fault") or "none"
-    kind = str(kind)
-    if kind not in FAULTS:
-        raise ConfigError("trainer.fault", kind, f"choose one of {', '.join(FAULTS)}")
-    at = []
-    for key in ("fault_epoch", "fault_step"):
-        value = trainer.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"trainer.{key}", value, "must be an integer >= 1")
-        at.append(value)
-    return kind, at[0], at[1]
-
-
-class FaultyStream:
-    """The real batch stream, failing at one training step (see fault_spec)."""
-
-    def __init__(self, stream, kind: str, epoch: int, step: int, device: torch.device, epochs_done: int):
-        self.stream, self.kind, self.epoch, self.step, self.device = stream, kind, epoch, step, device
-        self.current_epoch = epochs_done
-
-    def __len__(self) -> int:
-        return len(self.stream)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-    def __iter__(self):
-        self.current_epoch += 1
-        for index, batch in enumerate(self.stream):
-            if self.current_epoch == self.epoch and index + 1 == self.step:
-                self.fail()
-            yield batch
-
-    def fail(self) -> None:
-        where = f"injected by trainer.fault={self.kind} at epoch {self.epoch}, step {self.step}"
-        if self.kind == "oom":
-            if self.device.type == "cuda":  # a real allocation the caching allocator cannot satisfy
-                torch.empty(1 << 50, dtype=torch.uint8, device=self.device)
-            try:
-                np.empty(1 << 60, dtype=np.uint8)  # a real host allocation that fails: MemoryError
-            except MemoryError as err:
-                if hasattr(err, "add_note"):  # Python 3.11+
-                    err.add_note(f"({where})")
-                raise
-        raise RuntimeError(f"fault {where}")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def seed_everything(seed: int) -> None:

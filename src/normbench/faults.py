@@ -1,0 +1,83 @@
+"""Fault injection (`+trainer.fault=raise|oom`) and recognising out-of-memory errors.
+
+For checking that a sweep survives a run that raises or runs out of memory: the fault fires inside the
+real training loop and goes through the real error handling.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from normbench.errors import ConfigError
+
+FAULTS = ("none", "raise", "oom")
+
+
+def fault_spec(cfg: DictConfig) -> tuple[str, int, int]:
+    """The injected fault (`+trainer.fault=raise|oom`, at `+trainer.fault_epoch` (1) and
+    `+trainer.fault_step` (1), the step within that epoch): for checking that a sweep survives a run
+    that raises or runs out of memory. It fails inside the real training loop, through the real error
+    handling; the run is recorded as failed."""
+    trainer = cfg.trainer
+    kind = trainer.get("fault") or "none"
+    kind = str(kind)
+    if kind not in FAULTS:
+        raise ConfigError("trainer.fault", kind, f"choose one of {', '.join(FAULTS)}")
+    at = []
+    for key in ("fault_epoch", "fault_step"):
+        value = trainer.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"trainer.{key}", value, "must be an integer >= 1")
+        at.append(value)
+    return kind, at[0], at[1]
+
+
+class FaultyStream:
+    """The real batch stream, failing at one training step (see fault_spec)."""
+
+    def __init__(self, stream, kind: str, epoch: int, step: int, device: torch.device, epochs_done: int):
+        self.stream, self.kind, self.epoch, self.step, self.device = stream, kind, epoch, step, device
+        self.current_epoch = epochs_done
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def __iter__(self):
+        self.current_epoch += 1
+        for index, batch in enumerate(self.stream):
+            if self.current_epoch == self.epoch and index + 1 == self.step:
+                self.fail()
+            yield batch
+
+    def fail(self) -> None:
+        where = f"injected by trainer.fault={self.kind} at epoch {self.epoch}, step {self.step}"
+        if self.kind == "oom":
+            if self.device.type == "cuda":  # a real allocation the caching allocator cannot satisfy
+                torch.empty(1 << 50, dtype=torch.uint8, device=self.device)
+            try:
+                np.empty(1 << 60, dtype=np.uint8)  # a real host allocation that fails: MemoryError
+            except MemoryError as err:
+                if hasattr(err, "add_note"):  # Python 3.11+
+                    err.add_note(f"({where})")
+                raise
+        raise RuntimeError(f"fault {where}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
