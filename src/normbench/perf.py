@@ -347,7 +347,6 @@ def _loop_config(s: PerfSettings, device: torch.device, workdir: Path, model_nam
                      "raw": lambda: _timed(raw_steps, device),
                      "data": lambda: _timed(data_only, device)}, s.rounds,
                     budget_s=s.loop_budget_s if budget_s is None else budget_s)
-    sink.close()
     nb, raw, dat = (statistics.median(rates(res[k])) for k in ("normbench", "raw", "data"))
     step_ms, data_ms = 1000 * batch / nb, 1000 * batch / dat
     return {
