@@ -189,9 +189,6 @@ class Run:
         stream = BatchStream(data.train, cfg.batch_size, data.mean, data.std, augment=cfg.data.augment,
                              crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, resize_to=resize_to,
                              channels_last=channels_last, drop_last=True, generator=generator)
-        if len(stream) == 0:
-            raise NormbenchError(f"bad value batch_size={cfg.batch_size}: larger than the training split "
-                                 f"({len(data.train)} images); use a smaller batch_size")
         settings = LoopSettings(
             epochs=cfg.trainer.epochs, max_steps_per_epoch=cfg.trainer.max_steps_per_epoch,
             max_eval_batches=cfg.trainer.max_eval_batches, eval_batch_size=cfg.trainer.eval_batch_size,
@@ -221,7 +218,6 @@ class Run:
         trainer = Trainer(trained, criterion, optimizer, scheduler, data, stream, settings,
                           FanOut(self.record, self.wandb, ConsoleSink(cfg.trainer.epochs)),
                           build_probes(cfg.probe), device)
-        trainer.resize_to = resize_to
 
         def after_epoch(loop_state: LoopState) -> bool:
             """Checkpoint, then ask the pruner (if any) whether to stop: True means pruned."""

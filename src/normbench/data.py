@@ -460,6 +460,11 @@ class BatchStream:
         n = len(self.split)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    @property
+    def resize_to(self) -> int | None:
+        """The square size batches are resized to (None: the dataset's own size)."""
+        return self._finish.resize_to
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, bs = len(self.split), self.batch_size
         perm = _randperm(n, self.generator, self.device)

@@ -260,14 +260,12 @@ class Trainer:
             handle.write(f"{time.time():.6f} {os.getpid()}\n")
 
     def _run_probes(self, step: int, epoch: int, x, y, lr: float) -> None:
+        from normbench.probes import run_probes  # imported only by runs that have probes
+
         def closure():
             with self.autocast():
                 return self.criterion(self.model(x), y, self.model)
 
-        row = {}
-        for probe in self.probes:
-            result = probe.on_step(step, self.model, closure, lr)
-            if result:
-                row.update(result)
+        row = run_probes(self.probes, step, self.model, closure, lr)
         if row:
             self.sink.log_probe({"step": step, "epoch": epoch, **row})

@@ -196,14 +196,6 @@ def open_storage(url: str, settings: StorageSettings | None = None):
         return storage
 
 
-def forget_storages() -> None:
-    with _STORAGES_LOCK:
-        for storage in _STORAGES.values():
-            with contextlib.suppress(Exception):
-                storage.engine.dispose()
-        _STORAGES.clear()
-
-
 def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
