@@ -8,7 +8,7 @@
 
 import sys
 
-from normbench.perf import main
+from normbench.perf.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ Same arguments as bench/train.py (the -m flag is optional here); nothing is trai
 
 import sys
 
-from normbench.plan import main
+from normbench.sweep.plan import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from normbench.report import main
+from normbench.report.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

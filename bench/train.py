@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from normbench.app import main as run_main
-from normbench.resolvers import register
+from normbench.sweep.resolvers import register
 
 register()
 
@@ -16,7 +16,7 @@ register()
 # Targets that Hydra itself instantiates from this config outside normbench's own instantiate calls:
 # the hydra.callbacks of conf/config.yaml (Hydra 1.4 warns about, and 1.5 refuses, a config-selected
 # _target_ that no execution whitelist names).
-TRUSTED_TARGETS = ["normbench.callbacks.*"]
+TRUSTED_TARGETS = ["normbench.sweep.callbacks.*"]
 
 
 @hydra.main(config_path="../conf", config_name="config", execution_whitelist=TRUSTED_TARGETS)

@@ -571,7 +571,7 @@ def test_cuda_stream_stays_on_device_without_host_sync():
 
 
 def test_compare_data_pipelines_smoke():
-    from normbench.bench_data import compare_data_pipelines
+    from normbench.perf.data import compare_data_pipelines
 
     out = compare_data_pipelines(
         "cpu", batch_size=32, n_images=256, seconds=0.05, rounds=1, num_workers=0, warmup_batches=1

@@ -14,7 +14,7 @@ from torch import nn
 from normbench.activations import activation_factory
 from normbench.data import BatchStream, load_data
 from normbench.device import NORM_TYPES, compile_model, keep_norms_fp32, resolve_channels_last
-from normbench.loop import FIRST_STEP_ENV, LoopSettings, LoopState, Trainer
+from normbench.trainer import FIRST_STEP_ENV, LoopSettings, LoopState, Trainer
 from normbench.losses import build_criterion
 from normbench.models import build_model
 from normbench.norms import NormSpec

@@ -162,7 +162,7 @@ def _compose_full(name: str, overrides: list[str]):
 @pytest.fixture(autouse=True)
 def _resolvers():
     try:  # conf/config.yaml uses normbench's resolvers; absent before the package has them
-        from normbench.resolvers import register
+        from normbench.sweep.resolvers import register
     except ImportError:
         return
     register()

@@ -133,7 +133,7 @@ def test_onecycle_works_with_every_kind_of_optimizer(optimizer, tmp_path):
 
 
 def test_fp16_trains_with_loss_scaling(tmp_path):
-    from normbench.loop import LoopSettings, Trainer
+    from normbench.trainer import LoopSettings, Trainer
 
     cfg = compose_cfg([*TINY, "logger=none", "trainer.precision=fp16"])
     run_job(cfg, output_dir=tmp_path)

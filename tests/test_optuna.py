@@ -16,7 +16,7 @@ import pytest
 from conftest import CONF, TINY, run_train
 from optuna.trial import TrialState
 
-from normbench.optuna_support import (
+from normbench.sweep.optuna_support import (
     COUNTED_FAILURE_ATTR,
     Outcome,
     StorageSettings,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from normbench.perf import (
+from normbench.perf.cli import (
     SECTIONS,
     PerfSettings,
     Sample,

@@ -1,4 +1,4 @@
-"""The comparison report (normbench.results / plots / report / reference) on synthetic run records.
+"""The comparison report (normbench.report.records / plots / report / reference) on synthetic run records.
 
 The records are written exactly as docs/ARCHITECTURE.md describes a job's output dir.
 """
@@ -23,7 +23,9 @@ import torch
 import yaml
 from PIL import Image
 
-from normbench import reference, report, results
+from normbench.report import cli as report
+from normbench.report import records as results
+from normbench.report import reference
 from normbench.filters import filter_grid
 
 ROOT = Path(__file__).resolve().parents[1]

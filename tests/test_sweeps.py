@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, run_train
 
-from normbench.plan import plan
+from normbench.sweep.plan import plan
 
 BASE = [*TINY, "logger=none"]
 

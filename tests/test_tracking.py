@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from normbench.tracking import wandb_mode
+from normbench.loggers import wandb_mode
 
 
 def test_offline_without_credentials(wandb_env, monkeypatch):

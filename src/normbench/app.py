@@ -20,23 +20,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from normbench.activations import activation_factory
-from normbench.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from normbench.checkpoint import load_checkpoint, save_checkpoint
 from normbench.data import BatchStream, load_data
 from normbench.device import compile_model, resolve_channels_last, resolve_device, resolve_precision
 from normbench.errors import NormbenchError
 from normbench.faults import FaultyStream, fault_spec, free_memory, is_out_of_memory
 from normbench.filters import filter_grid, first_conv_weight
-from normbench.identity import run_identity
-from normbench.loop import LoopSettings, LoopState, Trainer, convergence_epoch
+from normbench.sweep.identity import job_dirname, run_identity, seedless_identity
+from normbench.trainer import LoopSettings, LoopState, Trainer, convergence_epoch
 from normbench.losses import build_criterion
 from normbench.models import build_model, count_parameters
 from normbench.norms import NormSpec
 from normbench.optim import build_optimizer, build_scheduler
 from normbench.placement import launcher_jobs, placement
-from normbench.pruning import build_pruner, check_pruning, pruning_on
-from normbench.record import SUMMARY, RecordSink, atomic_write_json, atomic_write_text, read_summary
-from normbench.sweep import SWEEP_ID_ENV, SweepState, done_statuses
-from normbench.tracking import ConsoleSink, FanOut, WandbSink, wandb_mode
+from normbench.sweep.pruning import build_pruner, check_pruning, pruning_on
+from normbench.record import CHECKPOINT, SEEDLESS_IDENTITY, SUMMARY, RecordSink, atomic_write_json, atomic_write_text, read_summary
+from normbench.sweep.index import SWEEP_ID_ENV, SweepState, done_statuses
+from normbench.loggers import ConsoleSink, FanOut, WandbSink, wandb_mode
 from normbench.validate import validate
 
 GROUPS = ("data", "model", "norm", "activation", "loss", "optimizer", "scheduler", "probe")
@@ -75,7 +75,7 @@ def job_info(cfg: DictConfig, output_dir: str | Path | None = None, require_outp
         output_dir = output_dir or hydra_cfg.runtime.output_dir
         choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if k in GROUPS}
         overrides = list(hydra_cfg.overrides.task)
-        name = hydra_cfg.job.override_dirname or "default"
+        name = job_dirname(overrides)
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         if multirun:
             sweep_dir = Path(hydra_cfg.sweep.dir).absolute()
@@ -148,7 +148,8 @@ class Run:
         self.identity = identity or run_identity(cfg)
         self.started = time.perf_counter()
         self.summary = {
-            "status": "running", "identity": self.identity, "experiment": cfg.experiment_name,
+            "status": "running", "identity": self.identity, SEEDLESS_IDENTITY: seedless_identity(cfg),
+            "experiment": cfg.experiment_name,
             "choices": info.choices, "overrides": info.overrides, "metrics": {}, "objective": None,
             "epochs_done": 0, "diverged_epoch": None, "error": None, "device": None,
             "started_at": now_iso(), "finished_at": None, "versions": versions(),

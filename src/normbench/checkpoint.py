@@ -6,9 +6,7 @@ from pathlib import Path
 
 import torch
 
-from normbench.loop import LoopState
-
-CHECKPOINT = "checkpoint.pt"
+from normbench.trainer import LoopState
 
 
 def save_checkpoint(path: Path, *, identity: str, model, optimizer, scheduler, generator, state: LoopState):

@@ -1,16 +1,97 @@
-"""The run record: files in the job's output dir (format in docs/ARCHITECTURE.md)."""
+"""The run record: the files in a run's dir and the vocabulary of its summary.json.
+
+Everything that writes or reads a record -- the run, the sweep index, the report, the Optuna sweeper --
+takes the file names, the statuses and the summary keys from here. The format: docs/ARCHITECTURE.md.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
+
+class Status(str, Enum):
+    """A run's status in its summary.json (a str, so it compares and serialises as one)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    DIVERGED = "diverged"
+    FAILED = "failed"
+    PRUNED = "pruned"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+FINISHED = (Status.COMPLETED, Status.DIVERGED, Status.FAILED, Status.PRUNED)
+# What a re-run skips: the same identity gives the same numbers (a divergence included).
+DONE = (Status.COMPLETED, Status.DIVERGED)
+
+# The files of a run dir.
 SUMMARY = "summary.json"
-TERMINAL = ("completed", "diverged", "failed", "pruned")
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
+PROBES = "probes.jsonl"
+FILTERS = "filters.png"
+CHECKPOINT = "checkpoint.pt"
+JSONL = (METRICS, STEPS, PROBES)
+RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS})
+
+# summary.json keys every record has, with their types.
+SUMMARY_KEYS: dict[str, type] = {
+    "status": str, "identity": str, "experiment": str, "choices": dict, "overrides": list, "metrics": dict,
+}
+# The identity without the seed: runs that differ only in their seed share it (the report pools them).
+# Records written before normbench 0.2 lack it.
+SEEDLESS_IDENTITY = "seedless_identity"
+# Metrics every completed run reports (a value may be null where it could not be measured).
+FINAL_METRICS = (
+    "test/loss", "test/acc", "val/best_acc", "val/acc", "val/loss", "train/loss", "train/acc",
+    "convergence/epoch", "model/params", "memory/peak_mb", "time/total_s", "throughput/img_s",
+)
+REQUIRED_COMPLETED_METRICS = ("test/acc", "val/best_acc")
+
+
+class MalformedRecord(ValueError):
+    pass
+
+
+def validate_summary(summary) -> None:
+    """Raise MalformedRecord naming what does not follow the summary.json format."""
+    if not isinstance(summary, dict):
+        raise MalformedRecord(f"summary.json is a JSON {type(summary).__name__}, not an object")
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise MalformedRecord(f"summary.json misses key(s) {', '.join(missing)}")
+    for key, kind in SUMMARY_KEYS.items():
+        if not isinstance(summary[key], kind):
+            raise MalformedRecord(f"summary.json {key!r} is {type(summary[key]).__name__}, expected {kind.__name__}")
+    statuses = [s.value for s in Status]
+    if summary["status"] not in statuses:
+        raise MalformedRecord(f"summary.json status {summary['status']!r} is not one of {', '.join(statuses)}")
+    if not summary["identity"]:
+        raise MalformedRecord("summary.json identity is empty")
+    if not all(isinstance(o, str) for o in summary["overrides"]):
+        raise MalformedRecord("summary.json overrides must be a list of strings")
+    for key, value in summary["choices"].items():
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            raise MalformedRecord(f"summary.json choices[{key!r}] is {type(value).__name__}")
+    for key, value in summary["metrics"].items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise MalformedRecord(f"summary.json metrics[{key!r}] is {type(value).__name__}, not a number")
+    if summary["status"] == Status.COMPLETED:
+        missing = [k for k in FINAL_METRICS if k not in summary["metrics"]]
+        if missing:
+            raise MalformedRecord(f"completed run's metrics miss {', '.join(missing)}")
+        nulls = [k for k in REQUIRED_COMPLETED_METRICS if summary["metrics"][k] is None]
+        if nulls:
+            raise MalformedRecord(f"completed run has null {', '.join(nulls)}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -52,9 +133,6 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-JSONL = ("metrics", "steps", "probes")
-
-
 class RecordSink:
     """MetricSink that appends JSON lines to the run dir and writes the summary atomically."""
 
@@ -63,30 +141,30 @@ class RecordSink:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not append:
             for name in JSONL:
-                (self.run_dir / f"{name}.jsonl").write_text("")
+                (self.run_dir / name).write_text("")
 
     def truncate_to(self, step: int, history: list[dict]) -> None:
         """On resume: keep what the checkpoint covers, drop rows written after it."""
-        for name in ("steps", "probes"):
-            path = self.run_dir / f"{name}.jsonl"
+        for name in (STEPS, PROBES):
+            path = self.run_dir / name
             lines = path.read_text().splitlines() if path.exists() else []
             atomic_write_text(path, "".join(f"{line}\n" for line in lines if _step_of(line) <= step))
-        atomic_write_text(self.run_dir / "metrics.jsonl",
+        atomic_write_text(self.run_dir / METRICS,
                           "".join(json.dumps(row, default=_json_default) + "\n" for row in history))
 
     def _write(self, name: str, rows: list[dict]) -> None:
         # Opened per call (calls come at logging points only), so nothing stays open between them.
-        with open(self.run_dir / f"{name}.jsonl", "a") as handle:
+        with open(self.run_dir / name, "a") as handle:
             handle.writelines(json.dumps(row, default=_json_default) + "\n" for row in rows)
 
     def log_steps(self, rows: list[dict]) -> None:
-        self._write("steps", rows)
+        self._write(STEPS, rows)
 
     def log_epoch(self, row: dict) -> None:
-        self._write("metrics", [row])
+        self._write(METRICS, [row])
 
     def log_probe(self, row: dict) -> None:
-        self._write("probes", [row])
+        self._write(PROBES, [row])
 
     def log_images(self, images: dict) -> None:
         from PIL import Image  # not matplotlib: its import costs ~0.5 s per job

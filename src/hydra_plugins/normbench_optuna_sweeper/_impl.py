@@ -3,7 +3,7 @@
 Differences from hydra-optuna-sweeper 1.4.0rc3's OptunaSweeperImpl.sweep, which this class replaces:
 
 - each job gets its trial (study name, trial id, number) through `hydra.job.env_set` overrides, so the
-  job can report per-epoch validation errors and be pruned (normbench.optuna_support.trial_pruner);
+  job can report per-epoch validation errors and be pruned (normbench.sweep.optuna_support.trial_pruner);
 - jobs that raised, diverged or were pruned don't stop the sweep: they are told to Optuna as
   COMPLETE(worst value) or FAIL (hydra.sweeper.failure) and PRUNED;
 - n_trials is the study's total over all sweeper processes: under a storage-wide lock a worker counts
@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
 from normbench.errors import StorageError
-from normbench.optuna_support import (
+from normbench.sweep.optuna_support import (
     ENV_STORAGE,
     ENV_STUDY,
     ENV_TRIAL_ID,

@@ -14,7 +14,7 @@ real on-disk format is written to a temporary directory and read back through to
 class (its md5 table pointed at the fake files), so both pipelines do exactly the work they would do on
 the real data.
 
-CLI: ``python -m normbench.bench_data --device cpu --seconds 2``.
+CLI: ``python -m normbench.perf.data --device cpu --seconds 2``.
 """
 
 from __future__ import annotations

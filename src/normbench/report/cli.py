@@ -2,7 +2,7 @@
 
     python bench/report.py multirun/vgg_losses [more dirs] [--out DIR] [--wandb]
 
-Reads run records only (see normbench.results). Writes into the output dir:
+Reads run records only (see normbench.report.records). Writes into the output dir:
 ``index.html`` (self-contained: inline CSS, images by relative path, no script, no network),
 ``report.md``, ``runs.csv`` (every run record, skipped ones included), ``tables/<name>.csv`` and
 ``fig/*.png``.
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from normbench.errors import ConfigError, NormbenchError
-from normbench.reference import (
+from normbench.report.reference import (
     MODEL_VARIANTS,
     NORM_LABEL,
     STUDY_TABLES,
@@ -36,7 +36,7 @@ from normbench.reference import (
     StudyTable,
     model_family,
 )
-from normbench.results import Cell, Comparison, RunRecord, ScanResult, Stat, cells_of, scan, welch
+from normbench.report.records import Cell, Comparison, RunRecord, ScanResult, Stat, cells_of, scan, welch
 
 ALPHA = 0.05
 MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
@@ -330,7 +330,7 @@ def _num(value: Any) -> float:
 
 
 def _epoch_curve(label: str, runs: Sequence[RunRecord], warnings: list[str]):
-    from normbench.plots import Curve
+    from normbench.report.plots import Curve
 
     per_epoch: dict[int, list[list[float]]] = {}
     for run in runs:
@@ -402,7 +402,7 @@ def _group_runs(table: Table, cap: int) -> dict[str, list[RunRecord]]:
 # figures
 
 def _figures(table: Table, out: str, warnings: list[str], copied: dict[str, str]) -> None:
-    from normbench import plots
+    from normbench.report import plots
 
     fig_dir = os.path.join(out, "fig")
     os.makedirs(fig_dir, exist_ok=True)
@@ -546,7 +546,7 @@ def _is_png(path: str) -> bool:
 
 def _mechanism(table: Table, fig_dir: str, warnings: list[str]) -> None:
     """Study 000 section 9: loss range over the lr sweep, gradient cosine, beta (Lipschitz), per norm."""
-    from normbench import plots
+    from normbench.report import plots
 
     st = table.study
     by_norm: dict[str, list[RunRecord]] = {}

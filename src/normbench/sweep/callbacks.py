@@ -18,7 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from normbench.sweep import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
+from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def expected_jobs(config: DictConfig) -> int | None:
     if not target.endswith("BasicSweeper"):
         return None
     try:
-        from normbench.plan import expand_grid, sweep_arguments
+        from normbench.sweep.plan import expand_grid, sweep_arguments
 
         return len(expand_grid(*sweep_arguments(config)))
     except Exception:  # noqa: BLE001 - the count only refines the summary line

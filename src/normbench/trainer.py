@@ -31,6 +31,7 @@ import torch
 
 from normbench.data import eval_batches
 from normbench.device import keep_norms_fp32, synchronize
+from normbench.record import Status
 
 FIRST_STEP_ENV = "NORMBENCH_FIRST_STEP_FILE"
 
@@ -53,7 +54,7 @@ class LoopState:
     epochs_done: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
-    status: str = "running"          # running | completed | diverged | pruned
+    status: Status = Status.RUNNING   # then completed, diverged or pruned
     diverged_epoch: int | None = None
     train_time_s: float = 0.0
 
@@ -152,13 +153,13 @@ class Trainer:
         state = state or LoopState()
         for epoch in range(state.epochs_done + 1, self.settings.epochs + 1):
             if not self._train_epoch(epoch, state):
-                state.status, state.diverged_epoch = "diverged", epoch
+                state.status, state.diverged_epoch = Status.DIVERGED, epoch
                 return state
             state.epochs_done = epoch
             if on_epoch_end is not None and on_epoch_end(state):
-                state.status = "pruned"
+                state.status = Status.PRUNED
                 return state
-        state.status = "completed"
+        state.status = Status.COMPLETED
         return state
 
     def _train_epoch(self, epoch: int, state: LoopState) -> bool:

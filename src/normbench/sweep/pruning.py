@@ -3,7 +3,7 @@
 The job asks its pruner after every epoch: `should_stop(epoch, val_error) -> bool`; True ends the run
 with status `pruned` (its record, checkpoint and objective are kept).
 
-- Optuna sweeps: `normbench.optuna_support.trial_pruner(cfg)` (reports to the Optuna trial and asks
+- Optuna sweeps: `normbench.sweep.optuna_support.trial_pruner(cfg)` (reports to the Optuna trial and asks
   its pruner) is used when that module exists and returns a pruner.
 - Grid sweeps (`pruning=median`): the median-stopping rule over the finished runs of the same sweep
   dir. After `warmup_epochs` epochs, and once at least `min_runs` completed peers reached epoch e, a
@@ -100,9 +100,9 @@ def pruning_on(cfg) -> bool:
 
 def _optuna_trial_pruner(cfg):
     try:
-        from normbench.optuna_support import trial_pruner
+        from normbench.sweep.optuna_support import trial_pruner
     except ModuleNotFoundError as err:
-        if err.name in ("normbench.optuna_support", "optuna"):
+        if err.name in ("normbench.sweep.optuna_support", "optuna"):
             return None
         raise
     return trial_pruner(cfg)
@@ -118,10 +118,10 @@ def build_pruner(cfg, run_dir: str | Path | None, sweep_dir: str | Path | None,
     spec = check_pruning(cfg)
     if spec["name"] == "none" or sweep_dir is None:
         return None
-    from normbench.sweep import SweepState
+    from normbench.sweep.index import SweepState
 
     if identity is None:
-        from normbench.identity import run_identity
+        from normbench.sweep.identity import run_identity
 
         identity = run_identity(cfg)
     return MedianStoppingPruner(SweepState(sweep_dir).curves_dir, identity, spec["warmup_epochs"],

@@ -32,13 +32,12 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from normbench.record import SUMMARY, atomic_write_json, read_summary
+from normbench.record import DONE, SUMMARY, Status, atomic_write_json, read_summary
 
 STATE_DIR = ".normbench"
 SWEEP_ID_ENV = "NORMBENCH_SWEEP_ID"
-# Statuses a re-run skips: the same identity gives the same numbers (divergence included).
-DONE = ("completed", "diverged")
-OUTCOMES = ("completed", "diverged", "failed", "pruned", "skipped")
+SKIPPED = "skipped"  # a journal outcome: the job found its run done and did not train
+OUTCOMES = (Status.COMPLETED, Status.DIVERGED, Status.FAILED, Status.PRUNED, SKIPPED)
 
 
 def now_iso() -> str:
@@ -48,7 +47,7 @@ def now_iso() -> str:
 def done_statuses(pruning_on: bool) -> tuple[str, ...]:
     """What counts as done. A pruned run is done while pruning is on (re-running it would only be
     pruned again); with pruning off, a re-run continues it from its checkpoint to the end."""
-    return DONE + ("pruned",) if pruning_on else DONE
+    return (*DONE, Status.PRUNED) if pruning_on else DONE
 
 
 def _read_json(path: Path) -> dict | None:
@@ -114,7 +113,7 @@ class SweepState:
         return entries
 
     def entry_from_summary(self, run_dir: Path, summary: dict) -> dict:
-        status = summary.get("status") or "running"
+        status = summary.get("status") or Status.RUNNING
         return {"identity": summary["identity"], "dir": self.relative(run_dir), "status": status,
                 "objective": summary.get("objective"), "epochs_done": summary.get("epochs_done"),
                 "time_s": (summary.get("metrics") or {}).get("time/total_s"),

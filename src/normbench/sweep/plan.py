@@ -20,12 +20,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from normbench.identity import run_identity
-from normbench.pruning import pruning_on
-from normbench.sweep import DONE, SweepState, done_statuses
+from normbench.sweep.identity import run_identity
+from normbench.sweep.pruning import pruning_on
+from normbench.record import CHECKPOINT, DONE, Status
+from normbench.sweep.index import SweepState, done_statuses
 
-CHECKPOINT = "checkpoint.pt"  # normbench.checkpoint.CHECKPOINT (not imported: that pulls in torch)
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[3] / "conf"
 
 
 def expand_grid(params: dict, task: list[str], config_loader=None) -> list[list[str]]:
@@ -79,7 +79,7 @@ def plan(argv: list[str], config_dir: Path | None = None, out=sys.stdout) -> int
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from normbench.resolvers import register
+    from normbench.sweep.resolvers import register
 
     register()
     args = get_args_parser().parse_args(argv)
@@ -150,7 +150,7 @@ def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
     state.cached = entries
     # the time of a full run: completed runs' times; only without any, the other finished runs'
     # (diverged, pruned and failed runs stop early and would make the estimate too short)
-    for statuses in (("completed",), DONE + ("pruned", "failed")):
+    for statuses in ((Status.COMPLETED,), (*DONE, Status.PRUNED, Status.FAILED)):
         dir_plan.finished_times = [float(e["time_s"]) for e in entries.values()
                                    if e.get("status") in statuses and isinstance(e.get("time_s"), (int, float))]
         if dir_plan.finished_times:

@@ -11,7 +11,7 @@ Sections (each a key of the JSON result):
                 augmentation cost is in both. Also the data pipeline's own time per batch against the
                 step time.
 ``data``        normbench's on-device pipeline against torchvision CIFAR10 + standard transforms +
-                DataLoader (``normbench.bench_data.compare_data_pipelines``).
+                DataLoader (``normbench.perf.data.compare_data_pipelines``).
 ``fixed_cost``  process start to the first finished training step of ``python bench/train.py`` with tiny
                 settings (logger=none), against bare ``python -c "import torch"`` and against a minimal
                 PyTorch training process (import torch, build an SGD optimizer, one step); and the
@@ -57,14 +57,14 @@ from normbench.device import (
     resolve_precision,
     synchronize,
 )
-from normbench.loop import FIRST_STEP_ENV, LoopSettings, LoopState, Trainer
+from normbench.trainer import FIRST_STEP_ENV, LoopSettings, LoopState, Trainer
 from normbench.losses import build_criterion
 from normbench.models import build_model
 from normbench.norms import NormSpec
 from normbench.optim import build_optimizer, build_scheduler, fast_optimizer_kwargs
 from normbench.record import RecordSink
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TRAIN = ROOT / "bench" / "train.py"
 CONF = ROOT / "conf"
 SECTIONS = ("loop", "data", "fixed_cost", "probes", "cuda")
@@ -385,7 +385,7 @@ def bench_loop(s: PerfSettings, device: torch.device, workdir: Path) -> dict:
 
 
 def bench_data(s: PerfSettings, device: torch.device) -> dict:
-    from normbench.bench_data import compare_data_pipelines
+    from normbench.perf.data import compare_data_pipelines
 
     return compare_data_pipelines(device, batch_size=128, n_images=s.data_images, seconds=s.data_seconds,
                                   rounds=3 if s.quick else 5, num_workers=s.data_workers,

@@ -1,0 +1,1 @@
+"""The benchmarks behind bench/perf.py, one module per section."""

@@ -1,0 +1,1 @@
+"""The comparison report: reads run records only (never live objects)."""
