@@ -14,11 +14,11 @@ from torch import nn
 from normbench.activations import activation_factory
 from normbench.data import BatchStream, load_data
 from normbench.device import NORM_TYPES, compile_model, keep_norms_fp32, resolve_channels_last
-from normbench.trainer import FIRST_STEP_ENV, LoopSettings, LoopState, Trainer
 from normbench.losses import build_criterion
 from normbench.models import build_model
 from normbench.norms import NormSpec
 from normbench.optim import build_optimizer, build_scheduler, fast_optimizer_kwargs
+from normbench.trainer import FIRST_STEP_ENV, LoopSettings, LoopState, Trainer
 
 torch.set_num_threads(1)
 

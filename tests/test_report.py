@@ -23,10 +23,10 @@ import torch
 import yaml
 from PIL import Image
 
+from normbench.filters import filter_grid
 from normbench.report import cli as report
 from normbench.report import records as results
 from normbench.report import reference
-from normbench.filters import filter_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 # published two-sided 95% Student t quantiles (t_{0.975, df})

@@ -18,9 +18,9 @@ import torch
 from conftest import TINY, TRAIN
 
 from normbench.app import choose_run_dir
-from normbench.sweep.pruning import MedianStoppingPruner, build_pruner
 from normbench.record import atomic_write_json
 from normbench.sweep.index import SweepState
+from normbench.sweep.pruning import MedianStoppingPruner, build_pruner
 
 BASE = [*TINY, "logger=none"]
 

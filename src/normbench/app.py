@@ -26,17 +26,25 @@ from normbench.device import compile_model, resolve_channels_last, resolve_devic
 from normbench.errors import NormbenchError
 from normbench.faults import FaultyStream, fault_spec, free_memory, is_out_of_memory
 from normbench.filters import filter_grid, first_conv_weight
-from normbench.sweep.identity import job_dirname, run_identity, seedless_identity
-from normbench.trainer import LoopSettings, LoopState, Trainer, convergence_epoch
+from normbench.loggers import ConsoleSink, FanOut, WandbSink, wandb_mode
 from normbench.losses import build_criterion
 from normbench.models import build_model, count_parameters
 from normbench.norms import NormSpec
 from normbench.optim import build_optimizer, build_scheduler
 from normbench.placement import launcher_jobs, placement
-from normbench.sweep.pruning import build_pruner, check_pruning, pruning_on
-from normbench.record import CHECKPOINT, SEEDLESS_IDENTITY, SUMMARY, RecordSink, atomic_write_json, atomic_write_text, read_summary
+from normbench.record import (
+    CHECKPOINT,
+    SEEDLESS_IDENTITY,
+    SUMMARY,
+    RecordSink,
+    atomic_write_json,
+    atomic_write_text,
+    read_summary,
+)
+from normbench.sweep.identity import job_dirname, run_identity, seedless_identity
 from normbench.sweep.index import SWEEP_ID_ENV, SweepState, done_statuses
-from normbench.loggers import ConsoleSink, FanOut, WandbSink, wandb_mode
+from normbench.sweep.pruning import build_pruner, check_pruning, pruning_on
+from normbench.trainer import LoopSettings, LoopState, Trainer, convergence_epoch
 from normbench.validate import validate
 
 GROUPS = ("data", "model", "norm", "activation", "loss", "optimizer", "scheduler", "probe")

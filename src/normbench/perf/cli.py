@@ -57,12 +57,12 @@ from normbench.device import (
     resolve_precision,
     synchronize,
 )
-from normbench.trainer import FIRST_STEP_ENV, LoopSettings, LoopState, Trainer
 from normbench.losses import build_criterion
 from normbench.models import build_model
 from normbench.norms import NormSpec
 from normbench.optim import build_optimizer, build_scheduler, fast_optimizer_kwargs
 from normbench.record import RecordSink
+from normbench.trainer import FIRST_STEP_ENV, LoopSettings, LoopState, Trainer
 
 ROOT = Path(__file__).resolve().parents[3]
 TRAIN = ROOT / "bench" / "train.py"

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from normbench.errors import ConfigError, NormbenchError
+from normbench.report.records import Cell, Comparison, RunRecord, ScanResult, Stat, cells_of, scan, welch
 from normbench.report.reference import (
     MODEL_VARIANTS,
     NORM_LABEL,
@@ -36,7 +37,6 @@ from normbench.report.reference import (
     StudyTable,
     model_family,
 )
-from normbench.report.records import Cell, Comparison, RunRecord, ScanResult, Stat, cells_of, scan, welch
 
 ALPHA = 0.05
 MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows

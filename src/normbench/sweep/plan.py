@@ -20,10 +20,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from normbench.sweep.identity import run_identity
-from normbench.sweep.pruning import pruning_on
 from normbench.record import CHECKPOINT, DONE, Status
+from normbench.sweep.identity import run_identity
 from normbench.sweep.index import SweepState, done_statuses
+from normbench.sweep.pruning import pruning_on
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
 
