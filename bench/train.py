@@ -7,7 +7,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from normbench.app import main as run_main
+from normbench.job import main as run_main
 from normbench.sweep.resolvers import register
 
 register()

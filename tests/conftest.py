@@ -15,7 +15,7 @@ CONF = ROOT / "conf"
 
 # Small synthetic data, narrow models, few steps: a run takes a second or two on a laptop CPU.
 TINY = [
-    "data=synthetic", "data.synthetic.num_train=512", "data.synthetic.num_test=128", "data.val_size=128",
+    "data=synthetic", "data.num_train=512", "data.num_test=128", "data.val_size=128",
     "model.width=0.125", "trainer.epochs=1", "trainer.max_steps_per_epoch=4", "trainer.max_eval_batches=2",
     "trainer.eval_batch_size=64", "trainer.threads=1", "batch_size=16",
 ]

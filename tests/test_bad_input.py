@@ -32,7 +32,7 @@ def test_bad_value_is_one_clear_line(override, tmp_path, capsys, monkeypatch):
     from conftest import CONF
     from hydra import compose, initialize_config_dir
 
-    from normbench.app import main
+    from normbench.job import main
 
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(config_dir=str(CONF)):

@@ -6,7 +6,6 @@ import pickle
 import time
 import urllib.error
 from pathlib import Path
-from types import SimpleNamespace as NS
 
 import numpy as np
 import pytest
@@ -14,11 +13,11 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+from fake_cifar import write_fake_cifar
+from omegaconf import OmegaConf
 from PIL import Image
 
 from normbench.data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
     BatchStream,
     DataBundle,
     Split,
@@ -26,33 +25,44 @@ from normbench.data import (
     augment_batch,
     eval_batches,
     load_data,
-    make_synthetic,
-    write_fake_cifar,
 )
+from normbench.datasets import make_synthetic
 from normbench.errors import ConfigError, DataNotFoundError
 
 torch.set_num_threads(1)
 
 PAD = 4
 SIZE = 32
+CONF = Path(__file__).resolve().parents[1] / "conf"
+CIFAR10_MEAN = tuple(OmegaConf.load(CONF / "data" / "cifar10.yaml").mean)
+CIFAR10_STD = tuple(OmegaConf.load(CONF / "data" / "cifar10.yaml").std)
 
 
 def synthetic_cfg(**over):
-    syn = {"num_train": 600, "num_test": 100, "image_size": 32, "num_classes": 10, "seed": 0, "noise": 0.25}
+    syn = {"num_train": 600, "num_test": 100, "image_size": 32, "num_classes": 10, "generator_seed": 0,
+           "noise": 0.25}
     syn.update(over.pop("synthetic", {}))
     cfg = {
-        "name": "synthetic",
-        "root": "unused",
-        "download": False,
+        "_target_": "normbench.datasets.synthetic",
+        "channels": 3,
+        "mean": None,
+        "std": None,
         "val_size": 100,
         "split_seed": 0,
         "augment": True,
         "crop_padding": 4,
         "flip": True,
-        "synthetic": NS(**syn),
+        **syn,
     }
     cfg.update(over)
-    return NS(**cfg)
+    return OmegaConf.create(cfg)
+
+
+def cifar_cfg(name: str, root, download: bool, val_size: int, split_seed: int = 0):
+    """conf/data/<name>.yaml with the given root, download flag and split."""
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / f"{name}.yaml")
+    cfg.merge_with({"root": str(root), "download": download, "val_size": val_size, "split_seed": split_seed})
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +94,7 @@ def test_synthetic_bundle_shapes_dtypes_devices(bundle):
 def test_synthetic_determined_by_seed():
     a = load_data(synthetic_cfg(), "cpu")
     b = load_data(synthetic_cfg(), "cpu")
-    c = load_data(synthetic_cfg(synthetic={"seed": 1}), "cpu")
+    c = load_data(synthetic_cfg(synthetic={"generator_seed": 1}), "cpu")
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
     assert torch.equal(a.test.images, b.test.images) and torch.equal(a.val.labels, b.val.labels)
     assert not torch.equal(a.train.images, c.train.images)
@@ -139,12 +149,15 @@ def test_data_config_files(name, monkeypatch, tmp_path):
     monkeypatch.setenv("NORMBENCH_DATA", str(tmp_path))
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / f"{name}.yaml")
     OmegaConf.set_struct(cfg, True)
-    assert cfg.name == name and cfg.root == str(tmp_path)
-    for key in ("download", "val_size", "split_seed", "augment", "crop_padding", "flip"):
+    assert cfg._target_ == f"normbench.datasets.{name}"
+    if name != "synthetic":  # the generated dataset has no files
+        assert cfg.root == str(tmp_path) and "download" in cfg
+    for key in ("num_classes", "channels", "image_size", "mean", "std", "val_size", "split_seed", "augment",
+                "crop_padding", "flip"):
         assert key in cfg, key
     assert (cfg.augment, cfg.crop_padding, cfg.flip) == (True, 4, True)
     if name == "synthetic":
-        cfg.synthetic.num_train, cfg.synthetic.num_test, cfg.val_size = 300, 50, 30
+        cfg.num_train, cfg.num_test, cfg.val_size = 300, 50, 30
         data = load_data(cfg, "cpu")
         assert (len(data.train), len(data.val), len(data.test)) == (270, 30, 50)
     else:
@@ -154,8 +167,8 @@ def test_data_config_files(name, monkeypatch, tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="data.name"):
-        load_data(synthetic_cfg(name="imagenet"), "cpu")
+    with pytest.raises(Exception, match="imagenet"):
+        load_data(synthetic_cfg(_target_="normbench.datasets.imagenet"), "cpu")
     with pytest.raises(ConfigError, match=r"data.val_size=600.*\[1, 599\]"):
         load_data(synthetic_cfg(val_size=600), "cpu")
     with pytest.raises(ConfigError, match="batch_size"):
@@ -217,7 +230,7 @@ def _raw_batches(folder, names, label_key):
 def test_load_fake_cifar10_with_torchvision(tmp_path, monkeypatch):
     md5s = write_fake_cifar(tmp_path, "cifar10", n_train=120, n_test=30, seed=1)
     _trust_fake_md5s(monkeypatch, tv_cifar.CIFAR10, md5s)
-    cfg = NS(name="cifar10", root=str(tmp_path), download=False, val_size=20, split_seed=5)
+    cfg = cifar_cfg("cifar10", str(tmp_path), False, 20, 5)
     data = load_data(cfg, "cpu")
     assert (len(data.train), len(data.val), len(data.test)) == (100, 20, 30)
     assert data.num_classes == 10 and data.image_size == 32 and data.name == "cifar10"
@@ -238,9 +251,7 @@ def test_load_fake_cifar10_with_torchvision(tmp_path, monkeypatch):
 def test_load_fake_cifar100_with_torchvision(tmp_path, monkeypatch):
     md5s = write_fake_cifar(tmp_path, "cifar100", n_train=60, n_test=10)
     _trust_fake_md5s(monkeypatch, tv_cifar.CIFAR100, md5s)
-    data = load_data(
-        NS(name="cifar100", root=str(tmp_path), download=False, val_size=10, split_seed=0), "cpu"
-    )
+    data = load_data(cifar_cfg("cifar100", str(tmp_path), False, 10, 0), "cpu")
     assert (len(data.train), len(data.val), len(data.test)) == (50, 10, 10)
     assert data.num_classes == 100
     raw_x, raw_y = _raw_batches(tmp_path / "cifar-100-python", ["test"], "fine_labels")
@@ -254,7 +265,7 @@ def test_missing_cifar_without_download_names_dir_and_fix(tmp_path, monkeypatch)
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", no_network)
     root = tmp_path / "data"
     with pytest.raises(DataNotFoundError) as info:
-        load_data(NS(name="cifar10", root=str(root), download=False, val_size=5000, split_seed=0), "cpu")
+        load_data(cifar_cfg("cifar10", str(root), False, 5000, 0), "cpu")
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith(f"CIFAR-10 not found in data.root={root}")
@@ -267,7 +278,7 @@ def test_missing_cifar_when_download_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
     with pytest.raises(DataNotFoundError) as info:
-        load_data(NS(name="cifar100", root=str(tmp_path), download=True, val_size=10, split_seed=0), "cpu")
+        load_data(cifar_cfg("cifar100", str(tmp_path), True, 10, 0), "cpu")
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith(
@@ -286,7 +297,7 @@ def test_download_true_uses_present_files_and_downloads_missing_ones(tmp_path, m
         (tmp_path / "stage" / "cifar-10-batches-py").rename(tmp_path / "data" / "cifar-10-batches-py")
 
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", fake_download)
-    cfg = NS(name="cifar10", root=str(tmp_path / "data"), download=True, val_size=10, split_seed=0)
+    cfg = cifar_cfg("cifar10", str(tmp_path / "data"), True, 10, 0)
     assert len(load_data(cfg, "cpu").train) == 30 and len(calls) == 1
     assert len(load_data(cfg, "cpu").train) == 30 and len(calls) == 1  # present now: no second download
 
@@ -294,7 +305,7 @@ def test_download_true_uses_present_files_and_downloads_missing_ones(tmp_path, m
 def test_corrupted_cifar_files_are_reported(tmp_path):
     write_fake_cifar(tmp_path, "cifar10", n_train=20, n_test=5)  # md5s differ from the real files
     with pytest.raises(DataNotFoundError, match="corrupted"):
-        load_data(NS(name="cifar10", root=str(tmp_path), download=False, val_size=5, split_seed=0), "cpu")
+        load_data(cifar_cfg("cifar10", str(tmp_path), False, 5, 0), "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -297,7 +297,7 @@ def test_dockerignore_keeps_context_small_and_complete():
     for required in (".venv", "multirun", "outputs", "wandb", "data", ".git", "docker/.env"):
         assert required in patterns or required + "/*" in patterns, f".dockerignore misses {required}"
     import fnmatch
-    needed = ["pyproject.toml", "README.md", "src", "src/normbench/app.py", "bench/train.py", "conf/config.yaml",
+    needed = ["pyproject.toml", "README.md", "src", "src/normbench/job.py", "bench/train.py", "conf/config.yaml",
               "docker/requirements.lock", "docker/entrypoint.sh"]
     for path in needed:
         parts = path.split("/")

@@ -52,16 +52,18 @@ class ListSink:
 
 @pytest.fixture(scope="module")
 def data():
-    cfg = OmegaConf.create({"name": "synthetic", "val_size": 32, "split_seed": 0,
-                            "synthetic": {"num_train": 160, "num_test": 32, "image_size": 32, "num_classes": 10,
-                                          "seed": 0, "noise": 0.25}})
+    cfg = OmegaConf.create({"_target_": "normbench.datasets.synthetic", "val_size": 32, "split_seed": 0,
+                            "num_train": 160, "num_test": 32, "image_size": 32, "num_classes": 10, "channels": 3,
+                            "mean": None, "std": None, "generator_seed": 0, "noise": 0.25})
     return load_data(cfg, torch.device("cpu"))
 
 
 def make_model(name="vgg_a", norm="bn", width=0.125, seed=0):
     torch.manual_seed(seed)
-    cfg = OmegaConf.create({"name": name, "width": width, "dropout": 0.0, "input_size": 32})
-    return build_model(cfg, NormSpec(name=norm, groups=4), activation_factory("relu"), 10)
+    cfg = OmegaConf.create({"_target_": f"normbench.models.{name}", "width": width, "dropout": 0.0,
+                            "input_size": 32})
+    return build_model(cfg, num_classes=10, in_channels=3, image_size=32, norm=NormSpec(name=norm, groups=4).make,
+                       activation=activation_factory("relu"))
 
 
 def make_trainer(model, data, *, channels_last=False, batch=8, log_every=25, amp=None, seed=0, criterion=None,

@@ -283,7 +283,7 @@ def test_toy_multirun_runs_jobs_in_parallel_processes(tmp_path, launcher):
 TRAIN_ARGS = ["data=synthetic", "model=vgg_a_light", "model.width=0.25", "trainer.epochs=1",
               "trainer.max_steps_per_epoch=3", "logger=none", "norm=none,bn",
               # keep it short on a CPU-only machine: small eval, one thread per job
-              "data.synthetic.num_train=512", "data.synthetic.num_test=128", "data.val_size=128",
+              "data.num_train=512", "data.num_test=128", "data.val_size=128",
               "trainer.max_eval_batches=2", "trainer.eval_batch_size=64", "trainer.threads=1"]
 
 

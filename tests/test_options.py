@@ -9,10 +9,10 @@ import pytest
 import torch
 import torchvision
 from conftest import CONF, TINY
+from fake_cifar import write_fake_cifar
 from hydra import compose, initialize_config_dir
 
-from normbench.app import run_job
-from normbench.data import write_fake_cifar
+from normbench.job import run_job
 
 GROUP_OPTIONS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -94,7 +94,7 @@ def _losses(run_dir: Path) -> list[float]:
 def test_loss_decreases_over_a_short_run(overrides, tmp_path):
     base = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.epochs", "model.width"))]
     cfg = compose_cfg(base + ["logger=none", "model=vgg_a_light", "trainer.epochs=3",
-                              "trainer.max_steps_per_epoch=30", "data.synthetic.num_train=1024",
+                              "trainer.max_steps_per_epoch=30", "data.num_train=1024",
                               "data.augment=false", *overrides])
     run_job(cfg, output_dir=tmp_path)
     losses = _losses(tmp_path)
@@ -110,8 +110,9 @@ def test_vgg_a_parameter_counts_match_the_study():
 
     cfg = compose_cfg(["model=vgg_a"])
     relu = activation_factory("relu")
-    assert count_parameters(build_model(cfg.model, NormSpec(name="none"), relu, 10)) == 9_750_922
-    assert count_parameters(build_model(cfg.model, NormSpec(name="bn"), relu, 10)) == 9_756_426
+    shape = {"num_classes": 10, "in_channels": 3, "image_size": 32, "activation": relu}
+    assert count_parameters(build_model(cfg.model, norm=NormSpec(name="none").make, **shape)) == 9_750_922
+    assert count_parameters(build_model(cfg.model, norm=NormSpec(name="bn").make, **shape)) == 9_756_426
 
 
 def test_alexnet_layer_norm_shapes_match_the_study():
@@ -120,7 +121,8 @@ def test_alexnet_layer_norm_shapes_match_the_study():
     from normbench.norms import NormSpec
 
     cfg = compose_cfg(["model=alexnet"])
-    model = build_model(cfg.model, NormSpec(name="ln", affine="element"), activation_factory("relu"), 10)
+    model = build_model(cfg.model, num_classes=10, in_channels=3, image_size=224,
+                        norm=NormSpec(name="ln", affine="element").make, activation=activation_factory("relu"))
     shapes = [tuple(m.normalized_shape) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert shapes == [(96, 27, 27), (256, 13, 13), (384, 13, 13), (384, 13, 13), (256, 6, 6)]
 

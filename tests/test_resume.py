@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from conftest import TINY, TRAIN
 
-from normbench.app import choose_run_dir
+from normbench.job import choose_run_dir
 from normbench.record import atomic_write_json
 from normbench.sweep.index import SweepState
 from normbench.sweep.pruning import MedianStoppingPruner, build_pruner

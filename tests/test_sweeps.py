@@ -178,7 +178,7 @@ def test_joblib_jobs_run_in_parallel_with_their_share_of_the_cpu(tmp_path):
 def test_job_number_picks_the_gpu(monkeypatch, n_gpus, job, expected):
     import torch
 
-    from normbench import placement as app
+    from normbench import device as app
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)

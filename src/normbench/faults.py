@@ -7,6 +7,7 @@ real training loop and goes through the real error handling.
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,7 +18,14 @@ from normbench.errors import ConfigError
 FAULTS = ("none", "raise", "oom")
 
 
-def fault_spec(cfg: DictConfig) -> tuple[str, int, int]:
+@dataclass(frozen=True)
+class FaultSpec:
+    kind: str = "none"
+    epoch: int = 1
+    step: int = 1
+
+
+def fault_spec(cfg: DictConfig) -> FaultSpec:
     """The injected fault (`+trainer.fault=raise|oom`, at `+trainer.fault_epoch` (1) and
     `+trainer.fault_step` (1), the step within that epoch): for checking that a sweep survives a run
     that raises or runs out of memory. It fails inside the real training loop, through the real error
@@ -33,15 +41,15 @@ def fault_spec(cfg: DictConfig) -> tuple[str, int, int]:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"trainer.{key}", value, "must be an integer >= 1")
         at.append(value)
-    return kind, at[0], at[1]
+    return FaultSpec(kind, at[0], at[1])
 
 
 class FaultyStream:
     """The real batch stream, failing at one training step (see fault_spec)."""
 
-    def __init__(self, stream, kind: str, epoch: int, step: int, device: torch.device, epochs_done: int):
-        self.stream, self.kind, self.epoch, self.step, self.device = stream, kind, epoch, step, device
-        self.current_epoch = epochs_done
+    def __init__(self, stream, spec: FaultSpec, device: torch.device):
+        self.stream, self.kind, self.epoch, self.step, self.device = stream, spec.kind, spec.epoch, spec.step, device
+        self.current_epoch = 0  # epochs already trained (set by a run that resumes from a checkpoint)
 
     def __len__(self) -> int:
         return len(self.stream)

@@ -1,13 +1,31 @@
-"""VGG-A and AlexNet builders that take the chosen norm, activation, dropout and a width multiplier."""
+"""The model group: the built-in models (the `_target_`s of conf/model/*.yaml) and how a model is built.
+
+A model is a config with a `_target_`; the built-in ones use the same protocol a user's own does (README,
+"Your own model"): the builder is called with keyword arguments -- every key of the model config (`width`,
+`dropout`, `input_size`, ...) plus
+
+    num_classes    the dataset's number of classes
+    in_channels    the dataset's image channels (after data.channels)
+    image_size     the square size of the images the model receives (model.input_size, or the dataset's
+                   size when input_size is null)
+    norm           a factory: norm(channels, spatial) -> nn.Module, called once per normalized layer
+                   (nn.Identity for norm=none), for a (channels, spatial, spatial) activation
+    activation     a factory: activation() -> nn.Module, called once per activation layer
+
+-- and takes ``**kwargs`` for the ones it does not use.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from hydra.utils import instantiate
 from torch import nn
 
 from normbench.errors import ConfigError
-from normbench.norms import NormSpec
+
+NormFactory = Callable[[int, int], nn.Module]
+ActivationFactory = Callable[[], nn.Module]
 
 VGG_A = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 # (out_channels, kernel, stride, padding, pool_after) for the study's AlexNet (224x224 input)
@@ -15,7 +33,41 @@ ALEXNET = [(96, 11, 4, 2, True), (256, 5, 1, 2, True), (384, 3, 1, 1, False), (3
            (256, 3, 1, 1, True)]
 ALEXNET_CIFAR = [(96, 5, 1, 2, True), (256, 5, 1, 2, True), (384, 3, 1, 1, False), (384, 3, 1, 1, False),
                  (256, 3, 1, 1, True)]
-MODELS = ("vgg_a", "vgg_a_light", "alexnet", "alexnet_cifar")
+
+
+def build_model(model_cfg, *, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
+                activation: ActivationFactory, allowed_targets=("normbench.models.*",)) -> nn.Module:
+    """Call the model config's `_target_` (an allowed one) with the protocol's keyword arguments."""
+    return instantiate(model_cfg, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                       norm=norm, activation=activation, _execution_whitelist_=list(allowed_targets))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------
+# the built-in models
+
+
+def vgg_a(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
+          activation: ActivationFactory, width: float = 1.0, dropout: float = 0.0, **_) -> nn.Module:
+    """VGG-A for 32x32: conv -> norm -> activation, max-pool at each M, classifier 512-512-512-classes."""
+    return VGG(norm, activation, num_classes, float(width), float(dropout), int(image_size), int(in_channels))
+
+
+def alexnet(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
+            activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5, **_) -> nn.Module:
+    """The study's AlexNet (224x224 input), classifier 4096-4096-classes."""
+    return AlexNet(ALEXNET, norm, activation, num_classes, float(width), float(dropout), int(image_size),
+                   int(in_channels), hidden=4096, pooled=6)
+
+
+def alexnet_cifar(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
+                  activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5, **_) -> nn.Module:
+    """AlexNet-style net for native 32x32 input, classifier 1024-1024-classes."""
+    return AlexNet(ALEXNET_CIFAR, norm, activation, num_classes, float(width), float(dropout), int(image_size),
+                   int(in_channels), hidden=1024, pooled=3)
 
 
 def scaled(channels: int, width: float) -> int:
@@ -30,7 +82,7 @@ def _xavier_init(model: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def _classifier(in_features: int, hidden: int, num_classes: int, act: Callable[[], nn.Module],
+def _classifier(in_features: int, hidden: int, num_classes: int, act: ActivationFactory,
                 dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(2):
@@ -42,25 +94,27 @@ def _classifier(in_features: int, hidden: int, num_classes: int, act: Callable[[
     return nn.Sequential(*layers)
 
 
-class VGG(nn.Module):
-    """VGG-A for 32x32: conv -> norm -> activation, max-pool at each M, classifier 512-512-512-classes."""
+def _without_identities(layers: list[nn.Module]) -> nn.Sequential:
+    return nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
 
-    def __init__(self, norm: NormSpec, act: Callable[[], nn.Module], num_classes: int = 10,
-                 width: float = 1.0, dropout: float = 0.0, input_size: int = 32):
+
+class VGG(nn.Module):
+    def __init__(self, norm: NormFactory, act: ActivationFactory, num_classes: int = 10, width: float = 1.0,
+                 dropout: float = 0.0, input_size: int = 32, in_channels: int = 3):
         super().__init__()
-        channels = [scaled(c, width) for c in VGG_A if c != "M"]
-        norm.check_channels(channels)
         layers: list[nn.Module] = []
-        in_ch, spatial = 3, input_size
+        in_ch, spatial = in_channels, input_size
         for item in VGG_A:
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
                 spatial //= 2
                 continue
             out_ch = scaled(item, width)
-            layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1), norm.make(out_ch, spatial), act()]
+            layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1), norm(out_ch, spatial), act()]
             in_ch = out_ch
-        self.features = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
+        if spatial < 1:
+            raise ConfigError("model.input_size", input_size, "too small for VGG-A's five poolings (use >= 32)")
+        self.features = _without_identities(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = _classifier(in_ch, scaled(512, width), num_classes, act, dropout)
         _xavier_init(self)
@@ -73,14 +127,13 @@ class AlexNet(nn.Module):
     """AlexNet-style: conv -> activation -> [max-pool] -> norm (the norm follows the pooling, as the
     study's LayerNorm shapes [96,27,27] ... [256,6,6] show), then a dropout classifier."""
 
-    def __init__(self, spec, norm: NormSpec, act: Callable[[], nn.Module], num_classes: int,
-                 width: float, dropout: float, input_size: int, hidden: int, pooled: int):
+    def __init__(self, spec, norm: NormFactory, act: ActivationFactory, num_classes: int, width: float,
+                 dropout: float, input_size: int, in_channels: int, hidden: int, pooled: int):
         super().__init__()
-        channels = [scaled(c[0], width) for c in spec]
-        norm.check_channels(channels)
         layers: list[nn.Module] = []
-        in_ch, spatial = 3, input_size
-        for (out, kernel, stride, padding, pool), out_ch in zip(spec, channels):
+        in_ch, spatial = in_channels, input_size
+        for out, kernel, stride, padding, pool in spec:
+            out_ch = scaled(out, width)
             layers += [nn.Conv2d(in_ch, out_ch, kernel, stride, padding), act()]
             spatial = (spatial + 2 * padding - kernel) // stride + 1
             if pool:
@@ -88,10 +141,9 @@ class AlexNet(nn.Module):
                 spatial = (spatial - 3) // 2 + 1
             if spatial < 1:
                 raise ConfigError("model.input_size", input_size, "too small for this model")
-            if norm.name != "none":
-                layers.append(norm.make(out_ch, spatial))
+            layers.append(norm(out_ch, spatial))
             in_ch = out_ch
-        self.features = nn.Sequential(*layers)
+        self.features = _without_identities(layers)
         self.pool = nn.AdaptiveAvgPool2d(pooled)
         self.classifier = _classifier(in_ch * pooled * pooled, scaled(hidden, width), num_classes, act,
                                       dropout)
@@ -99,19 +151,3 @@ class AlexNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)).flatten(1))
-
-
-def build_model(model_cfg, norm: NormSpec, act: Callable[[], nn.Module], num_classes: int) -> nn.Module:
-    name = model_cfg.name
-    width, dropout, size = float(model_cfg.width), float(model_cfg.dropout), int(model_cfg.input_size)
-    if name in ("vgg_a", "vgg_a_light"):
-        return VGG(norm, act, num_classes, width, dropout, size)
-    if name == "alexnet":
-        return AlexNet(ALEXNET, norm, act, num_classes, width, dropout, size, hidden=4096, pooled=6)
-    if name == "alexnet_cifar":
-        return AlexNet(ALEXNET_CIFAR, norm, act, num_classes, width, dropout, size, hidden=1024, pooled=3)
-    raise ConfigError("model.name", name, f"choose one of {', '.join(MODELS)}")
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

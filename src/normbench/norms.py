@@ -57,13 +57,6 @@ class NormSpec:
             return nn.GroupNorm(self.groups, channels, eps=self.eps)
         return nn.LocalResponseNorm(self.lrn_size, alpha=1e-4, beta=0.75, k=2.0)
 
-    def check_channels(self, channel_counts: list[int]) -> None:
-        """Raise the gn error before any layer is built."""
-        if self.name == "gn":
-            for channels in channel_counts:
-                if channels % self.groups:
-                    self.make(channels, 1)
-
 
 def _divisor_hint(channels: int, groups: int) -> int:
     divisors = [d for d in range(1, channels + 1) if channels % d == 0]

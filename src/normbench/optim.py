@@ -13,7 +13,7 @@ import inspect
 
 from hydra.utils import instantiate
 
-ALLOWED_TARGETS = ["torch.optim.*", "torch.optim.lr_scheduler.*"]
+ALLOWED_TARGETS = ("torch.optim.*",)  # covers torch.optim.lr_scheduler
 SCHEDULERS = ("constant", "cosine", "step", "onecycle")
 FUSED_ON_CUDA = ("SGD", "Adam", "AdamW")
 
@@ -33,17 +33,17 @@ def fast_optimizer_kwargs(optimizer_class, params: list, given=()) -> dict:
     return {}
 
 
-def build_optimizer(optimizer_cfg, model):
-    make = instantiate(optimizer_cfg, _execution_whitelist_=ALLOWED_TARGETS)
+def build_optimizer(optimizer_cfg, model, allowed_targets=ALLOWED_TARGETS):
+    make = instantiate(optimizer_cfg, _execution_whitelist_=list(allowed_targets))
     params = list(model.parameters())
     optimizer_class = getattr(make, "func", make)
     given = set(getattr(make, "keywords", {}) or {})
     return make(params, **fast_optimizer_kwargs(optimizer_class, params, given))
 
 
-def build_scheduler(scheduler_cfg, optimizer, epochs: int, steps_per_epoch: int):
+def build_scheduler(scheduler_cfg, optimizer, epochs: int, steps_per_epoch: int, allowed_targets=ALLOWED_TARGETS):
     """Schedulers step once per optimizer step."""
-    make = instantiate(scheduler_cfg.fn, _execution_whitelist_=ALLOWED_TARGETS)
+    make = instantiate(scheduler_cfg.fn, _execution_whitelist_=list(allowed_targets))
     total_steps = max(1, epochs * steps_per_epoch)
     name = scheduler_cfg.name
     if name == "cosine":

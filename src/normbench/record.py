@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
@@ -56,6 +57,11 @@ FINAL_METRICS = (
     "convergence/epoch", "model/params", "memory/peak_mb", "time/total_s", "throughput/img_s",
 )
 REQUIRED_COMPLETED_METRICS = ("test/acc", "val/best_acc")
+
+
+def now_iso() -> str:
+    """A record's timestamps: UTC, ISO 8601, seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class MalformedRecord(ValueError):

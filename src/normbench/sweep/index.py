@@ -29,19 +29,14 @@ import os
 import socket
 import warnings
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
-from normbench.record import DONE, SUMMARY, Status, atomic_write_json, read_summary
+from normbench.record import DONE, SUMMARY, Status, atomic_write_json, now_iso, read_summary
 
 STATE_DIR = ".normbench"
 SWEEP_ID_ENV = "NORMBENCH_SWEEP_ID"
 SKIPPED = "skipped"  # a journal outcome: the job found its run done and did not train
 OUTCOMES = (Status.COMPLETED, Status.DIVERGED, Status.FAILED, Status.PRUNED, SKIPPED)
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def done_statuses(pruning_on: bool) -> tuple[str, ...]:

@@ -1,0 +1,263 @@
+"""One training run: its parts built from a validated config, trained, and recorded.
+
+It knows nothing of sweeps: the job (normbench.job) decides where the run's record goes, whether it runs
+at all, and what happens when it fails. `build_parts` is the one place that builds a run's data, model,
+batch stream, optimizer, scheduler and trainer; the benchmarks (normbench.perf) use it too.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import resource
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from normbench.checkpoint import load_checkpoint, save_checkpoint
+from normbench.data import BatchStream, DataBundle, load_data
+from normbench.device import compile_model
+from normbench.faults import FaultyStream
+from normbench.filters import filter_grid, first_conv_weight
+from normbench.loggers import ConsoleSink, FanOut, WandbSink, wandb_mode
+from normbench.models import build_model, count_parameters
+from normbench.optim import build_optimizer, build_scheduler
+from normbench.record import (
+    CHECKPOINT,
+    CONFIG,
+    SEEDLESS_IDENTITY,
+    SUMMARY,
+    RecordSink,
+    Status,
+    atomic_write_json,
+    atomic_write_text,
+    now_iso,
+)
+from normbench.trainer import LoopState, Trainer, convergence_epoch
+from normbench.validate import RunSpec
+
+WORST_OBJECTIVE = 1.0  # validation error of a run that diverged or failed: worse than any real run
+TAG_GROUPS = ("data", "model", "norm", "activation", "loss", "optimizer", "scheduler", "probe")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the parts
+
+
+@dataclass
+class RunParts:
+    data: DataBundle
+    model: nn.Module                 # as built (checkpoints and the filter image read it)
+    generator: torch.Generator       # the batch order and augmentation (checkpointed)
+    stream: BatchStream | FaultyStream
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainer: Trainer                 # trains model, or its compiled version
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_parts(cfg: DictConfig, spec: RunSpec, sink=None) -> RunParts:
+    """Data, model, batch stream, optimizer, scheduler and trainer of one run, on `spec.device`, seeded
+    by `spec.seed`. `sink` receives the trainer's metrics (default: none; it can be set later)."""
+    device, allowed = spec.device, spec.allowed_targets
+    seed_everything(spec.seed)
+    data = load_data(cfg.data, device, allowed)
+    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
+                        image_size=spec.input_size, norm=spec.norm.make, activation=spec.activation,
+                        allowed_targets=allowed)
+    model = model.to(device, memory_format=torch.channels_last if spec.channels_last else torch.preserve_format)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(spec.seed)
+    stream = BatchStream(data.train, spec.batch_size, data.mean, data.std, augment=cfg.data.augment,
+                         crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
+                         resize_to=spec.input_size if spec.input_size != data.image_size else None,
+                         channels_last=spec.channels_last, drop_last=True, generator=generator)
+    if spec.fault.kind != "none":
+        stream = FaultyStream(stream, spec.fault, device)
+    optimizer = build_optimizer(cfg.optimizer, model, allowed)
+    settings = spec.settings
+    steps_per_epoch = min(len(stream), settings.max_steps_per_epoch or len(stream))
+    scheduler = build_scheduler(cfg.scheduler, optimizer, settings.epochs, steps_per_epoch, allowed)
+    trained = compile_model(model) if cfg.trainer.compile else model  # compiled code reused across runs
+    trainer = Trainer(trained, spec.criterion, optimizer, scheduler, data, stream, settings,
+                      sink if sink is not None else FanOut(), list(spec.probes), device)
+    return RunParts(data, model, generator, stream, optimizer, scheduler, trainer)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class RunInfo:
+    """What the job tells the run: where its record goes and what to call it."""
+    run_dir: Path
+    identity: str
+    seedless_identity: str
+    choices: dict = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    name: str = "default"            # the W&B run's name
+    job_num: int | None = None
+    threads: int = 0                 # torch CPU threads (0: trainer.threads, else torch's default)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for package in ("normbench", "torch", "torchvision", "hydra-core", "wandb", "optuna"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+class Run:
+    """One training run and its record; `execute()` returns the validation error."""
+
+    def __init__(self, cfg: DictConfig, spec: RunSpec, info: RunInfo, pruner=None):
+        self.cfg, self.spec, self.info = cfg, spec, info
+        self.run_dir = info.run_dir
+        self.identity = info.identity
+        # Pruner protocol: should_stop(epoch, val_error) -> bool, called after each epoch.
+        self.pruner = pruner
+        self.started = time.perf_counter()
+        self.summary = {
+            "status": Status.RUNNING, "identity": info.identity, SEEDLESS_IDENTITY: info.seedless_identity,
+            "experiment": cfg.experiment_name, "choices": info.choices, "overrides": info.overrides,
+            "metrics": {}, "objective": None, "epochs_done": 0, "diverged_epoch": None, "error": None,
+            "device": str(spec.device), "started_at": now_iso(), "finished_at": None, "versions": versions(),
+            # where and how this job ran (parallel launchers: several jobs at once)
+            "host": socket.gethostname(), "pid": os.getpid(), "job_num": info.job_num,
+            "threads": None, "resumed_from_epoch": None, "started_ts": time.time(), "finished_ts": None,
+        }
+        self.record: RecordSink | None = None
+        self.wandb: WandbSink | None = None
+        self.history: list[dict] = []
+
+    def execute(self) -> float:
+        self._claim_device()
+        parts = build_parts(self.cfg, self.spec)
+        self.summary["metrics"]["model/params"] = count_parameters(parts.model)
+        state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
+                                optimizer=parts.optimizer, scheduler=parts.scheduler, generator=parts.generator)
+        self._open_sinks(resumed=state)
+        parts.trainer.sink = FanOut(self.record, self.wandb, ConsoleSink(self.spec.settings.epochs))
+        if state is not None:
+            self.summary["resumed_from_epoch"] = state.epochs_done
+            if isinstance(parts.stream, FaultyStream):
+                parts.stream.current_epoch = state.epochs_done
+            print(f"normbench: resuming {self.identity} from its epoch-{state.epochs_done} checkpoint "
+                  f"in {self.run_dir}", flush=True)
+        state = parts.trainer.run(state, on_epoch_end=lambda s: self._after_epoch(parts, s))
+        self.history = state.history
+        self._final_metrics(parts, state)
+        objective = WORST_OBJECTIVE if state.status == Status.DIVERGED else 1.0 - state.best_val_acc
+        self.summary.update(status=state.status, epochs_done=state.epochs_done,
+                            diverged_epoch=state.diverged_epoch, objective=objective)
+        return objective
+
+    def _claim_device(self) -> None:
+        device = self.spec.device
+        if device.type == "cuda":
+            if device.index is not None:
+                torch.cuda.set_device(device)
+            torch.backends.cudnn.benchmark = True
+            torch.cuda.reset_peak_memory_stats(device)
+        threads = self.info.threads or self.cfg.trainer.threads
+        if threads:
+            torch.set_num_threads(threads)
+        self.summary["threads"] = torch.get_num_threads()
+
+    def _after_epoch(self, parts: RunParts, state: LoopState) -> bool:
+        """Checkpoint, then ask the pruner (if any) whether to stop: True means pruned."""
+        self.summary["epochs_done"] = state.epochs_done
+        if self.cfg.trainer.checkpoint:
+            save_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
+                            optimizer=parts.optimizer, scheduler=parts.scheduler, generator=parts.generator,
+                            state=state)
+        if self.pruner is None:
+            return False
+        last = state.history[-1]
+        stop = bool(self.pruner.should_stop(last["epoch"], 1.0 - last["val/acc"]))
+        if stop:
+            self.summary["pruning"] = getattr(self.pruner, "last_decision", None)
+        return stop
+
+    def _final_metrics(self, parts: RunParts, state: LoopState) -> None:
+        metrics = self.summary["metrics"]
+        if state.status != Status.DIVERGED:
+            metrics["test/loss"], metrics["test/acc"] = parts.trainer.evaluate(parts.data.test)
+        if state.history:
+            last = state.history[-1]
+            metrics.update({k: last[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")})
+            metrics["throughput/img_s"] = float(np.mean([r["throughput/img_s"] for r in state.history]))
+        metrics["val/best_acc"] = state.best_val_acc
+        metrics["convergence/epoch"] = convergence_epoch(state.history)
+        metrics["memory/peak_mb"] = peak_memory_mb(self.spec.device)
+        metrics["time/train_s"] = state.train_time_s
+        weight = first_conv_weight(parts.model)
+        if weight is not None:
+            self._images({"filters": filter_grid(weight)})
+
+    def _open_sinks(self, resumed: LoopState | None) -> None:
+        cfg, info = self.cfg, self.info
+        atomic_write_text(self.run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+        self.record = RecordSink(self.run_dir, append=resumed is not None)
+        if resumed is not None:
+            self.record.truncate_to(resumed.step, resumed.history)
+        self.record.log_summary(self.summary)
+        if cfg.logger.name == "wandb":
+            config = OmegaConf.to_container(cfg, resolve=True)
+            config.update(choices=info.choices, identity=info.identity)
+            tags = [f"{k}:{v}" for k, v in info.choices.items() if k in TAG_GROUPS] + list(cfg.logger.tags)
+            self.wandb = WandbSink(project=cfg.logger.project, entity=cfg.logger.entity,
+                                   group=cfg.experiment_name, name=info.name, tags=tags, config=config,
+                                   run_dir=self.run_dir, mode=wandb_mode(cfg.logger.mode))
+
+    def _images(self, images: dict) -> None:
+        for sink in (self.record, self.wandb):
+            if sink is not None:
+                sink.log_images(images)
+
+    def finish(self, status: Status | None = None, error: str | None = None, error_type: str | None = None,
+               write_without_record: bool = False) -> None:
+        """Write the final summary and close the W&B run. `write_without_record`: a sweep job that failed
+        before its record was opened still leaves a failed summary.json (a single run leaves nothing)."""
+        if status:
+            self.summary["status"] = status
+        self.summary["error"] = error
+        if error_type:
+            self.summary["error_type"] = error_type
+        self.summary["finished_at"] = now_iso()
+        self.summary["finished_ts"] = time.time()
+        self.summary["metrics"]["time/total_s"] = time.perf_counter() - self.started
+        for sink in (self.record, self.wandb):
+            if sink is not None:
+                sink.log_summary(self.summary)
+        if self.record is None and write_without_record:
+            atomic_write_json(self.run_dir / SUMMARY, self.summary)
+        if self.wandb is not None:
+            self.wandb.finish(failed=self.summary["status"] == Status.FAILED)
