@@ -60,7 +60,7 @@ def test_preset_expands_to_its_table(name):
 
 def test_presets_fix_the_studies_settings():
     alex = compose_job(["+experiment=alexnet_norm_batch"])
-    assert (alex.model.name, alex.model.input_size, alex.trainer.epochs) == ("alexnet", 224, 10)
+    assert (alex.model._target_, alex.model.input_size, alex.trainer.epochs) == ("normbench.models.alexnet", 224, 10)
     assert alex.optimizer._target_ == "torch.optim.SGD"
     assert (alex.optimizer.lr, alex.optimizer.momentum) == (0.005, 0.9)
     assert {tuple(sorted(j)) for j in grid(compose_master(["+experiment=alexnet_norm_batch"]),

@@ -8,17 +8,20 @@ import torch
 
 def first_conv_weight(model: torch.nn.Module) -> torch.Tensor | None:
     for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3:
+        if isinstance(module, torch.nn.Conv2d):
             return module.weight.detach()
     return None
 
 
 def filter_grid(weight: torch.Tensor, scale: int = 4) -> np.ndarray:
-    """Each RGB filter min-max scaled on its own, tiled in a grid; returns HxWx3 uint8."""
+    """Each filter min-max scaled on its own, tiled in a grid; returns HxWx3 uint8. RGB filters show in
+    colour, one-channel filters in grey, others as the mean over their input channels."""
     # Imported here, at the end of a run: torchvision's import would add to every run's start-up.
     from torchvision.utils import make_grid
 
     w = torch.nan_to_num(weight.detach().float().cpu())  # a diverged run's weights may be non-finite
+    if w.shape[1] not in (1, 3):
+        w = w.mean(dim=1, keepdim=True)
     low = w.amin(dim=(1, 2, 3), keepdim=True)
     high = w.amax(dim=(1, 2, 3), keepdim=True)
     w = (w - low) / (high - low).clamp_min(1e-12)

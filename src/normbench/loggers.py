@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from enum import Enum
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -66,7 +67,8 @@ class WandbSink:
         for key, value in summary.get("metrics", {}).items():
             self.run.summary[key] = value
         for key in ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error"):
-            self.run.summary[key] = summary.get(key)
+            value = summary.get(key)
+            self.run.summary[key] = value.value if isinstance(value, Enum) else value  # W&B stores an Enum's name
 
     def finish(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
