@@ -35,8 +35,9 @@ from normbench.trainer import LoopSettings
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Targets normbench's own configs use; a user's models, datasets or optimizers are added with
-# `trusted_targets` (README, "Your own model").
-BUILTIN_TARGETS = ("normbench.models.*", "normbench.datasets.*", "torch.optim.*")
+# `trusted_targets` (README, "Your own model"). torch.nn: what a model builder may return (Hydra checks the
+# class of a callable result, and a module is callable).
+BUILTIN_TARGETS = ("normbench.models.*", "normbench.datasets.*", "torch.optim.*", "torch.nn.*")
 TARGETS = {"model": ("model",), "data": ("data",), "optimizer": ("optimizer",), "scheduler": ("scheduler", "fn")}
 
 
