@@ -107,6 +107,7 @@ def test_an_untrusted_target_is_one_clear_line(project):
     proc = run_train([*untrusted, *QUICK], cwd, env_extra=env, check=False)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["normbench: bad value model._target_='tiny_cnn.tiny_cnn': is not a trusted target; add its "
-                     "module to trusted_targets, e.g. 'trusted_targets=[tiny_cnn.*]'"], proc.stderr
+    expected = ("normbench: bad value model._target_='tiny_cnn.tiny_cnn': is not a trusted target; add its "
+                "module to trusted_targets, e.g. 'trusted_targets=[tiny_cnn.*]'")
+    assert lines == [expected], proc.stderr
     assert not list(cwd.rglob("summary.json"))
