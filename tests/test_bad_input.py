@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import TINY, run_train
 
@@ -82,3 +84,43 @@ def test_missing_cifar_without_network_names_the_data_dir(tmp_path):
     proc = run_train(args, tmp_path, check=False)
     _assert_one_line_error(proc, str(empty), tmp_path)
     assert "data.download=true" in proc.stderr or "data=synthetic" in proc.stderr
+
+
+GROUP_CASES = {
+    "probe.interval=0": (["probe=landscape", "probe.interval=0"], "bad value probe.interval=0"),
+    "pruning.min_runs=-1": (["pruning=median", "pruning.min_runs=-1"], "bad value pruning.min_runs=-1"),
+    "trainer.fault=boom": (["+trainer.fault=boom"], "bad value trainer.fault='boom'"),
+    "norm.affine=diag": (["norm=ln", "norm.affine=diag"], "bad value norm.affine='diag'"),
+    "model._target_=os.system": (["model._target_=os.system"], "bad value model._target_='os.system'"),
+    "data._target_=nowhere.data": (["data._target_=nowhere.data"], "bad value data._target_='nowhere.data'"),
+    "data.channels=0": (["data.channels=0"], "bad value data.channels=0"),
+    "data.mean=[0.5]": (["data.mean=[0.5]", "data.std=[0.2]"], "bad value data.mean=[0.5]"),
+}
+
+
+@pytest.mark.parametrize("overrides,expected", GROUP_CASES.values(), ids=list(GROUP_CASES))
+def test_every_group_is_checked_before_anything_is_recorded(overrides, expected, tmp_path, capsys, monkeypatch):
+    """validate() parses every group: a bad probe, pruning, fault, norm or target is one line, no record."""
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    from normbench.job import main
+
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(CONF)):
+        cfg = compose(config_name="config", overrides=[*TINY, "logger=none", *overrides])
+    with pytest.raises(SystemExit) as exit_info:
+        main(cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"normbench: {expected}"), err
+    assert not list(tmp_path.rglob("summary.json"))
+
+
+def test_a_sweep_job_with_a_bad_group_value_records_nothing(tmp_path):
+    """In a sweep the bad job is reported and the others run; the bad one leaves no record."""
+    proc = run_train(["-m", *TINY, "logger=none", "probe=landscape", "probe.interval=0,5"], tmp_path)
+    assert "bad value probe.interval=0" in proc.stderr
+    records = list(tmp_path.rglob("summary.json"))
+    assert len(records) == 1 and "probe.interval=5" in json.loads(records[0].read_text())["overrides"]
+    assert "1 completed / 0 diverged / 1 failed" in proc.stdout
