@@ -34,11 +34,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import ConfigError
 
-# Keys of a data config that the pipeline reads; the dataset callable gets them too (and ignores them).
-PIPELINE_KEYS = ("num_classes", "channels", "image_size", "mean", "std", "val_size", "split_seed", "augment",
-                 "crop_padding", "flip")
-
-
 # --------------------------------------------------------------------------------------------------------
 # containers
 
