@@ -692,3 +692,69 @@ def test_model_variant_fills_study_table_with_note(tmp_path):
     assert any("model=vgg_a_light, a smaller variant" in n for n in base.notes)
     assert any("data=synthetic" in n for n in base.notes)
     assert {t.name for t in rep.tables} >= {"vgg_bn_baseline", "vgg_losses"}
+
+
+# ------------------------------------------------------------------------------------------------
+# seed pooling by the seedless identity
+
+
+def _cells_by_seeds(root: Path) -> tuple[records.ScanResult, list]:
+    res = records.scan([root])
+    return res, sorted(records.cells_of(res.runs), key=lambda c: sorted(str(r.seed) for r in c.all_runs))
+
+
+def test_legacy_record_pooled_via_config_yaml(tmp_path):
+    choices = {"model": "vgg_a", "norm": "bn"}
+    new = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 0}, test_acc=0.87)
+    old = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 1}, test_acc=0.88, legacy=True)
+    assert record.SEEDLESS_IDENTITY in json.loads((new / "summary.json").read_text())
+    assert record.SEEDLESS_IDENTITY not in json.loads((old / "summary.json").read_text())
+    res, cells = _cells_by_seeds(tmp_path)
+    assert len(cells) == 1 and cells[0].n == 2
+    assert not res.warnings
+    # an old record without config.yaml either: a cell of its own, and the scan says so
+    bare = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 2}, test_acc=0.86, legacy=True,
+                     config=False)
+    res, cells = _cells_by_seeds(tmp_path)
+    assert sorted(c.n for c in cells) == [1, 2]
+    alone = next(c for c in cells if c.n == 1)
+    assert alone.runs[0].path == os.path.realpath(bare) and alone.key == ("vgg_losses", alone.runs[0].identity)
+    assert len(res.warnings) == 1 and res.warnings[0].startswith(os.path.realpath(bare))
+    assert "not pooled with other seeds" in res.warnings[0]
+    rep = report.build([str(tmp_path)], str(tmp_path / "out"))
+    assert "not pooled with other seeds" in (tmp_path / "out" / "index.html").read_text()
+    assert _row(_table(rep, "vgg_losses"), "BN · CE").cell.n == 2
+    # without config.yaml its dropout is unknown: it matches no study row
+    assert [r.cell.n for r in _table(rep, "vgg_losses_other").rows] == [1]
+
+
+def test_pooling_ignores_seed_and_not_identity_keys_only(tmp_path):
+    base = {"model": "alexnet", "norm": "bn", "batch_size": 32}
+    # the same setting on two devices and two seeds: one cell
+    write_run(tmp_path, experiment="default", choices={**base, "seed": 0}, test_acc=0.50,
+              overrides=["norm=bn", "seed=0", "trainer.device=cpu"])
+    write_run(tmp_path, experiment="default", choices={**base, "seed": 1}, test_acc=0.52, device="cuda",
+              overrides=["norm=bn", "seed=1", "trainer.device=cuda"])
+    # another learning rate: a training setting, its own cell (with or without the override recorded)
+    write_run(tmp_path, experiment="default", choices={**base, "seed": 2}, test_acc=0.60, lr=0.02,
+              overrides=["norm=bn", "seed=2", "optimizer.lr=0.02"])
+    write_run(tmp_path, experiment="default", choices={**base, "seed": 3}, test_acc=0.61, lr=0.05)
+    _, cells = _cells_by_seeds(tmp_path)
+    assert [sorted(r.seed for r in c.all_runs) for c in cells] == [[0, 1], [2], [3]]
+    pooled, lr_02, lr_05 = cells
+    assert pooled.n == 2 and pooled.value_overrides == ()  # seed and trainer.* are not shown as settings
+    assert lr_02.value_overrides == ("optimizer.lr=0.02",) and lr_05.value_overrides == ()
+    assert {c.setting("lr") for c in cells} == {0.01, 0.02, 0.05}
+    rep = report.build([str(tmp_path)], str(tmp_path / "out"))
+    default = _table(rep, "default")
+    assert sorted(r.cell.n for r in default.rows) == [1, 1, 2]
+
+
+def test_report_does_not_import_torch(sweep, tmp_path):
+    code = ("import sys; import normbench.report.cli as cli; assert 'torch' not in sys.modules; "
+            f"cli.main([{str(sweep['root'] / 'vgg_losses')!r}, '--out', {str(tmp_path / 'out')!r}]); "
+            "import normbench.report.figures; assert 'torch' not in sys.modules, 'torch imported'")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "index.html").is_file()
