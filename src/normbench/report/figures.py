@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from normbench.record import METRICS, PROBES
+from normbench.record import FILTERS, METRICS, PROBES, STEPS
 from normbench.report import plots
 from normbench.report.records import RunRecord
 from normbench.report.reference import NORM_LABEL
@@ -60,7 +60,7 @@ def _epoch_curve(label: str, runs: Sequence[RunRecord], warnings: list[str]):
     for run in runs:
         rows, bad = run.epochs()
         if bad:
-            warnings.append(f"{run.path}: metrics.jsonl has {bad} malformed line(s), ignored")
+            warnings.append(f"{run.path}: {METRICS} has {bad} malformed line(s), ignored")
         for row in rows:
             epoch = row.get("epoch")
             if not isinstance(epoch, int) or isinstance(epoch, bool):
@@ -274,7 +274,7 @@ def _loss_band(runs: Sequence[RunRecord], warnings: list[str]):
     for run in runs:
         rows, bad = run.steps()
         if bad:
-            warnings.append(f"{run.path}: steps.jsonl has {bad} malformed line(s), ignored")
+            warnings.append(f"{run.path}: {STEPS} has {bad} malformed line(s), ignored")
         if rows:
             step_pairs.append(_series(rows, "train/loss"))
     return _per_step(step_pairs) if step_pairs else None
@@ -299,7 +299,7 @@ def _probe_means(runs: Sequence[RunRecord]) -> dict[str, float]:
 def _probe_rows(run: RunRecord, warnings: list[str]) -> list[dict]:
     rows, bad = run.probes()
     if bad:
-        warnings.append(f"{run.path}: probes.jsonl has {bad} malformed line(s), ignored")
+        warnings.append(f"{run.path}: {PROBES} has {bad} malformed line(s), ignored")
     return rows
 
 
@@ -321,7 +321,7 @@ def _probe_bands(gname: str, rows: list[list[dict]], panels: dict[str, list]) ->
 def _copy_filters_png(run: RunRecord, out: str, warnings: list[str]) -> str:
     """The copy's path relative to out, or "" when the run's filters.png is not a PNG."""
     if not _is_png(run.filters_png):
-        warnings.append(f"{run.path}: filters.png is not a PNG file, not shown")
+        warnings.append(f"{run.path}: {FILTERS} is not a PNG file, not shown")
         return ""
     os.makedirs(os.path.join(out, "fig", "filters"), exist_ok=True)
     dest = f"fig/filters/{slug(run.identity)}.png"

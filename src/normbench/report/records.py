@@ -238,16 +238,16 @@ def _run_dirs(root: str) -> Iterable[tuple[str, frozenset[str]]]:
 
 def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
     if SUMMARY not in files:
-        return Skipped(path, "in progress", "no summary.json")
+        return Skipped(path, "in progress", f"no {SUMMARY}")
     try:
         with open(os.path.join(path, SUMMARY), "rb") as f:
             raw = f.read()
     except OSError as e:
-        return Skipped(path, "malformed", f"summary.json unreadable: {e.strerror or e}")
+        return Skipped(path, "malformed", f"{SUMMARY} unreadable: {e.strerror or e}")
     try:
         summary = json.loads(raw)
     except ValueError as e:
-        return Skipped(path, "malformed", f"summary.json is not valid JSON ({e})")
+        return Skipped(path, "malformed", f"{SUMMARY} is not valid JSON ({e})")
     try:
         validate_summary(summary)
     except MalformedRecord as e:

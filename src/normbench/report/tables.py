@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from normbench.record import Status
+from normbench.record import STEPS, Status
 from normbench.report.records import Cell
 from normbench.report.reference import MODEL_VARIANTS, TABLES_BY_NAME, RefRow, StudyTable, model_family
 from normbench.report.stats import Comparison, Stat, welch
@@ -469,7 +469,7 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
         lr = m.get("loss_range")
         rows.append([
             m["norm"], str(m["runs"]),
-            f"[{lr[0]:.2f}, {lr[1]:.2f}]" if lr else "no steps.jsonl",
+            f"[{lr[0]:.2f}, {lr[1]:.2f}]" if lr else f"no {STEPS}",
             f"[{ref['loss_range'][0]:g}, {ref['loss_range'][1]:g}]" if "loss_range" in ref else "",
             f"{m['grad_cos']:.2f}" if "grad_cos" in m else "no probes",
             f"{ref['grad_cos']:g}" if "grad_cos" in ref else "",
