@@ -1,4 +1,5 @@
-"""The comparison report (normbench.report.records / plots / report / reference) on synthetic run records.
+"""The comparison report (normbench.report: records, stats, reference, tables, figures, plots, render, cli)
+on synthetic run records.
 
 The records are written exactly as docs/ARCHITECTURE.md describes a job's output dir.
 """
@@ -23,10 +24,12 @@ import torch
 import yaml
 from PIL import Image
 
+from normbench import record
 from normbench.filters import filter_grid
 from normbench.report import cli as report
-from normbench.report import records as results
-from normbench.report import reference
+from normbench.report import records, reference, stats
+from normbench.report import tables as report_tables
+from normbench.sweep.identity import seedless_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 # published two-sided 95% Student t quantiles (t_{0.975, df})
@@ -48,7 +51,7 @@ def write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def config_for(choices: dict, dropout: float, lr: float, experiment: str) -> dict:
+def config_for(choices: dict, dropout: float, lr: float, experiment: str, device: str = "cpu") -> dict:
     return {
         "experiment_name": experiment,
         "batch_size": choices.get("batch_size", 128),
@@ -62,7 +65,7 @@ def config_for(choices: dict, dropout: float, lr: float, experiment: str) -> dic
         "loss": {"name": choices.get("loss", "ce"), "l1": 0.0, "l2": 0.0, "smoothing": 0.1, "gamma": 2.0},
         "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr, "momentum": 0.9},
         "scheduler": {"name": choices.get("scheduler", "constant")},
-        "trainer": {"epochs": 3, "device": "cpu", "precision": "32", "channels_last": False, "compile": False,
+        "trainer": {"epochs": 3, "device": device, "precision": "32", "channels_last": False, "compile": False,
                     "threads": 1, "max_steps_per_epoch": None, "max_eval_batches": None, "log_every_steps": 10,
                     "eval_batch_size": 500, "checkpoint": False},
         "logger": {"name": "none", "project": "normbench", "entity": None, "mode": "offline", "tags": []},
@@ -74,13 +77,18 @@ def write_run(sweep: Path, *, experiment: str, choices: dict, test_acc: float | 
               overrides: list[str] | None = None, dropout: float = 0.0, lr: float = 0.01, val_best: float | None = None,
               params: int = 9_756_426, memory: float = 1000.0, epochs: int = 3, steps: list[float] | None = None,
               probes: list[dict] | None = None, filters: bool = False, bad_metrics_line: bool = False,
-              identity: str | None = None) -> Path:
+              identity: str | None = None, device: str = "cpu", legacy: bool = False,
+              config: bool = True) -> Path:
+    """A run dir as the job writes it; legacy: a record before normbench 0.2 (no seedless_identity in
+    summary.json); config=False: without config.yaml."""
     _counter[0] += 1
     run_dir = sweep / str(sum(1 for _ in sweep.iterdir()) if sweep.exists() else 0)
     run_dir.mkdir(parents=True)
     choices = {"data": "cifar10", "activation": "relu", "loss": "ce", "optimizer": "sgd", "scheduler": "constant",
                "batch_size": 128, "seed": 0, **choices}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_for(choices, dropout, lr, experiment)))
+    cfg = config_for(choices, dropout, lr, experiment, device)
+    if config:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     val_best = val_best if val_best is not None else (None if test_acc is None else test_acc + 0.005)
     rows = []
     for e in range(1, epochs + 1):
@@ -117,6 +125,8 @@ def write_run(sweep: Path, *, experiment: str, choices: dict, test_acc: float | 
         "device": "cpu", "started_at": "2025-01-01T00:00:00", "finished_at": "2025-01-01T00:01:00",
         "versions": {"normbench": "0.1.0", "torch": "2", "python": "3", "hydra": "1.4", "wandb": "0.31"},
     }
+    if not legacy:
+        summary[record.SEEDLESS_IDENTITY] = seedless_identity(cfg)
     write_json(run_dir / "summary.json", summary)
     return run_dir
 
@@ -253,7 +263,7 @@ def _read_csv(path):
 
 def test_t_quantile_matches_published_table():
     for df, q in T975.items():
-        assert results.t_quantile(0.975, df) == pytest.approx(q, abs=6e-4)
+        assert stats.t_quantile(0.975, df) == pytest.approx(q, abs=6e-4)
 
 
 def _t_sf2_numeric(t: float, df: float) -> float:
@@ -269,21 +279,21 @@ def test_welch_against_hand_computation():
     va, vb = statistics.variance(a) / 3, statistics.variance(b) / 4
     t = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
-    c = results.welch(a, b)
+    c = stats.welch(a, b)
     assert c.df == pytest.approx(df)
     assert c.diff == pytest.approx(-3.5)
     assert c.p == pytest.approx(_t_sf2_numeric(t, df), rel=1e-4)
     assert c.verdict == "differs"
-    assert results.welch([1.0, 1.2, 0.9], [1.05, 1.1, 1.0]).verdict == "within noise"
-    one = results.welch([1.0], [2.0, 2.1])
+    assert stats.welch([1.0, 1.2, 0.9], [1.05, 1.1, 1.0]).verdict == "within noise"
+    one = stats.welch([1.0], [2.0, 2.1])
     assert one.verdict == "cannot tell" and "n=1, cannot tell" in one.text
 
 
 def test_mean_ci():
-    s = results.mean_ci([1.0, 2.0, 4.0])
+    s = stats.mean_ci([1.0, 2.0, 4.0])
     assert s.mean == pytest.approx(7 / 3)
     assert s.ci == pytest.approx(4.302652729911275 * statistics.stdev([1, 2, 4]) / math.sqrt(3))
-    assert results.mean_ci([3.0]).ci is None and results.mean_ci([]).mean is None
+    assert stats.mean_ci([3.0]).ci is None and stats.mean_ci([]).mean is None
 
 
 def test_reference_numbers_follow_design_digest():
@@ -322,15 +332,15 @@ def test_scan_skips_and_reports(sweep, built):
 
 def test_validate_summary_is_strict():
     good = {"status": "completed", "identity": "a", "experiment": "e", "choices": {}, "overrides": [],
-            "metrics": dict.fromkeys(results.METRIC_KEYS, 0.5)}
-    results.validate_summary(good)
+            "metrics": dict.fromkeys(record.FINAL_METRICS, 0.5)}
+    record.validate_summary(good)
     for bad, msg in [({**good, "status": "done"}, "status 'done'"),
                      ({**good, "metrics": {**good["metrics"], "test/acc": "0.9"}}, "not a number"),
                      ({**good, "metrics": {"test/acc": 0.9}}, "miss"),
                      ({**good, "overrides": "norm=bn"}, "'overrides' is str"),
                      ([good], "not an object")]:
-        with pytest.raises(results.MalformedRecord, match=msg):
-            results.validate_summary(bad)
+        with pytest.raises(record.MalformedRecord, match=msg):
+            record.validate_summary(bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,7 +374,7 @@ def test_seed_cells_mean_ci_and_reference(built):
     assert 100 * st.mean == pytest.approx(mean)
     assert 100 * st.ci == pytest.approx(ci)
     assert focal.ref.ref["test/err"] == 12.28
-    header, rows = report.display(t)
+    header, rows = report_tables.display(t)
     line = rows[t.rows.index(focal)]
     assert line[header.index("test error %")] == f"{mean:.2f} ± {ci:.2f}"
     assert line[header.index("study")] == "12.28"
@@ -413,7 +423,7 @@ def test_matching_by_settings_not_by_name(built):
     assert r.cell.n == 2 and r.comparison is not None
     diverged = _row(lr_t, "plain · lr 0.005")
     assert diverged.cell.n == 1 and len(diverged.cell.diverged) == 1
-    header, rows = report.display(lr_t)
+    header, rows = report_tables.display(lr_t)
     assert rows[lr_t.rows.index(diverged)][header.index("n")] == "1 (+1 diverged)"
     alex_lr = _table(built, "alexnet_lr")
     assert [r.label for r in alex_lr.rows if r.cell is not None] == ["plain · lr 0.005"]
@@ -424,7 +434,7 @@ def test_alexnet_table_uses_accuracy(built):
     t = _table(built, "alexnet_norm_batch")
     assert t.primary == "test/acc"
     bn8 = _row(t, "BN · bs 8")
-    header, rows = report.display(t)
+    header, rows = report_tables.display(t)
     line = rows[t.rows.index(bn8)]
     accs = [100 * a for a in BN_ALEX_8]
     ci = 12.706204736174698 * statistics.stdev(accs) / math.sqrt(2)
@@ -441,7 +451,7 @@ def test_generic_table_for_default_runs(built):
     assert [r.label for r in t.rows] == ["norm=bn", "norm=gn"]
     bn = t.rows[0]
     assert bn.vs == "best" and bn.comparison.diff == pytest.approx(0.1)
-    header, rows = report.display(t)
+    header, rows = report_tables.display(t)
     assert header[0] == "norm" and rows[0][0] == "bn"
     other = _table(built, "vgg_losses_other")
     assert [r.cell.choices["loss"] for r in other.rows] == ["label_smoothing"]
@@ -542,14 +552,14 @@ def test_read_speed(tmp_path):
     """Summary records are read at thousands per second (docs/report.md states the 20,000-record figure)."""
     n = 3000
     make_synthetic_records(tmp_path, n)
-    res = results.scan([tmp_path])
+    res = records.scan([tmp_path])
     assert len(res.runs) == n
     rate = n / res.seconds
     print(f"read {n} records in {res.seconds:.2f}s: {rate:,.0f} records/s")
     assert rate > 1000
     t0 = time.perf_counter()
-    cells = results.cells_of(res.runs)
-    tables = [report.study_table(st, cells) for st in reference.STUDY_TABLES]
+    cells = records.cells_of(res.runs)
+    tables = [report_tables.study_table(st, cells) for st in reference.STUDY_TABLES]
     assert any(tables)
     assert time.perf_counter() - t0 < 10
 
@@ -563,11 +573,12 @@ def make_synthetic_records(root: Path, n: int) -> None:
         choices = {"model": "vgg_a", "norm": norms[i % 4], "activation": "relu", "loss": losses[(i // 4) % 5],
                    "optimizer": "sgd", "scheduler": "constant", "data": "cifar10", "batch_size": 128,
                    "seed": i // 20, "dropout": 0.0, "lr": 0.01}
-        metrics = dict.fromkeys(results.METRIC_KEYS, 1.0)
+        metrics = dict.fromkeys(record.FINAL_METRICS, 1.0)
         metrics.update({"test/acc": 0.8 + (i % 13) / 100, "val/best_acc": 0.85})
         (d / "summary.json").write_text(json.dumps({
             "status": "completed", "identity": f"{i:012x}", "experiment": "vgg_losses", "choices": choices,
-            "overrides": [f"seed={i // 20}"], "metrics": metrics, "objective": 0.15, "epochs_done": 30}))
+            "overrides": [f"seed={i // 20}"], "metrics": metrics, "objective": 0.15, "epochs_done": 30,
+            record.SEEDLESS_IDENTITY: seedless_identity(choices)}))  # the choices without the seed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -621,7 +632,7 @@ def test_html_renders_in_headless_chromium(built, tmp_path):
     assert images == n_images > 10
     assert broken == 0
     assert tables == len(built.tables)
-    assert rows == sum(min(len(t.rows), report.MAX_HTML_ROWS) + 1 for t in built.tables)
+    assert rows == sum(min(len(t.rows), report_tables.MAX_HTML_ROWS) + 1 for t in built.tables)
     console = [line for line in p.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     # the page as shipped, screenshotted: not blank
@@ -681,3 +692,69 @@ def test_model_variant_fills_study_table_with_note(tmp_path):
     assert any("model=vgg_a_light, a smaller variant" in n for n in base.notes)
     assert any("data=synthetic" in n for n in base.notes)
     assert {t.name for t in rep.tables} >= {"vgg_bn_baseline", "vgg_losses"}
+
+
+# ------------------------------------------------------------------------------------------------
+# seed pooling by the seedless identity
+
+
+def _cells_by_seeds(root: Path) -> tuple[records.ScanResult, list]:
+    res = records.scan([root])
+    return res, sorted(records.cells_of(res.runs), key=lambda c: sorted(str(r.seed) for r in c.all_runs))
+
+
+def test_legacy_record_pooled_via_config_yaml(tmp_path):
+    choices = {"model": "vgg_a", "norm": "bn"}
+    new = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 0}, test_acc=0.87)
+    old = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 1}, test_acc=0.88, legacy=True)
+    assert record.SEEDLESS_IDENTITY in json.loads((new / "summary.json").read_text())
+    assert record.SEEDLESS_IDENTITY not in json.loads((old / "summary.json").read_text())
+    res, cells = _cells_by_seeds(tmp_path)
+    assert len(cells) == 1 and cells[0].n == 2
+    assert not res.warnings
+    # an old record without config.yaml either: a cell of its own, and the scan says so
+    bare = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 2}, test_acc=0.86, legacy=True,
+                     config=False)
+    res, cells = _cells_by_seeds(tmp_path)
+    assert sorted(c.n for c in cells) == [1, 2]
+    alone = next(c for c in cells if c.n == 1)
+    assert alone.runs[0].path == os.path.realpath(bare) and alone.key == ("vgg_losses", alone.runs[0].identity)
+    assert len(res.warnings) == 1 and res.warnings[0].startswith(os.path.realpath(bare))
+    assert "not pooled with other seeds" in res.warnings[0]
+    rep = report.build([str(tmp_path)], str(tmp_path / "out"))
+    assert "not pooled with other seeds" in (tmp_path / "out" / "index.html").read_text()
+    assert _row(_table(rep, "vgg_losses"), "BN · CE").cell.n == 2
+    # without config.yaml its dropout is unknown: it matches no study row
+    assert [r.cell.n for r in _table(rep, "vgg_losses_other").rows] == [1]
+
+
+def test_pooling_ignores_seed_and_not_identity_keys_only(tmp_path):
+    base = {"model": "alexnet", "norm": "bn", "batch_size": 32}
+    # the same setting on two devices and two seeds: one cell
+    write_run(tmp_path, experiment="default", choices={**base, "seed": 0}, test_acc=0.50,
+              overrides=["norm=bn", "seed=0", "trainer.device=cpu"])
+    write_run(tmp_path, experiment="default", choices={**base, "seed": 1}, test_acc=0.52, device="cuda",
+              overrides=["norm=bn", "seed=1", "trainer.device=cuda"])
+    # another learning rate: a training setting, its own cell (with or without the override recorded)
+    write_run(tmp_path, experiment="default", choices={**base, "seed": 2}, test_acc=0.60, lr=0.02,
+              overrides=["norm=bn", "seed=2", "optimizer.lr=0.02"])
+    write_run(tmp_path, experiment="default", choices={**base, "seed": 3}, test_acc=0.61, lr=0.05)
+    _, cells = _cells_by_seeds(tmp_path)
+    assert [sorted(r.seed for r in c.all_runs) for c in cells] == [[0, 1], [2], [3]]
+    pooled, lr_02, lr_05 = cells
+    assert pooled.n == 2 and pooled.value_overrides == ()  # seed and trainer.* are not shown as settings
+    assert lr_02.value_overrides == ("optimizer.lr=0.02",) and lr_05.value_overrides == ()
+    assert {c.setting("lr") for c in cells} == {0.01, 0.02, 0.05}
+    rep = report.build([str(tmp_path)], str(tmp_path / "out"))
+    default = _table(rep, "default")
+    assert sorted(r.cell.n for r in default.rows) == [1, 1, 2]
+
+
+def test_report_does_not_import_torch(sweep, tmp_path):
+    code = ("import sys; import normbench.report.cli as cli; assert 'torch' not in sys.modules; "
+            f"cli.main([{str(sweep['root'] / 'vgg_losses')!r}, '--out', {str(tmp_path / 'out')!r}]); "
+            "import normbench.report.figures; assert 'torch' not in sys.modules, 'torch imported'")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "index.html").is_file()

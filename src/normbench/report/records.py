@@ -1,9 +1,14 @@
-"""Reading run records (docs/ARCHITECTURE.md) and the small statistics the report needs.
+"""Reading run records (the format: normbench.record) and pooling them into cells of seeds.
 
 Only files are read, never live objects. ``scan`` walks the given directories with ``os.scandir``,
 reads every ``summary.json`` and nothing else; the jsonl files and ``config.yaml`` are read on
 demand (``RunRecord.epochs()``, ``.steps()``, ``.probes()``, ``.setting()``) for the few runs that
-need them. Records in progress, malformed or duplicated are returned as ``Skipped`` with a reason.
+need them, and ``config.yaml`` of records written before normbench 0.2, which lack the seedless
+identity. Records in progress, malformed or duplicated are returned as ``Skipped`` with a reason.
+
+A ``Cell`` pools the runs that compute the same thing but for their seed: the same experiment and the
+same seedless identity (normbench.sweep.identity: the config without the seed and the keys that do not
+change the numbers).
 """
 
 from __future__ import annotations
@@ -16,35 +21,27 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-STATUSES = ("completed", "diverged", "failed", "pruned", "running")
-# summary.json keys the report relies on, with their types
-REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
-    "status": str,
-    "identity": str,
-    "experiment": str,
-    "choices": dict,
-    "overrides": list,
-    "metrics": dict,
-}
-# metrics a completed run must report (values may be null where the job could not measure them)
-METRIC_KEYS = (
-    "test/loss", "test/acc", "val/best_acc", "val/acc", "val/loss", "train/loss", "train/acc",
-    "convergence/epoch", "model/params", "memory/peak_mb", "time/total_s", "throughput/img_s",
+from normbench.record import (
+    CONFIG,
+    FILTERS,
+    METRICS,
+    PROBES,
+    RECORD_FILES,
+    SEEDLESS_IDENTITY,
+    STEPS,
+    SUMMARY,
+    MalformedRecord,
+    Status,
+    validate_summary,
 )
-REQUIRED_COMPLETED_NUMBERS = ("test/acc", "val/best_acc")
-RECORD_FILES = frozenset({"summary.json", "config.yaml", "metrics.jsonl", "steps.jsonl", "probes.jsonl",
-                          "filters.png"})
-RUN_MARKERS = ("summary.json", "config.yaml", "metrics.jsonl")
-# overrides that do not change a run's numbers (left out of the seed-pooling key)
-NEUTRAL_OVERRIDE_PREFIXES = ("seed", "hydra", "logger", "data.root", "data.download", "trainer.device",
-                             "trainer.threads", "trainer.checkpoint", "trainer.log_every_steps",
-                             "experiment", "+experiment", "++experiment", "search", "+search")
+from normbench.report.stats import Stat, mean_ci
+from normbench.sweep.identity import NOT_IDENTITY, SEED, override_key, seedless_identity
+
+# a directory holding one of these is a run dir (its subdirectories are not searched)
+RUN_MARKERS = (SUMMARY, CONFIG, METRICS)
 # config.yaml paths of the numeric settings when summary["choices"] does not carry them
 CONFIG_PATHS = {"dropout": ("model", "dropout"), "lr": ("optimizer", "lr"), "batch_size": ("batch_size",)}
-
-
-class MalformedRecord(ValueError):
-    pass
+_UNSET = object()
 
 
 @dataclass
@@ -61,6 +58,7 @@ class RunRecord:
     files: frozenset[str]
     _config: dict | None = field(default=None, repr=False)
     _config_read: bool = field(default=False, repr=False)
+    _seedless: Any = field(default=_UNSET, repr=False)
 
     # --- summary fields -------------------------------------------------------------------
     @property
@@ -89,7 +87,19 @@ class RunRecord:
 
     @property
     def seed(self) -> Any:
-        return self.choices.get("seed")
+        return self.choices.get(SEED)
+
+    @property
+    def seedless_identity(self) -> str | None:
+        """The identity without the seed: summary.json's; for a record written before normbench 0.2,
+        computed from its config.yaml (the resolved config); None when it has neither."""
+        value = self.summary.get(SEEDLESS_IDENTITY)
+        if isinstance(value, str) and value:
+            return value
+        if self._seedless is _UNSET:
+            config = self.config()
+            self._seedless = seedless_identity(config) if config else None
+        return self._seedless
 
     def metric(self, key: str) -> float | None:
         """A metric as float; None when absent, null or not finite. ``test/err`` = 1 - test/acc."""
@@ -120,12 +130,12 @@ class RunRecord:
     def config(self) -> dict:
         if not self._config_read:
             self._config_read = True
-            if "config.yaml" in self.files:
+            if CONFIG in self.files:
                 import yaml
 
                 loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
                 try:
-                    with open(os.path.join(self.path, "config.yaml"), encoding="utf-8") as f:
+                    with open(os.path.join(self.path, CONFIG), encoding="utf-8") as f:
                         data = yaml.load(f, Loader=loader)  # safe loader
                     self._config = data if isinstance(data, dict) else None
                 except (OSError, yaml.YAMLError):
@@ -139,17 +149,17 @@ class RunRecord:
         return read_jsonl(os.path.join(self.path, name))
 
     def epochs(self) -> tuple[list[dict], int]:
-        return self._jsonl("metrics.jsonl")
+        return self._jsonl(METRICS)
 
     def steps(self) -> tuple[list[dict], int]:
-        return self._jsonl("steps.jsonl")
+        return self._jsonl(STEPS)
 
     def probes(self) -> tuple[list[dict], int]:
-        return self._jsonl("probes.jsonl")
+        return self._jsonl(PROBES)
 
     @property
     def filters_png(self) -> str | None:
-        return os.path.join(self.path, "filters.png") if "filters.png" in self.files else None
+        return os.path.join(self.path, FILTERS) if FILTERS in self.files else None
 
 
 def read_jsonl(path: str) -> tuple[list[dict], int]:
@@ -175,38 +185,6 @@ def read_jsonl(path: str) -> tuple[list[dict], int]:
         else:
             bad += 1
     return rows, bad
-
-
-def validate_summary(summary: Any) -> None:
-    """Raise MalformedRecord naming what does not follow the documented summary.json format."""
-    if not isinstance(summary, dict):
-        raise MalformedRecord(f"summary.json is a JSON {type(summary).__name__}, not an object")
-    missing = [k for k in REQUIRED_KEYS if k not in summary]
-    if missing:
-        raise MalformedRecord(f"summary.json misses key(s) {', '.join(missing)}")
-    for key, kind in REQUIRED_KEYS.items():
-        if not isinstance(summary[key], kind):
-            raise MalformedRecord(f"summary.json {key!r} is {type(summary[key]).__name__}, expected "
-                                  f"{kind.__name__ if isinstance(kind, type) else kind}")
-    if summary["status"] not in STATUSES:
-        raise MalformedRecord(f"summary.json status {summary['status']!r} is not one of {', '.join(STATUSES)}")
-    if not summary["identity"]:
-        raise MalformedRecord("summary.json identity is empty")
-    if not all(isinstance(o, str) for o in summary["overrides"]):
-        raise MalformedRecord("summary.json overrides must be a list of strings")
-    for key, value in summary["choices"].items():
-        if not isinstance(value, (str, int, float, bool)) and value is not None:
-            raise MalformedRecord(f"summary.json choices[{key!r}] is {type(value).__name__}")
-    for key, value in summary["metrics"].items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise MalformedRecord(f"summary.json metrics[{key!r}] is {type(value).__name__}, not a number")
-    if summary["status"] == "completed":
-        missing = [k for k in METRIC_KEYS if k not in summary["metrics"]]
-        if missing:
-            raise MalformedRecord(f"completed run's metrics miss {', '.join(missing)}")
-        nulls = [k for k in REQUIRED_COMPLETED_NUMBERS if summary["metrics"][k] is None]
-        if nulls:
-            raise MalformedRecord(f"completed run has null {', '.join(nulls)}")
 
 
 @dataclass
@@ -259,22 +237,22 @@ def _run_dirs(root: str) -> Iterable[tuple[str, frozenset[str]]]:
 
 
 def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
-    if "summary.json" not in files:
-        return Skipped(path, "in progress", "no summary.json")
+    if SUMMARY not in files:
+        return Skipped(path, "in progress", f"no {SUMMARY}")
     try:
-        with open(os.path.join(path, "summary.json"), "rb") as f:
+        with open(os.path.join(path, SUMMARY), "rb") as f:
             raw = f.read()
     except OSError as e:
-        return Skipped(path, "malformed", f"summary.json unreadable: {e.strerror or e}")
+        return Skipped(path, "malformed", f"{SUMMARY} unreadable: {e.strerror or e}")
     try:
         summary = json.loads(raw)
     except ValueError as e:
-        return Skipped(path, "malformed", f"summary.json is not valid JSON ({e})")
+        return Skipped(path, "malformed", f"{SUMMARY} is not valid JSON ({e})")
     try:
         validate_summary(summary)
     except MalformedRecord as e:
         return Skipped(path, "malformed", str(e))
-    if summary["status"] == "running":
+    if summary["status"] == Status.RUNNING:
         return Skipped(path, "in progress", "status running")
     return RunRecord(path, summary, files)
 
@@ -286,6 +264,7 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
     skipped: list[Skipped] = []
     seen_dirs: set[str] = set()
     by_identity: dict[str, RunRecord] = {}
+    warnings: list[str] = []
     real_roots = []
     for root in roots:
         root = os.path.realpath(os.fspath(root))
@@ -304,42 +283,46 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
                 continue
             by_identity[item.identity] = item
             runs.append(item)
-    return ScanResult(runs, skipped, real_roots, time.perf_counter() - t0)
+            if item.seedless_identity is None:
+                warnings.append(f"{path}: no {SEEDLESS_IDENTITY} in {SUMMARY} and no readable {CONFIG}: "
+                                "not pooled with other seeds")
+    return ScanResult(runs, skipped, real_roots, time.perf_counter() - t0, warnings)
 
 
 # --- cells: runs that differ only in their seed --------------------------------------------------
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
+def pool_key(run: RunRecord) -> tuple[str, str]:
+    """Runs with the same key differ at most in their seed and in keys that do not change the numbers
+    (normbench.sweep.identity.NOT_IDENTITY): the experiment and the seedless identity. A run without a
+    seedless identity (an old record without config.yaml) is a cell of its own: its identity."""
+    return (run.experiment, run.seedless_identity or run.identity)
 
 
-def pooling_key(run: RunRecord) -> tuple:
-    """Runs with the same key differ only in their seed: same experiment, same choices other than
-    seed, same value overrides (group overrides are in the choices already)."""
-    choices = tuple(sorted((k, _hashable(v)) for k, v in run.choices.items() if k != "seed"))
-    # group overrides (norm=bn) and overrides of numeric settings the choices carry (optimizer.lr when
-    # choices has lr) are in the choices already
-    known = set(run.choices) | {".".join(CONFIG_PATHS[k]) for k in run.choices if k in CONFIG_PATHS}
-    overrides = tuple(sorted(
-        o for o in run.overrides
-        if "=" in o and _override_key(o) not in known
-        and not _override_key(o).startswith(NEUTRAL_OVERRIDE_PREFIXES)
-    ))
-    return (run.experiment, choices, overrides)
+def _covered(key: str, keys: Iterable[str]) -> bool:
+    """key is one of keys or a sub-key of one (how NOT_IDENTITY is read)."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
 
 
-def _hashable(value: Any) -> Any:
-    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+def value_overrides(run: RunRecord) -> tuple[str, ...]:
+    """The run's overrides of values, for display only: not the seed nor keys that do not change the
+    numbers (NOT_IDENTITY), nor what the choices and the experiment show already (group overrides such
+    as norm=bn, optimizer.lr when the choices carry lr, +experiment=...)."""
+    shown = set(run.choices) | {".".join(CONFIG_PATHS[k]) for k in run.choices if k in CONFIG_PATHS}
+    shown.add("experiment")
+    ignored = (*NOT_IDENTITY, SEED)
+    return tuple(sorted(o for o in run.overrides
+                        if "=" in o and (key := override_key(o)) not in shown and not _covered(key, ignored)))
 
 
 @dataclass
 class Cell:
-    key: tuple
+    key: tuple[str, str]  # pool_key: (experiment, seedless identity)
     experiment: str
     runs: list[RunRecord]  # completed runs (the statistics)
     diverged: list[RunRecord]
     other: list[RunRecord]  # failed / pruned
-    choices: dict[str, Any] = field(default_factory=dict)  # the shared choices, seed left out
+    choices: dict[str, Any] = field(default_factory=dict)  # the choices its runs share, seed left out
+    value_overrides: tuple[str, ...] = ()  # its runs' value overrides (display only, see value_overrides())
     _settings: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -349,10 +332,6 @@ class Cell:
     @property
     def n(self) -> int:
         return len(self.runs)
-
-    @property
-    def value_overrides(self) -> tuple[str, ...]:
-        return self.key[2]
 
     def setting(self, key: str) -> Any:
         if key in self.choices:
@@ -379,149 +358,24 @@ class Cell:
 
 
 def cells_of(runs: Iterable[RunRecord]) -> list[Cell]:
-    cells: dict[tuple, Cell] = {}
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
     for run in runs:
-        key = pooling_key(run)
-        cell = cells.get(key)
-        if cell is None:
-            cell = cells[key] = Cell(key, run.experiment, [], [], [], dict(key[1]))
-        if run.status == "completed":
+        groups.setdefault(pool_key(run), []).append(run)
+    return [_cell(key, group) for key, group in groups.items()]
+
+
+def _cell(key: tuple[str, str], runs: list[RunRecord]) -> Cell:
+    runs = sorted(runs, key=lambda r: (str(r.seed), r.path))
+    first = runs[0]
+    choices = {k: v for k, v in sorted(first.choices.items())
+               if k != SEED and all(r.choices.get(k, _UNSET) == v for r in runs[1:])}
+    overrides = tuple(sorted({o for r in runs for o in value_overrides(r)}))
+    cell = Cell(key, first.experiment, [], [], [], choices, overrides)
+    for run in runs:
+        if run.status == Status.COMPLETED:
             cell.runs.append(run)
-        elif run.status == "diverged":
+        elif run.status == Status.DIVERGED:
             cell.diverged.append(run)
         else:
             cell.other.append(run)
-    for cell in cells.values():
-        for group in (cell.runs, cell.diverged, cell.other):
-            group.sort(key=lambda r: (str(r.seed), r.path))
-    return list(cells.values())
-
-
-# --- statistics --------------------------------------------------------------------------------------
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_sf2(t: float, df: float) -> float:
-    """Two-sided tail probability P(|T| >= |t|) of Student's t with df degrees of freedom."""
-    if math.isinf(t):
-        return 0.0
-    return betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-_TQ: dict[tuple[float, float], float] = {}
-
-
-def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t (p > 0.5), by bisection on the two-sided tail."""
-    key = (p, df)
-    if key not in _TQ:
-        target = 2.0 * (1.0 - p)
-        lo, hi = 0.0, 1.0
-        while t_sf2(hi, df) > target:
-            hi *= 2.0
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            if t_sf2(mid, df) > target:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo < 1e-12 * max(1.0, hi):
-                break
-        _TQ[key] = 0.5 * (lo + hi)
-    return _TQ[key]
-
-
-@dataclass(frozen=True)
-class Stat:
-    n: int
-    mean: float | None
-    sd: float | None  # sample standard deviation (n-1); None for n < 2
-    ci: float | None  # half-width of the 95% confidence interval of the mean; None for n < 2
-
-    def fmt(self, scale: float = 1.0, digits: int = 2) -> str:
-        if self.mean is None:
-            return "–"
-        text = f"{self.mean * scale:.{digits}f}"
-        if self.ci is not None:
-            text += f" ± {self.ci * scale:.{digits}f}"
-        return text
-
-
-def mean_ci(values: Sequence[float], level: float = 0.95) -> Stat:
-    """Mean and Student-t confidence interval of the mean."""
-    n = len(values)
-    if n == 0:
-        return Stat(0, None, None, None)
-    mean = math.fsum(values) / n
-    if n == 1:
-        return Stat(1, mean, None, None)
-    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    sd = math.sqrt(var)
-    return Stat(n, mean, sd, t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n))
-
-
-@dataclass(frozen=True)
-class Comparison:
-    diff: float | None  # mean(a) - mean(b)
-    p: float | None  # Welch's t-test, two-sided
-    df: float | None
-    verdict: str  # "differs" | "within noise" | "cannot tell"
-    text: str
-
-
-def welch(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> Comparison:
-    """Can the data tell mean(a) from mean(b)? Welch's unequal-variance t-test at level alpha."""
-    na, nb = len(a), len(b)
-    if na == 0 or nb == 0:
-        return Comparison(None, None, None, "cannot tell", "no data")
-    sa, sb = mean_ci(a), mean_ci(b)
-    diff = sa.mean - sb.mean
-    if na < 2 or nb < 2:
-        return Comparison(diff, None, None, "cannot tell", f"n={min(na, nb)}, cannot tell")
-    va, vb = sa.sd ** 2 / na, sb.sd ** 2 / nb
-    se2 = va + vb
-    if se2 == 0.0:
-        if diff == 0.0:
-            return Comparison(0.0, 1.0, None, "within noise", "identical values")
-        return Comparison(diff, 0.0, None, "differs", "differs (no spread in either)")
-    df = se2 ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
-    p = t_sf2(diff / math.sqrt(se2), df)
-    verdict = "differs" if p < alpha else "within noise"
-    return Comparison(diff, p, df, verdict, f"{verdict} (Welch p={p:.3g}, n={na}/{nb})")
+    return cell

@@ -1,10 +1,14 @@
 """The studies' reported numbers as data, each with the settings it belongs to.
 
-Source: the digest in DESIGN.md of the two studies in ``seeds/`` (000: VGG-A with/without BatchNorm on
-CIFAR-10; 002: AlexNet with none/BN/LN/GN across batch sizes). A run matches a reference row when
-every setting of the row, and of its table's ``context``, equals the run's setting (group choices
-such as ``norm=bn``, plus the numeric keys ``batch_size``, ``dropout`` = model.dropout and
-``lr`` = optimizer.lr). Keys a table does not name are free: the report shows them when they vary.
+Source: the two studies themselves. Study 000: VGG-A with and without BatchNorm on CIFAR-10 -- its
+tables of losses, activations, optimizers, dropout, schedules, learning rates and the best combination,
+and its section 9 on the optimisation mechanism. Study 002: AlexNet with none/BN/LN/GN across batch
+sizes and learning rates. (The VGG-A parameter counts are computed, not the study's: see their note.)
+
+A run matches a reference row when every setting of the row, and of its table's ``context``, equals
+the run's setting (group choices such as ``norm=bn``, plus the numeric keys ``batch_size``,
+``dropout`` = model.dropout and ``lr`` = optimizer.lr). Keys a table does not name are free: the
+report shows them when they vary.
 
 Reference metric keys use the run-record names; accuracies and errors are in percent here:
 ``test/err`` (%), ``test/acc`` (%), ``val/best_acc`` (%), ``convergence/epoch``, ``model/params``.
@@ -134,7 +138,8 @@ VGG_BN_BASELINE = StudyTable(
                {"test/err": 12.35, "test/acc": 87.65, "val/best_acc": 88.13, "convergence/epoch": 25,
                 "model/params": 9_756_426}, vs="plain"),
     ),
-    note="Parameter counts are the VGG-A counts for 32x32 input, classifier 512-512-512-10 (DESIGN.md).",
+    note="The parameter counts are not study 000's (it reports only that BN adds 0.067%): they are VGG-A's "
+         "for 32x32 input, classifier 512-512-512-10, BN after each of its 8 convolutions.",
     contrasts=(
         Contrast("model/params", "BN", "plain", 0.067, "BN adds parameters"),
         Contrast("memory/peak_mb", "BN", "plain", 10.7, "BN adds peak memory"),

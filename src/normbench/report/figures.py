@@ -1,0 +1,341 @@
+"""The report's figures per table, drawn from the runs' records (normbench.report.plots draws them).
+
+One function per figure kind; each adds (caption, path) to ``table.figures`` when the runs have its
+data: ours-vs-study bars, clustered bars by norm x batch size (study 002), training curves, the loss
+landscape across learning rates with the optimisation-mechanism numbers (study 000 section 9), the
+optimisation probes, and the first-layer filters (``table.filters``). The jsonl files are read here,
+for the few runs each figure shows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings as _warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from normbench.record import FILTERS, METRICS, PROBES, STEPS
+from normbench.report import plots
+from normbench.report.records import RunRecord
+from normbench.report.reference import NORM_LABEL
+from normbench.report.tables import COLUMNS, Table, slug
+
+MAX_BARS = 40
+MAX_CURVE_CELLS = 12
+MAX_RUNS_PER_CELL = 5  # runs read per cell for curves
+MAX_PROBE_RUNS = 40
+MAX_BAND_RUNS = 200
+MAX_FILTERS = 24  # per table
+PROBE_KEYS = ("probe/grad_pred", "probe/beta", "probe/grad_cos")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, str]) -> None:
+    """Every figure of the table into <out>/fig/ (copied: run path -> filters copy, shared by tables)."""
+    fig_dir = os.path.join(out, "fig")
+    os.makedirs(fig_dir, exist_ok=True)
+    summary_bars(table, fig_dir)
+    clustered_bars(table, fig_dir)
+    training_curves(table, fig_dir, warnings)
+    loss_landscape(table, fig_dir, warnings)
+    probe_panels(table, fig_dir, warnings)
+    copy_filters(table, out, warnings, copied)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-run series (read on demand)
+
+def _num(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def _epoch_curve(label: str, runs: Sequence[RunRecord], warnings: list[str]):
+    per_epoch: dict[int, list[list[float]]] = {}
+    for run in runs:
+        rows, bad = run.epochs()
+        if bad:
+            warnings.append(f"{run.path}: {METRICS} has {bad} malformed line(s), ignored")
+        for row in rows:
+            epoch = row.get("epoch")
+            if not isinstance(epoch, int) or isinstance(epoch, bool):
+                continue
+            values = [_num(row.get(k)) for k in ("train/acc", "val/acc", "train/loss", "val/loss")]
+            per_epoch.setdefault(epoch, []).append(values)
+    if not per_epoch:
+        return None
+    epochs = sorted(per_epoch)
+    with np.errstate(all="ignore"), _warnings.catch_warnings():
+        _warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.array([np.nanmean(np.array(per_epoch[e], dtype=float), axis=0) for e in epochs])
+    return plots.Curve(label, np.array(epochs), mean[:, 0] * 100, mean[:, 1] * 100, mean[:, 2], mean[:, 3])
+
+
+def _per_step(pairs: list[tuple[np.ndarray, np.ndarray]]):
+    """Per-step min, max and mean over several runs' (step, value) series (finite values only)."""
+    steps = np.concatenate([p[0] for p in pairs])
+    values = np.concatenate([p[1] for p in pairs])
+    keep = np.isfinite(steps) & np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    if steps.size == 0:
+        return None
+    order = np.argsort(steps, kind="stable")
+    steps, values = steps[order], values[order]
+    uniq, start, counts = np.unique(steps, return_index=True, return_counts=True)
+    low = np.minimum.reduceat(values, start)
+    high = np.maximum.reduceat(values, start)
+    mean = np.add.reduceat(values, start) / counts
+    return uniq, low, high, mean
+
+
+def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    steps = np.array([_num(r.get("step")) for r in rows], dtype=float)
+    values = np.array([_num(r.get(key)) for r in rows], dtype=float)
+    return steps, values
+
+
+def _group_runs(table: Table, cap: int) -> dict[str, list[RunRecord]]:
+    """Runs of the table's cells grouped by norm (the studies' contrast) when norm varies, else by row."""
+    cells = [(r, r.cell) for r in table.rows if r.cell is not None]
+    norms = {c.choices.get("norm") for _, c in cells}
+    groups: dict[str, list[RunRecord]] = {}
+    for row, cell in cells:
+        if len(norms) > 1:
+            name = NORM_LABEL.get(str(cell.choices.get("norm")), str(cell.choices.get("norm")))
+        else:
+            name = row.label + (f" ({row.extra})" if row.extra else "")
+        groups.setdefault(name, []).extend(cell.runs + cell.diverged)
+    total = 0
+    capped: dict[str, list[RunRecord]] = {}
+    for name, runs in groups.items():
+        if total < cap:
+            capped[name] = runs[: cap - total]
+            total += len(capped[name])
+    return capped
+
+
+
+# ------------------------------------------------------------------------------------------------
+# figures
+
+def summary_bars(table: Table, fig_dir: str) -> None:
+    """Ours (mean, 95% CI) of the primary metric next to the study's number, per row."""
+    col = next(c for c in COLUMNS if c.metric == table.primary)
+    bar_rows = []
+    for row in table.rows[:MAX_BARS]:
+        if row.cell is None:
+            continue
+        st = row.cell.stat(table.primary)
+        label = row.label + (f"\n{row.extra}" if row.extra and table.kind == "study" else "")
+        study = row.ref.ref.get(table.primary) if row.ref else None
+        bar_rows.append(plots.BarRow(label, None if st.mean is None else st.mean * col.scale,
+                                     None if st.ci is None else st.ci * col.scale, st.n, study))
+    if not any(b.ours is not None for b in bar_rows):
+        return
+    name = f"{table.name}_bars.png"
+    title = f"{table.title}: ours vs study" if table.kind == "study" else table.title
+    plots.summary_bars(bar_rows, os.path.join(fig_dir, name), title, col.title)
+    table.figures.append((f"{col.title}: ours (mean ± 95% CI) and the study", f"fig/{name}"))
+
+
+def clustered_bars(table: Table, fig_dir: str) -> None:
+    """Study 002: test accuracy by norm x batch size, ours as bars, the study's as marks."""
+    if table.study is None or not {"norm", "batch_size"} <= {k for r in table.study.rows for k in r.settings}:
+        return
+    ours, study = {}, {}
+    groups, clusters = [], []
+    for row in table.rows:
+        norm = NORM_LABEL[row.ref.settings["norm"]]
+        bs = str(row.ref.settings["batch_size"])
+        groups += [norm] if norm not in groups else []
+        clusters += [bs] if bs not in clusters else []
+        study[(norm, bs)] = row.ref.ref.get("test/acc")
+        if row.cell is not None and (norm, bs) not in ours:
+            st = row.cell.stat("test/acc")
+            if st.mean is not None:
+                ours[(norm, bs)] = (st.mean * 100, None if st.ci is None else st.ci * 100)
+    if not ours:
+        return
+    name = f"{table.name}_clustered.png"
+    plots.clustered_bars(groups, clusters, ours, study, os.path.join(fig_dir, name),
+                         "Test accuracy by norm and batch size (bars: ours; black marks: study)",
+                         "test accuracy %")
+    table.figures.append(("test accuracy by norm × batch size (study 002)", f"fig/{name}"))
+
+
+def training_curves(table: Table, fig_dir: str, warnings: list[str]) -> None:
+    """Train/validation accuracy and loss per epoch of up to MAX_CURVE_CELLS cells on shared axes."""
+    curve_rows = [r for r in table.rows if r.cell is not None
+                  and any(METRICS in run.files for run in r.cell.runs + r.cell.diverged)]
+    if not curve_rows:
+        return
+    note = ""
+    if len(curve_rows) > MAX_CURVE_CELLS:
+        curve_rows.sort(key=lambda r: _key_or_inf(r.cell.stat("test/err").mean))
+        note = f" (best {MAX_CURVE_CELLS} of {len(curve_rows)} by test error)"
+        curve_rows = curve_rows[:MAX_CURVE_CELLS]
+    series = []
+    for row in curve_rows:
+        runs = [r for r in row.cell.runs + row.cell.diverged if METRICS in r.files][:MAX_RUNS_PER_CELL]
+        curve = _epoch_curve(row.label + (f" {row.extra}" if row.extra else ""), runs, warnings)
+        if curve is not None:
+            series.append(curve)
+    if not series:
+        return
+    name = f"{table.name}_curves.png"
+    plots.curves(series, os.path.join(fig_dir, name), f"{table.title}{note}: mean over seeds")
+    table.figures.append((f"train/validation accuracy and loss per epoch{note}", f"fig/{name}"))
+
+
+def loss_landscape(table: Table, fig_dir: str, warnings: list[str]) -> None:
+    """Tables with the study's mechanism numbers (study 000 section 9): fills ``table.mechanism`` and
+    draws the per-step min-max of the training loss over the lr sweep, per norm."""
+    if table.study is None or not table.study.mechanism:
+        return
+    bands = mechanism(table, warnings)
+    if not bands:
+        return
+    lrs = sorted({float(v) for c in table.cells if isinstance(v := c.setting("lr"), (int, float))})
+    name = f"{table.name}_landscape.png"
+    plots.band_plot([b for b, _ in bands], os.path.join(fig_dir, name),
+                    "Training loss per step, min–max over learning rates " + ", ".join(f"{v:g}" for v in lrs),
+                    "training loss", ref_ranges=[r for _, r in bands])
+    caption = "training loss per step: min–max over all learning rates and seeds (dashed: the study's reported range)"
+    table.figures.append((caption, f"fig/{name}"))
+
+
+def probe_panels(table: Table, fig_dir: str, warnings: list[str]) -> None:
+    """Gradient predictiveness, beta-smoothness, gradient cosine and the loss range along the gradient,
+    per group of runs (by norm when norm varies)."""
+    groups = {k: [r for r in v if PROBES in r.files] for k, v in _group_runs(table, MAX_PROBE_RUNS).items()}
+    panels: dict[str, list] = {}
+    for gname, runs in groups.items():
+        if runs:
+            _probe_bands(gname, [_probe_rows(run, warnings) for run in runs], panels)
+    if not panels:
+        return
+    name = f"{table.name}_probes.png"
+    plots.probe_panels(panels, os.path.join(fig_dir, name),
+                       f"{table.title}: optimisation probes (line: mean, band: min–max over runs)")
+    caption = ("gradient predictiveness, β-smoothness, gradient cosine and loss range "
+               "along the gradient, per probe step")
+    table.figures.append((caption, f"fig/{name}"))
+
+
+def copy_filters(table: Table, out: str, warnings: list[str], copied: dict[str, str]) -> None:
+    """The first-layer filter grid of one run per row, copied to fig/filters/<identity>.png."""
+    for row in table.rows:
+        if len(table.filters) >= MAX_FILTERS:
+            break
+        if row.cell is None:
+            continue
+        run = next((r for r in row.cell.runs + row.cell.diverged if r.filters_png), None)
+        if run is None:
+            continue
+        if run.path not in copied:
+            copied[run.path] = _copy_filters_png(run, out, warnings)
+        if copied[run.path]:
+            label = row.label + (f" {row.extra}" if row.extra else "") + f" (seed {run.seed})"
+            table.filters.append((label, copied[run.path]))
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+def mechanism(table: Table, warnings: list[str]) -> list[tuple[plots.Band, Any]]:
+    """Per norm: the training-loss range over the lr sweep, the mean gradient cosine and beta (into
+    ``table.mechanism``); returns the loss bands with the study's range for each."""
+    by_norm: dict[str, list[RunRecord]] = {}
+    for cell in table.cells:
+        by_norm.setdefault(str(cell.choices.get("norm")), []).extend(cell.runs + cell.diverged)
+    bands = []
+    for norm in sorted(by_norm, key=lambda n: list(NORM_LABEL).index(n) if n in NORM_LABEL else 99):
+        runs = by_norm[norm][:MAX_BAND_RUNS]
+        ref = table.study.mechanism.get(norm, {})
+        label = NORM_LABEL.get(norm, norm)
+        entry: dict[str, Any] = {"norm": label, "runs": len(runs)}
+        agg = _loss_band(runs, warnings)
+        if agg is not None:
+            entry["loss_range"] = (float(np.min(agg[1])), float(np.max(agg[2])))
+            bands.append((plots.Band(label, agg[0], agg[1], agg[2], None), ref.get("loss_range")))
+        entry.update(_probe_means(runs))
+        entry["study"] = ref
+        table.mechanism.append(entry)
+    return bands
+
+
+def _loss_band(runs: Sequence[RunRecord], warnings: list[str]):
+    step_pairs = []
+    for run in runs:
+        rows, bad = run.steps()
+        if bad:
+            warnings.append(f"{run.path}: {STEPS} has {bad} malformed line(s), ignored")
+        if rows:
+            step_pairs.append(_series(rows, "train/loss"))
+    return _per_step(step_pairs) if step_pairs else None
+
+
+def _probe_means(runs: Sequence[RunRecord]) -> dict[str, float]:
+    cos, beta = [], []
+    for run in runs:
+        if PROBES not in run.files:
+            continue
+        rows, _ = run.probes()
+        cos.extend(v for v in (_num(r.get("probe/grad_cos")) for r in rows) if math.isfinite(v))
+        beta.extend(v for v in (_num(r.get("probe/beta")) for r in rows) if math.isfinite(v))
+    out = {}
+    if cos:
+        out["grad_cos"] = float(np.mean(cos))
+    if beta:
+        out["beta_mean"], out["beta_max"] = float(np.mean(beta)), float(np.max(beta))
+    return out
+
+
+def _probe_rows(run: RunRecord, warnings: list[str]) -> list[dict]:
+    rows, bad = run.probes()
+    if bad:
+        warnings.append(f"{run.path}: {PROBES} has {bad} malformed line(s), ignored")
+    return rows
+
+
+def _probe_bands(gname: str, rows: list[list[dict]], panels: dict[str, list]) -> None:
+    """One group's band per probe key (and for the loss range along the gradient) into panels."""
+    for key in PROBE_KEYS:
+        agg = _per_step([_series(r, key) for r in rows])
+        if agg is not None:
+            panels.setdefault(key, []).append(plots.Band(gname, agg[0], agg[1], agg[2], agg[3]))
+    lo = _per_step([_series(r, "probe/loss_min") for r in rows])
+    hi = _per_step([_series(r, "probe/loss_max") for r in rows])
+    if lo is not None and hi is not None:
+        common, ia, ib = np.intersect1d(lo[0], hi[0], return_indices=True)
+        if common.size:
+            panels.setdefault("probe/loss_min – probe/loss_max", []).append(
+                plots.Band(gname, common, lo[1][ia], hi[2][ib], None))
+
+
+def _copy_filters_png(run: RunRecord, out: str, warnings: list[str]) -> str:
+    """The copy's path relative to out, or "" when the run's filters.png is not a PNG."""
+    if not _is_png(run.filters_png):
+        warnings.append(f"{run.path}: {FILTERS} is not a PNG file, not shown")
+        return ""
+    os.makedirs(os.path.join(out, "fig", "filters"), exist_ok=True)
+    dest = f"fig/filters/{slug(run.identity)}.png"
+    shutil.copyfile(run.filters_png, os.path.join(out, dest))
+    return dest
+
+
+def _key_or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+def _is_png(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == PNG_MAGIC
+    except OSError:
+        return False

@@ -1,0 +1,481 @@
+"""The report's tables: study tables (the studies' rows, matched by settings) and generic tables.
+
+A ``Table`` holds ``Row``s of cells (normbench.report.records) next to the study's numbers
+(normbench.report.reference) and a comparison with the row the study compares it with.
+``display`` gives its strings (HTML, Markdown), ``records`` its numbers (CSV, W&B).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from normbench.record import STEPS, Status
+from normbench.report.records import Cell
+from normbench.report.reference import MODEL_VARIANTS, TABLES_BY_NAME, RefRow, StudyTable, model_family
+from normbench.report.stats import Comparison, Stat, welch
+from normbench.sweep.identity import SEED
+
+ALPHA = 0.05
+MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
+MAX_NEAREST = 50  # comparison partner searched among at most this many cells when no exact counterpart
+
+
+@dataclass(frozen=True)
+class Column:
+    metric: str
+    title: str
+    scale: float
+    digits: int
+
+
+COLUMNS = (
+    Column("test/err", "test error %", 100.0, 2),
+    Column("test/acc", "test acc %", 100.0, 2),
+    Column("val/best_acc", "best val acc %", 100.0, 2),
+    Column("convergence/epoch", "conv. epoch", 1.0, 1),
+    Column("model/params", "params", 1.0, 0),
+    Column("memory/peak_mb", "peak memory MB", 1.0, 0),
+    Column("time/total_s", "time s", 1.0, 1),
+)
+PERCENT = {"test/err", "test/acc", "val/best_acc"}
+
+
+# ------------------------------------------------------------------------------------------------
+# tables
+
+@dataclass
+class Row:
+    label: str
+    cell: Cell | None  # None: a study row no run covers
+    ref: RefRow | None = None
+    extra: str = ""  # settings that vary between the table's cells and the row does not fix
+    vs: str | None = None
+    comparison: Comparison | None = None
+    study_diff: float | None = None  # study: ref(row) - ref(vs), in the primary metric's percent
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    kind: str  # "study" | "generic"
+    primary: str  # "test/err" | "test/acc"
+    rows: list[Row]
+    study: StudyTable | None = None
+    notes: list[str] = field(default_factory=list)
+    setting_columns: list[str] = field(default_factory=list)  # generic tables: one column per varying key
+    show_experiment: bool = False
+    mechanism: list[dict[str, Any]] = field(default_factory=list)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to out dir)
+    filters: list[tuple[str, str]] = field(default_factory=list)
+    truncated: int = 0  # rows left out of HTML/Markdown (they are in the CSV)
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [r.cell for r in self.rows if r.cell is not None]
+
+    @property
+    def columns(self) -> list[Column]:
+        return [c for c in COLUMNS if c.metric != "test/acc" or self.primary == "test/acc"]
+
+
+def _same(value: Any, wanted: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(wanted, (bool, str)):
+        return str(value) == str(wanted)
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isclose(float(value), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return False
+
+
+def matches(cell: Cell, settings: dict[str, Any]) -> bool:
+    # string settings first: numeric ones may need the run's config.yaml
+    for key in sorted(settings, key=lambda k: not isinstance(settings[k], str)):
+        value = cell.setting(key)
+        if key == "model":
+            value = model_family(value)
+        if not _same(value, settings[key]):
+            return False
+    return True
+
+
+def _describe(settings: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def _varying(cells: Sequence[Cell], skip: set[str]) -> tuple[list[str], bool]:
+    """Choice keys whose value differs between cells, and whether the value overrides differ."""
+    keys: list[str] = []
+    all_keys: list[str] = []
+    for cell in cells:
+        for k in cell.choices:
+            if k not in all_keys:
+                all_keys.append(k)
+    for k in all_keys:
+        if k in skip:
+            continue
+        if len({repr(_value(c, k)) for c in cells}) > 1:
+            keys.append(k)
+    return keys, len({c.value_overrides for c in cells}) > 1
+
+
+def _value(cell: Cell, key: str) -> Any:
+    """A choice; a numeric setting (lr, dropout) a cell's choices lack comes from its config.yaml."""
+    return cell.choices[key] if key in cell.choices else cell.setting(key)
+
+
+def _extra_label(cell: Cell, keys: Sequence[str], overrides: bool) -> str:
+    parts = [f"{k}={v}" for k in keys if (v := _value(cell, k)) is not None]
+    if overrides:
+        parts.extend(cell.value_overrides)
+    return " ".join(parts)
+
+
+def _counterpart_key(cell: Cell, defining: set[str]) -> tuple:
+    return (cell.experiment, tuple(sorted((k, repr(v)) for k, v in cell.choices.items() if k not in defining)),
+            cell.value_overrides)
+
+
+def _closest(cell: Cell, candidates: Sequence[Cell], index: dict[tuple, Cell] | None = None,
+             defining: set[str] | None = None) -> Cell | None:
+    """The candidate sharing most settings with cell (same experiment preferred): first the exact
+    counterpart (same everything but the defining settings), else the nearest one when there are at
+    most MAX_NEAREST candidates (a large search has no meaningful nearest: None)."""
+    if not candidates:
+        return None
+    if index is not None and defining is not None:
+        exact = index.get(_counterpart_key(cell, defining))
+        if exact is not None:
+            return exact
+    if len(candidates) > MAX_NEAREST:
+        return None
+
+    def distance(other: Cell) -> tuple[int, int]:
+        keys = set(cell.choices) | set(other.choices)
+        d = sum(1 for k in keys if cell.choices.get(k) != other.choices.get(k))
+        d += len(set(cell.value_overrides) ^ set(other.value_overrides))
+        return (d, 0 if other.experiment == cell.experiment else 1)
+
+    return min(candidates, key=distance)
+
+
+def _compare(a: Cell, b: Cell, metric: str) -> Comparison:
+    return welch(a.values(metric), b.values(metric), alpha=ALPHA)
+
+
+def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
+    """The study table's rows filled with the cells that match them (None when no cell does)."""
+    assigned = _assign(st, cells)
+    if not assigned:
+        return None
+    covered = [c for group in assigned.values() for c in group]
+    fixed = set(st.context) | {k for r in st.rows for k in r.settings} | {SEED}
+    extra_keys, extra_overrides = _varying(covered, fixed)
+    table = Table(st.name, st.title, "study", st.primary, [], study=st)
+    table.show_experiment = len({c.experiment for c in covered}) > 1
+    for ref in st.rows:
+        group = assigned.get(ref.label, [])
+        if not group:
+            table.rows.append(Row(ref.label, None, ref, vs=ref.vs))
+        for cell in sorted(group, key=lambda c: _extra_label(c, extra_keys, extra_overrides)):
+            table.rows.append(Row(ref.label, cell, ref, _extra_label(cell, extra_keys, extra_overrides), ref.vs))
+    _compare_rows(st, table)
+    table.notes.extend(_notes(st, covered))
+    table.notes.extend(_contrasts(st, table))
+    return table
+
+
+def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
+    """Row label -> the cells in the table's context that match the row (the first row a cell matches);
+    where runs of the preset of the table's name cover a row, only those."""
+    assigned: dict[str, list[Cell]] = {}
+    for cell in cells:
+        if not matches(cell, st.context):
+            continue
+        for ref in st.rows:
+            if matches(cell, ref.settings):
+                assigned.setdefault(ref.label, []).append(cell)
+                break
+    for label, group in assigned.items():
+        own = [c for c in group if c.experiment == st.name]
+        if own:
+            assigned[label] = own
+    return assigned
+
+
+def _compare_rows(st: StudyTable, table: Table) -> None:
+    """Each row with a `vs` row: the study's difference, and ours by Welch's test against the counterpart
+    cell (same other settings)."""
+    by_label: dict[str, list[Cell]] = {}
+    for row in table.rows:
+        if row.cell is not None:
+            by_label.setdefault(row.label, []).append(row.cell)
+    indexes: dict[str, tuple[set[str], dict[tuple, Cell]]] = {}
+    for row in table.rows:
+        if row.vs is None:
+            continue
+        vs_ref = st.row(row.vs)
+        if st.primary in row.ref.ref and st.primary in vs_ref.ref:
+            row.study_diff = row.ref.ref[st.primary] - vs_ref.ref[st.primary]
+        if row.cell is None:
+            continue
+        if row.label not in indexes:
+            defining = set(row.ref.settings) | set(vs_ref.settings) | {SEED}
+            index: dict[tuple, Cell] = {}
+            for c in by_label.get(row.vs, []):
+                index.setdefault(_counterpart_key(c, defining), c)
+            indexes[row.label] = (defining, index)
+        defining, index = indexes[row.label]
+        other = _closest(row.cell, by_label.get(row.vs, []), index, defining)
+        if other is not None:
+            row.comparison = _compare(row.cell, other, st.primary)
+        elif by_label.get(row.vs):
+            row.comparison = Comparison(None, None, None, "cannot tell", "no run with the same other settings")
+
+
+def _notes(st: StudyTable, covered: Sequence[Cell]) -> list[str]:
+    """Where the runs differ from the study's setup (data, a smaller model variant), and the study's note."""
+    notes = []
+    data = {str(c.choices.get("data")) for c in covered if c.choices.get("data") is not None}
+    if data - {"cifar10"}:
+        notes.append(f"These runs used data={', '.join(sorted(data))}; the study's numbers are CIFAR-10.")
+    variants = sorted({str(c.choices.get("model")) for c in covered} & set(MODEL_VARIANTS))
+    if variants:
+        notes.append(f"These runs used model={', '.join(variants)}, a smaller variant; the study's numbers "
+                     f"are for {st.context.get('model', 'the full model')}.")
+    if st.note:
+        notes.append(st.note)
+    return notes
+
+
+def _contrasts(st: StudyTable, table: Table) -> list[str]:
+    out = []
+    for con in st.contrasts:
+        a = next((r.cell for r in table.rows if r.label == con.row and r.cell is not None), None)
+        b = next((r.cell for r in table.rows if r.label == con.base and r.cell is not None), None)
+        ours = "not measured"
+        if a is not None and b is not None:
+            ma, mb = a.stat(con.metric).mean, b.stat(con.metric).mean
+            if ma is not None and mb:
+                ours = f"{(ma / mb - 1.0) * 100.0:+.3g}%"
+        out.append(f"{con.text} ({con.row} vs {con.base}, {con.metric}): ours {ours}, study +{con.percent:g}%.")
+    return out
+
+
+def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
+    by_exp: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_exp.setdefault(cell.experiment, []).append(cell)
+    tables = []
+    for exp in sorted(by_exp):
+        group = by_exp[exp]
+        if exp in TABLES_BY_NAME:
+            group = [c for c in group if id(c) not in shown]
+            if not group:
+                continue
+            name, title = f"{exp}_other", f"{exp}: runs that match no row of the study table"
+        else:
+            name, title = exp, f"experiment {exp}: runs grouped by their varying choices"
+        keys, overrides = _varying(group, {SEED})
+        group = sorted(group, key=lambda c: tuple(_sort_key(_value(c, k)) for k in keys) + c.value_overrides)
+        table = Table(slug(name), title, "generic", "test/err", [])
+        table.setting_columns = keys + (["overrides"] if overrides else [])
+        if not keys and not overrides and group:
+            shared = {k: v for k, v in group[0].choices.items() if k != SEED}
+            table.notes.append("All runs share the settings " + _describe(shared)
+                               + (" " + " ".join(group[0].value_overrides) if group[0].value_overrides else ""))
+        best = min((c for c in group if c.stat("test/err").mean is not None),
+                   key=lambda c: c.stat("test/err").mean, default=None)
+        for cell in group:
+            row = Row(_extra_label(cell, keys, overrides) or exp, cell)
+            if best is not None and cell is not best:
+                row.vs = "best"
+                row.comparison = _compare(cell, best, "test/err")
+            table.rows.append(row)
+        if best is not None and len(group) > 1:
+            table.notes.append(f"'vs best' compares each row with the lowest mean test error "
+                               f"({_extra_label(best, keys, overrides)}).")
+        tables.append(table)
+    return tables
+
+
+def _sort_key(value: Any) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "table"
+
+
+def _fmt_stat(st: Stat, col: Column) -> str:
+    if st.mean is None:
+        return "–"
+    if col.metric == "model/params":
+        text = f"{st.mean:,.0f}"
+        return text if not st.sd else f"{text} ± {st.ci:,.0f}" if st.ci is not None else text
+    return st.fmt(col.scale, col.digits)
+
+
+def _fmt_ref(value: float, col: Column) -> str:
+    if col.metric == "model/params":
+        return f"{value:,.0f}"
+    return f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
+
+
+def _n_text(cell: Cell) -> str:
+    text = str(cell.n)
+    extra = []
+    if cell.diverged:
+        extra.append(f"{len(cell.diverged)} diverged")
+    failed = [r for r in cell.other if r.status == Status.FAILED]
+    pruned = [r for r in cell.other if r.status == Status.PRUNED]
+    if failed:
+        extra.append(f"{len(failed)} failed")
+    if pruned:
+        extra.append(f"{len(pruned)} pruned")
+    return text + (f" (+{', '.join(extra)})" if extra else "")
+
+
+def _comparison_text(row: Row, scale: float = 100.0) -> str:
+    if row.vs is None:
+        return ""
+    parts = []
+    c = row.comparison
+    if c is None:
+        parts.append(f"vs {row.vs}: not run")
+    elif c.diff is None:
+        parts.append(f"vs {row.vs}: {c.text}")
+    else:
+        parts.append(f"vs {row.vs}: {c.diff * scale:+.2f} pp, {c.text}")
+    if row.study_diff is not None:
+        parts.append(f"study {row.study_diff:+.2f} pp")
+    return "; ".join(parts)
+
+
+def display(table: Table) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of strings, as shown in HTML and Markdown."""
+    cols = table.columns
+    primary = next(c for c in COLUMNS if c.metric == table.primary)
+    header = ["row"] if table.kind == "study" else list(table.setting_columns or ["experiment"])
+    if table.kind == "study":
+        header.append("other settings")
+    if table.show_experiment:
+        header.append("experiment")
+    header.append("n")
+    for col in cols:
+        header.append(col.title)
+        if col.metric == table.primary and table.kind == "study":
+            header += ["study", "ours − study"]
+    header.append("comparison")
+    out = []
+    for row in table.rows[:MAX_HTML_ROWS]:
+        cell = row.cell
+        line: list[str] = []
+        if table.kind == "study":
+            line += [row.label, row.extra]
+        else:
+            line += _setting_values(table, cell)
+        if table.show_experiment:
+            line.append(cell.experiment if cell else "")
+        line.append(_n_text(cell) if cell else "not run")
+        for col in cols:
+            st = cell.stat(col.metric) if cell else Stat(0, None, None, None)
+            text = _fmt_stat(st, col)
+            ref = row.ref.ref.get(col.metric) if row.ref else None
+            if col.metric == table.primary and table.kind == "study":
+                line.append(text)
+                line.append(_fmt_ref(ref, col) if ref is not None else "")
+                if ref is not None and st.mean is not None:
+                    line.append(f"{st.mean * col.scale - ref:+.2f}")
+                else:
+                    line.append("")
+            else:
+                if ref is not None and not (col.metric == "test/acc" and table.primary == "test/err"):
+                    text += f" (study {_fmt_ref(ref, col)})"
+                line.append(text)
+        line.append(_comparison_text(row, primary.scale))
+        out.append(line)
+    return header, out
+
+
+def _setting_values(table: Table, cell: Cell | None) -> list[str]:
+    if cell is None:
+        return [""] * len(table.setting_columns)
+    if not table.setting_columns:
+        return [cell.experiment]
+    values = []
+    for key in table.setting_columns:
+        value = " ".join(cell.value_overrides) if key == "overrides" else _value(cell, key)
+        values.append("" if value is None else str(value))
+    return values
+
+
+def records(table: Table) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows with numbers (CSV, W&B): mean, CI half-width and n of each metric."""
+    header = ["row", "other_settings", "experiment", "n", "n_diverged", "n_failed_or_pruned"]
+    if table.kind == "generic":
+        header = list(table.setting_columns) + header[2:]
+    for col in table.columns:
+        base = col.metric.replace("/", "_")
+        header += [f"{base}_mean", f"{base}_ci95", f"{base}_n"]
+        if table.kind == "study":
+            header.append(f"{base}_study")
+    header += ["vs", "vs_diff", "vs_p", "vs_verdict", "study_vs_diff"]
+    rows = []
+    for row in table.rows:
+        cell = row.cell
+        line: list[Any] = []
+        if table.kind == "study":
+            line += [row.label, row.extra]
+        else:
+            line += _setting_values(table, cell) if table.setting_columns else []
+        line += [cell.experiment if cell else "", cell.n if cell else 0, len(cell.diverged) if cell else 0,
+                 len(cell.other) if cell else 0]
+        for col in table.columns:
+            st = cell.stat(col.metric) if cell else Stat(0, None, None, None)
+            scale = col.scale
+            line += [None if st.mean is None else st.mean * scale, None if st.ci is None else st.ci * scale, st.n]
+            if table.kind == "study":
+                line.append(row.ref.ref.get(col.metric) if row.ref else None)
+        c = row.comparison
+        line += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0,
+                 None if c is None else c.p, "" if c is None else c.verdict, row.study_diff]
+        rows.append(line)
+    return header, rows
+
+
+def table_title(table: Table) -> str:
+    if table.study is not None:
+        return f"{table.name} — {table.title} (study {table.study.study})"
+    return f"{table.name} — {table.title}"
+
+
+def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
+    header = ["norm", "runs", "training-loss range (ours)", "study", "mean gradient cosine (ours)", "study",
+              "β-smoothness mean / max (ours)", "study Lipschitz estimate"]
+    rows = []
+    for m in table.mechanism:
+        ref = m["study"]
+        lr = m.get("loss_range")
+        rows.append([
+            m["norm"], str(m["runs"]),
+            f"[{lr[0]:.2f}, {lr[1]:.2f}]" if lr else f"no {STEPS}",
+            f"[{ref['loss_range'][0]:g}, {ref['loss_range'][1]:g}]" if "loss_range" in ref else "",
+            f"{m['grad_cos']:.2f}" if "grad_cos" in m else "no probes",
+            f"{ref['grad_cos']:g}" if "grad_cos" in ref else "",
+            f"{m['beta_mean']:.3g} / {m['beta_max']:.3g}" if "beta_mean" in m else "no probes",
+            f"{ref['lipschitz']:g}" if "lipschitz" in ref else "",
+        ])
+    return header, rows
+
+
