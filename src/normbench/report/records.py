@@ -35,7 +35,7 @@ from normbench.record import (
     validate_summary,
 )
 from normbench.report.stats import Stat, mean_ci
-from normbench.sweep.identity import NOT_IDENTITY, SEED, override_key, seedless_identity
+from normbench.sweep.identity import NOT_IDENTITY, SEED, covered, override_key, seedless_identity
 
 # a directory holding one of these is a run dir (its subdirectories are not searched)
 RUN_MARKERS = (SUMMARY, CONFIG, METRICS)
@@ -298,11 +298,6 @@ def pool_key(run: RunRecord) -> tuple[str, str]:
     return (run.experiment, run.seedless_identity or run.identity)
 
 
-def _covered(key: str, keys: Iterable[str]) -> bool:
-    """key is one of keys or a sub-key of one (how NOT_IDENTITY is read)."""
-    return any(key == k or key.startswith(k + ".") for k in keys)
-
-
 def value_overrides(run: RunRecord) -> tuple[str, ...]:
     """The run's overrides of values, for display only: not the seed nor keys that do not change the
     numbers (NOT_IDENTITY), nor what the choices and the experiment show already (group overrides such
@@ -311,7 +306,7 @@ def value_overrides(run: RunRecord) -> tuple[str, ...]:
     shown.add("experiment")
     ignored = (*NOT_IDENTITY, SEED)
     return tuple(sorted(o for o in run.overrides
-                        if "=" in o and (key := override_key(o)) not in shown and not _covered(key, ignored)))
+                        if "=" in o and (key := override_key(o)) not in shown and not covered(key, ignored)))
 
 
 @dataclass

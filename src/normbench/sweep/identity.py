@@ -25,8 +25,9 @@ SEED = "seed"
 MAX_DIRNAME = 120
 
 
-def _ignored(key: str, ignored: Iterable[str]) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in ignored)
+def covered(key: str, keys: Iterable[str]) -> bool:
+    """`key` is one of `keys` or a sub-key of one (how NOT_IDENTITY is read)."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
 
 
 def training_config(cfg: DictConfig | dict, ignored: Iterable[str] = NOT_IDENTITY) -> dict:
@@ -38,7 +39,7 @@ def training_config(cfg: DictConfig | dict, ignored: Iterable[str] = NOT_IDENTIT
         out = {}
         for key, value in node.items():
             path = f"{prefix}{key}"
-            if _ignored(path, ignored):
+            if covered(path, ignored):
                 continue
             out[key] = strip(value, path + ".") if isinstance(value, dict) else value
         return out
@@ -68,7 +69,7 @@ def override_key(override: str) -> str:
 def job_dirname(overrides: Iterable[str]) -> str:
     """A sweep job's subdir: its overrides of keys that change the numbers (readable, stable across
     re-runs), hashed when too long."""
-    kept = [o for o in overrides if not _ignored(override_key(o), NOT_IDENTITY)]
+    kept = [o for o in overrides if not covered(override_key(o), NOT_IDENTITY)]
     name = ",".join(kept).replace("/", "_") or "base"
     if len(name) > MAX_DIRNAME:
         digest = hashlib.sha256(name.encode()).hexdigest()[:10]
