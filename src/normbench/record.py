@@ -29,7 +29,6 @@ class Status(str, Enum):
     __format__ = str.__format__
 
 
-FINISHED = (Status.COMPLETED, Status.DIVERGED, Status.FAILED, Status.PRUNED)
 # What a re-run skips: the same identity gives the same numbers (a divergence included).
 DONE = (Status.COMPLETED, Status.DIVERGED)
 
