@@ -7,8 +7,11 @@
 """
 
 import sys
+from pathlib import Path
 
 from normbench.perf.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(train_script=ROOT / "bench" / "train.py", conf_dir=ROOT / "conf"))

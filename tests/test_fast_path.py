@@ -1,5 +1,6 @@
 """Correctness of the fast path (not its speed): memory formats, fp32 norms under autocast, the loop's
-bookkeeping at its logging points, the first-step marker, fused-optimizer selection and compile reuse.
+bookkeeping at its logging points, the first-step time read from the run record, fused-optimizer selection
+and compile reuse.
 The CUDA-only checks (no host sync in the step loop, bf16 norms on the GPU) skip without a GPU."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from normbench.losses import build_criterion
 from normbench.models import build_model
 from normbench.norms import NormSpec
 from normbench.optim import build_optimizer, build_scheduler, fast_optimizer_kwargs
-from normbench.trainer import FIRST_STEP_ENV, LoopSettings, LoopState, Trainer
+from normbench.trainer import LoopSettings, LoopState, Trainer
 
 torch.set_num_threads(1)
 
@@ -241,16 +242,38 @@ def test_epoch_row_and_evaluation(data):
     assert row["throughput/img_s"] > 0 and row["time/epoch_s"] >= 0
 
 
-def test_first_step_marker(data, tmp_path, monkeypatch):
-    marker = tmp_path / "first.txt"
-    monkeypatch.setenv(FIRST_STEP_ENV, str(marker))
-    trainer, _ = make_trainer(make_model(), data)
-    trainer.train_steps(1, LoopState(), 3)
-    trainer.train_steps(1, LoopState(), 2)
-    lines = marker.read_text().splitlines()
-    assert len(lines) == 1
-    stamp, pid = lines[0].split()
-    assert float(stamp) > 0 and int(pid) > 0
+def test_first_step_marker(data, tmp_path):
+    """bench/perf.py's start-up figure comes from the run record, not from a hook in the loop: with one
+    step per epoch and a logging point after every step (the TINY settings), steps.jsonl is written
+    exactly once, right after the first step, and its modification time is that moment."""
+    import time
+
+    from normbench.perf.startup import TINY, first_step_time
+    from normbench.record import STEPS, RecordSink
+
+    assert {"trainer.max_steps_per_epoch=1", "trainer.log_every_steps=1"} <= set(TINY)
+    started = time.time()
+    trainer, _ = make_trainer(make_model(), data, log_every=1)
+    trainer.settings.max_steps_per_epoch = 1
+
+    writes: list[str] = []
+
+    class CountingSink(RecordSink):
+        def _write(self, name, rows):
+            writes.append(name)
+            super()._write(name, rows)
+
+    trainer.sink = CountingSink(tmp_path)
+    state = trainer.run(LoopState())
+    finished = time.time()
+    assert state.status == "completed" and state.step == 1
+    assert writes.count(STEPS) == 1                                # recorded exactly once per run
+    stamp = first_step_time(tmp_path)
+    assert started - 0.05 <= stamp <= finished + 0.05              # after process/run start, before it ended
+    assert stamp <= (tmp_path / "metrics.jsonl").stat().st_mtime   # before the epoch's evaluation row
+    (tmp_path / STEPS).write_text('{"step": 1}\n{"step": 2}\n')
+    with pytest.raises(RuntimeError, match="exactly"):
+        first_step_time(tmp_path)                                  # a second write is refused, not misread
 
 
 # ------------------------------------------------------------------------------------------ optimizers
@@ -318,7 +341,6 @@ def test_compiled_code_is_reused_by_a_new_model_of_the_same_shape():
 @cuda
 def test_no_host_sync_inside_the_step_loop(data, monkeypatch):
     """With CUDA sync debugging set to error, only the logging points (_flush) may synchronise."""
-    monkeypatch.delenv(FIRST_STEP_ENV, raising=False)
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     gpu_data = copy.copy(data)

@@ -13,17 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from normbench.perf.cli import (
-    SECTIONS,
-    PerfSettings,
-    Sample,
-    alternate,
-    evaluate_targets,
-    paired_ratio,
-    peak_tflops,
-    print_table,
-    table_rows,
-)
+from normbench.perf.common import SECTIONS, PerfSettings, Sample, alternate, paired_ratio
+from normbench.perf.cuda import peak_tflops
+from normbench.perf.table import print_table, table_rows
+from normbench.perf.targets import evaluate_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +28,6 @@ def _positive(value) -> bool:
 def test_quick_benchmark_runs_and_writes_every_section(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("NORMBENCH_FIRST_STEP_FILE", None)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "perf.py"), "--quick", "--out", str(out)],
                           check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -11,10 +11,6 @@ scheduler step, and one ``argmax`` for the accuracy. Nothing in it waits for the
 * the data stream (``normbench.data.BatchStream``) indexes a uint8 tensor on the device.
 
 ``docs/PERFORMANCE.md`` has the measurements (``bench/perf.py``) against a hand-written loop.
-
-Set the environment variable ``NORMBENCH_FIRST_STEP_FILE`` to a path and each Trainer appends
-``"<unix time> <pid>"`` to it once its first optimizer step is done (after a device sync): that is how
-``bench/perf.py`` measures the fixed cost from process start to the first training step.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from normbench.data import eval_batches
-from normbench.device import keep_norms_fp32, synchronize
+from normbench.device import keep_norms_fp32
 from normbench.record import Status
-
-FIRST_STEP_ENV = "NORMBENCH_FIRST_STEP_FILE"
 
 
 @dataclass
@@ -119,7 +112,6 @@ class Trainer:
         # fp16 needs loss scaling against gradient underflow; bf16 (the CUDA default) does not.
         self.scaler = (torch.amp.GradScaler(self.device.type)
                        if settings.amp_dtype == torch.float16 else None)
-        self._first_step_file = os.environ.get(FIRST_STEP_ENV) or None
 
     def autocast(self):
         if self.settings.amp_dtype is None:
@@ -218,8 +210,6 @@ class Trainer:
             pending_preds.append(logits.detach().argmax(1))
             pending_labels.append(y)
             pending_rows.append({"step": state.step, "epoch": epoch, "lr": lr})
-            if self._first_step_file is not None:
-                self._mark_first_step()
             if len(pending_rows) >= log_every and not self._flush(
                     pending_losses, pending_preds, pending_labels, pending_rows, totals, bar):
                 break
@@ -252,13 +242,6 @@ class Trainer:
         for pending in (losses, preds, labels, rows):
             pending.clear()
         return finite
-
-    def _mark_first_step(self) -> None:
-        """Append the wall-clock time of the first finished step to $NORMBENCH_FIRST_STEP_FILE (once)."""
-        path, self._first_step_file = self._first_step_file, None
-        synchronize(self.device)
-        with open(path, "a") as handle:
-            handle.write(f"{time.time():.6f} {os.getpid()}\n")
 
     def _run_probes(self, step: int, epoch: int, x, y, lr: float) -> None:
         from normbench.probes import run_probes  # imported only by runs that have probes

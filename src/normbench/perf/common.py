@@ -1,0 +1,189 @@
+"""What every benchmark section shares: the settings, the paths passed in by ``bench/perf.py``, the timed
+sample, the alternating measurement and its statistics, and the machine description."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from normbench.device import synchronize
+
+SECTIONS = ("loop", "data", "fixed_cost", "probes", "cuda")
+
+
+@dataclass
+class PerfSettings:
+    quick: bool = False
+    device: str = "auto"
+    threads: int = 0                       # 0: torch's default
+    precision: str = "auto"
+    channels_last: str | bool = "auto"
+    compile: bool = False
+    rounds: int = 15
+    models: tuple[str, ...] = ("vgg_a", "alexnet_cifar")
+    batches: tuple[int, ...] = (8, 128)
+    width: float = 1.0
+    steps: dict = field(default_factory=lambda: {8: 2, 128: 1})   # training steps per timed window
+    loop_budget_s: float = 60.0            # per (model, batch): more rounds when they fit (see alternate)
+    data_seconds: float = 2.0
+    data_images: int = 10_000
+    data_workers: int = 2
+    startup_rounds: int = 3
+    multirun_jobs: int = 5
+    probe_width: float = 0.25
+    probe_batch: int = 32
+    probe_rounds: int = 3
+    cuda_epoch_images: int = 50_000
+    cuda_concurrency_steps: int = 3000
+    sections: tuple[str, ...] = SECTIONS
+
+    @classmethod
+    def make(cls, quick: bool, **overrides) -> PerfSettings:
+        base = cls(quick=True, threads=1, rounds=15, width=0.125, steps={8: 2, 128: 1}, loop_budget_s=2.5,
+                   data_seconds=0.3, data_images=2_000, startup_rounds=1, multirun_jobs=3, probe_width=0.125,
+                   probe_batch=8, probe_rounds=3, cuda_epoch_images=5_000,
+                   cuda_concurrency_steps=300) if quick else cls()
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(base, key, value)
+        return base
+
+
+@dataclass(frozen=True)
+class PerfPaths:
+    """Where the project's files are; the caller (``bench/perf.py``) knows, the library does not.
+
+    ``train_script``: ``bench/train.py`` (the start-up and concurrency measurements run it; without it they
+    are skipped). ``conf_dir``: the Hydra config dir (optimizer, scheduler and probe groups are read from
+    it; without it built-in copies of the defaults are used)."""
+    train_script: Path | None = None
+    conf_dir: Path | None = None
+
+
+@dataclass
+class Sample:
+    """One timed window: images trained on (or produced), wall-clock and process CPU seconds."""
+    images: int
+    wall_s: float
+    cpu_s: float
+
+    def __add__(self, other: Sample) -> Sample:
+        return Sample(self.images + other.images, self.wall_s + other.wall_s, self.cpu_s + other.cpu_s)
+
+    @property
+    def rate(self) -> float:
+        return self.images / max(self.wall_s, 1e-12)
+
+    @property
+    def cpu_rate(self) -> float:
+        return self.images / max(self.cpu_s, 1e-12)
+
+
+def alternate(candidates: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, chunks: int = 1,
+              budget_s: float | None = None, max_rounds: int = 101) -> dict[str, list]:
+    """Call each candidate `warmup` times, then run `rounds` rounds. A round is `chunks` passes over the
+    candidates, the order reversed on every other pass; a candidate's results within a round are summed
+    (`+`). With `budget_s`, more rounds (up to `max_rounds`) are run when the warm-up shows they fit in
+    about that many seconds: more, shorter, adjacent pairs make the median ratio steadier on a busy
+    machine. Returns the per-round results of each candidate."""
+    names = list(candidates)
+    started = time.perf_counter()
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    if budget_s and warmup:
+        per_round = (time.perf_counter() - started) / warmup * chunks
+        rounds = max(rounds, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
+    results: dict[str, list] = {name: [] for name in names}
+    passes = 0
+    for _ in range(rounds):
+        acc: dict = {}
+        for _ in range(chunks):
+            for name in (names if passes % 2 == 0 else names[::-1]):
+                value = candidates[name]()
+                acc[name] = value if name not in acc else acc[name] + value
+            passes += 1
+        for name in names:
+            results[name].append(acc[name])
+    return results
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a[i] / b[i]."""
+    return statistics.median(x / y for x, y in zip(a, b) if y > 0)
+
+
+def quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]] if values else []
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
+def rates(samples: list[Sample], cpu: bool = False) -> list[float]:
+    return [x.cpu_rate if cpu else x.rate for x in samples]
+
+
+def timed(fn: Callable[[], int], device: torch.device) -> Sample:
+    """Time one call of `fn`, which returns how many images it trained on or produced."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    images = fn()
+    synchronize(device)
+    return Sample(images, time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def train_seen(trainer, state, steps: int) -> int:
+    """`steps` steps of the real loop (``Trainer.train_steps``); the number of images trained on."""
+    return trainer.train_steps(1, state, steps).seen
+
+
+def autocast(device: torch.device, amp):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def maybe_compile(model, enabled: bool):
+    if not enabled:
+        return model
+    from normbench.device import compile_model
+
+    return compile_model(model)
+
+
+def precision_name(amp) -> str:
+    return str(amp).replace("torch.", "") if amp else "fp32"
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    info = {"cpu": cpu, "cores": cores, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": str(device), "torch_threads": torch.get_num_threads(),
+            "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def child_env() -> dict:
+    """The environment of a benchmark's child process: full Hydra errors, W&B off, unbuffered output."""
+    return {**os.environ, "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}

@@ -1,0 +1,153 @@
+"""Section ``cuda`` (CUDA only): epoch time, achieved TFLOP/s against the device's peak, runs/hour with 1,
+2 and 4 concurrent jobs on the GPU, and channels_last against NCHW per norm."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from normbench.device import resolve_channels_last, resolve_precision
+from normbench.perf import parts
+from normbench.perf.common import (
+    PerfPaths,
+    PerfSettings,
+    alternate,
+    autocast,
+    child_env,
+    maybe_compile,
+    paired_ratio,
+    precision_name,
+    rates,
+    timed,
+    train_seen,
+)
+from normbench.record import METRICS
+from normbench.trainer import LoopState
+
+# Dense (no sparsity) peak TFLOP/s by device name: (bf16/fp16 tensor cores, fp32). Checked in order.
+PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0, 51.2), ("H100 NVL", 835.0, 60.0), ("H100", 989.4, 66.9), ("H200", 989.4, 66.9),
+    ("A100", 312.0, 19.5), ("L40S", 362.0, 91.6), ("L4", 121.0, 30.3),
+]
+CONCURRENCY_LEVELS = (1, 2, 4)
+CHANNELS_LAST_NORMS = ("none", "bn", "gn", "ln", "lrn")
+
+
+def peak_tflops(name: str, low_precision: bool) -> float | None:
+    if os.environ.get("NORMBENCH_PEAK_TFLOPS"):
+        return float(os.environ["NORMBENCH_PEAK_TFLOPS"])
+    for key, bf16, fp32 in PEAK_TFLOPS:
+        if key in name:
+            return bf16 if low_precision else fp32
+    return None
+
+
+def train_step_flops(model, x, y, amp, device) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def _epoch(s: PerfSettings, paths: PerfPaths, device: torch.device, amp, peak, batch: int) -> dict:
+    """(a) One CIFAR-sized epoch (45k train images) + validation of vgg_a at `batch`, and its TFLOP/s."""
+    channels_last = resolve_channels_last(s.channels_last, device, "bn")
+    data = parts.synthetic_data(device, num_train=int(s.cuda_epoch_images * 0.9),
+                                val=int(s.cuda_epoch_images * 0.1))
+    model = parts.cnn("vgg_a", 1.0, "bn", device, channels_last)
+    stream = parts.batch_stream(data, batch, channels_last, device)
+    trainer = parts.trainer(maybe_compile(model, s.compile), data, stream, device, amp, channels_last,
+                            parts.NullSink(), paths.conf_dir, max_eval_batches=None)
+    x, y = next(iter(stream))
+    flops_per_step = train_step_flops(model, x, y, amp, device)
+    trainer.train_steps(1, LoopState(), 30)   # warm-up: cuDNN autotuning, allocator, (compile)
+    row = trainer.run(LoopState()).history[-1]
+    img_s = row["throughput/img_s"]
+    tflops = flops_per_step / batch * img_s / 1e12
+    return {"model": "vgg_a", "batch": batch, "train_images": len(data.train), "epoch_s": row["time/epoch_s"],
+            "train_img_s": img_s, "flops_per_image": flops_per_step / batch, "achieved_tflops": tflops,
+            "mfu": tflops / peak if peak else None}
+
+
+def _concurrency_level(job: list[str], k: int, workdir: Path) -> dict:
+    """k jobs launched together (one wave): runs/hour = k / wall, and their summed training images/s."""
+    dirs = [workdir / f"concurrent-{k}-{i}" for i in range(k)]
+    start = time.time()
+    procs = [subprocess.Popen([*job, f"seed={i}", f"hydra.run.dir={d}"], cwd=workdir, env=child_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i, d in enumerate(dirs)]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"concurrent job failed ({p.returncode}): {err[-2000:]}")
+    wall = time.time() - start
+    img_s = [json.loads((d / METRICS).read_text().splitlines()[-1])["throughput/img_s"] for d in dirs]
+    return {"concurrent": k, "wall_s": wall, "runs_per_hour": k / wall * 3600,
+            "train_img_s_total": sum(img_s), "train_img_s_per_job": img_s}
+
+
+def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Path) -> dict:
+    """(b) runs/hour with 1, 2, 4 concurrent bench/train.py jobs on this GPU (batch 8, full-width vgg_a),
+    plus their summed steady-state training images/s, which is what decides runs/hour for long runs."""
+    steps = s.cuda_concurrency_steps
+    job = [sys.executable, str(train), "data=synthetic", f"data.synthetic.num_train={steps * 8 + 1008}",
+           "data.val_size=1000", "model=vgg_a", "batch_size=8", "trainer.epochs=1",
+           f"trainer.max_steps_per_epoch={steps}", "trainer.max_eval_batches=1", "logger=none",
+           f"trainer.device={device}", "trainer.checkpoint=false"]
+    levels = [_concurrency_level(job, k, workdir) for k in CONCURRENCY_LEVELS]
+    for level in levels:
+        level["speedup"] = level["runs_per_hour"] / levels[0]["runs_per_hour"]
+        level["train_speedup"] = level["train_img_s_total"] / levels[0]["train_img_s_total"]
+    return {"steps_per_job": steps, "batch": 8, "levels": levels}
+
+
+def _channels_last(paths: PerfPaths, device: torch.device, amp, norm: str) -> dict:
+    """(c) channels_last against NCHW images/s for one norm (vgg_a, batch 128)."""
+    data = parts.synthetic_data(device, num_train=128 * 20 * 2)
+    candidates, keep = {}, []
+    for cl in (True, False):
+        model = parts.cnn("vgg_a", 1.0, norm, device, cl)
+        trainer = parts.trainer(model, data, parts.batch_stream(data, 128, cl, device), device, amp, cl,
+                                parts.NullSink(), paths.conf_dir)
+        keep.append(trainer)
+        candidates["channels_last" if cl else "nchw"] = functools.partial(
+            timed, functools.partial(train_seen, trainer, LoopState(), 10), device)
+    res = alternate(candidates, 5)
+    return {"norm": norm, "channels_last_img_s": statistics.median(rates(res["channels_last"])),
+            "nchw_img_s": statistics.median(rates(res["nchw"])),
+            "ratio": paired_ratio(rates(res["channels_last"]), rates(res["nchw"])),
+            "auto_policy": resolve_channels_last("auto", device, norm)}
+
+
+def bench_cuda(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path) -> dict:
+    if device.type != "cuda":
+        return {"skipped": "no CUDA device"}
+    torch.backends.cudnn.benchmark = True
+    amp = resolve_precision(s.precision, device)
+    name = torch.cuda.get_device_name(device)
+    peak = peak_tflops(name, amp is not None)
+    out: dict = {"gpu": name, "peak_tflops": peak, "precision": precision_name(amp)}
+    out["epochs"] = []
+    for batch in (128, 8):
+        out["epochs"].append(_epoch(s, paths, device, amp, peak, batch))
+        torch.cuda.empty_cache()
+    if paths.train_script is not None and Path(paths.train_script).exists():
+        out["concurrency"] = _concurrency(s, Path(paths.train_script), device, workdir)
+    out["channels_last"] = []
+    for norm in CHANNELS_LAST_NORMS:
+        out["channels_last"].append(_channels_last(paths, device, amp, norm))
+        torch.cuda.empty_cache()
+    return out

@@ -1,0 +1,142 @@
+"""Section ``loop``: steady-state training images/s of normbench's ``Trainer.train_steps`` (the real loop,
+with its RecordSink, scheduler, accuracy bookkeeping and logging points, progress bar off as in a sweep)
+against a minimal hand-written loop (forward, cross-entropy, zero_grad, backward, optimizer step) on the
+same model (an identical copy), batch, device, threads, precision, memory format, optimizer
+implementation and data: both loops draw their batches from a ``BatchStream`` over the same uint8 tensors
+with the same crop+flip+normalize, so the augmentation cost is in both. Also the data pipeline's own time
+per batch against the step time, and the loop's own cost per step on a near-free model."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from normbench.device import keep_norms_fp32, resolve_channels_last, resolve_precision
+from normbench.optim import fast_optimizer_kwargs
+from normbench.perf import parts
+from normbench.perf.common import (
+    PerfPaths,
+    PerfSettings,
+    alternate,
+    autocast,
+    maybe_compile,
+    paired_ratio,
+    precision_name,
+    quartiles,
+    rates,
+    timed,
+    train_seen,
+)
+from normbench.record import RecordSink
+from normbench.trainer import LoopState
+
+WHAT = ("Trainer.train_steps (RecordSink, constant scheduler, accuracy, logging every 25 steps, no progress "
+        "bar) vs a hand-written forward/CE/zero_grad/backward/SGD-step loop; same model copy, BatchStream data "
+        "with crop+flip+normalize in both, SGD lr 0.01 momentum 0.9")
+
+
+def _raw_loop(model, stream, steps: int, device: torch.device, amp, compile_: bool) -> Callable[[], int]:
+    """The hand-written reference loop: `steps` steps per call, returning the images trained on."""
+    forward = maybe_compile(model, compile_)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, **fast_optimizer_kwargs(torch.optim.SGD, params))
+
+    def run() -> int:
+        seen = 0
+        for x, y in itertools.islice(stream, steps):
+            with autocast(device, amp):
+                loss = F.cross_entropy(forward(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += y.shape[0]
+        return seen
+
+    return run
+
+
+def _data_only(stream, steps: int) -> Callable[[], int]:
+    """Draw 4 x `steps` batches from the pipeline alone."""
+    def run() -> int:
+        seen = 0
+        for _ in range(4):
+            for _x, y in itertools.islice(stream, steps):
+                seen += y.shape[0]
+        return seen
+
+    return run
+
+
+def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
+                batch: int, steps: int, model: torch.nn.Module | None) -> tuple[dict, dict]:
+    """The three timed candidates (normbench, raw, data) of one configuration, and its settings."""
+    amp = resolve_precision(s.precision, device)
+    channels_last = resolve_channels_last(s.channels_last, device, "bn")
+    data = parts.synthetic_data(device, num_train=max(batch * steps * 2, 512))
+    base = model.to(device) if model is not None else parts.cnn(model_name, s.width, "bn", device, channels_last)
+    if amp is not None:
+        keep_norms_fp32(base)  # what the Trainer does; the raw loop's copy gets the same fp32 norms
+    model, raw_model = copy.deepcopy(base), copy.deepcopy(base)  # same weights, same memory layout history
+    sink = RecordSink(workdir / f"loop-{model_name}-{batch}")
+    trainer = parts.trainer(maybe_compile(model, s.compile), data,
+                            parts.batch_stream(data, batch, channels_last, device), device, amp, channels_last,
+                            sink, paths.conf_dir)
+    state = LoopState()
+    raw = _raw_loop(raw_model, parts.batch_stream(data, batch, channels_last, device, seed=1), steps, device,
+                    amp, s.compile)
+    data_only = _data_only(parts.batch_stream(data, batch, channels_last, device, seed=2), steps)
+    candidates = {"normbench": lambda: timed(lambda: train_seen(trainer, state, steps), device),
+                  "raw": lambda: timed(raw, device),
+                  "data": lambda: timed(data_only, device)}
+    return candidates, {"precision": precision_name(amp), "channels_last": channels_last}
+
+
+def _row(s: PerfSettings, device: torch.device, model_name: str, batch: int, steps: int, config: dict,
+         res: dict) -> dict:
+    nb_rates, raw_rates = rates(res["normbench"]), rates(res["raw"])
+    nb, raw, dat = (statistics.median(rates(res[k])) for k in ("normbench", "raw", "data"))
+    step_ms, data_ms = 1000 * batch / nb, 1000 * batch / dat
+    return {
+        "model": model_name, "batch": batch, "width": s.width, "steps_per_window": steps,
+        "rounds": len(res["raw"]), "precision": config["precision"],
+        "channels_last": config["channels_last"], "compile": s.compile,
+        "normbench_img_s": nb, "raw_img_s": raw, "ratio": paired_ratio(nb_rates, raw_rates),
+        "ratio_quartiles": quartiles([a / b for a, b in zip(nb_rates, raw_rates)]),
+        "best_ratio": max(nb_rates) / max(raw_rates),
+        "cpu_time_ratio": paired_ratio(rates(res["normbench"], cpu=True), rates(res["raw"], cpu=True))
+        if device.type == "cpu" else None,
+        "normbench_rounds_img_s": nb_rates, "raw_rounds_img_s": raw_rates,
+        "data_img_s": dat, "step_ms": step_ms, "data_ms_per_batch": data_ms, "data_share": data_ms / step_ms,
+        "extra_us_per_step": 1e6 * statistics.median((a.wall_s - b.wall_s) / steps
+                                                     for a, b in zip(res["normbench"], res["raw"])),
+    }
+
+
+def loop_config(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
+                batch: int, *, model: torch.nn.Module | None = None, steps: int | None = None,
+                budget_s: float | None = None) -> dict:
+    """One (model, batch) row: normbench, raw and data-only alternated, `steps` steps per window."""
+    steps = steps or int(s.steps.get(batch, max(3, 384 // batch)))
+    candidates, config = _candidates(s, paths, device, workdir, model_name, batch, steps, model)
+    res = alternate(candidates, s.rounds, budget_s=s.loop_budget_s if budget_s is None else budget_s)
+    return _row(s, device, model_name, batch, steps, config, res)
+
+
+def bench_loop(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path) -> dict:
+    rows = [loop_config(s, paths, device, workdir, model_name, batch)
+            for model_name, batch in itertools.product(s.models, s.batches)]
+    # The loop's own cost per step, measured where it is not lost in the noise: a near-free model (one
+    # linear layer) at batch 8, 25 steps (one logging interval) per window. A step of a real model takes
+    # `step_ms`; normbench / raw >= step_ms / (step_ms + overhead) follows without the noise of big steps.
+    tiny = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    overhead = loop_config(s, paths, device, workdir, "linear", 8, model=tiny, steps=25,
+                           budget_s=min(s.loop_budget_s, 5.0))
+    for row in rows:
+        row["predicted_ratio"] = row["step_ms"] / (row["step_ms"] + max(overhead["extra_us_per_step"], 0.0) / 1e3)
+    return {"rows": rows, "overhead": overhead, "threads": torch.get_num_threads(), "what": WHAT}

@@ -1,0 +1,133 @@
+"""The results as table rows (section, measure, normbench, reference, ratio, target, result) and as one
+rich table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+
+def _f(value, digits: int = 0, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+Add = Callable[..., None]
+
+
+def _verdict_row(rows: list, verdict: dict, section: str, measure: str, key: str, digits: int) -> None:
+    """A row with only the verdict of target `key` (its value, target and result), when there is one."""
+    t = verdict.get(key)
+    if t:
+        rows.append((section, measure, "", "", _f(t["value"], digits), t["target"], t["result"]))
+
+
+def _loop_rows(add: Add, loop: dict) -> None:
+    for r in loop.get("rows", []):
+        cpu = f" (cpu {r['cpu_time_ratio']:.3f})" if r.get("cpu_time_ratio") else ""
+        add("1 loop", f"{r['model']} b{r['batch']} w{r['width']:g} img/s ({r['precision']})",
+            _f(r["normbench_img_s"], 1), _f(r["raw_img_s"], 1) + " raw", _f(r["ratio"], 3) + cpu,
+            f"loop/raw {r['model']} b{r['batch']}")
+    for r in loop.get("rows", []):
+        add("1 loop", f"{r['model']} b{r['batch']} data ms/batch vs step ms", _f(r["data_ms_per_batch"], 2),
+            _f(r["step_ms"], 1) + " step", _f(r["data_share"], 3))
+    if loop.get("overhead"):
+        o = loop["overhead"]
+        add("1 loop", "loop's own cost per step (1-layer model, b8; us)", _f(o["extra_us_per_step"], 1),
+            _f(1e3 * o["step_ms"], 0) + " us/step", _f(o["ratio"], 3))
+    if loop.get("skipped"):
+        add("1 loop", "skipped", loop["skipped"], "", "")
+
+
+def _data_rows(add: Add, data: dict) -> None:
+    if "ratio" in data:
+        add("2 data", f"train img/s, b{data['batch_size']} ({data['data']}, {data['num_workers']} workers)",
+            _f(data["normbench_img_s"]), _f(data["torchvision_img_s"]) + " tv", _f(data["ratio"], 1),
+            "data pipeline / torchvision")
+    elif data.get("skipped"):
+        add("2 data", "skipped", data["skipped"], "", "")
+
+
+def _fixed_rows(add: Add, fixed: dict) -> None:
+    if "ratio" not in fixed:
+        if fixed.get("skipped"):
+            add("3 fixed", "skipped", fixed["skipped"], "", "")
+        return
+    add("3 fixed", "process start -> first step (s)", _f(fixed["first_step_s"], 2),
+        _f(fixed["bare_import_torch_s"], 2) + " import torch", _f(fixed["ratio"], 2),
+        "first step / bare import torch")
+    add("3 fixed", "  vs a minimal torch script: start -> first SGD step", _f(fixed["first_step_s"], 2),
+        _f(fixed["minimal_torch_step_s"], 2) + " minimal", _f(fixed["ratio_vs_minimal"], 2))
+    add("3 fixed", "tiny run, start -> exit (s)", _f(fixed["tiny_run_total_s"], 2), "", "")
+    m = fixed.get("multirun", {})
+    if m:
+        add("3 fixed", f"per job in a multirun of {m['jobs']} tiny jobs (s)", _f(m["per_job_s"], 2),
+            _f(fixed["bare_import_torch_s"], 2) + " import torch", _f(m["per_job_over_bare"], 2))
+
+
+def _probe_rows(add: Add, probes: dict) -> None:
+    for r in probes.get("rows", []):
+        if r["probe"] == "none":
+            continue
+        add("4 probes", f"probe={r['probe']} img/s (vgg_a w{probes['width']:g} b{probes['batch']})",
+            _f(r["img_s"], 1), _f(next(x["img_s"] for x in probes["rows"] if x["probe"] == "none"), 1) + " none",
+            _f(r["ratio_vs_none"], 3) + f" (+{100 * r['overhead']:.1f}%)")
+    if probes.get("skipped"):
+        add("4 probes", "skipped", probes["skipped"], "", "")
+
+
+def _cuda_rows(add: Add, rows: list, verdict: dict, cuda: dict) -> None:
+    if cuda.get("skipped"):
+        rows.append(("5 cuda", f"skipped: {cuda['skipped']}", "", "", "", "", ""))
+    for r in cuda.get("epochs", []):
+        add("5 cuda", f"vgg_a b{r['batch']} epoch s / TFLOP/s (peak {_f(cuda['peak_tflops'])})", _f(r["epoch_s"], 1),
+            _f(r["achieved_tflops"], 1) + " TFLOP/s", _f(r["mfu"], 3) + " of peak" if r["mfu"] else "-")
+    for r in cuda.get("concurrency", {}).get("levels", []):
+        add("5 cuda", f"runs/hour, {r['concurrent']} concurrent (b8, {cuda['concurrency']['steps_per_job']} steps)",
+            _f(r["runs_per_hour"], 1), _f(r["train_img_s_total"]) + " img/s", _f(r["speedup"], 2)
+            + f" (img/s {r['train_speedup']:.2f})")
+    _verdict_row(rows, verdict, "5 cuda", "runs/hour gain from concurrency",
+                 "runs/hour, concurrent / single (b8)", 2)
+    for r in cuda.get("channels_last", []):
+        add("5 cuda", f"channels_last / NCHW, norm={r['norm']} (auto: {r['auto_policy']})",
+            _f(r["channels_last_img_s"]), _f(r["nchw_img_s"]) + " nchw", _f(r["ratio"], 3))
+
+
+def table_rows(results: dict) -> list[tuple[str, ...]]:
+    """(section, measure, normbench, reference, ratio, target, result) rows."""
+    verdict = {t["name"]: t for t in results.get("targets", [])}
+    rows: list[tuple[str, ...]] = []
+
+    def add(section, measure, nb, ref, ratio, key=None):
+        t = verdict.get(key) if key else None
+        rows.append((section, measure, nb, ref, ratio, t["target"] if t else "", t["result"] if t else ""))
+
+    loop = results.get("loop", {})
+    _loop_rows(add, loop)
+    if loop.get("rows"):
+        _verdict_row(rows, verdict, "1 loop", "data share of a step (worst)", "data time / step time (worst)",
+                     3)
+    _data_rows(add, results.get("data", {}))
+    _fixed_rows(add, results.get("fixed_cost", {}))
+    _probe_rows(add, results.get("probes", {}))
+    _cuda_rows(add, rows, verdict, results.get("cuda", {}))
+    return rows
+
+
+def print_table(results: dict, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = results["machine"]
+    title = (f"normbench perf{' (quick)' if results['settings']['quick'] else ''}: {m['cpu']}, {m['cores']} cores, "
+             f"torch {m['torch']}, device {m['device']}{' ' + m['gpu'] if m.get('gpu') else ''}, "
+             f"{m['torch_threads']} threads")
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("section", "left"), ("measure", "left"), ("normbench", "right"),
+                         ("reference", "right"), ("ratio", "right"), ("target", "right"), ("result", "center")):
+        table.add_column(col, justify=justify, no_wrap=col != "measure")
+    for row in table_rows(results):
+        style = {"PASS": "green", "FAIL": "red"}.get(row[-1])
+        table.add_row(*row[:-1], f"[{style}]{row[-1]}[/]" if style else row[-1])
+    Console(file=file, width=max(140, Console().width)).print(table)

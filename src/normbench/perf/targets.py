@@ -1,0 +1,53 @@
+"""The performance targets (issue 5) and their PASS / FAIL / skipped verdicts on a result dict."""
+
+from __future__ import annotations
+
+# The loop ones are for the CPU; on a GPU the aim is the same.
+LOOP_TARGETS = {128: 0.97, 8: 0.95}
+DATA_RATIO_TARGET = 10.0
+DATA_SHARE_TARGET = 0.10       # the data pipeline's time per batch, as a fraction of a training step
+FIXED_COST_TARGET = 1.5        # process start -> first step, over bare `import torch`
+CONCURRENCY_TARGET = 2.0       # runs/hour at batch 8 with concurrent jobs, over one job at a time
+
+
+def target(name: str, value, goal: str, passed: bool | None, note: str = "") -> dict:
+    return {"name": name, "value": value, "target": goal,
+            "result": "skipped" if passed is None else ("PASS" if passed else "FAIL"), "note": note}
+
+
+def _loop_targets(loop: dict) -> list[dict]:
+    out = []
+    for row in loop.get("rows", []):
+        goal = LOOP_TARGETS.get(row["batch"])
+        if goal is not None:
+            out.append(target(f"loop/raw {row['model']} b{row['batch']}", row["ratio"], f">= {goal}",
+                              row["ratio"] >= goal))
+    if loop.get("rows"):
+        worst = max(loop["rows"], key=lambda r: r["data_share"])
+        out.append(target("data time / step time (worst)", worst["data_share"], f"<= {DATA_SHARE_TARGET}",
+                          worst["data_share"] <= DATA_SHARE_TARGET, f"{worst['model']} b{worst['batch']}"))
+    return out
+
+
+def _cuda_target(cuda: dict) -> dict:
+    levels = cuda.get("concurrency", {}).get("levels", [])
+    if not levels:
+        return target("runs/hour, concurrent / single (b8)", None, f">= {CONCURRENCY_TARGET}", None,
+                      cuda.get("skipped", "not measured"))
+    best = max(levels, key=lambda r: r["speedup"])
+    return target("runs/hour, concurrent / single (b8)", best["speedup"], f">= {CONCURRENCY_TARGET}",
+                  best["speedup"] >= CONCURRENCY_TARGET, f"{best['concurrent']} jobs")
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    targets = _loop_targets(results.get("loop", {}))
+    data = results.get("data", {})
+    if "ratio" in data:
+        targets.append(target("data pipeline / torchvision", data["ratio"], f">= {DATA_RATIO_TARGET}",
+                              data["ratio"] >= DATA_RATIO_TARGET))
+    fixed = results.get("fixed_cost", {})
+    if "ratio" in fixed:
+        targets.append(target("first step / bare import torch", fixed["ratio"], f"<= {FIXED_COST_TARGET}",
+                              fixed["ratio"] <= FIXED_COST_TARGET))
+    targets.append(_cuda_target(results.get("cuda", {})))
+    return targets
