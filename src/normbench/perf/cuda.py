@@ -23,7 +23,6 @@ from normbench.perf.common import (
     alternate,
     autocast,
     child_env,
-    maybe_compile,
     paired_ratio,
     precision_name,
     rates,
@@ -64,20 +63,16 @@ def train_step_flops(model, x, y, amp, device) -> int:
 
 def _epoch(s: PerfSettings, paths: PerfPaths, device: torch.device, amp, peak, batch: int) -> dict:
     """(a) One CIFAR-sized epoch (45k train images) + validation of vgg_a at `batch`, and its TFLOP/s."""
-    channels_last = resolve_channels_last(s.channels_last, device, "bn")
-    data = parts.synthetic_data(device, num_train=int(s.cuda_epoch_images * 0.9),
-                                val=int(s.cuda_epoch_images * 0.1))
-    model = parts.cnn("vgg_a", 1.0, "bn", device, channels_last)
-    stream = parts.batch_stream(data, batch, channels_last, device)
-    trainer = parts.trainer(maybe_compile(model, s.compile), data, stream, device, amp, channels_last,
-                            parts.NullSink(), paths.conf_dir, max_eval_batches=None)
-    x, y = next(iter(stream))
-    flops_per_step = train_step_flops(model, x, y, amp, device)
-    trainer.train_steps(1, LoopState(), 30)   # warm-up: cuDNN autotuning, allocator, (compile)
-    row = trainer.run(LoopState()).history[-1]
+    run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides("vgg_a", 1.0), f"batch_size={batch}",
+                                                       "trainer.max_eval_batches=null"],
+                          num_train=int(s.cuda_epoch_images * 0.9), val=int(s.cuda_epoch_images * 0.1))
+    x, y = next(iter(run.stream))
+    flops_per_step = train_step_flops(run.model, x, y, amp, device)
+    run.trainer.train_steps(1, LoopState(), 30)   # warm-up: cuDNN autotuning, allocator, (compile)
+    row = run.trainer.run(LoopState()).history[-1]
     img_s = row["throughput/img_s"]
     tflops = flops_per_step / batch * img_s / 1e12
-    return {"model": "vgg_a", "batch": batch, "train_images": len(data.train), "epoch_s": row["time/epoch_s"],
+    return {"model": "vgg_a", "batch": batch, "train_images": len(run.data.train), "epoch_s": row["time/epoch_s"],
             "train_img_s": img_s, "flops_per_image": flops_per_step / batch, "achieved_tflops": tflops,
             "mfu": tflops / peak if peak else None}
 
@@ -103,7 +98,7 @@ def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Pa
     """(b) runs/hour with 1, 2, 4 concurrent bench/train.py jobs on this GPU (batch 8, full-width vgg_a),
     plus their summed steady-state training images/s, which is what decides runs/hour for long runs."""
     steps = s.cuda_concurrency_steps
-    job = [sys.executable, str(train), "data=synthetic", f"data.synthetic.num_train={steps * 8 + 1008}",
+    job = [sys.executable, str(train), "data=synthetic", f"data.num_train={steps * 8 + 1008}",
            "data.val_size=1000", "model=vgg_a", "batch_size=8", "trainer.epochs=1",
            f"trainer.max_steps_per_epoch={steps}", "trainer.max_eval_batches=1", "logger=none",
            f"trainer.device={device}", "trainer.checkpoint=false"]
@@ -114,17 +109,16 @@ def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Pa
     return {"steps_per_job": steps, "batch": 8, "levels": levels}
 
 
-def _channels_last(paths: PerfPaths, device: torch.device, amp, norm: str) -> dict:
+def _channels_last(s: PerfSettings, paths: PerfPaths, device: torch.device, norm: str) -> dict:
     """(c) channels_last against NCHW images/s for one norm (vgg_a, batch 128)."""
-    data = parts.synthetic_data(device, num_train=128 * 20 * 2)
     candidates, keep = {}, []
     for cl in (True, False):
-        model = parts.cnn("vgg_a", 1.0, norm, device, cl)
-        trainer = parts.trainer(model, data, parts.batch_stream(data, 128, cl, device), device, amp, cl,
-                                parts.NullSink(), paths.conf_dir)
-        keep.append(trainer)
+        run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides("vgg_a", 1.0, norm), "batch_size=128",
+                                                           f"trainer.channels_last={str(cl).lower()}"],
+                              num_train=128 * 20 * 2)
+        keep.append(run)
         candidates["channels_last" if cl else "nchw"] = functools.partial(
-            timed, functools.partial(train_seen, trainer, LoopState(), 10), device)
+            timed, functools.partial(train_seen, run.trainer, LoopState(), 10), device)
     res = alternate(candidates, 5)
     return {"norm": norm, "channels_last_img_s": statistics.median(rates(res["channels_last"])),
             "nchw_img_s": statistics.median(rates(res["nchw"])),
@@ -148,6 +142,6 @@ def bench_cuda(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir:
         out["concurrency"] = _concurrency(s, Path(paths.train_script), device, workdir)
     out["channels_last"] = []
     for norm in CHANNELS_LAST_NORMS:
-        out["channels_last"].append(_channels_last(paths, device, amp, norm))
+        out["channels_last"].append(_channels_last(s, paths, device, norm))
         torch.cuda.empty_cache()
     return out

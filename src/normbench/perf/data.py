@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from normbench.data import CIFAR10_MEAN, CIFAR10_STD, BatchStream, Split
+from normbench.data import BatchStream, Split, channel_stats
 
 __all__ = ["bench_data", "compare_data_pipelines", "in_memory_cifar10"]
 
@@ -106,15 +106,15 @@ class _LoaderBatches:
             self.it._shutdown_workers()
 
 
-def _pipelines(ds, batch_size: int, num_workers: int, device: torch.device) -> tuple[Iterator, _LoaderBatches]:
+def _pipelines(ds, batch_size: int, num_workers: int, device: torch.device, mean, std
+               ) -> tuple[Iterator, _LoaderBatches]:
     """normbench's batches (the whole split on the device, BatchStream) and torchvision's (PIL transforms
     per sample in DataLoader workers, then a copy to the device), over the same images."""
     from torch.utils.data import DataLoader
 
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous().to(device)
     labels = torch.as_tensor(ds.targets, dtype=torch.int64).to(device)
-    stream = BatchStream(Split(images, labels), batch_size, CIFAR10_MEAN, CIFAR10_STD, augment=True,
-                         crop_padding=4, flip=True)
+    stream = BatchStream(Split(images, labels), batch_size, mean, std, augment=True, crop_padding=4, flip=True)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
                         persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
     return _forever(stream), _LoaderBatches(loader, device)
@@ -170,8 +170,10 @@ def compare_data_pipelines(
     device = torch.device(device)
     if n_images < batch_size:
         raise ValueError(f"n_images ({n_images}) must be at least batch_size ({batch_size})")
-    ds, source = _cifar10_dataset(root, n_images, _transform(CIFAR10_MEAN, CIFAR10_STD))
-    normbench, torchvision = _pipelines(ds, batch_size, num_workers, device)
+    ds, source = _cifar10_dataset(root, n_images, None)
+    mean, std = channel_stats(torch.from_numpy(ds.data).permute(0, 3, 1, 2))  # both normalize alike
+    ds.transform = _transform(mean, std)
+    normbench, torchvision = _pipelines(ds, batch_size, num_workers, device, mean, std)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))

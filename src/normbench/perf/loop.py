@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from normbench.device import keep_norms_fp32, resolve_channels_last, resolve_precision
 from normbench.optim import fast_optimizer_kwargs
 from normbench.perf import parts
 from normbench.perf.common import (
@@ -74,27 +73,22 @@ def _data_only(stream, steps: int) -> Callable[[], int]:
 
 
 def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
-                batch: int, steps: int, model: torch.nn.Module | None) -> tuple[dict, dict]:
+                batch: int, steps: int) -> tuple[dict, dict]:
     """The three timed candidates (normbench, raw, data) of one configuration, and its settings."""
-    amp = resolve_precision(s.precision, device)
-    channels_last = resolve_channels_last(s.channels_last, device, "bn")
-    data = parts.synthetic_data(device, num_train=max(batch * steps * 2, 512))
-    base = model.to(device) if model is not None else parts.cnn(model_name, s.width, "bn", device, channels_last)
-    if amp is not None:
-        keep_norms_fp32(base)  # what the Trainer does; the raw loop's copy gets the same fp32 norms
-    model, raw_model = copy.deepcopy(base), copy.deepcopy(base)  # same weights, same memory layout history
-    sink = RecordSink(workdir / f"loop-{model_name}-{batch}")
-    trainer = parts.trainer(maybe_compile(model, s.compile), data,
-                            parts.batch_stream(data, batch, channels_last, device), device, amp, channels_last,
-                            sink, paths.conf_dir)
+    run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model_name, s.width),
+                                                       f"batch_size={batch}"],
+                          num_train=max(batch * steps * 2, 512), sink=RecordSink(workdir / f"loop-{model_name}-{batch}"))
+    # the Trainer has made its norms compute in fp32 under autocast: the copy keeps that, and the weights
+    raw_model = copy.deepcopy(run.model)
     state = LoopState()
-    raw = _raw_loop(raw_model, parts.batch_stream(data, batch, channels_last, device, seed=1), steps, device,
-                    amp, s.compile)
-    data_only = _data_only(parts.batch_stream(data, batch, channels_last, device, seed=2), steps)
-    candidates = {"normbench": lambda: timed(lambda: train_seen(trainer, state, steps), device),
+    raw = _raw_loop(raw_model, parts.another_stream(run, seed=1), steps, device, run.trainer.settings.amp_dtype,
+                    s.compile)
+    data_only = _data_only(parts.another_stream(run, seed=2), steps)
+    candidates = {"normbench": lambda: timed(lambda: train_seen(run.trainer, state, steps), device),
                   "raw": lambda: timed(raw, device),
                   "data": lambda: timed(data_only, device)}
-    return candidates, {"precision": precision_name(amp), "channels_last": channels_last}
+    return candidates, {"precision": precision_name(run.trainer.settings.amp_dtype),
+                        "channels_last": run.trainer.settings.channels_last}
 
 
 def _row(s: PerfSettings, device: torch.device, model_name: str, batch: int, steps: int, config: dict,
@@ -119,11 +113,10 @@ def _row(s: PerfSettings, device: torch.device, model_name: str, batch: int, ste
 
 
 def loop_config(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
-                batch: int, *, model: torch.nn.Module | None = None, steps: int | None = None,
-                budget_s: float | None = None) -> dict:
+                batch: int, *, steps: int | None = None, budget_s: float | None = None) -> dict:
     """One (model, batch) row: normbench, raw and data-only alternated, `steps` steps per window."""
     steps = steps or int(s.steps.get(batch, max(3, 384 // batch)))
-    candidates, config = _candidates(s, paths, device, workdir, model_name, batch, steps, model)
+    candidates, config = _candidates(s, paths, device, workdir, model_name, batch, steps)
     res = alternate(candidates, s.rounds, budget_s=s.loop_budget_s if budget_s is None else budget_s)
     return _row(s, device, model_name, batch, steps, config, res)
 
@@ -134,9 +127,7 @@ def bench_loop(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir:
     # The loop's own cost per step, measured where it is not lost in the noise: a near-free model (one
     # linear layer) at batch 8, 25 steps (one logging interval) per window. A step of a real model takes
     # `step_ms`; normbench / raw >= step_ms / (step_ms + overhead) follows without the noise of big steps.
-    tiny = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
-    overhead = loop_config(s, paths, device, workdir, "linear", 8, model=tiny, steps=25,
-                           budget_s=min(s.loop_budget_s, 5.0))
+    overhead = loop_config(s, paths, device, workdir, "linear", 8, steps=25, budget_s=min(s.loop_budget_s, 5.0))
     for row in rows:
         row["predicted_ratio"] = row["step_ms"] / (row["step_ms"] + max(overhead["extra_us_per_step"], 0.0) / 1e3)
     return {"rows": rows, "overhead": overhead, "threads": torch.get_num_threads(), "what": WHAT}

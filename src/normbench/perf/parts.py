@@ -1,82 +1,66 @@
-"""The parts of a run that the in-process benchmarks build: data, model, batch stream, optimizer,
-scheduler, criterion and Trainer, and the config nodes they are built from.
-
-All of perf's builders are here and nowhere else, so that they can be replaced by one shared
-"build a run's parts from a composed config" function when normbench has one.
+"""How the in-process benchmarks build what they time: a config composed from conf/ as bench/train.py
+composes it, validated, and built by `normbench.run.build_parts` -- the same function a training job uses.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch import nn
 
-from normbench.activations import activation_factory
-from normbench.data import BatchStream, load_data
-from normbench.losses import build_criterion
-from normbench.models import build_model
-from normbench.norms import NormSpec
-from normbench.optim import build_optimizer, build_scheduler
-from normbench.trainer import LoopSettings, Trainer
+from normbench.data import BatchStream
+from normbench.perf.common import PerfSettings
+from normbench.run import RunParts, build_parts
+from normbench.sweep.resolvers import register
+from normbench.validate import validate
 
-# What conf/optimizer/sgd.yaml and conf/scheduler/constant.yaml hold, for a library used without a conf dir.
-SGD_FALLBACK = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01, "momentum": 0.9,
-                "weight_decay": 0.0, "nesterov": False}
-CONSTANT_FALLBACK = {"name": "constant", "fn": {"_target_": "torch.optim.lr_scheduler.ConstantLR",
-                                                "_partial_": True, "factor": 1.0, "total_iters": 0}}
-
-
-def config_node(conf_dir: Path | None, path: str, fallback: dict):
-    """The config group file `path` (e.g. "optimizer/sgd.yaml") of `conf_dir`, else `fallback`."""
-    file = Path(conf_dir) / path if conf_dir is not None else None
-    return OmegaConf.load(file) if file is not None and file.exists() else OmegaConf.create(fallback)
+# The benchmarks' run: synthetic data, SGD (lr 0.01, momentum 0.9), constant lr, cross-entropy, ReLU,
+# no dropout, logging every 25 steps, no W&B; the model, norm, batch and sizes come per measurement.
+BENCH = ["data=synthetic", "data.num_test=64", "optimizer=sgd", "scheduler=constant", "loss=ce",
+         "activation=relu", "probe=none", "logger=none", "model.dropout=0.0", "trainer.log_every_steps=25",
+         "trainer.eval_batch_size=500", "trainer.max_eval_batches=1", "trainer.checkpoint=false"]
 
 
-def synthetic_data(device: torch.device, num_train: int, val: int = 64):
-    """A synthetic CIFAR-shaped dataset on `device` with `num_train` training and `val` validation images."""
-    cfg = OmegaConf.create({"name": "synthetic", "val_size": val, "split_seed": 0,
-                            "synthetic": {"num_train": num_train + val, "num_test": 64, "image_size": 32,
-                                          "num_classes": 10, "seed": 0, "noise": 0.25}})
-    return load_data(cfg, device)
+def compose_config(conf_dir: Path, overrides: list[str]) -> DictConfig:
+    register()
+    with initialize_config_dir(config_dir=str(Path(conf_dir).absolute()), version_base=None):
+        return compose(config_name="config", overrides=overrides)
 
 
-def cnn(name: str, width: float, norm: str, device: torch.device, channels_last: bool):
-    """normbench model `name` (relu, no dropout, 10 classes) on `device` in the given memory format."""
-    cfg = OmegaConf.create({"name": name, "width": width, "dropout": 0.0, "input_size": 32})
-    model = build_model(cfg, NormSpec(name=norm), activation_factory("relu"), 10)
-    fmt = torch.channels_last if channels_last else torch.preserve_format
-    return model.to(device, memory_format=fmt)
+def run_parts(s: PerfSettings, conf_dir: Path, device: torch.device, overrides: list[str], *,
+              num_train: int, val: int = 64, sink=None) -> RunParts:
+    """A run's parts on `device` for the benchmark settings `s` plus `overrides` (later ones win)."""
+    cfg = compose_config(conf_dir, [
+        *BENCH, f"data.num_train={num_train + val}", f"data.val_size={val}", f"trainer.device={device}",
+        f"trainer.precision={s.precision}", f"trainer.channels_last={s.channels_last}".lower(),
+        f"trainer.compile={s.compile}".lower(), *overrides])
+    spec = validate(cfg, device=str(device))
+    parts = build_parts(cfg, spec, sink)
+    parts.trainer.settings.progress = False
+    return parts
 
 
-def batch_stream(data, batch: int, channels_last: bool, device: torch.device, seed: int = 0) -> BatchStream:
-    """The training stream of a run: crop + flip + normalize, drop_last, seeded on `device`."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return BatchStream(data.train, batch, data.mean, data.std, augment=True, crop_padding=4, flip=True,
-                       channels_last=channels_last, drop_last=True, generator=generator)
+def model_overrides(name: str, width: float, norm: str = "bn") -> list[str]:
+    """A built-in model (conf/model/<name>.yaml) at `width`, or `linear`: one linear layer (the loop's own
+    cost per step, measured where a real model's step time does not hide it)."""
+    if name == "linear":
+        return ["model=vgg_a", "model._target_=normbench.perf.parts.linear_model",
+                "trusted_targets=[normbench.perf.*]", f"norm={norm}"]
+    return [f"model={name}", f"model.width={width}", f"norm={norm}"]
 
 
-class NullSink:
-    """A MetricSink that drops everything."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+def linear_model(*, num_classes: int, in_channels: int, image_size: int, **_) -> nn.Module:
+    """A near-free model, through the model protocol like any other."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_classes))
 
 
-def trainer(model, data, stream, device, amp, channels_last, sink, conf_dir: Path | None, probes=(),
-            epochs: int = 1, max_eval_batches: int | None = 1) -> Trainer:
-    """A Trainer as a run builds it: cross-entropy, SGD (conf optimizer/sgd), constant schedule (conf
-    scheduler/constant), logging every 25 steps, progress bar off."""
-    criterion = build_criterion(OmegaConf.create({"name": "ce"}))
-    optimizer = build_optimizer(config_node(conf_dir, "optimizer/sgd.yaml", SGD_FALLBACK), model)
-    scheduler = build_scheduler(config_node(conf_dir, "scheduler/constant.yaml", CONSTANT_FALLBACK), optimizer,
-                                epochs, len(stream))
-    settings = LoopSettings(epochs=epochs, max_eval_batches=max_eval_batches, eval_batch_size=500,
-                            log_every_steps=25, amp_dtype=amp, channels_last=channels_last, progress=False)
-    return Trainer(model, criterion, optimizer, scheduler, data, stream, settings, sink, probes, device)
-
-
-def probe_configs(conf_dir: Path | None, names) -> dict:
-    """The probe group's config of each name (conf probe/<name>.yaml)."""
-    return {name: config_node(conf_dir, f"probe/{name}.yaml", {"name": name}) for name in names}
+def another_stream(parts: RunParts, seed: int) -> BatchStream:
+    """The run's batch stream (same data, batch, augmentation, layout) with its own random order."""
+    stream = copy.copy(parts.stream)
+    stream.generator = torch.Generator(device=parts.data.train.images.device)
+    stream.generator.manual_seed(seed)
+    return stream

@@ -28,7 +28,7 @@ from normbench.record import STEPS
 # Tiny run settings for the start-up measurements (what tests/conftest.py uses for quick runs), with one
 # training step per epoch and a logging point after every step: steps.jsonl is written once, after step 1.
 TINY = [
-    "data=synthetic", "data.synthetic.num_train=512", "data.synthetic.num_test=128", "data.val_size=128",
+    "data=synthetic", "data.num_train=512", "data.num_test=128", "data.val_size=128",
     "model.width=0.125", "trainer.epochs=1", "trainer.max_steps_per_epoch=1", "trainer.log_every_steps=1",
     "trainer.max_eval_batches=2", "trainer.eval_batch_size=64", "trainer.threads=1", "batch_size=16",
     "logger=none",
