@@ -16,7 +16,7 @@ import pytest
 from conftest import CONF, TINY, run_train
 from optuna.trial import TrialState
 
-from hydra_plugins.normbench_optuna_sweeper.study import (
+from hydra_plugins.normbench_optuna_sweeper._study import (
     COUNTED_FAILURE_ATTR,
     Outcome,
     tell_outcome,
@@ -294,7 +294,7 @@ def test_a_password_in_the_query_is_masked_too():
 
 HOLD = """
 import sys, time
-from hydra_plugins.normbench_optuna_sweeper.study import storage_lock
+from hydra_plugins.normbench_optuna_sweeper._study import storage_lock
 url, log, name = sys.argv[1:]
 print("ready", flush=True)
 sys.stdin.readline()

@@ -56,7 +56,7 @@ from normbench.sweep.optuna_support import (
     url_secrets,
 )
 
-from .study import (
+from ._study import (
     FAILURE_STRATEGIES,
     SCHEMA_LOCK,
     Heartbeat,

@@ -33,8 +33,6 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 from hydra.core.hydra_config import HydraConfig
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
 
 from normbench.errors import StorageError
 
@@ -55,14 +53,19 @@ BACKENDS = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 # Credentials
 
 
-def _parse(url: str | None) -> URL | None:
+def _parse(url: str | None):
+    """SQLAlchemy's URL of `url`; None when it is none. (SQLAlchemy is imported here, not with this
+    module: every job imports it, and only Optuna sweeps need it.)"""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         return make_url(url) if url else None
     except ArgumentError:  # not an SQLAlchemy URL: nothing in it is recognisably a password
         return None
 
 
-def _query_passwords(parsed: URL) -> list[str]:
+def _query_passwords(parsed) -> list[str]:
     return [value for key, values in parsed.query.items() if key.lower() in PASSWORD_PARAMS
             for value in ([values] if isinstance(values, str) else values)]
 

@@ -1,5 +1,6 @@
 """The sweeper's bookkeeping in the Optuna study: the storage-wide lock, the study-wide trial budget,
-how a job's outcome is told to its trial, and the heartbeats of the running trials."""
+how a job's outcome is told to its trial, and the heartbeats of the running trials. (Imported lazily,
+like _impl.py: Hydra's plugin scan skips `_` modules, so no Hydra start pays for SQLAlchemy here.)"""
 
 from __future__ import annotations
 
