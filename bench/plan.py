@@ -7,8 +7,11 @@ Same arguments as bench/train.py (the -m flag is optional here); nothing is trai
 """
 
 import sys
+from pathlib import Path
 
 from normbench.sweep.plan import main
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(config_dir=CONF))

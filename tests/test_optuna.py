@@ -16,16 +16,19 @@ import pytest
 from conftest import CONF, TINY, run_train
 from optuna.trial import TrialState
 
-from normbench.sweep.optuna_support import (
+from hydra_plugins.normbench_optuna_sweeper._study import (
     COUNTED_FAILURE_ATTR,
     Outcome,
-    StorageSettings,
-    mask_url,
-    open_storage,
-    quiet_optuna,
     tell_outcome,
     trials_to_ask,
     trials_used,
+)
+from normbench.sweep.optuna_support import (
+    StorageSettings,
+    mask_text,
+    mask_url,
+    open_storage,
+    quiet_optuna,
     url_secrets,
 )
 
@@ -275,3 +278,53 @@ def test_password_masking():
     assert set(url_secrets(url)) >= {"p%40ss-w0rd", "p@ss-w0rd"}
     assert mask_url("postgresql://h/db?user=u&password=x1y2") == "postgresql://h/db?user=u&password=***"
     assert mask_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db" and url_secrets("sqlite:///a.db") == []
+
+
+def test_a_password_in_the_query_is_masked_too():
+    url = ("postgresql://bench:u%3Ainfo@db.example/studies?sslmode=require&password=p%40ss%2Fw0rd"
+           "&application_name=nb")
+    assert mask_url(url) == ("postgresql://bench:***@db.example/studies?sslmode=require&password=***"
+                             "&application_name=nb")
+    secrets = url_secrets(url)
+    assert {"u%3Ainfo", "u:info", "p%40ss%2Fw0rd", "p@ss/w0rd"} <= set(secrets)
+    text = mask_text(f"could not connect to {url} (password p@ss/w0rd)", secrets)
+    assert "w0rd" not in text and "info" not in text
+    assert mask_url("postgresql://h/db?PWD=x1y2&passwd=z") == "postgresql://h/db?PWD=***&passwd=***"
+
+
+HOLD = """
+import sys, time
+from hydra_plugins.normbench_optuna_sweeper._study import storage_lock
+url, log, name = sys.argv[1:]
+print("ready", flush=True)
+sys.stdin.readline()
+with storage_lock(url, "normbench:study:s"):
+    with open(log, "a") as f:
+        f.write(f"start {name} {time.monotonic()}\\n")
+    time.sleep(1.0)
+    with open(log, "a") as f:
+        f.write(f"end {name} {time.monotonic()}\\n")
+"""
+
+
+def test_sqlite_storage_lock_serialises_two_processes(tmp_path):
+    """Two sweeper processes on one SQLite study: the storage lock (a filelock on <db>.lock) lets one
+    count-and-ask at a time."""
+    import subprocess
+    import sys
+
+    url, log = f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path / "log"
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD, url, str(log), name], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for name in ("a", "b")]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    for proc in procs:  # both ask for the lock at (nearly) the same time
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    for proc in procs:
+        assert proc.wait(60) == 0
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [e[0] for e in events] == ["start", "end", "start", "end"], events
+    assert events[0][1] == events[1][1] and events[2][1] == events[3][1] != events[0][1]
+    assert float(events[2][2]) >= float(events[1][2])  # the second started after the first ended
+    assert (tmp_path / "optuna.db.lock").exists()

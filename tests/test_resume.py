@@ -144,6 +144,42 @@ def test_a_second_job_of_the_same_identity_waits_for_the_first(tmp_path):
         pass
 
 
+HOLD_AND_SLEEP = """
+import sys, time
+from normbench.sweep.index import SweepState
+with SweepState(sys.argv[1]).lock("same"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_identity_lock_of_a_sigkilled_job_is_released(tmp_path):
+    """A job killed with SIGKILL while it holds its identity's lock (a real process: no finaliser runs)
+    leaves no stale lock: the next job of that identity gets it at once."""
+    import threading
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_SLEEP, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        acquired = threading.Event()
+
+        def take() -> None:
+            with SweepState(tmp_path).lock("same"):
+                acquired.set()
+
+        threading.Thread(target=take, daemon=True).start()
+        assert not acquired.wait(1.0), "the lock was not held by the live process"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+        assert acquired.wait(10), "the lock of the killed process was never released"
+        assert holder.returncode == -signal.SIGKILL
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
 def test_median_stopping_rule(tmp_path):
     state = SweepState(tmp_path)
     for i, curve in enumerate(([0.8, 0.5, 0.4], [0.7, 0.6, 0.3], [0.9, 0.4, 0.35])):

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_train
+from conftest import CONF, TINY, run_train
 
 from normbench.sweep.plan import plan
 
@@ -40,7 +40,7 @@ def fault_of(record: dict) -> str:
 def plan_output(args: list[str], cwd: Path, monkeypatch) -> str:
     monkeypatch.chdir(cwd)
     out = io.StringIO()
-    assert plan(args, out=out) == 0
+    assert plan(args, config_dir=CONF, out=out) == 0
     return out.getvalue()
 
 

@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +39,35 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
 from normbench.errors import StorageError
+from normbench.record import Status, read_summary
 from normbench.sweep.optuna_support import (
     ENV_STORAGE,
     ENV_STUDY,
     ENV_TRIAL_ID,
     ENV_TRIAL_NUMBER,
-    FAILURE_STRATEGIES,
     PRUNED_ATTR,
-    Outcome,
     StorageSettings,
     build_pruner,
-    default_storage_url,
     first_line,
     mask_text,
     mask_url,
     open_storage,
     quiet_optuna,
+    url_secrets,
+)
+
+from ._study import (
+    FAILURE_STRATEGIES,
+    SCHEMA_LOCK,
+    Heartbeat,
+    Outcome,
+    default_storage_url,
     quote_override,
     storage_lock,
+    study_lock_name,
     tell_outcome,
     trials_to_ask,
     trials_used,
-    url_secrets,
 )
 
 log = logging.getLogger(__name__)
@@ -87,45 +95,12 @@ class TrialTask:
             raise JobExited(f"the job exited with status {exc.code} ({reason})") from None
 
 
-class Heartbeat:
-    """Records a heartbeat for each running trial of this process every `interval` seconds."""
-
-    def __init__(self, storage, interval: int | None):
-        self.storage, self.interval = storage, interval
-        self.trial_ids: set[int] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if interval:
-            self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
-            self._thread.start()
-
-    def beat(self, trial_id: int) -> None:
-        if self.interval:
-            self.storage.record_heartbeat(trial_id)
-
-    def add(self, trial_id: int) -> None:
-        with self._lock:
-            self.trial_ids.add(trial_id)
-
-    def discard(self, trial_id: int) -> None:
-        with self._lock:
-            self.trial_ids.discard(trial_id)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            with self._lock:
-                ids = list(self.trial_ids)
-            for trial_id in ids:
-                try:
-                    self.storage.record_heartbeat(trial_id)
-                except Exception as err:  # noqa: BLE001 - a missed beat is retried next interval
-                    log.debug("heartbeat for trial id %d failed: %s", trial_id, err)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+@dataclass
+class SearchSpace:
+    """What the sweeper's params and the command line make of the trials' overrides."""
+    distributions: dict
+    fixed_params: dict
+    fixed_overrides: dict
 
 
 def fail(message: str) -> None:
@@ -198,7 +173,139 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         sys.argv[:] = [mask_text(arg, self.secrets) for arg in sys.argv]
 
     # ----------------------------------------------------------------------------------------------
-    # sweep
+    # sweep: check the settings, open the study, ask/launch/tell until the study has n_trials
+
+    def sweep(self, arguments: list[str]) -> None:
+        assert self.config is not None and self.launcher is not None
+        if self.failure not in FAILURE_STRATEGIES:
+            fail(f"bad value hydra.sweeper.failure={self.failure!r}: "
+                 f"choose one of {', '.join(FAILURE_STRATEGIES)}")
+        space = self._search_space(arguments)
+        target = self._target(space)
+        pruner = self._pruner()
+        storage, study = self._open_study(pruner)
+        log.info("Study %r in %s: %d of %d trials already there; sampler %s, pruner %s, failures -> %s",
+                 study.study_name, mask_url(self.storage_url), trials_used(study), target,
+                 type(self.sampler).__name__, type(pruner).__name__, self.failure)
+        ran = self._run_trials(storage, study, space, target)
+        self._finish(study, target, ran)
+
+    def _search_space(self, arguments: list[str]) -> SearchSpace:
+        self._process_searchspace_config()
+        params_conf = self._parse_sweeper_params_config()
+        params_conf.extend(arguments)
+        distributions, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
+        for name in fixed_params:  # a value given on the command line fixes a searched key
+            distributions.pop(name, None)
+        return SearchSpace(distributions, fixed_params, fixed_overrides)
+
+    def _target(self, space: SearchSpace) -> int:
+        """The study's n_trials; for the grid sampler (which gets its grid here) at most the grid size."""
+        target = self.n_trials
+        is_grid = (isinstance(self.sampler, functools.partial)
+                   and self.sampler.func == optuna.samplers.GridSampler)
+        if is_grid:
+            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.distributions.items()}
+            self.sampler = self.sampler(grid)
+            grid_size = math.prod(len(v) for v in grid.values())
+            target = grid_size if target is None else min(int(target), grid_size)
+        if target is None:
+            fail("bad value hydra.sweeper.n_trials=null: only the grid sampler can infer it; set a number")
+        return int(target)
+
+    def _pruner(self):
+        try:
+            return build_pruner(self.pruner_cfg)
+        except Exception as err:  # noqa: BLE001
+            fail(f"bad value hydra.sweeper.pruner: {first_line(err)}")
+
+    def _run_trials(self, storage, study: optuna.Study, space: SearchSpace, target: int) -> Counter:
+        """Ask, launch and tell batches of n_jobs trials until the study has `target`; running trials
+        of an interrupted sweep are re-queued. Returns how many trials of each status this process ran."""
+        heartbeat = Heartbeat(storage, self.settings.heartbeat_interval)
+        ran: Counter = Counter()
+        in_flight: list[optuna.Trial] = []
+        previous_sigterm = _raise_on_sigterm()
+        try:
+            while self._ask(study, target, heartbeat, in_flight):
+                returns, error = self._launch(study, in_flight, space)
+                for trial, ret in zip(list(in_flight), returns):
+                    outcome = Outcome(Status.FAILED, None, error) if ret is None else self._outcome(storage, trial, ret)
+                    self._tell(study, trial, outcome)
+                    heartbeat.discard(trial._trial_id)
+                    in_flight.remove(trial)
+                    ran[outcome.status] += 1
+                self._check_failure_rate(ran)
+        except KeyboardInterrupt:
+            if in_flight:
+                self._requeue(study, in_flight)
+            requeued = f"; {len(in_flight)} running trial(s) re-queued" if in_flight else ""
+            print(f"normbench: sweep interrupted{requeued}; run the same command to continue the study",
+                  file=sys.stderr, flush=True)
+            sys.exit(130)
+        except BaseException:
+            if in_flight:
+                self._requeue(study, in_flight)
+            raise
+        finally:
+            heartbeat.stop()
+            _restore_sigterm(previous_sigterm)
+        return ran
+
+    def _ask(self, study: optuna.Study, target: int, heartbeat: Heartbeat, in_flight: list) -> bool:
+        """Under the storage-wide lock: fail stale trials, then ask for up to n_jobs of the trials the
+        study still misses (appended to `in_flight`). False when the study is full."""
+        lock = storage_lock(self.storage_url, study_lock_name(study.study_name), self.settings.connect_timeout)
+        with lock, quiet_optuna():
+            optuna.storages.fail_stale_trials(study)
+            missing = trials_to_ask(study, target)
+            if missing <= 0:
+                return False
+            for _ in range(min(self.n_jobs, missing)):
+                trial = study.ask()
+                in_flight.append(trial)
+                heartbeat.beat(trial._trial_id)
+                heartbeat.add(trial._trial_id)
+        return True
+
+    def _launch(self, study: optuna.Study, trials: list, space: SearchSpace) -> tuple[list, str | None]:
+        """One job per trial. A launcher that fails (e.g. a joblib worker killed by the OOM killer)
+        gives no returns (None each) and the error; a search space that cannot compose ends the sweep."""
+        overrides = self._configure_trials(trials, space.distributions, space.fixed_params,
+                                           space.fixed_overrides)
+        overrides = [tuple(o) + self._job_overrides(study, t) for o, t in zip(overrides, trials)]
+        error = None
+        try:
+            returns = list(self.launcher.launch(overrides, initial_job_idx=self.job_idx))
+        except (ConfigCompositionException, OverrideParseException) as err:
+            for trial in trials:  # a search space that cannot compose: stop, don't retry
+                study.tell(trial, state=TrialState.FAIL)
+            fail(mask_text(f"Optuna trial {trials[0].number}: {first_line(err)}", self.secrets))
+        except Exception as err:  # noqa: BLE001
+            error = mask_text(f"{type(err).__name__}: {first_line(err)}", self.secrets)
+            returns = [None] * len(trials)
+            log.warning("the launcher failed for trial(s) %s: %s", [t.number for t in trials], error)
+        self.job_idx += len(returns)
+        return returns, error
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
+        try:
+            tell_outcome(study, trial, outcome, self.failure, self.worst_value)
+        except RuntimeError as err:  # GridSampler calls study.stop() once the grid is done
+            if "Study.stop" not in str(err):
+                raise
+        value = "-" if outcome.value is None else f"{outcome.value:.4f}"
+        log.info("Optuna trial %d: %s, val error %s%s", trial.number, outcome.status, value,
+                 f" ({outcome.error})" if outcome.error else "")
+
+    def _check_failure_rate(self, ran: Counter) -> None:
+        n_ran = sum(ran.values())
+        if n_ran and ran[Status.FAILED] / n_ran > self.max_failure_rate:
+            fail(f"{ran[Status.FAILED]} of {n_ran} trials failed, more than hydra.sweeper."
+                 f"max_failure_rate={self.max_failure_rate}; see the runs' summary.json")
+
+    # ----------------------------------------------------------------------------------------------
+    # the steps
 
     def _job_overrides(self, study: optuna.Study, trial: optuna.Trial) -> tuple[str, ...]:
         extra = [f"+hydra.job.env_set.{ENV_STUDY}={quote_override(study.study_name)}",
@@ -212,9 +319,9 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         directions = self._get_directions()
         study_name = self.study_name or Path(self.sweep_dir).name
         try:
-            storage = open_storage(self.storage_url, self.settings)
-            lock = f"normbench:study:{study_name}"
-            with storage_lock(self.storage_url, lock, self.settings.connect_timeout):
+            schema_lock = storage_lock(self.storage_url, SCHEMA_LOCK, self.settings.connect_timeout)
+            storage = open_storage(self.storage_url, self.settings, schema_lock)
+            with storage_lock(self.storage_url, study_lock_name(study_name), self.settings.connect_timeout):
                 study = optuna.create_study(study_name=study_name, storage=storage, sampler=self.sampler,
                                             pruner=pruner, directions=directions, load_if_exists=True)
         except StorageError as err:
@@ -243,18 +350,18 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             error = ret._return_value
             text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
             text = (summary.get("error") or text).strip()
-            return Outcome("failed", None, text.splitlines()[0] if text else "failed")
+            return Outcome(Status.FAILED, None, text.splitlines()[0] if text else "failed")
         try:
             value = float(ret._return_value)
         except (TypeError, ValueError):
-            return Outcome("failed", None, f"the job returned {ret._return_value!r}, not a number")
-        if PRUNED_ATTR in storage.get_trial(trial._trial_id).system_attrs or status == "pruned":
-            return Outcome("pruned", value)
-        if status in ("diverged", "failed"):
-            return Outcome(status, value, summary.get("error"))
+            return Outcome(Status.FAILED, None, f"the job returned {ret._return_value!r}, not a number")
+        if PRUNED_ATTR in storage.get_trial(trial._trial_id).system_attrs or status == Status.PRUNED:
+            return Outcome(Status.PRUNED, value)
+        if status in (Status.DIVERGED, Status.FAILED):
+            return Outcome(Status(status), value, summary.get("error"))
         if not math.isfinite(value):
-            return Outcome("diverged", value)
-        return Outcome("completed", value)
+            return Outcome(Status.DIVERGED, value)
+        return Outcome(Status.COMPLETED, value)
 
     def _requeue(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
         """Trials whose jobs were interrupted: FAIL (not counted) and a WAITING copy with the same
@@ -268,104 +375,6 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                 log.warning("Optuna trial %d interrupted: re-queued", trial.number)
             except Exception as err:  # noqa: BLE001
                 log.warning("Optuna trial %d interrupted, could not re-queue it: %s", trial.number, err)
-
-    def sweep(self, arguments: list[str]) -> None:
-        assert self.config is not None and self.launcher is not None
-        if self.failure not in FAILURE_STRATEGIES:
-            fail(f"bad value hydra.sweeper.failure={self.failure!r}: "
-                 f"choose one of {', '.join(FAILURE_STRATEGIES)}")
-        self._process_searchspace_config()
-        params_conf = self._parse_sweeper_params_config()
-        params_conf.extend(arguments)
-        distributions, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
-        for name in fixed_params:  # a value given on the command line fixes a searched key
-            distributions.pop(name, None)
-
-        target = self.n_trials
-        is_grid = (isinstance(self.sampler, functools.partial)
-                   and self.sampler.func == optuna.samplers.GridSampler)
-        if is_grid:
-            space = {name: self._to_grid_sampler_choices(d) for name, d in distributions.items()}
-            self.sampler = self.sampler(space)
-            grid_size = math.prod(len(v) for v in space.values())
-            target = grid_size if target is None else min(int(target), grid_size)
-        if target is None:
-            fail("bad value hydra.sweeper.n_trials=null: only the grid sampler can infer it; set a number")
-        target = int(target)
-
-        try:
-            pruner = build_pruner(self.pruner_cfg)
-        except Exception as err:  # noqa: BLE001
-            fail(f"bad value hydra.sweeper.pruner: {first_line(err)}")
-        storage, study = self._open_study(pruner)
-        log.info("Study %r in %s: %d of %d trials already there; sampler %s, pruner %s, failures -> %s",
-                 study.study_name, mask_url(self.storage_url), trials_used(study), target,
-                 type(self.sampler).__name__, type(pruner).__name__, self.failure)
-
-        heartbeat = Heartbeat(storage, self.settings.heartbeat_interval)
-        lock_name = f"normbench:study:{study.study_name}"
-        ran = Counter()
-        in_flight: list[optuna.Trial] = []
-        previous_sigterm = _raise_on_sigterm()
-        try:
-            while True:
-                with storage_lock(self.storage_url, lock_name, self.settings.connect_timeout), quiet_optuna():
-                    optuna.storages.fail_stale_trials(study)
-                    missing = trials_to_ask(study, target)
-                    if missing <= 0:
-                        break
-                    for _ in range(min(self.n_jobs, missing)):
-                        trial = study.ask()
-                        in_flight.append(trial)
-                        heartbeat.beat(trial._trial_id)
-                        heartbeat.add(trial._trial_id)
-                overrides = self._configure_trials(in_flight, distributions, fixed_params, fixed_overrides)
-                overrides = [tuple(o) + self._job_overrides(study, t) for o, t in zip(overrides, in_flight)]
-                try:
-                    returns = list(self.launcher.launch(overrides, initial_job_idx=self.job_idx))
-                except (ConfigCompositionException, OverrideParseException) as err:
-                    for trial in in_flight:  # a search space that cannot compose: stop, don't retry
-                        study.tell(trial, state=TrialState.FAIL)
-                    fail(mask_text(f"Optuna trial {in_flight[0].number}: {first_line(err)}", self.secrets))
-                except Exception as err:  # noqa: BLE001 - e.g. a joblib worker killed by the OOM killer
-                    error = mask_text(f"{type(err).__name__}: {first_line(err)}", self.secrets)
-                    returns = [None] * len(in_flight)
-                    log.warning("the launcher failed for trial(s) %s: %s",
-                                [t.number for t in in_flight], error)
-                self.job_idx += len(returns)
-                for trial, ret in zip(list(in_flight), returns):
-                    outcome = (Outcome("failed", None, error) if ret is None
-                               else self._outcome(storage, trial, ret))
-                    try:
-                        tell_outcome(study, trial, outcome, self.failure, self.worst_value)
-                    except RuntimeError as err:  # GridSampler calls study.stop() once the grid is done
-                        if "Study.stop" not in str(err):
-                            raise
-                    heartbeat.discard(trial._trial_id)
-                    in_flight.remove(trial)
-                    ran[outcome.status] += 1
-                    value = "-" if outcome.value is None else f"{outcome.value:.4f}"
-                    log.info("Optuna trial %d: %s, val error %s%s", trial.number, outcome.status, value,
-                             f" ({outcome.error})" if outcome.error else "")
-                n_ran = sum(ran.values())
-                if n_ran and ran["failed"] / n_ran > self.max_failure_rate:
-                    fail(f"{ran['failed']} of {n_ran} trials failed, more than hydra.sweeper."
-                         f"max_failure_rate={self.max_failure_rate}; see the runs' summary.json")
-        except KeyboardInterrupt:
-            if in_flight:
-                self._requeue(study, in_flight)
-            requeued = f"; {len(in_flight)} running trial(s) re-queued" if in_flight else ""
-            print(f"normbench: sweep interrupted{requeued}; run the same command to continue the study",
-                  file=sys.stderr, flush=True)
-            sys.exit(130)
-        except BaseException:
-            if in_flight:
-                self._requeue(study, in_flight)
-            raise
-        finally:
-            heartbeat.stop()
-            _restore_sigterm(previous_sigterm)
-        self._finish(study, target, ran)
 
     def _finish(self, study: optuna.Study, target: int, ran: Counter) -> None:
         trials = study.get_trials(deepcopy=False)
@@ -396,13 +405,9 @@ def _run_dir(ret: JobReturn) -> str | None:
 
 
 def _read_summary(ret: JobReturn) -> dict:
-    import json
-
+    """The job's summary.json; {} when it has none (the job failed before writing one)."""
     run_dir = _run_dir(ret)
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text()) if run_dir else {}
-    except (OSError, ValueError):  # no record (the job failed before writing one)
-        return {}
+    return (read_summary(Path(run_dir)) or {}) if run_dir else {}
 
 
 def _raise_on_sigterm():

@@ -6,8 +6,8 @@ Layout (hidden from the report, which does not enter dot-dirs)::
         index/<identity>.json      where the run of this identity lives and how it ended:
                                    {"identity", "dir" (relative to the sweep dir), "status",
                                     "objective", "time_s", "epochs_done", "updated_at"}
-        locks/<identity>.lock      flock()ed while a job trains that identity (released by the
-                                   kernel when the job dies, so a SIGKILL never leaves a stale lock)
+        locks/<identity>.lock      flock()ed (filelock) while a job trains that identity (released by
+                                   the kernel when the job dies, so a SIGKILL never leaves a stale lock)
         curves/<identity>.json     validation-error curve of a completed run (for the median pruner)
         sweeps/<sweep id>/<job>.json   one file per job of one sweep invocation (for the summary line)
 
@@ -22,14 +22,12 @@ Nothing here imports torch: the planning command uses it too.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
-import socket
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+from filelock import FileLock
 
 from normbench.record import DONE, SUMMARY, Status, atomic_write_json, now_iso, read_summary
 
@@ -72,7 +70,7 @@ class SweepState:
         if self.index_dir.is_dir():
             return
         self.state.mkdir(parents=True, exist_ok=True)
-        with self._flock(self.state / "index.lock"):
+        with self._file_lock(self.state / "index.lock"):
             if self.index_dir.is_dir():
                 return
             entries = self.scan_records()
@@ -161,27 +159,18 @@ class SweepState:
     # ------------------------------------------------------------------------------------- locks
     @staticmethod
     @contextlib.contextmanager
-    def _flock(path: Path) -> Iterator[None]:
+    def _file_lock(path: Path) -> Iterator[None]:
+        """flock() on `path` (filelock's UnixFileLock): released by the kernel when its holder dies. On a
+        filesystem without flock, filelock warns and falls back to a marker file it reclaims from a
+        holder that died on the same host."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as err:  # a filesystem without flock (some network mounts): go on unlocked
-                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                warnings.warn(f"no file locking on {path.parent} ({err.strerror}); jobs of the same "
-                              "identity are not kept from running at the same time", stacklevel=3)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        with FileLock(path):
             yield
-        finally:
-            os.close(fd)  # closing releases the lock
 
     def lock(self, identity: str):
         """Held while a job works on this identity: a second job of the same identity (a duplicate
         in the grid, or a second sweep process) waits, then finds it done and skips it."""
-        return self._flock(self.locks_dir / f"{identity}.lock")
+        return self._file_lock(self.locks_dir / f"{identity}.lock")
 
     # ------------------------------------------------------------------------------------ curves
     def add_curve(self, identity: str, errors: list[float]) -> None:

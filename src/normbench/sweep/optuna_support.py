@@ -1,4 +1,4 @@
-"""Optuna plumbing shared by the sweeper extension (hydra_plugins.normbench_optuna_sweeper) and the job.
+"""Optuna plumbing the jobs need (the sweeper extension, hydra_plugins.normbench_optuna_sweeper, uses it too).
 
 The sweeper asks Optuna for trials and launches one Hydra job per trial. Each job learns which trial it
 is through three entries of `hydra.job.env_set` (set by the sweeper as per-job Hydra overrides, so they
@@ -19,8 +19,7 @@ sweeper sets in its own process (jobs inherit it: in-process, joblib, submitit, 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -28,10 +27,12 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, quote_plus
+
+from hydra.core.hydra_config import HydraConfig
 
 from normbench.errors import StorageError
 
@@ -41,43 +42,66 @@ ENV_STORAGE = "NORMBENCH_OPTUNA_STORAGE"   # set by the sweeper for its jobs (ma
 ENV_STUDY = "NORMBENCH_OPTUNA_STUDY"
 ENV_TRIAL_ID = "NORMBENCH_OPTUNA_TRIAL_ID"
 ENV_TRIAL_NUMBER = "NORMBENCH_OPTUNA_TRIAL"
-USER_STORAGE_ENV = "NORMBENCH_STORAGE"      # what users set; conf/search/*.yaml read it
 
 PRUNED_ATTR = "normbench:pruned_epoch"      # trial system attr the job sets when its pruner stops it
-STATUS_ATTR = "status"                      # trial user attr: completed | diverged | failed | pruned
-COUNTED_FAILURE_ATTR = "normbench:failed"   # FAIL trials the sweeper decided (they count as done)
-FAILURE_STRATEGIES = ("worst", "fail")
 MASK = "***"
+PASSWORD_PARAMS = ("password", "passwd", "pwd")  # query parameters that carry a password
+BACKENDS = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 
 
 # --------------------------------------------------------------------------------------------------
 # Credentials
 
 
+def _parse(url: str | None):
+    """SQLAlchemy's URL of `url`; None when it is none. (SQLAlchemy is imported here, not with this
+    module: every job imports it, and only Optuna sweeps need it.)"""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url) if url else None
+    except ArgumentError:  # not an SQLAlchemy URL: nothing in it is recognisably a password
+        return None
+
+
+def _query_passwords(parsed) -> list[str]:
+    return [value for key, values in parsed.query.items() if key.lower() in PASSWORD_PARAMS
+            for value in ([values] if isinstance(values, str) else values)]
+
+
+def _spelled_in(text: str, secret: str) -> set[str]:
+    """The spellings of `secret` in `text` with any of its characters percent-encoded (any hex case)."""
+    def char(c: str) -> str:
+        encoded = "".join(f"%[{b >> 4:X}{b >> 4:x}][{b & 15:X}{b & 15:x}]" for b in c.encode())
+        return f"(?:{re.escape(c)}|{encoded}{'|[+]' if c == ' ' else ''})"
+
+    return set(re.findall("".join(char(c) for c in secret), text))
+
+
 def url_secrets(url: str | None) -> list[str]:
-    """The password of a storage URL in every spelling it may take in text (raw, decoded, encoded)."""
-    if not url:
+    """The passwords of a storage URL (userinfo and ?password=) in every spelling they may take in
+    text: decoded, as written in the URL, percent-encoded; longest first."""
+    parsed = _parse(url)
+    if parsed is None:
         return []
     found: set[str] = set()
-    match = re.search(r"^[A-Za-z][\w+.-]*://[^/@:?#]*:([^@/?#]*)@", url)
-    if match and match.group(1):
-        found.add(match.group(1))
-    for m in re.finditer(r"[?&](?:password|passwd|pwd)=([^&#]*)", url, flags=re.IGNORECASE):
-        if m.group(1):
-            found.add(m.group(1))
-    for secret in list(found):
-        found.add(unquote(secret))
-        found.add(quote(unquote(secret), safe=""))
+    for secret in ([parsed.password] if parsed.password else []) + _query_passwords(parsed):
+        found |= {secret, quote(secret, safe=""), quote(secret, safe=" +"), quote_plus(secret)}
+        found |= _spelled_in(url, secret)
     return sorted((s for s in found if s and s != MASK), key=len, reverse=True)
 
 
 def mask_url(url: str | None) -> str | None:
-    """The URL with its password (userinfo or ?password=) replaced by ***."""
-    if url is None:
-        return None
-    masked = re.sub(r"^([A-Za-z][\w+.-]*://[^/@:?#]*:)([^@/?#]*)(@)", rf"\g<1>{MASK}\g<3>", url)
-    masked = re.sub(r"([?&](?:password|passwd|pwd)=)[^&#]*", rf"\g<1>{MASK}", masked, flags=re.IGNORECASE)
-    return masked
+    """The URL with its password (userinfo or ?password=) replaced by ***; the query keeps its order."""
+    parsed = _parse(url)
+    if parsed is None:
+        return url
+    masked = parsed.set(query={}).render_as_string(hide_password=True)
+    query = [f"{quote_plus(key)}={MASK if key.lower() in PASSWORD_PARAMS else quote_plus(value)}"
+             for key, values in parsed.query.items()
+             for value in ([values] if isinstance(values, str) else values)]
+    return f"{masked}?{'&'.join(query)}" if query else masked
 
 
 def mask_text(text: str, secrets: list[str]) -> str:
@@ -86,9 +110,11 @@ def mask_text(text: str, secrets: list[str]) -> str:
     return text
 
 
-def quote_override(value: str) -> str:
-    """A string as a quoted Hydra override value."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (of the driver's own error for SQLAlchemy ones)."""
+    orig = getattr(err, "orig", None) or err
+    text = str(orig).strip() or type(orig).__name__
+    return text.splitlines()[0].strip()
 
 
 @contextlib.contextmanager
@@ -107,15 +133,10 @@ def quiet_optuna() -> Iterator[None]:
 # Storage
 
 
-def default_storage_url(sweep_dir: str | os.PathLike) -> str:
-    """The embedded SQLite study next to the sweep's runs: <sweep dir>/optuna.db (dir created)."""
-    path = Path(sweep_dir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'optuna.db'}"
-
-
 def backend(url: str) -> str:
-    kind = url.split(":", 1)[0].split("+", 1)[0].lower()
+    """The database kind of a storage URL (`postgres` spelled `postgresql`); "" when it is no URL."""
+    parsed = _parse(url)
+    kind = parsed.get_backend_name() if parsed is not None else ""
     return "postgresql" if kind == "postgres" else kind
 
 
@@ -124,11 +145,19 @@ def driver_url(url: str) -> str:
     (v3) to SQLAlchemy 2.1; when only psycopg2 is installed (our dependency), use it instead."""
     scheme, sep, rest = url.partition("://")
     if sep and scheme.lower() in ("postgresql", "postgres"):
-        import importlib.util
-
         has_psycopg3 = importlib.util.find_spec("psycopg") is not None
         return f"postgresql{'' if has_psycopg3 else '+psycopg2'}://{rest}"
     return url
+
+
+def engine_kwargs(url: str, connect_timeout: int) -> dict:
+    kind = backend(url)
+    if kind in ("postgresql", "mysql"):
+        # pre-ping: a worker's pooled connection may sit idle for a whole training run.
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": int(connect_timeout)}}
+    if kind == "sqlite":
+        return {"connect_args": {"timeout": 60}}
+    return {}
 
 
 @dataclass
@@ -143,27 +172,22 @@ _STORAGES: dict[str, Any] = {}
 _STORAGES_LOCK = threading.Lock()
 
 
-def _engine_kwargs(url: str, connect_timeout: int) -> dict:
-    kind = backend(url)
-    if kind == "postgresql":
-        # pre-ping: a worker's pooled connection may sit idle for a whole training run.
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": int(connect_timeout)}}
-    if kind == "mysql":
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": int(connect_timeout)}}
-    if kind == "sqlite":
-        return {"connect_args": {"timeout": 60}}
-    return {}
+def _heartbeat_kwargs(settings: StorageSettings) -> dict:
+    import optuna
+
+    if not settings.heartbeat_interval:
+        return {}
+    with quiet_optuna():
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
+    return {"heartbeat_interval": int(settings.heartbeat_interval),
+            "grace_period": int(settings.grace_period) if settings.grace_period else None,
+            "heartbeat_stale_trial_callback": retry}
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message (of the driver's own error for SQLAlchemy ones)."""
-    orig = getattr(err, "orig", None) or err
-    text = str(orig).strip() or type(orig).__name__
-    return text.splitlines()[0].strip()
-
-
-def open_storage(url: str, settings: StorageSettings | None = None):
+def open_storage(url: str, settings: StorageSettings | None = None,
+                 schema_lock: AbstractContextManager | None = None):
     """An Optuna RDBStorage for `url` (one per URL and process; jobs in the sweeper's process share it).
+    `schema_lock` is held while the storage (its schema, on first use) is created.
 
     Fails with a one-line StorageError naming the URL with its password masked."""
     import optuna
@@ -172,156 +196,19 @@ def open_storage(url: str, settings: StorageSettings | None = None):
     with _STORAGES_LOCK:
         if url in _STORAGES:
             return _STORAGES[url]
-        if backend(url) not in ("sqlite", "postgresql", "mysql", "oracle", "mssql"):
+        if backend(url) not in BACKENDS:
             raise StorageError(f"bad value hydra.sweeper.storage={mask_url(url)!r}: use an SQLAlchemy URL "
                                "(sqlite:///path/optuna.db, postgresql://user:password@host/db, ...)")
-        kwargs: dict[str, Any] = {}
-        if settings.heartbeat_interval:
-            with quiet_optuna():
-                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
-            kwargs.update(heartbeat_interval=int(settings.heartbeat_interval),
-                          grace_period=int(settings.grace_period) if settings.grace_period else None,
-                          heartbeat_stale_trial_callback=retry)
         try:
-            with quiet_optuna(), storage_lock(url, "normbench:schema", settings.connect_timeout):
+            with quiet_optuna(), schema_lock or contextlib.nullcontext():
                 storage = optuna.storages.RDBStorage(
-                    driver_url(url), engine_kwargs=_engine_kwargs(url, settings.connect_timeout), **kwargs)
-        except StorageError:
-            raise
+                    driver_url(url), engine_kwargs=engine_kwargs(url, settings.connect_timeout),
+                    **_heartbeat_kwargs(settings))
         except Exception as err:  # noqa: BLE001 - any driver error becomes one clear line
-            secrets = url_secrets(url)
             raise StorageError(f"cannot open the Optuna storage {mask_url(url)}: "
-                               f"{mask_text(first_line(err), secrets)}") from None
+                               f"{mask_text(first_line(err), url_secrets(url))}") from None
         _STORAGES[url] = storage
         return storage
-
-
-def _lock_key(name: str) -> int:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-
-
-@contextlib.contextmanager
-def storage_lock(url: str, name: str, connect_timeout: int = 10) -> Iterator[None]:
-    """A lock shared by every process that uses this storage, held while a worker counts the study's
-    trials and asks for new ones (so that n_trials is a study-wide total with no race), and while the
-    schema is created. PostgreSQL: an advisory lock; MySQL: GET_LOCK; SQLite: flock on <db>.lock."""
-    kind = backend(url)
-    if kind == "sqlite":
-        db = url.split(":///", 1)[1] if ":///" in url else ""
-        db = db.split("?", 1)[0]
-        if not db or db == ":memory:":
-            yield
-            return
-        lock_path = Path(db + ".lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-        return
-    if kind not in ("postgresql", "mysql"):
-        yield
-        return
-    import sqlalchemy
-
-    engine = _lock_engine(url, connect_timeout)
-    key = _lock_key(name)
-    with engine.connect() as conn:
-        if kind == "postgresql":
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-        else:
-            conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, -1)"), {"k": f"normbench{key}"})
-        conn.commit()
-        try:
-            yield
-        finally:
-            if kind == "postgresql":
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            else:
-                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"normbench{key}"})
-            conn.commit()
-
-
-_LOCK_ENGINES: dict[str, Any] = {}
-
-
-def _lock_engine(url: str, connect_timeout: int):
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    if url not in _LOCK_ENGINES:
-        kwargs = _engine_kwargs(url, connect_timeout)
-        kwargs.pop("pool_pre_ping", None)
-        _LOCK_ENGINES[url] = sqlalchemy.create_engine(driver_url(url), poolclass=NullPool, **kwargs)
-    return _LOCK_ENGINES[url]
-
-
-# --------------------------------------------------------------------------------------------------
-# Study bookkeeping
-
-
-def counts_toward_total(trial) -> bool:
-    """Whether a trial uses up one of the study's n_trials.
-
-    Everything counts except FAIL trials the sweeper did not decide: trials of a killed or interrupted
-    sweeper, which are failed (stale heartbeat, Ctrl-C) and re-queued as a WAITING copy that counts."""
-    from optuna.trial import TrialState
-
-    if trial.state != TrialState.FAIL:
-        return True
-    return bool(trial.system_attrs.get(COUNTED_FAILURE_ATTR))
-
-
-def trials_used(study) -> int:
-    return sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
-
-
-def trials_to_ask(study, target: int) -> int:
-    """How many trials a worker may ask for now: what is missing to reach `target`, plus the WAITING
-    trials (enqueued, or re-queued after an interruption), which count already but still have to run."""
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    used = sum(counts_toward_total(t) for t in trials)
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    return max(0, target - used) + waiting
-
-
-@dataclass
-class Outcome:
-    """What a finished job means for its trial."""
-    status: str                 # completed | diverged | failed | pruned
-    value: float | None         # the job's objective (validation error); None when it raised
-    error: str | None = None
-    run_dir: str | None = None  # the job's output dir (its run record)
-
-
-def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst", worst_value: float = 1.0):
-    """Record a job's outcome in its trial.
-
-    completed -> COMPLETE(value); pruned -> PRUNED (Optuna keeps the last reported value);
-    diverged or failed -> strategy "worst": COMPLETE(worst_value), so the sampler sees these
-    parameters as the worst ones; strategy "fail": FAIL, which Optuna's samplers ignore."""
-    from optuna.trial import TrialState
-
-    if strategy not in FAILURE_STRATEGIES:
-        raise ValueError(f"failure strategy must be one of {FAILURE_STRATEGIES}, got {strategy!r}")
-    storage, trial_id = study._storage, trial._trial_id
-    storage.set_trial_user_attr(trial_id, STATUS_ATTR, outcome.status)
-    if outcome.error:
-        storage.set_trial_user_attr(trial_id, "error", outcome.error[:500])
-    if outcome.run_dir:
-        storage.set_trial_user_attr(trial_id, "run_dir", outcome.run_dir)
-    if outcome.status == "pruned":
-        return study.tell(trial, state=TrialState.PRUNED)
-    if outcome.status in ("diverged", "failed") or outcome.value is None or not math.isfinite(outcome.value):
-        if strategy == "fail":
-            storage.set_trial_system_attr(trial_id, COUNTED_FAILURE_ATTR, True)
-            return study.tell(trial, state=TrialState.FAIL)
-        return study.tell(trial, values=float(worst_value))
-    return study.tell(trial, values=float(outcome.value))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,10 +225,6 @@ class TrialPointer:
 
 def current_trial() -> TrialPointer | None:
     """The Optuna trial this Hydra job runs, or None when it is not an Optuna trial."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-    except ImportError:  # pragma: no cover
-        return None
     if not HydraConfig.initialized():
         return None
     hydra_cfg = HydraConfig.get()
@@ -361,12 +244,11 @@ def current_trial() -> TrialPointer | None:
 
 
 def job_pruner_config():
-    from hydra.core.hydra_config import HydraConfig
-
     return HydraConfig.get().get("sweeper", {}).get("pruner")
 
 
 def build_pruner(pruner_cfg):
+    """The Optuna pruner of a `hydra.sweeper.pruner` node (NopPruner for none)."""
     import optuna
     from hydra.utils import instantiate
 

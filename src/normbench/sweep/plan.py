@@ -2,41 +2,67 @@
 
     python bench/plan.py -m +experiment=vgg_losses seed=0,1,2
 
-takes the same arguments as bench/train.py, composes the multirun config with Hydra, expands the grid
-exactly as Hydra's basic sweeper does (its own override parser and `split_arguments`), composes each
-job's config the way the launcher does (`load_sweep_config`), and looks each job's identity up in the
-sweep dir's index (`.normbench/index/`). It prints how many runs the sweep makes, how many are done,
-how many will run (and how many of those continue from a checkpoint), and an estimate of the time
-left from the recorded times of finished runs. Nothing is trained and nothing is written.
+takes the same arguments as bench/train.py, composes the multirun config with Hydra's compose API,
+expands the grid exactly as Hydra's basic sweeper does (`split_arguments`, on Hydra's own override
+parser), composes each job's config the way the launcher does (the sweep's Hydra overrides plus the
+job's), and looks each job's identity up in the sweep dir's index (`.normbench/index/`). It prints how
+many runs the sweep makes, how many are done, how many will run (and how many of those continue from a
+checkpoint), and an estimate of the time left from the recorded times of finished runs. Nothing is
+trained and nothing is written.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from normbench.errors import NormbenchError
 from normbench.record import CHECKPOINT, DONE, Status
 from normbench.sweep.identity import run_identity
 from normbench.sweep.index import SweepState, done_statuses
 from normbench.sweep.pruning import pruning_on
+from normbench.sweep.resolvers import register
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
+JOB_NAME = "train"  # hydra.job.name of bench/train.py's jobs
+
+
+def split_arguments(overrides: list[Override]) -> list[list[str]]:
+    """Hydra's BasicSweeper.split_arguments (one batch): one entry per key, in the order the keys first
+    appear, the last value of a key winning; the jobs are the cartesian product of the entries."""
+    final: dict[str, list[str]] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            final[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            final[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            assert override.value_type is not None
+            raise HydraException(f"BasicSweeper does not support sweep type : {override.value_type.name}")
+    return [list(job) for job in itertools.product(*final.values())]
 
 
 def expand_grid(params: dict, task: list[str], config_loader=None) -> list[list[str]]:
     """The jobs' override lists, as hydra's BasicSweeper makes them from hydra.sweeper.params plus
     the command line's overrides (the command line wins for a key in both)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     arguments = [f"{k}={v}" for k, v in (params or {}).items()] + list(task)
     parser = OverridesParser.create(config_loader=config_loader)
-    return BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)[0]
+    return split_arguments(parser.parse_overrides(arguments))
 
 
 def sweep_arguments(master: DictConfig) -> tuple[dict, list[str]]:
@@ -71,67 +97,121 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
-def plan(argv: list[str], config_dir: Path | None = None, out=sys.stdout) -> int:
-    """Print the plan for `bench/train.py ARGV`; returns an exit status."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path, get_args_parser
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="plan.py", description="Plan a sweep of bench/train.py: how many runs it makes, how many are "
+        "done, how many will run and how long they take. Nothing is trained or written.")
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="accepted for the same command line as bench/train.py -m (a plan is of a multirun)")
+    parser.add_argument("-cd", "--config-dir", help="the config dir (default: the repository's conf/)")
+    parser.add_argument("-cn", "--config-name", default="config", help="the primary config (default: config)")
+    parser.add_argument("overrides", nargs="*", help="the sweep's overrides, as for bench/train.py -m")
+    return parser.parse_args(argv)
 
-    from normbench.sweep.resolvers import register
 
+@contextmanager
+def hydra_session(config_dir: Path) -> Iterator[None]:
+    """Hydra initialised on `config_dir` as bench/train.py's, with the normbench resolvers; the global
+    Hydra state and HydraConfig as they were afterwards."""
     register()
-    args = get_args_parser().parse_args(argv)
-    config_dir = Path(args.config_dir or config_dir or CONF).absolute()
-    config_name = args.config_name or "config"
     previous_hydra_cfg = HydraConfig.instance().cfg
     GlobalHydra.instance().clear()
-    hydra = Hydra.create_main_hydra2("train", create_config_search_path(str(config_dir)))
     try:
-        master = hydra.compose_config(config_name=config_name, overrides=list(args.overrides),
-                                      run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+        with initialize_config_dir(config_dir=str(Path(config_dir).absolute()), job_name=JOB_NAME):
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = previous_hydra_cfg
+
+
+def compose_multirun(config_name: str, overrides: list[str]) -> DictConfig:
+    """The sweep's config as Hydra composes it for a multirun: the sweep values left out of the
+    composition but kept in hydra.overrides (inside hydra_session)."""
+    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(overrides)
+    for override in parsed:
+        if override.is_sweep_override() and override.is_hydra_override():
+            raise ConfigCompositionException(
+                f"Sweeping over Hydra's configuration is not supported : '{override.input_line}'")
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    master = compose(config_name=config_name, overrides=fixed, return_hydra_config=True)
+    with read_write(master.hydra), open_dict(master.hydra):
+        master.hydra.overrides.hydra = [o.input_line for o in parsed if o.is_hydra_override()]
+        master.hydra.overrides.task = [o.input_line for o in parsed if not o.is_hydra_override()]
+    return master
+
+
+def compose_job(master: DictConfig, overrides: list[str]) -> DictConfig:
+    """A job's config as the launcher composes it: the sweep's Hydra overrides plus the job's."""
+    hydra_overrides = list(OmegaConf.to_container(master.hydra.overrides.hydra, resolve=False))
+    job_cfg = compose(config_name=master.hydra.job.config_name, overrides=hydra_overrides + list(overrides),
+                      return_hydra_config=True)
+    _check_controllers_unchanged(master, job_cfg)
+    OmegaConf.copy_cache(from_config=master, to_config=job_cfg)  # the same ${now:} etc. as the sweep
+    return job_cfg
+
+
+def _check_controllers_unchanged(master: DictConfig, job_cfg: DictConfig) -> None:
+    """What Hydra's launcher checks of each job's config: the sweep's launcher and sweeper stay as the
+    sweep was started with (a swept preset must not configure them differently)."""
+    for group, node in (("hydra/launcher", "launcher"), ("hydra/sweeper", "sweeper")):
+        before, after = master.hydra.runtime.choices.get(group), job_cfg.hydra.runtime.choices.get(group)
+        if before != after:
+            raise ConfigCompositionException(
+                f"'{group}' must be selected before the sweep starts, but a swept job config changed it "
+                f"from '{before}' to '{after}'. Select it in the primary config or from the command line.")
+        if not OmegaConf.structural_equality(master.hydra[node], job_cfg.hydra[node]):
+            raise ConfigCompositionException(
+                f"'hydra.{node}' must be configured before the sweep starts, but a swept job config "
+                "changed it. Configure it in the primary config or from the command line.")
+
+
+def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
+    """Print the plan for `bench/train.py ARGV` (configs in `config_dir`, unless ARGV gives -cd)."""
+    args = parse_args(argv)
+    with hydra_session(Path(args.config_dir or config_dir)):
+        master = compose_multirun(args.config_name, list(args.overrides))
         HydraConfig.instance().set_config(master)
         sweeper = OmegaConf.select(master, "hydra.sweeper._target_", default="") or ""
         if not sweeper.endswith("BasicSweeper"):
             return _plan_other_sweeper(master, sweeper, out)
-        jobs = expand_grid(*sweep_arguments(master), hydra.config_loader)
-        n_jobs = _parallel_jobs(master)
+        jobs = expand_grid(*sweep_arguments(master), GlobalHydra.instance().config_loader())
         if not jobs:
             print(f"plan {master.hydra.sweep.dir}: the sweep expands to zero runs; nothing to do", file=out)
             return 0
-        plans: dict[str, DirPlan] = {}
-        states: dict[str, SweepState] = {}
-        seen: set[tuple[str, str]] = set()
-        for overrides in jobs:
-            job_cfg = hydra.config_loader.load_sweep_config(master, list(overrides))
-            HydraConfig.instance().set_config(job_cfg)
-            sweep_dir = str(job_cfg.hydra.sweep.dir)
-            training = _without_hydra(job_cfg)
-            identity = run_identity(training)
-            if sweep_dir not in plans:
-                plans[sweep_dir] = DirPlan(sweep_dir)
-                states[sweep_dir] = SweepState(sweep_dir)
-                _load_index(states[sweep_dir], plans[sweep_dir])
-            dir_plan, state = plans[sweep_dir], states[sweep_dir]
-            dir_plan.runs += 1
-            if (sweep_dir, identity) in seen:  # the same training config twice in one grid
-                dir_plan.duplicates += 1
-                continue
-            seen.add((sweep_dir, identity))
-            entry = state.cached.get(identity)
-            if entry and entry.get("status") in done_statuses(pruning_on(training)):
-                dir_plan.done[entry["status"]] += 1
-            else:
-                dir_plan.to_run += 1
-                if entry and entry.get("dir") and (state.run_dir(entry) / CHECKPOINT).exists():
-                    dir_plan.resume += 1
-        for dir_plan in plans.values():
-            _print_dir_plan(dir_plan, n_jobs, out)
+        for dir_plan in _plan_jobs(master, jobs).values():
+            _print_dir_plan(dir_plan, _parallel_jobs(master), out)
         return 0
-    finally:
-        GlobalHydra.instance().clear()
-        HydraConfig.instance().cfg = previous_hydra_cfg
+
+
+def _plan_jobs(master: DictConfig, jobs: list[list[str]]) -> dict[str, DirPlan]:
+    """Each job composed and looked up in its sweep dir's index: the plan of each sweep dir."""
+    plans: dict[str, DirPlan] = {}
+    states: dict[str, SweepState] = {}
+    seen: set[tuple[str, str]] = set()
+    for overrides in jobs:
+        job_cfg = compose_job(master, overrides)
+        HydraConfig.instance().set_config(job_cfg)
+        sweep_dir = str(job_cfg.hydra.sweep.dir)
+        training = _without_hydra(job_cfg)
+        identity = run_identity(training)
+        if sweep_dir not in plans:
+            plans[sweep_dir] = DirPlan(sweep_dir)
+            states[sweep_dir] = SweepState(sweep_dir)
+            _load_index(states[sweep_dir], plans[sweep_dir])
+        dir_plan, state = plans[sweep_dir], states[sweep_dir]
+        dir_plan.runs += 1
+        if (sweep_dir, identity) in seen:  # the same training config twice in one grid
+            dir_plan.duplicates += 1
+            continue
+        seen.add((sweep_dir, identity))
+        entry = state.cached.get(identity)
+        if entry and entry.get("status") in done_statuses(pruning_on(training)):
+            dir_plan.done[entry["status"]] += 1
+        else:
+            dir_plan.to_run += 1
+            if entry and entry.get("dir") and (state.run_dir(entry) / CHECKPOINT).exists():
+                dir_plan.resume += 1
+    return plans
 
 
 def _without_hydra(cfg: DictConfig) -> DictConfig:
@@ -197,13 +277,10 @@ def _plan_other_sweeper(master: DictConfig, sweeper: str, out) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from hydra.errors import HydraException
-
-    from normbench.errors import NormbenchError
-
+def main(argv: list[str] | None = None, *, config_dir: str | Path) -> int:
+    """bench/plan.py: the plan, or one line on stderr and status 2 for a config or user error."""
     try:
-        return plan(sys.argv[1:] if argv is None else argv)
+        return plan(sys.argv[1:] if argv is None else argv, config_dir=config_dir)
     except (HydraException, NormbenchError) as err:
         print(f"normbench plan: {err}", file=sys.stderr)
         return 2

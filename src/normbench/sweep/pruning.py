@@ -4,7 +4,7 @@ The job asks its pruner after every epoch: `should_stop(epoch, val_error) -> boo
 with status `pruned` (its record, checkpoint and objective are kept).
 
 - Optuna sweeps: `normbench.sweep.optuna_support.trial_pruner(cfg)` (reports to the Optuna trial and asks
-  its pruner) is used when that module exists and returns a pruner.
+  its pruner) whenever the job is an Optuna trial.
 - Grid sweeps (`pruning=median`): the median-stopping rule over the finished runs of the same sweep
   dir. After `warmup_epochs` epochs, and once at least `min_runs` completed peers reached epoch e, a
   run whose best validation error up to epoch e is worse than the median of the peers' best errors
@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Protocol
 
 from normbench.errors import ConfigError
+from normbench.sweep.identity import run_identity
+from normbench.sweep.index import SweepState
+from normbench.sweep.optuna_support import trial_pruner
 
 PRUNERS = ("none", "median")
 
@@ -98,31 +101,17 @@ def pruning_on(cfg) -> bool:
     return pruning_spec(cfg)["name"] != "none"
 
 
-def _optuna_trial_pruner(cfg):
-    try:
-        from normbench.sweep.optuna_support import trial_pruner
-    except ModuleNotFoundError as err:
-        if err.name in ("normbench.sweep.optuna_support", "optuna"):
-            return None
-        raise
-    return trial_pruner(cfg)
-
-
 def build_pruner(cfg, run_dir: str | Path | None, sweep_dir: str | Path | None,
                  identity: str | None = None) -> Pruner | None:
     """The pruner for this job, or None: Optuna's trial pruner in an Optuna sweep, else the grid rule
     chosen by `pruning.name` (which needs a sweep dir: a single run has no peers)."""
-    pruner = _optuna_trial_pruner(cfg)
+    pruner = trial_pruner(cfg)
     if pruner is not None:
         return pruner
     spec = check_pruning(cfg)
     if spec["name"] == "none" or sweep_dir is None:
         return None
-    from normbench.sweep.index import SweepState
-
     if identity is None:
-        from normbench.sweep.identity import run_identity
-
         identity = run_identity(cfg)
     return MedianStoppingPruner(SweepState(sweep_dir).curves_dir, identity, spec["warmup_epochs"],
                                 spec["min_runs"])

@@ -1,0 +1,220 @@
+"""The sweeper's bookkeeping in the Optuna study: the storage-wide lock, the study-wide trial budget,
+how a job's outcome is told to its trial, and the heartbeats of the running trials. (Imported lazily,
+like _impl.py: Hydra's plugin scan skips `_` modules, so no Hydra start pays for SQLAlchemy here.)"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from filelock import FileLock
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from normbench.record import Status
+from normbench.sweep.optuna_support import backend, driver_url, engine_kwargs
+
+log = logging.getLogger(__name__)
+
+STATUS_ATTR = "status"                      # trial user attr: completed | diverged | failed | pruned
+COUNTED_FAILURE_ATTR = "normbench:failed"   # FAIL trials the sweeper decided (they count as done)
+FAILURE_STRATEGIES = ("worst", "fail")
+SCHEMA_LOCK = "normbench:schema"
+
+
+def quote_override(value: str) -> str:
+    """A string as a quoted Hydra override value."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def study_lock_name(study_name: str) -> str:
+    return f"normbench:study:{study_name}"
+
+
+def default_storage_url(sweep_dir: str | Path) -> str:
+    """The embedded SQLite study next to the sweep's runs: <sweep dir>/optuna.db (dir created)."""
+    path = Path(sweep_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'optuna.db'}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The storage-wide lock
+
+
+def _lock_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+_LOCK_ENGINES: dict[str, Any] = {}
+
+
+def _lock_engine(url: str, connect_timeout: int):
+    if url not in _LOCK_ENGINES:
+        kwargs = engine_kwargs(url, connect_timeout)
+        kwargs.pop("pool_pre_ping", None)
+        _LOCK_ENGINES[url] = sqlalchemy.create_engine(driver_url(url), poolclass=NullPool, **kwargs)
+    return _LOCK_ENGINES[url]
+
+
+@contextlib.contextmanager
+def _database_lock(url: str, name: str, connect_timeout: int) -> Iterator[None]:
+    """PostgreSQL: an advisory lock; MySQL: GET_LOCK (both released when the connection drops)."""
+    key = _lock_key(name)
+    if backend(url) == "postgresql":
+        take, give, args = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", {"k": key}
+    else:
+        take, give, args = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)", {"k": f"normbench{key}"}
+    with _lock_engine(url, connect_timeout).connect() as conn:
+        conn.execute(sqlalchemy.text(take), args)
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text(give), args)
+            conn.commit()
+
+
+def sqlite_lock_path(url: str) -> Path | None:
+    """<db>.lock for an SQLite file database; None for an in-memory one."""
+    db = make_url(url).database
+    return Path(db + ".lock") if db and db != ":memory:" else None
+
+
+@contextlib.contextmanager
+def storage_lock(url: str, name: str, connect_timeout: int = 10) -> Iterator[None]:
+    """A lock shared by every process that uses this storage, held while a worker counts the study's
+    trials and asks for new ones (so that n_trials is a study-wide total with no race), and while the
+    schema is created. PostgreSQL: an advisory lock; MySQL: GET_LOCK; SQLite: a filelock (flock) on
+    <db>.lock, which the kernel releases when its holder dies."""
+    kind = backend(url)
+    if kind in ("postgresql", "mysql"):
+        with _database_lock(url, name, connect_timeout):
+            yield
+        return
+    path = sqlite_lock_path(url) if kind == "sqlite" else None
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# The study-wide trial budget
+
+
+def counts_toward_total(trial) -> bool:
+    """Whether a trial uses up one of the study's n_trials.
+
+    Everything counts except FAIL trials the sweeper did not decide: trials of a killed or interrupted
+    sweeper, which are failed (stale heartbeat, Ctrl-C) and re-queued as a WAITING copy that counts."""
+    if trial.state != TrialState.FAIL:
+        return True
+    return bool(trial.system_attrs.get(COUNTED_FAILURE_ATTR))
+
+
+def trials_used(study) -> int:
+    return sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
+
+
+def trials_to_ask(study, target: int) -> int:
+    """How many trials a worker may ask for now: what is missing to reach `target`, plus the WAITING
+    trials (enqueued, or re-queued after an interruption), which count already but still have to run."""
+    trials = study.get_trials(deepcopy=False)
+    used = sum(counts_toward_total(t) for t in trials)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    return max(0, target - used) + waiting
+
+
+# --------------------------------------------------------------------------------------------------
+# Outcomes
+
+
+@dataclass
+class Outcome:
+    """What a finished job means for its trial."""
+    status: str                 # a normbench.record.Status but running
+    value: float | None         # the job's objective (validation error); None when it raised
+    error: str | None = None
+    run_dir: str | None = None  # the job's output dir (its run record)
+
+
+def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst", worst_value: float = 1.0):
+    """Record a job's outcome in its trial.
+
+    completed -> COMPLETE(value); pruned -> PRUNED (Optuna keeps the last reported value);
+    diverged or failed -> strategy "worst": COMPLETE(worst_value), so the sampler sees these
+    parameters as the worst ones; strategy "fail": FAIL, which Optuna's samplers ignore."""
+    if strategy not in FAILURE_STRATEGIES:
+        raise ValueError(f"failure strategy must be one of {FAILURE_STRATEGIES}, got {strategy!r}")
+    storage, trial_id = study._storage, trial._trial_id
+    storage.set_trial_user_attr(trial_id, STATUS_ATTR, str(outcome.status))
+    if outcome.error:
+        storage.set_trial_user_attr(trial_id, "error", outcome.error[:500])
+    if outcome.run_dir:
+        storage.set_trial_user_attr(trial_id, "run_dir", outcome.run_dir)
+    if outcome.status == Status.PRUNED:
+        return study.tell(trial, state=TrialState.PRUNED)
+    if (outcome.status in (Status.DIVERGED, Status.FAILED) or outcome.value is None
+            or not math.isfinite(outcome.value)):
+        if strategy == "fail":
+            storage.set_trial_system_attr(trial_id, COUNTED_FAILURE_ATTR, True)
+            return study.tell(trial, state=TrialState.FAIL)
+        return study.tell(trial, values=float(worst_value))
+    return study.tell(trial, values=float(outcome.value))
+
+
+# --------------------------------------------------------------------------------------------------
+# Heartbeats
+
+
+class Heartbeat:
+    """Records a heartbeat for each running trial of this process every `interval` seconds."""
+
+    def __init__(self, storage, interval: int | None):
+        self.storage, self.interval = storage, interval
+        self.trial_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if interval:
+            self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
+            self._thread.start()
+
+    def beat(self, trial_id: int) -> None:
+        if self.interval:
+            self.storage.record_heartbeat(trial_id)
+
+    def add(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.discard(trial_id)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as err:  # noqa: BLE001 - a missed beat is retried next interval
+                    log.debug("heartbeat for trial id %d failed: %s", trial_id, err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
