@@ -144,3 +144,17 @@ def test_fp16_trains_with_loss_scaling(tmp_path):
     trainer = Trainer(torch.nn.Linear(2, 2), None, None, None, None, [], LoopSettings(epochs=1,
                       amp_dtype=torch.float16), None, device=torch.device("cpu"))
     assert trainer.scaler is not None
+
+
+@pytest.mark.parametrize("model", ["vgg_a", "alexnet_cifar"])
+def test_builtin_models_train_on_one_channel_images_of_another_size(model, tmp_path):
+    """The pipeline applies unchanged to grayscale 28x28 data: 1 input channel, resized to 32 on the device."""
+    cfg = compose_cfg([*TINY, "logger=none", f"model={model}", "data.channels=1", "data.image_size=28",
+                       "norm=gn", "trainer.epochs=2"])
+    run_job(cfg, output_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    first = next(m for m in torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"].values()
+                 if m.dim() == 4)
+    assert first.shape[1] == 1  # the first convolution takes one channel
+    assert (tmp_path / "filters.png").stat().st_size > 0

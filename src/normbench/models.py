@@ -37,9 +37,11 @@ ALEXNET_CIFAR = [(96, 5, 1, 2, True), (256, 5, 1, 2, True), (384, 3, 1, 1, False
 
 def build_model(model_cfg, *, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
                 activation: ActivationFactory, allowed_targets=("normbench.models.*",)) -> nn.Module:
-    """Call the model config's `_target_` (an allowed one) with the protocol's keyword arguments."""
+    """Call the model config's `_target_` (an allowed one) with the protocol's keyword arguments (`width`
+    and `dropout` always: 1.0 and 0.0 where the config has none)."""
     return instantiate(model_cfg, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                       norm=norm, activation=activation, _execution_whitelist_=list(allowed_targets))
+                       norm=norm, activation=activation, width=model_cfg.get("width", 1.0),
+                       dropout=model_cfg.get("dropout", 0.0), _execution_whitelist_=list(allowed_targets))
 
 
 def count_parameters(model: nn.Module) -> int:
