@@ -27,7 +27,7 @@ BENCH = ["data=synthetic", "data.num_test=64", "optimizer=sgd", "scheduler=const
 
 def compose_config(conf_dir: Path, overrides: list[str]) -> DictConfig:
     register()
-    with initialize_config_dir(config_dir=str(Path(conf_dir).absolute()), version_base=None):
+    with initialize_config_dir(config_dir=str(Path(conf_dir).absolute())):
         return compose(config_name="config", overrides=overrides)
 
 
