@@ -144,9 +144,12 @@ def placement(device: str, threads: int, job_num: int | None, n_jobs: int) -> tu
     - trainer.device=auto with several CUDA GPUs: GPU index = job number mod GPU count, so the N jobs
       a parallel launcher runs at once land on different GPUs (with one GPU they all share it).
     - trainer.threads=0 with a launcher running n_jobs > 1 at once: cores // n_jobs threads each.
-    Explicit settings (trainer.device=cuda:1, trainer.threads=4) are kept as they are.
+    Explicit settings (trainer.device=cuda:1, trainer.threads=4) are kept as they are; a threads value
+    that is no integer is left to validate() to report.
     """
     device = str(device)
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        return device, 0
     if device == "auto" and job_num is not None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         device = f"cuda:{job_num % torch.cuda.device_count()}"
     if not threads and n_jobs > 1:
