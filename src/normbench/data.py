@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import ConfigError
+from normbench.targets import BUILTIN_TARGETS, check_target
 
 # --------------------------------------------------------------------------------------------------------
 # containers
@@ -72,8 +73,7 @@ def dataset_name(data_cfg) -> str:
     return str(data_cfg["_target_"]).rsplit(".", 1)[-1]
 
 
-def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=("normbench.datasets.*",)
-              ) -> DataBundle:
+def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=BUILTIN_TARGETS) -> DataBundle:
     """Call the dataset's `_target_` (an allowed one), check what it returns against the config, hold out
     the validation split and put the three splits on ``device``.
 
@@ -83,6 +83,7 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
     device = torch.device(device)
     if not isinstance(data_cfg, DictConfig):
         data_cfg = OmegaConf.create(data_cfg)
+    check_target("data._target_", data_cfg, allowed_targets)
     tensors = instantiate(data_cfg, _execution_whitelist_=list(allowed_targets))
     train_images, train_labels, test_images, test_labels = _checked(data_cfg, tensors)
     n = len(train_labels)

@@ -13,7 +13,8 @@ import inspect
 
 from hydra.utils import instantiate
 
-ALLOWED_TARGETS = ("torch.optim.*",)  # covers torch.optim.lr_scheduler
+from normbench.targets import BUILTIN_TARGETS
+
 SCHEDULERS = ("constant", "cosine", "step", "onecycle")
 FUSED_ON_CUDA = ("SGD", "Adam", "AdamW")
 
@@ -33,7 +34,7 @@ def fast_optimizer_kwargs(optimizer_class, params: list, given=()) -> dict:
     return {}
 
 
-def build_optimizer(optimizer_cfg, model, allowed_targets=ALLOWED_TARGETS):
+def build_optimizer(optimizer_cfg, model, allowed_targets=BUILTIN_TARGETS):
     make = instantiate(optimizer_cfg, _execution_whitelist_=list(allowed_targets))
     params = list(model.parameters())
     optimizer_class = getattr(make, "func", make)
@@ -41,7 +42,7 @@ def build_optimizer(optimizer_cfg, model, allowed_targets=ALLOWED_TARGETS):
     return make(params, **fast_optimizer_kwargs(optimizer_class, params, given))
 
 
-def build_scheduler(scheduler_cfg, optimizer, epochs: int, steps_per_epoch: int, allowed_targets=ALLOWED_TARGETS):
+def build_scheduler(scheduler_cfg, optimizer, epochs: int, steps_per_epoch: int, allowed_targets=BUILTIN_TARGETS):
     """Schedulers step once per optimizer step."""
     make = instantiate(scheduler_cfg.fn, _execution_whitelist_=list(allowed_targets))
     total_steps = max(1, epochs * steps_per_epoch)

@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
@@ -31,13 +29,10 @@ from normbench.norms import NormSpec
 from normbench.optim import SCHEDULERS
 from normbench.probes import Probe, build_probes
 from normbench.sweep.pruning import check_pruning
+from normbench.targets import allowed_targets, check_target
 from normbench.trainer import LoopSettings
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-# Targets normbench's own configs use; a user's models, datasets or optimizers are added with
-# `trusted_targets` (README, "Your own model"). torch.nn: what a model builder may return (Hydra checks the
-# class of a callable result, and a module is callable).
-BUILTIN_TARGETS = ("normbench.models.*", "normbench.datasets.*", "torch.optim.*", "torch.nn.*")
 TARGETS = {"model": ("model",), "data": ("data",), "optimizer": ("optimizer",), "scheduler": ("scheduler", "fn")}
 
 
@@ -86,31 +81,6 @@ def _select(cfg, path: tuple[str, ...]):
     for part in path:
         node = node[part]
     return node
-
-
-def allowed_targets(cfg: DictConfig) -> tuple[str, ...]:
-    trusted = cfg.get("trusted_targets") or []
-    _require(all(isinstance(t, str) and t for t in trusted), "trusted_targets", list(trusted),
-             "must be a list of targets or package patterns, e.g. trusted_targets=[my_models.*]")
-    return (*BUILTIN_TARGETS, *trusted)
-
-
-def check_target(key: str, target_cfg, allowed: tuple[str, ...]) -> None:
-    """The `_target_` is allowed and importable (Hydra's own check; nothing is called)."""
-    target = target_cfg.get("_target_") if isinstance(target_cfg, DictConfig) else None
-    _require(isinstance(target, str) and bool(target), key, target, "must name a callable, e.g. my_models.build")
-    try:
-        instantiate({"_target_": target, "_partial_": True}, _execution_whitelist_=list(allowed))
-    except InstantiationException as err:
-        message = str(err)
-        module = target.rsplit(".", 1)[0]
-        if "not in the Hydra execution whitelist" in message:
-            raise ConfigError(key, target, f"is not a trusted target; add its module to trusted_targets, e.g. "
-                                           f"'trusted_targets=[{module}.*]'") from None
-        if "cannot be authorized" in message:
-            raise ConfigError(key, target, "can never be a target (it could run arbitrary code)") from None
-        raise ConfigError(key, target, f"cannot be imported ({message.splitlines()[0]}); put its module on "
-                                       "PYTHONPATH") from None
 
 
 def _data_shape(data) -> DataShape:

@@ -1,0 +1,43 @@
+"""Which `_target_`s a config may instantiate: normbench's own models and datasets, torch.optim, torch.nn,
+and the config's `trusted_targets` (a user's models, datasets or optimizers: README, "Your own model and
+dataset"). Every `instantiate` call passes this list to Hydra's execution whitelist.
+"""
+
+from __future__ import annotations
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from normbench.errors import ConfigError
+
+# torch.nn: what a model builder may return (Hydra also checks the class of a callable result, and a module
+# is callable).
+BUILTIN_TARGETS = ("normbench.models.*", "normbench.datasets.*", "torch.optim.*", "torch.nn.*")
+
+
+def allowed_targets(cfg: DictConfig) -> tuple[str, ...]:
+    trusted = cfg.get("trusted_targets") or []
+    if not all(isinstance(t, str) and t for t in trusted):
+        raise ConfigError("trusted_targets", list(trusted),
+                          "must be a list of targets or package patterns, e.g. trusted_targets=[my_models.*]")
+    return (*BUILTIN_TARGETS, *trusted)
+
+
+def check_target(key: str, target_cfg, allowed: tuple[str, ...]) -> None:
+    """The `_target_` is allowed and importable (Hydra's own check; nothing is called)."""
+    target = target_cfg.get("_target_") if isinstance(target_cfg, DictConfig) else None
+    if not isinstance(target, str) or not target:
+        raise ConfigError(key, target, "must name a callable, e.g. my_models.build")
+    try:
+        instantiate({"_target_": target, "_partial_": True}, _execution_whitelist_=list(allowed))
+    except InstantiationException as err:
+        message = str(err)
+        module = target.rsplit(".", 1)[0]
+        if "not in the Hydra execution whitelist" in message:
+            raise ConfigError(key, target, f"is not a trusted target; add its module to trusted_targets, e.g. "
+                                           f"'trusted_targets=[{module}.*]'") from None
+        if "cannot be authorized" in message:
+            raise ConfigError(key, target, "can never be a target (it could run arbitrary code)") from None
+        raise ConfigError(key, target, f"cannot be imported ({message.splitlines()[0]}); put its module on "
+                                       "PYTHONPATH") from None
