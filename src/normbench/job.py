@@ -26,7 +26,7 @@ from normbench.record import CHECKPOINT, Status, read_summary
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
 from normbench.sweep.identity import job_dirname, run_identity, seedless_identity
 from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses
-from normbench.sweep.pruning import build_pruner, pruning_on
+from normbench.sweep.pruning import build_pruner
 from normbench.validate import RunSpec, validate
 
 NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
@@ -172,7 +172,7 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float:
     state = SweepState(info.sweep_dir)
     state.ensure_index()
     with state.lock(identity):
-        done = state.done(identity, done_statuses(pruning_on(cfg)))
+        done = state.done(identity, done_statuses(spec.pruning["name"] != "none"))
         if done is not None:
             objective = done.get("objective")
             objective = WORST_OBJECTIVE if objective is None else float(objective)
