@@ -74,7 +74,7 @@ def config_for(choices: dict, dropout: float, lr: float, experiment: str, device
 
 
 def write_run(sweep: Path, *, experiment: str, choices: dict, test_acc: float | None, status: str = "completed",
-              overrides: list[str] | None = None, dropout: float = 0.0, lr: float = 0.01, val_best: float | None = None,
+              overrides: list[str] | None = None, dropout: float = 0.0, lr: float = 0.001, val_best: float | None = None,
               params: int = 9_756_426, memory: float = 1000.0, epochs: int = 3, steps: list[float] | None = None,
               probes: list[dict] | None = None, filters: bool = False, bad_metrics_line: bool = False,
               identity: str | None = None, device: str = "cpu", legacy: bool = False,
@@ -744,7 +744,7 @@ def test_pooling_ignores_seed_and_not_identity_keys_only(tmp_path):
     pooled, lr_02, lr_05 = cells
     assert pooled.n == 2 and pooled.value_overrides == ()  # seed and trainer.* are not shown as settings
     assert lr_02.value_overrides == ("optimizer.lr=0.02",) and lr_05.value_overrides == ()
-    assert {c.setting("lr") for c in cells} == {0.01, 0.02, 0.05}
+    assert {c.setting("lr") for c in cells} == {0.001, 0.02, 0.05}
     rep = report.build([str(tmp_path)], str(tmp_path / "out"))
     default = _table(rep, "default")
     assert sorted(r.cell.n for r in default.rows) == [1, 1, 2]

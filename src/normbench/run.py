@@ -85,7 +85,8 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None) -> RunParts:
     stream = BatchStream(data.train, spec.batch_size, data.mean, data.std, augment=cfg.data.augment,
                          crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
                          resize_to=spec.input_size if spec.input_size != data.image_size else None,
-                         channels_last=spec.channels_last, drop_last=True, generator=generator)
+                         channels_last=spec.channels_last, drop_last=bool(cfg.trainer.get("drop_last", True)),
+                         generator=generator)
     if spec.fault.kind != "none":
         stream = FaultyStream(stream, spec.fault, device)
     optimizer = build_optimizer(cfg.optimizer, model, allowed)
