@@ -22,7 +22,7 @@ from normbench.record import FILTERS, METRICS, PROBES, STEPS
 from normbench.report import plots
 from normbench.report.records import RunRecord
 from normbench.report.reference import NORM_LABEL
-from normbench.report.tables import COLUMNS, Table, slug
+from normbench.report.tables import COLUMNS, MIN_CI_N, Table, ci_for_display, slug
 
 MAX_BARS = 40
 MAX_CURVE_CELLS = 12
@@ -133,14 +133,17 @@ def summary_bars(table: Table, fig_dir: str) -> None:
         st = row.cell.stat(table.primary)
         label = row.label + (f"\n{row.extra}" if row.extra and table.kind == "study" else "")
         study = row.ref.ref.get(table.primary) if row.ref else None
+        ci = ci_for_display(st)
+        points = [v * col.scale for v in row.cell.values(table.primary)] if st.n < MIN_CI_N else []
         bar_rows.append(plots.BarRow(label, None if st.mean is None else st.mean * col.scale,
-                                     None if st.ci is None else st.ci * col.scale, st.n, study))
+                                     None if ci is None else ci * col.scale, st.n, study, points))
     if not any(b.ours is not None for b in bar_rows):
         return
     name = f"{table.name}_bars.png"
     title = f"{table.title}: ours vs study" if table.kind == "study" else table.title
     plots.summary_bars(bar_rows, os.path.join(fig_dir, name), title, col.title)
-    table.figures.append((f"{col.title}: ours (mean ± 95% CI) and the study", f"fig/{name}"))
+    table.figures.append(((f"{col.title}: ours (mean ± 95% CI from {MIN_CI_N} seeds; dots: the runs of a cell "
+                          f"with fewer) and the study"), f"fig/{name}"))
 
 
 def clustered_bars(table: Table, fig_dir: str) -> None:
@@ -158,7 +161,8 @@ def clustered_bars(table: Table, fig_dir: str) -> None:
         if row.cell is not None and (norm, bs) not in ours:
             st = row.cell.stat("test/acc")
             if st.mean is not None:
-                ours[(norm, bs)] = (st.mean * 100, None if st.ci is None else st.ci * 100)
+                ci = ci_for_display(st)
+                ours[(norm, bs)] = (st.mean * 100, None if ci is None else ci * 100)
     if not ours:
         return
     name = f"{table.name}_clustered.png"

@@ -150,12 +150,12 @@ VGG_BN_BASELINE = StudyTable(
          "for 32x32 input, classifier 512-512-512-10, BN after each of its 8 convolutions. Both rows: constant "
          "lr 0.001, the study's \"固定学习率 (0.001)\" run (12.35%).",
     flags=(
-        "Study inconsistency: BN \"+0.067% parameters\" fits no architecture. BN after VGG-A's 8 convolutions "
+        ("Study inconsistency: BN \"+0.067% parameters\" fits no architecture. BN after VGG-A's 8 convolutions "
         "adds 5,504 parameters: +0.0564% on the 32x32 VGG-A (9,750,922), +0.0041% on the 224x224 VGG-A "
-        "(132,863,336); +0.067% would need a 8.2M-parameter network.",
-        "Study inconsistency: one BN run, three convergence epochs. The BN baseline (12.35%) converges in 25 "
+        "(132,863,336); +0.067% would need a 8.2M-parameter network."),
+        ("Study inconsistency: one BN run, three convergence epochs. The BN baseline (12.35%) converges in 25 "
         "epochs (section 2) and, as section 7's constant-lr 0.001 run with the same 12.35%, in 30; section "
-        "8's curves say 15 (and 35 for plain VGG-A, 45 in section 2).",
+        "8's curves say 15 (and 35 for plain VGG-A, 45 in section 2)."),
     ),
     contrasts=(
         Contrast("model/params", "BN", "plain", 0.067, "BN adds parameters"),
@@ -170,9 +170,9 @@ VGG_LOSSES = StudyTable(
     context=_ctx(loss=None),
     rows=_norm_by("loss", _LOSSES, [26.58, 27.23, 26.91, 27.45, 26.34], [12.35, 12.89, 12.67, 13.12, 12.28],
                   base="ce"),
-    flags=("Study inconsistency: the text says L2 regularisation slightly improves BN VGG (\"L2 正则化对 "
+    flags=(("Study inconsistency: the text says L2 regularisation slightly improves BN VGG (\"L2 正则化对 "
            "BatchNorm VGG 有轻微改善\"), but its numbers show it worse: 12.67% vs CE 12.35% (BN), 26.91% vs "
-           "26.58% (plain).",),
+           "26.58% (plain)."),),
 )
 
 VGG_ACTIVATIONS = StudyTable(
@@ -183,10 +183,10 @@ VGG_ACTIVATIONS = StudyTable(
     rows=_norm_by("activation", _ACTS, [26.58, 26.12, 27.34, 25.89, 26.45, 26.78],
                   [19.85, 12.64, 21.13, 14.32, 15.87, 16.45], base="relu"),
     flags=(
-        "Study inconsistency: BN+ReLU here (19.85%) differs from its own BN baseline with the same settings "
-        "(12.35%), while plain+ReLU (26.58%) equals the plain baseline.",
-        "Study inconsistency: \"最大差异 7.21%\" (largest difference between activations on BN): its numbers "
-        "give 21.13 − 12.64 = 8.49 points (ELU vs LeakyReLU); 7.21 is ReLU − LeakyReLU (19.85 − 12.64).",
+        ("Study inconsistency: BN+ReLU here (19.85%) differs from its own BN baseline with the same settings "
+        "(12.35%), while plain+ReLU (26.58%) equals the plain baseline."),
+        ("Study inconsistency: \"最大差异 7.21%\" (largest difference between activations on BN): its numbers "
+        "give 21.13 − 12.64 = 8.49 points (ELU vs LeakyReLU); 7.21 is ReLU − LeakyReLU (19.85 − 12.64)."),
     ),
 )
 
@@ -297,11 +297,11 @@ ALEXNET_NORM_BATCH = StudyTable(
          "training images with the last partial batch kept (782/1563/3125/6250 batches per epoch) and reports "
          "test accuracy only.",
     flags=(
-        "Study inconsistency: the GN bs-64 log is partly copied from the bs-32 log: its epochs 1-2 show "
+        ("Study inconsistency: the GN bs-64 log is partly copied from the bs-32 log: its epochs 1-2 show "
         "\"Batch [1563/1563]\" (bs 32's count; bs 64 has 782) with bs 32's losses 10.9855 and 6.7723, and "
-        "epochs 8-10 repeat one line (loss 0.3133, accuracy 87.50). Its 82.36% is not backed by a log.",
-        "Study inconsistency: the text says GN at bs 8 (78.55%) is \"slightly below the other methods\" "
-        "(相较于其他方法略有下降); it is the highest at bs 8 (BN 77.49%, LN 77.31%, plain 39.14%).",
+        "epochs 8-10 repeat one line (loss 0.3133, accuracy 87.50). Its 82.36% is not backed by a log."),
+        ("Study inconsistency: the text says GN at bs 8 (78.55%) is \"slightly below the other methods\" "
+        "(相较于其他方法略有下降); it is the highest at bs 8 (BN 77.49%, LN 77.31%, plain 39.14%)."),
     ),
     pairs=(
         *((f"{NORM_LABEL[n]}{' (4 groups)' if n == 'gn' else ''} · bs 8",
