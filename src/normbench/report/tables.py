@@ -443,11 +443,10 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
         by_exp.setdefault(cell.experiment, []).append(cell)
     tables = []
     for exp in sorted(by_exp):
-        group = by_exp[exp]
+        group = [c for c in by_exp[exp] if id(c) not in shown]  # each run in one table
+        if not group:
+            continue
         if exp in TABLES_BY_NAME:
-            group = [c for c in group if id(c) not in shown]
-            if not group:
-                continue
             name, title = f"{exp}_other", f"{exp}: runs that match no row of the study table"
         else:
             name, title = exp, f"experiment {exp}: runs grouped by their varying choices"
