@@ -163,7 +163,8 @@ def _varying(cells: Sequence[Cell], skip: set[str]) -> tuple[list[str], set[str]
 
 
 def _override_map(cell: Cell) -> dict[str, str]:
-    return dict(o.split("=", 1) for o in cell.value_overrides if "=" in o)
+    pairs = (o.lstrip("+~").split("=", 1) for o in cell.value_overrides if "=" in o)
+    return {k: v for k, v in pairs if k not in ROW_SELECTORS}
 
 
 def constant_overrides(cells: Sequence[Cell]) -> list[str]:
@@ -558,7 +559,8 @@ def display(table: Table) -> tuple[list[str], list[list[str]]]:
     cols = table.columns
     primary = next(c for c in COLUMNS if c.metric == table.primary)
     header = ["row"] if table.kind == "study" else list(table.setting_columns or ["experiment"])
-    if table.kind == "study":
+    extra = table.kind == "study" and any(r.extra for r in table.rows)  # only when some row differs
+    if extra:
         header.append("other settings")
     if table.show_experiment:
         header.append("experiment")
@@ -573,7 +575,7 @@ def display(table: Table) -> tuple[list[str], list[list[str]]]:
         cell = row.cell
         line: list[str] = []
         if table.kind == "study":
-            line += [row.label, row.extra]
+            line += [row.label, row.extra] if extra else [row.label]
         else:
             line += _setting_values(table, cell)
         if table.show_experiment:
