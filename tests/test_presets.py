@@ -192,3 +192,12 @@ def test_study_002_layers_as_the_study_states():
     assert kinds[:4] == ["Conv2d", "ReLU", "LocalResponseNorm", "MaxPool2d"]
     assert kinds.count("LocalResponseNorm") == 2
     assert lrn(torch.zeros(1, 3, 224, 224)).shape == (1, 10)
+
+
+def test_val_size_0_trains_on_every_image_and_validates_on_the_test_set():
+    from normbench.data import load_data
+
+    cfg = compose_job(["+experiment=alexnet_norm_batch", "data=synthetic", "data.num_train=200", "data.num_test=50"])
+    assert cfg.data.val_size == 0
+    data = load_data(cfg.data, "cpu")
+    assert len(data.train) == 200 and data.val is data.test and len(data.test) == 50

@@ -102,8 +102,9 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
     mean, std = data_cfg.get("mean"), data_cfg.get("std")
     if mean is None or std is None:
         mean, std = channel_stats(train.images)
+    val_is_test = val is test
     test = test.to(device)
-    return DataBundle(train=train.to(device), val=test if val is test else val.to(device), test=test,
+    return DataBundle(train=train.to(device), val=test if val_is_test else val.to(device), test=test,
                       num_classes=int(data_cfg.num_classes), image_size=int(data_cfg.image_size),
                       channels=int(data_cfg.channels), mean=tuple(float(m) for m in mean),
                       std=tuple(float(s) for s in std), name=dataset_name(data_cfg))
