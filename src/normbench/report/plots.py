@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,17 +13,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 DPI = 110
-MAX_LABEL = 48  # characters of a tick or legend label (an Optuna sweep's settings run long)
+MAX_LABEL = 64  # characters of a tick or legend label (an Optuna sweep's settings run long)
 
 
 def _short(label: str) -> str:
+    """Group prefixes dropped (optimizer.lr=... -> lr=...), then cut to MAX_LABEL characters."""
+    label = re.sub(r"\b(?:model|optimizer|scheduler|data|trainer|loss|norm)\.(?=\w+=)", "", label)
     return label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 1] + "…"
 
 
-def _legend_below(ax, n: int) -> None:
-    """A legend under the axes: never on top of the curves, however many entries."""
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=max(1, min(3, n)),
-              frameon=False)
+def _legend_below(fig, ax, n: int) -> None:
+    """One legend for the figure, under the axes: never on top of the curves, however many entries."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=max(1, min(2, n)), frameon=False)
 
 
 def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
@@ -76,7 +79,7 @@ def summary_bars(rows: Sequence[BarRow], path: str, title: str, ylabel: str) -> 
     ax.set_xticks(x, [_short(r.label) for r in rows], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # off the bars
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -138,8 +141,8 @@ def curves(series: Sequence[Curve], path: str, title: str) -> str:
     if len(series) <= 4:
         axes[0][1].legend(fontsize=7, loc="upper right")
     else:
-        fig.set_figheight(4.2 + 0.22 * math.ceil(len(series) / 3))
-        _legend_below(axes[0][0], len(series))
+        fig.set_figheight(4.2 + 0.2 * math.ceil(len(series) / 2))
+        _legend_below(fig, axes[0][0], len(series))
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
