@@ -244,12 +244,14 @@ class Trainer:
         return finite
 
     def _run_probes(self, step: int, epoch: int, x, y, lr: float) -> None:
-        from normbench.probes import run_probes  # imported only by runs that have probes
+        """The probes see float32 whatever the training precision: their closure runs with autocast off,
+        and under autocast the mini-batch gradient they read is recomputed in float32 (the loop's bf16
+        gradients would inflate β at small learning rates ~5x: the rounding noise of two bf16 gradients
+        divided by a tiny step)."""
+        from normbench.probes import fp32_closure, run_probes  # imported only by runs that have probes
 
-        def closure():
-            with self.autocast():
-                return self.criterion(self.model(x), y, self.model)
-
-        row = run_probes(self.probes, step, self.model, closure, lr)
+        closure = fp32_closure(lambda: self.criterion(self.model(x), y, self.model))
+        row = run_probes(self.probes, step, self.model, closure, lr,
+                         loop_grads_fp32=self.settings.amp_dtype is None)
         if row:
             self.sink.log_probe({"step": step, "epoch": epoch, **row})
