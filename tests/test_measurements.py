@@ -8,7 +8,8 @@ import json
 import pytest
 from conftest import TINY, run_train
 
-from normbench.trainer import convergence_epoch, learned_threshold
+from normbench.record import learned_threshold
+from normbench.trainer import convergence_epoch
 
 
 def _history(accs: list[float]) -> list[dict]:

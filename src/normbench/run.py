@@ -43,9 +43,10 @@ from normbench.record import (
     Status,
     atomic_write_json,
     atomic_write_text,
+    learned_threshold,
     now_iso,
 )
-from normbench.trainer import LoopState, Trainer, convergence_epoch, learned_threshold
+from normbench.trainer import LoopState, Trainer, convergence_epoch
 from normbench.validate import RunSpec
 
 WORST_OBJECTIVE = 1.0  # validation error of a run that diverged or failed: worse than any real run

@@ -75,22 +75,10 @@ class PassTotals:
         return self.correct / max(self.seen, 1)
 
 
-LEARN_MARGIN = 0.05  # accuracy points above chance a run must reach to count as having learned
-
-
-def learned_threshold(num_classes: int, num_val: int = 0, margin: float = LEARN_MARGIN) -> float:
-    """The validation accuracy above which a run has learned: chance (1/num_classes) plus `margin`, or
-    plus three binomial standard deviations of a chance-level classifier on `num_val` images if that is
-    more (a small validation split reaches chance + 5 points by luck)."""
-    chance = 1.0 / max(int(num_classes), 1)
-    noise = 3.0 * math.sqrt(chance * (1.0 - chance) / num_val) if num_val > 0 else 0.0
-    return chance + max(margin, noise)
-
-
 def convergence_epoch(history: list[dict], tolerance: float = 0.01,
                       learned_above: float | None = None) -> int | None:
     """First epoch whose validation accuracy is within `tolerance` (1 point) of the run's best; None for
-    a run without epochs or, given `learned_above` (see learned_threshold), one whose best validation
+    a run without epochs or, given `learned_above` (see normbench.record.learned_threshold), one whose best validation
     accuracy never exceeds it: a run that never learns has no convergence epoch."""
     if not history:
         return None
