@@ -6,10 +6,13 @@ The training loop calls every probe after ``loss.backward()`` and before ``optim
     metrics = probe.on_step(step, model, closure, lr)   # dict[str, float] or None
 
 so ``p.grad`` holds the (unscaled) mini-batch gradient g at the weights w, and ``closure()`` runs the
-forward pass on the same mini-batch (under the loop's autocast, with autograd enabled) and returns the
-scalar loss without backpropagating it.  On non-probe steps a probe returns None and does (almost) nothing.
+forward pass on the same mini-batch in float32 (autocast off: ``fp32_closure``; with autograd enabled) and
+returns the scalar loss without backpropagating it.  On non-probe steps a probe returns None and does
+(almost) nothing.  Probes are float32 whatever the training precision: under bf16/fp16 training the trainer
+calls ``run_probes(..., loop_grads_fp32=False)``, which recomputes the mini-batch gradient in float32 on the
+steps a probe reads it (``reads_gradient(step)``) and puts the loop's gradients back afterwards.
 
-Two probes:
+Three probes:
 
 ``landscape`` (``LandscapeProbe``) -- along the gradient direction.  For ``num_steps`` step sizes
   η = lr·f, f geometrically (``spacing: log``, default) or evenly (``linear``) spaced in
@@ -35,9 +38,19 @@ Two probes:
 
     probe/grad_cos                   cosine similarity  <g_t, g_{t-1}> / (‖g_t‖‖g_{t-1}‖)  (nan if a norm is 0)
     probe/grad_l2                    ‖g_t − g_{t-1}‖
+    probe/lipschitz                  ‖g_t − g_{t-1}‖ / ‖w_t − w_{t-1}‖  (Lipschitz estimate along the path;
+                                     left out when the weights did not move)
 
-  A copy of the gradient is kept only at steps t − 1 preceding a probe step (one flat copy of the
-  parameters), so the cost is two flattens and one reduction per ``interval`` steps.
+  A copy of the gradient and of the weights is kept only at steps t − 1 preceding a probe step, so the
+  cost is a few flattens and reductions per ``interval`` steps.
+
+``grad_variance`` (``GradVarianceProbe``) -- the mini-batch gradients g_1..g_k of the ``window`` = k
+  consecutive steps ending at each probe step (t % interval == 0), their mean ḡ:
+
+    probe/grad_var                   Σ_i ‖g_i − ḡ‖² / (k − 1)   (trace of the sample covariance)
+    probe/grad_var_rel               grad_var / ‖ḡ‖²
+
+  Welford's update: one gradient-sized running mean during the window.
 
 ``build_probes(cfg)`` turns a ``conf/probe/<name>.yaml`` node into a list of probes; ``name: none`` -> [].
 All metric values are Python floats.
