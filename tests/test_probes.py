@@ -394,10 +394,11 @@ def test_probes_under_bf16_autocast_equal_fp32(norm):
 
 def test_gradient_reading_probes_see_fp32_gradients_under_bf16():
     """probe_batch (the trainer's probe step, callable from scripts): the gradients the similarity and
-    variance probes read are the fp32 ones whatever the autocast dtype of the training backward."""
+    variance probes read are the fp32 ones whatever the autocast dtype of the training backward (same
+    dropout mask as the training step's)."""
     torch.manual_seed(0)
     base = TinyCNN()
-    base.drop.p = 0.0  # under autocast the recomputed gradient has its own dropout mask
+    # with dropout on: the fp32 recomputation uses the training forward's RNG state, so its mask
     gen = torch.Generator().manual_seed(3)
     batches = [(torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen))
                for _ in range(2)]
@@ -407,6 +408,7 @@ def test_gradient_reading_probes_see_fp32_gradients_under_bf16():
 
     rows = {}
     for amp in (None, torch.bfloat16):
+        torch.manual_seed(5)  # the same dropout masks in both runs
         model = copy_module(base)
         probes = [GradSimilarityProbe(interval=2), GradVarianceProbe(interval=2, window=2)]
         out = [probe_batch(probes, step, model, criterion, x, y, 0.1, amp)

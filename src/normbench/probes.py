@@ -76,8 +76,10 @@ __all__ = [
     "LandscapeProbe",
     "Probe",
     "build_probes",
+    "capture_rng",
     "fp32_closure",
     "probe_batch",
+    "reads_gradient",
     "run_probes",
 ]
 
@@ -101,6 +103,7 @@ def run_probes(
     closure: Callable[[], Tensor],
     lr: float,
     loop_grads_fp32: bool = True,
+    rng_at_forward: RngState | None = None,
 ) -> dict[str, float] | None:
     """Run every probe for this step; the merged metrics, or None when no probe measured anything.
 
@@ -108,11 +111,12 @@ def run_probes(
     loop's ``p.grad`` came from an autocast (bf16/fp16) backward: then, on a step where a probe reads the
     mini-batch gradient, it is recomputed once in float32 on the same batch and every probe sees that one
     (the loop's gradients are put back afterwards), so probe values do not depend on the training
-    precision."""
+    precision. ``rng_at_forward`` (``capture_rng()`` taken before the training forward) makes that
+    recomputation use the training step's dropout mask too."""
     readers = [p for p in probes if _reads_gradient(p, step)]
     swapped: list[tuple[nn.Parameter, Tensor | None]] | None = None
     if readers and not loop_grads_fp32:
-        swapped = _swap_in_fp32_grads(model, closure)
+        swapped = _swap_in_fp32_grads(model, closure, rng_at_forward)
     merged: dict[str, float] = {}
     try:
         for probe in probes:
@@ -151,12 +155,35 @@ def probe_batch(
     called as ``criterion(logits, y, model)`` (normbench.losses). Leaves ``p.grad`` set."""
     device_type = x.device.type
     model.zero_grad(set_to_none=True)
+    rng = capture_rng() if amp_dtype is not None else None
     ctx = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     with ctx:
         loss = criterion(model(x), y, model)
     loss.float().backward()
     closure = fp32_closure(lambda: criterion(model(x), y, model))
-    return run_probes(probes, step, model, closure, lr, loop_grads_fp32=amp_dtype is None)
+    return run_probes(probes, step, model, closure, lr, loop_grads_fp32=amp_dtype is None, rng_at_forward=rng)
+
+
+RngState = tuple[Tensor, list[Tensor] | None]
+
+
+def capture_rng() -> RngState:
+    """The CPU and (when initialised) CUDA RNG states, e.g. before a training forward."""
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng(state: RngState) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def reads_gradient(probes: list[Probe], step: int) -> bool:
+    """Whether any probe reads the mini-batch gradient at ``step``."""
+    return any(_reads_gradient(p, step) for p in probes)
 
 
 def _reads_gradient(probe: Probe, step: int) -> bool:
@@ -165,15 +192,18 @@ def _reads_gradient(probe: Probe, step: int) -> bool:
 
 
 def _swap_in_fp32_grads(
-    model: nn.Module, closure: Callable[[], Tensor]
+    model: nn.Module, closure: Callable[[], Tensor], rng: RngState | None = None
 ) -> list[tuple[nn.Parameter, Tensor | None]]:
-    """Replace every ``p.grad`` by the float32 gradient of ``closure`` at the current weights; returns the
-    originals. Buffers, modes and RNG are restored, so a probe that then resets the RNG and calls the
-    closure again gets the same dropout mask: its reference gradient equals this direction."""
+    """Replace every ``p.grad`` by the float32 gradient of ``closure`` at the current weights, computed
+    under ``rng`` (the training forward's RNG state, so its dropout mask; default: the current state);
+    returns the originals. Buffers, modes and the current RNG state are restored."""
     params = [p for p in model.parameters() if p.requires_grad]
     state = _ModelState(model)
     try:
-        state.reset_rng()
+        if rng is not None:
+            _set_rng(rng)
+        else:
+            state.reset_rng()
         with torch.enable_grad():
             loss = closure()
             grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
