@@ -424,3 +424,27 @@ def copy_module(module: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(module)
+
+
+def test_bf16_training_with_probes_is_bit_identical_to_without():
+    """The fp32 recomputation under autocast leaves weights, BN statistics and RNG as they were."""
+    import copy
+
+    from test_fast_path import make_model, make_trainer
+
+    from normbench.trainer import LoopState
+
+    data = _fake_data()
+    base = make_model("vgg_a", "bn")
+    states = []
+    for probes in ([], [LandscapeProbe(interval=2, num_steps=2), GradSimilarityProbe(interval=2),
+                        GradVarianceProbe(interval=2, window=2)]):
+        torch.manual_seed(7)
+        trainer, sink = make_trainer(copy.deepcopy(base), data, amp=torch.bfloat16, batch=8, lr=1e-2)
+        trainer.probes = probes
+        trainer.train_steps(1, LoopState(), 2)  # step 2 is a probe step of all three
+        states.append((trainer.model.state_dict(), torch.rand(2)))
+        assert bool(sink.probes) == bool(probes)
+    (ref, ref_next), (got, got_next) = states
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert torch.equal(ref_next, got_next)
