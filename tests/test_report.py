@@ -139,13 +139,15 @@ BN_ALEX_8 = [0.7749, 0.7700]
 NONE_ALEX_8 = [0.3914, 0.4100]
 
 
-def probe_rows(seed: int, bn: bool) -> list[dict]:
+def probe_rows(seed: int, bn: bool, lr: float = 1e-3) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for step in range(0, 50, 10):
         base = 0.6 if bn else 0.2
         rows.append({"step": step, "epoch": 1 + step // 30, "probe/grad_pred": float(rng.uniform(0.1, 1)),
-                     "probe/beta": float(rng.uniform(5, 7) if bn else rng.uniform(14, 17)),
+                     # β grows ~1/η: pooled over lrs, the smallest lr would dominate
+                     "probe/beta": float(rng.uniform(5, 7) if bn else rng.uniform(14, 17)) * 1e-3 / lr,
+                     "probe/lipschitz": float(rng.uniform(1, 2)) * 1e-3 / lr,
                      "probe/grad_cos": base + 0.01 * step / 10, "probe/loss_min": 0.5, "probe/loss_max": 1.5})
     return rows
 
@@ -207,10 +209,11 @@ def sweep(tmp_path_factory) -> dict:
                     status, acc = "diverged", None
                     steps = steps[:20] + [float("nan")] * 0  # stops early; no NaN written (JSON has none)
                 info["steps"][norm] += [float(v) for v in steps]
+                info.setdefault("steps_by", {}).setdefault((norm, lr), []).extend(float(v) for v in steps)
                 write_run(lrs, experiment="vgg_lr_robustness",
                           choices={"model": "vgg_a", "norm": norm, "seed": seed, "lr": lr, "dropout": 0.0},
                           test_acc=acc, status=status, lr=lr, overrides=[f"norm={norm}", f"optimizer.lr={lr}"],
-                          steps=[float(v) for v in steps], probes=probe_rows(seed, norm == "bn"),
+                          steps=[float(v) for v in steps], probes=probe_rows(seed, norm == "bn", lr),
                           filters=(seed == 0), params=9_756_426 if norm == "bn" else 9_750_922)
 
     # --- alexnet_norm_batch (lr 0.005): none/bn at bs 8 and none at bs 64 -----------------------------
@@ -461,16 +464,41 @@ def test_generic_table_for_default_runs(built):
     assert [r.cell.choices["loss"] for r in other.rows] == ["label_smoothing"]
 
 
-def test_mechanism_numbers(built, sweep):
+def test_mechanism_numbers_per_learning_rate(built, sweep):
+    """One row per (norm, lr) and one per norm over its lrs: β and the Lipschitz estimate per lr (pooled,
+    the smallest lr's would dominate), the training-loss range after the first epoch (steps 10..29 here;
+    every network starts near 2.3), the effective lr range (plain's seed 1 diverged at lr 5e-3)."""
     t = _table(built, "vgg_lr_robustness")
-    by_norm = {m["norm"]: m for m in t.mechanism}
+    rows = {(m["norm"], m["lr"]): m for m in t.mechanism}
+    assert list(rows) == [("plain", 1e-3), ("plain", 5e-3), ("plain", None), ("BN", 1e-3), ("BN", 5e-3), ("BN", None)]
     for norm, label in (("none", "plain"), ("bn", "BN")):
-        values = sweep["steps"][norm]
-        assert by_norm[label]["loss_range"] == pytest.approx((min(values), max(values)))
-        assert by_norm[label]["runs"] == 4
-    cos_bn = [r["probe/grad_cos"] for s in (0, 1) for r in probe_rows(s, True)]
-    assert by_norm["BN"]["grad_cos"] == pytest.approx(statistics.mean(cos_bn) * 1)  # 2 cells x 2 seeds, same rows
-    assert by_norm["BN"]["study"]["lipschitz"] == 6.3
+        after_warmup = []
+        for lr in (1e-3, 5e-3):
+            values = sweep["steps_by"][(norm, lr)]
+            runs = [values[i:i + 30] for i in range(0, len(values), 30)] if not (norm == "none" and lr == 5e-3) \
+                else [values[:30], values[30:]]
+            window = [v for run in runs for v in run[10:]]
+            assert rows[(label, lr)]["loss_range"] == pytest.approx((min(window), max(window)))
+            after_warmup += window
+        assert rows[(label, None)]["loss_range"] == pytest.approx((min(after_warmup), max(after_warmup)))
+        assert rows[(label, None)]["runs"] == 4 and rows[(label, 1e-3)]["runs"] == 2
+    bn_rows = {lr: [r for s in (0, 1) for r in probe_rows(s, True, lr)] for lr in (1e-3, 5e-3)}
+    for lr, probe in bn_rows.items():
+        assert rows[("BN", lr)]["beta_mean"] == pytest.approx(statistics.mean(r["probe/beta"] for r in probe))
+        assert rows[("BN", lr)]["lipschitz_max"] == pytest.approx(max(r["probe/lipschitz"] for r in probe))
+        assert rows[("BN", lr)]["grad_cos"] == pytest.approx(statistics.mean(r["probe/grad_cos"] for r in probe))
+    assert rows[("BN", 1e-3)]["beta_mean"] == pytest.approx(5 * rows[("BN", 5e-3)]["beta_mean"])
+    assert rows[("BN", None)]["effective_lrs"] == [1e-3, 5e-3]
+    assert rows[("plain", None)]["effective_lrs"] == [1e-3]  # (0.70 + chance) / 2 < 90% of 0.705
+    assert rows[("plain", 5e-3)]["trains"] is False
+    assert rows[("BN", None)]["study"]["lipschitz"] == 6.3
+    header, lines = report_tables.mechanism_rows(t)
+    assert [line[:2] for line in lines] == [["plain", "0.001"], ["plain", "0.005"], ["plain", "all 2"],
+                                            ["BN", "0.001"], ["BN", "0.005"], ["BN", "all 2"]]
+    assert lines[-1][header.index("trains / effective lrs")] == "0.001–0.005 (×5), 2 of 2 lrs"
+    assert lines[-1][header.index("study")] == "[0.3, 1.8]"
+    md = (Path(built.out) / "report.md").read_text()
+    assert "| BN | 0.005 |" in md
 
 
 # ------------------------------------------------------------------------------------------------

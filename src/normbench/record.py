@@ -7,6 +7,7 @@ takes the file names, the statuses and the summary keys from here. The format: d
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -56,6 +57,17 @@ FINAL_METRICS = (
     "convergence/epoch", "model/params", "memory/peak_mb", "time/total_s", "throughput/img_s",
 )
 REQUIRED_COMPLETED_METRICS = ("test/acc", "val/best_acc")
+LEARN_MARGIN = 0.05  # accuracy points above chance a run must reach to count as having learned
+
+
+def learned_threshold(num_classes: int, num_images: int = 0, margin: float = LEARN_MARGIN) -> float:
+    """The accuracy above which a run has learned: chance (1/num_classes) plus `margin`, or plus three
+    binomial standard deviations of a chance-level classifier on `num_images` images if that is more (a
+    small validation split reaches chance + 5 points by luck). Used for the convergence epoch (null for a
+    run that never learns) and the report's effective learning-rate range."""
+    chance = 1.0 / max(int(num_classes), 1)
+    noise = 3.0 * math.sqrt(chance * (1.0 - chance) / num_images) if num_images > 0 else 0.0
+    return chance + max(margin, noise)
 
 
 def now_iso() -> str:

@@ -168,7 +168,7 @@ def _html_pairs(table: Table) -> str:
 def _html_mechanism(table: Table) -> str:
     e = html.escape
     header, rows = mechanism_rows(table)
-    out = ['<p class=note>Optimisation mechanism per norm over this table\'s runs (study 000 section 9):</p>',
+    out = ['<p class=note>Optimisation mechanism per norm and learning rate over this table\'s runs (study 000 section 9; definitions in the README):</p>',
            f'<table class="mechanism" data-table="{e(table.name)}_mechanism"><tr>'
            + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
     for line in rows:

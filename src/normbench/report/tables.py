@@ -678,21 +678,45 @@ def table_title(table: Table) -> str:
 
 
 def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
-    header = ["norm", "runs", "training-loss range (ours)", "study", "mean gradient cosine (ours)", "study",
-              "β-smoothness mean / max (ours)", "study Lipschitz estimate"]
+    """Study 000 section 9 per norm and learning rate (normbench.report.figures.mechanism): one line per
+    (norm, lr), then the norm over all its lrs with the study's numbers and the effective lr range."""
+    header = ["norm", "lr", "runs", "test acc %", "training-loss range (after epoch 1)", "study",
+              "gradient cosine (mean)", "study", "gradient predictiveness (mean max ‖Δ∇L‖)",
+              "β-smoothness mean / max", "Lipschitz along the path median / max", "study Lipschitz estimate",
+              "gradient variance (relative)", "trains / effective lrs"]
     rows = []
     for m in table.mechanism:
-        ref = m["study"]
         lr = m.get("loss_range")
+        loss = f"[{lr[0]:.2f}, {lr[1]:.2f}]" if lr else f"no {STEPS}"
+        if m.get("lr") is None and "study" in m:  # the norm over all its lrs
+            ref = m["study"]
+            rows.append([
+                m["norm"], f"all {len(m.get('lrs', []))}", str(m["runs"]), "", loss,
+                f"[{ref['loss_range'][0]:g}, {ref['loss_range'][1]:g}]" if "loss_range" in ref else "",
+                "per lr", f"{ref['grad_cos']:g}" if "grad_cos" in ref else "", "per lr", "per lr", "per lr",
+                f"{ref['lipschitz']:g}" if "lipschitz" in ref else "", "per lr",
+                _effective_text(m.get("effective_lrs", []), m.get("lrs", [])),
+            ])
+            continue
+        acc = m.get("test_acc")
         rows.append([
-            m["norm"], str(m["runs"]),
-            f"[{lr[0]:.2f}, {lr[1]:.2f}]" if lr else f"no {STEPS}",
-            f"[{ref['loss_range'][0]:g}, {ref['loss_range'][1]:g}]" if "loss_range" in ref else "",
-            f"{m['grad_cos']:.2f}" if "grad_cos" in m else "no probes",
-            f"{ref['grad_cos']:g}" if "grad_cos" in ref else "",
+            m["norm"], "" if m.get("lr") is None else f"{m['lr']:g}", str(m["runs"]),
+            "" if acc is None else f"{acc * 100:.2f}", loss, "",
+            f"{m['grad_cos']:.2f}" if "grad_cos" in m else "no probes", "",
+            f"{m['grad_pred']:.3g}" if "grad_pred" in m else "no probes",
             f"{m['beta_mean']:.3g} / {m['beta_max']:.3g}" if "beta_mean" in m else "no probes",
-            f"{ref['lipschitz']:g}" if "lipschitz" in ref else "",
+            f"{m['lipschitz_median']:.3g} / {m['lipschitz_max']:.3g}" if "lipschitz_max" in m else "no probes", "",
+            f"{m['grad_var_rel']:.3g}" if "grad_var_rel" in m else "no probes",
+            {True: "yes", False: "no"}.get(m.get("trains"), ""),
         ])
     return header, rows
+
+
+def _effective_text(effective: list[float], lrs: list[float]) -> str:
+    if not effective:
+        return f"none of {len(lrs)}"
+    lo, hi = min(effective), max(effective)
+    span = f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g} (×{hi / lo:.3g})"
+    return f"{span}, {len(effective)} of {len(lrs)} lrs"
 
 
