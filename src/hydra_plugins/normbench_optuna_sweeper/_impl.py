@@ -248,7 +248,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         the search space, the git revision and the W&B group of its runs."""
         try:
             if self.objectives is not None and study.metric_names != self.objectives:
-                study.set_metric_names(self.objectives)
+                with quiet_optuna():  # "experimental" since Optuna 3.2
+                    study.set_metric_names(self.objectives)
             for key, value in study_attributes(self.config, self.space_description, self.storage_url).items():
                 study.set_user_attr(key, value)
         except Exception as err:  # noqa: BLE001 - descriptions must never stop a sweep
