@@ -98,7 +98,8 @@ def app(tmp_path, monkeypatch) -> Path:
     (tmp_path / "conf" / "config.yaml").write_text(CONFIG)
     (tmp_path / "sphere.py").write_text(APP)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(ENV_STORAGE, raising=False)  # the sweeper sets it in its process
+    monkeypatch.setenv(ENV_STORAGE, "")  # the sweeper sets it in its process: restored after the test
+    monkeypatch.delenv(ENV_STORAGE)
     return tmp_path
 
 

@@ -145,9 +145,10 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
 
     In a sweep (multirun) the job first looks its identity up in the sweep's index: a run of the same
     training config that already completed (or diverged) is not trained again, its recorded objective
-    is returned. When the sweeper names its objectives (hydra.sweeper.objectives, normbench.sweep.objectives)
-    the job returns those metrics instead, a tuple for several. With the basic sweeper a run that raises or runs out of memory is recorded as failed
-    and the sweep goes on (the job returns the worst objective); a single run re-raises.
+    is returned. When the sweeper names its objectives (hydra.sweeper.objectives, see
+    normbench.sweep.objectives) the job returns those metrics instead, a tuple for several. With the
+    basic sweeper a run that raises or runs out of memory is recorded as failed and the sweep goes on
+    (the job returns the worst objective); a single run re-raises.
     """
     info = job_info(cfg, output_dir)
     if not info.isolate:
@@ -183,7 +184,7 @@ def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
     return error
 
 
-def _run_job(cfg: DictConfig, info: JobInfo) -> float:
+def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]:
     spec = validate(cfg, device=info.device)
     if info.output_dir is None:
         raise NormbenchError(NO_OUTPUT_DIR)

@@ -134,6 +134,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         self.objectives = None if objectives is None else [str(o) for o in _plain(objectives)]
         self.failure_values: list[float] = []
         self.last_failure: JobReturn | None = None
+        self.space_description: dict = {}       # the search space as written (a study user attr)
         self.settings = StorageSettings(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                         max_retry=max_retry, connect_timeout=connect_timeout)
         self.storage_url: str | None = None
