@@ -267,7 +267,7 @@ def test_failure_rate_ends_the_sweep_with_the_jobs_exception(app):
     """upstream test_failure_rate: max_failure_rate=0.5 with failing jobs: the job's exception on
     stderr, a non-zero exit; max_failure_rate=1.0: the sweep goes on to n_trials (the exception is not
     shown). normbench: every failure told as +inf (minimize), no best trial is claimed from them."""
-    base = [sys.executable, "sphere.py", "--multirun", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2",
+    base = [sys.executable, "sphere.py", "--multirun", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
             "hydra/sweeper/sampler=random", "error=true"]
     # this checkout's sweeper, whatever the venv's editable install points at
     env = {**os.environ, "HYDRA_FULL_ERROR": "0",
@@ -284,7 +284,7 @@ def test_failure_rate_ends_the_sweep_with_the_jobs_exception(app):
     assert proc.returncode == 0, proc.stderr
     assert "RuntimeError: cfg.error is True" not in proc.stderr
     trials = study_of(app / "all").get_trials()
-    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE and t.value == math.inf for t in trials)
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE and t.value == math.inf for t in trials)
     assert all(t.user_attrs["status"] == "failed" and "cfg.error" in t.user_attrs["error"] for t in trials)
     assert not (app / "all" / "optimization_results.yaml").exists()  # every trial failed: no best
 
@@ -309,11 +309,12 @@ def test_failed_trials_are_told_the_worst_value_for_the_direction(app, direction
     pick = min if direction == "minimize" else max
     assert results(out).best_value == pick(t.value for t in real)
     assert results(out).best_trial in {t.number for t in real}
-
+    if direction == "maximize":
+        return
     out = sweep(app, ["hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=random", SEED, "hydra.sweeper.failure=fail",
                       "fail_above=0"], name="fail")
     trials = study_of(out).get_trials()
-    assert len(trials) == 4
+    assert len(trials) == 4 and any(t.state == TrialState.FAIL for t in trials)
     assert all(t.state == TrialState.FAIL for t in trials if t.user_attrs["status"] == "failed")
 
 
