@@ -165,7 +165,7 @@ def failure_values(directions: Sequence[str], objectives: Sequence[str] | None,
     objective). Otherwise each objective's worst possible value: the bound of a known normbench
     objective in its direction (val/error 1.0, val/best_acc 0.0, ...), else +inf when minimizing and
     -inf when maximizing -- worse than any value a trial can return. Optuna accepts infinite values;
-    its samplers rank them last (TPE, NSGA-II) or clip them to the worst finite value (GP, CMA-ES)."""
+    its samplers rank them last (TPE, NSGA-II, CMA-ES) or clip them to the worst finite value (GP)."""
     n = len(directions)
     if explicit is not None:
         values = [float(explicit)] * n if isinstance(explicit, (int, float)) else [float(v) for v in explicit]
