@@ -40,9 +40,12 @@ METRICS = "metrics.jsonl"
 STEPS = "steps.jsonl"
 PROBES = "probes.jsonl"
 FILTERS = "filters.png"
+# A sweep job that failed before its run started (a failed config check) leaves this instead of a
+# summary.json: {"status": "failed", "error", "error_type", "overrides", "at"}; the report lists it as skipped.
+REJECTED = "rejected.json"
 CHECKPOINT = "checkpoint.pt"
 JSONL = (METRICS, STEPS, PROBES)
-RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS})
+RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS, REJECTED})
 
 # summary.json keys every record has, with their types.
 SUMMARY_KEYS: dict[str, type] = {
@@ -134,6 +137,11 @@ def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return str(value)
+
+
+def write_rejected(run_dir: Path, *, error: str, error_type: str, overrides: list[str]) -> None:
+    atomic_write_json(Path(run_dir) / REJECTED, {"status": "failed", "error": error, "error_type": error_type,
+                                                 "overrides": list(overrides), "at": now_iso()})
 
 
 def read_summary(run_dir: Path) -> dict | None:
