@@ -73,19 +73,24 @@ def override_key(override: str) -> str:
 
 def swept_keys(params: dict | None, overrides: Iterable[str]) -> list[str]:
     """The keys a multirun varies, in order: those of `hydra.sweeper.params` and the command line's
-    overrides whose value is a sweep (`a,b`, `choice(...)`, `range(...)`, `interval(...)`, `glob(...)`)."""
+    overrides whose value is a sweep (`a,b`, `choice(...)`, `range(...)`, `interval(...)`, `glob(...)`).
+    A key the command line sets to one value is fixed, even when `params` sweeps it (a search space)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    candidates = [f"{key}={value}" for key, value in (params or {}).items()] + list(overrides)
-    keys: list[str] = []
-    for text in candidates:
+
+    def is_sweep(text: str) -> bool:
         try:
-            override = parser.parse_override(text)
+            return parser.parse_override(text).is_sweep_override()
         except Exception:  # noqa: BLE001 - a name is no place to report a bad override (Hydra does)
-            continue
+            return False
+
+    overrides = list(overrides)
+    fixed = {override_key(o) for o in overrides if not is_sweep(o)}
+    keys: list[str] = []
+    for text in [f"{key}={value}" for key, value in (params or {}).items()] + overrides:
         key = override_key(text)
-        if override.is_sweep_override() and key not in keys:
+        if key not in keys and is_sweep(text) and not (key in fixed and text not in overrides):
             keys.append(key)
     return keys
 
