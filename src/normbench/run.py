@@ -232,7 +232,7 @@ class Run:
             self._images({"filters": filter_grid(weight)})
 
     def _open_sinks(self, resumed: LoopState | None) -> None:
-        cfg, info = self.cfg, self.info
+        cfg = self.cfg
         previous = read_summary(self.run_dir)  # an earlier attempt's record of this run, if any
         atomic_write_text(self.run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         self.record = RecordSink(self.run_dir, append=resumed is not None)
