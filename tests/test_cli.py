@@ -83,6 +83,11 @@ def test_multirun_grid_records_every_job(tmp_path, wandb_env):
         assert f"norm:{summary['choices']['norm']}" in recorded["tags"]
         assert recorded["summary"]["val/best_acc"] == summary["metrics"]["val/best_acc"]
         assert recorded["summary"]["status"] == "completed"
+        # named after the swept values first (norm, batch_size), short
+        swept = f"norm={summary['choices']['norm']},batch_size={summary['choices']['batch_size']},"
+        assert run.name.startswith(swept) and len(run.name) <= 80, run.name
+        assert recorded["name"].startswith(swept) and len(recorded["name"]) <= 60, recorded["name"]
+        assert recorded["run_id"] == summary["wandb_run_id"]
     history = _wandb_history(next(runs[0].glob("wandb/offline-run-*")))
     epoch_rows = [h for h in history if "val/acc" in h]
     step_rows = [h for h in history if "step/loss" in h]

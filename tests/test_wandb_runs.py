@@ -202,3 +202,6 @@ def test_a_wandb_sweep_agent_command_drives_train_py_with_hydra_overrides(tmp_pa
     recorded = wandb_inspect(files)
     assert recorded["run_id"] == "sweeprun1" and recorded["state"] == "finished"
     assert recorded["summary"]["val/best_acc"] == summary["metrics"]["val/best_acc"]  # the sweep's metric
+    # W&B's config holds the sweep's values under the parameter names, normbench's config around them
+    assert recorded["config"]["norm"] == "gn" and recorded["config"]["optimizer.lr"] == 0.0123
+    assert recorded["config"]["optimizer"]["lr"] == 0.0123 and recorded["config"]["choices"]["norm"] == "gn"
