@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from conftest import ROOT, TINY, TRAIN, run_train, wandb_inspect
 
+from normbench.loggers import WandbSink
 from normbench.sweep.identity import MAX_DIRNAME, MAX_RUN_NAME, job_dirname, run_name, swept_keys
 
 
@@ -68,6 +69,36 @@ def test_killed_and_resumed_run_is_one_wandb_run_with_every_epoch(tmp_path, wand
     job_line, sweep_line = again.stdout.strip().splitlines()[-2:]  # the run's last line, then the sweep's
     assert job_line.startswith("normbench: completed  test/acc ") and sweep_line.startswith("sweep ")
     assert f"W&B offline run {run_id}: wandb sync {attempts[-1].relative_to(tmp_path)}" in job_line
+
+
+def test_probe_rows_and_a_replayed_record_land_at_their_steps(tmp_path, wandb_env):
+    """As the trainer logs them (a probe at its step, the step rows at the next logging point, the epoch
+    row last), and again through `replay` into a resumed run: each step once, the probes with them."""
+    def sink(run_id=None):
+        return WandbSink(project="p", entity=None, group="g", name="n", tags=[], config={}, run_dir=tmp_path,
+                         mode="offline", run_id=run_id)
+
+    steps = [{"step": s, "epoch": 1 + (s - 1) // 4, "lr": 0.1, "train/loss": 1.0 / s} for s in range(1, 9)]
+    epochs = [{"epoch": e, "step": 4 * e, "val/acc": 0.1 * e} for e in (1, 2)]
+    probes = [{"step": s, "epoch": 1 + (s - 1) // 4, "probe/grad_cos": 0.5} for s in (2, 6)]
+    first = sink()
+    for epoch in (0, 1):
+        first.log_probe(probes[epoch])
+        first.log_steps(steps[4 * epoch:4 * epoch + 4])
+        first.log_epoch(epochs[epoch])
+    first.finish()
+    resumed = sink(first.run_id)
+    resumed.replay(steps[:4], epochs[:1], probes[:1])
+    resumed.log_probe(probes[1])
+    resumed.log_steps(steps[4:])
+    resumed.log_epoch(epochs[1])
+    resumed.finish()
+    assert resumed.run_id == first.run_id and resumed.files_dir != first.files_dir
+    for run in (first, resumed):
+        history = leet_history(run.files_dir)
+        assert [row["_step"] for row in history] == list(range(1, 9))
+        assert [row["step"] for row in history if "probe/grad_cos" in row] == [2, 6]
+        assert [row["epoch"] for row in history if "val/acc" in row] == [1, 2]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,7 +63,6 @@ class WandbSink:
         for pattern in EPOCH_METRICS:
             self.run.define_metric(pattern, step_metric="epoch")
 
-
     def _log(self, data: dict, step: int) -> None:
         if step < self.first_step:  # W&B holds this step already (and would drop it, with a warning)
             return
@@ -95,10 +94,14 @@ class WandbSink:
     def replay(self, steps: list[dict], epochs: list[dict], probes: list[dict]) -> None:
         """A resumed run's record so far (what its checkpoint covers), in step order: W&B keeps the
         steps it lacks (offline: all of them, so that the resumed attempt's file holds every epoch)."""
-        rows = sorted([(r["step"], 0, r) for r in steps] + [(r["step"], 1, r) for r in probes]
-                      + [(r["step"], 2, r) for r in epochs], key=lambda item: item[:2])
-        for _, kind, row in rows:
-            (self.log_steps, self.log_probe, self.log_epoch)[kind](*(([row],) if kind == 0 else (row,)))
+        self._probes.extend(probes)  # held back until the step rows reach their step, as in training
+        rows = sorted([(row["step"], 0, row) for row in steps] + [(row["step"], 1, row) for row in epochs],
+                      key=lambda item: item[:2])  # at one step: the step row, then the epoch row
+        for _, is_epoch, row in rows:
+            if is_epoch:
+                self.log_epoch(row)
+            else:
+                self.log_steps([row])
 
     def log_summary(self, summary: dict) -> None:
         for key, value in summary.get("metrics", {}).items():

@@ -55,7 +55,7 @@ SEEDLESS_IDENTITY = "seedless_identity"
 # logger=none.
 WANDB_RUN_ID = "wandb_run_id"
 WANDB_URL = "wandb_url"
-WANDB_DIR = "wandb_dir"
+WANDB_FILES = "wandb_dir"
 # Metrics every completed run reports (a value may be null where it could not be measured).
 FINAL_METRICS = (
     "test/loss", "test/acc", "val/best_acc", "val/acc", "val/loss", "train/loss", "train/acc",

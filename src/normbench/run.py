@@ -38,7 +38,7 @@ from normbench.record import (
     SEEDLESS_IDENTITY,
     STEPS,
     SUMMARY,
-    WANDB_DIR,
+    WANDB_FILES,
     WANDB_RUN_ID,
     WANDB_URL,
     RecordSink,
@@ -259,7 +259,7 @@ class Run:
                                name=info.name, tags=tags, config=config, run_dir=files_dir,
                                mode=wandb_mode(cfg.logger.mode), run_id=run_id)
         self.summary.update({WANDB_RUN_ID: self.wandb.run_id, WANDB_URL: self.wandb.url,
-                             WANDB_DIR: str(self.wandb.files_dir)})
+                             WANDB_FILES: str(self.wandb.files_dir)})
         if resumed is not None:
             self.wandb.replay(read_rows(self.run_dir / STEPS), list(resumed.history),
                               read_rows(self.run_dir / PROBES))
