@@ -108,3 +108,8 @@ def test_failing_job_still_closes_its_wandb_run(tmp_path, wandb_env):
     assert recorded["state"] in ("finished", "failed", "crashed") and recorded["exit_code"] == 1
     assert recorded["summary"]["status"] == "failed"
     assert recorded["summary"]["epochs_done"] == 1
+    # the run's last line (before Hydra's traceback on stderr)
+    files = next(runs[0].glob("wandb/offline-run-*")).relative_to(tmp_path)
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"normbench: failed (RuntimeError)  test/acc -  record {runs[0].relative_to(tmp_path)}  "
+        f"W&B offline run {summary['wandb_run_id']}: wandb sync {files}")
