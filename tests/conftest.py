@@ -23,17 +23,19 @@ TINY = [
 
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch) -> dict:
-    """W&B offline, every W&B dir inside the test's temp dir, no credentials from the host."""
+    """W&B offline, every W&B dir inside the test's temp dir, no credentials from the host. WANDB_DIR
+    is unset, so that each run keeps its W&B files in its own record dir (normbench's default)."""
     base = tmp_path / "wandb-home"
     env = {
         "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
-        "WANDB_DIR": str(base / "dir"), "WANDB_CACHE_DIR": str(base / "cache"),
+        "WANDB_CACHE_DIR": str(base / "cache"),
         "WANDB_CONFIG_DIR": str(base / "config"), "WANDB_DATA_DIR": str(base / "data"),
         "NETRC": str(base / "netrc"),
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     for value in env.values():
         if value.startswith(str(base)) and not value.endswith("netrc"):
             Path(value).mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,15 @@
-"""Fault injection (`+trainer.fault=raise|oom`) and recognising out-of-memory errors.
+"""Fault injection (`+trainer.fault=raise|oom|kill`) and recognising out-of-memory errors.
 
 For checking that a sweep survives a run that raises or runs out of memory: the fault fires inside the
-real training loop and goes through the real error handling.
+real training loop and goes through the real error handling. `kill` is a preemption: the process
+SIGKILLs itself (no handler, no cleanup runs), once -- a run that resumed from a checkpoint goes on.
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +18,7 @@ from omegaconf import DictConfig
 
 from normbench.errors import ConfigError
 
-FAULTS = ("none", "raise", "oom")
+FAULTS = ("none", "raise", "oom", "kill")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class FaultyStream:
     def __init__(self, stream, spec: FaultSpec, device: torch.device):
         self.stream, self.kind, self.epoch, self.step, self.device = stream, spec.kind, spec.epoch, spec.step, device
         self.current_epoch = 0  # epochs already trained (set by a run that resumes from a checkpoint)
+        self.resumed = False    # set by a run that resumed from a checkpoint: a kill fault does not fire
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -66,6 +70,10 @@ class FaultyStream:
 
     def fail(self) -> None:
         where = f"injected by trainer.fault={self.kind} at epoch {self.epoch}, step {self.step}"
+        if self.kind == "kill":
+            if self.resumed:
+                return
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.kind == "oom":
             if self.device.type == "cuda":  # a real allocation the caching allocator cannot satisfy
                 torch.empty(1 << 50, dtype=torch.uint8, device=self.device)

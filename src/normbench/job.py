@@ -24,9 +24,10 @@ from normbench.errors import NormbenchError
 from normbench.faults import free_memory, is_out_of_memory
 from normbench.record import CHECKPOINT, Status, read_summary, write_rejected
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
-from normbench.sweep.identity import job_dirname, run_identity, seedless_identity
+from normbench.sweep.identity import run_identity, run_name, seedless_identity, swept_keys_from_env
 from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses
 from normbench.sweep.objectives import job_objectives, job_return
+from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER
 from normbench.sweep.pruning import build_pruner
 from normbench.validate import RunSpec, validate
 
@@ -45,6 +46,7 @@ class JobInfo:
     isolate: bool = False             # record a failing run and go on (basic sweeper) instead of raising
     device: str | None = None         # the device this job trains on (trainer.device, or placed)
     threads: int = 0                  # torch CPU threads for this job (0: torch's default)
+    optuna: dict | None = None        # an Optuna trial's {"study", "trial"} (the sweeper's env_set)
     reported: bool = field(default=False, repr=False)
 
 
@@ -65,7 +67,10 @@ def job_info(cfg: DictConfig, output_dir: str | Path | None = None) -> JobInfo:
         info.output_dir = info.output_dir or Path(hydra_cfg.runtime.output_dir)
         info.choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if k in TAG_GROUPS}
         info.overrides = list(hydra_cfg.overrides.task)
-        info.name = job_dirname(info.overrides)
+        env_set = hydra_cfg.job.get("env_set") or {}
+        if ENV_TRIAL_NUMBER in env_set:
+            info.optuna = {"study": env_set.get(ENV_STUDY), "trial": int(env_set[ENV_TRIAL_NUMBER])}
+        info.name = run_name(info.overrides, swept_keys_from_env(), (info.optuna or {}).get("trial"))
         if hydra_cfg.mode == RunMode.MULTIRUN:
             info.sweep_dir = Path(hydra_cfg.sweep.dir).absolute()
             info.job_num = hydra_cfg.job.get("num")
@@ -215,7 +220,7 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
     print_config_tree(cfg)
     run_info = RunInfo(run_dir=info.output_dir, identity=identity, seedless_identity=seedless_identity(cfg),
                        choices=info.choices, overrides=info.overrides, name=info.name, job_num=info.job_num,
-                       threads=info.threads)
+                       threads=info.threads, optuna=info.optuna)
     run = Run(cfg, spec, run_info)
     try:
         run.pruner = build_pruner(cfg, run.run_dir, info.sweep_dir, identity)

@@ -54,6 +54,12 @@ SUMMARY_KEYS: dict[str, type] = {
 # The identity without the seed: runs that differ only in their seed share it (the report pools them).
 # Records written before normbench 0.2 lack it.
 SEEDLESS_IDENTITY = "seedless_identity"
+# The W&B run that tracks this record (written when it opens, so that a resumed run continues it):
+# its id, its url (online runs only) and its local files dir (that of the latest attempt). Absent with
+# logger=none.
+WANDB_RUN_ID = "wandb_run_id"
+WANDB_URL = "wandb_url"
+WANDB_FILES = "wandb_dir"
 # Metrics every completed run reports (a value may be null where it could not be measured).
 FINAL_METRICS = (
     "test/loss", "test/acc", "val/best_acc", "val/acc", "val/loss", "train/loss", "train/acc",
@@ -149,6 +155,21 @@ def read_summary(run_dir: Path) -> dict | None:
         return json.loads((Path(run_dir) / SUMMARY).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file of the record ([] when it is missing; unreadable lines skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def _step_of(line: str) -> float:

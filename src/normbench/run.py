@@ -31,20 +31,27 @@ from normbench.data import BatchStream, DataBundle, load_data
 from normbench.device import compile_model
 from normbench.faults import FaultyStream
 from normbench.filters import filter_grid, first_conv_weight
-from normbench.loggers import ConsoleSink, FanOut, WandbSink, wandb_mode
+from normbench.loggers import ConsoleSink, FanOut, WandbSink, final_line, wandb_mode
 from normbench.models import build_model, count_parameters
 from normbench.optim import build_optimizer, build_scheduler
 from normbench.record import (
     CHECKPOINT,
     CONFIG,
+    PROBES,
     SEEDLESS_IDENTITY,
+    STEPS,
     SUMMARY,
+    WANDB_FILES,
+    WANDB_RUN_ID,
+    WANDB_URL,
     RecordSink,
     Status,
     atomic_write_json,
     atomic_write_text,
     learned_threshold,
     now_iso,
+    read_rows,
+    read_summary,
 )
 from normbench.trainer import LoopState, Trainer, convergence_epoch
 from normbench.validate import RunSpec
@@ -121,6 +128,7 @@ class RunInfo:
     overrides: list[str] = field(default_factory=list)
     name: str = "default"            # the W&B run's name
     job_num: int | None = None
+    optuna: dict | None = None       # {"study": ..., "trial": ...} for an Optuna trial (into the W&B config)
     threads: int = 0                 # torch CPU threads (0: trainer.threads, else torch's default)
 
 
@@ -268,6 +276,7 @@ class Run:
             self.summary["resumed_from_epoch"] = state.epochs_done
             if isinstance(parts.stream, FaultyStream):
                 parts.stream.current_epoch = state.epochs_done
+                parts.stream.resumed = True
             print(f"normbench: resuming {self.identity} from its epoch-{state.epochs_done} checkpoint "
                   f"in {self.run_dir}", flush=True)
         state = parts.trainer.run(state, on_epoch_end=lambda s: self._after_epoch(parts, s))
@@ -323,19 +332,37 @@ class Run:
             self._images({"filters": filter_grid(weight)})
 
     def _open_sinks(self, resumed: LoopState | None) -> None:
-        cfg, info = self.cfg, self.info
+        cfg = self.cfg
+        previous = read_summary(self.run_dir)  # an earlier attempt's record of this run, if any
         atomic_write_text(self.run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         self.record = RecordSink(self.run_dir, append=resumed is not None)
         if resumed is not None:
             self.record.truncate_to(resumed.step, resumed.history)
-        self.record.log_summary(self.summary)
         if cfg.logger.name == "wandb":
-            config = OmegaConf.to_container(cfg, resolve=True)
-            config.update(choices=info.choices, identity=info.identity)
-            tags = [f"{k}:{v}" for k, v in info.choices.items() if k in TAG_GROUPS] + list(cfg.logger.tags)
-            self.wandb = WandbSink(project=cfg.logger.project, entity=cfg.logger.entity,
-                                   group=cfg.experiment_name, name=info.name, tags=tags, config=config,
-                                   run_dir=self.run_dir, mode=wandb_mode(cfg.logger.mode))
+            self._open_wandb(previous, resumed)
+        self.record.log_summary(self.summary)
+
+    def _open_wandb(self, previous: dict | None, resumed: LoopState | None) -> None:
+        """The W&B run of this record: the earlier attempt's (same id) when there is one, which then
+        gets the record's rows again (W&B keeps the steps it lacks)."""
+        cfg, info = self.cfg, self.info
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config.update(choices=info.choices, identity=info.identity)
+        if info.optuna:
+            config["optuna"] = dict(info.optuna)
+        tags = [f"{k}:{v}" for k, v in info.choices.items() if k in TAG_GROUPS] + list(cfg.logger.tags)
+        same_run = previous is not None and previous.get("identity") == info.identity
+        run_id = previous.get(WANDB_RUN_ID) if same_run else None
+        # WANDB_DIR, when set, is where W&B keeps its files; else the record dir
+        files_dir = None if os.environ.get("WANDB_DIR") else self.run_dir
+        self.wandb = WandbSink(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.experiment_name,
+                               name=info.name, tags=tags, config=config, run_dir=files_dir,
+                               mode=wandb_mode(cfg.logger.mode), run_id=run_id)
+        self.summary.update({WANDB_RUN_ID: self.wandb.run_id, WANDB_URL: self.wandb.url,
+                             WANDB_FILES: str(self.wandb.files_dir)})
+        if resumed is not None:
+            self.wandb.replay(read_rows(self.run_dir / STEPS), list(resumed.history),
+                              read_rows(self.run_dir / PROBES))
 
     def _images(self, images: dict) -> None:
         for sink in (self.record, self.wandb):
@@ -361,3 +388,5 @@ class Run:
             atomic_write_json(self.run_dir / SUMMARY, self.summary)
         if self.wandb is not None:
             self.wandb.finish(failed=self.summary["status"] == Status.FAILED)
+        if self.record is not None or write_without_record:
+            print(final_line(self.summary, self.run_dir, self.wandb), flush=True)
