@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from normbench.validate import RunSpec, validate
 NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # a _target_ string, not an import
 MAIN_PID_ENV = "NORMBENCH_MAIN_PID"   # the pid of the bench/train.py process (its launcher's workers see it)
+ORPHANED = threading.Event()          # set in a launcher worker whose sweep process is gone
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -71,12 +73,58 @@ def raise_on_sigterm() -> None:
         return
 
     def handler(signum, frame):
+        stop_workers()
         if callable(previous):
-            previous(signum, frame)
+            with contextlib.suppress(KeyboardInterrupt):  # e.g. the Optuna sweeper's: ours says which signal
+                previous(signum, frame)
         raise Interrupted(signal.Signals(signum).name)
 
     handler.normbench = True
     signal.signal(signal.SIGTERM, handler)
+
+
+def launcher_workers() -> list[int]:
+    """This process's joblib (loky) worker processes."""
+    me, found = os.getpid(), []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me and b"loky" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(name))
+    return found
+
+
+def stop_workers(timeout: float = 20.0) -> None:
+    """SIGTERM reached a sweep process: pass it on to its launcher workers and give their runs the time
+    to record themselves interrupted (joblib would SIGKILL them on its way out)."""
+    workers = launcher_workers()
+    for pid in workers:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while workers and time.monotonic() < deadline:
+        workers = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and not _zombie(pid)]
+        time.sleep(0.05)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def is_launcher_worker() -> bool:
+    parent = os.environ.get(MAIN_PID_ENV)
+    return bool(parent) and parent != str(os.getpid())
 
 
 def watch_parent() -> None:
@@ -92,8 +140,9 @@ def watch_parent() -> None:
     def watch() -> None:
         while os.getppid() == int(parent):
             threading.Event().wait(0.2)
+        ORPHANED.set()
         os.kill(os.getpid(), signal.SIGTERM)
-        threading.Event().wait(60)
+        threading.Event().wait(30)  # the run records itself interrupted and leaves (_train); else:
         os._exit(143)
 
     threading.Thread(target=watch, name="normbench-parent-watch", daemon=True).start()
@@ -319,6 +368,9 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
                     write_without_record=info.isolate)
         print(f"normbench: {identity} interrupted by {name} after {run.summary['epochs_done']} epoch(s); "
               f"recorded in {run.run_dir}; run the same command to continue it", file=sys.stderr, flush=True)
+        if is_launcher_worker():  # the sweep process is gone or going: so does its worker
+            sys.stdout.flush()
+            os._exit(EXIT_CODES.get(name, 130))
         raise
     except BaseException as exc:
         error_type = "OutOfMemoryError" if is_out_of_memory(exc) else type(exc).__name__
@@ -368,19 +420,14 @@ def main(cfg: DictConfig) -> float:
 
 def cli(hydra_main) -> None:
     """bench/train.py's entry: SIGTERM and Ctrl-C end it without a traceback -- the interrupted run
-    is recorded `interrupted` (by the job), a sweep prints its closing line -- with status 130 (Ctrl-C)
-    or 143 (SIGTERM)."""
+    is recorded `interrupted` (by the job), a sweep prints its closing line (the callback's
+    on_multirun_end runs on the way out) -- with status 130 (Ctrl-C) or 143 (SIGTERM)."""
     os.environ[MAIN_PID_ENV] = str(os.getpid())
     raise_on_sigterm()
     try:
         hydra_main()
     except KeyboardInterrupt as exc:
         name = signal_name(exc)
-        with signals_held():
-            from normbench.sweep.callbacks import interrupted_summary_line
-
-            line = interrupted_summary_line(name)
-            if line:
-                print(line, flush=True)
-            print(f"normbench: interrupted by {name}", file=sys.stderr, flush=True)
+        print(f"normbench: interrupted by {name}; run the same command to continue", file=sys.stderr,
+              flush=True)
         sys.exit(EXIT_CODES.get(name, 130))
