@@ -8,6 +8,7 @@ the run starts from scratch.
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,26 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+class _Writer(io.RawIOBase):
+    """The checkpoint's file, keeping the OSError of a failed write (torch.save hides it)."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def save_checkpoint(path: Path, *, identity: str, model, optimizer, scheduler, generator, state: LoopState):
     payload = {
         "identity": identity,
@@ -46,11 +67,18 @@ def save_checkpoint(path: Path, *, identity: str, model, optimizer, scheduler, g
     }
     tmp = temp_path(path)
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as handle:
+            writer = _Writer(handle)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError as err:  # torch reports a failed write as "unexpected pos": say why
+                if writer.error is not None:
+                    raise writer.error from err
+                raise
         kill_point("checkpoint_tmp_written", state.epochs_done)
         tmp.replace(path)
-    except BaseException:  # a full disk or a read-only dir: leave no temp file behind
-        tmp.unlink(missing_ok=True)
+    except BaseException:  # a full disk or a read-only dir: leave no temp file behind (closed first,
+        tmp.unlink(missing_ok=True)  # so that its space is given back at once)
         raise
     kill_point("checkpoint_saved", state.epochs_done)
 
