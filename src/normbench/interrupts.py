@@ -52,6 +52,19 @@ def raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def pass_on_ctrl_c() -> None:
+    """In the main thread of the sweep process: Ctrl-C first stops its joblib workers cleanly (joblib
+    would SIGKILL them while their runs record themselves), then raises KeyboardInterrupt as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        stop_workers()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+
+
 def launcher_workers() -> list[int]:
     """This process's joblib (loky) worker processes."""
     me, found = os.getpid(), []

@@ -32,6 +32,7 @@ from normbench.interrupts import (
     EXIT_CODES,
     MAIN_PID_ENV,
     is_launcher_worker,
+    pass_on_ctrl_c,
     raise_on_sigterm,
     signal_name,
     signals_held,
@@ -310,6 +311,7 @@ def cli(hydra_main) -> None:
     on_multirun_end runs on the way out) -- with status 130 (Ctrl-C) or 143 (SIGTERM)."""
     os.environ[MAIN_PID_ENV] = str(os.getpid())
     raise_on_sigterm()
+    pass_on_ctrl_c()
     try:
         hydra_main()
     except KeyboardInterrupt as exc:
