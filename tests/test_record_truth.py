@@ -370,3 +370,13 @@ def test_a_restarted_optuna_worker_requeues_its_dead_trial_at_once(tmp_path):
     assert trials[1].params == trials[0].params  # the same trial, re-queued
     (_, summary), = records(tmp_path / SWEEP).values()
     assert summary["status"] == "completed" and summary["resumed_from_epoch"] == 1
+
+
+def test_temp_files_a_killed_writer_left_are_removed_before_the_dir_is_used_again(tmp_path):
+    from normbench.record import remove_temp_files
+
+    for name in (".checkpoint.pt.tmp", ".summary.json.k3j2.tmp", "checkpoint.pt", "summary.json"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".hydra").mkdir()
+    assert sorted(remove_temp_files(tmp_path)) == [".checkpoint.pt.tmp", ".summary.json.k3j2.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "checkpoint.pt", "summary.json"]
