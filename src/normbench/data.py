@@ -88,17 +88,23 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
     train_images, train_labels, test_images, test_labels = _checked(data_cfg, tensors)
     n = len(train_labels)
     val_size = data_cfg.val_size
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 1 <= val_size <= n - 1:
-        raise ConfigError("data.val_size", val_size, f"use an integer in [1, {n - 1}] (images held out of the "
-                                                     f"{n} training images of {dataset_name(data_cfg)})")
-    train_idx, val_idx = _split_indices(n, val_size, int(data_cfg.split_seed))
-    train = Split(train_images[train_idx], train_labels[train_idx])
-    val = Split(train_images[val_idx], train_labels[val_idx])
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size <= n - 1:
+        raise ConfigError("data.val_size", val_size, f"use an integer in [0, {n - 1}] (images held out of the "
+                                                     f"{n} training images of {dataset_name(data_cfg)}; 0: "
+                                                     f"train on all, validate on the test set)")
     test = Split(test_images, test_labels)
+    if val_size == 0:  # study 002's setup: every training image trains; "validation" is the test set
+        train, val = Split(train_images, train_labels), test
+    else:
+        train_idx, val_idx = _split_indices(n, val_size, int(data_cfg.split_seed))
+        train = Split(train_images[train_idx], train_labels[train_idx])
+        val = Split(train_images[val_idx], train_labels[val_idx])
     mean, std = data_cfg.get("mean"), data_cfg.get("std")
     if mean is None or std is None:
         mean, std = channel_stats(train.images)
-    return DataBundle(train=train.to(device), val=val.to(device), test=test.to(device),
+    val_is_test = val is test
+    test = test.to(device)
+    return DataBundle(train=train.to(device), val=test if val_is_test else val.to(device), test=test,
                       num_classes=int(data_cfg.num_classes), image_size=int(data_cfg.image_size),
                       channels=int(data_cfg.channels), mean=tuple(float(m) for m in mean),
                       std=tuple(float(s) for s in std), name=dataset_name(data_cfg))

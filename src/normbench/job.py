@@ -38,10 +38,11 @@ from normbench.interrupts import (
     signals_held,
     watch_parent,
 )
-from normbench.record import CHECKPOINT, SUMMARY, Status, read_summary, remove_temp_files
+from normbench.record import CHECKPOINT, SUMMARY, Status, read_summary, remove_temp_files, write_rejected
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
 from normbench.sweep.identity import job_dirname, run_identity, seedless_identity
 from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses, warn
+from normbench.sweep.objectives import job_objectives, job_return
 from normbench.sweep.pruning import build_pruner
 from normbench.validate import RunSpec, validate
 
@@ -180,39 +181,61 @@ def record_in_sweep(state: SweepState, info: JobInfo, run: Run) -> None:
     journal(info, run.identity, summary["status"], summary["objective"], run.run_dir)
 
 
-def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float:
+def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tuple[float | None, ...]:
     """Train one configuration, record it, and return its validation error (what sweepers minimize).
 
     In a sweep (multirun) the job first looks its identity up in the sweep's index: a run of the same
     training config that already completed (or diverged) is not trained again, its recorded objective
-    is returned. With the basic sweeper a run that raises or runs out of memory is recorded as failed
-    and the sweep goes on (the job returns the worst objective); a single run re-raises.
+    is returned. When the sweeper names its objectives (hydra.sweeper.objectives, see
+    normbench.sweep.objectives) the job returns those metrics instead, a tuple for several. With the
+    basic sweeper a run that raises or runs out of memory is recorded as failed and the sweep goes on
+    (the job returns the worst objective); a single run re-raises.
     """
     info = job_info(cfg, output_dir)
     raise_on_sigterm()
     watch_parent()
     if not info.isolate:
-        return _run_job(cfg, info)
+        try:
+            return _run_job(cfg, info)
+        except Exception as exc:
+            _journal_unreported(info, exc)  # e.g. a failed config check in an Optuna sweep
+            raise
     try:
         return _run_job(cfg, info)
     except Exception as exc:  # noqa: BLE001 - failure isolation: the sweep goes on
-        error = str(exc) if isinstance(exc, NormbenchError) else one_line(exc)
+        error = _journal_unreported(info, exc)
         kind = "out of memory" if is_out_of_memory(exc) else "failed"
         recorded = "recorded" if info.unrecorded is None else f"its record could not be written ({info.unrecorded})"
         print(f"normbench: job {info.job_num} {kind}: {error} -- {recorded}, the sweep goes on",
               file=sys.stderr, flush=True)
-        journal(info, None, Status.FAILED, WORST_OBJECTIVE, None, error)
     free_memory()
     return WORST_OBJECTIVE
 
 
-def _run_job(cfg: DictConfig, info: JobInfo) -> float:
+def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
+    """A sweep job that failed without reporting (before its run started: a failed config check): a
+    journal line for the sweep's closing line, and in its job dir, when that holds no record,
+    `rejected.json` with the reason (listed by the report among the skipped records)."""
+    error = str(exc) if isinstance(exc, NormbenchError) else one_line(exc)
+    if info.sweep_dir is None or info.reported:
+        return error
+    journal(info, None, Status.FAILED, WORST_OBJECTIVE, info.output_dir, error)
+    if info.output_dir is not None and read_summary(info.output_dir) is None:
+        try:
+            write_rejected(info.output_dir, error=error, error_type=type(exc).__name__, overrides=info.overrides)
+        except OSError:
+            pass
+    return error
+
+
+def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]:
     spec = validate(cfg, device=info.device)
     if info.output_dir is None:
         raise NormbenchError(NO_OUTPUT_DIR)
+    objectives = job_objectives()  # checked before anything runs
     identity = run_identity(cfg)
     if info.sweep_dir is None:
-        return _train(cfg, spec, info, None, identity)
+        return _train(cfg, spec, info, None, identity, objectives)
     state = SweepState(info.sweep_dir)
     state.ensure_index()
     with state.lock(identity):
@@ -226,15 +249,16 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float:
             print(f"normbench: skipped {identity}: already {done['status']} in {run_dir} "
                   f"(objective {objective:.4f})", flush=True)
             journal(info, identity, SKIPPED, objective, run_dir)
-            return objective
+            return job_return(objectives, read_summary(run_dir) or {}, objective)
         info.output_dir = choose_run_dir(state, identity, info.output_dir)
         remove_temp_files(info.output_dir)
         state.put(identity, dir=info.output_dir, status=Status.RUNNING, objective=None, pid=os.getpid(),
                   host=socket.gethostname())
-        return _train(cfg, spec, info, state, identity)
+        return _train(cfg, spec, info, state, identity, objectives)
 
 
-def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | None, identity: str) -> float:
+def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | None, identity: str,
+           objectives: list[str] | None = None) -> float | tuple[float | None, ...]:
     print_config_tree(cfg)
     run_info = RunInfo(run_dir=info.output_dir, identity=identity, seedless_identity=seedless_identity(cfg),
                        choices=info.choices, overrides=info.overrides, name=info.name, job_num=info.job_num,
@@ -264,7 +288,7 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
         _finish(run, state, info, Status.FAILED, one_line(exc), error_type, write_without_record=info.isolate)
         raise
     _finish(run, state, info)
-    return objective
+    return job_return(objectives, run.summary, objective)
 
 
 def _finish(run: Run, state: SweepState | None, info: JobInfo, status: Status | None = None,

@@ -7,6 +7,7 @@ takes the file names, the statuses and the summary keys from here. The format: d
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -40,9 +41,12 @@ METRICS = "metrics.jsonl"
 STEPS = "steps.jsonl"
 PROBES = "probes.jsonl"
 FILTERS = "filters.png"
+# A sweep job that failed before its run started (a failed config check) leaves this instead of a
+# summary.json: {"status": "failed", "error", "error_type", "overrides", "at"}; the report lists it as skipped.
+REJECTED = "rejected.json"
 CHECKPOINT = "checkpoint.pt"
 JSONL = (METRICS, STEPS, PROBES)
-RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS})
+RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS, REJECTED})
 
 # summary.json keys every record has, with their types.
 SUMMARY_KEYS: dict[str, type] = {
@@ -57,6 +61,17 @@ FINAL_METRICS = (
     "convergence/epoch", "model/params", "memory/peak_mb", "time/total_s", "throughput/img_s",
 )
 REQUIRED_COMPLETED_METRICS = ("test/acc", "val/best_acc")
+LEARN_MARGIN = 0.05  # accuracy points above chance a run must reach to count as having learned
+
+
+def learned_threshold(num_classes: int, num_images: int = 0, margin: float = LEARN_MARGIN) -> float:
+    """The accuracy above which a run has learned: chance (1/num_classes) plus `margin`, or plus three
+    binomial standard deviations of a chance-level classifier on `num_images` images if that is more (a
+    small validation split reaches chance + 5 points by luck). Used for the convergence epoch (null for a
+    run that never learns) and the report's effective learning-rate range."""
+    chance = 1.0 / max(int(num_classes), 1)
+    noise = 3.0 * math.sqrt(chance * (1.0 - chance) / num_images) if num_images > 0 else 0.0
+    return chance + max(margin, noise)
 
 
 def now_iso() -> str:
@@ -141,6 +156,11 @@ def remove_temp_files(run_dir: Path) -> list[str]:
             except OSError:
                 pass
     return removed
+
+
+def write_rejected(run_dir: Path, *, error: str, error_type: str, overrides: list[str]) -> None:
+    atomic_write_json(Path(run_dir) / REJECTED, {"status": "failed", "error": error, "error_type": error_type,
+                                                 "overrides": list(overrides), "at": now_iso()})
 
 
 def read_summary(run_dir: Path) -> dict | None:

@@ -7,13 +7,16 @@ batch stream, optimizer, scheduler and trainer; the benchmarks (normbench.perf) 
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import importlib
 import os
 import platform
 import random
-import resource
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -40,6 +43,7 @@ from normbench.record import (
     Status,
     atomic_write_json,
     atomic_write_text,
+    learned_threshold,
     now_iso,
 )
 from normbench.trainer import LoopState, Trainer, convergence_epoch
@@ -70,12 +74,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_parts(cfg: DictConfig, spec: RunSpec, sink=None) -> RunParts:
+def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
+                on_data: Callable[[DataBundle], None] | None = None) -> RunParts:
     """Data, model, batch stream, optimizer, scheduler and trainer of one run, on `spec.device`, seeded
-    by `spec.seed`. `sink` receives the trainer's metrics (default: none; it can be set later)."""
+    by `spec.seed`. `sink` receives the trainer's metrics (default: none; it can be set later).
+    `on_data` is called once the data is on the device, before anything else is built."""
     device, allowed = spec.device, spec.allowed_targets
     seed_everything(spec.seed)
     data = load_data(cfg.data, device, allowed)
+    if on_data is not None:
+        on_data(data)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
                         image_size=spec.input_size, norm=spec.norm.make, activation=spec.activation,
                         allowed_targets=allowed)
@@ -85,7 +93,8 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None) -> RunParts:
     stream = BatchStream(data.train, spec.batch_size, data.mean, data.std, augment=cfg.data.augment,
                          crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
                          resize_to=spec.input_size if spec.input_size != data.image_size else None,
-                         channels_last=spec.channels_last, drop_last=True, generator=generator)
+                         channels_last=spec.channels_last, drop_last=bool(cfg.trainer.get("drop_last", True)),
+                         generator=generator)
     if spec.fault.kind != "none":
         stream = FaultyStream(stream, spec.fault, device)
     optimizer = build_optimizer(cfg.optimizer, model, allowed)
@@ -115,13 +124,102 @@ class RunInfo:
     threads: int = 0                 # torch CPU threads (0: trainer.threads, else torch's default)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+class RunMemory:
+    """One run's own peak memory, the data excluded: jobs of a sweep share a process, whose peak only
+    grows from job to job, so the peak is taken from a reset made once this run's data is on the device.
+
+    * CUDA: the allocator's peak since ``reset_peak_memory_stats``, minus what was allocated then (the
+      resident dataset and anything a previous job left).
+    * CPU (Linux): the resident-set high-water mark (VmHWM) since writing "5" to /proc/self/clear_refs,
+      minus the resident set then, minus the file-backed pages (library code) paged in meanwhile. Before
+      the reset, freed heap is given back to the system (``malloc_trim``: memory a previous job freed but
+      the C allocator kept would otherwise lower this run's baseline) and the modules every run imports
+      on its way (torch._dynamo, ~90 MB, and torchvision.utils) are imported, so the first job of a
+      process does not carry the process's one-time costs. Without clear_refs (not Linux) the peak is
+      null rather than a number that depends on job order.
+    * MPS: the driver's allocation at the end minus that at the reset (MPS has no peak counter).
+
+    ``memory/data_mb`` is the size of the three data splits on the device, reported separately.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline: float | None = None
+        self.file_baseline: float | None = None
+        self.data_mb: float | None = None
+
+    def start(self, data: DataBundle) -> None:
+        gc.collect()
+        self.data_mb = sum(t.numel() * t.element_size() for split in (data.train, data.val, data.test)
+                           for t in (split.images, split.labels)) / 2**20
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
+        elif self.device.type == "mps":
+            self.baseline = torch.mps.driver_allocated_memory() / 2**20
+        else:
+            _import_what_every_run_imports()
+            gc.collect()
+            _malloc_trim()
+            self.baseline = _reset_rss_peak()
+            self.file_baseline = _proc_status_mb("RssFile")
+
+    def peak_mb(self) -> float | None:
+        if self.baseline is None:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline
+        if self.device.type == "mps":
+            return torch.mps.driver_allocated_memory() / 2**20 - self.baseline
+        peak, paged_in = _proc_status_mb("VmHWM"), 0.0
+        if peak is None:
+            return None
+        file_now = _proc_status_mb("RssFile")
+        if file_now is not None and self.file_baseline is not None:
+            paged_in = max(file_now - self.file_baseline, 0.0)
+        return max(peak - self.baseline - paged_in, 0.0)
+
+
+def _import_what_every_run_imports() -> None:
+    for module in ("torch._dynamo", "torchvision.utils"):  # by the optimizers; by the filter image
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> float | None:
+    """Reset the process's RSS high-water mark to the current RSS (Linux); the RSS in MiB, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    rss, hwm = _proc_status_mb("VmRSS"), _proc_status_mb("VmHWM")
+    if rss is None or hwm is None or hwm > rss + 1.0:  # the reset did not take
+        return None
+    return rss
+
+
+def _malloc_trim() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def versions() -> dict:
@@ -156,10 +254,11 @@ class Run:
         self.record: RecordSink | None = None
         self.wandb: WandbSink | None = None
         self.history: list[dict] = []
+        self.memory = RunMemory(spec.device)
 
     def execute(self) -> float:
         self._claim_device()
-        parts = build_parts(self.cfg, self.spec)
+        parts = build_parts(self.cfg, self.spec, on_data=self.memory.start)
         self.summary["metrics"]["model/params"] = count_parameters(parts.model)
         try:
             state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
@@ -188,7 +287,6 @@ class Run:
             if device.index is not None:
                 torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = True
-            torch.cuda.reset_peak_memory_stats(device)
         threads = self.info.threads or self.cfg.trainer.threads
         if threads:
             torch.set_num_threads(threads)
@@ -218,8 +316,10 @@ class Run:
             metrics.update({k: last[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")})
             metrics["throughput/img_s"] = float(np.mean([r["throughput/img_s"] for r in state.history]))
         metrics["val/best_acc"] = state.best_val_acc
-        metrics["convergence/epoch"] = convergence_epoch(state.history)
-        metrics["memory/peak_mb"] = peak_memory_mb(self.spec.device)
+        learned = learned_threshold(parts.data.num_classes, int(parts.data.val.labels.numel()))
+        metrics["convergence/epoch"] = convergence_epoch(state.history, learned_above=learned)
+        metrics["memory/peak_mb"] = self.memory.peak_mb()
+        metrics["memory/data_mb"] = self.memory.data_mb
         metrics["time/train_s"] = state.train_time_s
         weight = first_conv_weight(parts.model)
         if weight is not None:
