@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, TRAIN
+from omegaconf import OmegaConf
+
+from normbench.errors import ConfigError
+from normbench.faults import fault_spec
 
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=null",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.array_parallelism=2", "hydra.launcher.timeout_min=10",
@@ -78,6 +82,26 @@ def results(sweep: Path) -> list:
 
 def summaries(sweep: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(sweep.rglob("summary.json"))]
+
+
+def test_wait_fault_needs_its_release_file():
+    cfg = OmegaConf.create({"trainer": {"fault": "wait", "fault_epoch": 2}})
+    with pytest.raises(ConfigError, match="trainer.fault_file"):
+        fault_spec(cfg)
+    cfg.trainer.fault_file = "/tmp/go"
+    assert fault_spec(cfg).file == "/tmp/go"
+
+
+def test_skips_with_a_reason_where_slurm_cannot_run(monkeypatch):
+    import slurm_cluster
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "needs root" in slurm_cluster.unavailable_reason()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert "apt-get install slurm-wlm munge" in slurm_cluster.unavailable_reason()
+    with pytest.raises(slurm_cluster.Unavailable, match="not installed"), slurm_cluster.one_node_cluster():
+        pass
 
 
 def test_job_array_sweep_completes_and_hydra_collects_every_objective(slurm_cluster, tmp_path):
@@ -161,18 +185,18 @@ def test_timeout_requeues_through_submitit_checkpoint_up_to_max_num_timeout(slur
     The signal is delivered as SLURM delivers it (`scancel --signal=USR2`, to the job's steps) at an
     exact point, instead of waiting for SLURM's timer: that timer runs every 30 s, and with a 1-minute
     limit (SLURM's smallest) it fires at an unpredictable time, even at once, before Python has
-    installed submitit's handler. `timeout_min=1` makes submitit classify the signal as a timeout (its
-    guaranteed walltime, min(0.8 T, T - 10 min), is negative); `signal_delay_s=0` keeps SLURM's own
-    signal off."""
+    installed submitit's handler. With a limit under 50 minutes submitit classifies any SIGUSR2 as a
+    timeout (its guaranteed walltime, min(0.8 T, T - 10 min), is not positive): `timeout_min=10`
+    leaves a slow start room; `signal_delay_s=0` keeps SLURM's own signal off."""
     started = time.monotonic()
     sweep = tmp_path / "sweep"
     args, _release, marker = held_run(tmp_path)
-    proc = start_sweep([*args, f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=1",
-                        "hydra.launcher.signal_delay_s=0", "hydra.launcher.max_num_timeout=1"],
+    proc = start_sweep([*args, f"hydra.sweep.dir={sweep}", "hydra.launcher.signal_delay_s=0",
+                        "hydra.launcher.max_num_timeout=1"],
                        tmp_path, slurm_cluster)
     wait_for(lambda: len(arrivals(marker)) == 1, "the run to reach epoch 2", proc)
     job_id = wait_for(lambda: submitted_job_id(sweep), "the job id", proc)
-    assert slurm_cluster.job(job_id)["TimeLimit"] == "00:01:00"
+    assert slurm_cluster.job(job_id)["TimeLimit"] == "00:10:00"
     slurm_cluster.run("scancel", "--signal=USR2", job_id)
     slurm_cluster.start_requeued_now(job_id)                         # submitit requeued it
     wait_for(lambda: len(arrivals(marker)) == 2, "the requeued run to reach epoch 2 again", proc)
