@@ -7,6 +7,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from normbench.job import cli
 from normbench.job import main as run_main
 from normbench.sweep.resolvers import register
 
@@ -25,4 +26,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

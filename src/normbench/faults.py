@@ -1,15 +1,19 @@
-"""Fault injection (`+trainer.fault=raise|oom|wait`) and recognising out-of-memory errors.
+"""Fault injection (`+trainer.fault=raise|oom|wait`, NORMBENCH_KILL_AT) and recognising out-of-memory errors.
 
 For checking that a sweep survives a run that raises or runs out of memory: the fault fires inside the
 real training loop and goes through the real error handling. `wait` holds the run at an exact step
 until a file appears, so a test can interrupt it there (SLURM requeue, timeout signal) without guessing
-with sleeps.
+with sleeps. For checking that a kill at an exact point
+loses nothing: NORMBENCH_KILL_AT=<point>[@<epoch>][:<signal>] makes the process send itself the signal
+(default KILL) when it reaches that point (KILL_POINTS). It is an environment variable, not a config
+key, so that the killed run and its re-run have the same identity.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,13 @@ from omegaconf import DictConfig
 from normbench.errors import ConfigError
 
 FAULTS = ("none", "raise", "oom", "wait")
+KILL_AT_ENV = "NORMBENCH_KILL_AT"
+KILL_POINTS = (
+    "checkpoint_tmp_written",   # the epoch's checkpoint is in its temp file, not yet renamed
+    "checkpoint_saved",         # the epoch's checkpoint is in place
+    "summary_written",          # the final summary.json is written, the sweep index not yet updated
+    "index_updated",            # the sweep index entry says how the run ended
+)
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,33 @@ class FaultyStream:
                     err.add_note(f"({where})")
                 raise
         raise RuntimeError(f"fault {where}")
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    point: str
+    epoch: int | None = None       # None: the first time the point is reached
+    signal: int = signal.SIGKILL
+
+
+def kill_at() -> KillPoint | None:
+    """The kill point NORMBENCH_KILL_AT names (None when unset), e.g. `checkpoint_saved@2:TERM`."""
+    text = os.environ.get(KILL_AT_ENV)
+    if not text:
+        return None
+    text, _, sig = text.partition(":")
+    point, _, epoch = text.partition("@")
+    if point not in KILL_POINTS:
+        raise ConfigError(KILL_AT_ENV, point, f"choose one of {', '.join(KILL_POINTS)}")
+    return KillPoint(point, int(epoch) if epoch else None,
+                     getattr(signal, f"SIG{sig.upper().removeprefix('SIG')}") if sig else signal.SIGKILL)
+
+
+def kill_point(point: str, epoch: int | None = None) -> None:
+    """Send this process the signal NORMBENCH_KILL_AT asks for when it names this point (and epoch)."""
+    spec = kill_at()
+    if spec is not None and spec.point == point and spec.epoch in (None, epoch):
+        os.kill(os.getpid(), spec.signal)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

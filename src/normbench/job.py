@@ -4,6 +4,11 @@ validate > (sweep: skip a run that is already done, pick its record dir, lock it
 (normbench.run) > (sweep: index entry, curve for the median pruner, journal line). With the basic sweeper
 a run that fails is recorded and the sweep goes on; a single run re-raises. User errors end in one line
 on stderr and exit status 2.
+
+The record is the truth: a summary.json that says this identity is done is never trained again nor
+overwritten, whatever the index says (the index is rebuilt from it), and a dir holding another
+identity's record or checkpoint is never written to. SIGTERM and Ctrl-C record the run `interrupted`
+(a re-run continues it from its checkpoint) and end the process without a traceback.
 """
 
 from __future__ import annotations
@@ -19,13 +24,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from normbench.checkpoint import checkpoint_identity
 from normbench.device import launcher_jobs, placement
 from normbench.errors import NormbenchError
-from normbench.faults import free_memory, is_out_of_memory
-from normbench.record import CHECKPOINT, Status, read_summary
+from normbench.faults import free_memory, is_out_of_memory, kill_point
+from normbench.interrupts import (
+    EXIT_CODES,
+    MAIN_PID_ENV,
+    is_launcher_worker,
+    pass_on_ctrl_c,
+    raise_on_sigterm,
+    signal_name,
+    signals_held,
+    watch_parent,
+)
+from normbench.record import CHECKPOINT, SUMMARY, Status, read_summary, remove_temp_files
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
 from normbench.sweep.identity import job_dirname, run_identity, seedless_identity
-from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses
+from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses, warn
 from normbench.sweep.pruning import build_pruner
 from normbench.validate import RunSpec, validate
 
@@ -42,6 +58,7 @@ class JobInfo:
     sweep_dir: Path | None = None     # multirun only: the sweep's root dir (holds .normbench/)
     job_num: int | None = None        # multirun only: Hydra's job number
     isolate: bool = False             # record a failing run and go on (basic sweeper) instead of raising
+    unrecorded: str | None = None     # why the run's record could not be written (a full disk, ...)
     device: str | None = None         # the device this job trains on (trainer.device, or placed)
     threads: int = 0                  # torch CPU threads for this job (0: torch's default)
     reported: bool = field(default=False, repr=False)
@@ -104,39 +121,63 @@ def journal(info: JobInfo, identity: str | None, status: str, objective, run_dir
     if info.sweep_dir is None or not sweep_id or info.reported:
         return
     job = f"{info.job_num:06d}" if isinstance(info.job_num, int) else f"{identity}-{os.getpid()}"
-    SweepState(info.sweep_dir).journal(sweep_id, job, status=status, identity=identity, objective=objective,
+    SweepState(info.sweep_dir).journal(sweep_id, job, quiet=info.unrecorded is not None, status=status, identity=identity, objective=objective,
                                        dir=str(run_dir) if run_dir else None, error=error)
     info.reported = True
+
+
+def owner(run_dir: Path) -> str | None:
+    """The identity a dir belongs to: its summary.json's, else its checkpoint's (None: nobody's)."""
+    summary = read_summary(run_dir)
+    if summary is not None and summary.get("identity"):
+        return str(summary["identity"])
+    if (run_dir / SUMMARY).exists():  # an unreadable summary: not ours to overwrite unless the checkpoint is
+        return checkpoint_identity(run_dir / CHECKPOINT) or "unknown"
+    if (run_dir / CHECKPOINT).exists():
+        return checkpoint_identity(run_dir / CHECKPOINT)
+    return None
+
+
+def sibling_dir(job_dir: Path, identity: str) -> Path:
+    return job_dir.with_name(f"{job_dir.name}.{identity}")
 
 
 def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
     """Where this identity's record lives: where an earlier attempt of it left its record or
     checkpoint (so a restarted job continues from it even in another job dir), else the job's own
-    dir -- unless that holds the record of another identity (the same overrides after the config
-    changed), which is never overwritten: then a sibling `<job dir>.<identity>`."""
+    dir -- unless that holds the record or checkpoint of another identity (the same overrides after the
+    config changed), which is never overwritten: then a sibling `<job dir>.<identity>`. An index entry
+    pointing at another identity's dir is not followed."""
     entry = state.get(identity)
     if entry and entry.get("dir"):
         earlier = state.run_dir(entry)
-        summary = read_summary(earlier)
-        if (earlier / CHECKPOINT).exists() or (summary and summary.get("identity") == identity):
-            return earlier
-    summary = read_summary(job_dir)
-    if summary is not None and summary.get("identity") != identity:
-        return job_dir.with_name(f"{job_dir.name}.{identity}")
+        if earlier != job_dir:
+            found = owner(earlier)
+            if found == identity or (found is None and (earlier / CHECKPOINT).exists()):
+                return earlier
+            if found is not None:
+                warn(f"the sweep index entry of {identity} points at {earlier}, which holds run {found}: "
+                     "not used")
+    found = owner(job_dir)
+    if found is not None and found != identity:
+        return sibling_dir(job_dir, identity)
     return job_dir
 
 
 def record_in_sweep(state: SweepState, info: JobInfo, run: Run) -> None:
     """The finished run in the sweep's bookkeeping: index entry, curve (median pruner), journal line."""
     summary = run.summary
+    quiet = info.unrecorded is not None  # the job's one line already names the disk's problem
     try:
         state.put(run.identity, dir=run.run_dir, status=summary["status"], objective=summary["objective"],
                   epochs_done=summary["epochs_done"], time_s=summary["metrics"].get("time/total_s"))
         if summary["status"] == Status.COMPLETED and run.history:
             state.add_curve(run.identity, [1.0 - row["val/acc"] for row in run.history])
-        journal(info, run.identity, summary["status"], summary["objective"], run.run_dir)
     except OSError as err:  # never hide the run's own outcome behind a bookkeeping error
-        print(f"normbench: warning: could not update the sweep index: {err}", file=sys.stderr)
+        if not quiet:
+            warn(f"could not update the sweep index: {err}")
+    kill_point("index_updated")
+    journal(info, run.identity, summary["status"], summary["objective"], run.run_dir)
 
 
 def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float:
@@ -148,6 +189,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float:
     and the sweep goes on (the job returns the worst objective); a single run re-raises.
     """
     info = job_info(cfg, output_dir)
+    raise_on_sigterm()
+    watch_parent()
     if not info.isolate:
         return _run_job(cfg, info)
     try:
@@ -155,7 +198,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float:
     except Exception as exc:  # noqa: BLE001 - failure isolation: the sweep goes on
         error = str(exc) if isinstance(exc, NormbenchError) else one_line(exc)
         kind = "out of memory" if is_out_of_memory(exc) else "failed"
-        print(f"normbench: job {info.job_num} {kind}: {error} -- recorded, the sweep goes on",
+        recorded = "recorded" if info.unrecorded is None else f"its record could not be written ({info.unrecorded})"
+        print(f"normbench: job {info.job_num} {kind}: {error} -- {recorded}, the sweep goes on",
               file=sys.stderr, flush=True)
         journal(info, None, Status.FAILED, WORST_OBJECTIVE, None, error)
     free_memory()
@@ -172,7 +216,9 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float:
     state = SweepState(info.sweep_dir)
     state.ensure_index()
     with state.lock(identity):
-        done = state.done(identity, done_statuses(spec.pruning["name"] != "none"))
+        statuses = done_statuses(spec.pruning["name"] != "none")
+        done = state.done(identity, statuses) or state.recover(
+            identity, statuses, [info.output_dir, sibling_dir(info.output_dir, identity)])
         if done is not None:
             objective = done.get("objective")
             objective = WORST_OBJECTIVE if objective is None else float(objective)
@@ -182,6 +228,7 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float:
             journal(info, identity, SKIPPED, objective, run_dir)
             return objective
         info.output_dir = choose_run_dir(state, identity, info.output_dir)
+        remove_temp_files(info.output_dir)
         state.put(identity, dir=info.output_dir, status=Status.RUNNING, objective=None, pid=os.getpid(),
                   host=socket.gethostname())
         return _train(cfg, spec, info, state, identity)
@@ -201,6 +248,17 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
         if run.record is not None or info.isolate:
             _finish(run, state, info, Status.FAILED, str(err), type(err).__name__, write_without_record=True)
         raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Interrupted)
+        name = signal_name(exc)
+        with signals_held():
+            _finish(run, state, info, Status.INTERRUPTED, f"interrupted by {name}", name,
+                    write_without_record=info.isolate)
+        print(f"normbench: {identity} interrupted by {name} after {run.summary['epochs_done']} epoch(s); "
+              f"recorded in {run.run_dir}; run the same command to continue it", file=sys.stderr, flush=True)
+        if is_launcher_worker():  # the sweep process is gone or going: so does its worker
+            sys.stdout.flush()
+            os._exit(EXIT_CODES.get(name, 130))
+        raise
     except BaseException as exc:
         error_type = "OutOfMemoryError" if is_out_of_memory(exc) else type(exc).__name__
         _finish(run, state, info, Status.FAILED, one_line(exc), error_type, write_without_record=info.isolate)
@@ -211,11 +269,26 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
 
 def _finish(run: Run, state: SweepState | None, info: JobInfo, status: Status | None = None,
             error: str | None = None, error_type: str | None = None, write_without_record: bool = False) -> None:
+    """The final summary, then the sweep's bookkeeping. A record that cannot be written (a full disk,
+    a read-only dir) is said once (info.unrecorded, in the job's one line); a run that had finished
+    but could not record it counts as failed."""
+    write_error = None
     try:
         run.finish(status, error, error_type, write_without_record)
-    finally:
-        if state is not None:
-            record_in_sweep(state, info, run)
+    except OSError as err:
+        write_error = err
+        info.unrecorded = f"{type(err).__name__}: {err.strerror or err}"
+        if status is None:
+            run.summary.update(status=Status.FAILED, error=one_line(err), error_type=type(err).__name__)
+        if not info.isolate:
+            print(f"normbench: could not write the record of {run.identity} in {run.run_dir}: "
+                  f"{info.unrecorded}", file=sys.stderr, flush=True)
+    else:
+        kill_point("summary_written")
+    if state is not None:
+        record_in_sweep(state, info, run)
+    if write_error is not None and status is None:
+        raise write_error
 
 
 def main(cfg: DictConfig) -> float:
@@ -225,3 +298,24 @@ def main(cfg: DictConfig) -> float:
     except NormbenchError as err:
         print(f"normbench: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper's to handle (the basic sweeper's jobs never get here)
+        print(f"normbench: {one_line(err)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def cli(hydra_main) -> None:
+    """bench/train.py's entry: SIGTERM and Ctrl-C end it without a traceback -- the interrupted run
+    is recorded `interrupted` (by the job), a sweep prints its closing line (the callback's
+    on_multirun_end runs on the way out) -- with status 130 (Ctrl-C) or 143 (SIGTERM)."""
+    os.environ[MAIN_PID_ENV] = str(os.getpid())
+    raise_on_sigterm()
+    pass_on_ctrl_c()
+    try:
+        hydra_main()
+    except KeyboardInterrupt as exc:
+        name = signal_name(exc)
+        print(f"normbench: interrupted by {name}; run the same command to continue", file=sys.stderr,
+              flush=True)
+        sys.exit(EXIT_CODES.get(name, 130))

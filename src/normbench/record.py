@@ -24,6 +24,7 @@ class Status(str, Enum):
     DIVERGED = "diverged"
     FAILED = "failed"
     PRUNED = "pruned"
+    INTERRUPTED = "interrupted"   # stopped by SIGTERM or Ctrl-C; a re-run continues it from its checkpoint
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -122,6 +123,24 @@ def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return str(value)
+
+
+def remove_temp_files(run_dir: Path) -> list[str]:
+    """The temp files a killed writer left in a run dir (`.<name>.tmp`, `.<name>.<random>.tmp`):
+    removed before a job writes there again, so a kill never leaves a half-written file taking space."""
+    removed = []
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return removed
+    for name in names:
+        if name.startswith(".") and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(run_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def read_summary(run_dir: Path) -> dict | None:

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from normbench.checkpoint import load_checkpoint, save_checkpoint
+from normbench.checkpoint import UnusableCheckpoint, load_checkpoint, save_checkpoint
 from normbench.data import BatchStream, DataBundle, load_data
 from normbench.device import compile_model
 from normbench.faults import FaultyStream
@@ -161,12 +161,15 @@ class Run:
         self._claim_device()
         parts = build_parts(self.cfg, self.spec)
         self.summary["metrics"]["model/params"] = count_parameters(parts.model)
-        state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
-                                optimizer=parts.optimizer, scheduler=parts.scheduler, generator=parts.generator)
+        try:
+            state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
+                                    optimizer=parts.optimizer, scheduler=parts.scheduler, generator=parts.generator)
+        except UnusableCheckpoint:  # set aside, and the parts may be half restored: from scratch
+            parts, state = build_parts(self.cfg, self.spec), None
         self._open_sinks(resumed=state)
         parts.trainer.sink = FanOut(self.record, self.wandb, ConsoleSink(self.spec.settings.epochs))
         if state is not None:
-            self.summary["resumed_from_epoch"] = state.epochs_done
+            self.summary["resumed_from_epoch"] = self.summary["epochs_done"] = state.epochs_done
             if isinstance(parts.stream, FaultyStream):
                 parts.stream.current_epoch = state.epochs_done
             print(f"normbench: resuming {self.identity} from its epoch-{state.epochs_done} checkpoint "
@@ -254,10 +257,12 @@ class Run:
         self.summary["finished_at"] = now_iso()
         self.summary["finished_ts"] = time.time()
         self.summary["metrics"]["time/total_s"] = time.perf_counter() - self.started
-        for sink in (self.record, self.wandb):
-            if sink is not None:
-                sink.log_summary(self.summary)
-        if self.record is None and write_without_record:
-            atomic_write_json(self.run_dir / SUMMARY, self.summary)
-        if self.wandb is not None:
-            self.wandb.finish(failed=self.summary["status"] == Status.FAILED)
+        try:
+            for sink in (self.record, self.wandb):
+                if sink is not None:
+                    sink.log_summary(self.summary)
+            if self.record is None and write_without_record:
+                atomic_write_json(self.run_dir / SUMMARY, self.summary)
+        finally:  # the W&B run is closed even when the record cannot be written
+            if self.wandb is not None:
+                self.wandb.finish(failed=self.summary["status"] in (Status.FAILED, Status.INTERRUPTED))

@@ -62,7 +62,9 @@ from ._study import (
     Heartbeat,
     Outcome,
     default_storage_url,
+    mark_owner,
     quote_override,
+    requeue_dead_local_trials,
     storage_lock,
     study_lock_name,
     tell_outcome,
@@ -257,12 +259,14 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         study still misses (appended to `in_flight`). False when the study is full."""
         lock = storage_lock(self.storage_url, study_lock_name(study.study_name), self.settings.connect_timeout)
         with lock, quiet_optuna():
+            requeue_dead_local_trials(study, self.settings.max_retry)
             optuna.storages.fail_stale_trials(study)
             missing = trials_to_ask(study, target)
             if missing <= 0:
                 return False
             for _ in range(min(self.n_jobs, missing)):
                 trial = study.ask()
+                mark_owner(study._storage, trial._trial_id)
                 in_flight.append(trial)
                 heartbeat.beat(trial._trial_id)
                 heartbeat.add(trial._trial_id)

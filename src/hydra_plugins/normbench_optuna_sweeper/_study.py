@@ -8,6 +8,8 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ STATUS_ATTR = "status"                      # trial user attr: completed | diver
 COUNTED_FAILURE_ATTR = "normbench:failed"   # FAIL trials the sweeper decided (they count as done)
 FAILURE_STRATEGIES = ("worst", "fail")
 SCHEMA_LOCK = "normbench:schema"
+OWNER_ATTR = "normbench:owner"              # trial system attr: the sweeper process running it
 
 
 def quote_override(value: str) -> str:
@@ -218,3 +221,68 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trials whose sweeper died on this host
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc): a pid reused later differs."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def mark_owner(storage, trial_id: int) -> None:
+    """Which process runs this trial, so that its successor on the same host can tell it died."""
+    pid = os.getpid()
+    storage.set_trial_system_attr(trial_id, OWNER_ATTR,
+                                  {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)})
+
+
+def _owner_is_gone(owner) -> bool:
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return False  # another host's trial: only its heartbeat can tell
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    start = _process_start(pid)
+    if start is None:  # gone (or no /proc: ask the kernel)
+        return not _pid_alive(pid)
+    return owner.get("start") is not None and start != owner["start"]  # the pid was reused
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def requeue_dead_local_trials(study, max_retry: int | None) -> list[int]:
+    """RUNNING trials whose sweeper process on this host is gone (killed, then restarted at once):
+    failed (not counted) and re-queued now, not after the heartbeat's grace period."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    storage, requeued = study._storage, []
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.system_attrs.get(OWNER_ATTR)
+        if not _owner_is_gone(owner):
+            continue
+        try:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            retry(study, storage.get_trial(trial._trial_id))
+        except Exception as err:  # noqa: BLE001 - another worker got there first
+            log.debug("could not re-queue trial %d: %s", trial.number, err)
+            continue
+        log.warning("Optuna trial %d: its sweeper (pid %s on this host) is gone: re-queued", trial.number,
+                    owner.get("pid"))
+        requeued.append(trial.number)
+    return requeued

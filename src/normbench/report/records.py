@@ -252,8 +252,8 @@ def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
         validate_summary(summary)
     except MalformedRecord as e:
         return Skipped(path, "malformed", str(e))
-    if summary["status"] == Status.RUNNING:
-        return Skipped(path, "in progress", "status running")
+    if summary["status"] in (Status.RUNNING, Status.INTERRUPTED):  # a re-run continues an interrupted run
+        return Skipped(path, "in progress", f"status {summary['status']}")
     return RunRecord(path, summary, files)
 
 

@@ -22,6 +22,17 @@ from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summ
 
 log = logging.getLogger(__name__)
 
+_ACTIVE: dict[str, Any] = {}  # the multirun in progress in this process (for the line on an interrupt)
+
+
+def interrupted_summary_line(signame: str) -> str | None:
+    """The closing line of the multirun this process was running when a signal interrupted it."""
+    if not _ACTIVE:
+        return None
+    rows = SweepState(_ACTIVE["sweep_dir"]).read_journal(_ACTIVE["sweep_id"])
+    line = summary_line(_ACTIVE["sweep_dir"], count_outcomes(rows))
+    return f"{line} (interrupted by {signame}; run the same command to continue)"
+
 
 def expected_jobs(config: DictConfig) -> int | None:
     """How many jobs the basic sweeper makes of this multirun config (None for other sweepers)."""
@@ -45,6 +56,7 @@ class SweepSummary(Callback):
         self.previous = os.environ.get(SWEEP_ID_ENV)
         self.sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         os.environ[SWEEP_ID_ENV] = self.sweep_id
+        _ACTIVE.update(sweep_dir=str(config.hydra.sweep.dir), sweep_id=self.sweep_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.sweep_id is None:
@@ -54,6 +66,7 @@ class SweepSummary(Callback):
         line = summary_line(sweep_dir, count_outcomes(rows), expected_jobs(config))
         print(line, flush=True)
         log.debug(line)
+        _ACTIVE.clear()
         if self.previous is None:
             os.environ.pop(SWEEP_ID_ENV, None)
         else:
