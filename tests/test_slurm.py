@@ -208,6 +208,8 @@ def test_timeout_requeues_through_submitit_checkpoint_up_to_max_num_timeout(slur
     log = "\n".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.err"))
     assert "this job is timed-out" in log and "DUE TO JOB REQUEUE" in log, log[-3000:]
     assert "timed-out too many times" in log, log[-3000:]
+    # the first attempt recorded itself interrupted (not failed) on its way out
+    assert "requeued at its time limit after 1 epoch(s)" in log, log[-3000:]
     [record] = summaries(sweep)
     # the second attempt resumed from the epoch-1 checkpoint, then ended at the second timeout
     assert record["resumed_from_epoch"] == 1, record

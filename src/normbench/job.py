@@ -261,9 +261,9 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
             sys.stdout.flush()
             os._exit(EXIT_CODES.get(name, 130))
         raise
-    except SystemExit:
+    except SystemExit as exc:
         if not os.environ.get(SUBMITIT_ENV):
-            _finish(run, state, info, Status.FAILED, "SystemExit during the run", "SystemExit",
+            _finish(run, state, info, Status.FAILED, one_line(exc), type(exc).__name__,
                     write_without_record=info.isolate)
             raise
         # submitit leaves this way after it requeued the job on SLURM's time-limit signal (SIGUSR2,
