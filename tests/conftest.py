@@ -63,3 +63,16 @@ def wandb_inspect(run_dir: Path) -> dict:
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster (tests/slurm_cluster.py) for the whole session, started on first
+    use and stopped at the end, even when tests fail; skips where SLURM cannot run here."""
+    from slurm_cluster import Unavailable, one_node_cluster
+
+    try:
+        with one_node_cluster() as cluster:
+            yield cluster
+    except Unavailable as reason:
+        pytest.skip(str(reason))

@@ -14,6 +14,7 @@ identity's record or checkpoint is never written to. SIGTERM and Ctrl-C record t
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -47,6 +48,7 @@ from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER
 from normbench.sweep.pruning import build_pruner
 from normbench.validate import RunSpec, validate
 
+SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
 NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # a _target_ string, not an import
 
@@ -287,6 +289,20 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
         if is_launcher_worker():  # the sweep process is gone or going: so does its worker
             sys.stdout.flush()
             os._exit(EXIT_CODES.get(name, 130))
+        raise
+    except SystemExit as exc:
+        if not os.environ.get(SUBMITIT_ENV):
+            _finish(run, state, info, Status.FAILED, one_line(exc), type(exc).__name__,
+                    write_without_record=info.isolate)
+            raise
+        # submitit leaves this way after it requeued the job on SLURM's time-limit signal (SIGUSR2,
+        # through the launcher's checkpoint): the run goes on in the job's next attempt
+        with signals_held():
+            _finish(run, state, info, Status.INTERRUPTED, "interrupted by SIGUSR2 (SLURM time limit): "
+                    "requeued by submitit", "SIGUSR2", write_without_record=info.isolate)
+        print(f"normbench: {identity} requeued at its time limit after {run.summary['epochs_done']} "
+              f"epoch(s); it continues from its checkpoint when SLURM starts it again", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not cut the exit short
         raise
     except BaseException as exc:
         error_type = "OutOfMemoryError" if is_out_of_memory(exc) else type(exc).__name__
