@@ -75,7 +75,7 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None) -> RunParts:
     by `spec.seed`. `sink` receives the trainer's metrics (default: none; it can be set later)."""
     device, allowed = spec.device, spec.allowed_targets
     seed_everything(spec.seed)
-    data = load_data(cfg.data, device, allowed)
+    data = load_data(cfg.data, device, allowed, input_size=spec.input_size)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
                         image_size=spec.input_size, norm=spec.norm.make, activation=spec.activation,
                         allowed_targets=allowed)
