@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -61,7 +62,8 @@ def cached(name: str, data_dir: str, sources: Iterable[str], params: dict, decod
             try:
                 saved = torch.load(path, weights_only=True)
                 return tuple(saved[k] for k in KEYS)
-            except Exception:  # truncated or foreign file: decode again and replace it
+            except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError):
+                # truncated or foreign file: decode again and replace it
                 path.unlink(missing_ok=True)
     tensors = tuple(t.contiguous() for t in decode())
     for folder in cache_dirs(data_dir):
