@@ -11,9 +11,9 @@ cached as one tensor file (normbench.datasets.cache), so a second load takes a f
 """
 
 from normbench.datasets.cifar import cifar10, cifar100
-from normbench.datasets.imagefolder import imagefolder
-from normbench.datasets.mnist import fashion_mnist, mnist
-from normbench.datasets.svhn import svhn
-from normbench.datasets.synthetic import make_synthetic, synthetic
+from normbench.datasets.generated import make_synthetic, synthetic
+from normbench.datasets.idx import fashion_mnist, mnist
+from normbench.datasets.image_folder import imagefolder
+from normbench.datasets.svhn_mat import svhn
 
 __all__ = ["cifar10", "cifar100", "fashion_mnist", "imagefolder", "make_synthetic", "mnist", "svhn", "synthetic"]

@@ -256,9 +256,10 @@ def mechanism(table: Table, warnings: list[str]) -> list[tuple[plots.Band, Any]]
     bands = []
     for norm in sorted(by_norm, key=lambda n: list(NORM_LABEL).index(n) if n in NORM_LABEL else 99):
         runs = by_norm[norm][:MAX_BAND_RUNS]
-        ref = table.study.mechanism.get(norm, {})
+        no_study = any(r.no_study for r in table.rows if r.cell is not None and r.cell.choices.get("norm") == norm)
+        ref = {} if no_study else table.study.mechanism.get(norm, {})
         label = NORM_LABEL.get(norm, norm)
-        entry: dict[str, Any] = {"norm": label, "runs": len(runs)}
+        entry: dict[str, Any] = {"norm": label, "runs": len(runs), "no_study": no_study}
         agg = _loss_band(runs, warnings)
         if agg is not None:
             entry["loss_range"] = (float(np.min(agg[1])), float(np.max(agg[2])))

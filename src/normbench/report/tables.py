@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from normbench.record import STEPS, Status
@@ -42,6 +42,9 @@ COLUMNS = (
     Column("time/total_s", "time s", 1.0, 1),
 )
 PERCENT = {"test/err", "test/acc", "val/best_acc"}
+# Both studies report CIFAR-10 only: a row run on other data has no study number to compare with.
+STUDY_DATA = "cifar10"
+NO_STUDY_NUMBER = "no study number for this dataset"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,6 +59,7 @@ class Row:
     vs: str | None = None
     comparison: Comparison | None = None
     study_diff: float | None = None  # study: ref(row) - ref(vs), in the primary metric's percent
+    no_study: bool = False  # the cell ran on other data than the study's: its numbers are left out
 
 
 @dataclass
@@ -188,9 +192,16 @@ def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
         for cell in sorted(group, key=lambda c: _extra_label(c, extra_keys, extra_overrides)):
             table.rows.append(Row(ref.label, cell, ref, _extra_label(cell, extra_keys, extra_overrides), ref.vs))
     _compare_rows(st, table)
+    for row in table.rows:
+        if row.cell is not None and not on_study_data(row.cell):
+            row.ref, row.study_diff, row.no_study = replace(row.ref, ref={}), None, True
     table.notes.extend(_notes(st, covered))
     table.notes.extend(_contrasts(st, table))
     return table
+
+
+def on_study_data(cell: Cell) -> bool:
+    return str(cell.choices.get("data", STUDY_DATA)) == STUDY_DATA
 
 
 def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
@@ -246,7 +257,8 @@ def _notes(st: StudyTable, covered: Sequence[Cell]) -> list[str]:
     notes = []
     data = {str(c.choices.get("data")) for c in covered if c.choices.get("data") is not None}
     if data - {"cifar10"}:
-        notes.append(f"These runs used data={', '.join(sorted(data))}; the study's numbers are CIFAR-10.")
+        notes.append(f"These runs used data={', '.join(sorted(data))}; the study reports CIFAR-10 only, so "
+                     f"their rows show {NO_STUDY_NUMBER}.")
     variants = sorted({str(c.choices.get("model")) for c in covered} & set(MODEL_VARIANTS))
     if variants:
         notes.append(f"These runs used model={', '.join(variants)}, a smaller variant; the study's numbers "
@@ -394,7 +406,7 @@ def display(table: Table) -> tuple[list[str], list[list[str]]]:
             ref = row.ref.ref.get(col.metric) if row.ref else None
             if col.metric == table.primary and table.kind == "study":
                 line.append(text)
-                line.append(_fmt_ref(ref, col) if ref is not None else "")
+                line.append(_fmt_ref(ref, col) if ref is not None else NO_STUDY_NUMBER if row.no_study else "")
                 if ref is not None and st.mean is not None:
                     line.append(f"{st.mean * col.scale - ref:+.2f}")
                 else:
@@ -467,14 +479,15 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
     for m in table.mechanism:
         ref = m["study"]
         lr = m.get("loss_range")
+        none = NO_STUDY_NUMBER if m.get("no_study") else ""
         rows.append([
             m["norm"], str(m["runs"]),
             f"[{lr[0]:.2f}, {lr[1]:.2f}]" if lr else f"no {STEPS}",
-            f"[{ref['loss_range'][0]:g}, {ref['loss_range'][1]:g}]" if "loss_range" in ref else "",
+            f"[{ref['loss_range'][0]:g}, {ref['loss_range'][1]:g}]" if "loss_range" in ref else none,
             f"{m['grad_cos']:.2f}" if "grad_cos" in m else "no probes",
-            f"{ref['grad_cos']:g}" if "grad_cos" in ref else "",
+            f"{ref['grad_cos']:g}" if "grad_cos" in ref else none,
             f"{m['beta_mean']:.3g} / {m['beta_max']:.3g}" if "beta_mean" in m else "no probes",
-            f"{ref['lipschitz']:g}" if "lipschitz" in ref else "",
+            f"{ref['lipschitz']:g}" if "lipschitz" in ref else none,
         ])
     return header, rows
 
