@@ -77,6 +77,8 @@ def test_mnist_in_torchvisions_layout_padded_and_gray_or_three_channels(tmp_path
         mnist(root=str(tmp_path), download=False, channels=2)
     with pytest.raises(ConfigError, match=r"data.fit='pad'.*use data.fit=resize"):
         load_data(cfg, "cpu", input_size=27)
+    with pytest.raises(ConfigError, match=r"at most twice the size"):
+        load_data(cfg, "cpu", input_size=224)
     with pytest.raises(ConfigError, match=r"data.train_size=41"):
         load_data(data_cfg("mnist", root=str(tmp_path), download=False, val_size=10, train_size=41), "cpu")
     subset = load_data(data_cfg("mnist", root=str(tmp_path), download=False, val_size=10, train_size=15), "cpu")

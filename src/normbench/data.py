@@ -129,10 +129,11 @@ def _padding(data_cfg, image_size: int, input_size: int | None) -> int:
         raise ConfigError("data.fit", fit, "use resize (bilinear, to the model's input_size) or pad (zero padding)")
     if fit != "pad" or input_size is None or input_size == image_size:
         return 0
-    if input_size < image_size or (input_size - image_size) % 2:
+    if input_size < image_size or (input_size - image_size) % 2 or input_size > 2 * image_size:
+        # beyond twice the size the images would be a small patch of a mostly black input (AlexNet's 224)
         raise ConfigError("data.fit", fit, f"cannot pad {image_size}x{image_size} images to the model's "
-                                           f"input_size {input_size} (it must be larger by an even number); "
-                                           "use data.fit=resize")
+                                           f"input_size {input_size} (it must be larger by an even number, "
+                                           "at most twice the size); use data.fit=resize")
     return (input_size - image_size) // 2
 
 
