@@ -75,7 +75,7 @@ def test_report_over_fashion_mnist_preset_sweeps(tmp_path):
     root = tmp_path / "data"
     write_fake_mnist(root / "FashionMNIST" / "raw", n_train=400, n_test=100)
     common = [f"data.root={root}", "data.download=false", "logger=none", "+debug=quick"]
-    run_train(["-m", "+experiment=fmnist_bn_baseline", "seed=0,1", *common], cwd=tmp_path)
+    run_train(["-m", "+experiment=fmnist_bn_baseline", *common], cwd=tmp_path)
     run_train(["-m", "+experiment=fmnist_lr_robustness", "optimizer.lr=5e-3", "probe.landscape.interval=2",
                "probe.grad_similarity.interval=1", *common], cwd=tmp_path)
     out = tmp_path / "report"
