@@ -61,8 +61,12 @@ def fake_cifar(tmp_path, monkeypatch):
         monkeypatch.setattr(cls, "train_list", [[f, md5s[f]] for f, _ in cls.train_list])
         monkeypatch.setattr(cls, "test_list", [[f, md5s[f]] for f, _ in cls.test_list])
         monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5s[cls.meta["filename"]]})
-    # the other data options' files in the same root: MNIST / Fashion-MNIST idx files, SVHN .mat files,
-    # an image folder of 10 classes
+    return root
+
+
+def write_other_datasets(root: Path, monkeypatch) -> None:
+    """The other data options' files in the same root: MNIST / Fashion-MNIST idx files, SVHN .mat files,
+    an image folder of 10 classes."""
     for folder in ("MNIST", "FashionMNIST"):
         write_fake_mnist(root / folder / "raw", n_train=300, n_test=60)
     for split, (md5, _, _) in write_fake_svhn(root, n=300).items():
@@ -71,13 +75,14 @@ def fake_cifar(tmp_path, monkeypatch):
     for split, n in (("train", 200), ("test", 50)):
         write_image_folder(root, split, np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3)),
                            np.arange(n) % 10, [f"class_{i}" for i in range(10)])
-    return root
 
 
 @pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
-def test_option_composes_and_trains(group, option, tmp_path, fake_cifar, wandb_env):
+def test_option_composes_and_trains(group, option, tmp_path, fake_cifar, wandb_env, monkeypatch):
     overrides = tiny_overrides(group, option)
     if group == "data" and option != "synthetic":
+        if not option.startswith("cifar"):
+            write_other_datasets(fake_cifar, monkeypatch)
         overrides += [f"data.root={fake_cifar}", "data.val_size=60"]
         overrides += ["data.download=false"] if option != "imagefolder" else []  # nothing to download
     cfg = compose_cfg(overrides)
