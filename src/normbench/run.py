@@ -88,7 +88,7 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
     `on_data` is called once the data is on the device, before anything else is built."""
     device, allowed = spec.device, spec.allowed_targets
     seed_everything(spec.seed)
-    data = load_data(cfg.data, device, allowed)
+    data = load_data(cfg.data, device, allowed, input_size=spec.input_size)
     if on_data is not None:
         on_data(data)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,

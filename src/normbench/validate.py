@@ -90,9 +90,9 @@ def _data_shape(data) -> DataShape:
                  "must state what the dataset returns: an integer (classes >= 2, channels and size >= 1)")
     for key in ("mean", "std"):
         value = data.get(key)
-        ok = value is None or (len(value) == data.channels and all(_is_number(v) for v in value))
-        _require(ok, f"data.{key}", value, f"must be null (computed from the training split) or "
-                                           f"{data.channels} numbers, one per channel")
+        ok = value is None or (len(value) in (1, data.channels) and all(_is_number(v) for v in value))
+        _require(ok, f"data.{key}", value, f"must be null (computed from the training split), one number "
+                                           f"(for every channel) or {data.channels} numbers, one per channel")
     std = data.get("std")
     _require(std is None or all(v > 0 for v in std), "data.std", std, "must be > 0")
     val_size, split_seed = data.get("val_size"), data.get("split_seed")

@@ -272,7 +272,8 @@ def mechanism(table: Table, warnings: list[str]) -> list[tuple[plots.Band, Any]]
     bands = []
     for norm in sorted(by_norm, key=lambda n: list(NORM_LABEL).index(n) if n in NORM_LABEL else 99):
         label = NORM_LABEL.get(norm, norm)
-        ref = table.study.mechanism.get(norm, {})
+        no_study = any(r.no_study for r in table.rows if r.cell is not None and r.cell.choices.get("norm") == norm)
+        ref = {} if no_study else table.study.mechanism.get(norm, {})
         per_lr = by_norm[norm]
         lr_entries = []
         for lr in sorted(per_lr, key=lambda v: (v is None, v or 0.0)):
@@ -285,7 +286,7 @@ def mechanism(table: Table, warnings: list[str]) -> list[tuple[plots.Band, Any]]
             entry["test_acc"] = _mean_acc(runs)
             lr_entries.append(entry)
         runs = [r for cells in per_lr.values() for c in cells for r in c.runs + c.diverged][:MAX_BAND_RUNS]
-        pooled: dict[str, Any] = {"norm": label, "lr": None, "runs": len(runs), "study": ref}
+        pooled: dict[str, Any] = {"norm": label, "lr": None, "runs": len(runs), "study": ref, "no_study": no_study}
         ranges = [e["loss_range"] for e in lr_entries if "loss_range" in e]
         if ranges:
             pooled["loss_range"] = (min(r[0] for r in ranges), max(r[1] for r in ranges))

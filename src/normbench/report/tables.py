@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from normbench.record import STEPS, Status
@@ -58,6 +58,9 @@ COLUMNS = (
     Column("time/total_s", "time s", 1.0, 1),
 )
 PERCENT = {"test/err", "test/acc", "val/best_acc"}
+# Both studies report CIFAR-10 only: a row run on other data has no study number to compare with.
+STUDY_DATA = "cifar10"
+NO_STUDY_NUMBER = "no study number for this dataset"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,6 +75,7 @@ class Row:
     vs: str | None = None
     comparison: Comparison | None = None
     study_diff: float | None = None  # study: ref(row) - ref(vs), in the primary metric's percent
+    no_study: bool = False  # the cell ran on other data than the study's: its numbers are left out
 
 
 @dataclass
@@ -324,6 +328,9 @@ def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
             table.rows.append(Row(ref.label, cell, ref, _extra_label(cell, extra_keys, extra_overrides), ref.vs))
     _compare_rows(st, table)
     _compare_pairs(st, table)
+    for row in table.rows:
+        if row.cell is not None and not on_study_data(row.cell):
+            row.ref, row.study_diff, row.no_study = replace(row.ref, ref={}), None, True
     table.notes.extend(_notes(st, covered))
     shared = constant_overrides(covered)
     if shared:
@@ -359,6 +366,10 @@ def _row_of(st: StudyTable, cell: Cell) -> RefRow | None:
     if not matches(cell, st.context):
         return None
     return next((ref for ref in st.rows if matches(cell, ref.settings)), None)
+
+
+def on_study_data(cell: Cell) -> bool:
+    return str(cell.choices.get("data", STUDY_DATA)) == STUDY_DATA
 
 
 def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
@@ -414,7 +425,8 @@ def _notes(st: StudyTable, covered: Sequence[Cell]) -> list[str]:
     notes = []
     data = {str(c.choices.get("data")) for c in covered if c.choices.get("data") is not None}
     if data - {"cifar10"}:
-        notes.append(f"These runs used data={', '.join(sorted(data))}; the study's numbers are CIFAR-10.")
+        notes.append(f"These runs used data={', '.join(sorted(data))}; the study reports CIFAR-10 only, so "
+                     f"their rows show {NO_STUDY_NUMBER}.")
     variants = sorted({str(c.choices.get("model")) for c in covered} & set(MODEL_VARIANTS))
     if variants:
         notes.append(f"These runs used model={', '.join(variants)}, a smaller variant; the study's numbers "
@@ -589,7 +601,7 @@ def display(table: Table) -> tuple[list[str], list[list[str]]]:
             ref = row.ref.ref.get(col.metric) if row.ref else None
             if col.metric == table.primary and table.kind == "study":
                 line.append(text)
-                line.append(_fmt_ref(ref, col) if ref is not None else "")
+                line.append(_fmt_ref(ref, col) if ref is not None else NO_STUDY_NUMBER if row.no_study else "")
                 if ref is not None and st.mean is not None:
                     line.append(f"{st.mean * col.scale - ref:+.2f}")
                 else:
@@ -690,11 +702,12 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
         loss = f"[{lr[0]:.2f}, {lr[1]:.2f}]" if lr else f"no {STEPS}"
         if m.get("lr") is None and "study" in m:  # the norm over all its lrs
             ref = m["study"]
+            none = NO_STUDY_NUMBER if m.get("no_study") else ""
             rows.append([
                 m["norm"], f"all {len(m.get('lrs', []))}", str(m["runs"]), "", loss,
-                f"[{ref['loss_range'][0]:g}, {ref['loss_range'][1]:g}]" if "loss_range" in ref else "",
-                "per lr", f"{ref['grad_cos']:g}" if "grad_cos" in ref else "", "per lr", "per lr", "per lr",
-                f"{ref['lipschitz']:g}" if "lipschitz" in ref else "", "per lr",
+                f"[{ref['loss_range'][0]:g}, {ref['loss_range'][1]:g}]" if "loss_range" in ref else none,
+                "per lr", f"{ref['grad_cos']:g}" if "grad_cos" in ref else none, "per lr", "per lr", "per lr",
+                f"{ref['lipschitz']:g}" if "lipschitz" in ref else none, "per lr",
                 _effective_text(m.get("effective_lrs", []), m.get("lrs", [])),
             ])
             continue
