@@ -61,3 +61,14 @@ def wandb_inspect(run_dir: Path) -> dict:
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `cuda` every test that skips without a CUDA device (a skipif reason "needs ... CUDA ..."), so
+    `pytest -m cuda` (bench/gpu_check.py) runs exactly the tests the CPU suite cannot."""
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            reason = str(mark.kwargs.get("reason", "")).lower()
+            if "needs" in reason and "cuda" in reason:
+                item.add_marker(pytest.mark.cuda)
+                break

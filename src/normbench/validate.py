@@ -24,7 +24,7 @@ from normbench.device import resolve_channels_last, resolve_device, resolve_prec
 from normbench.errors import ConfigError
 from normbench.faults import FaultSpec, fault_spec
 from normbench.losses import Criterion, build_criterion
-from normbench.models import build_model
+from normbench.models import build_model, model_name
 from normbench.norms import NormSpec
 from normbench.optim import SCHEDULERS
 from normbench.probes import Probe, build_probes
@@ -129,7 +129,7 @@ def _trainer(cfg, device: torch.device, norm: NormSpec) -> tuple[LoopSettings, b
     for key in ("log_every_steps", "eval_batch_size"):
         _require(_is_int(t[key]) and t[key] >= 1, f"trainer.{key}", t[key], "must be an integer >= 1")
     _require(_is_int(t.threads) and t.threads >= 0, "trainer.threads", t.threads, "must be an integer >= 0")
-    channels_last = resolve_channels_last(t.channels_last, device, norm.name)
+    channels_last = resolve_channels_last(t.channels_last, device, norm.name, model_name(cfg.model))
     settings = LoopSettings(
         epochs=t.epochs, max_steps_per_epoch=t.max_steps_per_epoch, max_eval_batches=t.max_eval_batches,
         eval_batch_size=t.eval_batch_size, log_every_steps=t.log_every_steps,
