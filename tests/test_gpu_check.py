@@ -43,9 +43,10 @@ def test_cpu_dry_run_goes_through_every_check(tmp_path):
     assert {(r["model"], r["precision"]) for r in results["epochs"]["rows"]} == {
         (m, p) for m in ("vgg_a", "alexnet") for p in ("bf16", "fp32")}
     assert all(r["train_img_s"] > 0 and r["flops_per_image"] > 0 for r in results["epochs"]["rows"])
-    assert len(results["layouts"]["rows"]) == 10
+    assert {(r["model"], r["norm"]) for r in results["layouts"]["rows"]} == {
+        (m, n) for m in ("vgg_a", "alexnet") for n in ("bn", "gn")}              # the tiny settings' subset
     assert results["compile"]["reused"] is True and results["compile"]["runs"][0]["new_graphs"] >= 1
-    assert [level["concurrent"] for level in results["concurrency"]["levels"]] == [1, 2, 4]
+    assert [level["concurrent"] for level in results["concurrency"]["levels"]] == [1, 2]
     assert set(results["probes"]["relative_difference"]) >= {"probe/beta", "probe/grad_pred"}
     assert "gpu_check on cpu" in proc.stdout and "probes under bf16 = fp32" in proc.stdout
 

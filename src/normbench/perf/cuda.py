@@ -56,7 +56,7 @@ def train_step_flops(model, x, y, amp, device) -> int:
 def _epoch(s: PerfSettings, paths: PerfPaths, device: torch.device, amp, peak, batch: int) -> dict:
     """(a) One CIFAR-sized epoch (45k train images) + validation of vgg_a at `batch`, and its TFLOP/s."""
     run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides("vgg_a", 1.0), f"batch_size={batch}",
-                                                       "trainer.max_eval_batches=null"],
+                                                       "trainer.epochs=1", "trainer.max_eval_batches=null"],
                           num_train=int(s.cuda_epoch_images * 0.9), val=int(s.cuda_epoch_images * 0.1))
     x, y = next(iter(run.stream))
     flops_per_step = train_step_flops(run.model, x, y, amp, device)
@@ -86,7 +86,8 @@ def _concurrency_level(job: list[str], k: int, workdir: Path) -> dict:
             "train_img_s_total": sum(img_s), "train_img_s_per_job": img_s}
 
 
-def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Path) -> dict:
+def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Path,
+                 levels_run=CONCURRENCY_LEVELS) -> dict:
     """(b) runs/hour with 1, 2, 4 concurrent bench/train.py jobs on this GPU (batch 8, full-width vgg_a),
     plus their summed steady-state training images/s, which is what decides runs/hour for long runs."""
     steps = s.cuda_concurrency_steps
@@ -94,7 +95,7 @@ def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Pa
            "data.val_size=1000", "model=vgg_a", "batch_size=8", "trainer.epochs=1",
            f"trainer.max_steps_per_epoch={steps}", "trainer.max_eval_batches=1", "logger=none",
            f"trainer.device={device}", "trainer.checkpoint=false"]
-    levels = [_concurrency_level(job, k, workdir) for k in CONCURRENCY_LEVELS]
+    levels = [_concurrency_level(job, k, workdir) for k in levels_run]
     for level in levels:
         level["speedup"] = level["runs_per_hour"] / levels[0]["runs_per_hour"]
         level["train_speedup"] = level["train_img_s_total"] / levels[0]["train_img_s_total"]

@@ -50,12 +50,15 @@ class GpuCheckSettings:
     probe_lr: float = 1e-4
     probe_rtol: float = 0.05         # |β_bf16 / β_fp32 - 1|
     run_tests: bool = True
+    norms: tuple[str, ...] = NORMS
+    concurrency_levels: tuple[int, ...] = (1, 2, 4)
 
     @classmethod
     def tiny(cls) -> GpuCheckSettings:
         """Sizes for a CPU dry run of the script (every code path, minutes -> seconds)."""
         return cls(budget_s=600.0, epoch_images=320, width=0.125, batch=32, layout_steps=2, layout_rounds=1,
-                   compile_steps=2, compile_backend="eager", concurrency_steps=20, probe_rtol=0.05, run_tests=False)
+                   compile_steps=2, compile_backend="eager", concurrency_steps=20, probe_rtol=0.05, run_tests=False,
+                   norms=("bn", "gn"), concurrency_levels=(1, 2))
 
 
 def _perf_settings(g: GpuCheckSettings, precision: str, channels_last="auto", compile_=False) -> PerfSettings:
@@ -112,7 +115,8 @@ def _epoch(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, model: s
     s = _perf_settings(g, precision)
     _reset_peak(device)
     run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model, g.width, "bn"),
-                                                      f"batch_size={g.batch}", "trainer.max_eval_batches=null"],
+                                                      f"batch_size={g.batch}", "trainer.epochs=1",
+                                                      "trainer.max_eval_batches=null"],
                           num_train=int(g.epoch_images * 0.9), val=int(g.epoch_images * 0.1))
     amp = run.trainer.settings.amp_dtype
     x, y = next(iter(run.stream))
@@ -157,7 +161,7 @@ def check_layouts(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, w
     """channels_last against NCHW images/s (bf16, batch `g.batch`) per model and norm, and what auto picks."""
     rows = []
     for model in MODELS:
-        for norm in NORMS:
+        for norm in g.norms:
             rows.append(_layout_rates(g, paths, device, model, norm))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -194,7 +198,7 @@ def check_concurrency(g: GpuCheckSettings, paths: PerfPaths, device: torch.devic
     """runs/hour at batch 8 with 1, 2 and 4 concurrent bench/train.py jobs on this device."""
     if paths.train_script is None:
         return {"skipped": "no training script given"}
-    return _concurrency(_perf_settings(g, "auto"), Path(paths.train_script), device, work)
+    return _concurrency(_perf_settings(g, "auto"), Path(paths.train_script), device, work, g.concurrency_levels)
 
 
 def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
@@ -256,8 +260,8 @@ def run_checks(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work
 def verdicts(results: dict) -> dict[str, str]:
     """PASS / FAIL / skipped per claim, from the results."""
     def get(name):
-        r = results.get(name, {})
-        return None if "skipped" in r or "error" in r else r
+        r = results.get(name) or {}
+        return None if not r or "skipped" in r or "error" in r else r
 
     out = {}
     t = get("cuda_tests")
