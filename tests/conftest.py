@@ -76,3 +76,14 @@ def slurm_cluster():
             yield cluster
     except Unavailable as reason:
         pytest.skip(str(reason))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `cuda` every test that skips without a CUDA device (a skipif reason "needs ... CUDA ..."), so
+    `pytest -m cuda` (bench/gpu_check.py) runs exactly the tests the CPU suite cannot."""
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            reason = str(mark.kwargs.get("reason", "")).lower()
+            if "needs" in reason and "cuda" in reason:
+                item.add_marker(pytest.mark.cuda)
+                break

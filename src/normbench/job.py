@@ -106,15 +106,16 @@ def job_info(cfg: DictConfig, output_dir: str | Path | None = None) -> JobInfo:
 
 
 def print_config_tree(cfg: DictConfig) -> None:
+    # Plain text leaves: rich.syntax's YAML highlighting imports pygments, a tenth of a second of start-up.
     from rich import print as rich_print
-    from rich.syntax import Syntax
+    from rich.text import Text
     from rich.tree import Tree
 
     tree = Tree("config", guide_style="dim")
     for key, value in cfg.items():
         branch = tree.add(str(key), style="bold")
         text = OmegaConf.to_yaml(value, resolve=True) if OmegaConf.is_config(value) else str(value)
-        branch.add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
+        branch.add(Text(text.rstrip()))
     rich_print(tree)
 
 

@@ -45,6 +45,11 @@ def build_model(model_cfg, *, num_classes: int, in_channels: int, image_size: in
                        dropout=model_cfg.get("dropout", 0.0), _execution_whitelist_=list(allowed_targets))
 
 
+def model_name(model_cfg) -> str:
+    """The model's name for per-model policies: its `_target_`'s last component (vgg_a_light is vgg_a)."""
+    return str(model_cfg.get("_target_", "")).rsplit(".", 1)[-1]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

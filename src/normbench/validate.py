@@ -24,7 +24,7 @@ from normbench.device import resolve_channels_last, resolve_device, resolve_prec
 from normbench.errors import ConfigError
 from normbench.faults import FaultSpec, fault_spec
 from normbench.losses import Criterion, build_criterion
-from normbench.models import build_model
+from normbench.models import build_model, model_name
 from normbench.norms import NormSpec
 from normbench.optim import SCHEDULERS
 from normbench.probes import Probe, build_probes
@@ -132,7 +132,7 @@ def _trainer(cfg, device: torch.device, norm: NormSpec) -> tuple[LoopSettings, b
     _require(_is_int(t.threads) and t.threads >= 0, "trainer.threads", t.threads, "must be an integer >= 0")
     _require(isinstance(t.get("drop_last", True), bool), "trainer.drop_last", t.get("drop_last"),
              "must be true (drop the last partial batch) or false (keep it, as study 002 did)")
-    channels_last = resolve_channels_last(t.channels_last, device, norm.name)
+    channels_last = resolve_channels_last(t.channels_last, device, norm.name, model_name(cfg.model))
     settings = LoopSettings(
         epochs=t.epochs, max_steps_per_epoch=t.max_steps_per_epoch, max_eval_batches=t.max_eval_batches,
         eval_batch_size=t.eval_batch_size, log_every_steps=t.log_every_steps,
