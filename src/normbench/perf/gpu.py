@@ -202,25 +202,18 @@ def check_concurrency(g: GpuCheckSettings, paths: PerfPaths, device: torch.devic
 
 
 def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
-    """The landscape probe (β, gradient predictiveness, loss range) at lr `g.probe_lr` under bf16 autocast
-    against fp32, same model, weights and batch: probes must measure in fp32 whatever the training precision."""
-    from normbench.probes import LandscapeProbe
+    """The landscape probe (β, gradient predictiveness, loss range) at lr `g.probe_lr` as the trainer runs
+    it after a bf16 autocast step against after an fp32 step, same model, weights and batch: probes must
+    measure in fp32 whatever the training precision."""
+    from normbench.probes import LandscapeProbe, probe_batch
 
     run = parts.run_parts(_perf_settings(g, "fp32"), paths.conf_dir, device,
                           [*parts.model_overrides("vgg_a", g.width, "bn"), f"batch_size={g.batch}"],
                           num_train=g.batch * 4)
     x, y = next(iter(run.stream))
-    model = run.model
-    loss_fn = torch.nn.functional.cross_entropy
-    model.zero_grad(set_to_none=True)
-    loss_fn(model(x), y).backward()
-    values = {}
-    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        def closure():
-            return loss_fn(model(x), y)
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
-        with ctx:
-            values[precision] = LandscapeProbe(interval=1).on_step(1, model, closure, g.probe_lr)
+    criterion = run.trainer.criterion
+    values = {precision: probe_batch([LandscapeProbe(interval=1)], 1, run.model, criterion, x, y, g.probe_lr, dtype)
+              for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
     rel = {k: abs(values["bf16"][k] / values["fp32"][k] - 1) for k in values["fp32"]
            if values["fp32"][k] and math.isfinite(values["fp32"][k])}
     return {"lr": g.probe_lr, "fp32": values["fp32"], "bf16": values["bf16"], "relative_difference": rel,
