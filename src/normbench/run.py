@@ -141,17 +141,18 @@ class RunMemory:
     * CPU (Linux): the resident-set high-water mark (VmHWM) since writing "5" to /proc/self/clear_refs,
       minus the resident set then, minus the file-backed pages (library code) paged in meanwhile. Before
       the reset, freed heap is given back to the system (``malloc_trim``: memory a previous job freed but
-      the C allocator kept would otherwise lower this run's baseline) and the modules every run imports
-      on its way (torch._dynamo, ~90 MB, and torchvision.utils) are imported, so the first job of a
-      process does not carry the process's one-time costs. Without clear_refs (not Linux) the peak is
+      the C allocator kept would otherwise lower this run's baseline) and torch._dynamo (~90 MB, which
+      torch.optim imports on first use) is imported, so the first job of a process does not carry the
+      process's one-time costs (in a sweep job also torchvision.utils, for the filter image; a single run
+      imports it after its peak is read, off the start-up path). Without clear_refs (not Linux) the peak is
       null rather than a number that depends on job order.
     * MPS: the driver's allocation at the end minus that at the reset (MPS has no peak counter).
 
     ``memory/data_mb`` is the size of the three data splits on the device, reported separately.
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, in_sweep: bool = False):
+        self.device, self.in_sweep = device, in_sweep
         self.baseline: float | None = None
         self.file_baseline: float | None = None
         self.data_mb: float | None = None
@@ -168,7 +169,7 @@ class RunMemory:
         elif self.device.type == "mps":
             self.baseline = torch.mps.driver_allocated_memory() / 2**20
         else:
-            _import_what_every_run_imports()
+            _import_what_every_run_imports(self.in_sweep)
             gc.collect()
             _malloc_trim()
             self.baseline = _reset_rss_peak()
@@ -190,8 +191,12 @@ class RunMemory:
         return max(peak - self.baseline - paged_in, 0.0)
 
 
-def _import_what_every_run_imports() -> None:
-    for module in ("torch._dynamo", "torchvision.utils"):  # by the optimizers; by the filter image
+def _import_what_every_run_imports(later_jobs: bool) -> None:
+    # torch.optim imports torch._dynamo on first use, right after this. torchvision (the filter image, drawn
+    # after the peak is read) is imported here only for a sweep job, whose later jobs in this process
+    # would otherwise measure from a different baseline; a single run keeps it off its start-up path.
+    modules = ("torch._dynamo", "torchvision.utils") if later_jobs else ("torch._dynamo",)
+    for module in modules:
         try:
             importlib.import_module(module)
         except ImportError:
@@ -262,7 +267,7 @@ class Run:
         self.record: RecordSink | None = None
         self.wandb: WandbSink | None = None
         self.history: list[dict] = []
-        self.memory = RunMemory(spec.device)
+        self.memory = RunMemory(spec.device, in_sweep=info.job_num is not None)
 
     def execute(self) -> float:
         self._claim_device()

@@ -53,13 +53,16 @@ BREAKDOWN = ("import sys, time, json, runpy\n"
              "import torch; mark('import torch')\n"
              "import hydra, omegaconf; mark('import hydra, omegaconf')\n"
              "import normbench.job, normbench.run; mark('import normbench')\n"
-             "run_job, build_optimizer = normbench.job.run_job, normbench.run.build_optimizer\n"
-             "def traced_run_job(*a, **k):\n"
-             "    mark('Hydra composed the config, run_job entered'); return run_job(*a, **k)\n"
-             "def traced_build_optimizer(*a, **k):\n"
-             "    mark('validated; data and model built'); opt = build_optimizer(*a, **k)\n"
-             "    mark('optimizer built (torch.optim imports torch._dynamo)'); return opt\n"
-             "normbench.job.run_job, normbench.run.build_optimizer = traced_run_job, traced_build_optimizer\n"
+             "def traced(module, name, before, after):\n"
+             "    fn = getattr(module, name)\n"
+             "    def wrapper(*a, **k):\n"
+             "        if before: mark(before)\n"
+             "        result = fn(*a, **k); mark(after); return result\n"
+             "    setattr(module, name, wrapper)\n"
+             "traced(normbench.job, 'run_job', 'Hydra composed the config, run_job entered', 'run ended')\n"
+             "traced(normbench.run, 'load_data', 'config printed, validated', 'data on the device')\n"
+             "traced(normbench.run, 'build_model', 'memory baseline (imports torch._dynamo)', 'model built')\n"
+             "traced(normbench.run, 'build_optimizer', None, 'optimizer, scheduler built')\n"
              "sys.argv = sys.argv[3:]\n"
              "try:\n"
              "    runpy.run_path(train, run_name='__main__')\n"
@@ -132,6 +135,7 @@ def startup_breakdown(train: Path, device_arg: list[str], workdir: Path) -> list
     run_process([sys.executable, "-c", BREAKDOWN, str(start), str(marks_file), str(train), *TINY, *device_arg,
                  f"hydra.run.dir={run_dir}"], workdir)
     marks = [*json.loads(marks_file.read_text()), ("first training step done", first_step_time(run_dir) - start)]
+    marks = sorted((m for m in marks if m[0] != "run ended"), key=lambda m: m[1])
     rows, previous = [], 0.0
     for name, at in marks:
         rows.append({"phase": name, "at_s": at, "phase_s": at - previous})
