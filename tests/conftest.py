@@ -42,6 +42,15 @@ def wandb_env(tmp_path, monkeypatch) -> dict:
     return env
 
 
+@pytest.fixture(autouse=True)
+def no_shared_wandb_service():
+    """An in-process wandb.init (test_tracking) sets WANDB_SERVICE in this process's environment, and
+    every child process would then join that one wandb-core service: a SIGKILLed run's stream would stay
+    open there and its re-run's same W&B id would be "in use". Each test starts without it (not restored
+    afterwards, on purpose)."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def run_train(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600,
               check: bool = True) -> subprocess.CompletedProcess:
     """`python bench/train.py ARGS` in a fresh process, run from `cwd` (where outputs land)."""

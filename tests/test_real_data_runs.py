@@ -92,12 +92,12 @@ def test_report_over_fashion_mnist_preset_sweeps(tmp_path):
 
     base = section("vgg_bn_baseline")
     rows = [line for line in base.splitlines() if line.startswith(("| plain |", "| BN |"))]
-    assert {r.split(" | ")[2] for r in rows} == {"fmnist_bn_baseline", "fmnist_lr_robustness"}
+    assert len(rows) == 2  # the preset runs the study's section-2 settings (lr 0.001): its rows
     assert all("| no study number for this dataset |" in r for r in rows)
-    assert "26.58" not in base and "12.35" not in base  # the study's CIFAR-10 errors
+    assert not any("26.58" in r or "12.35" in r for r in rows)  # the study's CIFAR-10 errors
     assert "data=fashion_mnist; the study reports CIFAR-10 only" in base
     lr = section("vgg_lr_robustness")
-    mechanism = [line for line in lr.splitlines() if line.startswith(("| plain | 1 |", "| BN | 1 |"))]
+    mechanism = [line for line in lr.splitlines() if line.startswith(("| plain | all ", "| BN | all "))]  # per norm
     assert len(mechanism) == 2 and all(r.count("no study number for this dataset") == 3 for r in mechanism)
     assert "15.7" not in lr  # the study's Lipschitz estimate
     figures = {p.name for p in (out / "fig").glob("*.png")}

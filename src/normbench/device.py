@@ -36,7 +36,7 @@ CHANNELS_LAST_NORMS = ("none", "bn")
 # (model, norm) pairs that train faster in channels_last on the CPU (oneDNN's NHWC convolutions), measured
 # per model and norm by bench/perf.py's section "cpu_layout" (docs/PERFORMANCE.md has the figures).
 # A model is named by its `_target_` function (normbench.models.model_name).
-CPU_CHANNELS_LAST = frozenset({("vgg_a", "none"), ("vgg_a", "bn")})
+CPU_CHANNELS_LAST = frozenset({("vgg_a", "none"), ("vgg_a", "bn"), ("alexnet_cifar", "none"), ("alexnet_cifar", "bn")})
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 RECOMPILE_LIMIT = 64
 

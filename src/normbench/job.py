@@ -13,6 +13,7 @@ identity's record or checkpoint is never written to. SIGTERM and Ctrl-C record t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -39,7 +40,15 @@ from normbench.interrupts import (
     signals_held,
     watch_parent,
 )
-from normbench.record import CHECKPOINT, SUMMARY, Status, read_summary, remove_temp_files, write_rejected
+from normbench.record import (
+    CHECKPOINT,
+    SUMMARY,
+    Status,
+    read_summary,
+    remove_temp_files,
+    write_rejected,
+    write_skipped_pointer,
+)
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
 from normbench.sweep.identity import run_identity, run_name, seedless_identity, swept_keys_from_env
 from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses, warn
@@ -257,6 +266,9 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]
             print(f"normbench: skipped {identity}: already {done['status']} in {run_dir} "
                   f"(objective {objective:.4f})", flush=True)
             journal(info, identity, SKIPPED, objective, run_dir)
+            if Path(run_dir).resolve() != Path(info.output_dir).resolve():
+                with contextlib.suppress(OSError):  # a pointer only: a full disk must not fail the skip
+                    write_skipped_pointer(info.output_dir, identity=identity, record=run_dir, status=done["status"])
             return job_return(objectives, read_summary(run_dir) or {}, objective)
         info.output_dir = choose_run_dir(state, identity, info.output_dir)
         remove_temp_files(info.output_dir)

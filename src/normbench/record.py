@@ -44,6 +44,9 @@ FILTERS = "filters.png"
 # A sweep job that failed before its run started (a failed config check) leaves this instead of a
 # summary.json: {"status": "failed", "error", "error_type", "overrides", "at"}; the report lists it as skipped.
 REJECTED = "rejected.json"
+# A sweep job skipped because its run is already done in another dir leaves this pointer in its own dir:
+# {"identity", "record": that dir, "status", "at"} (a sweeper reads the run's summary from there).
+SKIPPED_POINTER = "skipped.json"
 CHECKPOINT = "checkpoint.pt"
 JSONL = (METRICS, STEPS, PROBES)
 RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS, REJECTED})
@@ -167,6 +170,20 @@ def remove_temp_files(run_dir: Path) -> list[str]:
 def write_rejected(run_dir: Path, *, error: str, error_type: str, overrides: list[str]) -> None:
     atomic_write_json(Path(run_dir) / REJECTED, {"status": "failed", "error": error, "error_type": error_type,
                                                  "overrides": list(overrides), "at": now_iso()})
+
+
+def write_skipped_pointer(job_dir: Path, *, identity: str, record: Path, status: str) -> None:
+    atomic_write_json(Path(job_dir) / SKIPPED_POINTER, {"identity": identity, "record": str(record),
+                                                       "status": status, "at": now_iso()})
+
+
+def record_dir(job_dir: Path) -> Path:
+    """Where the record of the run a job dir stands for is: the job dir itself, or the dir its skipped.json
+    points at."""
+    try:
+        return Path(json.loads((Path(job_dir) / SKIPPED_POINTER).read_text())["record"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(job_dir)
 
 
 def read_summary(run_dir: Path) -> dict | None:

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
 from normbench.errors import ConfigError, StorageError
-from normbench.record import Status, read_summary
+from normbench.record import Status, read_summary, record_dir
 from normbench.sweep.objectives import OBJECTIVES
 from normbench.sweep.optuna_support import (
     ENV_STORAGE,
@@ -540,8 +540,10 @@ def _stop_on_sweep_config_error(ret: JobReturn) -> None:
 
 
 def _run_dir(ret: JobReturn) -> str | None:
+    """The dir of the trial's run record: the job's output dir, or where its skipped.json points (a run
+    already done in another dir, e.g. an earlier trial with the same settings)."""
     try:
-        return str(ret.hydra_cfg.hydra.runtime.output_dir)
+        return str(record_dir(Path(ret.hydra_cfg.hydra.runtime.output_dir)))
     except Exception:  # noqa: BLE001
         return None
 
