@@ -163,7 +163,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float:
 
 
 def _run_job(cfg: DictConfig, info: JobInfo) -> float:
-    spec = validate(cfg, device=info.device)
+    spec = validate(cfg, device=info.device, overrides=info.overrides)
     if info.output_dir is None:
         raise NormbenchError(NO_OUTPUT_DIR)
     identity = run_identity(cfg)
