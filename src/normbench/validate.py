@@ -263,7 +263,7 @@ def _added_keys(cfg, overrides: Iterable[str]) -> None:
 
     parser = OverridesParser.create()
     for text in overrides:
-        if not text.startswith("+"):
+        if not text.startswith("+") or text.startswith("++"):  # ++ may set an existing key: not checked
             continue
         key = parser.parse_override(text).key_or_group
         group, _, name = key.partition(".")
