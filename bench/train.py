@@ -9,6 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from normbench.job import cli
 from normbench.job import main as run_main
 from normbench.sweep.preflight import check_command_line
 from normbench.sweep.resolvers import register
@@ -29,4 +30,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     check_command_line(sys.argv)  # before Hydra: an unparsable override is one line, passwords masked
-    main()
+    cli(main)

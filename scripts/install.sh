@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up normbench on a fresh machine: a virtualenv in .venv with the project installed.
 #   bash scripts/install.sh         # to train
-#   bash scripts/install.sh --dev   # + test dependencies (pytest, hadolint, Chromium, PostgreSQL)
+#   bash scripts/install.sh --dev   # + test dependencies (pytest, hadolint, Chromium, PostgreSQL, SLURM,
+#                                   #   Debian's Fashion-MNIST files)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,11 +10,16 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 if [ "${1:-}" = "--dev" ]; then
   .venv/bin/python -m pip install --quiet -e '.[dev]'
-  # System packages the tests use: headless Chromium (report page) and PostgreSQL 15 (shared Optuna
-  # study). Installed with apt when missing and we are root; the tests that need them skip otherwise.
+  # System packages the tests use: headless Chromium (report page), PostgreSQL 15 (shared Optuna
+  # study), SLURM + munge (a real one-node cluster, scripts/slurm_one_node.sh) and Fashion-MNIST's original
+  # files in /usr/share/datasets/fashion-mnist (the real-data runs). Installed with apt when missing and we
+  # are root; the tests that need them skip otherwise.
   missing=()
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
+  command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 || missing+=(slurm-wlm)
+  command -v munged >/dev/null 2>&1 || missing+=(munge)
+  [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
   if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi

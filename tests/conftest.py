@@ -23,17 +23,19 @@ TINY = [
 
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch) -> dict:
-    """W&B offline, every W&B dir inside the test's temp dir, no credentials from the host."""
+    """W&B offline, every W&B dir inside the test's temp dir, no credentials from the host. WANDB_DIR
+    is unset, so that each run keeps its W&B files in its own record dir (normbench's default)."""
     base = tmp_path / "wandb-home"
     env = {
         "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
-        "WANDB_DIR": str(base / "dir"), "WANDB_CACHE_DIR": str(base / "cache"),
+        "WANDB_CACHE_DIR": str(base / "cache"),
         "WANDB_CONFIG_DIR": str(base / "config"), "WANDB_DATA_DIR": str(base / "data"),
         "NETRC": str(base / "netrc"),
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     for value in env.values():
         if value.startswith(str(base)) and not value.endswith("netrc"):
             Path(value).mkdir(parents=True, exist_ok=True)
@@ -61,3 +63,27 @@ def wandb_inspect(run_dir: Path) -> dict:
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster (tests/slurm_cluster.py) for the whole session, started on first
+    use and stopped at the end, even when tests fail; skips where SLURM cannot run here."""
+    from slurm_cluster import Unavailable, one_node_cluster
+
+    try:
+        with one_node_cluster() as cluster:
+            yield cluster
+    except Unavailable as reason:
+        pytest.skip(str(reason))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `cuda` every test that skips without a CUDA device (a skipif reason "needs ... CUDA ..."), so
+    `pytest -m cuda` (bench/gpu_check.py) runs exactly the tests the CPU suite cannot."""
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            reason = str(mark.kwargs.get("reason", "")).lower()
+            if "needs" in reason and "cuda" in reason:
+                item.add_marker(pytest.mark.cuda)
+                break

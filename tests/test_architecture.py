@@ -17,7 +17,7 @@ PACKAGE = SRC / "normbench"
 BASE = ("normbench.errors", "normbench.record")
 RUN_PARTS = ("normbench.activations", "normbench.norms", "normbench.losses", "normbench.optim",
              "normbench.device", "normbench.data", "normbench.datasets", "normbench.models", "normbench.probes",
-             "normbench.faults", "normbench.filters", "normbench.checkpoint", "normbench.trainer",
+             "normbench.faults", "normbench.filters", "normbench.checkpoint", "normbench.interrupts", "normbench.trainer",
              "normbench.loggers", "normbench.targets")
 ALLOWED = {
     **{m: BASE + RUN_PARTS for m in RUN_PARTS},

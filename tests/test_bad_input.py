@@ -101,7 +101,8 @@ GROUP_CASES = {
     "model._target_=os.system": (["model._target_=os.system"], "bad value model._target_='os.system'"),
     "data._target_=nowhere.data": (["data._target_=nowhere.data"], "bad value data._target_='nowhere.data'"),
     "data.channels=0": (["data.channels=0"], "bad value data.channels=0"),
-    "data.mean=[0.5]": (["data.mean=[0.5]", "data.std=[0.2]"], "bad value data.mean=[0.5]"),
+    # one value is for every channel; two for a 3-channel dataset is wrong
+    "data.mean=[0.5,0.5]": (["data.mean=[0.5,0.5]", "data.std=[0.2,0.2]"], "bad value data.mean=[0.5, 0.5]"),
     "trainer.threads=abc": (["trainer.threads=abc"], "bad value trainer.threads='abc'"),
     "seed=-1": (["seed=-1"], "bad value seed=-1"),
 }

@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 from conftest import TINY, run_train, wandb_inspect
 
+from normbench.record import learned_threshold
+
 WANDB_TINY = [o for o in TINY]  # logger stays at its default: wandb (offline: no credentials)
 
 
@@ -36,9 +38,12 @@ def test_single_run_trains_and_records(tmp_path, wandb_env):
     assert summary["status"] == "completed"
     assert summary["choices"]["model"] == "vgg_a" and summary["choices"]["norm"] == "bn"
     assert summary["choices"]["loss"] == "focal"
-    for key in ("test/loss", "test/acc", "val/best_acc", "convergence/epoch", "model/params",
-                "memory/peak_mb", "time/total_s"):
+    for key in ("test/loss", "test/acc", "val/best_acc", "model/params", "memory/peak_mb", "memory/data_mb",
+                "time/total_s"):
         assert summary["metrics"][key] is not None, key
+    # four tiny steps may not learn: then there is no convergence epoch (normbench.record.learned_threshold)
+    learned = summary["metrics"]["val/best_acc"] > learned_threshold(10, 128)
+    assert (summary["metrics"]["convergence/epoch"] is not None) == learned
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert set(epochs[0]) >= {"train/loss", "train/acc", "val/loss", "val/acc", "time/epoch_s", "throughput/img_s"}
@@ -83,6 +88,11 @@ def test_multirun_grid_records_every_job(tmp_path, wandb_env):
         assert f"norm:{summary['choices']['norm']}" in recorded["tags"]
         assert recorded["summary"]["val/best_acc"] == summary["metrics"]["val/best_acc"]
         assert recorded["summary"]["status"] == "completed"
+        # named after the swept values first (norm, batch_size), short
+        swept = f"norm={summary['choices']['norm']},batch_size={summary['choices']['batch_size']},"
+        assert run.name.startswith(swept) and len(run.name) <= 80, run.name
+        assert recorded["name"].startswith(swept) and len(recorded["name"]) <= 60, recorded["name"]
+        assert recorded["run_id"] == summary["wandb_run_id"]
     history = _wandb_history(next(runs[0].glob("wandb/offline-run-*")))
     epoch_rows = [h for h in history if "val/acc" in h]
     step_rows = [h for h in history if "step/loss" in h]
@@ -103,3 +113,8 @@ def test_failing_job_still_closes_its_wandb_run(tmp_path, wandb_env):
     assert recorded["state"] in ("finished", "failed", "crashed") and recorded["exit_code"] == 1
     assert recorded["summary"]["status"] == "failed"
     assert recorded["summary"]["epochs_done"] == 1
+    # the run's last line (before Hydra's traceback on stderr)
+    files = next(runs[0].glob("wandb/offline-run-*")).relative_to(tmp_path)
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"normbench: failed (RuntimeError)  test/acc -  record {runs[0].relative_to(tmp_path)}  "
+        f"W&B offline run {summary['wandb_run_id']}: wandb sync {files}")

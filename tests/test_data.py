@@ -169,7 +169,7 @@ def test_data_config_files(name, monkeypatch, tmp_path):
 def test_config_errors():
     with pytest.raises(ConfigError, match="data._target_"):
         load_data(synthetic_cfg(_target_="normbench.datasets.imagenet"), "cpu")
-    with pytest.raises(ConfigError, match=r"data.val_size=600.*\[1, 599\]"):
+    with pytest.raises(ConfigError, match=r"data.val_size=600.*\[0, 599\]"):
         load_data(synthetic_cfg(val_size=600), "cpu")
     with pytest.raises(ConfigError, match="batch_size"):
         BatchStream(

@@ -19,6 +19,7 @@ def test_preset_sweep_with_probes_then_report(tmp_path):
     assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries)
     probe_rows = [json.loads(line) for p in sweep.rglob("probes.jsonl") for line in p.read_text().splitlines()]
     assert any("probe/beta" in r for r in probe_rows) and any("probe/grad_cos" in r for r in probe_rows)
+    assert any("probe/lipschitz" in r for r in probe_rows) and any("probe/grad_var" in r for r in probe_rows)
 
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(sweep), "--out", str(out)],
@@ -32,5 +33,8 @@ def test_preset_sweep_with_probes_then_report(tmp_path):
     for figure in ("vgg_lr_robustness_landscape.png", "vgg_lr_robustness_probes.png",
                    "vgg_lr_robustness_curves.png"):
         assert (out / "fig" / figure).stat().st_size > 0, figure
+    md = (out / "report.md").read_text()  # the mechanism table: a line per norm and lr, then per norm
+    for norm in ("plain", "BN"):
+        assert f"| {norm} | 0.001 |" in md and f"| {norm} | 0.005 |" in md and f"| {norm} | all 2 |" in md
     html = (out / "index.html").read_text()
     assert "vgg_lr_robustness" in html and "<img" in html

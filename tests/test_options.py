@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from conftest import CONF, TINY
 from fake_cifar import write_fake_cifar
+from fake_datasets import write_fake_mnist, write_fake_svhn, write_image_folder
 from hydra import compose, initialize_config_dir
 
 from normbench.job import run_job
@@ -64,11 +66,27 @@ def fake_cifar(tmp_path, monkeypatch):
     return root
 
 
+def write_other_datasets(root: Path, monkeypatch) -> None:
+    """The other data options' files in the same root: MNIST / Fashion-MNIST idx files, SVHN .mat files,
+    an image folder of 10 classes."""
+    for folder in ("MNIST", "FashionMNIST"):
+        write_fake_mnist(root / folder / "raw", n_train=300, n_test=60)
+    for split, (md5, _, _) in write_fake_svhn(root, n=300).items():
+        monkeypatch.setitem(torchvision.datasets.SVHN.split_list, split,
+                            [*torchvision.datasets.SVHN.split_list[split][:2], md5])
+    for split, n in (("train", 200), ("test", 50)):
+        write_image_folder(root, split, np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3)),
+                           np.arange(n) % 10, [f"class_{i}" for i in range(10)])
+
+
 @pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
-def test_option_composes_and_trains(group, option, tmp_path, fake_cifar, wandb_env):
+def test_option_composes_and_trains(group, option, tmp_path, fake_cifar, wandb_env, monkeypatch):
     overrides = tiny_overrides(group, option)
     if group == "data" and option != "synthetic":
-        overrides += [f"data.root={fake_cifar}", "data.download=false", "data.val_size=60"]
+        if not option.startswith("cifar"):
+            write_other_datasets(fake_cifar, monkeypatch)
+        overrides += [f"data.root={fake_cifar}", "data.val_size=60"]
+        overrides += ["data.download=false"] if option != "imagefolder" else []  # nothing to download
     cfg = compose_cfg(overrides)
     assert cfg[group].get("name", option) == option or group in ("optimizer", "data")
     objective = run_job(cfg, output_dir=tmp_path / "run")

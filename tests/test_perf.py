@@ -50,11 +50,15 @@ def test_quick_benchmark_runs_and_writes_every_section(tmp_path):
     probes = {r["probe"]: r for r in results["probes"]["rows"]}
     assert set(probes) == {"none", "landscape", "grad_similarity", "all"}
     assert all(_positive(r["ratio_vs_none"]) for r in probes.values())
+    layout = results["layout"]["rows"]
+    assert {(r["model"], r["norm"]) for r in layout} == {(m, n) for m in ("vgg_a", "alexnet_cifar")
+                                                         for n in ("none", "bn", "gn", "ln", "lrn")}
+    assert all(_positive(r["ratio"]) and r["auto"] in ("channels_last", "nchw") for r in layout)
     cuda = results["cuda"]
     assert "skipped" in cuda or cuda["epochs"]
     names = {t["name"] for t in results["targets"]}
     assert {"loop/raw vgg_a b128", "loop/raw alexnet_cifar b8", "data pipeline / torchvision",
-            "first step / bare import torch"} <= names
+            "first step / bare import torch", "channels_last=auto picks the faster layout"} <= names
     assert all(t["result"] in ("PASS", "FAIL", "skipped") for t in results["targets"])
     # one table on stdout
     assert proc.stdout.count("normbench perf (quick)") == 1
@@ -104,6 +108,11 @@ def fabricated(cuda: bool) -> dict:
         "probes": {"rows": [{"probe": "none", "img_s": 100.0, "ratio_vs_none": 1.0, "overhead": 0.0},
                             {"probe": "landscape", "img_s": 85.0, "ratio_vs_none": 0.85, "overhead": 0.176}],
                    "width": 0.25, "batch": 32},
+        "layout": {"rows": [
+            {"model": "vgg_a", "norm": "bn", "batch": 64, "width": 1.0, "channels_last_img_s": 212.0,
+             "nchw_img_s": 162.0, "ratio": 1.31, "auto": "channels_last", "auto_ok": True},
+            {"model": "vgg_a", "norm": "gn", "batch": 64, "width": 1.0, "channels_last_img_s": 150.0,
+             "nchw_img_s": 100.0, "ratio": 1.5, "auto": "nchw", "auto_ok": False}], "tie": 0.03},
         "cuda": {"skipped": "no CUDA device"},
     }
     if cuda:
@@ -115,8 +124,6 @@ def fabricated(cuda: bool) -> dict:
                  "train_speedup": 1.0},
                 {"concurrent": 4, "runs_per_hour": 250.0, "speedup": 2.5, "train_img_s_total": 5200.0,
                  "train_speedup": 2.6}]},
-            "channels_last": [{"norm": "bn", "channels_last_img_s": 12000.0, "nchw_img_s": 10000.0, "ratio": 1.2,
-                               "auto_policy": True}],
         }
     return results
 
@@ -131,9 +138,11 @@ def test_targets_and_table_from_fabricated_results(cuda, capsys):
     assert verdict["data pipeline / torchvision"] == "PASS"
     assert verdict["first step / bare import torch"] == "FAIL"
     assert verdict["runs/hour, concurrent / single (b8)"] == ("PASS" if cuda else "skipped")
+    assert verdict["channels_last=auto picks the faster layout"] == "FAIL"      # vgg_a/gn picked the slower
     rows = table_rows(results)
     assert all(len(r) == 7 for r in rows)
-    assert sum(r[0] == "5 cuda" for r in rows) == (5 if cuda else 2)
+    assert sum(r[0] == "6 cuda" for r in rows) == (4 if cuda else 2)
+    assert sum(r[0] == "5 layout" for r in rows) == 3                          # 2 pairs + the verdict
     print_table(results)
     out = capsys.readouterr().out
     assert "Test CPU" in out and ("H100" in out) == cuda

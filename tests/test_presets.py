@@ -15,7 +15,8 @@ from normbench.validate import validate
 
 EXPECTED_RUNS = {
     "vgg_bn_baseline": 2, "vgg_losses": 10, "vgg_activations": 12, "vgg_optimizers": 6, "vgg_dropout": 4,
-    "vgg_schedulers": 4, "vgg_lr_robustness": 10, "alexnet_norm_batch": 16, "alexnet_lr": 3, "vgg_best": 1,
+    "vgg_schedulers": 4, "vgg_lr_robustness": 10, "alexnet_norm_batch": 16, "alexnet_lr": 3, "vgg_best": 6,
+    "fmnist_bn_baseline": 2, "fmnist_lr_robustness": 10, "fmnist_norm_batch": 16,
 }
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -107,3 +108,97 @@ def test_plan_command_names_the_available_presets(tmp_path):
     assert "Could not find 'experiment/vgg_nope'" in proc.stderr
     assert all(f"\t{name}\n" in proc.stderr for name in EXPECTED_RUNS)
     assert not (tmp_path / "multirun").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# each study row run with the settings the study states for it (issue 10)
+
+def _row_settings(cfg) -> dict:
+    """The settings a reference row names, read from a composed job config."""
+    choices = cfg.hydra.runtime.choices
+    return {"model": choices.model, "norm": choices.norm, "activation": choices.activation, "loss": choices.loss,
+            "optimizer": choices.optimizer, "scheduler": choices.scheduler, "batch_size": cfg.batch_size,
+            "dropout": cfg.model.dropout, "lr": cfg.optimizer.lr}
+
+
+@pytest.mark.parametrize("name", ["vgg_bn_baseline", "vgg_losses", "vgg_optimizers", "vgg_schedulers", "vgg_best",
+                                  "alexnet_norm_batch"])
+def test_every_study_row_is_a_job_with_its_stated_settings(name):
+    from normbench.report.reference import TABLES_BY_NAME
+
+    table = TABLES_BY_NAME[name]
+    task = [f"+experiment={name}"]
+    jobs = grid(compose_master(task), task)
+    with initialize_config_dir(config_dir=str(CONF)):
+        settings = [_row_settings(compose(config_name="config", overrides=job, return_hydra_config=True))
+                    for job in jobs]
+    for row in table.rows:
+        wanted = {**table.context, **row.settings}
+        hits = [s for s in settings if all(s[k] == v for k, v in wanted.items())]
+        assert len(hits) == 1, (name, row.label, wanted)
+
+
+def test_study_000_baseline_is_lr_0001_and_sgd_row_lr_001():
+    # "固定学习率 (0.001)" -> 12.35 %: the baseline and every table whose base row is the baseline
+    for name in ("vgg_bn_baseline", "vgg_losses", "vgg_activations", "vgg_dropout", "vgg_schedulers"):
+        cfg = compose_job([f"+experiment={name}"])
+        assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.scheduler.name) == (0.001, 0.9, "constant"), name
+    # "SGD (lr=0.01, momentum=0.9)" -> 11.32 %: a row of its own
+    sgd = compose_job(["+experiment=vgg_optimizers", "optimizer=sgd"])
+    assert (sgd.optimizer.lr, sgd.optimizer.momentum, sgd.optimizer.nesterov) == (0.01, 0.9, False)
+    best = {row: compose_job(["+experiment=vgg_best", f"vgg_best_row={row}"])
+            for row in ("plain", "bn_sgd", "best")}
+    assert (best["plain"].norm.name, best["plain"].optimizer.lr) == ("none", 0.001)
+    assert best["bn_sgd"].optimizer.lr == 0.01 and best["bn_sgd"].activation.name == "relu"
+    assert (best["best"].optimizer.lr, best["best"].model.dropout, best["best"].scheduler.name) == (0.01, 0.3, "cosine")
+    # the options where text and course code disagree are visible in the presets, with their defaults
+    assert compose_job(["+experiment=vgg_bn_baseline"]).data.augment is True
+    assert compose_job(["+experiment=vgg_schedulers", "scheduler=onecycle"]).scheduler.max_lr is None
+
+
+def test_study_002_trains_on_all_50k_images_with_the_last_batch_kept():
+    import torch
+
+    from normbench.data import BatchStream, Split
+
+    alex = compose_job(["+experiment=alexnet_norm_batch", "norm=ln"])
+    assert (alex.data.val_size, alex.trainer.drop_last, alex.norm.affine) == (0, False, "element")
+    assert (alex.model.conv_groups, alex.model.norm_at) == (1, "after_pool")
+    assert compose_job(["+experiment=alexnet_lr"]).data.val_size == 0
+    split = Split(torch.zeros(50_000, 1, 1, 1, dtype=torch.uint8), torch.zeros(50_000, dtype=torch.int64))
+    per_epoch = {bs: len(BatchStream(split, bs, [0.0], [1.0], augment=False, drop_last=alex.trainer.drop_last))
+                 for bs in (64, 32, 16, 8)}
+    assert per_epoch == {64: 782, 32: 1563, 16: 3125, 8: 6250}  # the study's logs
+
+
+def test_study_002_layers_as_the_study_states():
+    import torch
+    from torch import nn
+
+    from normbench.models import alexnet
+    from normbench.norms import NormSpec
+
+    def build(norm, **kw):
+        return alexnet(num_classes=10, in_channels=3, image_size=224, norm=NormSpec(**norm).make,
+                       activation=nn.ReLU, width=0.25 if kw.pop("narrow", False) else 1.0, **kw)
+
+    ln = build({"name": "ln", "affine": "element"})
+    assert [tuple(m.normalized_shape) for m in ln.modules() if isinstance(m, nn.LayerNorm)] == [
+        (96, 27, 27), (256, 13, 13), (384, 13, 13), (384, 13, 13), (256, 6, 6)]  # the study's nn.LayerNorm shapes
+    grouped = build({"name": "none"}, conv_groups=2, narrow=True)
+    convs = [m for m in grouped.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.groups for c in convs] == [1, 2, 1, 2, 2]  # the text's 5x5x48 and 3x3x192 kernels
+    lrn = build({"name": "lrn"}, norm_at="before_pool", norm_layers=[1, 2], narrow=True)
+    kinds = [type(m).__name__ for m in lrn.features]
+    assert kinds[:4] == ["Conv2d", "ReLU", "LocalResponseNorm", "MaxPool2d"]
+    assert kinds.count("LocalResponseNorm") == 2
+    assert lrn(torch.zeros(1, 3, 224, 224)).shape == (1, 10)
+
+
+def test_val_size_0_trains_on_every_image_and_validates_on_the_test_set():
+    from normbench.data import load_data
+
+    cfg = compose_job(["+experiment=alexnet_norm_batch", "data=synthetic", "data.num_train=200", "data.num_test=50"])
+    assert cfg.data.val_size == 0
+    data = load_data(cfg.data, "cpu")
+    assert len(data.train) == 200 and data.val is data.test and len(data.test) == 50

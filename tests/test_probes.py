@@ -15,8 +15,10 @@ from torch import nn
 from normbench.errors import ConfigError
 from normbench.probes import (
     GradSimilarityProbe,
+    GradVarianceProbe,
     LandscapeProbe,
     build_probes,
+    probe_batch,
     run_probes,
 )
 
@@ -164,6 +166,41 @@ def test_grad_similarity_hand_computed():
     assert out == {"probe/grad_cos": pytest.approx(-1.0), "probe/grad_l2": pytest.approx(3.0)}
 
 
+def test_lipschitz_along_the_path_hand_computed():
+    model, probe = TwoParams(), GradSimilarityProbe(interval=1)
+    _set_grad(model, [1.0, 0.0, 0.0])
+    assert probe.on_step(0, model, None, 0.1) is None
+    with torch.no_grad():
+        model.a.copy_(torch.tensor([0.3, 0.0]))
+        model.b.copy_(torch.tensor([0.4]))  # ||w_1 - w_0|| = 0.5
+    _set_grad(model, [1.0, 3.0, 4.0])  # ||g_1 - g_0|| = 5
+    out = probe.on_step(1, model, None, 0.1)
+    assert out["probe/lipschitz"] == pytest.approx(10.0)
+    assert out["probe/grad_l2"] == pytest.approx(5.0)
+
+
+def test_grad_variance_over_the_window_hand_computed():
+    model, probe = TwoParams(), GradVarianceProbe(interval=4, window=3)
+    grads = {1: [9.0, 9.0, 9.0], 2: [1.0, 0.0, 2.0], 3: [3.0, 2.0, 2.0], 4: [2.0, 4.0, 2.0]}
+    seen = []
+    for step, g in grads.items():
+        _set_grad(model, g)
+        seen.append(probe.reads_gradient(step))
+        out = probe.on_step(step, model, None, 0.1)
+        if step < 4:
+            assert out is None
+    assert seen == [False, True, True, True]  # step 1 is outside the window of steps 2..4
+    window = torch.tensor([grads[s] for s in (2, 3, 4)], dtype=torch.float64)
+    var = float(((window - window.mean(0)) ** 2).sum() / 2)  # trace of the sample covariance
+    assert out["probe/grad_var"] == pytest.approx(var)
+    assert out["probe/grad_var_rel"] == pytest.approx(var / float(window.mean(0).square().sum()))
+    # a gap in the steps restarts the window: one gradient only, nothing reported
+    probe = GradVarianceProbe(interval=4, window=3)
+    for step in (6, 8):
+        _set_grad(model, [1.0, 2.0, 3.0])
+        assert probe.on_step(step, model, None, 0.1) is None
+
+
 # ------------------------------------------------------------------------------------------------ restoration
 
 
@@ -218,7 +255,8 @@ def test_probed_training_is_bit_identical():
         "probe/beta",
         "probe/grad_norm",
     }
-    assert set(rows[0]) == keys and set(rows[1]) == keys | {"probe/grad_cos", "probe/grad_l2"}
+    assert set(rows[0]) == keys
+    assert set(rows[1]) == keys | {"probe/grad_cos", "probe/grad_l2", "probe/lipschitz"}
     for row in rows:
         assert all(type(v) is float and math.isfinite(v) for v in row.values())
     ref_state, state = ref_model.state_dict(), model.state_dict()
@@ -281,11 +319,15 @@ def test_build_from_conf_files():
     )
     (sim,) = build_probes(OmegaConf.load(CONF / "grad_similarity.yaml"))
     assert isinstance(sim, GradSimilarityProbe) and sim.interval == 10
-    land, sim = build_probes(OmegaConf.load(CONF / "all.yaml"))
-    assert (land.interval, sim.interval) == (50, 10)
+    (var,) = build_probes(OmegaConf.load(CONF / "grad_variance.yaml"))
+    assert isinstance(var, GradVarianceProbe) and (var.interval, var.window) == (50, 4)
+    land, sim, var = build_probes(OmegaConf.load(CONF / "all.yaml"))
+    assert (land.interval, sim.interval, var.interval) == (50, 10, 50)
     cfg = OmegaConf.load(CONF / "all.yaml")
     cfg.interval = 20
-    assert [p.interval for p in build_probes(cfg)] == [20, 20]
+    assert [p.interval for p in build_probes(cfg)] == [20, 20, 20]
+    cfg.interval = 2
+    assert build_probes(cfg)[2].window == 2  # capped at the interval
     cfg = OmegaConf.load(CONF / "landscape.yaml")
     cfg.interval = 20
     assert build_probes(cfg)[0].interval == 20
@@ -306,9 +348,103 @@ def test_build_from_conf_files():
         ({"name": "all", "grad_similarity": {"interval": 0}}, "probe.grad_similarity.interval"),
         ({"name": "all", "interval": 0}, "probe.interval"),
         ({"name": "hessian"}, "probe.name"),
+        ({"name": "grad_variance", "window": 1}, "probe.window"),
+        ({"name": "all", "grad_variance": {"window": 2.5}}, "probe.grad_variance.window"),
     ],
 )
 def test_bad_config_raises(cfg, key):
     with pytest.raises(ConfigError) as err:
         build_probes(OmegaConf.create(cfg))
     assert err.value.key == key
+
+
+# ------------------------------------------------------------------------------------------------ precision
+
+
+def _fake_data():
+    from normbench.data import load_data
+
+    cfg = OmegaConf.create({"_target_": "normbench.datasets.synthetic", "val_size": 32, "split_seed": 0,
+                            "num_train": 96, "num_test": 32, "image_size": 32, "num_classes": 10,
+                            "channels": 3, "mean": None, "std": None, "generator_seed": 0, "noise": 0.25})
+    return load_data(cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_probes_under_bf16_autocast_equal_fp32(norm):
+    """The trainer's probe step under CPU bf16 autocast gives the fp32 values (same weights, same batch).
+    Before probes ran in fp32, β at lr 1e-4 came out ~5x (BN) and ~12x (no norm) too large."""
+    import copy
+
+    from test_fast_path import make_model, make_trainer
+
+    from normbench.trainer import LoopState
+
+    data = _fake_data()
+    base = make_model("vgg_a", norm)
+    rows = {}
+    for amp in (None, torch.bfloat16):
+        trainer, sink = make_trainer(copy.deepcopy(base), data, amp=amp, batch=32, lr=1e-4)
+        trainer.probes = [LandscapeProbe(interval=1, num_steps=4)]
+        trainer.train_steps(1, LoopState(), 1)  # one step: the probe sees the initial weights
+        (rows[amp],) = sink.probes
+    for key in ("probe/beta", "probe/grad_pred", "probe/grad_pred_min", "probe/loss_min", "probe/grad_norm"):
+        assert rows[torch.bfloat16][key] == pytest.approx(rows[None][key], rel=1e-3), key
+
+
+def test_gradient_reading_probes_see_fp32_gradients_under_bf16():
+    """probe_batch (the trainer's probe step, callable from scripts): the gradients the similarity and
+    variance probes read are the fp32 ones whatever the autocast dtype of the training backward (same
+    dropout mask as the training step's)."""
+    torch.manual_seed(0)
+    base = TinyCNN()
+    # with dropout on: the fp32 recomputation uses the training forward's RNG state, so its mask
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+               for _ in range(2)]
+
+    def criterion(logits, y, model):
+        return F.cross_entropy(logits, y)
+
+    rows = {}
+    for amp in (None, torch.bfloat16):
+        torch.manual_seed(5)  # the same dropout masks in both runs
+        model = copy_module(base)
+        probes = [GradSimilarityProbe(interval=2), GradVarianceProbe(interval=2, window=2)]
+        out = [probe_batch(probes, step, model, criterion, x, y, 0.1, amp)
+               for step, (x, y) in zip((1, 2), batches)]
+        assert out[0] is None
+        rows[amp] = out[1]
+    assert set(rows[None]) == {"probe/grad_cos", "probe/grad_l2", "probe/grad_var", "probe/grad_var_rel"}
+    for key, value in rows[None].items():
+        assert rows[torch.bfloat16][key] == pytest.approx(value, rel=1e-5), key
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def test_bf16_training_with_probes_is_bit_identical_to_without():
+    """The fp32 recomputation under autocast leaves weights, BN statistics and RNG as they were."""
+    import copy
+
+    from test_fast_path import make_model, make_trainer
+
+    from normbench.trainer import LoopState
+
+    data = _fake_data()
+    base = make_model("vgg_a", "bn")
+    states = []
+    for probes in ([], [LandscapeProbe(interval=2, num_steps=2), GradSimilarityProbe(interval=2),
+                        GradVarianceProbe(interval=2, window=2)]):
+        torch.manual_seed(7)
+        trainer, sink = make_trainer(copy.deepcopy(base), data, amp=torch.bfloat16, batch=8, lr=1e-2)
+        trainer.probes = probes
+        trainer.train_steps(1, LoopState(), 2)  # step 2 is a probe step of all three
+        states.append((trainer.model.state_dict(), torch.rand(2)))
+        assert bool(sink.probes) == bool(probes)
+    (ref, ref_next), (got, got_next) = states
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert torch.equal(ref_next, got_next)

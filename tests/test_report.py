@@ -74,7 +74,7 @@ def config_for(choices: dict, dropout: float, lr: float, experiment: str, device
 
 
 def write_run(sweep: Path, *, experiment: str, choices: dict, test_acc: float | None, status: str = "completed",
-              overrides: list[str] | None = None, dropout: float = 0.0, lr: float = 0.01, val_best: float | None = None,
+              overrides: list[str] | None = None, dropout: float = 0.0, lr: float = 0.001, val_best: float | None = None,
               params: int = 9_756_426, memory: float = 1000.0, epochs: int = 3, steps: list[float] | None = None,
               probes: list[dict] | None = None, filters: bool = False, bad_metrics_line: bool = False,
               identity: str | None = None, device: str = "cpu", legacy: bool = False,
@@ -139,13 +139,15 @@ BN_ALEX_8 = [0.7749, 0.7700]
 NONE_ALEX_8 = [0.3914, 0.4100]
 
 
-def probe_rows(seed: int, bn: bool) -> list[dict]:
+def probe_rows(seed: int, bn: bool, lr: float = 1e-3) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for step in range(0, 50, 10):
         base = 0.6 if bn else 0.2
         rows.append({"step": step, "epoch": 1 + step // 30, "probe/grad_pred": float(rng.uniform(0.1, 1)),
-                     "probe/beta": float(rng.uniform(5, 7) if bn else rng.uniform(14, 17)),
+                     # β grows ~1/η: pooled over lrs, the smallest lr would dominate
+                     "probe/beta": float(rng.uniform(5, 7) if bn else rng.uniform(14, 17)) * 1e-3 / lr,
+                     "probe/lipschitz": float(rng.uniform(1, 2)) * 1e-3 / lr,
                      "probe/grad_cos": base + 0.01 * step / 10, "probe/loss_min": 0.5, "probe/loss_max": 1.5})
     return rows
 
@@ -207,10 +209,11 @@ def sweep(tmp_path_factory) -> dict:
                     status, acc = "diverged", None
                     steps = steps[:20] + [float("nan")] * 0  # stops early; no NaN written (JSON has none)
                 info["steps"][norm] += [float(v) for v in steps]
+                info.setdefault("steps_by", {}).setdefault((norm, lr), []).extend(float(v) for v in steps)
                 write_run(lrs, experiment="vgg_lr_robustness",
                           choices={"model": "vgg_a", "norm": norm, "seed": seed, "lr": lr, "dropout": 0.0},
                           test_acc=acc, status=status, lr=lr, overrides=[f"norm={norm}", f"optimizer.lr={lr}"],
-                          steps=[float(v) for v in steps], probes=probe_rows(seed, norm == "bn"),
+                          steps=[float(v) for v in steps], probes=probe_rows(seed, norm == "bn", lr),
                           filters=(seed == 0), params=9_756_426 if norm == "bn" else 9_750_922)
 
     # --- alexnet_norm_batch (lr 0.005): none/bn at bs 8 and none at bs 64 -----------------------------
@@ -354,13 +357,12 @@ def _row(table, label, extra=None):
 
 
 def test_expected_tables(built):
-    names = {t.name for t in built.tables}
-    # study tables the runs cover by settings (also tables whose preset was not run)
-    assert {"vgg_losses", "vgg_lr_robustness", "alexnet_norm_batch", "alexnet_lr", "vgg_bn_baseline",
-            "vgg_dropout", "vgg_activations", "vgg_optimizers", "vgg_schedulers", "vgg_best"} <= names
-    assert "default" in names  # the manual sweep
-    assert "vgg_losses_other" in names  # the dropout-0.5 run matches no vgg_losses row
-    assert len(names) == len(built.tables)
+    names = [t.name for t in built.tables]
+    # one table per study table a preset ran -- not a near-duplicate per study table whose settings its
+    # runs also match (vgg_losses' CE rows are the baseline's settings: still only the losses table)
+    assert sorted(names) == sorted(["vgg_losses", "vgg_lr_robustness", "alexnet_norm_batch",
+                                    "vgg_losses_other",  # the dropout-0.5 run matches no vgg_losses row
+                                    "default"])  # the manual sweep
 
 
 def test_seed_cells_mean_ci_and_reference(built):
@@ -405,18 +407,23 @@ def test_seed_cells_mean_ci_and_reference(built):
     assert csv_rows["BN · focal"]["vs_verdict"] == "within noise"
 
 
-def test_matching_by_settings_not_by_name(built):
-    # vgg_losses' BN/CE and plain/CE runs are the study's baseline settings
-    base = _table(built, "vgg_bn_baseline")
-    plain = [r for r in base.rows if r.label == "plain" and r.cell is not None]
-    assert {r.cell.experiment for r in plain} == {"vgg_losses", "vgg_lr_robustness"}
-    assert base.show_experiment
-    bn_losses = next(r for r in base.rows if r.label == "BN" and r.cell.experiment == "vgg_losses")
-    assert bn_losses.cell.n == 3
-    # the lr sweep's own cells show the lr that sets them apart
-    assert any("lr=0.005" in r.extra for r in base.rows)
-    # parameter and memory contrasts: BN vs plain (first cell of each row)
+def test_matching_by_settings_not_by_name(built, tmp_path):
+    # runs of an experiment that is no preset land by their settings in the ONE study table matching
+    # most of them: the baseline's settings (lr 0.001) -> vgg_bn_baseline, not also losses/dropout/...
+    mine = tmp_path / "mine"
+    for norm, acc in (("none", 0.73), ("bn", 0.87)):
+        for seed in (0, 1):
+            write_run(mine, experiment="mine", choices={"model": "vgg_a", "norm": norm, "seed": seed},
+                      test_acc=acc + 0.001 * seed, params=9_750_922 if norm == "none" else 9_756_426)
+    # the study's "SGD (lr=0.01, momentum=0.9)" is its own row, not the baseline: lr 0.01 -> optimizers
+    write_run(mine, experiment="mine2", choices={"model": "vgg_a", "norm": "bn"}, test_acc=0.88, lr=0.01)
+    rep = report.build([str(mine)], str(tmp_path / "out"))
+    assert sorted(t.name for t in rep.tables) == ["vgg_bn_baseline", "vgg_optimizers"]
+    base = _table(rep, "vgg_bn_baseline")
+    assert [r.cell.n for r in base.rows] == [2, 2]
     assert any("BN adds parameters" in n and "study +0.067%" in n for n in base.notes)
+    sgd = _table(rep, "vgg_optimizers")
+    assert [r.label for r in sgd.rows if r.cell is not None] == ["BN · SGD (lr 0.01, momentum 0.9)"]
     # lr from choices (lr sweep) and from config.yaml (alexnet) both match
     lr_t = _table(built, "vgg_lr_robustness")
     r = _row(lr_t, "BN · lr 0.005")
@@ -425,9 +432,8 @@ def test_matching_by_settings_not_by_name(built):
     assert diverged.cell.n == 1 and len(diverged.cell.diverged) == 1
     header, rows = report_tables.display(lr_t)
     assert rows[lr_t.rows.index(diverged)][header.index("n")] == "1 (+1 diverged)"
-    alex_lr = _table(built, "alexnet_lr")
-    assert [r.label for r in alex_lr.rows if r.cell is not None] == ["plain · lr 0.005"]
-    assert _row(alex_lr, "plain · lr 0.005").cell.n == 1  # the copied duplicate is not a second seed
+    alex = _table(built, "alexnet_norm_batch")
+    assert _row(alex, "plain · bs 64").cell.n == 1  # the copied duplicate is not a second seed
 
 
 def test_alexnet_table_uses_accuracy(built):
@@ -437,8 +443,9 @@ def test_alexnet_table_uses_accuracy(built):
     header, rows = report_tables.display(t)
     line = rows[t.rows.index(bn8)]
     accs = [100 * a for a in BN_ALEX_8]
-    ci = 12.706204736174698 * statistics.stdev(accs) / math.sqrt(2)
-    assert line[header.index("test acc %")] == f"{statistics.mean(accs):.2f} ± {ci:.2f}"
+    # two seeds: the mean and both points, not a t-interval (t_{0.975,1} = 12.7 makes it meaningless)
+    assert line[header.index("test acc %")] == f"{statistics.mean(accs):.2f} ({accs[0]:.2f}, {accs[1]:.2f})"
+    assert "±" not in line[header.index("test acc %")]
     assert line[header.index("study")] == "77.49"
     assert bn8.comparison.verdict in {"differs", "within noise"}
     assert "vs plain · bs 8" in line[header.index("comparison")]
@@ -457,16 +464,41 @@ def test_generic_table_for_default_runs(built):
     assert [r.cell.choices["loss"] for r in other.rows] == ["label_smoothing"]
 
 
-def test_mechanism_numbers(built, sweep):
+def test_mechanism_numbers_per_learning_rate(built, sweep):
+    """One row per (norm, lr) and one per norm over its lrs: β and the Lipschitz estimate per lr (pooled,
+    the smallest lr's would dominate), the training-loss range after the first epoch (steps 10..29 here;
+    every network starts near 2.3), the effective lr range (plain's seed 1 diverged at lr 5e-3)."""
     t = _table(built, "vgg_lr_robustness")
-    by_norm = {m["norm"]: m for m in t.mechanism}
+    rows = {(m["norm"], m["lr"]): m for m in t.mechanism}
+    assert list(rows) == [("plain", 1e-3), ("plain", 5e-3), ("plain", None), ("BN", 1e-3), ("BN", 5e-3), ("BN", None)]
     for norm, label in (("none", "plain"), ("bn", "BN")):
-        values = sweep["steps"][norm]
-        assert by_norm[label]["loss_range"] == pytest.approx((min(values), max(values)))
-        assert by_norm[label]["runs"] == 4
-    cos_bn = [r["probe/grad_cos"] for s in (0, 1) for r in probe_rows(s, True)]
-    assert by_norm["BN"]["grad_cos"] == pytest.approx(statistics.mean(cos_bn) * 1)  # 2 cells x 2 seeds, same rows
-    assert by_norm["BN"]["study"]["lipschitz"] == 6.3
+        after_warmup = []
+        for lr in (1e-3, 5e-3):
+            values = sweep["steps_by"][(norm, lr)]
+            runs = [values[i:i + 30] for i in range(0, len(values), 30)] if not (norm == "none" and lr == 5e-3) \
+                else [values[:30], values[30:]]
+            window = [v for run in runs for v in run[10:]]
+            assert rows[(label, lr)]["loss_range"] == pytest.approx((min(window), max(window)))
+            after_warmup += window
+        assert rows[(label, None)]["loss_range"] == pytest.approx((min(after_warmup), max(after_warmup)))
+        assert rows[(label, None)]["runs"] == 4 and rows[(label, 1e-3)]["runs"] == 2
+    bn_rows = {lr: [r for s in (0, 1) for r in probe_rows(s, True, lr)] for lr in (1e-3, 5e-3)}
+    for lr, probe in bn_rows.items():
+        assert rows[("BN", lr)]["beta_mean"] == pytest.approx(statistics.mean(r["probe/beta"] for r in probe))
+        assert rows[("BN", lr)]["lipschitz_max"] == pytest.approx(max(r["probe/lipschitz"] for r in probe))
+        assert rows[("BN", lr)]["grad_cos"] == pytest.approx(statistics.mean(r["probe/grad_cos"] for r in probe))
+    assert rows[("BN", 1e-3)]["beta_mean"] == pytest.approx(5 * rows[("BN", 5e-3)]["beta_mean"])
+    assert rows[("BN", None)]["effective_lrs"] == [1e-3, 5e-3]
+    assert rows[("plain", None)]["effective_lrs"] == [1e-3]  # (0.70 + chance) / 2 < 90% of 0.705
+    assert rows[("plain", 5e-3)]["trains"] is False
+    assert rows[("BN", None)]["study"]["lipschitz"] == 6.3
+    header, lines = report_tables.mechanism_rows(t)
+    assert [line[:2] for line in lines] == [["plain", "0.001"], ["plain", "0.005"], ["plain", "all 2"],
+                                            ["BN", "0.001"], ["BN", "0.005"], ["BN", "all 2"]]
+    assert lines[-1][header.index("trains / effective lrs")] == "0.001–0.005 (×5), 2 of 2 lrs"
+    assert lines[-1][header.index("study")] == "[0.3, 1.8]"
+    md = (Path(built.out) / "report.md").read_text()
+    assert "| BN | 0.005 |" in md
 
 
 # ------------------------------------------------------------------------------------------------
@@ -685,13 +717,13 @@ def test_model_variant_fills_study_table_with_note(tmp_path):
     sweep = tmp_path / "light"
     for seed in (0, 1):
         write_run(sweep, experiment="vgg_bn_baseline", choices={"model": "vgg_a_light", "norm": "bn", "seed": seed,
-                  "data": "synthetic", "lr": 0.01, "dropout": 0.0}, test_acc=0.5 + 0.01 * seed, params=611_434)
+                  "data": "synthetic", "lr": 0.001, "dropout": 0.0}, test_acc=0.5 + 0.01 * seed, params=611_434)
     rep = report.build([str(sweep)], str(tmp_path / "out"))
     base = _table(rep, "vgg_bn_baseline")
     assert _row(base, "BN").cell.n == 2
     assert any("model=vgg_a_light, a smaller variant" in n for n in base.notes)
     assert any("data=synthetic" in n for n in base.notes)
-    assert {t.name for t in rep.tables} >= {"vgg_bn_baseline", "vgg_losses"}
+    assert [t.name for t in rep.tables] == ["vgg_bn_baseline"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -744,7 +776,7 @@ def test_pooling_ignores_seed_and_not_identity_keys_only(tmp_path):
     pooled, lr_02, lr_05 = cells
     assert pooled.n == 2 and pooled.value_overrides == ()  # seed and trainer.* are not shown as settings
     assert lr_02.value_overrides == ("optimizer.lr=0.02",) and lr_05.value_overrides == ()
-    assert {c.setting("lr") for c in cells} == {0.01, 0.02, 0.05}
+    assert {c.setting("lr") for c in cells} == {0.001, 0.02, 0.05}
     rep = report.build([str(tmp_path)], str(tmp_path / "out"))
     default = _table(rep, "default")
     assert sorted(r.cell.n for r in default.rows) == [1, 1, 2]

@@ -73,12 +73,16 @@ def dataset_name(data_cfg) -> str:
     return str(data_cfg["_target_"]).rsplit(".", 1)[-1]
 
 
-def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=BUILTIN_TARGETS) -> DataBundle:
+def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=BUILTIN_TARGETS,
+              input_size: int | None = None) -> DataBundle:
     """Call the dataset's `_target_` (an allowed one), check what it returns against the config, hold out
     the validation split and put the three splits on ``device``.
 
     The validation split is ``val_size`` images held out of the training set by a permutation fixed by
-    ``split_seed`` (the same images on every device and every run with that seed).
+    ``split_seed`` (the same images on every device and every run with that seed); ``train_size`` (null:
+    all) keeps only that many of the remaining training images, the next ones of the same permutation.
+    With ``fit: pad`` and a model ``input_size`` larger than the images, the images are zero-padded to it
+    once, here (28x28 MNIST into a 32x32 VGG); otherwise the batches are resized (BatchStream).
     """
     device = torch.device(device)
     if not isinstance(data_cfg, DictConfig):
@@ -88,20 +92,53 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
     train_images, train_labels, test_images, test_labels = _checked(data_cfg, tensors)
     n = len(train_labels)
     val_size = data_cfg.val_size
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 1 <= val_size <= n - 1:
-        raise ConfigError("data.val_size", val_size, f"use an integer in [1, {n - 1}] (images held out of the "
-                                                     f"{n} training images of {dataset_name(data_cfg)})")
-    train_idx, val_idx = _split_indices(n, val_size, int(data_cfg.split_seed))
-    train = Split(train_images[train_idx], train_labels[train_idx])
-    val = Split(train_images[val_idx], train_labels[val_idx])
-    test = Split(test_images, test_labels)
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size <= n - 1:
+        raise ConfigError("data.val_size", val_size, f"use an integer in [0, {n - 1}] (images held out of the "
+                                                     f"{n} training images of {dataset_name(data_cfg)}; 0: "
+                                                     f"train on all, validate on the test set)")
+    train_size = data_cfg.get("train_size")
+    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int)
+                                   or not 1 <= train_size <= n - val_size):
+        raise ConfigError("data.train_size", train_size, f"use null (all) or an integer in [1, {n - val_size}] "
+                                                         f"(training images left after the validation hold-out)")
+    train_idx, val_idx = _split_indices(n, val_size, int(data_cfg.split_seed), train_size)
+    image_size = int(data_cfg.image_size)
+    pad = _padding(data_cfg, image_size, input_size)
+
+    def on_device(images: torch.Tensor, labels: torch.Tensor) -> Split:
+        images = images.to(device)
+        return Split(F.pad(images, (pad,) * 4) if pad else images, labels.to(device))
+
+    train = on_device(train_images[train_idx], train_labels[train_idx])
+    test = on_device(test_images, test_labels)
+    # val_size 0 is study 002's setup: every training image trains; "validation" is the test set (one copy)
+    val = test if val_size == 0 else on_device(train_images[val_idx], train_labels[val_idx])
     mean, std = data_cfg.get("mean"), data_cfg.get("std")
     if mean is None or std is None:
         mean, std = channel_stats(train.images)
-    return DataBundle(train=train.to(device), val=val.to(device), test=test.to(device),
-                      num_classes=int(data_cfg.num_classes), image_size=int(data_cfg.image_size),
-                      channels=int(data_cfg.channels), mean=tuple(float(m) for m in mean),
-                      std=tuple(float(s) for s in std), name=dataset_name(data_cfg))
+    channels = int(data_cfg.channels)
+    mean, std = (tuple(float(v) for v in (list(m) * channels if len(m) == 1 else m)) for m in (mean, std))
+    return DataBundle(train=train, val=val, test=test, num_classes=int(data_cfg.num_classes),
+                      image_size=image_size + 2 * pad, channels=channels, mean=mean, std=std,
+                      name=dataset_name(data_cfg))
+
+
+FITS = ("resize", "pad")
+
+
+def _padding(data_cfg, image_size: int, input_size: int | None) -> int:
+    """Zero pixels added on each side with ``fit: pad`` (0 when the model takes the images as they are)."""
+    fit = data_cfg.get("fit", "resize")
+    if fit not in FITS:
+        raise ConfigError("data.fit", fit, "use resize (bilinear, to the model's input_size) or pad (zero padding)")
+    if fit != "pad" or input_size is None or input_size == image_size:
+        return 0
+    if input_size < image_size or (input_size - image_size) % 2 or input_size > 2 * image_size:
+        # beyond twice the size the images would be a small patch of a mostly black input (AlexNet's 224)
+        raise ConfigError("data.fit", fit, f"cannot pad {image_size}x{image_size} images to the model's "
+                                           f"input_size {input_size} (it must be larger by an even number, "
+                                           "at most twice the size); use data.fit=resize")
+    return (input_size - image_size) // 2
 
 
 def _checked(data_cfg, tensors) -> tuple[torch.Tensor, ...]:
@@ -140,10 +177,13 @@ def _as_int(value, key: str, lo: int) -> int:
     return value
 
 
-def _split_indices(n: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train_idx, val_idx), each sorted, disjoint, covering range(n); fixed by split_seed."""
+def _split_indices(n: int, val_size: int, split_seed: int,
+                   train_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_idx, val_idx), each sorted, disjoint, covering range(n) (without train_size); fixed by
+    split_seed."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    return perm[val_size:].sort().values, perm[:val_size].sort().values
+    end = n if train_size is None else val_size + train_size
+    return perm[val_size:end].sort().values, perm[:val_size].sort().values
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -33,6 +33,10 @@ from normbench.errors import ConfigError
 
 DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
 CHANNELS_LAST_NORMS = ("none", "bn")
+# (model, norm) pairs that train faster in channels_last on the CPU (oneDNN's NHWC convolutions), measured
+# per model and norm by bench/perf.py's section "cpu_layout" (docs/PERFORMANCE.md has the figures).
+# A model is named by its `_target_` function (normbench.models.model_name).
+CPU_CHANNELS_LAST = frozenset({("vgg_a", "none"), ("vgg_a", "bn")})
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 RECOMPILE_LIMIT = 64
 
@@ -70,11 +74,16 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
 
 
-def resolve_channels_last(setting, device: torch.device, norm_name: str) -> bool:
-    """`auto`: channels_last on CUDA for the norms in CHANNELS_LAST_NORMS (see the module docstring)."""
-    if setting == "auto":
-        return device.type == "cuda" and norm_name in CHANNELS_LAST_NORMS
-    return bool(setting)
+def resolve_channels_last(setting, device: torch.device, norm_name: str, model: str | None = None) -> bool:
+    """`auto`: channels_last on CUDA for the norms in CHANNELS_LAST_NORMS; on the CPU for the (model, norm)
+    pairs in CPU_CHANNELS_LAST, measured faster there by bench/perf.py (see the module docstring)."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type == "cuda":
+        return norm_name in CHANNELS_LAST_NORMS
+    if device.type == "cpu":
+        return (model, norm_name) in CPU_CHANNELS_LAST
+    return False
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,13 +1,24 @@
-"""Fault injection (`+trainer.fault=raise|oom`) and recognising out-of-memory errors.
+"""Fault injection (`+trainer.fault=raise|oom|kill|wait`, NORMBENCH_KILL_AT) and recognising out-of-memory
+errors.
 
 For checking that a sweep survives a run that raises or runs out of memory: the fault fires inside the
-real training loop and goes through the real error handling.
+real training loop and goes through the real error handling. `kill` is a preemption: the process
+SIGKILLs itself (no handler, no cleanup runs), once -- a run that resumed from a checkpoint goes on.
+`wait` holds the run at an exact step until a file appears, so a test can interrupt it there (SLURM
+requeue, timeout signal) without guessing with sleeps. For checking that a kill at an exact point
+loses nothing: NORMBENCH_KILL_AT=<point>[@<epoch>][:<signal>] makes the process send itself the signal
+(default KILL) when it reaches that point (KILL_POINTS). It is an environment variable, not a config
+key, so that the killed run and its re-run have the same identity.
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import signal
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +26,14 @@ from omegaconf import DictConfig
 
 from normbench.errors import ConfigError
 
-FAULTS = ("none", "raise", "oom")
+FAULTS = ("none", "raise", "oom", "kill", "wait")
+KILL_AT_ENV = "NORMBENCH_KILL_AT"
+KILL_POINTS = (
+    "checkpoint_tmp_written",   # the epoch's checkpoint is in its temp file, not yet renamed
+    "checkpoint_saved",         # the epoch's checkpoint is in place
+    "summary_written",          # the final summary.json is written, the sweep index not yet updated
+    "index_updated",            # the sweep index entry says how the run ended
+)
 
 
 @dataclass(frozen=True)
@@ -23,13 +41,15 @@ class FaultSpec:
     kind: str = "none"
     epoch: int = 1
     step: int = 1
+    file: str | None = None  # wait: the file whose appearance releases the run
 
 
 def fault_spec(cfg: DictConfig) -> FaultSpec:
-    """The injected fault (`+trainer.fault=raise|oom`, at `+trainer.fault_epoch` (1) and
+    """The injected fault (`+trainer.fault=raise|oom|wait`, at `+trainer.fault_epoch` (1) and
     `+trainer.fault_step` (1), the step within that epoch): for checking that a sweep survives a run
     that raises or runs out of memory. It fails inside the real training loop, through the real error
-    handling; the run is recorded as failed."""
+    handling; the run is recorded as failed. `wait` (with `+trainer.fault_file=PATH`) appends a line
+    to `PATH.waiting` when the run gets there, then holds it until PATH exists."""
     trainer = cfg.trainer
     kind = trainer.get("fault") or "none"
     kind = str(kind)
@@ -41,7 +61,11 @@ def fault_spec(cfg: DictConfig) -> FaultSpec:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"trainer.{key}", value, "must be an integer >= 1")
         at.append(value)
-    return FaultSpec(kind, at[0], at[1])
+    file = trainer.get("fault_file")
+    if kind == "wait" and (not isinstance(file, str) or not file):
+        raise ConfigError("trainer.fault_file", file, "trainer.fault=wait needs the path of the file that releases "
+                          "the run, e.g. +trainer.fault_file=/tmp/go")
+    return FaultSpec(kind, at[0], at[1], file)
 
 
 class FaultyStream:
@@ -49,7 +73,9 @@ class FaultyStream:
 
     def __init__(self, stream, spec: FaultSpec, device: torch.device):
         self.stream, self.kind, self.epoch, self.step, self.device = stream, spec.kind, spec.epoch, spec.step, device
+        self.file = spec.file
         self.current_epoch = 0  # epochs already trained (set by a run that resumes from a checkpoint)
+        self.resumed = False    # set by a run that resumed from a checkpoint: a kill fault does not fire
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -61,11 +87,26 @@ class FaultyStream:
         self.current_epoch += 1
         for index, batch in enumerate(self.stream):
             if self.current_epoch == self.epoch and index + 1 == self.step:
-                self.fail()
+                self.wait() if self.kind == "wait" else self.fail()
             yield batch
+
+    def wait(self) -> None:
+        """Tell the test where we are (one line per arrival: pid, SLURM restart count), then wait for
+        its file. Polling keeps the main thread in Python code, so signal handlers (submitit's
+        SIGUSR2) run at once."""
+        release = Path(self.file)
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        with open(f"{release}.waiting", "a") as marker:
+            marker.write(f"{os.getpid()} {restarts} epoch {self.epoch} step {self.step}\n")
+        while not release.exists():
+            time.sleep(0.05)
 
     def fail(self) -> None:
         where = f"injected by trainer.fault={self.kind} at epoch {self.epoch}, step {self.step}"
+        if self.kind == "kill":
+            if self.resumed:
+                return
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.kind == "oom":
             if self.device.type == "cuda":  # a real allocation the caching allocator cannot satisfy
                 torch.empty(1 << 50, dtype=torch.uint8, device=self.device)
@@ -76,6 +117,33 @@ class FaultyStream:
                     err.add_note(f"({where})")
                 raise
         raise RuntimeError(f"fault {where}")
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    point: str
+    epoch: int | None = None       # None: the first time the point is reached
+    signal: int = signal.SIGKILL
+
+
+def kill_at() -> KillPoint | None:
+    """The kill point NORMBENCH_KILL_AT names (None when unset), e.g. `checkpoint_saved@2:TERM`."""
+    text = os.environ.get(KILL_AT_ENV)
+    if not text:
+        return None
+    text, _, sig = text.partition(":")
+    point, _, epoch = text.partition("@")
+    if point not in KILL_POINTS:
+        raise ConfigError(KILL_AT_ENV, point, f"choose one of {', '.join(KILL_POINTS)}")
+    return KillPoint(point, int(epoch) if epoch else None,
+                     getattr(signal, f"SIG{sig.upper().removeprefix('SIG')}") if sig else signal.SIGKILL)
+
+
+def kill_point(point: str, epoch: int | None = None) -> None:
+    """Send this process the signal NORMBENCH_KILL_AT asks for when it names this point (and epoch)."""
+    spec = kill_at()
+    if spec is not None and spec.point == point and spec.epoch in (None, epoch):
+        os.kill(os.getpid(), spec.signal)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

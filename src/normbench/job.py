@@ -4,11 +4,17 @@ validate > (sweep: skip a run that is already done, pick its record dir, lock it
 (normbench.run) > (sweep: index entry, curve for the median pruner, journal line). With the basic sweeper
 a run that fails is recorded and the sweep goes on; a single run re-raises. User errors end in one line
 on stderr and exit status 2.
+
+The record is the truth: a summary.json that says this identity is done is never trained again nor
+overwritten, whatever the index says (the index is rebuilt from it), and a dir holding another
+identity's record or checkpoint is never written to. SIGTERM and Ctrl-C record the run `interrupted`
+(a re-run continues it from its checkpoint) and end the process without a traceback.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -19,16 +25,30 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from normbench.checkpoint import checkpoint_identity
 from normbench.device import launcher_jobs, placement
 from normbench.errors import NormbenchError
-from normbench.faults import free_memory, is_out_of_memory
-from normbench.record import CHECKPOINT, Status, read_summary
+from normbench.faults import free_memory, is_out_of_memory, kill_point
+from normbench.interrupts import (
+    EXIT_CODES,
+    MAIN_PID_ENV,
+    is_launcher_worker,
+    pass_on_ctrl_c,
+    raise_on_sigterm,
+    signal_name,
+    signals_held,
+    watch_parent,
+)
+from normbench.record import CHECKPOINT, SUMMARY, Status, read_summary, remove_temp_files, write_rejected
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
-from normbench.sweep.identity import job_dirname, run_identity, seedless_identity
-from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses
+from normbench.sweep.identity import run_identity, run_name, seedless_identity, swept_keys_from_env
+from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses, warn
+from normbench.sweep.objectives import job_objectives, job_return
+from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER
 from normbench.sweep.pruning import build_pruner
 from normbench.validate import RunSpec, validate
 
+SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
 NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # a _target_ string, not an import
 
@@ -42,8 +62,10 @@ class JobInfo:
     sweep_dir: Path | None = None     # multirun only: the sweep's root dir (holds .normbench/)
     job_num: int | None = None        # multirun only: Hydra's job number
     isolate: bool = False             # record a failing run and go on (basic sweeper) instead of raising
+    unrecorded: str | None = None     # why the run's record could not be written (a full disk, ...)
     device: str | None = None         # the device this job trains on (trainer.device, or placed)
     threads: int = 0                  # torch CPU threads for this job (0: torch's default)
+    optuna: dict | None = None        # an Optuna trial's {"study", "trial"} (the sweeper's env_set)
     reported: bool = field(default=False, repr=False)
 
 
@@ -64,7 +86,10 @@ def job_info(cfg: DictConfig, output_dir: str | Path | None = None) -> JobInfo:
         info.output_dir = info.output_dir or Path(hydra_cfg.runtime.output_dir)
         info.choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if k in TAG_GROUPS}
         info.overrides = list(hydra_cfg.overrides.task)
-        info.name = job_dirname(info.overrides)
+        env_set = hydra_cfg.job.get("env_set") or {}
+        if ENV_TRIAL_NUMBER in env_set:
+            info.optuna = {"study": env_set.get(ENV_STUDY), "trial": int(env_set[ENV_TRIAL_NUMBER])}
+        info.name = run_name(info.overrides, swept_keys_from_env(), (info.optuna or {}).get("trial"))
         if hydra_cfg.mode == RunMode.MULTIRUN:
             info.sweep_dir = Path(hydra_cfg.sweep.dir).absolute()
             info.job_num = hydra_cfg.job.get("num")
@@ -81,15 +106,16 @@ def job_info(cfg: DictConfig, output_dir: str | Path | None = None) -> JobInfo:
 
 
 def print_config_tree(cfg: DictConfig) -> None:
+    # Plain text leaves: rich.syntax's YAML highlighting imports pygments, a tenth of a second of start-up.
     from rich import print as rich_print
-    from rich.syntax import Syntax
+    from rich.text import Text
     from rich.tree import Tree
 
     tree = Tree("config", guide_style="dim")
     for key, value in cfg.items():
         branch = tree.add(str(key), style="bold")
         text = OmegaConf.to_yaml(value, resolve=True) if OmegaConf.is_config(value) else str(value)
-        branch.add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
+        branch.add(Text(text.rstrip()))
     rich_print(tree)
 
 
@@ -104,75 +130,126 @@ def journal(info: JobInfo, identity: str | None, status: str, objective, run_dir
     if info.sweep_dir is None or not sweep_id or info.reported:
         return
     job = f"{info.job_num:06d}" if isinstance(info.job_num, int) else f"{identity}-{os.getpid()}"
-    SweepState(info.sweep_dir).journal(sweep_id, job, status=status, identity=identity, objective=objective,
+    SweepState(info.sweep_dir).journal(sweep_id, job, quiet=info.unrecorded is not None, status=status, identity=identity, objective=objective,
                                        dir=str(run_dir) if run_dir else None, error=error)
     info.reported = True
+
+
+def owner(run_dir: Path) -> str | None:
+    """The identity a dir belongs to: its summary.json's, else its checkpoint's (None: nobody's)."""
+    summary = read_summary(run_dir)
+    if summary is not None and summary.get("identity"):
+        return str(summary["identity"])
+    if (run_dir / SUMMARY).exists():  # an unreadable summary: not ours to overwrite unless the checkpoint is
+        return checkpoint_identity(run_dir / CHECKPOINT) or "unknown"
+    if (run_dir / CHECKPOINT).exists():
+        return checkpoint_identity(run_dir / CHECKPOINT)
+    return None
+
+
+def sibling_dir(job_dir: Path, identity: str) -> Path:
+    return job_dir.with_name(f"{job_dir.name}.{identity}")
 
 
 def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
     """Where this identity's record lives: where an earlier attempt of it left its record or
     checkpoint (so a restarted job continues from it even in another job dir), else the job's own
-    dir -- unless that holds the record of another identity (the same overrides after the config
-    changed), which is never overwritten: then a sibling `<job dir>.<identity>`."""
+    dir -- unless that holds the record or checkpoint of another identity (the same overrides after the
+    config changed), which is never overwritten: then a sibling `<job dir>.<identity>`. An index entry
+    pointing at another identity's dir is not followed."""
     entry = state.get(identity)
     if entry and entry.get("dir"):
         earlier = state.run_dir(entry)
-        summary = read_summary(earlier)
-        if (earlier / CHECKPOINT).exists() or (summary and summary.get("identity") == identity):
-            return earlier
-    summary = read_summary(job_dir)
-    if summary is not None and summary.get("identity") != identity:
-        return job_dir.with_name(f"{job_dir.name}.{identity}")
+        if earlier != job_dir:
+            found = owner(earlier)
+            if found == identity or (found is None and (earlier / CHECKPOINT).exists()):
+                return earlier
+            if found is not None:
+                warn(f"the sweep index entry of {identity} points at {earlier}, which holds run {found}: "
+                     "not used")
+    found = owner(job_dir)
+    if found is not None and found != identity:
+        return sibling_dir(job_dir, identity)
     return job_dir
 
 
 def record_in_sweep(state: SweepState, info: JobInfo, run: Run) -> None:
     """The finished run in the sweep's bookkeeping: index entry, curve (median pruner), journal line."""
     summary = run.summary
+    quiet = info.unrecorded is not None  # the job's one line already names the disk's problem
     try:
         state.put(run.identity, dir=run.run_dir, status=summary["status"], objective=summary["objective"],
                   epochs_done=summary["epochs_done"], time_s=summary["metrics"].get("time/total_s"))
         if summary["status"] == Status.COMPLETED and run.history:
             state.add_curve(run.identity, [1.0 - row["val/acc"] for row in run.history])
-        journal(info, run.identity, summary["status"], summary["objective"], run.run_dir)
     except OSError as err:  # never hide the run's own outcome behind a bookkeeping error
-        print(f"normbench: warning: could not update the sweep index: {err}", file=sys.stderr)
+        if not quiet:
+            warn(f"could not update the sweep index: {err}")
+    kill_point("index_updated")
+    journal(info, run.identity, summary["status"], summary["objective"], run.run_dir)
 
 
-def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float:
+def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tuple[float | None, ...]:
     """Train one configuration, record it, and return its validation error (what sweepers minimize).
 
     In a sweep (multirun) the job first looks its identity up in the sweep's index: a run of the same
     training config that already completed (or diverged) is not trained again, its recorded objective
-    is returned. With the basic sweeper a run that raises or runs out of memory is recorded as failed
-    and the sweep goes on (the job returns the worst objective); a single run re-raises.
+    is returned. When the sweeper names its objectives (hydra.sweeper.objectives, see
+    normbench.sweep.objectives) the job returns those metrics instead, a tuple for several. With the
+    basic sweeper a run that raises or runs out of memory is recorded as failed and the sweep goes on
+    (the job returns the worst objective); a single run re-raises.
     """
     info = job_info(cfg, output_dir)
+    raise_on_sigterm()
+    watch_parent()
     if not info.isolate:
-        return _run_job(cfg, info)
+        try:
+            return _run_job(cfg, info)
+        except Exception as exc:
+            _journal_unreported(info, exc)  # e.g. a failed config check in an Optuna sweep
+            raise
     try:
         return _run_job(cfg, info)
     except Exception as exc:  # noqa: BLE001 - failure isolation: the sweep goes on
-        error = str(exc) if isinstance(exc, NormbenchError) else one_line(exc)
+        error = _journal_unreported(info, exc)
         kind = "out of memory" if is_out_of_memory(exc) else "failed"
-        print(f"normbench: job {info.job_num} {kind}: {error} -- recorded, the sweep goes on",
+        recorded = "recorded" if info.unrecorded is None else f"its record could not be written ({info.unrecorded})"
+        print(f"normbench: job {info.job_num} {kind}: {error} -- {recorded}, the sweep goes on",
               file=sys.stderr, flush=True)
-        journal(info, None, Status.FAILED, WORST_OBJECTIVE, None, error)
     free_memory()
     return WORST_OBJECTIVE
 
 
-def _run_job(cfg: DictConfig, info: JobInfo) -> float:
+def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
+    """A sweep job that failed without reporting (before its run started: a failed config check): a
+    journal line for the sweep's closing line, and in its job dir, when that holds no record,
+    `rejected.json` with the reason (listed by the report among the skipped records)."""
+    error = str(exc) if isinstance(exc, NormbenchError) else one_line(exc)
+    if info.sweep_dir is None or info.reported:
+        return error
+    journal(info, None, Status.FAILED, WORST_OBJECTIVE, info.output_dir, error)
+    if info.output_dir is not None and read_summary(info.output_dir) is None:
+        try:
+            write_rejected(info.output_dir, error=error, error_type=type(exc).__name__, overrides=info.overrides)
+        except OSError:
+            pass
+    return error
+
+
+def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]:
     spec = validate(cfg, device=info.device, overrides=info.overrides)
     if info.output_dir is None:
         raise NormbenchError(NO_OUTPUT_DIR)
+    objectives = job_objectives()  # checked before anything runs
     identity = run_identity(cfg)
     if info.sweep_dir is None:
-        return _train(cfg, spec, info, None, identity)
+        return _train(cfg, spec, info, None, identity, objectives)
     state = SweepState(info.sweep_dir)
     state.ensure_index()
     with state.lock(identity):
-        done = state.done(identity, done_statuses(spec.pruning["name"] != "none"))
+        statuses = done_statuses(spec.pruning["name"] != "none")
+        done = state.done(identity, statuses) or state.recover(
+            identity, statuses, [info.output_dir, sibling_dir(info.output_dir, identity)])
         if done is not None:
             objective = done.get("objective")
             objective = WORST_OBJECTIVE if objective is None else float(objective)
@@ -180,18 +257,20 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float:
             print(f"normbench: skipped {identity}: already {done['status']} in {run_dir} "
                   f"(objective {objective:.4f})", flush=True)
             journal(info, identity, SKIPPED, objective, run_dir)
-            return objective
+            return job_return(objectives, read_summary(run_dir) or {}, objective)
         info.output_dir = choose_run_dir(state, identity, info.output_dir)
+        remove_temp_files(info.output_dir)
         state.put(identity, dir=info.output_dir, status=Status.RUNNING, objective=None, pid=os.getpid(),
                   host=socket.gethostname())
-        return _train(cfg, spec, info, state, identity)
+        return _train(cfg, spec, info, state, identity, objectives)
 
 
-def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | None, identity: str) -> float:
+def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | None, identity: str,
+           objectives: list[str] | None = None) -> float | tuple[float | None, ...]:
     print_config_tree(cfg)
     run_info = RunInfo(run_dir=info.output_dir, identity=identity, seedless_identity=seedless_identity(cfg),
                        choices=info.choices, overrides=info.overrides, name=info.name, job_num=info.job_num,
-                       threads=info.threads)
+                       threads=info.threads, optuna=info.optuna)
     run = Run(cfg, spec, run_info)
     try:
         run.pruner = build_pruner(cfg, run.run_dir, info.sweep_dir, identity)
@@ -201,21 +280,61 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
         if run.record is not None or info.isolate:
             _finish(run, state, info, Status.FAILED, str(err), type(err).__name__, write_without_record=True)
         raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Interrupted)
+        name = signal_name(exc)
+        with signals_held():
+            _finish(run, state, info, Status.INTERRUPTED, f"interrupted by {name}", name,
+                    write_without_record=info.isolate)
+        print(f"normbench: {identity} interrupted by {name} after {run.summary['epochs_done']} epoch(s); "
+              f"recorded in {run.run_dir}; run the same command to continue it", file=sys.stderr, flush=True)
+        if is_launcher_worker():  # the sweep process is gone or going: so does its worker
+            sys.stdout.flush()
+            os._exit(EXIT_CODES.get(name, 130))
+        raise
+    except SystemExit as exc:
+        if not os.environ.get(SUBMITIT_ENV):
+            _finish(run, state, info, Status.FAILED, one_line(exc), type(exc).__name__,
+                    write_without_record=info.isolate)
+            raise
+        # submitit leaves this way after it requeued the job on SLURM's time-limit signal (SIGUSR2,
+        # through the launcher's checkpoint): the run goes on in the job's next attempt
+        with signals_held():
+            _finish(run, state, info, Status.INTERRUPTED, "interrupted by SIGUSR2 (SLURM time limit): "
+                    "requeued by submitit", "SIGUSR2", write_without_record=info.isolate)
+        print(f"normbench: {identity} requeued at its time limit after {run.summary['epochs_done']} "
+              f"epoch(s); it continues from its checkpoint when SLURM starts it again", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not cut the exit short
+        raise
     except BaseException as exc:
         error_type = "OutOfMemoryError" if is_out_of_memory(exc) else type(exc).__name__
         _finish(run, state, info, Status.FAILED, one_line(exc), error_type, write_without_record=info.isolate)
         raise
     _finish(run, state, info)
-    return objective
+    return job_return(objectives, run.summary, objective)
 
 
 def _finish(run: Run, state: SweepState | None, info: JobInfo, status: Status | None = None,
             error: str | None = None, error_type: str | None = None, write_without_record: bool = False) -> None:
+    """The final summary, then the sweep's bookkeeping. A record that cannot be written (a full disk,
+    a read-only dir) is said once (info.unrecorded, in the job's one line); a run that had finished
+    but could not record it counts as failed."""
+    write_error = None
     try:
         run.finish(status, error, error_type, write_without_record)
-    finally:
-        if state is not None:
-            record_in_sweep(state, info, run)
+    except OSError as err:
+        write_error = err
+        info.unrecorded = f"{type(err).__name__}: {err.strerror or err}"
+        if status is None:
+            run.summary.update(status=Status.FAILED, error=one_line(err), error_type=type(err).__name__)
+        if not info.isolate:
+            print(f"normbench: could not write the record of {run.identity} in {run.run_dir}: "
+                  f"{info.unrecorded}", file=sys.stderr, flush=True)
+    else:
+        kill_point("summary_written")
+    if state is not None:
+        record_in_sweep(state, info, run)
+    if write_error is not None and status is None:
+        raise write_error
 
 
 def main(cfg: DictConfig) -> float:
@@ -225,3 +344,24 @@ def main(cfg: DictConfig) -> float:
     except NormbenchError as err:
         print(f"normbench: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper's to handle (the basic sweeper's jobs never get here)
+        print(f"normbench: {one_line(err)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def cli(hydra_main) -> None:
+    """bench/train.py's entry: SIGTERM and Ctrl-C end it without a traceback -- the interrupted run
+    is recorded `interrupted` (by the job), a sweep prints its closing line (the callback's
+    on_multirun_end runs on the way out) -- with status 130 (Ctrl-C) or 143 (SIGTERM)."""
+    os.environ[MAIN_PID_ENV] = str(os.getpid())
+    raise_on_sigterm()
+    pass_on_ctrl_c()
+    try:
+        hydra_main()
+    except KeyboardInterrupt as exc:
+        name = signal_name(exc)
+        print(f"normbench: interrupted by {name}; run the same command to continue", file=sys.stderr,
+              flush=True)
+        sys.exit(EXIT_CODES.get(name, 130))

@@ -33,16 +33,29 @@ def wandb_mode(setting: str) -> str:
 
 
 class WandbSink:
-    """One W&B run per training job. Epoch metrics use `epoch` as x-axis, per-step ones `step`."""
+    """One W&B run per run record. Epoch metrics use `epoch` as x-axis, per-step ones `step`; every row
+    is logged at its training step (W&B's `_step`), so that a resumed run can send its record again
+    and W&B keeps each step once: rows before the step W&B resumed at are not sent.
+
+    `run_id`: continue that W&B run (`resume="allow"`) instead of starting a new one. `run_dir`: where
+    W&B keeps its files (None: W&B's own choice, i.e. `WANDB_DIR`)."""
 
     def __init__(self, *, project: str, entity: str | None, group: str, name: str, tags: list[str],
-                 config: dict, run_dir: Path, mode: str):
+                 config: dict, run_dir: Path | None, mode: str, run_id: str | None = None):
         import wandb
 
         self._wandb = wandb
         self.run = wandb.init(project=project, entity=entity, group=group, name=name, tags=tags,
-                              config=config, dir=str(run_dir), mode=mode, reinit="create_new",
-                              job_type="train")
+                              config=config, dir=str(run_dir) if run_dir is not None else None, mode=mode,
+                              reinit="create_new", job_type="train", id=run_id,
+                              resume="allow" if run_id else None)
+        # online, a resumed run holds the steps before this one; offline each attempt is its own file
+        self.first_step = self.run.starting_step
+        self.run_id: str = self.run.id
+        self.url: str | None = None if self.run.offline else self.run.url
+        self.files_dir = Path(self.run.dir).parent  # the W&B run's local dir (offline: offline-run-<time>-<id>)
+        self.last_step = 0
+        self._probes: list[dict] = []  # logged with the step rows they belong to (those come later)
         self.run.define_metric("step")
         self.run.define_metric("epoch")
         self.run.define_metric("step/*", step_metric="step")
@@ -50,18 +63,45 @@ class WandbSink:
         for pattern in EPOCH_METRICS:
             self.run.define_metric(pattern, step_metric="epoch")
 
+    def _log(self, data: dict, step: int) -> None:
+        if step < self.first_step:  # W&B holds this step already (and would drop it, with a warning)
+            return
+        self.run.log(data, step=step)
+        self.last_step = max(self.last_step, step)
+
+    def _flush_probes(self, upto: float) -> None:
+        while self._probes and self._probes[0]["step"] <= upto:
+            row = self._probes.pop(0)
+            self._log({k: v for k, v in row.items() if k != "epoch"}, row["step"])
+
     def log_steps(self, rows: list[dict]) -> None:
         for row in rows:
-            self.run.log({"step": row["step"], "step/loss": row["train/loss"], "step/lr": row["lr"]})
+            self._flush_probes(row["step"])
+            self._log({"step": row["step"], "step/loss": row["train/loss"], "step/lr": row["lr"]}, row["step"])
 
     def log_epoch(self, row: dict) -> None:
-        self.run.log(dict(row))
+        self._flush_probes(row["step"])
+        self._log(dict(row), row["step"])
 
     def log_probe(self, row: dict) -> None:
-        self.run.log({k: v for k, v in row.items() if k != "epoch"})
+        self._probes.append(row)
 
     def log_images(self, images: dict) -> None:
-        self.run.log({name: self._wandb.Image(image) for name, image in images.items()})
+        self._flush_probes(float("inf"))
+        self._log({name: self._wandb.Image(image) for name, image in images.items()},
+                  max(self.last_step, self.first_step))
+
+    def replay(self, steps: list[dict], epochs: list[dict], probes: list[dict]) -> None:
+        """A resumed run's record so far (what its checkpoint covers), in step order: W&B keeps the
+        steps it lacks (offline: all of them, so that the resumed attempt's file holds every epoch)."""
+        self._probes.extend(probes)  # held back until the step rows reach their step, as in training
+        rows = sorted([(row["step"], 0, row) for row in steps] + [(row["step"], 1, row) for row in epochs],
+                      key=lambda item: item[:2])  # at one step: the step row, then the epoch row
+        for _, is_epoch, row in rows:
+            if is_epoch:
+                self.log_epoch(row)
+            else:
+                self.log_steps([row])
 
     def log_summary(self, summary: dict) -> None:
         for key, value in summary.get("metrics", {}).items():
@@ -71,6 +111,7 @@ class WandbSink:
             self.run.summary[key] = value.value if isinstance(value, Enum) else value  # W&B stores an Enum's name
 
     def finish(self, failed: bool = False) -> None:
+        self._flush_probes(float("inf"))
         self.run.finish(exit_code=1 if failed else 0)
 
 
@@ -101,10 +142,32 @@ class ConsoleSink:
                       "%.0f img/s", row["epoch"], self.epochs, row["train/loss"], row["train/acc"],
                       row["val/loss"], row["val/acc"], row["throughput/img_s"])
 
-    def log_summary(self, summary: dict) -> None:
-        metrics = summary.get("metrics", {})
-        self.log.info("%s: test/acc %s  val/best_acc %s  (%s)", summary["status"], metrics.get("test/acc"),
-                      metrics.get("val/best_acc"), summary["identity"])
-
     def __getattr__(self, name):  # steps, probes, images: nothing to print
         return lambda *args, **kwargs: None
+
+
+def shown_path(path: Path | str) -> str:
+    """A path relative to the current dir when it is below it (as the user typed the command)."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def final_line(summary: dict, run_dir: Path, wandb_sink: WandbSink | None) -> str:
+    """The run's last console line: status, test accuracy, the record dir, the W&B run."""
+    status = summary["status"]
+    status = status.value if isinstance(status, Enum) else str(status)
+    if summary.get("error_type"):
+        status = f"{status} ({summary['error_type']})"
+    accuracy = summary.get("metrics", {}).get("test/acc")
+    accuracy = f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "-"
+    if wandb_sink is None:
+        tracked = "W&B off"
+    elif wandb_sink.url:
+        tracked = f"W&B {wandb_sink.url}"
+    else:
+        files = shown_path(wandb_sink.files_dir)
+        tracked = f"W&B offline run {wandb_sink.run_id}: wandb sync {files}"
+    return f"normbench: {status}  test/acc {accuracy}  record {shown_path(run_dir)}  {tracked}"

@@ -45,6 +45,11 @@ def build_model(model_cfg, *, num_classes: int, in_channels: int, image_size: in
                        dropout=model_cfg.get("dropout", 0.0), _execution_whitelist_=list(allowed_targets))
 
 
+def model_name(model_cfg) -> str:
+    """The model's name for per-model policies: its `_target_`'s last component (vgg_a_light is vgg_a)."""
+    return str(model_cfg.get("_target_", "")).rsplit(".", 1)[-1]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -59,18 +64,45 @@ def vgg_a(*, num_classes: int, in_channels: int, image_size: int, norm: NormFact
     return VGG(norm, activation, num_classes, float(width), float(dropout), int(image_size), int(in_channels))
 
 
+# Study 002's text gives conv2's kernels as 5x5x48 and conv4/conv5's as 3x3x192: Krizhevsky's two-GPU
+# grouping (groups=2 on conv2, conv4, conv5). conv_groups=1 (the default) is the usual single-GPU AlexNet.
+GROUPED_LAYERS = (2, 4, 5)
+NORM_AT = ("after_pool", "before_pool")
+
+
 def alexnet(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
-            activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5, **_) -> nn.Module:
-    """The study's AlexNet (224x224 input), classifier 4096-4096-classes."""
+            activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5, conv_groups: int = 1,
+            norm_at: str = "after_pool", norm_layers=(1, 2, 3, 4, 5), **_) -> nn.Module:
+    """The study's AlexNet (224x224 input), classifier 4096-4096-classes.
+
+    conv_groups: 1, or 2 for the text's grouped conv2/conv4/conv5. norm_at: after_pool (the norm follows
+    the block's pooling, where the study's LayerNorm shapes [96,27,27] ... put it) or before_pool (after the
+    ReLU, where Krizhevsky's LRN sits). norm_layers: which conv blocks (1-5) get a norm (LRN as in
+    Krizhevsky: [1, 2])."""
     return AlexNet(ALEXNET, norm, activation, num_classes, float(width), float(dropout), int(image_size),
-                   int(in_channels), hidden=4096, pooled=6)
+                   int(in_channels), hidden=4096, pooled=6,
+                   **_layout(conv_groups, norm_at, norm_layers))
 
 
 def alexnet_cifar(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
-                  activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5, **_) -> nn.Module:
-    """AlexNet-style net for native 32x32 input, classifier 1024-1024-classes."""
+                  activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5, conv_groups: int = 1,
+                  norm_at: str = "after_pool", norm_layers=(1, 2, 3, 4, 5), **_) -> nn.Module:
+    """AlexNet-style net for native 32x32 input, classifier 1024-1024-classes (options as alexnet)."""
     return AlexNet(ALEXNET_CIFAR, norm, activation, num_classes, float(width), float(dropout), int(image_size),
-                   int(in_channels), hidden=1024, pooled=3)
+                   int(in_channels), hidden=1024, pooled=3,
+                   **_layout(conv_groups, norm_at, norm_layers))
+
+
+def _layout(conv_groups, norm_at, norm_layers) -> dict:
+    if isinstance(conv_groups, bool) or conv_groups not in (1, 2):
+        raise ConfigError("model.conv_groups", conv_groups, "choose 1 (no grouping) or 2 (study 002's text: "
+                                                            "grouped conv2, conv4, conv5)")
+    if norm_at not in NORM_AT:
+        raise ConfigError("model.norm_at", norm_at, f"choose one of {', '.join(NORM_AT)}")
+    layers = tuple(norm_layers) if norm_layers is not None else ()
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= 5 for i in layers):
+        raise ConfigError("model.norm_layers", list(layers), "a list of conv block numbers 1-5, e.g. [1,2,3,4,5]")
+    return {"groups": {i: conv_groups for i in GROUPED_LAYERS}, "norm_at": norm_at, "norm_layers": set(layers)}
 
 
 def scaled(channels: int, width: float) -> int:
@@ -131,20 +163,31 @@ class AlexNet(nn.Module):
     study's LayerNorm shapes [96,27,27] ... [256,6,6] show), then a dropout classifier."""
 
     def __init__(self, spec, norm: NormFactory, act: ActivationFactory, num_classes: int, width: float,
-                 dropout: float, input_size: int, in_channels: int, hidden: int, pooled: int):
+                 dropout: float, input_size: int, in_channels: int, hidden: int, pooled: int,
+                 groups: dict[int, int] | None = None, norm_at: str = "after_pool",
+                 norm_layers: set[int] | None = None):
         super().__init__()
+        groups = groups or {}
+        norm_layers = {1, 2, 3, 4, 5} if norm_layers is None else norm_layers
         layers: list[nn.Module] = []
         in_ch, spatial = in_channels, input_size
-        for out, kernel, stride, padding, pool in spec:
+        for index, (out, kernel, stride, padding, pool) in enumerate(spec, start=1):
             out_ch = scaled(out, width)
-            layers += [nn.Conv2d(in_ch, out_ch, kernel, stride, padding), act()]
+            g = groups.get(index, 1)
+            if in_ch % g or out_ch % g:
+                raise ConfigError("model.conv_groups", g, f"must divide conv{index}'s {in_ch} -> {out_ch} channels "
+                                                          f"(use conv_groups=1 at this model.width)")
+            layers += [nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=g), act()]
             spatial = (spatial + 2 * padding - kernel) // stride + 1
+            if index in norm_layers and norm_at == "before_pool":
+                layers.append(norm(out_ch, spatial))
             if pool:
                 layers.append(nn.MaxPool2d(3, 2))
                 spatial = (spatial - 3) // 2 + 1
             if spatial < 1:
                 raise ConfigError("model.input_size", input_size, "too small for this model")
-            layers.append(norm(out_ch, spatial))
+            if index in norm_layers and norm_at == "after_pool":
+                layers.append(norm(out_ch, spatial))
             in_ch = out_ch
         self.features = _without_identities(layers)
         self.pool = nn.AdaptiveAvgPool2d(pooled)

@@ -6,10 +6,13 @@ The training loop calls every probe after ``loss.backward()`` and before ``optim
     metrics = probe.on_step(step, model, closure, lr)   # dict[str, float] or None
 
 so ``p.grad`` holds the (unscaled) mini-batch gradient g at the weights w, and ``closure()`` runs the
-forward pass on the same mini-batch (under the loop's autocast, with autograd enabled) and returns the
-scalar loss without backpropagating it.  On non-probe steps a probe returns None and does (almost) nothing.
+forward pass on the same mini-batch in float32 (autocast off: ``fp32_closure``; with autograd enabled) and
+returns the scalar loss without backpropagating it.  On non-probe steps a probe returns None and does
+(almost) nothing.  Probes are float32 whatever the training precision: under bf16/fp16 training the trainer
+calls ``run_probes(..., loop_grads_fp32=False)``, which recomputes the mini-batch gradient in float32 on the
+steps a probe reads it (``reads_gradient(step)``) and puts the loop's gradients back afterwards.
 
-Two probes:
+Three probes:
 
 ``landscape`` (``LandscapeProbe``) -- along the gradient direction.  For ``num_steps`` step sizes
   η = lr·f, f geometrically (``spacing: log``, default) or evenly (``linear``) spaced in
@@ -35,9 +38,19 @@ Two probes:
 
     probe/grad_cos                   cosine similarity  <g_t, g_{t-1}> / (‖g_t‖‖g_{t-1}‖)  (nan if a norm is 0)
     probe/grad_l2                    ‖g_t − g_{t-1}‖
+    probe/lipschitz                  ‖g_t − g_{t-1}‖ / ‖w_t − w_{t-1}‖  (Lipschitz estimate along the path;
+                                     left out when the weights did not move)
 
-  A copy of the gradient is kept only at steps t − 1 preceding a probe step (one flat copy of the
-  parameters), so the cost is two flattens and one reduction per ``interval`` steps.
+  A copy of the gradient and of the weights is kept only at steps t − 1 preceding a probe step, so the
+  cost is a few flattens and reductions per ``interval`` steps.
+
+``grad_variance`` (``GradVarianceProbe``) -- the mini-batch gradients g_1..g_k of the ``window`` = k
+  consecutive steps ending at each probe step (t % interval == 0), their mean ḡ:
+
+    probe/grad_var                   Σ_i ‖g_i − ḡ‖² / (k − 1)   (trace of the sample covariance)
+    probe/grad_var_rel               grad_var / ‖ḡ‖²
+
+  Welford's update: one gradient-sized running mean during the window.
 
 ``build_probes(cfg)`` turns a ``conf/probe/<name>.yaml`` node into a list of probes; ``name: none`` -> [].
 All metric values are Python floats.
@@ -45,6 +58,7 @@ All metric values are Python floats.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -58,13 +72,18 @@ from normbench.errors import ConfigError
 __all__ = [
     "PROBE_NAMES",
     "GradSimilarityProbe",
+    "GradVarianceProbe",
     "LandscapeProbe",
     "Probe",
     "build_probes",
+    "capture_rng",
+    "fp32_closure",
+    "probe_batch",
+    "reads_gradient",
     "run_probes",
 ]
 
-PROBE_NAMES = ("none", "landscape", "grad_similarity", "all")
+PROBE_NAMES = ("none", "landscape", "grad_similarity", "grad_variance", "all")
 
 
 @runtime_checkable
@@ -78,15 +97,123 @@ class Probe(Protocol):
 
 
 def run_probes(
-    probes: list[Probe], step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
+    probes: list[Probe],
+    step: int,
+    model: nn.Module,
+    closure: Callable[[], Tensor],
+    lr: float,
+    loop_grads_fp32: bool = True,
+    rng_at_forward: RngState | None = None,
 ) -> dict[str, float] | None:
-    """Run every probe for this step; the merged metrics, or None when no probe measured anything."""
+    """Run every probe for this step; the merged metrics, or None when no probe measured anything.
+
+    ``closure`` must compute in float32 (see ``fp32_closure``). ``loop_grads_fp32=False`` says the
+    loop's ``p.grad`` came from an autocast (bf16/fp16) backward: then, on a step where a probe reads the
+    mini-batch gradient, it is recomputed once in float32 on the same batch and every probe sees that one
+    (the loop's gradients are put back afterwards), so probe values do not depend on the training
+    precision. ``rng_at_forward`` (``capture_rng()`` taken before the training forward) makes that
+    recomputation use the training step's dropout mask too."""
+    readers = [p for p in probes if _reads_gradient(p, step)]
+    swapped: list[tuple[nn.Parameter, Tensor | None]] | None = None
+    if readers and not loop_grads_fp32:
+        swapped = _swap_in_fp32_grads(model, closure, rng_at_forward)
     merged: dict[str, float] = {}
-    for probe in probes:
-        out = probe.on_step(step, model, closure, lr)
-        if out:
-            merged.update(out)
+    try:
+        for probe in probes:
+            out = probe.on_step(step, model, closure, lr)
+            if out:
+                merged.update(out)
+    finally:
+        if swapped is not None:
+            for p, g in swapped:
+                p.grad = g
     return merged or None
+
+
+def fp32_closure(loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """``loss_fn`` run with autocast switched off (CPU and CUDA): float32 weights, activations, gradients."""
+
+    def closure() -> Tensor:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return loss_fn()
+
+    return closure
+
+
+def probe_batch(
+    probes: list[Probe],
+    step: int,
+    model: nn.Module,
+    criterion: Callable[..., Tensor],
+    x: Tensor,
+    y: Tensor,
+    lr: float,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float] | None:
+    """One probe step as the trainer runs it, for scripts (e.g. a GPU check): the training forward and
+    backward under ``amp_dtype`` autocast (None: fp32), then the probes in float32. ``criterion`` is
+    called as ``criterion(logits, y, model)`` (normbench.losses). Leaves ``p.grad`` set."""
+    device_type = x.device.type
+    model.zero_grad(set_to_none=True)
+    rng = capture_rng() if amp_dtype is not None else None
+    ctx = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with ctx:
+        loss = criterion(model(x), y, model)
+    loss.float().backward()
+    closure = fp32_closure(lambda: criterion(model(x), y, model))
+    return run_probes(probes, step, model, closure, lr, loop_grads_fp32=amp_dtype is None, rng_at_forward=rng)
+
+
+RngState = tuple[Tensor, list[Tensor] | None]
+
+
+def capture_rng() -> RngState:
+    """The CPU and (when initialised) CUDA RNG states, e.g. before a training forward."""
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng(state: RngState) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def reads_gradient(probes: list[Probe], step: int) -> bool:
+    """Whether any probe reads the mini-batch gradient at ``step``."""
+    return any(_reads_gradient(p, step) for p in probes)
+
+
+def _reads_gradient(probe: Probe, step: int) -> bool:
+    reads = getattr(probe, "reads_gradient", None)
+    return True if reads is None else bool(reads(step))
+
+
+def _swap_in_fp32_grads(
+    model: nn.Module, closure: Callable[[], Tensor], rng: RngState | None = None
+) -> list[tuple[nn.Parameter, Tensor | None]]:
+    """Replace every ``p.grad`` by the float32 gradient of ``closure`` at the current weights, computed
+    under ``rng`` (the training forward's RNG state, so its dropout mask; default: the current state);
+    returns the originals. Buffers, modes and the current RNG state are restored."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = _ModelState(model)
+    try:
+        if rng is not None:
+            _set_rng(rng)
+        else:
+            state.reset_rng()
+        with torch.enable_grad():
+            loss = closure()
+            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+    finally:
+        state.reset_buffers_and_modes()
+        state.reset_rng()
+    original = [(p, p.grad) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.detach().to(p.dtype)
+    return original
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,6 +305,9 @@ class LandscapeProbe:
         self.num_steps = int(num_steps)
         self.spacing = spacing
 
+    def reads_gradient(self, step: int) -> bool:
+        return step % self.interval == 0
+
     def eta_grid(self, lr: float) -> list[float]:
         """The step sizes η probed for learning rate ``lr`` (ascending)."""
         lo, hi, n = self.eta_min_factor, self.eta_max_factor, self.num_steps
@@ -265,27 +395,41 @@ class LandscapeProbe:
 # consecutive-gradient similarity
 
 
-def _flat_grad(model: nn.Module) -> Tensor | None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params or all(p.grad is None for p in params):
-        return None
+def _flat(tensors: list[Tensor | None], params: list[nn.Parameter]) -> Tensor:
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     parts = [
-        (p.grad.detach().reshape(-1) if p.grad is not None else p.new_zeros(p.numel())).to(dtype)
-        for p in params
+        (t.detach().reshape(-1) if t is not None else p.new_zeros(p.numel())).to(dtype)
+        for t, p in zip(tensors, params)
     ]
     return torch.cat(parts)  # a fresh tensor: safe to keep across steps
 
 
+def _flat_grad(model: nn.Module) -> Tensor | None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or all(p.grad is None for p in params):
+        return None
+    return _flat([p.grad for p in params], params)
+
+
+def _flat_weights(model: nn.Module) -> Tensor | None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _flat(list(params), params) if params else None
+
+
 class GradSimilarityProbe:
-    """Cosine similarity and l2 distance of the mini-batch gradients of steps t − 1 and t."""
+    """Cosine similarity and l2 distance of the mini-batch gradients of steps t − 1 and t, and their
+    difference over the weight step between them (a Lipschitz estimate along the training path)."""
 
     name = "grad_similarity"
 
     def __init__(self, interval: int = 10):
         self.interval = int(interval)
         self._prev: Tensor | None = None
+        self._prev_w: Tensor | None = None
         self._prev_step: int | None = None
+
+    def reads_gradient(self, step: int) -> bool:
+        return step % self.interval == 0 or (step + 1) % self.interval == 0
 
     def on_step(
         self, step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
@@ -294,24 +438,83 @@ class GradSimilarityProbe:
         is_probe = step % self.interval == 0
         keep = (step + 1) % self.interval == 0
         cur = _flat_grad(model) if (is_probe or keep) else None
+        cur_w = _flat_weights(model) if cur is not None else None
         if is_probe and cur is not None and self._prev is not None and self._prev_step == step - 1:
-            prev = self._prev
+            prev, prev_w = self._prev, self._prev_w
             if prev.numel() == cur.numel():
                 dot = torch.dot(cur, prev).double()
                 n_cur = torch.linalg.vector_norm(cur).double()
                 n_prev = torch.linalg.vector_norm(prev).double()
                 l2 = torch.linalg.vector_norm(cur - prev).double()
-                dot, n_cur, n_prev, l2 = torch.stack([dot, n_cur, n_prev, l2]).cpu().tolist()
+                dw = torch.linalg.vector_norm(cur_w - prev_w).double()
+                dot, n_cur, n_prev, l2, dw = torch.stack([dot, n_cur, n_prev, l2, dw]).cpu().tolist()
                 denom = n_cur * n_prev
                 cos = dot / denom if denom > 0 else math.nan
                 if math.isfinite(cos):
                     cos = max(-1.0, min(1.0, cos))
                 out = {"probe/grad_cos": float(cos), "probe/grad_l2": float(l2)}
+                if dw > 0 and math.isfinite(l2 / dw):
+                    out["probe/lipschitz"] = float(l2 / dw)
         if keep and cur is not None:
-            self._prev, self._prev_step = cur, step
+            self._prev, self._prev_w, self._prev_step = cur, cur_w, step
         else:
-            self._prev, self._prev_step = None, None
+            self._prev, self._prev_w, self._prev_step = None, None, None
         return out
+
+
+class GradVarianceProbe:
+    """Variance of the mini-batch gradient over the ``window`` consecutive steps ending at each probe step."""
+
+    name = "grad_variance"
+
+    def __init__(self, interval: int = 50, window: int = 4):
+        self.interval = int(interval)
+        self.window = min(int(window), self.interval)  # windows never overlap; interval 1: nothing to measure
+        self._count = 0
+        self._mean: Tensor | None = None
+        self._m2: Tensor | None = None  # sum of squared deviations (Welford), float64 0-dim
+        self._last_step: int | None = None
+
+    def reads_gradient(self, step: int) -> bool:
+        return (-step) % self.interval < self.window  # step is one of the window's steps
+
+    def on_step(
+        self, step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
+    ) -> dict[str, float] | None:
+        if not self.reads_gradient(step):
+            return None
+        g = _flat_grad(model)
+        if g is None or (self._last_step is not None and self._last_step != step - 1):
+            self._reset()
+        if g is None:
+            return None
+        self._last_step = step
+        # Welford: stable in float32 even when the variance is small against the mean's norm
+        self._count += 1
+        if self._mean is None:
+            self._mean, self._m2 = g.clone(), torch.zeros((), dtype=torch.float64, device=g.device)
+        else:
+            delta = g - self._mean
+            self._mean.add_(delta, alpha=1.0 / self._count)
+            self._m2 += torch.dot(delta, g - self._mean).double()
+        if step % self.interval != 0:
+            return None
+        k, mean, m2 = self._count, self._mean, self._m2
+        self._reset()
+        if k < 2:
+            return None
+        var, mean_sq = (
+            torch.stack([m2 / (k - 1), torch.linalg.vector_norm(mean).double().square()]).cpu().tolist()
+        )
+        if not math.isfinite(var):
+            return None
+        return {
+            "probe/grad_var": float(var),
+            "probe/grad_var_rel": float(var / mean_sq) if mean_sq > 0 else math.nan,
+        }
+
+    def _reset(self) -> None:
+        self._count, self._mean, self._m2, self._last_step = 0, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,6 +523,7 @@ class GradSimilarityProbe:
 
 _LANDSCAPE_KEYS = {"interval", "eta_min_factor", "eta_max_factor", "num_steps", "spacing"}
 _SIMILARITY_KEYS = {"interval"}
+_VARIANCE_KEYS = {"interval", "window"}
 _LANDSCAPE_DEFAULTS = {
     "interval": 50,
     "eta_min_factor": 0.5,
@@ -328,6 +532,7 @@ _LANDSCAPE_DEFAULTS = {
     "spacing": "log",
 }
 _SIMILARITY_DEFAULTS = {"interval": 10}
+_VARIANCE_DEFAULTS = {"interval": 50, "window": 4}
 
 
 def _to_dict(cfg: Any) -> dict:
@@ -389,29 +594,39 @@ def _similarity(prefix: str, cfg: dict, interval: Any = None) -> GradSimilarityP
     return GradSimilarityProbe(interval=_check_interval(f"{prefix}.interval", c["interval"]))
 
 
+def _variance(prefix: str, cfg: dict, interval: Any = None) -> GradVarianceProbe:
+    _check_keys(prefix, cfg, _VARIANCE_KEYS)
+    c = {**_VARIANCE_DEFAULTS, **cfg}
+    if interval is not None:
+        c["interval"] = interval
+    every = _check_interval(f"{prefix}.interval", c["interval"])
+    window = c["window"]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ConfigError(f"{prefix}.window", window, "an integer number of consecutive steps >= 2")
+    return GradVarianceProbe(interval=every, window=window)
+
+
+_SUB_PROBES = {"landscape": _landscape, "grad_similarity": _similarity, "grad_variance": _variance}
+
+
 def build_probes(probe_cfg: Any) -> list[Probe]:
     """Probes from a ``conf/probe/<name>.yaml`` node (DictConfig or mapping); raises ConfigError."""
     cfg = _to_dict(probe_cfg)
     name = cfg.pop("name", "none")
     if name in (None, "none"):
         return []
-    if name == "landscape":
-        return [_landscape("probe", cfg)]
-    if name == "grad_similarity":
-        return [_similarity("probe", cfg)]
+    if name in _SUB_PROBES:
+        return [_SUB_PROBES[name]("probe", cfg)]
     if name == "all":
-        _check_keys("probe", cfg, {"interval", "landscape", "grad_similarity"})
+        _check_keys("probe", cfg, {"interval", *_SUB_PROBES})
         interval = cfg.get("interval")
         if interval is not None:
             _check_interval("probe.interval", interval)
-        subs = {}
-        for key in ("landscape", "grad_similarity"):
+        probes: list[Probe] = []
+        for key, build in _SUB_PROBES.items():
             sub = cfg.get(key) or {}
             if not isinstance(sub, Mapping):
                 raise ConfigError(f"probe.{key}", sub, "a mapping of that probe's settings")
-            subs[key] = dict(sub)
-        return [
-            _landscape("probe.landscape", subs["landscape"], interval),
-            _similarity("probe.grad_similarity", subs["grad_similarity"], interval),
-        ]
+            probes.append(build(f"probe.{key}", dict(sub), interval))
+        return probes
     raise ConfigError("probe.name", name, f"one of: {', '.join(PROBE_NAMES)}")

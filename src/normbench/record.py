@@ -7,6 +7,7 @@ takes the file names, the statuses and the summary keys from here. The format: d
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ class Status(str, Enum):
     DIVERGED = "diverged"
     FAILED = "failed"
     PRUNED = "pruned"
+    INTERRUPTED = "interrupted"   # stopped by SIGTERM or Ctrl-C; a re-run continues it from its checkpoint
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -39,9 +41,12 @@ METRICS = "metrics.jsonl"
 STEPS = "steps.jsonl"
 PROBES = "probes.jsonl"
 FILTERS = "filters.png"
+# A sweep job that failed before its run started (a failed config check) leaves this instead of a
+# summary.json: {"status": "failed", "error", "error_type", "overrides", "at"}; the report lists it as skipped.
+REJECTED = "rejected.json"
 CHECKPOINT = "checkpoint.pt"
 JSONL = (METRICS, STEPS, PROBES)
-RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS})
+RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS, REJECTED})
 
 # summary.json keys every record has, with their types.
 SUMMARY_KEYS: dict[str, type] = {
@@ -50,12 +55,29 @@ SUMMARY_KEYS: dict[str, type] = {
 # The identity without the seed: runs that differ only in their seed share it (the report pools them).
 # Records written before normbench 0.2 lack it.
 SEEDLESS_IDENTITY = "seedless_identity"
+# The W&B run that tracks this record (written when it opens, so that a resumed run continues it):
+# its id, its url (online runs only) and its local files dir (that of the latest attempt). Absent with
+# logger=none.
+WANDB_RUN_ID = "wandb_run_id"
+WANDB_URL = "wandb_url"
+WANDB_FILES = "wandb_dir"
 # Metrics every completed run reports (a value may be null where it could not be measured).
 FINAL_METRICS = (
     "test/loss", "test/acc", "val/best_acc", "val/acc", "val/loss", "train/loss", "train/acc",
     "convergence/epoch", "model/params", "memory/peak_mb", "time/total_s", "throughput/img_s",
 )
 REQUIRED_COMPLETED_METRICS = ("test/acc", "val/best_acc")
+LEARN_MARGIN = 0.05  # accuracy points above chance a run must reach to count as having learned
+
+
+def learned_threshold(num_classes: int, num_images: int = 0, margin: float = LEARN_MARGIN) -> float:
+    """The accuracy above which a run has learned: chance (1/num_classes) plus `margin`, or plus three
+    binomial standard deviations of a chance-level classifier on `num_images` images if that is more (a
+    small validation split reaches chance + 5 points by luck). Used for the convergence epoch (null for a
+    run that never learns) and the report's effective learning-rate range."""
+    chance = 1.0 / max(int(num_classes), 1)
+    noise = 3.0 * math.sqrt(chance * (1.0 - chance) / num_images) if num_images > 0 else 0.0
+    return chance + max(margin, noise)
 
 
 def now_iso() -> str:
@@ -124,11 +146,49 @@ def _json_default(value):
     return str(value)
 
 
+def remove_temp_files(run_dir: Path) -> list[str]:
+    """The temp files a killed writer left in a run dir (`.<name>.tmp`, `.<name>.<random>.tmp`):
+    removed before a job writes there again, so a kill never leaves a half-written file taking space."""
+    removed = []
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return removed
+    for name in names:
+        if name.startswith(".") and name.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(run_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def write_rejected(run_dir: Path, *, error: str, error_type: str, overrides: list[str]) -> None:
+    atomic_write_json(Path(run_dir) / REJECTED, {"status": "failed", "error": error, "error_type": error_type,
+                                                 "overrides": list(overrides), "at": now_iso()})
+
+
 def read_summary(run_dir: Path) -> dict | None:
     try:
         return json.loads((Path(run_dir) / SUMMARY).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file of the record ([] when it is missing; unreadable lines skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def _step_of(line: str) -> float:

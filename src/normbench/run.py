@@ -7,13 +7,16 @@ batch stream, optimizer, scheduler and trainer; the benchmarks (normbench.perf) 
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import importlib
 import os
 import platform
 import random
-import resource
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,24 +26,32 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from normbench.checkpoint import load_checkpoint, save_checkpoint
+from normbench.checkpoint import UnusableCheckpoint, load_checkpoint, save_checkpoint
 from normbench.data import BatchStream, DataBundle, load_data
 from normbench.device import compile_model
 from normbench.faults import FaultyStream
 from normbench.filters import filter_grid, first_conv_weight
-from normbench.loggers import ConsoleSink, FanOut, WandbSink, wandb_mode
+from normbench.loggers import ConsoleSink, FanOut, WandbSink, final_line, wandb_mode
 from normbench.models import build_model, count_parameters
 from normbench.optim import build_optimizer, build_scheduler
 from normbench.record import (
     CHECKPOINT,
     CONFIG,
+    PROBES,
     SEEDLESS_IDENTITY,
+    STEPS,
     SUMMARY,
+    WANDB_FILES,
+    WANDB_RUN_ID,
+    WANDB_URL,
     RecordSink,
     Status,
     atomic_write_json,
     atomic_write_text,
+    learned_threshold,
     now_iso,
+    read_rows,
+    read_summary,
 )
 from normbench.trainer import LoopState, Trainer, convergence_epoch
 from normbench.validate import RunSpec
@@ -70,12 +81,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_parts(cfg: DictConfig, spec: RunSpec, sink=None) -> RunParts:
+def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
+                on_data: Callable[[DataBundle], None] | None = None) -> RunParts:
     """Data, model, batch stream, optimizer, scheduler and trainer of one run, on `spec.device`, seeded
-    by `spec.seed`. `sink` receives the trainer's metrics (default: none; it can be set later)."""
+    by `spec.seed`. `sink` receives the trainer's metrics (default: none; it can be set later).
+    `on_data` is called once the data is on the device, before anything else is built."""
     device, allowed = spec.device, spec.allowed_targets
     seed_everything(spec.seed)
-    data = load_data(cfg.data, device, allowed)
+    data = load_data(cfg.data, device, allowed, input_size=spec.input_size)
+    if on_data is not None:
+        on_data(data)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
                         image_size=spec.input_size, norm=spec.norm.make, activation=spec.activation,
                         allowed_targets=allowed)
@@ -85,7 +100,8 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None) -> RunParts:
     stream = BatchStream(data.train, spec.batch_size, data.mean, data.std, augment=cfg.data.augment,
                          crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
                          resize_to=spec.input_size if spec.input_size != data.image_size else None,
-                         channels_last=spec.channels_last, drop_last=True, generator=generator)
+                         channels_last=spec.channels_last, drop_last=bool(cfg.trainer.get("drop_last", True)),
+                         generator=generator)
     if spec.fault.kind != "none":
         stream = FaultyStream(stream, spec.fault, device)
     optimizer = build_optimizer(cfg.optimizer, model, allowed)
@@ -112,16 +128,106 @@ class RunInfo:
     overrides: list[str] = field(default_factory=list)
     name: str = "default"            # the W&B run's name
     job_num: int | None = None
+    optuna: dict | None = None       # {"study": ..., "trial": ...} for an Optuna trial (into the W&B config)
     threads: int = 0                 # torch CPU threads (0: trainer.threads, else torch's default)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+class RunMemory:
+    """One run's own peak memory, the data excluded: jobs of a sweep share a process, whose peak only
+    grows from job to job, so the peak is taken from a reset made once this run's data is on the device.
+
+    * CUDA: the allocator's peak since ``reset_peak_memory_stats``, minus what was allocated then (the
+      resident dataset and anything a previous job left).
+    * CPU (Linux): the resident-set high-water mark (VmHWM) since writing "5" to /proc/self/clear_refs,
+      minus the resident set then, minus the file-backed pages (library code) paged in meanwhile. Before
+      the reset, freed heap is given back to the system (``malloc_trim``: memory a previous job freed but
+      the C allocator kept would otherwise lower this run's baseline) and the modules every run imports
+      on its way (torch._dynamo, ~90 MB, and torchvision.utils) are imported, so the first job of a
+      process does not carry the process's one-time costs. Without clear_refs (not Linux) the peak is
+      null rather than a number that depends on job order.
+    * MPS: the driver's allocation at the end minus that at the reset (MPS has no peak counter).
+
+    ``memory/data_mb`` is the size of the three data splits on the device, reported separately.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline: float | None = None
+        self.file_baseline: float | None = None
+        self.data_mb: float | None = None
+
+    def start(self, data: DataBundle) -> None:
+        gc.collect()
+        self.data_mb = sum(t.numel() * t.element_size() for split in (data.train, data.val, data.test)
+                           for t in (split.images, split.labels)) / 2**20
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
+        elif self.device.type == "mps":
+            self.baseline = torch.mps.driver_allocated_memory() / 2**20
+        else:
+            _import_what_every_run_imports()
+            gc.collect()
+            _malloc_trim()
+            self.baseline = _reset_rss_peak()
+            self.file_baseline = _proc_status_mb("RssFile")
+
+    def peak_mb(self) -> float | None:
+        if self.baseline is None:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline
+        if self.device.type == "mps":
+            return torch.mps.driver_allocated_memory() / 2**20 - self.baseline
+        peak, paged_in = _proc_status_mb("VmHWM"), 0.0
+        if peak is None:
+            return None
+        file_now = _proc_status_mb("RssFile")
+        if file_now is not None and self.file_baseline is not None:
+            paged_in = max(file_now - self.file_baseline, 0.0)
+        return max(peak - self.baseline - paged_in, 0.0)
+
+
+def _import_what_every_run_imports() -> None:
+    for module in ("torch._dynamo", "torchvision.utils"):  # by the optimizers; by the filter image
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> float | None:
+    """Reset the process's RSS high-water mark to the current RSS (Linux); the RSS in MiB, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    rss, hwm = _proc_status_mb("VmRSS"), _proc_status_mb("VmHWM")
+    if rss is None or hwm is None or hwm > rss + 1.0:  # the reset did not take
+        return None
+    return rss
+
+
+def _malloc_trim() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def versions() -> dict:
@@ -156,19 +262,24 @@ class Run:
         self.record: RecordSink | None = None
         self.wandb: WandbSink | None = None
         self.history: list[dict] = []
+        self.memory = RunMemory(spec.device)
 
     def execute(self) -> float:
         self._claim_device()
-        parts = build_parts(self.cfg, self.spec)
+        parts = build_parts(self.cfg, self.spec, on_data=self.memory.start)
         self.summary["metrics"]["model/params"] = count_parameters(parts.model)
-        state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
-                                optimizer=parts.optimizer, scheduler=parts.scheduler, generator=parts.generator)
+        try:
+            state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
+                                    optimizer=parts.optimizer, scheduler=parts.scheduler, generator=parts.generator)
+        except UnusableCheckpoint:  # set aside, and the parts may be half restored: from scratch
+            parts, state = build_parts(self.cfg, self.spec), None
         self._open_sinks(resumed=state)
         parts.trainer.sink = FanOut(self.record, self.wandb, ConsoleSink(self.spec.settings.epochs))
         if state is not None:
-            self.summary["resumed_from_epoch"] = state.epochs_done
+            self.summary["resumed_from_epoch"] = self.summary["epochs_done"] = state.epochs_done
             if isinstance(parts.stream, FaultyStream):
                 parts.stream.current_epoch = state.epochs_done
+                parts.stream.resumed = True
             print(f"normbench: resuming {self.identity} from its epoch-{state.epochs_done} checkpoint "
                   f"in {self.run_dir}", flush=True)
         state = parts.trainer.run(state, on_epoch_end=lambda s: self._after_epoch(parts, s))
@@ -185,7 +296,6 @@ class Run:
             if device.index is not None:
                 torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = True
-            torch.cuda.reset_peak_memory_stats(device)
         threads = self.info.threads or self.cfg.trainer.threads
         if threads:
             torch.set_num_threads(threads)
@@ -215,27 +325,47 @@ class Run:
             metrics.update({k: last[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")})
             metrics["throughput/img_s"] = float(np.mean([r["throughput/img_s"] for r in state.history]))
         metrics["val/best_acc"] = state.best_val_acc
-        metrics["convergence/epoch"] = convergence_epoch(state.history)
-        metrics["memory/peak_mb"] = peak_memory_mb(self.spec.device)
+        learned = learned_threshold(parts.data.num_classes, int(parts.data.val.labels.numel()))
+        metrics["convergence/epoch"] = convergence_epoch(state.history, learned_above=learned)
+        metrics["memory/peak_mb"] = self.memory.peak_mb()
+        metrics["memory/data_mb"] = self.memory.data_mb
         metrics["time/train_s"] = state.train_time_s
         weight = first_conv_weight(parts.model)
         if weight is not None:
             self._images({"filters": filter_grid(weight)})
 
     def _open_sinks(self, resumed: LoopState | None) -> None:
-        cfg, info = self.cfg, self.info
+        cfg = self.cfg
+        previous = read_summary(self.run_dir)  # an earlier attempt's record of this run, if any
         atomic_write_text(self.run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         self.record = RecordSink(self.run_dir, append=resumed is not None)
         if resumed is not None:
             self.record.truncate_to(resumed.step, resumed.history)
-        self.record.log_summary(self.summary)
         if cfg.logger.name == "wandb":
-            config = OmegaConf.to_container(cfg, resolve=True)
-            config.update(choices=info.choices, identity=info.identity)
-            tags = [f"{k}:{v}" for k, v in info.choices.items() if k in TAG_GROUPS] + list(cfg.logger.tags)
-            self.wandb = WandbSink(project=cfg.logger.project, entity=cfg.logger.entity,
-                                   group=cfg.experiment_name, name=info.name, tags=tags, config=config,
-                                   run_dir=self.run_dir, mode=wandb_mode(cfg.logger.mode))
+            self._open_wandb(previous, resumed)
+        self.record.log_summary(self.summary)
+
+    def _open_wandb(self, previous: dict | None, resumed: LoopState | None) -> None:
+        """The W&B run of this record: the earlier attempt's (same id) when there is one, which then
+        gets the record's rows again (W&B keeps the steps it lacks)."""
+        cfg, info = self.cfg, self.info
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config.update(choices=info.choices, identity=info.identity)
+        if info.optuna:
+            config["optuna"] = dict(info.optuna)
+        tags = [f"{k}:{v}" for k, v in info.choices.items() if k in TAG_GROUPS] + list(cfg.logger.tags)
+        same_run = previous is not None and previous.get("identity") == info.identity
+        run_id = previous.get(WANDB_RUN_ID) if same_run else None
+        # WANDB_DIR, when set, is where W&B keeps its files; else the record dir
+        files_dir = None if os.environ.get("WANDB_DIR") else self.run_dir
+        self.wandb = WandbSink(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.experiment_name,
+                               name=info.name, tags=tags, config=config, run_dir=files_dir,
+                               mode=wandb_mode(cfg.logger.mode), run_id=run_id)
+        self.summary.update({WANDB_RUN_ID: self.wandb.run_id, WANDB_URL: self.wandb.url,
+                             WANDB_FILES: str(self.wandb.files_dir)})
+        if resumed is not None:
+            self.wandb.replay(read_rows(self.run_dir / STEPS), list(resumed.history),
+                              read_rows(self.run_dir / PROBES))
 
     def _images(self, images: dict) -> None:
         for sink in (self.record, self.wandb):
@@ -254,10 +384,14 @@ class Run:
         self.summary["finished_at"] = now_iso()
         self.summary["finished_ts"] = time.time()
         self.summary["metrics"]["time/total_s"] = time.perf_counter() - self.started
-        for sink in (self.record, self.wandb):
-            if sink is not None:
-                sink.log_summary(self.summary)
-        if self.record is None and write_without_record:
-            atomic_write_json(self.run_dir / SUMMARY, self.summary)
-        if self.wandb is not None:
-            self.wandb.finish(failed=self.summary["status"] == Status.FAILED)
+        try:
+            for sink in (self.record, self.wandb):
+                if sink is not None:
+                    sink.log_summary(self.summary)
+            if self.record is None and write_without_record:
+                atomic_write_json(self.run_dir / SUMMARY, self.summary)
+        finally:  # the W&B run is closed even when the record cannot be written
+            if self.wandb is not None:
+                self.wandb.finish(failed=self.summary["status"] in (Status.FAILED, Status.INTERRUPTED))
+        if self.record is not None or write_without_record:
+            print(final_line(self.summary, self.run_dir, self.wandb), flush=True)

@@ -75,12 +75,23 @@ class PassTotals:
         return self.correct / max(self.seen, 1)
 
 
-def convergence_epoch(history: list[dict], tolerance: float = 0.01) -> int | None:
-    """First epoch whose validation accuracy is within `tolerance` (1 point) of the run's best."""
+def convergence_epoch(history: list[dict], tolerance: float = 0.01,
+                      learned_above: float | None = None) -> int | None:
+    """First epoch whose validation accuracy is within `tolerance` (1 point) of the run's best; None for
+    a run without epochs or, given `learned_above` (see normbench.record.learned_threshold), one whose best validation
+    accuracy never exceeds it: a run that never learns has no convergence epoch."""
     if not history:
         return None
     best = max(row["val/acc"] for row in history)
+    if learned_above is not None and not best > learned_above:
+        return None
     return next(row["epoch"] for row in history if row["val/acc"] >= best - tolerance)
+
+
+def _rng_if_probed(probes, step: int):
+    from normbench.probes import capture_rng, reads_gradient
+
+    return capture_rng() if reads_gradient(probes, step) else None
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -184,10 +195,15 @@ class Trainer:
         pending_rows: list[dict] = []
         bar = _progress_bar(total, f"epoch {epoch}/{self.settings.epochs}", self.settings.progress)
         probes, scaler = self.probes, self.scaler
+        # under autocast, the probes' fp32 gradient is recomputed with the training forward's RNG state
+        track_rng = bool(probes) and self.settings.amp_dtype is not None
+        rng = None
         model.train()
         started = time.perf_counter()
         for x, y in itertools.islice(self.stream, total):
             lr = scheduler.get_last_lr()[0]
+            if track_rng:
+                rng = _rng_if_probed(probes, state.step + 1)
             with self.autocast():
                 logits = model(x)
                 loss = criterion(logits, y, model)
@@ -199,7 +215,7 @@ class Trainer:
                 scaler.unscale_(optimizer)  # probes and the step see true gradients
             state.step += 1
             if probes:
-                self._run_probes(state.step, epoch, x, y, lr)
+                self._run_probes(state.step, epoch, x, y, lr, rng)
             if scaler is None:
                 optimizer.step()
             else:
@@ -243,13 +259,15 @@ class Trainer:
             pending.clear()
         return finite
 
-    def _run_probes(self, step: int, epoch: int, x, y, lr: float) -> None:
-        from normbench.probes import run_probes  # imported only by runs that have probes
+    def _run_probes(self, step: int, epoch: int, x, y, lr: float, rng=None) -> None:
+        """The probes see float32 whatever the training precision: their closure runs with autocast off,
+        and under autocast the mini-batch gradient they read is recomputed in float32 (the loop's bf16
+        gradients would inflate β at small learning rates ~5x: the rounding noise of two bf16 gradients
+        divided by a tiny step)."""
+        from normbench.probes import fp32_closure, run_probes  # imported only by runs that have probes
 
-        def closure():
-            with self.autocast():
-                return self.criterion(self.model(x), y, self.model)
-
-        row = run_probes(self.probes, step, self.model, closure, lr)
+        closure = fp32_closure(lambda: self.criterion(self.model(x), y, self.model))
+        row = run_probes(self.probes, step, self.model, closure, lr,
+                         loop_grads_fp32=self.settings.amp_dtype is None, rng_at_forward=rng)
         if row:
             self.sink.log_probe({"step": step, "epoch": epoch, **row})

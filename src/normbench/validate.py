@@ -35,7 +35,7 @@ from normbench.device import resolve_channels_last, resolve_device, resolve_prec
 from normbench.errors import ConfigError
 from normbench.faults import FaultSpec, fault_spec
 from normbench.losses import Criterion, build_criterion
-from normbench.models import build_model
+from normbench.models import build_model, model_name
 from normbench.norms import NormSpec
 from normbench.optim import SCHEDULERS
 from normbench.probes import Probe, build_probes
@@ -126,13 +126,14 @@ def _data_shape(data) -> DataShape:
                  "must state what the dataset returns: an integer (classes >= 2, channels and size >= 1)")
     for key in ("mean", "std"):
         value = data.get(key)
-        ok = value is None or (len(value) == data.channels and all(_is_number(v) for v in value))
-        _require(ok, f"data.{key}", value, f"must be null (computed from the training split) or "
-                                           f"{data.channels} numbers, one per channel")
+        ok = value is None or (len(value) in (1, data.channels) and all(_is_number(v) for v in value))
+        _require(ok, f"data.{key}", value, f"must be null (computed from the training split), one number "
+                                           f"(for every channel) or {data.channels} numbers, one per channel")
     std = data.get("std")
     _require(std is None or all(v > 0 for v in std), "data.std", std, "must be > 0")
     val_size, split_seed = data.get("val_size"), data.get("split_seed")
-    _require(_is_int(val_size) and val_size >= 1, "data.val_size", val_size, "must be an integer >= 1")
+    _require(_is_int(val_size) and val_size >= 0, "data.val_size", val_size,
+             "must be an integer >= 0 (0: train on every training image, validate on the test set)")
     _require(_is_int(split_seed), "data.split_seed", split_seed, "must be an integer")
     padding = data.get("crop_padding")
     _require(_is_int(padding) and padding >= 0, "data.crop_padding", padding,
@@ -355,7 +356,9 @@ def _trainer(cfg, device: torch.device, norm: NormSpec) -> tuple[LoopSettings, b
     for key in ("log_every_steps", "eval_batch_size"):
         _require(_is_int(t[key]) and t[key] >= 1, f"trainer.{key}", t[key], "must be an integer >= 1")
     _require(_is_int(t.threads) and t.threads >= 0, "trainer.threads", t.threads, "must be an integer >= 0")
-    channels_last = resolve_channels_last(t.channels_last, device, norm.name)
+    _require(isinstance(t.get("drop_last", True), bool), "trainer.drop_last", t.get("drop_last"),
+             "must be true (drop the last partial batch) or false (keep it, as study 002 did)")
+    channels_last = resolve_channels_last(t.channels_last, device, norm.name, model_name(cfg.model))
     settings = LoopSettings(
         epochs=t.epochs, max_steps_per_epoch=t.max_steps_per_epoch, max_eval_batches=t.max_eval_batches,
         eval_batch_size=t.eval_batch_size, log_every_steps=t.log_every_steps,

@@ -5,7 +5,11 @@ Differences from hydra-optuna-sweeper 1.4.0rc3's OptunaSweeperImpl.sweep, which 
 - each job gets its trial (study name, trial id, number) through `hydra.job.env_set` overrides, so the
   job can report per-epoch validation errors and be pruned (normbench.sweep.optuna_support.trial_pruner);
 - jobs that raised, diverged or were pruned don't stop the sweep: they are told to Optuna as
-  COMPLETE(worst value) or FAIL (hydra.sweeper.failure) and PRUNED;
+  COMPLETE(worst value for the study's directions) or FAIL (hydra.sweeper.failure) and PRUNED; more
+  than max_failure_rate failures end it with the job's exception on stderr and exit status 1;
+- the objectives can be named (hydra.sweeper.objectives: the study's metric names); the study records
+  the command, the search space, the git revision and the W&B group, each trial its run dir, status,
+  W&B run id and test accuracy (user attributes);
 - n_trials is the study's total over all sweeper processes: under a storage-wide lock a worker counts
   the study's trials and asks only for what is missing;
 - RUNNING trials carry heartbeats; trials of a dead sweeper are failed and re-queued;
@@ -23,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +43,9 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_p
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
-from normbench.errors import StorageError
+from normbench.errors import ConfigError, StorageError
 from normbench.record import Status, read_summary
+from normbench.sweep.objectives import OBJECTIVES
 from normbench.sweep.optuna_support import (
     ENV_STORAGE,
     ENV_STUDY,
@@ -56,15 +62,21 @@ from normbench.sweep.optuna_support import (
     url_secrets,
 )
 
+from ._links import study_attributes, trial_links
 from ._study import (
     FAILURE_STRATEGIES,
     SCHEMA_LOCK,
     Heartbeat,
     Outcome,
     default_storage_url,
+    failure_values,
+    is_failure,
+    mark_owner,
     quote_override,
+    requeue_dead_local_trials,
     storage_lock,
     study_lock_name,
+    tell_failed,
     tell_outcome,
     trials_to_ask,
     trials_used,
@@ -75,6 +87,10 @@ log = logging.getLogger(__name__)
 
 class JobExited(RuntimeError):
     """A job called sys.exit with a non-zero status (normbench's entry point does so on user errors)."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
 
 
 class TrialTask:
@@ -92,7 +108,7 @@ class TrialTask:
                 raise
             cause = exc.__context__  # normbench's entry point exits 2 while handling a NormbenchError
             reason = f"{type(cause).__name__}: {cause}" if cause is not None else "no message"
-            raise JobExited(f"the job exited with status {exc.code} ({reason})") from None
+            raise JobExited(f"the job exited with status {exc.code} ({reason})", cause) from None
 
 
 @dataclass
@@ -110,13 +126,17 @@ def fail(message: str) -> None:
 
 
 class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
-    def __init__(self, *args: Any, pruner: Any = None, failure: str = "worst", worst_value: float = 1.0,
-                 heartbeat_interval: int | None = 60, grace_period: int | None = None,
+    def __init__(self, *args: Any, pruner: Any = None, failure: str = "worst", worst_value: Any = None,
+                 objectives: Any = None, heartbeat_interval: int | None = 60, grace_period: int | None = None,
                  max_retry: int | None = 3, connect_timeout: int = 10) -> None:
         super().__init__(*args)
         self.pruner_cfg = pruner
         self.failure = str(failure)
-        self.worst_value = float(worst_value)
+        self.worst_value = _plain(worst_value)
+        self.objectives = None if objectives is None else [str(o) for o in _plain(objectives)]
+        self.failure_values: list[float] = []
+        self.last_failure: JobReturn | None = None
+        self.space_description: dict = {}       # the search space as written (a study user attr)
         self.settings = StorageSettings(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                         max_retry=max_retry, connect_timeout=connect_timeout)
         self.storage_url: str | None = None
@@ -180,15 +200,41 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         if self.failure not in FAILURE_STRATEGIES:
             fail(f"bad value hydra.sweeper.failure={self.failure!r}: "
                  f"choose one of {', '.join(FAILURE_STRATEGIES)}")
+        self._check_objectives()
         space = self._search_space(arguments)
         target = self._target(space)
         pruner = self._pruner()
         storage, study = self._open_study(pruner)
+        self._describe_study(study, space)
         log.info("Study %r in %s: %d of %d trials already there; sampler %s, pruner %s, failures -> %s",
                  study.study_name, mask_url(self.storage_url), trials_used(study), target,
                  type(self.sampler).__name__, type(pruner).__name__, self.failure)
         ran = self._run_trials(storage, study, space, target)
         self._finish(study, target, ran)
+
+    def _check_objectives(self) -> list[str]:
+        """The study's directions, checked against hydra.sweeper.objectives and worst_value (one line
+        naming the key otherwise), and the values a failed trial is told."""
+        directions = [str(d).lower() for d in self._get_directions()]
+        bad = [d for d in directions if d not in ("minimize", "maximize")]
+        if bad or not directions:
+            fail(f"bad value hydra.sweeper.direction={directions}: each direction is minimize or maximize")
+        if self.objectives is not None:
+            if len(self.objectives) != len(directions):
+                fail(f"bad value hydra.sweeper.objectives={self.objectives}: {len(self.objectives)} name(s) "
+                     f"for {len(directions)} direction(s) (hydra.sweeper.direction={directions}); give one "
+                     "name per direction")
+            for name, direction in zip(self.objectives, directions):
+                known = OBJECTIVES.get(name)
+                if known is not None and known.direction != direction:
+                    fail(f"bad value hydra.sweeper.direction={directions}: objective {name} is to "
+                         f"{known.direction}, not to {direction}")
+        try:
+            self.failure_values = failure_values(directions, self.objectives, self.worst_value)
+        except (TypeError, ValueError) as err:
+            fail(f"bad value hydra.sweeper.worst_value={self.worst_value!r}: {err}; use null (the worst "
+                 "possible value), a number, or one number per objective")
+        return directions
 
     def _search_space(self, arguments: list[str]) -> SearchSpace:
         self._process_searchspace_config()
@@ -197,7 +243,20 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         distributions, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
         for name in fixed_params:  # a value given on the command line fixes a searched key
             distributions.pop(name, None)
+        self.space_description = dict(item.split("=", 1) if "=" in item else (item, "") for item in params_conf)
         return SearchSpace(distributions, fixed_params, fixed_overrides)
+
+    def _describe_study(self, study: optuna.Study, space: SearchSpace) -> None:
+        """Links from the study to what made it: metric names, and user attributes with the command,
+        the search space, the git revision and the W&B group of its runs."""
+        try:
+            if self.objectives is not None and study.metric_names != self.objectives:
+                with quiet_optuna():  # "experimental" since Optuna 3.2
+                    study.set_metric_names(self.objectives)
+            for key, value in study_attributes(self.config, self.space_description, self.storage_url).items():
+                study.set_user_attr(key, value)
+        except Exception as err:  # noqa: BLE001 - descriptions must never stop a sweep
+            log.warning("could not describe study %r: %s", study.study_name, first_line(err))
 
     def _target(self, space: SearchSpace) -> int:
         """The study's n_trials; for the grid sampler (which gets its grid here) at most the grid size."""
@@ -238,6 +297,9 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                     heartbeat.discard(trial._trial_id)
                     in_flight.remove(trial)
                     ran[outcome.status] += 1
+                    if outcome.status == Status.FAILED and ret is not None:
+                        self.last_failure = ret
+                        _stop_on_sweep_config_error(ret)
                 self._check_failure_rate(ran)
         except KeyboardInterrupt:
             if in_flight:
@@ -260,12 +322,14 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         study still misses (appended to `in_flight`). False when the study is full."""
         lock = storage_lock(self.storage_url, study_lock_name(study.study_name), self.settings.connect_timeout)
         with lock, quiet_optuna():
+            requeue_dead_local_trials(study, self.settings.max_retry)
             optuna.storages.fail_stale_trials(study)
             missing = trials_to_ask(study, target)
             if missing <= 0:
                 return False
             for _ in range(min(self.n_jobs, missing)):
                 trial = study.ask()
+                mark_owner(study._storage, trial._trial_id)
                 in_flight.append(trial)
                 heartbeat.beat(trial._trial_id)
                 heartbeat.add(trial._trial_id)
@@ -293,19 +357,37 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
         try:
-            tell_outcome(study, trial, outcome, self.failure, self.worst_value)
+            tell_outcome(study, trial, outcome, self.failure, self.failure_values)
         except RuntimeError as err:  # GridSampler calls study.stop() once the grid is done
             if "Study.stop" not in str(err):
                 raise
-        value = "-" if outcome.value is None else f"{outcome.value:.4f}"
-        log.info("Optuna trial %d: %s, val error %s%s", trial.number, outcome.status, value,
+        except ValueError as err:  # Optuna refused the values: FAIL, counted, so that the sweep ends
+            outcome.status, outcome.error = Status.FAILED, f"Optuna refused the outcome: {first_line(err)}"
+            tell_failed(study, trial, outcome.error)
+        values = outcome.values()
+        shown = "-" if values is None else ", ".join(f"{v:.4g}" for v in values)
+        names = ", ".join(self.objectives) if self.objectives else "value"
+        log.info("Optuna trial %d: %s, %s %s%s", trial.number, outcome.status, names, shown,
                  f" ({outcome.error})" if outcome.error else "")
 
     def _check_failure_rate(self, ran: Counter) -> None:
+        """As upstream: more failed trials than max_failure_rate allows ends the sweep with the failed
+        job's exception (its traceback on stderr) and a non-zero exit status."""
         n_ran = sum(ran.values())
-        if n_ran and ran[Status.FAILED] / n_ran > self.max_failure_rate:
-            fail(f"{ran[Status.FAILED]} of {n_ran} trials failed, more than hydra.sweeper."
-                 f"max_failure_rate={self.max_failure_rate}; see the runs' summary.json")
+        if not n_ran or ran[Status.FAILED] / n_ran <= self.max_failure_rate:
+            return
+        log.error("%d of %d trials failed, more than hydra.sweeper.max_failure_rate=%s",
+                  ran[Status.FAILED], n_ran, self.max_failure_rate)
+        print(f"normbench: {ran[Status.FAILED]} of {n_ran} trials failed, more than hydra.sweeper."
+              f"max_failure_rate={self.max_failure_rate}; the last failure:", file=sys.stderr, flush=True)
+        error = self.last_failure._return_value if self.last_failure is not None else None
+        if isinstance(error, JobExited):
+            print(mask_text(str(error), self.secrets), file=sys.stderr, flush=True)
+            sys.exit(1)
+        if isinstance(error, BaseException):
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            print(mask_text(text.rstrip(), self.secrets), file=sys.stderr, flush=True)
+        sys.exit(1)
 
     # ----------------------------------------------------------------------------------------------
     # the steps
@@ -342,6 +424,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
     def _outcome(self, storage, trial: optuna.Trial, ret: JobReturn) -> Outcome:
         outcome = self._classify(storage, trial, ret)
         outcome.run_dir = _run_dir(ret)
+        outcome.attrs = trial_links(_read_summary(ret))
         if outcome.error:
             outcome.error = mask_text(outcome.error, self.secrets)
         return outcome
@@ -354,17 +437,33 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
             text = (summary.get("error") or text).strip()
             return Outcome(Status.FAILED, None, text.splitlines()[0] if text else "failed")
-        try:
-            value = float(ret._return_value)
-        except (TypeError, ValueError):
-            return Outcome(Status.FAILED, None, f"the job returned {ret._return_value!r}, not a number")
+        value = self._values(ret._return_value)
+        if isinstance(value, str):
+            return Outcome(Status.FAILED, None, value)
         if PRUNED_ATTR in storage.get_trial(trial._trial_id).system_attrs or status == Status.PRUNED:
             return Outcome(Status.PRUNED, value)
         if status in (Status.DIVERGED, Status.FAILED):
             return Outcome(Status(status), value, summary.get("error"))
-        if not math.isfinite(value):
+        if not all(math.isfinite(v) for v in value):
             return Outcome(Status.DIVERGED, value)
         return Outcome(Status.COMPLETED, value)
+
+    def _values(self, returned: Any) -> list[float] | str:
+        """The job's return value as one float per objective (upstream's rules), or what is wrong with it."""
+        n = len(self._get_directions())
+        if n == 1:
+            try:
+                return [float(returned)]
+            except (TypeError, ValueError):
+                return f"Return value must be float-castable. Got {returned!r}."
+        try:
+            values = [float(v) for v in returned]
+        except (TypeError, ValueError):
+            return f"Return value must be a list or tuple of float-castable values. Got {returned!r}."
+        if len(values) != n:
+            return (f"The number of the values and the number of the objectives are mismatched. "
+                    f"Expect {n}, but actually {len(values)}.")
+        return values
 
     def _requeue(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
         """Trials whose jobs were interrupted: FAIL (not counted) and a WAITING copy with the same
@@ -388,16 +487,59 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         if not ran:
             log.info("Nothing to run: the study already has %d trials; raise hydra.sweeper.n_trials to "
                      "continue it", target)
-        completed = [t for t in trials if t.state == TrialState.COMPLETE]
-        if not completed:
+        results = best_results(study, trials)
+        if results is None:
+            failed = sum(1 for t in trials if t.state == TrialState.COMPLETE and is_failure(t))
+            log.info("No trial completed a run yet (%d failed or diverged); no best trial", failed)
             return
-        best = study.best_trial
-        log.info("Best val error %.4f (trial %d): %s", best.value, best.number, best.params)
+        for line in results.pop("log"):
+            log.info("%s", line)
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create({"name": "optuna", "study_name": study.study_name,
-                                         "storage": mask_url(self.storage_url), "best_trial": best.number,
-                                         "best_params": best.params, "best_value": best.value}),
+                                         "storage": mask_url(self.storage_url), **results}),
                        f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
+
+
+def best_results(study: optuna.Study, trials: list) -> dict | None:
+    """optimization_results.yaml's content, as upstream (best_params / best_value, or the Pareto front
+    as `solutions`), from the trials whose runs completed: a failure told as the worst value is never
+    the best. None when no trial completed."""
+    real = [t for t in trials if t.state == TrialState.COMPLETE and not is_failure(t)]
+    if not real:
+        return None
+    if len(study.directions) == 1:
+        pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
+        best = pick(real, key=lambda t: t.value)
+        return {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
+                "log": [f"Best value {best.value:.6g} (trial {best.number}): {best.params}"]}
+    front = _pareto_front(real, study.directions)
+    return {"solutions": [{"number": t.number, "params": t.params, "values": t.values} for t in front],
+            "log": [f"Number of Pareto solutions: {len(front)}"]
+                   + [f"    Values: {t.values}, Params: {t.params} (trial {t.number})" for t in front]}
+
+
+def _pareto_front(trials: list, directions) -> list:
+    signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
+
+    def dominates(a, b) -> bool:
+        x = [s * v for s, v in zip(signs, a.values)]
+        y = [s * v for s, v in zip(signs, b.values)]
+        return all(p <= q for p, q in zip(x, y)) and any(p < q for p, q in zip(x, y))
+
+    return [t for t in trials if not any(dominates(o, t) for o in trials if o is not t)]
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _stop_on_sweep_config_error(ret: JobReturn) -> None:
+    """A job that failed its config check on a hydra.sweeper key (e.g. an unknown objective): every
+    trial would fail the same way, so the sweep stops with that one line."""
+    error = ret._return_value
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, ConfigError) and str(cause.key).startswith("hydra.sweeper."):
+        fail(str(cause))
 
 
 def _run_dir(ret: JobReturn) -> str | None:

@@ -8,9 +8,11 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
+import socket
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from normbench.record import Status
+from normbench.sweep.objectives import OBJECTIVES
 from normbench.sweep.optuna_support import backend, driver_url, engine_kwargs
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,7 @@ STATUS_ATTR = "status"                      # trial user attr: completed | diver
 COUNTED_FAILURE_ATTR = "normbench:failed"   # FAIL trials the sweeper decided (they count as done)
 FAILURE_STRATEGIES = ("worst", "fail")
 SCHEMA_LOCK = "normbench:schema"
+OWNER_ATTR = "normbench:owner"              # trial system attr: the sweeper process running it
 
 
 def quote_override(value: str) -> str:
@@ -145,17 +149,55 @@ def trials_to_ask(study, target: int) -> int:
 class Outcome:
     """What a finished job means for its trial."""
     status: str                 # a normbench.record.Status but running
-    value: float | None         # the job's objective (validation error); None when it raised
+    value: float | Sequence[float] | None  # the job's objective value(s); None when it raised
     error: str | None = None
     run_dir: str | None = None  # the job's output dir (its run record)
+    attrs: dict = field(default_factory=dict)  # more trial user attrs (the W&B run id, test accuracy)
+
+    def values(self) -> list[float] | None:
+        if self.value is None:
+            return None
+        return [float(self.value)] if isinstance(self.value, (int, float)) else [float(v) for v in self.value]
 
 
-def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst", worst_value: float = 1.0):
+def failure_values(directions: Sequence[str], objectives: Sequence[str] | None,
+                   explicit: float | Sequence[float] | None) -> list[float]:
+    """The values a failed or diverged trial is told under `failure: worst`, one per objective.
+
+    `explicit` (hydra.sweeper.worst_value) is told as it is (a number for every objective, or one per
+    objective). Otherwise each objective's worst possible value: the bound of a known normbench
+    objective in its direction (val/error 1.0, val/best_acc 0.0, ...), else +inf when minimizing and
+    -inf when maximizing -- worse than any value a trial can return. Optuna accepts infinite values;
+    its samplers rank them last (TPE, NSGA-II, CMA-ES) or clip them to the worst finite value (GP)."""
+    n = len(directions)
+    if explicit is not None:
+        values = [float(explicit)] * n if isinstance(explicit, (int, float)) else [float(v) for v in explicit]
+        if len(values) != n:
+            raise ValueError(f"hydra.sweeper.worst_value has {len(values)} values for {n} objectives")
+        return values
+    out = []
+    for i, direction in enumerate(directions):
+        known = OBJECTIVES.get(objectives[i]) if objectives and i < len(objectives) else None
+        if known is not None and known.worst is not None and known.direction == direction:
+            out.append(float(known.worst))
+        else:
+            out.append(math.inf if direction == "minimize" else -math.inf)
+    return out
+
+
+def is_failure(trial) -> bool:
+    """Whether a finished trial stands for a run that failed or diverged (told as the worst value)."""
+    return trial.user_attrs.get(STATUS_ATTR) in (Status.DIVERGED, Status.FAILED)
+
+
+def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst",
+                 worst_value: float | Sequence[float] = 1.0):
     """Record a job's outcome in its trial.
 
-    completed -> COMPLETE(value); pruned -> PRUNED (Optuna keeps the last reported value);
-    diverged or failed -> strategy "worst": COMPLETE(worst_value), so the sampler sees these
-    parameters as the worst ones; strategy "fail": FAIL, which Optuna's samplers ignore."""
+    completed -> COMPLETE(values); pruned -> PRUNED (Optuna keeps the last reported value);
+    diverged or failed -> strategy "worst": COMPLETE(worst_value, one per objective), so the sampler
+    sees these parameters as the worst ones; strategy "fail": FAIL, which Optuna's samplers ignore.
+    A FAIL told here counts toward n_trials (system attr normbench:failed)."""
     if strategy not in FAILURE_STRATEGIES:
         raise ValueError(f"failure strategy must be one of {FAILURE_STRATEGIES}, got {strategy!r}")
     storage, trial_id = study._storage, trial._trial_id
@@ -164,15 +206,29 @@ def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst", worst_
         storage.set_trial_user_attr(trial_id, "error", outcome.error[:500])
     if outcome.run_dir:
         storage.set_trial_user_attr(trial_id, "run_dir", outcome.run_dir)
+    for key, value in outcome.attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
     if outcome.status == Status.PRUNED:
         return study.tell(trial, state=TrialState.PRUNED)
-    if (outcome.status in (Status.DIVERGED, Status.FAILED) or outcome.value is None
-            or not math.isfinite(outcome.value)):
+    values = outcome.values()
+    n = len(study.directions)
+    if (outcome.status in (Status.DIVERGED, Status.FAILED) or values is None or len(values) != n
+            or not all(math.isfinite(v) for v in values)):
         if strategy == "fail":
             storage.set_trial_system_attr(trial_id, COUNTED_FAILURE_ATTR, True)
             return study.tell(trial, state=TrialState.FAIL)
-        return study.tell(trial, values=float(worst_value))
-    return study.tell(trial, values=float(outcome.value))
+        worst = [float(worst_value)] * n if isinstance(worst_value, (int, float)) else list(worst_value)
+        return study.tell(trial, values=worst)
+    return study.tell(trial, values=values)
+
+
+def tell_failed(study, trial, error: str) -> None:
+    """FAIL that counts toward n_trials: a trial whose outcome could not be told (so a sweep ends)."""
+    storage, trial_id = study._storage, trial._trial_id
+    storage.set_trial_user_attr(trial_id, STATUS_ATTR, str(Status.FAILED))
+    storage.set_trial_user_attr(trial_id, "error", error[:500])
+    storage.set_trial_system_attr(trial_id, COUNTED_FAILURE_ATTR, True)
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,3 +274,68 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trials whose sweeper died on this host
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc): a pid reused later differs."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def mark_owner(storage, trial_id: int) -> None:
+    """Which process runs this trial, so that its successor on the same host can tell it died."""
+    pid = os.getpid()
+    storage.set_trial_system_attr(trial_id, OWNER_ATTR,
+                                  {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)})
+
+
+def _owner_is_gone(owner) -> bool:
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return False  # another host's trial: only its heartbeat can tell
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    start = _process_start(pid)
+    if start is None:  # gone (or no /proc: ask the kernel)
+        return not _pid_alive(pid)
+    return owner.get("start") is not None and start != owner["start"]  # the pid was reused
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def requeue_dead_local_trials(study, max_retry: int | None) -> list[int]:
+    """RUNNING trials whose sweeper process on this host is gone (killed, then restarted at once):
+    failed (not counted) and re-queued now, not after the heartbeat's grace period."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    storage, requeued = study._storage, []
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.system_attrs.get(OWNER_ATTR)
+        if not _owner_is_gone(owner):
+            continue
+        try:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            retry(study, storage.get_trial(trial._trial_id))
+        except Exception as err:  # noqa: BLE001 - another worker got there first
+            log.debug("could not re-queue trial %d: %s", trial.number, err)
+            continue
+        log.warning("Optuna trial %d: its sweeper (pid %s on this host) is gone: re-queued", trial.number,
+                    owner.get("pid"))
+        requeued.append(trial.number)
+    return requeued

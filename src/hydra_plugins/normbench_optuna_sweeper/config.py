@@ -70,10 +70,19 @@ class NormbenchOptunaSweeperConf(OptunaSweeperConf):
     # Abort the sweep when more than this fraction of this process's trials raised (1.0: never).
     max_failure_rate: float = 1.0
 
+    # Names of the values the task returns, in order (one per direction): the study's metric names
+    # (what optuna-dashboard shows). normbench's job returns exactly these metrics of its run
+    # (normbench.sweep.objectives: val/error, val/best_acc, time/total_s, model/params, ...).
+    # null: unnamed ("Objective 0"), and normbench's job returns its validation error.
+    objectives: list[str] | None = None
+
     # A diverged or failed run: "worst" tells Optuna worst_value as a COMPLETE trial (the sampler
     # learns to avoid those parameters); "fail" tells it FAIL (the samplers ignore it).
     failure: str = "worst"
-    worst_value: float = 1.0
+    # null: per objective, the worst possible value of a known normbench objective (val/error: 1.0,
+    # val/best_acc: 0.0), else +inf when minimizing and -inf when maximizing. A number (or one per
+    # objective) is told as it is.
+    worst_value: Any | None = None
 
     # Liveness of running trials: the sweeper records a heartbeat for each of its running trials every
     # heartbeat_interval seconds; a RUNNING trial whose heartbeat is older than grace_period (null:

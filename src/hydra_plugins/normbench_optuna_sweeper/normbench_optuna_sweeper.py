@@ -18,7 +18,7 @@ class NormbenchOptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Any | None, study_name: str | None,
                  n_trials: int | None, n_jobs: int, max_failure_rate: float, custom_search_space: str | None,
                  params: DictConfig | None, pruner: Any = None, failure: str = "worst",
-                 worst_value: float = 1.0, heartbeat_interval: int | None = 60,
+                 worst_value: Any = None, objectives: Any = None, heartbeat_interval: int | None = 60,
                  grace_period: int | None = None, max_retry: int | None = 3,
                  connect_timeout: int = 10) -> None:
         from ._impl import NormbenchOptunaSweeperImpl
@@ -27,7 +27,7 @@ class NormbenchOptunaSweeper(Sweeper):
                                                               "optuna.samplers.*"))
         self.sweeper = NormbenchOptunaSweeperImpl(
             sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate, custom_search_space,
-            params, pruner=pruner, failure=failure, worst_value=worst_value,
+            params, pruner=pruner, failure=failure, worst_value=worst_value, objectives=objectives,
             heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_retry=max_retry,
             connect_timeout=connect_timeout)
 

@@ -12,8 +12,10 @@ Sections (each a key of the JSON result, each its own module of ``normbench.perf
                 tiny settings, against bare ``import torch`` and a minimal PyTorch training process; the
                 per-job cost in a sequential multirun of tiny jobs.
 ``probes``      (``probes``) training images/s with each probe at its default interval against probe=none.
+``layout``      (``layout``) channels_last against NCHW images/s per model and norm on this device, and
+                whether ``trainer.channels_last=auto`` picks the faster one.
 ``cuda``        (``cuda``) on CUDA only: epoch time, TFLOP/s against the peak, runs/hour with concurrent
-                jobs, channels_last against NCHW per norm.
+                jobs.
 
 Every comparison alternates its candidates inside one process (order reversed every other round), after
 a warm-up, and reports the median of the per-round ratios, so a busy machine slows both sides alike.
@@ -38,6 +40,7 @@ from normbench.device import resolve_device
 from normbench.perf.common import SECTIONS, PerfPaths, PerfSettings, machine_info
 from normbench.perf.cuda import bench_cuda
 from normbench.perf.data import bench_data
+from normbench.perf.layout import bench_layout
 from normbench.perf.loop import bench_loop
 from normbench.perf.probes import bench_probes
 from normbench.perf.startup import bench_fixed_cost
@@ -51,6 +54,7 @@ def _sections(s: PerfSettings, paths: PerfPaths, device: torch.device, work: Pat
         "data": lambda: bench_data(s, device),
         "fixed_cost": lambda: bench_fixed_cost(s, paths, device, work),
         "probes": lambda: bench_probes(s, paths, device, work),
+        "layout": lambda: bench_layout(s, paths, device, work),
         "cuda": lambda: bench_cuda(s, paths, device, work),
     }
 

@@ -1,12 +1,10 @@
 """Section ``cuda`` (CUDA only): epoch time, achieved TFLOP/s against the device's peak, runs/hour with 1,
-2 and 4 concurrent jobs on the GPU, and channels_last against NCHW per norm."""
+2 and 4 concurrent jobs on the GPU (channels_last per norm is section ``layout``)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -15,19 +13,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from normbench.device import resolve_channels_last, resolve_precision
+from normbench.device import resolve_precision
 from normbench.perf import parts
 from normbench.perf.common import (
     PerfPaths,
     PerfSettings,
-    alternate,
     autocast,
     child_env,
-    paired_ratio,
     precision_name,
-    rates,
-    timed,
-    train_seen,
 )
 from normbench.record import METRICS
 from normbench.trainer import LoopState
@@ -38,7 +31,6 @@ PEAK_TFLOPS = [
     ("A100", 312.0, 19.5), ("L40S", 362.0, 91.6), ("L4", 121.0, 30.3),
 ]
 CONCURRENCY_LEVELS = (1, 2, 4)
-CHANNELS_LAST_NORMS = ("none", "bn", "gn", "ln", "lrn")
 
 
 def peak_tflops(name: str, low_precision: bool) -> float | None:
@@ -64,7 +56,7 @@ def train_step_flops(model, x, y, amp, device) -> int:
 def _epoch(s: PerfSettings, paths: PerfPaths, device: torch.device, amp, peak, batch: int) -> dict:
     """(a) One CIFAR-sized epoch (45k train images) + validation of vgg_a at `batch`, and its TFLOP/s."""
     run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides("vgg_a", 1.0), f"batch_size={batch}",
-                                                       "trainer.max_eval_batches=null"],
+                                                       "trainer.epochs=1", "trainer.max_eval_batches=null"],
                           num_train=int(s.cuda_epoch_images * 0.9), val=int(s.cuda_epoch_images * 0.1))
     x, y = next(iter(run.stream))
     flops_per_step = train_step_flops(run.model, x, y, amp, device)
@@ -94,7 +86,8 @@ def _concurrency_level(job: list[str], k: int, workdir: Path) -> dict:
             "train_img_s_total": sum(img_s), "train_img_s_per_job": img_s}
 
 
-def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Path) -> dict:
+def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Path,
+                 levels_run=CONCURRENCY_LEVELS) -> dict:
     """(b) runs/hour with 1, 2, 4 concurrent bench/train.py jobs on this GPU (batch 8, full-width vgg_a),
     plus their summed steady-state training images/s, which is what decides runs/hour for long runs."""
     steps = s.cuda_concurrency_steps
@@ -102,28 +95,11 @@ def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Pa
            "data.val_size=1000", "model=vgg_a", "batch_size=8", "trainer.epochs=1",
            f"trainer.max_steps_per_epoch={steps}", "trainer.max_eval_batches=1", "logger=none",
            f"trainer.device={device}", "trainer.checkpoint=false"]
-    levels = [_concurrency_level(job, k, workdir) for k in CONCURRENCY_LEVELS]
+    levels = [_concurrency_level(job, k, workdir) for k in levels_run]
     for level in levels:
         level["speedup"] = level["runs_per_hour"] / levels[0]["runs_per_hour"]
         level["train_speedup"] = level["train_img_s_total"] / levels[0]["train_img_s_total"]
     return {"steps_per_job": steps, "batch": 8, "levels": levels}
-
-
-def _channels_last(s: PerfSettings, paths: PerfPaths, device: torch.device, norm: str) -> dict:
-    """(c) channels_last against NCHW images/s for one norm (vgg_a, batch 128)."""
-    candidates, keep = {}, []
-    for cl in (True, False):
-        run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides("vgg_a", 1.0, norm), "batch_size=128",
-                                                           f"trainer.channels_last={str(cl).lower()}"],
-                              num_train=128 * 20 * 2)
-        keep.append(run)
-        candidates["channels_last" if cl else "nchw"] = functools.partial(
-            timed, functools.partial(train_seen, run.trainer, LoopState(), 10), device)
-    res = alternate(candidates, 5)
-    return {"norm": norm, "channels_last_img_s": statistics.median(rates(res["channels_last"])),
-            "nchw_img_s": statistics.median(rates(res["nchw"])),
-            "ratio": paired_ratio(rates(res["channels_last"]), rates(res["nchw"])),
-            "auto_policy": resolve_channels_last("auto", device, norm)}
 
 
 def bench_cuda(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path) -> dict:
@@ -140,8 +116,4 @@ def bench_cuda(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir:
         torch.cuda.empty_cache()
     if paths.train_script is not None and Path(paths.train_script).exists():
         out["concurrency"] = _concurrency(s, Path(paths.train_script), device, workdir)
-    out["channels_last"] = []
-    for norm in CHANNELS_LAST_NORMS:
-        out["channels_last"].append(_channels_last(s, paths, device, norm))
-        torch.cuda.empty_cache()
     return out

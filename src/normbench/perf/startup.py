@@ -43,6 +43,30 @@ MINIMAL_TORCH = ("import sys, time, torch\n"
                  "open(sys.argv[1], 'a').write(f'{time.time()}\\n')\n")
 
 
+# bench/train.py run with timestamps at the phases of its start-up: argv = start time, output file, the
+# training script, its arguments. The phases are marked by wrapping two functions the job calls (this is
+# the benchmark's instrumentation; the product has no timing hooks).
+BREAKDOWN = ("import sys, time, json, runpy\n"
+             "start, out, train = float(sys.argv[1]), sys.argv[2], sys.argv[3]\n"
+             "marks = []\n"
+             "mark = lambda name: marks.append((name, time.time() - start))\n"
+             "import torch; mark('import torch')\n"
+             "import hydra, omegaconf; mark('import hydra, omegaconf')\n"
+             "import normbench.job, normbench.run; mark('import normbench')\n"
+             "run_job, build_optimizer = normbench.job.run_job, normbench.run.build_optimizer\n"
+             "def traced_run_job(*a, **k):\n"
+             "    mark('Hydra composed the config, run_job entered'); return run_job(*a, **k)\n"
+             "def traced_build_optimizer(*a, **k):\n"
+             "    mark('validated; data and model built'); opt = build_optimizer(*a, **k)\n"
+             "    mark('optimizer built (torch.optim imports torch._dynamo)'); return opt\n"
+             "normbench.job.run_job, normbench.run.build_optimizer = traced_run_job, traced_build_optimizer\n"
+             "sys.argv = sys.argv[3:]\n"
+             "try:\n"
+             "    runpy.run_path(train, run_name='__main__')\n"
+             "finally:\n"
+             "    open(out, 'w').write(json.dumps(marks))\n")
+
+
 def run_process(cmd: list[str], cwd: Path, timeout: float = 600) -> float:
     """Run `cmd` to its end; its wall-clock seconds. Raises RuntimeError when it fails."""
     start = time.time()
@@ -100,6 +124,21 @@ def _single_runs(s: PerfSettings, train: Path, device_arg: list[str], workdir: P
     }
 
 
+def startup_breakdown(train: Path, device_arg: list[str], workdir: Path) -> list[dict]:
+    """One tiny run's start-up, phase by phase: seconds from process start to the end of each phase, and
+    each phase's own share."""
+    run_dir, marks_file = workdir / "run-breakdown", workdir / "breakdown.json"
+    start = time.time()
+    run_process([sys.executable, "-c", BREAKDOWN, str(start), str(marks_file), str(train), *TINY, *device_arg,
+                 f"hydra.run.dir={run_dir}"], workdir)
+    marks = [*json.loads(marks_file.read_text()), ("first training step done", first_step_time(run_dir) - start)]
+    rows, previous = [], 0.0
+    for name, at in marks:
+        rows.append({"phase": name, "at_s": at, "phase_s": at - previous})
+        previous = at
+    return rows
+
+
 def _multirun(s: PerfSettings, train: Path, device_arg: list[str], workdir: Path, bare_s: float) -> dict:
     """N tiny jobs in one sequential multirun (basic launcher); a job's cost = the gap between consecutive
     jobs' first steps (each job's steps.jsonl)."""
@@ -123,5 +162,6 @@ def bench_fixed_cost(s: PerfSettings, paths: PerfPaths, device: torch.device, wo
         return {"skipped": f"{train or 'bench/train.py'} not found"}
     device_arg = [f"trainer.device={device}"]
     out = _single_runs(s, Path(train), device_arg, workdir)
+    out["breakdown"] = startup_breakdown(Path(train), device_arg, workdir)
     out["multirun"] = _multirun(s, Path(train), device_arg, workdir, out["bare_import_torch_s"])
     return out

@@ -59,6 +59,8 @@ def _fixed_rows(add: Add, fixed: dict) -> None:
         "first step / bare import torch")
     add("3 fixed", "  vs a minimal torch script: start -> first SGD step", _f(fixed["first_step_s"], 2),
         _f(fixed["minimal_torch_step_s"], 2) + " minimal", _f(fixed["ratio_vs_minimal"], 2))
+    for r in fixed.get("breakdown", []):
+        add("3 fixed", f"  {r['phase']} (s from start)", _f(r["at_s"], 2), f"+{r['phase_s']:.2f}", "")
     add("3 fixed", "tiny run, start -> exit (s)", _f(fixed["tiny_run_total_s"], 2), "", "")
     m = fixed.get("multirun", {})
     if m:
@@ -77,21 +79,27 @@ def _probe_rows(add: Add, probes: dict) -> None:
         add("4 probes", "skipped", probes["skipped"], "", "")
 
 
+def _layout_rows(add: Add, rows: list, verdict: dict, layout: dict) -> None:
+    for r in layout.get("rows", []):
+        add("5 layout", f"channels_last / NCHW {r['model']} w{r['width']:g} b{r['batch']} norm={r['norm']} "
+            f"(auto: {r['auto']})", _f(r["channels_last_img_s"], 1), _f(r["nchw_img_s"], 1) + " nchw",
+            _f(r["ratio"], 3))
+    _verdict_row(rows, verdict, "5 layout", "auto picks the faster layout (wrong picks)",
+                 "channels_last=auto picks the faster layout", 0)
+
+
 def _cuda_rows(add: Add, rows: list, verdict: dict, cuda: dict) -> None:
     if cuda.get("skipped"):
-        rows.append(("5 cuda", f"skipped: {cuda['skipped']}", "", "", "", "", ""))
+        rows.append(("6 cuda", f"skipped: {cuda['skipped']}", "", "", "", "", ""))
     for r in cuda.get("epochs", []):
-        add("5 cuda", f"vgg_a b{r['batch']} epoch s / TFLOP/s (peak {_f(cuda['peak_tflops'])})", _f(r["epoch_s"], 1),
+        add("6 cuda", f"vgg_a b{r['batch']} epoch s / TFLOP/s (peak {_f(cuda['peak_tflops'])})", _f(r["epoch_s"], 1),
             _f(r["achieved_tflops"], 1) + " TFLOP/s", _f(r["mfu"], 3) + " of peak" if r["mfu"] else "-")
     for r in cuda.get("concurrency", {}).get("levels", []):
-        add("5 cuda", f"runs/hour, {r['concurrent']} concurrent (b8, {cuda['concurrency']['steps_per_job']} steps)",
+        add("6 cuda", f"runs/hour, {r['concurrent']} concurrent (b8, {cuda['concurrency']['steps_per_job']} steps)",
             _f(r["runs_per_hour"], 1), _f(r["train_img_s_total"]) + " img/s", _f(r["speedup"], 2)
             + f" (img/s {r['train_speedup']:.2f})")
-    _verdict_row(rows, verdict, "5 cuda", "runs/hour gain from concurrency",
+    _verdict_row(rows, verdict, "6 cuda", "runs/hour gain from concurrency",
                  "runs/hour, concurrent / single (b8)", 2)
-    for r in cuda.get("channels_last", []):
-        add("5 cuda", f"channels_last / NCHW, norm={r['norm']} (auto: {r['auto_policy']})",
-            _f(r["channels_last_img_s"]), _f(r["nchw_img_s"]) + " nchw", _f(r["ratio"], 3))
 
 
 def table_rows(results: dict) -> list[tuple[str, ...]]:
@@ -111,6 +119,7 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
     _data_rows(add, results.get("data", {}))
     _fixed_rows(add, results.get("fixed_cost", {}))
     _probe_rows(add, results.get("probes", {}))
+    _layout_rows(add, rows, verdict, results.get("layout", {}))
     _cuda_rows(add, rows, verdict, results.get("cuda", {}))
     return rows
 

@@ -49,5 +49,10 @@ def evaluate_targets(results: dict) -> list[dict]:
     if "ratio" in fixed:
         targets.append(target("first step / bare import torch", fixed["ratio"], f"<= {FIXED_COST_TARGET}",
                               fixed["ratio"] <= FIXED_COST_TARGET))
+    layout = results.get("layout", {})
+    if layout.get("rows"):
+        wrong = [f"{r['model']}/{r['norm']}" for r in layout["rows"] if not r["auto_ok"]]
+        targets.append(target("channels_last=auto picks the faster layout", len(wrong), "0 wrong", not wrong,
+                              ", ".join(wrong)))
     targets.append(_cuda_target(results.get("cuda", {})))
     return targets

@@ -24,7 +24,7 @@ from normbench.loggers import wandb_mode
 from normbench.report.records import ScanResult, cells_of, scan
 from normbench.report.reference import STUDY_TABLES
 from normbench.report.render import render_html, render_markdown, write_runs_csv, write_table_csv, write_text
-from normbench.report.tables import Table, generic_tables, records, slug, study_table
+from normbench.report.tables import Table, assign_to_tables, generic_tables, records, slug, study_table
 
 # ------------------------------------------------------------------------------------------------
 # W&B
@@ -82,8 +82,9 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
     t1 = time.perf_counter()
     cells = cells_of(result.runs)
     tables: list[Table] = []
+    assigned = assign_to_tables(cells)
     for st in STUDY_TABLES:
-        table = study_table(st, cells)
+        table = study_table(st, assigned.get(st.name, []))
         if table is not None:
             tables.append(table)
     shown = {id(c) for t in tables for c in t.cells}

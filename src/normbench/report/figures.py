@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from normbench.record import FILTERS, METRICS, PROBES, STEPS
+from normbench.record import FILTERS, METRICS, PROBES, STEPS, learned_threshold
 from normbench.report import plots
 from normbench.report.records import RunRecord
 from normbench.report.reference import NORM_LABEL
-from normbench.report.tables import COLUMNS, Table, slug
+from normbench.report.tables import COLUMNS, MIN_CI_N, Table, ci_for_display, slug
 
 MAX_BARS = 40
 MAX_CURVE_CELLS = 12
@@ -30,7 +30,12 @@ MAX_RUNS_PER_CELL = 5  # runs read per cell for curves
 MAX_PROBE_RUNS = 40
 MAX_BAND_RUNS = 200
 MAX_FILTERS = 24  # per table
-PROBE_KEYS = ("probe/grad_pred", "probe/beta", "probe/grad_cos")
+PROBE_KEYS = ("probe/grad_pred", "probe/beta", "probe/grad_cos", "probe/lipschitz", "probe/grad_var_rel")
+# The training-loss range (study 000 section 9) is taken after the first epoch: every network starts at
+# ln(10) = 2.30 on CIFAR-10, above BN's reported upper bound of 1.8, so the study's range cannot include
+# the start. A run with a single epoch uses the second half of its steps.
+LOSS_RANGE_WARMUP_EPOCHS = 1
+EFFECTIVE_LR_FRACTION = 0.9  # an lr is in a norm's effective range at >= 90% of that norm's best test acc
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -133,14 +138,17 @@ def summary_bars(table: Table, fig_dir: str) -> None:
         st = row.cell.stat(table.primary)
         label = row.label + (f"\n{row.extra}" if row.extra and table.kind == "study" else "")
         study = row.ref.ref.get(table.primary) if row.ref else None
+        ci = ci_for_display(st)
+        points = [v * col.scale for v in row.cell.values(table.primary)] if st.n < MIN_CI_N else []
         bar_rows.append(plots.BarRow(label, None if st.mean is None else st.mean * col.scale,
-                                     None if st.ci is None else st.ci * col.scale, st.n, study))
+                                     None if ci is None else ci * col.scale, st.n, study, points))
     if not any(b.ours is not None for b in bar_rows):
         return
     name = f"{table.name}_bars.png"
     title = f"{table.title}: ours vs study" if table.kind == "study" else table.title
     plots.summary_bars(bar_rows, os.path.join(fig_dir, name), title, col.title)
-    table.figures.append((f"{col.title}: ours (mean ± 95% CI) and the study", f"fig/{name}"))
+    table.figures.append(((f"{col.title}: ours (mean ± 95% CI from {MIN_CI_N} seeds; dots: the runs of a cell "
+                          f"with fewer) and the study"), f"fig/{name}"))
 
 
 def clustered_bars(table: Table, fig_dir: str) -> None:
@@ -158,7 +166,8 @@ def clustered_bars(table: Table, fig_dir: str) -> None:
         if row.cell is not None and (norm, bs) not in ours:
             st = row.cell.stat("test/acc")
             if st.mean is not None:
-                ours[(norm, bs)] = (st.mean * 100, None if st.ci is None else st.ci * 100)
+                ci = ci_for_display(st)
+                ours[(norm, bs)] = (st.mean * 100, None if ci is None else ci * 100)
     if not ours:
         return
     name = f"{table.name}_clustered.png"
@@ -205,14 +214,17 @@ def loss_landscape(table: Table, fig_dir: str, warnings: list[str]) -> None:
     plots.band_plot([b for b, _ in bands], os.path.join(fig_dir, name),
                     "Training loss per step, min–max over learning rates " + ", ".join(f"{v:g}" for v in lrs),
                     "training loss", ref_ranges=[r for _, r in bands])
-    caption = "training loss per step: min–max over all learning rates and seeds (dashed: the study's reported range)"
+    caption = ("training loss per step: min–max over all learning rates and seeds (dashed: the study's reported "
+               f"range); the table's range leaves out the first {LOSS_RANGE_WARMUP_EPOCHS} epoch(s)")
     table.figures.append((caption, f"fig/{name}"))
 
 
 def probe_panels(table: Table, fig_dir: str, warnings: list[str]) -> None:
-    """Gradient predictiveness, beta-smoothness, gradient cosine and the loss range along the gradient,
-    per group of runs (by norm when norm varies)."""
-    groups = {k: [r for r in v if PROBES in r.files] for k, v in _group_runs(table, MAX_PROBE_RUNS).items()}
+    """Gradient predictiveness, beta-smoothness, gradient cosine, the Lipschitz estimate along the path,
+    the relative gradient variance and the loss range along the gradient, per group of runs (by norm
+    when norm varies, and by learning rate when it varies: β grows ~1/η, so pooling lrs would let the
+    smallest dominate)."""
+    groups = {k: [r for r in v if PROBES in r.files] for k, v in _probe_groups(table).items()}
     panels: dict[str, list] = {}
     for gname, runs in groups.items():
         if runs:
@@ -222,8 +234,8 @@ def probe_panels(table: Table, fig_dir: str, warnings: list[str]) -> None:
     name = f"{table.name}_probes.png"
     plots.probe_panels(panels, os.path.join(fig_dir, name),
                        f"{table.title}: optimisation probes (line: mean, band: min–max over runs)")
-    caption = ("gradient predictiveness, β-smoothness, gradient cosine and loss range "
-               "along the gradient, per probe step")
+    caption = ("gradient predictiveness, β-smoothness, gradient cosine, Lipschitz estimate along the path, "
+               "relative gradient variance and loss range along the gradient, per probe step and learning rate")
     table.figures.append((caption, f"fig/{name}"))
 
 
@@ -248,52 +260,148 @@ def copy_filters(table: Table, out: str, warnings: list[str], copied: dict[str, 
 # helpers
 
 def mechanism(table: Table, warnings: list[str]) -> list[tuple[plots.Band, Any]]:
-    """Per norm: the training-loss range over the lr sweep, the mean gradient cosine and beta (into
-    ``table.mechanism``); returns the loss bands with the study's range for each."""
-    by_norm: dict[str, list[RunRecord]] = {}
+    """Study 000 section 9, per norm and learning rate (``table.mechanism``): one row per (norm, lr) with
+    that lr's training-loss range, gradient cosine, predictiveness, β, Lipschitz estimate, gradient
+    variance and test accuracy, then one row per norm over all its lrs (lr None) with the study's
+    training-loss range (min-max over the lr sweep after the warm-up), the effective learning-rate range
+    and the study's numbers. Returns the per-norm loss bands over all lrs, with the study's range."""
+    by_norm: dict[str, dict[float | None, list]] = {}
     for cell in table.cells:
-        by_norm.setdefault(str(cell.choices.get("norm")), []).extend(cell.runs + cell.diverged)
+        lr = _lr_of(cell)
+        by_norm.setdefault(str(cell.choices.get("norm")), {}).setdefault(lr, []).append(cell)
     bands = []
     for norm in sorted(by_norm, key=lambda n: list(NORM_LABEL).index(n) if n in NORM_LABEL else 99):
-        runs = by_norm[norm][:MAX_BAND_RUNS]
-        ref = table.study.mechanism.get(norm, {})
         label = NORM_LABEL.get(norm, norm)
-        entry: dict[str, Any] = {"norm": label, "runs": len(runs)}
+        no_study = any(r.no_study for r in table.rows if r.cell is not None and r.cell.choices.get("norm") == norm)
+        ref = {} if no_study else table.study.mechanism.get(norm, {})
+        per_lr = by_norm[norm]
+        lr_entries = []
+        for lr in sorted(per_lr, key=lambda v: (v is None, v or 0.0)):
+            runs = [r for c in per_lr[lr] for r in c.runs + c.diverged][:MAX_BAND_RUNS]
+            entry: dict[str, Any] = {"norm": label, "lr": lr, "runs": len(runs)}
+            window = _loss_window(runs, warnings)
+            if window:
+                entry["loss_range"] = (float(min(window)), float(max(window)))
+            entry.update(_probe_stats(runs))
+            entry["test_acc"] = _mean_acc(runs)
+            lr_entries.append(entry)
+        runs = [r for cells in per_lr.values() for c in cells for r in c.runs + c.diverged][:MAX_BAND_RUNS]
+        pooled: dict[str, Any] = {"norm": label, "lr": None, "runs": len(runs), "study": ref, "no_study": no_study}
+        ranges = [e["loss_range"] for e in lr_entries if "loss_range" in e]
+        if ranges:
+            pooled["loss_range"] = (min(r[0] for r in ranges), max(r[1] for r in ranges))
+        pooled["effective_lrs"] = _effective_lrs(lr_entries, runs)
+        for entry in lr_entries:
+            entry["trains"] = entry["lr"] in pooled["effective_lrs"]
+        pooled["lrs"] = [e["lr"] for e in lr_entries if e["lr"] is not None]
+        table.mechanism.extend(lr_entries + [pooled])
         agg = _loss_band(runs, warnings)
         if agg is not None:
-            entry["loss_range"] = (float(np.min(agg[1])), float(np.max(agg[2])))
             bands.append((plots.Band(label, agg[0], agg[1], agg[2], None), ref.get("loss_range")))
-        entry.update(_probe_means(runs))
-        entry["study"] = ref
-        table.mechanism.append(entry)
     return bands
+
+
+def _lr_of(cell) -> float | None:
+    value = cell.setting("lr")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
+    """_group_runs, split further by learning rate when the table's cells have more than one."""
+    lrs = {_lr_of(c) for c in table.cells}
+    if len(lrs) < 2:
+        return _group_runs(table, MAX_PROBE_RUNS)
+    norms = {c.choices.get("norm") for c in table.cells}
+    groups: dict[str, list[RunRecord]] = {}
+    for cell in sorted(table.cells, key=lambda c: (str(c.choices.get("norm")), _lr_of(c) or 0.0)):
+        norm = str(cell.choices.get("norm"))
+        name = (NORM_LABEL.get(norm, norm) + " · " if len(norms) > 1 else "") + f"lr {_lr_of(cell):g}"
+        groups.setdefault(name, []).extend(cell.runs + cell.diverged)
+    total, capped = 0, {}
+    for name, runs in groups.items():
+        if total < MAX_PROBE_RUNS:
+            capped[name] = runs[: MAX_PROBE_RUNS - total]
+            total += len(capped[name])
+    return capped
+
+
+def _loss_window(runs: Sequence[RunRecord], warnings: list[str]) -> list[float]:
+    """The finite training losses of the runs' steps after the warm-up (LOSS_RANGE_WARMUP_EPOCHS)."""
+    values: list[float] = []
+    for run in runs:
+        rows, bad = run.steps()
+        if bad:
+            warnings.append(f"{run.path}: {STEPS} has {bad} malformed line(s), ignored")
+        after = [r for r in rows if _num(r.get("epoch")) > LOSS_RANGE_WARMUP_EPOCHS]
+        if not after and rows:  # a single-epoch run: its second half
+            after = rows[len(rows) // 2:]
+        values.extend(v for v in (_num(r.get("train/loss")) for r in after) if math.isfinite(v))
+    return values
 
 
 def _loss_band(runs: Sequence[RunRecord], warnings: list[str]):
     step_pairs = []
     for run in runs:
-        rows, bad = run.steps()
-        if bad:
-            warnings.append(f"{run.path}: {STEPS} has {bad} malformed line(s), ignored")
+        rows, _ = run.steps()
         if rows:
             step_pairs.append(_series(rows, "train/loss"))
     return _per_step(step_pairs) if step_pairs else None
 
 
-def _probe_means(runs: Sequence[RunRecord]) -> dict[str, float]:
-    cos, beta = [], []
+def _probe_stats(runs: Sequence[RunRecord]) -> dict[str, float]:
+    """Means (and maxima, medians) of the probe values over the runs' probe steps."""
+    found: dict[str, list[float]] = {}
     for run in runs:
         if PROBES not in run.files:
             continue
         rows, _ = run.probes()
-        cos.extend(v for v in (_num(r.get("probe/grad_cos")) for r in rows) if math.isfinite(v))
-        beta.extend(v for v in (_num(r.get("probe/beta")) for r in rows) if math.isfinite(v))
-    out = {}
-    if cos:
-        out["grad_cos"] = float(np.mean(cos))
-    if beta:
-        out["beta_mean"], out["beta_max"] = float(np.mean(beta)), float(np.max(beta))
+        for key in ("probe/grad_cos", "probe/grad_pred", "probe/beta", "probe/lipschitz", "probe/grad_var",
+                    "probe/grad_var_rel"):
+            found.setdefault(key, []).extend(v for v in (_num(r.get(key)) for r in rows) if math.isfinite(v))
+    out: dict[str, float] = {}
+    if found.get("probe/grad_cos"):
+        out["grad_cos"] = float(np.mean(found["probe/grad_cos"]))
+    if found.get("probe/grad_pred"):
+        out["grad_pred"] = float(np.mean(found["probe/grad_pred"]))
+    if found.get("probe/beta"):
+        out["beta_mean"], out["beta_max"] = float(np.mean(found["probe/beta"])), float(np.max(found["probe/beta"]))
+    if found.get("probe/lipschitz"):
+        values = found["probe/lipschitz"]
+        out["lipschitz_median"], out["lipschitz_max"] = float(np.median(values)), float(np.max(values))
+    if found.get("probe/grad_var"):
+        out["grad_var"] = float(np.mean(found["probe/grad_var"]))
+    if found.get("probe/grad_var_rel"):
+        out["grad_var_rel"] = float(np.mean(found["probe/grad_var_rel"]))
     return out
+
+
+def _num_classes(runs: Sequence[RunRecord]) -> int:
+    for run in runs:
+        data = run.config().get("data")
+        if isinstance(data, dict) and isinstance(data.get("num_classes"), int):
+            return data["num_classes"]
+    return 10
+
+
+def _mean_acc(runs: Sequence[RunRecord]) -> float | None:
+    """Mean test accuracy over the runs, a diverged run counting as chance (it stopped learning)."""
+    if not runs:
+        return None
+    chance = 1.0 / _num_classes(runs)
+    accs = [chance if r.status == "diverged" else r.metric("test/acc") for r in runs]
+    accs = [a for a in accs if a is not None]
+    return float(np.mean(accs)) if accs else None
+
+
+def _effective_lrs(lr_entries: list[dict[str, Any]], runs: Sequence[RunRecord]) -> list[float]:
+    """The lrs at which the norm still trains: mean test accuracy (a diverged seed at chance) above chance
+    + 5 points and at least EFFECTIVE_LR_FRACTION of the norm's best lr."""
+    accs = [(e["lr"], e["test_acc"]) for e in lr_entries if e["lr"] is not None and e["test_acc"] is not None]
+    if not accs:
+        return []
+    best = max(a for _, a in accs)
+    floor = max(learned_threshold(_num_classes(runs)), EFFECTIVE_LR_FRACTION * best)
+    return [lr for lr, a in accs if a >= floor]
 
 
 def _probe_rows(run: RunRecord, warnings: list[str]) -> list[dict]:

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 110
+MAX_LABEL = 64  # characters of a tick or legend label (an Optuna sweep's settings run long)
+
+
+def _short(label: str) -> str:
+    """Group prefixes dropped (optimizer.lr=... -> lr=...), then cut to MAX_LABEL characters."""
+    label = re.sub(r"\b(?:model|optimizer|scheduler|data|trainer|loss|norm)\.(?=\w+=)", "", label)
+    return label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 1] + "…"
+
+
+def _legend_below(fig, ax, n: int) -> None:
+    """One legend for the figure, under the axes: never on top of the curves, however many entries."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=max(1, min(2, n)), frameon=False)
 
 
 def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
@@ -39,6 +54,7 @@ class BarRow:
     ci: float | None  # 95% half-width, in percent
     n: int
     study: float | None
+    points: Sequence[float] = ()  # the runs' values when there are too few for an interval
 
 
 def summary_bars(rows: Sequence[BarRow], path: str, title: str, ylabel: str) -> str:
@@ -52,14 +68,18 @@ def summary_bars(rows: Sequence[BarRow], path: str, title: str, ylabel: str) -> 
     study = np.array([np.nan if r.study is None else r.study for r in rows], dtype=float)
     ax.bar(x - width / 2, ours, width, yerr=err, capsize=3, color="#3b75af", label="ours (mean ± 95% CI)")
     ax.bar(x + width / 2, study, width, color="#c9c9c9", edgecolor="#666666", label="study")
+    px = [xi - width / 2 for xi, r in zip(x, rows, strict=True) for _ in r.points]
+    py = [v for r in rows for v in r.points]
+    if py:
+        ax.scatter(px, py, s=14, color="black", zorder=3, label="runs (n < 3)")
     for xi, r, v in zip(x, rows, ours, strict=True):
         if not math.isnan(v):
             ax.annotate(f"n={r.n}", (xi - width / 2, 0), textcoords="offset points", xytext=(0, 3),
                         ha="center", fontsize=7, color="white")
-    ax.set_xticks(x, [r.label for r in rows], rotation=35, ha="right", fontsize=8)
+    ax.set_xticks(x, [_short(r.label) for r in rows], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # off the bars
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -109,15 +129,20 @@ def curves(series: Sequence[Curve], path: str, title: str) -> str:
     for c, color in zip(series, colors, strict=True):
         for ax, train, val in ((axes[0][0], c.train_acc, c.val_acc), (axes[0][1], c.train_loss, c.val_loss)):
             ax.plot(c.epoch, train, "--", color=color, lw=1.2)
-            ax.plot(c.epoch, val, "-", color=color, lw=1.6, label=c.label)
+            ax.plot(c.epoch, val, "-", color=color, lw=1.6, label=_short(c.label))
     axes[0][0].set_ylabel("accuracy (%)")
     axes[0][1].set_ylabel("loss")
     for ax in axes[0]:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
     axes[0][0].set_title("accuracy: train dashed, validation solid", fontsize=9)
     axes[0][1].set_title("loss: train dashed, validation solid", fontsize=9)
-    axes[0][1].legend(fontsize=7, loc="upper right")
+    if len(series) <= 4:
+        axes[0][1].legend(fontsize=7, loc="upper right")
+    else:
+        fig.set_figheight(4.2 + 0.2 * math.ceil(len(series) / 2))
+        _legend_below(fig, axes[0][0], len(series))
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 

@@ -27,6 +27,7 @@ from normbench.record import (
     METRICS,
     PROBES,
     RECORD_FILES,
+    REJECTED,
     SEEDLESS_IDENTITY,
     STEPS,
     SUMMARY,
@@ -38,7 +39,7 @@ from normbench.report.stats import Stat, mean_ci
 from normbench.sweep.identity import NOT_IDENTITY, SEED, covered, override_key, seedless_identity
 
 # a directory holding one of these is a run dir (its subdirectories are not searched)
-RUN_MARKERS = (SUMMARY, CONFIG, METRICS)
+RUN_MARKERS = (SUMMARY, CONFIG, METRICS, REJECTED)
 # config.yaml paths of the numeric settings when summary["choices"] does not carry them
 CONFIG_PATHS = {"dropout": ("model", "dropout"), "lr": ("optimizer", "lr"), "batch_size": ("batch_size",)}
 _UNSET = object()
@@ -47,7 +48,7 @@ _UNSET = object()
 @dataclass
 class Skipped:
     path: str
-    kind: str  # "in progress" | "malformed" | "duplicate"
+    kind: str  # "in progress" | "malformed" | "duplicate" | "rejected" (failed its config check)
     reason: str
 
 
@@ -237,6 +238,13 @@ def _run_dirs(root: str) -> Iterable[tuple[str, frozenset[str]]]:
 
 
 def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
+    if SUMMARY not in files and REJECTED in files:  # a sweep job that failed before its run started
+        try:
+            with open(os.path.join(path, REJECTED), "rb") as f:
+                reason = str(json.loads(f.read()).get("error") or "no reason recorded")
+        except (OSError, ValueError, AttributeError):
+            reason = f"{REJECTED} unreadable"
+        return Skipped(path, "rejected", reason)
     if SUMMARY not in files:
         return Skipped(path, "in progress", f"no {SUMMARY}")
     try:
@@ -252,8 +260,8 @@ def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
         validate_summary(summary)
     except MalformedRecord as e:
         return Skipped(path, "malformed", str(e))
-    if summary["status"] == Status.RUNNING:
-        return Skipped(path, "in progress", "status running")
+    if summary["status"] in (Status.RUNNING, Status.INTERRUPTED):  # a re-run continues an interrupted run
+        return Skipped(path, "in progress", f"status {summary['status']}")
     return RunRecord(path, summary, files)
 
 

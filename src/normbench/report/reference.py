@@ -76,6 +76,10 @@ class StudyTable:
     contrasts: tuple[Contrast, ...] = ()
     # per norm: reported optimisation-mechanism numbers (study 000, section 9)
     mechanism: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # where the study contradicts itself about these numbers (shown beside them in the report)
+    flags: tuple[str, ...] = ()
+    # the comparisons the study draws besides each row's `vs`: (row, base) label pairs
+    pairs: tuple[tuple[str, str], ...] = ()
 
     def row(self, label: str) -> RefRow:
         for r in self.rows:
@@ -89,9 +93,13 @@ STUDY_TITLES = {
     "002": "Study 002 - AlexNet on CIFAR-10: no norm / BN / LN / GN across batch sizes",
 }
 
-# The study-000 baseline: VGG-A, ReLU, cross-entropy, constant learning rate, no dropout.
+# The study-000 baseline: VGG-A, ReLU, cross-entropy, constant learning rate 0.001 (section 7's
+# "固定学习率 (0.001)" is the 12.35 % of the BN baseline), no dropout.
 _VGG = {"model": "vgg_a"}
-_VGG_BASE = {"model": "vgg_a", "activation": "relu", "loss": "ce", "scheduler": "constant", "dropout": 0.0}
+BASE_LR = 0.001
+SGD_LR = 0.01  # section 5's "SGD (lr=0.01, momentum=0.9)": its own row, 11.32 %
+_VGG_BASE = {"model": "vgg_a", "activation": "relu", "loss": "ce", "scheduler": "constant", "dropout": 0.0,
+             "lr": BASE_LR}
 
 
 def _ctx(**drop_and_set: Any) -> dict[str, Any]:
@@ -139,7 +147,16 @@ VGG_BN_BASELINE = StudyTable(
                 "model/params": 9_756_426}, vs="plain"),
     ),
     note="The parameter counts are not study 000's (it reports only that BN adds 0.067%): they are VGG-A's "
-         "for 32x32 input, classifier 512-512-512-10, BN after each of its 8 convolutions.",
+         "for 32x32 input, classifier 512-512-512-10, BN after each of its 8 convolutions. Both rows: constant "
+         "lr 0.001, the study's \"固定学习率 (0.001)\" run (12.35%).",
+    flags=(
+        ("Study inconsistency: BN \"+0.067% parameters\" fits no architecture. BN after VGG-A's 8 convolutions "
+        "adds 5,504 parameters: +0.0564% on the 32x32 VGG-A (9,750,922), +0.0041% on the 224x224 VGG-A "
+        "(132,863,336); +0.067% would need a 8.2M-parameter network."),
+        ("Study inconsistency: one BN run, three convergence epochs. The BN baseline (12.35%) converges in 25 "
+        "epochs (section 2) and, as section 7's constant-lr 0.001 run with the same 12.35%, in 30; section "
+        "8's curves say 15 (and 35 for plain VGG-A, 45 in section 2)."),
+    ),
     contrasts=(
         Contrast("model/params", "BN", "plain", 0.067, "BN adds parameters"),
         Contrast("memory/peak_mb", "BN", "plain", 10.7, "BN adds peak memory"),
@@ -153,6 +170,9 @@ VGG_LOSSES = StudyTable(
     context=_ctx(loss=None),
     rows=_norm_by("loss", _LOSSES, [26.58, 27.23, 26.91, 27.45, 26.34], [12.35, 12.89, 12.67, 13.12, 12.28],
                   base="ce"),
+    flags=(("Study inconsistency: the text says L2 regularisation slightly improves BN VGG (\"L2 正则化对 "
+           "BatchNorm VGG 有轻微改善\"), but its numbers show it worse: 12.67% vs CE 12.35% (BN), 26.91% vs "
+           "26.58% (plain)."),),
 )
 
 VGG_ACTIVATIONS = StudyTable(
@@ -162,16 +182,21 @@ VGG_ACTIVATIONS = StudyTable(
     context=_ctx(activation=None),
     rows=_norm_by("activation", _ACTS, [26.58, 26.12, 27.34, 25.89, 26.45, 26.78],
                   [19.85, 12.64, 21.13, 14.32, 15.87, 16.45], base="relu"),
-    note="The study's BN+ReLU here (19.85%) differs from its own BN baseline (12.35%).",
+    flags=(
+        ("Study inconsistency: BN+ReLU here (19.85%) differs from its own BN baseline with the same settings "
+        "(12.35%), while plain+ReLU (26.58%) equals the plain baseline."),
+        ("Study inconsistency: \"最大差异 7.21%\" (largest difference between activations on BN): its numbers "
+        "give 21.13 − 12.64 = 8.49 points (ELU vs LeakyReLU); 7.21 is ReLU − LeakyReLU (19.85 − 12.64)."),
+    ),
 )
 
 VGG_OPTIMIZERS = StudyTable(
     name="vgg_optimizers",
     study="000",
     title="VGG-A + BN: six optimizers",
-    context=_ctx(norm="bn"),
+    context=_ctx(norm="bn", lr=None),
     rows=tuple(
-        RefRow(f"BN · {text}", {"optimizer": opt},
+        RefRow(f"BN · {text}", {"optimizer": opt, **({"lr": SGD_LR} if opt == "sgd" else {})},
                {"test/err": err, **({"convergence/epoch": 25, "val/best_acc": 88.95} if opt == "sgd" else {})},
                vs=None if opt == "sgd" else f"BN · {_OPTS['sgd']}")
         for (opt, text), err in zip(_OPTS.items(), [11.32, 11.89, 14.89, 18.64, 12.09, 15.23], strict=True)
@@ -209,7 +234,7 @@ VGG_LR_ROBUSTNESS = StudyTable(
     name="vgg_lr_robustness",
     study="000",
     title="VGG-A: learning-rate robustness (10 epochs per lr), plain vs BN",
-    context=_ctx(),
+    context=_ctx(lr=None),
     rows=tuple(
         RefRow(f"{NORM_LABEL[norm]} · lr {lr:g}", {"norm": norm, "lr": lr}, {},
                vs=None if norm == "none" else f"plain · lr {lr:g}")
@@ -223,26 +248,29 @@ VGG_LR_ROBUSTNESS = StudyTable(
     },
 )
 
+def _best_row(label: str, ref: float, vs: str | None = "best", **settings: Any) -> RefRow:
+    base = {"norm": "bn", "activation": "relu", "loss": "ce", "optimizer": "sgd", "scheduler": "constant",
+            "dropout": 0.0, "lr": BASE_LR}
+    return RefRow(label, {**base, **settings}, {"test/err": ref}, vs)
+
+
 VGG_BEST = StudyTable(
     name="vgg_best",
     study="000",
     title="VGG-A: best combination and its parts",
     context=dict(_VGG),
     rows=(
-        RefRow("plain baseline", {"norm": "none", "activation": "relu", "loss": "ce", "scheduler": "constant",
-                                  "dropout": 0.0}, {"test/err": 26.58}, vs="best"),
-        RefRow("BN + LeakyReLU", {"norm": "bn", "activation": "leaky_relu", "loss": "ce",
-                                  "scheduler": "constant", "dropout": 0.0}, {"test/err": 12.64}, vs="best"),
-        RefRow("BN + SGD", {"norm": "bn", "optimizer": "sgd", "activation": "relu", "loss": "ce",
-                            "scheduler": "constant", "dropout": 0.0}, {"test/err": 11.32}, vs="best"),
-        RefRow("BN + focal", {"norm": "bn", "loss": "focal", "activation": "relu", "scheduler": "constant",
-                              "dropout": 0.0}, {"test/err": 12.28}, vs="best"),
-        RefRow("BN + cosine", {"norm": "bn", "scheduler": "cosine", "activation": "relu", "loss": "ce",
-                               "dropout": 0.0}, {"test/err": 11.87}, vs="best"),
-        RefRow("best", {"norm": "bn", "dropout": 0.3, "activation": "leaky_relu", "optimizer": "sgd",
-                        "loss": "focal", "scheduler": "cosine"}, {"test/err": 10.95}),
+        _best_row("plain baseline", 26.58, norm="none"),
+        _best_row("BN + LeakyReLU", 12.64, activation="leaky_relu"),
+        _best_row("BN + SGD", 11.32, lr=SGD_LR),
+        _best_row("BN + focal", 12.28, loss="focal"),
+        _best_row("BN + cosine", 11.87, scheduler="cosine"),
+        _best_row("best", 10.95, None, dropout=0.3, activation="leaky_relu", loss="focal", scheduler="cosine",
+                  lr=SGD_LR),
     ),
-    note="best = BN + dropout 0.3 + LeakyReLU + SGD + focal loss + cosine annealing.",
+    note="Each part is the row of its own table with that table's settings (constant lr 0.001, except BN + "
+         "SGD: lr 0.01); best = BN + dropout 0.3 + LeakyReLU + SGD (lr 0.01, momentum 0.9) + focal loss + "
+         "cosine annealing.",
 )
 
 _BATCHES = (8, 16, 32, 64)
@@ -265,7 +293,22 @@ ALEXNET_NORM_BATCH = StudyTable(
         for norm, accs in _NORM_BATCH.items() for bs, acc in zip(_BATCHES, accs, strict=True)
     ),
     primary="test/acc",
-    note="GN uses 4 groups; LN normalises over [C,H,W] of each feature map.",
+    note="GN uses 4 groups; LN is nn.LayerNorm([C,H,W]) (per-element affine). The study trains on all 50,000 "
+         "training images with the last partial batch kept (782/1563/3125/6250 batches per epoch) and reports "
+         "test accuracy only.",
+    flags=(
+        ("Study inconsistency: the GN bs-64 log is partly copied from the bs-32 log: its epochs 1-2 show "
+        "\"Batch [1563/1563]\" (bs 32's count; bs 64 has 782) with bs 32's losses 10.9855 and 6.7723, and "
+        "epochs 8-10 repeat one line (loss 0.3133, accuracy 87.50). Its 82.36% is not backed by a log."),
+        ("Study inconsistency: the text says GN at bs 8 (78.55%) is \"slightly below the other methods\" "
+        "(相较于其他方法略有下降); it is the highest at bs 8 (BN 77.49%, LN 77.31%, plain 39.14%)."),
+    ),
+    pairs=(
+        *((f"{NORM_LABEL[n]}{' (4 groups)' if n == 'gn' else ''} · bs 8",
+           f"{NORM_LABEL[n]}{' (4 groups)' if n == 'gn' else ''} · bs 64") for n in _NORM_BATCH),
+        ("LN · bs 64", "BN · bs 64"),
+        ("GN (4 groups) · bs 8", "BN · bs 8"),
+    ),
 )
 
 ALEXNET_LR = StudyTable(
@@ -296,6 +339,8 @@ def _check() -> None:
         assert len(labels) == len(table.rows), table.name
         for row in table.rows:
             assert row.vs is None or row.vs in labels, (table.name, row.vs)
+        for a, b in table.pairs:
+            assert a in labels and b in labels, (table.name, a, b)
             for key, value in {**table.context, **row.settings}.items():
                 allowed = SETTING_VALUES[key]
                 if allowed is None:

@@ -18,6 +18,7 @@ from normbench.report.tables import (
     Table,
     display,
     mechanism_rows,
+    pair_rows,
     records,
     table_title,
 )
@@ -37,7 +38,8 @@ th{background:#f0f0f0}tr.notrun td{color:#999}td.num{text-align:right;white-spac
 figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
 figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.8em;color:#555;max-width:700px}
 .filters figure img{image-rendering:pixelated;width:160px}.filters figcaption{max-width:170px}
-.note{font-size:.85em;color:#444}.skipped td{font-size:.85em}code{background:#f4f4f4;padding:0 .2em}
+.note{font-size:.85em;color:#444}.flag{font-size:.85em;color:#7a3b00;background:#fff4e0;
+border-left:3px solid #e0a040;padding:.2em .5em}.skipped td{font-size:.85em}code{background:#f4f4f4;padding:0 .2em}
 nav ul{columns:2;font-size:.9em}
 """
 
@@ -45,8 +47,10 @@ nav ul{columns:2;font-size:.9em}
 STATS_NOTE_HTML = (
     "<p class=note>Cells pool runs that differ only in their seed: mean ± half-width of the 95% "
     "confidence interval of the mean (Student t, n−1 degrees of freedom); n counts completed runs. "
+    "With fewer than 3 seeds a cell shows its mean and, for 2, both points instead of an interval. "
     "A comparison uses Welch's t-test at the 5% level: <b>differs</b> when p &lt; 0.05, "
-    "<b>within noise</b> otherwise; with one seed on either side it cannot tell.</p>"
+    "<b>within noise</b> otherwise; with one seed on either side it cannot tell. "
+    "⚠ marks where a study contradicts itself about the numbers beside it.</p>"
 )
 
 
@@ -110,6 +114,10 @@ def _html_table(table: Table) -> str:
     out = [f'<h3 id="{e(table.name)}">{e(table_title(table))}</h3>']
     for note in table.notes:
         out.append(f"<p class=note>{e(note)}</p>")
+    for flag in table.flags:
+        out.append(f'<p class="flag">⚠ {e(flag)}</p>')
+    if table.convergence_note:
+        out.append(f"<p class=note>{e(table.convergence_note)}</p>")
     out.append(f'<div class="scroll"><table class="results" data-table="{e(table.name)}"><tr>'
                + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
     numeric = {i for i, h in enumerate(header) if h in {c.title for c in COLUMNS} | {"n", "study", "ours − study"}}
@@ -128,6 +136,8 @@ def _html_table(table: Table) -> str:
                    f'<a href="tables/{e(table.name)}.csv">tables/{e(table.name)}.csv</a>.</p>')
     else:
         out.append(f'<p class=note>CSV: <a href="tables/{e(table.name)}.csv">tables/{e(table.name)}.csv</a></p>')
+    if table.pairs:
+        out.append(_html_pairs(table))
     if table.mechanism:
         out.append(_html_mechanism(table))
     for caption, path in table.figures:
@@ -141,10 +151,24 @@ def _html_table(table: Table) -> str:
     return "\n".join(out)
 
 
+def _html_pairs(table: Table) -> str:
+    e = html.escape
+    header, rows = pair_rows(table)
+    out = ["<p class=note>The study's own comparisons, each by Welch's t-test on our runs:</p>",
+           f'<table class="pairs" data-table="{e(table.name)}_pairs"><tr>'
+           + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
+    for line in rows:
+        out.append("<tr>" + "".join(
+            f'<td class="cmp {_verdict_class(t)}">{e(t)}</td>' if i == 2 else f"<td>{e(t)}</td>"
+            for i, t in enumerate(line)) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def _html_mechanism(table: Table) -> str:
     e = html.escape
     header, rows = mechanism_rows(table)
-    out = ['<p class=note>Optimisation mechanism per norm over this table\'s runs (study 000 section 9):</p>',
+    out = ['<p class=note>Optimisation mechanism per norm and learning rate over this table\'s runs (study 000 section 9; definitions in the README):</p>',
            f'<table class="mechanism" data-table="{e(table.name)}_mechanism"><tr>'
            + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
     for line in rows:
@@ -168,11 +192,14 @@ def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
              "Cells: mean ± 95% CI half-width (Student t) over seeds; comparisons: Welch's t-test at 5%.", ""]
     for table in tables:
         lines += [f"## {table_title(table)}", ""]
-        lines += [f"> {n}" for n in table.notes] + ([""] if table.notes else [])
+        notes = table.notes + [f"⚠ {f}" for f in table.flags] + ([table.convergence_note] if table.convergence_note else [])
+        lines += [f"> {n}" for n in notes] + ([""] if notes else [])
         header, rows = display(table)
         lines += _md_table(header, rows) + [""]
         if len(table.rows) > MAX_HTML_ROWS:
             lines += [f"Showing {MAX_HTML_ROWS} of {len(table.rows)} rows; all in tables/{table.name}.csv.", ""]
+        if table.pairs:
+            lines += _md_table(*pair_rows(table)) + [""]
         if table.mechanism:
             lines += _md_table(*mechanism_rows(table)) + [""]
         for caption, path in table.figures:

@@ -3,7 +3,8 @@
 SweepSummary: at the start of a multirun it names the sweep invocation (environment variable
 NORMBENCH_SWEEP_ID, inherited by launcher workers: joblib processes, submitit/SLURM tasks); every job
 of it then writes its outcome to `<sweep dir>/.normbench/sweeps/<id>/`; at the end of the multirun one
-line is printed:
+line is printed. It also names the keys the multirun sweeps (NORMBENCH_SWEPT_KEYS), which the jobs'
+dir and W&B run names put first. At the end one line is printed:
 
     sweep multirun/vgg_losses: 8 completed / 1 diverged / 1 failed / 0 pruned / 0 skipped
 
@@ -22,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import ConfigError
+from normbench.sweep.identity import SWEPT_KEYS_ENV, swept_keys
 from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
 from normbench.sweep.preflight import check_experiment_name, check_launch, fail
 
@@ -60,11 +62,18 @@ class SweepSummary(Callback):
     def __init__(self) -> None:
         self.sweep_id: str | None = None
         self.previous: str | None = None
+        self.previous_swept: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.previous = os.environ.get(SWEEP_ID_ENV)
         self.sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         os.environ[SWEEP_ID_ENV] = self.sweep_id
+        # which keys the jobs' dir and W&B run names put first (a job sees only its own overrides)
+        self.previous_swept = os.environ.get(SWEPT_KEYS_ENV)
+        params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+        params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+        task = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(params, task))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.sweep_id is None:
@@ -74,7 +83,8 @@ class SweepSummary(Callback):
         line = summary_line(sweep_dir, count_outcomes(rows), expected_jobs(config))
         print(line, flush=True)
         log.debug(line)
-        if self.previous is None:
-            os.environ.pop(SWEEP_ID_ENV, None)
-        else:
-            os.environ[SWEEP_ID_ENV] = self.previous
+        for name, previous in ((SWEEP_ID_ENV, self.previous), (SWEPT_KEYS_ENV, self.previous_swept)):
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +23,11 @@ NOT_IDENTITY = (
     "data.root", "data.download",
 )
 SEED = "seed"
-MAX_DIRNAME = 120
+MAX_DIRNAME = 80    # a sweep job dir name, hash suffix included
+HASH_SUFFIX = 11    # "_" + 10 hex digits, when the name had to be cut
+MAX_RUN_NAME = 60   # a W&B run name
+# The keys the running multirun sweeps (set by normbench.sweep.callbacks for its jobs; comma-separated).
+SWEPT_KEYS_ENV = "NORMBENCH_SWEPT_KEYS"
 
 
 def covered(key: str, keys: Iterable[str]) -> bool:
@@ -66,12 +71,83 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def job_dirname(overrides: Iterable[str]) -> str:
-    """A sweep job's subdir: its overrides of keys that change the numbers (readable, stable across
-    re-runs), hashed when too long."""
-    kept = [o for o in overrides if not covered(override_key(o), NOT_IDENTITY)]
-    name = ",".join(kept).replace("/", "_") or "base"
-    if len(name) > MAX_DIRNAME:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:10]
-        name = f"{name[:MAX_DIRNAME - 11]}_{digest}"
+def swept_keys(params: dict | None, overrides: Iterable[str]) -> list[str]:
+    """The keys a multirun varies, in order: those of `hydra.sweeper.params` and the command line's
+    overrides whose value is a sweep (`a,b`, `choice(...)`, `range(...)`, `interval(...)`, `glob(...)`).
+    A key the command line sets to one value is fixed, even when `params` sweeps it (a search space)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+
+    def is_sweep(text: str) -> bool:
+        try:
+            return parser.parse_override(text).is_sweep_override()
+        except Exception:  # noqa: BLE001 - a name is no place to report a bad override (Hydra does)
+            return False
+
+    overrides = list(overrides)
+    fixed = {override_key(o) for o in overrides if not is_sweep(o)}
+    keys: list[str] = []
+    for text in [f"{key}={value}" for key, value in (params or {}).items()] + overrides:
+        key = override_key(text)
+        if key not in keys and is_sweep(text) and not (key in fixed and text not in overrides):
+            keys.append(key)
+    return keys
+
+
+def swept_keys_from_env() -> list[str]:
+    """The swept keys of the multirun this job belongs to (empty outside one)."""
+    return [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
+
+
+def _named_parts(overrides: Iterable[str], swept: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The overrides of keys that change the numbers, split into (swept, fixed), swept in sweep order."""
+    kept = [o.lstrip("+") for o in overrides if not covered(override_key(o), NOT_IDENTITY)]
+    swept = list(swept)
+    by_key = {override_key(o): o for o in kept}
+    first = [by_key[k] for k in swept if k in by_key]
+    return first, [o for o in kept if o not in first]
+
+
+def _trial_part(trial) -> list[str]:
+    return [] if trial is None or str(trial) in ("", "None", "-1") else [f"trial-{int(trial):04d}"]
+
+
+def _fit(parts: list[str], limit: int) -> tuple[str, bool]:
+    """`parts` joined with commas, cut at a part boundary to at most `limit` characters (the first part
+    is always kept, itself cut when longer); True when something was left out."""
+    name = ""
+    for index, part in enumerate(parts):
+        candidate = f"{name},{part}" if name else part
+        if len(candidate) > limit:
+            return (name or part[:limit]), True
+        name = candidate
+    return name, False
+
+
+def job_dirname(overrides: Iterable[str], swept: Iterable[str] = (), trial=None) -> str:
+    """A sweep job's subdir: the Optuna trial number, then the swept overrides, then the fixed ones --
+    of keys that change the numbers -- cut to at most MAX_DIRNAME characters and then made unique by a
+    hash of all of them (stable across re-runs of the same command). `norm=bn,batch_size=8_3fa9c2d1e0`."""
+    swept_parts, fixed = _named_parts(overrides, swept)
+    full = ",".join(swept_parts + fixed)
+    name, cut = _fit(_trial_part(trial) + swept_parts + fixed, MAX_DIRNAME - HASH_SUFFIX)
+    name = name.replace("/", "_") or "base"
+    if cut:
+        name = f"{name}_{hashlib.sha256(full.encode()).hexdigest()[:HASH_SUFFIX - 1]}"
     return name
+
+
+def short_override(override: str) -> str:
+    """`optimizer.lr=0.01` -> `lr=0.01` (the last part of the key; groups stay as they are)."""
+    key, _, value = override.partition("=")
+    return f"{key.rsplit('.', 1)[-1]}={value}"
+
+
+def run_name(overrides: Iterable[str], swept: Iterable[str] = (), trial=None, limit: int = MAX_RUN_NAME) -> str:
+    """A W&B run's display name: trial number, swept values, then fixed ones, with the last part of each
+    key only, cut at `limit` characters (`…` marks a cut). W&B ids, not names, are unique."""
+    swept_parts, fixed = _named_parts(overrides, swept)
+    parts = _trial_part(trial) + [short_override(o) for o in swept_parts + fixed]
+    name, cut = _fit(parts, limit - 1)
+    return (f"{name}…" if cut else name) or "base"

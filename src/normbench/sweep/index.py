@@ -11,6 +11,11 @@ Layout (hidden from the report, which does not enter dot-dirs)::
         curves/<identity>.json     validation-error curve of a completed run (for the median pruner)
         sweeps/<sweep id>/<job>.json   one file per job of one sweep invocation (for the summary line)
 
+The records are the truth, the index only a cache of them: an entry that is missing, unreadable, or
+behind its record (a job killed between writing its summary and updating its entry) is rebuilt from
+the records (SweepState.recover), with a warning; a completed run is never trained again because of its
+index entry.
+
 Every file is written whole through a temp file + rename, one file per identity, so concurrent jobs
 (joblib workers, SLURM array tasks, several hosts on a shared filesystem) never write the same file
 at the same time and a killed job never leaves a half file. A lookup is one file open: O(1) in the
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +41,20 @@ STATE_DIR = ".normbench"
 SWEEP_ID_ENV = "NORMBENCH_SWEEP_ID"
 SKIPPED = "skipped"  # a journal outcome: the job found its run done and did not train
 OUTCOMES = (Status.COMPLETED, Status.DIVERGED, Status.FAILED, Status.PRUNED, SKIPPED)
+SHOWN_IF_ANY = (Status.INTERRUPTED,)  # in the summary line only when some job has it
+
+# Journal rows a job could not write (a full disk): kept for the summary line of this process.
+_UNWRITTEN: dict[str, dict[str, dict]] = {}
+
+
+def warn(message: str) -> None:
+    print(f"normbench: warning: {message}", file=sys.stderr, flush=True)
+
+
+def record_is_done(summary: dict | None, identity: str, statuses: tuple[str, ...]) -> bool:
+    """A summary.json that says this identity finished with one of `statuses` (the truth, whatever
+    the index says)."""
+    return bool(summary) and summary.get("identity") == identity and summary.get("status") in statuses
 
 
 def done_statuses(pruning_on: bool) -> tuple[str, ...]:
@@ -125,6 +145,48 @@ class SweepState:
     def get(self, identity: str) -> dict | None:
         return _read_json(self.index_dir / f"{identity}.json")
 
+    def entry_is_corrupt(self, identity: str) -> bool:
+        """The entry's file is there but is not a JSON object (a torn or damaged file)."""
+        path = self.index_dir / f"{identity}.json"
+        return self.get(identity) is None and path.exists()
+
+    def recover(self, identity: str, statuses: tuple[str, ...], candidates: list[Path]) -> dict | None:
+        """The run of this identity that its record says is done although its index entry does not
+        (missing, unreadable, or still `running` after a kill between the summary and the index
+        update): the entry is rebuilt from the record, with a warning, and returned. Looks in the
+        entry's dir and `candidates` (the job's own dir); an unreadable entry is rebuilt from a scan of
+        every record (where the run of this identity is, done or not)."""
+        entry = self.get(identity)
+        if entry is None and self.entry_is_corrupt(identity):
+            entry = self.scan_records().get(identity)
+            self.put_entry(identity, entry)
+            where = f"rebuilt from its record in {self.run_dir(entry)}" if entry else "no record of it found"
+            warn(f"the sweep index entry of {identity} was unreadable: {where}")
+            if entry and record_is_done(read_summary(self.run_dir(entry)), identity, statuses):
+                return entry
+        dirs = ([self.run_dir(entry)] if entry and entry.get("dir") else []) + [Path(c) for c in candidates]
+        for run_dir in dirs:
+            summary = read_summary(run_dir)
+            if record_is_done(summary, identity, statuses):
+                rebuilt = self.entry_from_summary(Path(run_dir), summary)
+                self.put_entry(identity, rebuilt)
+                was = "missing" if entry is None else f"'{entry.get('status')}' in {entry.get('dir')}"
+                warn(f"the sweep index entry of {identity} was {was} but its record in {run_dir} says "
+                     f"{summary['status']}: entry rebuilt from the record, the run is not trained again")
+                return rebuilt
+        return None
+
+    def put_entry(self, identity: str, entry: dict | None) -> None:
+        """Replace the entry whole (None: drop an unreadable one). Never raises: the index is a cache."""
+        path = self.index_dir / f"{identity}.json"
+        try:
+            if entry is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_json(path, entry)
+        except OSError as err:
+            warn(f"could not update the sweep index: {err}")
+
     def put(self, identity: str, **fields) -> dict:
         entry = {**(self.get(identity) or {}), **fields, "identity": identity, "updated_at": now_iso()}
         if isinstance(entry.get("dir"), Path):
@@ -177,17 +239,26 @@ class SweepState:
         atomic_write_json(self.curves_dir / f"{identity}.json", {"identity": identity, "val_error": errors})
 
     # ----------------------------------------------------------------------------------- journal
-    def journal(self, sweep_id: str, job: str, **fields) -> None:
-        atomic_write_json(self.journal_dir / sweep_id / f"{job}.json", {**fields, "at": now_iso()})
+    def journal(self, sweep_id: str, job: str, quiet: bool = False, **fields) -> None:
+        """One job's outcome. Never raises: on a full disk the row is kept in this process (the basic
+        launcher's summary line still counts it) and a warning says so."""
+        row = {**fields, "at": now_iso()}
+        try:
+            atomic_write_json(self.journal_dir / sweep_id / f"{job}.json", row)
+        except OSError as err:
+            _UNWRITTEN.setdefault(sweep_id, {})[job] = row
+            if not quiet:
+                warn(f"could not write the sweep journal: {err}")
 
     def read_journal(self, sweep_id: str) -> list[dict]:
         folder = self.journal_dir / sweep_id
         try:
             names = sorted(os.listdir(folder))
         except OSError:
-            return []
-        rows = [_read_json(folder / n) for n in names if n.endswith(".json") and not n.startswith(".")]
-        return [r for r in rows if r]
+            names = []
+        rows = {n[:-5]: _read_json(folder / n) for n in names if n.endswith(".json") and not n.startswith(".")}
+        rows.update(_UNWRITTEN.get(sweep_id, {}))
+        return [r for r in rows.values() if r]
 
 
 def count_outcomes(rows: list[dict]) -> dict[str, int]:
@@ -202,7 +273,8 @@ def summary_line(sweep_dir: str, counts: dict[str, int], expected: int | None = 
     """`sweep <dir>: N completed / N diverged / N failed / N pruned / N skipped`."""
     if expected == 0:
         return f"sweep {sweep_dir}: no runs (the sweep expands to zero jobs; nothing was launched)"
-    line = f"sweep {sweep_dir}: " + " / ".join(f"{counts.get(k, 0)} {k}" for k in OUTCOMES)
+    shown = list(OUTCOMES) + [k for k in SHOWN_IF_ANY if counts.get(k)]
+    line = f"sweep {sweep_dir}: " + " / ".join(f"{counts.get(k, 0)} {k}" for k in shown)
     reported = sum(counts.values())
     if expected is not None and reported < expected:
         line += f" ({expected - reported} of {expected} jobs did not report)"

@@ -14,6 +14,7 @@ sweeper sets in its own process (jobs inherit it: in-process, joblib, submitit, 
 
 `trial_pruner(cfg)` re-opens the trial from the storage and returns an object whose
 `should_stop(epoch, val_error)` reports the epoch's validation error to Optuna and asks its pruner.
+`optuna_trial_info()` is the job's study name and trial number (for its W&B config), storage-free.
 """
 
 from __future__ import annotations
@@ -243,6 +244,17 @@ def current_trial() -> TrialPointer | None:
                         number=int(env_set.get(ENV_TRIAL_NUMBER, -1)), storage=storage)
 
 
+def optuna_trial_info() -> dict | None:
+    """{"study": name, "trial": number} of the Optuna trial this Hydra job runs (for its W&B config and
+    name), or None when it is not one. Needs no storage: it reads the job's hydra.job.env_set."""
+    if not HydraConfig.initialized():
+        return None
+    env_set = HydraConfig.get().job.get("env_set") or {}
+    if ENV_TRIAL_NUMBER not in env_set:
+        return None
+    return {"study": str(env_set.get(ENV_STUDY)), "trial": int(env_set[ENV_TRIAL_NUMBER])}
+
+
 def job_pruner_config():
     return HydraConfig.get().get("sweeper", {}).get("pruner")
 
@@ -295,6 +307,9 @@ def trial_pruner(cfg=None) -> OptunaTrialPruner | None:
         study = optuna.load_study(study_name=pointer.study, storage=storage,
                                   sampler=optuna.samplers.RandomSampler(),
                                   pruner=build_pruner(job_pruner_config()))
+        if len(study.directions) > 1:  # Optuna prunes single-objective trials only
+            log.info("Optuna trial %d: multi-objective study, no pruning", pointer.number)
+            return None
         trial = optuna.trial.Trial(study, pointer.trial_id)
     except Exception as err:  # noqa: BLE001
         log.warning("Optuna trial %d: cannot re-open it (%s); pruning is off for this run",

@@ -7,14 +7,17 @@ expands the grid exactly as Hydra's basic sweeper does (`split_arguments`, on Hy
 parser), composes each job's config the way the launcher does (the sweep's Hydra overrides plus the
 job's), and looks each job's identity up in the sweep dir's index (`.normbench/index/`). It prints how
 many runs the sweep makes, how many are done, how many will run (and how many of those continue from a
-checkpoint), and an estimate of the time left from the recorded times of finished runs. Nothing is
-trained and nothing is written.
+checkpoint), and an estimate of the time left. Each run still to go is estimated from the finished runs
+of the same size (`SIZE_KEYS`: model, width, input size, data, batch size, steps and eval batches per
+epoch, probes), scaled to its number of epochs; runs with no finished run of their size are not
+guessed at. Nothing is trained and nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import sys
 from collections import defaultdict
@@ -23,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -32,13 +36,19 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from normbench.errors import NormbenchError
-from normbench.record import CHECKPOINT, DONE, Status
+from normbench.record import CHECKPOINT, CONFIG, DONE, Status
 from normbench.sweep.identity import run_identity
 from normbench.sweep.index import SweepState, done_statuses
 from normbench.sweep.pruning import pruning_on
 from normbench.sweep.resolvers import register
 
 JOB_NAME = "train"  # hydra.job.name of bench/train.py's jobs
+# What makes one epoch of a run take as long as another's (the seed, norm or lr hardly matter);
+# runs that agree on these are "of the same size", and their time per epoch is what a plan uses.
+SIZE_KEYS = ("model._target_", "model.width", "model.input_size", "data._target_", "data.num_train",
+             "data.num_test", "data.val_size", "data.image_size", "batch_size", "trainer.max_steps_per_epoch",
+             "trainer.max_eval_batches", "trainer.eval_batch_size", "probe.name", "probe.interval")
+EPOCHS_KEY = "trainer.epochs"
 
 
 def split_arguments(overrides: list[Override]) -> list[list[str]]:
@@ -73,6 +83,44 @@ def sweep_arguments(master: DictConfig) -> tuple[dict, list[str]]:
     return params, task
 
 
+def _lookup(data: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def run_size(config: dict, flat: bool = False) -> str:
+    """The size of a run: SIZE_KEYS' values in its resolved config (a plain nested dict, or with
+    `flat` one keyed by the dotted SIZE_KEYS)."""
+    return json.dumps([config.get(k) if flat else _lookup(config, k) for k in SIZE_KEYS], default=str)
+
+
+@dataclass
+class Finished:
+    """A finished run of the sweep dir, for the estimate."""
+    size: str
+    epochs: int | None       # configured
+    epochs_done: int
+    time_s: float
+    status: str
+
+
+def estimate(size: str, epochs: int | None, finished: list[Finished]) -> tuple[float, int] | None:
+    """The time a run of this size and number of epochs takes, from the finished runs of its size: the
+    mean time of the completed ones with as many epochs, else the mean time per epoch of any that
+    finished an epoch, times its epochs. With the number of runs it is based on; None without any."""
+    same = [f for f in finished if f.size == size]
+    exact = [f.time_s for f in same if f.status == Status.COMPLETED and f.epochs == epochs]
+    if exact:
+        return statistics.fmean(exact), len(exact)
+    per_epoch = [f.time_s / f.epochs_done for f in same if f.epochs_done > 0]
+    if per_epoch and epochs:
+        return statistics.fmean(per_epoch) * epochs, len(per_epoch)
+    return None
+
+
 @dataclass
 class DirPlan:
     sweep_dir: str
@@ -81,7 +129,10 @@ class DirPlan:
     to_run: int = 0
     resume: int = 0
     duplicates: int = 0
-    finished_times: list = field(default_factory=list)
+    finished: list = field(default_factory=list)   # Finished runs of the sweep dir
+    estimates: list = field(default_factory=list)  # seconds, for each run to go that has one
+    basis: set = field(default_factory=set)        # the sizes the estimates come from
+    unknown: int = 0                               # runs to go with no finished run of their size
 
     @property
     def n_done(self) -> int:
@@ -100,7 +151,11 @@ def format_duration(seconds: float) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="plan.py", description="Plan a sweep of bench/train.py: how many runs it makes, how many are "
-        "done, how many will run and how long they take. Nothing is trained or written.")
+        "done, how many will run and how long they take. Nothing is trained or written.",
+        epilog="The time left is estimated from the sweep dir's finished runs of the same size (model, width, "
+        "input size, data, batch size, steps and eval batches per epoch, probes), scaled to each run's "
+        "epochs; runs with no finished run of their size are not guessed at. Examples: "
+        "plan.py -m +experiment=vgg_losses seed=0,1,2; plan.py -m norm=bn,ln,gn batch_size=8,16,32,64")
     parser.add_argument("-m", "--multirun", action="store_true",
                         help="accepted for the same command line as bench/train.py -m (a plan is of a multirun)")
     parser.add_argument("-cd", "--config-dir", help="the config dir (default: the repository's conf/)")
@@ -211,7 +266,23 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]]) -> dict[str, DirPlan]:
             dir_plan.to_run += 1
             if entry and entry.get("dir") and (state.run_dir(entry) / CHECKPOINT).exists():
                 dir_plan.resume += 1
+            _estimate_job(dir_plan, job_cfg)
     return plans
+
+
+def _estimate_job(dir_plan: DirPlan, job_cfg: DictConfig) -> None:
+    size = run_size({k: _plain(OmegaConf.select(job_cfg, k, default=None)) for k in SIZE_KEYS}, flat=True)
+    epochs = OmegaConf.select(job_cfg, EPOCHS_KEY, default=None)
+    found = estimate(size, epochs if isinstance(epochs, int) else None, dir_plan.finished)
+    if found is None:
+        dir_plan.unknown += 1
+    else:
+        dir_plan.estimates.append(found[0])
+        dir_plan.basis.add(size)
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _without_hydra(cfg: DictConfig) -> DictConfig:
@@ -228,13 +299,21 @@ def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
     else:
         entries = state.scan_records()
     state.cached = entries
-    # the time of a full run: completed runs' times; only without any, the other finished runs'
-    # (diverged, pruned and failed runs stop early and would make the estimate too short)
-    for statuses in ((Status.COMPLETED,), (*DONE, Status.PRUNED, Status.FAILED)):
-        dir_plan.finished_times = [float(e["time_s"]) for e in entries.values()
-                                   if e.get("status") in statuses and isinstance(e.get("time_s"), (int, float))]
-        if dir_plan.finished_times:
-            break
+    for entry in entries.values():
+        if entry.get("status") not in (*DONE, Status.PRUNED, Status.FAILED) or not entry.get("dir"):
+            continue
+        time_s, epochs_done = entry.get("time_s"), entry.get("epochs_done")
+        if not isinstance(time_s, (int, float)) or not isinstance(epochs_done, int):
+            continue
+        try:
+            with open(state.run_dir(entry) / CONFIG) as f:
+                config = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict):
+            epochs = _lookup(config, EPOCHS_KEY)
+            dir_plan.finished.append(Finished(run_size(config), epochs if isinstance(epochs, int) else None,
+                                              epochs_done, float(time_s), str(entry["status"])))
 
 
 def _parallel_jobs(master: DictConfig) -> int:
@@ -255,14 +334,23 @@ def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
     print(line, file=out)
     if p.to_run == 0:
         print("estimated time left: none, every run is done (re-running the sweep skips them all)", file=out)
-    elif p.finished_times:
-        mean = statistics.fmean(p.finished_times)
-        left = mean * p.to_run / n_jobs
-        parallel = f" / {n_jobs} parallel jobs" if n_jobs > 1 else ""
-        print(f"estimated time left: {format_duration(left)} ({p.to_run} runs x {format_duration(mean)} "
-              f"mean of {len(p.finished_times)} finished runs{parallel})", file=out)
-    else:
-        print("estimated time left: unknown (no finished runs in this sweep dir yet)", file=out)
+        return
+    if not p.estimates:
+        reason = ("no finished runs in this sweep dir yet" if not p.finished else
+                  f"none of its {len(p.finished)} finished runs is of the same size: same model, width, data, "
+                  "batch size, steps and eval batches per epoch")
+        print(f"estimated time left: unknown ({reason})", file=out)
+        return
+    mean = statistics.fmean(p.estimates)
+    left = sum(p.estimates) / n_jobs
+    basis = sum(1 for f in p.finished if f.size in p.basis)
+    parallel = f" / {n_jobs} parallel jobs" if n_jobs > 1 else ""
+    line = (f"estimated time left: {'at least ' if p.unknown else ''}{format_duration(left)} "
+            f"({len(p.estimates)} runs x {format_duration(mean)} mean of {basis} finished runs of the same "
+            f"size{parallel})")
+    if p.unknown:
+        line += f"; {p.unknown} more run(s) have no finished run of their size to go by"
+    print(line, file=out)
 
 
 def _plan_other_sweeper(master: DictConfig, sweeper: str, out) -> int:

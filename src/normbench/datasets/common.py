@@ -1,0 +1,62 @@
+"""What the built-in datasets share: the download guard, error text, and the grayscale channel option."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import torch
+from filelock import FileLock
+
+from normbench.errors import ConfigError
+
+Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+DOWNLOAD_SOCKET_TIMEOUT_S = 60.0
+# What every "files are missing" line ends with: the way to train with no files at all.
+OFFLINE_HINT = "or use data=synthetic to train offline"
+
+
+def absolute(root) -> str:
+    return os.path.abspath(os.path.expanduser(str(root)))
+
+
+def short(err: BaseException, limit: int = 140) -> str:
+    text = f"{type(err).__name__}: {err}".replace("\n", " ").strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def download_guard(root: str):
+    """Serialise the downloads of parallel jobs sharing one data dir (a lock file there; none where the
+    dir cannot hold one, e.g. read-only), and bound each socket operation so that a firewall that silently
+    drops packets cannot hang a job."""
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
+    lock = None
+    try:
+        try:
+            os.makedirs(root, exist_ok=True)
+            lock = FileLock(os.path.join(root, ".normbench-download.lock"))
+            lock.acquire()
+        except OSError:  # read-only: no lock (a download there fails on its own)
+            lock = None
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+        socket.setdefaulttimeout(old_timeout)
+
+
+def with_channels(tensors: Tensors, channels, native: int) -> Tensors:
+    """A grayscale dataset (``native`` = 1) as 1 channel, or as 3 equal channels with ``data.channels=3``
+    (for models and code that expect RGB); an RGB dataset only as itself."""
+    allowed = (1, 3) if native == 1 else (native,)
+    if isinstance(channels, bool) or channels not in allowed:
+        raise ConfigError("data.channels", channels,
+                          f"this dataset has {native} channel{'s' if native > 1 else ''}: use "
+                          + (" or ".join(map(str, allowed)) + (" (3 repeats the gray channel)" if native == 1 else "")))
+    if channels == native:
+        return tensors
+    train_x, train_y, test_x, test_y = tensors
+    return train_x.expand(-1, channels, -1, -1), train_y, test_x.expand(-1, channels, -1, -1), test_y

@@ -1,0 +1,57 @@
+"""SVHN (32x32 RGB house-number digits; 73,257 train / 26,032 test, 531,131 extra) through torchvision's
+own SVHN class (md5-checked ``.mat`` files read with scipy, torchvision's download path): the files
+``train_32x32.mat``, ``test_32x32.mat`` and, with ``data.extra=true``, ``extra_32x32.mat`` directly in
+``data.root``. Labels are 0-9 (torchvision maps SVHN's 10 to 0)."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+
+import numpy as np
+import torch
+
+from normbench.datasets.cache import cached
+from normbench.datasets.common import OFFLINE_HINT, Tensors, absolute, download_guard, short
+from normbench.errors import DataNotFoundError
+
+
+def svhn(root: str = "./data", download: bool = True, extra: bool = False, **_) -> Tensors:
+    """SVHN's train split (plus ``extra`` when asked) and test split."""
+    from torchvision.datasets import SVHN
+
+    root_abs = absolute(root)
+    splits = ("train", "extra", "test") if extra else ("train", "test")
+    paths = {s: os.path.join(root_abs, SVHN.split_list[s][1]) for s in splits}
+    fill = (f"copy {', '.join(os.path.basename(p) for p in paths.values())} into {root_abs}; {OFFLINE_HINT}")
+    missing = [s for s in splits if not os.path.isfile(paths[s])]
+    if missing and not download:
+        raise DataNotFoundError(
+            f"SVHN not found in data.root={root_abs} ({os.path.basename(paths[missing[0]])} is missing) and "
+            f"data.download=false: rerun with data.download=true on a machine with network access, or {fill}")
+    if missing:
+        try:
+            with download_guard(root_abs):
+                for split in splits:
+                    if not os.path.isfile(paths[split]):
+                        SVHN(root_abs, split=split, download=True)  # downloads and verifies the md5
+        except (urllib.error.URLError, OSError, RuntimeError, EOFError) as err:
+            raise DataNotFoundError(
+                f"SVHN not found in data.root={root_abs} and it could not be downloaded ({short(err)}): run on "
+                f"a machine with network access with data.download=true, or {fill}") from err
+
+    def decode() -> Tensors:
+        parts = {}
+        for split in splits:
+            try:
+                ds = SVHN(root_abs, split=split, download=False)  # md5 check, then scipy.io.loadmat
+            except (RuntimeError, OSError, ValueError, KeyError, TypeError) as err:
+                raise DataNotFoundError(
+                    f"SVHN in data.root={root_abs} is corrupted or incomplete ({short(err)}): delete "
+                    f"{paths[split]} and rerun with data.download=true, or {fill}") from err
+            parts[split] = (torch.from_numpy(np.ascontiguousarray(ds.data)),
+                            torch.as_tensor(ds.labels, dtype=torch.int64))
+        train = [parts[s] for s in splits if s != "test"]
+        return (torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), *parts["test"])
+
+    return cached("svhn", root_abs, list(paths.values()), {"extra": bool(extra)}, decode)

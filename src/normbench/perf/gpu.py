@@ -1,0 +1,289 @@
+"""GPU readiness (``bench/gpu_check.py``): everything the CPU tests cannot show, in one run that fits the
+few minutes a GPU is lent for. Each check is a function of ``(settings, paths, device, workdir)`` that
+returns a dict; ``run_checks`` runs them in order under one deadline and skips (with the reason) what no
+longer fits, so a slow machine still writes every result it got.
+
+Checks: the CUDA-only tests (``pytest -m cuda``); one CIFAR-sized epoch of VGG-A (32 px) and AlexNet
+(224 px) in bf16 and fp32 with the achieved TFLOP/s and each run's own peak memory; channels_last
+auto/on/off images/s per model and norm; ``torch.compile`` once and reused by a second run in the same
+process; runs/hour at batch 8 with 1, 2 and 4 concurrent jobs; the landscape probe under bf16 autocast
+against fp32. ``GpuCheckSettings.tiny`` shrinks every size so that the whole script runs on a CPU in a
+minute or two: that is how it is tested before a GPU is ever lent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from normbench.device import resolve_channels_last, synchronize
+from normbench.perf import parts
+from normbench.perf.common import PerfPaths, PerfSettings, child_env, timed, train_seen
+from normbench.perf.cuda import _concurrency, peak_tflops, train_step_flops
+from normbench.trainer import LoopState
+
+NORMS = ("none", "bn", "gn", "ln", "lrn")
+MODELS = {"vgg_a": 32, "alexnet": 224}   # model -> its input size
+
+
+@dataclass(frozen=True)
+class GpuCheckSettings:
+    budget_s: float = 450.0          # the whole script; checks that would start after it are skipped
+    epoch_images: int = 50_000       # 45k train + 5k val, as CIFAR-10's split
+    width: float = 1.0
+    batch: int = 128
+    layout_steps: int = 30           # steps per timed window of the channels_last comparison
+    layout_rounds: int = 3
+    compile_steps: int = 20
+    compile_backend: str = "inductor"
+    concurrency_steps: int = 1500
+    probe_lr: float = 1e-4
+    probe_rtol: float = 0.05         # |β_bf16 / β_fp32 - 1|
+    run_tests: bool = True
+    norms: tuple[str, ...] = NORMS
+    concurrency_levels: tuple[int, ...] = (1, 2, 4)
+
+    @classmethod
+    def tiny(cls) -> GpuCheckSettings:
+        """Sizes for a CPU dry run of the script (every code path, minutes -> seconds)."""
+        return cls(budget_s=600.0, epoch_images=320, width=0.125, batch=32, layout_steps=2, layout_rounds=1,
+                   compile_steps=2, compile_backend="eager", concurrency_steps=20, probe_rtol=0.05, run_tests=False,
+                   norms=("bn", "gn"), concurrency_levels=(1, 2))
+
+
+def _perf_settings(g: GpuCheckSettings, precision: str, channels_last="auto", compile_=False) -> PerfSettings:
+    return PerfSettings(precision=precision, channels_last=channels_last, compile=compile_,
+                        cuda_concurrency_steps=g.concurrency_steps)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device, resident_bytes: int) -> dict:
+    if device.type != "cuda":
+        return {"peak_mb": None, "data_mb": resident_bytes / 2**20}
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_mb": (peak - resident_bytes) / 2**20, "data_mb": resident_bytes / 2**20}
+
+
+def _resident_bytes(run) -> int:
+    data = run.data
+    return sum(t.numel() * t.element_size() for split in (data.train, data.val, data.test) if split is not None
+               for t in (split.images, split.labels))
+
+
+# --------------------------------------------------------------------------------------------------------
+# checks
+
+
+def check_cuda_tests(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
+    """The tests marked ``cuda`` (every test that skips without a GPU), run by pytest on this machine."""
+    if not g.run_tests:
+        return {"skipped": "not selected"}
+    root = Path(paths.conf_dir).parent
+    xml = work / "cuda-tests.xml"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+                           f"--junitxml={xml}", "tests"], check=False, cwd=root, env=child_env(),
+                          capture_output=True, text=True, timeout=max(60, g.budget_s))
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed: list[str] = []
+    if xml.exists():
+        for suite in ET.parse(xml).getroot().iter("testsuite"):
+            for key in counts:
+                counts[key] += int(suite.get(key, 0))
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{case.get('classname')}::{case.get('name')}")
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {**counts, "failed": failed, "returncode": proc.returncode, "tail": proc.stdout[-1500:]}
+
+
+def _epoch(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, model: str, precision: str) -> dict:
+    s = _perf_settings(g, precision)
+    _reset_peak(device)
+    run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model, g.width, "bn"),
+                                                      f"batch_size={g.batch}", "trainer.epochs=1",
+                                                      "trainer.max_eval_batches=null"],
+                          num_train=int(g.epoch_images * 0.9), val=int(g.epoch_images * 0.1))
+    amp = run.trainer.settings.amp_dtype
+    x, y = next(iter(run.stream))
+    flops = train_step_flops(run.model, x, y, amp, device) / x.shape[0]
+    run.trainer.train_steps(1, LoopState(), 3)                       # warm-up (cuDNN autotuning, allocator)
+    _reset_peak(device)
+    row = run.trainer.run(LoopState()).history[-1]
+    tflops = flops * row["throughput/img_s"] / 1e12
+    peak = peak_tflops(torch.cuda.get_device_name(device), amp is not None) if device.type == "cuda" else None
+    return {"model": model, "precision": precision, "norm": "bn", "batch": g.batch,
+            "channels_last": run.trainer.settings.channels_last, "train_images": len(run.data.train),
+            "epoch_s": row["time/epoch_s"], "train_img_s": row["throughput/img_s"], "flops_per_image": flops,
+            "achieved_tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None,
+            "val_acc": row["val/acc"], **_peak_mb(device, _resident_bytes(run))}
+
+
+def check_epochs(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
+    """One CIFAR-sized epoch (+ validation) per model in bf16 and fp32, norm=bn, channels_last auto."""
+    return {"rows": [_epoch(g, paths, device, m, p) for m in MODELS for p in ("bf16", "fp32")]}
+
+
+def _layout_rates(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, model: str, norm: str) -> dict:
+    runs = {}
+    for layout in (True, False):
+        runs[layout] = parts.run_parts(_perf_settings(g, "bf16", channels_last=layout), paths.conf_dir, device,
+                                       [*parts.model_overrides(model, g.width, norm), f"batch_size={g.batch}"],
+                                       num_train=g.batch * (g.layout_steps + 1) * 2)
+        train_seen(runs[layout].trainer, LoopState(), 2)             # warm-up
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(g.layout_rounds * 2):
+        layout = r % 2 == 0
+        for lay in (layout, not layout):
+            run = runs[lay]
+            rates[lay].append(timed(lambda run=run: train_seen(run.trainer, LoopState(), g.layout_steps), device).rate)
+    cl, nchw = statistics.median(rates[True]), statistics.median(rates[False])
+    auto = resolve_channels_last("auto", device, norm, model=model)
+    return {"model": model, "norm": norm, "channels_last_img_s": cl, "nchw_img_s": nchw, "ratio": cl / nchw,
+            "auto": "channels_last" if auto else "nchw", "auto_is_faster": (cl >= nchw) == auto}
+
+
+def check_layouts(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
+    """channels_last against NCHW images/s (bf16, batch `g.batch`) per model and norm, and what auto picks."""
+    rows = []
+    for model in MODELS:
+        for norm in g.norms:
+            rows.append(_layout_rates(g, paths, device, model, norm))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"rows": rows, "auto_wrong": [f"{r['model']}/{r['norm']}" for r in rows if not r["auto_is_faster"]]}
+
+
+def check_compile(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
+    """torch.compile: the first run of vgg_a compiles, a second run (new model, same shapes) in the same
+    process reuses the compiled code (dynamo's unique-graph count does not grow)."""
+    from torch._dynamo.utils import counters
+
+    from normbench.device import compile_model
+
+    out = []
+    for i in range(2):
+        # trainer.compile=true does what this does with the default (inductor) backend
+        run = parts.run_parts(_perf_settings(g, "bf16"), paths.conf_dir, device,
+                              [*parts.model_overrides("vgg_a", g.width, "bn"), f"batch_size={g.batch}"],
+                              num_train=g.batch * (g.compile_steps + 1))
+        run.trainer.model = compile_model(run.model, backend=g.compile_backend)
+        graphs_before = counters["stats"]["unique_graphs"]
+        synchronize(device)
+        start = time.perf_counter()
+        train_seen(run.trainer, LoopState(), 1)
+        synchronize(device)
+        first = time.perf_counter() - start
+        rate = timed(lambda run=run: train_seen(run.trainer, LoopState(), g.compile_steps), device).rate
+        out.append({"run": i + 1, "first_step_s": first, "train_img_s": rate,
+                    "new_graphs": counters["stats"]["unique_graphs"] - graphs_before})
+    return {"backend": g.compile_backend, "runs": out, "reused": out[1]["new_graphs"] == 0}
+
+
+def check_concurrency(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
+    """runs/hour at batch 8 with 1, 2 and 4 concurrent bench/train.py jobs on this device."""
+    if paths.train_script is None:
+        return {"skipped": "no training script given"}
+    return _concurrency(_perf_settings(g, "auto"), Path(paths.train_script), device, work, g.concurrency_levels)
+
+
+def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
+    """The landscape probe (β, gradient predictiveness, loss range) at lr `g.probe_lr` as the trainer runs
+    it after a bf16 autocast step against after an fp32 step, same model, weights and batch: probes must
+    measure in fp32 whatever the training precision."""
+    from normbench.probes import LandscapeProbe, probe_batch
+
+    run = parts.run_parts(_perf_settings(g, "fp32"), paths.conf_dir, device,
+                          [*parts.model_overrides("vgg_a", g.width, "bn"), f"batch_size={g.batch}"],
+                          num_train=g.batch * 4)
+    x, y = next(iter(run.stream))
+    criterion = run.trainer.criterion
+    values = {precision: probe_batch([LandscapeProbe(interval=1)], 1, run.model, criterion, x, y, g.probe_lr, dtype)
+              for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
+    rel = {k: abs(values["bf16"][k] / values["fp32"][k] - 1) for k in values["fp32"]
+           if values["fp32"][k] and math.isfinite(values["fp32"][k])}
+    return {"lr": g.probe_lr, "fp32": values["fp32"], "bf16": values["bf16"], "relative_difference": rel,
+            "within_tolerance": all(v <= g.probe_rtol for k, v in rel.items() if "beta" in k or "grad_pred" in k)}
+
+
+CHECKS: dict[str, Callable[..., dict]] = {
+    "cuda_tests": check_cuda_tests, "epochs": check_epochs, "layouts": check_layouts, "compile": check_compile,
+    "concurrency": check_concurrency, "probes": check_probes,
+}
+# Rough share of the budget each check needs on an H100-class GPU, to decide whether it still fits.
+EXPECTED_S = {"cuda_tests": 90, "epochs": 60, "layouts": 60, "compile": 90, "concurrency": 60, "probes": 10}
+
+
+def run_checks(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path, names=tuple(CHECKS),
+               log=print) -> dict:
+    started = time.perf_counter()
+    results: dict = {}
+    for name in names:
+        left = g.budget_s - (time.perf_counter() - started)
+        if device.type == "cuda" and left < EXPECTED_S[name]:
+            results[name] = {"skipped": f"out of time ({left:.0f} s left of {g.budget_s:.0f}, needs ~{EXPECTED_S[name]})"}
+            continue
+        log(f"gpu_check: {name} ...")
+        t = time.perf_counter()
+        try:
+            torch.manual_seed(0)
+            results[name] = CHECKS[name](g, paths, device, work)
+        except Exception as exc:  # noqa: BLE001 - one failing check must not cost the others' results
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        results[name]["check_s"] = time.perf_counter() - t
+        log(f"gpu_check: {name} done in {results[name]['check_s']:.1f} s")
+    results["total_s"] = time.perf_counter() - started
+    return results
+
+
+def verdicts(results: dict) -> dict[str, str]:
+    """PASS / FAIL / skipped per claim, from the results."""
+    def get(name):
+        r = results.get(name) or {}
+        return None if not r or "skipped" in r or "error" in r else r
+
+    out = {}
+    t = get("cuda_tests")
+    out["CUDA-only tests pass"] = "skipped" if t is None else ("PASS" if t["passed"] and not t["failed"] else "FAIL")
+    lay = get("layouts")
+    out["channels_last=auto picks the faster layout"] = "skipped" if lay is None else (
+        "PASS" if not lay["auto_wrong"] else "FAIL: " + ", ".join(lay["auto_wrong"]))
+    c = get("compile")
+    out["torch.compile reused by a second run"] = "skipped" if c is None else ("PASS" if c["reused"] else "FAIL")
+    con = get("concurrency")
+    if con is None:
+        out[">= 2x runs/hour from concurrent jobs (b8)"] = "skipped"
+    else:
+        best = max(level["speedup"] for level in con["levels"])
+        out[">= 2x runs/hour from concurrent jobs (b8)"] = "PASS" if best >= 2 else f"FAIL ({best:.2f}x)"
+    p = get("probes")
+    out["probes under bf16 = fp32"] = "skipped" if p is None else ("PASS" if p["within_tolerance"] else "FAIL")
+    for name, r in results.items():
+        if isinstance(r, dict) and "error" in r:
+            out[f"{name} ran"] = "ERROR: " + r["error"][:200]
+    return out
+
+
+def write(results: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "gpu_check.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return path
+
+
+def with_budget(g: GpuCheckSettings, budget_s: float | None) -> GpuCheckSettings:
+    return g if budget_s is None else replace(g, budget_s=budget_s)

@@ -1,0 +1,51 @@
+"""Section ``layout``: channels_last against NCHW training images/s per model and norm, on whatever device
+runs the benchmark, and whether ``trainer.channels_last=auto`` picks the faster one there (the CPU and CUDA
+policies in ``normbench.device``). Both layouts get identical model copies, batches and optimizer; rounds
+alternate them."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+from pathlib import Path
+
+import torch
+
+from normbench.device import resolve_channels_last
+from normbench.perf import parts
+from normbench.perf.common import PerfPaths, PerfSettings, alternate, paired_ratio, rates, timed, train_seen
+from normbench.trainer import LoopState
+
+NORMS = ("none", "bn", "gn", "ln", "lrn")
+# auto may pick the slower layout when the two are this close (noise, not a wrong policy).
+TIE = 0.03
+
+
+def layout_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: str, norm: str) -> dict:
+    candidates, keep = {}, []
+    for cl in (True, False):
+        run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model, s.width, norm),
+                                                          f"batch_size={s.layout_batch}",
+                                                          f"trainer.channels_last={str(cl).lower()}"],
+                              num_train=s.layout_batch * s.layout_steps * 2)
+        keep.append(run)
+        candidates["channels_last" if cl else "nchw"] = functools.partial(
+            timed, functools.partial(train_seen, run.trainer, LoopState(), s.layout_steps), device)
+    res = alternate(candidates, s.layout_rounds)
+    ratio = paired_ratio(rates(res["channels_last"]), rates(res["nchw"]))
+    auto = resolve_channels_last("auto", device, norm, model)
+    faster_or_tie = abs(ratio - 1) <= TIE or (ratio > 1) == auto
+    return {"model": model, "norm": norm, "batch": s.layout_batch, "width": s.width,
+            "channels_last_img_s": statistics.median(rates(res["channels_last"])),
+            "nchw_img_s": statistics.median(rates(res["nchw"])), "ratio": ratio,
+            "auto": "channels_last" if auto else "nchw", "auto_ok": faster_or_tie}
+
+
+def bench_layout(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path) -> dict:
+    rows = []
+    for model in s.models:
+        for norm in NORMS:
+            rows.append(layout_row(s, paths, device, model, norm))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"rows": rows, "tie": TIE}

@@ -1,0 +1,137 @@
+"""The report as a researcher reads it (issue 10): one table per study table on a real preset sweep, a
+page of reasonable height in a real browser, the report's convergence epoch (null for a run that does not
+learn), study 002's central comparisons with Welch verdicts, the studies' inconsistencies flagged."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import TINY, run_train
+from test_report import find_chromium, write_run
+
+from normbench.report import cli as report
+from normbench.report.reference import ALEXNET_NORM_BATCH, TABLES_BY_NAME
+
+HEIGHT_SCRIPT = """<script>window.addEventListener('load', () => { const d = document.createElement('div');
+d.id = 'height-check'; d.textContent = 'height=' + document.documentElement.scrollHeight;
+document.body.appendChild(d); });</script>"""
+
+
+def page_height(browser: str, out: Path, profile: Path) -> int:
+    check = out / "_height_check.html"
+    check.write_text((out / "index.html").read_text().replace("</body>", HEIGHT_SCRIPT + "</body>"))
+    try:
+        p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                            "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,900",
+                            "--virtual-time-budget=5000", "--dump-dom", check.as_uri()],
+                           capture_output=True, text=True, timeout=180, check=False)
+    finally:
+        check.unlink()
+    m = re.search(r'id="height-check">height=(\d+)<', p.stdout)
+    assert m, p.stderr[-2000:]
+    return int(m.group(1))
+
+
+def test_a_two_run_preset_makes_one_table(tmp_path):
+    # a real sweep of the 2-run preset; before issue 10 its runs filled 7-8 near-duplicate tables
+    # (every study table whose settings the baseline matches), a page of 12,000-15,000 px
+    run_train(["-m", "+experiment=vgg_bn_baseline", *TINY, "trainer.epochs=2", "logger=none"], cwd=tmp_path)
+    out = tmp_path / "rep"
+    rep = report.build([str(tmp_path / "multirun" / "vgg_bn_baseline")], str(out))
+    assert [t.name for t in rep.tables] == ["vgg_bn_baseline"]
+    table = rep.tables[0]
+    assert [r.label for r in table.rows] == ["plain", "BN"] and all(r.cell is not None for r in table.rows)
+    # the TINY overrides are the same in both rows: said once above the table, not in every row
+    assert not any(r.extra for r in table.rows)
+    assert any(n.startswith("Every row also: ") and "model.width=0.125" in n for n in table.notes)
+    page = (out / "index.html").read_text()
+    assert page.count('class="results"') == 1
+    assert "other settings" not in page
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("chromium not found (apt-get install -y chromium)")
+    assert page_height(browser, out, tmp_path / "profile") < 4000
+
+
+def _flat_curve(run_dir: Path, acc: float, epochs: int = 3) -> None:
+    rows = [{"epoch": e, "step": 10 * e, "train/loss": 2.3, "train/acc": acc, "val/loss": 2.3, "val/acc": acc,
+             "lr": 0.001, "time/epoch_s": 1.0, "throughput/img_s": 1000.0} for e in range(1, epochs + 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_convergence_epoch_is_null_for_a_run_that_does_not_learn(tmp_path):
+    sweep = tmp_path / "vgg_bn_baseline"
+    for seed in (0, 1):
+        write_run(sweep, experiment="vgg_bn_baseline", choices={"model": "vgg_a", "norm": "bn", "seed": seed},
+                  test_acc=0.85)
+    # plain VGG-A at chance level (10 classes): the run records convergence/epoch 2 in its summary,
+    # but it never learns
+    stuck = write_run(sweep, experiment="vgg_bn_baseline", choices={"model": "vgg_a", "norm": "none"},
+                      test_acc=0.10, val_best=0.10, params=9_750_922)
+    _flat_curve(stuck, 0.10)
+    rep = report.build([str(sweep)], str(tmp_path / "out"))
+    table = rep.tables[0]
+    plain, bn = (next(r for r in table.rows if r.label == label) for label in ("plain", "BN"))
+    assert table.convergence[id(plain.cell)] == [None]
+    # the learning runs (val/acc 0.25 -> 0.85 over 3 epochs; table best 0.855): epoch 3 reaches 99%
+    assert table.convergence[id(bn.cell)] == [3.0, 3.0]
+    md = (tmp_path / "out" / "report.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| plain |"))
+    assert "never (1 of 1) (study 45)" in line
+    assert "99% of this table's best" in md
+    csv_text = (tmp_path / "out" / "tables" / "vgg_bn_baseline.csv").read_text()
+    assert "convergence_epoch_mean" in csv_text
+
+
+def test_study_002_comparisons_with_welch_verdicts_and_flags(tmp_path):
+    sweep = tmp_path / "alexnet_norm_batch"
+    accs = {("none", 8): [0.39, 0.40, 0.41], ("none", 64): [0.80, 0.81, 0.80],
+            ("bn", 8): [0.775, 0.770, 0.772], ("bn", 64): [0.813, 0.811, 0.815],
+            ("ln", 64): [0.812, 0.816, 0.810], ("gn", 8): [0.786, 0.781, 0.790]}
+    for (norm, bs), values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(sweep, experiment="alexnet_norm_batch",
+                      choices={"model": "alexnet", "norm": norm, "batch_size": bs, "seed": seed}, test_acc=acc,
+                      lr=0.005, params=58_000_000)
+    rep = report.build([str(sweep)], str(tmp_path / "out"))
+    table = next(t for t in rep.tables if t.name == "alexnet_norm_batch")
+    pairs = {(p.row, p.base): p for p in table.pairs}
+    assert list(pairs) == list(ALEXNET_NORM_BATCH.pairs)
+    assert pairs[("plain · bs 8", "plain · bs 64")].comparison.verdict == "differs"
+    assert pairs[("BN · bs 8", "BN · bs 64")].comparison.verdict == "differs"
+    assert pairs[("LN · bs 64", "BN · bs 64")].comparison.verdict == "within noise"
+    assert pairs[("GN (4 groups) · bs 8", "BN · bs 8")].comparison.verdict == "differs"
+    assert pairs[("LN · bs 8", "LN · bs 64")].comparison is None  # LN at bs 8 not run
+    assert pairs[("LN · bs 64", "BN · bs 64")].study_diff == pytest.approx(82.66 - 81.31)
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert 'data-table="alexnet_norm_batch_pairs"' in page
+    assert "GN (4 groups) · bs 8 vs BN · bs 8" in page and "Welch p=" in page
+    # the study's own inconsistencies, beside its numbers
+    assert page.count('class="flag"') == len(ALEXNET_NORM_BATCH.flags) == 2
+    assert "copied from the bs-32 log" in page
+
+
+def test_study_000_inconsistencies_are_flagged_beside_their_tables():
+    flags = {name: " ".join(TABLES_BY_NAME[name].flags) for name in TABLES_BY_NAME}
+    assert "0.067%" in flags["vgg_bn_baseline"] and "25" in flags["vgg_bn_baseline"]
+    assert "30" in flags["vgg_bn_baseline"]
+    assert "L2" in flags["vgg_losses"] and "12.67" in flags["vgg_losses"]
+    assert "7.21" in flags["vgg_activations"] and "8.49" in flags["vgg_activations"]
+    # the numbers the flags quote are the study's own
+    bn = {r.label: r.ref["test/err"] for r in TABLES_BY_NAME["vgg_activations"].rows}
+    bn_errs = [v for k, v in bn.items() if k.startswith("BN")]
+    assert round(max(bn_errs) - min(bn_errs), 2) == 8.49
+    assert round(bn["BN · ReLU"] - bn["BN · LeakyReLU"], 2) == 7.21
+    from torch import nn
+
+    from normbench.models import count_parameters, vgg_a
+    from normbench.norms import NormSpec
+
+    counts = {n: count_parameters(vgg_a(num_classes=10, in_channels=3, image_size=32, norm=NormSpec(n).make,
+                                        activation=nn.ReLU)) for n in ("none", "bn")}
+    added = 100 * (counts["bn"] / counts["none"] - 1)
+    assert f"+{added:.4f}%" in flags["vgg_bn_baseline"]  # 0.0564%: not the study's 0.067%
