@@ -169,7 +169,7 @@ BATTERY = {
     "data.augment=maybe": (["data.augment=maybe"], "bad value data.augment='maybe': must be true or false"),
     "+trainer.epoch=3": (["+trainer.epoch=3"], "bad value trainer.epoch=3: unknown key"),
     "+model.widht=2": (["+model.widht=2"], "bad value model.widht=2: unknown key"),
-    "+norm.groups=4 with bn": (["norm=bn", "+norm.groups=4"], "bad value norm.groups=4: norm=bn does not read it"),
+    "+norm.group=4": (["norm=gn", "+norm.group=4"], "bad value norm.group=4: no norm reads it; did you mean norm.groups?"),
     "+loss.gama=2": (["loss=focal", "+loss.gama=2"], "bad value loss.gama=2: no loss reads it; did you mean loss.gamma?"),
     "+scheduler.fn.T_max=5": (["scheduler=cosine", "+scheduler.fn.T_max=5"], "bad value scheduler.fn.T_max=5: is set"),
     "hydra.sweeper.n_trials=0": ([*SEARCH, "hydra.sweeper.n_trials=0"], "bad value hydra.sweeper.n_trials=0"),

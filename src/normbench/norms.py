@@ -17,7 +17,7 @@ from torch import nn
 from normbench.errors import ConfigError
 
 NORMS = ("none", "bn", "ln", "gn", "lrn")
-# The settings each norm reads (besides `name`); any other key would be silently ignored, so it is refused.
+# The settings each norm reads (besides `name`); a key no norm reads would be silently ignored: refused.
 NORM_KEYS = {"none": (), "bn": ("eps", "momentum"), "ln": ("eps", "affine"), "gn": ("groups", "eps"),
              "lrn": ("lrn_size",)}
 
@@ -44,13 +44,14 @@ class NormSpec:
         name = cfg.get("name")
         if name not in NORMS:
             raise ConfigError("norm.name", name, f"choose one of {', '.join(NORMS)}")
-        reads = NORM_KEYS[name]
+        # A key another norm reads is fine (a preset sweeping norms sets e.g. affine for all of them).
+        reads = sorted({k for keys in NORM_KEYS.values() for k in keys})
         for key in cfg:
             if key != "name" and key not in reads:
                 close = difflib.get_close_matches(str(key), reads, n=1)
                 hint = f"did you mean norm.{close[0]}? " if close else ""
-                raise ConfigError(f"norm.{key}", cfg[key], f"norm={name} does not read it; {hint}it reads "
-                                                           f"{', '.join('norm.' + k for k in reads) or 'nothing'}")
+                raise ConfigError(f"norm.{key}", cfg[key], f"no norm reads it; {hint}the norms read "
+                                                           f"{', '.join('norm.' + k for k in reads)}")
         spec = cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
         if not (_is_int(spec.groups) and spec.groups >= 1):
             raise ConfigError("norm.groups", spec.groups, "must be a positive integer, e.g. norm.groups=4")

@@ -226,10 +226,11 @@ def _scheduler(cfg) -> None:
     sched = cfg.scheduler
     name = sched.get("name")
     _require(name in SCHEDULERS, "scheduler.name", name, f"choose one of {', '.join(SCHEDULERS)}")
-    accepted = {"name", "fn", *SCHEDULER_KEYS[name]}
+    # a key another scheduler reads is fine (a preset sweeping schedulers sets e.g. max_lr for all of them)
+    accepted = {"name", "fn", *(k for keys in SCHEDULER_KEYS.values() for k in keys)}
     for key in sched:
         if key not in accepted:
-            raise _unknown_key(f"scheduler.{key}", sched[key], accepted, f"scheduler={name} does not read it")
+            raise _unknown_key(f"scheduler.{key}", sched[key], accepted, "no scheduler reads it")
     fn = sched.fn
     takes, any_kwargs = _signature_keys(fn._target_)
     for key in fn:
