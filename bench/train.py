@@ -4,11 +4,14 @@
     python bench/train.py -m norm=bn,ln,gn batch_size=8,16,32,64
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from normbench.job import cli
 from normbench.job import main as run_main
+from normbench.sweep.preflight import check_command_line
 from normbench.sweep.resolvers import register
 
 register()
@@ -26,4 +29,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv)  # before Hydra: an unparsable override is one line, passwords masked
     cli(main)

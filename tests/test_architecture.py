@@ -24,7 +24,7 @@ ALLOWED = {
     "normbench.errors": (),
     "normbench.record": (),
     "normbench.sweep": BASE + ("normbench.sweep",),
-    "normbench.validate": BASE + RUN_PARTS + ("normbench.sweep.pruning",),
+    "normbench.validate": BASE + RUN_PARTS + ("normbench.sweep.pruning", "normbench.sweep.preflight"),
     "normbench.run": BASE + RUN_PARTS + ("normbench.validate",),
     "normbench.job": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.sweep"),
     "normbench.report": BASE + ("normbench.report", "normbench.sweep.identity", "normbench.loggers"),

@@ -39,6 +39,8 @@ def tiny_overrides(group: str, option: str) -> list[str]:
         overrides += ["model.input_size=64"]  # keeps the 224-input path's resize but runs in seconds
     if group == "probe":
         overrides += ["probe.interval=2"] if option != "none" else []
+    if (group, option) == ("scheduler", "step"):  # a decay within the run (a longer step is refused)
+        overrides += ["trainer.epochs=2", "trainer.max_steps_per_epoch=2", "scheduler.every_epochs=1"]
     return overrides
 
 

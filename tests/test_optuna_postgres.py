@@ -16,7 +16,9 @@ from conftest import TINY, TRAIN, run_train
 from optuna.trial import TrialState
 from pg import PASSWORD, postgres  # noqa: F401 - the fixture
 
-FAST = [*TINY, "model=vgg_a_light"]
+# scheduler fixed: a sampled scheduler=step would decay after 10 epochs of a 1-epoch run, which validate()
+# refuses (the trial fails before it has a record).
+FAST = [*TINY, "model=vgg_a_light", "scheduler=constant"]
 
 
 def start_worker(args: list[str], cwd: Path) -> subprocess.Popen:

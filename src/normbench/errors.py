@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class NormbenchError(Exception):
     """Base class: the entry points print str(error) on one line and exit non-zero, no traceback."""
@@ -19,3 +21,17 @@ class DataNotFoundError(NormbenchError):
 
 class StorageError(NormbenchError):
     pass
+
+
+MASK = "***"
+# user:password@ in any URL, and password=... in a query string or key=value list
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)(?P<secret>[^\s'\"/]+)(?=@)")
+_KEY_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd|pwd)=)(?P<secret>[^\s&'\",\]]+)", re.IGNORECASE)
+
+
+def mask_passwords(text: str) -> str:
+    """`text` with every URL password (`scheme://user:***@host`) and `password=***` masked: for text that
+    is printed before anything could parse it (the command line, a parse error quoting it)."""
+    for pattern in (_URL_PASSWORD, _KEY_PASSWORD):
+        text = pattern.sub(lambda m: m["head"] + MASK, text)
+    return text

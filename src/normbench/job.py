@@ -246,7 +246,7 @@ def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
 
 
 def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]:
-    spec = validate(cfg, device=info.device)
+    spec = validate(cfg, device=info.device, overrides=info.overrides)
     if info.output_dir is None:
         raise NormbenchError(NO_OUTPUT_DIR)
     objectives = job_objectives()  # checked before anything runs

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +12,7 @@ from torch import nn
 from normbench.errors import ConfigError
 
 LOSSES = ("ce", "ce_l1", "ce_l2", "label_smoothing", "focal")
+WEIGHTS = ("l1", "l2", "smoothing", "gamma")
 
 
 class Criterion(nn.Module):
@@ -43,10 +47,17 @@ def build_criterion(loss_cfg) -> Criterion:
     name = loss_cfg.name
     if name not in LOSSES:
         raise ConfigError("loss.name", name, f"choose one of {', '.join(LOSSES)}")
-    values = {k: float(loss_cfg.get(k, 0.0)) for k in ("l1", "l2", "smoothing", "gamma")}
-    for key, value in values.items():
-        if value < 0:
-            raise ConfigError(f"loss.{key}", value, "must be >= 0")
+    for key in loss_cfg:
+        if key != "name" and key not in WEIGHTS:
+            close = difflib.get_close_matches(str(key), WEIGHTS, n=1)
+            hint = f"did you mean loss.{close[0]}? " if close else ""
+            raise ConfigError(f"loss.{key}", loss_cfg[key], f"no loss reads it; {hint}the loss reads "
+                                                            f"{', '.join('loss.' + k for k in WEIGHTS)}")
+    for key in WEIGHTS:
+        value = loss_cfg.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"loss.{key}", value, "must be a number >= 0")
+    values = {k: float(loss_cfg.get(k, 0.0)) for k in WEIGHTS}
     if not 0 <= values["smoothing"] < 1:
         raise ConfigError("loss.smoothing", values["smoothing"], "must be in [0, 1)")
     return Criterion(name, **values)

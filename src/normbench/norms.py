@@ -8,6 +8,8 @@ same config works at any input size; `norm.affine=element` gives the study's per
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -15,6 +17,17 @@ from torch import nn
 from normbench.errors import ConfigError
 
 NORMS = ("none", "bn", "ln", "gn", "lrn")
+# The settings each norm reads (besides `name`); a key no norm reads would be silently ignored: refused.
+NORM_KEYS = {"none": (), "bn": ("eps", "momentum"), "ln": ("eps", "affine"), "gn": ("groups", "eps"),
+             "lrn": ("lrn_size",)}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -28,11 +41,27 @@ class NormSpec:
 
     @classmethod
     def from_cfg(cls, cfg) -> NormSpec:
+        name = cfg.get("name")
+        if name not in NORMS:
+            raise ConfigError("norm.name", name, f"choose one of {', '.join(NORMS)}")
+        # A key another norm reads is fine (a preset sweeping norms sets e.g. affine for all of them).
+        reads = sorted({k for keys in NORM_KEYS.values() for k in keys})
+        for key in cfg:
+            if key != "name" and key not in reads:
+                close = difflib.get_close_matches(str(key), reads, n=1)
+                hint = f"did you mean norm.{close[0]}? " if close else ""
+                raise ConfigError(f"norm.{key}", cfg[key], f"no norm reads it; {hint}the norms read "
+                                                           f"{', '.join('norm.' + k for k in reads)}")
         spec = cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
-        if spec.name not in NORMS:
-            raise ConfigError("norm.name", spec.name, f"choose one of {', '.join(NORMS)}")
-        if spec.groups < 1:
-            raise ConfigError("norm.groups", spec.groups, "must be a positive integer")
+        if not (_is_int(spec.groups) and spec.groups >= 1):
+            raise ConfigError("norm.groups", spec.groups, "must be a positive integer, e.g. norm.groups=4")
+        if not (_is_number(spec.eps) and spec.eps > 0):
+            raise ConfigError("norm.eps", spec.eps, "must be a number > 0, e.g. norm.eps=1e-5")
+        if not (spec.momentum is None or (_is_number(spec.momentum) and 0 <= spec.momentum <= 1)):
+            raise ConfigError("norm.momentum", spec.momentum, "must be in [0, 1] (the running statistics' update "
+                                                              "weight, e.g. norm.momentum=0.1) or null (cumulative)")
+        if not (_is_int(spec.lrn_size) and spec.lrn_size >= 1):
+            raise ConfigError("norm.lrn_size", spec.lrn_size, "must be a positive integer, e.g. norm.lrn_size=5")
         if spec.affine not in ("channel", "element"):
             raise ConfigError("norm.affine", spec.affine, "choose channel or element")
         return spec

@@ -5,18 +5,29 @@ probe, pruning, the injected fault), raises one ConfigError naming the key, the 
 first bad value, and returns the `RunSpec` the job passes on. No data is loaded, no GPU memory is touched
 and no record or W&B run is opened: the model is built once on PyTorch's "meta" device (no memory, no
 compute), which checks the model's own arguments, the norm's constraints (GroupNorm's groups must divide
-every normalized layer) and that its `_target_` is allowed.
+every normalized layer) and that its `_target_` is allowed; a model whose weights, gradients and
+optimizer state could not fit the device's memory is refused before anything is allocated.
+
+Unknown keys: every group's accepted keys are known -- the optimizer's and the LR scheduler's are their
+torch signatures, a built-in model's or dataset's its builder's arguments, a norm's the settings that
+norm reads, the loss's its four weights -- and a key that nothing reads is refused with the closest
+accepted one. Keys added on the command line with `+` to the other groups (trainer, data, probe, ...)
+are refused unless a reader declares them (`trainer.fault*`).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from normbench.activations import activation_factory
@@ -28,11 +39,36 @@ from normbench.models import build_model, model_name
 from normbench.norms import NormSpec
 from normbench.optim import SCHEDULERS
 from normbench.probes import Probe, build_probes
+from normbench.sweep.preflight import check_experiment_name
 from normbench.sweep.pruning import check_pruning
 from normbench.targets import allowed_targets, check_target
 from normbench.trainer import LoopSettings
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SEED_MAX = 2**64 - 1           # torch.manual_seed's range
+BYTES_PER_PARAMETER = 16       # fp32 weight + gradient + two optimizer moments (Adam), before activations
+# Keys a reader takes that no shipped option file sets, so they are added with `+` (prefix match).
+OPTIONAL_KEYS = {"trainer": ("fault",)}
+# torch.optim arguments torch accepts out of their meaningful range (or refuses with a traceback).
+OPTIMIZER_RANGES = {
+    "lr": (lambda v: v > 0, "must be a number > 0, e.g. optimizer.lr=0.01"),
+    "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1), e.g. optimizer.momentum=0.9"),
+    "dampening": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "alpha": (lambda v: 0 <= v < 1, "must be in [0, 1), e.g. optimizer.alpha=0.99"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "eps": (lambda v: v > 0, "must be > 0, e.g. optimizer.eps=1e-8"),
+    "lr_decay": (lambda v: v >= 0, "must be >= 0"),
+    "initial_accumulator_value": (lambda v: v >= 0, "must be >= 0"),
+}
+# Scheduler arguments normbench fills in from the run's length (a value in the config would be ignored).
+SCHEDULER_FILLED = {"optimizer", "T_max", "step_size", "total_steps", "max_lr", "cycle_momentum", "epochs",
+                    "steps_per_epoch"}
+# The model protocol's arguments (normbench passes them; a config key of that name would clash).
+PROTOCOL_ARGS = {"num_classes", "in_channels", "image_size", "norm", "activation"}
+MODEL_KEYS = ("_target_", "width", "dropout", "input_size")
+# Groups whose readers check every key (the rest: keys added with `+` are checked, see _added_keys).
+CHECKED_BY_READER = ("model", "norm", "loss", "optimizer", "scheduler")
+SCHEDULER_KEYS = {"constant": (), "cosine": (), "step": ("every_epochs",), "onecycle": ("max_lr",)}
 TARGETS = {"model": ("model",), "data": ("data",), "optimizer": ("optimizer",), "scheduler": ("scheduler", "fn")}
 
 
@@ -107,14 +143,202 @@ def _data_shape(data) -> DataShape:
     return DataShape(int(data.num_classes), int(data.channels), int(data.image_size))
 
 
-def _optimizer(cfg) -> None:
-    lr = cfg.optimizer.get("lr")
+def _unknown_key(key: str, value, accepted: Iterable[str], why: str) -> ConfigError:
+    """A key nothing reads: name the closest accepted one (difflib) and where the accepted ones come from."""
+    group, _, name = key.rpartition(".")
+    accepted = sorted(accepted)
+    close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
+    hint = f"did you mean {group}.{close[0]}? " if close else ""
+    listed = ", ".join(accepted) if len(accepted) <= 12 else ", ".join(accepted[:12]) + ", ..."
+    return ConfigError(key, value, f"unknown key ({why}); {hint}accepted: {listed}")
+
+
+def _signature_keys(target: str) -> tuple[set[str], bool]:
+    """The keyword arguments a `_target_` takes, and whether it takes any (**kwargs)."""
+    from hydra.utils import get_object
+
+    try:
+        params = inspect.signature(get_object(target)).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: accept every key
+        return set(), True
+    keys = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return keys, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _signature_defaults(target: str) -> dict:
+    from hydra.utils import get_object
+
+    try:
+        params = inspect.signature(get_object(target)).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
+    opt = cfg.optimizer
+    target = opt._target_
+    lr = opt.get("lr")
     _require(_is_number(lr) and lr > 0 and math.isfinite(lr), "optimizer.lr", lr,
              "must be a number > 0, e.g. optimizer.lr=0.01")
-    wd = cfg.optimizer.get("weight_decay", 0.0)
-    _require(_is_number(wd) and wd >= 0, "optimizer.weight_decay", wd, "must be >= 0")
-    _require(cfg.scheduler.name in SCHEDULERS, "scheduler.name", cfg.scheduler.name,
-             f"choose one of {', '.join(SCHEDULERS)}")
+    takes, any_kwargs = _signature_keys(target)
+    keys = [k for k in opt if k not in ("_target_", "_partial_")]
+    if not any_kwargs:
+        for key in keys:
+            if key not in takes - {"params"}:
+                raise _unknown_key(f"optimizer.{key}", opt[key], takes - {"params"}, f"{target} does not take it")
+    defaults = _signature_defaults(target)
+    for key in keys:
+        value, default = opt[key], defaults.get(key)
+        if key in OPTIMIZER_RANGES:
+            in_range, allowed_text = OPTIMIZER_RANGES[key]
+            _require(_is_number(value) and math.isfinite(value) and in_range(value), f"optimizer.{key}", value,
+                     allowed_text)
+        elif key == "betas":
+            ok = (OmegaConf.is_list(value) or isinstance(value, (list, tuple))) and len(value) == 2 and all(
+                _is_number(b) and 0 <= b < 1 for b in value)
+            _require(ok, "optimizer.betas", _plain(value), "must be two numbers in [0, 1), e.g. "
+                                                           "optimizer.betas=[0.9,0.999]")
+        elif isinstance(default, bool):
+            _require(isinstance(value, bool) or (value is None and key in ("foreach", "fused")),
+                     f"optimizer.{key}", value, "must be true or false")
+        elif _is_number(default):
+            _require(_is_number(value) and math.isfinite(value), f"optimizer.{key}", value, "must be a number")
+    try:  # torch's own argument checks (nesterov without momentum, ...) on one throwaway parameter
+        make = instantiate(opt, _execution_whitelist_=list(allowed))
+        make([torch.zeros(1, requires_grad=True)])
+    except Exception as err:  # noqa: BLE001 - whatever torch refuses becomes one line
+        cause = err.__cause__ or err
+        raise ConfigError("optimizer", _plain(opt), f"{target} refused these arguments: "
+                                                    f"{_first_line(cause)}") from None
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0].strip()
+
+
+def _scheduler(cfg) -> None:
+    sched = cfg.scheduler
+    name = sched.get("name")
+    _require(name in SCHEDULERS, "scheduler.name", name, f"choose one of {', '.join(SCHEDULERS)}")
+    # a key another scheduler reads is fine (a preset sweeping schedulers sets e.g. max_lr for all of them)
+    accepted = {"name", "fn", *(k for keys in SCHEDULER_KEYS.values() for k in keys)}
+    for key in sched:
+        if key not in accepted:
+            raise _unknown_key(f"scheduler.{key}", sched[key], accepted, "no scheduler reads it")
+    fn = sched.fn
+    takes, any_kwargs = _signature_keys(fn._target_)
+    for key in fn:
+        if key in ("_target_", "_partial_"):
+            continue
+        if key in SCHEDULER_FILLED:
+            raise ConfigError(f"scheduler.fn.{key}", fn[key], "is set by normbench from the run's length "
+                                                              "(trainer.epochs x steps per epoch); remove it")
+        if not any_kwargs and key not in takes:
+            raise _unknown_key(f"scheduler.fn.{key}", fn[key], takes - SCHEDULER_FILLED,
+                               f"{fn._target_} does not take it")
+    epochs = cfg.trainer.epochs
+    if name == "step":
+        every = sched.get("every_epochs")
+        _require(_is_int(every) and every >= 1, "scheduler.every_epochs", every,
+                 "must be an integer >= 1, e.g. scheduler.every_epochs=10")
+        _require(not _is_int(epochs) or every < epochs, "scheduler.every_epochs", every,
+                 f"the first decay would come after epoch {every}, but the run has trainer.epochs={epochs}; use "
+                 "fewer epochs between decays than the run has, more epochs, or scheduler=constant")
+        gamma = fn.get("gamma", 0.1)
+        _require(_is_number(gamma) and 0 < gamma <= 1, "scheduler.fn.gamma", gamma, "must be in (0, 1]")
+    if name == "onecycle":
+        max_lr = sched.get("max_lr")
+        _require(max_lr is None or (_is_number(max_lr) and math.isfinite(max_lr) and max_lr > 0),
+                 "scheduler.max_lr", max_lr, "must be null (the optimizer's lr) or a number > 0")
+
+
+def _added_keys(cfg, overrides: Iterable[str]) -> None:
+    """Keys added with `+` on the command line that nothing reads. The shipped option files set every key
+    their readers read; the readers of model, norm, loss, optimizer and scheduler check all of theirs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        if not text.startswith("+") or text.startswith("++"):  # ++ may set an existing key: not checked
+            continue
+        key = parser.parse_override(text).key_or_group
+        group, _, name = key.partition(".")
+        if not name or group in CHECKED_BY_READER or group == "hydra" or not OmegaConf.is_config(cfg.get(group)):
+            continue  # a config group added (+experiment=...), or a group that checks its own keys
+        if any(name.startswith(prefix) for prefix in OPTIONAL_KEYS.get(group, ())):
+            continue
+        if group == "data":
+            takes, any_kwargs = _builder_signature(cfg.data)
+            if any_kwargs or name in takes:
+                continue
+        known = [str(k) for k in cfg[group] if f"{group}.{k}" != key]
+        raise _unknown_key(key, _plain(OmegaConf.select(cfg, key)), known,
+                           "added with '+' but nothing reads it; set an existing key without '+'")
+
+
+def _builder_signature(node) -> tuple[set[str], bool]:
+    """The keys a model's or dataset's builder takes; normbench's own ones take `**_` only for the
+    protocol's arguments they do not use, so their unnamed keys count as unread."""
+    takes, any_kwargs = _signature_keys(node._target_)
+    return takes - PROTOCOL_ARGS, any_kwargs and not str(node._target_).startswith("normbench.")
+
+
+def _builder_keys(group: str, node, config_keys: tuple[str, ...]) -> None:
+    takes, any_kwargs = _builder_signature(node)
+    if any_kwargs:
+        return
+    accepted = takes | set(config_keys)
+    for key in node:
+        if key not in accepted:
+            raise _unknown_key(f"{group}.{key}", _plain(node[key]), accepted - {"_target_"},
+                               f"{node._target_} does not read it")
+
+
+def _model_size(model: nn.Module, width, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and optimizer state alone exceed the device's memory."""
+    params = sum(p.numel() for p in model.parameters())
+    need = params * BYTES_PER_PARAMETER
+    memory = _device_memory(device)
+    if memory and need > memory:
+        raise ConfigError("model.width", width, f"gives a model of {params:,} parameters: {need / 2**30:,.0f} GiB "
+                                                f"for weights, gradients and optimizer state, more than the "
+                                                f"{memory / 2**30:,.0f} GiB of {device}; use a smaller width "
+                                                "(1.0 is the study's), e.g. model.width=1.0")
+
+
+def _device_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _build_on_meta(cfg, data: DataShape, input_size: int, norm: NormSpec, activation, allowed) -> nn.Module:
+    """The model on the meta device: its own argument checks and its size, with no memory or compute."""
+    width = cfg.model.get("width", 1.0)
+    try:
+        with torch.device("meta"):
+            return build_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
+                               image_size=input_size, norm=norm.make, activation=activation, allowed_targets=allowed)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the builder's own refusal becomes one line
+        cause = err.__cause__ or err
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if "overflow" in str(cause).lower():
+            raise ConfigError("model.width", width, "is too large for any machine (the layer sizes overflow); "
+                                                    "use a width near 1, e.g. model.width=1.0") from None
+        raise ConfigError("model._target_", cfg.model._target_, f"could not build the model with its config: "
+                                                               f"{_first_line(cause)}") from None
 
 
 def _trainer(cfg, device: torch.device, norm: NormSpec) -> tuple[LoopSettings, bool]:
@@ -127,6 +351,9 @@ def _trainer(cfg, device: torch.device, norm: NormSpec) -> tuple[LoopSettings, b
         value = t[key]
         _require(value is None or (_is_int(value) and value >= 1), f"trainer.{key}", value,
                  "must be null or an integer >= 1")
+    for key in ("compile", "checkpoint"):
+        if key in t:
+            _require(isinstance(t[key], bool), f"trainer.{key}", t[key], "must be true or false")
     for key in ("log_every_steps", "eval_batch_size"):
         _require(_is_int(t[key]) and t[key] >= 1, f"trainer.{key}", t[key], "must be an integer >= 1")
     _require(_is_int(t.threads) and t.threads >= 0, "trainer.threads", t.threads, "must be an integer >= 0")
@@ -141,30 +368,34 @@ def _trainer(cfg, device: torch.device, norm: NormSpec) -> tuple[LoopSettings, b
     return settings, channels_last
 
 
-def validate(cfg: DictConfig, device: str | None = None) -> RunSpec:
-    """Parse and check every group; `device` is where the job was placed (default: trainer.device)."""
+def validate(cfg: DictConfig, device: str | None = None, overrides: Iterable[str] = ()) -> RunSpec:
+    """Parse and check every group; `device` is where the job was placed (default: trainer.device);
+    `overrides` are the job's command-line overrides (keys added with `+` are checked against readers)."""
     bs = cfg.batch_size
     _require(_is_int(bs) and bs > 0, "batch_size", bs, "must be a positive integer, e.g. batch_size=128")
-    _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
+    _require(_is_int(cfg.seed) and 0 <= cfg.seed <= SEED_MAX, "seed", cfg.seed,
+             f"must be an integer from 0 to {SEED_MAX} (torch's seed range), e.g. seed=0")
+    check_experiment_name(cfg.get("experiment_name"))
+    _added_keys(cfg, overrides)
     allowed = allowed_targets(cfg)
     for path in TARGETS.values():
         check_target(".".join((*path, "_target_")), _select(cfg, path), allowed)
     data = _data_shape(cfg.data)
+    _builder_keys("model", cfg.model, MODEL_KEYS)
     dropout = cfg.model.get("dropout", 0.0)
     _require(_is_number(dropout) and 0 <= dropout < 1, "model.dropout", dropout, "must be in [0, 1)")
     width = cfg.model.get("width", 1.0)
-    _require(_is_number(width) and width > 0, "model.width", width, "must be > 0")
+    _require(_is_number(width) and width > 0 and math.isfinite(width), "model.width", width, "must be > 0")
     size = cfg.model.get("input_size")
     _require(size is None or (_is_int(size) and size >= 8), "model.input_size", size,
              "must be null (the dataset's size) or an integer >= 8")
-    _optimizer(cfg)
+    _optimizer(cfg, allowed)
+    _scheduler(cfg)
     norm = NormSpec.from_cfg(cfg.norm)
     activation = activation_factory(cfg.activation.name)
     input_size = int(size) if size is not None else data.image_size
-    with torch.device("meta"):  # the model's own checks, on no memory
-        build_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels, image_size=input_size,
-                    norm=norm.make, activation=activation, allowed_targets=allowed)
     resolved = resolve_device(device or cfg.trainer.device)
+    _model_size(_build_on_meta(cfg, data, input_size, norm, activation, allowed), width, resolved)
     settings, channels_last = _trainer(cfg, resolved, norm)
     return RunSpec(
         batch_size=bs, seed=cfg.seed, device=resolved, norm=norm, activation=activation,

@@ -270,6 +270,9 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             target = grid_size if target is None else min(int(target), grid_size)
         if target is None:
             fail("bad value hydra.sweeper.n_trials=null: only the grid sampler can infer it; set a number")
+        if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+            fail(f"bad value hydra.sweeper.n_trials={target!r}: must be the study's total number of trials, an "
+                 "integer >= 1, e.g. hydra.sweeper.n_trials=100")
         return int(target)
 
     def _pruner(self):

@@ -7,6 +7,9 @@ line is printed. It also names the keys the multirun sweeps (NORMBENCH_SWEPT_KEY
 dir and W&B run names put first. At the end one line is printed:
 
     sweep multirun/vgg_losses: 8 completed / 1 diverged / 1 failed / 0 pruned / 0 skipped
+
+Preflight: before the run dir (single run) or the sweep dir exists, checks experiment_name and the
+launcher's parallelism (normbench.sweep.preflight); a bad value ends in one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from normbench.errors import ConfigError
 from normbench.sweep.identity import SWEPT_KEYS_ENV, swept_keys
 from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
+from normbench.sweep.preflight import check_experiment_name, check_launch, fail
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,21 @@ def expected_jobs(config: DictConfig) -> int | None:
         return len(expand_grid(*sweep_arguments(config)))
     except Exception:  # noqa: BLE001 - the count only refines the summary line
         return None
+
+
+class Preflight(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_experiment_name(config.get("experiment_name"))
+        except ConfigError as err:
+            fail(err)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_experiment_name(config.get("experiment_name"))
+            check_launch(config)
+        except ConfigError as err:
+            fail(err)
 
 
 class SweepSummary(Callback):

@@ -1,0 +1,106 @@
+"""Checks made before Hydra creates any dir or launches any job (README, "Bad input").
+
+- `check_command_line(argv)` (bench/train.py, before Hydra sees argv): an override Hydra cannot parse
+  ends in one line with any password in it masked, and when a password is on the command line every
+  later line printed to stdout/stderr (Hydra's own errors quote overrides) is masked too.
+- `check_experiment_name` and `check_launch` (the `Preflight` Hydra callback, before the run or sweep
+  dir exists): `experiment_name` is one path component; a launcher's parallelism is a usable number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from normbench.errors import ConfigError, mask_passwords
+
+PARALLEL_KEYS = ("hydra.launcher.n_jobs", "hydra.sweeper.n_jobs")
+
+
+class MaskingStream:
+    """A text stream that masks passwords in what is written to it (everything else is the wrapped one)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(mask_passwords(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The overrides of a bench/train.py command line, as Hydra's own argument parser splits it."""
+    from hydra._internal.utils import get_args_parser
+
+    try:  # silently: --help, --version or a bad flag are Hydra's to print
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_intermixed_args(argv)
+    except SystemExit:
+        return []
+    return list(args.overrides or [])
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Exit with one line (status 2) when an override cannot be parsed; mask passwords from here on."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if any(mask_passwords(arg) != arg for arg in argv):
+        sys.stdout, sys.stderr = MaskingStream(sys.stdout), MaskingStream(sys.stderr)
+    parser = OverridesParser.create()
+    for override in _overrides(argv[1:]):
+        try:
+            parser.parse_override(override)
+        except HydraException as err:  # parse_override raises the base class, parse_overrides the subclass
+            reason = " ".join(line.strip() for line in str(err).splitlines()[:1] if line.strip())
+            print(mask_passwords(f"normbench: cannot parse the override {override!r}: {reason}; quote a value "
+                                 "with special characters, e.g. 'key=\"a value\"' (grammar: "
+                                 "https://hydra.cc/docs/advanced/override_grammar/basic/)"),
+                  file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
+def check_experiment_name(name) -> None:
+    """experiment_name names a dir (outputs/<name>, multirun/<name>) and a W&B group: one path component."""
+    ok = isinstance(name, str) and name.strip() and name not in (".", "..") and os.sep not in name \
+        and "/" not in name and "\\" not in name and "\0" not in name and name == name.strip()
+    if not ok:
+        raise ConfigError("experiment_name", name, "must be one dir name (no '/', not '.' or '..', not empty), "
+                                                   "e.g. experiment_name=bn_vs_gn")
+
+
+def check_launch(config: DictConfig) -> None:
+    """The parallelism a launcher or sweeper is given: an integer >= 1 (joblib also takes -1: every core)."""
+    for key in PARALLEL_KEYS:
+        value = OmegaConf.select(config, key, default=None)
+        if value is None:
+            continue
+        cores = os.cpu_count() or 1
+        joblib_style = key == "hydra.launcher.n_jobs"
+        ok = isinstance(value, int) and not isinstance(value, bool) and (
+            value >= 1 or (joblib_style and -cores <= value <= -1))
+        if not ok:
+            allowed = (f"jobs at a time: an integer >= 1, or -1 for one per core (-{cores}..-1: all but n-1 cores)"
+                       if joblib_style else "trials launched at a time: an integer >= 1")
+            raise ConfigError(key, value, f"must be the number of {allowed}, e.g. {key}=2")
+
+
+def fail(err: ConfigError) -> None:
+    print(f"normbench: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
