@@ -39,7 +39,7 @@ def test_each_sweep_job_measures_its_own_peak_memory(tmp_path):
     assert len({s["pid"] for s in summaries}) == 1  # one process: the case the measurement is for
     peaks = [s["metrics"]["memory/peak_mb"] for s in summaries]
     assert peaks[1] < 0.6 * min(peaks[0], peaks[2]), peaks
-    assert abs(peaks[2] - peaks[0]) < 0.25 * peaks[0], peaks
+    assert abs(peaks[2] - peaks[0]) < 0.4 * peaks[0], peaks  # CPU RSS: runs of one size vary up to ~30%
     assert all(s["metrics"]["memory/data_mb"] > 0 for s in summaries)
     # lr 1e-12: the runs never learn, so they have no convergence epoch (before: epoch 1)
     assert [s["metrics"]["convergence/epoch"] for s in summaries] == [None] * 3
