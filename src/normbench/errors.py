@@ -15,6 +15,20 @@ class ConfigError(NormbenchError):
         super().__init__(f"bad value {key}={value!r}: {allowed}")
 
 
+def unknown_key(key: str, value: object, accepted, why: str, tail: str | None = None) -> ConfigError:
+    """A key nothing reads: `why`, the closest accepted key (difflib) and `tail` (default: the accepted
+    keys)."""
+    import difflib
+
+    group, _, name = key.rpartition(".")
+    accepted = sorted(accepted)
+    close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
+    hint = f"did you mean {group}.{close[0]}? " if close else ""
+    if tail is None:
+        tail = "accepted: " + (", ".join(accepted) if len(accepted) <= 12 else ", ".join(accepted[:12]) + ", ...")
+    return ConfigError(key, value, f"{why}; {hint}{tail}")
+
+
 class DataNotFoundError(NormbenchError):
     pass
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.errors import ConfigError
+from normbench.errors import ConfigError, unknown_key
 
 LOSSES = ("ce", "ce_l1", "ce_l2", "label_smoothing", "focal")
 WEIGHTS = ("l1", "l2", "smoothing", "gamma")
@@ -49,10 +48,8 @@ def build_criterion(loss_cfg) -> Criterion:
         raise ConfigError("loss.name", name, f"choose one of {', '.join(LOSSES)}")
     for key in loss_cfg:
         if key != "name" and key not in WEIGHTS:
-            close = difflib.get_close_matches(str(key), WEIGHTS, n=1)
-            hint = f"did you mean loss.{close[0]}? " if close else ""
-            raise ConfigError(f"loss.{key}", loss_cfg[key], f"no loss reads it; {hint}the loss reads "
-                                                            f"{', '.join('loss.' + k for k in WEIGHTS)}")
+            raise unknown_key(f"loss.{key}", loss_cfg[key], WEIGHTS, "no loss reads it",
+                              "the loss reads " + ", ".join("loss." + k for k in WEIGHTS))
     for key in WEIGHTS:
         value = loss_cfg.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -8,13 +8,12 @@ same config works at any input size; `norm.affine=element` gives the study's per
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 
 from torch import nn
 
-from normbench.errors import ConfigError
+from normbench.errors import ConfigError, unknown_key
 
 NORMS = ("none", "bn", "ln", "gn", "lrn")
 # The settings each norm reads (besides `name`); a key no norm reads would be silently ignored: refused.
@@ -48,10 +47,8 @@ class NormSpec:
         reads = sorted({k for keys in NORM_KEYS.values() for k in keys})
         for key in cfg:
             if key != "name" and key not in reads:
-                close = difflib.get_close_matches(str(key), reads, n=1)
-                hint = f"did you mean norm.{close[0]}? " if close else ""
-                raise ConfigError(f"norm.{key}", cfg[key], f"no norm reads it; {hint}the norms read "
-                                                           f"{', '.join('norm.' + k for k in reads)}")
+                raise unknown_key(f"norm.{key}", cfg[key], reads, "no norm reads it",
+                                  "the norms read " + ", ".join("norm." + k for k in reads))
         spec = cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
         if not (_is_int(spec.groups) and spec.groups >= 1):
             raise ConfigError("norm.groups", spec.groups, "must be a positive integer, e.g. norm.groups=4")

@@ -17,7 +17,6 @@ are refused unless a reader declares them (`trainer.fault*`).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import os
@@ -32,7 +31,7 @@ from torch import nn
 
 from normbench.activations import activation_factory
 from normbench.device import resolve_channels_last, resolve_device, resolve_precision
-from normbench.errors import ConfigError
+from normbench.errors import ConfigError, unknown_key
 from normbench.faults import FaultSpec, fault_spec
 from normbench.losses import Criterion, build_criterion
 from normbench.models import build_model, model_name
@@ -144,13 +143,8 @@ def _data_shape(data) -> DataShape:
 
 
 def _unknown_key(key: str, value, accepted: Iterable[str], why: str) -> ConfigError:
-    """A key nothing reads: name the closest accepted one (difflib) and where the accepted ones come from."""
-    group, _, name = key.rpartition(".")
-    accepted = sorted(accepted)
-    close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
-    hint = f"did you mean {group}.{close[0]}? " if close else ""
-    listed = ", ".join(accepted) if len(accepted) <= 12 else ", ".join(accepted[:12]) + ", ..."
-    return ConfigError(key, value, f"unknown key ({why}); {hint}accepted: {listed}")
+    """A key nothing reads: name the closest accepted one and where the accepted ones come from."""
+    return unknown_key(key, value, accepted, f"unknown key ({why})")
 
 
 def _signature_keys(target: str) -> tuple[set[str], bool]:
