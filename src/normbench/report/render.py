@@ -151,30 +151,30 @@ def _html_table(table: Table) -> str:
     return "\n".join(out)
 
 
-def _html_pairs(table: Table) -> str:
+def _html_small_table(note: str, css: str, name: str, header: list[str], rows: list[list[str]],
+                      cell=lambda i, t: f"<td>{html.escape(t)}</td>") -> str:
+    """A note and a plain table (the study's comparisons, the mechanism table); `cell(i, text)` renders a cell."""
     e = html.escape
-    header, rows = pair_rows(table)
-    out = ["<p class=note>The study's own comparisons, each by Welch's t-test on our runs:</p>",
-           f'<table class="pairs" data-table="{e(table.name)}_pairs"><tr>'
+    out = [f"<p class=note>{e(note)}</p>", f'<table class="{css}" data-table="{e(name)}"><tr>'
            + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
-    for line in rows:
-        out.append("<tr>" + "".join(
-            f'<td class="cmp {_verdict_class(t)}">{e(t)}</td>' if i == 2 else f"<td>{e(t)}</td>"
-            for i, t in enumerate(line)) + "</tr>")
+    out += ["<tr>" + "".join(cell(i, t) for i, t in enumerate(line)) + "</tr>" for line in rows]
     out.append("</table>")
     return "\n".join(out)
+
+
+def _html_pairs(table: Table) -> str:
+    header, rows = pair_rows(table)
+    return _html_small_table(
+        "The study's own comparisons, each by Welch's t-test on our runs:", "pairs", f"{table.name}_pairs",
+        header, rows, lambda i, t: (f'<td class="cmp {_verdict_class(t)}">{html.escape(t)}</td>' if i == 2
+                                    else f"<td>{html.escape(t)}</td>"))
 
 
 def _html_mechanism(table: Table) -> str:
-    e = html.escape
     header, rows = mechanism_rows(table)
-    out = ['<p class=note>Optimisation mechanism per norm and learning rate over this table\'s runs (study 000 section 9; definitions in the README):</p>',
-           f'<table class="mechanism" data-table="{e(table.name)}_mechanism"><tr>'
-           + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
-    for line in rows:
-        out.append("<tr>" + "".join(f"<td>{e(t)}</td>" for t in line) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
+    return _html_small_table(
+        "Optimisation mechanism per norm and learning rate over this table's runs (study 000 section 9; "
+        "definitions in the README):", "mechanism", f"{table.name}_mechanism", header, rows)
 
 
 def _md_escape(text: str) -> str:
