@@ -17,14 +17,17 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from normbench.errors import ConfigError, NormbenchError
 from normbench.loggers import wandb_mode
 from normbench.report.records import ScanResult, cells_of, scan
 from normbench.report.reference import STUDY_TABLES
-from normbench.report.render import render_html, render_markdown, write_runs_csv, write_table_csv, write_text
-from normbench.report.tables import Table, assign_to_tables, generic_tables, records, slug, study_table
+from normbench.record import atomic_write_text
+from normbench.report.mechanism import mechanism
+from normbench.report.render import records, render_html, render_markdown, write_runs_csv, write_table_csv
+from normbench.report.tables import Table, assign_to_tables, generic_tables, slug, study_table
 
 # ------------------------------------------------------------------------------------------------
 # W&B
@@ -89,13 +92,16 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
             tables.append(table)
     shown = {id(c) for t in tables for c in t.cells}
     tables += generic_tables(cells, shown)
+    warnings: list[str] = []
+    for table in tables:
+        if table.study is not None and table.study.mechanism:
+            table.mechanism = mechanism(table, warnings)
     timings["tables"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     from normbench.report.figures import add_figures  # matplotlib: imported only when figures are drawn
 
     os.makedirs(os.path.join(out, "tables"), exist_ok=True)
-    warnings: list[str] = []
     copied: dict[str, str] = {}
     for table in tables:
         add_figures(table, out, warnings, copied)
@@ -106,8 +112,8 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
     for table in tables:
         write_table_csv(table, os.path.join(out, "tables", f"{table.name}.csv"))
     write_runs_csv(result, os.path.join(out, "runs.csv"))
-    write_text(os.path.join(out, "index.html"), render_html(tables, result, out, warnings, title))
-    write_text(os.path.join(out, "report.md"), render_markdown(tables, result, title))
+    atomic_write_text(Path(out, "index.html"), render_html(tables, result, warnings, title))
+    atomic_write_text(Path(out, "report.md"), render_markdown(tables, result, title))
     timings["write"] = time.perf_counter() - t3
     if wandb:
         t4 = time.perf_counter()

@@ -2,9 +2,9 @@
 
 Only files are read, never live objects. ``scan`` walks the given directories with ``os.scandir``,
 reads every ``summary.json`` and nothing else; the jsonl files and ``config.yaml`` are read on
-demand (``RunRecord.epochs()``, ``.steps()``, ``.probes()``, ``.setting()``) for the few runs that
-need them, and ``config.yaml`` of records written before normbench 0.2, which lack the seedless
-identity. Records in progress, malformed or duplicated are returned as ``Skipped`` with a reason.
+demand (``RunRecord.epochs()``, ``.steps()``, ``.probes()``, ``.setting()``, ``.num_classes``) for the
+few runs that need them. Records in progress, malformed or duplicated are returned as ``Skipped`` with a
+reason.
 
 A ``Cell`` pools the runs that compute the same thing but for their seed: the same experiment and the
 same seedless identity (normbench.sweep.identity: the config without the seed and the keys that do not
@@ -36,7 +36,7 @@ from normbench.record import (
     validate_summary,
 )
 from normbench.report.stats import Stat, mean_ci
-from normbench.sweep.identity import NOT_IDENTITY, SEED, covered, override_key, seedless_identity
+from normbench.sweep.identity import NOT_IDENTITY, SEED, covered, override_key
 
 # a directory holding one of these is a run dir (its subdirectories are not searched)
 RUN_MARKERS = (SUMMARY, CONFIG, METRICS, REJECTED)
@@ -59,7 +59,6 @@ class RunRecord:
     files: frozenset[str]
     _config: dict | None = field(default=None, repr=False)
     _config_read: bool = field(default=False, repr=False)
-    _seedless: Any = field(default=_UNSET, repr=False)
 
     # --- summary fields -------------------------------------------------------------------
     @property
@@ -91,16 +90,12 @@ class RunRecord:
         return self.choices.get(SEED)
 
     @property
-    def seedless_identity(self) -> str | None:
-        """The identity without the seed: summary.json's; for a record written before normbench 0.2,
-        computed from its config.yaml (the resolved config); None when it has neither."""
-        value = self.summary.get(SEEDLESS_IDENTITY)
-        if isinstance(value, str) and value:
-            return value
-        if self._seedless is _UNSET:
-            config = self.config()
-            self._seedless = seedless_identity(config) if config else None
-        return self._seedless
+    def num_classes(self) -> int | None:
+        """data.num_classes of the run's config.yaml (the resolved config: every run writes it); None
+        without one."""
+        data = self.config().get("data")
+        n = data.get("num_classes") if isinstance(data, dict) else None
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
 
     def metric(self, key: str) -> float | None:
         """A metric as float; None when absent, null or not finite. ``test/err`` = 1 - test/acc."""
@@ -194,7 +189,6 @@ class ScanResult:
     skipped: list[Skipped]
     roots: list[str]
     seconds: float
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def n_records(self) -> int:
@@ -272,7 +266,6 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
     skipped: list[Skipped] = []
     seen_dirs: set[str] = set()
     by_identity: dict[str, RunRecord] = {}
-    warnings: list[str] = []
     real_roots = []
     for root in roots:
         root = os.path.realpath(os.fspath(root))
@@ -291,19 +284,16 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
                 continue
             by_identity[item.identity] = item
             runs.append(item)
-            if item.seedless_identity is None:
-                warnings.append(f"{path}: no {SEEDLESS_IDENTITY} in {SUMMARY} and no readable {CONFIG}: "
-                                "not pooled with other seeds")
-    return ScanResult(runs, skipped, real_roots, time.perf_counter() - t0, warnings)
+    return ScanResult(runs, skipped, real_roots, time.perf_counter() - t0)
 
 
 # --- cells: runs that differ only in their seed --------------------------------------------------
 
 def pool_key(run: RunRecord) -> tuple[str, str]:
     """Runs with the same key differ at most in their seed and in keys that do not change the numbers
-    (normbench.sweep.identity.NOT_IDENTITY): the experiment and the seedless identity. A run without a
-    seedless identity (an old record without config.yaml) is a cell of its own: its identity."""
-    return (run.experiment, run.seedless_identity or run.identity)
+    (normbench.sweep.identity.NOT_IDENTITY): the experiment and the seedless identity, which every run
+    writes into its summary.json (a record made by hand without one is a cell of its own)."""
+    return (run.experiment, run.summary.get(SEEDLESS_IDENTITY) or run.identity)
 
 
 def value_overrides(run: RunRecord) -> tuple[str, ...]:
