@@ -317,6 +317,23 @@ def test_reference_numbers_follow_design_digest():
     assert n_numbers >= 2 * 5 + 2 * 6 * 2 + 6 + 4 + 8 + 6 + 16 + 3
 
 
+def test_reference_settings_are_config_options():
+    """Every setting a study row names is a config group's option (conf/<group>/<option>.yaml) or, for the
+    numeric keys, a number; every `vs` and pair names a row of its table."""
+    for table in reference.STUDY_TABLES:
+        labels = {r.label for r in table.rows}
+        assert len(labels) == len(table.rows), table.name
+        for a, b in table.pairs:
+            assert a in labels and b in labels, (table.name, a, b)
+        for row in table.rows:
+            assert row.vs is None or row.vs in labels, (table.name, row.vs)
+            for key, value in {**table.context, **row.settings}.items():
+                if key in ("batch_size", "dropout", "lr"):
+                    assert isinstance(value, (int, float)), (table.name, key, value)
+                else:
+                    assert (ROOT / "conf" / key / f"{value}.yaml").is_file(), (table.name, key, value)
+
+
 # ------------------------------------------------------------------------------------------------
 # loading
 
@@ -745,7 +762,7 @@ def test_record_without_seedless_identity_is_a_cell_of_its_own(tmp_path):
     bare = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 2}, test_acc=0.86, legacy=True,
                      config=False)
     assert record.SEEDLESS_IDENTITY not in json.loads((bare / "summary.json").read_text())
-    res, cells = _cells_by_seeds(tmp_path)
+    _, cells = _cells_by_seeds(tmp_path)
     assert sorted(c.n for c in cells) == [1, 2]
     alone = next(c for c in cells if c.n == 1)
     assert alone.runs[0].path == os.path.realpath(bare) and alone.key == ("vgg_losses", alone.runs[0].identity)

@@ -2,9 +2,9 @@
 
 One function per figure kind; each adds (caption, path) to ``table.figures`` when the runs have its
 data: ours-vs-study bars, clustered bars by norm x batch size (study 002), training curves, the loss
-landscape across learning rates with the optimisation-mechanism numbers (study 000 section 9), the
+landscape across learning rates over the runs of the mechanism table (normbench.report.mechanism), the
 optimisation probes, and the first-layer filters (``table.filters``). The jsonl files are read here,
-for the few runs each figure shows.
+for the few runs each figure shows. Figures only draw: every number in a table is computed before.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import shutil
 import warnings as _warnings
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -93,27 +92,6 @@ def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, values
 
 
-def _group_runs(table: Table, cap: int) -> dict[str, list[RunRecord]]:
-    """Runs of the table's cells grouped by norm (the studies' contrast) when norm varies, else by row."""
-    cells = [(r, r.cell) for r in table.rows if r.cell is not None]
-    norms = {c.choices.get("norm") for _, c in cells}
-    groups: dict[str, list[RunRecord]] = {}
-    for row, cell in cells:
-        if len(norms) > 1:
-            name = NORM_LABEL.get(str(cell.choices.get("norm")), str(cell.choices.get("norm")))
-        else:
-            name = row.label + (f" ({row.extra})" if row.extra else "")
-        groups.setdefault(name, []).extend(cell.runs + cell.diverged)
-    total = 0
-    capped: dict[str, list[RunRecord]] = {}
-    for name, runs in groups.items():
-        if total < cap:
-            capped[name] = runs[: cap - total]
-            total += len(capped[name])
-    return capped
-
-
-
 # ------------------------------------------------------------------------------------------------
 # figures
 
@@ -136,8 +114,9 @@ def summary_bars(table: Table, fig_dir: str) -> None:
     name = f"{table.name}_bars.png"
     title = f"{table.title}: ours vs study" if table.kind == "study" else table.title
     plots.summary_bars(bar_rows, os.path.join(fig_dir, name), title, col.title)
-    table.figures.append(((f"{col.title}: ours (mean ± 95% CI from {MIN_CI_N} seeds; dots: the runs of a cell "
-                          f"with fewer) and the study"), f"fig/{name}"))
+    caption = (f"{col.title}: ours (mean ± 95% CI from {MIN_CI_N} seeds; dots: the runs of a cell with "
+               "fewer) and the study")
+    table.figures.append((caption, f"fig/{name}"))
 
 
 def clustered_bars(table: Table, fig_dir: str) -> None:
@@ -205,8 +184,8 @@ def loss_landscape(table: Table, fig_dir: str) -> None:
     plots.band_plot([b for b, _ in bands], os.path.join(fig_dir, name),
                     "Training loss per step, min–max over learning rates " + ", ".join(f"{v:g}" for v in lrs),
                     "training loss", ref_ranges=[r for _, r in bands])
-    caption = ("training loss per step: min–max over all learning rates and seeds (dashed: the study's reported "
-               f"range); the table's range leaves out the first {LOSS_RANGE_WARMUP_EPOCHS} epoch(s)")
+    caption = ("training loss per step: min–max over all learning rates and seeds (dashed: the study's "
+               f"reported range); the table's range leaves out the first {LOSS_RANGE_WARMUP_EPOCHS} epoch(s)")
     table.figures.append((caption, f"fig/{name}"))
 
 
@@ -226,7 +205,8 @@ def probe_panels(table: Table, fig_dir: str, warnings: list[str]) -> None:
     plots.probe_panels(panels, os.path.join(fig_dir, name),
                        f"{table.title}: optimisation probes (line: mean, band: min–max over runs)")
     caption = ("gradient predictiveness, β-smoothness, gradient cosine, Lipschitz estimate along the path, "
-               "relative gradient variance and loss range along the gradient, per probe step and learning rate")
+               "relative gradient variance and loss range along the gradient, per probe step and learning "
+               "rate")
     table.figures.append((caption, f"fig/{name}"))
 
 
@@ -251,16 +231,22 @@ def copy_filters(table: Table, out: str, warnings: list[str], copied: dict[str, 
 # helpers
 
 def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
-    """_group_runs, split further by learning rate when the table's cells have more than one."""
-    lrs = {lr_of(c) for c in table.cells}
-    if len(lrs) < 2:
-        return _group_runs(table, MAX_PROBE_RUNS)
-    norms = {c.choices.get("norm") for c in table.cells}
+    """The table's runs (at most MAX_PROBE_RUNS) grouped by norm (the studies' contrast) when norm varies
+    and by learning rate when it varies, else by row."""
+    rows = sorted((r for r in table.rows if r.cell is not None),
+                  key=lambda r: (str(r.cell.choices.get("norm")), lr_of(r.cell) or 0.0))
+    by_lr = len({lr_of(r.cell) for r in rows}) > 1
+    if not by_lr:
+        rows = [r for r in table.rows if r.cell is not None]
+    by_norm = len({r.cell.choices.get("norm") for r in rows}) > 1
     groups: dict[str, list[RunRecord]] = {}
-    for cell in sorted(table.cells, key=lambda c: (str(c.choices.get("norm")), lr_of(c) or 0.0)):
-        norm = str(cell.choices.get("norm"))
-        name = (NORM_LABEL.get(norm, norm) + " · " if len(norms) > 1 else "") + f"lr {lr_of(cell):g}"
-        groups.setdefault(name, []).extend(cell.runs + cell.diverged)
+    for row in rows:
+        norm = str(row.cell.choices.get("norm"))
+        parts = [NORM_LABEL.get(norm, norm)] if by_norm else []
+        if by_lr:
+            parts.append(f"lr {lr_of(row.cell):g}")
+        name = " · ".join(parts) or row.label + (f" ({row.extra})" if row.extra else "")
+        groups.setdefault(name, []).extend(row.cell.runs + row.cell.diverged)
     total, capped = 0, {}
     for name, runs in groups.items():
         if total < MAX_PROBE_RUNS:

@@ -48,7 +48,7 @@ class LrLine:
 
 @dataclass
 class NormLine:
-    """A norm over all its learning rates, with the study's numbers (``study``; empty off the study's data)."""
+    """A norm over all its learning rates, with the study's numbers (``study``; empty off its data)."""
 
     norm: str
     runs: int
@@ -79,7 +79,8 @@ def mechanism(table, warnings: list[str]) -> list[LrLine | NormLine]:
         by_norm.setdefault(str(cell.choices.get("norm")), {}).setdefault(lr_of(cell), []).append(cell)
     lines: list[LrLine | NormLine] = []
     for norm in sorted(by_norm, key=lambda n: list(NORM_LABEL).index(n) if n in NORM_LABEL else 99):
-        no_study = any(r.no_study for r in table.rows if r.cell is not None and r.cell.choices.get("norm") == norm)
+        no_study = any(r.no_study for r in table.rows
+                       if r.cell is not None and r.cell.choices.get("norm") == norm)
         per_lr = by_norm[norm]
         label = NORM_LABEL.get(norm, norm)
         lr_lines = [_lr_line(label, lr, per_lr[lr], warnings)
@@ -90,9 +91,10 @@ def mechanism(table, warnings: list[str]) -> list[LrLine | NormLine]:
         for line in lr_lines:
             line.trains = line.lr in effective
         lines += lr_lines
-        lines.append(NormLine(label, len(runs), (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges
-                              else None, {} if no_study else table.study.mechanism.get(norm, {}), no_study,
-                              effective, [line.lr for line in lr_lines if line.lr is not None], runs))
+        loss_range = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
+        study = {} if no_study else table.study.mechanism.get(norm, {})
+        lrs = [line.lr for line in lr_lines if line.lr is not None]
+        lines.append(NormLine(label, len(runs), loss_range, study, no_study, effective, lrs, runs))
     return lines
 
 
@@ -105,7 +107,8 @@ def _lr_line(label: str, lr: float | None, cells: Sequence[Cell], warnings: list
     for run in runs:
         rows, _ = run.probes()
         for key in ("grad_cos", "grad_pred", "beta", "lipschitz", "grad_var_rel"):
-            found.setdefault(key, []).extend(v for r in rows if math.isfinite(v := num(r.get(f"probe/{key}"))))
+            values = (num(r.get(f"probe/{key}")) for r in rows)
+            found.setdefault(key, []).extend(v for v in values if math.isfinite(v))
     if found.get("grad_cos"):
         line.grad_cos = float(np.mean(found["grad_cos"]))
     if found.get("grad_pred"):

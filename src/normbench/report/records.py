@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,16 +196,12 @@ class ScanResult:
         return len(self.runs) + len(self.skipped)
 
     def summary_line(self) -> str:
-        kinds: dict[str, int] = {}
-        for s in self.skipped:
-            kinds[s.kind] = kinds.get(s.kind, 0) + 1
-        status: dict[str, int] = {}
-        for r in self.runs:
-            status[r.status] = status.get(r.status, 0) + 1
-        parts = [f"{n} {k}" for k, n in sorted(status.items())]
+        status = Counter(r.status for r in self.runs)
+        kinds = Counter(s.kind for s in self.skipped)
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(status.items())) or "no finished runs"
         skipped = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-        return (f"read {self.n_records} run records in {self.seconds:.2f}s: "
-                f"{', '.join(parts) or 'no finished runs'}; skipped {len(self.skipped)} ({skipped})")
+        return (f"read {self.n_records} run records in {self.seconds:.2f}s: {parts}; "
+                f"skipped {len(self.skipped)} ({skipped})")
 
 
 def _run_dirs(root: str) -> Iterable[tuple[str, frozenset[str]]]:
@@ -280,7 +277,8 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
                 continue
             first = by_identity.get(item.identity)
             if first is not None:
-                skipped.append(Skipped(path, "duplicate", f"identity {item.identity} already read from {first.path}"))
+                reason = f"identity {item.identity} already read from {first.path}"
+                skipped.append(Skipped(path, "duplicate", reason))
                 continue
             by_identity[item.identity] = item
             runs.append(item)

@@ -35,6 +35,7 @@ MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
 MAX_SKIPPED_LISTED = 1000
 MAX_WARNINGS_LISTED = 500
 PERCENT = {"test/err", "test/acc", "val/best_acc"}
+SUMMARY_COLUMNS = ("objective", "epochs_done", "diverged_epoch", "error")  # runs.csv's from summary.json
 
 
 def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
@@ -45,7 +46,8 @@ def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
         text = f"{st.mean:,.0f}"
         return text if not st.sd else f"{text} ± {st.ci:,.0f}" if st.ci is not None else text
     if st.n < MIN_CI_N:
-        digits = 0 if col.metric == "convergence/epoch" and all(float(v).is_integer() for v in points) else col.digits
+        whole = col.metric == "convergence/epoch" and all(float(v).is_integer() for v in points)
+        digits = 0 if whole else col.digits
         text = f"{st.mean * col.scale:.{digits}f}"
         if st.n > 1 and points:
             text += " (" + ", ".join(f"{v * col.scale:.{digits}f}" for v in points) + ")"
@@ -108,7 +110,7 @@ def _display_row(table: Table, row: Row, extra: bool) -> list[str]:
         line.append(cell.experiment if cell else "")
     line.append(_n_text(cell) if cell else "not run")
     for col in table.columns:
-        st, points, never = cell_stat(table, cell, col.metric)
+        st, points, never = cell_stat(row, col.metric)
         text = fmt_stat(st, col, points)
         if never:
             text = f"never ({never} of {never + st.n})" if st.mean is None else f"{text}; never: {never}"
@@ -162,9 +164,10 @@ def records(table: Table) -> tuple[list[str], list[list[Any]]]:
         line += [cell.experiment if cell else "", cell.n if cell else 0, len(cell.diverged) if cell else 0,
                  len(cell.other) if cell else 0]
         for col in table.columns:
-            st = cell_stat(table, cell, col.metric)[0]
+            st = cell_stat(row, col.metric)[0]
             scale = col.scale
-            line += [None if st.mean is None else st.mean * scale, None if st.ci is None else st.ci * scale, st.n]
+            line += [None if st.mean is None else st.mean * scale, None if st.ci is None else st.ci * scale,
+                     st.n]
             if table.kind == "study":
                 line.append(row.ref.ref.get(col.metric) if row.ref else None)
         c = row.comparison
@@ -210,7 +213,8 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
         loss = f"[{m.loss_range[0]:.2f}, {m.loss_range[1]:.2f}]" if m.loss_range else f"no {STEPS}"
         if isinstance(m, NormLine):
             ref, none = m.study, NO_STUDY_NUMBER if m.no_study else ""
-            study_range = f"[{ref['loss_range'][0]:g}, {ref['loss_range'][1]:g}]" if "loss_range" in ref else none
+            lo_hi = ref.get("loss_range")
+            study_range = f"[{lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else none
             rows.append([m.norm, f"all {len(m.lrs)}", str(m.runs), "", loss, study_range, "per lr",
                          f"{ref['grad_cos']:g}" if "grad_cos" in ref else none, "per lr", "per lr", "per lr",
                          f"{ref['lipschitz']:g}" if "lipschitz" in ref else none, "per lr",
@@ -269,8 +273,9 @@ class TableView:
 def _view(table: Table) -> TableView:
     header, rows = display(table)
     numbers = {c.title for c in COLUMNS} | {"n", "study", "ours − study"}
-    return TableView(table, table_title(table), header, rows, {i for i, h in enumerate(header) if h in numbers},
-                     pair_rows(table) if table.pairs else None,
+    numeric = {i for i, h in enumerate(header) if h in numbers}
+    pairs = pair_rows(table) if table.pairs else None
+    return TableView(table, table_title(table), header, rows, numeric, pairs,
                      mechanism_rows(table) if table.mechanism else None)
 
 
@@ -287,7 +292,8 @@ def _environment(autoescape: bool) -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters["verdict"] = verdict_class
     env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
-    env.globals.update(max_rows=MAX_HTML_ROWS, max_skipped=MAX_SKIPPED_LISTED, max_warnings=MAX_WARNINGS_LISTED)
+    env.globals.update(max_rows=MAX_HTML_ROWS, max_skipped=MAX_SKIPPED_LISTED,
+                       max_warnings=MAX_WARNINGS_LISTED)
     return env
 
 
@@ -312,7 +318,7 @@ def write_runs_csv(result: ScanResult, path: str) -> None:
     metric_keys = list(dict.fromkeys(k for run in result.runs for k in run.metrics))
     header = (["path", "identity", "status", "experiment"] + [f"choice/{k}" for k in choice_keys]
               + ["overrides"] + [f"metric/{k}" for k in metric_keys]
-              + ["objective", "epochs_done", "diverged_epoch", "error", "skipped", "skip_reason"])
+              + list(SUMMARY_COLUMNS) + ["skipped", "skip_reason"])
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -320,9 +326,8 @@ def write_runs_csv(result: ScanResult, path: str) -> None:
             w.writerow([run.path, run.identity, run.status, run.experiment]
                        + [_csv_value(run.choices.get(k)) for k in choice_keys] + [" ".join(run.overrides)]
                        + [_csv_value(run.metrics.get(k)) for k in metric_keys]
-                       + [_csv_value(run.summary.get(k)) for k in ("objective", "epochs_done", "diverged_epoch",
-                                                                   "error")] + ["", ""])
-        blank = [""] * (len(choice_keys) + 1 + len(metric_keys) + 4)
+                       + [_csv_value(run.summary.get(k)) for k in SUMMARY_COLUMNS] + ["", ""])
+        blank = [""] * (len(choice_keys) + 1 + len(metric_keys) + len(SUMMARY_COLUMNS))
         for sk in result.skipped:
             status = Status.RUNNING.value if sk.kind == "in progress" else ""
             w.writerow([sk.path, "", status, ""] + blank + [sk.kind, sk.reason])

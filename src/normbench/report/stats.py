@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from scipy import stats as sps
 
 
-@lru_cache(maxsize=None)
+@cache
 def t_quantile(p: float, df: float) -> float:
     """Quantile of Student's t (cached: a report asks for the same few degrees of freedom many times)."""
     return float(sps.t.ppf(p, df))

@@ -74,6 +74,8 @@ class Row:
     comparison: Comparison | None = None
     study_diff: float | None = None  # study: ref(row) - ref(vs), in the primary metric's percent
     no_study: bool = False  # the cell ran on other data than the study's: its numbers are left out
+    # the report's convergence epoch of each of the cell's runs (None: never); None: the runs' recorded one
+    convergence: list[float | None] | None = None
 
 
 @dataclass
@@ -100,11 +102,8 @@ class Table:
     mechanism: list[LrLine | NormLine] = field(default_factory=list)  # normbench.report.mechanism
     figures: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to out dir)
     filters: list[tuple[str, str]] = field(default_factory=list)
-    truncated: int = 0  # rows left out of HTML/Markdown (they are in the CSV)
     flags: list[str] = field(default_factory=list)  # the study's own inconsistencies about these numbers
     pairs: list[Pair] = field(default_factory=list)
-    # the report's convergence epoch per run of each cell (id(cell) -> values, None: never converged)
-    convergence: dict[int, list[float | None]] = field(default_factory=dict)
     convergence_note: str = ""
 
     @property
@@ -140,24 +139,11 @@ def matches(cell: Cell, settings: dict[str, Any]) -> bool:
     return True
 
 
-def _describe(settings: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in settings.items())
-
-
 def _varying(cells: Sequence[Cell], skip: set[str]) -> tuple[list[str], set[str]]:
     """Choice keys whose value differs between cells, and the override keys whose value differs (an
     override every cell has with the same value is a constant of the table, not a difference)."""
-    keys: list[str] = []
-    all_keys: list[str] = []
-    for cell in cells:
-        for k in cell.choices:
-            if k not in all_keys:
-                all_keys.append(k)
-    for k in all_keys:
-        if k in skip or k in ROW_SELECTORS:
-            continue
-        if len({repr(value_of(c, k)) for c in cells}) > 1:
-            keys.append(k)
+    keys = [k for k in dict.fromkeys(k for cell in cells for k in cell.choices)
+            if k not in skip and k not in ROW_SELECTORS and len({repr(value_of(c, k)) for c in cells}) > 1]
     per_cell = [override_map(c) for c in cells]
     override_keys = {k for m in per_cell for k in m}
     varying = {k for k in override_keys if len({m.get(k) for m in per_cell}) > 1}
@@ -202,13 +188,14 @@ def _extra_label(cell: Cell, keys: Sequence[str], overrides: set[str]) -> str:
     parts = [f"{k}={fmt_value(v)}" for k in keys if (v := value_of(cell, k)) is not None]
     if overrides:
         mine = override_map(cell)
-        parts.extend(f"{k}={round_text(mine[k])}" if k in mine else f"{k}=(default)" for k in sorted(overrides))
+        parts.extend(f"{k}={round_text(mine[k])}" if k in mine else f"{k}=(default)"
+                     for k in sorted(overrides))
     return " ".join(parts)
 
 
 def _counterpart_key(cell: Cell, defining: set[str]) -> tuple:
-    return (cell.experiment, tuple(sorted((k, repr(v)) for k, v in cell.choices.items() if k not in defining)),
-            cell.value_overrides)
+    others = tuple(sorted((k, repr(v)) for k, v in cell.choices.items() if k not in defining))
+    return (cell.experiment, others, cell.value_overrides)
 
 
 def _closest(cell: Cell, candidates: Sequence[Cell], index: dict[tuple, Cell] | None = None,
@@ -258,12 +245,12 @@ def add_convergence(table: Table) -> None:
     """The report's convergence epoch of every run of the table (CONVERGED_FRACTION of the table's best
     validation accuracy; None when a run never gets there or never learns: normbench.record.learned_threshold
     with the number of classes in the run's record)."""
-    runs = [(cell, run) for cell in table.cells for run in cell.runs]
+    runs = [(row, run) for row in table.rows if row.cell is not None for run in row.cell.runs]
     if not runs:
         return
     if len(runs) > MAX_CONVERGENCE_RUNS:
-        table.convergence_note = (f"conv. epoch: each run's recorded convergence/epoch ({len(runs)} runs, more "
-                                  f"than the {MAX_CONVERGENCE_RUNS} whose curves the report reads).")
+        table.convergence_note = (f"conv. epoch: each run's recorded convergence/epoch ({len(runs)} runs, "
+                                  f"more than the {MAX_CONVERGENCE_RUNS} whose curves the report reads).")
         return
     curves = {id(run): _val_curve(run) for _, run in runs}
     best = max((acc for curve in curves.values() for _, acc in curve), default=None)
@@ -271,17 +258,18 @@ def add_convergence(table: Table) -> None:
         return
     threshold = CONVERGED_FRACTION * best
     unknown = 0
-    for cell, run in runs:
+    for row, run in runs:
         curve, classes = curves[id(run)], run.num_classes
         unknown += classes is None
-        learned = bool(curve) and (classes is None or max(acc for _, acc in curve) > learned_threshold(classes))
+        learned = bool(curve) and (classes is None
+                                   or max(acc for _, acc in curve) > learned_threshold(classes))
         epoch = next((e for e, acc in curve if acc >= threshold), None) if learned else None
-        table.convergence.setdefault(id(cell), []).append(None if epoch is None else float(epoch))
+        row.convergence = (row.convergence or []) + [None if epoch is None else float(epoch)]
     table.convergence_note = (f"conv. epoch: the first epoch whose validation accuracy reaches "
                               f"{CONVERGED_FRACTION:.0%} of this table's best ({100 * best:.2f}% → threshold "
-                              f"{100 * threshold:.2f}%); 'never' for a run that does not get there or does not "
-                              f"learn (best validation accuracy not above chance + {100 * LEARN_MARGIN:g} "
-                              "points).")
+                              f"{100 * threshold:.2f}%); 'never' for a run that does not get there or does "
+                              "not learn (best validation accuracy not above chance + "
+                              f"{100 * LEARN_MARGIN:g} points).")
     if unknown:
         table.convergence_note += (f" {unknown} run(s) without data.num_classes in their {CONFIG}: not "
                                    "checked for learning.")
@@ -296,14 +284,6 @@ def _val_curve(run) -> list[tuple[int, float]]:
                 and not isinstance(acc, bool) and math.isfinite(acc):
             out.append((e, float(acc)))
     return sorted(out)
-
-
-def convergence_stat(table: Table, cell: Cell) -> tuple[Stat, int]:
-    """Mean (and CI) of the cell's converged runs and how many of its runs never converged."""
-    if id(cell) not in table.convergence:
-        return cell.stat("convergence/epoch"), 0
-    values = table.convergence[id(cell)]
-    return mean_ci([v for v in values if v is not None]), sum(v is None for v in values)
 
 
 def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
@@ -321,7 +301,8 @@ def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
         if not group:
             table.rows.append(Row(ref.label, None, ref, vs=ref.vs))
         for cell in sorted(group, key=lambda c: _extra_label(c, extra_keys, extra_overrides)):
-            table.rows.append(Row(ref.label, cell, ref, _extra_label(cell, extra_keys, extra_overrides), ref.vs))
+            extra = _extra_label(cell, extra_keys, extra_overrides)
+            table.rows.append(Row(ref.label, cell, ref, extra, ref.vs))
     _compare_rows(st, table)
     _compare_pairs(st, table)
     for row in table.rows:
@@ -343,10 +324,7 @@ def assign_to_tables(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     A preset's runs (experiment = a study table's name) go to that table only; the runs of any other
     experiment go to the one study table that matches most of them (ties: the studies' order)."""
     out: dict[str, list[Cell]] = {}
-    by_exp: dict[str, list[Cell]] = {}
-    for cell in cells:
-        by_exp.setdefault(cell.experiment, []).append(cell)
-    for exp, group in by_exp.items():
+    for exp, group in _by_experiment(cells).items():
         candidates = [TABLES_BY_NAME[exp]] if exp in TABLES_BY_NAME else list(STUDY_TABLES)
         best, best_n = None, 0
         for st in candidates:
@@ -373,12 +351,8 @@ def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     where runs of the preset of the table's name cover a row, only those."""
     assigned: dict[str, list[Cell]] = {}
     for cell in cells:
-        if not matches(cell, st.context):
-            continue
-        for ref in st.rows:
-            if matches(cell, ref.settings):
-                assigned.setdefault(ref.label, []).append(cell)
-                break
+        if (ref := _row_of(st, cell)) is not None:
+            assigned.setdefault(ref.label, []).append(cell)
     for label, group in assigned.items():
         own = [c for c in group if c.experiment == st.name]
         if own:
@@ -413,14 +387,15 @@ def _compare_rows(st: StudyTable, table: Table) -> None:
         if other is not None:
             row.comparison = _compare(row.cell, other, st.primary)
         elif by_label.get(row.vs):
-            row.comparison = Comparison(None, None, None, "cannot tell", "no run with the same other settings")
+            row.comparison = Comparison(None, None, None, "cannot tell",
+                                        "no run with the same other settings")
 
 
 def _notes(st: StudyTable, covered: Sequence[Cell]) -> list[str]:
     """Where the runs differ from the study's setup (data, a smaller model variant), and the study's note."""
     notes = []
     data = {str(c.choices.get("data")) for c in covered if c.choices.get("data") is not None}
-    if data - {"cifar10"}:
+    if data - {STUDY_DATA}:
         notes.append(f"These runs used data={', '.join(sorted(data))}; the study reports CIFAR-10 only, so "
                      f"their rows show {NO_STUDY_NUMBER}.")
     variants = sorted({str(c.choices.get("model")) for c in covered} & set(MODEL_VARIANTS))
@@ -442,14 +417,21 @@ def _contrasts(st: StudyTable, table: Table) -> list[str]:
             ma, mb = a.stat(con.metric).mean, b.stat(con.metric).mean
             if ma is not None and mb:
                 ours = f"{(ma / mb - 1.0) * 100.0:+.3g}%"
-        out.append(f"{con.text} ({con.row} vs {con.base}, {con.metric}): ours {ours}, study +{con.percent:g}%.")
+        out.append(f"{con.text} ({con.row} vs {con.base}, {con.metric}): ours {ours}, "
+                   f"study +{con.percent:g}%.")
     return out
 
 
-def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
+def _by_experiment(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     by_exp: dict[str, list[Cell]] = {}
     for cell in cells:
         by_exp.setdefault(cell.experiment, []).append(cell)
+    return by_exp
+
+
+def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
+    """A table per experiment of the cells no study table shows, one row per cell."""
+    by_exp = _by_experiment(cells)
     tables = []
     for exp in sorted(by_exp):
         group = [c for c in by_exp[exp] if id(c) not in shown]  # each run in one table
@@ -460,13 +442,13 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
         else:
             name, title = exp, f"experiment {exp}: runs grouped by their varying choices"
         keys, overrides = _varying(group, {SEED})
-        group = sorted(group, key=lambda c: tuple(_sort_key(value_of(c, k)) for k in keys) + c.value_overrides)
+        group.sort(key=lambda c: tuple(_sort_key(value_of(c, k)) for k in keys) + c.value_overrides)
         table = Table(slug(name), title, "generic", "test/err", [])
         table.setting_columns = keys + sorted(overrides)
         if not keys and not overrides and group:
             shared = {k: v for k, v in group[0].choices.items() if k != SEED}
-            table.notes.append("All runs share the settings " + _describe(shared)
-                               + (" " + " ".join(group[0].value_overrides) if group[0].value_overrides else ""))
+            settings = [f"{k}={v}" for k, v in shared.items()] + list(group[0].value_overrides)
+            table.notes.append("All runs share the settings " + " ".join(settings))
         elif constant_overrides(group):
             table.notes.append("Every row also: " + " ".join(constant_overrides(group)))
         best = min((c for c in group if c.stat("test/err").mean is not None),
@@ -495,14 +477,14 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "table"
 
 
-def cell_stat(table: Table, cell: Cell | None, metric: str) -> tuple[Stat, list[float], int]:
-    """The statistic shown for a cell's metric, its points and (convergence) how many runs never got there."""
-    if cell is None:
+def cell_stat(row: Row, metric: str) -> tuple[Stat, list[float], int]:
+    """The statistic shown for a row's metric, its points and (convergence) how many runs never got there."""
+    if row.cell is None:
         return Stat(0, None, None, None), [], 0
-    if metric == "convergence/epoch" and id(cell) in table.convergence:
-        st, never = convergence_stat(table, cell)
-        return st, [v for v in table.convergence[id(cell)] if v is not None], never
-    return cell.stat(metric), cell.values(metric), 0
+    if metric == "convergence/epoch" and row.convergence is not None:
+        epochs = [v for v in row.convergence if v is not None]
+        return mean_ci(epochs), epochs, len(row.convergence) - len(epochs)
+    return row.cell.stat(metric), row.cell.values(metric), 0
 
 
 def ci_for_display(st: Stat) -> float | None:
