@@ -73,7 +73,8 @@ def num(value: Any) -> float:
 
 
 def mechanism(table, warnings: list[str]) -> list[LrLine | NormLine]:
-    """The table's mechanism lines: per norm (in NORM_LABEL's order) its LrLines, then its NormLine."""
+    """The mechanism lines of a study table (normbench.report.tables.Table, which holds them: not imported
+    here): per norm (in NORM_LABEL's order) its LrLines, then its NormLine."""
     by_norm: dict[str, dict[float | None, list[Cell]]] = {}
     for cell in table.cells:
         by_norm.setdefault(str(cell.choices.get("norm")), {}).setdefault(lr_of(cell), []).append(cell)

@@ -52,7 +52,8 @@ def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
         if st.n > 1 and points:
             text += " (" + ", ".join(f"{v * col.scale:.{digits}f}" for v in points) + ")"
         return text
-    return st.fmt(col.scale, col.digits)
+    text = f"{st.mean * col.scale:.{col.digits}f}"
+    return text if st.ci is None else f"{text} ± {st.ci * col.scale:.{col.digits}f}"
 
 
 def _fmt_ref(value: float, col: Column) -> str:

@@ -24,14 +24,6 @@ class Stat:
     sd: float | None  # sample standard deviation (n-1); None for n < 2
     ci: float | None  # half-width of the 95% confidence interval of the mean; None for n < 2
 
-    def fmt(self, scale: float = 1.0, digits: int = 2) -> str:
-        if self.mean is None:
-            return "–"
-        text = f"{self.mean * scale:.{digits}f}"
-        if self.ci is not None:
-            text += f" ± {self.ci * scale:.{digits}f}"
-        return text
-
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> Stat:
     """Mean and Student-t confidence interval of the mean."""
