@@ -48,6 +48,8 @@ def test_a_two_run_preset_makes_one_table(tmp_path):
     # the TINY overrides are the same in both rows: said once above the table, not in every row
     assert not any(r.extra for r in table.rows)
     assert any(n.startswith("Every row also: ") and "model.width=0.125" in n for n in table.notes)
+    # a real run's record gives its number of classes: every run is checked for learning
+    assert "conv. epoch" in table.convergence_note and "num_classes" not in table.convergence_note
     page = (out / "index.html").read_text()
     assert page.count('class="results"') == 1
     assert "other settings" not in page

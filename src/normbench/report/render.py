@@ -261,8 +261,8 @@ class TableView:
     mechanism: tuple[list[str], list[list[str]]] | None
 
     @property
-    def lines(self) -> list[tuple[Row, list[str]]]:
-        return list(zip(self.table.rows, self.rows, strict=False))
+    def not_run(self) -> set[int]:
+        return {i for i, row in enumerate(self.table.rows[:len(self.rows)]) if row.cell is None}
 
     @property
     def notes(self) -> list[str]:
