@@ -24,7 +24,7 @@ from normbench.errors import ConfigError, NormbenchError
 from normbench.loggers import wandb_mode
 from normbench.record import atomic_write_text
 from normbench.report.mechanism import mechanism
-from normbench.report.records import ScanResult, cells_of, scan
+from normbench.report.records import ScanResult, cells_of, malformed_warnings, scan
 from normbench.report.reference import STUDY_TABLES
 from normbench.report.render import records, render_html, render_markdown, write_runs_csv, write_table_csv
 from normbench.report.tables import Table, assign_to_tables, generic_tables, slug, study_table
@@ -93,20 +93,21 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
             tables.append(table)
     shown = {id(c) for t in tables for c in t.cells}
     tables += generic_tables(cells, shown)
-    warnings: list[str] = []
     for table in tables:
         if table.study is not None and table.study.mechanism:
-            table.mechanism = mechanism(table, warnings)
+            table.mechanism = mechanism(table)
     timings["tables"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     from normbench.report.figures import add_figures  # matplotlib: imported only when figures are drawn
 
     os.makedirs(os.path.join(out, "tables"), exist_ok=True)
+    warnings: list[str] = []
     copied: dict[str, str] = {}
     for table in tables:
         add_figures(table, out, warnings, copied)
     timings["figures"] = time.perf_counter() - t2
+    warnings = malformed_warnings(result.runs) + warnings
 
     t3 = time.perf_counter()
     names = ", ".join(os.path.basename(os.path.normpath(d)) for d in sweep_dirs)

@@ -39,22 +39,19 @@ def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, s
     os.makedirs(fig_dir, exist_ok=True)
     summary_bars(table, fig_dir)
     clustered_bars(table, fig_dir)
-    training_curves(table, fig_dir, warnings)
+    training_curves(table, fig_dir)
     loss_landscape(table, fig_dir)
-    probe_panels(table, fig_dir, warnings)
+    probe_panels(table, fig_dir)
     copy_filters(table, out, warnings, copied)
 
 
 # ------------------------------------------------------------------------------------------------
 # per-run series (read on demand)
 
-def _epoch_curve(label: str, runs: Sequence[RunRecord], warnings: list[str]):
+def _epoch_curve(label: str, runs: Sequence[RunRecord]):
     per_epoch: dict[int, list[list[float]]] = {}
     for run in runs:
-        rows, bad = run.epochs()
-        if bad:
-            warnings.append(f"{run.path}: {METRICS} has {bad} malformed line(s), ignored")
-        for row in rows:
+        for row in run.epochs():
             epoch = row.get("epoch")
             if not isinstance(epoch, int) or isinstance(epoch, bool):
                 continue
@@ -145,7 +142,7 @@ def clustered_bars(table: Table, fig_dir: str) -> None:
     table.figures.append(("test accuracy by norm × batch size (study 002)", f"fig/{name}"))
 
 
-def training_curves(table: Table, fig_dir: str, warnings: list[str]) -> None:
+def training_curves(table: Table, fig_dir: str) -> None:
     """Train/validation accuracy and loss per epoch of up to MAX_CURVE_CELLS cells on shared axes."""
     curve_rows = [r for r in table.rows if r.cell is not None
                   and any(METRICS in run.files for run in r.cell.runs + r.cell.diverged)]
@@ -159,7 +156,7 @@ def training_curves(table: Table, fig_dir: str, warnings: list[str]) -> None:
     series = []
     for row in curve_rows:
         runs = [r for r in row.cell.runs + row.cell.diverged if METRICS in r.files][:MAX_RUNS_PER_CELL]
-        curve = _epoch_curve(row.label + (f" {row.extra}" if row.extra else ""), runs, warnings)
+        curve = _epoch_curve(row.label + (f" {row.extra}" if row.extra else ""), runs)
         if curve is not None:
             series.append(curve)
     if not series:
@@ -189,7 +186,7 @@ def loss_landscape(table: Table, fig_dir: str) -> None:
     table.figures.append((caption, f"fig/{name}"))
 
 
-def probe_panels(table: Table, fig_dir: str, warnings: list[str]) -> None:
+def probe_panels(table: Table, fig_dir: str) -> None:
     """Gradient predictiveness, beta-smoothness, gradient cosine, the Lipschitz estimate along the path,
     the relative gradient variance and the loss range along the gradient, per group of runs (by norm
     when norm varies, and by learning rate when it varies: β grows ~1/η, so pooling lrs would let the
@@ -198,7 +195,7 @@ def probe_panels(table: Table, fig_dir: str, warnings: list[str]) -> None:
     panels: dict[str, list] = {}
     for gname, runs in groups.items():
         if runs:
-            _probe_bands(gname, [_probe_rows(run, warnings) for run in runs], panels)
+            _probe_bands(gname, [run.probes() for run in runs], panels)
     if not panels:
         return
     name = f"{table.name}_probes.png"
@@ -258,17 +255,10 @@ def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
 def _loss_band(runs: Sequence[RunRecord]):
     step_pairs = []
     for run in runs:
-        rows, _ = run.steps()
+        rows = run.steps()
         if rows:
             step_pairs.append(_series(rows, "train/loss"))
     return _per_step(step_pairs) if step_pairs else None
-
-
-def _probe_rows(run: RunRecord, warnings: list[str]) -> list[dict]:
-    rows, bad = run.probes()
-    if bad:
-        warnings.append(f"{run.path}: {PROBES} has {bad} malformed line(s), ignored")
-    return rows
 
 
 def _probe_bands(gname: str, rows: list[list[dict]], panels: dict[str, list]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from normbench.record import STEPS, Status, learned_threshold
+from normbench.record import Status, learned_threshold
 from normbench.report.records import Cell, RunRecord
 from normbench.report.reference import NORM_LABEL
 
@@ -72,7 +72,7 @@ def num(value: Any) -> float:
     return float(value)
 
 
-def mechanism(table, warnings: list[str]) -> list[LrLine | NormLine]:
+def mechanism(table) -> list[LrLine | NormLine]:
     """The mechanism lines of a study table (normbench.report.tables.Table, which holds them: not imported
     here): per norm (in NORM_LABEL's order) its LrLines, then its NormLine."""
     by_norm: dict[str, dict[float | None, list[Cell]]] = {}
@@ -84,7 +84,7 @@ def mechanism(table, warnings: list[str]) -> list[LrLine | NormLine]:
                        if r.cell is not None and r.cell.choices.get("norm") == norm)
         per_lr = by_norm[norm]
         label = NORM_LABEL.get(norm, norm)
-        lr_lines = [_lr_line(label, lr, per_lr[lr], warnings)
+        lr_lines = [_lr_line(label, lr, per_lr[lr])
                     for lr in sorted(per_lr, key=lambda v: (v is None, v or 0.0))]
         runs = [r for cells in per_lr.values() for c in cells for r in c.runs + c.diverged][:MAX_BAND_RUNS]
         ranges = [line.loss_range for line in lr_lines if line.loss_range]
@@ -99,14 +99,14 @@ def mechanism(table, warnings: list[str]) -> list[LrLine | NormLine]:
     return lines
 
 
-def _lr_line(label: str, lr: float | None, cells: Sequence[Cell], warnings: list[str]) -> LrLine:
+def _lr_line(label: str, lr: float | None, cells: Sequence[Cell]) -> LrLine:
     runs = [r for c in cells for r in c.runs + c.diverged][:MAX_BAND_RUNS]
-    window = _loss_window(runs, warnings)
+    window = _loss_window(runs)
     line = LrLine(label, lr, len(runs), _mean_acc(runs),
                   (float(min(window)), float(max(window))) if window else None)
     found: dict[str, list[float]] = {}
     for run in runs:
-        rows, _ = run.probes()
+        rows = run.probes()
         for key in ("grad_cos", "grad_pred", "beta", "lipschitz", "grad_var_rel"):
             values = (num(r.get(f"probe/{key}")) for r in rows)
             found.setdefault(key, []).extend(v for v in values if math.isfinite(v))
@@ -124,13 +124,11 @@ def _lr_line(label: str, lr: float | None, cells: Sequence[Cell], warnings: list
     return line
 
 
-def _loss_window(runs: Sequence[RunRecord], warnings: list[str]) -> list[float]:
+def _loss_window(runs: Sequence[RunRecord]) -> list[float]:
     """The finite training losses of the runs' steps after the warm-up (LOSS_RANGE_WARMUP_EPOCHS)."""
     values: list[float] = []
     for run in runs:
-        rows, bad = run.steps()
-        if bad:
-            warnings.append(f"{run.path}: {STEPS} has {bad} malformed line(s), ignored")
+        rows = run.steps()
         after = [r for r in rows if num(r.get("epoch")) > LOSS_RANGE_WARMUP_EPOCHS]
         if not after and rows:  # a single-epoch run: its second half
             after = rows[len(rows) // 2:]

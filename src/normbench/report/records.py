@@ -60,6 +60,7 @@ class RunRecord:
     files: frozenset[str]
     _config: dict | None = field(default=None, repr=False)
     _config_read: bool = field(default=False, repr=False)
+    malformed: dict[str, int] = field(default_factory=dict, repr=False)  # jsonl file read -> lines ignored
 
     # --- summary fields -------------------------------------------------------------------
     @property
@@ -145,14 +146,20 @@ class RunRecord:
             return [], 0
         return read_jsonl(os.path.join(self.path, name))
 
-    def epochs(self) -> tuple[list[dict], int]:
-        return self._jsonl(METRICS)
+    def _rows(self, name: str) -> list[dict]:
+        rows, bad = self._jsonl(name)
+        if bad:
+            self.malformed[name] = bad
+        return rows
 
-    def steps(self) -> tuple[list[dict], int]:
-        return self._jsonl(STEPS)
+    def epochs(self) -> list[dict]:
+        return self._rows(METRICS)
 
-    def probes(self) -> tuple[list[dict], int]:
-        return self._jsonl(PROBES)
+    def steps(self) -> list[dict]:
+        return self._rows(STEPS)
+
+    def probes(self) -> list[dict]:
+        return self._rows(PROBES)
 
     @property
     def filters_png(self) -> str | None:
@@ -182,6 +189,12 @@ def read_jsonl(path: str) -> tuple[list[dict], int]:
         else:
             bad += 1
     return rows, bad
+
+
+def malformed_warnings(runs: Iterable[RunRecord]) -> list[str]:
+    """One warning per jsonl file the report read that had malformed lines (they were left out)."""
+    return [f"{run.path}: {name} has {bad} malformed line(s), ignored"
+            for run in runs for name, bad in run.malformed.items()]
 
 
 @dataclass

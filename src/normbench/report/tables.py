@@ -276,9 +276,8 @@ def add_convergence(table: Table) -> None:
 
 
 def _val_curve(run) -> list[tuple[int, float]]:
-    rows, _ = run.epochs()
     out = []
-    for row in rows:
+    for row in run.epochs():
         e, acc = row.get("epoch"), row.get("val/acc")
         if isinstance(e, int) and not isinstance(e, bool) and isinstance(acc, (int, float)) \
                 and not isinstance(acc, bool) and math.isfinite(acc):
