@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from normbench.record import (
@@ -58,8 +59,6 @@ class RunRecord:
     path: str
     summary: dict[str, Any]
     files: frozenset[str]
-    _config: dict | None = field(default=None, repr=False)
-    _config_read: bool = field(default=False, repr=False)
     malformed: dict[str, int] = field(default_factory=dict, repr=False)  # jsonl file read -> lines ignored
 
     # --- summary fields -------------------------------------------------------------------
@@ -95,7 +94,7 @@ class RunRecord:
     def num_classes(self) -> int | None:
         """data.num_classes of the run's config.yaml (the resolved config: every run writes it); None
         without one."""
-        data = self.config().get("data")
+        data = self.config.get("data")
         n = data.get("num_classes") if isinstance(data, dict) else None
         return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
 
@@ -118,27 +117,26 @@ class RunRecord:
         path = CONFIG_PATHS.get(key)
         if path is None:
             return None
-        node: Any = self.config()
+        node: Any = self.config
         for part in path:
             if not isinstance(node, dict) or part not in node:
                 return None
             node = node[part]
         return node
 
+    @cached_property
     def config(self) -> dict:
-        if not self._config_read:
-            self._config_read = True
-            if CONFIG in self.files:
-                import yaml
+        """The run's config.yaml (the resolved config), read once; {} without a readable one."""
+        if CONFIG not in self.files:
+            return {}
+        import yaml
 
-                loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-                try:
-                    with open(os.path.join(self.path, CONFIG), encoding="utf-8") as f:
-                        data = yaml.load(f, Loader=loader)  # safe loader
-                    self._config = data if isinstance(data, dict) else None
-                except (OSError, yaml.YAMLError):
-                    self._config = None
-        return self._config or {}
+        try:
+            with open(os.path.join(self.path, CONFIG), encoding="utf-8") as f:
+                data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        except (OSError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     # --- per-run files (read on demand) ---------------------------------------------------
     def _jsonl(self, name: str) -> tuple[list[dict], int]:
