@@ -59,15 +59,17 @@ All metric values are Python floats.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from normbench.errors import ConfigError
+from normbench.schema import PROBES, GradSimilaritySettings, GradVarianceSettings, LandscapeSettings, parse
 
 __all__ = [
     "PROBE_NAMES",
@@ -83,7 +85,7 @@ __all__ = [
     "run_probes",
 ]
 
-PROBE_NAMES = ("none", "landscape", "grad_similarity", "grad_variance", "all")
+PROBE_NAMES = tuple(PROBES)
 
 
 @runtime_checkable
@@ -293,11 +295,11 @@ class LandscapeProbe:
 
     def __init__(
         self,
-        interval: int = 50,
-        eta_min_factor: float = 0.5,
-        eta_max_factor: float = 4.0,
-        num_steps: int = 8,
-        spacing: str = "log",
+        interval: int = LandscapeSettings.interval,
+        eta_min_factor: float = LandscapeSettings.eta_min_factor,
+        eta_max_factor: float = LandscapeSettings.eta_max_factor,
+        num_steps: int = LandscapeSettings.num_steps,
+        spacing: str = LandscapeSettings.spacing,
     ):
         self.interval = int(interval)
         self.eta_min_factor = float(eta_min_factor)
@@ -422,7 +424,7 @@ class GradSimilarityProbe:
 
     name = "grad_similarity"
 
-    def __init__(self, interval: int = 10):
+    def __init__(self, interval: int = GradSimilaritySettings.interval):
         self.interval = int(interval)
         self._prev: Tensor | None = None
         self._prev_w: Tensor | None = None
@@ -467,7 +469,7 @@ class GradVarianceProbe:
 
     name = "grad_variance"
 
-    def __init__(self, interval: int = 50, window: int = 4):
+    def __init__(self, interval: int = GradVarianceSettings.interval, window: int = GradVarianceSettings.window):
         self.interval = int(interval)
         self.window = min(int(window), self.interval)  # windows never overlap; interval 1: nothing to measure
         self._count = 0
@@ -521,112 +523,26 @@ class GradVarianceProbe:
 # config
 
 
-_LANDSCAPE_KEYS = {"interval", "eta_min_factor", "eta_max_factor", "num_steps", "spacing"}
-_SIMILARITY_KEYS = {"interval"}
-_VARIANCE_KEYS = {"interval", "window"}
-_LANDSCAPE_DEFAULTS = {
-    "interval": 50,
-    "eta_min_factor": 0.5,
-    "eta_max_factor": 4.0,
-    "num_steps": 8,
-    "spacing": "log",
-}
-_SIMILARITY_DEFAULTS = {"interval": 10}
-_VARIANCE_DEFAULTS = {"interval": 50, "window": 4}
-
-
-def _to_dict(cfg: Any) -> dict:
-    if cfg is None:
-        return {}
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    raise ConfigError("probe", cfg, "a mapping such as conf/probe/landscape.yaml")
-
-
-def _check_interval(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "an integer number of steps >= 1")
-    return value
-
-
-def _check_factor(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise ConfigError(key, value, "a finite number > 0 (a multiple of the learning rate)")
-    return float(value)
-
-
-def _check_keys(prefix: str, cfg: dict, allowed: set[str]) -> None:
-    for key, value in cfg.items():
-        if key not in allowed:
-            raise ConfigError(f"{prefix}.{key}", value, f"unknown key; allowed keys: {sorted(allowed)}")
-
-
-def _landscape(prefix: str, cfg: dict, interval: Any = None) -> LandscapeProbe:
-    _check_keys(prefix, cfg, _LANDSCAPE_KEYS)
-    c = {**_LANDSCAPE_DEFAULTS, **cfg}
-    if interval is not None:
-        c["interval"] = interval
-    lo = _check_factor(f"{prefix}.eta_min_factor", c["eta_min_factor"])
-    hi = _check_factor(f"{prefix}.eta_max_factor", c["eta_max_factor"])
-    if not lo < hi:
-        raise ConfigError(f"{prefix}.eta_min_factor", lo, f"must be < {prefix}.eta_max_factor={hi}")
-    n = c["num_steps"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ConfigError(f"{prefix}.num_steps", n, "an integer >= 2 (number of step sizes probed)")
-    if c["spacing"] not in ("log", "linear"):
-        raise ConfigError(f"{prefix}.spacing", c["spacing"], "one of: log, linear")
-    return LandscapeProbe(
-        interval=_check_interval(f"{prefix}.interval", c["interval"]),
-        eta_min_factor=lo,
-        eta_max_factor=hi,
-        num_steps=n,
-        spacing=c["spacing"],
-    )
-
-
-def _similarity(prefix: str, cfg: dict, interval: Any = None) -> GradSimilarityProbe:
-    _check_keys(prefix, cfg, _SIMILARITY_KEYS)
-    c = {**_SIMILARITY_DEFAULTS, **cfg}
-    if interval is not None:
-        c["interval"] = interval
-    return GradSimilarityProbe(interval=_check_interval(f"{prefix}.interval", c["interval"]))
-
-
-def _variance(prefix: str, cfg: dict, interval: Any = None) -> GradVarianceProbe:
-    _check_keys(prefix, cfg, _VARIANCE_KEYS)
-    c = {**_VARIANCE_DEFAULTS, **cfg}
-    if interval is not None:
-        c["interval"] = interval
-    every = _check_interval(f"{prefix}.interval", c["interval"])
-    window = c["window"]
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ConfigError(f"{prefix}.window", window, "an integer number of consecutive steps >= 2")
-    return GradVarianceProbe(interval=every, window=window)
-
-
-_SUB_PROBES = {"landscape": _landscape, "grad_similarity": _similarity, "grad_variance": _variance}
-
-
 def build_probes(probe_cfg: Any) -> list[Probe]:
     """Probes from a ``conf/probe/<name>.yaml`` node (DictConfig or mapping); raises ConfigError."""
-    cfg = _to_dict(probe_cfg)
-    name = cfg.pop("name", "none")
-    if name in (None, "none"):
-        return []
-    if name in _SUB_PROBES:
-        return [_SUB_PROBES[name]("probe", cfg)]
+    cfg = OmegaConf.create({} if probe_cfg is None else probe_cfg)
+    name = cfg.get("name") or "none"
+    if name not in PROBES:
+        raise ConfigError("probe.name", name, f"one of: {', '.join(PROBES)}")
+    spec = parse("probe", PROBES[name], cfg)
     if name == "all":
-        _check_keys("probe", cfg, {"interval", *_SUB_PROBES})
-        interval = cfg.get("interval")
-        if interval is not None:
-            _check_interval("probe.interval", interval)
-        probes: list[Probe] = []
-        for key, build in _SUB_PROBES.items():
-            sub = cfg.get(key) or {}
-            if not isinstance(sub, Mapping):
-                raise ConfigError(f"probe.{key}", sub, "a mapping of that probe's settings")
-            probes.append(build(f"probe.{key}", dict(sub), interval))
-        return probes
-    raise ConfigError("probe.name", name, f"one of: {', '.join(PROBE_NAMES)}")
+        every = {} if spec.interval is None else {"interval": spec.interval}
+        return [_PROBE_CLASSES[key](**{**dataclasses.asdict(getattr(spec, key)), **every}) for key in _PROBE_CLASSES]
+    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "name"}
+    return [] if name == "none" else [_PROBE_CLASSES[name](**settings)]
+
+
+def _landscape(**settings) -> LandscapeProbe:
+    if not settings["eta_min_factor"] < settings["eta_max_factor"]:
+        raise ConfigError("probe.eta_min_factor", settings["eta_min_factor"],
+                          f"must be < probe.eta_max_factor={settings['eta_max_factor']}")
+    return LandscapeProbe(**settings)
+
+
+_PROBE_CLASSES = {"landscape": _landscape, "grad_similarity": GradSimilarityProbe,
+                  "grad_variance": GradVarianceProbe}
