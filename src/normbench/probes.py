@@ -1,59 +1,16 @@
 """Optimization probes measured during training (Santurkar et al. 2018, "How Does Batch Normalization
-Help Optimization?").
+Help Optimization?"): ``landscape`` (LandscapeProbe), ``grad_similarity`` (GradSimilarityProbe) and
+``grad_variance`` (GradVarianceProbe). What each measures, how and at what cost: docs/probes.md.
 
 The training loop calls every probe after ``loss.backward()`` and before ``optimizer.step()``::
 
     metrics = probe.on_step(step, model, closure, lr)   # dict[str, float] or None
 
-so ``p.grad`` holds the (unscaled) mini-batch gradient g at the weights w, and ``closure()`` runs the
-forward pass on the same mini-batch in float32 (autocast off: ``fp32_closure``; with autograd enabled) and
-returns the scalar loss without backpropagating it.  On non-probe steps a probe returns None and does
-(almost) nothing.  Probes are float32 whatever the training precision: under bf16/fp16 training the trainer
-calls ``run_probes(..., loop_grads_fp32=False)``, which recomputes the mini-batch gradient in float32 on the
-steps a probe reads it (``reads_gradient(step)``) and puts the loop's gradients back afterwards.
-
-Three probes:
-
-``landscape`` (``LandscapeProbe``) -- along the gradient direction.  For ``num_steps`` step sizes
-  η = lr·f, f geometrically (``spacing: log``, default) or evenly (``linear``) spaced in
-  [eta_min_factor, eta_max_factor] (default ½× .. 4× the lr, 8 values), evaluate the loss L(w − ηg) and the
-  gradient ∇L(w − ηg) on the same batch.  The reference gradient ∇L(w) is recomputed once with the very
-  same RNG state as every η point (so dropout masks and batch statistics match; without dropout it equals
-  g up to kernel nondeterminism).  Metrics:
-
-    probe/loss_min, probe/loss_max   range of L(w − ηg) over the η grid            (Santurkar Fig. 4a)
-    probe/grad_pred                  max over η of ‖∇L(w − ηg) − ∇L(w)‖             (Fig. 4b, upper edge)
-    probe/grad_pred_min              min over η of the same                          (Fig. 4b, lower edge)
-    probe/beta                       max over η of ‖∇L(w − ηg) − ∇L(w)‖ / ‖ηg‖      (Fig. 4c)
-    probe/grad_norm                  ‖g‖ of the loop's mini-batch gradient
-
-  Cost per probe step: num_steps + 1 forward+backward passes on one batch, plus three copies of the
-  parameters (weights, reference gradient, one gradient at a time).  Afterwards weights, every .grad,
-  every buffer (BatchNorm running statistics, num_batches_tracked, ...), the CPU and CUDA RNG states and
-  each module's train/eval flag are restored exactly, so a probed run trains bit-identically to an
-  unprobed one.  Optimizer state is never touched.  Skipped (None) when lr <= 0 or g is not finite.
-
-``grad_similarity`` (``GradSimilarityProbe``) -- consecutive mini-batch gradients.  At every step t with
-  t % interval == 0 it compares the flattened all-parameter gradient of step t with that of step t − 1:
-
-    probe/grad_cos                   cosine similarity  <g_t, g_{t-1}> / (‖g_t‖‖g_{t-1}‖)  (nan if a norm is 0)
-    probe/grad_l2                    ‖g_t − g_{t-1}‖
-    probe/lipschitz                  ‖g_t − g_{t-1}‖ / ‖w_t − w_{t-1}‖  (Lipschitz estimate along the path;
-                                     left out when the weights did not move)
-
-  A copy of the gradient and of the weights is kept only at steps t − 1 preceding a probe step, so the
-  cost is a few flattens and reductions per ``interval`` steps.
-
-``grad_variance`` (``GradVarianceProbe``) -- the mini-batch gradients g_1..g_k of the ``window`` = k
-  consecutive steps ending at each probe step (t % interval == 0), their mean ḡ:
-
-    probe/grad_var                   Σ_i ‖g_i − ḡ‖² / (k − 1)   (trace of the sample covariance)
-    probe/grad_var_rel               grad_var / ‖ḡ‖²
-
-  Welford's update: one gradient-sized running mean during the window.
-
-``build_probes(cfg)`` turns a ``conf/probe/<name>.yaml`` node into a list of probes; ``name: none`` -> [].
-All metric values are Python floats.
+so ``p.grad`` holds the (unscaled) mini-batch gradient at the weights, and ``closure()`` runs the forward
+pass on the same mini-batch in float32 (``fp32_closure``) and returns the loss without backpropagating it.
+On non-probe steps a probe returns None. Under bf16/fp16 training ``run_probes(..., loop_grads_fp32=False)``
+recomputes the gradient in float32 on the steps a probe reads it (``reads_gradient(step)``).
+``build_probes(cfg)`` turns a probe config (normbench.schema) into a list of probes.
 """
 
 from __future__ import annotations
@@ -70,20 +27,6 @@ from torch import Tensor, nn
 
 from normbench.errors import ConfigError
 from normbench.schema import PROBES, GradSimilaritySettings, GradVarianceSettings, LandscapeSettings, parse
-
-__all__ = [
-    "PROBE_NAMES",
-    "GradSimilarityProbe",
-    "GradVarianceProbe",
-    "LandscapeProbe",
-    "Probe",
-    "build_probes",
-    "capture_rng",
-    "fp32_closure",
-    "probe_batch",
-    "reads_gradient",
-    "run_probes",
-]
 
 PROBE_NAMES = tuple(PROBES)
 

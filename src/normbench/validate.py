@@ -67,7 +67,7 @@ SCHEDULER_FILLED = {"optimizer", "T_max", "step_size", "total_steps", "max_lr", 
 # The model protocol's arguments (normbench passes them; a config key of that name would clash).
 PROTOCOL_ARGS = {"num_classes", "in_channels", "image_size", "norm", "activation"}
 SCHEDULER_KEYS = {"constant": (), "cosine": (), "step": ("every_epochs",), "onecycle": ("max_lr",)}
-TARGETS = {"model": ("model",), "data": ("data",), "optimizer": ("optimizer",), "scheduler": ("scheduler", "fn")}
+TARGETS = ("model", "data", "optimizer", "scheduler.fn")
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,6 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _select(cfg, path: tuple[str, ...]):
-    node = cfg
-    for part in path:
-        node = node[part]
-    return node
-
-
 def _data(node) -> DataConf:
     """The keys every dataset shares (schema), the dataset's own (its builder's), and the statistics."""
     data = parse_data(node)
@@ -125,26 +118,18 @@ def _unknown_key(key: str, value, accepted: Iterable[str], why: str) -> ConfigEr
     return unknown_key(key, value, accepted, f"unknown key ({why})")
 
 
-def _signature_keys(target: str) -> tuple[set[str], bool]:
-    """The keyword arguments a `_target_` takes, and whether it takes any (**kwargs)."""
-    from hydra.utils import get_object
-
-    try:
-        params = inspect.signature(get_object(target)).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: accept every key
-        return set(), True
-    keys = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return keys, any(p.kind == p.VAR_KEYWORD for p in params)
-
-
-def _signature_defaults(target: str) -> dict:
+def _signature(target: str, named_only: bool = False) -> dict | None:
+    """The keyword arguments a `_target_` takes, with their defaults; None when it takes any (**kwargs,
+    unless `named_only`) or has no signature to read."""
     from hydra.utils import get_object
 
     try:
         params = inspect.signature(get_object(target)).parameters.values()
     except (TypeError, ValueError):
-        return {}
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        return None
+    if not named_only and any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
@@ -153,15 +138,13 @@ def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
     lr = opt.get("lr")
     _require(_is_number(lr) and lr > 0 and math.isfinite(lr), "optimizer.lr", lr,
              "must be a number > 0, e.g. optimizer.lr=0.01")
-    takes, any_kwargs = _signature_keys(target)
-    keys = [k for k in opt if k not in ("_target_", "_partial_")]
-    if not any_kwargs:
-        for key in keys:
-            if key not in takes - {"params"}:
-                raise _unknown_key(f"optimizer.{key}", opt[key], takes - {"params"}, f"{target} does not take it")
-    defaults = _signature_defaults(target)
-    for key in keys:
-        value, default = opt[key], defaults.get(key)
+    takes = _signature(target)
+    given = [k for k in opt if k not in ("_target_", "_partial_")]
+    for key in given:
+        if takes is not None and (key not in takes or key == "params"):
+            raise _unknown_key(f"optimizer.{key}", opt[key], set(takes) - {"params"}, f"{target} does not take it")
+    for key in given:
+        value, default = opt[key], (takes or {}).get(key)
         if key in OPTIMIZER_RANGES:
             in_range, allowed_text = OPTIMIZER_RANGES[key]
             _require(_is_number(value) and math.isfinite(value) and in_range(value), f"optimizer.{key}", value,
@@ -204,15 +187,15 @@ def _scheduler(cfg, epochs: int) -> None:
         if key not in accepted:
             raise _unknown_key(f"scheduler.{key}", sched[key], accepted, "no scheduler reads it")
     fn = sched.fn
-    takes, any_kwargs = _signature_keys(fn._target_)
+    takes = _signature(fn._target_)
     for key in fn:
         if key in ("_target_", "_partial_"):
             continue
         if key in SCHEDULER_FILLED:
             raise ConfigError(f"scheduler.fn.{key}", fn[key], "is set by normbench from the run's length "
                                                               "(trainer.epochs x steps per epoch); remove it")
-        if not any_kwargs and key not in takes:
-            raise _unknown_key(f"scheduler.fn.{key}", fn[key], takes - SCHEDULER_FILLED,
+        if takes is not None and key not in takes:
+            raise _unknown_key(f"scheduler.fn.{key}", fn[key], set(takes) - SCHEDULER_FILLED,
                                f"{fn._target_} does not take it")
     if name == "step":
         every = sched.get("every_epochs")
@@ -229,22 +212,18 @@ def _scheduler(cfg, epochs: int) -> None:
                  "scheduler.max_lr", max_lr, "must be null (the optimizer's lr) or a number > 0")
 
 
-def _builder_signature(node) -> tuple[set[str], bool]:
-    """The keys a model's or dataset's builder takes; normbench's own ones take `**_` only for the
-    protocol's arguments they do not use, so their unnamed keys count as unread."""
-    takes, any_kwargs = _signature_keys(node._target_)
-    return takes - PROTOCOL_ARGS, any_kwargs and not str(node._target_).startswith("normbench.")
-
-
 def _builder_keys(group: str, node, config_keys: tuple[str, ...]) -> None:
-    takes, any_kwargs = _builder_signature(node)
-    if any_kwargs:
+    """A model's or dataset's keys against its builder's arguments; normbench's own builders take `**_`
+    only for the protocol's arguments they do not use, so their unnamed keys count as unread."""
+    target = str(node._target_)
+    takes = _signature(target, named_only=target.startswith("normbench."))
+    if takes is None:
         return
-    accepted = takes | set(config_keys)
+    accepted = (set(takes) - PROTOCOL_ARGS) | set(config_keys)
     for key in node:
         if key not in accepted:
             raise _unknown_key(f"{group}.{key}", _plain(node[key]), accepted - {"_target_"},
-                               f"{node._target_} does not read it")
+                               f"{target} does not read it")
 
 
 def _model_size(model: nn.Module, width, device: torch.device) -> None:
@@ -302,8 +281,8 @@ def validate(cfg: DictConfig, device: str | None = None) -> RunSpec:
     run = parse("", RunConf, cfg, ("batch_size", "seed"))
     check_experiment_name(cfg.get("experiment_name"))
     allowed = allowed_targets(cfg)
-    for path in TARGETS.values():
-        check_target(".".join((*path, "_target_")), _select(cfg, path), allowed)
+    for path in TARGETS:
+        check_target(f"{path}._target_", OmegaConf.select(cfg, path), allowed)
     trainer = parse("trainer", TrainerConf, cfg.trainer)
     data = _data(cfg.data)
     _builder_keys("model", cfg.model, ("_target_", *keys(ModelConf)))
