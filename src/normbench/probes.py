@@ -472,12 +472,11 @@ def build_probes(probe_cfg: Any) -> list[Probe]:
     name = cfg.get("name") or "none"
     if name not in PROBES:
         raise ConfigError("probe.name", name, f"one of: {', '.join(PROBES)}")
-    spec = parse("probe", PROBES[name], cfg)
+    spec = parse("probe", PROBES[name], cfg, [k for k in cfg if k != "name"])
     if name == "all":
         every = {} if spec.interval is None else {"interval": spec.interval}
         return [_PROBE_CLASSES[key](**{**dataclasses.asdict(getattr(spec, key)), **every}) for key in _PROBE_CLASSES]
-    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "name"}
-    return [] if name == "none" else [_PROBE_CLASSES[name](**settings)]
+    return [] if name == "none" else [_PROBE_CLASSES[name](**dataclasses.asdict(spec))]
 
 
 def _landscape(**settings) -> LandscapeProbe:

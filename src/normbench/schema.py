@@ -170,23 +170,7 @@ class GradVarianceSettings:
 
 
 @dataclass
-class LandscapeConf(LandscapeSettings):
-    name: str = "landscape"
-
-
-@dataclass
-class GradSimilarityConf(GradSimilaritySettings):
-    name: str = "grad_similarity"
-
-
-@dataclass
-class GradVarianceConf(GradVarianceSettings):
-    name: str = "grad_variance"
-
-
-@dataclass
 class AllProbesConf:
-    name: str = "all"
     interval: int | None = whole(None, 1, optional=True)   # null: each probe's own; a number: all of them
     landscape: LandscapeSettings = field(default_factory=LandscapeSettings)
     grad_similarity: GradSimilaritySettings = field(default_factory=GradSimilaritySettings)
@@ -194,12 +178,13 @@ class AllProbesConf:
 
 
 @dataclass
-class NoProbeConf:
-    name: str = "none"
+class NoProbes:
+    pass
 
 
-PROBES = {"none": NoProbeConf, "landscape": LandscapeConf, "grad_similarity": GradSimilarityConf,
-          "grad_variance": GradVarianceConf, "all": AllProbesConf}
+# The settings of each probe option (besides its `name`).
+PROBES = {"none": NoProbes, "landscape": LandscapeSettings, "grad_similarity": GradSimilaritySettings,
+          "grad_variance": GradVarianceSettings, "all": AllProbesConf}
 
 
 @dataclass
