@@ -32,10 +32,10 @@ class Pruner(Protocol):
 
 
 class MedianStoppingPruner:
-    def __init__(self, curves_dir: str | Path, identity: str | None, warmup_epochs: int = 1, min_runs: int = 3):
+    def __init__(self, curves_dir: str | Path, identity: str | None, warmup_epochs: int, min_runs: int):
         self.curves_dir = Path(curves_dir)
         self.identity = identity
-        self.warmup_epochs, self.min_runs = int(warmup_epochs), int(min_runs)
+        self.warmup_epochs, self.min_runs = warmup_epochs, min_runs
         self.best = float("inf")
         self.peers: dict[str, list[float]] = {}   # identity -> best-so-far error per epoch
         self.last_decision: dict | None = None
