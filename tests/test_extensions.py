@@ -75,10 +75,11 @@ def test_a_dataset_config_without_pipeline_keys_trains(tmp_path):
     """Only `_target_`, what the dataset returns and its own keys: the pipeline keys take their defaults."""
     data_dir = tmp_path / "conf" / "data"
     data_dir.mkdir(parents=True)
-    (data_dir / "bare.yaml").write_text("_target_: normbench.datasets.synthetic\nnum_train: 5300\nnum_test: 100\n"
-                                        "num_classes: 10\nchannels: 3\nimage_size: 32\n")
+    (data_dir / "bare.yaml").write_text("_target_: normbench.datasets.synthetic\nnum_train: 5300\n"
+                                        "num_test: 100\nnum_classes: 10\nchannels: 3\nimage_size: 32\n")
     quick = [o for o in QUICK if not o.startswith("data")]
-    run_train([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "data=bare", *quick, "model.width=0.125"], tmp_path)
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    run_train([searchpath, "data=bare", *quick, "model.width=0.125"], tmp_path)
     [summary] = summaries(tmp_path / "outputs")
     assert summary["status"] == "completed" and summary["choices"]["data"] == "bare"
     config = next((tmp_path / "outputs").rglob("config.yaml")).read_text()

@@ -95,12 +95,13 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
     train_images, train_labels, test_images, test_labels = _checked(data_cfg, spec, tensors)
     n, val_size, train_size = len(train_labels), spec.val_size, spec.train_size
     if val_size > n - 1:
-        raise ConfigError("data.val_size", val_size, f"use an integer in [0, {n - 1}] (images held out of the "
-                                                     f"{n} training images of {dataset_name(data_cfg)}; 0: "
-                                                     f"train on all, validate on the test set)")
+        raise ConfigError("data.val_size", val_size,
+                          f"use an integer in [0, {n - 1}] (images held out of the {n} training images of "
+                          f"{dataset_name(data_cfg)}; 0: train on all, validate on the test set)")
     if train_size is not None and train_size > n - val_size:
-        raise ConfigError("data.train_size", train_size, f"use null (all) or an integer in [1, {n - val_size}] "
-                                                         f"(training images left after the validation hold-out)")
+        raise ConfigError("data.train_size", train_size,
+                          f"use null (all) or an integer in [1, {n - val_size}] (training images left after "
+                          "the validation hold-out)")
     train_idx, val_idx = _split_indices(n, val_size, spec.split_seed, train_size)
     pad = _padding(spec, input_size)
 
@@ -115,7 +116,8 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
     mean, std = spec.mean, spec.std
     if mean is None or std is None:
         mean, std = channel_stats(train.images)
-    mean, std = (tuple(float(v) for v in (list(m) * spec.channels if len(m) == 1 else m)) for m in (mean, std))
+    mean, std = (tuple(float(v) for v in (list(m) * spec.channels if len(m) == 1 else m))
+                 for m in (mean, std))
     return DataBundle(train=train, val=val, test=test, num_classes=spec.num_classes,
                       image_size=spec.image_size + 2 * pad, channels=spec.channels, mean=mean, std=std,
                       name=dataset_name(data_cfg))
@@ -128,9 +130,10 @@ def _padding(spec: DataConf, input_size: int | None) -> int:
         return 0
     if input_size < image_size or (input_size - image_size) % 2 or input_size > 2 * image_size:
         # beyond twice the size the images would be a small patch of a mostly black input (AlexNet's 224)
-        raise ConfigError("data.fit", spec.fit, f"cannot pad {image_size}x{image_size} images to the model's "
-                                                f"input_size {input_size} (it must be larger by an even number, "
-                                                "at most twice the size); use data.fit=resize")
+        raise ConfigError("data.fit", spec.fit,
+                          f"cannot pad {image_size}x{image_size} images to the model's input_size "
+                          f"{input_size} (it must be larger by an even number, at most twice the size); "
+                          "use data.fit=resize")
     return (input_size - image_size) // 2
 
 

@@ -50,16 +50,18 @@ def fault_spec(trainer: TrainerConf) -> FaultSpec:
     handling; the run is recorded as failed. `wait` (with `+trainer.fault_file=PATH`) appends a line
     to `PATH.waiting` when the run gets there, then holds it until PATH exists."""
     if trainer.fault == "wait" and not trainer.fault_file:
-        raise ConfigError("trainer.fault_file", trainer.fault_file, "trainer.fault=wait needs the path of the file "
-                          "that releases the run, e.g. +trainer.fault_file=/tmp/go")
-    return FaultSpec(trainer.fault or "none", trainer.fault_epoch or 1, trainer.fault_step or 1, trainer.fault_file)
+        raise ConfigError("trainer.fault_file", trainer.fault_file, "trainer.fault=wait needs the path of "
+                          "the file that releases the run, e.g. +trainer.fault_file=/tmp/go")
+    return FaultSpec(trainer.fault or "none", trainer.fault_epoch or 1, trainer.fault_step or 1,
+                     trainer.fault_file)
 
 
 class FaultyStream:
     """The real batch stream, failing at one training step (see fault_spec)."""
 
     def __init__(self, stream, spec: FaultSpec, device: torch.device):
-        self.stream, self.kind, self.epoch, self.step, self.device = stream, spec.kind, spec.epoch, spec.step, device
+        self.stream, self.kind, self.epoch, self.step = stream, spec.kind, spec.epoch, spec.step
+        self.device = device
         self.file = spec.file
         self.current_epoch = 0  # epochs already trained (set by a run that resumes from a checkpoint)
         self.resumed = False    # set by a run that resumed from a checkpoint: a kill fault does not fire

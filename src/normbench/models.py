@@ -43,7 +43,8 @@ def build_model(model_cfg, *, num_classes: int, in_channels: int, image_size: in
     and `dropout` always: ModelConf's defaults where the config has none)."""
     return instantiate(model_cfg, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                        norm=norm, activation=activation, width=model_cfg.get("width", ModelConf.width),
-                       dropout=model_cfg.get("dropout", ModelConf.dropout), _execution_whitelist_=list(allowed_targets))
+                       dropout=model_cfg.get("dropout", ModelConf.dropout),
+                       _execution_whitelist_=list(allowed_targets))
 
 
 def model_name(model_cfg) -> str:

@@ -412,7 +412,8 @@ class GradVarianceProbe:
 
     name = "grad_variance"
 
-    def __init__(self, interval: int = GradVarianceSettings.interval, window: int = GradVarianceSettings.window):
+    def __init__(self, interval: int = GradVarianceSettings.interval,
+                 window: int = GradVarianceSettings.window):
         self.interval = int(interval)
         self.window = min(int(window), self.interval)  # windows never overlap; interval 1: nothing to measure
         self._count = 0
@@ -475,7 +476,8 @@ def build_probes(probe_cfg: Any) -> list[Probe]:
     spec = parse("probe", PROBES[name], cfg, [k for k in cfg if k != "name"])
     if name == "all":
         every = {} if spec.interval is None else {"interval": spec.interval}
-        return [_PROBE_CLASSES[key](**{**dataclasses.asdict(getattr(spec, key)), **every}) for key in _PROBE_CLASSES]
+        return [make(**{**dataclasses.asdict(getattr(spec, key)), **every})
+                for key, make in _PROBE_CLASSES.items()]
     return [] if name == "none" else [_PROBE_CLASSES[name](**dataclasses.asdict(spec))]
 
 

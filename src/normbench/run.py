@@ -94,19 +94,21 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
                         image_size=spec.input_size, norm=spec.norm.make, activation=spec.activation,
                         allowed_targets=allowed)
-    model = model.to(device, memory_format=torch.channels_last if spec.channels_last else torch.preserve_format)
+    layout = torch.channels_last if spec.channels_last else torch.preserve_format
+    model = model.to(device, memory_format=layout)
     generator = torch.Generator(device=device)
     generator.manual_seed(spec.seed)
     stream = BatchStream(data.train, spec.batch_size, data.mean, data.std, augment=spec.data.augment,
                          crop_padding=spec.data.crop_padding, flip=spec.data.flip,
                          resize_to=spec.input_size if spec.input_size != data.image_size else None,
-                         channels_last=spec.channels_last, drop_last=spec.trainer.drop_last, generator=generator)
+                         channels_last=spec.channels_last, drop_last=spec.trainer.drop_last,
+                         generator=generator)
     if spec.fault.kind != "none":
         stream = FaultyStream(stream, spec.fault, device)
     optimizer = build_optimizer(cfg.optimizer, model, allowed)
     settings = spec.settings
-    scheduler = build_scheduler(cfg.scheduler, optimizer, settings.epochs, settings.steps_per_epoch(len(stream)),
-                                allowed)
+    steps_per_epoch = settings.steps_per_epoch(len(stream))
+    scheduler = build_scheduler(cfg.scheduler, optimizer, settings.epochs, steps_per_epoch, allowed)
     trained = compile_model(model) if spec.trainer.compile else model  # compiled code reused across runs
     trainer = Trainer(trained, spec.criterion, optimizer, scheduler, data, stream, settings,
                       sink if sink is not None else FanOut(), list(spec.probes), device)
@@ -278,7 +280,8 @@ class Run:
         self.summary["metrics"]["model/params"] = count_parameters(parts.model)
         try:
             state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
-                                    optimizer=parts.optimizer, scheduler=parts.scheduler, generator=parts.generator)
+                                    optimizer=parts.optimizer, scheduler=parts.scheduler,
+                                    generator=parts.generator)
         except UnusableCheckpoint:  # set aside, and the parts may be half restored: from scratch
             parts, state = build_parts(self.cfg, self.spec), None
         self._open_sinks(resumed=state)

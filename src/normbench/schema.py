@@ -214,7 +214,8 @@ def register() -> None:
     store = ConfigStore.instance()
     for path, schema in SCHEMAS.items():
         group, _, name = f"schema/{path}".rpartition("/")
-        store.store(group=group, name=name, node=OmegaConf.create(dataclasses.asdict(schema())), provider="normbench")
+        node = OmegaConf.create(dataclasses.asdict(schema()))
+        store.store(group=group, name=name, node=node, provider="normbench")
 
 
 def parse(group: str, schema: type, node, only=None):

@@ -82,8 +82,8 @@ class PassTotals:
 def convergence_epoch(history: list[dict], tolerance: float = 0.01,
                       learned_above: float | None = None) -> int | None:
     """First epoch whose validation accuracy is within `tolerance` (1 point) of the run's best; None for
-    a run without epochs or, given `learned_above` (see normbench.record.learned_threshold), one whose best validation
-    accuracy never exceeds it: a run that never learns has no convergence epoch."""
+    a run without epochs or, given `learned_above` (see normbench.record.learned_threshold), one whose best
+    validation accuracy never exceeds it: a run that never learns has no convergence epoch."""
     if not history:
         return None
     best = max(row["val/acc"] for row in history)

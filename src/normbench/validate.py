@@ -142,13 +142,14 @@ def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
     given = [k for k in opt if k not in ("_target_", "_partial_")]
     for key in given:
         if takes is not None and (key not in takes or key == "params"):
-            raise _unknown_key(f"optimizer.{key}", opt[key], set(takes) - {"params"}, f"{target} does not take it")
+            raise _unknown_key(f"optimizer.{key}", opt[key], set(takes) - {"params"},
+                               f"{target} does not take it")
     for key in given:
         value, default = opt[key], (takes or {}).get(key)
         if key in OPTIMIZER_RANGES:
             in_range, allowed_text = OPTIMIZER_RANGES[key]
-            _require(_is_number(value) and math.isfinite(value) and in_range(value), f"optimizer.{key}", value,
-                     allowed_text)
+            _require(_is_number(value) and math.isfinite(value) and in_range(value), f"optimizer.{key}",
+                     value, allowed_text)
         elif key == "betas":
             ok = (OmegaConf.is_list(value) or isinstance(value, (list, tuple))) and len(value) == 2 and all(
                 _is_number(b) and 0 <= b < 1 for b in value)
@@ -158,7 +159,8 @@ def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
             _require(isinstance(value, bool) or (value is None and key in ("foreach", "fused")),
                      f"optimizer.{key}", value, "must be true or false")
         elif _is_number(default):
-            _require(_is_number(value) and math.isfinite(value), f"optimizer.{key}", value, "must be a number")
+            _require(_is_number(value) and math.isfinite(value), f"optimizer.{key}", value,
+                     "must be a number")
     try:  # torch's own argument checks (nesterov without momentum, ...) on one throwaway parameter
         make = instantiate(opt, _execution_whitelist_=list(allowed))
         make([torch.zeros(1, requires_grad=True)])
@@ -199,11 +201,11 @@ def _scheduler(cfg, epochs: int) -> None:
                                f"{fn._target_} does not take it")
     if name == "step":
         every = sched.get("every_epochs")
-        _require(isinstance(every, int) and not isinstance(every, bool) and every >= 1, "scheduler.every_epochs", every,
-                 "must be an integer >= 1, e.g. scheduler.every_epochs=10")
+        _require(isinstance(every, int) and not isinstance(every, bool) and every >= 1,
+                 "scheduler.every_epochs", every, "must be an integer >= 1, e.g. scheduler.every_epochs=10")
         _require(every < epochs, "scheduler.every_epochs", every,
-                 f"the first decay would come after epoch {every}, but the run has trainer.epochs={epochs}; use "
-                 "fewer epochs between decays than the run has, more epochs, or scheduler=constant")
+                 f"the first decay would come after epoch {every}, but the run has trainer.epochs={epochs}; "
+                 "use fewer epochs between decays than the run has, more epochs, or scheduler=constant")
         gamma = fn.get("gamma", 0.1)
         _require(_is_number(gamma) and 0 < gamma <= 1, "scheduler.fn.gamma", gamma, "must be in (0, 1]")
     if name == "onecycle":
@@ -232,10 +234,10 @@ def _model_size(model: nn.Module, width, device: torch.device) -> None:
     need = params * BYTES_PER_PARAMETER
     memory = _device_memory(device)
     if memory and need > memory:
-        raise ConfigError("model.width", width, f"gives a model of {params:,} parameters: {need / 2**30:,.0f} GiB "
-                                                f"for weights, gradients and optimizer state, more than the "
-                                                f"{memory / 2**30:,.0f} GiB of {device}; use a smaller width "
-                                                "(1.0 is the study's), e.g. model.width=1.0")
+        raise ConfigError("model.width", width,
+                          f"gives a model of {params:,} parameters: {need / 2**30:,.0f} GiB for weights, "
+                          f"gradients and optimizer state, more than the {memory / 2**30:,.0f} GiB of "
+                          f"{device}; use a smaller width (1.0 is the study's), e.g. model.width=1.0")
 
 
 def _device_memory(device: torch.device) -> int | None:
@@ -252,7 +254,8 @@ def _build_on_meta(cfg, data: DataConf, input_size: int, norm: NormSpec, activat
     try:
         with torch.device("meta"):
             return build_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
-                               image_size=input_size, norm=norm.make, activation=activation, allowed_targets=allowed)
+                               image_size=input_size, norm=norm.make, activation=activation,
+                               allowed_targets=allowed)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - the builder's own refusal becomes one line
@@ -260,9 +263,8 @@ def _build_on_meta(cfg, data: DataConf, input_size: int, norm: NormSpec, activat
         if isinstance(cause, ConfigError):
             raise cause from None
         if "overflow" in str(cause).lower():
-            raise ConfigError("model.width", cfg.model.get("width"), "is too large for any machine (the layer "
-                                                                   "sizes overflow); use a width near 1, e.g. "
-                                                                   "model.width=1.0") from None
+            raise ConfigError("model.width", cfg.model.get("width"), "is too large for any machine (the "
+                              "layer sizes overflow); use a width near 1, e.g. model.width=1.0") from None
         raise ConfigError("model._target_", cfg.model._target_, f"could not build the model with its config: "
                                                                f"{_first_line(cause)}") from None
 
@@ -293,10 +295,12 @@ def validate(cfg: DictConfig, device: str | None = None) -> RunSpec:
     activation = activation_factory(cfg.activation.name)
     input_size = model.input_size or data.image_size
     resolved = resolve_device(device or trainer.device)
-    _model_size(_build_on_meta(cfg, data, input_size, norm, activation, allowed), cfg.model.get("width", 1.0), resolved)
+    built = _build_on_meta(cfg, data, input_size, norm, activation, allowed)
+    _model_size(built, cfg.model.get("width", ModelConf.width), resolved)
     settings = _settings(trainer, resolved, norm, cfg.model)
     return RunSpec(
         batch_size=run.batch_size, seed=run.seed, device=resolved, norm=norm, activation=activation,
         criterion=build_criterion(cfg.loss), probes=tuple(build_probes(cfg.probe)), pruning=pruning_spec(cfg),
         fault=fault_spec(trainer), data=data, trainer=trainer, logger=parse("logger", LoggerConf, cfg.logger),
-        input_size=input_size, channels_last=settings.channels_last, settings=settings, allowed_targets=allowed)
+        input_size=input_size, channels_last=settings.channels_last, settings=settings,
+        allowed_targets=allowed)

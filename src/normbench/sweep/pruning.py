@@ -70,7 +70,8 @@ class MedianStoppingPruner:
         if len(at_epoch) < self.min_runs:
             return False
         median = statistics.median(at_epoch)
-        self.last_decision = {"epoch": epoch, "best_error": self.best, "median": median, "peers": len(at_epoch)}
+        self.last_decision = {"epoch": epoch, "best_error": self.best, "median": median,
+                              "peers": len(at_epoch)}
         return self.best > median
 
 
