@@ -11,10 +11,10 @@ from omegaconf import DictConfig
 
 from normbench.job import cli
 from normbench.job import main as run_main
-from normbench.sweep.preflight import check_command_line
-from normbench.sweep.resolvers import register
+from normbench.preflight import check_command_line
+from normbench.identity import register_resolvers
 
-register()
+register_resolvers()
 
 
 # Targets that Hydra itself instantiates from this config outside normbench's own instantiate calls:

@@ -30,6 +30,7 @@ from normbench.checkpoint import checkpoint_identity
 from normbench.device import launcher_jobs, placement
 from normbench.errors import NormbenchError
 from normbench.faults import free_memory, is_out_of_memory, kill_point
+from normbench.identity import run_identity, run_name, seedless_identity, swept_keys_from_env
 from normbench.interrupts import (
     EXIT_CODES,
     MAIN_PID_ENV,
@@ -40,6 +41,7 @@ from normbench.interrupts import (
     signals_held,
     watch_parent,
 )
+from normbench.pruning import MedianStoppingPruner, Pruner, check_pruning
 from normbench.record import (
     CHECKPOINT,
     SUMMARY,
@@ -50,11 +52,9 @@ from normbench.record import (
     write_skipped_pointer,
 )
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
-from normbench.sweep.identity import run_identity, run_name, seedless_identity, swept_keys_from_env
 from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses, warn
 from normbench.sweep.objectives import job_objectives, job_return
-from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER
-from normbench.sweep.pruning import build_pruner
+from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER, trial_pruner
 from normbench.validate import RunSpec, validate
 
 SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
@@ -182,6 +182,19 @@ def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
     return job_dir
 
 
+def run_pruner(cfg: DictConfig, sweep_dir: Path | None, identity: str) -> Pruner | None:
+    """What may stop this job's run early: its Optuna trial's pruner in an Optuna sweep, else the grid
+    rule chosen by `pruning.name` (which needs a sweep dir: a single run has no peers); None: nothing."""
+    pruner = trial_pruner()
+    if pruner is not None:
+        return pruner
+    spec = check_pruning(cfg)
+    if spec["name"] == "none" or sweep_dir is None:
+        return None
+    return MedianStoppingPruner(SweepState(sweep_dir).curves_dir, identity, spec["warmup_epochs"],
+                                spec["min_runs"])
+
+
 def record_in_sweep(state: SweepState, info: JobInfo, run: Run) -> None:
     """The finished run in the sweep's bookkeeping: index entry, curve (median pruner), journal line."""
     summary = run.summary
@@ -285,7 +298,7 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
                        threads=info.threads, optuna=info.optuna)
     run = Run(cfg, spec, run_info)
     try:
-        run.pruner = build_pruner(cfg, run.run_dir, info.sweep_dir, identity)
+        run.pruner = run_pruner(cfg, info.sweep_dir, identity)
         objective = run.execute()
     except NormbenchError as err:
         # a single run leaves nothing for errors caught before the run started; a sweep job records them

@@ -7,7 +7,7 @@ need them, and ``config.yaml`` of records written before normbench 0.2, which la
 identity. Records in progress, malformed or duplicated are returned as ``Skipped`` with a reason.
 
 A ``Cell`` pools the runs that compute the same thing but for their seed: the same experiment and the
-same seedless identity (normbench.sweep.identity: the config without the seed and the keys that do not
+same seedless identity (normbench.identity: the config without the seed and the keys that do not
 change the numbers).
 """
 
@@ -36,7 +36,7 @@ from normbench.record import (
     validate_summary,
 )
 from normbench.report.stats import Stat, mean_ci
-from normbench.sweep.identity import NOT_IDENTITY, SEED, covered, override_key, seedless_identity
+from normbench.identity import NOT_IDENTITY, SEED, covered, override_key, seedless_identity
 
 # a directory holding one of these is a run dir (its subdirectories are not searched)
 RUN_MARKERS = (SUMMARY, CONFIG, METRICS, REJECTED)
@@ -301,7 +301,7 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
 
 def pool_key(run: RunRecord) -> tuple[str, str]:
     """Runs with the same key differ at most in their seed and in keys that do not change the numbers
-    (normbench.sweep.identity.NOT_IDENTITY): the experiment and the seedless identity. A run without a
+    (normbench.identity.NOT_IDENTITY): the experiment and the seedless identity. A run without a
     seedless identity (an old record without config.yaml) is a cell of its own: its identity."""
     return (run.experiment, run.seedless_identity or run.identity)
 

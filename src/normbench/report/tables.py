@@ -24,7 +24,7 @@ from normbench.report.reference import (
     model_family,
 )
 from normbench.report.stats import Comparison, Stat, welch
-from normbench.sweep.identity import SEED
+from normbench.identity import SEED
 
 ALPHA = 0.05
 MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows

@@ -37,10 +37,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from normbench.errors import NormbenchError
 from normbench.record import CHECKPOINT, CONFIG, DONE, Status
-from normbench.sweep.identity import run_identity
+from normbench.identity import run_identity
 from normbench.sweep.index import SweepState, done_statuses
-from normbench.sweep.pruning import pruning_on
-from normbench.sweep.resolvers import register
+from normbench.identity import register_resolvers
 
 JOB_NAME = "train"  # hydra.job.name of bench/train.py's jobs
 # What makes one epoch of a run take as long as another's (the seed, norm or lr hardly matter);
@@ -168,7 +167,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def hydra_session(config_dir: Path) -> Iterator[None]:
     """Hydra initialised on `config_dir` as bench/train.py's, with the normbench resolvers; the global
     Hydra state and HydraConfig as they were afterwards."""
-    register()
+    register_resolvers()
     previous_hydra_cfg = HydraConfig.instance().cfg
     GlobalHydra.instance().clear()
     try:
@@ -260,7 +259,8 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]]) -> dict[str, DirPlan]:
             continue
         seen.add((sweep_dir, identity))
         entry = state.cached.get(identity)
-        if entry and entry.get("status") in done_statuses(pruning_on(training)):
+        pruning_on = OmegaConf.select(training, "pruning.name", default="none") != "none"
+        if entry and entry.get("status") in done_statuses(pruning_on):
             dir_plan.done[entry["status"]] += 1
         else:
             dir_plan.to_run += 1
