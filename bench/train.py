@@ -9,10 +9,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from normbench.identity import register_resolvers
 from normbench.job import cli
 from normbench.job import main as run_main
 from normbench.preflight import check_command_line
-from normbench.identity import register_resolvers
 
 register_resolvers()
 

@@ -18,9 +18,9 @@ import torch
 from conftest import TINY, TRAIN
 
 from normbench.job import choose_run_dir, run_pruner
+from normbench.pruning import MedianStoppingPruner
 from normbench.record import atomic_write_json
 from normbench.sweep.index import SweepState
-from normbench.pruning import MedianStoppingPruner
 
 BASE = [*TINY, "logger=none"]
 

@@ -37,8 +37,8 @@ from normbench.losses import Criterion, build_criterion
 from normbench.models import build_model, model_name
 from normbench.norms import NormSpec
 from normbench.optim import SCHEDULERS
-from normbench.probes import Probe, build_probes
 from normbench.preflight import check_experiment_name
+from normbench.probes import Probe, build_probes
 from normbench.pruning import check_pruning
 from normbench.targets import allowed_targets, check_target
 from normbench.trainer import LoopSettings

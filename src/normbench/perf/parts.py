@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from normbench.data import BatchStream
+from normbench.identity import register_resolvers
 from normbench.perf.common import PerfSettings
 from normbench.run import RunParts, build_parts
-from normbench.identity import register_resolvers
 from normbench.validate import validate
 
 # The benchmarks' run: synthetic data, SGD (lr 0.01, momentum 0.9), constant lr, cross-entropy, ReLU,

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from normbench.identity import NOT_IDENTITY, SEED, covered, override_key, seedless_identity
 from normbench.record import (
     CONFIG,
     FILTERS,
@@ -36,7 +37,6 @@ from normbench.record import (
     validate_summary,
 )
 from normbench.report.stats import Stat, mean_ci
-from normbench.identity import NOT_IDENTITY, SEED, covered, override_key, seedless_identity
 
 # a directory holding one of these is a run dir (its subdirectories are not searched)
 RUN_MARKERS = (SUMMARY, CONFIG, METRICS, REJECTED)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from normbench.identity import SEED
 from normbench.record import STEPS, Status
 from normbench.report.records import Cell
 from normbench.report.reference import (
@@ -24,7 +25,6 @@ from normbench.report.reference import (
     model_family,
 )
 from normbench.report.stats import Comparison, Stat, welch
-from normbench.identity import SEED
 
 ALPHA = 0.05
 MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import ConfigError
 from normbench.identity import SWEPT_KEYS_ENV, swept_keys
-from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
 from normbench.preflight import check_experiment_name, check_launch, fail
+from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,9 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from normbench.errors import NormbenchError
+from normbench.identity import register_resolvers, run_identity
 from normbench.record import CHECKPOINT, CONFIG, DONE, Status
-from normbench.identity import run_identity
 from normbench.sweep.index import SweepState, done_statuses
-from normbench.identity import register_resolvers
 
 JOB_NAME = "train"  # hydra.job.name of bench/train.py's jobs
 # What makes one epoch of a run take as long as another's (the seed, norm or lr hardly matter);
