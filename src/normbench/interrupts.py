@@ -44,7 +44,7 @@ def raise_on_sigterm() -> None:
     def handler(signum, frame):
         stop_workers()
         if callable(previous):
-            with contextlib.suppress(KeyboardInterrupt):  # e.g. the Optuna sweeper's: ours says which signal
+            with contextlib.suppress(KeyboardInterrupt):  # one that raises its own: ours says which signal
                 previous(signum, frame)
         raise Interrupted(signal.Signals(signum).name)
 
@@ -129,6 +129,12 @@ def watch_parent() -> None:
         os._exit(143)
 
     threading.Thread(target=watch, name="normbench-parent-watch", daemon=True).start()
+
+
+def ignore_sigterm() -> None:
+    """From here on SIGTERM does nothing: a process on its way out after submitit requeued its job (the
+    requeue's SIGTERM must not cut the exit short)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

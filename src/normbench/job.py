@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from normbench.checkpoint import checkpoint_identity
 from normbench.device import launcher_jobs, placement
-from normbench.errors import NormbenchError
+from normbench.errors import NormbenchError, fail, one_line, warn
 from normbench.faults import free_memory, is_out_of_memory, kill_point
 from normbench.identity import run_identity, run_name, seedless_identity, swept_keys_from_env
 from normbench.interrupts import (
     EXIT_CODES,
     MAIN_PID_ENV,
+    ignore_sigterm,
     is_launcher_worker,
     pass_on_ctrl_c,
     raise_on_sigterm,
@@ -52,7 +51,7 @@ from normbench.record import (
     write_skipped_pointer,
 )
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
-from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses, warn
+from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses
 from normbench.sweep.objectives import job_objectives, job_return
 from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER, trial_pruner
 from normbench.validate import RunSpec, validate
@@ -126,10 +125,6 @@ def print_config_tree(cfg: DictConfig) -> None:
         text = OmegaConf.to_yaml(value, resolve=True) if OmegaConf.is_config(value) else str(value)
         branch.add(Text(text.rstrip()))
     rich_print(tree)
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join("".join(traceback.format_exception_only(exc)).split())
 
 
 def journal(info: JobInfo, identity: str | None, status: str, objective, run_dir: Path | None,
@@ -328,7 +323,7 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
                     "requeued by submitit", "SIGUSR2", write_without_record=info.isolate)
         print(f"normbench: {identity} requeued at its time limit after {run.summary['epochs_done']} "
               f"epoch(s); it continues from its checkpoint when SLURM starts it again", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not cut the exit short
+        ignore_sigterm()
         raise
     except BaseException as exc:
         error_type = "OutOfMemoryError" if is_out_of_memory(exc) else type(exc).__name__
@@ -367,13 +362,11 @@ def main(cfg: DictConfig) -> float:
     try:
         return run_job(cfg)
     except NormbenchError as err:
-        print(f"normbench: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     except OSError as err:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper's to handle (the basic sweeper's jobs never get here)
-        print(f"normbench: {one_line(err)}", file=sys.stderr)
-        sys.exit(1)
+        fail(one_line(err), status=1)
 
 
 def cli(hydra_main) -> None:
@@ -387,6 +380,4 @@ def cli(hydra_main) -> None:
         hydra_main()
     except KeyboardInterrupt as exc:
         name = signal_name(exc)
-        print(f"normbench: interrupted by {name}; run the same command to continue", file=sys.stderr,
-              flush=True)
-        sys.exit(EXIT_CODES.get(name, 130))
+        fail(f"interrupted by {name}; run the same command to continue", EXIT_CODES.get(name, 130))

@@ -16,7 +16,7 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from normbench.errors import ConfigError, mask_passwords
+from normbench.errors import ConfigError, fail, mask_passwords, one_line
 
 PARALLEL_KEYS = ("hydra.launcher.n_jobs", "hydra.sweeper.n_jobs")
 
@@ -68,12 +68,9 @@ def check_command_line(argv: list[str]) -> None:
         try:
             parser.parse_override(override)
         except HydraException as err:  # parse_override raises the base class, parse_overrides the subclass
-            reason = " ".join(line.strip() for line in str(err).splitlines()[:1] if line.strip())
-            print(mask_passwords(f"normbench: cannot parse the override {override!r}: {reason}; quote a value "
-                                 "with special characters, e.g. 'key=\"a value\"' (grammar: "
-                                 "https://hydra.cc/docs/advanced/override_grammar/basic/)"),
-                  file=sys.stderr, flush=True)
-            sys.exit(2)
+            fail(mask_passwords(f"cannot parse the override {override!r}: {one_line(err, typed=False)}; quote a "
+                                "value with special characters, e.g. 'key=\"a value\"' (grammar: "
+                                "https://hydra.cc/docs/advanced/override_grammar/basic/)"))
 
 
 def check_experiment_name(name) -> None:
@@ -100,7 +97,3 @@ def check_launch(config: DictConfig) -> None:
                        if joblib_style else "trials launched at a time: an integer >= 1")
             raise ConfigError(key, value, f"must be the number of {allowed}, e.g. {key}=2")
 
-
-def fail(err: ConfigError) -> None:
-    print(f"normbench: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)

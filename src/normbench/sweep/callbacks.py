@@ -22,9 +22,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from normbench.errors import ConfigError
+from normbench.errors import ConfigError, fail
 from normbench.identity import SWEPT_KEYS_ENV, swept_keys
-from normbench.preflight import check_experiment_name, check_launch, fail
+from normbench.preflight import check_experiment_name, check_launch
 from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
 
 log = logging.getLogger(__name__)

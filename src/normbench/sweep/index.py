@@ -29,12 +29,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock
 
+from normbench.errors import warn
 from normbench.record import DONE, SUMMARY, Status, atomic_write_json, now_iso, read_summary
 
 STATE_DIR = ".normbench"
@@ -45,10 +45,6 @@ SHOWN_IF_ANY = (Status.INTERRUPTED,)  # in the summary line only when some job h
 
 # Journal rows a job could not write (a full disk): kept for the summary line of this process.
 _UNWRITTEN: dict[str, dict[str, dict]] = {}
-
-
-def warn(message: str) -> None:
-    print(f"normbench: warning: {message}", file=sys.stderr, flush=True)
 
 
 def record_is_done(summary: dict | None, identity: str, statuses: tuple[str, ...]) -> bool:

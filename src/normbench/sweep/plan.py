@@ -35,7 +35,7 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from normbench.errors import NormbenchError
+from normbench.errors import NormbenchError, fail
 from normbench.identity import register_resolvers, run_identity
 from normbench.record import CHECKPOINT, CONFIG, DONE, Status
 from normbench.sweep.index import SweepState, done_statuses
@@ -369,5 +369,4 @@ def main(argv: list[str] | None = None, *, config_dir: str | Path) -> int:
     try:
         return plan(sys.argv[1:] if argv is None else argv, config_dir=config_dir)
     except (HydraException, NormbenchError) as err:
-        print(f"normbench plan: {err}", file=sys.stderr)
-        return 2
+        fail(err)
