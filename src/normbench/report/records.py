@@ -27,19 +27,18 @@ from normbench.record import (
     FILTERS,
     METRICS,
     PROBES,
-    RECORD_FILES,
     REJECTED,
     SEEDLESS_IDENTITY,
     STEPS,
     SUMMARY,
     MalformedRecord,
     Status,
+    read_jsonl,
+    run_dirs,
     validate_summary,
 )
 from normbench.report.stats import Stat, mean_ci
 
-# a directory holding one of these is a run dir (its subdirectories are not searched)
-RUN_MARKERS = (SUMMARY, CONFIG, METRICS, REJECTED)
 # config.yaml paths of the numeric settings when summary["choices"] does not carry them
 CONFIG_PATHS = {"dropout": ("model", "dropout"), "lr": ("optimizer", "lr"), "batch_size": ("batch_size",)}
 _UNSET = object()
@@ -163,31 +162,6 @@ class RunRecord:
         return os.path.join(self.path, FILTERS) if FILTERS in self.files else None
 
 
-def read_jsonl(path: str) -> tuple[list[dict], int]:
-    """Rows of a jsonl file and the number of lines that were not a JSON object (ignored)."""
-    rows: list[dict] = []
-    bad = 0
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return [], 1
-    loads = json.loads
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
-
-
 @dataclass
 class ScanResult:
     runs: list[RunRecord]
@@ -211,30 +185,6 @@ class ScanResult:
         skipped = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
         return (f"read {self.n_records} run records in {self.seconds:.2f}s: "
                 f"{', '.join(parts) or 'no finished runs'}; skipped {len(self.skipped)} ({skipped})")
-
-
-def _run_dirs(root: str) -> Iterable[tuple[str, frozenset[str]]]:
-    """Directories holding a run record, with the record files present. Hidden dirs and wandb/ are
-    not entered, nor are a run dir's subdirectories."""
-    stack = [root]
-    while stack:
-        path = stack.pop()
-        names: set[str] = set()
-        subdirs: list[str] = []
-        try:
-            with os.scandir(path) as it:
-                for entry in it:
-                    name = entry.name
-                    if name in RECORD_FILES:
-                        names.add(name)
-                    elif not name.startswith(".") and name != "wandb" and entry.is_dir(follow_symlinks=False):
-                        subdirs.append(entry.path)
-        except OSError:
-            continue
-        if any(m in names for m in RUN_MARKERS):
-            yield path, frozenset(names)
-        else:
-            stack.extend(sorted(subdirs, reverse=True))
 
 
 def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
@@ -277,7 +227,7 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
     for root in roots:
         root = os.path.realpath(os.fspath(root))
         real_roots.append(root)
-        for path, files in _run_dirs(root):
+        for path, files in run_dirs(root):
             if path in seen_dirs:
                 continue
             seen_dirs.add(path)

@@ -35,7 +35,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from normbench.errors import warn
-from normbench.record import DONE, SUMMARY, Status, atomic_write_json, now_iso, read_summary
+from normbench.record import DONE, SUMMARY, Status, atomic_write_json, now_iso, read_summary, run_dirs
 
 STATE_DIR = ".normbench"
 SWEEP_ID_ENV = "NORMBENCH_SWEEP_ID"
@@ -100,25 +100,13 @@ class SweepState:
         """Index entries built from the records under the sweep dir (a one-off full scan). Where an
         identity has several records, a done one wins over an incomplete one."""
         entries: dict[str, dict] = {}
-        if not self.root.is_dir():
-            return entries
-        stack = [self.root]
-        while stack:
-            path = stack.pop()
-            try:
-                children = list(os.scandir(path))
-            except OSError:
-                continue
-            if any(c.name == SUMMARY for c in children):
-                summary = read_summary(Path(path))
-                if summary and summary.get("identity"):
-                    entry = self.entry_from_summary(Path(path), summary)
-                    old = entries.get(entry["identity"])
-                    if old is None or (old["status"] not in DONE and entry["status"] in DONE):
-                        entries[entry["identity"]] = entry
-                continue
-            stack.extend(Path(c.path) for c in children
-                         if not c.name.startswith(".") and c.name != "wandb" and c.is_dir(follow_symlinks=False))
+        for path, files in run_dirs(self.root):
+            summary = read_summary(Path(path)) if SUMMARY in files else None
+            if summary and summary.get("identity"):
+                entry = self.entry_from_summary(Path(path), summary)
+                old = entries.get(entry["identity"])
+                if old is None or (old["status"] not in DONE and entry["status"] in DONE):
+                    entries[entry["identity"]] = entry
         return entries
 
     def entry_from_summary(self, run_dir: Path, summary: dict) -> dict:
