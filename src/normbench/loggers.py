@@ -1,4 +1,4 @@
-"""Metric sinks: the W&B run and a fan-out to several sinks."""
+"""Metric sinks: what a sink takes (MetricSink), the W&B run, the console and a fan-out to several sinks."""
 
 from __future__ import annotations
 
@@ -6,9 +6,39 @@ import netrc
 import os
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlparse
 
 EPOCH_METRICS = ("train/*", "val/*", "lr", "time/*", "throughput/*")
+
+
+class MetricSink(Protocol):
+    """Where the trainer and the run send what they measure; every row carries its training `step`."""
+
+    def log_steps(self, rows: list[dict]) -> None: ...    # rows with "step", "epoch", "train/loss", "lr"
+    def log_epoch(self, row: dict) -> None: ...           # a metrics.jsonl row
+    def log_probe(self, row: dict) -> None: ...           # a probes.jsonl row
+    def log_images(self, images: dict) -> None: ...       # name -> HxWx3 uint8, or float in [0, 1]
+    def log_summary(self, summary: dict) -> None: ...     # the summary.json content
+
+
+class NullSink:
+    """A MetricSink that keeps nothing: the base of sinks that take only some of it."""
+
+    def log_steps(self, rows: list[dict]) -> None:
+        pass
+
+    def log_epoch(self, row: dict) -> None:
+        pass
+
+    def log_probe(self, row: dict) -> None:
+        pass
+
+    def log_images(self, images: dict) -> None:
+        pass
+
+    def log_summary(self, summary: dict) -> None:
+        pass
 
 
 def wandb_credentials_configured() -> bool:
@@ -116,20 +146,34 @@ class WandbSink:
 
 
 class FanOut:
-    """Sends every call to each sink."""
+    """A MetricSink that passes each row on to every one of its sinks."""
 
-    def __init__(self, *sinks):
+    def __init__(self, *sinks: MetricSink | None):
         self.sinks = [s for s in sinks if s is not None]
 
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            for sink in self.sinks:
-                getattr(sink, name)(*args, **kwargs)
-        return call
+    def log_steps(self, rows: list[dict]) -> None:
+        for sink in self.sinks:
+            sink.log_steps(rows)
+
+    def log_epoch(self, row: dict) -> None:
+        for sink in self.sinks:
+            sink.log_epoch(row)
+
+    def log_probe(self, row: dict) -> None:
+        for sink in self.sinks:
+            sink.log_probe(row)
+
+    def log_images(self, images: dict) -> None:
+        for sink in self.sinks:
+            sink.log_images(images)
+
+    def log_summary(self, summary: dict) -> None:
+        for sink in self.sinks:
+            sink.log_summary(summary)
 
 
-class ConsoleSink:
-    """One log line per epoch (Hydra sends it to the console and the job's .log file)."""
+class ConsoleSink(NullSink):
+    """One log line per epoch (Hydra sends it to the console and the job's .log file); nothing else."""
 
     def __init__(self, epochs: int):
         import logging
@@ -141,9 +185,6 @@ class ConsoleSink:
         self.log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  "
                       "%.0f img/s", row["epoch"], self.epochs, row["train/loss"], row["train/acc"],
                       row["val/loss"], row["val/acc"], row["throughput/img_s"])
-
-    def __getattr__(self, name):  # steps, probes, images: nothing to print
-        return lambda *args, **kwargs: None
 
 
 def shown_path(path: Path | str) -> str:
