@@ -21,18 +21,20 @@ from normbench.errors import ConfigError, fail, mask_passwords, one_line
 PARALLEL_KEYS = ("hydra.launcher.n_jobs", "hydra.sweeper.n_jobs")
 
 
-class MaskingStream:
-    """A text stream that masks passwords in what is written to it (everything else is the wrapped one)."""
+class MaskingStream(io.TextIOBase):
+    """A text stream that writes to `stream` with passwords masked (io.TextIOBase adds writelines, closed,
+    the context manager; closing it leaves `stream` open)."""
 
     def __init__(self, stream) -> None:
+        super().__init__()
         self._stream = stream
 
     def write(self, text: str) -> int:
         self._stream.write(mask_passwords(text))
         return len(text)
 
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
+    def writable(self) -> bool:
+        return True
 
     def fileno(self) -> int:
         return self._stream.fileno()
@@ -42,6 +44,14 @@ class MaskingStream:
 
     def flush(self) -> None:
         self._stream.flush()
+
+    @property
+    def encoding(self) -> str:
+        return self._stream.encoding
+
+    @property
+    def errors(self) -> str | None:
+        return self._stream.errors
 
 
 def _overrides(argv: list[str]) -> list[str]:
