@@ -41,7 +41,7 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_p
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
-from normbench.errors import ConfigError, StorageError, fail, mask_passwords, one_line
+from normbench.errors import PREFIX, ConfigError, StorageError, fail, mask_passwords, one_line
 from normbench.interrupts import EXIT_CODES, raise_on_sigterm, signal_name
 from normbench.record import Status, read_summary, record_dir
 from normbench.sweep.objectives import OBJECTIVES
@@ -63,13 +63,17 @@ from ._study import (
     FAILURE_STRATEGIES,
     SCHEMA_LOCK,
     Heartbeat,
+    JobExited,
     Outcome,
+    TrialTask,
+    best_results,
     default_storage_url,
     failure_values,
     is_failure,
     mark_owner,
     quote_override,
     requeue_dead_local_trials,
+    returned_values,
     storage_lock,
     study_lock_name,
     tell_failed,
@@ -79,32 +83,6 @@ from ._study import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class JobExited(RuntimeError):
-    """A job called sys.exit with a non-zero status (normbench's entry point does so on user errors)."""
-
-    def __init__(self, message: str, cause: BaseException | None = None):
-        super().__init__(message)
-        self.cause = cause
-
-
-class TrialTask:
-    """The task function as the launcher runs it: a job's sys.exit(n) becomes an ordinary failure, so
-    that one bad trial is recorded as failed instead of ending the whole sweep."""
-
-    def __init__(self, task_function: TaskFunction):
-        self.task_function = task_function
-
-    def __call__(self, cfg: DictConfig) -> Any:
-        try:
-            return self.task_function(cfg)
-        except SystemExit as exc:
-            if exc.code in (None, 0):
-                raise
-            cause = exc.__context__  # normbench's entry point exits 2 while handling a NormbenchError
-            reason = f"{type(cause).__name__}: {cause}" if cause is not None else "no message"
-            raise JobExited(f"the job exited with status {exc.code} ({reason})", cause) from None
 
 
 @dataclass
@@ -368,7 +346,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             return
         log.error("%d of %d trials failed, more than hydra.sweeper.max_failure_rate=%s",
                   ran[Status.FAILED], n_ran, self.max_failure_rate)
-        print(f"normbench: {ran[Status.FAILED]} of {n_ran} trials failed, more than hydra.sweeper."
+        print(f"{PREFIX}{ran[Status.FAILED]} of {n_ran} trials failed, more than hydra.sweeper."
               f"max_failure_rate={self.max_failure_rate}; the last failure:", file=sys.stderr, flush=True)
         error = self.last_failure._return_value if self.last_failure is not None else None
         if isinstance(error, JobExited):
@@ -424,10 +402,9 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         status = summary.get("status")
         if ret.status != JobStatus.COMPLETED:
             error = ret._return_value
-            text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-            text = (summary.get("error") or text).strip()
-            return Outcome(Status.FAILED, None, text.splitlines()[0] if text else "failed")
-        value = self._values(ret._return_value)
+            text = summary.get("error") or (one_line(error) if isinstance(error, BaseException) else str(error))
+            return Outcome(Status.FAILED, None, text.strip().split("\n")[0] or "failed")
+        value = returned_values(ret._return_value, len(self._get_directions()))
         if isinstance(value, str):
             return Outcome(Status.FAILED, None, value)
         if PRUNED_ATTR in storage.get_trial(trial._trial_id).system_attrs or status == Status.PRUNED:
@@ -437,23 +414,6 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         if not all(math.isfinite(v) for v in value):
             return Outcome(Status.DIVERGED, value)
         return Outcome(Status.COMPLETED, value)
-
-    def _values(self, returned: Any) -> list[float] | str:
-        """The job's return value as one float per objective (upstream's rules), or what is wrong with it."""
-        n = len(self._get_directions())
-        if n == 1:
-            try:
-                return [float(returned)]
-            except (TypeError, ValueError):
-                return f"Return value must be float-castable. Got {returned!r}."
-        try:
-            values = [float(v) for v in returned]
-        except (TypeError, ValueError):
-            return f"Return value must be a list or tuple of float-castable values. Got {returned!r}."
-        if len(values) != n:
-            return (f"The number of the values and the number of the objectives are mismatched. "
-                    f"Expect {n}, but actually {len(values)}.")
-        return values
 
     def _requeue(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
         """Trials whose jobs were interrupted: FAIL (not counted) and a WAITING copy with the same
@@ -488,35 +448,6 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         OmegaConf.save(OmegaConf.create({"name": "optuna", "study_name": study.study_name,
                                          "storage": mask_passwords(self.storage_url), **results}),
                        f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
-
-
-def best_results(study: optuna.Study, trials: list) -> dict | None:
-    """optimization_results.yaml's content, as upstream (best_params / best_value, or the Pareto front
-    as `solutions`), from the trials whose runs completed: a failure told as the worst value is never
-    the best. None when no trial completed."""
-    real = [t for t in trials if t.state == TrialState.COMPLETE and not is_failure(t)]
-    if not real:
-        return None
-    if len(study.directions) == 1:
-        pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
-        best = pick(real, key=lambda t: t.value)
-        return {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
-                "log": [f"Best value {best.value:.6g} (trial {best.number}): {best.params}"]}
-    front = _pareto_front(real, study.directions)
-    return {"solutions": [{"number": t.number, "params": t.params, "values": t.values} for t in front],
-            "log": [f"Number of Pareto solutions: {len(front)}"]
-                   + [f"    Values: {t.values}, Params: {t.params} (trial {t.number})" for t in front]}
-
-
-def _pareto_front(trials: list, directions) -> list:
-    signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
-
-    def dominates(a, b) -> bool:
-        x = [s * v for s, v in zip(signs, a.values)]
-        y = [s * v for s, v in zip(signs, b.values)]
-        return all(p <= q for p, q in zip(x, y)) and any(p < q for p, q in zip(x, y))
-
-    return [t for t in trials if not any(dominates(o, t) for o in trials if o is not t)]
 
 
 def _plain(value: Any) -> Any:
