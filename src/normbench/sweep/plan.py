@@ -3,20 +3,18 @@
     python bench/plan.py -m +experiment=vgg_losses seed=0,1,2
 
 takes the same arguments as bench/train.py, composes the multirun config with Hydra's compose API,
-expands the grid exactly as Hydra's basic sweeper does (`split_arguments`, on Hydra's own override
-parser), composes each job's config the way the launcher does (the sweep's Hydra overrides plus the
-job's), and looks each job's identity up in the sweep dir's index (`.normbench/index/`). It prints how
-many runs the sweep makes, how many are done, how many will run (and how many of those continue from a
-checkpoint), and an estimate of the time left. Each run still to go is estimated from the finished runs
-of the same size (`SIZE_KEYS`: model, width, input size, data, batch size, steps and eval batches per
-epoch, probes), scaled to its number of epochs; runs with no finished run of their size are not
-guessed at. Nothing is trained and nothing is written.
+expands the grid with Hydra's basic sweeper's own `split_arguments`, composes each job's config the way
+the launcher does (the sweep's Hydra overrides plus the job's), and looks each job's identity up in the
+sweep dir's index (`.normbench/index/`). It prints how many runs the sweep makes, how many are done,
+how many will run (and how many of those continue from a checkpoint), and an estimate of the time left.
+Each run still to go is estimated from the finished runs of the same size (`SIZE_KEYS`: model, width,
+input size, data, batch size, steps and eval batches per epoch, probes), scaled to its number of
+epochs; runs with no finished run of their size are not guessed at. Nothing is trained or written.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -28,10 +26,10 @@ from pathlib import Path
 
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
@@ -49,28 +47,13 @@ SIZE_KEYS = ("model._target_", "model.width", "model.input_size", "data._target_
 EPOCHS_KEY = "trainer.epochs"
 
 
-def split_arguments(overrides: list[Override]) -> list[list[str]]:
-    """Hydra's BasicSweeper.split_arguments (one batch): one entry per key, in the order the keys first
-    appear, the last value of a key winning; the jobs are the cartesian product of the entries."""
-    final: dict[str, list[str]] = {}
-    for override in overrides:
-        key = override.get_key_element()
-        if not override.is_sweep_override():
-            final[key] = [f"{key}={override.get_value_element_as_str()}"]
-        elif override.is_discrete_sweep():
-            final[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
-        else:
-            assert override.value_type is not None
-            raise HydraException(f"BasicSweeper does not support sweep type : {override.value_type.name}")
-    return [list(job) for job in itertools.product(*final.values())]
-
-
 def expand_grid(params: dict, task: list[str], config_loader=None) -> list[list[str]]:
     """The jobs' override lists, as hydra's BasicSweeper makes them from hydra.sweeper.params plus
     the command line's overrides (the command line wins for a key in both)."""
     arguments = [f"{k}={v}" for k, v in (params or {}).items()] + list(task)
     parser = OverridesParser.create(config_loader=config_loader)
-    return split_arguments(parser.parse_overrides(arguments))
+    [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
+    return jobs
 
 
 def sweep_arguments(master: DictConfig) -> tuple[dict, list[str]]:
