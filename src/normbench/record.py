@@ -193,17 +193,21 @@ def write_skipped_pointer(job_dir: Path, *, identity: str, record: Path, status:
 def record_dir(job_dir: Path) -> Path:
     """Where the record of the run a job dir stands for is: the job dir itself, or the dir its skipped.json
     points at."""
-    try:
-        return Path(json.loads((Path(job_dir) / SKIPPED_POINTER).read_text())["record"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return Path(job_dir)
+    record = (read_json(Path(job_dir) / SKIPPED_POINTER) or {}).get("record")
+    return Path(record) if isinstance(record, str) else Path(job_dir)
 
 
-def read_summary(run_dir: Path) -> dict | None:
+def read_json(path: str | Path) -> dict | None:
+    """A JSON object file of a record or of the sweep index; None when it is missing, torn or no object."""
     try:
-        return json.loads((Path(run_dir) / SUMMARY).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    return read_json(Path(run_dir) / SUMMARY)
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], int]:

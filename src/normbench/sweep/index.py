@@ -27,7 +27,6 @@ Nothing here imports torch: the planning command uses it too.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,16 @@ from pathlib import Path
 from filelock import FileLock
 
 from normbench.errors import warn
-from normbench.record import DONE, SUMMARY, Status, atomic_write_json, now_iso, read_summary, run_dirs
+from normbench.record import (
+    DONE,
+    SUMMARY,
+    Status,
+    atomic_write_json,
+    now_iso,
+    read_json,
+    read_summary,
+    run_dirs,
+)
 
 STATE_DIR = ".normbench"
 SWEEP_ID_ENV = "NORMBENCH_SWEEP_ID"
@@ -57,14 +65,6 @@ def done_statuses(pruning_on: bool) -> tuple[str, ...]:
     """What counts as done. A pruned run is done while pruning is on (re-running it would only be
     pruned again); with pruning off, a re-run continues it from its checkpoint to the end."""
     return (*DONE, Status.PRUNED) if pruning_on else DONE
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class SweepState:
@@ -127,7 +127,7 @@ class SweepState:
         return self.root / entry["dir"]  # an absolute "dir" stays absolute
 
     def get(self, identity: str) -> dict | None:
-        return _read_json(self.index_dir / f"{identity}.json")
+        return read_json(self.index_dir / f"{identity}.json")
 
     def entry_is_corrupt(self, identity: str) -> bool:
         """The entry's file is there but is not a JSON object (a torn or damaged file)."""
@@ -186,7 +186,7 @@ class SweepState:
             return
         for name in names:
             if name.endswith(".json") and not name.startswith("."):
-                entry = _read_json(self.index_dir / name)
+                entry = read_json(self.index_dir / name)
                 if entry:
                     yield entry
 
@@ -240,7 +240,7 @@ class SweepState:
             names = sorted(os.listdir(folder))
         except OSError:
             names = []
-        rows = {n[:-5]: _read_json(folder / n) for n in names if n.endswith(".json") and not n.startswith(".")}
+        rows = {n[:-5]: read_json(folder / n) for n in names if n.endswith(".json") and not n.startswith(".")}
         rows.update(_UNWRITTEN.get(sweep_id, {}))
         return [r for r in rows.values() if r]
 
