@@ -17,7 +17,8 @@ PACKAGE = SRC / "normbench"
 # no module-by-module exceptions.
 BASE = ("normbench.errors", "normbench.record", "normbench.identity", "normbench.preflight")
 RUN_PARTS = ("normbench.activations", "normbench.norms", "normbench.losses", "normbench.optim",
-             "normbench.device", "normbench.data", "normbench.datasets", "normbench.models", "normbench.probes",
+             "normbench.device", "normbench.data", "normbench.datasets", "normbench.models",
+             "normbench.probes",
              "normbench.faults", "normbench.filters", "normbench.checkpoint", "normbench.interrupts",
              "normbench.trainer", "normbench.loggers", "normbench.targets", "normbench.pruning")
 ALLOWED = {

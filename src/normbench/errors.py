@@ -30,7 +30,7 @@ def unknown_key(key: str, value: object, accepted, why: str, tail: str | None = 
     close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
     hint = f"did you mean {group}.{close[0]}? " if close else ""
     if tail is None:
-        tail = "accepted: " + (", ".join(accepted) if len(accepted) <= 12 else ", ".join(accepted[:12]) + ", ...")
+        tail = "accepted: " + ", ".join(accepted[:12]) + (", ..." if len(accepted) > 12 else "")
     return ConfigError(key, value, f"{why}; {hint}{tail}")
 
 
@@ -46,7 +46,8 @@ MASK = "***"
 PASSWORD_KEYS = ("password", "passwd", "pwd")  # key=value and URL query keys that carry a password
 # user:password@ in any URL, and password=... in a query string or key=value list
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)(?P<secret>[^\s'\"/]+)(?=@)")
-_KEY_PASSWORD = re.compile(rf"(?P<head>\b(?:{'|'.join(PASSWORD_KEYS)})=)(?P<secret>[^\s&'\",\]]+)", re.IGNORECASE)
+_KEY_PASSWORD = re.compile(rf"(?P<head>\b(?:{'|'.join(PASSWORD_KEYS)})=)(?P<secret>[^\s&'\",\]]+)",
+                           re.IGNORECASE)
 
 
 def mask_passwords(text: str, secrets: Iterable[str] = ()) -> str:

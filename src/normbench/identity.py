@@ -144,7 +144,8 @@ def short_override(override: str) -> str:
     return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
-def run_name(overrides: Iterable[str], swept: Iterable[str] = (), trial=None, limit: int = MAX_RUN_NAME) -> str:
+def run_name(overrides: Iterable[str], swept: Iterable[str] = (), trial=None,
+             limit: int = MAX_RUN_NAME) -> str:
     """A W&B run's display name: trial number, swept values, then fixed ones, with the last part of each
     key only, cut at `limit` characters (`…` marks a cut). W&B ids, not names, are unique."""
     swept_parts, fixed = _named_parts(overrides, swept)

@@ -107,7 +107,8 @@ def job_info(cfg: DictConfig, output_dir: str | Path | None = None) -> JobInfo:
     for group in TAG_GROUPS:
         info.choices.setdefault(group, _group_name(cfg.get(group)))
     info.choices.update(batch_size=cfg.get("batch_size"), seed=cfg.get("seed"),
-                        lr=OmegaConf.select(cfg, "optimizer.lr"), dropout=OmegaConf.select(cfg, "model.dropout"),
+                        lr=OmegaConf.select(cfg, "optimizer.lr"),
+                        dropout=OmegaConf.select(cfg, "model.dropout"),
                         epochs=OmegaConf.select(cfg, "trainer.epochs"))
     info.device, info.threads = placement(cfg.trainer.device, cfg.trainer.threads, info.job_num, n_jobs)
     return info
@@ -134,7 +135,8 @@ def journal(info: JobInfo, identity: str | None, status: str, objective, run_dir
     if info.sweep_dir is None or not sweep_id or info.reported:
         return
     job = f"{info.job_num:06d}" if isinstance(info.job_num, int) else f"{identity}-{os.getpid()}"
-    SweepState(info.sweep_dir).journal(sweep_id, job, quiet=info.unrecorded is not None, status=status, identity=identity, objective=objective,
+    SweepState(info.sweep_dir).journal(sweep_id, job, quiet=info.unrecorded is not None, status=status,
+                                       identity=identity, objective=objective,
                                        dir=str(run_dir) if run_dir else None, error=error)
     info.reported = True
 
@@ -230,7 +232,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
     except Exception as exc:  # noqa: BLE001 - failure isolation: the sweep goes on
         error = _journal_unreported(info, exc)
         kind = "out of memory" if is_out_of_memory(exc) else "failed"
-        recorded = "recorded" if info.unrecorded is None else f"its record could not be written ({info.unrecorded})"
+        recorded = ("recorded" if info.unrecorded is None
+                    else f"its record could not be written ({info.unrecorded})")
         print(f"normbench: job {info.job_num} {kind}: {error} -- {recorded}, the sweep goes on",
               file=sys.stderr, flush=True)
     free_memory()
@@ -247,7 +250,8 @@ def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
     journal(info, None, Status.FAILED, WORST_OBJECTIVE, info.output_dir, error)
     if info.output_dir is not None and read_summary(info.output_dir) is None:
         try:
-            write_rejected(info.output_dir, error=error, error_type=type(exc).__name__, overrides=info.overrides)
+            write_rejected(info.output_dir, error=error, error_type=type(exc).__name__,
+                           overrides=info.overrides)
         except OSError:
             pass
     return error
@@ -276,7 +280,8 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]
             journal(info, identity, SKIPPED, objective, run_dir)
             if Path(run_dir).resolve() != Path(info.output_dir).resolve():
                 with contextlib.suppress(OSError):  # a pointer only: a full disk must not fail the skip
-                    write_skipped_pointer(info.output_dir, identity=identity, record=run_dir, status=done["status"])
+                    write_skipped_pointer(info.output_dir, identity=identity, record=run_dir,
+                                          status=done["status"])
             return job_return(objectives, read_summary(run_dir) or {}, objective)
         info.output_dir = choose_run_dir(state, identity, info.output_dir)
         remove_temp_files(info.output_dir)
@@ -322,7 +327,8 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
             _finish(run, state, info, Status.INTERRUPTED, "interrupted by SIGUSR2 (SLURM time limit): "
                     "requeued by submitit", "SIGUSR2", write_without_record=info.isolate)
         print(f"normbench: {identity} requeued at its time limit after {run.summary['epochs_done']} "
-              f"epoch(s); it continues from its checkpoint when SLURM starts it again", file=sys.stderr, flush=True)
+              f"epoch(s); it continues from its checkpoint when SLURM starts it again", file=sys.stderr,
+              flush=True)
         ignore_sigterm()
         raise
     except BaseException as exc:
@@ -334,7 +340,8 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
 
 
 def _finish(run: Run, state: SweepState | None, info: JobInfo, status: Status | None = None,
-            error: str | None = None, error_type: str | None = None, write_without_record: bool = False) -> None:
+            error: str | None = None, error_type: str | None = None,
+            write_without_record: bool = False) -> None:
     """The final summary, then the sweep's bookkeeping. A record that cannot be written (a full disk,
     a read-only dir) is said once (info.unrecorded, in the job's one line); a run that had finished
     but could not record it counts as failed."""

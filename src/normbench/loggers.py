@@ -83,7 +83,7 @@ class WandbSink:
         self.first_step = self.run.starting_step
         self.run_id: str = self.run.id
         self.url: str | None = None if self.run.offline else self.run.url
-        self.files_dir = Path(self.run.dir).parent  # the W&B run's local dir (offline: offline-run-<time>-<id>)
+        self.files_dir = Path(self.run.dir).parent  # the run's local dir (offline: offline-run-<time>-<id>)
         self.last_step = 0
         self._probes: list[dict] = []  # logged with the step rows they belong to (those come later)
         self.run.define_metric("step")
@@ -107,7 +107,8 @@ class WandbSink:
     def log_steps(self, rows: list[dict]) -> None:
         for row in rows:
             self._flush_probes(row["step"])
-            self._log({"step": row["step"], "step/loss": row["train/loss"], "step/lr": row["lr"]}, row["step"])
+            step = row["step"]
+            self._log({"step": step, "step/loss": row["train/loss"], "step/lr": row["lr"]}, step)
 
     def log_epoch(self, row: dict) -> None:
         self._flush_probes(row["step"])
@@ -138,7 +139,8 @@ class WandbSink:
             self.run.summary[key] = value
         for key in ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error"):
             value = summary.get(key)
-            self.run.summary[key] = value.value if isinstance(value, Enum) else value  # W&B stores an Enum's name
+            # W&B would store an Enum's name
+            self.run.summary[key] = value.value if isinstance(value, Enum) else value
 
     def finish(self, failed: bool = False) -> None:
         self._flush_probes(float("inf"))

@@ -78,7 +78,8 @@ def check_command_line(argv: list[str]) -> None:
         try:
             parser.parse_override(override)
         except HydraException as err:  # parse_override raises the base class, parse_overrides the subclass
-            fail(mask_passwords(f"cannot parse the override {override!r}: {one_line(err, typed=False)}; quote a "
+            reason = one_line(err, typed=False)
+            fail(mask_passwords(f"cannot parse the override {override!r}: {reason}; quote a "
                                 "value with special characters, e.g. 'key=\"a value\"' (grammar: "
                                 "https://hydra.cc/docs/advanced/override_grammar/basic/)"))
 
@@ -88,8 +89,8 @@ def check_experiment_name(name) -> None:
     ok = isinstance(name, str) and name.strip() and name not in (".", "..") and os.sep not in name \
         and "/" not in name and "\\" not in name and "\0" not in name and name == name.strip()
     if not ok:
-        raise ConfigError("experiment_name", name, "must be one dir name (no '/', not '.' or '..', not empty), "
-                                                   "e.g. experiment_name=bn_vs_gn")
+        raise ConfigError("experiment_name", name, "must be one dir name (no '/', not '.' or '..', not "
+                                                   "empty), e.g. experiment_name=bn_vs_gn")
 
 
 def check_launch(config: DictConfig) -> None:
@@ -103,7 +104,8 @@ def check_launch(config: DictConfig) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool) and (
             value >= 1 or (joblib_style and -cores <= value <= -1))
         if not ok:
-            allowed = (f"jobs at a time: an integer >= 1, or -1 for one per core (-{cores}..-1: all but n-1 cores)"
+            allowed = (f"jobs at a time: an integer >= 1, or -1 for one per core (-{cores}..-1: all but n-1 "
+                       "cores)"
                        if joblib_style else "trials launched at a time: an integer >= 1")
             raise ConfigError(key, value, f"must be the number of {allowed}, e.g. {key}=2")
 

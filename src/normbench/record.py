@@ -45,7 +45,8 @@ STEPS = "steps.jsonl"
 PROBES = "probes.jsonl"
 FILTERS = "filters.png"
 # A sweep job that failed before its run started (a failed config check) leaves this instead of a
-# summary.json: {"status": "failed", "error", "error_type", "overrides", "at"}; the report lists it as skipped.
+# summary.json: {"status": "failed", "error", "error_type", "overrides", "at"}; the report lists it as
+# skipped.
 REJECTED = "rejected.json"
 # A sweep job skipped because its run is already done in another dir leaves this pointer in its own dir:
 # {"identity", "record": that dir, "status", "at"} (a sweeper reads the run's summary from there).
@@ -106,10 +107,12 @@ def validate_summary(summary) -> None:
         raise MalformedRecord(f"summary.json misses key(s) {', '.join(missing)}")
     for key, kind in SUMMARY_KEYS.items():
         if not isinstance(summary[key], kind):
-            raise MalformedRecord(f"summary.json {key!r} is {type(summary[key]).__name__}, expected {kind.__name__}")
+            raise MalformedRecord(f"summary.json {key!r} is {type(summary[key]).__name__}, "
+                                  f"expected {kind.__name__}")
     statuses = [s.value for s in Status]
     if summary["status"] not in statuses:
-        raise MalformedRecord(f"summary.json status {summary['status']!r} is not one of {', '.join(statuses)}")
+        raise MalformedRecord(f"summary.json status {summary['status']!r} is not one of "
+                              f"{', '.join(statuses)}")
     if not summary["identity"]:
         raise MalformedRecord("summary.json identity is empty")
     if not all(isinstance(o, str) for o in summary["overrides"]):

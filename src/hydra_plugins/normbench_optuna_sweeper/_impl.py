@@ -211,7 +211,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         distributions, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
         for name in fixed_params:  # a value given on the command line fixes a searched key
             distributions.pop(name, None)
-        self.space_description = dict(item.split("=", 1) if "=" in item else (item, "") for item in params_conf)
+        self.space_description = dict(item.split("=", 1) if "=" in item else (item, "")
+                                      for item in params_conf)
         return SearchSpace(distributions, fixed_params, fixed_overrides)
 
     def _describe_study(self, study: optuna.Study, space: SearchSpace) -> None:
@@ -239,8 +240,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         if target is None:
             fail("bad value hydra.sweeper.n_trials=null: only the grid sampler can infer it; set a number")
         if isinstance(target, bool) or not isinstance(target, int) or target < 1:
-            fail(f"bad value hydra.sweeper.n_trials={target!r}: must be the study's total number of trials, an "
-                 "integer >= 1, e.g. hydra.sweeper.n_trials=100")
+            fail(f"bad value hydra.sweeper.n_trials={target!r}: must be the study's total number of trials, "
+                 "an integer >= 1, e.g. hydra.sweeper.n_trials=100")
         return int(target)
 
     def _pruner(self):
@@ -260,7 +261,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             while self._ask(study, target, heartbeat, in_flight):
                 returns, error = self._launch(study, in_flight, space)
                 for trial, ret in zip(list(in_flight), returns):
-                    outcome = Outcome(Status.FAILED, None, error) if ret is None else self._outcome(storage, trial, ret)
+                    outcome = (Outcome(Status.FAILED, None, error) if ret is None
+                               else self._outcome(storage, trial, ret))
                     self._tell(study, trial, outcome)
                     heartbeat.discard(trial._trial_id)
                     in_flight.remove(trial)
@@ -286,7 +288,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
     def _ask(self, study: optuna.Study, target: int, heartbeat: Heartbeat, in_flight: list) -> bool:
         """Under the storage-wide lock: fail stale trials, then ask for up to n_jobs of the trials the
         study still misses (appended to `in_flight`). False when the study is full."""
-        lock = storage_lock(self.storage_url, study_lock_name(study.study_name), self.settings.connect_timeout)
+        lock = storage_lock(self.storage_url, study_lock_name(study.study_name),
+                            self.settings.connect_timeout)
         with lock, quiet_optuna():
             requeue_dead_local_trials(study, self.settings.max_retry)
             optuna.storages.fail_stale_trials(study)
@@ -402,7 +405,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         status = summary.get("status")
         if ret.status != JobStatus.COMPLETED:
             error = ret._return_value
-            text = summary.get("error") or (one_line(error) if isinstance(error, BaseException) else str(error))
+            text = summary.get("error") or (one_line(error) if isinstance(error, BaseException)
+                                            else str(error))
             return Outcome(Status.FAILED, None, text.strip().split("\n")[0] or "failed")
         value = returned_values(ret._return_value, len(self._get_directions()))
         if isinstance(value, str):

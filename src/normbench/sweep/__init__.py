@@ -1,1 +1,2 @@
-"""Sweeps: the sweep index, the Hydra callbacks, planning, what a job returns to its sweeper, Optuna trials."""
+"""Sweeps: the sweep index, the Hydra callbacks, planning, what a job returns to its sweeper, Optuna
+trials."""

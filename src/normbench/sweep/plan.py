@@ -133,12 +133,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="plan.py", description="Plan a sweep of bench/train.py: how many runs it makes, how many are "
         "done, how many will run and how long they take. Nothing is trained or written.",
-        epilog="The time left is estimated from the sweep dir's finished runs of the same size (model, width, "
-        "input size, data, batch size, steps and eval batches per epoch, probes), scaled to each run's "
-        "epochs; runs with no finished run of their size are not guessed at. Examples: "
+        epilog="The time left is estimated from the sweep dir's finished runs of the same size (model, "
+        "width, input size, data, batch size, steps and eval batches per epoch, probes), scaled to each "
+        "run's epochs; runs with no finished run of their size are not guessed at. Examples: "
         "plan.py -m +experiment=vgg_losses seed=0,1,2; plan.py -m norm=bn,ln,gn batch_size=8,16,32,64")
     parser.add_argument("-m", "--multirun", action="store_true",
-                        help="accepted for the same command line as bench/train.py -m (a plan is of a multirun)")
+                        help="accepted for the same command line as bench/train.py -m (a plan is "
+                        "of a multirun)")
     parser.add_argument("-cd", "--config-dir", help="the config dir (default: the repository's conf/)")
     parser.add_argument("-cn", "--config-name", default="config", help="the primary config (default: config)")
     parser.add_argument("overrides", nargs="*", help="the sweep's overrides, as for bench/train.py -m")
@@ -163,7 +164,8 @@ def hydra_session(config_dir: Path) -> Iterator[None]:
 def compose_multirun(config_name: str, overrides: list[str]) -> DictConfig:
     """The sweep's config as Hydra composes it for a multirun: the sweep values left out of the
     composition but kept in hydra.overrides (inside hydra_session)."""
-    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(overrides)
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    parsed = parser.parse_overrides(overrides)
     for override in parsed:
         if override.is_sweep_override() and override.is_hydra_override():
             raise ConfigCompositionException(
@@ -307,7 +309,8 @@ def _parallel_jobs(master: DictConfig) -> int:
 
 def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
     done = ", ".join(f"{n} {status}" for status, n in sorted(p.done.items()))
-    line = f"plan {p.sweep_dir}: {p.runs} run{'s' if p.runs != 1 else ''}, {p.n_done} done" + (f" ({done})" if done else "")
+    line = f"plan {p.sweep_dir}: {p.runs} run{'s' if p.runs != 1 else ''}, {p.n_done} done"
+    line += f" ({done})" if done else ""
     line += f", {p.to_run} to run"
     if p.resume:
         line += f" ({p.resume} continue from a checkpoint)"
@@ -319,8 +322,8 @@ def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
         return
     if not p.estimates:
         reason = ("no finished runs in this sweep dir yet" if not p.finished else
-                  f"none of its {len(p.finished)} finished runs is of the same size: same model, width, data, "
-                  "batch size, steps and eval batches per epoch")
+                  f"none of its {len(p.finished)} finished runs is of the same size: same model, width, "
+                  "data, batch size, steps and eval batches per epoch")
         print(f"estimated time left: unknown ({reason})", file=out)
         return
     mean = statistics.fmean(p.estimates)
