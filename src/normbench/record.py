@@ -62,7 +62,7 @@ SUMMARY_KEYS: dict[str, type] = {
     "status": str, "identity": str, "experiment": str, "choices": dict, "overrides": list, "metrics": dict,
 }
 # The identity without the seed: runs that differ only in their seed share it (the report pools them).
-# Records written before normbench 0.2 lack it.
+# Not required: the report derives it from config.yaml where a summary lacks it.
 SEEDLESS_IDENTITY = "seedless_identity"
 # The W&B run that tracks this record (written when it opens, so that a resumed run continues it):
 # its id, its url (online runs only) and its local files dir (that of the latest attempt). Absent with

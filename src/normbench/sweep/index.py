@@ -81,8 +81,8 @@ class SweepState:
 
     # ------------------------------------------------------------------------------------- index
     def ensure_index(self) -> None:
-        """Create the index; a sweep dir that has records but no index (written before the index
-        existed, or copied in) is indexed once from its summary.json files."""
+        """Create the index; a sweep dir that has records but no index (e.g. copied in) is indexed once
+        from its summary.json files."""
         if self.index_dir.is_dir():
             return
         self.state.mkdir(parents=True, exist_ok=True)
