@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from normbench.errors import one_line
+from normbench.interrupts import process_stat
 from normbench.record import Status
 from normbench.sweep.objectives import OBJECTIVES
 from normbench.sweep.optuna_support import backend, driver_url, engine_kwargs
@@ -331,11 +332,7 @@ class Heartbeat:
 
 def _process_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (/proc): a pid reused later differs."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    return next(iter(process_stat(pid)[19:20]), None)
 
 
 def mark_owner(storage, trial_id: int) -> None:
