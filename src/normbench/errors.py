@@ -62,9 +62,10 @@ def mask_passwords(text: str, secrets: Iterable[str] = ()) -> str:
 
 def one_line(err: BaseException, typed: bool = True) -> str:
     """An error on one line: the first line of its message (of the database driver's own error for
-    SQLAlchemy's, which adds the statement and a link), after its type when `typed`."""
+    SQLAlchemy's, which adds the statement and a link) and its notes, after its type when `typed`."""
     orig = getattr(err, "orig", None) or err
     first = next((line.strip() for line in str(orig).splitlines() if line.strip()), "")
+    first = " ".join([first, *getattr(err, "__notes__", ())]).strip()
     if not typed:
         return first or type(orig).__name__
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
