@@ -2,14 +2,14 @@
 
     python bench/plan.py -m +experiment=vgg_losses seed=0,1,2
 
-takes the same arguments as bench/train.py, composes the multirun config with Hydra's compose API,
-expands the grid with Hydra's basic sweeper's own `split_arguments`, composes each job's config the way
-the launcher does (the sweep's Hydra overrides plus the job's), and looks each job's identity up in the
-sweep dir's index (`.normbench/index/`). It prints how many runs the sweep makes, how many are done,
-how many will run (and how many of those continue from a checkpoint), and an estimate of the time left.
-Each run still to go is estimated from the finished runs of the same size (`SIZE_KEYS`: model, width,
-input size, data, batch size, steps and eval batches per epoch, probes), scaled to its number of
-epochs; runs with no finished run of their size are not guessed at. Nothing is trained or written.
+takes the same arguments as bench/train.py, composes the multirun config and each job's config with
+Hydra's own config loader, expands the grid with Hydra's basic sweeper's own `split_arguments` (as
+bench/train.py -m and its launcher do), and looks each job's identity up in the sweep dir's index
+(`.normbench/index/`). It prints how many runs the sweep makes, how many are done, how many will run
+(and how many of those continue from a checkpoint), and an estimate of the time left. Each run still
+to go is estimated from the finished runs of the same size (`SIZE_KEYS`: model, width, input size,
+data, batch size, steps and eval batches per epoch, probes), scaled to its number of epochs; runs with
+no finished run of their size are not guessed at. Nothing is trained or written.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, HydraException
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from normbench.errors import NormbenchError, fail
 from normbench.identity import register_resolvers, run_identity
@@ -161,73 +162,33 @@ def hydra_session(config_dir: Path) -> Iterator[None]:
         HydraConfig.instance().cfg = previous_hydra_cfg
 
 
-def compose_multirun(config_name: str, overrides: list[str]) -> DictConfig:
-    """The sweep's config as Hydra composes it for a multirun: the sweep values left out of the
-    composition but kept in hydra.overrides (inside hydra_session)."""
-    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    parsed = parser.parse_overrides(overrides)
-    for override in parsed:
-        if override.is_sweep_override() and override.is_hydra_override():
-            raise ConfigCompositionException(
-                f"Sweeping over Hydra's configuration is not supported : '{override.input_line}'")
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    master = compose(config_name=config_name, overrides=fixed, return_hydra_config=True)
-    with read_write(master.hydra), open_dict(master.hydra):
-        master.hydra.overrides.hydra = [o.input_line for o in parsed if o.is_hydra_override()]
-        master.hydra.overrides.task = [o.input_line for o in parsed if not o.is_hydra_override()]
-    return master
-
-
-def compose_job(master: DictConfig, overrides: list[str]) -> DictConfig:
-    """A job's config as the launcher composes it: the sweep's Hydra overrides plus the job's."""
-    hydra_overrides = list(OmegaConf.to_container(master.hydra.overrides.hydra, resolve=False))
-    job_cfg = compose(config_name=master.hydra.job.config_name, overrides=hydra_overrides + list(overrides),
-                      return_hydra_config=True)
-    _check_controllers_unchanged(master, job_cfg)
-    OmegaConf.copy_cache(from_config=master, to_config=job_cfg)  # the same ${now:} etc. as the sweep
-    return job_cfg
-
-
-def _check_controllers_unchanged(master: DictConfig, job_cfg: DictConfig) -> None:
-    """What Hydra's launcher checks of each job's config: the sweep's launcher and sweeper stay as the
-    sweep was started with (a swept preset must not configure them differently)."""
-    for group, node in (("hydra/launcher", "launcher"), ("hydra/sweeper", "sweeper")):
-        before, after = master.hydra.runtime.choices.get(group), job_cfg.hydra.runtime.choices.get(group)
-        if before != after:
-            raise ConfigCompositionException(
-                f"'{group}' must be selected before the sweep starts, but a swept job config changed it "
-                f"from '{before}' to '{after}'. Select it in the primary config or from the command line.")
-        if not OmegaConf.structural_equality(master.hydra[node], job_cfg.hydra[node]):
-            raise ConfigCompositionException(
-                f"'hydra.{node}' must be configured before the sweep starts, but a swept job config "
-                "changed it. Configure it in the primary config or from the command line.")
-
-
 def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
     """Print the plan for `bench/train.py ARGV` (configs in `config_dir`, unless ARGV gives -cd)."""
     args = parse_args(argv)
     with hydra_session(Path(args.config_dir or config_dir)):
-        master = compose_multirun(args.config_name, list(args.overrides))
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(args.config_name, list(args.overrides), run_mode=RunMode.MULTIRUN)
         HydraConfig.instance().set_config(master)
         sweeper = OmegaConf.select(master, "hydra.sweeper._target_", default="") or ""
         if not sweeper.endswith("BasicSweeper"):
             return _plan_other_sweeper(master, sweeper, out)
-        jobs = expand_grid(*sweep_arguments(master), GlobalHydra.instance().config_loader())
+        jobs = expand_grid(*sweep_arguments(master), loader)
         if not jobs:
             print(f"plan {master.hydra.sweep.dir}: the sweep expands to zero runs; nothing to do", file=out)
             return 0
-        for dir_plan in _plan_jobs(master, jobs).values():
+        for dir_plan in _plan_jobs(master, jobs, loader).values():
             _print_dir_plan(dir_plan, _parallel_jobs(master), out)
         return 0
 
 
-def _plan_jobs(master: DictConfig, jobs: list[list[str]]) -> dict[str, DirPlan]:
-    """Each job composed and looked up in its sweep dir's index: the plan of each sweep dir."""
+def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, DirPlan]:
+    """Each job composed (as the launcher does: the sweep's Hydra overrides plus the job's, the sweep's
+    launcher and sweeper unchanged) and looked up in its sweep dir's index: the plan of each sweep dir."""
     plans: dict[str, DirPlan] = {}
     states: dict[str, SweepState] = {}
     seen: set[tuple[str, str]] = set()
     for overrides in jobs:
-        job_cfg = compose_job(master, overrides)
+        job_cfg = loader.load_sweep_config(master, list(overrides))
         HydraConfig.instance().set_config(job_cfg)
         sweep_dir = str(job_cfg.hydra.sweep.dir)
         training = _without_hydra(job_cfg)
