@@ -53,7 +53,7 @@ _KEY_PASSWORD = re.compile(rf"(?P<head>\b(?:{'|'.join(PASSWORD_KEYS)})=)(?P<secr
 def mask_passwords(text: str, secrets: Iterable[str] = ()) -> str:
     """`text` with each of `secrets` (known passwords, e.g. a storage URL's in every spelling), every URL
     password (`scheme://user:***@host`) and every `password=***` masked."""
-    for secret in sorted(secrets, key=len, reverse=True):
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
         text = text.replace(secret, MASK)
     for pattern in (_URL_PASSWORD, _KEY_PASSWORD):
         text = pattern.sub(lambda m: m["head"] + MASK, text)
