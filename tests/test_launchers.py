@@ -161,11 +161,9 @@ def _compose_full(name: str, overrides: list[str]):
 
 @pytest.fixture(autouse=True)
 def _resolvers():
-    try:  # conf/config.yaml uses normbench's resolvers; absent before the package has them
-        from normbench.sweep.resolvers import register
-    except ImportError:
-        return
-    register()
+    from normbench.identity import register_resolvers  # conf/config.yaml uses normbench's resolvers
+
+    register_resolvers()
 
 
 @pytest.mark.parametrize("name, schema", [("submitit_local", LocalQueueConf), ("joblib", JobLibLauncherConf)])

@@ -23,14 +23,8 @@ from hydra_plugins.normbench_optuna_sweeper._study import (
     trials_to_ask,
     trials_used,
 )
-from normbench.sweep.optuna_support import (
-    StorageSettings,
-    mask_text,
-    mask_url,
-    open_storage,
-    quiet_optuna,
-    url_secrets,
-)
+from normbench.errors import mask_passwords
+from normbench.sweep.optuna_support import StorageSettings, open_storage, quiet_optuna, url_secrets
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -274,22 +268,22 @@ def test_stale_trials_of_a_dead_worker_are_requeued_not_counted(tmp_path):
 
 def test_password_masking():
     url = "postgresql://bench:p%40ss-w0rd@db.example:5432/studies?sslmode=require"
-    assert mask_url(url) == "postgresql://bench:***@db.example:5432/studies?sslmode=require"
+    assert mask_passwords(url) == "postgresql://bench:***@db.example:5432/studies?sslmode=require"
     assert set(url_secrets(url)) >= {"p%40ss-w0rd", "p@ss-w0rd"}
-    assert mask_url("postgresql://h/db?user=u&password=x1y2") == "postgresql://h/db?user=u&password=***"
-    assert mask_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db" and url_secrets("sqlite:///a.db") == []
+    assert mask_passwords("postgresql://h/db?user=u&password=x1y2") == "postgresql://h/db?user=u&password=***"
+    assert mask_passwords("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db" and url_secrets("sqlite:///a.db") == []
 
 
 def test_a_password_in_the_query_is_masked_too():
     url = ("postgresql://bench:u%3Ainfo@db.example/studies?sslmode=require&password=p%40ss%2Fw0rd"
            "&application_name=nb")
-    assert mask_url(url) == ("postgresql://bench:***@db.example/studies?sslmode=require&password=***"
+    assert mask_passwords(url) == ("postgresql://bench:***@db.example/studies?sslmode=require&password=***"
                              "&application_name=nb")
     secrets = url_secrets(url)
     assert {"u%3Ainfo", "u:info", "p%40ss%2Fw0rd", "p@ss/w0rd"} <= set(secrets)
-    text = mask_text(f"could not connect to {url} (password p@ss/w0rd)", secrets)
+    text = mask_passwords(f"could not connect to {url} (password p@ss/w0rd)", secrets)
     assert "w0rd" not in text and "info" not in text
-    assert mask_url("postgresql://h/db?PWD=x1y2&passwd=z") == "postgresql://h/db?PWD=***&passwd=***"
+    assert mask_passwords("postgresql://h/db?PWD=x1y2&passwd=z") == "postgresql://h/db?PWD=***&passwd=***"
 
 
 HOLD = """

@@ -26,10 +26,10 @@ from PIL import Image
 
 from normbench import record
 from normbench.filters import filter_grid
+from normbench.identity import seedless_identity
 from normbench.report import cli as report
 from normbench.report import records, reference, render, stats
 from normbench.report import tables as report_tables
-from normbench.sweep.identity import seedless_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 # published two-sided 95% Student t quantiles (t_{0.975, df})

@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 from conftest import ROOT, TINY, TRAIN, run_train, wandb_inspect
 
+from normbench.identity import MAX_DIRNAME, MAX_RUN_NAME, job_dirname, run_name, swept_keys
 from normbench.loggers import WandbSink
-from normbench.sweep.identity import MAX_DIRNAME, MAX_RUN_NAME, job_dirname, run_name, swept_keys
 
 
 def leet_history(wandb_run: Path) -> list[dict]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from normbench.perf.common import PerfPaths, PerfSettings, alternate, child_env, paired_ratio
-from normbench.record import STEPS
+from normbench.record import STEPS, read_rows
 
 # Tiny run settings for the start-up measurements (what tests/conftest.py uses for quick runs), with one
 # training step per epoch and a logging point after every step: steps.jsonl is written once, after step 1.
@@ -87,7 +87,7 @@ def first_step_time(run_dir: Path) -> float:
     if not path.exists():
         raise RuntimeError(f"{run_dir} has no {STEPS}: the run recorded no training step")
     mtime = path.stat().st_mtime
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     if [row.get("step") for row in rows] != [1]:
         raise RuntimeError(f"{path} holds steps {[row.get('step') for row in rows]}, expected exactly [1] "
                            "(one step per epoch, logged at every step)")
