@@ -64,8 +64,7 @@ def test_single_run_trains_and_records(tmp_path, wandb_env):
 
 
 def test_multirun_grid_records_every_job(tmp_path, wandb_env):
-    tiny = [o for o in WANDB_TINY if not o.startswith("batch_size")]
-    run_train(["-m", "norm=bn,ln,gn", "batch_size=8,16,32,64", *tiny], tmp_path, timeout=900)
+    run_train(["-m", "norm=bn,ln,gn", "batch_size=8,16,32,64", *WANDB_TINY], tmp_path, timeout=900)
     sweep = tmp_path / "multirun" / "default"
     runs = _records(sweep)
     assert len(runs) == 12

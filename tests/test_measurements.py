@@ -29,8 +29,7 @@ def test_each_sweep_job_measures_its_own_peak_memory(tmp_path):
     """Jobs of one process, large batch, small batch, large batch: the small one's peak is far below the
     large ones', which agree. Before, every job reported the process's peak RSS so far (never smaller)."""
     sizes = (240, 16, 241)
-    tiny = [a for a in TINY if not a.startswith(("batch_size=", "model.width="))]
-    run_train(["-m", *tiny, "model.width=0.5", "trainer.max_steps_per_epoch=3", "trainer.max_eval_batches=1",
+    run_train(["-m", *TINY, "model.width=0.5", "trainer.max_steps_per_epoch=3", "trainer.max_eval_batches=1",
                "logger=none", "optimizer.lr=1e-12", "experiment_name=mem",
                f"batch_size={','.join(map(str, sizes))}"], tmp_path)
     summaries = sorted((json.loads(p.read_text()) for p in (tmp_path / "multirun" / "mem").rglob("summary.json")),

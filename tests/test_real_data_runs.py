@@ -45,15 +45,18 @@ def test_bn_beats_plain_on_real_fashion_mnist(tmp_path):
     assert max(acc.values()) >= BEST_FLOOR, acc
 
 
-def test_debug_quick_is_the_tests_tiny_overrides():
+def test_debug_quick_is_the_tests_and_perfs_tiny_run():
+    from normbench.perf.startup import TINY as PERF_TINY
+
+    # one definition: the perf run is the tests' tiny run plus the keys its measurement needs
+    assert "+debug=quick" in TINY and set(TINY) <= set(PERF_TINY)
     with initialize_config_dir(config_dir=str(CONF)):
         tiny = compose(config_name="config", overrides=TINY)
-        quick = compose(config_name="config", overrides=[*TINY[:3], "+debug=quick"])
         # after a preset it still wins over the preset's sizes
         preset = compose(config_name="config", overrides=["+experiment=fmnist_bn_baseline", "+debug=quick"])
-    assert quick == tiny
-    assert (preset.trainer.epochs, preset.trainer.max_steps_per_epoch, preset.batch_size, preset.model.width) == (
-        1, 4, 16, 0.125)
+    for cfg in (tiny, preset):
+        assert (cfg.trainer.epochs, cfg.trainer.max_steps_per_epoch, cfg.batch_size, cfg.model.width) == (
+            1, 4, 16, 0.125)
     assert preset.data._target_ == "normbench.datasets.fashion_mnist"
 
 
