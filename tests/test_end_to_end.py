@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, TINY, run_train
 
 
+@pytest.mark.slow
 def test_preset_sweep_with_probes_then_report(tmp_path):
     run_train(["-m", "+experiment=vgg_lr_robustness", "optimizer.lr=0.001,0.005", "model=vgg_a_light",
                *TINY, "trainer.epochs=2", "probe.interval=2", "logger=none"], tmp_path, timeout=900)

@@ -61,6 +61,7 @@ def summaries(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in root.rglob("summary.json")]
 
 
+@pytest.mark.slow
 def test_readme_model_and_dataset_train(project):
     root, args, env = project
     assert (root / "myproject" / "tiny_cnn.py").exists() and (root / "myproject" / "stripes.py").exists()
@@ -73,6 +74,7 @@ def test_readme_model_and_dataset_train(project):
     assert "channels: 1" in config and "image_size: 20" in config
 
 
+@pytest.mark.slow
 def test_readme_model_and_dataset_compose_with_sweeps_presets_and_the_report(project):
     root, args, env = project
     base = [a for a in args if not a.startswith("norm=")]
@@ -100,6 +102,7 @@ def test_readme_model_and_dataset_compose_with_sweeps_presets_and_the_report(pro
     assert "vgg_bn_baseline" in (out / "index.html").read_text()
 
 
+@pytest.mark.slow
 def test_an_untrusted_target_is_one_clear_line(project):
     root, args, env = project
     untrusted = [a for a in args if not a.startswith("trusted_targets")]

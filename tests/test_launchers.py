@@ -253,6 +253,7 @@ def test_slurm_config_renders_the_sbatch_array(tmp_path, monkeypatch):
 
 # --- real multiruns: a toy app (fast) ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["submitit_local", "joblib", "basic"])
 def test_toy_multirun_runs_jobs_in_parallel_processes(tmp_path, launcher):
     app_dir, app = toy_app(tmp_path, sleep_s=2.0)
@@ -283,6 +284,7 @@ TRAIN_ARGS = [*TINY, "model=vgg_a_light", "model.width=0.25", "trainer.max_steps
               "logger=none", "norm=none,bn"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TRAIN.exists(), reason="bench/train.py not written yet")
 @pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])
 def test_train_multirun_through_launcher(tmp_path, launcher):

@@ -105,6 +105,7 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["train/loss"] for line in (run_dir / "steps.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ["norm=bn", "optimizer=sgd"],
     ["norm=gn", "activation=leaky_relu", "loss=focal"],

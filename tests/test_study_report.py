@@ -36,6 +36,7 @@ def page_height(browser: str, out: Path, profile: Path) -> int:
     return int(m.group(1))
 
 
+@pytest.mark.slow
 def test_a_two_run_preset_makes_one_table(tmp_path):
     # a real sweep of the 2-run preset; before issue 10 its runs filled 7-8 near-duplicate tables
     # (every study table whose settings the baseline matches), a page of 12,000-15,000 px
