@@ -32,6 +32,7 @@ def test_without_cuda_one_line_and_exit_0(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_goes_through_every_check(tmp_path):
     out = tmp_path / "out"
     checks = [c for c in CHECKS if c != "cuda_tests"]   # pytest inside pytest: covered by its own verdict test

@@ -48,7 +48,7 @@ def test_a_two_run_preset_makes_one_table(tmp_path):
     assert [r.label for r in table.rows] == ["plain", "BN"] and all(r.cell is not None for r in table.rows)
     # the TINY overrides are the same in both rows: said once above the table, not in every row
     assert not any(r.extra for r in table.rows)
-    assert any(n.startswith("Every row also: ") and "model.width=0.125" in n for n in table.notes)
+    assert any(n.startswith("Every row also: ") and "data.num_train=512" in n for n in table.notes)
     page = (out / "index.html").read_text()
     assert page.count('class="results"') == 1
     assert "other settings" not in page

@@ -194,6 +194,7 @@ def agent_command(sweep_config: dict, run_id: str, args: dict, monkeypatch) -> t
     return started["command"], started["env"]
 
 
+@pytest.mark.slow
 def test_a_wandb_sweep_agent_command_drives_train_py_with_hydra_overrides(tmp_path, wandb_env, monkeypatch):
     sweep_config = yaml.safe_load((ROOT / "docs" / "wandb_sweep.yaml").read_text())
     assert sweep_config["command"] == ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]
