@@ -78,6 +78,7 @@ def test_cuda_requested_without_cuda(tmp_path):
     _assert_one_line_error(proc, "CUDA is not available on this machine", tmp_path)
 
 
+@pytest.mark.slow
 def test_unknown_option_lists_the_available_ones(tmp_path):
     proc = run_train([*TINY, "logger=none", "norm=batchnorm"], tmp_path, check=False)
     assert proc.returncode != 0
@@ -247,6 +248,7 @@ def test_bad_input_battery(name, battery):
     assert elapsed < limit, f"{elapsed:.1f} s (limit {limit:.1f} s; composing alone took {battery['reference']:.1f} s)"
 
 
+@pytest.mark.slow
 def test_a_password_in_any_hydra_error_is_masked(tmp_path):
     """Hydra's own composition errors quote the override (with its value): masked too."""
     proc = run_train([*TINY, f"hydra.sweeper.storagee=postgresql://u:{PASSWORD}@h/db"], tmp_path, check=False)

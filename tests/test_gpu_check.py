@@ -24,6 +24,7 @@ def _run(args, tmp_path, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the real check applies")
 def test_without_cuda_one_line_and_exit_0(tmp_path):
     proc = _run(["--out", str(tmp_path / "out")], tmp_path, timeout=120)

@@ -79,7 +79,9 @@ def write_other_datasets(root: Path, monkeypatch) -> None:
                            np.arange(n) % 10, [f"class_{i}" for i in range(10)])
 
 
-@pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+# logger=wandb starts W&B's service process: a slow test
+@pytest.mark.parametrize("group,option", [pytest.param(*c, marks=pytest.mark.slow) if c == ("logger", "wandb") else c
+                                          for c in CASES], ids=[f"{g}={o}" for g, o in CASES])
 def test_option_composes_and_trains(group, option, tmp_path, fake_cifar, wandb_env, monkeypatch):
     overrides = tiny_overrides(group, option)
     if group == "data" and option != "synthetic":

@@ -202,6 +202,7 @@ def test_grid_sampler_runs_each_point_once(app):
     assert sorted(t.params["x"] for t in study_of(out).get_trials()) == [-1, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["nsgaii", "random"])
 def test_multi_objective_completes_exactly_n_trials_with_a_pareto_front(app, sampler):
     """upstream test_optuna_multi_objective_example: direction [minimize, minimize], the task returns a
@@ -240,6 +241,7 @@ def test_custom_search_space(app):
     assert abs(best.x - best.z) <= 0.3 and 0 <= best["+w"] <= 1
 
 
+@pytest.mark.slow
 def test_n_jobs_launches_batches_and_the_study_has_exactly_n_trials(app):
     """upstream test_launch_jobs (n_trials=8, n_jobs=3): batches of 3, 3, 2."""
     out = sweep(app, ["hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=3", "hydra/sweeper/sampler=random"])

@@ -71,6 +71,7 @@ def killed_after_summary(tmp_path_factory):
     return cwd, killed, before, again
 
 
+@pytest.mark.slow
 def test_a_kill_between_summary_and_index_does_not_retrain_the_run(killed_after_summary):
     cwd, _, before, again = killed_after_summary
     (run_dir, summary), = before.values()
