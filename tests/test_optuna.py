@@ -48,6 +48,7 @@ def summary_of(trial: optuna.trial.FrozenTrial) -> dict:
 # Sweeps through bench/train.py
 
 
+@pytest.mark.slow
 def test_tpe_sweep_fills_the_study_and_a_rerun_continues_it(tmp_path):
     args = ["-m", "search=optuna_tpe", "hydra.sweeper.sampler.seed=0", *FAST]
     run_train([*args, "hydra.sweeper.n_trials=2"], tmp_path)
@@ -81,6 +82,7 @@ def test_tpe_sweep_fills_the_study_and_a_rerun_continues_it(tmp_path):
     assert "best_params" in results and "default-optuna_tpe" in results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["worst", "fail"])
 def test_grid_sweep_survives_failing_and_diverging_runs(tmp_path, strategy):
     """A 2 x 2 grid where half the runs raise (an injected fault) and one diverges (lr 1e9): the sweep
@@ -110,6 +112,7 @@ def test_grid_sweep_survives_failing_and_diverging_runs(tmp_path, strategy):
             assert trial.state == TrialState.FAIL and trial.system_attrs[COUNTED_FAILURE_ATTR]
 
 
+@pytest.mark.slow
 def test_median_pruner_stops_a_clearly_worse_trial(tmp_path):
     """Two trials in a fixed order (enqueued): a learning one (Adam lr 3e-3), then one that cannot
     learn (lr 1e-4). With the median pruner the second stops after its first epoch: PRUNED in the
@@ -138,6 +141,7 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_unreachable_storage_fails_in_one_line_with_the_password_masked(tmp_path):
     port = closed_port()
     url = f"postgresql://bench:hunter2-pw@127.0.0.1:{port}/studies"
@@ -301,6 +305,7 @@ with storage_lock(url, "normbench:study:s"):
 """
 
 
+@pytest.mark.slow
 def test_sqlite_storage_lock_serialises_two_processes(tmp_path):
     """Two sweeper processes on one SQLite study: the storage lock (a filelock on <db>.lock) lets one
     count-and-ask at a time."""

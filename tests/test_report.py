@@ -658,6 +658,7 @@ def find_chromium() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_html_renders_in_headless_chromium(built, tmp_path):
     browser = find_chromium()
     if browser is None:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY, TRAIN
 
@@ -34,6 +35,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sigkilled_sweep_resumes_from_checkpoints_without_redoing_finished_runs(tmp_path):
     epochs = 10
     args = ["-m", *BASE, f"trainer.epochs={epochs}", "norm=none,bn"]
@@ -153,6 +155,7 @@ with SweepState(sys.argv[1]).lock("same"):
 """
 
 
+@pytest.mark.slow
 def test_the_identity_lock_of_a_sigkilled_job_is_released(tmp_path):
     """A job killed with SIGKILL while it holds its identity's lock (a real process: no finaliser runs)
     leaves no stale lock: the next job of that identity gets it at once."""
