@@ -203,8 +203,10 @@ def test_median_stopping_rule(tmp_path):
 def test_run_pruner_is_off_by_default_and_needs_a_sweep(tmp_path):
     from omegaconf import OmegaConf
 
-    assert run_pruner(OmegaConf.create({"pruning": {"name": "none"}}), tmp_path, "me") is None
-    median = OmegaConf.create({"pruning": {"name": "median", "warmup_epochs": 2, "min_runs": 5}})
+    from normbench.pruning import pruning_spec
+
+    assert run_pruner(pruning_spec(OmegaConf.create({"pruning": {"name": "none"}})), tmp_path, "me") is None
+    median = pruning_spec(OmegaConf.create({"pruning": {"name": "median", "warmup_epochs": 2, "min_runs": 5}}))
     assert run_pruner(median, None, "me") is None  # a single run has no peers
     pruner = run_pruner(median, tmp_path, "me")
     assert isinstance(pruner, MedianStoppingPruner) and (pruner.warmup_epochs, pruner.min_runs) == (2, 5)

@@ -180,7 +180,7 @@ def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
     return job_dir
 
 
-def run_pruner(cfg: DictConfig, sweep_dir: Path | None, identity: str, spec: PruningConf) -> Pruner | None:
+def run_pruner(spec: PruningConf, sweep_dir: Path | None, identity: str) -> Pruner | None:
     """What may stop this job's run early: its Optuna trial's pruner in an Optuna sweep, else the grid
     rule chosen by `pruning.name` (which needs a sweep dir: a single run has no peers); None: nothing."""
     pruner = trial_pruner()
@@ -297,7 +297,7 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
                        threads=info.threads, optuna=info.optuna)
     run = Run(cfg, spec, run_info)
     try:
-        run.pruner = run_pruner(cfg, info.sweep_dir, identity, spec.pruning)
+        run.pruner = run_pruner(spec.pruning, info.sweep_dir, identity)
         objective = run.execute()
     except NormbenchError as err:
         # a single run leaves nothing for errors caught before the run started; a sweep job records them
