@@ -63,30 +63,18 @@ def _fmt_ref(value: float, col: Column) -> str:
 
 
 def _n_text(cell: Cell) -> str:
-    text = str(cell.n)
-    extra = []
-    if cell.diverged:
-        extra.append(f"{len(cell.diverged)} diverged")
-    failed = [r for r in cell.other if r.status == Status.FAILED]
-    pruned = [r for r in cell.other if r.status == Status.PRUNED]
-    if failed:
-        extra.append(f"{len(failed)} failed")
-    if pruned:
-        extra.append(f"{len(pruned)} pruned")
-    return text + (f" (+{', '.join(extra)})" if extra else "")
+    counts = {"diverged": len(cell.diverged),
+              **{s.value: sum(r.status == s for r in cell.other) for s in (Status.FAILED, Status.PRUNED)}}
+    extra = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    return f"{cell.n} (+{extra})" if extra else str(cell.n)
 
 
 def _comparison_text(row: Row, scale: float = 100.0) -> str:
     if row.vs is None:
         return ""
-    parts = []
     c = row.comparison
-    if c is None:
-        parts.append(f"vs {row.vs}: not run")
-    elif c.diff is None:
-        parts.append(f"vs {row.vs}: {c.text}")
-    else:
-        parts.append(f"vs {row.vs}: {c.diff * scale:+.2f} pp, {c.text}")
+    ours = "not run" if c is None else c.text if c.diff is None else f"{c.diff * scale:+.2f} pp, {c.text}"
+    parts = [f"vs {row.vs}: {ours}"]
     if row.study_diff is not None:
         parts.append(f"study {row.study_diff:+.2f} pp")
     return "; ".join(parts)
