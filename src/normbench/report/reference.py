@@ -1,17 +1,10 @@
-"""The studies' reported numbers as data, each with the settings it belongs to.
-
-Source: the two studies themselves. Study 000: VGG-A with and without BatchNorm on CIFAR-10 -- its
-tables of losses, activations, optimizers, dropout, schedules, learning rates and the best combination,
-and its section 9 on the optimisation mechanism. Study 002: AlexNet with none/BN/LN/GN across batch
-sizes and learning rates. (The VGG-A parameter counts are computed, not the study's: see their note.)
+"""The studies' reported numbers as data, each with the settings it belongs to (study 000: VGG-A with and
+without BatchNorm on CIFAR-10; study 002: AlexNet with none/BN/LN/GN across batch sizes and lrs).
 
 A run matches a reference row when every setting of the row, and of its table's ``context``, equals
-the run's setting (group choices such as ``norm=bn``, plus the numeric keys ``batch_size``,
-``dropout`` = model.dropout and ``lr`` = optimizer.lr). Keys a table does not name are free: the
-report shows them when they vary.
-
-Reference metric keys use the run-record names; accuracies and errors are in percent here:
-``test/err`` (%), ``test/acc`` (%), ``val/best_acc`` (%), ``convergence/epoch``, ``model/params``.
+the run's setting (group choices such as ``norm=bn``, plus ``batch_size``, ``dropout`` = model.dropout
+and ``lr`` = optimizer.lr). Keys a table does not name are free: the report shows them when they vary.
+Metric keys are the run record's; accuracies and errors are in percent here.
 """
 
 from __future__ import annotations
@@ -26,6 +19,7 @@ MODEL_VARIANTS = {"vgg_a_light": "vgg_a", "alexnet_cifar": "alexnet"}
 
 def model_family(model: object) -> object:
     return MODEL_VARIANTS.get(model, model) if isinstance(model, str) else model
+
 
 NORM_LABEL = {"none": "plain", "bn": "BN", "ln": "LN", "gn": "GN"}
 
@@ -69,10 +63,7 @@ class StudyTable:
     pairs: tuple[tuple[str, str], ...] = ()
 
     def row(self, label: str) -> RefRow:
-        for r in self.rows:
-            if r.label == label:
-                return r
-        raise KeyError(label)
+        return {r.label: r for r in self.rows}[label]
 
 
 STUDY_TITLES = {
@@ -82,7 +73,6 @@ STUDY_TITLES = {
 
 # The study-000 baseline: VGG-A, ReLU, cross-entropy, constant learning rate 0.001 (section 7's
 # "固定学习率 (0.001)" is the 12.35 % of the BN baseline), no dropout.
-_VGG = {"model": "vgg_a"}
 BASE_LR = 0.001
 SGD_LR = 0.01  # section 5's "SGD (lr=0.01, momentum=0.9)": its own row, 11.32 %
 _VGG_BASE = {"model": "vgg_a", "activation": "relu", "loss": "ce", "scheduler": "constant", "dropout": 0.0,
@@ -91,13 +81,8 @@ _VGG_BASE = {"model": "vgg_a", "activation": "relu", "loss": "ce", "scheduler": 
 
 def _ctx(**drop_and_set: Any) -> dict[str, Any]:
     """The VGG baseline context without the keys a table varies (pass key=None to drop it)."""
-    ctx = dict(_VGG_BASE)
-    for key, value in drop_and_set.items():
-        if value is None:
-            ctx.pop(key, None)
-        else:
-            ctx[key] = value
-    return ctx
+    ctx = {**_VGG_BASE, **drop_and_set}
+    return {key: value for key, value in ctx.items() if value is not None}
 
 
 def _norm_by(key: str, labels: dict[str, str], plain: list[float], bn: list[float], base: str) -> tuple:
@@ -121,8 +106,7 @@ _SCHEDS = {"constant": "constant (lr 0.001)", "cosine": "cosine annealing", "ste
 _LRS = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3)
 
 VGG_BN_BASELINE = StudyTable(
-    name="vgg_bn_baseline",
-    study="000",
+    name="vgg_bn_baseline", study="000",
     title="VGG-A: plain vs BatchNorm",
     context=_ctx(),
     rows=(
@@ -151,8 +135,7 @@ VGG_BN_BASELINE = StudyTable(
 )
 
 VGG_LOSSES = StudyTable(
-    name="vgg_losses",
-    study="000",
+    name="vgg_losses", study="000",
     title="VGG-A: five losses, plain and BN",
     context=_ctx(loss=None),
     rows=_norm_by("loss", _LOSSES, [26.58, 27.23, 26.91, 27.45, 26.34], [12.35, 12.89, 12.67, 13.12, 12.28],
@@ -163,8 +146,7 @@ VGG_LOSSES = StudyTable(
 )
 
 VGG_ACTIVATIONS = StudyTable(
-    name="vgg_activations",
-    study="000",
+    name="vgg_activations", study="000",
     title="VGG-A: six activations, plain and BN",
     context=_ctx(activation=None),
     rows=_norm_by("activation", _ACTS, [26.58, 26.12, 27.34, 25.89, 26.45, 26.78],
@@ -180,8 +162,7 @@ VGG_ACTIVATIONS = StudyTable(
 _SGD_REF = {"convergence/epoch": 25, "val/best_acc": 88.95}  # section 5's SGD row reports these too
 
 VGG_OPTIMIZERS = StudyTable(
-    name="vgg_optimizers",
-    study="000",
+    name="vgg_optimizers", study="000",
     title="VGG-A + BN: six optimizers",
     context=_ctx(norm="bn", lr=None),
     rows=tuple(
@@ -193,8 +174,7 @@ VGG_OPTIMIZERS = StudyTable(
 )
 
 VGG_DROPOUT = StudyTable(
-    name="vgg_dropout",
-    study="000",
+    name="vgg_dropout", study="000",
     title="VGG-A: dropout 0.5, plain and BN",
     context=_ctx(dropout=None),
     rows=(
@@ -207,8 +187,7 @@ VGG_DROPOUT = StudyTable(
 )
 
 VGG_SCHEDULERS = StudyTable(
-    name="vgg_schedulers",
-    study="000",
+    name="vgg_schedulers", study="000",
     title="VGG-A + BN: four learning-rate schedules",
     context=_ctx(scheduler=None, norm="bn"),
     rows=tuple(
@@ -220,8 +199,7 @@ VGG_SCHEDULERS = StudyTable(
 )
 
 VGG_LR_ROBUSTNESS = StudyTable(
-    name="vgg_lr_robustness",
-    study="000",
+    name="vgg_lr_robustness", study="000",
     title="VGG-A: learning-rate robustness (10 epochs per lr), plain vs BN",
     context=_ctx(lr=None),
     rows=tuple(
@@ -244,10 +222,9 @@ def _best_row(label: str, ref: float, vs: str | None = "best", **settings: Any) 
 
 
 VGG_BEST = StudyTable(
-    name="vgg_best",
-    study="000",
+    name="vgg_best", study="000",
     title="VGG-A: best combination and its parts",
-    context=dict(_VGG),
+    context={"model": "vgg_a"},
     rows=(
         _best_row("plain baseline", 26.58, norm="none"),
         _best_row("BN + LeakyReLU", 12.64, activation="leaky_relu"),
@@ -271,8 +248,7 @@ _NORM_BATCH = {
 }
 
 ALEXNET_NORM_BATCH = StudyTable(
-    name="alexnet_norm_batch",
-    study="002",
+    name="alexnet_norm_batch", study="002",
     title="AlexNet: norm x batch size (SGD lr 0.005, momentum 0.9, 10 epochs), test accuracy",
     context={"model": "alexnet", "lr": 0.005},
     rows=tuple(
@@ -301,8 +277,7 @@ ALEXNET_NORM_BATCH = StudyTable(
 )
 
 ALEXNET_LR = StudyTable(
-    name="alexnet_lr",
-    study="002",
+    name="alexnet_lr", study="002",
     title="AlexNet without norm, batch size 64: learning rate (momentum 0.9, 10 epochs), test accuracy",
     context={"model": "alexnet", "norm": "none", "batch_size": 64},
     rows=tuple(
