@@ -40,9 +40,6 @@ def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, s
     copy_filters(table, out, warnings, copied)
 
 
-# ------------------------------------------------------------------------------------------------
-# per-run series (read on demand)
-
 def _epoch_curve(label: str, runs: Sequence[RunRecord]):
     per_epoch: dict[int, list[list[float]]] = {}
     for run in runs:
@@ -83,9 +80,6 @@ def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     values = np.array([num(r.get(key)) for r in rows], dtype=float)
     return steps, values
 
-
-# ------------------------------------------------------------------------------------------------
-# figures
 
 def summary_bars(table: Table, fig_dir: str) -> None:
     """Ours (mean, 95% CI) of the primary metric next to the study's number, per row."""
@@ -218,9 +212,6 @@ def copy_filters(table: Table, out: str, warnings: list[str], copied: dict[str, 
             label = row.label + (f" {row.extra}" if row.extra else "") + f" (seed {run.seed})"
             table.filters.append((label, copied[run.path]))
 
-
-# ------------------------------------------------------------------------------------------------
-# helpers
 
 def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
     """The table's runs (at most MAX_PROBE_RUNS) grouped by norm (the studies' contrast) when norm varies

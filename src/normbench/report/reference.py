@@ -106,9 +106,7 @@ _SCHEDS = {"constant": "constant (lr 0.001)", "cosine": "cosine annealing", "ste
 _LRS = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3)
 
 VGG_BN_BASELINE = StudyTable(
-    name="vgg_bn_baseline", study="000",
-    title="VGG-A: plain vs BatchNorm",
-    context=_ctx(),
+    name="vgg_bn_baseline", study="000", title="VGG-A: plain vs BatchNorm", context=_ctx(),
     rows=(
         RefRow("plain", {"norm": "none"},
                {"test/err": 26.58, "test/acc": 73.42, "val/best_acc": 75.23, "convergence/epoch": 45,
@@ -135,9 +133,7 @@ VGG_BN_BASELINE = StudyTable(
 )
 
 VGG_LOSSES = StudyTable(
-    name="vgg_losses", study="000",
-    title="VGG-A: five losses, plain and BN",
-    context=_ctx(loss=None),
+    name="vgg_losses", study="000", title="VGG-A: five losses, plain and BN", context=_ctx(loss=None),
     rows=_norm_by("loss", _LOSSES, [26.58, 27.23, 26.91, 27.45, 26.34], [12.35, 12.89, 12.67, 13.12, 12.28],
                   base="ce"),
     flags=(("Study inconsistency: the text says L2 regularisation slightly improves BN VGG (\"L2 正则化对 "
@@ -146,8 +142,7 @@ VGG_LOSSES = StudyTable(
 )
 
 VGG_ACTIVATIONS = StudyTable(
-    name="vgg_activations", study="000",
-    title="VGG-A: six activations, plain and BN",
+    name="vgg_activations", study="000", title="VGG-A: six activations, plain and BN",
     context=_ctx(activation=None),
     rows=_norm_by("activation", _ACTS, [26.58, 26.12, 27.34, 25.89, 26.45, 26.78],
                   [19.85, 12.64, 21.13, 14.32, 15.87, 16.45], base="relu"),
@@ -162,9 +157,7 @@ VGG_ACTIVATIONS = StudyTable(
 _SGD_REF = {"convergence/epoch": 25, "val/best_acc": 88.95}  # section 5's SGD row reports these too
 
 VGG_OPTIMIZERS = StudyTable(
-    name="vgg_optimizers", study="000",
-    title="VGG-A + BN: six optimizers",
-    context=_ctx(norm="bn", lr=None),
+    name="vgg_optimizers", study="000", title="VGG-A + BN: six optimizers", context=_ctx(norm="bn", lr=None),
     rows=tuple(
         RefRow(f"BN · {text}", {"optimizer": opt, **({"lr": SGD_LR} if opt == "sgd" else {})},
                {"test/err": err, **(_SGD_REF if opt == "sgd" else {})},
@@ -174,9 +167,7 @@ VGG_OPTIMIZERS = StudyTable(
 )
 
 VGG_DROPOUT = StudyTable(
-    name="vgg_dropout", study="000",
-    title="VGG-A: dropout 0.5, plain and BN",
-    context=_ctx(dropout=None),
+    name="vgg_dropout", study="000", title="VGG-A: dropout 0.5, plain and BN", context=_ctx(dropout=None),
     rows=(
         RefRow("plain · no dropout", {"norm": "none", "dropout": 0.0}, {"test/err": 26.58}),
         RefRow("plain · dropout 0.5", {"norm": "none", "dropout": 0.5}, {"test/err": 24.73},
@@ -187,8 +178,7 @@ VGG_DROPOUT = StudyTable(
 )
 
 VGG_SCHEDULERS = StudyTable(
-    name="vgg_schedulers", study="000",
-    title="VGG-A + BN: four learning-rate schedules",
+    name="vgg_schedulers", study="000", title="VGG-A + BN: four learning-rate schedules",
     context=_ctx(scheduler=None, norm="bn"),
     rows=tuple(
         RefRow(f"BN · {text}", {"scheduler": sched}, {"test/err": err, "convergence/epoch": conv},
@@ -222,9 +212,7 @@ def _best_row(label: str, ref: float, vs: str | None = "best", **settings: Any) 
 
 
 VGG_BEST = StudyTable(
-    name="vgg_best", study="000",
-    title="VGG-A: best combination and its parts",
-    context={"model": "vgg_a"},
+    name="vgg_best", study="000", title="VGG-A: best combination and its parts", context={"model": "vgg_a"},
     rows=(
         _best_row("plain baseline", 26.58, norm="none"),
         _best_row("BN + LeakyReLU", 12.64, activation="leaky_relu"),

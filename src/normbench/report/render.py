@@ -57,9 +57,7 @@ def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
 
 
 def _fmt_ref(value: float, col: Column) -> str:
-    if col.metric == "model/params":
-        return f"{value:,.0f}"
-    return f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
+    return f"{value:,.0f}" if col.metric == "model/params" else f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
 
 
 def _n_text(cell: Cell) -> str:
@@ -185,9 +183,7 @@ def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
 
 
 def table_title(table: Table) -> str:
-    if table.study is not None:
-        return f"{table.name} — {table.title} (study {table.study.study})"
-    return f"{table.name} — {table.title}"
+    return f"{table.name} — {table.title}" + (f" (study {table.study.study})" if table.study else "")
 
 
 def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -231,11 +227,7 @@ def _effective_text(effective: list[float], lrs: list[float]) -> str:
     return f"{span}, {len(effective)} of {len(lrs)} lrs"
 
 
-
-
-# ------------------------------------------------------------------------------------------------
 # the page and the Markdown, through the templates
-
 @dataclass
 class TableView:
     """A table's strings as the page and the Markdown show them."""
@@ -299,9 +291,7 @@ def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
         title=title, result=result, views=[_view(t) for t in tables])
 
 
-# ------------------------------------------------------------------------------------------------
 # CSV files
-
 def write_runs_csv(result: ScanResult, path: str) -> None:
     choice_keys = list(dict.fromkeys(k for run in result.runs for k in run.choices))
     metric_keys = list(dict.fromkeys(k for run in result.runs for k in run.metrics))

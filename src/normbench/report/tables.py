@@ -15,7 +15,7 @@ from typing import Any
 
 from normbench.identity import SEED
 from normbench.record import CONFIG, LEARN_MARGIN, learned_threshold
-from normbench.report.mechanism import LrLine, NormLine
+from normbench.report.mechanism import LrLine, NormLine, num
 from normbench.report.records import Cell
 from normbench.report.reference import (
     MODEL_VARIANTS,
@@ -60,9 +60,6 @@ COLUMNS = (
 STUDY_DATA = "cifar10"
 NO_STUDY_NUMBER = "no study number for this dataset"
 
-
-# ------------------------------------------------------------------------------------------------
-# tables
 
 @dataclass
 class Row:
@@ -166,9 +163,7 @@ def constant_overrides(cells: Sequence[Cell]) -> list[str]:
 
 def fmt_value(value: Any) -> str:
     """A setting for people: floats to 4 significant digits (0.0012345678 -> 0.001235)."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def round_text(text: str) -> str:
@@ -272,13 +267,8 @@ def add_convergence(table: Table) -> None:
 
 
 def _val_curve(run) -> list[tuple[int, float]]:
-    out = []
-    for row in run.epochs():
-        e, acc = row.get("epoch"), row.get("val/acc")
-        if isinstance(e, int) and not isinstance(e, bool) and isinstance(acc, (int, float)) \
-                and not isinstance(acc, bool) and math.isfinite(acc):
-            out.append((e, float(acc)))
-    return sorted(out)
+    return sorted((e, acc) for row in run.epochs() if isinstance(e := row.get("epoch"), int)
+                  and not isinstance(e, bool) and math.isfinite(acc := num(row.get("val/acc"))))
 
 
 def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
