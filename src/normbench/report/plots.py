@@ -101,11 +101,9 @@ def clustered_bars(groups: Sequence[str], clusters: Sequence[str], ours: dict[tu
     colors = _colors(len(groups))
     for gi, group in enumerate(groups):
         offs = x - 0.4 + width * (gi + 0.5)
-        vals = [ours.get((group, c), (None, None))[0] for c in clusters]
-        errs = [ours.get((group, c), (None, None))[1] for c in clusters]
-        v = np.array([np.nan if a is None else a for a in vals], dtype=float)
-        e = np.array([0.0 if a is None else a for a in errs], dtype=float)
-        ax.bar(offs, v, width, yerr=e, capsize=2, color=colors[gi], label=f"{group} (ours)")
+        # (mean, CI) per cluster; None -> nan: no bar, no error bar
+        v, e = np.array([ours.get((group, c), (None, None)) for c in clusters], dtype=float).reshape(-1, 2).T
+        ax.bar(offs, v, width, yerr=np.nan_to_num(e), capsize=2, color=colors[gi], label=f"{group} (ours)")
         s = np.array([study.get((group, c), np.nan) for c in clusters], dtype=float)
         ax.scatter(offs, s, marker="_", s=(60 * width) ** 2, color="black", zorder=3,
                    label="study" if gi == 0 else None)

@@ -299,17 +299,17 @@ def write_runs_csv(result: ScanResult, path: str) -> None:
               + ["overrides"] + [f"metric/{k}" for k in metric_keys]
               + list(SUMMARY_COLUMNS) + ["skipped", "skip_reason"])
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
+        w = csv.DictWriter(f, header, restval="")
+        w.writeheader()
         for run in result.runs:
-            w.writerow([run.path, run.identity, run.status, run.experiment]
-                       + [_csv_value(run.choices.get(k)) for k in choice_keys] + [" ".join(run.overrides)]
-                       + [_csv_value(run.metrics.get(k)) for k in metric_keys]
-                       + [_csv_value(run.summary.get(k)) for k in SUMMARY_COLUMNS] + ["", ""])
-        blank = [""] * (len(choice_keys) + 1 + len(metric_keys) + len(SUMMARY_COLUMNS))
+            w.writerow({"path": run.path, "identity": run.identity, "status": run.status,
+                        "experiment": run.experiment, "overrides": " ".join(run.overrides),
+                        **{f"choice/{k}": _csv_value(v) for k, v in run.choices.items()},
+                        **{f"metric/{k}": _csv_value(v) for k, v in run.metrics.items()},
+                        **{k: _csv_value(run.summary.get(k)) for k in SUMMARY_COLUMNS}})
         for sk in result.skipped:
             status = Status.RUNNING.value if sk.kind == "in progress" else ""
-            w.writerow([sk.path, "", status, ""] + blank + [sk.kind, sk.reason])
+            w.writerow({"path": sk.path, "status": status, "skipped": sk.kind, "skip_reason": sk.reason})
 
 
 def _csv_value(value: Any) -> Any:
