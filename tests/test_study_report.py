@@ -14,7 +14,9 @@ from conftest import TINY, run_train
 from test_report import find_chromium, write_run
 
 from normbench.report import cli as report
-from normbench.report.reference import ALEXNET_NORM_BATCH, TABLES_BY_NAME
+from normbench.report.reference import TABLES_BY_NAME
+
+ALEXNET_NORM_BATCH = TABLES_BY_NAME["alexnet_norm_batch"]
 
 HEIGHT_SCRIPT = """<script>window.addEventListener('load', () => { const d = document.createElement('div');
 d.id = 'height-check'; d.textContent = 'height=' + document.documentElement.scrollHeight;

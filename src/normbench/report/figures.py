@@ -1,10 +1,8 @@
 """The report's figures per table, drawn from the runs' records (normbench.report.plots draws them).
 
 One function per figure kind; each adds (caption, path) to ``table.figures`` when the runs have its
-data: ours-vs-study bars, clustered bars by norm x batch size (study 002), training curves, the loss
-landscape across learning rates over the runs of the mechanism table (normbench.report.mechanism), the
-optimisation probes, and the first-layer filters (``table.filters``). The jsonl files are read here,
-for the few runs each figure shows. Figures only draw: every number in a table is computed before.
+data. The jsonl files are read here, for the few runs each figure shows. Figures only draw: every
+number in a table is computed before.
 """
 
 from __future__ import annotations
@@ -37,16 +35,10 @@ def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, s
     """Every figure of the table into <out>/fig/ (copied: run path -> filters copy, shared by tables)."""
     fig_dir = os.path.join(out, "fig")
     os.makedirs(fig_dir, exist_ok=True)
-    summary_bars(table, fig_dir)
-    clustered_bars(table, fig_dir)
-    training_curves(table, fig_dir)
-    loss_landscape(table, fig_dir)
-    probe_panels(table, fig_dir)
+    for draw in (summary_bars, clustered_bars, training_curves, loss_landscape, probe_panels):
+        draw(table, fig_dir)
     copy_filters(table, out, warnings, copied)
 
-
-# ------------------------------------------------------------------------------------------------
-# per-run series (read on demand)
 
 def _epoch_curve(label: str, runs: Sequence[RunRecord]):
     per_epoch: dict[int, list[list[float]]] = {}
@@ -88,9 +80,6 @@ def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     values = np.array([num(r.get(key)) for r in rows], dtype=float)
     return steps, values
 
-
-# ------------------------------------------------------------------------------------------------
-# figures
 
 def summary_bars(table: Table, fig_dir: str) -> None:
     """Ours (mean, 95% CI) of the primary metric next to the study's number, per row."""
@@ -150,7 +139,7 @@ def training_curves(table: Table, fig_dir: str) -> None:
         return
     note = ""
     if len(curve_rows) > MAX_CURVE_CELLS:
-        curve_rows.sort(key=lambda r: _key_or_inf(r.cell.stat("test/err").mean))
+        curve_rows.sort(key=lambda r: math.inf if (m := r.cell.stat("test/err").mean) is None else m)
         note = f" (best {MAX_CURVE_CELLS} of {len(curve_rows)} by test error)"
         curve_rows = curve_rows[:MAX_CURVE_CELLS]
     series = []
@@ -173,7 +162,7 @@ def loss_landscape(table: Table, fig_dir: str) -> None:
     for line in table.mechanism:
         agg = _loss_band(line.records) if isinstance(line, NormLine) else None
         if agg is not None:
-            bands.append((plots.Band(line.norm, agg[0], agg[1], agg[2], None), line.study.get("loss_range")))
+            bands.append((plots.Band(line.norm, *agg[:3]), line.study.get("loss_range")))
     if not bands:
         return
     lrs = sorted({lr for c in table.cells if (lr := lr_of(c)) is not None})
@@ -224,9 +213,6 @@ def copy_filters(table: Table, out: str, warnings: list[str], copied: dict[str, 
             table.filters.append((label, copied[run.path]))
 
 
-# ------------------------------------------------------------------------------------------------
-# helpers
-
 def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
     """The table's runs (at most MAX_PROBE_RUNS) grouped by norm (the studies' contrast) when norm varies
     and by learning rate when it varies, else by row."""
@@ -253,11 +239,7 @@ def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
 
 
 def _loss_band(runs: Sequence[RunRecord]):
-    step_pairs = []
-    for run in runs:
-        rows = run.steps()
-        if rows:
-            step_pairs.append(_series(rows, "train/loss"))
+    step_pairs = [_series(rows, "train/loss") for run in runs if (rows := run.steps())]
     return _per_step(step_pairs) if step_pairs else None
 
 
@@ -266,7 +248,7 @@ def _probe_bands(gname: str, rows: list[list[dict]], panels: dict[str, list]) ->
     for key in PROBE_KEYS:
         agg = _per_step([_series(r, key) for r in rows])
         if agg is not None:
-            panels.setdefault(key, []).append(plots.Band(gname, agg[0], agg[1], agg[2], agg[3]))
+            panels.setdefault(key, []).append(plots.Band(gname, *agg))
     lo = _per_step([_series(r, "probe/loss_min") for r in rows])
     hi = _per_step([_series(r, "probe/loss_max") for r in rows])
     if lo is not None and hi is not None:
@@ -278,7 +260,12 @@ def _probe_bands(gname: str, rows: list[list[dict]], panels: dict[str, list]) ->
 
 def _copy_filters_png(run: RunRecord, out: str, warnings: list[str]) -> str:
     """The copy's path relative to out, or "" when the run's filters.png is not a PNG."""
-    if not _is_png(run.filters_png):
+    try:
+        with open(run.filters_png, "rb") as f:
+            is_png = f.read(len(PNG_MAGIC)) == PNG_MAGIC
+    except OSError:
+        is_png = False
+    if not is_png:
         warnings.append(f"{run.path}: {FILTERS} is not a PNG file, not shown")
         return ""
     os.makedirs(os.path.join(out, "fig", "filters"), exist_ok=True)
@@ -286,14 +273,3 @@ def _copy_filters_png(run: RunRecord, out: str, warnings: list[str]) -> str:
     shutil.copyfile(run.filters_png, os.path.join(out, dest))
     return dest
 
-
-def _key_or_inf(value: float | None) -> float:
-    return math.inf if value is None else value
-
-
-def _is_png(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(8) == PNG_MAGIC
-    except OSError:
-        return False

@@ -25,6 +25,11 @@ MAX_BAND_RUNS = 200
 # the start. A run with a single epoch uses the second half of its steps.
 LOSS_RANGE_WARMUP_EPOCHS = 1
 EFFECTIVE_LR_FRACTION = 0.9  # an lr is in a norm's effective range at >= 90% of that norm's best test acc
+# LrLine field -> (probe key without "probe/", statistic over the runs' finite probe values)
+PROBE_STATS = {"grad_cos": ("grad_cos", np.mean), "grad_pred": ("grad_pred", np.mean),
+               "beta_mean": ("beta", np.mean), "beta_max": ("beta", np.max),
+               "lipschitz_median": ("lipschitz", np.median), "lipschitz_max": ("lipschitz", np.max),
+               "grad_var_rel": ("grad_var_rel", np.mean)}
 
 
 @dataclass
@@ -104,23 +109,14 @@ def _lr_line(label: str, lr: float | None, cells: Sequence[Cell]) -> LrLine:
     window = _loss_window(runs)
     line = LrLine(label, lr, len(runs), _mean_acc(runs),
                   (float(min(window)), float(max(window))) if window else None)
-    found: dict[str, list[float]] = {}
+    found: dict[str, list[float]] = {key: [] for key, _ in PROBE_STATS.values()}
     for run in runs:
         rows = run.probes()
-        for key in ("grad_cos", "grad_pred", "beta", "lipschitz", "grad_var_rel"):
-            values = (num(r.get(f"probe/{key}")) for r in rows)
-            found.setdefault(key, []).extend(v for v in values if math.isfinite(v))
-    if found.get("grad_cos"):
-        line.grad_cos = float(np.mean(found["grad_cos"]))
-    if found.get("grad_pred"):
-        line.grad_pred = float(np.mean(found["grad_pred"]))
-    if found.get("beta"):
-        line.beta_mean, line.beta_max = float(np.mean(found["beta"])), float(np.max(found["beta"]))
-    if found.get("lipschitz"):
-        line.lipschitz_median, line.lipschitz_max = (float(np.median(found["lipschitz"])),
-                                                     float(np.max(found["lipschitz"])))
-    if found.get("grad_var_rel"):
-        line.grad_var_rel = float(np.mean(found["grad_var_rel"]))
+        for key, values in found.items():
+            values.extend(v for r in rows if math.isfinite(v := num(r.get(f"probe/{key}"))))
+    for name, (key, statistic) in PROBE_STATS.items():
+        if found[key]:
+            setattr(line, name, float(statistic(found[key])))
     return line
 
 

@@ -36,6 +36,13 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
     return fig, axes
 
 
+def _label(ax, title: str, xlabel: str, ylabel: str = "", grid_axis: str = "both", fontsize: int = 10) -> None:
+    """The axes' title, labels and light grid, alike in every figure."""
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=fontsize)
+    ax.grid(axis=grid_axis, alpha=0.3)
+
+
 def _save(fig: Figure, path: str) -> str:
     fig.savefig(path, format="png", dpi=DPI)
     return path
@@ -78,10 +85,8 @@ def summary_bars(rows: Sequence[BarRow], path: str, title: str, ylabel: str) -> 
             ax.annotate(f"n={r.n}", (xi - width / 2, 0), textcoords="offset points", xytext=(0, 3),
                         ha="center", fontsize=7, color="white")
     ax.set_xticks(x, [_short(r.label) for r in rows], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    _label(ax, title, "", ylabel, "y")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # off the bars
-    ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 
@@ -96,20 +101,15 @@ def clustered_bars(groups: Sequence[str], clusters: Sequence[str], ours: dict[tu
     colors = _colors(len(groups))
     for gi, group in enumerate(groups):
         offs = x - 0.4 + width * (gi + 0.5)
-        vals = [ours.get((group, c), (None, None))[0] for c in clusters]
-        errs = [ours.get((group, c), (None, None))[1] for c in clusters]
-        v = np.array([np.nan if a is None else a for a in vals], dtype=float)
-        e = np.array([0.0 if a is None else a for a in errs], dtype=float)
-        ax.bar(offs, v, width, yerr=e, capsize=2, color=colors[gi], label=f"{group} (ours)")
+        # (mean, CI) per cluster; None -> nan: no bar, no error bar
+        v, e = np.array([ours.get((group, c), (None, None)) for c in clusters], dtype=float).reshape(-1, 2).T
+        ax.bar(offs, v, width, yerr=np.nan_to_num(e), capsize=2, color=colors[gi], label=f"{group} (ours)")
         s = np.array([study.get((group, c), np.nan) for c in clusters], dtype=float)
         ax.scatter(offs, s, marker="_", s=(60 * width) ** 2, color="black", zorder=3,
                    label="study" if gi == 0 else None)
     ax.set_xticks(x, list(clusters))
-    ax.set_xlabel("batch size")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    _label(ax, title, "batch size", ylabel, "y")
     ax.legend(fontsize=8, ncols=len(groups) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.13))
-    ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 
@@ -131,14 +131,9 @@ def curves(series: Sequence[Curve], path: str, title: str) -> str:
         for ax, train, val in ((axes[0][0], c.train_acc, c.val_acc), (axes[0][1], c.train_loss, c.val_loss)):
             ax.plot(c.epoch, train, "--", color=color, lw=1.2)
             ax.plot(c.epoch, val, "-", color=color, lw=1.6, label=_short(c.label))
-    axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][1].set_ylabel("loss")
-    for ax in axes[0]:
-        ax.set_xlabel("epoch")
+    for ax, name, ylabel in zip(axes[0], ("accuracy", "loss"), ("accuracy (%)", "loss"), strict=True):
+        _label(ax, f"{name}: train dashed, validation solid", "epoch", ylabel, fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.grid(alpha=0.3)
-    axes[0][0].set_title("accuracy: train dashed, validation solid", fontsize=9)
-    axes[0][1].set_title("loss: train dashed, validation solid", fontsize=9)
     if len(series) <= 4:
         axes[0][1].legend(fontsize=7, loc="upper right")
     else:
@@ -157,32 +152,26 @@ class Band:
     mean: np.ndarray | None = None
 
 
-def band_plot(bands: Sequence[Band], path: str, title: str, ylabel: str, logy: bool | None = None,
-              ref_ranges: Sequence[tuple[float, float] | None] | None = None) -> str:
-    """Per-step min-max bands (e.g. training loss over the runs of several learning rates); optional
-    reference ranges per band drawn as dashed lines in the band's colour."""
+def band_plot(bands: Sequence[Band], path: str, title: str, ylabel: str,
+              ref_ranges: Sequence[tuple[float, float] | None]) -> str:
+    """Per-step min-max bands (e.g. training loss over the runs of several learning rates); reference
+    ranges per band (or None) drawn as dashed lines in the band's colour; log scale for a wide range."""
     fig, axes = _figure(7.5, 4.2)
     ax = axes[0][0]
-    refs = list(ref_ranges) if ref_ranges is not None else [None] * len(bands)
-    for band, color, ref in zip(bands, _colors(len(bands)), refs, strict=True):
+    for band, color, ref in zip(bands, _colors(len(bands)), ref_ranges, strict=True):
         ax.fill_between(band.step, band.low, band.high, color=color, alpha=0.35, lw=0, label=band.label)
         if band.mean is not None:
             ax.plot(band.step, band.mean, color=color, lw=1)
         if ref is not None:
             for y in ref:
                 ax.axhline(y, color=color, ls="--", lw=1)
-    if logy is None:
-        lows = np.concatenate([b.low for b in bands]) if bands else np.array([1.0])
-        highs = np.concatenate([b.high for b in bands]) if bands else np.array([1.0])
-        positive = lows[lows > 0]
-        logy = bool(positive.size and np.nanmax(highs) / np.nanmin(positive) > 50)
-    if logy:
+    lows = np.concatenate([b.low for b in bands]) if bands else np.array([1.0])
+    highs = np.concatenate([b.high for b in bands]) if bands else np.array([1.0])
+    positive = lows[lows > 0]
+    if positive.size and np.nanmax(highs) / np.nanmin(positive) > 50:
         ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    _label(ax, title, "step", ylabel)
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -199,9 +188,7 @@ def probe_panels(panels: dict[str, Sequence[Band]], path: str, title: str) -> st
             ax.fill_between(band.step, band.low, band.high, color=color, alpha=0.3, lw=0)
             ax.plot(band.step, band.mean if band.mean is not None else band.high, color=color, lw=1.2,
                     label=band.label)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
+        _label(ax, name, "step", fontsize=9)
         ax.legend(fontsize=7)
     for ax in flat[len(names):]:
         ax.set_visible(False)

@@ -53,6 +53,10 @@ class Skipped:
     reason: str
 
 
+def _summary_field(key: str) -> property:
+    return property(lambda self: self.summary[key], doc=f'summary.json\'s "{key}"')
+
+
 @dataclass
 class RunRecord:
     path: str
@@ -60,30 +64,13 @@ class RunRecord:
     files: frozenset[str]
     malformed: dict[str, int] = field(default_factory=dict, repr=False)  # jsonl file read -> lines ignored
 
-    # --- summary fields -------------------------------------------------------------------
-    @property
-    def status(self) -> str:
-        return self.summary["status"]
-
-    @property
-    def identity(self) -> str:
-        return self.summary["identity"]
-
-    @property
-    def experiment(self) -> str:
-        return self.summary["experiment"]
-
-    @property
-    def choices(self) -> dict[str, Any]:
-        return self.summary["choices"]
-
-    @property
-    def overrides(self) -> list[str]:
-        return self.summary["overrides"]
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return self.summary["metrics"]
+    # --- summary fields (validate_summary checked their types) --------------------------------
+    status = _summary_field("status")  # str
+    identity = _summary_field("identity")  # str
+    experiment = _summary_field("experiment")  # str
+    choices = _summary_field("choices")  # dict[str, Any]
+    overrides = _summary_field("overrides")  # list[str]
+    metrics = _summary_field("metrics")  # dict[str, Any]
 
     @property
     def seed(self) -> Any:
@@ -289,21 +276,11 @@ class Cell:
         if key in self.choices:
             return self.choices[key]
         if key not in self._settings:
-            value = None
-            for run in self.all_runs:
-                value = run.setting(key)
-                if value is not None:
-                    break
-            self._settings[key] = value
+            self._settings[key] = next((v for run in self.all_runs if (v := run.setting(key)) is not None), None)
         return self._settings[key]
 
     def values(self, metric: str) -> list[float]:
-        out = []
-        for run in self.runs:
-            v = run.metric(metric)
-            if v is not None:
-                out.append(v)
-        return out
+        return [v for run in self.runs if (v := run.metric(metric)) is not None]
 
     def stat(self, metric: str) -> Stat:
         return mean_ci(self.values(metric))
@@ -324,10 +301,5 @@ def _cell(key: tuple[str, str], runs: list[RunRecord]) -> Cell:
     overrides = tuple(sorted({o for r in runs for o in value_overrides(r)}))
     cell = Cell(key, first.experiment, [], [], [], choices, overrides)
     for run in runs:
-        if run.status == Status.COMPLETED:
-            cell.runs.append(run)
-        elif run.status == Status.DIVERGED:
-            cell.diverged.append(run)
-        else:
-            cell.other.append(run)
+        {Status.COMPLETED: cell.runs, Status.DIVERGED: cell.diverged}.get(run.status, cell.other).append(run)
     return cell

@@ -57,36 +57,22 @@ def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
 
 
 def _fmt_ref(value: float, col: Column) -> str:
-    if col.metric == "model/params":
-        return f"{value:,.0f}"
-    return f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
+    return f"{value:,.0f}" if col.metric == "model/params" else f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
 
 
 def _n_text(cell: Cell) -> str:
-    text = str(cell.n)
-    extra = []
-    if cell.diverged:
-        extra.append(f"{len(cell.diverged)} diverged")
-    failed = [r for r in cell.other if r.status == Status.FAILED]
-    pruned = [r for r in cell.other if r.status == Status.PRUNED]
-    if failed:
-        extra.append(f"{len(failed)} failed")
-    if pruned:
-        extra.append(f"{len(pruned)} pruned")
-    return text + (f" (+{', '.join(extra)})" if extra else "")
+    counts = {"diverged": len(cell.diverged),
+              **{s.value: sum(r.status == s for r in cell.other) for s in (Status.FAILED, Status.PRUNED)}}
+    extra = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    return f"{cell.n} (+{extra})" if extra else str(cell.n)
 
 
 def _comparison_text(row: Row, scale: float = 100.0) -> str:
     if row.vs is None:
         return ""
-    parts = []
     c = row.comparison
-    if c is None:
-        parts.append(f"vs {row.vs}: not run")
-    elif c.diff is None:
-        parts.append(f"vs {row.vs}: {c.text}")
-    else:
-        parts.append(f"vs {row.vs}: {c.diff * scale:+.2f} pp, {c.text}")
+    ours = "not run" if c is None else c.text if c.diff is None else f"{c.diff * scale:+.2f} pp, {c.text}"
+    parts = [f"vs {row.vs}: {ours}"]
     if row.study_diff is not None:
         parts.append(f"study {row.study_diff:+.2f} pp")
     return "; ".join(parts)
@@ -197,9 +183,7 @@ def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
 
 
 def table_title(table: Table) -> str:
-    if table.study is not None:
-        return f"{table.name} — {table.title} (study {table.study.study})"
-    return f"{table.name} — {table.title}"
+    return f"{table.name} — {table.title}" + (f" (study {table.study.study})" if table.study else "")
 
 
 def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -243,11 +227,7 @@ def _effective_text(effective: list[float], lrs: list[float]) -> str:
     return f"{span}, {len(effective)} of {len(lrs)} lrs"
 
 
-
-
-# ------------------------------------------------------------------------------------------------
 # the page and the Markdown, through the templates
-
 @dataclass
 class TableView:
     """A table's strings as the page and the Markdown show them."""
@@ -311,9 +291,7 @@ def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
         title=title, result=result, views=[_view(t) for t in tables])
 
 
-# ------------------------------------------------------------------------------------------------
 # CSV files
-
 def write_runs_csv(result: ScanResult, path: str) -> None:
     choice_keys = list(dict.fromkeys(k for run in result.runs for k in run.choices))
     metric_keys = list(dict.fromkeys(k for run in result.runs for k in run.metrics))
@@ -321,17 +299,17 @@ def write_runs_csv(result: ScanResult, path: str) -> None:
               + ["overrides"] + [f"metric/{k}" for k in metric_keys]
               + list(SUMMARY_COLUMNS) + ["skipped", "skip_reason"])
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
+        w = csv.DictWriter(f, header, restval="")
+        w.writeheader()
         for run in result.runs:
-            w.writerow([run.path, run.identity, run.status, run.experiment]
-                       + [_csv_value(run.choices.get(k)) for k in choice_keys] + [" ".join(run.overrides)]
-                       + [_csv_value(run.metrics.get(k)) for k in metric_keys]
-                       + [_csv_value(run.summary.get(k)) for k in SUMMARY_COLUMNS] + ["", ""])
-        blank = [""] * (len(choice_keys) + 1 + len(metric_keys) + len(SUMMARY_COLUMNS))
+            w.writerow({"path": run.path, "identity": run.identity, "status": run.status,
+                        "experiment": run.experiment, "overrides": " ".join(run.overrides),
+                        **{f"choice/{k}": _csv_value(v) for k, v in run.choices.items()},
+                        **{f"metric/{k}": _csv_value(v) for k, v in run.metrics.items()},
+                        **{k: _csv_value(run.summary.get(k)) for k in SUMMARY_COLUMNS}})
         for sk in result.skipped:
             status = Status.RUNNING.value if sk.kind == "in progress" else ""
-            w.writerow([sk.path, "", status, ""] + blank + [sk.kind, sk.reason])
+            w.writerow({"path": sk.path, "status": status, "skipped": sk.kind, "skip_reason": sk.reason})
 
 
 def _csv_value(value: Any) -> Any:

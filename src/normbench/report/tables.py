@@ -15,7 +15,7 @@ from typing import Any
 
 from normbench.identity import SEED
 from normbench.record import CONFIG, LEARN_MARGIN, learned_threshold
-from normbench.report.mechanism import LrLine, NormLine
+from normbench.report.mechanism import LrLine, NormLine, num
 from normbench.report.records import Cell
 from normbench.report.reference import (
     MODEL_VARIANTS,
@@ -60,9 +60,6 @@ COLUMNS = (
 STUDY_DATA = "cifar10"
 NO_STUDY_NUMBER = "no study number for this dataset"
 
-
-# ------------------------------------------------------------------------------------------------
-# tables
 
 @dataclass
 class Row:
@@ -166,9 +163,7 @@ def constant_overrides(cells: Sequence[Cell]) -> list[str]:
 
 def fmt_value(value: Any) -> str:
     """A setting for people: floats to 4 significant digits (0.0012345678 -> 0.001235)."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def round_text(text: str) -> str:
@@ -198,19 +193,13 @@ def _counterpart_key(cell: Cell, defining: set[str]) -> tuple:
     return (cell.experiment, others, cell.value_overrides)
 
 
-def _closest(cell: Cell, candidates: Sequence[Cell], index: dict[tuple, Cell] | None = None,
-             defining: set[str] | None = None) -> Cell | None:
+def _closest(cell: Cell, candidates: Sequence[Cell], index: dict[tuple, Cell], defining: set[str]) -> Cell | None:
     """The candidate sharing most settings with cell (same experiment preferred): first the exact
     counterpart (same everything but the defining settings), else the nearest one when there are at
     most MAX_NEAREST candidates (a large search has no meaningful nearest: None)."""
-    if not candidates:
-        return None
-    if index is not None and defining is not None:
-        exact = index.get(_counterpart_key(cell, defining))
-        if exact is not None:
-            return exact
-    if len(candidates) > MAX_NEAREST:
-        return None
+    exact = index.get(_counterpart_key(cell, defining))
+    if exact is not None or not candidates or len(candidates) > MAX_NEAREST:
+        return exact
 
     def distance(other: Cell) -> tuple[int, int]:
         keys = set(cell.choices) | set(other.choices)
@@ -225,12 +214,14 @@ def _compare(a: Cell, b: Cell, metric: str) -> Comparison:
     return welch(a.values(metric), b.values(metric), alpha=ALPHA)
 
 
+def _first_cells(table: Table) -> dict[str, Cell]:
+    """Row label -> the first cell of the rows with that label."""
+    return {row.label: row.cell for row in reversed(table.rows) if row.cell is not None}
+
+
 def _compare_pairs(st: StudyTable, table: Table) -> None:
     """The study's extra comparisons: the first cell of each side (same other settings when several)."""
-    first: dict[str, Cell] = {}
-    for row in table.rows:
-        if row.cell is not None:
-            first.setdefault(row.label, row.cell)
+    first = _first_cells(table)
     for a, b in st.pairs:
         ra, rb = st.row(a), st.row(b)
         study = None
@@ -276,13 +267,8 @@ def add_convergence(table: Table) -> None:
 
 
 def _val_curve(run) -> list[tuple[int, float]]:
-    out = []
-    for row in run.epochs():
-        e, acc = row.get("epoch"), row.get("val/acc")
-        if isinstance(e, int) and not isinstance(e, bool) and isinstance(acc, (int, float)) \
-                and not isinstance(acc, bool) and math.isfinite(acc):
-            out.append((e, float(acc)))
-    return sorted(out)
+    return sorted((e, acc) for row in run.epochs() if isinstance(e := row.get("epoch"), int)
+                  and not isinstance(e, bool) and math.isfinite(acc := num(row.get("val/acc"))))
 
 
 def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
@@ -375,17 +361,15 @@ def _compare_rows(st: StudyTable, table: Table) -> None:
             row.study_diff = row.ref.ref[st.primary] - vs_ref.ref[st.primary]
         if row.cell is None:
             continue
-        if row.label not in indexes:
+        candidates = by_label.get(row.vs, [])
+        if row.label not in indexes:  # the first candidate with a key is its counterpart
             defining = set(row.ref.settings) | set(vs_ref.settings) | {SEED}
-            index: dict[tuple, Cell] = {}
-            for c in by_label.get(row.vs, []):
-                index.setdefault(_counterpart_key(c, defining), c)
-            indexes[row.label] = (defining, index)
+            indexes[row.label] = (defining, {_counterpart_key(c, defining): c for c in reversed(candidates)})
         defining, index = indexes[row.label]
-        other = _closest(row.cell, by_label.get(row.vs, []), index, defining)
+        other = _closest(row.cell, candidates, index, defining)
         if other is not None:
             row.comparison = _compare(row.cell, other, st.primary)
-        elif by_label.get(row.vs):
+        elif candidates:
             row.comparison = Comparison(None, None, None, "cannot tell",
                                         "no run with the same other settings")
 
@@ -407,10 +391,9 @@ def _notes(st: StudyTable, covered: Sequence[Cell]) -> list[str]:
 
 
 def _contrasts(st: StudyTable, table: Table) -> list[str]:
-    out = []
+    out, first = [], _first_cells(table)
     for con in st.contrasts:
-        a = next((r.cell for r in table.rows if r.label == con.row and r.cell is not None), None)
-        b = next((r.cell for r in table.rows if r.label == con.base and r.cell is not None), None)
+        a, b = first.get(con.row), first.get(con.base)
         ours = "not measured"
         if a is not None and b is not None:
             ma, mb = a.stat(con.metric).mean, b.stat(con.metric).mean
