@@ -270,6 +270,9 @@ def test_missing_cifar_without_download_names_dir_and_fix(tmp_path, monkeypatch)
     assert "\n" not in msg
     assert msg.startswith(f"CIFAR-10 not found in data.root={root}")
     assert "cifar-10-batches-py" in msg and "data.download=true" in msg and "data=synthetic" in msg
+    # the offline route on real data first: Debian's Fashion-MNIST and the README's quick comparison
+    assert "apt-get install dataset-fashion-mnist" in msg and "data=fashion_mnist" in msg
+    assert "+experiment=fmnist_quick" in msg
 
 
 def test_missing_cifar_when_download_fails(tmp_path, monkeypatch):

@@ -104,6 +104,7 @@ def test_missing_mnist_is_one_line_naming_the_dir_and_the_fixes(tmp_path, monkey
         assert "\n" not in msg and msg.startswith(f"{label} not found in data.root={tmp_path / 'empty'}")
         assert "data.download=true" in msg and "data=synthetic" in msg
     assert "apt-get install dataset-fashion-mnist" in msg
+    assert "fmnist_quick" not in msg  # Fashion-MNIST's own line does not send the user back to it
 
 
 def test_corrupt_idx_file_is_one_line(tmp_path):

@@ -1,5 +1,5 @@
-"""A model and a dataset of one's own, added exactly as the README's "Your own model and dataset" shows
-(its files written from the README's code blocks into a temp dir, its command run as a subprocess): a
+"""A model and a dataset of one's own, added exactly as docs/extending.md ("Your own model and dataset") shows
+(its files written from the page's code blocks into a temp dir, its command run as a subprocess): a
 single run, a sweep over norms and activations, a study preset, and the report over their records."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, run_train
 
-SECTION = "## Your own model and dataset"
-# The quick run on the README's dataset at these sizes, tiny_cnn at its own width (1.0: quick's 0.125
+SECTION = "# Your own model and dataset"
+# The quick run on the page's dataset at these sizes, tiny_cnn at its own width (1.0: quick's 0.125
 # would leave it 8 channels instead of 16)
 QUICK = [o for o in TINY if not o.startswith("data")] + ["model.width=1.0", "logger=none", "data.num_train=600",
                                                          "data.num_test=200", "data.val_size=100"]
 
 
-def readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
+def page_section() -> str:
+    text = (ROOT / "docs" / "extending.md").read_text()
     start = text.index(SECTION)
     end = text.find("\n## ", start + len(SECTION))
     return text[start:end if end != -1 else None]
@@ -36,10 +36,10 @@ def code_blocks(section: str) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, list[str], dict]:
-    """The README's files in a temp dir, the arguments of its command and its environment."""
+    """The page's files in a temp dir, the arguments of its command and its environment."""
     root = tmp_path_factory.mktemp("user")
     command = None
-    for lang, body in code_blocks(readme_section()):
+    for lang, body in code_blocks(page_section()):
         first = body.splitlines()[0]
         if lang in ("python", "yaml") and first.startswith("# myproject/"):
             path = root / first[2:].strip()
@@ -47,7 +47,7 @@ def project(tmp_path_factory) -> tuple[Path, list[str], dict]:
             path.write_text(body)
         elif lang == "bash" and "bench/train.py" in body:
             command = shlex.split(body.replace("\\\n", " "))
-    assert command is not None, "the README section shows no bench/train.py command"
+    assert command is not None, "docs/extending.md shows no bench/train.py command"
     env_assignments = [w for w in command[: command.index("python")] if "=" in w]
     env = dict(w.split("=", 1) for w in env_assignments)
     if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):

@@ -1,7 +1,7 @@
 """The model group: the built-in models (the `_target_`s of conf/model/*.yaml) and how a model is built.
 
-A model is a config with a `_target_`; the built-in ones use the same protocol a user's own does (README,
-"Your own model"): the builder is called with keyword arguments -- every key of the model config (`width`,
+A model is a config with a `_target_`; the built-in ones use the same protocol a user's own does
+(docs/extending.md): the builder is called with keyword arguments -- every key of the model config (`width`,
 `dropout`, `input_size`, ...) plus
 
     num_classes    the dataset's number of classes

@@ -1,4 +1,4 @@
-"""Checks made before Hydra creates any dir or launches any job (README, "Bad input").
+"""Checks made before Hydra creates any dir or launches any job (docs/training.md, "Bad input").
 
 - `check_command_line(argv)` (bench/train.py, before Hydra sees argv): an override Hydra cannot parse
   ends in one line with any password in it masked, and when a password is on the command line every

@@ -1,6 +1,6 @@
 """Which `_target_`s a config may instantiate: normbench's own models and datasets, torch.optim, torch.nn,
-and the config's `trusted_targets` (a user's models, datasets or optimizers: README, "Your own model and
-dataset"). Every `instantiate` call passes this list to Hydra's execution whitelist.
+and the config's `trusted_targets` (a user's models, datasets or optimizers: docs/extending.md). Every
+`instantiate` call passes this list to Hydra's execution whitelist.
 """
 
 from __future__ import annotations

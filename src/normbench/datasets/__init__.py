@@ -1,6 +1,6 @@
 """The built-in datasets: the `_target_`s of conf/data/*.yaml.
 
-They follow the protocol a user's dataset follows (README, "Your own dataset"): a callable called with
+They follow the protocol a user's dataset follows (docs/extending.md): a callable called with
 every key of the data config as a keyword argument (so it takes ``**kwargs`` for the keys it does not
 use) that returns four tensors: train images uint8 (N, C, H, W), train labels int64 (N,), test images,
 test labels. Everything after that -- the validation hold-out, normalization, augmentation, the

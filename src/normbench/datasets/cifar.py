@@ -65,7 +65,7 @@ def _torchvision_cifar(cls, label: str, root, download: bool) -> Tensors:
         except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
             raise DataNotFoundError(
                 f"{label} in data.root={root_abs} is corrupted or incomplete ({short(err)}): delete {folder} "
-                f"and rerun with data.download=true, or copy a good {base}/ there; or use data=synthetic"
+                f"and rerun with data.download=true, or copy a good {base}/ there; {OFFLINE_HINT}"
             ) from err
         return (*_to_tensors(train), *_to_tensors(test))
 

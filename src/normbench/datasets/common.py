@@ -13,8 +13,11 @@ from normbench.errors import ConfigError
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 DOWNLOAD_SOCKET_TIMEOUT_S = 60.0
-# What every "files are missing" line ends with: the way to train with no files at all.
-OFFLINE_HINT = "or use data=synthetic to train offline"
+# What every "files are missing" line ends with: the ways to train offline, real data first.
+SYNTHETIC_HINT = "or data=synthetic to train with no files at all (a smoke test: every run reaches 100%)"
+OFFLINE_HINT = ("or train offline on the Fashion-MNIST files Debian ships (apt-get install "
+                "dataset-fashion-mnist) with data=fashion_mnist, e.g. the quick BN-vs-plain comparison: "
+                f"python bench/train.py -m +experiment=fmnist_quick seed=0,1,2; {SYNTHETIC_HINT}")
 
 
 def absolute(root) -> str:

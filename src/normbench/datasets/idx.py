@@ -19,6 +19,7 @@ import urllib.error
 import numpy as np
 import torch
 
+from normbench.datasets import common
 from normbench.datasets.cache import cached
 from normbench.datasets.common import OFFLINE_HINT, Tensors, absolute, download_guard, short, with_channels
 from normbench.errors import DataNotFoundError
@@ -76,7 +77,8 @@ def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ..
     tv_dir = os.path.join(root_abs, cls.__name__, "raw")
     candidates = (tv_dir, root_abs, *extra_dirs)
     looked = ", ".join(candidates)
-    fill = (f"{apt_hint}copy the four files ({FILES[0]}[.gz], ...) into {root_abs} or {tv_dir}; {OFFLINE_HINT}")
+    offline = common.SYNTHETIC_HINT if apt_hint else OFFLINE_HINT  # Fashion-MNIST itself is the offline route
+    fill = f"{apt_hint}copy the four files ({FILES[0]}[.gz], ...) into {root_abs} or {tv_dir}; {offline}"
     files = _first_found(candidates)
     if files is None and download:
         try:
