@@ -6,7 +6,9 @@ written (a read-only system dir such as /usr/share/datasets), in the user's cach
 (``$XDG_CACHE_HOME/normbench``, default ``~/.cache/normbench``). Its name holds a hash of the dataset, its
 decoding parameters and every source file's path, size and modification time: a changed, added or
 removed source file gives another name, so a stale cache is never read (and is deleted when the new one
-is written). An unreadable cache file is decoded again and replaced.
+is written). The file also holds a hash of its tensors' bytes: an unreadable or corrupted cache file is
+said in one line, decoded again and replaced. A write that fails (a full disk) removes its partial file,
+is said in one line naming the path and the error, and goes to the next place.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ import hashlib
 import json
 import os
 import pickle
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
-from normbench.datasets.common import Tensors
+from normbench.datasets.common import Tensors, short
 
 CACHE_FORMAT = 1
 CACHE_DIR_NAME = ".normbench-cache"
 KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+HASH_KEY = "sha256"
 
 
 def user_cache_dir() -> Path:
@@ -59,17 +63,49 @@ def cached(name: str, data_dir: str, sources: Iterable[str], params: dict, decod
     for folder in cache_dirs(data_dir):
         path = folder / filename
         if path.is_file():
-            try:
-                saved = torch.load(path, weights_only=True)
-                return tuple(saved[k] for k in KEYS)
-            except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError):
-                # truncated or foreign file: decode again and replace it
-                path.unlink(missing_ok=True)
+            tensors = _load(path)
+            if tensors is not None:
+                return tensors
     tensors = tuple(t.contiguous() for t in decode())
     for folder in cache_dirs(data_dir):
         if _save(folder, filename, prefix, tensors):
             break
     return tensors
+
+
+def content_hash(tensors) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes (contiguous CPU tensors)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.numpy().data if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _load(path: Path):
+    """The tensors of a cache file whose content matches its hash; else None, said in one line, the file
+    deleted (the caller decodes again and replaces it)."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        tensors = tuple(saved[k] for k in KEYS)
+        problem = None if saved[HASH_KEY] == content_hash(tensors) else "its content does not match its hash"
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
+        problem = f"it cannot be read ({short(err, 100)})"
+    if problem is None:
+        return tensors
+    _warn(f"the data cache {path} is damaged: {problem}; decoding the dataset again")
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _warn(message: str) -> None:
+    print(f"normbench: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _os_error(err: Exception) -> Exception:
+    """The OSError behind a failed write: torch.save reports a full disk as a RuntimeError raised while
+    handling the file's OSError."""
+    return err if isinstance(err, OSError) or not isinstance(err.__context__, OSError) else err.__context__
 
 
 def _save(folder: Path, filename: str, prefix: str, tensors) -> bool:
@@ -80,10 +116,13 @@ def _save(folder: Path, filename: str, prefix: str, tensors) -> bool:
         return False
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(zip(KEYS, tensors)), fh)
+            torch.save({**dict(zip(KEYS, tensors)), HASH_KEY: content_hash(tensors)}, fh)
         os.replace(tmp, folder / filename)  # atomic: parallel jobs never read a half-written file
-    except OSError:
+    except (OSError, RuntimeError) as err:
         Path(tmp).unlink(missing_ok=True)
+        then = f"trying {user_cache_dir()}" if folder != user_cache_dir() else "the dataset is not cached"
+        _warn(f"cannot write the data cache {folder / filename} ({short(_os_error(err))}); its partial file "
+              f"is removed, {then}")
         return False
     for stale in folder.glob(f"{prefix}*.pt"):  # caches of older versions of the sources
         if stale.name != filename:
