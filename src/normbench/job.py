@@ -14,6 +14,7 @@ identity's record or checkpoint is never written to. SIGTERM and Ctrl-C record t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from normbench.checkpoint import checkpoint_identity
 from normbench.device import launcher_jobs, placement
@@ -42,6 +43,7 @@ from normbench.interrupts import (
 )
 from normbench.record import (
     CHECKPOINT,
+    DONE,
     SUMMARY,
     Status,
     read_summary,
@@ -59,6 +61,9 @@ from normbench.validate import RunSpec, validate
 
 SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
 NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
+RUN_LOCK = ".normbench-run.lock"  # held by the live single run whose dir holds it
+FINISHED = (*DONE, Status.PRUNED)  # a single run pointed at such a record of its own identity goes beside it
+_CLAIMED: list = []  # the open lock of this process's run dir
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # a _target_ string, not an import
 
 
@@ -158,6 +163,51 @@ def owner(run_dir: Path) -> str | None:
 
 def sibling_dir(job_dir: Path, identity: str) -> Path:
     return job_dir.with_name(f"{job_dir.name}.{identity}")
+
+
+def claim_run_dir(config: DictConfig) -> None:
+    """Before Hydra makes a single run's dir (its `${now:}` name has 1-second resolution): the dir is this
+    run's, locked until the process exits, unless another live run holds it, or it holds another
+    identity's record or a finished one (hydra.run.dir pointed at a done run): then, as in sweeps, the
+    sibling `<dir>.<identity>` (`-2`, `-3`, ... after it) with one warning."""
+    wanted = Path(str(config.hydra.run.dir)).absolute()
+    try:
+        identity = run_identity(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+    except Exception:  # noqa: BLE001 - a config the job reports in its own line (it validates first)
+        identity = "run"
+    candidate, n, first_reason = wanted, 1, None
+    try:
+        while (reason := _taken(candidate, identity)) is not None:
+            first_reason, n = first_reason or reason, n + 1
+            candidate = wanted.with_name(f"{wanted.name}.{identity}" + (f"-{n - 1}" if n > 2 else ""))
+    except OSError:  # the dir cannot be made: Hydra says so in its own words
+        return
+    if first_reason is not None:
+        warn(f"{wanted} {first_reason}: this run is recorded in {candidate}")
+        with read_write(config.hydra.run):
+            config.hydra.run.dir = str(candidate)
+
+
+def _taken(run_dir: Path, identity: str) -> str | None:
+    """Why `run_dir` cannot be this run's; None: it is, locked until this process exits."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / RUN_LOCK, "a")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return "is in use by another run"
+    except OSError:  # a filesystem without locks: unguarded
+        pass
+    found, summary = owner(run_dir), read_summary(run_dir) or {}
+    reason = (f"holds the record of run {found}" if found not in (None, identity)
+              else f"holds the {summary['status']} record of this run" if summary.get("status") in FINISHED
+              else None)
+    if reason is None:
+        _CLAIMED.append(handle)
+    else:
+        handle.close()
+    return reason
 
 
 def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:

@@ -1,0 +1,60 @@
+"""Nothing recorded is lost when the world misbehaves: single runs that share a dir (two started in the
+same second, or one pointed at a finished run), with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONF, TINY, TRAIN, run_train
+from hydra import compose, initialize_config_dir
+
+from normbench.job import claim_run_dir
+
+SINGLE = [*TINY, "trainer.epochs=2", "logger=none"]
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_single_runs_sharing_a_dir_each_keep_their_own_record(tmp_path, capfd):
+    # two runs started in the same second resolve the same outputs/<name>/<time> dir: the same literal
+    # dir makes that collision certain
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([sys.executable, str(TRAIN), *SINGLE, f"seed={seed}", "hydra.run.dir=out/same"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    runs = {json.loads((d / "summary.json").read_text())["identity"]: d for d in (tmp_path / "out").iterdir()}
+    assert len(runs) == 2 and tmp_path / "out" / "same" in runs.values()
+    for identity, run_dir in runs.items():
+        epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == [1, 2] and json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+        assert run_dir.name in ("same", f"same.{identity}")
+    warnings = [line for _, err in outs for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "out/same is in use by another run: this run is recorded in" in warnings[0]
+
+    # a third run pointed at a completed run of another identity: a sibling dir, one warning, the
+    # completed record (and Hydra's .hydra/ files in it) untouched
+    done = tmp_path / "out" / "same"
+    before, owner = _files(done), json.loads((done / "summary.json").read_text())["identity"]
+    proc = run_train([*SINGLE, "seed=3", f"hydra.run.dir={done}"], tmp_path)
+    (new,) = set((tmp_path / "out").iterdir()) - set(runs.values())
+    identity = json.loads((new / "summary.json").read_text())["identity"]
+    assert new.name == f"same.{identity}" and identity not in runs
+    assert [line for line in proc.stderr.splitlines() if "warning" in line] == [
+        f"normbench: warning: {done} holds the record of run {owner}: this run is recorded in {new}"]
+    assert _files(done) == before
+    # the same identity again, pointed at its own completed record: beside it, too
+    with initialize_config_dir(config_dir=str(CONF)):
+        cfg = compose("config", [*SINGLE, "seed=3", f"hydra.run.dir={new}"], return_hydra_config=True)
+    claim_run_dir(cfg)
+    assert cfg.hydra.run.dir == f"{new}.{identity}"
+    assert "holds the completed record of this run" in capfd.readouterr().err
