@@ -1,12 +1,15 @@
-"""Nothing recorded is lost when the world misbehaves: single runs that share a dir (two started in the
-same second, or one pointed at a finished run), with real processes."""
+"""Nothing recorded is lost and nothing waits when the world misbehaves: single runs that share a dir (two
+started in the same second, or one pointed at a finished run), W&B credentials with no server to reach.
+Real processes, real W&B offline runs."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,20 @@ def test_single_runs_sharing_a_dir_each_keep_their_own_record(tmp_path, capfd):
     claim_run_dir(cfg)
     assert cfg.hydra.run.dir == f"{new}.{identity}"
     assert "holds the completed record of this run" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_wandb_credentials_but_no_server_logs_offline_without_waiting(tmp_path, wandb_env, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")  # logger.mode=auto decides
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"  # closed once the block ends
+    start = time.perf_counter()
+    proc = run_train([*TINY, "hydra.run.dir=run"], tmp_path,
+                     env_extra={"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": url})
+    elapsed = time.perf_counter() - start
+    assert [line for line in proc.stderr.splitlines() if "warning" in line] == [
+        (f"normbench: warning: W&B credentials are configured but {url} is not reachable ([Errno 111] "
+         "Connection refused): logging offline (`wandb sync` uploads the run later)")]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["wandb_url"] is None
+    assert Path(summary["wandb_dir"]).name.startswith("offline-run-") and elapsed < 60
