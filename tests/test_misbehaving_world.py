@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -78,3 +79,38 @@ def test_wandb_credentials_but_no_server_logs_offline_without_waiting(tmp_path, 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["wandb_url"] is None
     assert Path(summary["wandb_dir"]).name.startswith("offline-run-") and elapsed < 60
+
+
+def _held_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A single run held at epoch 2 (the `wait` fault), in its own process group, like a terminal's."""
+    tmp_path.mkdir()
+    release = tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *SINGLE, "hydra.run.dir=run", "+trainer.fault=wait",
+                             "+trainer.fault_epoch=2", f"+trainer.fault_file={release}"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not Path(f"{release}.waiting").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    return proc, tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_sighup_is_an_interrupt_and_ctrl_c_mashed_still_ends_in_130_with_its_closing_line(tmp_path):
+    proc, run_dir = _held_run(tmp_path / "hup")  # the terminal is closed
+    os.killpg(proc.pid, signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 129 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "normbench: interrupted by SIGHUP; run the same command to continue"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == "interrupted by SIGHUP"
+
+    proc, run_dir = _held_run(tmp_path / "int")
+    while proc.poll() is None:  # Ctrl-C, again and again until the process is gone
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "normbench: interrupted by SIGINT; run the same command to continue"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"

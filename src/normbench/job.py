@@ -7,8 +7,8 @@ on stderr and exit status 2.
 
 The record is the truth: a summary.json that says this identity is done is never trained again nor
 overwritten, whatever the index says (the index is rebuilt from it), and a dir holding another
-identity's record or checkpoint is never written to. SIGTERM and Ctrl-C record the run `interrupted`
-(a re-run continues it from its checkpoint) and end the process without a traceback.
+identity's record or checkpoint is never written to. SIGTERM, SIGHUP and Ctrl-C record the run
+`interrupted` (a re-run continues it from its checkpoint) and end the process without a traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from normbench.faults import free_memory, is_out_of_memory, kill_point
 from normbench.interrupts import (
     EXIT_CODES,
     MAIN_PID_ENV,
+    ignore_further_interrupts,
     is_launcher_worker,
     pass_on_ctrl_c,
     raise_on_sigterm,
@@ -416,7 +417,7 @@ def main(cfg: DictConfig) -> float:
 def cli(hydra_main) -> None:
     """bench/train.py's entry: SIGTERM and Ctrl-C end it without a traceback -- the interrupted run
     is recorded `interrupted` (by the job), a sweep prints its closing line (the callback's
-    on_multirun_end runs on the way out) -- with status 130 (Ctrl-C) or 143 (SIGTERM)."""
+    on_multirun_end runs on the way out) -- with status 130 (Ctrl-C), 143 (SIGTERM) or 129 (SIGHUP)."""
     os.environ[MAIN_PID_ENV] = str(os.getpid())
     raise_on_sigterm()
     pass_on_ctrl_c()
@@ -426,4 +427,5 @@ def cli(hydra_main) -> None:
         name = signal_name(exc)
         print(f"normbench: interrupted by {name}; run the same command to continue", file=sys.stderr,
               flush=True)
+        ignore_further_interrupts(exiting=True)
         sys.exit(EXIT_CODES.get(name, 130))
