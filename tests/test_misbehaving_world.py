@@ -4,6 +4,7 @@ Real processes, real W&B offline runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,8 +17,11 @@ from pathlib import Path
 import pytest
 from conftest import CONF, TINY, TRAIN, run_train
 from hydra import compose, initialize_config_dir
+from test_record_truth import tmpfs
+from test_report import write_run
 
 from normbench.job import claim_run_dir
+from normbench.report import cli as report
 
 SINGLE = [*TINY, "trainer.epochs=2", "logger=none"]
 
@@ -114,3 +118,40 @@ def test_sighup_is_an_interrupt_and_ctrl_c_mashed_still_ends_in_130_with_its_clo
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.splitlines()[-1] == "normbench: interrupted by SIGINT; run the same command to continue"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+
+@contextlib.contextmanager
+def read_only_mount(path: Path):
+    """`path` as a read-only bind mount of itself (needs root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot bind-mount here (needs root): {proc.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.slow
+def test_a_report_out_that_cannot_be_written_is_one_line_naming_path_and_errno(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1, 2):
+        write_run(sweep, experiment="x", choices={"model": "vgg_a", "norm": "bn", "seed": seed}, test_acc=0.8,
+                  filters=True)
+    (tmp_path / "a-file").write_text("")
+
+    def report_into(out: Path, errno: str) -> None:
+        assert report.main([str(sweep), "--out", str(out)]) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"normbench: cannot write the report in {out}: {out}"), err
+        assert err[0].endswith(f"[Errno {errno}")
+
+    report_into(tmp_path / "a-file", "20] Not a directory")
+    with read_only_mount(tmp_path / "ro") as ro:
+        report_into(ro / "report", "30] Read-only file system")
+    with tmpfs(tmp_path / "full", "48k") as full:
+        report_into(full / "report", "28] No space left on device")
+        assert list(full.rglob("*.tmp")) == []
+    assert report.main([str(sweep), "--out", str(tmp_path / "fine")]) == 0  # the same records, a usable --out
