@@ -14,7 +14,7 @@ SRC = ROOT / "src"
 PACKAGE = SRC / "normbench"
 
 # What each part of normbench may import from normbench (a prefix covers a package).
-BASE = ("normbench.errors", "normbench.record")
+BASE = ("normbench.errors", "normbench.record", "normbench.schema")
 RUN_PARTS = ("normbench.activations", "normbench.norms", "normbench.losses", "normbench.optim",
              "normbench.device", "normbench.data", "normbench.datasets", "normbench.models", "normbench.probes",
              "normbench.faults", "normbench.filters", "normbench.checkpoint", "normbench.interrupts", "normbench.trainer",
@@ -23,6 +23,7 @@ ALLOWED = {
     **{m: BASE + RUN_PARTS for m in RUN_PARTS},
     "normbench.errors": (),
     "normbench.record": (),
+    "normbench.schema": ("normbench.errors",),
     "normbench.sweep": BASE + ("normbench.sweep",),
     "normbench.validate": BASE + RUN_PARTS + ("normbench.sweep.pruning", "normbench.sweep.preflight"),
     "normbench.run": BASE + RUN_PARTS + ("normbench.validate",),

@@ -71,6 +71,22 @@ def test_readme_model_and_dataset_train(project):
     assert "channels: 1" in config and "image_size: 20" in config
 
 
+def test_a_dataset_config_without_pipeline_keys_trains(tmp_path):
+    """Only `_target_`, what the dataset returns and its own keys: the pipeline keys take their defaults."""
+    data_dir = tmp_path / "conf" / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "bare.yaml").write_text("_target_: normbench.datasets.synthetic\nnum_train: 5300\n"
+                                        "num_test: 100\nnum_classes: 10\nchannels: 3\nimage_size: 32\n")
+    quick = [o for o in QUICK if not o.startswith("data")]
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    run_train([searchpath, "data=bare", *quick, "model.width=0.125"], tmp_path)
+    [summary] = summaries(tmp_path / "outputs")
+    assert summary["status"] == "completed" and summary["choices"]["data"] == "bare"
+    config = next((tmp_path / "outputs").rglob("config.yaml")).read_text()
+    assert "split_seed" not in config  # nothing but the file's keys; the run used the defaults
+    assert summary["metrics"]["memory/data_mb"] > 0
+
+
 def test_readme_model_and_dataset_compose_with_sweeps_presets_and_the_report(project):
     root, args, env = project
     base = [a for a in args if not a.startswith("norm=")]

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from normbench.errors import ConfigError
 from normbench.faults import fault_spec
+from normbench.schema import TrainerConf, parse
 
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=null",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.array_parallelism=2", "hydra.launcher.timeout_min=10",
@@ -87,9 +88,9 @@ def summaries(sweep: Path) -> list[dict]:
 def test_wait_fault_needs_its_release_file():
     cfg = OmegaConf.create({"trainer": {"fault": "wait", "fault_epoch": 2}})
     with pytest.raises(ConfigError, match="trainer.fault_file"):
-        fault_spec(cfg)
+        fault_spec(parse("trainer", TrainerConf, cfg.trainer))
     cfg.trainer.fault_file = "/tmp/go"
-    assert fault_spec(cfg).file == "/tmp/go"
+    assert fault_spec(parse("trainer", TrainerConf, cfg.trainer)).file == "/tmp/go"
 
 
 def test_skips_with_a_reason_where_slurm_cannot_run(monkeypatch):

@@ -297,7 +297,7 @@ def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
 
 
 def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]:
-    spec = validate(cfg, device=info.device, overrides=info.overrides)
+    spec = validate(cfg, device=info.device)
     if info.output_dir is None:
         raise NormbenchError(NO_OUTPUT_DIR)
     objectives = job_objectives()  # checked before anything runs
@@ -307,7 +307,7 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]
     state = SweepState(info.sweep_dir)
     state.ensure_index()
     with state.lock(identity):
-        statuses = done_statuses(spec.pruning["name"] != "none")
+        statuses = done_statuses(spec.pruning.name != "none")
         done = state.done(identity, statuses) or state.recover(
             identity, statuses, [info.output_dir, sibling_dir(info.output_dir, identity)])
         if done is not None:
@@ -336,7 +336,7 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
                        threads=info.threads, optuna=info.optuna)
     run = Run(cfg, spec, run_info)
     try:
-        run.pruner = build_pruner(cfg, run.run_dir, info.sweep_dir, identity)
+        run.pruner = build_pruner(cfg, run.run_dir, info.sweep_dir, identity, spec.pruning)
         objective = run.execute()
     except NormbenchError as err:
         # a single run leaves nothing for errors caught before the run started; a sweep job records them
