@@ -26,10 +26,10 @@ from PIL import Image
 
 from normbench import record
 from normbench.filters import filter_grid
+from normbench.identity import seedless_identity
 from normbench.report import cli as report
 from normbench.report import records, reference, render, stats
 from normbench.report import tables as report_tables
-from normbench.sweep.identity import seedless_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 # published two-sided 95% Student t quantiles (t_{0.975, df})
@@ -658,6 +658,7 @@ def find_chromium() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_html_renders_in_headless_chromium(built, tmp_path):
     browser = find_chromium()
     if browser is None:

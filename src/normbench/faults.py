@@ -69,9 +69,6 @@ class FaultyStream:
     def __len__(self) -> int:
         return len(self.stream)
 
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
     def __iter__(self):
         self.current_epoch += 1
         for index, batch in enumerate(self.stream):

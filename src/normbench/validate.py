@@ -32,7 +32,9 @@ from normbench.losses import Criterion, build_criterion
 from normbench.models import build_model, model_name
 from normbench.norms import NormSpec
 from normbench.optim import SCHEDULERS
+from normbench.preflight import check_experiment_name
 from normbench.probes import Probe, build_probes
+from normbench.pruning import pruning_spec
 from normbench.schema import (
     DataConf,
     LoggerConf,
@@ -44,8 +46,6 @@ from normbench.schema import (
     parse,
     parse_data,
 )
-from normbench.sweep.preflight import check_experiment_name
-from normbench.sweep.pruning import pruning_spec
 from normbench.targets import allowed_targets, check_target
 from normbench.trainer import LoopSettings
 

@@ -17,14 +17,14 @@ import hashlib
 import json
 import os
 import pickle
-import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from normbench.datasets.common import Tensors, short
+from normbench.errors import warn
+from normbench.record import atomic_write
 
 CACHE_FORMAT = 1
 CACHE_DIR_NAME = ".normbench-cache"
@@ -93,13 +93,9 @@ def _load(path: Path):
         problem = f"it cannot be read ({short(err, 100)})"
     if problem is None:
         return tensors
-    _warn(f"the data cache {path} is damaged: {problem}; decoding the dataset again")
+    warn(f"the data cache {path} is damaged: {problem}; decoding the dataset again")
     path.unlink(missing_ok=True)
     return None
-
-
-def _warn(message: str) -> None:
-    print(f"normbench: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _os_error(err: Exception) -> Exception:
@@ -111,18 +107,17 @@ def _os_error(err: Exception) -> Exception:
 def _save(folder: Path, filename: str, prefix: str, tensors) -> bool:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.", suffix=".tmp")
-    except OSError:  # read-only data dir: the next place
+    except OSError:
+        pass
+    if not os.access(folder, os.W_OK):  # a read-only data dir: the next place
         return False
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({**dict(zip(KEYS, tensors)), HASH_KEY: content_hash(tensors)}, fh)
-        os.replace(tmp, folder / filename)  # atomic: parallel jobs never read a half-written file
+    try:  # atomic: parallel jobs never read a half-written file, a failed write leaves no partial one
+        with atomic_write(folder / filename, "wb") as handle:
+            torch.save({**dict(zip(KEYS, tensors)), HASH_KEY: content_hash(tensors)}, handle)
     except (OSError, RuntimeError) as err:
-        Path(tmp).unlink(missing_ok=True)
         then = f"trying {user_cache_dir()}" if folder != user_cache_dir() else "the dataset is not cached"
-        _warn(f"cannot write the data cache {folder / filename} ({short(_os_error(err))}); its partial file "
-              f"is removed, {then}")
+        warn(f"cannot write the data cache {folder / filename} ({short(_os_error(err))}); its partial file "
+             f"is removed, {then}")
         return False
     for stale in folder.glob(f"{prefix}*.pt"):  # caches of older versions of the sources
         if stale.name != filename:

@@ -7,7 +7,7 @@ few runs that need them. Records in progress, malformed or duplicated are return
 reason.
 
 A ``Cell`` pools the runs that compute the same thing but for their seed: the same experiment and the
-same seedless identity (normbench.sweep.identity: the config without the seed and the keys that do not
+same seedless identity (normbench.identity: the config without the seed and the keys that do not
 change the numbers).
 """
 
@@ -23,25 +23,24 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from normbench.identity import NOT_IDENTITY, SEED, covered, override_key
 from normbench.record import (
     CONFIG,
     FILTERS,
     METRICS,
     PROBES,
-    RECORD_FILES,
     REJECTED,
     SEEDLESS_IDENTITY,
     STEPS,
     SUMMARY,
     MalformedRecord,
     Status,
+    read_jsonl,
+    run_dirs,
     validate_summary,
 )
 from normbench.report.stats import Stat, mean_ci
-from normbench.sweep.identity import NOT_IDENTITY, SEED, covered, override_key
 
-# a directory holding one of these is a run dir (its subdirectories are not searched)
-RUN_MARKERS = (SUMMARY, CONFIG, METRICS, REJECTED)
 # config.yaml paths of the numeric settings when summary["choices"] does not carry them
 CONFIG_PATHS = {"dropout": ("model", "dropout"), "lr": ("optimizer", "lr"), "batch_size": ("batch_size",)}
 _UNSET = object()
@@ -164,31 +163,6 @@ class RunRecord:
         return os.path.join(self.path, FILTERS) if FILTERS in self.files else None
 
 
-def read_jsonl(path: str) -> tuple[list[dict], int]:
-    """Rows of a jsonl file and the number of lines that were not a JSON object (ignored)."""
-    rows: list[dict] = []
-    bad = 0
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return [], 1
-    loads = json.loads
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
-
-
 def malformed_warnings(runs: Iterable[RunRecord]) -> list[str]:
     """One warning per jsonl file the report read that had malformed lines (they were left out)."""
     return [f"{run.path}: {name} has {bad} malformed line(s), ignored"
@@ -213,30 +187,6 @@ class ScanResult:
         skipped = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
         return (f"read {self.n_records} run records in {self.seconds:.2f}s: {parts}; "
                 f"skipped {len(self.skipped)} ({skipped})")
-
-
-def _run_dirs(root: str) -> Iterable[tuple[str, frozenset[str]]]:
-    """Directories holding a run record, with the record files present. Hidden dirs and wandb/ are
-    not entered, nor are a run dir's subdirectories."""
-    stack = [root]
-    while stack:
-        path = stack.pop()
-        names: set[str] = set()
-        subdirs: list[str] = []
-        try:
-            with os.scandir(path) as it:
-                for entry in it:
-                    name = entry.name
-                    if name in RECORD_FILES:
-                        names.add(name)
-                    elif not name.startswith(".") and name != "wandb" and entry.is_dir(follow_symlinks=False):
-                        subdirs.append(entry.path)
-        except OSError:
-            continue
-        if any(m in names for m in RUN_MARKERS):
-            yield path, frozenset(names)
-        else:
-            stack.extend(sorted(subdirs, reverse=True))
 
 
 def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
@@ -278,7 +228,7 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
     for root in roots:
         root = os.path.realpath(os.fspath(root))
         real_roots.append(root)
-        for path, files in _run_dirs(root):
+        for path, files in run_dirs(root):
             if path in seen_dirs:
                 continue
             seen_dirs.add(path)
@@ -300,7 +250,7 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
 
 def pool_key(run: RunRecord) -> tuple[str, str]:
     """Runs with the same key differ at most in their seed and in keys that do not change the numbers
-    (normbench.sweep.identity.NOT_IDENTITY): the experiment and the seedless identity, which every run
+    (normbench.identity.NOT_IDENTITY): the experiment and the seedless identity, which every run
     writes into its summary.json (a record made by hand without one is a cell of its own)."""
     return (run.experiment, run.summary.get(SEEDLESS_IDENTITY) or run.identity)
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from normbench.identity import SEED
 from normbench.record import CONFIG, LEARN_MARGIN, learned_threshold
 from normbench.report.mechanism import LrLine, NormLine
 from normbench.report.records import Cell
@@ -25,7 +26,6 @@ from normbench.report.reference import (
     model_family,
 )
 from normbench.report.stats import Comparison, Stat, mean_ci, welch
-from normbench.sweep.identity import SEED
 
 ALPHA = 0.05
 MAX_NEAREST = 50  # comparison partner searched among at most this many cells when no exact counterpart

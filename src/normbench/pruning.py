@@ -3,8 +3,8 @@
 The job asks its pruner after every epoch: `should_stop(epoch, val_error) -> bool`; True ends the run
 with status `pruned` (its record, checkpoint and objective are kept).
 
-- Optuna sweeps: `normbench.sweep.optuna_support.trial_pruner(cfg)` (reports to the Optuna trial and asks
-  its pruner) whenever the job is an Optuna trial.
+- Optuna sweeps: `normbench.sweep.optuna_support.trial_pruner()` (reports to the Optuna trial and asks
+  its pruner) whenever the job is an Optuna trial (the job chooses: `normbench.job.run_pruner`).
 - Grid sweeps (`pruning=median`): the median-stopping rule over the finished runs of the same sweep
   dir. After `warmup_epochs` epochs, and once at least `min_runs` completed peers reached epoch e, a
   run whose best validation error up to epoch e is worse than the median of the peers' best errors
@@ -22,9 +22,6 @@ from pathlib import Path
 from typing import Protocol
 
 from normbench.schema import PruningConf, parse
-from normbench.sweep.identity import run_identity
-from normbench.sweep.index import SweepState
-from normbench.sweep.optuna_support import trial_pruner
 
 
 class Pruner(Protocol):
@@ -80,20 +77,3 @@ def pruning_spec(cfg) -> PruningConf:
     return parse("pruning", PruningConf, cfg.get("pruning") or {})
 
 
-def pruning_on(cfg) -> bool:
-    return pruning_spec(cfg).name != "none"
-
-
-def build_pruner(cfg, run_dir: str | Path | None, sweep_dir: str | Path | None, identity: str | None = None,
-                 spec: PruningConf | None = None) -> Pruner | None:
-    """The pruner for this job, or None: Optuna's trial pruner in an Optuna sweep, else the grid rule
-    `spec` (default: cfg's) chooses, which needs a sweep dir: a single run has no peers."""
-    pruner = trial_pruner(cfg)
-    if pruner is not None:
-        return pruner
-    spec = spec or pruning_spec(cfg)
-    if spec.name == "none" or sweep_dir is None:
-        return None
-    if identity is None:
-        identity = run_identity(cfg)
-    return MedianStoppingPruner(SweepState(sweep_dir).curves_dir, identity, spec.warmup_epochs, spec.min_runs)
