@@ -5,8 +5,10 @@ Real processes, real W&B offline runs."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +24,7 @@ from test_report import write_run
 
 from normbench.job import claim_run_dir
 from normbench.report import cli as report
+from normbench.sweep.plan import plan
 
 SINGLE = [*TINY, "trainer.epochs=2", "logger=none"]
 
@@ -36,7 +39,8 @@ def test_single_runs_sharing_a_dir_each_keep_their_own_record(tmp_path, capfd):
     # dir makes that collision certain
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen([sys.executable, str(TRAIN), *SINGLE, f"seed={seed}", "hydra.run.dir=out/same"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              umask=0o027)  # a team's umask: the group may read
              for seed in (1, 2)]
     outs = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outs
@@ -46,6 +50,8 @@ def test_single_runs_sharing_a_dir_each_keep_their_own_record(tmp_path, capfd):
         epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert epochs == [1, 2] and json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
         assert run_dir.name in ("same", f"same.{identity}")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir() if p.is_file()}
+        assert set(modes.values()) == {0o640}, modes  # the record as the user's umask says, not 0600
     warnings = [line for _, err in outs for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "out/same is in use by another run: this run is recorded in" in warnings[0]
 
@@ -155,3 +161,58 @@ def test_a_report_out_that_cannot_be_written_is_one_line_naming_path_and_errno(t
         report_into(full / "report", "28] No space left on device")
         assert list(full.rglob("*.tmp")) == []
     assert report.main([str(sweep), "--out", str(tmp_path / "fine")]) == 0  # the same records, a usable --out
+
+
+ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+
+def _hostile_sweep_dir(sweep: Path) -> dict[str, Path]:
+    """A sweep dir whose files a hostile or broken world left: a FIFO named summary.json, a summary.json
+    nested 200,000 deep (in the dir the next job uses), a symlink to /dev/zero, a YAML alias bomb as a
+    record's config.yaml, a FIFO as a record's metrics.jsonl."""
+    bad = {"fifo": sweep / "fifo" / "summary.json", "deep": sweep / "job" / "summary.json",
+           "zero": sweep / "zero" / "summary.json"}
+    for path in bad.values():
+        path.parent.mkdir(parents=True)
+    os.mkfifo(bad["fifo"])
+    bad["deep"].write_text("[" * 200_000 + "]" * 200_000)
+    bad["zero"].symlink_to("/dev/zero")
+    for seed in (0, 1):
+        write_run(sweep / "records", experiment="default", choices={"model": "vgg_a", "norm": "bn", "seed": seed},
+                  test_acc=0.8)
+    bad["bomb"] = sweep / "records" / "0" / "config.yaml"
+    bad["bomb"].write_text(ALIAS_BOMB)
+    bad["metrics"] = sweep / "records" / "1" / "metrics.jsonl"
+    bad["metrics"].unlink()
+    os.mkfifo(bad["metrics"])
+    return bad
+
+
+@pytest.mark.slow
+def test_hostile_files_in_a_sweep_dir_are_named_and_skipped_never_hang(tmp_path, capsys, monkeypatch):
+    bad = _hostile_sweep_dir(tmp_path / "multirun" / "default")
+    # the sweep: its index is built by a scan of every record, and its job's dir holds the deep file
+    proc = run_train(["-m", *SINGLE, "hydra.sweep.subdir=job"], tmp_path, timeout=240)
+    assert "Traceback" not in proc.stderr and "1 completed" in proc.stdout, proc.stderr[-3000:]
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("normbench: warning:")]
+    for name in ("fifo", "deep", "zero"):
+        assert any(str(bad[name]) in line for line in warned), (name, warned)
+    (record,) = (tmp_path / "multirun" / "default").glob("job.*/summary.json")  # beside the unreadable one
+    assert json.loads(record.read_text())["status"] == "completed"
+    # the report: every hostile file named, the rest reported
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["multirun/default", "--out", str(tmp_path / "report")]) == 0
+    html = (tmp_path / "report" / "index.html").read_text()
+    for name in ("fifo", "deep", "zero"):  # listed among the skipped records, with the file and why
+        assert f"<code>{bad[name].parent}</code></td><td>malformed</td><td>{bad[name].name}" in html, name
+    assert f"{bad['bomb'].parent}: config.yaml cannot be read (it has YAML aliases" in html
+    assert f"{bad['metrics'].parent}: metrics.jsonl has 1 malformed line(s), ignored" in html
+    # the plan, with no index to go by, scans the same dir
+    shutil.rmtree(tmp_path / "multirun" / "default" / ".normbench" / "index")
+    capsys.readouterr()
+    out = io.StringIO()
+    assert plan(["-m", *SINGLE, "hydra.sweep.subdir=job"], config_dir=CONF, out=out) == 0
+    assert "1 run, 1 done (1 completed), 0 to run" in out.getvalue()
+    warned = capsys.readouterr().err
+    assert all(str(bad[name]) in warned for name in ("fifo", "deep", "zero")), warned

@@ -39,6 +39,7 @@ from normbench.record import (
     SUMMARY,
     Status,
     atomic_write_json,
+    load_json,
     now_iso,
     read_json,
     read_summary,
@@ -101,8 +102,12 @@ class SweepState:
         identity has several records, a done one wins over an incomplete one."""
         entries: dict[str, dict] = {}
         for path, files in run_dirs(self.root):
-            summary = read_summary(Path(path)) if SUMMARY in files else None
-            if summary and summary.get("identity"):
+            try:
+                summary = load_json(Path(path, SUMMARY)) if SUMMARY in files else None
+            except (OSError, ValueError) as err:
+                warn(f"{Path(path, SUMMARY)} is skipped: {getattr(err, 'strerror', None) or err}")
+                continue
+            if isinstance(summary, dict) and summary.get("identity"):
                 entry = self.entry_from_summary(Path(path), summary)
                 old = entries.get(entry["identity"])
                 if old is None or (old["status"] not in DONE and entry["status"] in DONE):

@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from hydra import initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -36,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from normbench.errors import NormbenchError, fail
 from normbench.identity import register_resolvers, run_identity
-from normbench.record import CHECKPOINT, CONFIG, DONE, Status
+from normbench.record import CHECKPOINT, DONE, Status, read_config
 from normbench.sweep.index import SweepState, done_statuses
 
 JOB_NAME = "train"  # hydra.job.name of bench/train.py's jobs
@@ -251,11 +250,10 @@ def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
         if not isinstance(time_s, (int, float)) or not isinstance(epochs_done, int):
             continue
         try:
-            with open(state.run_dir(entry) / CONFIG) as f:
-                config = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        except (OSError, yaml.YAMLError):
+            config = read_config(state.run_dir(entry))
+        except (OSError, ValueError):
             continue
-        if isinstance(config, dict):
+        if config:
             epochs = _lookup(config, EPOCHS_KEY)
             dir_plan.finished.append(Finished(run_size(config), epochs if isinstance(epochs, int) else None,
                                               epochs_done, float(time_s), str(entry["status"])))
