@@ -24,6 +24,7 @@ from test_report import write_run
 
 from normbench.job import claim_run_dir
 from normbench.report import cli as report
+from normbench.sweep.plan import main as plan_main
 from normbench.sweep.plan import plan
 
 SINGLE = [*TINY, "trainer.epochs=2", "logger=none"]
@@ -216,3 +217,28 @@ def test_hostile_files_in_a_sweep_dir_are_named_and_skipped_never_hang(tmp_path,
     assert "1 run, 1 done (1 completed), 0 to run" in out.getvalue()
     warned = capsys.readouterr().err
     assert all(str(bad[name]) in warned for name in ("fifo", "deep", "zero")), warned
+
+    # a damaged index entry: the plan predicts the skip the sweep then makes (from the record)
+    identity = json.loads(record.read_text())["identity"]
+    entry = tmp_path / "multirun" / "default" / ".normbench" / "index" / f"{identity}.json"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.write_text(json.dumps({"identity": identity, "dir": 123, "status": "running"}))
+    out = io.StringIO()
+    assert plan(["-m", *SINGLE, "hydra.sweep.subdir=job"], config_dir=CONF, out=out) == 0
+    assert "1 run, 1 done (1 completed), 0 to run" in out.getvalue()
+    again = run_train(["-m", *SINGLE, "hydra.sweep.subdir=job"], tmp_path, timeout=240)
+    assert "0 completed / 0 diverged / 0 failed / 0 pruned / 1 skipped" in again.stdout, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override,line", [
+    ("batch_size=abc", "normbench: bad value batch_size='abc'"),
+    ("experiment_name=../x", "normbench: bad value experiment_name='../x': must be one dir name"),
+])
+def test_the_plan_refuses_what_train_refuses_in_the_same_line(override, line, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        plan_main(["-m", *SINGLE, override], config_dir=CONF)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(line), err
+    assert not (tmp_path / "multirun").exists()  # nothing written

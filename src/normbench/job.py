@@ -55,7 +55,7 @@ from normbench.record import (
 )
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
 from normbench.schema import PruningConf
-from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses
+from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses, sibling_dir
 from normbench.sweep.objectives import job_objectives, job_return
 from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER, trial_pruner
 from normbench.validate import RunSpec, validate
@@ -160,10 +160,6 @@ def owner(run_dir: Path) -> str | None:
     return None
 
 
-def sibling_dir(job_dir: Path, identity: str) -> Path:
-    return job_dir.with_name(f"{job_dir.name}.{identity}")
-
-
 def claim_run_dir(config: DictConfig) -> None:
     """Before Hydra makes a single run's dir (its `${now:}` name has 1-second resolution): the dir is this
     run's, locked until the process exits, unless another live run holds it, or it holds another
@@ -178,7 +174,7 @@ def claim_run_dir(config: DictConfig) -> None:
     try:
         while (reason := _taken(candidate, identity)) is not None:
             first_reason, n = first_reason or reason, n + 1
-            candidate = wanted.with_name(f"{wanted.name}.{identity}" + (f"-{n - 1}" if n > 2 else ""))
+            candidate = sibling_dir(wanted, identity + (f"-{n - 1}" if n > 2 else ""))
     except OSError:  # the dir cannot be made: Hydra says so in its own words
         return
     if first_reason is not None:

@@ -62,6 +62,11 @@ def record_is_done(summary: dict | None, identity: str, statuses: tuple[str, ...
     return bool(summary) and summary.get("identity") == identity and summary.get("status") in statuses
 
 
+def sibling_dir(job_dir: Path, identity: str) -> Path:
+    """Where a job records its run when its own dir holds another identity's record."""
+    return job_dir.with_name(f"{job_dir.name}.{identity}")
+
+
 def done_statuses(pruning_on: bool) -> tuple[str, ...]:
     """What counts as done. A pruned run is done while pruning is on (re-running it would only be
     pruned again); with pruning off, a re-run continues it from its checkpoint to the end."""
@@ -153,16 +158,26 @@ class SweepState:
             warn(f"the sweep index entry of {identity} was unreadable: {where}")
             if entry and record_is_done(read_summary(self.run_dir(entry)), identity, statuses):
                 return entry
-        dirs = ([self.run_dir(entry)] if entry and entry.get("dir") else []) + [Path(c) for c in candidates]
-        for run_dir in dirs:
+        found = self.done_record(identity, statuses, candidates)
+        if found is None:
+            return None
+        run_dir, summary = found
+        rebuilt = self.entry_from_summary(run_dir, summary)
+        self.put_entry(identity, rebuilt)
+        was = "missing" if entry is None else f"'{entry.get('status')}' in {entry.get('dir')}"
+        warn(f"the sweep index entry of {identity} was {was} but its record in {run_dir} says "
+             f"{summary['status']}: entry rebuilt from the record, the run is not trained again")
+        return rebuilt
+
+    def done_record(self, identity: str, statuses: tuple[str, ...], candidates: list[Path]):
+        """(dir, summary) of a record of this identity that says it is done, in its index entry's dir or
+        one of `candidates`; None. Reads only (the planning command predicts the jobs' skips with it)."""
+        entry = self.get(identity) or {}
+        dirs = [self.run_dir(entry)] if isinstance(entry.get("dir"), str) else []
+        for run_dir in [*dirs, *map(Path, candidates)]:
             summary = read_summary(run_dir)
             if record_is_done(summary, identity, statuses):
-                rebuilt = self.entry_from_summary(Path(run_dir), summary)
-                self.put_entry(identity, rebuilt)
-                was = "missing" if entry is None else f"'{entry.get('status')}' in {entry.get('dir')}"
-                warn(f"the sweep index entry of {identity} was {was} but its record in {run_dir} says "
-                     f"{summary['status']}: entry rebuilt from the record, the run is not trained again")
-                return rebuilt
+                return run_dir, summary
         return None
 
     def put_entry(self, identity: str, entry: dict | None) -> None:
@@ -199,7 +214,7 @@ class SweepState:
         """The index entry of a finished run of this identity whose record still says so, else None.
         Two file reads, whatever the size of the sweep."""
         entry = self.get(identity)
-        if not entry or entry.get("status") not in statuses:
+        if not entry or entry.get("status") not in statuses or not isinstance(entry.get("dir"), str):
             return None
         summary = read_summary(self.run_dir(entry))
         if not summary or summary.get("identity") != identity or summary.get("status") not in statuses:
