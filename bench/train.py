@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from normbench.identity import register_resolvers
 from normbench.job import cli
 from normbench.job import main as run_main
-from normbench.preflight import check_command_line
+from normbench.preflight import check_command_line, preset_spelling
 
 register_resolvers()
 
@@ -29,5 +29,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = preset_spelling(sys.argv)
     check_command_line(sys.argv)  # before Hydra: an unparsable override is one line, passwords masked
     cli(main)

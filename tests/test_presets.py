@@ -5,6 +5,8 @@ docs/sweeps.md lists each preset with its run count."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from conftest import CONF, ROOT
@@ -44,7 +46,7 @@ def test_one_preset_per_table():
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if EXPECTED_RUNS[n] >= 10 else n
                                   for n in sorted(EXPECTED_RUNS)])
 def test_preset_expands_to_its_table(name):
-    task = [f"+experiment={name}"]
+    task = [f"experiment={name}"]
     master = compose_master(task)
     assert master.experiment_name == name
     jobs = grid(master, task)
@@ -62,32 +64,32 @@ def test_preset_expands_to_its_table(name):
 
 
 def test_presets_fix_the_studies_settings():
-    alex = compose_job(["+experiment=alexnet_norm_batch"])
+    alex = compose_job(["experiment=alexnet_norm_batch"])
     assert (alex.model._target_, alex.model.input_size, alex.trainer.epochs) == ("normbench.models.alexnet", 224, 10)
     assert alex.optimizer._target_ == "torch.optim.SGD"
     assert (alex.optimizer.lr, alex.optimizer.momentum) == (0.005, 0.9)
-    assert {tuple(sorted(j)) for j in grid(compose_master(["+experiment=alexnet_norm_batch"]),
-                                           ["+experiment=alexnet_norm_batch"])} == {
-        tuple(sorted([f"norm={n}", f"batch_size={b}", "+experiment=alexnet_norm_batch"]))
+    assert {tuple(sorted(j)) for j in grid(compose_master(["experiment=alexnet_norm_batch"]),
+                                           ["experiment=alexnet_norm_batch"])} == {
+        tuple(sorted([f"norm={n}", f"batch_size={b}", "experiment=alexnet_norm_batch"]))
         for n in ("none", "bn", "ln", "gn") for b in (8, 16, 32, 64)}
-    gn = compose_job(["+experiment=alexnet_norm_batch", "norm=gn"])
+    gn = compose_job(["experiment=alexnet_norm_batch", "norm=gn"])
     assert gn.norm.groups == 4
-    lr = compose_job(["+experiment=alexnet_lr"])
+    lr = compose_job(["experiment=alexnet_lr"])
     assert (lr.norm.name, lr.batch_size, lr.trainer.epochs) == ("none", 64, 10)
-    robust = compose_job(["+experiment=vgg_lr_robustness"])
+    robust = compose_job(["experiment=vgg_lr_robustness"])
     assert (robust.trainer.epochs, robust.probe.name) == (10, "all")
-    best = compose_job(["+experiment=vgg_best"])
+    best = compose_job(["experiment=vgg_best"])
     assert (best.norm.name, best.model.dropout, best.activation.name, best.loss.name, best.scheduler.name,
             best.optimizer._target_) == ("bn", 0.3, "leaky_relu", "focal", "cosine", "torch.optim.SGD")
-    sched = compose_job(["+experiment=vgg_schedulers"])
+    sched = compose_job(["experiment=vgg_schedulers"])
     assert (sched.norm.name, sched.optimizer.lr) == ("bn", 0.001)
-    opt = grid(compose_master(["+experiment=vgg_optimizers"]), ["+experiment=vgg_optimizers"])
+    opt = grid(compose_master(["experiment=vgg_optimizers"]), ["experiment=vgg_optimizers"])
     assert sorted(j for job in opt for j in job if j.startswith("optimizer=")) == [
         f"optimizer={o}" for o in sorted(("sgd", "sgd_momentum", "adam", "adamw", "rmsprop", "adagrad"))]
 
 
 def test_command_line_wins_over_the_preset():
-    task = ["+experiment=vgg_losses", "norm=bn", "trainer.epochs=3"]
+    task = ["experiment=vgg_losses", "norm=bn", "trainer.epochs=3"]
     master = compose_master(task)  # no sweep value on this command line: composes in run mode
     jobs = grid(master, task)
     assert len(jobs) == 5 and all("norm=bn" in job for job in jobs)
@@ -101,9 +103,6 @@ def test_docs_list_every_preset_with_its_run_count():
 
 
 def test_plan_command_names_the_available_presets(tmp_path):
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "plan.py"), "-m", "+experiment=vgg_nope"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
@@ -129,7 +128,7 @@ def test_every_study_row_is_a_job_with_its_stated_settings(name):
     from normbench.report.reference import TABLES_BY_NAME
 
     table = TABLES_BY_NAME[name]
-    task = [f"+experiment={name}"]
+    task = [f"experiment={name}"]
     jobs = grid(compose_master(task), task)
     with initialize_config_dir(config_dir=str(CONF)):
         settings = [_row_settings(compose(config_name="config", overrides=job, return_hydra_config=True))
@@ -143,19 +142,19 @@ def test_every_study_row_is_a_job_with_its_stated_settings(name):
 def test_study_000_baseline_is_lr_0001_and_sgd_row_lr_001():
     # "固定学习率 (0.001)" -> 12.35 %: the baseline and every table whose base row is the baseline
     for name in ("vgg_bn_baseline", "vgg_losses", "vgg_activations", "vgg_dropout", "vgg_schedulers"):
-        cfg = compose_job([f"+experiment={name}"])
+        cfg = compose_job([f"experiment={name}"])
         assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.scheduler.name) == (0.001, 0.9, "constant"), name
     # "SGD (lr=0.01, momentum=0.9)" -> 11.32 %: a row of its own
-    sgd = compose_job(["+experiment=vgg_optimizers", "optimizer=sgd"])
+    sgd = compose_job(["experiment=vgg_optimizers", "optimizer=sgd"])
     assert (sgd.optimizer.lr, sgd.optimizer.momentum, sgd.optimizer.nesterov) == (0.01, 0.9, False)
-    best = {row: compose_job(["+experiment=vgg_best", f"vgg_best_row={row}"])
+    best = {row: compose_job(["experiment=vgg_best", f"vgg_best_row={row}"])
             for row in ("plain", "bn_sgd", "best")}
     assert (best["plain"].norm.name, best["plain"].optimizer.lr) == ("none", 0.001)
     assert best["bn_sgd"].optimizer.lr == 0.01 and best["bn_sgd"].activation.name == "relu"
     assert (best["best"].optimizer.lr, best["best"].model.dropout, best["best"].scheduler.name) == (0.01, 0.3, "cosine")
     # the options where text and course code disagree are visible in the presets, with their defaults
-    assert compose_job(["+experiment=vgg_bn_baseline"]).data.augment is True
-    assert compose_job(["+experiment=vgg_schedulers", "scheduler=onecycle"]).scheduler.max_lr is None
+    assert compose_job(["experiment=vgg_bn_baseline"]).data.augment is True
+    assert compose_job(["experiment=vgg_schedulers", "scheduler=onecycle"]).scheduler.max_lr is None
 
 
 def test_study_002_trains_on_all_50k_images_with_the_last_batch_kept():
@@ -163,10 +162,10 @@ def test_study_002_trains_on_all_50k_images_with_the_last_batch_kept():
 
     from normbench.data import BatchStream, Split
 
-    alex = compose_job(["+experiment=alexnet_norm_batch", "norm=ln"])
+    alex = compose_job(["experiment=alexnet_norm_batch", "norm=ln"])
     assert (alex.data.val_size, alex.trainer.drop_last, alex.norm.affine) == (0, False, "element")
     assert (alex.model.conv_groups, alex.model.norm_at) == (1, "after_pool")
-    assert compose_job(["+experiment=alexnet_lr"]).data.val_size == 0
+    assert compose_job(["experiment=alexnet_lr"]).data.val_size == 0
     split = Split(torch.zeros(50_000, 1, 1, 1, dtype=torch.uint8), torch.zeros(50_000, dtype=torch.int64))
     per_epoch = {bs: len(BatchStream(split, bs, [0.0], [1.0], augment=False, drop_last=alex.trainer.drop_last))
                  for bs in (64, 32, 16, 8)}
@@ -200,7 +199,22 @@ def test_study_002_layers_as_the_study_states():
 def test_val_size_0_trains_on_every_image_and_validates_on_the_test_set():
     from normbench.data import load_data
 
-    cfg = compose_job(["+experiment=alexnet_norm_batch", "data=synthetic", "data.num_train=200", "data.num_test=50"])
+    cfg = compose_job(["experiment=alexnet_norm_batch", "data=synthetic", "data.num_train=200", "data.num_test=50"])
     assert cfg.data.val_size == 0
     data = load_data(cfg.data, "cpu")
     assert len(data.train) == 200 and data.val is data.test and len(data.test) == 50
+
+
+@pytest.mark.slow
+def test_a_preset_is_chosen_with_or_without_plus():
+    """conf/config.yaml lists the experiment group, so `experiment=NAME` is the spelling; the `+` form that
+    appends the group still composes the same job (bench/train.py rewrites it before Hydra reads it)."""
+    def job(spelling: str) -> str:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), spelling, "--cfg", "job"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    plain = job("experiment=vgg_losses")
+    assert "experiment_name: vgg_losses" in plain and plain == job("+experiment=vgg_losses")
+    assert compose_job([]).experiment_name == "default"

@@ -57,7 +57,7 @@ def test_debug_quick_is_the_tests_and_perfs_tiny_run():
         assert compose(config_name="config", overrides=PERF_TINY) == compose(config_name="config",
                                                                              overrides=[*TINY, *perf_only])
         # after a preset it still wins over the preset's sizes
-        preset = compose(config_name="config", overrides=["+experiment=fmnist_bn_baseline", "+debug=quick"])
+        preset = compose(config_name="config", overrides=["experiment=fmnist_bn_baseline", "+debug=quick"])
     for cfg in (tiny, preset):
         assert (cfg.trainer.epochs, cfg.trainer.max_steps_per_epoch, cfg.batch_size, cfg.model.width) == (
             1, 4, 16, 0.125)

@@ -66,6 +66,12 @@ def _overrides(argv: list[str]) -> list[str]:
     return list(args.overrides or [])
 
 
+def preset_spelling(argv: list[str]) -> list[str]:
+    """`+experiment=NAME` as `experiment=NAME`: conf/config.yaml lists the experiment group (so that
+    `experiment=NAME` works), and Hydra refuses to append (+) a group the defaults list already names."""
+    return [arg[1:] if arg.startswith("+experiment=") else arg for arg in argv]
+
+
 def check_command_line(argv: list[str]) -> None:
     """Exit with one line (status 2) when an override cannot be parsed; mask passwords from here on."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from normbench.errors import NormbenchError, fail
 from normbench.identity import register_resolvers, run_identity
-from normbench.preflight import check_launch
+from normbench.preflight import check_launch, preset_spelling
 from normbench.record import CHECKPOINT, DONE, Status, read_config
 from normbench.sweep.index import SweepState, done_statuses, sibling_dir
 from normbench.validate import validate
@@ -165,7 +165,7 @@ def hydra_session(config_dir: Path) -> Iterator[None]:
 
 def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
     """Print the plan for `bench/train.py ARGV` (configs in `config_dir`, unless ARGV gives -cd)."""
-    args = parse_args(argv)
+    args = parse_args(preset_spelling(argv))
     with hydra_session(Path(args.config_dir or config_dir)):
         loader = GlobalHydra.instance().config_loader()
         master = loader.load_configuration(args.config_name, list(args.overrides), run_mode=RunMode.MULTIRUN)
