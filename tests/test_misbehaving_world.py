@@ -40,7 +40,8 @@ def test_single_runs_sharing_a_dir_each_keep_their_own_record(tmp_path, capfd):
     # dir makes that collision certain
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen([sys.executable, str(TRAIN), *SINGLE, f"seed={seed}", "hydra.run.dir=out/same"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True,
                               umask=0o027)  # a team's umask: the group may read
              for seed in (1, 2)]
     outs = [proc.communicate(timeout=300) for proc in procs]
@@ -49,7 +50,8 @@ def test_single_runs_sharing_a_dir_each_keep_their_own_record(tmp_path, capfd):
     assert len(runs) == 2 and tmp_path / "out" / "same" in runs.values()
     for identity, run_dir in runs.items():
         epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert epochs == [1, 2] and json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+        assert epochs == [1, 2]
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
         assert run_dir.name in ("same", f"same.{identity}")
         modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir() if p.is_file()}
         assert set(modes.values()) == {0o640}, modes  # the record as the user's umask says, not 0600
@@ -131,7 +133,8 @@ def test_sighup_is_an_interrupt_and_ctrl_c_mashed_still_ends_in_130_with_its_clo
 def read_only_mount(path: Path):
     """`path` as a read-only bind mount of itself (needs root)."""
     path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         pytest.skip(f"cannot bind-mount here (needs root): {proc.stderr.strip()}")
     try:
@@ -180,8 +183,8 @@ def _hostile_sweep_dir(sweep: Path) -> dict[str, Path]:
     bad["deep"].write_text("[" * 200_000 + "]" * 200_000)
     bad["zero"].symlink_to("/dev/zero")
     for seed in (0, 1):
-        write_run(sweep / "records", experiment="default", choices={"model": "vgg_a", "norm": "bn", "seed": seed},
-                  test_acc=0.8)
+        write_run(sweep / "records", experiment="default",
+                  choices={"model": "vgg_a", "norm": "bn", "seed": seed}, test_acc=0.8)
     bad["bomb"] = sweep / "records" / "0" / "config.yaml"
     bad["bomb"].write_text(ALIAS_BOMB)
     bad["metrics"] = sweep / "records" / "1" / "metrics.jsonl"

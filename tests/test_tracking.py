@@ -61,6 +61,7 @@ def test_offline_in_one_line_when_the_server_does_not_answer(wandb_env, monkeypa
     start = time.perf_counter()
     assert wandb_mode("auto") == "offline" and time.perf_counter() - start < REACH_TIMEOUT_S
     err = capfd.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f"normbench: warning: W&B credentials are configured but {url} is "
-                                               "not reachable ([Errno 111] Connection refused): logging offline")
+    assert len(err) == 1 and err[0].startswith(
+        f"normbench: warning: W&B credentials are configured but {url} is not reachable ([Errno 111] "
+        "Connection refused): logging offline")
     assert wandb_mode("online") == "online"  # asked for by name: W&B's own behaviour

@@ -98,12 +98,6 @@ def _load(path: Path):
     return None
 
 
-def _os_error(err: Exception) -> Exception:
-    """The OSError behind a failed write: torch.save reports a full disk as a RuntimeError raised while
-    handling the file's OSError."""
-    return err if isinstance(err, OSError) or not isinstance(err.__context__, OSError) else err.__context__
-
-
 def _save(folder: Path, filename: str, prefix: str, tensors) -> bool:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -114,10 +108,11 @@ def _save(folder: Path, filename: str, prefix: str, tensors) -> bool:
     try:  # atomic: parallel jobs never read a half-written file, a failed write leaves no partial one
         with atomic_write(folder / filename, "wb") as handle:
             torch.save({**dict(zip(KEYS, tensors)), HASH_KEY: content_hash(tensors)}, handle)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError) as err:  # torch.save's RuntimeError on a full disk wraps the OSError
+        cause = err.__context__ if isinstance(err.__context__, OSError) else err
         then = f"trying {user_cache_dir()}" if folder != user_cache_dir() else "the dataset is not cached"
-        warn(f"cannot write the data cache {folder / filename} ({short(_os_error(err))}); its partial file "
-             f"is removed, {then}")
+        warn(f"cannot write the data cache {folder / filename} ({short(cause)}); its partial file is removed, "
+             f"{then}")
         return False
     for stale in folder.glob(f"{prefix}*.pt"):  # caches of older versions of the sources
         if stale.name != filename:

@@ -93,4 +93,5 @@ def _decode(path: str, channels: int, size: int) -> np.ndarray:
         raise DataNotFoundError(f"image folder: {path} is refused ({str(err).rstrip('.')}); shrink it below "
                                 f"{Image.MAX_IMAGE_PIXELS} pixels or delete it") from err
     except Exception as err:  # any decoder failure (OSError, SyntaxError, ...) is this file's
-        raise DataNotFoundError(f"image folder: {path} cannot be read ({short(err)}); delete or replace it") from err
+        raise DataNotFoundError(f"image folder: {path} cannot be read ({short(err)}); delete or replace "
+                                "it") from err
