@@ -62,6 +62,13 @@ def record_is_done(summary: dict | None, identity: str, statuses: tuple[str, ...
     return bool(summary) and summary.get("identity") == identity and summary.get("status") in statuses
 
 
+def _entry(data: dict | None) -> dict | None:
+    """An index entry as read, less a "dir" that is no path (a damaged entry's, never followed)."""
+    if data is not None and not isinstance(data.get("dir", ""), str):
+        data = {k: v for k, v in data.items() if k != "dir"}
+    return data
+
+
 def sibling_dir(job_dir: Path, identity: str) -> Path:
     """Where a job records its run when its own dir holds another identity's record."""
     return job_dir.with_name(f"{job_dir.name}.{identity}")
@@ -137,7 +144,7 @@ class SweepState:
         return self.root / entry["dir"]  # an absolute "dir" stays absolute
 
     def get(self, identity: str) -> dict | None:
-        return read_json(self.index_dir / f"{identity}.json")
+        return _entry(read_json(self.index_dir / f"{identity}.json"))
 
     def entry_is_corrupt(self, identity: str) -> bool:
         """The entry's file is there but is not a JSON object (a torn or damaged file)."""
@@ -173,7 +180,7 @@ class SweepState:
         """(dir, summary) of a record of this identity that says it is done, in its index entry's dir or
         one of `candidates`; None. Reads only (the planning command predicts the jobs' skips with it)."""
         entry = self.get(identity) or {}
-        dirs = [self.run_dir(entry)] if isinstance(entry.get("dir"), str) else []
+        dirs = [self.run_dir(entry)] if entry.get("dir") else []
         for run_dir in [*dirs, *map(Path, candidates)]:
             summary = read_summary(run_dir)
             if record_is_done(summary, identity, statuses):
@@ -206,7 +213,7 @@ class SweepState:
             return
         for name in names:
             if name.endswith(".json") and not name.startswith("."):
-                entry = read_json(self.index_dir / name)
+                entry = _entry(read_json(self.index_dir / name))
                 if entry:
                     yield entry
 
@@ -214,7 +221,7 @@ class SweepState:
         """The index entry of a finished run of this identity whose record still says so, else None.
         Two file reads, whatever the size of the sweep."""
         entry = self.get(identity)
-        if not entry or entry.get("status") not in statuses or not isinstance(entry.get("dir"), str):
+        if not entry or entry.get("status") not in statuses or not entry.get("dir"):
             return None
         summary = read_summary(self.run_dir(entry))
         if not summary or summary.get("identity") != identity or summary.get("status") not in statuses:

@@ -215,7 +215,7 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
             dir_plan.done[done[1]["status"]] += 1
         else:
             dir_plan.to_run += 1
-            if entry and isinstance(entry.get("dir"), str) and (state.run_dir(entry) / CHECKPOINT).exists():
+            if entry and entry.get("dir") and (state.run_dir(entry) / CHECKPOINT).exists():
                 dir_plan.resume += 1
             _estimate_job(dir_plan, job_cfg)
     return plans
