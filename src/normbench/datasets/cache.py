@@ -111,8 +111,8 @@ def _save(folder: Path, filename: str, prefix: str, tensors) -> bool:
     except (OSError, RuntimeError) as err:  # torch.save's RuntimeError on a full disk wraps the OSError
         cause = err.__context__ if isinstance(err.__context__, OSError) else err
         then = f"trying {user_cache_dir()}" if folder != user_cache_dir() else "the dataset is not cached"
-        warn(f"cannot write the data cache {folder / filename} ({short(cause)}); its partial file is removed, "
-             f"{then}")
+        warn(f"cannot write the data cache {folder / filename} ({short(cause)}); its partial file is "
+             f"removed, {then}")
         return False
     for stale in folder.glob(f"{prefix}*.pt"):  # caches of older versions of the sources
         if stale.name != filename:
