@@ -110,6 +110,7 @@ GROUP_CASES = {
     "data.mean=[0.5,0.5]": (["data.mean=[0.5,0.5]", "data.std=[0.2,0.2]"], "bad value data.mean=[0.5, 0.5]"),
     "trainer.threads=abc": (["trainer.threads=abc"], "bad value trainer.threads='abc'"),
     "seed=-1": (["seed=-1"], "bad value seed=-1"),
+    "+foo=1": (["+foo=1"], "bad value foo=1: unknown key (no top-level setting of that name)"),
 }
 
 

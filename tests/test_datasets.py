@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, run_train
 from fake_datasets import write_fake_mnist, write_fake_svhn, write_image_folder
 from omegaconf import OmegaConf
 from PIL import Image
+from test_record_truth import tmpfs
 
 import normbench.datasets.idx as nb_mnist
 from normbench.data import load_data
@@ -237,3 +238,100 @@ def test_image_folder_of_real_fashion_mnist_pngs(tmp_path, real_fashion_mnist):
     shutil.rmtree(tmp_path / "imgs" / "test")
     with pytest.raises(DataNotFoundError, match=r"has no usable test/"):
         load_data(cfg, "cpu")
+
+
+# ------------------------------------------------------------------------------------------------------
+# a full disk, damaged cache files, hostile and blank images
+
+
+def test_a_full_disk_while_the_cache_is_written_falls_back_and_leaves_no_partial_file(tmp_path, user_cache,
+                                                                                     capfd, monkeypatch):
+    with tmpfs(tmp_path / "disk", "256k") as disk:
+        write_fake_mnist(disk / "data", n_train=200, n_test=20)  # ~170 kB: no room left for its cache
+        first = mnist(root=str(disk / "data"))
+        err = capfd.readouterr().err.splitlines()
+        assert len(err) == 1 and str(disk / "data" / CACHE_DIR_NAME / "mnist-") in err[0], err
+        assert "[Errno 28] No space left on device" in err[0] and f"trying {user_cache}" in err[0]
+        assert list((disk / "data" / CACHE_DIR_NAME).iterdir()) == []  # the partial .tmp is removed
+        assert len(list(user_cache.glob("mnist-*.pt"))) == 1
+        again = mnist(root=str(disk / "data"))  # from the user cache, silently
+        assert capfd.readouterr().err == "" and all(torch.equal(a, b) for a, b in zip(first, again))
+        # both places full: one line each, the data still loads, no partial file anywhere
+        monkeypatch.setenv("XDG_CACHE_HOME", str(disk / "xdg"))
+        third = mnist(root=str(disk / "data"))
+        err = capfd.readouterr().err.splitlines()
+        assert len(err) == 2 and err[1].endswith("the dataset is not cached") and "[Errno 28]" in err[1], err
+        assert [p.name for p in disk.rglob("*") if p.is_file() and not p.name.endswith("ubyte")] == []
+        assert all(torch.equal(a, b) for a, b in zip(first, third))
+
+
+def test_corrupted_cache_bytes_of_the_right_size_are_said_and_decoded_again(tmp_path, capfd, monkeypatch):
+    arrays = write_fake_mnist(tmp_path, n_train=20, n_test=5)
+    decoded = []
+    real_read = nb_mnist.read_idx
+    monkeypatch.setattr(nb_mnist, "read_idx", lambda path: decoded.append(path) or real_read(path))
+    first = mnist(root=str(tmp_path))
+    (cache,) = (tmp_path / CACHE_DIR_NAME).glob("mnist-*.pt")
+    raw = bytearray(cache.read_bytes())
+    at = raw.find(arrays["train-images-idx3-ubyte"].tobytes()[:64]) + 100  # inside the train images
+    raw[at] ^= 0xFF
+    cache.write_bytes(bytes(raw))
+    second = mnist(root=str(tmp_path))
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert f"the data cache {cache} is damaged: its content does not match its hash" in err[0]
+    assert len(decoded) == 8 and all(torch.equal(a, b) for a, b in zip(first, second))
+    assert torch.equal(mnist(root=str(tmp_path))[0], first[0]) and len(decoded) == 8  # replaced: reused again
+
+
+def _bomb_png(path: Path, side: int = 14000) -> None:
+    """A real 1-bit PNG of side x side black pixels (a few kB on disk; 196 M pixels decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_and_an_undecodable_image_are_one_line_naming_the_file(tmp_path,
+                                                                                        monkeypatch):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        write_image_folder(tmp_path, split, rng.integers(0, 256, (4, 8, 8)), np.array([0, 1, 0, 1]),
+                           ["a", "b"])
+    cfg = data_cfg("imagefolder", root=str(tmp_path), num_classes=2, channels=1, image_size=8, val_size=1)
+    bomb = tmp_path / "train" / "a" / "huge.png"
+    _bomb_png(bomb)
+    with monkeypatch.context() as unlimited:  # a real PNG, opened without PIL's limit
+        unlimited.setattr(Image, "MAX_IMAGE_PIXELS", None)
+        with Image.open(bomb) as img:
+            assert img.size == (14000, 14000) and img.mode == "1" and bomb.stat().st_size < 100_000
+    with pytest.raises(DataNotFoundError) as info:
+        load_data(cfg, "cpu")
+    assert str(info.value).startswith(f"image folder: {bomb} is refused (Image size (196000000 pixels) "
+                                      "exceeds")
+    assert "decompression bomb" in str(info.value) and "\n" not in str(info.value)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG cut short
+    with pytest.raises(DataNotFoundError, match=rf"^image folder: {bomb} cannot be read \(.*\); delete"):
+        load_data(cfg, "cpu")
+
+
+@pytest.mark.slow
+def test_blank_images_are_one_line_before_any_record(tmp_path):
+    for split in ("train", "test"):
+        write_image_folder(tmp_path / "blank", split, np.full((6, 8, 8), 128), np.arange(6) % 2, ["a", "b"])
+    proc = run_train(["data=imagefolder", f"data.root={tmp_path / 'blank'}", "data.num_classes=2",
+                      "data.channels=1", "data.image_size=8", "data.val_size=2", "batch_size=2",
+                      "trainer.epochs=1", "model.width=0.125", "hydra.run.dir=run"], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        ("normbench: bad value data.std=[0.0]: each channel's std must be > 0 (null: computed from the 4 "
+         "training images of imagefolder); check the images")]
+    assert not (tmp_path / "run" / "summary.json").exists()

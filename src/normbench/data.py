@@ -118,6 +118,10 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
         mean, std = channel_stats(train.images)
     mean, std = (tuple(float(v) for v in (list(m) * spec.channels if len(m) == 1 else m))
                  for m in (mean, std))
+    if not all(v > 0 for v in std):  # blank images (std 0) cannot be normalized
+        raise ConfigError("data.std", list(std),
+                          f"each channel's std must be > 0 (null: computed from the {len(train)} training "
+                          f"images of {dataset_name(data_cfg)}); check the images")
     return DataBundle(train=train, val=val, test=test, num_classes=spec.num_classes,
                       image_size=spec.image_size + 2 * pad, channels=spec.channels, mean=mean, std=std,
                       name=dataset_name(data_cfg))

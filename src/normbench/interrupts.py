@@ -1,9 +1,11 @@
-"""SIGTERM and Ctrl-C: one exception for both, passed on to a sweep's joblib workers, and workers that
-never outlive their sweep process.
+"""SIGTERM, SIGHUP and Ctrl-C: one exception for all, passed on to a sweep's joblib workers, and workers
+that never outlive their sweep process.
 
-SIGTERM (kill, docker stop, SLURM) raises `Interrupted`, a KeyboardInterrupt, so that every layer (the
-run, joblib, the Optuna sweeper) treats it like Ctrl-C: the job records the run `interrupted` and
-bench/train.py ends without a traceback (normbench.job).
+SIGTERM (kill, docker stop, SLURM) and SIGHUP (the terminal closed) raise `Interrupted`, a
+KeyboardInterrupt, so that every layer (the run, joblib, the Optuna sweeper) treats them like Ctrl-C: the
+job records the run `interrupted` and bench/train.py ends without a traceback (normbench.job). Only the
+first of them interrupts: later ones (a second Ctrl-C) are ignored, so that the record and the closing
+line are written and the exit status is the first signal's.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import time
 
 MAIN_PID_ENV = "NORMBENCH_MAIN_PID"   # the pid of the bench/train.py process (its launcher's workers see it)
 ORPHANED = threading.Event()          # set in a launcher worker whose sweep process is gone
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # raise Interrupted (SIGINT: KeyboardInterrupt)
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM (kill, docker stop, SLURM), raised like Ctrl-C's KeyboardInterrupt so that every layer
-    (the run, joblib, the Optuna sweeper) treats both alike."""
+    """SIGTERM (kill, docker stop, SLURM) or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that every
+    layer (the run, joblib, the Optuna sweeper) treats them alike."""
 
     def __init__(self, signame: str = "SIGTERM"):
         super().__init__(signame)
@@ -33,15 +36,19 @@ def signal_name(exc: BaseException) -> str:
 
 
 def raise_on_sigterm() -> None:
-    """In the main thread: SIGTERM raises Interrupted (a handler that was there, e.g. submitit's, is
-    called first)."""
+    """In the main thread: SIGTERM and SIGHUP raise Interrupted (a handler that was there, e.g.
+    submitit's, is called first)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    previous = signal.getsignal(signal.SIGTERM)
-    if getattr(previous, "normbench", False):
-        return
+    for signum in STOP_SIGNALS:
+        previous = signal.getsignal(signum)
+        if not getattr(previous, "normbench", False):
+            signal.signal(signum, _raiser(previous))
 
+
+def _raiser(previous):
     def handler(signum, frame):
+        ignore_further_interrupts()
         stop_workers()
         if callable(previous):
             with contextlib.suppress(KeyboardInterrupt):  # one that raises its own: ours says which signal
@@ -49,7 +56,7 @@ def raise_on_sigterm() -> None:
         raise Interrupted(signal.Signals(signum).name)
 
     handler.normbench = True
-    signal.signal(signal.SIGTERM, handler)
+    return handler
 
 
 def pass_on_ctrl_c() -> None:
@@ -59,10 +66,24 @@ def pass_on_ctrl_c() -> None:
         return
 
     def handler(signum, frame):
+        ignore_further_interrupts()
         stop_workers()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
+
+
+def ignore_further_interrupts(exiting: bool = False) -> None:
+    """After the first interrupt: Ctrl-C, SIGTERM and SIGHUP do nothing. A Python handler while the
+    process runs (one that had already arrived when SIG_IGN was set would raise "Signal ignored due to
+    race condition" in the middle of the record's writing); SIG_IGN when `exiting`, since Python's exit
+    gives a Python handler's signal its default action back (-2, no closing line), not an ignored one's."""
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN if exiting else _ignored)
+
+
+def _ignored(signum, frame) -> None:
+    pass
 
 
 def process_stat(pid: int | str) -> list[str]:
@@ -143,7 +164,7 @@ def signals_held():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *STOP_SIGNALS)}
     try:
         yield
     finally:

@@ -7,13 +7,14 @@ on stderr and exit status 2.
 
 The record is the truth: a summary.json that says this identity is done is never trained again nor
 overwritten, whatever the index says (the index is rebuilt from it), and a dir holding another
-identity's record or checkpoint is never written to. SIGTERM and Ctrl-C record the run `interrupted`
-(a re-run continues it from its checkpoint) and end the process without a traceback.
+identity's record or checkpoint is never written to. SIGTERM, SIGHUP and Ctrl-C record the run
+`interrupted` (a re-run continues it from its checkpoint) and end the process without a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from normbench.checkpoint import checkpoint_identity
 from normbench.device import launcher_jobs, placement
@@ -32,6 +33,7 @@ from normbench.identity import run_identity, run_name, seedless_identity, swept_
 from normbench.interrupts import (
     EXIT_CODES,
     MAIN_PID_ENV,
+    ignore_further_interrupts,
     ignore_sigterm,
     is_launcher_worker,
     pass_on_ctrl_c,
@@ -43,6 +45,7 @@ from normbench.interrupts import (
 from normbench.pruning import MedianStoppingPruner, Pruner
 from normbench.record import (
     CHECKPOINT,
+    DONE,
     SUMMARY,
     Status,
     read_summary,
@@ -52,13 +55,16 @@ from normbench.record import (
 )
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
 from normbench.schema import PruningConf
-from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses
+from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses, sibling_dir
 from normbench.sweep.objectives import job_objectives, job_return
 from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER, trial_pruner
 from normbench.validate import RunSpec, validate
 
 SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
 NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
+RUN_LOCK = ".normbench-run.lock"  # held by the live single run whose dir holds it
+FINISHED = (*DONE, Status.PRUNED)  # a single run pointed at such a record of its own identity goes beside it
+_CLAIMED: list = []  # the open lock of this process's run dir
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # a _target_ string, not an import
 
 
@@ -154,8 +160,49 @@ def owner(run_dir: Path) -> str | None:
     return None
 
 
-def sibling_dir(job_dir: Path, identity: str) -> Path:
-    return job_dir.with_name(f"{job_dir.name}.{identity}")
+def claim_run_dir(config: DictConfig) -> None:
+    """Before Hydra makes a single run's dir (its `${now:}` name has 1-second resolution): the dir is this
+    run's, locked until the process exits, unless another live run holds it, or it holds another
+    identity's record or a finished one (hydra.run.dir pointed at a done run): then, as in sweeps, the
+    sibling `<dir>.<identity>` (`-2`, `-3`, ... after it) with one warning."""
+    wanted = Path(str(config.hydra.run.dir)).absolute()
+    try:
+        identity = run_identity(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+    except Exception:  # noqa: BLE001 - a config the job reports in its own line (it validates first)
+        identity = "run"
+    candidate, n, first_reason = wanted, 1, None
+    try:
+        while (reason := _taken(candidate, identity)) is not None:
+            first_reason, n = first_reason or reason, n + 1
+            candidate = sibling_dir(wanted, identity + (f"-{n - 1}" if n > 2 else ""))
+    except OSError:  # the dir cannot be made: Hydra says so in its own words
+        return
+    if first_reason is not None:
+        warn(f"{wanted} {first_reason}: this run is recorded in {candidate}")
+        with read_write(config.hydra.run):
+            config.hydra.run.dir = str(candidate)
+
+
+def _taken(run_dir: Path, identity: str) -> str | None:
+    """Why `run_dir` cannot be this run's; None: it is, locked until this process exits."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / RUN_LOCK, "a")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return "is in use by another run"
+    except OSError:  # a filesystem without locks: unguarded
+        pass
+    found, summary = owner(run_dir), read_summary(run_dir) or {}
+    reason = (f"holds the record of run {found}" if found not in (None, identity)
+              else f"holds the {summary['status']} record of this run" if summary.get("status") in FINISHED
+              else None)
+    if reason is None:
+        _CLAIMED.append(handle)
+    else:
+        handle.close()
+    return reason
 
 
 def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
@@ -378,7 +425,7 @@ def main(cfg: DictConfig) -> float:
 def cli(hydra_main) -> None:
     """bench/train.py's entry: SIGTERM and Ctrl-C end it without a traceback -- the interrupted run
     is recorded `interrupted` (by the job), a sweep prints its closing line (the callback's
-    on_multirun_end runs on the way out) -- with status 130 (Ctrl-C) or 143 (SIGTERM)."""
+    on_multirun_end runs on the way out) -- with status 130 (Ctrl-C), 143 (SIGTERM) or 129 (SIGHUP)."""
     os.environ[MAIN_PID_ENV] = str(os.getpid())
     raise_on_sigterm()
     pass_on_ctrl_c()
@@ -386,4 +433,5 @@ def cli(hydra_main) -> None:
         hydra_main()
     except KeyboardInterrupt as exc:
         name = signal_name(exc)
+        ignore_further_interrupts(exiting=True)
         fail(f"interrupted by {name}; run the same command to continue", EXIT_CODES.get(name, 130))

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import netrc
 import os
+import socket
+import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
 EPOCH_METRICS = ("train/*", "val/*", "lr", "time/*", "throughput/*")
+REACH_TIMEOUT_S = 3.0  # how long `auto` waits for W&B's server before it logs offline
+
+
+def wandb_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
 
 
 class MetricSink(Protocol):
@@ -45,7 +53,7 @@ def wandb_credentials_configured() -> bool:
     """An API key in the environment or in the netrc file for the W&B host."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    host = urlparse(wandb_url()).hostname
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
         return netrc.netrc(path).authenticators(host) is not None
@@ -53,13 +61,44 @@ def wandb_credentials_configured() -> bool:
         return False
 
 
+def wandb_unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
+    """Why W&B's server at `url` cannot be reached; None when it accepts a connection within `timeout`
+    seconds, the name lookup included (in a thread: a lookup with no network has no timeout of its own)."""
+    parsed = urlparse(url)
+    address = (parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+    outcome: list[OSError | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=connect, name="normbench-wandb-reach", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"{url} did not answer within {timeout:g} s"
+    return None if outcome[0] is None else f"{url} is not reachable ({outcome[0]})"
+
+
 def wandb_mode(setting: str) -> str:
-    """WANDB_MODE wins; otherwise `auto` means online only when credentials are configured."""
+    """WANDB_MODE wins; otherwise `auto` means online only when credentials are configured and W&B's
+    server answers within REACH_TIMEOUT_S (else offline, said in one line: a run never waits on the
+    network)."""
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    if setting == "auto":
-        return "online" if wandb_credentials_configured() else "offline"
-    return setting
+    if setting != "auto":
+        return setting
+    if not wandb_credentials_configured():
+        return "offline"
+    problem = wandb_unreachable(wandb_url())
+    if problem is not None:
+        print(f"normbench: warning: W&B credentials are configured but {problem}: logging offline "
+              "(`wandb sync` uploads the run later)", file=sys.stderr, flush=True)
+        return "offline"
+    return "online"
 
 
 class WandbSink:

@@ -15,12 +15,12 @@ with status `pruned` (its record, checkpoint and objective are kept).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
 from typing import Protocol
 
+from normbench.record import load_json
 from normbench.schema import PruningConf, parse
 
 
@@ -49,7 +49,7 @@ class MedianStoppingPruner:
             if identity == self.identity:
                 continue
             try:
-                errors = json.loads((self.curves_dir / name).read_text())["val_error"]
+                errors = load_json(self.curves_dir / name)["val_error"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             best, running = float("inf"), []

@@ -7,9 +7,11 @@ takes the file names, the statuses and the summary keys from here. The format: d
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -18,6 +20,11 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+
+# The user's umask, read once (reading it means setting it): a record's files get the permissions any file
+# the user makes gets (team-mates sharing a sweep dir read them), not mkstemp's 0600.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 class Status(str, Enum):
@@ -54,6 +61,9 @@ SKIPPED_POINTER = "skipped.json"
 CHECKPOINT = "checkpoint.pt"
 JSONL = (METRICS, STEPS, PROBES)
 RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS, REJECTED})
+# Bounds of every reader of a sweep dir: a file's size, and how deep below a root run dirs are looked for.
+MAX_FILE_BYTES = 256 << 20
+MAX_DIR_DEPTH = 32
 # a directory holding one of these is a run dir (its subdirectories are not searched)
 RUN_MARKERS = (SUMMARY, CONFIG, METRICS, REJECTED)
 
@@ -140,6 +150,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -200,13 +211,55 @@ def record_dir(job_dir: Path) -> Path:
     return Path(record) if isinstance(record, str) else Path(job_dir)
 
 
+def read_bytes(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """A record's or the index's file: only a regular file of at most `limit` bytes, opened without
+    blocking (a FIFO named summary.json never hangs the reader) and checked once open (a symlink to
+    /dev/zero is a device); anything else is an OSError naming the path."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", os.fspath(path))
+        with open(fd, "rb", closefd=False) as handle:
+            return handle.read(limit)
+    finally:
+        os.close(fd)
+
+
+def load_json(path: str | Path):
+    """The JSON value of a record's or the index's file (read_bytes's bounds); OSError or ValueError (a
+    nesting too deep for the parser included) saying what is wrong."""
+    try:
+        return json.loads(read_bytes(path))
+    except RecursionError as err:
+        raise ValueError("nested too deeply") from err
+
+
 def read_json(path: str | Path) -> dict | None:
     """A JSON object file of a record or of the sweep index; None when it is missing, torn or no object."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = load_json(path)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_config(run_dir: str | Path) -> dict:
+    """A record's config.yaml ({} when it holds no mapping); OSError or ValueError when it cannot be read,
+    is no YAML, nests beyond libyaml's limit or has YAML aliases (normbench writes none; an alias bomb
+    expands without bound)."""
+    import yaml
+
+    data, loader = read_bytes(Path(run_dir) / CONFIG), getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(data, Loader=loader)):
+            raise ValueError("it has YAML aliases (*name)")
+        config = yaml.load(data, Loader=loader)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ValueError(" ".join(str(err).split())) from err
+    return config if isinstance(config, dict) else {}
 
 
 def read_summary(run_dir: str | Path) -> dict | None:
@@ -217,8 +270,7 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
     """The rows of a JSON-lines file of a record, and how many lines were no JSON object (skipped); a
     missing or unreadable file is ([], 1)."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_bytes(path)
     except OSError:
         return [], 1
     rows: list[dict] = []
@@ -228,7 +280,7 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
             continue
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             row = None
         if isinstance(row, dict):
             rows.append(row)
@@ -252,10 +304,11 @@ def _jsonl(rows: list[dict]) -> str:
 
 def run_dirs(root: str | Path) -> Iterator[tuple[str, frozenset[str]]]:
     """The dirs under `root` (itself included) that hold a run record, in name order, each with the
-    record files it holds. Hidden dirs and wandb/ are not entered, nor are a run dir's subdirs."""
-    stack = [os.fspath(root)]
+    record files it holds. Hidden dirs, wandb/, a run dir's subdirs and dirs deeper than MAX_DIR_DEPTH
+    are not entered."""
+    stack = [(os.fspath(root), 0)]
     while stack:
-        path = stack.pop()
+        path, depth = stack.pop()
         names: set[str] = set()
         subdirs: list[str] = []
         try:
@@ -270,8 +323,8 @@ def run_dirs(root: str | Path) -> Iterator[tuple[str, frozenset[str]]]:
             continue
         if any(m in names for m in RUN_MARKERS):
             yield path, frozenset(names)
-        else:
-            stack.extend(sorted(subdirs, reverse=True))
+        elif depth < MAX_DIR_DEPTH:
+            stack.extend((subdir, depth + 1) for subdir in sorted(subdirs, reverse=True))
 
 
 class RecordSink:

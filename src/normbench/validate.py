@@ -49,6 +49,10 @@ from normbench.schema import (
 from normbench.targets import allowed_targets, check_target
 from normbench.trainer import LoopSettings
 
+# conf/config.yaml's top level besides RunConf's keys: its groups and its other values (a `+key=value`
+# there that is none of these is read by nothing).
+TOP_LEVEL = ("data", "model", "norm", "activation", "loss", "optimizer", "scheduler", "trainer", "logger",
+             "probe", "pruning", "search", "experiment_name", "trusted_targets")
 BYTES_PER_PARAMETER = 16       # fp32 weight + gradient + two optimizer moments (Adam), before activations
 # torch.optim arguments torch accepts out of their meaningful range (or refuses with a traceback).
 OPTIMIZER_RANGES = {
@@ -281,6 +285,10 @@ def _settings(trainer: TrainerConf, device: torch.device, norm: NormSpec, model)
 def validate(cfg: DictConfig, device: str | None = None) -> RunSpec:
     """Parse and check every group; `device` is where the job was placed (default: trainer.device)."""
     run = parse("", RunConf, cfg, ("batch_size", "seed"))
+    for key in cfg:
+        if key not in (*TOP_LEVEL, *keys(RunConf)):
+            raise _unknown_key(str(key), _plain(cfg[key]), (*TOP_LEVEL, *keys(RunConf)),
+                               "no top-level setting of that name")
     check_experiment_name(cfg.get("experiment_name"))
     allowed = allowed_targets(cfg)
     for path in TARGETS:

@@ -6,7 +6,9 @@ written (a read-only system dir such as /usr/share/datasets), in the user's cach
 (``$XDG_CACHE_HOME/normbench``, default ``~/.cache/normbench``). Its name holds a hash of the dataset, its
 decoding parameters and every source file's path, size and modification time: a changed, added or
 removed source file gives another name, so a stale cache is never read (and is deleted when the new one
-is written). An unreadable cache file is decoded again and replaced.
+is written). The file also holds a hash of its tensors' bytes: an unreadable or corrupted cache file is
+said in one line, decoded again and replaced. A write that fails (a full disk) removes its partial file,
+is said in one line naming the path and the error, and goes to the next place.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from normbench.datasets.common import Tensors
+from normbench.datasets.common import Tensors, short
+from normbench.errors import warn
 from normbench.record import atomic_write
 
 CACHE_FORMAT = 1
 CACHE_DIR_NAME = ".normbench-cache"
 KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+HASH_KEY = "sha256"
 
 
 def user_cache_dir() -> Path:
@@ -59,12 +63,9 @@ def cached(name: str, data_dir: str, sources: Iterable[str], params: dict, decod
     for folder in cache_dirs(data_dir):
         path = folder / filename
         if path.is_file():
-            try:
-                saved = torch.load(path, weights_only=True)
-                return tuple(saved[k] for k in KEYS)
-            except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError):
-                # truncated or foreign file: decode again and replace it
-                path.unlink(missing_ok=True)
+            tensors = _load(path)
+            if tensors is not None:
+                return tensors
     tensors = tuple(t.contiguous() for t in decode())
     for folder in cache_dirs(data_dir):
         if _save(folder, filename, prefix, tensors):
@@ -72,11 +73,46 @@ def cached(name: str, data_dir: str, sources: Iterable[str], params: dict, decod
     return tensors
 
 
+def content_hash(tensors) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes (contiguous CPU tensors)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.numpy().data if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _load(path: Path):
+    """The tensors of a cache file whose content matches its hash; else None, said in one line, the file
+    deleted (the caller decodes again and replaces it)."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        tensors = tuple(saved[k] for k in KEYS)
+        problem = None if saved[HASH_KEY] == content_hash(tensors) else "its content does not match its hash"
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
+        problem = f"it cannot be read ({short(err, 100)})"
+    if problem is None:
+        return tensors
+    warn(f"the data cache {path} is damaged: {problem}; decoding the dataset again")
+    path.unlink(missing_ok=True)
+    return None
+
+
 def _save(folder: Path, filename: str, prefix: str, tensors) -> bool:
-    try:  # atomic: parallel jobs never read a half-written file
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if not os.access(folder, os.W_OK):  # a read-only data dir: the next place
+        return False
+    try:  # atomic: parallel jobs never read a half-written file, a failed write leaves no partial one
         with atomic_write(folder / filename, "wb") as handle:
-            torch.save(dict(zip(KEYS, tensors)), handle)
-    except OSError:  # a read-only data dir: the next place
+            torch.save({**dict(zip(KEYS, tensors)), HASH_KEY: content_hash(tensors)}, handle)
+    except (OSError, RuntimeError) as err:  # torch.save's RuntimeError on a full disk wraps the OSError
+        cause = err.__context__ if isinstance(err.__context__, OSError) else err
+        then = f"trying {user_cache_dir()}" if folder != user_cache_dir() else "the dataset is not cached"
+        warn(f"cannot write the data cache {folder / filename} ({short(cause)}); its partial file is "
+             f"removed, {then}")
         return False
     for stale in folder.glob(f"{prefix}*.pt"):  # caches of older versions of the sources
         if stale.name != filename:

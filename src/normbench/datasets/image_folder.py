@@ -12,6 +12,7 @@ must have the same ones.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -69,16 +70,28 @@ def _readable_by_pil(path: str) -> bool:
 
 
 def _decode_all(samples, channels: int, size: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
     images = np.empty((len(samples), size, size, channels), dtype=np.uint8)
     for i, (path, _) in enumerate(samples):
-        try:
+        images[i] = _decode(path, channels, size)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def _decode(path: str, channels: int, size: int) -> np.ndarray:
+    """One image as uint8 (size, size, channels); a file PIL cannot decode, or one over PIL's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS, refused before it is decoded), is one line naming it."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img = img.convert("L" if channels == 1 else "RGB")
                 if img.size != (size, size):
                     img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-                images[i] = np.asarray(img).reshape(size, size, channels)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise DataNotFoundError(f"image folder: {path} cannot be read ({short(err)}); delete or replace it") from err
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+                return np.asarray(img).reshape(size, size, channels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataNotFoundError(f"image folder: {path} is refused ({str(err).rstrip('.')}); shrink it below "
+                                f"{Image.MAX_IMAGE_PIXELS} pixels or delete it") from err
+    except Exception as err:  # any decoder failure (OSError, SyntaxError, ...) is this file's
+        raise DataNotFoundError(f"image folder: {path} cannot be read ({short(err)}); delete or replace "
+                                "it") from err

@@ -78,6 +78,7 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
     for d in sweep_dirs:
         if not os.path.isdir(d):
             raise ConfigError("sweep_dir", d, "pass existing sweep directories, e.g. multirun/vgg_losses")
+    os.makedirs(os.path.join(out, "tables"), exist_ok=True)  # an unusable --out fails before the scan
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     result = scan(sweep_dirs)
@@ -101,7 +102,6 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
     t2 = time.perf_counter()
     from normbench.report.figures import add_figures  # matplotlib: imported only when figures are drawn
 
-    os.makedirs(os.path.join(out, "tables"), exist_ok=True)
     warnings: list[str] = []
     copied: dict[str, str] = {}
     for table in tables:
@@ -147,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NormbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out read-only, full, or a file: nothing half-written stays (atomic writes)
+        print(f"normbench: cannot write the report in {out}: {e.filename or out}: [Errno {e.errno}] "
+              f"{e.strerror}", file=sys.stderr)
+        return 1
     result = report.result
     print(f"{result.summary_line()}; {len(report.tables)} table(s) -> {os.path.join(out, 'index.html')}")
     if args.profile:

@@ -13,7 +13,6 @@ change the numbers).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -35,6 +34,8 @@ from normbench.record import (
     SUMMARY,
     MalformedRecord,
     Status,
+    load_json,
+    read_config,
     read_jsonl,
     run_dirs,
     validate_summary,
@@ -62,7 +63,7 @@ class RunRecord:
     path: str
     summary: dict[str, Any]
     files: frozenset[str]
-    malformed: dict[str, int] = field(default_factory=dict, repr=False)  # jsonl file read -> lines ignored
+    malformed: dict[str, str] = field(default_factory=dict, repr=False)  # file read -> what was left out
 
     # --- summary fields (validate_summary checked their types) --------------------------------
     status = _summary_field("status")  # str
@@ -115,14 +116,11 @@ class RunRecord:
         """The run's config.yaml (the resolved config), read once; {} without a readable one."""
         if CONFIG not in self.files:
             return {}
-        import yaml
-
         try:
-            with open(os.path.join(self.path, CONFIG), encoding="utf-8") as f:
-                data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        except (OSError, yaml.YAMLError):
+            return read_config(self.path)
+        except (OSError, ValueError) as err:
+            self.malformed[CONFIG] = f"cannot be read ({getattr(err, 'strerror', None) or err})"
             return {}
-        return data if isinstance(data, dict) else {}
 
     # --- per-run files (read on demand) ---------------------------------------------------
     def _jsonl(self, name: str) -> tuple[list[dict], int]:
@@ -133,7 +131,7 @@ class RunRecord:
     def _rows(self, name: str) -> list[dict]:
         rows, bad = self._jsonl(name)
         if bad:
-            self.malformed[name] = bad
+            self.malformed[name] = f"has {bad} malformed line(s)"
         return rows
 
     def epochs(self) -> list[dict]:
@@ -151,9 +149,8 @@ class RunRecord:
 
 
 def malformed_warnings(runs: Iterable[RunRecord]) -> list[str]:
-    """One warning per jsonl file the report read that had malformed lines (they were left out)."""
-    return [f"{run.path}: {name} has {bad} malformed line(s), ignored"
-            for run in runs for name, bad in run.malformed.items()]
+    """One warning per file the report read that was unreadable or had malformed lines (left out)."""
+    return [f"{run.path}: {name} {what}, ignored" for run in runs for name, what in run.malformed.items()]
 
 
 @dataclass
@@ -179,20 +176,16 @@ class ScanResult:
 def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
     if SUMMARY not in files and REJECTED in files:  # a sweep job that failed before its run started
         try:
-            with open(os.path.join(path, REJECTED), "rb") as f:
-                reason = str(json.loads(f.read()).get("error") or "no reason recorded")
+            reason = str(load_json(os.path.join(path, REJECTED)).get("error") or "no reason recorded")
         except (OSError, ValueError, AttributeError):
             reason = f"{REJECTED} unreadable"
         return Skipped(path, "rejected", reason)
     if SUMMARY not in files:
         return Skipped(path, "in progress", f"no {SUMMARY}")
     try:
-        with open(os.path.join(path, SUMMARY), "rb") as f:
-            raw = f.read()
+        summary = load_json(os.path.join(path, SUMMARY))
     except OSError as e:
         return Skipped(path, "malformed", f"{SUMMARY} unreadable: {e.strerror or e}")
-    try:
-        summary = json.loads(raw)
     except ValueError as e:
         return Skipped(path, "malformed", f"{SUMMARY} is not valid JSON ({e})")
     try:

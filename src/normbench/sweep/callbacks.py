@@ -49,6 +49,9 @@ class Preflight(Callback):
             check_experiment_name(config.get("experiment_name"))
         except ConfigError as err:
             fail(err)
+        from normbench.job import claim_run_dir
+
+        claim_run_dir(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:

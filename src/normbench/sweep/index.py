@@ -39,6 +39,7 @@ from normbench.record import (
     SUMMARY,
     Status,
     atomic_write_json,
+    load_json,
     now_iso,
     read_json,
     read_summary,
@@ -59,6 +60,18 @@ def record_is_done(summary: dict | None, identity: str, statuses: tuple[str, ...
     """A summary.json that says this identity finished with one of `statuses` (the truth, whatever
     the index says)."""
     return bool(summary) and summary.get("identity") == identity and summary.get("status") in statuses
+
+
+def _entry(data: dict | None) -> dict | None:
+    """An index entry as read, less a "dir" that is no path (a damaged entry's, never followed)."""
+    if data is not None and not isinstance(data.get("dir", ""), str):
+        data = {k: v for k, v in data.items() if k != "dir"}
+    return data
+
+
+def sibling_dir(job_dir: Path, identity: str) -> Path:
+    """Where a job records its run when its own dir holds another identity's record."""
+    return job_dir.with_name(f"{job_dir.name}.{identity}")
 
 
 def done_statuses(pruning_on: bool) -> tuple[str, ...]:
@@ -101,8 +114,12 @@ class SweepState:
         identity has several records, a done one wins over an incomplete one."""
         entries: dict[str, dict] = {}
         for path, files in run_dirs(self.root):
-            summary = read_summary(Path(path)) if SUMMARY in files else None
-            if summary and summary.get("identity"):
+            try:
+                summary = load_json(Path(path, SUMMARY)) if SUMMARY in files else None
+            except (OSError, ValueError) as err:
+                warn(f"{Path(path, SUMMARY)} is skipped: {getattr(err, 'strerror', None) or err}")
+                continue
+            if isinstance(summary, dict) and summary.get("identity"):
                 entry = self.entry_from_summary(Path(path), summary)
                 old = entries.get(entry["identity"])
                 if old is None or (old["status"] not in DONE and entry["status"] in DONE):
@@ -127,7 +144,7 @@ class SweepState:
         return self.root / entry["dir"]  # an absolute "dir" stays absolute
 
     def get(self, identity: str) -> dict | None:
-        return read_json(self.index_dir / f"{identity}.json")
+        return _entry(read_json(self.index_dir / f"{identity}.json"))
 
     def entry_is_corrupt(self, identity: str) -> bool:
         """The entry's file is there but is not a JSON object (a torn or damaged file)."""
@@ -148,16 +165,26 @@ class SweepState:
             warn(f"the sweep index entry of {identity} was unreadable: {where}")
             if entry and record_is_done(read_summary(self.run_dir(entry)), identity, statuses):
                 return entry
-        dirs = ([self.run_dir(entry)] if entry and entry.get("dir") else []) + [Path(c) for c in candidates]
-        for run_dir in dirs:
+        found = self.done_record(identity, statuses, candidates)
+        if found is None:
+            return None
+        run_dir, summary = found
+        rebuilt = self.entry_from_summary(run_dir, summary)
+        self.put_entry(identity, rebuilt)
+        was = "missing" if entry is None else f"'{entry.get('status')}' in {entry.get('dir')}"
+        warn(f"the sweep index entry of {identity} was {was} but its record in {run_dir} says "
+             f"{summary['status']}: entry rebuilt from the record, the run is not trained again")
+        return rebuilt
+
+    def done_record(self, identity: str, statuses: tuple[str, ...], candidates: list[Path]):
+        """(dir, summary) of a record of this identity that says it is done, in its index entry's dir or
+        one of `candidates`; None. Reads only (the planning command predicts the jobs' skips with it)."""
+        entry = self.get(identity) or {}
+        dirs = [self.run_dir(entry)] if entry.get("dir") else []
+        for run_dir in [*dirs, *map(Path, candidates)]:
             summary = read_summary(run_dir)
             if record_is_done(summary, identity, statuses):
-                rebuilt = self.entry_from_summary(Path(run_dir), summary)
-                self.put_entry(identity, rebuilt)
-                was = "missing" if entry is None else f"'{entry.get('status')}' in {entry.get('dir')}"
-                warn(f"the sweep index entry of {identity} was {was} but its record in {run_dir} says "
-                     f"{summary['status']}: entry rebuilt from the record, the run is not trained again")
-                return rebuilt
+                return run_dir, summary
         return None
 
     def put_entry(self, identity: str, entry: dict | None) -> None:
@@ -186,7 +213,7 @@ class SweepState:
             return
         for name in names:
             if name.endswith(".json") and not name.startswith("."):
-                entry = read_json(self.index_dir / name)
+                entry = _entry(read_json(self.index_dir / name))
                 if entry:
                     yield entry
 
@@ -194,7 +221,7 @@ class SweepState:
         """The index entry of a finished run of this identity whose record still says so, else None.
         Two file reads, whatever the size of the sweep."""
         entry = self.get(identity)
-        if not entry or entry.get("status") not in statuses:
+        if not entry or entry.get("status") not in statuses or not entry.get("dir"):
             return None
         summary = read_summary(self.run_dir(entry))
         if not summary or summary.get("identity") != identity or summary.get("status") not in statuses:

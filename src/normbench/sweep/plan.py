@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from hydra import initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -36,9 +35,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from normbench.errors import NormbenchError, fail
 from normbench.identity import register_resolvers, run_identity
-from normbench.preflight import preset_spelling
-from normbench.record import CHECKPOINT, CONFIG, DONE, Status
-from normbench.sweep.index import SweepState, done_statuses
+from normbench.preflight import check_launch, preset_spelling
+from normbench.record import CHECKPOINT, DONE, Status, read_config
+from normbench.sweep.index import SweepState, done_statuses, sibling_dir
+from normbench.validate import validate
 
 JOB_NAME = "train"  # hydra.job.name of bench/train.py's jobs
 # What makes one epoch of a run take as long as another's (the seed, norm or lr hardly matter);
@@ -170,6 +170,7 @@ def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
         loader = GlobalHydra.instance().config_loader()
         master = loader.load_configuration(args.config_name, list(args.overrides), run_mode=RunMode.MULTIRUN)
         HydraConfig.instance().set_config(master)
+        check_launch(master)  # what the sweep checks before it starts (its experiment_name: each job's)
         sweeper = OmegaConf.select(master, "hydra.sweeper._target_", default="") or ""
         if not sweeper.endswith("BasicSweeper"):
             return _plan_other_sweeper(master, sweeper, out)
@@ -193,6 +194,7 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
         HydraConfig.instance().set_config(job_cfg)
         sweep_dir = str(job_cfg.hydra.sweep.dir)
         training = _without_hydra(job_cfg)
+        spec = validate(training)  # the job's own check: a value train.py refuses, the plan refuses
         identity = run_identity(training)
         if sweep_dir not in plans:
             plans[sweep_dir] = DirPlan(sweep_dir)
@@ -204,10 +206,13 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
             dir_plan.duplicates += 1
             continue
         seen.add((sweep_dir, identity))
+        # the job's own skip decision: a record that says done, in the index entry's dir or in the job's
+        # dir or its sibling, whatever the entry says
+        statuses, job_dir = done_statuses(spec.pruning.name != "none"), _job_dir(job_cfg)
+        done = state.done_record(identity, statuses, [job_dir, sibling_dir(job_dir, identity)])
         entry = state.cached.get(identity)
-        pruning_on = OmegaConf.select(training, "pruning.name", default="none") != "none"
-        if entry and entry.get("status") in done_statuses(pruning_on):
-            dir_plan.done[entry["status"]] += 1
+        if done is not None:
+            dir_plan.done[done[1]["status"]] += 1
         else:
             dir_plan.to_run += 1
             if entry and entry.get("dir") and (state.run_dir(entry) / CHECKPOINT).exists():
@@ -231,6 +236,10 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+def _job_dir(job_cfg: DictConfig) -> Path:
+    return Path(str(job_cfg.hydra.sweep.dir), str(job_cfg.hydra.sweep.subdir)).absolute()
+
+
 def _without_hydra(cfg: DictConfig) -> DictConfig:
     cfg = cfg.copy()
     with open_dict(cfg):
@@ -252,11 +261,10 @@ def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
         if not isinstance(time_s, (int, float)) or not isinstance(epochs_done, int):
             continue
         try:
-            with open(state.run_dir(entry) / CONFIG) as f:
-                config = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        except (OSError, yaml.YAMLError):
+            config = read_config(state.run_dir(entry))
+        except (OSError, ValueError):
             continue
-        if isinstance(config, dict):
+        if config:
             epochs = _lookup(config, EPOCHS_KEY)
             dir_plan.finished.append(Finished(run_size(config), epochs if isinstance(epochs, int) else None,
                                               epochs_done, float(time_s), str(entry["status"])))
