@@ -1,7 +1,5 @@
-"""The sweeper's bookkeeping in the Optuna study: the storage-wide lock, the study-wide trial budget,
-what a job's exit or return means for its trial and how that is told, the heartbeats of the running
-trials, the best results. (Imported lazily,
-like _impl.py: Hydra's plugin scan skips `_` modules, so no Hydra start pays for SQLAlchemy here.)"""
+"""The sweeper's bookkeeping in the Optuna study: storage-wide lock, trial budget, outcomes, heartbeats,
+best results. (Underscored like _impl.py, so that no Hydra start pays for SQLAlchemy here.)"""
 
 from __future__ import annotations
 
@@ -21,7 +19,9 @@ import sqlalchemy
 from filelock import FileLock
 from hydra.types import TaskFunction
 from omegaconf import DictConfig
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
+from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
@@ -29,8 +29,8 @@ from sqlalchemy.pool import NullPool
 from normbench.errors import one_line
 from normbench.interrupts import process_stat
 from normbench.record import Status
-from normbench.sweep.objectives import OBJECTIVES
-from normbench.sweep.optuna_support import backend, driver_url, engine_kwargs
+from normbench.sweep.objectives import worst_value
+from normbench.sweep.optuna_support import backend, driver_url, engine_kwargs, quiet_optuna
 
 log = logging.getLogger(__name__)
 
@@ -194,27 +194,16 @@ class Outcome:
 
 def failure_values(directions: Sequence[str], objectives: Sequence[str] | None,
                    explicit: float | Sequence[float] | None) -> list[float]:
-    """The values a failed or diverged trial is told under `failure: worst`, one per objective.
-
-    `explicit` (hydra.sweeper.worst_value) is told as it is (a number for every objective, or one per
-    objective). Otherwise each objective's worst possible value: the bound of a known normbench
-    objective in its direction (val/error 1.0, val/best_acc 0.0, ...), else +inf when minimizing and
-    -inf when maximizing -- worse than any value a trial can return. Optuna accepts infinite values;
-    its samplers rank them last (TPE, NSGA-II, CMA-ES) or clip them to the worst finite value (GP)."""
+    """The values a failed or diverged trial is told under `failure: worst`, one per objective:
+    `explicit` (hydra.sweeper.worst_value: one number for all, or one each) as it is, else each
+    objective's worst possible value (+-inf where unbounded: Optuna's samplers rank those last)."""
     n = len(directions)
     if explicit is not None:
         values = [float(explicit)] * n if isinstance(explicit, (int, float)) else [float(v) for v in explicit]
         if len(values) != n:
             raise ValueError(f"hydra.sweeper.worst_value has {len(values)} values for {n} objectives")
         return values
-    out = []
-    for i, direction in enumerate(directions):
-        known = OBJECTIVES.get(objectives[i]) if objectives and i < len(objectives) else None
-        if known is not None and known.worst is not None and known.direction == direction:
-            out.append(float(known.worst))
-        else:
-            out.append(math.inf if direction == "minimize" else -math.inf)
-    return out
+    return [worst_value(name, direction) for name, direction in zip(objectives or [None] * n, directions)]
 
 
 def returned_values(returned: Any, n: int) -> list[float] | str:
@@ -246,18 +235,14 @@ def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst",
 
     completed -> COMPLETE(values); pruned -> PRUNED (Optuna keeps the last reported value);
     diverged or failed -> strategy "worst": COMPLETE(worst_value, one per objective), so the sampler
-    sees these parameters as the worst ones; strategy "fail": FAIL, which Optuna's samplers ignore.
-    A FAIL told here counts toward n_trials (system attr normbench:failed)."""
+    sees these parameters as the worst ones; strategy "fail": FAIL, which Optuna's samplers ignore."""
     if strategy not in FAILURE_STRATEGIES:
         raise ValueError(f"failure strategy must be one of {FAILURE_STRATEGIES}, got {strategy!r}")
-    storage, trial_id = study._storage, trial._trial_id
-    storage.set_trial_user_attr(trial_id, STATUS_ATTR, str(outcome.status))
-    if outcome.error:
-        storage.set_trial_user_attr(trial_id, "error", outcome.error[:500])
-    if outcome.run_dir:
-        storage.set_trial_user_attr(trial_id, "run_dir", outcome.run_dir)
-    for key, value in outcome.attrs.items():
-        storage.set_trial_user_attr(trial_id, key, value)
+    attrs = {STATUS_ATTR: str(outcome.status), "error": (outcome.error or "")[:500], "run_dir": outcome.run_dir,
+             **outcome.attrs}
+    for key, value in attrs.items():
+        if value is not None and value != "":
+            study._storage.set_trial_user_attr(trial._trial_id, key, value)
     if outcome.status == Status.PRUNED:
         return study.tell(trial, state=TrialState.PRUNED)
     values = outcome.values()
@@ -265,20 +250,30 @@ def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst",
     if (outcome.status in (Status.DIVERGED, Status.FAILED) or values is None or len(values) != n
             or not all(math.isfinite(v) for v in values)):
         if strategy == "fail":
-            storage.set_trial_system_attr(trial_id, COUNTED_FAILURE_ATTR, True)
-            return study.tell(trial, state=TrialState.FAIL)
+            return _tell_counted_failure(study, trial)
         worst = [float(worst_value)] * n if isinstance(worst_value, (int, float)) else list(worst_value)
         return study.tell(trial, values=worst)
     return study.tell(trial, values=values)
 
 
+def _tell_counted_failure(study, trial):
+    """FAIL that counts toward n_trials (system attr normbench:failed), so that a sweep of them ends."""
+    study._storage.set_trial_system_attr(trial._trial_id, COUNTED_FAILURE_ATTR, True)
+    return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+
 def tell_failed(study, trial, error: str) -> None:
-    """FAIL that counts toward n_trials: a trial whose outcome could not be told (so a sweep ends)."""
-    storage, trial_id = study._storage, trial._trial_id
-    storage.set_trial_user_attr(trial_id, STATUS_ATTR, str(Status.FAILED))
-    storage.set_trial_user_attr(trial_id, "error", error[:500])
-    storage.set_trial_system_attr(trial_id, COUNTED_FAILURE_ATTR, True)
-    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    """FAIL, counted: a trial whose outcome could not be told."""
+    tell_outcome(study, trial, Outcome(Status.FAILED, None, error), strategy="fail")
+
+
+def requeue(study, trial, max_retry: int | None) -> None:
+    """A trial of an interrupted or dead sweeper: FAIL (not counted) and a WAITING copy with the same
+    parameters (at most max_retry times), which the next sweeper picks up first."""
+    with quiet_optuna():
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    retry(study, study._storage.get_trial(trial._trial_id))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,11 +293,10 @@ class Heartbeat:
             self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
             self._thread.start()
 
-    def beat(self, trial_id: int) -> None:
+    def add(self, trial_id: int) -> None:
+        """Beat now, then every interval until discarded."""
         if self.interval:
             self.storage.record_heartbeat(trial_id)
-
-    def add(self, trial_id: int) -> None:
         with self._lock:
             self.trial_ids.add(trial_id)
 
@@ -367,17 +361,13 @@ def _pid_alive(pid: int) -> bool:
 def requeue_dead_local_trials(study, max_retry: int | None) -> list[int]:
     """RUNNING trials whose sweeper process on this host is gone (killed, then restarted at once):
     failed (not counted) and re-queued now, not after the heartbeat's grace period."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    storage, requeued = study._storage, []
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    requeued = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(OWNER_ATTR)
         if not _owner_is_gone(owner):
             continue
         try:
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            retry(study, storage.get_trial(trial._trial_id))
+            requeue(study, trial, max_retry)
         except Exception as err:  # noqa: BLE001 - another worker got there first
             log.debug("could not re-queue trial %d: %s", trial.number, err)
             continue
@@ -403,18 +393,7 @@ def best_results(study, trials: list) -> dict | None:
         best = pick(real, key=lambda t: t.value)
         return {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
                 "log": [f"Best value {best.value:.6g} (trial {best.number}): {best.params}"]}
-    front = _pareto_front(real, study.directions)
+    front = _get_pareto_front_trials_by_trials(real, study.directions)
     return {"solutions": [{"number": t.number, "params": t.params, "values": t.values} for t in front],
             "log": [f"Number of Pareto solutions: {len(front)}"]
                    + [f"    Values: {t.values}, Params: {t.params} (trial {t.number})" for t in front]}
-
-
-def _pareto_front(trials: list, directions) -> list:
-    signs = [1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in directions]
-
-    def dominates(a, b) -> bool:
-        x = [s * v for s, v in zip(signs, a.values)]
-        y = [s * v for s, v in zip(signs, b.values)]
-        return all(p <= q for p, q in zip(x, y)) and any(p < q for p, q in zip(x, y))
-
-    return [t for t in trials if not any(dominates(o, t) for o in trials if o is not t)]

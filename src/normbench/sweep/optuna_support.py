@@ -1,20 +1,9 @@
 """Optuna plumbing the jobs need (the sweeper extension, hydra_plugins.normbench_optuna_sweeper, uses it too).
 
-The sweeper asks Optuna for trials and launches one Hydra job per trial. Each job learns which trial it
-is through three entries of `hydra.job.env_set` (set by the sweeper as per-job Hydra overrides, so they
-never touch the job's own config, its identity or its output dir name):
-
-    NORMBENCH_OPTUNA_STUDY      study name
-    NORMBENCH_OPTUNA_TRIAL_ID   Optuna's storage-wide trial id (what the job re-opens)
-    NORMBENCH_OPTUNA_TRIAL      the trial's number in the study (for people)
-
-The storage URL reaches the job through the environment variable NORMBENCH_OPTUNA_STORAGE, which the
-sweeper sets in its own process (jobs inherit it: in-process, joblib, submitit, sbatch's default
---export=ALL). It is never written into a config, so a password in it stays out of the run records.
-
-`trial_pruner()` re-opens the trial from the storage and returns an object whose
-`should_stop(epoch, val_error)` reports the epoch's validation error to Optuna and asks its pruner.
-`optuna_trial_info()` is the job's study name and trial number (for its W&B config), storage-free.
+Each job learns its trial from three entries of `hydra.job.env_set` (ENV_STUDY, ENV_TRIAL_ID,
+ENV_TRIAL_NUMBER: per-job Hydra overrides, so the job's own config, identity and dir name are
+untouched) and the storage URL from the environment variable ENV_STORAGE, never from a config, so
+that a password in it stays out of the run records (docs/optuna.md, "Pruning").
 """
 
 from __future__ import annotations
@@ -220,17 +209,6 @@ def current_trial() -> TrialPointer | None:
         return None
     return TrialPointer(study=str(env_set[ENV_STUDY]), trial_id=int(env_set[ENV_TRIAL_ID]),
                         number=int(env_set.get(ENV_TRIAL_NUMBER, -1)), storage=storage)
-
-
-def optuna_trial_info() -> dict | None:
-    """{"study": name, "trial": number} of the Optuna trial this Hydra job runs (for its W&B config and
-    name), or None when it is not one. Needs no storage: it reads the job's hydra.job.env_set."""
-    if not HydraConfig.initialized():
-        return None
-    env_set = HydraConfig.get().job.get("env_set") or {}
-    if ENV_TRIAL_NUMBER not in env_set:
-        return None
-    return {"study": str(env_set.get(ENV_STUDY)), "trial": int(env_set[ENV_TRIAL_NUMBER])}
 
 
 def job_pruner_config():
