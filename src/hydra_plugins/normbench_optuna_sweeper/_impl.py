@@ -107,21 +107,18 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         masked = mask_passwords(self.storage_url)
         with read_write(config.hydra), open_dict(config.hydra):
             raw = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("storage")
-            if raw is not None and any(s in str(raw) for s in self.secrets):
-                config.hydra.sweeper.storage = masked
-                self.masked_storage = masked
+            leaks = raw is not None and any(s in str(raw) for s in self.secrets)
             scrubbed = []
             for item in OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False):
                 if any(s in item for s in self.secrets):
                     key = item.split("=", 1)[0].lstrip("+~")
-                    if key == "hydra.sweeper.storage":
-                        item = f"{key}={quote_override(masked)}"
-                        config.hydra.sweeper.storage = masked
-                        self.masked_storage = masked
-                    else:
-                        item = mask_passwords(item, self.secrets)
+                    leaks |= key == "hydra.sweeper.storage"
+                    item = (f"{key}={quote_override(masked)}" if key == "hydra.sweeper.storage"
+                            else mask_passwords(item, self.secrets))
                 scrubbed.append(item)
             config.hydra.overrides.hydra = scrubbed
+            if leaks:
+                config.hydra.sweeper.storage = self.masked_storage = masked
         # HydraConfig holds its own copy of the sweep's hydra node, which launchers pickle with the
         # jobs (submitit writes it to disk): refresh it from the scrubbed config.
         if HydraConfig.initialized():
@@ -139,7 +136,10 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         self._check_objectives()
         space = self._search_space(arguments)
         target = self._target(space[0])
-        pruner = self._pruner()
+        try:
+            pruner = optuna_pruner(self.pruner_cfg)
+        except Exception as err:  # noqa: BLE001
+            fail(f"bad value hydra.sweeper.pruner: {one_line(err, typed=False)}")
         storage, study = self._open_study(pruner)
         self._describe_study(study)
         log.info("Study %r in %s: %d of %d trials already there; sampler %s, pruner %s, failures -> %s",
@@ -148,12 +148,11 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         ran = self._run_trials(storage, study, space, target)
         self._finish(study, target, ran)
 
-    def _check_objectives(self) -> list[str]:
+    def _check_objectives(self) -> None:
         """The study's directions, checked against hydra.sweeper.objectives and worst_value (one line
         naming the key otherwise), and the values a failed trial is told."""
         directions = [str(d).lower() for d in self._get_directions()]
-        bad = [d for d in directions if d not in ("minimize", "maximize")]
-        if bad or not directions:
+        if not directions or any(d not in ("minimize", "maximize") for d in directions):
             fail(f"bad value hydra.sweeper.direction={directions}: each direction is minimize or maximize")
         if self.objectives is not None:
             if len(self.objectives) != len(directions):
@@ -170,7 +169,6 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         except (TypeError, ValueError) as err:
             fail(f"bad value hydra.sweeper.worst_value={self.worst_value!r}: {err}; use null (the worst "
                  "possible value), a number, or one number per objective")
-        return directions
 
     def _search_space(self, arguments: list[str]) -> tuple[dict, dict, list]:
         """Upstream's (distributions, fixed params, fixed overrides) of the params and the command line."""
@@ -211,12 +209,6 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                  "an integer >= 1, e.g. hydra.sweeper.n_trials=100")
         return int(target)
 
-    def _pruner(self):
-        try:
-            return optuna_pruner(self.pruner_cfg)
-        except Exception as err:  # noqa: BLE001
-            fail(f"bad value hydra.sweeper.pruner: {one_line(err, typed=False)}")
-
     def _run_trials(self, storage, study: optuna.Study, space: tuple, target: int) -> Counter:
         """Ask, launch and tell batches of n_jobs trials until the study has `target`; running trials
         of an interrupted sweep are re-queued. Returns how many trials of each status this process ran."""
@@ -238,16 +230,13 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                         self.last_failure = ret
                         _stop_on_sweep_config_error(ret)
                 self._check_failure_rate(ran)
-        except KeyboardInterrupt as exc:
-            if in_flight:
-                self._requeue(study, in_flight)
+        except BaseException as exc:
+            self._requeue(study, in_flight)
+            if not isinstance(exc, KeyboardInterrupt):
+                raise
             requeued = f"; {len(in_flight)} running trial(s) re-queued" if in_flight else ""
             fail(f"sweep interrupted{requeued}; run the same command to continue the study",
                  EXIT_CODES.get(signal_name(exc), 130))
-        except BaseException:
-            if in_flight:
-                self._requeue(study, in_flight)
-            raise
         finally:
             heartbeat.stop()
         return ran
@@ -326,9 +315,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
     # the steps
 
     def _job_overrides(self, study: optuna.Study, trial: optuna.Trial) -> tuple[str, ...]:
-        extra = [f"+hydra.job.env_set.{ENV_STUDY}={quote_override(study.study_name)}",
-                 f"+hydra.job.env_set.{ENV_TRIAL_ID}={quote_override(str(trial._trial_id))}",
-                 f"+hydra.job.env_set.{ENV_TRIAL_NUMBER}={quote_override(str(trial.number))}"]
+        trial_env = {ENV_STUDY: study.study_name, ENV_TRIAL_ID: trial._trial_id, ENV_TRIAL_NUMBER: trial.number}
+        extra = [f"+hydra.job.env_set.{key}={quote_override(str(value))}" for key, value in trial_env.items()]
         if self.masked_storage is not None:
             extra.append(f"hydra.sweeper.storage={quote_override(self.masked_storage)}")
         return tuple(extra)

@@ -1,10 +1,5 @@
-"""Links both ways between an Optuna study and what made it (imported lazily, like _impl.py).
-
-The study's user attributes say how it was made: the command, the search space, the git revision of
-the code and the W&B project and group its runs are logged to. Each trial's user attributes point at
-its run: the run dir (set with its outcome), the W&B run id and the test accuracy from the run's
-summary.json. The other way, each job knows its study and trial number
-(normbench.sweep.optuna_support.optuna_trial_info), which go into its W&B config.
+"""Links both ways between an Optuna study and what made it (imported lazily, like _impl.py): the study's
+user attributes say how it was made, each trial's where its run is (docs/optuna.md, "Links both ways").
 """
 
 from __future__ import annotations
@@ -17,8 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import mask_passwords
-
-WANDB_RUN_ID = "wandb_run_id"   # summary.json key of the run's W&B run id (when it logged to W&B)
+from normbench.record import WANDB_RUN_ID
 
 
 def git_revision(path: Path) -> str | None:
@@ -57,10 +51,7 @@ def study_attributes(config: DictConfig, space: dict, storage_url: str | None) -
         group = logger.get("group") or config.get("experiment_name")
         if group:
             attrs["wandb_group"] = str(group)
-        if logger.get("project"):
-            attrs["wandb_project"] = str(logger.project)
-        if logger.get("entity"):
-            attrs["wandb_entity"] = str(logger.entity)
+        attrs.update({f"wandb_{key}": str(logger[key]) for key in ("project", "entity") if logger.get(key)})
     return attrs
 
 

@@ -4,6 +4,7 @@ best results. (Underscored like _impl.py, so that no Hydra start pays for SQLAlc
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -65,15 +66,11 @@ def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
-_LOCK_ENGINES: dict[str, Any] = {}
-
-
+@functools.cache
 def _lock_engine(url: str, connect_timeout: int):
-    if url not in _LOCK_ENGINES:
-        kwargs = engine_kwargs(url, connect_timeout)
-        kwargs.pop("pool_pre_ping", None)
-        _LOCK_ENGINES[url] = sqlalchemy.create_engine(driver_url(url), poolclass=NullPool, **kwargs)
-    return _LOCK_ENGINES[url]
+    kwargs = engine_kwargs(url, connect_timeout)
+    kwargs.pop("pool_pre_ping", None)
+    return sqlalchemy.create_engine(driver_url(url), poolclass=NullPool, **kwargs)
 
 
 @contextlib.contextmanager
@@ -94,30 +91,19 @@ def _database_lock(url: str, name: str, connect_timeout: int) -> Iterator[None]:
             conn.commit()
 
 
-def sqlite_lock_path(url: str) -> Path | None:
-    """<db>.lock for an SQLite file database; None for an in-memory one."""
-    db = make_url(url).database
-    return Path(db + ".lock") if db and db != ":memory:" else None
-
-
-@contextlib.contextmanager
-def storage_lock(url: str, name: str, connect_timeout: int = 10) -> Iterator[None]:
+def storage_lock(url: str, name: str, connect_timeout: int = 10) -> contextlib.AbstractContextManager:
     """A lock shared by every process that uses this storage, held while a worker counts the study's
     trials and asks for new ones (so that n_trials is a study-wide total with no race), and while the
     schema is created. PostgreSQL: an advisory lock; MySQL: GET_LOCK; SQLite: a filelock (flock) on
-    <db>.lock, which the kernel releases when its holder dies."""
+    <db>.lock, which the kernel releases when its holder dies; none for an in-memory database."""
     kind = backend(url)
     if kind in ("postgresql", "mysql"):
-        with _database_lock(url, name, connect_timeout):
-            yield
-        return
-    path = sqlite_lock_path(url) if kind == "sqlite" else None
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path):
-        yield
+        return _database_lock(url, name, connect_timeout)
+    db = make_url(url).database if kind == "sqlite" else None
+    if not db or db == ":memory:":
+        return contextlib.nullcontext()
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(db + ".lock")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,13 +111,9 @@ def storage_lock(url: str, name: str, connect_timeout: int = 10) -> Iterator[Non
 
 
 def counts_toward_total(trial) -> bool:
-    """Whether a trial uses up one of the study's n_trials.
-
-    Everything counts except FAIL trials the sweeper did not decide: trials of a killed or interrupted
-    sweeper, which are failed (stale heartbeat, Ctrl-C) and re-queued as a WAITING copy that counts."""
-    if trial.state != TrialState.FAIL:
-        return True
-    return bool(trial.system_attrs.get(COUNTED_FAILURE_ATTR))
+    """Whether a trial uses up one of the study's n_trials: all but the FAIL trials the sweeper did not
+    decide (of a killed or interrupted sweeper: failed, and re-queued as a WAITING copy that counts)."""
+    return trial.state != TrialState.FAIL or bool(trial.system_attrs.get(COUNTED_FAILURE_ATTR))
 
 
 def trials_used(study) -> int:
@@ -207,17 +189,13 @@ def failure_values(directions: Sequence[str], objectives: Sequence[str] | None,
 
 
 def returned_values(returned: Any, n: int) -> list[float] | str:
-    """A job's return value as one float for each of `n` objectives (upstream's rules), or what is wrong
-    with it."""
-    if n == 1:
-        try:
-            return [float(returned)]
-        except (TypeError, ValueError):
-            return f"Return value must be float-castable. Got {returned!r}."
+    """A job's return value as one float for each of `n` objectives (upstream's rules and messages), or
+    what is wrong with it."""
     try:
-        values = [float(v) for v in returned]
+        values = [float(returned)] if n == 1 else [float(v) for v in returned]
     except (TypeError, ValueError):
-        return f"Return value must be a list or tuple of float-castable values. Got {returned!r}."
+        kind = "float-castable" if n == 1 else "a list or tuple of float-castable values"
+        return f"Return value must be {kind}. Got {returned!r}."
     if len(values) != n:
         return (f"The number of the values and the number of the objectives are mismatched. "
                 f"Expect {n}, but actually {len(values)}.")
@@ -343,25 +321,20 @@ def _owner_is_gone(owner) -> bool:
     if not isinstance(pid, int) or pid == os.getpid():
         return False
     start = _process_start(pid)
-    if start is None:  # gone (or no /proc: ask the kernel)
-        return not _pid_alive(pid)
-    return owner.get("start") is not None and start != owner["start"]  # the pid was reused
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
+    if start is not None:
+        return owner.get("start") is not None and start != owner["start"]  # the pid was reused
+    try:  # gone (or no /proc: ask the kernel)
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except OSError:
         return True
-    return True
+    except OSError:
+        pass  # alive, another user's
+    return False
 
 
-def requeue_dead_local_trials(study, max_retry: int | None) -> list[int]:
+def requeue_dead_local_trials(study, max_retry: int | None) -> None:
     """RUNNING trials whose sweeper process on this host is gone (killed, then restarted at once):
     failed (not counted) and re-queued now, not after the heartbeat's grace period."""
-    requeued = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(OWNER_ATTR)
         if not _owner_is_gone(owner):
@@ -373,8 +346,6 @@ def requeue_dead_local_trials(study, max_retry: int | None) -> list[int]:
             continue
         log.warning("Optuna trial %d: its sweeper (pid %s on this host) is gone: re-queued", trial.number,
                     owner.get("pid"))
-        requeued.append(trial.number)
-    return requeued
 
 
 # --------------------------------------------------------------------------------------------------

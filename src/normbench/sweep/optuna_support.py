@@ -53,11 +53,6 @@ def _parse(url: str | None):
         return None
 
 
-def _query_passwords(parsed) -> list[str]:
-    return [value for key, values in parsed.query.items() if key.lower() in PASSWORD_KEYS
-            for value in ([values] if isinstance(values, str) else values)]
-
-
 def _spelled_in(text: str, secret: str) -> set[str]:
     """The spellings of `secret` in `text` with any of its characters percent-encoded (any hex case)."""
     def char(c: str) -> str:
@@ -74,7 +69,9 @@ def url_secrets(url: str | None) -> list[str]:
     if parsed is None:
         return []
     found: set[str] = set()
-    for secret in ([parsed.password] if parsed.password else []) + _query_passwords(parsed):
+    in_query = [value for key, values in parsed.query.items() if key.lower() in PASSWORD_KEYS
+                for value in ([values] if isinstance(values, str) else values)]
+    for secret in ([parsed.password] if parsed.password else []) + in_query:
         found |= {secret, quote(secret, safe=""), quote(secret, safe=" +"), quote_plus(secret)}
         found |= _spelled_in(url, secret)
     return sorted((s for s in found if s and s != MASK), key=len, reverse=True)
@@ -183,38 +180,6 @@ def open_storage(url: str, settings: StorageSettings | None = None,
 # The job side
 
 
-@dataclass
-class TrialPointer:
-    study: str
-    trial_id: int
-    number: int
-    storage: str
-
-
-def current_trial() -> TrialPointer | None:
-    """The Optuna trial this Hydra job runs, or None when it is not an Optuna trial."""
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    env_set = hydra_cfg.job.get("env_set") or {}
-    if ENV_TRIAL_ID not in env_set:
-        return None
-    storage = os.environ.get(ENV_STORAGE)
-    if not storage:
-        candidate = hydra_cfg.get("sweeper", {}).get("storage")
-        storage = candidate if candidate and MASK not in str(candidate) else None
-    if not storage:
-        log.warning("Optuna trial %s: %s is not set in this job's environment, so the trial cannot be "
-                    "re-opened; pruning is off for this run", env_set.get(ENV_TRIAL_NUMBER), ENV_STORAGE)
-        return None
-    return TrialPointer(study=str(env_set[ENV_STUDY]), trial_id=int(env_set[ENV_TRIAL_ID]),
-                        number=int(env_set.get(ENV_TRIAL_NUMBER, -1)), storage=storage)
-
-
-def job_pruner_config():
-    return HydraConfig.get().get("sweeper", {}).get("pruner")
-
-
 def optuna_pruner(pruner_cfg):
     """The Optuna pruner a `hydra.sweeper.pruner` node configures (NopPruner for none)."""
     import optuna
@@ -228,8 +193,8 @@ def optuna_pruner(pruner_cfg):
 class OptunaTrialPruner:
     """The job's handle on its Optuna trial: reports each epoch's validation error, asks the pruner."""
 
-    def __init__(self, trial, pointer: TrialPointer):
-        self.trial, self.pointer = trial, pointer
+    def __init__(self, trial, storage_url: str):
+        self.trial, self.storage_url = trial, storage_url
         self._broken = False
 
     def should_stop(self, epoch: int, val_error: float) -> bool:
@@ -240,35 +205,43 @@ class OptunaTrialPruner:
             if self.trial.should_prune():
                 self.trial.storage.set_trial_system_attr(self.trial._trial_id, PRUNED_ATTR, int(epoch))
                 log.info("Optuna trial %d pruned after epoch %d (val error %.4f)",
-                         self.pointer.number, epoch, val_error)
+                         self.trial.number, epoch, val_error)
                 return True
         except Exception as err:  # noqa: BLE001 - the storage hiccuping must not kill a training run
             self._broken = True
             log.warning("Optuna trial %d: reporting to the study failed, pruning is off for this run: %s",
-                        self.pointer.number, _reason(err, self.pointer.storage))
+                        self.trial.number, _reason(err, self.storage_url))
         return False
 
 
 def trial_pruner() -> OptunaTrialPruner | None:
     """For a job launched by the normbench Optuna sweeper: the handle on its trial; otherwise None."""
-    pointer = current_trial()
-    if pointer is None:
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    env_set = (hydra_cfg.job.get("env_set") or {}) if hydra_cfg is not None else {}
+    if ENV_TRIAL_ID not in env_set:
+        return None
+    number, sweeper = env_set.get(ENV_TRIAL_NUMBER), hydra_cfg.get("sweeper", {})
+    candidate = str(sweeper.get("storage") or "")  # a masked one cannot be opened
+    url = os.environ.get(ENV_STORAGE) or (candidate if MASK not in candidate else "")
+    if not url:
+        log.warning("Optuna trial %s: %s is not set in this job's environment, so the trial cannot be "
+                    "re-opened; pruning is off for this run", number, ENV_STORAGE)
         return None
     import optuna
 
     try:
-        storage = open_storage(pointer.storage, StorageSettings(heartbeat_interval=None))
+        storage = open_storage(url, StorageSettings(heartbeat_interval=None))
         # RandomSampler: re-opening the trial must not run the study's sampler (a GridSampler would
         # pick a grid point); the pruner is the one the sweeper was configured with.
-        study = optuna.load_study(study_name=pointer.study, storage=storage,
+        study = optuna.load_study(study_name=str(env_set[ENV_STUDY]), storage=storage,
                                   sampler=optuna.samplers.RandomSampler(),
-                                  pruner=optuna_pruner(job_pruner_config()))
+                                  pruner=optuna_pruner(sweeper.get("pruner")))
         if len(study.directions) > 1:  # Optuna prunes single-objective trials only
-            log.info("Optuna trial %d: multi-objective study, no pruning", pointer.number)
+            log.info("Optuna trial %s: multi-objective study, no pruning", number)
             return None
-        trial = optuna.trial.Trial(study, pointer.trial_id)
+        trial = optuna.trial.Trial(study, int(env_set[ENV_TRIAL_ID]))
     except Exception as err:  # noqa: BLE001
-        log.warning("Optuna trial %d: cannot re-open it (%s); pruning is off for this run",
-                    pointer.number, _reason(err, pointer.storage))
+        log.warning("Optuna trial %s: cannot re-open it (%s); pruning is off for this run",
+                    number, _reason(err, url))
         return None
-    return OptunaTrialPruner(trial, pointer)
+    return OptunaTrialPruner(trial, url)
