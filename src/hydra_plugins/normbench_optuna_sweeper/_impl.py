@@ -61,7 +61,6 @@ from ._study import (
     returned_values,
     storage_lock,
     study_lock_name,
-    tell_failed,
     tell_outcome,
     trials_to_ask,
     trials_used,
@@ -288,7 +287,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         except ValueError as err:  # Optuna refused the values: FAIL, counted, so that the sweep ends
             outcome.status = Status.FAILED
             outcome.error = f"Optuna refused the outcome: {one_line(err, typed=False)}"
-            tell_failed(study, trial, outcome.error)
+            tell_outcome(study, trial, outcome, "fail")
         values = outcome.values()
         shown = "-" if values is None else ", ".join(f"{v:.4g}" for v in values)
         names = ", ".join(self.objectives) if self.objectives else "value"

@@ -125,8 +125,7 @@ def trials_to_ask(study, target: int) -> int:
     trials (enqueued, or re-queued after an interruption), which count already but still have to run."""
     trials = study.get_trials(deepcopy=False)
     used = sum(counts_toward_total(t) for t in trials)
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    return max(0, target - used) + waiting
+    return max(0, target - used) + sum(t.state == TrialState.WAITING for t in trials)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,22 +226,12 @@ def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst",
     n = len(study.directions)
     if (outcome.status in (Status.DIVERGED, Status.FAILED) or values is None or len(values) != n
             or not all(math.isfinite(v) for v in values)):
-        if strategy == "fail":
-            return _tell_counted_failure(study, trial)
+        if strategy == "fail":  # counts toward n_trials (system attr normbench:failed), so that a sweep ends
+            study._storage.set_trial_system_attr(trial._trial_id, COUNTED_FAILURE_ATTR, True)
+            return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         worst = [float(worst_value)] * n if isinstance(worst_value, (int, float)) else list(worst_value)
         return study.tell(trial, values=worst)
     return study.tell(trial, values=values)
-
-
-def _tell_counted_failure(study, trial):
-    """FAIL that counts toward n_trials (system attr normbench:failed), so that a sweep of them ends."""
-    study._storage.set_trial_system_attr(trial._trial_id, COUNTED_FAILURE_ATTR, True)
-    return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-
-
-def tell_failed(study, trial, error: str) -> None:
-    """FAIL, counted: a trial whose outcome could not be told."""
-    tell_outcome(study, trial, Outcome(Status.FAILED, None, error), strategy="fail")
 
 
 def requeue(study, trial, max_retry: int | None) -> None:

@@ -69,9 +69,7 @@ def job_objectives() -> list[str] | None:
     None for the default (the validation error alone)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return None
-    names = (HydraConfig.get().get("sweeper") or {}).get("objectives")
+    names = (HydraConfig.get().get("sweeper") or {}).get("objectives") if HydraConfig.initialized() else None
     if names is None:
         return None
     names = check_objectives(list(names))

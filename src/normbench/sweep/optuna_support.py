@@ -151,10 +151,8 @@ def _heartbeat_kwargs(settings: StorageSettings) -> dict:
 
 def open_storage(url: str, settings: StorageSettings | None = None,
                  schema_lock: AbstractContextManager | None = None):
-    """An Optuna RDBStorage for `url` (one per URL and process; jobs in the sweeper's process share it).
-    `schema_lock` is held while the storage (its schema, on first use) is created.
-
-    Fails with a one-line StorageError naming the URL with its password masked."""
+    """An Optuna RDBStorage for `url` (one per URL and process; jobs in the sweeper's process share it),
+    created under `schema_lock`; else a one-line StorageError naming the URL with its password masked."""
     import optuna
 
     settings = settings or StorageSettings()
