@@ -353,7 +353,7 @@ def best_results(study, trials: list) -> dict | None:
         best = pick(real, key=lambda t: t.value)
         return {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
                 "log": [f"Best value {best.value:.6g} (trial {best.number}): {best.params}"]}
-    front = _get_pareto_front_trials_by_trials(real, study.directions)
+    front = _get_pareto_front_trials_by_trials(real, study.directions)  # study.best_trials' own rule
     return {"solutions": [{"number": t.number, "params": t.params, "values": t.values} for t in front],
             "log": [f"Number of Pareto solutions: {len(front)}"]
                    + [f"    Values: {t.values}, Params: {t.params} (trial {t.number})" for t in front]}
