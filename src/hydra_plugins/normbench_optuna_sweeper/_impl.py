@@ -1,21 +1,7 @@
-"""The sweep loop of hydra/sweeper=normbench_optuna (imported lazily: Hydra's plugin scan skips `_` modules).
-
-Differences from hydra-optuna-sweeper 1.4.0rc3's OptunaSweeperImpl.sweep, which this class replaces:
-
-- each job gets its trial (study name, trial id, number) through `hydra.job.env_set` overrides, so the
-  job can report per-epoch validation errors and be pruned (normbench.sweep.optuna_support.trial_pruner);
-- jobs that raised, diverged or were pruned don't stop the sweep: they are told to Optuna as
-  COMPLETE(worst value for the study's directions) or FAIL (hydra.sweeper.failure) and PRUNED; more
-  than max_failure_rate failures end it with the job's exception on stderr and exit status 1;
-- the objectives can be named (hydra.sweeper.objectives: the study's metric names); the study records
-  the command, the search space, the git revision and the W&B group, each trial its run dir, status,
-  W&B run id and test accuracy (user attributes);
-- n_trials is the study's total over all sweeper processes: under a storage-wide lock a worker counts
-  the study's trials and asks only for what is missing;
-- RUNNING trials carry heartbeats; trials of a dead sweeper are failed and re-queued;
-- the storage defaults to sqlite:///<sweep dir>/optuna.db; a password in the storage URL is masked in
-  logs, in every job's .hydra/*.yaml and in sys.argv (what W&B records); an unreachable storage fails
-  in one line before any job runs.
+"""The sweep loop of hydra/sweeper=normbench_optuna: hydra-optuna-sweeper's OptunaSweeperImpl with
+per-trial jobs that can be pruned, failures told and survived, a study-wide n_trials, heartbeats and
+masked storage credentials (docs/optuna.md lists each difference). Imported lazily: Hydra's plugin
+scan skips `_` modules.
 """
 
 from __future__ import annotations
@@ -27,13 +13,11 @@ import os
 import sys
 import traceback
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import HydraContext, TaskFunction
@@ -72,11 +56,11 @@ from ._study import (
     is_failure,
     mark_owner,
     quote_override,
+    requeue,
     requeue_dead_local_trials,
     returned_values,
     storage_lock,
     study_lock_name,
-    tell_failed,
     tell_outcome,
     trials_to_ask,
     trials_used,
@@ -85,19 +69,11 @@ from ._study import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SearchSpace:
-    """What the sweeper's params and the command line make of the trials' overrides."""
-    distributions: dict
-    fixed_params: dict
-    fixed_overrides: dict
-
-
 class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
-    def __init__(self, *args: Any, pruner: Any = None, failure: str = "worst", worst_value: Any = None,
-                 objectives: Any = None, heartbeat_interval: int | None = 60, grace_period: int | None = None,
-                 max_retry: int | None = 3, connect_timeout: int = 10) -> None:
-        super().__init__(*args)
+    def __init__(self, sampler: Any, *, pruner: Any, failure: str, worst_value: Any, objectives: Any,
+                 heartbeat_interval: int | None, grace_period: int | None, max_retry: int | None,
+                 connect_timeout: int, **upstream: Any) -> None:
+        super().__init__(sampler, **upstream)
         self.pruner_cfg = pruner
         self.failure = str(failure)
         self.worst_value = _plain(worst_value)
@@ -105,8 +81,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         self.failure_values: list[float] = []
         self.last_failure: JobReturn | None = None
         self.space_description: dict = {}       # the search space as written (a study user attr)
-        self.settings = StorageSettings(heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                        max_retry=max_retry, connect_timeout=connect_timeout)
+        self.settings = StorageSettings(heartbeat_interval, grace_period, max_retry, connect_timeout)
         self.storage_url: str | None = None
         self.masked_storage: str | None = None   # set when the configs had to be scrubbed
         self.secrets: list[str] = []
@@ -115,23 +90,15 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
     # setup: storage URL, credential scrubbing, the launcher with the wrapped task function
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.job_idx = 0
-        self.config = config
-        self.hydra_context = hydra_context
-        self.sweep_dir = config.hydra.sweep.dir
-        url = self.storage
-        if url is not None and not isinstance(url, str):
-            fail(f"bad value hydra.sweeper.storage: expected a URL string, got {type(url).__name__}")
-        if url is None or not str(url).strip():
-            url = default_storage_url(self.sweep_dir)
-        self.storage_url = str(url).strip()
+        if self.storage is not None and not isinstance(self.storage, str):
+            fail(f"bad value hydra.sweeper.storage: expected a URL string, got {type(self.storage).__name__}")
+        self.storage_url = (self.storage or "").strip() or default_storage_url(config.hydra.sweep.dir)
         self.secrets = url_secrets(self.storage_url)
         if self.secrets:
             self._scrub_credentials(config)
         # Jobs re-open their trial from this URL; it goes through the environment, never a config.
         os.environ[ENV_STORAGE] = self.storage_url
-        self.launcher = Plugins.instance().instantiate_launcher(
-            config=config, hydra_context=hydra_context, task_function=TrialTask(task_function))
+        super().setup(hydra_context=hydra_context, task_function=TrialTask(task_function), config=config)
 
     def _scrub_credentials(self, config: DictConfig) -> None:
         """Replace the storage password by *** in the sweep's config (jobs are composed from it and
@@ -139,21 +106,18 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         masked = mask_passwords(self.storage_url)
         with read_write(config.hydra), open_dict(config.hydra):
             raw = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("storage")
-            if raw is not None and any(s in str(raw) for s in self.secrets):
-                config.hydra.sweeper.storage = masked
-                self.masked_storage = masked
+            leaks = raw is not None and any(s in str(raw) for s in self.secrets)
             scrubbed = []
             for item in OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False):
                 if any(s in item for s in self.secrets):
                     key = item.split("=", 1)[0].lstrip("+~")
-                    if key == "hydra.sweeper.storage":
-                        item = f"{key}={quote_override(masked)}"
-                        config.hydra.sweeper.storage = masked
-                        self.masked_storage = masked
-                    else:
-                        item = mask_passwords(item, self.secrets)
+                    leaks |= key == "hydra.sweeper.storage"
+                    item = (f"{key}={quote_override(masked)}" if key == "hydra.sweeper.storage"
+                            else mask_passwords(item, self.secrets))
                 scrubbed.append(item)
             config.hydra.overrides.hydra = scrubbed
+            if leaks:
+                config.hydra.sweeper.storage = self.masked_storage = masked
         # HydraConfig holds its own copy of the sweep's hydra node, which launchers pickle with the
         # jobs (submitit writes it to disk): refresh it from the scrubbed config.
         if HydraConfig.initialized():
@@ -170,22 +134,24 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                  f"choose one of {', '.join(FAILURE_STRATEGIES)}")
         self._check_objectives()
         space = self._search_space(arguments)
-        target = self._target(space)
-        pruner = self._pruner()
+        target = self._target(space[0])
+        try:
+            pruner = optuna_pruner(self.pruner_cfg)
+        except Exception as err:  # noqa: BLE001
+            fail(f"bad value hydra.sweeper.pruner: {one_line(err, typed=False)}")
         storage, study = self._open_study(pruner)
-        self._describe_study(study, space)
+        self._describe_study(study)
         log.info("Study %r in %s: %d of %d trials already there; sampler %s, pruner %s, failures -> %s",
                  study.study_name, mask_passwords(self.storage_url), trials_used(study), target,
                  type(self.sampler).__name__, type(pruner).__name__, self.failure)
         ran = self._run_trials(storage, study, space, target)
         self._finish(study, target, ran)
 
-    def _check_objectives(self) -> list[str]:
+    def _check_objectives(self) -> None:
         """The study's directions, checked against hydra.sweeper.objectives and worst_value (one line
         naming the key otherwise), and the values a failed trial is told."""
         directions = [str(d).lower() for d in self._get_directions()]
-        bad = [d for d in directions if d not in ("minimize", "maximize")]
-        if bad or not directions:
+        if not directions or any(d not in ("minimize", "maximize") for d in directions):
             fail(f"bad value hydra.sweeper.direction={directions}: each direction is minimize or maximize")
         if self.objectives is not None:
             if len(self.objectives) != len(directions):
@@ -202,9 +168,9 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         except (TypeError, ValueError) as err:
             fail(f"bad value hydra.sweeper.worst_value={self.worst_value!r}: {err}; use null (the worst "
                  "possible value), a number, or one number per objective")
-        return directions
 
-    def _search_space(self, arguments: list[str]) -> SearchSpace:
+    def _search_space(self, arguments: list[str]) -> tuple[dict, dict, list]:
+        """Upstream's (distributions, fixed params, fixed overrides) of the params and the command line."""
         self._process_searchspace_config()
         params_conf = self._parse_sweeper_params_config()
         params_conf.extend(arguments)
@@ -213,9 +179,9 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             distributions.pop(name, None)
         self.space_description = dict(item.split("=", 1) if "=" in item else (item, "")
                                       for item in params_conf)
-        return SearchSpace(distributions, fixed_params, fixed_overrides)
+        return distributions, fixed_params, fixed_overrides
 
-    def _describe_study(self, study: optuna.Study, space: SearchSpace) -> None:
+    def _describe_study(self, study: optuna.Study) -> None:
         """Links from the study to what made it: metric names, and user attributes with the command,
         the search space, the git revision and the W&B group of its runs."""
         try:
@@ -227,13 +193,11 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         except Exception as err:  # noqa: BLE001 - descriptions must never stop a sweep
             log.warning("could not describe study %r: %s", study.study_name, one_line(err, typed=False))
 
-    def _target(self, space: SearchSpace) -> int:
+    def _target(self, distributions: dict) -> int:
         """The study's n_trials; for the grid sampler (which gets its grid here) at most the grid size."""
         target = self.n_trials
-        is_grid = (isinstance(self.sampler, functools.partial)
-                   and self.sampler.func == optuna.samplers.GridSampler)
-        if is_grid:
-            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.distributions.items()}
+        if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
+            grid = {name: self._to_grid_sampler_choices(d) for name, d in distributions.items()}
             self.sampler = self.sampler(grid)
             grid_size = math.prod(len(v) for v in grid.values())
             target = grid_size if target is None else min(int(target), grid_size)
@@ -244,13 +208,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                  "an integer >= 1, e.g. hydra.sweeper.n_trials=100")
         return int(target)
 
-    def _pruner(self):
-        try:
-            return optuna_pruner(self.pruner_cfg)
-        except Exception as err:  # noqa: BLE001
-            fail(f"bad value hydra.sweeper.pruner: {one_line(err, typed=False)}")
-
-    def _run_trials(self, storage, study: optuna.Study, space: SearchSpace, target: int) -> Counter:
+    def _run_trials(self, storage, study: optuna.Study, space: tuple, target: int) -> Counter:
         """Ask, launch and tell batches of n_jobs trials until the study has `target`; running trials
         of an interrupted sweep are re-queued. Returns how many trials of each status this process ran."""
         heartbeat = Heartbeat(storage, self.settings.heartbeat_interval)
@@ -271,16 +229,13 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                         self.last_failure = ret
                         _stop_on_sweep_config_error(ret)
                 self._check_failure_rate(ran)
-        except KeyboardInterrupt as exc:
-            if in_flight:
-                self._requeue(study, in_flight)
+        except BaseException as exc:
+            self._requeue(study, in_flight)
+            if not isinstance(exc, KeyboardInterrupt):
+                raise
             requeued = f"; {len(in_flight)} running trial(s) re-queued" if in_flight else ""
             fail(f"sweep interrupted{requeued}; run the same command to continue the study",
                  EXIT_CODES.get(signal_name(exc), 130))
-        except BaseException:
-            if in_flight:
-                self._requeue(study, in_flight)
-            raise
         finally:
             heartbeat.stop()
         return ran
@@ -300,15 +255,13 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                 trial = study.ask()
                 mark_owner(study._storage, trial._trial_id)
                 in_flight.append(trial)
-                heartbeat.beat(trial._trial_id)
                 heartbeat.add(trial._trial_id)
         return True
 
-    def _launch(self, study: optuna.Study, trials: list, space: SearchSpace) -> tuple[list, str | None]:
+    def _launch(self, study: optuna.Study, trials: list, space: tuple) -> tuple[list, str | None]:
         """One job per trial. A launcher that fails (e.g. a joblib worker killed by the OOM killer)
         gives no returns (None each) and the error; a search space that cannot compose ends the sweep."""
-        overrides = self._configure_trials(trials, space.distributions, space.fixed_params,
-                                           space.fixed_overrides)
+        overrides = self._configure_trials(trials, *space)
         overrides = [tuple(o) + self._job_overrides(study, t) for o, t in zip(overrides, trials)]
         error = None
         try:
@@ -334,7 +287,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         except ValueError as err:  # Optuna refused the values: FAIL, counted, so that the sweep ends
             outcome.status = Status.FAILED
             outcome.error = f"Optuna refused the outcome: {one_line(err, typed=False)}"
-            tell_failed(study, trial, outcome.error)
+            tell_outcome(study, trial, outcome, "fail")
         values = outcome.values()
         shown = "-" if values is None else ", ".join(f"{v:.4g}" for v in values)
         names = ", ".join(self.objectives) if self.objectives else "value"
@@ -352,11 +305,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         print(f"{PREFIX}{ran[Status.FAILED]} of {n_ran} trials failed, more than hydra.sweeper."
               f"max_failure_rate={self.max_failure_rate}; the last failure:", file=sys.stderr, flush=True)
         error = self.last_failure._return_value if self.last_failure is not None else None
-        if isinstance(error, JobExited):
-            print(mask_passwords(str(error), self.secrets), file=sys.stderr, flush=True)
-            sys.exit(1)
-        if isinstance(error, BaseException):
-            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        if isinstance(error, BaseException):  # a job's own one line (JobExited) without a traceback
+            text = str(error) if isinstance(error, JobExited) else "".join(traceback.format_exception(error))
             print(mask_passwords(text.rstrip(), self.secrets), file=sys.stderr, flush=True)
         sys.exit(1)
 
@@ -364,9 +314,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
     # the steps
 
     def _job_overrides(self, study: optuna.Study, trial: optuna.Trial) -> tuple[str, ...]:
-        extra = [f"+hydra.job.env_set.{ENV_STUDY}={quote_override(study.study_name)}",
-                 f"+hydra.job.env_set.{ENV_TRIAL_ID}={quote_override(str(trial._trial_id))}",
-                 f"+hydra.job.env_set.{ENV_TRIAL_NUMBER}={quote_override(str(trial.number))}"]
+        trial_env = {ENV_STUDY: study.study_name, ENV_TRIAL_ID: trial._trial_id, ENV_TRIAL_NUMBER: trial.number}
+        extra = [f"+hydra.job.env_set.{key}={quote_override(str(value))}" for key, value in trial_env.items()]
         if self.masked_storage is not None:
             extra.append(f"hydra.sweeper.storage={quote_override(self.masked_storage)}")
         return tuple(extra)
@@ -393,15 +342,15 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         return storage, study
 
     def _outcome(self, storage, trial: optuna.Trial, ret: JobReturn) -> Outcome:
-        outcome = self._classify(storage, trial, ret)
-        outcome.run_dir = _run_dir(ret)
-        outcome.attrs = trial_links(_read_summary(ret))
+        run_dir = _run_dir(ret)
+        summary = (read_summary(Path(run_dir)) or {}) if run_dir else {}  # {}: failed before writing one
+        outcome = self._classify(storage, trial, ret, summary)
+        outcome.run_dir, outcome.attrs = run_dir, trial_links(summary)
         if outcome.error:
             outcome.error = mask_passwords(outcome.error, self.secrets)
         return outcome
 
-    def _classify(self, storage, trial: optuna.Trial, ret: JobReturn) -> Outcome:
-        summary = _read_summary(ret)
+    def _classify(self, storage, trial: optuna.Trial, ret: JobReturn, summary: dict) -> Outcome:
         status = summary.get("status")
         if ret.status != JobStatus.COMPLETED:
             error = ret._return_value
@@ -420,14 +369,9 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         return Outcome(Status.COMPLETED, value)
 
     def _requeue(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
-        """Trials whose jobs were interrupted: FAIL (not counted) and a WAITING copy with the same
-        parameters that the next sweeper (this one re-run, or another worker) picks up first."""
-        with quiet_optuna():
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=self.settings.max_retry)
         for trial in trials:
             try:
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                retry(study, study._storage.get_trial(trial._trial_id))
+                requeue(study, trial, self.settings.max_retry)
                 log.warning("Optuna trial %d interrupted: re-queued", trial.number)
             except Exception as err:  # noqa: BLE001
                 log.warning("Optuna trial %d interrupted, could not re-queue it: %s", trial.number, err)
@@ -474,9 +418,3 @@ def _run_dir(ret: JobReturn) -> str | None:
         return str(record_dir(Path(ret.hydra_cfg.hydra.runtime.output_dir)))
     except Exception:  # noqa: BLE001
         return None
-
-
-def _read_summary(ret: JobReturn) -> dict:
-    """The job's summary.json; {} when it has none (the job failed before writing one)."""
-    run_dir = _run_dir(ret)
-    return (read_summary(Path(run_dir)) or {}) if run_dir else {}

@@ -1,10 +1,5 @@
-"""Links both ways between an Optuna study and what made it (imported lazily, like _impl.py).
-
-The study's user attributes say how it was made: the command, the search space, the git revision of
-the code and the W&B project and group its runs are logged to. Each trial's user attributes point at
-its run: the run dir (set with its outcome), the W&B run id and the test accuracy from the run's
-summary.json. The other way, each job knows its study and trial number
-(normbench.sweep.optuna_support.optuna_trial_info), which go into its W&B config.
+"""Links both ways between an Optuna study and what made it (imported lazily, like _impl.py): the study's
+user attributes say how it was made, each trial's where its run is (docs/optuna.md, "Links both ways").
 """
 
 from __future__ import annotations
@@ -17,22 +12,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import mask_passwords
-
-WANDB_RUN_ID = "wandb_run_id"   # summary.json key of the run's W&B run id (when it logged to W&B)
+from normbench.record import WANDB_RUN_ID
 
 
 def git_revision(path: Path) -> str | None:
-    """The commit checked out at `path` (`<sha>-dirty` with uncommitted changes); None outside git."""
+    """The commit checked out at `path` (`<sha>-dirty` with uncommitted changes to tracked files, never
+    a tag name); None outside git."""
+    command = ["git", "-C", str(path), "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]
     try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
-
-        revision = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-    return f"{revision}-dirty" if dirty else revision or None
 
 
 def _code_dir() -> Path:
@@ -41,27 +31,20 @@ def _code_dir() -> Path:
     return script.resolve().parent if script is not None and script.is_file() else Path.cwd()
 
 
-def study_attributes(config: DictConfig, space: dict, storage_url: str | None) -> dict:
-    """The study's user attributes (JSON values; the password in a storage URL masked)."""
+def study_attributes(config: DictConfig, space: dict, storage_url: str) -> dict:
+    """The study's user attributes (JSON values; the password in a storage URL masked; unknown ones left
+    out)."""
     attrs = {"command": shlex.join([Path(sys.executable).name, *sys.argv]),
              "search_space": {str(k): str(v) for k, v in space.items()},
-             "sweep_dir": str(config.hydra.sweep.dir)}
-    if storage_url:
-        attrs["storage"] = mask_passwords(storage_url)
-    revision = git_revision(_code_dir())
-    if revision:
-        attrs["git_revision"] = revision
+             "sweep_dir": str(config.hydra.sweep.dir), "storage": mask_passwords(storage_url),
+             "git_revision": git_revision(_code_dir())}
     logger = OmegaConf.select(config, "logger", default=None)
     if OmegaConf.is_config(logger) and logger.get("name") == "wandb":
         # normbench's W&B runs: project logger.project, group logger.group or else experiment_name
-        group = logger.get("group") or config.get("experiment_name")
-        if group:
-            attrs["wandb_group"] = str(group)
-        if logger.get("project"):
-            attrs["wandb_project"] = str(logger.project)
-        if logger.get("entity"):
-            attrs["wandb_entity"] = str(logger.entity)
-    return attrs
+        attrs.update(wandb_group=logger.get("group") or config.get("experiment_name"),
+                     wandb_project=logger.get("project"), wandb_entity=logger.get("entity"))
+    return {key: value if isinstance(value, dict) else str(value) for key, value in attrs.items()
+            if value is not None and value != ""}
 
 
 def trial_links(summary: dict) -> dict:

@@ -1,11 +1,10 @@
-"""The sweeper's bookkeeping in the Optuna study: the storage-wide lock, the study-wide trial budget,
-what a job's exit or return means for its trial and how that is told, the heartbeats of the running
-trials, the best results. (Imported lazily,
-like _impl.py: Hydra's plugin scan skips `_` modules, so no Hydra start pays for SQLAlchemy here.)"""
+"""The sweeper's bookkeeping in the Optuna study: storage-wide lock, trial budget, outcomes, heartbeats,
+best results. (Underscored like _impl.py, so that no Hydra start pays for SQLAlchemy here.)"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -21,7 +20,9 @@ import sqlalchemy
 from filelock import FileLock
 from hydra.types import TaskFunction
 from omegaconf import DictConfig
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
+from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
@@ -29,8 +30,8 @@ from sqlalchemy.pool import NullPool
 from normbench.errors import one_line
 from normbench.interrupts import process_stat
 from normbench.record import Status
-from normbench.sweep.objectives import OBJECTIVES
-from normbench.sweep.optuna_support import backend, driver_url, engine_kwargs
+from normbench.sweep.objectives import worst_value
+from normbench.sweep.optuna_support import backend, driver_url, engine_kwargs, quiet_optuna
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,11 @@ def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
-_LOCK_ENGINES: dict[str, Any] = {}
-
-
+@functools.cache
 def _lock_engine(url: str, connect_timeout: int):
-    if url not in _LOCK_ENGINES:
-        kwargs = engine_kwargs(url, connect_timeout)
-        kwargs.pop("pool_pre_ping", None)
-        _LOCK_ENGINES[url] = sqlalchemy.create_engine(driver_url(url), poolclass=NullPool, **kwargs)
-    return _LOCK_ENGINES[url]
+    kwargs = engine_kwargs(url, connect_timeout)
+    kwargs.pop("pool_pre_ping", None)
+    return sqlalchemy.create_engine(driver_url(url), poolclass=NullPool, **kwargs)
 
 
 @contextlib.contextmanager
@@ -94,30 +91,19 @@ def _database_lock(url: str, name: str, connect_timeout: int) -> Iterator[None]:
             conn.commit()
 
 
-def sqlite_lock_path(url: str) -> Path | None:
-    """<db>.lock for an SQLite file database; None for an in-memory one."""
-    db = make_url(url).database
-    return Path(db + ".lock") if db and db != ":memory:" else None
-
-
-@contextlib.contextmanager
-def storage_lock(url: str, name: str, connect_timeout: int = 10) -> Iterator[None]:
+def storage_lock(url: str, name: str, connect_timeout: int = 10) -> contextlib.AbstractContextManager:
     """A lock shared by every process that uses this storage, held while a worker counts the study's
     trials and asks for new ones (so that n_trials is a study-wide total with no race), and while the
     schema is created. PostgreSQL: an advisory lock; MySQL: GET_LOCK; SQLite: a filelock (flock) on
-    <db>.lock, which the kernel releases when its holder dies."""
+    <db>.lock, which the kernel releases when its holder dies; none for an in-memory database."""
     kind = backend(url)
     if kind in ("postgresql", "mysql"):
-        with _database_lock(url, name, connect_timeout):
-            yield
-        return
-    path = sqlite_lock_path(url) if kind == "sqlite" else None
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path):
-        yield
+        return _database_lock(url, name, connect_timeout)
+    db = make_url(url).database if kind == "sqlite" else None
+    if not db or db == ":memory:":
+        return contextlib.nullcontext()
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(db + ".lock")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,13 +111,9 @@ def storage_lock(url: str, name: str, connect_timeout: int = 10) -> Iterator[Non
 
 
 def counts_toward_total(trial) -> bool:
-    """Whether a trial uses up one of the study's n_trials.
-
-    Everything counts except FAIL trials the sweeper did not decide: trials of a killed or interrupted
-    sweeper, which are failed (stale heartbeat, Ctrl-C) and re-queued as a WAITING copy that counts."""
-    if trial.state != TrialState.FAIL:
-        return True
-    return bool(trial.system_attrs.get(COUNTED_FAILURE_ATTR))
+    """Whether a trial uses up one of the study's n_trials: all but the FAIL trials the sweeper did not
+    decide (of a killed or interrupted sweeper: failed, and re-queued as a WAITING copy that counts)."""
+    return trial.state != TrialState.FAIL or bool(trial.system_attrs.get(COUNTED_FAILURE_ATTR))
 
 
 def trials_used(study) -> int:
@@ -143,8 +125,7 @@ def trials_to_ask(study, target: int) -> int:
     trials (enqueued, or re-queued after an interruption), which count already but still have to run."""
     trials = study.get_trials(deepcopy=False)
     used = sum(counts_toward_total(t) for t in trials)
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    return max(0, target - used) + waiting
+    return max(0, target - used) + sum(t.state == TrialState.WAITING for t in trials)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,41 +175,26 @@ class Outcome:
 
 def failure_values(directions: Sequence[str], objectives: Sequence[str] | None,
                    explicit: float | Sequence[float] | None) -> list[float]:
-    """The values a failed or diverged trial is told under `failure: worst`, one per objective.
-
-    `explicit` (hydra.sweeper.worst_value) is told as it is (a number for every objective, or one per
-    objective). Otherwise each objective's worst possible value: the bound of a known normbench
-    objective in its direction (val/error 1.0, val/best_acc 0.0, ...), else +inf when minimizing and
-    -inf when maximizing -- worse than any value a trial can return. Optuna accepts infinite values;
-    its samplers rank them last (TPE, NSGA-II, CMA-ES) or clip them to the worst finite value (GP)."""
+    """The values a failed or diverged trial is told under `failure: worst`, one per objective:
+    `explicit` (hydra.sweeper.worst_value: one number for all, or one each) as it is, else each
+    objective's worst possible value (+-inf where unbounded: Optuna's samplers rank those last)."""
     n = len(directions)
     if explicit is not None:
         values = [float(explicit)] * n if isinstance(explicit, (int, float)) else [float(v) for v in explicit]
         if len(values) != n:
             raise ValueError(f"hydra.sweeper.worst_value has {len(values)} values for {n} objectives")
         return values
-    out = []
-    for i, direction in enumerate(directions):
-        known = OBJECTIVES.get(objectives[i]) if objectives and i < len(objectives) else None
-        if known is not None and known.worst is not None and known.direction == direction:
-            out.append(float(known.worst))
-        else:
-            out.append(math.inf if direction == "minimize" else -math.inf)
-    return out
+    return [worst_value(name, direction) for name, direction in zip(objectives or [None] * n, directions)]
 
 
 def returned_values(returned: Any, n: int) -> list[float] | str:
-    """A job's return value as one float for each of `n` objectives (upstream's rules), or what is wrong
-    with it."""
-    if n == 1:
-        try:
-            return [float(returned)]
-        except (TypeError, ValueError):
-            return f"Return value must be float-castable. Got {returned!r}."
+    """A job's return value as one float for each of `n` objectives (upstream's rules and messages), or
+    what is wrong with it."""
     try:
-        values = [float(v) for v in returned]
+        values = [float(returned)] if n == 1 else [float(v) for v in returned]
     except (TypeError, ValueError):
-        return f"Return value must be a list or tuple of float-castable values. Got {returned!r}."
+        kind = "float-castable" if n == 1 else "a list or tuple of float-castable values"
+        return f"Return value must be {kind}. Got {returned!r}."
     if len(values) != n:
         return (f"The number of the values and the number of the objectives are mismatched. "
                 f"Expect {n}, but actually {len(values)}.")
@@ -246,39 +212,35 @@ def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst",
 
     completed -> COMPLETE(values); pruned -> PRUNED (Optuna keeps the last reported value);
     diverged or failed -> strategy "worst": COMPLETE(worst_value, one per objective), so the sampler
-    sees these parameters as the worst ones; strategy "fail": FAIL, which Optuna's samplers ignore.
-    A FAIL told here counts toward n_trials (system attr normbench:failed)."""
+    sees these parameters as the worst ones; strategy "fail": FAIL, which Optuna's samplers ignore."""
     if strategy not in FAILURE_STRATEGIES:
         raise ValueError(f"failure strategy must be one of {FAILURE_STRATEGIES}, got {strategy!r}")
-    storage, trial_id = study._storage, trial._trial_id
-    storage.set_trial_user_attr(trial_id, STATUS_ATTR, str(outcome.status))
-    if outcome.error:
-        storage.set_trial_user_attr(trial_id, "error", outcome.error[:500])
-    if outcome.run_dir:
-        storage.set_trial_user_attr(trial_id, "run_dir", outcome.run_dir)
-    for key, value in outcome.attrs.items():
-        storage.set_trial_user_attr(trial_id, key, value)
+    attrs = {STATUS_ATTR: str(outcome.status), "error": (outcome.error or "")[:500], "run_dir": outcome.run_dir,
+             **outcome.attrs}
+    for key, value in attrs.items():
+        if value is not None and value != "":
+            study._storage.set_trial_user_attr(trial._trial_id, key, value)
     if outcome.status == Status.PRUNED:
         return study.tell(trial, state=TrialState.PRUNED)
     values = outcome.values()
     n = len(study.directions)
     if (outcome.status in (Status.DIVERGED, Status.FAILED) or values is None or len(values) != n
             or not all(math.isfinite(v) for v in values)):
-        if strategy == "fail":
-            storage.set_trial_system_attr(trial_id, COUNTED_FAILURE_ATTR, True)
-            return study.tell(trial, state=TrialState.FAIL)
+        if strategy == "fail":  # counts toward n_trials (system attr normbench:failed), so that a sweep ends
+            study._storage.set_trial_system_attr(trial._trial_id, COUNTED_FAILURE_ATTR, True)
+            return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         worst = [float(worst_value)] * n if isinstance(worst_value, (int, float)) else list(worst_value)
         return study.tell(trial, values=worst)
     return study.tell(trial, values=values)
 
 
-def tell_failed(study, trial, error: str) -> None:
-    """FAIL that counts toward n_trials: a trial whose outcome could not be told (so a sweep ends)."""
-    storage, trial_id = study._storage, trial._trial_id
-    storage.set_trial_user_attr(trial_id, STATUS_ATTR, str(Status.FAILED))
-    storage.set_trial_user_attr(trial_id, "error", error[:500])
-    storage.set_trial_system_attr(trial_id, COUNTED_FAILURE_ATTR, True)
-    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+def requeue(study, trial, max_retry: int | None) -> None:
+    """A trial of an interrupted or dead sweeper: FAIL (not counted) and a WAITING copy with the same
+    parameters (at most max_retry times), which the next sweeper picks up first."""
+    with quiet_optuna():
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    retry(study, study._storage.get_trial(trial._trial_id))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,11 +260,10 @@ class Heartbeat:
             self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
             self._thread.start()
 
-    def beat(self, trial_id: int) -> None:
+    def add(self, trial_id: int) -> None:
+        """Beat now, then every interval until discarded."""
         if self.interval:
             self.storage.record_heartbeat(trial_id)
-
-    def add(self, trial_id: int) -> None:
         with self._lock:
             self.trial_ids.add(trial_id)
 
@@ -349,42 +310,31 @@ def _owner_is_gone(owner) -> bool:
     if not isinstance(pid, int) or pid == os.getpid():
         return False
     start = _process_start(pid)
-    if start is None:  # gone (or no /proc: ask the kernel)
-        return not _pid_alive(pid)
-    return owner.get("start") is not None and start != owner["start"]  # the pid was reused
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
+    if start is not None:
+        return owner.get("start") is not None and start != owner["start"]  # the pid was reused
+    try:  # gone (or no /proc: ask the kernel)
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except OSError:
         return True
-    return True
+    except OSError:
+        pass  # alive, another user's
+    return False
 
 
-def requeue_dead_local_trials(study, max_retry: int | None) -> list[int]:
+def requeue_dead_local_trials(study, max_retry: int | None) -> None:
     """RUNNING trials whose sweeper process on this host is gone (killed, then restarted at once):
     failed (not counted) and re-queued now, not after the heartbeat's grace period."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    storage, requeued = study._storage, []
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(OWNER_ATTR)
         if not _owner_is_gone(owner):
             continue
         try:
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            retry(study, storage.get_trial(trial._trial_id))
+            requeue(study, trial, max_retry)
         except Exception as err:  # noqa: BLE001 - another worker got there first
             log.debug("could not re-queue trial %d: %s", trial.number, err)
             continue
         log.warning("Optuna trial %d: its sweeper (pid %s on this host) is gone: re-queued", trial.number,
                     owner.get("pid"))
-        requeued.append(trial.number)
-    return requeued
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,18 +353,7 @@ def best_results(study, trials: list) -> dict | None:
         best = pick(real, key=lambda t: t.value)
         return {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
                 "log": [f"Best value {best.value:.6g} (trial {best.number}): {best.params}"]}
-    front = _pareto_front(real, study.directions)
+    front = _get_pareto_front_trials_by_trials(real, study.directions)  # study.best_trials' own rule
     return {"solutions": [{"number": t.number, "params": t.params, "values": t.values} for t in front],
             "log": [f"Number of Pareto solutions: {len(front)}"]
                    + [f"    Values: {t.values}, Params: {t.params} (trial {t.number})" for t in front]}
-
-
-def _pareto_front(trials: list, directions) -> list:
-    signs = [1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in directions]
-
-    def dominates(a, b) -> bool:
-        x = [s * v for s, v in zip(signs, a.values)]
-        y = [s * v for s, v in zip(signs, b.values)]
-        return all(p <= q for p, q in zip(x, y)) and any(p < q for p, q in zip(x, y))
-
-    return [t for t in trials if not any(dominates(o, t) for o in trials if o is not t)]

@@ -26,9 +26,7 @@ class NopPrunerConfig(PrunerConfig):
 
 @dataclass
 class MedianPrunerConfig(PrunerConfig):
-    """Stop a trial whose validation error after an epoch is worse than the median of the finished
-    trials' errors after the same epoch.
-    https://optuna.readthedocs.io/en/stable/reference/generated/optuna.pruners.MedianPruner.html"""
+    """Stop a trial whose validation error after an epoch is worse than the finished trials' median."""
 
     _target_: str = "optuna.pruners.MedianPruner"
     n_startup_trials: int = 5       # no pruning until this many trials have finished
@@ -39,8 +37,7 @@ class MedianPrunerConfig(PrunerConfig):
 
 @dataclass
 class HyperbandPrunerConfig(PrunerConfig):
-    """Hyperband over epochs: successive halving in several brackets.
-    https://optuna.readthedocs.io/en/stable/reference/generated/optuna.pruners.HyperbandPruner.html"""
+    """Hyperband over epochs: successive halving in several brackets."""
 
     _target_: str = "optuna.pruners.HyperbandPruner"
     min_resource: int = 1
@@ -70,10 +67,8 @@ class NormbenchOptunaSweeperConf(OptunaSweeperConf):
     # Abort the sweep when more than this fraction of this process's trials raised (1.0: never).
     max_failure_rate: float = 1.0
 
-    # Names of the values the task returns, in order (one per direction): the study's metric names
-    # (what optuna-dashboard shows). normbench's job returns exactly these metrics of its run
-    # (normbench.sweep.objectives: val/error, val/best_acc, time/total_s, model/params, ...).
-    # null: unnamed ("Objective 0"), and normbench's job returns its validation error.
+    # Names of the values the task returns, one per direction (normbench.sweep.objectives), also the
+    # study's metric names; null: unnamed ("Objective 0"), and normbench's job returns val/error.
     objectives: list[str] | None = None
 
     # A diverged or failed run: "worst" tells Optuna worst_value as a COMPLETE trial (the sampler

@@ -1,15 +1,9 @@
 """Hydra callbacks (configured in conf/config.yaml under hydra.callbacks).
 
-SweepSummary: at the start of a multirun it names the sweep invocation (environment variable
-NORMBENCH_SWEEP_ID, inherited by launcher workers: joblib processes, submitit/SLURM tasks); every job
-of it then writes its outcome to `<sweep dir>/.normbench/sweeps/<id>/`; at the end of the multirun one
-line is printed. It also names the keys the multirun sweeps (NORMBENCH_SWEPT_KEYS), which the jobs'
-dir and W&B run names put first. At the end one line is printed:
-
-    sweep multirun/vgg_losses: 8 completed / 1 diverged / 1 failed / 0 pruned / 0 skipped
-
-Preflight: before the run dir (single run) or the sweep dir exists, checks experiment_name and the
-launcher's parallelism (normbench.preflight); a bad value ends in one line, exit status 2.
+SweepSummary names the multirun (NORMBENCH_SWEEP_ID, inherited by launcher workers), under which each
+job writes its outcome, and the keys it sweeps (NORMBENCH_SWEPT_KEYS, put first in the jobs' names);
+at the end it prints one line: `sweep multirun/vgg_losses: 8 completed / 1 diverged / 1 failed / ...`.
+Preflight checks experiment_name and the launcher's parallelism before any run or sweep dir exists.
 """
 
 from __future__ import annotations
@@ -44,9 +38,11 @@ def expected_jobs(config: DictConfig) -> int | None:
 
 
 class Preflight(Callback):
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+    def on_run_start(self, config: DictConfig, multirun: bool = False, **kwargs: Any) -> None:
         try:
             check_experiment_name(config.get("experiment_name"))
+            if multirun:
+                check_launch(config)
         except ConfigError as err:
             fail(err)
         from normbench.job import claim_run_dir
@@ -54,29 +50,22 @@ class Preflight(Callback):
         claim_run_dir(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            check_experiment_name(config.get("experiment_name"))
-            check_launch(config)
-        except ConfigError as err:
-            fail(err)
+        self.on_run_start(config, multirun=True)
 
 
 class SweepSummary(Callback):
     def __init__(self) -> None:
         self.sweep_id: str | None = None
-        self.previous: str | None = None
-        self.previous_swept: str | None = None
+        self.previous: dict[str, str | None] = {}  # the environment to restore at the end
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.previous = os.environ.get(SWEEP_ID_ENV)
+        self.previous = {name: os.environ.get(name) for name in (SWEEP_ID_ENV, SWEPT_KEYS_ENV)}
         self.sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        os.environ[SWEEP_ID_ENV] = self.sweep_id
-        # which keys the jobs' dir and W&B run names put first (a job sees only its own overrides)
-        self.previous_swept = os.environ.get(SWEPT_KEYS_ENV)
         params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
         params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
         task = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
-        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(params, task))
+        # the swept keys: the jobs' dir and W&B run names put them first (a job sees only its own overrides)
+        os.environ.update({SWEEP_ID_ENV: self.sweep_id, SWEPT_KEYS_ENV: ",".join(swept_keys(params, task))})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.sweep_id is None:
@@ -86,7 +75,7 @@ class SweepSummary(Callback):
         line = summary_line(sweep_dir, count_outcomes(rows), expected_jobs(config))
         print(line, flush=True)
         log.debug(line)
-        for name, previous in ((SWEEP_ID_ENV, self.previous), (SWEPT_KEYS_ENV, self.previous_swept)):
+        for name, previous in self.previous.items():
             if previous is None:
                 os.environ.pop(name, None)
             else:

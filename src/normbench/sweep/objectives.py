@@ -1,21 +1,12 @@
-"""What a sweep job returns to its sweeper: one value per objective, read from the run's summary.
-
-By default a job returns its validation error (`val/error` = 1 - val/best_acc), which every sweeper
-minimizes. An Optuna search may name other objectives, and several of them, in `hydra.sweeper.objectives`
-(the study's metric names too); the job then returns those metrics of its summary.json, in that order:
-
-    python bench/train.py -m search=optuna_tpe 'hydra.sweeper.objectives=[val/error,time/total_s]' \
-        'hydra.sweeper.direction=[minimize,minimize]'
-
-Each objective has a natural direction and, where the metric has one, the bound that is the worst
-possible value (what a failed trial is told; see docs/optuna.md). Test metrics are not objectives:
-the test set never guides a search.
+"""What a sweep job returns to its sweeper: one value per objective (hydra.sweeper.objectives, see
+docs/optuna.md), read from the run's summary; by default its validation error. Test metrics are not
+objectives: the test set never guides a search.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from normbench.errors import ConfigError
@@ -27,30 +18,17 @@ KEY = "hydra.sweeper.objectives"
 
 @dataclass(frozen=True)
 class Objective:
-    name: str
-    direction: str                      # minimize | maximize
-    worst: float | None                 # the worst possible value, when the metric is bounded that way
-    read: Callable[[dict], float | None]  # its value from summary.json's metrics
+    direction: str          # minimize | maximize
+    worst: float | None     # the worst possible value, when the metric is bounded that way
 
 
-def _metric(name: str) -> Callable[[dict], float | None]:
-    return lambda metrics: metrics.get(name)
-
-
-def _val_error(metrics: dict) -> float | None:
-    best = metrics.get("val/best_acc")
-    return None if best is None else 1.0 - float(best)
-
-
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Objective("val/error", "minimize", 1.0, _val_error),
-    Objective("val/best_acc", "maximize", 0.0, _metric("val/best_acc")),
-    Objective("time/total_s", "minimize", None, _metric("time/total_s")),
-    Objective("model/params", "minimize", None, _metric("model/params")),
-    Objective("memory/peak_mb", "minimize", None, _metric("memory/peak_mb")),
-    Objective("throughput/img_s", "maximize", 0.0, _metric("throughput/img_s")),
-    Objective("convergence/epoch", "minimize", None, _metric("convergence/epoch")),
-)}
+# Each a metric of summary.json, but val/error: 1 - val/best_acc.
+OBJECTIVES: dict[str, Objective] = {
+    "val/error": Objective("minimize", 1.0), "val/best_acc": Objective("maximize", 0.0),
+    "time/total_s": Objective("minimize", None), "model/params": Objective("minimize", None),
+    "memory/peak_mb": Objective("minimize", None), "throughput/img_s": Objective("maximize", 0.0),
+    "convergence/epoch": Objective("minimize", None),
+}
 
 
 def check_objectives(names: Sequence[str] | None) -> list[str]:
@@ -70,26 +48,20 @@ def check_objectives(names: Sequence[str] | None) -> list[str]:
 
 def objective_values(names: Sequence[str], metrics: dict) -> list[float | None]:
     """The objectives' values in a run's summary metrics (None where a metric is missing or not finite)."""
-    values = []
-    for name in names:
-        value = OBJECTIVES[name].read(metrics or {})
-        values.append(float(value) if value is not None and math.isfinite(float(value)) else None)
-    return values
+    metrics = dict(metrics or {})
+    best = metrics.get("val/best_acc")
+    metrics[DEFAULT] = None if best is None else 1.0 - float(best)
+    values = [metrics.get(name) for name in names]
+    return [float(v) if v is not None and math.isfinite(float(v)) else None for v in values]
 
 
-def worst_values(names: Sequence[str], failed_default: float) -> list[float]:
-    """What a job whose run failed or diverged returns: each objective's worst bound; `failed_default`
-    for the validation error (normbench's WORST_OBJECTIVE) and +-inf for unbounded ones."""
-    out = []
-    for name in names:
-        objective = OBJECTIVES[name]
-        if name == DEFAULT:
-            out.append(float(failed_default))
-        elif objective.worst is not None:
-            out.append(objective.worst)
-        else:
-            out.append(math.inf if objective.direction == "minimize" else -math.inf)
-    return out
+def worst_value(name: str | None, direction: str) -> float:
+    """The worst possible value of objective `name` in `direction`: its bound where it has one that way
+    (val/error 1.0, val/best_acc 0.0), else +inf when minimizing and -inf when maximizing."""
+    known = OBJECTIVES.get(name)
+    if known is not None and known.worst is not None and known.direction == direction:
+        return float(known.worst)
+    return math.inf if direction == "minimize" else -math.inf
 
 
 def job_objectives() -> list[str] | None:
@@ -97,9 +69,7 @@ def job_objectives() -> list[str] | None:
     None for the default (the validation error alone)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return None
-    names = (HydraConfig.get().get("sweeper") or {}).get("objectives")
+    names = (HydraConfig.get().get("sweeper") or {}).get("objectives") if HydraConfig.initialized() else None
     if names is None:
         return None
     names = check_objectives(list(names))
@@ -113,7 +83,8 @@ def job_return(names: Sequence[str] | None, summary: dict, objective: float):
     if names is None:
         return objective
     if summary.get("status") in (Status.DIVERGED, Status.FAILED):
-        values = worst_values(names, objective)
+        values = [float(objective) if name == DEFAULT else worst_value(name, OBJECTIVES[name].direction)
+                  for name in names]
     else:
         values = objective_values(names, summary.get("metrics") or {})
     return values[0] if len(values) == 1 else tuple(values)

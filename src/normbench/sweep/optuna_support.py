@@ -1,20 +1,9 @@
 """Optuna plumbing the jobs need (the sweeper extension, hydra_plugins.normbench_optuna_sweeper, uses it too).
 
-The sweeper asks Optuna for trials and launches one Hydra job per trial. Each job learns which trial it
-is through three entries of `hydra.job.env_set` (set by the sweeper as per-job Hydra overrides, so they
-never touch the job's own config, its identity or its output dir name):
-
-    NORMBENCH_OPTUNA_STUDY      study name
-    NORMBENCH_OPTUNA_TRIAL_ID   Optuna's storage-wide trial id (what the job re-opens)
-    NORMBENCH_OPTUNA_TRIAL      the trial's number in the study (for people)
-
-The storage URL reaches the job through the environment variable NORMBENCH_OPTUNA_STORAGE, which the
-sweeper sets in its own process (jobs inherit it: in-process, joblib, submitit, sbatch's default
---export=ALL). It is never written into a config, so a password in it stays out of the run records.
-
-`trial_pruner()` re-opens the trial from the storage and returns an object whose
-`should_stop(epoch, val_error)` reports the epoch's validation error to Optuna and asks its pruner.
-`optuna_trial_info()` is the job's study name and trial number (for its W&B config), storage-free.
+Each job learns its trial from three entries of `hydra.job.env_set` (ENV_STUDY, ENV_TRIAL_ID,
+ENV_TRIAL_NUMBER: per-job Hydra overrides, so the job's own config, identity and dir name are
+untouched) and the storage URL from the environment variable ENV_STORAGE, never from a config, so
+that a password in it stays out of the run records (docs/optuna.md, "Pruning").
 """
 
 from __future__ import annotations
@@ -64,11 +53,6 @@ def _parse(url: str | None):
         return None
 
 
-def _query_passwords(parsed) -> list[str]:
-    return [value for key, values in parsed.query.items() if key.lower() in PASSWORD_KEYS
-            for value in ([values] if isinstance(values, str) else values)]
-
-
 def _spelled_in(text: str, secret: str) -> set[str]:
     """The spellings of `secret` in `text` with any of its characters percent-encoded (any hex case)."""
     def char(c: str) -> str:
@@ -85,7 +69,9 @@ def url_secrets(url: str | None) -> list[str]:
     if parsed is None:
         return []
     found: set[str] = set()
-    for secret in ([parsed.password] if parsed.password else []) + _query_passwords(parsed):
+    in_query = [value for key, values in parsed.query.items() if key.lower() in PASSWORD_KEYS
+                for value in ([values] if isinstance(values, str) else values)]
+    for secret in ([parsed.password] if parsed.password else []) + in_query:
         found |= {secret, quote(secret, safe=""), quote(secret, safe=" +"), quote_plus(secret)}
         found |= _spelled_in(url, secret)
     return sorted((s for s in found if s and s != MASK), key=len, reverse=True)
@@ -165,10 +151,8 @@ def _heartbeat_kwargs(settings: StorageSettings) -> dict:
 
 def open_storage(url: str, settings: StorageSettings | None = None,
                  schema_lock: AbstractContextManager | None = None):
-    """An Optuna RDBStorage for `url` (one per URL and process; jobs in the sweeper's process share it).
-    `schema_lock` is held while the storage (its schema, on first use) is created.
-
-    Fails with a one-line StorageError naming the URL with its password masked."""
+    """An Optuna RDBStorage for `url` (one per URL and process; jobs in the sweeper's process share it),
+    created under `schema_lock`; else a one-line StorageError naming the URL with its password masked."""
     import optuna
 
     settings = settings or StorageSettings()
@@ -194,49 +178,6 @@ def open_storage(url: str, settings: StorageSettings | None = None,
 # The job side
 
 
-@dataclass
-class TrialPointer:
-    study: str
-    trial_id: int
-    number: int
-    storage: str
-
-
-def current_trial() -> TrialPointer | None:
-    """The Optuna trial this Hydra job runs, or None when it is not an Optuna trial."""
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    env_set = hydra_cfg.job.get("env_set") or {}
-    if ENV_TRIAL_ID not in env_set:
-        return None
-    storage = os.environ.get(ENV_STORAGE)
-    if not storage:
-        candidate = hydra_cfg.get("sweeper", {}).get("storage")
-        storage = candidate if candidate and MASK not in str(candidate) else None
-    if not storage:
-        log.warning("Optuna trial %s: %s is not set in this job's environment, so the trial cannot be "
-                    "re-opened; pruning is off for this run", env_set.get(ENV_TRIAL_NUMBER), ENV_STORAGE)
-        return None
-    return TrialPointer(study=str(env_set[ENV_STUDY]), trial_id=int(env_set[ENV_TRIAL_ID]),
-                        number=int(env_set.get(ENV_TRIAL_NUMBER, -1)), storage=storage)
-
-
-def optuna_trial_info() -> dict | None:
-    """{"study": name, "trial": number} of the Optuna trial this Hydra job runs (for its W&B config and
-    name), or None when it is not one. Needs no storage: it reads the job's hydra.job.env_set."""
-    if not HydraConfig.initialized():
-        return None
-    env_set = HydraConfig.get().job.get("env_set") or {}
-    if ENV_TRIAL_NUMBER not in env_set:
-        return None
-    return {"study": str(env_set.get(ENV_STUDY)), "trial": int(env_set[ENV_TRIAL_NUMBER])}
-
-
-def job_pruner_config():
-    return HydraConfig.get().get("sweeper", {}).get("pruner")
-
-
 def optuna_pruner(pruner_cfg):
     """The Optuna pruner a `hydra.sweeper.pruner` node configures (NopPruner for none)."""
     import optuna
@@ -250,8 +191,8 @@ def optuna_pruner(pruner_cfg):
 class OptunaTrialPruner:
     """The job's handle on its Optuna trial: reports each epoch's validation error, asks the pruner."""
 
-    def __init__(self, trial, pointer: TrialPointer):
-        self.trial, self.pointer = trial, pointer
+    def __init__(self, trial, storage_url: str):
+        self.trial, self.storage_url = trial, storage_url
         self._broken = False
 
     def should_stop(self, epoch: int, val_error: float) -> bool:
@@ -262,35 +203,43 @@ class OptunaTrialPruner:
             if self.trial.should_prune():
                 self.trial.storage.set_trial_system_attr(self.trial._trial_id, PRUNED_ATTR, int(epoch))
                 log.info("Optuna trial %d pruned after epoch %d (val error %.4f)",
-                         self.pointer.number, epoch, val_error)
+                         self.trial.number, epoch, val_error)
                 return True
         except Exception as err:  # noqa: BLE001 - the storage hiccuping must not kill a training run
             self._broken = True
             log.warning("Optuna trial %d: reporting to the study failed, pruning is off for this run: %s",
-                        self.pointer.number, _reason(err, self.pointer.storage))
+                        self.trial.number, _reason(err, self.storage_url))
         return False
 
 
 def trial_pruner() -> OptunaTrialPruner | None:
     """For a job launched by the normbench Optuna sweeper: the handle on its trial; otherwise None."""
-    pointer = current_trial()
-    if pointer is None:
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    env_set = (hydra_cfg.job.get("env_set") or {}) if hydra_cfg is not None else {}
+    if ENV_TRIAL_ID not in env_set:
+        return None
+    number, sweeper = env_set.get(ENV_TRIAL_NUMBER), hydra_cfg.get("sweeper", {})
+    candidate = str(sweeper.get("storage") or "")  # a masked one cannot be opened
+    url = os.environ.get(ENV_STORAGE) or (candidate if MASK not in candidate else "")
+    if not url:
+        log.warning("Optuna trial %s: %s is not set in this job's environment, so the trial cannot be "
+                    "re-opened; pruning is off for this run", number, ENV_STORAGE)
         return None
     import optuna
 
     try:
-        storage = open_storage(pointer.storage, StorageSettings(heartbeat_interval=None))
+        storage = open_storage(url, StorageSettings(heartbeat_interval=None))
         # RandomSampler: re-opening the trial must not run the study's sampler (a GridSampler would
         # pick a grid point); the pruner is the one the sweeper was configured with.
-        study = optuna.load_study(study_name=pointer.study, storage=storage,
+        study = optuna.load_study(study_name=str(env_set[ENV_STUDY]), storage=storage,
                                   sampler=optuna.samplers.RandomSampler(),
-                                  pruner=optuna_pruner(job_pruner_config()))
+                                  pruner=optuna_pruner(sweeper.get("pruner")))
         if len(study.directions) > 1:  # Optuna prunes single-objective trials only
-            log.info("Optuna trial %d: multi-objective study, no pruning", pointer.number)
+            log.info("Optuna trial %s: multi-objective study, no pruning", number)
             return None
-        trial = optuna.trial.Trial(study, pointer.trial_id)
+        trial = optuna.trial.Trial(study, int(env_set[ENV_TRIAL_ID]))
     except Exception as err:  # noqa: BLE001
-        log.warning("Optuna trial %d: cannot re-open it (%s); pruning is off for this run",
-                    pointer.number, _reason(err, pointer.storage))
+        log.warning("Optuna trial %s: cannot re-open it (%s); pruning is off for this run",
+                    number, _reason(err, url))
         return None
-    return OptunaTrialPruner(trial, pointer)
+    return OptunaTrialPruner(trial, url)
