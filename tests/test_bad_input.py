@@ -309,3 +309,14 @@ def test_a_hanging_postgresql_fails_within_connect_timeout(tmp_path):
     assert len(lines) == 1 and "timeout expired" in lines[0], proc.stderr
     assert len(hole.accepted) == 1, "the client connected more than once"
     assert elapsed < 2 * timeout + LIMIT_S, elapsed
+
+
+def test_a_config_error_survives_pickling():
+    """A launcher worker sends its job's error back pickled: it must arrive whole."""
+    import pickle
+
+    from normbench.errors import ConfigError
+
+    err = pickle.loads(pickle.dumps(ConfigError("norm.groups", 5, "must divide every layer's channels")))
+    assert (err.key, err.value, str(err)) == ("norm.groups", 5,
+                                              "bad value norm.groups=5: must divide every layer's channels")

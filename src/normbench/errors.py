@@ -19,6 +19,9 @@ class ConfigError(NormbenchError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"bad value {key}={value!r}: {allowed}")
 
+    def __reduce__(self):  # a sweep job's error crosses process boundaries (joblib, submitit) pickled
+        return type(self), (self.key, self.value, self.allowed)
+
 
 def unknown_key(key: str, value: object, accepted, why: str, tail: str | None = None) -> ConfigError:
     """A key nothing reads: `why`, the closest accepted key (difflib) and `tail` (default: the accepted
