@@ -225,14 +225,14 @@ def parse(group: str, schema: type, node, only=None):
     node = OmegaConf.create(node) if not OmegaConf.is_config(node) else node
     if node is None:
         node = OmegaConf.create({})
-    plain = {str(k): node[k] for k in (only if only is not None else node) if k != "defaults"}
-    for key, value in plain.items():
+    given = {str(k): node[k] for k in (only if only is not None else node) if k != "defaults"}
+    for key, value in given.items():
         if key not in names:
             raise unknown_key(_path(group, key), plain(value), names,
                               getattr(schema, "UNKNOWN", "unknown key"))
     hints, checks = typing.get_type_hints(schema), {f.name: f.metadata for f in dataclasses.fields(schema)}
     typed = OmegaConf.structured(schema)
-    for key, value in plain.items():
+    for key, value in given.items():
         if dataclasses.is_dataclass(hints[key]):  # a nested group (probe=all's probes)
             value = OmegaConf.structured(parse(_path(group, key), hints[key], value))
         try:
