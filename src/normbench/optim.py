@@ -15,7 +15,6 @@ from hydra.utils import instantiate
 
 from normbench.targets import BUILTIN_TARGETS
 
-SCHEDULERS = ("constant", "cosine", "step", "onecycle")
 FUSED_ON_CUDA = ("SGD", "Adam", "AdamW")
 
 

@@ -33,15 +33,8 @@ class Probe(Protocol):
     ) -> dict[str, float] | None: ...
 
 
-def run_probes(
-    probes: list[Probe],
-    step: int,
-    model: nn.Module,
-    closure: Callable[[], Tensor],
-    lr: float,
-    loop_grads_fp32: bool = True,
-    rng_at_forward: RngState | None = None,
-) -> dict[str, float] | None:
+def run_probes(probes: list[Probe], step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float,
+               loop_grads_fp32: bool = True, rng_at_forward: RngState | None = None) -> dict[str, float] | None:
     """Run every probe for this step; the merged metrics, or None when no probe measured anything.
 
     ``loop_grads_fp32=False`` says the loop's ``p.grad`` came from an autocast (bf16/fp16) backward: then,
@@ -75,16 +68,8 @@ def fp32_closure(loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
     return closure
 
 
-def probe_batch(
-    probes: list[Probe],
-    step: int,
-    model: nn.Module,
-    criterion: Callable[..., Tensor],
-    x: Tensor,
-    y: Tensor,
-    lr: float,
-    amp_dtype: torch.dtype | None = None,
-) -> dict[str, float] | None:
+def probe_batch(probes: list[Probe], step: int, model: nn.Module, criterion: Callable[..., Tensor], x: Tensor,
+                y: Tensor, lr: float, amp_dtype: torch.dtype | None = None) -> dict[str, float] | None:
     """One probe step as the trainer runs it, for scripts (e.g. a GPU check): the training forward and
     backward under ``amp_dtype`` autocast (None: fp32), then the probes in float32. ``criterion`` is
     called as ``criterion(logits, y, model)`` (normbench.losses). Leaves ``p.grad`` set."""

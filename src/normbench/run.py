@@ -135,18 +135,12 @@ class RunInfo:
 
 
 class RunMemory:
-    """One run's own peak memory, the data excluded, measured from a reset made once its data is on the
-    device: jobs of a sweep share a process, whose peak only grows from job to job.
-
-    * CUDA: the allocator's peak since the reset, minus what was allocated then.
-    * CPU (Linux): the resident-set high-water mark (VmHWM) since writing "5" to /proc/self/clear_refs,
-      minus the resident set then and the file-backed pages (library code) paged in meanwhile. Before the
-      reset a sweep job gives freed heap back (``malloc_trim``: memory an earlier job freed would lower
-      this run's baseline), and torch._dynamo (~90 MB, imported by torch.optim's first use) is imported,
-      so the first job of a process does not carry the process's one-time costs. Without clear_refs the
-      peak is null rather than a number that depends on job order.
-    * MPS: the driver's allocation at the end minus that at the reset (MPS has no peak counter).
-    """
+    """One run's own peak memory, the data excluded (README, "Peak memory"), from a reset made once its
+    data is on the device: jobs of a sweep share a process, whose peak only grows from job to job. On the
+    CPU (Linux: /proc/self/clear_refs) a sweep job first gives freed heap back (``malloc_trim``: memory an
+    earlier job freed would lower this run's baseline), and torch._dynamo (~90 MB, imported by torch.optim's
+    first use) is imported first, so the first job of a process does not carry its one-time costs. MPS has
+    no peak counter: its allocation at the end minus that at the reset."""
 
     def __init__(self, device: torch.device, in_sweep: bool = False):
         self.device, self.in_sweep = device, in_sweep

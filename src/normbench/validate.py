@@ -28,7 +28,6 @@ from normbench.faults import check_fault
 from normbench.losses import Criterion, build_criterion
 from normbench.models import build_model, model_name
 from normbench.norms import NormSpec
-from normbench.optim import SCHEDULERS
 from normbench.preflight import check_experiment_name
 from normbench.probes import Probe, build_probes
 from normbench.pruning import pruning_spec
@@ -64,6 +63,7 @@ SCHEDULER_FILLED = {"optimizer", "T_max", "step_size", "total_steps", "max_lr", 
                     "steps_per_epoch"}
 # The model protocol's arguments (normbench passes them; a config key of that name would clash).
 PROTOCOL_ARGS = {"num_classes", "in_channels", "image_size", "norm", "activation"}
+# The schedulers (normbench.optim.build_scheduler) and the keys of the scheduler group each reads.
 SCHEDULER_KEYS = {"constant": (), "cosine": (), "step": ("every_epochs",), "onecycle": ("max_lr",)}
 TARGETS = ("model", "data", "optimizer", "scheduler.fn")
 
@@ -165,7 +165,7 @@ def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
 def _scheduler(cfg, epochs: int) -> None:
     sched = cfg.scheduler
     name = sched.get("name")
-    _require(name in SCHEDULERS, "scheduler.name", name, f"choose one of {', '.join(SCHEDULERS)}")
+    _require(name in SCHEDULER_KEYS, "scheduler.name", name, f"choose one of {', '.join(SCHEDULER_KEYS)}")
     # a key another scheduler reads is fine (a preset sweeping schedulers sets e.g. max_lr for all of them)
     accepted = {"name", "fn", *(k for keys in SCHEDULER_KEYS.values() for k in keys)}
     for key in sched:
