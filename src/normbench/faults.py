@@ -1,14 +1,11 @@
-"""Fault injection (`+trainer.fault=raise|oom|kill|wait`, NORMBENCH_KILL_AT) and recognising out-of-memory
-errors.
+"""Fault injection (`+trainer.fault=raise|oom|kill|wait`, NORMBENCH_KILL_AT; README, "Failures don't stop a
+sweep") and recognising out-of-memory errors.
 
-For checking that a sweep survives a run that raises or runs out of memory: the fault fires inside the
-real training loop and goes through the real error handling. `kill` is a preemption: the process
-SIGKILLs itself (no handler, no cleanup runs), once -- a run that resumed from a checkpoint goes on.
-`wait` holds the run at an exact step until a file appears, so a test can interrupt it there (SLURM
-requeue, timeout signal) without guessing with sleeps. For checking that a kill at an exact point
-loses nothing: NORMBENCH_KILL_AT=<point>[@<epoch>][:<signal>] makes the process send itself the signal
-(default KILL) when it reaches that point (KILL_POINTS). It is an environment variable, not a config
-key, so that the killed run and its re-run have the same identity.
+A fault fires inside the real training loop and goes through the real error handling. `kill` is a
+preemption (SIGKILL, no cleanup), once: a run that resumed from a checkpoint goes on. `wait` holds the run
+at an exact step until a file appears, so a test can interrupt it there without guessing with sleeps.
+NORMBENCH_KILL_AT is an environment variable, not a config key, so the killed run and its re-run have the
+same identity.
 """
 
 from __future__ import annotations

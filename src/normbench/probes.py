@@ -28,9 +28,8 @@ class Probe(Protocol):
     name: str
     interval: int
 
-    def on_step(
-        self, step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
-    ) -> dict[str, float] | None: ...
+    def on_step(self, step: int, model: nn.Module, closure: Callable[[], Tensor],
+                lr: float) -> dict[str, float] | None: ...
 
 
 def run_probes(probes: list[Probe], step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float,
@@ -125,9 +124,8 @@ def _loss_and_grads(closure: Callable[[], Tensor],
     return loss.detach().reshape(()).double(), [None if g is None else g.detach() for g in grads]
 
 
-def _swap_in_fp32_grads(
-    model: nn.Module, closure: Callable[[], Tensor], rng: RngState | None = None
-) -> list[tuple[nn.Parameter, Tensor | None]]:
+def _swap_in_fp32_grads(model: nn.Module, closure: Callable[[], Tensor],
+                        rng: RngState | None = None) -> list[tuple[nn.Parameter, Tensor | None]]:
     """Replace every ``p.grad`` by the float32 gradient of ``closure`` at the current weights, computed
     under ``rng`` (default: the current state); returns the originals. Buffers, modes and the current RNG
     state are restored."""
@@ -138,7 +136,7 @@ def _swap_in_fp32_grads(
         _, grads = _loss_and_grads(closure, params)
     finally:
         state.reset_buffers_and_modes()
-        state.reset_rng()
+        _set_rng(state.rng)
     original = [(p, p.grad) for p in params]
     for p, g in zip(params, grads):
         p.grad = None if g is None else g.to(p.dtype)
@@ -161,9 +159,6 @@ class _ModelState:
         self.modes = [(module, module.training) for module in model.modules()]
         self.rng = capture_rng()
 
-    def reset_rng(self) -> None:
-        _set_rng(self.rng)
-
     def reset_buffers_and_modes(self) -> None:
         with torch.no_grad():
             for module, name, buf, saved in self.buffers:
@@ -180,7 +175,7 @@ class _ModelState:
         for p, g in zip(self.params, self.grads):
             p.grad = g
         self.reset_buffers_and_modes()
-        self.reset_rng()
+        _set_rng(self.rng)
 
 
 def _sqnorm(tensors: list[Tensor | None]) -> Tensor:
@@ -222,9 +217,8 @@ class LandscapeProbe(LandscapeSettings):
         factors[-1] = hi
         return [lr * f for f in factors]
 
-    def on_step(
-        self, step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
-    ) -> dict[str, float] | None:
+    def on_step(self, step: int, model: nn.Module, closure: Callable[[], Tensor],
+                lr: float) -> dict[str, float] | None:
         if step % self.interval != 0:
             return None
         lr = float(lr)
@@ -239,7 +233,7 @@ class LandscapeProbe(LandscapeSettings):
         try:
             gnorm = _sqnorm(direction).sqrt()
             # reference gradient at w, with the same RNG state as every η point below
-            state.reset_rng()
+            _set_rng(state.rng)
             _, ref = _loss_and_grads(closure, params)
             state.reset_buffers_and_modes()
 
@@ -253,7 +247,7 @@ class LandscapeProbe(LandscapeSettings):
                         p.copy_(weights[id(p)])
                         if d is not None:
                             p.sub_(d.to(p.dtype), alpha=eta)
-                state.reset_rng()
+                _set_rng(state.rng)
                 loss, grads = _loss_and_grads(closure, params)
                 state.reset_buffers_and_modes()
                 losses.append(loss)
@@ -308,9 +302,8 @@ class GradSimilarityProbe(GradSimilaritySettings):
     def reads_gradient(self, step: int) -> bool:
         return step % self.interval == 0 or (step + 1) % self.interval == 0
 
-    def on_step(
-        self, step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
-    ) -> dict[str, float] | None:
+    def on_step(self, step: int, model: nn.Module, closure: Callable[[], Tensor],
+                lr: float) -> dict[str, float] | None:
         out = None
         is_probe = step % self.interval == 0
         keep = (step + 1) % self.interval == 0
@@ -319,12 +312,10 @@ class GradSimilarityProbe(GradSimilaritySettings):
         if is_probe and cur is not None and self._prev is not None and self._prev_step == step - 1:
             prev, prev_w = self._prev, self._prev_w
             if prev.numel() == cur.numel():
-                dot = torch.dot(cur, prev).double()
-                n_cur = torch.linalg.vector_norm(cur).double()
-                n_prev = torch.linalg.vector_norm(prev).double()
-                l2 = torch.linalg.vector_norm(cur - prev).double()
-                dw = torch.linalg.vector_norm(cur_w - prev_w).double()
-                dot, n_cur, n_prev, l2, dw = torch.stack([dot, n_cur, n_prev, l2, dw]).cpu().tolist()
+                norm = torch.linalg.vector_norm
+                dot, n_cur, n_prev, l2, dw = torch.stack(
+                    [torch.dot(cur, prev), norm(cur), norm(prev), norm(cur - prev), norm(cur_w - prev_w)]
+                ).double().cpu().tolist()
                 denom = n_cur * n_prev
                 cos = dot / denom if denom > 0 else math.nan
                 if math.isfinite(cos):
@@ -352,9 +343,8 @@ class GradVarianceProbe(GradVarianceSettings):
     def reads_gradient(self, step: int) -> bool:
         return (-step) % self.interval < self.window  # step is one of the window's steps
 
-    def on_step(
-        self, step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float
-    ) -> dict[str, float] | None:
+    def on_step(self, step: int, model: nn.Module, closure: Callable[[], Tensor],
+                lr: float) -> dict[str, float] | None:
         if not self.reads_gradient(step):
             return None
         g = _flat(model, grads=True)

@@ -76,19 +76,15 @@ class RunParts:
     trainer: Trainer                 # trains model, or its compiled version
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
                 on_data: Callable[[DataBundle], None] | None = None) -> RunParts:
     """Data, model, batch stream, optimizer, scheduler and trainer of one run, on `spec.device`, seeded
     by `spec.seed`. `sink` receives the trainer's metrics (default: none; it can be set later).
     `on_data` is called once the data is on the device, before anything else is built."""
     device, allowed = spec.device, spec.allowed_targets
-    seed_everything(spec.seed)
+    random.seed(spec.seed)
+    np.random.seed(spec.seed % 2**32)
+    torch.manual_seed(spec.seed)
     data = load_data(cfg.data, device, allowed, input_size=spec.input_size, pipeline=spec.data)
     if on_data is not None:
         on_data(data)
