@@ -308,14 +308,5 @@ def eval_batches(split: Split, batch_size: int, mean, std, *, resize_to: int | N
     """Evaluation batches in dataset order (last batch may be short), normalized, no augmentation."""
     batch_size = int(batch_size)  # trainer.eval_batch_size, checked by its schema
     finish = _Normalizer(mean, std, split.images.device, resize_to, channels_last)  # built eagerly
-    n = len(split)
-    count = math.ceil(n / batch_size)
-    if max_batches is not None:
-        count = min(count, max(0, int(max_batches)))
-
-    def batches():
-        for i in range(count):
-            sl = slice(i * batch_size, min(n, (i + 1) * batch_size))
-            yield finish(split.images[sl]), split.labels[sl]
-
-    return batches()
+    starts = range(0, len(split), batch_size)[: None if max_batches is None else max(0, int(max_batches))]
+    return ((finish(split.images[i : i + batch_size]), split.labels[i : i + batch_size]) for i in starts)

@@ -127,17 +127,14 @@ def _signature(target: str, named_only: bool = False) -> dict | None:
 def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
     opt = cfg.optimizer
     target = opt._target_
-    lr = opt.get("lr")
-    _require(_is_number(lr) and lr > 0 and math.isfinite(lr), "optimizer.lr", lr,
-             "must be a number > 0, e.g. optimizer.lr=0.01")
     takes = _signature(target)
     given = [k for k in opt if k not in ("_target_", "_partial_")]
     for key in given:
         if takes is not None and (key not in takes or key == "params"):
             raise unknown_key(f"optimizer.{key}", opt[key], set(takes) - {"params"},
                               f"unknown key ({target} does not take it)")
-    for key in given:
-        value, default = opt[key], (takes or {}).get(key)
+    for key in ("lr", *(k for k in given if k != "lr")):  # lr has no default: it must be given
+        value, default = opt.get(key), (takes or {}).get(key)
         if key in OPTIMIZER_RANGES:
             in_range, allowed_text = OPTIMIZER_RANGES[key]
             _require(_is_number(value) and math.isfinite(value) and in_range(value), f"optimizer.{key}",
