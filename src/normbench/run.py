@@ -159,8 +159,8 @@ class RunMemory:
         elif self.device.type == "mps":
             self.baseline = torch.mps.driver_allocated_memory() / 2**20
         else:
-            # torchvision.utils (the filter image, drawn after the peak is read) only for a sweep job, whose
-            # later jobs would otherwise measure from another baseline: a single run keeps it off its start-up
+            # torchvision.utils (the filter image, drawn after the peak is read) only in a sweep, whose later
+            # jobs would otherwise measure from another baseline; a single run keeps it off its start-up path
             for module in ("torch._dynamo", "torchvision.utils")[: 2 if self.in_sweep else 1]:
                 with contextlib.suppress(ImportError):
                     importlib.import_module(module)
