@@ -23,7 +23,7 @@ from conftest import TINY, TRAIN
 from omegaconf import OmegaConf
 
 from normbench.errors import ConfigError
-from normbench.faults import fault_spec
+from normbench.faults import FaultyStream, check_fault
 from normbench.schema import TrainerConf, parse
 
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=null",
@@ -88,9 +88,10 @@ def summaries(sweep: Path) -> list[dict]:
 def test_wait_fault_needs_its_release_file():
     cfg = OmegaConf.create({"trainer": {"fault": "wait", "fault_epoch": 2}})
     with pytest.raises(ConfigError, match="trainer.fault_file"):
-        fault_spec(parse("trainer", TrainerConf, cfg.trainer))
+        check_fault(parse("trainer", TrainerConf, cfg.trainer))
     cfg.trainer.fault_file = "/tmp/go"
-    assert fault_spec(parse("trainer", TrainerConf, cfg.trainer)).file == "/tmp/go"
+    check_fault(parse("trainer", TrainerConf, cfg.trainer))
+    assert FaultyStream([], parse("trainer", TrainerConf, cfg.trainer), "cpu").file == "/tmp/go"
 
 
 def test_skips_with_a_reason_where_slurm_cannot_run(monkeypatch):

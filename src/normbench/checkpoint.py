@@ -27,10 +27,6 @@ class UnusableCheckpoint(Exception):
     afresh). It has been moved aside already."""
 
 
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 class _Writer(io.RawIOBase):
     """The checkpoint's file, keeping the OSError of a failed write (torch.save hides it)."""
 
@@ -52,20 +48,12 @@ class _Writer(io.RawIOBase):
 
 
 def save_checkpoint(path: Path, *, identity: str, model, optimizer, scheduler, generator, state: LoopState):
-    payload = {
-        "identity": identity,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "epochs_done": state.epochs_done,
-        "step": state.step,
-        "train_time_s": state.train_time_s,
-        "history": state.history,
-    }
-    tmp = temp_path(path)
+    payload = {"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+               "torch_rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+               **{key: getattr(state, key) for key in ("epochs_done", "step", "train_time_s", "history")}}
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as handle:
             writer = _Writer(handle)

@@ -1,24 +1,15 @@
-"""The data group: a dataset's four tensors become uint8 splits on the training device, augmented by
-batched tensor ops.
+"""The data group: a dataset's four tensors become uint8 splits on the training device, augmented there.
 
-A dataset is a config with a `_target_` (normbench.datasets has the built-in ones; a user's is one Python
-file and one YAML, README "Your own dataset"): a callable, called with every key of the data config, that
-returns train images uint8 (N, C, H, W), train labels int64 (N,), test images and test labels. The config
-also states what it returns (`num_classes`, `channels`, `image_size`, checked on load) and the pipeline
-settings every dataset shares: `mean`/`std` (null: computed from the training split), `val_size` images
-held out of the training set by a permutation fixed by `split_seed`, and the augmentation switches.
+A dataset is a config with a `_target_` (normbench.datasets has the built-in ones; a user's: README "Your
+own dataset"), called with every key of the data config, that returns train images uint8 (N, C, H, W),
+train labels int64 (N,), test images and test labels. The keys every dataset shares (normbench.schema's
+DataConf) state what it returns and the pipeline: statistics, the validation hold-out, augmentation.
 
-A split is ONE uint8 tensor ``(N, C, H, W)`` plus int64 labels, both on the training device. Training
-batches come from :class:`BatchStream`: a fresh permutation per epoch (``torch.randperm`` on the device),
-then per batch one ``index_select``, one zero-pad and one ``gather`` that does random crop and horizontal
-flip together (:func:`augment_batch`), a float conversion fused with the mean/std normalization, an
-optional bilinear resize to the model's input size (AlexNet's 224x224) and an optional channels-last copy.
-No DataLoader, no per-sample Python, no host-device synchronisation inside the iteration, and the same code
-on CPU and CUDA.
-
-The crop/flip distribution is the one of torchvision's ``RandomCrop(H, padding=p)`` (zero padding, offsets
-uniform in ``0..2p`` on both axes) followed by ``RandomHorizontalFlip(0.5)``; ``tests/test_data.py`` checks
-it against torchvision statistically and pixel for pixel.
+Training batches come from :class:`BatchStream`: per batch one ``index_select`` of a per-epoch device
+permutation, one ``gather`` that crops and flips (:func:`augment_batch`, the distribution of torchvision's
+``RandomCrop(H, padding=p)`` then ``RandomHorizontalFlip(0.5)``: tests/test_data.py checks it), a float
+conversion fused with the normalization, and an optional resize; no DataLoader, no per-sample Python, no
+host-device synchronisation, the same code on CPU and CUDA (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -78,14 +69,8 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
               input_size: int | None = None, pipeline: DataConf | None = None) -> DataBundle:
     """Call the dataset's `_target_` (an allowed one), check what it returns against the config, hold out
     the validation split and put the three splits on ``device``. ``pipeline``: the config's shared keys
-    as the run parsed them (default: parsed here).
-
-    The validation split is ``val_size`` images held out of the training set by a permutation fixed by
-    ``split_seed`` (the same images on every device and every run with that seed); ``train_size`` (null:
-    all) keeps only that many of the remaining training images, the next ones of the same permutation.
-    With ``fit: pad`` and a model ``input_size`` larger than the images, the images are zero-padded to it
-    once, here (28x28 MNIST into a 32x32 VGG); otherwise the batches are resized (BatchStream).
-    """
+    as the run parsed them (default: parsed here). With ``fit: pad`` the images are zero-padded to the
+    model's larger ``input_size`` once, here (28x28 MNIST into a 32x32 VGG); else batches are resized."""
     device = torch.device(device)
     if not isinstance(data_cfg, DictConfig):
         data_cfg = OmegaConf.create(data_cfg)
@@ -173,8 +158,8 @@ def _checked(data_cfg, spec: DataConf, tensors) -> tuple[torch.Tensor, ...]:
 
 def _split_indices(n: int, val_size: int, split_seed: int,
                    train_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train_idx, val_idx), each sorted, disjoint, covering range(n) (without train_size); fixed by
-    split_seed."""
+    """(train_idx, val_idx), sorted and disjoint: the first `val_size` of a permutation fixed by
+    `split_seed` (the same images on every device), then the next `train_size` (None: all the rest)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
     end = n if train_size is None else val_size + train_size
     return perm[val_size:end].sort().values, perm[:val_size].sort().values
@@ -201,17 +186,10 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 # augmentation and batching
 
 
-def _randint(high: int, size: tuple[int, ...], generator: torch.Generator | None, device: torch.device):
-    """Random ints on ``device``; drawn on the generator's device (keep the generator there for no syncs)."""
-    if generator is None or generator.device == device:
-        return torch.randint(0, high, size, generator=generator, device=device)
-    return torch.randint(0, high, size, generator=generator, device=generator.device).to(device)
-
-
-def _randperm(n: int, generator: torch.Generator | None, device: torch.device):
-    if generator is None or generator.device == device:
-        return torch.randperm(n, generator=generator, device=device)
-    return torch.randperm(n, generator=generator, device=generator.device).to(device)
+def _random(draw, *args, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``draw(*args)`` (torch.randint, torch.randperm) on ``device``, drawn on the generator's device (keep
+    the generator there for no host-device copies)."""
+    return draw(*args, generator=generator, device=device if generator is None else generator.device).to(device)
 
 
 def augment_batch(
@@ -235,14 +213,14 @@ def augment_batch(
     hp, wp = h + 2 * p, w + 2 * p
     if p:
         xp = F.pad(x, (p, p, p, p))
-        dy = _randint(2 * p + 1, (b,), generator, dev)
-        dx = _randint(2 * p + 1, (b,), generator, dev)
+        dy = _random(torch.randint, 2 * p + 1, (b,), generator=generator, device=dev)
+        dx = _random(torch.randint, 2 * p + 1, (b,), generator=generator, device=dev)
     else:
         xp = x.contiguous()
         dy = dx = torch.zeros(b, dtype=torch.long, device=dev)
     col = torch.arange(w, device=dev)
     if flip:
-        flipped = _randint(2, (b,), generator, dev).bool()
+        flipped = _random(torch.randint, 2, (b,), generator=generator, device=dev).bool()
         cols = torch.where(flipped[:, None], (w - 1) - col, col)  # (B, W)
     else:
         cols = col.expand(b, w)
@@ -289,21 +267,9 @@ class BatchStream:
     host transfers) or from the global RNG of the device when None (seeded by ``torch.manual_seed``).
     """
 
-    def __init__(
-        self,
-        split: Split,
-        batch_size: int,
-        mean,
-        std,
-        *,
-        augment: bool = True,
-        crop_padding: int = 4,
-        flip: bool = True,
-        resize_to: int | None = None,
-        channels_last: bool = False,
-        drop_last: bool = True,
-        generator: torch.Generator | None = None,
-    ):
+    def __init__(self, split: Split, batch_size: int, mean, std, *, augment: bool = True, crop_padding: int = 4,
+                 flip: bool = True, resize_to: int | None = None, channels_last: bool = False,
+                 drop_last: bool = True, generator: torch.Generator | None = None):
         n = len(split)
         batch_size = int(batch_size)
         if drop_last and batch_size > n:
@@ -329,7 +295,7 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, bs = len(self.split), self.batch_size
-        perm = _randperm(n, self.generator, self.device)
+        perm = _random(torch.randperm, n, generator=self.generator, device=self.device)
         images, labels = self.split.images, self.split.labels
         for i in range(len(self)):
             idx = perm[i * bs : (i + 1) * bs]
@@ -340,27 +306,11 @@ class BatchStream:
             yield self._finish(x), y
 
 
-def eval_batches(
-    split: Split,
-    batch_size: int,
-    mean,
-    std,
-    *,
-    resize_to: int | None = None,
-    channels_last: bool = False,
-    max_batches: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(split: Split, batch_size: int, mean, std, *, resize_to: int | None = None,
+                 channels_last: bool = False, max_batches: int | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Evaluation batches in dataset order (last batch may be short), normalized, no augmentation."""
     batch_size = int(batch_size)  # trainer.eval_batch_size, checked by its schema
     finish = _Normalizer(mean, std, split.images.device, resize_to, channels_last)  # built eagerly
-    n = len(split)
-    count = math.ceil(n / batch_size)
-    if max_batches is not None:
-        count = min(count, max(0, int(max_batches)))
-
-    def batches():
-        for i in range(count):
-            sl = slice(i * batch_size, min(n, (i + 1) * batch_size))
-            yield finish(split.images[sl]), split.labels[sl]
-
-    return batches()
+    starts = range(0, len(split), batch_size)[: None if max_batches is None else max(0, int(max_batches))]
+    return ((finish(split.images[i : i + batch_size]), split.labels[i : i + batch_size]) for i in starts)

@@ -1,24 +1,10 @@
-"""Device, precision, memory-format and compilation choices (the fast-path policies), and where a sweep
-job runs.
+"""Device, precision, memory-format and compilation choices (the fast-path policies, measured and explained
+in docs/PERFORMANCE.md), and where a sweep job runs.
 
-* ``resolve_precision``: ``auto`` is bf16 autocast on CUDA, fp32 elsewhere.
-* ``keep_norms_fp32``: under autocast every norm layer computes in float32. What autocast does by itself
-  (torch's autocast op lists): on CUDA ``layer_norm``/``group_norm`` are on the fp32 list (input cast to
-  fp32, fp32 output) but ``batch_norm`` is on no list, so BatchNorm runs on the bf16 convolution output
-  (fp32 statistics and affine inside the kernel, bf16 output); ``local_response_norm`` is a composite
-  whose ``pow`` is on the fp32 list. On CPU none of the norms is on a list: under CPU bf16 autocast all of
-  them run in bf16. A forward pre-hook that casts the norm's input to fp32 makes the rule the same
-  everywhere; the following activation then runs in fp32 and the next convolution casts back to bf16.
-* ``resolve_channels_last``: ``auto`` is channels_last on CUDA for the norms whose kernels keep NHWC
-  (none, BatchNorm: cuDNN's NHWC convolutions and batch norm); GroupNorm/LayerNorm/LRN stay NCHW, where
-  the kernels would otherwise copy to contiguous layout around each norm. ``bench/perf.py`` measures the
-  per-norm speed on a GPU so the policy can be checked on the machine at hand.
-* ``compile_model``: ``torch.compile`` with recompile limits raised so that a sweep run in one process
-  (Hydra's basic launcher, or a joblib worker that takes job after job) keeps compiled code for every
-  (model, norm, batch shape, train/eval) it meets. Dynamo caches compiled code on the ``forward`` code
-  object and guards on the module's structure, not its identity (nn.Module inlining is always on in
-  torch >= 2.6), so a new model instance of the same class and shapes reuses the code compiled for an
-  earlier run: compile once per process, per shape (tests/test_fast_path.py checks this).
+Under autocast every norm layer computes in float32 (`keep_norms_fp32`): by itself autocast runs
+BatchNorm in bf16 on CUDA and every norm in bf16 on the CPU. `compile_model` raises dynamo's recompile
+limit so that a sweep run in one process keeps compiled code for every (model, norm, batch shape,
+train/eval) it meets; a new model instance of the same class and shapes reuses it.
 """
 
 from __future__ import annotations
@@ -44,11 +30,8 @@ RECOMPILE_LIMIT = 64
 def resolve_device(name: str) -> torch.device:
     name = str(name)
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                            else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "mps":
@@ -104,9 +87,7 @@ def _norm_input_fp32(module: nn.Module, args: tuple):
 def keep_norms_fp32(model: nn.Module) -> int:
     """Make every norm layer of `model` compute in float32 under autocast; returns how many were hooked.
 
-    Idempotent (a module is hooked once). Outside autocast inputs are already fp32 and the hook does
-    nothing. Parameters and running statistics are fp32 anyway (autocast never casts module state).
-    """
+    Idempotent (a module is hooked once); outside autocast the hook does nothing."""
     hooked = 0
     for module in model.modules():
         if isinstance(module, NORM_TYPES) and not getattr(module, "_normbench_fp32", False):

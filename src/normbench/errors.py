@@ -31,7 +31,7 @@ def unknown_key(key: str, value: object, accepted, why: str, tail: str | None = 
     group, _, name = key.rpartition(".")
     accepted = sorted(accepted)
     close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
-    hint = f"did you mean {group}.{close[0]}? " if close else ""
+    hint = f"did you mean {group + '.' if group else ''}{close[0]}? " if close else ""
     if tail is None:
         tail = "accepted: " + ", ".join(accepted[:12]) + (", ..." if len(accepted) > 12 else "")
     return ConfigError(key, value, f"{why}; {hint}{tail}")

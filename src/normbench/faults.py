@@ -1,14 +1,11 @@
-"""Fault injection (`+trainer.fault=raise|oom|kill|wait`, NORMBENCH_KILL_AT) and recognising out-of-memory
-errors.
+"""Fault injection (`+trainer.fault=raise|oom|kill|wait`, NORMBENCH_KILL_AT; docs/sweeps.md, "Failures")
+and recognising out-of-memory errors.
 
-For checking that a sweep survives a run that raises or runs out of memory: the fault fires inside the
-real training loop and goes through the real error handling. `kill` is a preemption: the process
-SIGKILLs itself (no handler, no cleanup runs), once -- a run that resumed from a checkpoint goes on.
-`wait` holds the run at an exact step until a file appears, so a test can interrupt it there (SLURM
-requeue, timeout signal) without guessing with sleeps. For checking that a kill at an exact point
-loses nothing: NORMBENCH_KILL_AT=<point>[@<epoch>][:<signal>] makes the process send itself the signal
-(default KILL) when it reaches that point (KILL_POINTS). It is an environment variable, not a config
-key, so that the killed run and its re-run have the same identity.
+A fault fires inside the real training loop and goes through the real error handling. `kill` is a
+preemption (SIGKILL, no cleanup), once: a run that resumed from a checkpoint goes on. `wait` holds the run
+at an exact step until a file appears, so a test can interrupt it there without guessing with sleeps.
+NORMBENCH_KILL_AT is an environment variable, not a config key, so the killed run and its re-run have the
+same identity.
 """
 
 from __future__ import annotations
@@ -35,34 +32,21 @@ KILL_POINTS = (
 )
 
 
-@dataclass(frozen=True)
-class FaultSpec:
-    kind: str = "none"
-    epoch: int = 1
-    step: int = 1
-    file: str | None = None  # wait: the file whose appearance releases the run
-
-
-def fault_spec(trainer: TrainerConf) -> FaultSpec:
-    """The injected fault (`+trainer.fault=raise|oom|kill|wait`, at `+trainer.fault_epoch` (1) and
-    `+trainer.fault_step` (1), the step within that epoch): for checking that a sweep survives a run
-    that raises or runs out of memory. It fails inside the real training loop, through the real error
-    handling; the run is recorded as failed. `wait` (with `+trainer.fault_file=PATH`) appends a line
-    to `PATH.waiting` when the run gets there, then holds it until PATH exists."""
+def check_fault(trainer: TrainerConf) -> None:
+    """`wait` needs `+trainer.fault_file=PATH`: it appends a line to `PATH.waiting` when the run gets
+    there, then holds the run until PATH exists."""
     if trainer.fault == "wait" and not trainer.fault_file:
         raise ConfigError("trainer.fault_file", trainer.fault_file, "trainer.fault=wait needs the path of "
                           "the file that releases the run, e.g. +trainer.fault_file=/tmp/go")
-    return FaultSpec(trainer.fault or "none", trainer.fault_epoch or 1, trainer.fault_step or 1,
-                     trainer.fault_file)
 
 
 class FaultyStream:
-    """The real batch stream, failing at one training step (see fault_spec)."""
+    """The real batch stream, failing at step `trainer.fault_step` (default 1) of epoch
+    `trainer.fault_epoch` (default 1); the run is recorded as failed."""
 
-    def __init__(self, stream, spec: FaultSpec, device: torch.device):
-        self.stream, self.kind, self.epoch, self.step = stream, spec.kind, spec.epoch, spec.step
-        self.device = device
-        self.file = spec.file
+    def __init__(self, stream, trainer: TrainerConf, device: torch.device):
+        self.stream, self.kind, self.device = stream, trainer.fault, device
+        self.epoch, self.step, self.file = trainer.fault_epoch or 1, trainer.fault_step or 1, trainer.fault_file
         self.current_epoch = 0  # epochs already trained (set by a run that resumes from a checkpoint)
         self.resumed = False    # set by a run that resumed from a checkpoint: a kill fault does not fire
 

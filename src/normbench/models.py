@@ -1,18 +1,8 @@
 """The model group: the built-in models (the `_target_`s of conf/model/*.yaml) and how a model is built.
 
-A model is a config with a `_target_`; the built-in ones use the same protocol a user's own does
-(docs/extending.md): the builder is called with keyword arguments -- every key of the model config (`width`,
-`dropout`, `input_size`, ...) plus
-
-    num_classes    the dataset's number of classes
-    in_channels    the dataset's image channels (after data.channels)
-    image_size     the square size of the images the model receives (model.input_size, or the dataset's
-                   size when input_size is null)
-    norm           a factory: norm(channels, spatial) -> nn.Module, called once per normalized layer
-                   (nn.Identity for norm=none), for a (channels, spatial, spatial) activation
-    activation     a factory: activation() -> nn.Module, called once per activation layer
-
--- and takes ``**kwargs`` for the ones it does not use.
+A built-in model follows the protocol a user's own does (docs/extending.md): its builder is called
+with every key of the model config plus `num_classes`, `in_channels`, `image_size`, a `norm(channels,
+spatial)` factory and an `activation()` factory, and takes ``**kwargs`` for the ones it does not use.
 """
 
 from __future__ import annotations
@@ -135,7 +125,12 @@ def _without_identities(layers: list[nn.Module]) -> nn.Sequential:
     return nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
 
 
-class VGG(nn.Module):
+class _ConvNet(nn.Module):
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+class VGG(_ConvNet):
     def __init__(self, norm: NormFactory, act: ActivationFactory, num_classes: int = 10, width: float = 1.0,
                  dropout: float = 0.0, input_size: int = 32, in_channels: int = 3):
         super().__init__()
@@ -156,11 +151,8 @@ class VGG(nn.Module):
         self.classifier = _classifier(in_ch, scaled(512, width), num_classes, act, dropout)
         _xavier_init(self)
 
-    def forward(self, x):
-        return self.classifier(self.pool(self.features(x)).flatten(1))
 
-
-class AlexNet(nn.Module):
+class AlexNet(_ConvNet):
     """AlexNet-style: conv -> activation -> [max-pool] -> norm (the norm follows the pooling, as the
     study's LayerNorm shapes [96,27,27] ... [256,6,6] show), then a dropout classifier."""
 
@@ -196,6 +188,3 @@ class AlexNet(nn.Module):
         self.classifier = _classifier(in_ch * pooled * pooled, scaled(hidden, width), num_classes, act,
                                       dropout)
         _xavier_init(self)
-
-    def forward(self, x):
-        return self.classifier(self.pool(self.features(x)).flatten(1))

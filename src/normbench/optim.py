@@ -1,10 +1,6 @@
-"""Optimizers and LR schedulers from `_partial_` configs, completed with parameters and step counts.
-
-Fast path: on CUDA, SGD / Adam / AdamW use torch's fused kernels (``fused=True``: one kernel for the
-whole parameter list instead of several per tensor); the other optimizers use the multi-tensor
-``foreach`` implementation, torch's default on CUDA. A ``fused`` or ``foreach`` key set in the optimizer
-config wins. On CPU torch's defaults are kept (the fused CPU kernels measured no faster here).
-The choice does not change the run identity: it changes speed, not the update rule.
+"""Optimizers and LR schedulers from `_partial_` configs, completed with parameters and step counts. On
+CUDA the fastest implementation (fused or foreach) is chosen unless the config sets one
+(docs/PERFORMANCE.md); it changes speed, not the update rule, so not the run identity.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from hydra.utils import instantiate
 
 from normbench.targets import BUILTIN_TARGETS
 
-SCHEDULERS = ("constant", "cosine", "step", "onecycle")
 FUSED_ON_CUDA = ("SGD", "Adam", "AdamW")
 
 

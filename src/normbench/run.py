@@ -7,6 +7,7 @@ batch stream, optimizer, scheduler and trainer; the benchmarks (normbench.perf) 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import importlib
@@ -75,19 +76,15 @@ class RunParts:
     trainer: Trainer                 # trains model, or its compiled version
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
                 on_data: Callable[[DataBundle], None] | None = None) -> RunParts:
     """Data, model, batch stream, optimizer, scheduler and trainer of one run, on `spec.device`, seeded
     by `spec.seed`. `sink` receives the trainer's metrics (default: none; it can be set later).
     `on_data` is called once the data is on the device, before anything else is built."""
     device, allowed = spec.device, spec.allowed_targets
-    seed_everything(spec.seed)
+    random.seed(spec.seed)
+    np.random.seed(spec.seed % 2**32)
+    torch.manual_seed(spec.seed)
     data = load_data(cfg.data, device, allowed, input_size=spec.input_size, pipeline=spec.data)
     if on_data is not None:
         on_data(data)
@@ -103,8 +100,8 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
                          resize_to=spec.input_size if spec.input_size != data.image_size else None,
                          channels_last=spec.channels_last, drop_last=spec.trainer.drop_last,
                          generator=generator)
-    if spec.fault.kind != "none":
-        stream = FaultyStream(stream, spec.fault, device)
+    if spec.trainer.fault not in (None, "none"):
+        stream = FaultyStream(stream, spec.trainer, device)
     optimizer = build_optimizer(cfg.optimizer, model, allowed)
     settings = spec.settings
     steps_per_epoch = settings.steps_per_epoch(len(stream))
@@ -134,29 +131,18 @@ class RunInfo:
 
 
 class RunMemory:
-    """One run's own peak memory, the data excluded: jobs of a sweep share a process, whose peak only
-    grows from job to job, so the peak is taken from a reset made once this run's data is on the device.
-
-    * CUDA: the allocator's peak since ``reset_peak_memory_stats``, minus what was allocated then (the
-      resident dataset and anything a previous job left).
-    * CPU (Linux): the resident-set high-water mark (VmHWM) since writing "5" to /proc/self/clear_refs,
-      minus the resident set then, minus the file-backed pages (library code) paged in meanwhile. Before
-      the reset, freed heap is given back to the system (``malloc_trim``: memory a previous job freed but
-      the C allocator kept would otherwise lower this run's baseline) and torch._dynamo (~90 MB, which
-      torch.optim imports on first use) is imported, so the first job of a process does not carry the
-      process's one-time costs (in a sweep job also torchvision.utils, for the filter image; a single run
-      imports it after its peak is read, off the start-up path). Without clear_refs (not Linux) the peak is
-      null rather than a number that depends on job order.
-    * MPS: the driver's allocation at the end minus that at the reset (MPS has no peak counter).
-
-    ``memory/data_mb`` is the size of the three data splits on the device, reported separately.
-    """
+    """One run's own peak memory, the data excluded (docs/training.md, "Peak memory"), from a reset made once its
+    data is on the device: jobs of a sweep share a process, whose peak only grows from job to job. On the
+    CPU (Linux: /proc/self/clear_refs) a sweep job first gives freed heap back (``malloc_trim``: memory an
+    earlier job freed would lower this run's baseline), and torch._dynamo (~90 MB, imported by torch.optim's
+    first use) is imported first, so the first job of a process does not carry its one-time costs. MPS has
+    no peak counter: its allocation at the end minus that at the reset."""
 
     def __init__(self, device: torch.device, in_sweep: bool = False):
         self.device, self.in_sweep = device, in_sweep
         self.baseline: float | None = None
         self.file_baseline: float | None = None
-        self.data_mb: float | None = None
+        self.data_mb: float | None = None  # the three splits on the device, reported separately
 
     def start(self, data: DataBundle) -> None:
         # Collecting garbage (0.15 s a pass once torch._dynamo is loaded) matters only where an earlier
@@ -173,10 +159,16 @@ class RunMemory:
         elif self.device.type == "mps":
             self.baseline = torch.mps.driver_allocated_memory() / 2**20
         else:
-            _import_what_every_run_imports(self.in_sweep)
+            # torchvision.utils (the filter image, drawn after the peak is read) only in a sweep, whose later
+            # jobs would otherwise measure from another baseline; a single run keeps it off its start-up path
+            for module in ("torch._dynamo", "torchvision.utils")[: 2 if self.in_sweep else 1]:
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(module)
             if self.in_sweep:
                 gc.collect()
-                _malloc_trim()
+                if sys.platform.startswith("linux"):
+                    with contextlib.suppress(OSError, AttributeError):  # not glibc
+                        ctypes.CDLL(None).malloc_trim(0)
             self.baseline = _reset_rss_peak()
             self.file_baseline = _proc_status_mb("RssFile")
 
@@ -196,27 +188,12 @@ class RunMemory:
         return max(peak - self.baseline - paged_in, 0.0)
 
 
-def _import_what_every_run_imports(later_jobs: bool) -> None:
-    # torch.optim imports torch._dynamo on first use, right after this. torchvision (the filter image, drawn
-    # after the peak is read) is imported here only for a sweep job, whose later jobs in this process
-    # would otherwise measure from a different baseline; a single run keeps it off its start-up path.
-    modules = ("torch._dynamo", "torchvision.utils") if later_jobs else ("torch._dynamo",)
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
-
-
 def _proc_status_mb(field: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":")), None)
     except OSError:
         return None
-    return None
 
 
 def _reset_rss_peak() -> float | None:
@@ -230,14 +207,6 @@ def _reset_rss_peak() -> float | None:
     if rss is None or hwm is None or hwm > rss + 1.0:  # the reset did not take
         return None
     return rss
-
-
-def _malloc_trim() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
 
 
 def versions() -> dict:
@@ -342,8 +311,10 @@ class Run:
         metrics["memory/data_mb"] = self.memory.data_mb
         metrics["time/train_s"] = state.train_time_s
         weight = first_conv_weight(parts.model)
-        if weight is not None:
-            self._images({"filters": filter_grid(weight)})
+        images = {"filters": filter_grid(weight)} if weight is not None else None
+        for sink in (self.record, self.wandb):
+            if sink is not None and images:
+                sink.log_images(images)
 
     def _open_sinks(self, resumed: LoopState | None) -> None:
         cfg = self.cfg
@@ -377,11 +348,6 @@ class Run:
         if resumed is not None:
             self.wandb.replay(read_rows(self.run_dir / STEPS), list(resumed.history),
                               read_rows(self.run_dir / PROBES))
-
-    def _images(self, images: dict) -> None:
-        for sink in (self.record, self.wandb):
-            if sink is not None:
-                sink.log_images(images)
 
     def finish(self, status: Status | None = None, error: str | None = None, error_type: str | None = None,
                write_without_record: bool = False) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from normbench.errors import ConfigError, unknown_key
@@ -225,14 +225,14 @@ def parse(group: str, schema: type, node, only=None):
     node = OmegaConf.create(node) if not OmegaConf.is_config(node) else node
     if node is None:
         node = OmegaConf.create({})
-    plain = {str(k): node[k] for k in (only if only is not None else node) if k != "defaults"}
-    for key, value in plain.items():
+    given = {str(k): node[k] for k in (only if only is not None else node) if k != "defaults"}
+    for key, value in given.items():
         if key not in names:
-            raise unknown_key(_path(group, key), _plain(value), names,
+            raise unknown_key(_path(group, key), plain(value), names,
                               getattr(schema, "UNKNOWN", "unknown key"))
     hints, checks = typing.get_type_hints(schema), {f.name: f.metadata for f in dataclasses.fields(schema)}
     typed = OmegaConf.structured(schema)
-    for key, value in plain.items():
+    for key, value in given.items():
         if dataclasses.is_dataclass(hints[key]):  # a nested group (probe=all's probes)
             value = OmegaConf.structured(parse(_path(group, key), hints[key], value))
         try:
@@ -240,9 +240,9 @@ def parse(group: str, schema: type, node, only=None):
                 warnings.simplefilter("ignore", FutureWarning)
                 typed[key] = value
         except OmegaConfBaseException:
-            raise ConfigError(_path(group, key), _plain(value), _type_fix(hints[key])) from None
+            raise ConfigError(_path(group, key), plain(value), _type_fix(hints[key])) from None
         if "ok" in checks[key] and not checks[key]["ok"](typed[key]):
-            raise ConfigError(_path(group, key), _plain(value), checks[key]["fix"])
+            raise ConfigError(_path(group, key), plain(value), checks[key]["fix"])
     for key in names:
         if OmegaConf.is_missing(typed, key):
             raise ConfigError(_path(group, key), None, "must be stated (it has no default)")
@@ -270,6 +270,6 @@ def _type_fix(kind) -> str:
     return f"must be {text}{' or null' if len(allowed) < len(typing.get_args(kind)) else ''}"
 
 
-def _plain(value):
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) or OmegaConf.is_list(
-        value) else value
+def plain(value):
+    """A config node as plain Python (for error messages); anything else as it is."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value

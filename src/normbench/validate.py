@@ -1,13 +1,10 @@
-"""Check a composed config once, before anything expensive happens, and return it parsed.
+"""Check a composed config once, before anything expensive happens, and return it parsed (`RunSpec`).
 
-`validate(cfg)` parses every group into its schema (normbench.schema: types, unknown keys, ranges),
-then checks what a schema cannot: the optimizer's and the scheduler's arguments against their torch
-signatures, a model's or dataset's own keys against its builder's, the cross-field rules, and the model
-itself, built once on PyTorch's "meta" device (no memory, no compute) -- which checks its arguments, the
-norm's constraints (GroupNorm's groups must divide every normalized layer) and that its `_target_` is
-allowed; a model whose weights, gradients and optimizer state could not fit the device's memory is
-refused before anything is allocated. The first bad value raises one ConfigError naming the key, the
-value and the fix. It returns the `RunSpec`: everything the run reads.
+`validate(cfg)` parses every group into its schema (normbench.schema), then checks what a schema cannot:
+the optimizer's and the scheduler's arguments against their torch signatures, a model's or dataset's own
+keys against its builder's, the cross-field rules, and the model itself, built once on PyTorch's "meta"
+device (no memory, no compute), which also refuses a model too large for the device's memory. The first
+bad value raises one ConfigError naming the key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ import inspect
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +23,11 @@ from torch import nn
 
 from normbench.activations import activation_factory
 from normbench.device import resolve_channels_last, resolve_device, resolve_precision
-from normbench.errors import ConfigError, unknown_key
-from normbench.faults import FaultSpec, fault_spec
+from normbench.errors import ConfigError, one_line, unknown_key
+from normbench.faults import check_fault
 from normbench.losses import Criterion, build_criterion
 from normbench.models import build_model, model_name
 from normbench.norms import NormSpec
-from normbench.optim import SCHEDULERS
 from normbench.preflight import check_experiment_name
 from normbench.probes import Probe, build_probes
 from normbench.pruning import pruning_spec
@@ -45,6 +41,7 @@ from normbench.schema import (
     keys,
     parse,
     parse_data,
+    plain,
 )
 from normbench.targets import allowed_targets, check_target
 from normbench.trainer import LoopSettings
@@ -70,6 +67,7 @@ SCHEDULER_FILLED = {"optimizer", "T_max", "step_size", "total_steps", "max_lr", 
                     "steps_per_epoch"}
 # The model protocol's arguments (normbench passes them; a config key of that name would clash).
 PROTOCOL_ARGS = {"num_classes", "in_channels", "image_size", "norm", "activation"}
+# The schedulers (normbench.optim.build_scheduler) and the keys of the scheduler group each reads.
 SCHEDULER_KEYS = {"constant": (), "cosine": (), "step": ("every_epochs",), "onecycle": ("max_lr",)}
 TARGETS = ("model", "data", "optimizer", "scheduler.fn")
 
@@ -85,7 +83,6 @@ class RunSpec:
     criterion: Criterion
     probes: tuple[Probe, ...]
     pruning: PruningConf
-    fault: FaultSpec
     data: DataConf
     trainer: TrainerConf
     logger: LoggerConf
@@ -117,11 +114,6 @@ def _data(node) -> DataConf:
     return data
 
 
-def _unknown_key(key: str, value, accepted: Iterable[str], why: str) -> ConfigError:
-    """A key nothing reads: name the closest accepted one and where the accepted ones come from."""
-    return unknown_key(key, value, accepted, f"unknown key ({why})")
-
-
 def _signature(target: str, named_only: bool = False) -> dict | None:
     """The keyword arguments a `_target_` takes, with their defaults; None when it takes any (**kwargs,
     unless `named_only`) or has no signature to read."""
@@ -139,17 +131,14 @@ def _signature(target: str, named_only: bool = False) -> dict | None:
 def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
     opt = cfg.optimizer
     target = opt._target_
-    lr = opt.get("lr")
-    _require(_is_number(lr) and lr > 0 and math.isfinite(lr), "optimizer.lr", lr,
-             "must be a number > 0, e.g. optimizer.lr=0.01")
     takes = _signature(target)
     given = [k for k in opt if k not in ("_target_", "_partial_")]
     for key in given:
         if takes is not None and (key not in takes or key == "params"):
-            raise _unknown_key(f"optimizer.{key}", opt[key], set(takes) - {"params"},
-                               f"{target} does not take it")
-    for key in given:
-        value, default = opt[key], (takes or {}).get(key)
+            raise unknown_key(f"optimizer.{key}", opt[key], set(takes) - {"params"},
+                              f"unknown key ({target} does not take it)")
+    for key in ("lr", *(k for k in given if k != "lr")):  # lr has no default: it must be given
+        value, default = opt.get(key), (takes or {}).get(key)
         if key in OPTIMIZER_RANGES:
             in_range, allowed_text = OPTIMIZER_RANGES[key]
             _require(_is_number(value) and math.isfinite(value) and in_range(value), f"optimizer.{key}",
@@ -157,7 +146,7 @@ def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
         elif key == "betas":
             ok = (OmegaConf.is_list(value) or isinstance(value, (list, tuple))) and len(value) == 2 and all(
                 _is_number(b) and 0 <= b < 1 for b in value)
-            _require(ok, "optimizer.betas", _plain(value), "must be two numbers in [0, 1), e.g. "
+            _require(ok, "optimizer.betas", plain(value), "must be two numbers in [0, 1), e.g. "
                                                            "optimizer.betas=[0.9,0.999]")
         elif isinstance(default, bool):
             _require(isinstance(value, bool) or (value is None and key in ("foreach", "fused")),
@@ -170,28 +159,19 @@ def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
         make([torch.zeros(1, requires_grad=True)])
     except Exception as err:  # noqa: BLE001 - whatever torch refuses becomes one line
         cause = err.__cause__ or err
-        raise ConfigError("optimizer", _plain(opt), f"{target} refused these arguments: "
-                                                    f"{_first_line(cause)}") from None
-
-
-def _plain(value):
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0].strip()
+        raise ConfigError("optimizer", plain(opt), f"{target} refused these arguments: "
+                                                    f"{one_line(cause, typed=False)}") from None
 
 
 def _scheduler(cfg, epochs: int) -> None:
     sched = cfg.scheduler
     name = sched.get("name")
-    _require(name in SCHEDULERS, "scheduler.name", name, f"choose one of {', '.join(SCHEDULERS)}")
+    _require(name in SCHEDULER_KEYS, "scheduler.name", name, f"choose one of {', '.join(SCHEDULER_KEYS)}")
     # a key another scheduler reads is fine (a preset sweeping schedulers sets e.g. max_lr for all of them)
     accepted = {"name", "fn", *(k for keys in SCHEDULER_KEYS.values() for k in keys)}
     for key in sched:
         if key not in accepted:
-            raise _unknown_key(f"scheduler.{key}", sched[key], accepted, "no scheduler reads it")
+            raise unknown_key(f"scheduler.{key}", sched[key], accepted, "unknown key (no scheduler reads it)")
     fn = sched.fn
     takes = _signature(fn._target_)
     for key in fn:
@@ -201,8 +181,8 @@ def _scheduler(cfg, epochs: int) -> None:
             raise ConfigError(f"scheduler.fn.{key}", fn[key], "is set by normbench from the run's length "
                                                               "(trainer.epochs x steps per epoch); remove it")
         if takes is not None and key not in takes:
-            raise _unknown_key(f"scheduler.fn.{key}", fn[key], set(takes) - SCHEDULER_FILLED,
-                               f"{fn._target_} does not take it")
+            raise unknown_key(f"scheduler.fn.{key}", fn[key], set(takes) - SCHEDULER_FILLED,
+                              f"unknown key ({fn._target_} does not take it)")
     if name == "step":
         every = sched.get("every_epochs")
         _require(isinstance(every, int) and not isinstance(every, bool) and every >= 1,
@@ -228,8 +208,8 @@ def _builder_keys(group: str, node, config_keys: tuple[str, ...]) -> None:
     accepted = (set(takes) - PROTOCOL_ARGS) | set(config_keys)
     for key in node:
         if key not in accepted:
-            raise _unknown_key(f"{group}.{key}", _plain(node[key]), accepted - {"_target_"},
-                               f"{target} does not read it")
+            raise unknown_key(f"{group}.{key}", plain(node[key]), accepted - {"_target_"},
+                              f"unknown key ({target} does not read it)")
 
 
 def _model_size(model: nn.Module, width, device: torch.device) -> None:
@@ -270,7 +250,7 @@ def _build_on_meta(cfg, data: DataConf, input_size: int, norm: NormSpec, activat
             raise ConfigError("model.width", cfg.model.get("width"), "is too large for any machine (the "
                               "layer sizes overflow); use a width near 1, e.g. model.width=1.0") from None
         raise ConfigError("model._target_", cfg.model._target_, f"could not build the model with its config: "
-                                                               f"{_first_line(cause)}") from None
+                                                               f"{one_line(cause, typed=False)}") from None
 
 
 def _settings(trainer: TrainerConf, device: torch.device, norm: NormSpec, model) -> LoopSettings:
@@ -287,8 +267,8 @@ def validate(cfg: DictConfig, device: str | None = None) -> RunSpec:
     run = parse("", RunConf, cfg, ("batch_size", "seed"))
     for key in cfg:
         if key not in (*TOP_LEVEL, *keys(RunConf)):
-            raise _unknown_key(str(key), _plain(cfg[key]), (*TOP_LEVEL, *keys(RunConf)),
-                               "no top-level setting of that name")
+            raise unknown_key(str(key), plain(cfg[key]), (*TOP_LEVEL, *keys(RunConf)),
+                              "unknown key (no top-level setting of that name)")
     check_experiment_name(cfg.get("experiment_name"))
     allowed = allowed_targets(cfg)
     for path in TARGETS:
@@ -299,6 +279,7 @@ def validate(cfg: DictConfig, device: str | None = None) -> RunSpec:
     model = parse("model", ModelConf, cfg.model, [k for k in cfg.model if k in keys(ModelConf)])
     _optimizer(cfg, allowed)
     _scheduler(cfg, trainer.epochs)
+    check_fault(trainer)
     norm = NormSpec.from_cfg(cfg.norm)
     activation = activation_factory(cfg.activation.name)
     input_size = model.input_size or data.image_size
@@ -309,6 +290,6 @@ def validate(cfg: DictConfig, device: str | None = None) -> RunSpec:
     return RunSpec(
         batch_size=run.batch_size, seed=run.seed, device=resolved, norm=norm, activation=activation,
         criterion=build_criterion(cfg.loss), probes=tuple(build_probes(cfg.probe)), pruning=pruning_spec(cfg),
-        fault=fault_spec(trainer), data=data, trainer=trainer, logger=parse("logger", LoggerConf, cfg.logger),
+        data=data, trainer=trainer, logger=parse("logger", LoggerConf, cfg.logger),
         input_size=input_size, channels_last=settings.channels_last, settings=settings,
         allowed_targets=allowed)

@@ -1,13 +1,6 @@
-"""The built-in datasets: the `_target_`s of conf/data/*.yaml.
-
-They follow the protocol a user's dataset follows (docs/extending.md): a callable called with
-every key of the data config as a keyword argument (so it takes ``**kwargs`` for the keys it does not
-use) that returns four tensors: train images uint8 (N, C, H, W), train labels int64 (N,), test images,
-test labels. Everything after that -- the validation hold-out, normalization, augmentation, the
-on-device pipeline -- is the same for every dataset (normbench.data).
-
-Files are read with torchvision's own dataset classes (and downloaded by them); what was decoded is
-cached as one tensor file (normbench.datasets.cache), so a second load takes a fraction of a second.
+"""The built-in datasets, the `_target_`s of conf/data/*.yaml: they follow the protocol a user's dataset
+follows (normbench.data; docs/extending.md). Files are read with torchvision's own dataset classes
+(and downloaded by them); what was decoded is cached as one tensor file (normbench.datasets.cache).
 """
 
 from normbench.datasets.cifar import cifar10, cifar100

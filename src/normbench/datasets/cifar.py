@@ -29,9 +29,12 @@ def cifar100(root: str = "./data", download: bool = True, **_) -> Tensors:
     return _torchvision_cifar(CIFAR100, "CIFAR-100", root, download)
 
 
+def _files(cls) -> list[str]:
+    return [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+
 def _missing_files(cls, folder: str) -> list[str]:
-    files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    return [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    return [f for f in _files(cls) if not os.path.isfile(os.path.join(folder, f))]
 
 
 def _torchvision_cifar(cls, label: str, root, download: bool) -> Tensors:
@@ -56,7 +59,7 @@ def _torchvision_cifar(cls, label: str, root, download: bool) -> Tensors:
                 f"{label} not found in data.root={root_abs} and it could not be downloaded ({short(err)}): "
                 f"run on a machine with network access with data.download=true, or {fill}"
             ) from err
-    sources = [os.path.join(folder, f) for f in [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]]
+    sources = [os.path.join(folder, f) for f in _files(cls)]
 
     def decode() -> Tensors:
         try:

@@ -79,7 +79,7 @@ def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ..
     looked = ", ".join(candidates)
     offline = common.SYNTHETIC_HINT if apt_hint else OFFLINE_HINT  # Fashion-MNIST itself is the offline route
     fill = f"{apt_hint}copy the four files ({FILES[0]}[.gz], ...) into {root_abs} or {tv_dir}; {offline}"
-    files = _first_found(candidates)
+    files = next(filter(None, map(find_idx_files, candidates)), None)
     if files is None and download:
         try:
             with download_guard(root_abs):  # checked under the lock: another job may be extracting
@@ -111,11 +111,3 @@ def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ..
         return train_x[:, None], train_y.long(), test_x[:, None], test_y.long()
 
     return cached(cls.__name__.lower(), folder, files, {}, decode)
-
-
-def _first_found(folders) -> list[str] | None:
-    for folder in folders:
-        files = find_idx_files(folder)
-        if files is not None:
-            return files
-    return None
