@@ -9,7 +9,7 @@ Same arguments as bench/train.py (the -m flag is optional here); nothing is trai
 import sys
 from pathlib import Path
 
-from normbench.sweep.plan import main
+from normbench.plan import main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -20,7 +20,7 @@ register_resolvers()
 # Targets that Hydra itself instantiates from this config outside normbench's own instantiate calls:
 # the hydra.callbacks of conf/config.yaml (Hydra 1.4 warns about, and 1.5 refuses, a config-selected
 # _target_ that no execution whitelist names).
-TRUSTED_TARGETS = ["normbench.sweep.callbacks.*"]
+TRUSTED_TARGETS = ["normbench.callbacks.*"]
 
 
 @hydra.main(config_path="../conf", config_name="config", execution_whitelist=TRUSTED_TARGETS)

@@ -27,6 +27,10 @@ ALLOWED = {
     "normbench.run": BASE + RUN_PARTS + ("normbench.validate",),
     "normbench.sweep": BASE + ("normbench.sweep",),
     "normbench.job": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.sweep"),
+    # the entry side beside the job: what bench/plan.py and the Hydra callbacks run
+    "normbench.plan": BASE + RUN_PARTS + ("normbench.validate", "normbench.sweep"),
+    "normbench.callbacks": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.sweep",
+                                               "normbench.job", "normbench.plan"),
     "normbench.report": BASE + ("normbench.report", "normbench.loggers"),
     "normbench.perf": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.perf"),
 }

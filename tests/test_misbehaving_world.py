@@ -23,9 +23,9 @@ from test_record_truth import tmpfs
 from test_report import write_run
 
 from normbench.job import claim_run_dir
+from normbench.plan import main as plan_main
+from normbench.plan import plan
 from normbench.report import cli as report
-from normbench.sweep.plan import main as plan_main
-from normbench.sweep.plan import plan
 
 SINGLE = [*TINY, "trainer.epochs=2", "logger=none"]
 

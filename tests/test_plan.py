@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import CONF, ROOT, TINY, run_train
 
-from normbench.sweep.plan import Finished, estimate, plan
+from normbench.plan import Finished, estimate, plan
 
 SMOKE = ["model=vgg_a_light", "logger=none", *TINY]
 

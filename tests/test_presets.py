@@ -12,7 +12,7 @@ import pytest
 from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 
-from normbench.sweep.plan import expand_grid, sweep_arguments
+from normbench.plan import expand_grid, sweep_arguments
 from normbench.validate import validate
 
 EXPECTED_RUNS = {

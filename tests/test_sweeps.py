@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF, TINY, run_train
 
-from normbench.sweep.plan import plan
+from normbench.plan import plan
 
 BASE = [*TINY, "logger=none"]
 

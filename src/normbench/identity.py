@@ -26,7 +26,7 @@ SEED = "seed"
 MAX_DIRNAME = 80    # a sweep job dir name, hash suffix included
 HASH_SUFFIX = 11    # "_" + 10 hex digits, when the name had to be cut
 MAX_RUN_NAME = 60   # a W&B run name
-# The keys the running multirun sweeps (set by normbench.sweep.callbacks for its jobs; comma-separated).
+# The keys the running multirun sweeps (set by normbench.callbacks for its jobs; comma-separated).
 SWEPT_KEYS_ENV = "NORMBENCH_SWEPT_KEYS"
 
 

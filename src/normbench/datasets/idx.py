@@ -19,9 +19,16 @@ import urllib.error
 import numpy as np
 import torch
 
-from normbench.datasets import common
 from normbench.datasets.cache import cached
-from normbench.datasets.common import OFFLINE_HINT, Tensors, absolute, download_guard, short, with_channels
+from normbench.datasets.common import (
+    OFFLINE_HINT,
+    SYNTHETIC_HINT,
+    Tensors,
+    absolute,
+    download_guard,
+    short,
+    with_channels,
+)
 from normbench.errors import DataNotFoundError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -77,7 +84,7 @@ def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ..
     tv_dir = os.path.join(root_abs, cls.__name__, "raw")
     candidates = (tv_dir, root_abs, *extra_dirs)
     looked = ", ".join(candidates)
-    offline = common.SYNTHETIC_HINT if apt_hint else OFFLINE_HINT  # Fashion-MNIST itself is the offline route
+    offline = SYNTHETIC_HINT if apt_hint else OFFLINE_HINT  # Fashion-MNIST itself is the offline route
     fill = f"{apt_hint}copy the four files ({FILES[0]}[.gz], ...) into {root_abs} or {tv_dir}; {offline}"
     files = next(filter(None, map(find_idx_files, candidates)), None)
     if files is None and download:

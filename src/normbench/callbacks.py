@@ -30,7 +30,7 @@ def expected_jobs(config: DictConfig) -> int | None:
     if not target.endswith("BasicSweeper"):
         return None
     try:
-        from normbench.sweep.plan import expand_grid, sweep_arguments
+        from normbench.plan import expand_grid, sweep_arguments
 
         return len(expand_grid(*sweep_arguments(config)))
     except Exception:  # noqa: BLE001 - the count only refines the summary line
