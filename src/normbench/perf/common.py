@@ -1,5 +1,5 @@
-"""What every benchmark section shares: the settings, the paths passed in by ``bench/perf.py``, the timed
-sample, the alternating measurement and its statistics, and the machine description."""
+"""What every benchmark section shares: settings, paths, the timed sample, the alternating measurement and
+its statistics, the machine description."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -51,23 +51,16 @@ class PerfSettings:
 
     @classmethod
     def make(cls, quick: bool, **overrides) -> PerfSettings:
-        base = cls(quick=True, threads=1, rounds=15, width=0.125, steps={8: 2, 128: 1}, loop_budget_s=2.5,
-                   data_seconds=0.3, data_images=2_000, startup_rounds=1, multirun_jobs=3, probe_width=0.125,
-                   probe_batch=8, probe_rounds=3, cuda_epoch_images=5_000,
+        base = cls(quick=True, threads=1, width=0.125, loop_budget_s=2.5, data_seconds=0.3, data_images=2_000,
+                   startup_rounds=1, multirun_jobs=3, probe_width=0.125, probe_batch=8, cuda_epoch_images=5_000,
                    cuda_concurrency_steps=300, layout_batch=16, layout_steps=1, layout_rounds=3) if quick else cls()
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(base, key, value)
-        return base
+        return replace(base, **{key: value for key, value in overrides.items() if value is not None})
 
 
 @dataclass(frozen=True)
 class PerfPaths:
-    """Where the project's files are; the caller (``bench/perf.py``) knows, the library does not.
-
-    ``train_script``: ``bench/train.py`` (the start-up and concurrency measurements run it; without it they
-    are skipped). ``conf_dir``: the Hydra config dir (optimizer, scheduler and probe groups are read from
-    it; without it built-in copies of the defaults are used)."""
+    """Where the project's files are: the caller (``bench/perf.py``) knows, the library does not. Without
+    ``train_script`` (``bench/train.py``) the start-up and concurrency measurements are skipped."""
     train_script: Path | None = None
     conf_dir: Path | None = None
 
@@ -93,11 +86,9 @@ class Sample:
 
 def alternate(candidates: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, chunks: int = 1,
               budget_s: float | None = None, max_rounds: int = 101) -> dict[str, list]:
-    """Call each candidate `warmup` times, then run `rounds` rounds. A round is `chunks` passes over the
-    candidates, the order reversed on every other pass; a candidate's results within a round are summed
-    (`+`). With `budget_s`, more rounds (up to `max_rounds`) are run when the warm-up shows they fit in
-    about that many seconds: more, shorter, adjacent pairs make the median ratio steadier on a busy
-    machine. Returns the per-round results of each candidate."""
+    """Each candidate's per-round results: `warmup` calls each, then `rounds` rounds of `chunks` passes over
+    the candidates (order reversed every other pass, results within a round summed). With `budget_s`, up to
+    `max_rounds` rounds when the warm-up shows they fit: more adjacent pairs, a steadier median ratio."""
     names = list(candidates)
     started = time.perf_counter()
     for _ in range(warmup):
@@ -126,10 +117,7 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
 
 
 def quartiles(values: list[float]) -> list[float]:
-    if len(values) < 2:
-        return [values[0], values[0]] if values else []
-    q = statistics.quantiles(values, n=4)
-    return [q[0], q[2]]
+    return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else values[:1] * 2
 
 
 def rates(samples: list[Sample], cpu: bool = False) -> list[float]:
@@ -154,14 +142,6 @@ def autocast(device: torch.device, amp):
     return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
 
-def maybe_compile(model, enabled: bool):
-    if not enabled:
-        return model
-    from normbench.device import compile_model
-
-    return compile_model(model)
-
-
 def precision_name(amp) -> str:
     return str(amp).replace("torch.", "") if amp else "fp32"
 
@@ -174,10 +154,7 @@ def machine_info(device: torch.device) -> dict:
             if line.startswith("Model name:"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     info = {"cpu": cpu, "cores": cores, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "torch_threads": torch.get_num_threads(),
             "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from normbench.perf.common import PerfPaths, machine_info
-from normbench.perf.gpu import CHECKS, GpuCheckSettings, run_checks, verdicts, with_budget, write
+from normbench.perf.gpu import CHECKS, GpuCheckSettings, run_checks, verdicts
+from normbench.record import atomic_write_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,12 +83,15 @@ def main(argv: list[str] | None = None, *, train_script: Path | None = None, con
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     paths = PerfPaths(train_script=train_script, conf_dir=conf_dir)
-    results = run_checks(with_budget(settings, args.budget), paths, device, work, names,
+    if args.budget is not None:
+        settings = replace(settings, budget_s=args.budget)
+    results = run_checks(settings, paths, device, work, names,
                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
     results["machine"] = machine_info(device)
     results["dry_run"] = bool(args.cpu_dry_run)
     results["verdicts"] = verdicts(results)
-    path = write(results, out)
+    path = out / "gpu_check.json"
+    atomic_write_json(path, results)
     print_table(results)
     print(f"written: {path}")
     return 0

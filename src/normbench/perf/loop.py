@@ -1,10 +1,7 @@
-"""Section ``loop``: steady-state training images/s of normbench's ``Trainer.train_steps`` (the real loop,
-with its RecordSink, scheduler, accuracy bookkeeping and logging points, progress bar off as in a sweep)
-against a minimal hand-written loop (forward, cross-entropy, zero_grad, backward, optimizer step) on the
-same model (an identical copy), batch, device, threads, precision, memory format, optimizer
-implementation and data: both loops draw their batches from a ``BatchStream`` over the same uint8 tensors
-with the same crop+flip+normalize, so the augmentation cost is in both. Also the data pipeline's own time
-per batch against the step time, and the loop's own cost per step on a near-free model."""
+"""Section ``loop``: steady-state training images/s of ``Trainer.train_steps`` (the real loop) against a
+minimal hand-written loop on identical model copies, batches, device and data (docs/PERFORMANCE.md); the
+data pipeline's own time per batch against the step time; the loop's own cost per step on a near-free model.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from normbench.device import compile_model
 from normbench.optim import fast_optimizer_kwargs
 from normbench.perf import parts
 from normbench.perf.common import (
@@ -24,7 +22,6 @@ from normbench.perf.common import (
     PerfSettings,
     alternate,
     autocast,
-    maybe_compile,
     paired_ratio,
     precision_name,
     quartiles,
@@ -42,7 +39,7 @@ WHAT = ("Trainer.train_steps (RecordSink, constant scheduler, accuracy, logging 
 
 def _raw_loop(model, stream, steps: int, device: torch.device, amp, compile_: bool) -> Callable[[], int]:
     """The hand-written reference loop: `steps` steps per call, returning the images trained on."""
-    forward = maybe_compile(model, compile_)
+    forward = compile_model(model) if compile_ else model
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, **fast_optimizer_kwargs(torch.optim.SGD, params))
 
@@ -62,14 +59,7 @@ def _raw_loop(model, stream, steps: int, device: torch.device, amp, compile_: bo
 
 def _data_only(stream, steps: int) -> Callable[[], int]:
     """Draw 4 x `steps` batches from the pipeline alone."""
-    def run() -> int:
-        seen = 0
-        for _ in range(4):
-            for _x, y in itertools.islice(stream, steps):
-                seen += y.shape[0]
-        return seen
-
-    return run
+    return lambda: sum(y.shape[0] for _ in range(4) for _x, y in itertools.islice(stream, steps))
 
 
 def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,

@@ -1,13 +1,7 @@
-"""Section ``fixed_cost``: process start to the first finished training step of ``bench/train.py`` with
-tiny settings (logger=none), against bare ``python -c "import torch"`` and against a minimal PyTorch
-training process (import torch, build an SGD optimizer, one step); and the per-job cost in a sequential
-multirun of tiny jobs.
-
-The first-step time comes from the run record, not from a hook in the loop: the tiny runs train one step
-per epoch (``trainer.max_steps_per_epoch=1``) and log every step (``trainer.log_every_steps=1``), so the
-record's ``steps.jsonl`` is written exactly once, at the logging point right after the first step (its
-one device sync); the file's modification time is that moment. The minimal reference script is not
-normbench's loop and writes its own timestamp.
+"""Section ``fixed_cost``: process start to the first finished training step of ``bench/train.py`` (tiny
+settings) against bare ``import torch`` and a minimal PyTorch training process; the per-job cost in a
+sequential multirun of tiny jobs. The first-step time is read from the run record (docs/PERFORMANCE.md
+says why that is exact), not from a hook in the loop.
 """
 
 from __future__ import annotations
