@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from normbench.device import synchronize
+from normbench.device import cpu_count, synchronize
 
 SECTIONS = ("loop", "data", "fixed_cost", "probes", "layout", "cuda")
 
@@ -52,8 +52,9 @@ class PerfSettings:
     @classmethod
     def make(cls, quick: bool, **overrides) -> PerfSettings:
         base = cls(quick=True, threads=1, width=0.125, loop_budget_s=2.5, data_seconds=0.3, data_images=2_000,
-                   startup_rounds=1, multirun_jobs=3, probe_width=0.125, probe_batch=8, cuda_epoch_images=5_000,
-                   cuda_concurrency_steps=300, layout_batch=16, layout_steps=1, layout_rounds=3) if quick else cls()
+                   startup_rounds=1, multirun_jobs=3, probe_width=0.125, probe_batch=8,
+                   cuda_epoch_images=5_000, cuda_concurrency_steps=300, layout_batch=16, layout_steps=1,
+                   layout_rounds=3) if quick else cls()
         return replace(base, **{key: value for key, value in overrides.items() if value is not None})
 
 
@@ -154,8 +155,7 @@ def machine_info(device: torch.device) -> dict:
             if line.startswith("Model name:"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    info = {"cpu": cpu, "cores": cores, "torch": torch.__version__, "python": platform.python_version(),
+    info = {"cpu": cpu, "cores": cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "torch_threads": torch.get_num_threads(),
             "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":

@@ -25,8 +25,8 @@ PEAK_TFLOPS = [
     ("A100", 312.0, 19.5), ("L40S", 362.0, 91.6), ("L4", 121.0, 30.3),
 ]
 CONCURRENCY_LEVELS = (1, 2, 4)
-EPOCH_KEYS = ("model", "batch", "train_images", "epoch_s", "train_img_s", "flops_per_image", "achieved_tflops",
-              "mfu")
+EPOCH_KEYS = ("model", "batch", "train_images", "epoch_s", "train_img_s", "flops_per_image",
+              "achieved_tflops", "mfu")
 
 
 def peak_tflops(name: str, low_precision: bool) -> float | None:
@@ -60,8 +60,9 @@ def epoch_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: st
     """One CIFAR-sized epoch (`s.cuda_epoch_images`, 90 % train) + validation of `model` (norm=bn) at
     `batch`, its TFLOP/s and its peak device memory beyond the data set's."""
     _reset_peak_memory(device)
-    run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model, s.width), f"batch_size={batch}",
-                                                       "trainer.epochs=1", "trainer.max_eval_batches=null"],
+    run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model, s.width),
+                                                       f"batch_size={batch}", "trainer.epochs=1",
+                                                       "trainer.max_eval_batches=null"],
                           num_train=int(s.cuda_epoch_images * 0.9), val=int(s.cuda_epoch_images * 0.1))
     amp = run.trainer.settings.amp_dtype
     x, y = next(iter(run.stream))

@@ -87,8 +87,9 @@ def compare_data_pipelines(device: torch.device | str = "cpu", batch_size: int =
     ds, source = _cifar10_dataset(root, n_images)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
     mean, std = channel_stats(images)  # both normalize alike
-    ds.transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                       transforms.ToTensor(), transforms.Normalize(mean, std)])
+    ds.transform = transforms.Compose([transforms.RandomCrop(32, padding=4),
+                                       transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                       transforms.Normalize(mean, std)])
     split = Split(images.contiguous().to(device), torch.as_tensor(ds.targets, dtype=torch.int64).to(device))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
                         persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
@@ -136,9 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default=os.environ.get("NORMBENCH_DATA"))
     p.add_argument("--threads", type=int, default=1, help="torch threads while measuring (0: leave as is)")
     args = p.parse_args(argv)
-    out = compare_data_pipelines(args.device, args.batch_size, args.n_images, args.seconds, rounds=args.rounds,
-                                 num_workers=args.num_workers, root=args.root, threads=args.threads or None)
-    print(json.dumps(out, indent=2))
+    args.threads = args.threads or None
+    print(json.dumps(compare_data_pipelines(**vars(args)), indent=2))
 
 
 if __name__ == "__main__":

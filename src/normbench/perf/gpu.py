@@ -49,7 +49,7 @@ class GpuCheckSettings:
     def tiny(cls) -> GpuCheckSettings:
         """Sizes for a CPU dry run of the script (every code path, minutes -> seconds)."""
         return cls(budget_s=600.0, epoch_images=320, width=0.125, batch=32, layout_steps=2, layout_rounds=1,
-                   compile_steps=2, compile_backend="eager", concurrency_steps=20, probe_rtol=0.05, run_tests=False,
+                   compile_steps=2, compile_backend="eager", concurrency_steps=20, run_tests=False,
                    norms=("bn", "gn"), concurrency_levels=(1, 2))
 
 
@@ -68,15 +68,13 @@ def check_cuda_tests(g: GpuCheckSettings, paths: PerfPaths, device: torch.device
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                            f"--junitxml={xml}", "tests"], check=False, cwd=root, env=child_env(),
                           capture_output=True, text=True, timeout=max(60, g.budget_s))
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    failed: list[str] = []
+    counts, failed = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0), []
     if xml.exists():
-        for suite in ET.parse(xml).getroot().iter("testsuite"):
-            for key in counts:
-                counts[key] += int(suite.get(key, 0))
-        for case in ET.parse(xml).getroot().iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
-                failed.append(f"{case.get('classname')}::{case.get('name')}")
+        report = ET.parse(xml).getroot()
+        for suite in report.iter("testsuite"):
+            counts = {key: n + int(suite.get(key, 0)) for key, n in counts.items()}
+        failed = [f"{case.get('classname')}::{case.get('name')}" for case in report.iter("testcase")
+                  if case.find("failure") is not None or case.find("error") is not None]
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return {**counts, "failed": failed, "returncode": proc.returncode, "tail": proc.stdout[-1500:]}
 
@@ -93,8 +91,10 @@ def check_layouts(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, w
     for r in layout_rows(_perf_settings(g, "bf16"), paths, device, MODELS, g.norms):
         cl, nchw = r["channels_last_img_s"], r["nchw_img_s"]
         rows.append({"model": r["model"], "norm": r["norm"], "channels_last_img_s": cl, "nchw_img_s": nchw,
-                     "ratio": cl / nchw, "auto": r["auto"], "auto_is_faster": (cl >= nchw) == (r["auto"] != "nchw")})
-    return {"rows": rows, "auto_wrong": [f"{r['model']}/{r['norm']}" for r in rows if not r["auto_is_faster"]]}
+                     "ratio": cl / nchw, "auto": r["auto"],
+                     "auto_is_faster": (cl >= nchw) == (r["auto"] == "channels_last")})
+    wrong = [f"{r['model']}/{r['norm']}" for r in rows if not r["auto_is_faster"]]
+    return {"rows": rows, "auto_wrong": wrong}
 
 
 def check_compile(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
@@ -123,7 +123,8 @@ def check_concurrency(g: GpuCheckSettings, paths: PerfPaths, device: torch.devic
     """runs/hour at batch 8 with 1, 2 and 4 concurrent bench/train.py jobs on this device."""
     if paths.train_script is None:
         return {"skipped": "no training script given"}
-    return _concurrency(_perf_settings(g, "auto"), Path(paths.train_script), device, work, g.concurrency_levels)
+    return _concurrency(_perf_settings(g, "auto"), Path(paths.train_script), device, work,
+                        g.concurrency_levels)
 
 
 def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
@@ -136,13 +137,14 @@ def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, wo
                           [*parts.model_overrides("vgg_a", g.width), f"batch_size={g.batch}"],
                           num_train=g.batch * 4)
     x, y = next(iter(run.stream))
-    criterion = run.trainer.criterion
-    values = {precision: probe_batch([LandscapeProbe(interval=1)], 1, run.model, criterion, x, y, g.probe_lr, dtype)
+    values = {precision: probe_batch([LandscapeProbe(interval=1)], 1, run.model, run.trainer.criterion, x, y,
+                                     g.probe_lr, dtype)
               for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
     rel = {k: abs(values["bf16"][k] / values["fp32"][k] - 1) for k in values["fp32"]
            if values["fp32"][k] and math.isfinite(values["fp32"][k])}
     return {"lr": g.probe_lr, "fp32": values["fp32"], "bf16": values["bf16"], "relative_difference": rel,
-            "within_tolerance": all(v <= g.probe_rtol for k, v in rel.items() if "beta" in k or "grad_pred" in k)}
+            "within_tolerance": all(v <= g.probe_rtol for k, v in rel.items()
+                                    if "beta" in k or "grad_pred" in k)}
 
 
 CHECKS: dict[str, Callable[..., dict]] = {
@@ -160,7 +162,8 @@ def run_checks(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work
     for name in names:
         left = g.budget_s - (time.perf_counter() - started)
         if device.type == "cuda" and left < EXPECTED_S[name]:
-            results[name] = {"skipped": f"out of time ({left:.0f} s left of {g.budget_s:.0f}, needs ~{EXPECTED_S[name]})"}
+            results[name] = {"skipped": f"out of time ({left:.0f} s left of {g.budget_s:.0f}, "
+                                        f"needs ~{EXPECTED_S[name]})"}
             continue
         log(f"gpu_check: {name} ...")
         t = time.perf_counter()

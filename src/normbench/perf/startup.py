@@ -51,7 +51,8 @@ BREAKDOWN = ("import sys, time, json, runpy\n"
              "    setattr(module, name, wrapper)\n"
              "traced(normbench.job, 'run_job', 'Hydra composed the config, run_job entered', 'run ended')\n"
              "traced(normbench.run, 'load_data', 'config printed, validated', 'data on the device')\n"
-             "traced(normbench.run, 'build_model', 'memory baseline (imports torch._dynamo)', 'model built')\n"
+             "traced(normbench.run, 'build_model', 'memory baseline (imports torch._dynamo)',\n"
+             "       'model built')\n"
              "traced(normbench.run, 'build_optimizer', None, 'optimizer, scheduler built')\n"
              "sys.argv = sys.argv[3:]\n"
              "try:\n"
@@ -124,7 +125,8 @@ def startup_breakdown(train: Path, device_arg: list[str], workdir: Path) -> list
     start = time.time()
     run_process([sys.executable, "-c", BREAKDOWN, str(start), str(marks_file), str(train), *TINY, *device_arg,
                  f"hydra.run.dir={run_dir}"], workdir)
-    marks = [*json.loads(marks_file.read_text()), ("first training step done", first_step_time(run_dir) - start)]
+    first_step = ("first training step done", first_step_time(run_dir) - start)
+    marks = [*json.loads(marks_file.read_text()), first_step]
     marks = sorted((m for m in marks if m[0] != "run ended"), key=lambda m: m[1])
     rows, previous = [], 0.0
     for name, at in marks:
@@ -143,7 +145,8 @@ def _multirun(s: PerfSettings, train: Path, device_arg: list[str], workdir: Path
                         f"hydra.sweep.dir={sweep}", "experiment_name=perf"], workdir)
     stamps = sorted(first_step_time(path.parent) for path in sweep.rglob(STEPS))
     if len(stamps) != s.multirun_jobs:
-        raise RuntimeError(f"multirun of {s.multirun_jobs} jobs left {len(stamps)} records with {STEPS} in {sweep}")
+        raise RuntimeError(f"multirun of {s.multirun_jobs} jobs left {len(stamps)} records with {STEPS} "
+                           f"in {sweep}")
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     per_job = statistics.median(gaps) if gaps else float("nan")
     return {"jobs": s.multirun_jobs, "wall_s": wall, "first_step_s": stamps[0] - start if stamps else None,
