@@ -1,9 +1,14 @@
 """GPU readiness (``bench/gpu_check.py``): everything the CPU tests cannot show, in one run that fits the
-few minutes a GPU is lent for (docs/PERFORMANCE.md lists the checks). Each check is a function of
-``(settings, paths, device, workdir)`` returning a dict; ``run_checks`` runs them under one deadline and
-skips (with the reason) what no longer fits, so a slow machine still writes every result it got.
-``GpuCheckSettings.tiny`` shrinks every size so that the whole script runs on a CPU in a minute or two:
-that is how it is tested before a GPU is ever lent.
+few minutes a GPU is lent for. Each check is a function of ``(settings, paths, device, workdir)`` that
+returns a dict; ``run_checks`` runs them in order under one deadline and skips (with the reason) what no
+longer fits, so a slow machine still writes every result it got.
+
+Checks: the CUDA-only tests (``pytest -m cuda``); one CIFAR-sized epoch of VGG-A (32 px) and AlexNet
+(224 px) in bf16 and fp32 with the achieved TFLOP/s and each run's own peak memory; channels_last
+auto/on/off images/s per model and norm; ``torch.compile`` once and reused by a second run in the same
+process; runs/hour at batch 8 with 1, 2 and 4 concurrent jobs; the landscape probe under bf16 autocast
+against fp32. ``GpuCheckSettings.tiny`` shrinks every size so that the whole script runs on a CPU in a
+minute or two: that is how it is tested before a GPU is ever lent.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from normbench.perf import parts
 from normbench.perf.common import PerfPaths, PerfSettings, child_env, timed, train_seen
 from normbench.perf.cuda import _concurrency, epoch_row
 from normbench.perf.layout import NORMS, layout_rows
+from normbench.record import atomic_write_json
 from normbench.trainer import LoopState
 
 MODELS = {"vgg_a": 32, "alexnet": 224}   # model -> its input size
@@ -143,8 +149,7 @@ def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, wo
     rel = {k: abs(values["bf16"][k] / values["fp32"][k] - 1) for k in values["fp32"]
            if values["fp32"][k] and math.isfinite(values["fp32"][k])}
     return {"lr": g.probe_lr, "fp32": values["fp32"], "bf16": values["bf16"], "relative_difference": rel,
-            "within_tolerance": all(v <= g.probe_rtol for k, v in rel.items()
-                                    if "beta" in k or "grad_pred" in k)}
+            "within_tolerance": all(v <= g.probe_rtol for k, v in rel.items() if "beta" in k or "grad_pred" in k)}
 
 
 CHECKS: dict[str, Callable[..., dict]] = {
@@ -206,3 +211,9 @@ def verdicts(results: dict) -> dict[str, str]:
         if isinstance(r, dict) and "error" in r:
             out[f"{name} ran"] = "ERROR: " + r["error"][:200]
     return out
+
+
+def write(results: dict, out_dir: Path) -> Path:
+    path = out_dir / "gpu_check.json"
+    atomic_write_json(path, results)
+    return path

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from normbench.perf.common import PerfPaths, machine_info
-from normbench.perf.gpu import CHECKS, GpuCheckSettings, run_checks, verdicts
-from normbench.record import atomic_write_json
+from normbench.perf.gpu import CHECKS, GpuCheckSettings, run_checks, verdicts, write
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,8 +43,7 @@ def table(results: dict) -> list[tuple[str, str]]:
             f"first step {r['first_step_s']:.1f} s, {r['train_img_s']:,.0f} img/s, "
             f"new graphs {r['new_graphs']}")))
     for level in results.get("concurrency", {}).get("levels", []):
-        rows.append((f"b8 jobs x{level['concurrent']}",
-                     f"{level['runs_per_hour']:.0f} runs/h ({level['speedup']:.2f}x)"))
+        rows.append((f"b8 jobs x{level['concurrent']}", f"{level['runs_per_hour']:.0f} runs/h ({level['speedup']:.2f}x)"))
     p = results.get("probes", {})
     if "relative_difference" in p:
         rows.append(("probes bf16 vs fp32",
@@ -96,8 +94,7 @@ def main(argv: list[str] | None = None, *, train_script: Path | None = None,
     results["machine"] = machine_info(device)
     results["dry_run"] = bool(args.cpu_dry_run)
     results["verdicts"] = verdicts(results)
-    path = out / "gpu_check.json"
-    atomic_write_json(path, results)
+    path = write(results, out)
     print_table(results)
     print(f"written: {path}")
     return 0

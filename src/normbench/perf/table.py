@@ -4,6 +4,7 @@ rich table."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 
 def _f(value, digits: int = 0, suffix: str = "") -> str:
@@ -12,28 +13,17 @@ def _f(value, digits: int = 0, suffix: str = "") -> str:
     return f"{value:,.{digits}f}{suffix}"
 
 
-class _Rows(list):
-    """The rows; one naming a target (`key`) also gets the target's goal and result."""
-
-    def __init__(self, targets: list[dict]):
-        super().__init__()
-        self.verdict = {t["name"]: t for t in targets}
-
-    def __call__(self, section, measure, nb, ref, ratio, key=None) -> None:
-        t = self.verdict.get(key, {})
-        self.append((section, measure, nb, ref, ratio, t.get("target", ""), t.get("result", "")))
-
-    def verdict_row(self, section: str, measure: str, key: str, digits: int) -> None:
-        """A row with only the verdict of target `key` (its value, target and result), when there is one."""
-        if key in self.verdict:
-            self(section, measure, "", "", _f(self.verdict[key]["value"], digits), key)
-
-    def skipped(self, section: str, part: dict) -> None:
-        if part.get("skipped"):
-            self(section, "skipped", part["skipped"], "", "")
+Add = Callable[..., None]
 
 
-def _loop_rows(add: _Rows, loop: dict) -> None:
+def _verdict_row(rows: list, verdict: dict, section: str, measure: str, key: str, digits: int) -> None:
+    """A row with only the verdict of target `key` (its value, target and result), when there is one."""
+    t = verdict.get(key)
+    if t:
+        rows.append((section, measure, "", "", _f(t["value"], digits), t["target"], t["result"]))
+
+
+def _loop_rows(add: Add, loop: dict) -> None:
     for r in loop.get("rows", []):
         cpu = f" (cpu {r['cpu_time_ratio']:.3f})" if r.get("cpu_time_ratio") else ""
         add("1 loop", f"{r['model']} b{r['batch']} w{r['width']:g} img/s ({r['precision']})",
@@ -46,21 +36,23 @@ def _loop_rows(add: _Rows, loop: dict) -> None:
         o = loop["overhead"]
         add("1 loop", "loop's own cost per step (1-layer model, b8; us)", _f(o["extra_us_per_step"], 1),
             _f(1e3 * o["step_ms"], 0) + " us/step", _f(o["ratio"], 3))
-    add.skipped("1 loop", loop)
-    add.verdict_row("1 loop", "data share of a step (worst)", "data time / step time (worst)", 3)
+    if loop.get("skipped"):
+        add("1 loop", "skipped", loop["skipped"], "", "")
 
 
-def _data_rows(add: _Rows, data: dict) -> None:
+def _data_rows(add: Add, data: dict) -> None:
     if "ratio" in data:
         add("2 data", f"train img/s, b{data['batch_size']} ({data['data']}, {data['num_workers']} workers)",
             _f(data["normbench_img_s"]), _f(data["torchvision_img_s"]) + " tv", _f(data["ratio"], 1),
             "data pipeline / torchvision")
-    add.skipped("2 data", data)
+    elif data.get("skipped"):
+        add("2 data", "skipped", data["skipped"], "", "")
 
 
-def _fixed_rows(add: _Rows, fixed: dict) -> None:
-    add.skipped("3 fixed", fixed)
+def _fixed_rows(add: Add, fixed: dict) -> None:
     if "ratio" not in fixed:
+        if fixed.get("skipped"):
+            add("3 fixed", "skipped", fixed["skipped"], "", "")
         return
     add("3 fixed", "process start -> first step (s)", _f(fixed["first_step_s"], 2),
         _f(fixed["bare_import_torch_s"], 2) + " import torch", _f(fixed["ratio"], 2),
@@ -76,28 +68,29 @@ def _fixed_rows(add: _Rows, fixed: dict) -> None:
             _f(fixed["bare_import_torch_s"], 2) + " import torch", _f(m["per_job_over_bare"], 2))
 
 
-def _probe_rows(add: _Rows, probes: dict) -> None:
+def _probe_rows(add: Add, probes: dict) -> None:
     none = next((x["img_s"] for x in probes.get("rows", []) if x["probe"] == "none"), None)
     for r in probes.get("rows", []):
         if r["probe"] != "none":
             add("4 probes", f"probe={r['probe']} img/s (vgg_a w{probes['width']:g} b{probes['batch']})",
                 _f(r["img_s"], 1), _f(none, 1) + " none",
                 _f(r["ratio_vs_none"], 3) + f" (+{100 * r['overhead']:.1f}%)")
-    add.skipped("4 probes", probes)
+    if probes.get("skipped"):
+        add("4 probes", "skipped", probes["skipped"], "", "")
 
 
-def _layout_rows(add: _Rows, layout: dict) -> None:
+def _layout_rows(add: Add, rows: list, verdict: dict, layout: dict) -> None:
     for r in layout.get("rows", []):
         add("5 layout", f"channels_last / NCHW {r['model']} w{r['width']:g} b{r['batch']} norm={r['norm']} "
             f"(auto: {r['auto']})", _f(r["channels_last_img_s"], 1), _f(r["nchw_img_s"], 1) + " nchw",
             _f(r["ratio"], 3))
-    add.verdict_row("5 layout", "auto picks the faster layout (wrong picks)",
-                    "channels_last=auto picks the faster layout", 0)
+    _verdict_row(rows, verdict, "5 layout", "auto picks the faster layout (wrong picks)",
+                 "channels_last=auto picks the faster layout", 0)
 
 
-def _cuda_rows(add: _Rows, cuda: dict) -> None:
+def _cuda_rows(add: Add, rows: list, verdict: dict, cuda: dict) -> None:
     if cuda.get("skipped"):
-        add("6 cuda", f"skipped: {cuda['skipped']}", "", "", "")
+        rows.append(("6 cuda", f"skipped: {cuda['skipped']}", "", "", "", "", ""))
     for r in cuda.get("epochs", []):
         add("6 cuda", f"vgg_a b{r['batch']} epoch s / TFLOP/s (peak {_f(cuda['peak_tflops'])})",
             _f(r["epoch_s"], 1), _f(r["achieved_tflops"], 1) + " TFLOP/s",
@@ -107,19 +100,30 @@ def _cuda_rows(add: _Rows, cuda: dict) -> None:
             "steps)",
             _f(r["runs_per_hour"], 1), _f(r["train_img_s_total"]) + " img/s", _f(r["speedup"], 2)
             + f" (img/s {r['train_speedup']:.2f})")
-    add.verdict_row("6 cuda", "runs/hour gain from concurrency", "runs/hour, concurrent / single (b8)", 2)
+    _verdict_row(rows, verdict, "6 cuda", "runs/hour gain from concurrency",
+                 "runs/hour, concurrent / single (b8)", 2)
 
 
 def table_rows(results: dict) -> list[tuple[str, ...]]:
     """(section, measure, normbench, reference, ratio, target, result) rows."""
-    rows = _Rows(results.get("targets", []))
-    _loop_rows(rows, results.get("loop", {}))
-    _data_rows(rows, results.get("data", {}))
-    _fixed_rows(rows, results.get("fixed_cost", {}))
-    _probe_rows(rows, results.get("probes", {}))
-    _layout_rows(rows, results.get("layout", {}))
-    _cuda_rows(rows, results.get("cuda", {}))
-    return list(rows)
+    verdict = {t["name"]: t for t in results.get("targets", [])}
+    rows: list[tuple[str, ...]] = []
+
+    def add(section, measure, nb, ref, ratio, key=None):
+        t = verdict.get(key) if key else None
+        rows.append((section, measure, nb, ref, ratio, t["target"] if t else "", t["result"] if t else ""))
+
+    loop = results.get("loop", {})
+    _loop_rows(add, loop)
+    if loop.get("rows"):
+        _verdict_row(rows, verdict, "1 loop", "data share of a step (worst)", "data time / step time (worst)",
+                     3)
+    _data_rows(add, results.get("data", {}))
+    _fixed_rows(add, results.get("fixed_cost", {}))
+    _probe_rows(add, results.get("probes", {}))
+    _layout_rows(add, rows, verdict, results.get("layout", {}))
+    _cuda_rows(add, rows, verdict, results.get("cuda", {}))
+    return rows
 
 
 def print_table(results: dict, file=None) -> None:
