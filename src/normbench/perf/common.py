@@ -151,13 +151,11 @@ def precision_name(amp) -> str:
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
+    lscpu = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
+    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                if line.startswith("Model name:")), platform.processor() or "")
     info = {"cpu": cpu, "cores": cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "torch_threads": torch.get_num_threads(),
             "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

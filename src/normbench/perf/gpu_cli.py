@@ -60,11 +60,10 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"gpu_check on {results['machine'].get('gpu') or results['machine']['device']}")
-    t.add_column("check")
-    t.add_column("result")
-    for name, value in table(results):
-        t.add_row(name, value)
+    machine = results["machine"]
+    t = Table("check", "result", title=f"gpu_check on {machine.get('gpu') or machine['device']}")
+    for row in table(results):
+        t.add_row(*row)
     Console().print(t)
 
 

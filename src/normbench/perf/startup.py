@@ -6,6 +6,7 @@ says why that is exact), not from a hook in the loop.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import statistics
@@ -91,9 +92,6 @@ def _single_runs(s: PerfSettings, train: Path, device_arg: list[str], workdir: P
     counter = itertools.count()
     totals: list[float] = []
 
-    def bare() -> float:
-        return run_process([py, "-c", "import torch"], workdir)
-
     def minimal() -> float:
         marker = workdir / f"first-step-minimal-{next(counter)}.txt"
         start = time.time()
@@ -106,6 +104,7 @@ def _single_runs(s: PerfSettings, train: Path, device_arg: list[str], workdir: P
         totals.append(run_process([py, str(train), *TINY, *device_arg, f"hydra.run.dir={run_dir}"], workdir))
         return first_step_time(run_dir) - start
 
+    bare = functools.partial(run_process, [py, "-c", "import torch"], workdir)
     res = alternate({"bare": bare, "minimal": minimal, "first_step": first_step}, s.startup_rounds, warmup=0)
     return {
         "bare_import_torch_s": statistics.median(res["bare"]),
