@@ -127,11 +127,8 @@ def startup_breakdown(train: Path, device_arg: list[str], workdir: Path) -> list
     first_step = ("first training step done", first_step_time(run_dir) - start)
     marks = [*json.loads(marks_file.read_text()), first_step]
     marks = sorted((m for m in marks if m[0] != "run ended"), key=lambda m: m[1])
-    rows, previous = [], 0.0
-    for name, at in marks:
-        rows.append({"phase": name, "at_s": at, "phase_s": at - previous})
-        previous = at
-    return rows
+    return [{"phase": name, "at_s": at, "phase_s": at - before}
+            for (_, before), (name, at) in itertools.pairwise([("start", 0.0), *marks])]
 
 
 def _multirun(s: PerfSettings, train: Path, device_arg: list[str], workdir: Path, bare_s: float) -> dict:
