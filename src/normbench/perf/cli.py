@@ -19,9 +19,6 @@ Sections (each a key of the JSON result, each its own module of ``normbench.perf
 
 Every comparison alternates its candidates inside one process (order reversed every other round), after
 a warm-up, and reports the median of the per-round ratios, so a busy machine slows both sides alike.
-
-The library does not know where the project's files are: ``main`` / ``run_all`` are given the training
-script (``bench/train.py``) and the Hydra config dir by the caller.
 """
 
 from __future__ import annotations
@@ -88,7 +85,7 @@ def run_all(s: PerfSettings, paths: PerfPaths | None = None, workdir: Path | Non
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/perf.py", description="normbench performance benchmarks "
                                 "(docs/PERFORMANCE.md). Prints one table and writes it as JSON.")
-    p.add_argument("--quick", action="store_true", help="tiny widths and few steps (CI; about a minute on CPU)")
+    p.add_argument("--quick", action="store_true", help="tiny widths, few steps (CI; about a minute on CPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (0: torch's default; default: 1 with --quick, else 0)")
@@ -98,21 +95,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, default=None, help="model width for the loop section")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--out", type=Path, default=None, help="directory for perf.json")
-    p.add_argument("--json", type=Path, default=None, help="JSON output path (default: perf.json in --out or cwd)")
+    p.add_argument("--json", type=Path, default=None, help="JSON path (default: perf.json in --out or cwd)")
     return p
 
 
-def main(argv: list[str] | None = None, *, train_script: Path | None = None, conf_dir: Path | None = None) -> int:
-    """The bench/perf.py command line. `train_script` (bench/train.py) and `conf_dir` (the Hydra config
-    dir) come from the caller; without the script the start-up and concurrency measurements are skipped."""
+def main(argv: list[str] | None = None, *, train_script: Path | None = None,
+         conf_dir: Path | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     sections = tuple(x.strip() for x in args.sections.split(",") if x.strip())
     unknown = [x for x in sections if x not in SECTIONS]
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
-    settings = PerfSettings.make(args.quick, device=args.device, threads=args.threads, precision=args.precision,
-                                 compile=args.compile, rounds=args.rounds, width=args.width, sections=sections)
+    settings = PerfSettings.make(args.quick, device=args.device, threads=args.threads,
+                                 precision=args.precision, compile=args.compile, rounds=args.rounds,
+                                 width=args.width, sections=sections)
     paths = PerfPaths(train_script=train_script, conf_dir=conf_dir)
     results = run_all(settings, paths, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     path = args.json or (args.out or Path.cwd()) / "perf.json"

@@ -1,5 +1,5 @@
-"""What every benchmark section shares: the settings, the paths passed in by ``bench/perf.py``, the timed
-sample, the alternating measurement and its statistics, and the machine description."""
+"""What every benchmark section shares: settings, paths, the timed sample, the alternating measurement and
+its statistics, the machine description."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from normbench.device import synchronize
+from normbench.device import cpu_count, synchronize
 
 SECTIONS = ("loop", "data", "fixed_cost", "probes", "layout", "cuda")
 
@@ -63,11 +63,8 @@ class PerfSettings:
 
 @dataclass(frozen=True)
 class PerfPaths:
-    """Where the project's files are; the caller (``bench/perf.py``) knows, the library does not.
-
-    ``train_script``: ``bench/train.py`` (the start-up and concurrency measurements run it; without it they
-    are skipped). ``conf_dir``: the Hydra config dir (optimizer, scheduler and probe groups are read from
-    it; without it built-in copies of the defaults are used)."""
+    """Where the project's files are: the caller (``bench/perf.py``) knows, the library does not. Without
+    ``train_script`` (``bench/train.py``) the start-up and concurrency measurements are skipped."""
     train_script: Path | None = None
     conf_dir: Path | None = None
 
@@ -93,11 +90,9 @@ class Sample:
 
 def alternate(candidates: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, chunks: int = 1,
               budget_s: float | None = None, max_rounds: int = 101) -> dict[str, list]:
-    """Call each candidate `warmup` times, then run `rounds` rounds. A round is `chunks` passes over the
-    candidates, the order reversed on every other pass; a candidate's results within a round are summed
-    (`+`). With `budget_s`, more rounds (up to `max_rounds`) are run when the warm-up shows they fit in
-    about that many seconds: more, shorter, adjacent pairs make the median ratio steadier on a busy
-    machine. Returns the per-round results of each candidate."""
+    """Each candidate's per-round results: `warmup` calls each, then `rounds` rounds of `chunks` passes over
+    the candidates (order reversed every other pass, results within a round summed). With `budget_s`, up to
+    `max_rounds` rounds when the warm-up shows they fit: more adjacent pairs, a steadier median ratio."""
     names = list(candidates)
     started = time.perf_counter()
     for _ in range(warmup):
@@ -126,10 +121,7 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
 
 
 def quartiles(values: list[float]) -> list[float]:
-    if len(values) < 2:
-        return [values[0], values[0]] if values else []
-    q = statistics.quantiles(values, n=4)
-    return [q[0], q[2]]
+    return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else values[:1] * 2
 
 
 def rates(samples: list[Sample], cpu: bool = False) -> list[float]:
@@ -154,31 +146,17 @@ def autocast(device: torch.device, amp):
     return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
 
-def maybe_compile(model, enabled: bool):
-    if not enabled:
-        return model
-    from normbench.device import compile_model
-
-    return compile_model(model)
-
-
 def precision_name(amp) -> str:
     return str(amp).replace("torch.", "") if amp else "fp32"
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
+    lscpu = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    info = {"cpu": cpu, "cores": cores, "torch": torch.__version__, "python": platform.python_version(),
+        lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
+    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                if line.startswith("Model name:")), platform.processor() or "")
+    info = {"cpu": cpu, "cores": cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "torch_threads": torch.get_num_threads(),
             "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":

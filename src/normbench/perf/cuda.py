@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,13 +15,7 @@ import torch.nn.functional as F
 
 from normbench.device import resolve_precision
 from normbench.perf import parts
-from normbench.perf.common import (
-    PerfPaths,
-    PerfSettings,
-    autocast,
-    child_env,
-    precision_name,
-)
+from normbench.perf.common import PerfPaths, PerfSettings, autocast, child_env, precision_name
 from normbench.record import METRICS, read_rows
 from normbench.trainer import LoopState
 
@@ -30,6 +25,8 @@ PEAK_TFLOPS = [
     ("A100", 312.0, 19.5), ("L40S", 362.0, 91.6), ("L4", 121.0, 30.3),
 ]
 CONCURRENCY_LEVELS = (1, 2, 4)
+EPOCH_KEYS = ("model", "batch", "train_images", "epoch_s", "train_img_s", "flops_per_image",
+              "achieved_tflops", "mfu")
 
 
 def peak_tflops(name: str, low_precision: bool) -> float | None:
@@ -52,20 +49,37 @@ def train_step_flops(model, x, y, amp, device) -> int:
     return int(counter.get_total_flops())
 
 
-def _epoch(s: PerfSettings, paths: PerfPaths, device: torch.device, amp, peak, batch: int) -> dict:
-    """(a) One CIFAR-sized epoch (45k train images) + validation of vgg_a at `batch`, and its TFLOP/s."""
-    run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides("vgg_a", 1.0), f"batch_size={batch}",
-                                                       "trainer.epochs=1", "trainer.max_eval_batches=null"],
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def epoch_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: str, batch: int,
+              warmup_steps: int) -> dict:
+    """One CIFAR-sized epoch (`s.cuda_epoch_images`, 90 % train) + validation of `model` (norm=bn) at
+    `batch`, its TFLOP/s and its peak device memory beyond the data set's."""
+    _reset_peak_memory(device)
+    run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model, s.width),
+                                                       f"batch_size={batch}", "trainer.epochs=1",
+                                                       "trainer.max_eval_batches=null"],
                           num_train=int(s.cuda_epoch_images * 0.9), val=int(s.cuda_epoch_images * 0.1))
+    amp = run.trainer.settings.amp_dtype
     x, y = next(iter(run.stream))
-    flops_per_step = train_step_flops(run.model, x, y, amp, device)
-    run.trainer.train_steps(1, LoopState(), 30)   # warm-up: cuDNN autotuning, allocator, (compile)
+    flops = train_step_flops(run.model, x, y, amp, device) / x.shape[0]
+    run.trainer.train_steps(1, LoopState(), warmup_steps)   # cuDNN autotuning, allocator, (compile)
+    _reset_peak_memory(device)
     row = run.trainer.run(LoopState()).history[-1]
-    img_s = row["throughput/img_s"]
-    tflops = flops_per_step / batch * img_s / 1e12
-    return {"model": "vgg_a", "batch": batch, "train_images": len(run.data.train), "epoch_s": row["time/epoch_s"],
-            "train_img_s": img_s, "flops_per_image": flops_per_step / batch, "achieved_tflops": tflops,
-            "mfu": tflops / peak if peak else None}
+    tflops = flops * row["throughput/img_s"] / 1e12
+    peak = peak_tflops(torch.cuda.get_device_name(device), amp is not None) if device.type == "cuda" else None
+    data = sum(t.numel() * t.element_size() for split in (run.data.train, run.data.val, run.data.test)
+               if split is not None for t in (split.images, split.labels))
+    peak_mb = (torch.cuda.max_memory_allocated(device) - data) / 2**20 if device.type == "cuda" else None
+    return {"model": model, "precision": s.precision, "norm": "bn", "batch": batch,
+            "channels_last": run.trainer.settings.channels_last, "train_images": len(run.data.train),
+            "epoch_s": row["time/epoch_s"], "train_img_s": row["throughput/img_s"], "flops_per_image": flops,
+            "achieved_tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None,
+            "val_acc": row["val/acc"], "peak_mb": peak_mb, "data_mb": data / 2**20}
 
 
 def _concurrency_level(job: list[str], k: int, workdir: Path) -> dict:
@@ -108,10 +122,10 @@ def bench_cuda(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir:
     amp = resolve_precision(s.precision, device)
     name = torch.cuda.get_device_name(device)
     peak = peak_tflops(name, amp is not None)
-    out: dict = {"gpu": name, "peak_tflops": peak, "precision": precision_name(amp)}
-    out["epochs"] = []
+    out: dict = {"gpu": name, "peak_tflops": peak, "precision": precision_name(amp), "epochs": []}
     for batch in (128, 8):
-        out["epochs"].append(_epoch(s, paths, device, amp, peak, batch))
+        row = epoch_row(replace(s, width=1.0), paths, device, "vgg_a", batch, warmup_steps=30)
+        out["epochs"].append({key: row[key] for key in EPOCH_KEYS})
         torch.cuda.empty_cache()
     if paths.train_script is not None and Path(paths.train_script).exists():
         out["concurrency"] = _concurrency(s, Path(paths.train_script), device, workdir)

@@ -1,19 +1,7 @@
-"""Section ``data``, training-data throughput: normbench's on-device pipeline vs the usual torchvision
-DataLoader pipeline.
-
-``compare_data_pipelines`` measures steady-state training images per second of
-
-* normbench: ``BatchStream`` over a uint8 dataset already on the device (random crop + flip + normalize,
-  a fresh device-side permutation per epoch), and
-* torchvision: ``datasets.CIFAR10`` + ``Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(),
-  ToTensor(), Normalize(mean, std)])`` + ``DataLoader(shuffle=True, num_workers=...)``, batches moved to
-  the device,
-
-on the same images, alternating the two in one process (warm-up first, then ``rounds`` timed windows of
-``seconds`` each, median). Real CIFAR-10 is used when ``root`` holds it; otherwise torchvision's own
-``CIFAR10`` class holds generated uint8 images in memory (no files: the instance is made without its
-file-reading ``__init__``), so torchvision's real ``__getitem__`` + transforms + DataLoader do the
-per-sample work they would do on the real data.
+"""Section ``data``: normbench's on-device pipeline (``BatchStream``) against the usual torchvision one
+(``CIFAR10`` + RandomCrop/RandomHorizontalFlip/ToTensor/Normalize + ``DataLoader``, batches moved to the
+device) on the same images, alternated in one process (docs/PERFORMANCE.md). Without real CIFAR-10,
+torchvision's own ``CIFAR10`` class holds generated images in memory, so its real per-sample work is timed.
 
 CLI: ``python -m normbench.perf.data --device cpu --seconds 2``.
 """
@@ -21,169 +9,107 @@ CLI: ``python -m normbench.perf.data --device cpu --seconds 2``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from normbench.data import BatchStream, Split, channel_stats
-
-__all__ = ["bench_data", "compare_data_pipelines", "in_memory_cifar10"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from normbench.device import synchronize
+from normbench.perf.common import alternate
 
 
-def _transform(mean, std):
-    from torchvision import transforms
-
-    return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                               transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
-def in_memory_cifar10(n_images: int, transform=None, seed: int = 0):
-    """A torchvision ``CIFAR10`` (train split) holding `n_images` generated uint8 images in memory.
-
-    Made with ``CIFAR10.__new__`` + ``VisionDataset.__init__`` (no files read or written), then given
-    ``.data`` (N, 32, 32, 3 uint8) and ``.targets``: everything else is torchvision's own class."""
+def in_memory_cifar10(n_images: int, seed: int = 0):
+    """A torchvision ``CIFAR10`` (train split) of `n_images` generated uint8 images: made without its
+    file-reading ``__init__``, then given ``.data`` and ``.targets``; the rest is torchvision's own class."""
     from torchvision.datasets import CIFAR10, VisionDataset
 
     rng = np.random.default_rng(seed)
     ds = CIFAR10.__new__(CIFAR10)
-    VisionDataset.__init__(ds, "in-memory", transform=transform)
+    VisionDataset.__init__(ds, "in-memory")
     ds.train = True
     ds.data = rng.integers(0, 256, size=(n_images, 32, 32, 3), dtype=np.uint8)
     ds.targets = rng.integers(0, 10, size=n_images).tolist()
     return ds
 
 
-def _cifar10_dataset(root, n_images: int, transform):
-    """(torchvision CIFAR10 train dataset, source label); real data from ``root`` when present."""
+def _cifar10_dataset(root, n_images: int):
+    """(torchvision CIFAR10 train set, source label); real data from ``root`` when it holds it."""
     from torchvision.datasets import CIFAR10
 
     if root is not None:
-        try:
-            ds = CIFAR10(os.path.abspath(os.path.expanduser(str(root))), train=True, download=False,
-                         transform=transform)
+        with contextlib.suppress(RuntimeError):  # absent or corrupted: generated images instead
+            ds = CIFAR10(os.path.abspath(os.path.expanduser(str(root))), train=True, download=False)
             ds.data, ds.targets = ds.data[:n_images], ds.targets[:n_images]
             return ds, "cifar10"
-        except RuntimeError:  # absent or corrupted: fall back to generated images
-            pass
-    return in_memory_cifar10(n_images, transform), "fake-cifar10"
+    return in_memory_cifar10(n_images), "fake-cifar10"
 
 
-def _forever(stream: BatchStream) -> Iterator:
+def _endless(batches: Iterable, device: torch.device) -> Iterator:
+    """`batches` epoch after epoch, moved to `device`."""
     while True:
-        yield from stream
+        for x, y in batches:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-class _LoaderBatches:
-    """Endless batches of a DataLoader, moved to the device; shuts its workers down on close()."""
-
-    def __init__(self, loader, device: torch.device):
-        self.loader, self.device, self.it = loader, device, iter(loader)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        while True:
-            try:
-                x, y = next(self.it)
-            except StopIteration:
-                self.it = iter(self.loader)
-                continue
-            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def close(self) -> None:
-        if hasattr(self.it, "_shutdown_workers"):
-            self.it._shutdown_workers()
-
-
-def _pipelines(ds, batch_size: int, num_workers: int, device: torch.device, mean, std
-               ) -> tuple[Iterator, _LoaderBatches]:
-    """normbench's batches (the whole split on the device, BatchStream) and torchvision's (PIL transforms
-    per sample in DataLoader workers, then a copy to the device), over the same images."""
-    from torch.utils.data import DataLoader
-
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous().to(device)
-    labels = torch.as_tensor(ds.targets, dtype=torch.int64).to(device)
-    stream = BatchStream(Split(images, labels), batch_size, mean, std, augment=True, crop_padding=4, flip=True)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
-                        persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
-    return _forever(stream), _LoaderBatches(loader, device)
-
-
-def _measure(batches: Iterator, duration: float, device: torch.device) -> float:
-    """Images/s drawing batches for about `duration` seconds."""
-    _sync(device)
-    count = 0
-    start = time.perf_counter()
+def _rate(batches: Iterator, seconds: float, device: torch.device) -> float:
+    """Images/s drawing batches for about `seconds`."""
+    synchronize(device)
+    count, start = 0, time.perf_counter()
     while True:
-        _x, y = next(batches)
-        count += y.shape[0]
-        if time.perf_counter() - start >= duration:
+        count += next(batches)[1].shape[0]
+        if time.perf_counter() - start >= seconds:
             break
-    _sync(device)
+    synchronize(device)
     return count / (time.perf_counter() - start)
 
 
-def _alternate(pipelines: dict, warmup_batches: int, rounds: int, seconds: float, device) -> dict:
-    for batches in pipelines.values():  # warm-up: worker start-up, allocator, first epoch permutation
-        for _ in range(warmup_batches):
-            next(batches)
-    _sync(device)
-    results: dict[str, list[float]] = {name: [] for name in pipelines}
-    for _ in range(rounds):
-        for name, batches in pipelines.items():
-            results[name].append(_measure(batches, seconds, device))
-    return results
-
-
-def compare_data_pipelines(
-    device: torch.device | str = "cpu",
-    batch_size: int = 128,
-    n_images: int = 10_000,
-    seconds: float = 2.0,
-    *,
-    rounds: int = 3,
-    num_workers: int = 2,
-    root=None,
-    warmup_batches: int = 10,
-    threads: int | None = 1,
-) -> dict:
+def compare_data_pipelines(device: torch.device | str = "cpu", batch_size: int = 128, n_images: int = 10_000,
+                           seconds: float = 2.0, *, rounds: int = 3, num_workers: int = 2, root=None,
+                           warmup_batches: int = 10, threads: int | None = 1) -> dict:
     """Median training images/s of both pipelines and their ratio (normbench / torchvision).
 
-    ``threads``: torch intra-op threads of this process during the measurement (restored after; None
-    leaves it). One by default: the per-batch tensor ops are small, and on a shared or oversubscribed CPU
-    OpenMP's multi-thread barriers can make them 20-50x slower; it is also the fair comparison, since each
-    DataLoader worker runs with one torch thread.
+    ``threads``: torch threads of this process while measuring (restored after; None leaves it). One by
+    default: the per-batch ops are small, on a busy CPU OpenMP's barriers can make them 20-50x slower, and
+    each DataLoader worker runs with one torch thread too (the fair comparison)."""
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
 
-    Returns ``{"normbench_img_s", "torchvision_img_s", "ratio"}`` plus the settings and per-round numbers.
-    """
     device = torch.device(device)
     if n_images < batch_size:
         raise ValueError(f"n_images ({n_images}) must be at least batch_size ({batch_size})")
-    ds, source = _cifar10_dataset(root, n_images, None)
-    mean, std = channel_stats(torch.from_numpy(ds.data).permute(0, 3, 1, 2))  # both normalize alike
-    ds.transform = _transform(mean, std)
-    normbench, torchvision = _pipelines(ds, batch_size, num_workers, device, mean, std)
+    ds, source = _cifar10_dataset(root, n_images)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
+    mean, std = channel_stats(images)  # both normalize alike
+    ds.transform = transforms.Compose([transforms.RandomCrop(32, padding=4),
+                                       transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                       transforms.Normalize(mean, std)])
+    split = Split(images.contiguous().to(device), torch.as_tensor(ds.targets, dtype=torch.int64).to(device))
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+                        persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
+    pipelines = {"normbench": _endless(BatchStream(split, batch_size, mean, std, augment=True, crop_padding=4,
+                                                   flip=True), device),
+                 "torchvision": _endless(loader, device)}
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        results = _alternate({"normbench": normbench, "torchvision": torchvision}, warmup_batches, rounds,
-                             seconds, device)
+        for batches in pipelines.values():  # warm-up: worker start-up, allocator, first epoch permutation
+            for _ in range(warmup_batches):
+                next(batches)
+        results = alternate({name: functools.partial(_rate, batches, seconds, device)
+                             for name, batches in pipelines.items()}, rounds, warmup=0)
     finally:
         used_threads = torch.get_num_threads()
         torch.set_num_threads(old_threads)
-        torchvision.close()
+        if loader._iterator is not None:  # the persistent workers
+            loader._iterator._shutdown_workers()
     nb, tv = statistics.median(results["normbench"]), statistics.median(results["torchvision"])
     return {
         "normbench_img_s": nb, "torchvision_img_s": tv, "ratio": nb / tv, "device": str(device),
@@ -211,9 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default=os.environ.get("NORMBENCH_DATA"))
     p.add_argument("--threads", type=int, default=1, help="torch threads while measuring (0: leave as is)")
     args = p.parse_args(argv)
-    out = compare_data_pipelines(args.device, args.batch_size, args.n_images, args.seconds, rounds=args.rounds,
-                                 num_workers=args.num_workers, root=args.root, threads=args.threads or None)
-    print(json.dumps(out, indent=2))
+    args.threads = args.threads or None
+    print(json.dumps(compare_data_pipelines(**vars(args)), indent=2))
 
 
 if __name__ == "__main__":

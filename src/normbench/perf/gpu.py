@@ -14,25 +14,23 @@ minute or two: that is how it is tested before a GPU is ever lent.
 from __future__ import annotations
 
 import math
-import statistics
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from normbench.device import resolve_channels_last, synchronize
 from normbench.perf import parts
 from normbench.perf.common import PerfPaths, PerfSettings, child_env, timed, train_seen
-from normbench.perf.cuda import _concurrency, peak_tflops, train_step_flops
+from normbench.perf.cuda import _concurrency, epoch_row
+from normbench.perf.layout import NORMS, layout_rows
 from normbench.record import atomic_write_json
 from normbench.trainer import LoopState
 
-NORMS = ("none", "bn", "gn", "ln", "lrn")
 MODELS = {"vgg_a": 32, "alexnet": 224}   # model -> its input size
 
 
@@ -57,36 +55,14 @@ class GpuCheckSettings:
     def tiny(cls) -> GpuCheckSettings:
         """Sizes for a CPU dry run of the script (every code path, minutes -> seconds)."""
         return cls(budget_s=600.0, epoch_images=320, width=0.125, batch=32, layout_steps=2, layout_rounds=1,
-                   compile_steps=2, compile_backend="eager", concurrency_steps=20, probe_rtol=0.05, run_tests=False,
+                   compile_steps=2, compile_backend="eager", concurrency_steps=20, run_tests=False,
                    norms=("bn", "gn"), concurrency_levels=(1, 2))
 
 
-def _perf_settings(g: GpuCheckSettings, precision: str, channels_last="auto", compile_=False) -> PerfSettings:
-    return PerfSettings(precision=precision, channels_last=channels_last, compile=compile_,
-                        cuda_concurrency_steps=g.concurrency_steps)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_mb(device: torch.device, resident_bytes: int) -> dict:
-    if device.type != "cuda":
-        return {"peak_mb": None, "data_mb": resident_bytes / 2**20}
-    peak = torch.cuda.max_memory_allocated(device)
-    return {"peak_mb": (peak - resident_bytes) / 2**20, "data_mb": resident_bytes / 2**20}
-
-
-def _resident_bytes(run) -> int:
-    data = run.data
-    return sum(t.numel() * t.element_size() for split in (data.train, data.val, data.test) if split is not None
-               for t in (split.images, split.labels))
-
-
-# --------------------------------------------------------------------------------------------------------
-# checks
+def _perf_settings(g: GpuCheckSettings, precision: str) -> PerfSettings:
+    return PerfSettings(precision=precision, width=g.width, cuda_epoch_images=g.epoch_images,
+                        cuda_concurrency_steps=g.concurrency_steps, layout_batch=g.batch,
+                        layout_steps=g.layout_steps, layout_rounds=2 * g.layout_rounds)
 
 
 def check_cuda_tests(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
@@ -98,74 +74,33 @@ def check_cuda_tests(g: GpuCheckSettings, paths: PerfPaths, device: torch.device
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                            f"--junitxml={xml}", "tests"], check=False, cwd=root, env=child_env(),
                           capture_output=True, text=True, timeout=max(60, g.budget_s))
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    failed: list[str] = []
+    counts, failed = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0), []
     if xml.exists():
-        for suite in ET.parse(xml).getroot().iter("testsuite"):
-            for key in counts:
-                counts[key] += int(suite.get(key, 0))
-        for case in ET.parse(xml).getroot().iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
-                failed.append(f"{case.get('classname')}::{case.get('name')}")
+        report = ET.parse(xml).getroot()
+        for suite in report.iter("testsuite"):
+            counts = {key: n + int(suite.get(key, 0)) for key, n in counts.items()}
+        failed = [f"{case.get('classname')}::{case.get('name')}" for case in report.iter("testcase")
+                  if case.find("failure") is not None or case.find("error") is not None]
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return {**counts, "failed": failed, "returncode": proc.returncode, "tail": proc.stdout[-1500:]}
 
 
-def _epoch(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, model: str, precision: str) -> dict:
-    s = _perf_settings(g, precision)
-    _reset_peak(device)
-    run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model, g.width, "bn"),
-                                                      f"batch_size={g.batch}", "trainer.epochs=1",
-                                                      "trainer.max_eval_batches=null"],
-                          num_train=int(g.epoch_images * 0.9), val=int(g.epoch_images * 0.1))
-    amp = run.trainer.settings.amp_dtype
-    x, y = next(iter(run.stream))
-    flops = train_step_flops(run.model, x, y, amp, device) / x.shape[0]
-    run.trainer.train_steps(1, LoopState(), 3)                       # warm-up (cuDNN autotuning, allocator)
-    _reset_peak(device)
-    row = run.trainer.run(LoopState()).history[-1]
-    tflops = flops * row["throughput/img_s"] / 1e12
-    peak = peak_tflops(torch.cuda.get_device_name(device), amp is not None) if device.type == "cuda" else None
-    return {"model": model, "precision": precision, "norm": "bn", "batch": g.batch,
-            "channels_last": run.trainer.settings.channels_last, "train_images": len(run.data.train),
-            "epoch_s": row["time/epoch_s"], "train_img_s": row["throughput/img_s"], "flops_per_image": flops,
-            "achieved_tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None,
-            "val_acc": row["val/acc"], **_peak_mb(device, _resident_bytes(run))}
-
-
 def check_epochs(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
     """One CIFAR-sized epoch (+ validation) per model in bf16 and fp32, norm=bn, channels_last auto."""
-    return {"rows": [_epoch(g, paths, device, m, p) for m in MODELS for p in ("bf16", "fp32")]}
-
-
-def _layout_rates(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, model: str, norm: str) -> dict:
-    runs = {}
-    for layout in (True, False):
-        runs[layout] = parts.run_parts(_perf_settings(g, "bf16", channels_last=layout), paths.conf_dir, device,
-                                       [*parts.model_overrides(model, g.width, norm), f"batch_size={g.batch}"],
-                                       num_train=g.batch * (g.layout_steps + 1) * 2)
-        train_seen(runs[layout].trainer, LoopState(), 2)             # warm-up
-    rates: dict[bool, list[float]] = {True: [], False: []}
-    for r in range(g.layout_rounds * 2):
-        layout = r % 2 == 0
-        for lay in (layout, not layout):
-            run = runs[lay]
-            rates[lay].append(timed(lambda run=run: train_seen(run.trainer, LoopState(), g.layout_steps), device).rate)
-    cl, nchw = statistics.median(rates[True]), statistics.median(rates[False])
-    auto = resolve_channels_last("auto", device, norm, model=model)
-    return {"model": model, "norm": norm, "channels_last_img_s": cl, "nchw_img_s": nchw, "ratio": cl / nchw,
-            "auto": "channels_last" if auto else "nchw", "auto_is_faster": (cl >= nchw) == auto}
+    return {"rows": [epoch_row(_perf_settings(g, p), paths, device, m, g.batch, warmup_steps=3)
+                     for m in MODELS for p in ("bf16", "fp32")]}
 
 
 def check_layouts(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
     """channels_last against NCHW images/s (bf16, batch `g.batch`) per model and norm, and what auto picks."""
     rows = []
-    for model in MODELS:
-        for norm in g.norms:
-            rows.append(_layout_rates(g, paths, device, model, norm))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return {"rows": rows, "auto_wrong": [f"{r['model']}/{r['norm']}" for r in rows if not r["auto_is_faster"]]}
+    for r in layout_rows(_perf_settings(g, "bf16"), paths, device, MODELS, g.norms):
+        cl, nchw = r["channels_last_img_s"], r["nchw_img_s"]
+        rows.append({"model": r["model"], "norm": r["norm"], "channels_last_img_s": cl, "nchw_img_s": nchw,
+                     "ratio": cl / nchw, "auto": r["auto"],
+                     "auto_is_faster": (cl >= nchw) == (r["auto"] == "channels_last")})
+    wrong = [f"{r['model']}/{r['norm']}" for r in rows if not r["auto_is_faster"]]
+    return {"rows": rows, "auto_wrong": wrong}
 
 
 def check_compile(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
@@ -179,15 +114,11 @@ def check_compile(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, w
     for i in range(2):
         # trainer.compile=true does what this does with the default (inductor) backend
         run = parts.run_parts(_perf_settings(g, "bf16"), paths.conf_dir, device,
-                              [*parts.model_overrides("vgg_a", g.width, "bn"), f"batch_size={g.batch}"],
+                              [*parts.model_overrides("vgg_a", g.width), f"batch_size={g.batch}"],
                               num_train=g.batch * (g.compile_steps + 1))
         run.trainer.model = compile_model(run.model, backend=g.compile_backend)
         graphs_before = counters["stats"]["unique_graphs"]
-        synchronize(device)
-        start = time.perf_counter()
-        train_seen(run.trainer, LoopState(), 1)
-        synchronize(device)
-        first = time.perf_counter() - start
+        first = timed(lambda run=run: train_seen(run.trainer, LoopState(), 1), device).wall_s
         rate = timed(lambda run=run: train_seen(run.trainer, LoopState(), g.compile_steps), device).rate
         out.append({"run": i + 1, "first_step_s": first, "train_img_s": rate,
                     "new_graphs": counters["stats"]["unique_graphs"] - graphs_before})
@@ -198,7 +129,8 @@ def check_concurrency(g: GpuCheckSettings, paths: PerfPaths, device: torch.devic
     """runs/hour at batch 8 with 1, 2 and 4 concurrent bench/train.py jobs on this device."""
     if paths.train_script is None:
         return {"skipped": "no training script given"}
-    return _concurrency(_perf_settings(g, "auto"), Path(paths.train_script), device, work, g.concurrency_levels)
+    return _concurrency(_perf_settings(g, "auto"), Path(paths.train_script), device, work,
+                        g.concurrency_levels)
 
 
 def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
@@ -208,11 +140,11 @@ def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, wo
     from normbench.probes import LandscapeProbe, probe_batch
 
     run = parts.run_parts(_perf_settings(g, "fp32"), paths.conf_dir, device,
-                          [*parts.model_overrides("vgg_a", g.width, "bn"), f"batch_size={g.batch}"],
+                          [*parts.model_overrides("vgg_a", g.width), f"batch_size={g.batch}"],
                           num_train=g.batch * 4)
     x, y = next(iter(run.stream))
-    criterion = run.trainer.criterion
-    values = {precision: probe_batch([LandscapeProbe(interval=1)], 1, run.model, criterion, x, y, g.probe_lr, dtype)
+    values = {precision: probe_batch([LandscapeProbe(interval=1)], 1, run.model, run.trainer.criterion, x, y,
+                                     g.probe_lr, dtype)
               for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
     rel = {k: abs(values["bf16"][k] / values["fp32"][k] - 1) for k in values["fp32"]
            if values["fp32"][k] and math.isfinite(values["fp32"][k])}
@@ -235,7 +167,8 @@ def run_checks(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work
     for name in names:
         left = g.budget_s - (time.perf_counter() - started)
         if device.type == "cuda" and left < EXPECTED_S[name]:
-            results[name] = {"skipped": f"out of time ({left:.0f} s left of {g.budget_s:.0f}, needs ~{EXPECTED_S[name]})"}
+            results[name] = {"skipped": f"out of time ({left:.0f} s left of {g.budget_s:.0f}, "
+                                        f"needs ~{EXPECTED_S[name]})"}
             continue
         log(f"gpu_check: {name} ...")
         t = time.perf_counter()
@@ -284,7 +217,3 @@ def write(results: dict, out_dir: Path) -> Path:
     path = out_dir / "gpu_check.json"
     atomic_write_json(path, results)
     return path
-
-
-def with_budget(g: GpuCheckSettings, budget_s: float | None) -> GpuCheckSettings:
-    return g if budget_s is None else replace(g, budget_s=budget_s)

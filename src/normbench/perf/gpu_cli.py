@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from normbench.perf.common import PerfPaths, machine_info
-from normbench.perf.gpu import CHECKS, GpuCheckSettings, run_checks, verdicts, with_budget, write
+from normbench.perf.gpu import CHECKS, GpuCheckSettings, run_checks, verdicts, write
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,24 +30,28 @@ def table(results: dict) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     for r in results.get("epochs", {}).get("rows", []):
         mfu = f", {r['mfu']:.0%} of peak" if r.get("mfu") else ""
-        mem = f", peak {r['peak_mb']:.0f} MB + data {r['data_mb']:.0f} MB" if r.get("peak_mb") is not None else ""
-        rows.append((f"epoch {r['model']} {r['precision']} b{r['batch']}",
-                     f"{r['epoch_s']:.1f} s, {r['train_img_s']:,.0f} img/s, {r['achieved_tflops']:.1f} TFLOP/s{mfu}{mem}"))
+        mem = "" if r.get("peak_mb") is None else f", peak {r['peak_mb']:.0f} MB + data {r['data_mb']:.0f} MB"
+        rows.append((f"epoch {r['model']} {r['precision']} b{r['batch']}", (
+            f"{r['epoch_s']:.1f} s, {r['train_img_s']:,.0f} img/s, "
+            f"{r['achieved_tflops']:.1f} TFLOP/s{mfu}{mem}")))
     for r in results.get("layouts", {}).get("rows", []):
-        rows.append((f"channels_last {r['model']} {r['norm']}",
-                     (f"{r['ratio']:.2f}x NCHW ({r['channels_last_img_s']:,.0f} vs {r['nchw_img_s']:,.0f} img/s), "
-                      f"auto={r['auto']}")))
+        rows.append((f"channels_last {r['model']} {r['norm']}", (
+            f"{r['ratio']:.2f}x NCHW ({r['channels_last_img_s']:,.0f} vs {r['nchw_img_s']:,.0f} img/s), "
+            f"auto={r['auto']}")))
     for r in results.get("compile", {}).get("runs", []):
-        rows.append((f"compile run {r['run']}", (f"first step {r['first_step_s']:.1f} s, "
-                                                 f"{r['train_img_s']:,.0f} img/s, new graphs {r['new_graphs']}")))
+        rows.append((f"compile run {r['run']}", (
+            f"first step {r['first_step_s']:.1f} s, {r['train_img_s']:,.0f} img/s, "
+            f"new graphs {r['new_graphs']}")))
     for level in results.get("concurrency", {}).get("levels", []):
         rows.append((f"b8 jobs x{level['concurrent']}", f"{level['runs_per_hour']:.0f} runs/h ({level['speedup']:.2f}x)"))
     p = results.get("probes", {})
     if "relative_difference" in p:
-        rows.append(("probes bf16 vs fp32", ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in p["relative_difference"].items())))
+        rows.append(("probes bf16 vs fp32",
+                     ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in p["relative_difference"].items())))
     t = results.get("cuda_tests", {})
     if "tests" in t:
-        rows.append(("CUDA-only tests", f"{t['passed']} passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"))
+        rows.append(("CUDA-only tests",
+                     f"{t['passed']} passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"))
     rows += [(claim, verdict) for claim, verdict in results.get("verdicts", {}).items()]
     return rows
 
@@ -55,15 +60,15 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"gpu_check on {results['machine'].get('gpu') or results['machine']['device']}")
-    t.add_column("check")
-    t.add_column("result")
-    for name, value in table(results):
-        t.add_row(name, value)
+    machine = results["machine"]
+    t = Table("check", "result", title=f"gpu_check on {machine.get('gpu') or machine['device']}")
+    for row in table(results):
+        t.add_row(*row)
     Console().print(t)
 
 
-def main(argv: list[str] | None = None, *, train_script: Path | None = None, conf_dir: Path | None = None) -> int:
+def main(argv: list[str] | None = None, *, train_script: Path | None = None,
+         conf_dir: Path | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cpu_dry_run:
         device, settings = torch.device("cpu"), GpuCheckSettings.tiny()
@@ -81,7 +86,9 @@ def main(argv: list[str] | None = None, *, train_script: Path | None = None, con
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     paths = PerfPaths(train_script=train_script, conf_dir=conf_dir)
-    results = run_checks(with_budget(settings, args.budget), paths, device, work, names,
+    if args.budget is not None:
+        settings = replace(settings, budget_s=args.budget)
+    results = run_checks(settings, paths, device, work, names,
                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
     results["machine"] = machine_info(device)
     results["dry_run"] = bool(args.cpu_dry_run)

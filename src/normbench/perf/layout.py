@@ -6,6 +6,7 @@ alternate them."""
 from __future__ import annotations
 
 import functools
+import itertools
 import statistics
 from pathlib import Path
 
@@ -41,11 +42,14 @@ def layout_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: s
             "auto": "channels_last" if auto else "nchw", "auto_ok": faster_or_tie}
 
 
-def bench_layout(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path) -> dict:
+def layout_rows(s: PerfSettings, paths: PerfPaths, device: torch.device, models, norms) -> list[dict]:
     rows = []
-    for model in s.models:
-        for norm in NORMS:
-            rows.append(layout_row(s, paths, device, model, norm))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return {"rows": rows, "tie": TIE}
+    for model, norm in itertools.product(models, norms):
+        rows.append(layout_row(s, paths, device, model, norm))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_layout(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path) -> dict:
+    return {"rows": layout_rows(s, paths, device, s.models, NORMS), "tie": TIE}

@@ -1,10 +1,7 @@
-"""Section ``loop``: steady-state training images/s of normbench's ``Trainer.train_steps`` (the real loop,
-with its RecordSink, scheduler, accuracy bookkeeping and logging points, progress bar off as in a sweep)
-against a minimal hand-written loop (forward, cross-entropy, zero_grad, backward, optimizer step) on the
-same model (an identical copy), batch, device, threads, precision, memory format, optimizer
-implementation and data: both loops draw their batches from a ``BatchStream`` over the same uint8 tensors
-with the same crop+flip+normalize, so the augmentation cost is in both. Also the data pipeline's own time
-per batch against the step time, and the loop's own cost per step on a near-free model."""
+"""Section ``loop``: steady-state training images/s of ``Trainer.train_steps`` (the real loop) against a
+minimal hand-written loop on identical model copies, batches, device and data (docs/PERFORMANCE.md); the
+data pipeline's own time per batch against the step time; the loop's own cost per step on a near-free model.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from normbench.device import compile_model
 from normbench.optim import fast_optimizer_kwargs
 from normbench.perf import parts
 from normbench.perf.common import (
@@ -24,7 +22,6 @@ from normbench.perf.common import (
     PerfSettings,
     alternate,
     autocast,
-    maybe_compile,
     paired_ratio,
     precision_name,
     quartiles,
@@ -35,14 +32,14 @@ from normbench.perf.common import (
 from normbench.record import RecordSink
 from normbench.trainer import LoopState
 
-WHAT = ("Trainer.train_steps (RecordSink, constant scheduler, accuracy, logging every 25 steps, no progress "
-        "bar) vs a hand-written forward/CE/zero_grad/backward/SGD-step loop; same model copy, BatchStream data "
-        "with crop+flip+normalize in both, SGD lr 0.01 momentum 0.9")
+WHAT = ("Trainer.train_steps (RecordSink, constant scheduler, accuracy, logging every 25 steps, no "
+        "progress bar) vs a hand-written forward/CE/zero_grad/backward/SGD-step loop; same model copy, "
+        "BatchStream data with crop+flip+normalize in both, SGD lr 0.01 momentum 0.9")
 
 
 def _raw_loop(model, stream, steps: int, device: torch.device, amp, compile_: bool) -> Callable[[], int]:
     """The hand-written reference loop: `steps` steps per call, returning the images trained on."""
-    forward = maybe_compile(model, compile_)
+    forward = compile_model(model) if compile_ else model
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, **fast_optimizer_kwargs(torch.optim.SGD, params))
 
@@ -62,14 +59,7 @@ def _raw_loop(model, stream, steps: int, device: torch.device, amp, compile_: bo
 
 def _data_only(stream, steps: int) -> Callable[[], int]:
     """Draw 4 x `steps` batches from the pipeline alone."""
-    def run() -> int:
-        seen = 0
-        for _ in range(4):
-            for _x, y in itertools.islice(stream, steps):
-                seen += y.shape[0]
-        return seen
-
-    return run
+    return lambda: sum(y.shape[0] for _ in range(4) for _x, y in itertools.islice(stream, steps))
 
 
 def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
@@ -77,12 +67,13 @@ def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir
     """The three timed candidates (normbench, raw, data) of one configuration, and its settings."""
     run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model_name, s.width),
                                                        f"batch_size={batch}"],
-                          num_train=max(batch * steps * 2, 512), sink=RecordSink(workdir / f"loop-{model_name}-{batch}"))
+                          num_train=max(batch * steps * 2, 512),
+                          sink=RecordSink(workdir / f"loop-{model_name}-{batch}"))
     # the Trainer has made its norms compute in fp32 under autocast: the copy keeps that, and the weights
     raw_model = copy.deepcopy(run.model)
     state = LoopState()
-    raw = _raw_loop(raw_model, parts.another_stream(run, seed=1), steps, device, run.trainer.settings.amp_dtype,
-                    s.compile)
+    raw = _raw_loop(raw_model, parts.another_stream(run, seed=1), steps, device,
+                    run.trainer.settings.amp_dtype, s.compile)
     data_only = _data_only(parts.another_stream(run, seed=2), steps)
     candidates = {"normbench": lambda: timed(lambda: train_seen(run.trainer, state, steps), device),
                   "raw": lambda: timed(raw, device),
@@ -127,7 +118,9 @@ def bench_loop(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir:
     # The loop's own cost per step, measured where it is not lost in the noise: a near-free model (one
     # linear layer) at batch 8, 25 steps (one logging interval) per window. A step of a real model takes
     # `step_ms`; normbench / raw >= step_ms / (step_ms + overhead) follows without the noise of big steps.
-    overhead = loop_config(s, paths, device, workdir, "linear", 8, steps=25, budget_s=min(s.loop_budget_s, 5.0))
+    overhead = loop_config(s, paths, device, workdir, "linear", 8, steps=25,
+                           budget_s=min(s.loop_budget_s, 5.0))
+    overhead_ms = max(overhead["extra_us_per_step"], 0.0) / 1e3
     for row in rows:
-        row["predicted_ratio"] = row["step_ms"] / (row["step_ms"] + max(overhead["extra_us_per_step"], 0.0) / 1e3)
+        row["predicted_ratio"] = row["step_ms"] / (row["step_ms"] + overhead_ms)
     return {"rows": rows, "overhead": overhead, "threads": torch.get_num_threads(), "what": WHAT}

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 from torch import nn
 
 from normbench.data import BatchStream
@@ -25,19 +24,15 @@ BENCH = ["data=synthetic", "data.num_test=64", "optimizer=sgd", "scheduler=const
          "trainer.eval_batch_size=500", "trainer.max_eval_batches=1", "trainer.checkpoint=false"]
 
 
-def compose_config(conf_dir: Path, overrides: list[str]) -> DictConfig:
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(Path(conf_dir).absolute())):
-        return compose(config_name="config", overrides=overrides)
-
-
 def run_parts(s: PerfSettings, conf_dir: Path, device: torch.device, overrides: list[str], *,
               num_train: int, val: int = 64, sink=None) -> RunParts:
     """A run's parts on `device` for the benchmark settings `s` plus `overrides` (later ones win)."""
-    cfg = compose_config(conf_dir, [
-        *BENCH, f"data.num_train={num_train + val}", f"data.val_size={val}", f"trainer.device={device}",
-        f"trainer.precision={s.precision}", f"trainer.channels_last={s.channels_last}".lower(),
-        f"trainer.compile={s.compile}".lower(), *overrides])
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(Path(conf_dir).absolute())):
+        cfg = compose(config_name="config", overrides=[
+            *BENCH, f"data.num_train={num_train + val}", f"data.val_size={val}", f"trainer.device={device}",
+            f"trainer.precision={s.precision}", f"trainer.channels_last={s.channels_last}".lower(),
+            f"trainer.compile={s.compile}".lower(), *overrides])
     spec = validate(cfg, device=str(device))
     parts = build_parts(cfg, spec, sink)
     parts.trainer.settings.progress = False

@@ -18,8 +18,8 @@ INTERVAL, CHUNK = 50, 10   # a round = the 50-step landscape interval, timed in 
 
 def _trainers(s: PerfSettings, paths: PerfPaths, device: torch.device) -> dict:
     """One Trainer per probe variant, each on the same model (same seed, same weights) and data."""
-    model = parts.model_overrides("vgg_a", s.probe_width)
-    return {name: parts.run_parts(s, paths.conf_dir, device, [*model, f"probe={name}", f"batch_size={s.probe_batch}"],
+    model = [*parts.model_overrides("vgg_a", s.probe_width), f"batch_size={s.probe_batch}"]
+    return {name: parts.run_parts(s, paths.conf_dir, device, [*model, f"probe={name}"],
                                   num_train=s.probe_batch * INTERVAL + s.probe_batch).trainer
             for name in VARIANTS}
 

@@ -1,17 +1,12 @@
-"""Section ``fixed_cost``: process start to the first finished training step of ``bench/train.py`` with
-tiny settings (logger=none), against bare ``python -c "import torch"`` and against a minimal PyTorch
-training process (import torch, build an SGD optimizer, one step); and the per-job cost in a sequential
-multirun of tiny jobs.
-
-The first-step time comes from the run record, not from a hook in the loop: the tiny runs train one step
-per epoch (``trainer.max_steps_per_epoch=1``) and log every step (``trainer.log_every_steps=1``), so the
-record's ``steps.jsonl`` is written exactly once, at the logging point right after the first step (its
-one device sync); the file's modification time is that moment. The minimal reference script is not
-normbench's loop and writes its own timestamp.
+"""Section ``fixed_cost``: process start to the first finished training step of ``bench/train.py`` (tiny
+settings) against bare ``import torch`` and a minimal PyTorch training process; the per-job cost in a
+sequential multirun of tiny jobs. The first-step time is read from the run record (docs/PERFORMANCE.md
+says why that is exact), not from a hook in the loop.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import statistics
@@ -57,7 +52,8 @@ BREAKDOWN = ("import sys, time, json, runpy\n"
              "    setattr(module, name, wrapper)\n"
              "traced(normbench.job, 'run_job', 'Hydra composed the config, run_job entered', 'run ended')\n"
              "traced(normbench.run, 'load_data', 'config printed, validated', 'data on the device')\n"
-             "traced(normbench.run, 'build_model', 'memory baseline (imports torch._dynamo)', 'model built')\n"
+             "traced(normbench.run, 'build_model', 'memory baseline (imports torch._dynamo)',\n"
+             "       'model built')\n"
              "traced(normbench.run, 'build_optimizer', None, 'optimizer, scheduler built')\n"
              "sys.argv = sys.argv[3:]\n"
              "try:\n"
@@ -96,9 +92,6 @@ def _single_runs(s: PerfSettings, train: Path, device_arg: list[str], workdir: P
     counter = itertools.count()
     totals: list[float] = []
 
-    def bare() -> float:
-        return run_process([py, "-c", "import torch"], workdir)
-
     def minimal() -> float:
         marker = workdir / f"first-step-minimal-{next(counter)}.txt"
         start = time.time()
@@ -111,6 +104,7 @@ def _single_runs(s: PerfSettings, train: Path, device_arg: list[str], workdir: P
         totals.append(run_process([py, str(train), *TINY, *device_arg, f"hydra.run.dir={run_dir}"], workdir))
         return first_step_time(run_dir) - start
 
+    bare = functools.partial(run_process, [py, "-c", "import torch"], workdir)
     res = alternate({"bare": bare, "minimal": minimal, "first_step": first_step}, s.startup_rounds, warmup=0)
     return {
         "bare_import_torch_s": statistics.median(res["bare"]),
@@ -130,13 +124,11 @@ def startup_breakdown(train: Path, device_arg: list[str], workdir: Path) -> list
     start = time.time()
     run_process([sys.executable, "-c", BREAKDOWN, str(start), str(marks_file), str(train), *TINY, *device_arg,
                  f"hydra.run.dir={run_dir}"], workdir)
-    marks = [*json.loads(marks_file.read_text()), ("first training step done", first_step_time(run_dir) - start)]
+    first_step = ("first training step done", first_step_time(run_dir) - start)
+    marks = [*json.loads(marks_file.read_text()), first_step]
     marks = sorted((m for m in marks if m[0] != "run ended"), key=lambda m: m[1])
-    rows, previous = [], 0.0
-    for name, at in marks:
-        rows.append({"phase": name, "at_s": at, "phase_s": at - previous})
-        previous = at
-    return rows
+    return [{"phase": name, "at_s": at, "phase_s": at - before}
+            for (_, before), (name, at) in itertools.pairwise([("start", 0.0), *marks])]
 
 
 def _multirun(s: PerfSettings, train: Path, device_arg: list[str], workdir: Path, bare_s: float) -> dict:
@@ -149,7 +141,8 @@ def _multirun(s: PerfSettings, train: Path, device_arg: list[str], workdir: Path
                         f"hydra.sweep.dir={sweep}", "experiment_name=perf"], workdir)
     stamps = sorted(first_step_time(path.parent) for path in sweep.rglob(STEPS))
     if len(stamps) != s.multirun_jobs:
-        raise RuntimeError(f"multirun of {s.multirun_jobs} jobs left {len(stamps)} records with {STEPS} in {sweep}")
+        raise RuntimeError(f"multirun of {s.multirun_jobs} jobs left {len(stamps)} records with {STEPS} "
+                           f"in {sweep}")
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     per_job = statistics.median(gaps) if gaps else float("nan")
     return {"jobs": s.multirun_jobs, "wall_s": wall, "first_step_s": stamps[0] - start if stamps else None,

@@ -69,12 +69,12 @@ def _fixed_rows(add: Add, fixed: dict) -> None:
 
 
 def _probe_rows(add: Add, probes: dict) -> None:
+    none = next((x["img_s"] for x in probes.get("rows", []) if x["probe"] == "none"), None)
     for r in probes.get("rows", []):
-        if r["probe"] == "none":
-            continue
-        add("4 probes", f"probe={r['probe']} img/s (vgg_a w{probes['width']:g} b{probes['batch']})",
-            _f(r["img_s"], 1), _f(next(x["img_s"] for x in probes["rows"] if x["probe"] == "none"), 1) + " none",
-            _f(r["ratio_vs_none"], 3) + f" (+{100 * r['overhead']:.1f}%)")
+        if r["probe"] != "none":
+            add("4 probes", f"probe={r['probe']} img/s (vgg_a w{probes['width']:g} b{probes['batch']})",
+                _f(r["img_s"], 1), _f(none, 1) + " none",
+                _f(r["ratio_vs_none"], 3) + f" (+{100 * r['overhead']:.1f}%)")
     if probes.get("skipped"):
         add("4 probes", "skipped", probes["skipped"], "", "")
 
@@ -92,10 +92,12 @@ def _cuda_rows(add: Add, rows: list, verdict: dict, cuda: dict) -> None:
     if cuda.get("skipped"):
         rows.append(("6 cuda", f"skipped: {cuda['skipped']}", "", "", "", "", ""))
     for r in cuda.get("epochs", []):
-        add("6 cuda", f"vgg_a b{r['batch']} epoch s / TFLOP/s (peak {_f(cuda['peak_tflops'])})", _f(r["epoch_s"], 1),
-            _f(r["achieved_tflops"], 1) + " TFLOP/s", _f(r["mfu"], 3) + " of peak" if r["mfu"] else "-")
+        add("6 cuda", f"vgg_a b{r['batch']} epoch s / TFLOP/s (peak {_f(cuda['peak_tflops'])})",
+            _f(r["epoch_s"], 1), _f(r["achieved_tflops"], 1) + " TFLOP/s",
+            _f(r["mfu"], 3) + " of peak" if r["mfu"] else "-")
     for r in cuda.get("concurrency", {}).get("levels", []):
-        add("6 cuda", f"runs/hour, {r['concurrent']} concurrent (b8, {cuda['concurrency']['steps_per_job']} steps)",
+        add("6 cuda", f"runs/hour, {r['concurrent']} concurrent (b8, {cuda['concurrency']['steps_per_job']} "
+            "steps)",
             _f(r["runs_per_hour"], 1), _f(r["train_img_s_total"]) + " img/s", _f(r["speedup"], 2)
             + f" (img/s {r['train_speedup']:.2f})")
     _verdict_row(rows, verdict, "6 cuda", "runs/hour gain from concurrency",
@@ -129,9 +131,9 @@ def print_table(results: dict, file=None) -> None:
     from rich.table import Table
 
     m = results["machine"]
-    title = (f"normbench perf{' (quick)' if results['settings']['quick'] else ''}: {m['cpu']}, {m['cores']} cores, "
-             f"torch {m['torch']}, device {m['device']}{' ' + m['gpu'] if m.get('gpu') else ''}, "
-             f"{m['torch_threads']} threads")
+    title = (f"normbench perf{' (quick)' if results['settings']['quick'] else ''}: {m['cpu']}, "
+             f"{m['cores']} cores, torch {m['torch']}, device {m['device']}"
+             f"{' ' + m['gpu'] if m.get('gpu') else ''}, {m['torch_threads']} threads")
     table = Table(title=title, title_justify="left")
     for col, justify in (("section", "left"), ("measure", "left"), ("normbench", "right"),
                          ("reference", "right"), ("ratio", "right"), ("target", "right"), ("result", "center")):

@@ -30,11 +30,10 @@ def _loop_targets(loop: dict) -> list[dict]:
 
 
 def _cuda_target(cuda: dict) -> dict:
-    levels = cuda.get("concurrency", {}).get("levels", [])
-    if not levels:
+    best = max(cuda.get("concurrency", {}).get("levels", []), key=lambda r: r["speedup"], default=None)
+    if best is None:
         return target("runs/hour, concurrent / single (b8)", None, f">= {CONCURRENCY_TARGET}", None,
                       cuda.get("skipped", "not measured"))
-    best = max(levels, key=lambda r: r["speedup"])
     return target("runs/hour, concurrent / single (b8)", best["speedup"], f">= {CONCURRENCY_TARGET}",
                   best["speedup"] >= CONCURRENCY_TARGET, f"{best['concurrent']} jobs")
 
