@@ -32,6 +32,9 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 CACHE = Path(os.environ.get("NORMBENCH_DOCKER_CACHE", "/var/cache/normbench-docker"))
 BASE_MAX_AGE_DAYS = 30
+# The wheel index's port is part of a build argument, and a changed build argument invalidates the cached
+# layers from the torch step on: a fixed port (another one only when it is taken) keeps them reusable.
+WHEEL_INDEX_PORT = 38457
 TOOLS = ("dockerd", "docker", "debootstrap")
 
 
@@ -145,6 +148,8 @@ def debian_base(engine: Engine) -> str:
         if stale:
             old.unlink()
     tag = f"normbench-base:bookworm-{key}"
+    if tarball.exists() and engine.docker("image", "inspect", tag, check=False).returncode == 0:
+        return tag   # a kept data root has it: importing again would give new ids and miss every cached layer
     proc = subprocess.run([str(BASE_SCRIPT), str(tarball), tag], env=engine.env, capture_output=True, text=True,
                           timeout=900, check=False)
     assert proc.returncode == 0, f"scripts/docker_base.sh failed:\n{proc.stderr[-3000:]}"
@@ -163,7 +168,10 @@ def build_normbench(engine: Engine, base: str, tag: str, local_projects) -> Buil
     from wheel_index import WheelIndex
 
     start = time.monotonic()
-    index = WheelIndex(local_projects)
+    try:
+        index = WheelIndex(local_projects, port=WHEEL_INDEX_PORT)
+    except OSError:
+        index = WheelIndex(local_projects)
     with index.serving() as url:
         engine.docker("build", "--network", "host", "-f", str(DOCKERFILE), "-t", tag,
                       "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"TORCH_INDEX_URL={url}",

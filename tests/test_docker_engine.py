@@ -203,4 +203,11 @@ def test_compose_workers_share_one_optuna_study_in_postgres(engine, base, image,
     assert all(0.0 <= values[0] <= 1.0 for _, values in trials), trials   # val/error
     sweeps = sorted((multirun / "docker_compose").glob("worker-*"))
     assert len(sweeps) == 2, sweeps                       # one sweep dir per worker container
-    assert len(list((multirun / "docker_compose").rglob("summary.json"))) == 3
+    runs = sorted(run for sweep in sweeps for run in sweep.glob("trial-*"))
+    assert len(runs) == 3, runs
+    # a sampled combination that fails the config check leaves rejected.json instead of a summary
+    files = {run.name: sorted(f.name for f in run.iterdir()) for run in runs}
+    records = [run / name for run in runs for name in ("summary.json", "rejected.json") if (run / name).exists()]
+    assert len(records) == 3, files
+    statuses = [json.loads(p.read_text())["status"] for p in records]
+    assert "completed" in statuses and set(statuses) <= {"completed", "failed", "diverged"}, statuses
