@@ -21,10 +21,12 @@ from conftest import ROOT, wandb_inspect
 from docker_engine import Unavailable, build_normbench, debian_base, private_engine
 from test_docker import BASE_IMAGE_PACKAGES, COMPOSE, compose_cli, dockerfile_args
 
+from normbench.datasets.idx import DEBIAN_FASHION_MNIST
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 IMAGE = "normbench:0.1.0"            # the tag docker/compose.yaml's workers run
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST = Path(DEBIAN_FASHION_MNIST)
 NB_UID = int(dockerfile_args()["NB_UID"])
 QUICK = ["+debug=quick", "data.num_train=512", "data.num_test=128"]
 
