@@ -162,6 +162,7 @@ class Build:
     seconds: float
     size_bytes: int
     local_wheels: list[str]   # the wheels the build took from this host's disk
+    torch_layer_cached: bool  # the torch step was not run: its layer came from a kept data root
 
 
 def build_normbench(engine: Engine, base: str, tag: str, local_projects) -> Build:
@@ -173,10 +174,12 @@ def build_normbench(engine: Engine, base: str, tag: str, local_projects) -> Buil
     except OSError:
         index = WheelIndex(local_projects)
     with index.serving() as url:
-        engine.docker("build", "--network", "host", "-f", str(DOCKERFILE), "-t", tag,
+        out = engine.docker("build", "--network", "host", "-f", str(DOCKERFILE), "-t", tag,
                       "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"TORCH_INDEX_URL={url}",
-                      str(ROOT), timeout=2400)
+                      str(ROOT), timeout=2400).stdout
     seconds = time.monotonic() - start
     engine.docker("image", "prune", "--force")   # a kept data root would collect the replaced images
     size = int(engine.docker("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())
-    return Build(tag, seconds, size, sorted(index.served))
+    # The classic builder prints "Step i/n : RUN ..." and, for a reused layer, "---> Using cache" next.
+    torch_step = out[out.index("import sys, torch"):].split("Step ", 1)[0]
+    return Build(tag, seconds, size, sorted(index.served), "Using cache" in torch_step)
