@@ -47,7 +47,8 @@ def unavailable_reason() -> str | None:
         return "not root: dockerd and debootstrap need root"
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        return f"{', '.join(missing)} not installed (scripts/install.sh --dev installs docker.io and debootstrap)"
+        return (f"{', '.join(missing)} not installed "
+                "(scripts/install.sh --dev installs docker.io and debootstrap)")
     if "overlay" not in Path("/proc/filesystems").read_text().split():
         subprocess.run(["modprobe", "overlay"], capture_output=True, check=False)
         if "overlay" not in Path("/proc/filesystems").read_text().split():
@@ -66,9 +67,10 @@ class Engine:
         # The classic builder: Debian's docker.io has no buildx plugin.
         return {**os.environ, "DOCKER_HOST": f"unix://{self.home / 'docker.sock'}", "DOCKER_BUILDKIT": "0"}
 
-    def docker(self, *args: str, timeout: float = 300, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-                              check=False, **kw)
+    def docker(self, *args: str, timeout: float = 300, check: bool = True,
+               **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, check=False, **kw)
         if check and proc.returncode != 0:
             raise AssertionError(f"docker {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
                                  f"{proc.stderr[-3000:]}")
@@ -150,8 +152,8 @@ def debian_base(engine: Engine) -> str:
     tag = f"normbench-base:bookworm-{key}"
     if tarball.exists() and engine.docker("image", "inspect", tag, check=False).returncode == 0:
         return tag   # a kept data root has it: importing again would give new ids and miss every cached layer
-    proc = subprocess.run([str(BASE_SCRIPT), str(tarball), tag], env=engine.env, capture_output=True, text=True,
-                          timeout=900, check=False)
+    proc = subprocess.run([str(BASE_SCRIPT), str(tarball), tag], env=engine.env, capture_output=True,
+                          text=True, timeout=900, check=False)
     assert proc.returncode == 0, f"scripts/docker_base.sh failed:\n{proc.stderr[-3000:]}"
     return tag
 

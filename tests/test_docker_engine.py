@@ -68,10 +68,11 @@ def writable_dir(path: Path) -> Path:
 def test_image_takes_torch_from_the_local_wheels(engine, image):
     args = dockerfile_args()
     if not image.torch_layer_cached:
-        assert any(w.startswith(f"torch-{args['TORCH_VERSION']}-") for w in image.local_wheels), image.local_wheels
+        torch_wheel = f"torch-{args['TORCH_VERSION']}-"
+        assert any(w.startswith(torch_wheel) for w in image.local_wheels), image.local_wheels
         assert any(w.startswith("nvidia_cudnn") for w in image.local_wheels), image.local_wheels
     proc = run(engine, "--network", "none", IMAGE, "python", "-c",
-               "import os, torch, torchvision; print(os.getuid(), torch.__version__, torchvision.__version__)")
+               "import os, torch, torchvision as tv; print(os.getuid(), torch.__version__, tv.__version__)")
     uid, torch_version, vision_version = proc.stdout.split()
     assert int(uid) == NB_UID != 0
     assert torch_version.split("+")[0] == args["TORCH_VERSION"]
@@ -83,7 +84,8 @@ def test_image_takes_torch_from_the_local_wheels(engine, image):
 def test_quick_sweep_in_the_container_is_read_on_the_host(engine, image, tmp_path):
     multirun = writable_dir(tmp_path / "multirun")
     run(engine, "--network", "none", "-v", f"{multirun}:/app/multirun", "-v", f"{FASHION_MNIST}:/data:ro",
-        IMAGE, "python", "bench/train.py", "-m", "data=synthetic,fashion_mnist", "+debug=quick", "logger=wandb",
+        IMAGE, "python", "bench/train.py", "-m", "data=synthetic,fashion_mnist", "+debug=quick",
+        "logger=wandb",
         "experiment_name=docker_quick")
     sweep = multirun / "docker_quick"
     summaries = [json.loads(p.read_text()) for p in sorted(sweep.rglob("summary.json"))]
@@ -130,7 +132,8 @@ def test_entrypoint_gives_each_worker_its_own_gpu(engine, image):
         claimed = sorted(wait_for_line(engine, w, "CUDA_VISIBLE_DEVICES=") for w in workers)
         assert claimed == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"]
         third = run(engine, "--network", "none", *gpus, *locks, IMAGE, "true", check=False)
-        assert third.returncode == 1 and "all 2 GPU slots of this host are taken" in third.stderr, third.stderr
+        assert third.returncode == 1, third.stderr
+        assert "all 2 GPU slots of this host are taken" in third.stderr, third.stderr
         # an explicit CUDA_VISIBLE_DEVICES is kept, without a slot
         assert entry_env(engine, *gpus, *locks, "-e", "CUDA_VISIBLE_DEVICES=1")["CUDA_VISIBLE_DEVICES"] == "1"
     finally:
@@ -196,7 +199,8 @@ def test_compose_workers_share_one_optuna_study_in_postgres(engine, base, image,
     def compose_run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         proc = subprocess.run([*compose, *args], env=engine.env, capture_output=True, text=True,
                               timeout=timeout, check=False)
-        assert proc.returncode == 0, f"compose {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, (f"compose {' '.join(args)}:\n{proc.stdout[-3000:]}\n"
+                                      f"{proc.stderr[-3000:]}")
         return proc
 
     try:
@@ -221,7 +225,8 @@ def test_compose_workers_share_one_optuna_study_in_postgres(engine, base, image,
     assert len(runs) == 3, runs
     # a sampled combination that fails the config check leaves rejected.json instead of a summary
     files = {run.name: sorted(f.name for f in run.iterdir()) for run in runs}
-    records = [run / name for run in runs for name in ("summary.json", "rejected.json") if (run / name).exists()]
+    records = [run / name for run in runs for name in ("summary.json", "rejected.json")
+               if (run / name).exists()]
     assert len(records) == 3, files
     statuses = [json.loads(p.read_text())["status"] for p in records]
     assert "completed" in statuses and set(statuses) <= {"completed", "failed", "diverged"}, statuses
@@ -238,7 +243,8 @@ def fetch_until_up(url: str, timeout: float = 120) -> str:
     while True:
         try:
             # loopback: never through a proxy from the environment
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=10) as response:
+            direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with direct.open(url, timeout=10) as response:
                 return response.read().decode()
         except OSError:
             if time.monotonic() > deadline:

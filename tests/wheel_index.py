@@ -147,8 +147,9 @@ if __name__ == "__main__":
 
     index = WheelIndex(BASE_IMAGE_PACKAGES, port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000)
     with index.serving() as url:
-        print(f"{url}: {sum(map(len, index.projects.values()))} local wheels of {len(index.projects)} projects; "
-              f"the rest from {UPSTREAM}", flush=True)
+        wheels = sum(map(len, index.projects.values()))
+        print(f"{url}: {wheels} local wheels of {len(index.projects)} projects; the rest from {UPSTREAM}",
+              flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:
