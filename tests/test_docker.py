@@ -566,6 +566,37 @@ def test_docker_compose_config_resolves_with_the_example_env(tmp_path):
     assert proc.returncode != 0 and "POSTGRES_" in proc.stderr, proc.stderr
 
 
+def test_wheel_index_serves_local_wheels_and_sends_the_rest_upstream():
+    """tests/wheel_index.py, which the engine test builds the image through: a project with wheels on this
+    host's disk is served from them alone; any other is redirected to the upstream index."""
+    import urllib.error
+    import urllib.request
+
+    from wheel_index import WheelIndex
+
+    index = WheelIndex(BASE_IMAGE_PACKAGES, upstream="https://upstream.invalid/simple")
+    if "torch" not in index.projects:
+        pytest.skip("no local torch wheel in the host pip's find-links or file:// indexes")
+    # loopback: never through a proxy from the environment
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    no_redirect = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                              type("NoRedirect", (urllib.request.HTTPRedirectHandler,),
+                                                   {"redirect_request": lambda *a, **k: None}))
+    # the smallest local wheel, read whole
+    project, wheel = min(((p, w) for p, wheels in index.projects.items() for w in wheels),
+                         key=lambda pw: index.projects[pw[0]][pw[1]].stat().st_size)
+    with index.serving() as url:
+        page = direct.open(f"{url}{project}/", timeout=30).read().decode()
+        assert f'href="../../files/{wheel}"' in page
+        body = direct.open(url.replace("/simple/", "/files/") + wheel, timeout=60).read()
+        assert body == index.projects[project][wheel].read_bytes()
+        with pytest.raises(urllib.error.HTTPError) as redirect:
+            no_redirect.open(url + "Sympy/", timeout=30)
+        assert redirect.value.code == 302
+        assert redirect.value.headers["Location"] == "https://upstream.invalid/simple/sympy/"
+    assert index.served == [wheel]
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write-lock"]:
         write_lock()
