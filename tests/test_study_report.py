@@ -100,7 +100,8 @@ def test_study_002_comparisons_with_welch_verdicts_and_flags(tmp_path):
     for (norm, bs), values in accs.items():
         for seed, acc in enumerate(values):
             write_run(sweep, experiment="alexnet_norm_batch",
-                      choices={"model": "alexnet", "norm": norm, "batch_size": bs, "seed": seed}, test_acc=acc,
+                      choices={"model": "alexnet", "norm": norm, "batch_size": bs, "seed": seed},
+                      test_acc=acc,
                       lr=0.005, params=58_000_000)
     rep = report.build([str(sweep)], str(tmp_path / "out"))
     table = next(t for t in rep.tables if t.name == "alexnet_norm_batch")
