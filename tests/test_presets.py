@@ -114,7 +114,7 @@ def test_plan_command_names_the_available_presets(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# each study row run with the settings the study states for it (issue 10)
+# each study row run with the settings the study states for it
 
 def _row_settings(cfg) -> dict:
     """The settings a reference row names, read from a composed job config."""

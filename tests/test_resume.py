@@ -110,7 +110,7 @@ def test_index_is_rebuilt_from_records_and_checks_them(tmp_path):
     assert state.done("id_c")["dir"] == "c/d"
     assert state.done("id_b") is None and state.get("id_b")["status"] == "running"
     assert state.done("id_x") is None
-    # an index entry whose record no longer says so is not trusted
+    # an index entry whose record says otherwise is not trusted
     atomic_write_json(sweep / "a" / "summary.json", {"identity": "id_a", "status": "failed"})
     assert state.done("id_a") is None
 
