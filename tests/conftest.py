@@ -58,7 +58,8 @@ def run_train(args: list[str], cwd: Path, env_extra: dict | None = None, timeout
     proc = subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 

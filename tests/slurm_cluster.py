@@ -63,7 +63,8 @@ class Cluster:
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
                 return time.monotonic() - started
             time.sleep(0.1)
-        raise AssertionError(f"job {job_id} not pending again after {timeout} s: {self.job(job_id)}\n{self.logs()}")
+        raise AssertionError(f"job {job_id} not pending again after {timeout} s: "
+                             f"{self.job(job_id)}\n{self.logs()}")
 
     def queue(self) -> list[str]:
         return self.run("squeue", "-h", "-o", "%i %T").splitlines()
@@ -100,5 +101,6 @@ def one_node_cluster():
             raise Unavailable(f"the one-node SLURM cluster did not start: {proc.stderr.strip()[-800:]}")
         yield Cluster(base, base / "slurm.conf", time.monotonic() - started)
     finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", str(base)], capture_output=True, timeout=120, check=False)
+        subprocess.run(["bash", str(SCRIPT), "stop", str(base)], capture_output=True, timeout=120,
+                       check=False)
         shutil.rmtree(base, ignore_errors=True)

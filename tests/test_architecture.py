@@ -17,9 +17,9 @@ BASE = ("normbench.errors", "normbench.record", "normbench.schema", "normbench.i
         "normbench.preflight")
 RUN_PARTS = ("normbench.activations", "normbench.norms", "normbench.losses", "normbench.optim",
              "normbench.device", "normbench.data", "normbench.datasets", "normbench.models",
-             "normbench.probes",
-             "normbench.faults", "normbench.filters", "normbench.checkpoint", "normbench.interrupts",
-             "normbench.trainer", "normbench.loggers", "normbench.targets", "normbench.pruning")
+             "normbench.probes", "normbench.faults", "normbench.filters", "normbench.checkpoint",
+             "normbench.interrupts", "normbench.trainer", "normbench.loggers", "normbench.targets",
+             "normbench.pruning")
 ALLOWED = {
     **{m: BASE + RUN_PARTS for m in RUN_PARTS},
     **{m: BASE for m in BASE},

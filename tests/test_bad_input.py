@@ -115,7 +115,8 @@ GROUP_CASES = {
 
 
 @pytest.mark.parametrize("overrides,expected", GROUP_CASES.values(), ids=list(GROUP_CASES))
-def test_every_group_is_checked_before_anything_is_recorded(overrides, expected, tmp_path, capsys, monkeypatch):
+def test_every_group_is_checked_before_anything_is_recorded(overrides, expected, tmp_path, capsys,
+                                                            monkeypatch):
     """validate() parses every group: a bad probe, pruning, fault, norm or target is one line, no record."""
     from conftest import CONF
     from hydra import compose, initialize_config_dir
@@ -163,24 +164,32 @@ BATTERY = {
     "norm.eps=-1": (["norm.eps=-1"], "bad value norm.eps=-1: must be a number > 0"),
     "hydra.launcher.n_jobs=0": (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0"],
                                 "bad value hydra.launcher.n_jobs=0"),
-    "optimizer._target_=os.system": (["optimizer._target_=os.system"], "bad value optimizer._target_='os.system'"),
-    # accepted silently before
+    "optimizer._target_=os.system": (["optimizer._target_=os.system"],
+                                     "bad value optimizer._target_='os.system'"),
+    # values of the right type but out of range
     "optimizer.lr=inf": (["optimizer.lr=inf"], "bad value optimizer.lr=inf"),
     "optimizer.momentum=1.5": (["optimizer=sgd", "optimizer.momentum=1.5"],
                                "bad value optimizer.momentum=1.5: must be in [0, 1)"),
     "norm.momentum=5": (["norm=bn", "norm.momentum=5"], "bad value norm.momentum=5: must be in [0, 1]"),
-    "scheduler.every_epochs=0": (["scheduler=step", "scheduler.every_epochs=0"], "bad value scheduler.every_epochs=0"),
-    "step longer than the run": (["scheduler=step", "trainer.epochs=3", "scheduler.every_epochs=5"],
-                                 "bad value scheduler.every_epochs=5: the first decay would come after epoch 5"),
-    "trainer.compile=maybe": (["trainer.compile=maybe"], "bad value trainer.compile='maybe': must be true or false"),
+    "scheduler.every_epochs=0": (["scheduler=step", "scheduler.every_epochs=0"],
+                                 "bad value scheduler.every_epochs=0"),
+    "step longer than the run": (
+        ["scheduler=step", "trainer.epochs=3", "scheduler.every_epochs=5"],
+        "bad value scheduler.every_epochs=5: the first decay would come after epoch 5"),
+    "trainer.compile=maybe": (["trainer.compile=maybe"],
+                              "bad value trainer.compile='maybe': must be true or false"),
     "data.augment=maybe": (["data.augment=maybe"], "bad value data.augment='maybe': must be true or false"),
     "+trainer.epoch=3": (["+trainer.epoch=3"], "bad value trainer.epoch=3: unknown key"),
     "+model.widht=2": (["+model.widht=2"], "bad value model.widht=2: unknown key"),
-    "+norm.group=4": (["norm=gn", "+norm.group=4"], "bad value norm.group=4: no norm reads it; did you mean norm.groups?"),
-    "+loss.gama=2": (["loss=focal", "+loss.gama=2"], "bad value loss.gama=2: no loss reads it; did you mean loss.gamma?"),
-    "+scheduler.fn.T_max=5": (["scheduler=cosine", "+scheduler.fn.T_max=5"], "bad value scheduler.fn.T_max=5: is set"),
+    "+norm.group=4": (["norm=gn", "+norm.group=4"],
+                      "bad value norm.group=4: no norm reads it; did you mean norm.groups?"),
+    "+loss.gama=2": (["loss=focal", "+loss.gama=2"],
+                     "bad value loss.gama=2: no loss reads it; did you mean loss.gamma?"),
+    "+scheduler.fn.T_max=5": (["scheduler=cosine", "+scheduler.fn.T_max=5"],
+                              "bad value scheduler.fn.T_max=5: is set"),
     "hydra.sweeper.n_trials=0": ([*SEARCH, "hydra.sweeper.n_trials=0"], "bad value hydra.sweeper.n_trials=0"),
-    "hydra.sweeper.n_trials=-1": ([*SEARCH, "hydra.sweeper.n_trials=-1"], "bad value hydra.sweeper.n_trials=-1"),
+    "hydra.sweeper.n_trials=-1": ([*SEARCH, "hydra.sweeper.n_trials=-1"],
+                                  "bad value hydra.sweeper.n_trials=-1"),
     # experiment_name is one path component
     "experiment_name=../../x": (["experiment_name=../../x"], "bad value experiment_name='../../x'"),
     "experiment_name=..": (["experiment_name=.."], "bad value experiment_name='..'"),
@@ -198,7 +207,8 @@ FIXES = {
     "+model.widht=2": "did you mean model.width?",
     "model.width=1000": "use a smaller width",
 }
-IDLE_REFERENCE_S = 3.0   # `bench/train.py --cfg job` (imports + composition), two at a time, idle 2-core machine
+# `bench/train.py --cfg job` (imports + composition), two at a time, idle 2-core machine
+IDLE_REFERENCE_S = 3.0
 LIMIT_S = 10.0
 
 
@@ -246,7 +256,8 @@ def test_bad_input_battery(name, battery):
         written = [p for p in written if ".hydra" not in p.parts and p.name != "train.log"]
     assert not written, f"a refused run wrote {written}"
     limit = LIMIT_S * max(1.0, battery["reference"] / IDLE_REFERENCE_S)
-    assert elapsed < limit, f"{elapsed:.1f} s (limit {limit:.1f} s; composing alone took {battery['reference']:.1f} s)"
+    assert elapsed < limit, (f"{elapsed:.1f} s (limit {limit:.1f} s; "
+                             f"composing alone took {battery['reference']:.1f} s)")
 
 
 @pytest.mark.slow

@@ -48,7 +48,8 @@ def test_single_run_trains_and_records(tmp_path, wandb_env):
     assert (summary["metrics"]["convergence/epoch"] is not None) == learned
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2]
-    assert set(epochs[0]) >= {"train/loss", "train/acc", "val/loss", "val/acc", "time/epoch_s", "throughput/img_s"}
+    assert set(epochs[0]) >= {"train/loss", "train/acc", "val/loss", "val/acc", "time/epoch_s",
+                              "throughput/img_s"}
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["loss"] == {"name": "focal", "gamma": 2.0}
     assert (run / "filters.png").stat().st_size > 0

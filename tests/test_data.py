@@ -1,4 +1,5 @@
-"""Tests for normbench.data: loading, splits, on-device augmentation (checked against torchvision), batching."""
+"""Tests for normbench.data: loading, splits, on-device augmentation (checked against torchvision),
+batching."""
 
 from __future__ import annotations
 

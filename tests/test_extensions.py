@@ -19,7 +19,8 @@ from conftest import ROOT, TINY, run_train
 SECTION = "# Your own model and dataset"
 # The quick run on the page's dataset at these sizes, tiny_cnn at its own width (1.0: quick's 0.125
 # would leave it 8 channels instead of 16)
-QUICK = [o for o in TINY if not o.startswith("data")] + ["model.width=1.0", "logger=none", "data.num_train=600",
+QUICK = [o for o in TINY if not o.startswith("data")] + ["model.width=1.0", "logger=none",
+                                                         "data.num_train=600",
                                                          "data.num_test=200", "data.val_size=100"]
 
 
@@ -109,7 +110,8 @@ def test_readme_model_and_dataset_compose_with_sweeps_presets_and_the_report(pro
     assert all(s["choices"]["model"] == "tiny_cnn" and s["choices"]["data"] == "stripes" for s in preset)
 
     out = root / "report"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(root / "multirun" / "default"),
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"),
+                           str(root / "multirun" / "default"),
                            str(root / "multirun" / "vgg_bn_baseline"), "--out", str(out)],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr

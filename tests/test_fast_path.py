@@ -54,7 +54,8 @@ class ListSink:
 @pytest.fixture(scope="module")
 def data():
     cfg = OmegaConf.create({"_target_": "normbench.datasets.synthetic", "val_size": 32, "split_seed": 0,
-                            "num_train": 160, "num_test": 32, "image_size": 32, "num_classes": 10, "channels": 3,
+                            "num_train": 160, "num_test": 32, "image_size": 32, "num_classes": 10,
+                            "channels": 3,
                             "mean": None, "std": None, "generator_seed": 0, "noise": 0.25})
     return load_data(cfg, torch.device("cpu"))
 
@@ -63,7 +64,8 @@ def make_model(name="vgg_a", norm="bn", width=0.125, seed=0):
     torch.manual_seed(seed)
     cfg = OmegaConf.create({"_target_": f"normbench.models.{name}", "width": width, "dropout": 0.0,
                             "input_size": 32})
-    return build_model(cfg, num_classes=10, in_channels=3, image_size=32, norm=NormSpec(name=norm, groups=4).make,
+    return build_model(cfg, num_classes=10, in_channels=3, image_size=32,
+                       norm=NormSpec(name=norm, groups=4).make,
                        activation=activation_factory("relu"))
 
 
@@ -71,13 +73,15 @@ def make_trainer(model, data, *, channels_last=False, batch=8, log_every=25, amp
                  device=None, lr=None):
     device = device or torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
-    stream = BatchStream(data.train, batch, data.mean, data.std, channels_last=channels_last, generator=generator)
+    stream = BatchStream(data.train, batch, data.mean, data.std, channels_last=channels_last,
+                         generator=generator)
     optimizer = build_optimizer(OmegaConf.create({**SGD, "lr": lr or SGD["lr"]}), model)
     scheduler = build_scheduler(OmegaConf.create(CONSTANT), optimizer, 1, len(stream))
     settings = LoopSettings(epochs=1, eval_batch_size=16, log_every_steps=log_every, amp_dtype=amp,
                             channels_last=channels_last, progress=False)
     sink = ListSink()
-    trainer = Trainer(model, criterion or build_criterion(OmegaConf.create({"name": "ce"})), optimizer, scheduler,
+    trainer = Trainer(model, criterion or build_criterion(OmegaConf.create({"name": "ce"})), optimizer,
+                      scheduler,
                       data, stream, settings, sink, device=device)
     return trainer, sink
 
@@ -91,7 +95,8 @@ def test_channels_last_and_contiguous_give_the_same_loss(data, model_name, norm)
     """Same init, same batches. At the same weights the loss agrees to float rounding and the gradient to
     1e-3 (max-pooling may route the gradient of tied maxima, e.g. in zero-padded crops, to a different
     position in each layout: both are valid subgradients, and at a large learning rate the trajectories
-    drift apart within steps); the losses of three small SGD steps and the evaluation after them agree to 2%."""
+    drift apart within steps); the losses of three small SGD steps and the evaluation after them agree to
+    2%."""
     base = make_model(model_name, norm)
     losses, grads = {}, {}
     for channels_last in (False, True):
@@ -111,7 +116,8 @@ def test_channels_last_and_contiguous_give_the_same_loss(data, model_name, norm)
         totals = trainer.train_steps(1, LoopState(), 3)
         assert totals.finite and totals.steps == 3
         eval_loss, _ = trainer.evaluate(data.val)
-        losses[channels_last] = torch.tensor([loss.item()] + [r["train/loss"] for r in sink.steps] + [eval_loss])
+        losses[channels_last] = torch.tensor([loss.item()] + [r["train/loss"] for r in sink.steps]
+                                             + [eval_loss])
     torch.testing.assert_close(losses[True][0], losses[False][0], rtol=1e-5, atol=1e-6)
     a, b = grads[True], grads[False]
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999
@@ -294,7 +300,8 @@ def test_fused_optimizers_on_cuda_only():
     for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
         assert fast_optimizer_kwargs(cls, gpu_params) == {"fused": True}
     assert fast_optimizer_kwargs(torch.optim.RMSprop, gpu_params) == {"foreach": True}
-    assert fast_optimizer_kwargs(torch.optim.Adagrad, gpu_params) == {"foreach": True}  # fused Adagrad: CPU only
+    # fused Adagrad: CPU only
+    assert fast_optimizer_kwargs(torch.optim.Adagrad, gpu_params) == {"foreach": True}
     assert fast_optimizer_kwargs(torch.optim.SGD, gpu_params, given={"foreach"}) == {}
     assert fast_optimizer_kwargs(torch.optim.Adam, gpu_params, given={"fused"}) == {}
 

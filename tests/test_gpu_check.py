@@ -36,7 +36,8 @@ def test_without_cuda_one_line_and_exit_0(tmp_path):
 @pytest.mark.slow
 def test_cpu_dry_run_goes_through_every_check(tmp_path):
     out = tmp_path / "out"
-    checks = [c for c in CHECKS if c != "cuda_tests"]   # pytest inside pytest: covered by its own verdict test
+    # pytest inside pytest: covered by its own verdict test
+    checks = [c for c in CHECKS if c != "cuda_tests"]
     proc = _run(["--cpu-dry-run", "--out", str(out), "--checks", ",".join(checks)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "gpu_check.json").read_text())

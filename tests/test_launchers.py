@@ -182,7 +182,8 @@ def test_joblib_n_jobs_and_local_options_are_overridable():
     if not (CONF / "config.yaml").exists():
         pytest.skip("conf/config.yaml not written yet")
     assert _compose_full("joblib", ["hydra.launcher.n_jobs=5"]).hydra.launcher.n_jobs == 5
-    local = _compose_full("submitit_local", ["hydra.launcher.timeout_min=5", "hydra.launcher.gpus_per_node=0"])
+    local = _compose_full("submitit_local", ["hydra.launcher.timeout_min=5",
+                                             "hydra.launcher.gpus_per_node=0"])
     assert local.hydra.launcher.timeout_min == 5 and local.hydra.launcher.gpus_per_node == 0
 
 
@@ -237,9 +238,11 @@ def test_slurm_config_renders_the_sbatch_array(tmp_path, monkeypatch):
 
     monkeypatch.setattr(submitit, "AutoExecutor", auto_executor)
     launcher = Plugins.instance().instantiate_launcher(
-        hydra_context=HydraContext(config_loader=None, callbacks=None), task_function=lambda c: None, config=cfg)
+        hydra_context=HydraContext(config_loader=None, callbacks=None), task_function=lambda c: None,
+        config=cfg)
     with pytest.raises(Submitted):
-        launcher.launch([["norm=bn"], ["norm=ln"], ["norm=gn"], ["norm=none"], ["norm=lrn"]], initial_job_idx=0)
+        launcher.launch([["norm=bn"], ["norm=ln"], ["norm=gn"], ["norm=none"], ["norm=lrn"]],
+                        initial_job_idx=0)
     sbatch = captured["sbatch"]
     for flag in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --cpus-per-task=6",
                  "#SBATCH --mem=48GB", "#SBATCH --time=90", "#SBATCH --array=0-4%3", "#SBATCH --account=lab",
@@ -278,7 +281,8 @@ def test_toy_multirun_runs_jobs_in_parallel_processes(tmp_path, launcher):
 # --- real multiruns: the training entry point -----------------------------------------------------
 
 # the tests' tiny run (small eval, one thread per job) with a wider model, 3 steps of 128 images
-TRAIN_ARGS = [*TINY, "model=vgg_a_light", "model.width=0.25", "trainer.max_steps_per_epoch=3", "batch_size=128",
+TRAIN_ARGS = [*TINY, "model=vgg_a_light", "model.width=0.25", "trainer.max_steps_per_epoch=3",
+              "batch_size=128",
               "logger=none", "norm=none,bn"]
 
 
@@ -289,7 +293,8 @@ def test_train_multirun_through_launcher(tmp_path, launcher):
     env, records = probe_env(tmp_path)
     env.update(WANDB_MODE="disabled")
     sweep = tmp_path / "sweep"
-    pid, out = run_multirun([str(TRAIN), "-m", f"hydra/launcher={launcher}", *TRAIN_ARGS, f"hydra.sweep.dir={sweep}"],
+    pid, out = run_multirun([str(TRAIN), "-m", f"hydra/launcher={launcher}", *TRAIN_ARGS,
+                             f"hydra.sweep.dir={sweep}"],
                             cwd=tmp_path, env=env, timeout=540)
     summaries = sorted(sweep.rglob("summary.json"))
     assert len(summaries) == 2, (summaries, out[-3000:])

@@ -34,7 +34,8 @@ def test_each_sweep_job_measures_its_own_peak_memory(tmp_path):
     run_train(["-m", *tiny, "model.width=0.5", "trainer.max_steps_per_epoch=3", "trainer.max_eval_batches=1",
                "logger=none", "optimizer.lr=1e-12", "experiment_name=mem",
                f"batch_size={','.join(map(str, sizes))}"], tmp_path)
-    summaries = sorted((json.loads(p.read_text()) for p in (tmp_path / "multirun" / "mem").rglob("summary.json")),
+    summaries = sorted((json.loads(p.read_text())
+                        for p in (tmp_path / "multirun" / "mem").rglob("summary.json")),
                        key=lambda s: s["job_num"])
     assert [s["status"] for s in summaries] == ["completed"] * 3
     assert len({s["pid"] for s in summaries}) == 1  # one process: the case the measurement is for

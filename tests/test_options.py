@@ -80,7 +80,8 @@ def write_other_datasets(root: Path, monkeypatch) -> None:
 
 
 # logger=wandb starts W&B's service process: a slow test
-@pytest.mark.parametrize("group,option", [pytest.param(*c, marks=pytest.mark.slow) if c == ("logger", "wandb") else c
+@pytest.mark.parametrize("group,option", [pytest.param(*c, marks=pytest.mark.slow) if c == ("logger", "wandb")
+                                          else c
                                           for c in CASES], ids=[f"{g}={o}" for g, o in CASES])
 def test_option_composes_and_trains(group, option, tmp_path, fake_cifar, wandb_env, monkeypatch):
     overrides = tiny_overrides(group, option)
@@ -145,7 +146,8 @@ def test_alexnet_layer_norm_shapes_match_the_study():
 
     cfg = compose_cfg(["model=alexnet"])
     model = build_model(cfg.model, num_classes=10, in_channels=3, image_size=224,
-                        norm=NormSpec(name="ln", affine="element").make, activation=activation_factory("relu"))
+                        norm=NormSpec(name="ln", affine="element").make,
+                        activation=activation_factory("relu"))
     shapes = [tuple(m.normalized_shape) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert shapes == [(96, 27, 27), (256, 13, 13), (384, 13, 13), (384, 13, 13), (256, 6, 6)]
 
@@ -171,7 +173,8 @@ def test_fp16_trains_with_loss_scaling(tmp_path):
 
 @pytest.mark.parametrize("model", ["vgg_a", "alexnet_cifar"])
 def test_builtin_models_train_on_one_channel_images_of_another_size(model, tmp_path):
-    """The pipeline applies unchanged to grayscale 28x28 data: 1 input channel, resized to 32 on the device."""
+    """The pipeline applies unchanged to grayscale 28x28 data: 1 input channel, resized to 32 on the
+    device."""
     cfg = compose_cfg([*TINY, "logger=none", f"model={model}", "data.channels=1", "data.image_size=28",
                        "norm=gn", "trainer.epochs=2"])
     run_job(cfg, output_dir=tmp_path)

@@ -275,7 +275,8 @@ def test_password_masking():
     assert mask_passwords(url) == "postgresql://bench:***@db.example:5432/studies?sslmode=require"
     assert set(url_secrets(url)) >= {"p%40ss-w0rd", "p@ss-w0rd"}
     assert mask_passwords("postgresql://h/db?user=u&password=x1y2") == "postgresql://h/db?user=u&password=***"
-    assert mask_passwords("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db" and url_secrets("sqlite:///a.db") == []
+    assert mask_passwords("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+    assert url_secrets("sqlite:///a.db") == []
 
 
 def test_a_password_in_the_query_is_masked_too():

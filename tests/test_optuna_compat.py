@@ -108,7 +108,8 @@ def sweep(app: Path, overrides: list[str], task=sphere, name: str = "out") -> Pa
     sweep_dir = app / name
     GlobalHydra.instance().clear()
     try:
-        hydra_ = Hydra.create_main_hydra_file_or_module(calling_file=str(app / "sphere.py"), calling_module=None,
+        hydra_ = Hydra.create_main_hydra_file_or_module(calling_file=str(app / "sphere.py"),
+                                                        calling_module=None,
                                                         config_path="conf", job_name="sphere")
         hydra_.multirun(config_name="config", task_function=task,
                         overrides=[*overrides, f"hydra.sweep.dir={sweep_dir}"], with_log_configuration=False)
@@ -163,7 +164,8 @@ def test_search_space_override_syntax(app):
     """upstream's docs (interval, int(interval), tag(log, ...), range, shuffle(range), choice, float
     range) and test_create_params_from_overrides: a fixed value leaves the space and is a trial user
     attribute; each sweep type becomes the documented Optuna distribution."""
-    out = sweep(app, ["hydra.sweeper.n_trials=3", "hydra/sweeper/sampler=random", SEED, "y=0", "+a=int(interval(-5, 5))",
+    out = sweep(app, ["hydra.sweeper.n_trials=3", "hydra/sweeper/sampler=random", SEED, "y=0",
+                      "+a=int(interval(-5, 5))",
                       "+b=tag(log, interval(1, 10))", "+c=tag(log, int(interval(1, 8)))", "+d=range(1, 3)",
                       "+e=shuffle(range(1, 3))", "+f=choice(true, false)", "+g=choice('hello', 'world')",
                       "+h=range(0.5, 5.5, step=1)", "x=interval(-5.0, 5.0)"])
@@ -189,7 +191,8 @@ def test_search_space_override_syntax(app):
 def test_grid_sampler_runs_each_point_once(app):
     """upstream test_example_with_grid_sampler: n_trials above the grid size runs the grid (best value 1
     at |x| = 1, y = 0); normbench: n_trials=null is the whole grid too."""
-    grid = ["hydra/sweeper/sampler=grid", "x=choice(-1, 1)", "y=range(-1.0, 1.0, step=1)", "z=choice(foo, bar)"]
+    grid = ["hydra/sweeper/sampler=grid", "x=choice(-1, 1)", "y=range(-1.0, 1.0, step=1)",
+            "z=choice(foo, bar)"]
     out = sweep(app, [*grid, "hydra.sweeper.n_trials=20"])
     trials = study_of(out).get_trials()
     assert len(trials) == 8 and len({tuple(sorted(t.params.items())) for t in trials}) == 8
@@ -210,7 +213,8 @@ def test_multi_objective_completes_exactly_n_trials_with_a_pareto_front(app, sam
     holds the non-dominated solutions. With a failing region (x > 3) those trials get +inf twice and
     never reach the front."""
     out = sweep(app, ["hydra.sweeper.direction=[minimize,minimize]", f"hydra/sweeper/sampler={sampler}", SEED,
-                      "hydra.sweeper.n_trials=8", "x=range(0, 5, step=0.5)", "y=range(0, 3, step=0.5)", "hydra.sweeper.objectives=[f1,f2]",
+                      "hydra.sweeper.n_trials=8", "x=range(0, 5, step=0.5)", "y=range(0, 3, step=0.5)",
+                      "hydra.sweeper.objectives=[f1,f2]",
                       "fail_above=3"], task=binh_and_korn)
     study = study_of(out)
     trials = study.get_trials()
@@ -221,7 +225,8 @@ def test_multi_objective_completes_exactly_n_trials_with_a_pareto_front(app, sam
             assert trial.values == [math.inf, math.inf] and trial.user_attrs["status"] == "failed"
         else:
             assert trial.values == pytest.approx([4 * trial.params["x"] ** 2 + 4 * trial.params["y"] ** 2,
-                                                  (trial.params["x"] - 5) ** 2 + (trial.params["y"] - 5) ** 2])
+                                                  (trial.params["x"] - 5) ** 2
+                                                  + (trial.params["y"] - 5) ** 2])
     solutions = results(out).solutions
     assert solutions
     for a in solutions:
@@ -231,7 +236,8 @@ def test_multi_objective_completes_exactly_n_trials_with_a_pareto_front(app, sam
 
 def test_custom_search_space(app):
     """upstream test_optuna_custom_search_space_example: configure() adds z near x and a new key +w."""
-    out = sweep(app, ["hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=random", SEED, "max_z_difference_from_x=0.3",
+    out = sweep(app, ["hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=random", SEED,
+                      "max_z_difference_from_x=0.3",
                       f"hydra.sweeper.custom_search_space={__name__}.configure"])
     for trial in study_of(out).get_trials():
         assert abs(trial.params["x"] - trial.params["z"]) <= 0.3 and 0 <= trial.params["+w"] <= 1
@@ -246,7 +252,8 @@ def test_n_jobs_launches_batches_and_the_study_has_exactly_n_trials(app):
     """upstream test_launch_jobs (n_trials=8, n_jobs=3): batches of 3, 3, 2."""
     out = sweep(app, ["hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=3", "hydra/sweeper/sampler=random"])
     trials = study_of(out).get_trials()
-    assert [t.number for t in trials] == list(range(8)) and all(t.state == TrialState.COMPLETE for t in trials)
+    assert [t.number for t in trials] == list(range(8)) and all(t.state == TrialState.COMPLETE
+                                                                for t in trials)
     job_dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert job_dirs == [str(i) for i in range(8)]
 
@@ -317,7 +324,8 @@ def test_failed_trials_are_told_the_worst_value_for_the_direction(app, direction
     assert results(out).best_trial in {t.number for t in real}
     if direction == "maximize":
         return
-    out = sweep(app, ["hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=random", SEED, "hydra.sweeper.failure=fail",
+    out = sweep(app, ["hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=random", SEED,
+                      "hydra.sweeper.failure=fail",
                       "fail_above=0"], name="fail")
     trials = study_of(out).get_trials()
     assert len(trials) == 4 and any(t.state == TrialState.FAIL for t in trials)

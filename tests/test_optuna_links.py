@@ -23,7 +23,8 @@ FIXED = ["norm=bn", "activation=relu", "loss=ce", "scheduler=constant", "optimiz
 
 
 def load_study(cwd: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd / 'multirun' / 'default' / 'optuna.db'}")
+    return optuna.load_study(study_name=name,
+                             storage=f"sqlite:///{cwd / 'multirun' / 'default' / 'optuna.db'}")
 
 
 def summary_of(trial) -> dict:
@@ -36,7 +37,8 @@ def test_two_objective_study_links_both_ways(tmp_path, wandb_env):
     taken from each run's record, the study's metric names and user attributes, each trial's test
     accuracy (and W&B run id when the record has one)."""
     run_train(["-m", "search=optuna_random", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=1",
-               "hydra.sweeper.objectives=[val/error,model/params]", "hydra.sweeper.direction=[minimize,minimize]",
+               "hydra.sweeper.objectives=[val/error,model/params]",
+               "hydra.sweeper.direction=[minimize,minimize]",
                *FIXED, *FAST, "model.width=choice(0.125,0.25)"], tmp_path)
     study = load_study(tmp_path, "default-optuna_random")
     assert study.metric_names == ["val/error", "model/params"]
@@ -52,10 +54,12 @@ def test_two_objective_study_links_both_ways(tmp_path, wandb_env):
             assert trial.user_attrs["wandb_run_id"] == summary["wandb_run_id"]
     attrs = study.user_attrs
     assert "search=optuna_random" in attrs["command"] and "hydra.sweeper.objectives" in attrs["command"]
-    assert attrs["search_space"]["norm"] == "bn" and attrs["search_space"]["model.width"] == "choice(0.125,0.25)"
+    assert attrs["search_space"]["norm"] == "bn"
+    assert attrs["search_space"]["model.width"] == "choice(0.125,0.25)"
     assert attrs["search_space"]["optimizer.lr"] == "0.003"  # fixed on the command line
     assert attrs["wandb_group"] == "default" and attrs["wandb_project"] == "normbench"
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=False)
     if head.returncode == 0:
         assert attrs["git_revision"].startswith(head.stdout.strip())
     results = (tmp_path / "multirun" / "default" / "optimization_results.yaml").read_text()
@@ -71,7 +75,8 @@ def test_failed_config_checks_are_counted_and_reported(tmp_path):
     proc = run_train(["-m", "search=optuna_grid", "norm=gn", "norm.groups=choice(4,5)", "logger=none",
                       *FIXED[1:], *FAST], tmp_path)
     out = proc.stdout + proc.stderr
-    assert "sweep multirun/default: 1 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped" in out, out[-3000:]
+    assert ("sweep multirun/default: 1 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped"
+            in out), out[-3000:]
     by_groups = {t.params["norm.groups"]: t for t in load_study(tmp_path, "default-optuna_grid").get_trials()}
     bad = by_groups[5]
     assert bad.state == TrialState.COMPLETE and bad.value == 1.0 and bad.user_attrs["status"] == "failed"
@@ -83,7 +88,8 @@ def test_failed_config_checks_are_counted_and_reported(tmp_path):
     assert len(rejected) == 1 and "norm.groups=5" in rejected[0].reason
     assert Path(rejected[0].path) == Path(bad.user_attrs["run_dir"]).resolve()
 
-    proc = run_train(["-m", "search=optuna_tpe", "hydra.sweeper.objectives=[test/acc]", "hydra.sweeper.direction=maximize",
+    proc = run_train(["-m", "search=optuna_tpe", "hydra.sweeper.objectives=[test/acc]",
+                      "hydra.sweeper.direction=maximize",
                       "experiment_name=objectives", "logger=none", *FIXED, *FAST], tmp_path, check=False)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("normbench:")]

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 @pytest.mark.slow
@@ -38,12 +39,14 @@ def test_quick_benchmark_runs_and_writes_every_section(tmp_path):
     assert results["settings"]["quick"] is True
 
     loop = results["loop"]["rows"]
-    assert {(r["model"], r["batch"]) for r in loop} == {(m, b) for m in ("vgg_a", "alexnet_cifar") for b in (8, 128)}
+    assert {(r["model"], r["batch"]) for r in loop} == {(m, b) for m in ("vgg_a", "alexnet_cifar")
+                                                        for b in (8, 128)}
     for row in loop:
         for key in ("normbench_img_s", "raw_img_s", "ratio", "data_share", "step_ms", "data_ms_per_batch"):
             assert _positive(row[key]), (key, row)
     data = results["data"]
-    assert _positive(data["ratio"]) and _positive(data["normbench_img_s"]) and _positive(data["torchvision_img_s"])
+    assert (_positive(data["ratio"]) and _positive(data["normbench_img_s"])
+            and _positive(data["torchvision_img_s"]))
     fixed = results["fixed_cost"]
     for key in ("bare_import_torch_s", "minimal_torch_step_s", "first_step_s", "ratio", "ratio_vs_minimal"):
         assert _positive(fixed[key]), key
@@ -103,7 +106,8 @@ def fabricated(cuda: bool) -> dict:
         "loop": {"rows": [loop_row, {**loop_row, "batch": 8, "ratio": 0.9, "data_share": 0.2}]},
         "data": {"ratio": 12.0, "normbench_img_s": 60000.0, "torchvision_img_s": 5000.0, "batch_size": 128,
                  "data": "fake-cifar10", "num_workers": 2},
-        "fixed_cost": {"ratio": 1.6, "first_step_s": 4.0, "bare_import_torch_s": 2.5, "minimal_torch_step_s": 4.2,
+        "fixed_cost": {"ratio": 1.6, "first_step_s": 4.0, "bare_import_torch_s": 2.5,
+                       "minimal_torch_step_s": 4.2,
                        "ratio_vs_minimal": 0.95, "tiny_run_total_s": 6.0,
                        "multirun": {"jobs": 3, "per_job_s": 0.4, "per_job_over_bare": 0.16}},
         "probes": {"rows": [{"probe": "none", "img_s": 100.0, "ratio_vs_none": 1.0, "overhead": 0.0},
@@ -119,7 +123,8 @@ def fabricated(cuda: bool) -> dict:
     if cuda:
         results["cuda"] = {
             "gpu": "NVIDIA H100 80GB HBM3", "peak_tflops": 989.4, "precision": "bfloat16",
-            "epochs": [{"model": "vgg_a", "batch": 128, "epoch_s": 5.0, "achieved_tflops": 120.0, "mfu": 0.12}],
+            "epochs": [{"model": "vgg_a", "batch": 128, "epoch_s": 5.0, "achieved_tflops": 120.0,
+                        "mfu": 0.12}],
             "concurrency": {"steps_per_job": 3000, "levels": [
                 {"concurrent": 1, "runs_per_hour": 100.0, "speedup": 1.0, "train_img_s_total": 2000.0,
                  "train_speedup": 1.0},

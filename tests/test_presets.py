@@ -65,7 +65,8 @@ def test_preset_expands_to_its_table(name):
 
 def test_presets_fix_the_studies_settings():
     alex = compose_job(["experiment=alexnet_norm_batch"])
-    assert (alex.model._target_, alex.model.input_size, alex.trainer.epochs) == ("normbench.models.alexnet", 224, 10)
+    assert (alex.model._target_, alex.model.input_size, alex.trainer.epochs) == (
+        "normbench.models.alexnet", 224, 10)
     assert alex.optimizer._target_ == "torch.optim.SGD"
     assert (alex.optimizer.lr, alex.optimizer.momentum) == (0.005, 0.9)
     assert {tuple(sorted(j)) for j in grid(compose_master(["experiment=alexnet_norm_batch"]),
@@ -99,7 +100,8 @@ def test_command_line_wins_over_the_preset():
 def test_docs_list_every_preset_with_its_run_count():
     text = (ROOT / "docs" / "sweeps.md").read_text()
     for name, runs in EXPECTED_RUNS.items():
-        assert re.search(rf"\|\s*`{name}`\s*\|\s*{runs}\s*\|", text), f"docs/sweeps.md: no row for {name} ({runs})"
+        row = rf"\|\s*`{name}`\s*\|\s*{runs}\s*\|"
+        assert re.search(row, text), f"docs/sweeps.md: no row for {name} ({runs})"
 
 
 def test_plan_command_names_the_available_presets(tmp_path):
@@ -112,17 +114,19 @@ def test_plan_command_names_the_available_presets(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# each study row run with the settings the study states for it (issue 10)
+# each study row run with the settings the study states for it
 
 def _row_settings(cfg) -> dict:
     """The settings a reference row names, read from a composed job config."""
     choices = cfg.hydra.runtime.choices
-    return {"model": choices.model, "norm": choices.norm, "activation": choices.activation, "loss": choices.loss,
+    return {"model": choices.model, "norm": choices.norm, "activation": choices.activation,
+            "loss": choices.loss,
             "optimizer": choices.optimizer, "scheduler": choices.scheduler, "batch_size": cfg.batch_size,
             "dropout": cfg.model.dropout, "lr": cfg.optimizer.lr}
 
 
-@pytest.mark.parametrize("name", ["vgg_bn_baseline", "vgg_losses", "vgg_optimizers", "vgg_schedulers", "vgg_best",
+@pytest.mark.parametrize("name", ["vgg_bn_baseline", "vgg_losses", "vgg_optimizers", "vgg_schedulers",
+                                  "vgg_best",
                                   "alexnet_norm_batch"])
 def test_every_study_row_is_a_job_with_its_stated_settings(name):
     from normbench.report.reference import TABLES_BY_NAME
@@ -143,7 +147,8 @@ def test_study_000_baseline_is_lr_0001_and_sgd_row_lr_001():
     # "固定学习率 (0.001)" -> 12.35 %: the baseline and every table whose base row is the baseline
     for name in ("vgg_bn_baseline", "vgg_losses", "vgg_activations", "vgg_dropout", "vgg_schedulers"):
         cfg = compose_job([f"experiment={name}"])
-        assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.scheduler.name) == (0.001, 0.9, "constant"), name
+        assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.scheduler.name) == (
+            0.001, 0.9, "constant"), name
     # "SGD (lr=0.01, momentum=0.9)" -> 11.32 %: a row of its own
     sgd = compose_job(["experiment=vgg_optimizers", "optimizer=sgd"])
     assert (sgd.optimizer.lr, sgd.optimizer.momentum, sgd.optimizer.nesterov) == (0.01, 0.9, False)
@@ -151,7 +156,8 @@ def test_study_000_baseline_is_lr_0001_and_sgd_row_lr_001():
             for row in ("plain", "bn_sgd", "best")}
     assert (best["plain"].norm.name, best["plain"].optimizer.lr) == ("none", 0.001)
     assert best["bn_sgd"].optimizer.lr == 0.01 and best["bn_sgd"].activation.name == "relu"
-    assert (best["best"].optimizer.lr, best["best"].model.dropout, best["best"].scheduler.name) == (0.01, 0.3, "cosine")
+    assert (best["best"].optimizer.lr, best["best"].model.dropout, best["best"].scheduler.name) == (
+        0.01, 0.3, "cosine")
     # the options where text and course code disagree are visible in the presets, with their defaults
     assert compose_job(["experiment=vgg_bn_baseline"]).data.augment is True
     assert compose_job(["experiment=vgg_schedulers", "scheduler=onecycle"]).scheduler.max_lr is None
@@ -167,7 +173,8 @@ def test_study_002_trains_on_all_50k_images_with_the_last_batch_kept():
     assert (alex.model.conv_groups, alex.model.norm_at) == (1, "after_pool")
     assert compose_job(["experiment=alexnet_lr"]).data.val_size == 0
     split = Split(torch.zeros(50_000, 1, 1, 1, dtype=torch.uint8), torch.zeros(50_000, dtype=torch.int64))
-    per_epoch = {bs: len(BatchStream(split, bs, [0.0], [1.0], augment=False, drop_last=alex.trainer.drop_last))
+    per_epoch = {bs: len(BatchStream(split, bs, [0.0], [1.0], augment=False,
+                                     drop_last=alex.trainer.drop_last))
                  for bs in (64, 32, 16, 8)}
     assert per_epoch == {64: 782, 32: 1563, 16: 3125, 8: 6250}  # the study's logs
 
@@ -185,7 +192,8 @@ def test_study_002_layers_as_the_study_states():
 
     ln = build({"name": "ln", "affine": "element"})
     assert [tuple(m.normalized_shape) for m in ln.modules() if isinstance(m, nn.LayerNorm)] == [
-        (96, 27, 27), (256, 13, 13), (384, 13, 13), (384, 13, 13), (256, 6, 6)]  # the study's nn.LayerNorm shapes
+        # the study's nn.LayerNorm shapes
+        (96, 27, 27), (256, 13, 13), (384, 13, 13), (384, 13, 13), (256, 6, 6)]
     grouped = build({"name": "none"}, conv_groups=2, narrow=True)
     convs = [m for m in grouped.modules() if isinstance(m, nn.Conv2d)]
     assert [c.groups for c in convs] == [1, 2, 1, 2, 2]  # the text's 5x5x48 and 3x3x192 kernels
@@ -199,7 +207,8 @@ def test_study_002_layers_as_the_study_states():
 def test_val_size_0_trains_on_every_image_and_validates_on_the_test_set():
     from normbench.data import load_data
 
-    cfg = compose_job(["experiment=alexnet_norm_batch", "data=synthetic", "data.num_train=200", "data.num_test=50"])
+    cfg = compose_job(["experiment=alexnet_norm_batch", "data=synthetic", "data.num_train=200",
+                       "data.num_test=50"])
     assert cfg.data.val_size == 0
     data = load_data(cfg.data, "cpu")
     assert len(data.train) == 200 and data.val is data.test and len(data.test) == 50

@@ -35,10 +35,12 @@ def summaries(sweep: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
-                    reason=f"Fashion-MNIST is not installed in {DEBIAN} (apt-get install dataset-fashion-mnist; "
+                    reason=f"Fashion-MNIST is not installed in {DEBIAN} (apt-get install "
+                    "dataset-fashion-mnist; "
                            "scripts/install.sh --dev installs it)")
 def test_bn_beats_plain_on_real_fashion_mnist(tmp_path):
-    run_train(["-m", *BN_VS_PLAIN, f"data.root={DEBIAN}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    run_train(["-m", *BN_VS_PLAIN, f"data.root={DEBIAN}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+              cwd=tmp_path)
     acc = {s["choices"]["norm"]: s["metrics"]["val/best_acc"] for s in summaries(tmp_path / "sweep")}
     assert set(acc) == {"none", "bn"} and all(s["choices"]["data"] == "fashion_mnist"
                                               for s in summaries(tmp_path / "sweep"))
@@ -89,7 +91,8 @@ def test_report_over_fashion_mnist_preset_sweeps(tmp_path):
                "probe.grad_similarity.interval=1", *common], cwd=tmp_path)
     out = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(tmp_path / "multirun" / "fmnist_bn_baseline"),
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"),
+                           str(tmp_path / "multirun" / "fmnist_bn_baseline"),
                            str(tmp_path / "multirun" / "fmnist_lr_robustness"), "--out", str(out)],
                           capture_output=True, text=True, timeout=300, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -106,8 +109,10 @@ def test_report_over_fashion_mnist_preset_sweeps(tmp_path):
     assert not any("26.58" in r or "12.35" in r for r in rows)  # the study's CIFAR-10 errors
     assert "data=fashion_mnist; the study reports CIFAR-10 only" in base
     lr = section("vgg_lr_robustness")
-    mechanism = [line for line in lr.splitlines() if line.startswith(("| plain | all ", "| BN | all "))]  # per norm
+    # per norm
+    mechanism = [line for line in lr.splitlines() if line.startswith(("| plain | all ", "| BN | all "))]
     assert len(mechanism) == 2 and all(r.count("no study number for this dataset") == 3 for r in mechanism)
     assert "15.7" not in lr  # the study's Lipschitz estimate
     figures = {p.name for p in (out / "fig").glob("*.png")}
-    assert {"vgg_bn_baseline_bars.png", "vgg_lr_robustness_landscape.png", "vgg_lr_robustness_probes.png"} <= figures
+    assert {"vgg_bn_baseline_bars.png", "vgg_lr_robustness_landscape.png",
+            "vgg_lr_robustness_probes.png"} <= figures

@@ -76,7 +76,8 @@ def test_a_kill_between_summary_and_index_does_not_retrain_the_run(killed_after_
     cwd, _, before, again = killed_after_summary
     (run_dir, summary), = before.values()
     assert summary["status"] == "completed"
-    assert closing_line(again) == "sweep multirun/default: 1 completed / 0 diverged / 0 failed / 0 pruned / 1 skipped"
+    assert closing_line(again) == ("sweep multirun/default: "
+                                   "1 completed / 0 diverged / 0 failed / 0 pruned / 1 skipped")
     assert f"the sweep index entry of {summary['identity']} was 'running'" in again.stderr
     after = records(cwd / SWEEP)
     assert after["none"] == (run_dir, summary)  # not trained again: the record is unchanged
@@ -92,7 +93,8 @@ def test_a_lost_or_unreadable_index_entry_is_rebuilt_from_the_records(killed_aft
     (state.index_dir / f"{lost}.json").unlink()
     (state.index_dir / f"{torn}.json").write_text('{"identity": "')
     proc = sweep(tmp_path, ["norm=none,bn"])
-    assert closing_line(proc) == "sweep multirun/default: 0 completed / 0 diverged / 0 failed / 0 pruned / 2 skipped"
+    assert closing_line(proc) == ("sweep multirun/default: "
+                                  "0 completed / 0 diverged / 0 failed / 0 pruned / 2 skipped")
     assert f"the sweep index entry of {lost} was missing" in proc.stderr
     assert f"the sweep index entry of {torn} was unreadable" in proc.stderr
     assert records(tmp_path / SWEEP) == before
@@ -111,7 +113,8 @@ def test_an_index_entry_pointing_at_another_runs_dir_is_not_followed(killed_afte
     (own_dir / "checkpoint.pt").unlink()
     state.put(own["identity"], dir=other_dir, status="running")  # ...and its entry points at none's record
     proc = sweep(tmp_path, ["norm=bn"])
-    assert closing_line(proc) == "sweep multirun/default: 1 completed / 0 diverged / 0 failed / 0 pruned / 0 skipped"
+    assert closing_line(proc) == ("sweep multirun/default: "
+                                  "1 completed / 0 diverged / 0 failed / 0 pruned / 0 skipped")
     assert f"points at {other_dir}, which holds run {other['identity']}: not used" in proc.stderr
     assert {p.name: p.read_bytes() for p in other_dir.iterdir() if p.is_file()} == kept
     after = records(tmp_path / SWEEP)
@@ -171,7 +174,8 @@ def _other_shape(path: Path) -> None:
     save_checkpoint(path, identity="me", state=LoopState(epochs_done=1), **parts)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "not a dict", "another identity", "another shape"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not a dict", "another identity",
+                                    "another shape"])
 def test_an_unusable_checkpoint_is_kept_aside_and_not_used(tmp_path, capsys, damage):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, identity="me", state=LoopState(epochs_done=3, step=9), **_parts())
@@ -246,7 +250,8 @@ def test_a_full_disk_fails_the_run_in_one_line_and_the_sweep_goes_on(tmp_path):
         fill(disk / "filler", leave=400_000)  # room for a config and a summary, not for a checkpoint
         proc = sweep(disk, ["norm=none,bn"])
         no_traceback(proc)
-        assert closing_line(proc) == "sweep multirun/default: 0 completed / 0 diverged / 1 failed / 0 pruned / 1 skipped"
+        assert closing_line(proc) == ("sweep multirun/default: "
+                                      "0 completed / 0 diverged / 1 failed / 0 pruned / 1 skipped")
         failed = [x for x in proc.stderr.splitlines() if x.startswith("normbench: job")]
         assert len(failed) == 1 and "No space left on device" in failed[0], proc.stderr
         after = records(disk / SWEEP)
@@ -257,7 +262,8 @@ def test_a_full_disk_fails_the_run_in_one_line_and_the_sweep_goes_on(tmp_path):
         fill(disk / "filler2")
         again = sweep(disk, ["norm=none"])
         no_traceback(again)
-        assert closing_line(again) == "sweep multirun/default: 0 completed / 0 diverged / 0 failed / 0 pruned / 1 skipped"
+        assert closing_line(again) == ("sweep multirun/default: "
+                                       "0 completed / 0 diverged / 0 failed / 0 pruned / 1 skipped")
 
 
 @pytest.mark.slow
@@ -275,7 +281,8 @@ def test_a_read_only_run_dir_fails_that_run_in_one_line_and_the_sweep_goes_on(tm
     finally:
         subprocess.run(["chattr", "-i", str(run_dir)], check=False)
     no_traceback(proc)
-    assert closing_line(proc) == "sweep multirun/default: 1 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped"
+    assert closing_line(proc) == ("sweep multirun/default: "
+                                  "1 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped")
     lines = [x for x in proc.stderr.splitlines() if x.startswith("normbench:")]
     assert len(lines) == 1 and "its record could not be written (PermissionError" in lines[0], proc.stderr
     assert records(tmp_path / SWEEP)["bn"] == (run_dir, running)  # untouched (it could not be written)
@@ -304,7 +311,8 @@ def test_sigterm_records_interrupted_closes_wandb_and_a_resumed_run_that_fails_k
     again = sweep(tmp_path, args, check=False)
     assert "1 failed" in closing_line(again)
     summary = records(tmp_path / SWEEP)["bn"][1]
-    assert summary["status"] == "failed" and summary["resumed_from_epoch"] == 1 and summary["epochs_done"] == 1
+    assert (summary["status"] == "failed" and summary["resumed_from_epoch"] == 1
+            and summary["epochs_done"] == 1)
 
 
 @pytest.mark.slow

@@ -59,24 +59,30 @@ def config_for(choices: dict, dropout: float, lr: float, experiment: str, device
         "data": {"name": choices.get("data", "cifar10"), "num_classes": 10, "root": "data", "download": False,
                  "val_size": 5000,
                  "split_seed": 0, "augment": True, "crop_padding": 4, "flip": True, "synthetic": {}},
-        "model": {"name": choices["model"], "width": 1.0, "input_size": 32 if choices["model"] == "vgg_a" else 224,
+        "model": {"name": choices["model"], "width": 1.0,
+                  "input_size": 32 if choices["model"] == "vgg_a" else 224,
                   "dropout": dropout},
         "norm": {"name": choices["norm"], "groups": 4, "eps": 1e-5, "affine": True},
         "activation": {"name": choices.get("activation", "relu")},
         "loss": {"name": choices.get("loss", "ce"), "l1": 0.0, "l2": 0.0, "smoothing": 0.1, "gamma": 2.0},
         "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr, "momentum": 0.9},
         "scheduler": {"name": choices.get("scheduler", "constant")},
-        "trainer": {"epochs": 3, "device": device, "precision": "32", "channels_last": False, "compile": False,
-                    "threads": 1, "max_steps_per_epoch": None, "max_eval_batches": None, "log_every_steps": 10,
+        "trainer": {"epochs": 3, "device": device, "precision": "32", "channels_last": False,
+                    "compile": False,
+                    "threads": 1, "max_steps_per_epoch": None, "max_eval_batches": None,
+                    "log_every_steps": 10,
                     "eval_batch_size": 500, "checkpoint": False},
         "logger": {"name": "none", "project": "normbench", "entity": None, "mode": "offline", "tags": []},
         "probe": {"name": "none"},
     }
 
 
-def write_run(sweep: Path, *, experiment: str, choices: dict, test_acc: float | None, status: str = "completed",
-              overrides: list[str] | None = None, dropout: float = 0.0, lr: float = 0.001, val_best: float | None = None,
-              params: int = 9_756_426, memory: float = 1000.0, epochs: int = 3, steps: list[float] | None = None,
+def write_run(sweep: Path, *, experiment: str, choices: dict, test_acc: float | None,
+              status: str = "completed",
+              overrides: list[str] | None = None, dropout: float = 0.0, lr: float = 0.001,
+              val_best: float | None = None,
+              params: int = 9_756_426, memory: float = 1000.0, epochs: int = 3,
+              steps: list[float] | None = None,
               probes: list[dict] | None = None, filters: bool = False, bad_metrics_line: bool = False,
               identity: str | None = None, device: str = "cpu", legacy: bool = False,
               config: bool = True) -> Path:
@@ -85,7 +91,8 @@ def write_run(sweep: Path, *, experiment: str, choices: dict, test_acc: float | 
     _counter[0] += 1
     run_dir = sweep / str(sum(1 for _ in sweep.iterdir()) if sweep.exists() else 0)
     run_dir.mkdir(parents=True)
-    choices = {"data": "cifar10", "activation": "relu", "loss": "ce", "optimizer": "sgd", "scheduler": "constant",
+    choices = {"data": "cifar10", "activation": "relu", "loss": "ce", "optimizer": "sgd",
+               "scheduler": "constant",
                "batch_size": 128, "seed": 0, **choices}
     cfg = config_for(choices, dropout, lr, experiment, device)
     if config:
@@ -103,7 +110,8 @@ def write_run(sweep: Path, *, experiment: str, choices: dict, test_acc: float | 
     (run_dir / "metrics.jsonl").write_text(text)
     if steps is not None:
         write_jsonl(run_dir / "steps.jsonl",
-                    [{"step": i, "epoch": 1 + i // 10, "train/loss": v, "lr": lr} for i, v in enumerate(steps)])
+                    [{"step": i, "epoch": 1 + i // 10, "train/loss": v, "lr": lr}
+                     for i, v in enumerate(steps)])
     if probes is not None:
         write_jsonl(run_dir / "probes.jsonl", probes)
     if filters:
@@ -160,8 +168,9 @@ def sweep(tmp_path_factory) -> dict:
     # --- vgg_losses: BN focal/ce with 3 seeds, BN ce_l2 with 1 seed, plain ce with 2 seeds -----------
     losses = root / "vgg_losses"
     for seed, acc in enumerate(FOCAL):
-        write_run(losses, experiment="vgg_losses", choices={"model": "vgg_a", "norm": "bn", "loss": "focal",
-                  "seed": seed}, test_acc=acc, overrides=["+experiment=vgg_losses", "loss=focal", f"seed={seed}"],
+        write_run(losses, experiment="vgg_losses",
+                  choices={"model": "vgg_a", "norm": "bn", "loss": "focal", "seed": seed}, test_acc=acc,
+                  overrides=["+experiment=vgg_losses", "loss=focal", f"seed={seed}"],
                   filters=(seed == 0))
     for seed, acc in enumerate(CE):
         write_run(losses, experiment="vgg_losses", choices={"model": "vgg_a", "norm": "bn", "loss": "ce",
@@ -173,7 +182,8 @@ def sweep(tmp_path_factory) -> dict:
         write_run(losses, experiment="vgg_losses", choices={"model": "vgg_a", "norm": "none", "loss": "ce",
                   "seed": seed}, test_acc=acc, params=9_750_922, memory=900.0)
     # a run whose dropout (0.5, from config.yaml) keeps it out of every table that assumes no dropout
-    write_run(losses, experiment="vgg_losses", choices={"model": "vgg_a", "norm": "bn", "loss": "label_smoothing"},
+    write_run(losses, experiment="vgg_losses",
+              choices={"model": "vgg_a", "norm": "bn", "loss": "label_smoothing"},
               test_acc=0.86, dropout=0.5)
     # --- skipped records ----------------------------------------------------------------------------
     d = write_run(losses, experiment="vgg_losses", choices={"model": "vgg_a", "norm": "bn", "loss": "ce_l1"},
@@ -213,7 +223,8 @@ def sweep(tmp_path_factory) -> dict:
                 info.setdefault("steps_by", {}).setdefault((norm, lr), []).extend(float(v) for v in steps)
                 write_run(lrs, experiment="vgg_lr_robustness",
                           choices={"model": "vgg_a", "norm": norm, "seed": seed, "lr": lr, "dropout": 0.0},
-                          test_acc=acc, status=status, lr=lr, overrides=[f"norm={norm}", f"optimizer.lr={lr}"],
+                          test_acc=acc, status=status, lr=lr,
+                          overrides=[f"norm={norm}", f"optimizer.lr={lr}"],
                           steps=[float(v) for v in steps], probes=probe_rows(seed, norm == "bn", lr),
                           filters=(seed == 0), params=9_756_426 if norm == "bn" else 9_750_922)
 
@@ -225,7 +236,8 @@ def sweep(tmp_path_factory) -> dict:
                       choices={"model": "alexnet", "norm": norm, "batch_size": 8, "seed": seed}, test_acc=acc,
                       lr=0.005, params=57_000_000)
     write_run(alex, experiment="alexnet_norm_batch",
-              choices={"model": "alexnet", "norm": "gn", "batch_size": 64, "seed": 0}, test_acc=0.82, lr=0.005)
+              choices={"model": "alexnet", "norm": "gn", "batch_size": 64, "seed": 0}, test_acc=0.82,
+              lr=0.005)
     # a duplicate identity (the same run copied) is skipped, not pooled as another seed
     dup = write_run(alex, experiment="alexnet_norm_batch",
                     choices={"model": "alexnet", "norm": "none", "batch_size": 64, "seed": 0}, test_acc=0.805,
@@ -237,9 +249,12 @@ def sweep(tmp_path_factory) -> dict:
     manual = root / "manual"
     for norm in ("bn", "gn"):
         for seed in (0, 1):
-            write_run(manual, experiment="default", choices={"model": "alexnet", "norm": norm, "batch_size": 32,
-                      "seed": seed, "data": "synthetic"}, test_acc=0.5 + (0.1 if norm == "gn" else 0) + 0.01 * seed,
-                      overrides=[f"norm={norm}", f"seed={seed}", "batch_size=32", "trainer.device=cpu"], lr=0.02)
+            write_run(manual, experiment="default",
+                      choices={"model": "alexnet", "norm": norm, "batch_size": 32, "seed": seed,
+                               "data": "synthetic"},
+                      test_acc=0.5 + (0.1 if norm == "gn" else 0) + 0.01 * seed,
+                      overrides=[f"norm={norm}", f"seed={seed}", "batch_size=32", "trainer.device=cpu"],
+                      lr=0.02)
     return info
 
 
@@ -247,7 +262,8 @@ def sweep(tmp_path_factory) -> dict:
 def built(sweep, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "rep"
     root = sweep["root"]
-    rep = report.build([str(root / "vgg_losses"), str(root / "vgg_lr_robustness"), str(root / "alexnet_norm_batch"),
+    rep = report.build([str(root / "vgg_losses"), str(root / "vgg_lr_robustness"),
+                        str(root / "alexnet_norm_batch"),
                         str(root / "manual")], str(out))
     return rep
 
@@ -312,7 +328,8 @@ def test_reference_numbers_follow_design_digest():
     assert gn16.ref["test/acc"] == 81.31
     assert t["alexnet_lr"].row("plain · lr 0.001").ref["test/acc"] == 62.44
     assert t["vgg_best"].row("best").ref["test/err"] == 10.95
-    assert t["vgg_lr_robustness"].mechanism["bn"] == {"loss_range": (0.3, 1.8), "grad_cos": 0.67, "lipschitz": 6.3}
+    assert t["vgg_lr_robustness"].mechanism["bn"] == {
+        "loss_range": (0.3, 1.8), "grad_cos": 0.67, "lipschitz": 6.3}
     n_numbers = sum(len(r.ref) for x in reference.STUDY_TABLES for r in x.rows)
     assert n_numbers >= 2 * 5 + 2 * 6 * 2 + 6 + 4 + 8 + 6 + 16 + 3
 
@@ -343,7 +360,8 @@ def test_scan_skips_and_reports(sweep, built):
     paths = {k: os.path.realpath(v) for k, v in sweep["skipped"].items()}
     assert skipped[paths["running"]].kind == "in progress" and "running" in skipped[paths["running"]].reason
     assert skipped[paths["no_summary"]].reason == "no summary.json"
-    assert skipped[paths["bad_json"]].kind == "malformed" and "not valid JSON" in skipped[paths["bad_json"]].reason
+    assert skipped[paths["bad_json"]].kind == "malformed"
+    assert "not valid JSON" in skipped[paths["bad_json"]].reason
     assert "misses key(s) choices, overrides, metrics" in skipped[paths["missing_keys"]].reason
     assert skipped[paths["duplicate"]].kind == "duplicate"
     assert len(built.result.skipped) == 5
@@ -488,13 +506,14 @@ def test_mechanism_numbers_per_learning_rate(built, sweep):
     every network starts near 2.3), the effective lr range (plain's seed 1 diverged at lr 5e-3)."""
     t = _table(built, "vgg_lr_robustness")
     rows = {(m.norm, getattr(m, "lr", None)): m for m in t.mechanism}  # a NormLine: the norm over all lrs
-    assert list(rows) == [("plain", 1e-3), ("plain", 5e-3), ("plain", None), ("BN", 1e-3), ("BN", 5e-3), ("BN", None)]
+    assert list(rows) == [("plain", 1e-3), ("plain", 5e-3), ("plain", None), ("BN", 1e-3), ("BN", 5e-3),
+                          ("BN", None)]
     for norm, label in (("none", "plain"), ("bn", "BN")):
         after_warmup = []
         for lr in (1e-3, 5e-3):
             values = sweep["steps_by"][(norm, lr)]
-            runs = [values[i:i + 30] for i in range(0, len(values), 30)] if not (norm == "none" and lr == 5e-3) \
-                else [values[:30], values[30:]]
+            runs = [values[i:i + 30] for i in range(0, len(values), 30)] \
+                if not (norm == "none" and lr == 5e-3) else [values[:30], values[30:]]
             window = [v for run in runs for v in run[10:]]
             assert rows[(label, lr)].loss_range == pytest.approx((min(window), max(window)))
             after_warmup += window
@@ -534,7 +553,8 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_figures(built):
     out = Path(built.out)
     expected = ["vgg_losses_bars.png", "vgg_losses_curves.png", "vgg_lr_robustness_landscape.png",
-                "vgg_lr_robustness_probes.png", "vgg_lr_robustness_curves.png", "alexnet_norm_batch_clustered.png",
+                "vgg_lr_robustness_probes.png", "vgg_lr_robustness_curves.png",
+                "alexnet_norm_batch_clustered.png",
                 "alexnet_norm_batch_bars.png", "default_bars.png"]
     for name in expected:
         w, h = _png_size(out / "fig" / name)
@@ -543,7 +563,8 @@ def test_figures(built):
     assert not (out / "fig" / "vgg_losses_probes.png").exists()
     assert not (out / "fig" / "alexnet_norm_batch_landscape.png").exists()
     lr_t = _table(built, "vgg_lr_robustness")
-    assert {p for _, p in lr_t.figures} >= {"fig/vgg_lr_robustness_landscape.png", "fig/vgg_lr_robustness_probes.png"}
+    assert {p for _, p in lr_t.figures} >= {"fig/vgg_lr_robustness_landscape.png",
+                                            "fig/vgg_lr_robustness_probes.png"}
     # first-layer filters: copied from the runs that wrote filters.png
     losses = _table(built, "vgg_losses")
     assert [c for c, _ in losses.filters] == ["BN · focal (seed 0)"]
@@ -584,7 +605,8 @@ def test_cli_console_line_and_error(sweep, tmp_path):
     out = tmp_path / "cli"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(sweep["root"] / "vgg_losses"),
-                        "--out", str(out), "--profile"], capture_output=True, text=True, check=False, env=env, timeout=300)
+                        "--out", str(out), "--profile"], capture_output=True, text=True, check=False, env=env,
+                        timeout=300)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert lines[0].startswith("read 14 run records") and "skipped 4 (2 in progress, 2 malformed)" in lines[0]
@@ -672,7 +694,8 @@ def test_html_renders_in_headless_chromium(built, tmp_path):
             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
             "--virtual-time-budget=5000"]
     try:
-        p = subprocess.run(args + ["--dump-dom", check.as_uri()], capture_output=True, text=True, check=False, timeout=180)
+        p = subprocess.run(args + ["--dump-dom", check.as_uri()], capture_output=True, text=True, check=False,
+                           timeout=180)
     finally:
         check.unlink()
     assert p.returncode == 0, p.stderr[-2000:]
@@ -688,7 +711,8 @@ def test_html_renders_in_headless_chromium(built, tmp_path):
     assert not console, console
     # the page as shipped, screenshotted: not blank
     shot = tmp_path / "shot.png"
-    p = subprocess.run(args + [f"--screenshot={shot}", "--window-size=1200,1600", (out / "index.html").as_uri()],
+    p = subprocess.run(args + [f"--screenshot={shot}", "--window-size=1200,1600",
+                               (out / "index.html").as_uri()],
                        capture_output=True, text=True, check=False, timeout=180)
     assert p.returncode == 0 and shot.is_file(), p.stderr[-2000:]
     with Image.open(shot) as im:
@@ -707,7 +731,8 @@ def test_wandb_offline_report(sweep, tmp_path, monkeypatch):
     for var, sub in (("WANDB_CONFIG_DIR", "cfg"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
         monkeypatch.setenv(var, str(tmp_path / sub))
     out = tmp_path / "wb"
-    rep = report.build([str(sweep["root"] / "vgg_losses")], str(out), wandb=True, wandb_project="normbench-test")
+    rep = report.build([str(sweep["root"] / "vgg_losses")], str(out), wandb=True,
+                       wandb_project="normbench-test")
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     wandb_bin = Path(sys.executable).with_name("wandb")
@@ -735,8 +760,11 @@ def test_wandb_offline_report(sweep, tmp_path, monkeypatch):
 def test_model_variant_fills_study_table_with_note(tmp_path):
     sweep = tmp_path / "light"
     for seed in (0, 1):
-        write_run(sweep, experiment="vgg_bn_baseline", choices={"model": "vgg_a_light", "norm": "bn", "seed": seed,
-                  "data": "synthetic", "lr": 0.001, "dropout": 0.0}, test_acc=0.5 + 0.01 * seed, params=611_434)
+        write_run(sweep, experiment="vgg_bn_baseline",
+                  choices={"model": "vgg_a_light", "norm": "bn", "seed": seed, "data": "synthetic",
+                           "lr": 0.001, "dropout": 0.0},
+                  test_acc=0.5 + 0.01 * seed,
+                  params=611_434)
     rep = report.build([str(sweep)], str(tmp_path / "out"))
     base = _table(rep, "vgg_bn_baseline")
     assert _row(base, "BN").cell.n == 2
@@ -759,14 +787,17 @@ def test_record_without_seedless_identity_is_a_cell_of_its_own(tmp_path):
     pooled with no other seed."""
     choices = {"model": "vgg_a", "norm": "bn"}
     for seed in (0, 1):
-        write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": seed}, test_acc=0.87 + seed / 100)
-    bare = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 2}, test_acc=0.86, legacy=True,
+        write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": seed},
+                  test_acc=0.87 + seed / 100)
+    bare = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 2}, test_acc=0.86,
+                     legacy=True,
                      config=False)
     assert record.SEEDLESS_IDENTITY not in json.loads((bare / "summary.json").read_text())
     _, cells = _cells_by_seeds(tmp_path)
     assert sorted(c.n for c in cells) == [1, 2]
     alone = next(c for c in cells if c.n == 1)
-    assert alone.runs[0].path == os.path.realpath(bare) and alone.key == ("vgg_losses", alone.runs[0].identity)
+    assert alone.runs[0].path == os.path.realpath(bare)
+    assert alone.key == ("vgg_losses", alone.runs[0].identity)
     rep = report.build([str(tmp_path)], str(tmp_path / "out"))
     assert _row(_table(rep, "vgg_losses"), "BN · CE").cell.n == 2
     # without config.yaml its dropout is unknown: it matches no study row
@@ -800,6 +831,7 @@ def test_report_does_not_import_torch(sweep, tmp_path):
             f"cli.main([{str(sweep['root'] / 'vgg_losses')!r}, '--out', {str(tmp_path / 'out')!r}]); "
             "import normbench.report.figures; assert 'torch' not in sys.modules, 'torch imported'")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env, timeout=300)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env,
+                       timeout=300)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "out" / "index.html").is_file()

@@ -41,7 +41,8 @@ def test_sigkilled_sweep_resumes_from_checkpoints_without_redoing_finished_runs(
     args = ["-m", *BASE, f"trainer.epochs={epochs}", "norm=none,bn"]
     sweep_dir = tmp_path / "multirun" / "default"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=tmp_path, env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=tmp_path, env=env,
+                            start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = second = None
     try:
@@ -54,7 +55,8 @@ def test_sigkilled_sweep_resumes_from_checkpoints_without_redoing_finished_runs(
                 except ValueError:  # must never happen: records are written atomically
                     raise AssertionError(f"half-written {path}") from None
             done = [d for d, s in runs.items() if s["status"] == "completed"]
-            going = [d for d, s in runs.items() if s["status"] == "running" and (d / "checkpoint.pt").exists()]
+            going = [d for d, s in runs.items() if s["status"] == "running"
+                     and (d / "checkpoint.pt").exists()]
             if done and going:
                 first, second = done[0], going[0]
                 break
@@ -97,8 +99,10 @@ def test_sigkilled_sweep_resumes_from_checkpoints_without_redoing_finished_runs(
 
 def test_index_is_rebuilt_from_records_and_checks_them(tmp_path):
     sweep = tmp_path / "sweep"
-    for name, identity, status in (("a", "id_a", "completed"), ("b", "id_b", "running"), ("c/d", "id_c", "diverged")):
-        atomic_write_json(sweep / name / "summary.json", {"identity": identity, "status": status, "objective": 0.25,
+    for name, identity, status in (("a", "id_a", "completed"), ("b", "id_b", "running"),
+                                   ("c/d", "id_c", "diverged")):
+        atomic_write_json(sweep / name / "summary.json", {"identity": identity, "status": status,
+                                                          "objective": 0.25,
                                                           "metrics": {"time/total_s": 10.0}})
     state = SweepState(sweep)
     state.ensure_index()
@@ -106,7 +110,7 @@ def test_index_is_rebuilt_from_records_and_checks_them(tmp_path):
     assert state.done("id_c")["dir"] == "c/d"
     assert state.done("id_b") is None and state.get("id_b")["status"] == "running"
     assert state.done("id_x") is None
-    # an index entry whose record no longer says so is not trusted
+    # an index entry whose record says otherwise is not trusted
     atomic_write_json(sweep / "a" / "summary.json", {"identity": "id_a", "status": "failed"})
     assert state.done("id_a") is None
 
@@ -206,7 +210,8 @@ def test_run_pruner_is_off_by_default_and_needs_a_sweep(tmp_path):
     from normbench.pruning import pruning_spec
 
     assert run_pruner(pruning_spec(OmegaConf.create({"pruning": {"name": "none"}})), tmp_path, "me") is None
-    median = pruning_spec(OmegaConf.create({"pruning": {"name": "median", "warmup_epochs": 2, "min_runs": 5}}))
+    median = pruning_spec(OmegaConf.create(
+        {"pruning": {"name": "median", "warmup_epochs": 2, "min_runs": 5}}))
     assert run_pruner(median, None, "me") is None  # a single run has no peers
     pruner = run_pruner(median, tmp_path, "me")
     assert isinstance(pruner, MedianStoppingPruner) and (pruner.warmup_epochs, pruner.min_runs) == (2, 5)

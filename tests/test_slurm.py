@@ -27,14 +27,17 @@ from normbench.faults import FaultyStream, check_fault
 from normbench.schema import TrainerConf, parse
 
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=null",
-         "hydra.launcher.cpus_per_task=1", "hydra.launcher.array_parallelism=2", "hydra.launcher.timeout_min=10",
+         "hydra.launcher.cpus_per_task=1", "hydra.launcher.array_parallelism=2",
+         "hydra.launcher.timeout_min=10",
          "logger=none"]
 
 
 def start_sweep(args: list[str], cwd: Path, cluster) -> subprocess.Popen:
-    env = {**os.environ, **cluster.env, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, **cluster.env, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1",
+           "WANDB_MODE": "disabled"}
     # the jobs start in the submitting dir: a relative PYTHONPATH (PYTHONPATH=src) would not reach them
-    env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)
+    env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve())
+                                        for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)
     return subprocess.Popen([sys.executable, str(TRAIN), "-m", *SLURM, *TINY, *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -45,7 +48,8 @@ def finish(proc: subprocess.Popen, cluster, timeout: float = 180) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-        raise AssertionError(f"sweep timed out:\n{out[-5000:]}\n{cluster.queue()}\n{cluster.logs()}") from None
+        raise AssertionError("sweep timed out:"
+                             f"\n{out[-5000:]}\n{cluster.queue()}\n{cluster.logs()}") from None
     return out
 
 
@@ -131,7 +135,8 @@ def test_job_array_sweep_completes_and_hydra_collects_every_objective(slurm_clus
 def tiny(**overrides) -> list[str]:
     """TINY with some of its keys replaced."""
     keys = {f"{key}=" for key in overrides}
-    return [o for o in TINY if not any(o.startswith(k) for k in keys)] + [f"{k}={v}" for k, v in overrides.items()]
+    return ([o for o in TINY if not any(o.startswith(k) for k in keys)]
+            + [f"{k}={v}" for k, v in overrides.items()])
 
 
 def held_run(tmp_path: Path, epochs: int = 3) -> tuple[list[str], Path, Path]:

@@ -1,4 +1,4 @@
-"""The report as a researcher reads it (issue 10): one table per study table on a real preset sweep, a
+"""The report as a researcher reads it: one table per study table on a real preset sweep, a
 page of reasonable height in a real browser, the report's convergence epoch (null for a run that does not
 learn), study 002's central comparisons with Welch verdicts, the studies' inconsistencies flagged."""
 
@@ -40,8 +40,8 @@ def page_height(browser: str, out: Path, profile: Path) -> int:
 
 @pytest.mark.slow
 def test_a_two_run_preset_makes_one_table(tmp_path):
-    # a real sweep of the 2-run preset; before issue 10 its runs filled 7-8 near-duplicate tables
-    # (every study table whose settings the baseline matches), a page of 12,000-15,000 px
+    # a real sweep of the 2-run preset: its runs belong in one table, not in every study table whose
+    # settings the baseline matches (7-8 near-duplicates, a page of 12,000-15,000 px)
     run_train(["-m", "+experiment=vgg_bn_baseline", *TINY, "trainer.epochs=2", "logger=none"], cwd=tmp_path)
     out = tmp_path / "rep"
     rep = report.build([str(tmp_path / "multirun" / "vgg_bn_baseline")], str(out))
@@ -100,7 +100,8 @@ def test_study_002_comparisons_with_welch_verdicts_and_flags(tmp_path):
     for (norm, bs), values in accs.items():
         for seed, acc in enumerate(values):
             write_run(sweep, experiment="alexnet_norm_batch",
-                      choices={"model": "alexnet", "norm": norm, "batch_size": bs, "seed": seed}, test_acc=acc,
+                      choices={"model": "alexnet", "norm": norm, "batch_size": bs, "seed": seed},
+                      test_acc=acc,
                       lr=0.005, params=58_000_000)
     rep = report.build([str(sweep)], str(tmp_path / "out"))
     table = next(t for t in rep.tables if t.name == "alexnet_norm_batch")

@@ -75,7 +75,8 @@ def test_preset_grid_completes_reruns_skip_and_plan_counts(tmp_path, monkeypatch
     for name, record in partial.items():
         assert full[name] == record  # untouched, finished_at included
     # the run records' files (Hydra's own .hydra/, job log and multirun.yaml are Hydra's to rewrite)
-    mtimes = {p: p.stat().st_mtime_ns for run in sweep_dir.glob("*/summary.json") for p in run.parent.iterdir()
+    mtimes = {p: p.stat().st_mtime_ns for run in sweep_dir.glob("*/summary.json")
+              for p in run.parent.iterdir()
               if p.is_file() and p.name != "train.log"}
     assert len(mtimes) >= 4 * 5
 
@@ -154,7 +155,8 @@ def test_median_pruning_stops_a_clearly_worse_run(tmp_path):
 @pytest.mark.slow
 def test_zero_run_sweep_says_so(tmp_path, monkeypatch):
     proc = run_train(["-m", *BASE, "seed=range(0,0)"], tmp_path)
-    assert sweep_line(proc) == "sweep multirun/default: no runs (the sweep expands to zero jobs; nothing was launched)"
+    assert sweep_line(proc) == ("sweep multirun/default: no runs "
+                                "(the sweep expands to zero jobs; nothing was launched)")
     assert plan_output(["-m", *BASE, "seed=range(0,0)"], tmp_path, monkeypatch).strip() == (
         "plan multirun/default: the sweep expands to zero runs; nothing to do")
 

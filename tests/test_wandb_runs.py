@@ -133,7 +133,8 @@ def test_job_dir_and_wandb_names_put_swept_values_first_and_stay_short():
 def test_swept_keys_come_from_the_command_line_and_the_sweeper_params():
     assert swept_keys({"loss": "ce,focal", "norm": "none,bn"}, ["norm=bn", "seed=0,1", "batch_size=8"]) == \
         ["loss", "seed"]  # norm=bn on the command line fixes it
-    assert swept_keys({"optimizer.lr": "tag(log, interval(1e-4, 1e-1))"}, ["model=choice(vgg_a,alexnet)"]) == \
+    assert swept_keys({"optimizer.lr": "tag(log, interval(1e-4, 1e-1))"},
+                      ["model=choice(vgg_a,alexnet)"]) == \
         ["optimizer.lr", "model"]
 
 
@@ -210,7 +211,8 @@ def test_a_wandb_sweep_agent_command_drives_train_py_with_hydra_overrides(tmp_pa
            "PYTHONPATH": str(ROOT / "src")}
     # the agent runs from the project dir; here the program's path is made absolute so that the
     # outputs land in the test's temp dir
-    proc = subprocess.run([*command[:2], str(TRAIN), *command[3:]], cwd=tmp_path, env=env, capture_output=True,
+    proc = subprocess.run([*command[:2], str(TRAIN), *command[3:]], cwd=tmp_path, env=env,
+                          capture_output=True,
                           text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]

@@ -131,8 +131,9 @@ def _checked(data_cfg, spec: DataConf, tensors) -> tuple[torch.Tensor, ...]:
     target = data_cfg["_target_"]
 
     def bad(what: str) -> ConfigError:
-        return ConfigError("data._target_", target, f"{what} (a dataset returns train images uint8 (N, C, H, W), "
-                                                    "train labels int64 (N,), test images, test labels)")
+        return ConfigError("data._target_", target,
+                           f"{what} (a dataset returns train images uint8 (N, C, H, W), "
+                           "train labels int64 (N,), test images, test labels)")
 
     if not isinstance(tensors, (tuple, list)) or len(tensors) != 4:
         raise bad(f"returned {type(tensors).__name__}, not four tensors")
@@ -141,7 +142,8 @@ def _checked(data_cfg, spec: DataConf, tensors) -> tuple[torch.Tensor, ...]:
     expected = (spec.channels, spec.image_size, spec.image_size)
     for split, (images, labels) in (("train", tensors[:2]), ("test", tensors[2:])):
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise bad(f"{split} images are {images.dtype} of shape {tuple(images.shape)}, not uint8 (N, C, H, W)")
+            raise bad(f"{split} images are {images.dtype} of shape {tuple(images.shape)}, not uint8 (N, C, "
+                      "H, W)")
         if tuple(images.shape[1:]) != expected:
             raise ConfigError("data.image_size" if images.shape[1] == expected[0] else "data.channels",
                               spec.image_size if images.shape[1] == expected[0] else spec.channels,
@@ -152,7 +154,8 @@ def _checked(data_cfg, spec: DataConf, tensors) -> tuple[torch.Tensor, ...]:
                       f"({images.shape[0]},)")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
             raise ConfigError("data.num_classes", spec.num_classes,
-                              f"the dataset's {split} labels run from {int(labels.min())} to {int(labels.max())}")
+                              f"the dataset's {split} labels run from {int(labels.min())} to "
+                              f"{int(labels.max())}")
     return tuple(t.contiguous() for t in tensors)
 
 
@@ -189,7 +192,8 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 def _random(draw, *args, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """``draw(*args)`` (torch.randint, torch.randperm) on ``device``, drawn on the generator's device (keep
     the generator there for no host-device copies)."""
-    return draw(*args, generator=generator, device=device if generator is None else generator.device).to(device)
+    return draw(*args, generator=generator, device=device if generator is None
+                else generator.device).to(device)
 
 
 def augment_batch(
@@ -237,7 +241,8 @@ class _Normalizer:
         mean_t = torch.as_tensor([float(v) for v in mean], dtype=torch.float32)
         std_t = torch.as_tensor([float(v) for v in std], dtype=torch.float32)
         if mean_t.numel() != std_t.numel() or bool((std_t <= 0).any()):
-            raise ValueError(f"mean/std must be one value per channel with std > 0, got mean={mean} std={std}")
+            raise ValueError(f"mean/std must be one value per channel with std > 0, got mean={mean} "
+                             f"std={std}")
         # (x/255 - mean)/std == x * scale + shift
         self.scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(device)
         self.shift = (-mean_t / std_t).view(1, -1, 1, 1).to(device)
@@ -267,7 +272,8 @@ class BatchStream:
     host transfers) or from the global RNG of the device when None (seeded by ``torch.manual_seed``).
     """
 
-    def __init__(self, split: Split, batch_size: int, mean, std, *, augment: bool = True, crop_padding: int = 4,
+    def __init__(self, split: Split, batch_size: int, mean, std, *, augment: bool = True,
+                 crop_padding: int = 4,
                  flip: bool = True, resize_to: int | None = None, channels_last: bool = False,
                  drop_last: bool = True, generator: torch.Generator | None = None):
         n = len(split)

@@ -22,7 +22,8 @@ CHANNELS_LAST_NORMS = ("none", "bn")
 # (model, norm) pairs that train faster in channels_last on the CPU (oneDNN's NHWC convolutions), measured
 # per model and norm by bench/perf.py's section "cpu_layout" (docs/PERFORMANCE.md has the figures).
 # A model is named by its `_target_` function (normbench.models.model_name).
-CPU_CHANNELS_LAST = frozenset({("vgg_a", "none"), ("vgg_a", "bn"), ("alexnet_cifar", "none"), ("alexnet_cifar", "bn")})
+CPU_CHANNELS_LAST = frozenset({("vgg_a", "none"), ("vgg_a", "bn"), ("alexnet_cifar", "none"),
+                               ("alexnet_cifar", "bn")})
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 RECOMPILE_LIMIT = 64
 
@@ -30,8 +31,8 @@ RECOMPILE_LIMIT = 64
 def resolve_device(name: str) -> torch.device:
     name = str(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                            else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available()
+                            else "mps" if torch.backends.mps.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "mps":
@@ -140,7 +141,8 @@ def placement(device: str, threads: int, job_num: int | None, n_jobs: int) -> tu
     device = str(device)
     if isinstance(threads, bool) or not isinstance(threads, int):
         return device, 0
-    if device == "auto" and job_num is not None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+    if (device == "auto" and job_num is not None and torch.cuda.is_available()
+            and torch.cuda.device_count() > 1):
         device = f"cuda:{job_num % torch.cuda.device_count()}"
     if not threads and n_jobs > 1:
         threads = max(1, cpu_count() // n_jobs)

@@ -77,10 +77,12 @@ def alexnet(*, num_classes: int, in_channels: int, image_size: int, norm: NormFa
 
 
 def alexnet_cifar(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
-                  activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5, conv_groups: int = 1,
+                  activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5,
+                  conv_groups: int = 1,
                   norm_at: str = "after_pool", norm_layers=(1, 2, 3, 4, 5), **_) -> nn.Module:
     """AlexNet-style net for native 32x32 input, classifier 1024-1024-classes (options as alexnet)."""
-    return AlexNet(ALEXNET_CIFAR, norm, activation, num_classes, float(width), float(dropout), int(image_size),
+    return AlexNet(ALEXNET_CIFAR, norm, activation, num_classes, float(width), float(dropout),
+                   int(image_size),
                    int(in_channels), hidden=1024, pooled=3,
                    **_layout(conv_groups, norm_at, norm_layers))
 
@@ -93,8 +95,10 @@ def _layout(conv_groups, norm_at, norm_layers) -> dict:
         raise ConfigError("model.norm_at", norm_at, f"choose one of {', '.join(NORM_AT)}")
     layers = tuple(norm_layers) if norm_layers is not None else ()
     if not all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= 5 for i in layers):
-        raise ConfigError("model.norm_layers", list(layers), "a list of conv block numbers 1-5, e.g. [1,2,3,4,5]")
-    return {"groups": {i: conv_groups for i in GROUPED_LAYERS}, "norm_at": norm_at, "norm_layers": set(layers)}
+        raise ConfigError("model.norm_layers", list(layers), "a list of conv block numbers 1-5, e.g. "
+                          "[1,2,3,4,5]")
+    return {"groups": {i: conv_groups for i in GROUPED_LAYERS}, "norm_at": norm_at,
+            "norm_layers": set(layers)}
 
 
 def scaled(channels: int, width: float) -> int:
@@ -145,7 +149,8 @@ class VGG(_ConvNet):
             layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1), norm(out_ch, spatial), act()]
             in_ch = out_ch
         if spatial < 1:
-            raise ConfigError("model.input_size", input_size, "too small for VGG-A's five poolings (use >= 32)")
+            raise ConfigError("model.input_size", input_size, "too small for VGG-A's five poolings (use "
+                              ">= 32)")
         self.features = _without_identities(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = _classifier(in_ch, scaled(512, width), num_classes, act, dropout)
@@ -169,8 +174,8 @@ class AlexNet(_ConvNet):
             out_ch = scaled(out, width)
             g = groups.get(index, 1)
             if in_ch % g or out_ch % g:
-                raise ConfigError("model.conv_groups", g, f"must divide conv{index}'s {in_ch} -> {out_ch} channels "
-                                                          f"(use conv_groups=1 at this model.width)")
+                raise ConfigError("model.conv_groups", g, f"must divide conv{index}'s {in_ch} -> {out_ch} "
+                                  "channels (use conv_groups=1 at this model.width)")
             layers += [nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=g), act()]
             spatial = (spatial + 2 * padding - kernel) // stride + 1
             if index in norm_layers and norm_at == "before_pool":

@@ -37,7 +37,8 @@ def build_optimizer(optimizer_cfg, model, allowed_targets=BUILTIN_TARGETS):
     return make(params, **fast_optimizer_kwargs(optimizer_class, params, given))
 
 
-def build_scheduler(scheduler_cfg, optimizer, epochs: int, steps_per_epoch: int, allowed_targets=BUILTIN_TARGETS):
+def build_scheduler(scheduler_cfg, optimizer, epochs: int, steps_per_epoch: int,
+                    allowed_targets=BUILTIN_TARGETS):
     """Schedulers step once per optimizer step."""
     make = instantiate(scheduler_cfg.fn, _execution_whitelist_=list(allowed_targets))
     total_steps = max(1, epochs * steps_per_epoch)

@@ -33,7 +33,8 @@ class Probe(Protocol):
 
 
 def run_probes(probes: list[Probe], step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float,
-               loop_grads_fp32: bool = True, rng_at_forward: RngState | None = None) -> dict[str, float] | None:
+               loop_grads_fp32: bool = True, rng_at_forward: RngState | None = None,
+               ) -> dict[str, float] | None:
     """Run every probe for this step; the merged metrics, or None when no probe measured anything.
 
     ``loop_grads_fp32=False`` says the loop's ``p.grad`` came from an autocast (bf16/fp16) backward: then,
@@ -119,7 +120,8 @@ def _loss_and_grads(closure: Callable[[], Tensor],
     with torch.enable_grad():
         loss = closure()
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
-            raise RuntimeError("probe closure must return the scalar loss of a forward pass with autograd enabled")
+            raise RuntimeError("probe closure must return the scalar loss of a forward pass with autograd "
+                               "enabled")
         grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
     return loss.detach().reshape(()).double(), [None if g is None else g.detach() for g in grads]
 

@@ -131,12 +131,12 @@ class RunInfo:
 
 
 class RunMemory:
-    """One run's own peak memory, the data excluded (docs/training.md, "Peak memory"), from a reset made once its
-    data is on the device: jobs of a sweep share a process, whose peak only grows from job to job. On the
+    """One run's own peak memory, the data excluded (docs/training.md, "Peak memory"), from a reset made once
+    its data is on the device: jobs of a sweep share a process, whose peak only grows from job to job. On the
     CPU (Linux: /proc/self/clear_refs) a sweep job first gives freed heap back (``malloc_trim``: memory an
     earlier job freed would lower this run's baseline), and torch._dynamo (~90 MB, imported by torch.optim's
-    first use) is imported first, so the first job of a process does not carry its one-time costs. MPS has
-    no peak counter: its allocation at the end minus that at the reset."""
+    first use) is imported first, so the first job of a process does not carry its one-time costs. MPS has no
+    peak counter: its allocation at the end minus that at the reset."""
 
     def __init__(self, device: torch.device, in_sweep: bool = False):
         self.device, self.in_sweep = device, in_sweep

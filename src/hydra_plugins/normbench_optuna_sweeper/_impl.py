@@ -314,7 +314,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
     # the steps
 
     def _job_overrides(self, study: optuna.Study, trial: optuna.Trial) -> tuple[str, ...]:
-        trial_env = {ENV_STUDY: study.study_name, ENV_TRIAL_ID: trial._trial_id, ENV_TRIAL_NUMBER: trial.number}
+        trial_env = {ENV_STUDY: study.study_name, ENV_TRIAL_ID: trial._trial_id,
+                     ENV_TRIAL_NUMBER: trial.number}
         extra = [f"+hydra.job.env_set.{key}={quote_override(str(value))}" for key, value in trial_env.items()]
         if self.masked_storage is not None:
             extra.append(f"hydra.sweeper.storage={quote_override(self.masked_storage)}")

@@ -20,7 +20,8 @@ def git_revision(path: Path) -> str | None:
     a tag name); None outside git."""
     command = ["git", "-C", str(path), "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout.strip() or None
+        return subprocess.run(command, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 

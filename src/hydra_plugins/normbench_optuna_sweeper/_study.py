@@ -215,7 +215,8 @@ def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst",
     sees these parameters as the worst ones; strategy "fail": FAIL, which Optuna's samplers ignore."""
     if strategy not in FAILURE_STRATEGIES:
         raise ValueError(f"failure strategy must be one of {FAILURE_STRATEGIES}, got {strategy!r}")
-    attrs = {STATUS_ATTR: str(outcome.status), "error": (outcome.error or "")[:500], "run_dir": outcome.run_dir,
+    attrs = {STATUS_ATTR: str(outcome.status), "error": (outcome.error or "")[:500],
+             "run_dir": outcome.run_dir,
              **outcome.attrs}
     for key, value in attrs.items():
         if value is not None and value != "":

@@ -9,4 +9,5 @@ from normbench.datasets.idx import fashion_mnist, mnist
 from normbench.datasets.image_folder import imagefolder
 from normbench.datasets.svhn_mat import svhn
 
-__all__ = ["cifar10", "cifar100", "fashion_mnist", "imagefolder", "make_synthetic", "mnist", "svhn", "synthetic"]
+__all__ = ["cifar10", "cifar100", "fashion_mnist", "imagefolder", "make_synthetic", "mnist", "svhn",
+           "synthetic"]

@@ -55,8 +55,10 @@ def cache_dirs(data_dir: str) -> list[Path]:
     return [Path(data_dir) / CACHE_DIR_NAME, user_cache_dir()]
 
 
-def cached(name: str, data_dir: str, sources: Iterable[str], params: dict, decode: Callable[[], Tensors]) -> Tensors:
-    """The dataset's tensors from its cache file when one matches the sources, else ``decode()``d and saved."""
+def cached(name: str, data_dir: str, sources: Iterable[str], params: dict,
+           decode: Callable[[], Tensors]) -> Tensors:
+    """The dataset's tensors from its cache file when one matches the sources, else ``decode()``d and
+    saved."""
     # <dataset>-<data dir and parameters>-<sources>.pt: a cache of older sources shares the prefix
     prefix = f"{name}-{_digest([CACHE_FORMAT, os.path.abspath(data_dir), params], 10)}-"
     filename = prefix + sources_key(sources) + ".pt"

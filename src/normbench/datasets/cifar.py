@@ -47,7 +47,8 @@ def _torchvision_cifar(cls, label: str, root, download: bool) -> Tensors:
         if missing:
             raise DataNotFoundError(
                 f"{label} not found in data.root={root_abs} ({base}/{missing[0]} is missing) and "
-                f"data.download=false: rerun with data.download=true on a machine with network access, or {fill}"
+                "data.download=false: rerun with data.download=true on a machine with network access, or "
+                f"{fill}"
             )
     else:
         try:

@@ -58,7 +58,8 @@ def with_channels(tensors: Tensors, channels, native: int) -> Tensors:
     if isinstance(channels, bool) or channels not in allowed:
         raise ConfigError("data.channels", channels,
                           f"this dataset has {native} channel{'s' if native > 1 else ''}: use "
-                          + (" or ".join(map(str, allowed)) + (" (3 repeats the gray channel)" if native == 1 else "")))
+                          + " or ".join(map(str, allowed))
+                          + (" (3 repeats the gray channel)" if native == 1 else ""))
     if channels == native:
         return tensors
     train_x, train_y, test_x, test_y = tensors

@@ -11,7 +11,8 @@ from normbench.errors import ConfigError
 
 
 def _integer(key: str, value, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi and value > hi):
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo
+            or (hi and value > hi)):
         raise ConfigError(key, value, f"use an integer in [{lo}, {hi if hi else 'inf'}]")
     return int(value)
 
@@ -26,7 +27,8 @@ def synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: int = 1
         raise ConfigError("data.noise", noise, "use a float in [0, 10) (noise std, 1 = full range)")
     images, labels = make_synthetic(
         num_train + num_test, num_classes=_integer("data.num_classes", num_classes, 2, 255),
-        image_size=_integer("data.image_size", image_size, 8), channels=_integer("data.channels", channels, 1),
+        image_size=_integer("data.image_size", image_size, 8),
+        channels=_integer("data.channels", channels, 1),
         seed=_integer("data.generator_seed", generator_seed, 0), noise=float(noise))
     return images[:num_train], labels[:num_train], images[num_train:], labels[num_train:]
 

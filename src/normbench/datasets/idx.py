@@ -4,7 +4,8 @@ download path, plus the flat layout of Debian's ``dataset-fashion-mnist`` packag
 Where the four idx files are looked up, in this order (``.gz`` or not):
 
 1. ``<root>/MNIST/raw/`` or ``<root>/FashionMNIST/raw/`` -- torchvision's layout (where it downloads);
-2. ``<root>/`` itself -- the files directly in the folder, e.g. ``data.root=/usr/share/datasets/fashion-mnist``;
+2. ``<root>/`` itself -- the files directly in the folder, e.g.
+   ``data.root=/usr/share/datasets/fashion-mnist``;
 3. Fashion-MNIST only: ``/usr/share/datasets/fashion-mnist/``, where Debian's package installs them.
 
 If none has them, torchvision downloads them into (1) when ``data.download`` is true.
@@ -32,7 +33,8 @@ from normbench.datasets.common import (
 from normbench.errors import DataNotFoundError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+         "t10k-labels-idx1-ubyte")
 IDX_UINT8 = 0x08  # the idx type code of unsigned bytes
 
 
@@ -44,7 +46,8 @@ def mnist(root: str = "./data", download: bool = True, channels: int = 1, **_) -
 
 
 def fashion_mnist(root: str = "./data", download: bool = True, channels: int = 1, **_) -> Tensors:
-    """Fashion-MNIST from ``<root>/FashionMNIST/raw/``, the four files in ``root``, or Debian's package dir."""
+    """Fashion-MNIST from ``<root>/FashionMNIST/raw/``, the four files in ``root``, or Debian's
+    package dir."""
     from torchvision.datasets import FashionMNIST
 
     tensors = _mnist_like(FashionMNIST, "Fashion-MNIST", root, download, extra_dirs=(DEBIAN_FASHION_MNIST,),
@@ -75,11 +78,13 @@ def read_idx(path: str) -> torch.Tensor:
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     if len(data) - offset != int(np.prod(shape)):
-        raise ValueError(f"{os.path.basename(path)} holds {len(data) - offset} bytes, its header says {shape}")
+        raise ValueError(f"{os.path.basename(path)} holds {len(data) - offset} bytes, its header says "
+                         f"{shape}")
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape).copy())
 
 
-def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ...], apt_hint: str = "") -> Tensors:
+def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ...],
+                apt_hint: str = "") -> Tensors:
     root_abs = absolute(root)
     tv_dir = os.path.join(root_abs, cls.__name__, "raw")
     candidates = (tv_dir, root_abs, *extra_dirs)

@@ -28,7 +28,8 @@ def imagefolder(root=None, num_classes: int = 10, channels: int = 3, image_size:
     from torchvision.datasets import ImageFolder
 
     if not root:
-        raise ConfigError("data.root", root, f"set it to your image folder ({LAYOUT}), e.g. data.root=~/my_images")
+        raise ConfigError("data.root", root, f"set it to your image folder ({LAYOUT}), e.g. "
+                          "data.root=~/my_images")
     if channels not in (1, 3) or isinstance(channels, bool):
         raise ConfigError("data.channels", channels, "use 1 (grayscale) or 3 (RGB)")
     root_abs = absolute(root)

@@ -37,8 +37,8 @@ def svhn(root: str = "./data", download: bool = True, extra: bool = False, **_) 
                         SVHN(root_abs, split=split, download=True)  # downloads and verifies the md5
         except (urllib.error.URLError, OSError, RuntimeError, EOFError) as err:
             raise DataNotFoundError(
-                f"SVHN not found in data.root={root_abs} and it could not be downloaded ({short(err)}): run on "
-                f"a machine with network access with data.download=true, or {fill}") from err
+                f"SVHN not found in data.root={root_abs} and it could not be downloaded ({short(err)}): "
+                f"run on a machine with network access with data.download=true, or {fill}") from err
 
     def decode() -> Tensors:
         parts = {}

@@ -149,11 +149,13 @@ def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, wo
     rel = {k: abs(values["bf16"][k] / values["fp32"][k] - 1) for k in values["fp32"]
            if values["fp32"][k] and math.isfinite(values["fp32"][k])}
     return {"lr": g.probe_lr, "fp32": values["fp32"], "bf16": values["bf16"], "relative_difference": rel,
-            "within_tolerance": all(v <= g.probe_rtol for k, v in rel.items() if "beta" in k or "grad_pred" in k)}
+            "within_tolerance": all(v <= g.probe_rtol for k, v in rel.items() if "beta" in k
+                                    or "grad_pred" in k)}
 
 
 CHECKS: dict[str, Callable[..., dict]] = {
-    "cuda_tests": check_cuda_tests, "epochs": check_epochs, "layouts": check_layouts, "compile": check_compile,
+    "cuda_tests": check_cuda_tests, "epochs": check_epochs, "layouts": check_layouts,
+    "compile": check_compile,
     "concurrency": check_concurrency, "probes": check_probes,
 }
 # Rough share of the budget each check needs on an H100-class GPU, to decide whether it still fits.
@@ -193,12 +195,14 @@ def verdicts(results: dict) -> dict[str, str]:
 
     out = {}
     t = get("cuda_tests")
-    out["CUDA-only tests pass"] = "skipped" if t is None else ("PASS" if t["passed"] and not t["failed"] else "FAIL")
+    out["CUDA-only tests pass"] = "skipped" if t is None else ("PASS" if t["passed"] and not t["failed"]
+                                                               else "FAIL")
     lay = get("layouts")
     out["channels_last=auto picks the faster layout"] = "skipped" if lay is None else (
         "PASS" if not lay["auto_wrong"] else "FAIL: " + ", ".join(lay["auto_wrong"]))
     c = get("compile")
-    out["torch.compile reused by a second run"] = "skipped" if c is None else ("PASS" if c["reused"] else "FAIL")
+    out["torch.compile reused by a second run"] = "skipped" if c is None else ("PASS" if c["reused"]
+                                                                               else "FAIL")
     con = get("concurrency")
     if con is None:
         out[">= 2x runs/hour from concurrent jobs (b8)"] = "skipped"
@@ -206,7 +210,8 @@ def verdicts(results: dict) -> dict[str, str]:
         best = max(level["speedup"] for level in con["levels"])
         out[">= 2x runs/hour from concurrent jobs (b8)"] = "PASS" if best >= 2 else f"FAIL ({best:.2f}x)"
     p = get("probes")
-    out["probes under bf16 = fp32"] = "skipped" if p is None else ("PASS" if p["within_tolerance"] else "FAIL")
+    out["probes under bf16 = fp32"] = "skipped" if p is None else ("PASS" if p["within_tolerance"]
+                                                                   else "FAIL")
     for name, r in results.items():
         if isinstance(r, dict) and "error" in r:
             out[f"{name} ran"] = "ERROR: " + r["error"][:200]

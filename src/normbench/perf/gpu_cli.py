@@ -43,7 +43,8 @@ def table(results: dict) -> list[tuple[str, str]]:
             f"first step {r['first_step_s']:.1f} s, {r['train_img_s']:,.0f} img/s, "
             f"new graphs {r['new_graphs']}")))
     for level in results.get("concurrency", {}).get("levels", []):
-        rows.append((f"b8 jobs x{level['concurrent']}", f"{level['runs_per_hour']:.0f} runs/h ({level['speedup']:.2f}x)"))
+        rows.append((f"b8 jobs x{level['concurrent']}", (f"{level['runs_per_hour']:.0f} runs/h "
+                     f"({level['speedup']:.2f}x)")))
     p = results.get("probes", {})
     if "relative_difference" in p:
         rows.append(("probes bf16 vs fp32",

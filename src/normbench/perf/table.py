@@ -136,7 +136,8 @@ def print_table(results: dict, file=None) -> None:
              f"{' ' + m['gpu'] if m.get('gpu') else ''}, {m['torch_threads']} threads")
     table = Table(title=title, title_justify="left")
     for col, justify in (("section", "left"), ("measure", "left"), ("normbench", "right"),
-                         ("reference", "right"), ("ratio", "right"), ("target", "right"), ("result", "center")):
+                         ("reference", "right"), ("ratio", "right"), ("target", "right"),
+                         ("result", "center")):
         table.add_column(col, justify=justify, no_wrap=col != "measure")
     for row in table_rows(results):
         style = {"PASS": "green", "FAIL": "red"}.get(row[-1])

@@ -1,4 +1,4 @@
-"""The performance targets (issue 5) and their PASS / FAIL / skipped verdicts on a result dict."""
+"""The performance targets and their PASS / FAIL / skipped verdicts on a result dict."""
 
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
     return fig, axes
 
 
-def _label(ax, title: str, xlabel: str, ylabel: str = "", grid_axis: str = "both", fontsize: int = 10) -> None:
+def _label(ax, title: str, xlabel: str, ylabel: str = "", grid_axis: str = "both",
+           fontsize: int = 10) -> None:
     """The axes' title, labels and light grid, alike in every figure."""
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=fontsize)

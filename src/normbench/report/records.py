@@ -269,7 +269,8 @@ class Cell:
         if key in self.choices:
             return self.choices[key]
         if key not in self._settings:
-            self._settings[key] = next((v for run in self.all_runs if (v := run.setting(key)) is not None), None)
+            self._settings[key] = next((v for run in self.all_runs if (v := run.setting(key)) is not None),
+                                       None)
         return self._settings[key]
 
     def values(self, metric: str) -> list[float]:

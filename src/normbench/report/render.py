@@ -57,7 +57,9 @@ def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
 
 
 def _fmt_ref(value: float, col: Column) -> str:
-    return f"{value:,.0f}" if col.metric == "model/params" else f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
+    if col.metric == "model/params":
+        return f"{value:,.0f}"
+    return f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
 
 
 def _n_text(cell: Cell) -> str:

@@ -193,7 +193,8 @@ def _counterpart_key(cell: Cell, defining: set[str]) -> tuple:
     return (cell.experiment, others, cell.value_overrides)
 
 
-def _closest(cell: Cell, candidates: Sequence[Cell], index: dict[tuple, Cell], defining: set[str]) -> Cell | None:
+def _closest(cell: Cell, candidates: Sequence[Cell], index: dict[tuple, Cell],
+             defining: set[str]) -> Cell | None:
     """The candidate sharing most settings with cell (same experiment preferred): first the exact
     counterpart (same everything but the defining settings), else the nearest one when there are at
     most MAX_NEAREST candidates (a large search has no meaningful nearest: None)."""
