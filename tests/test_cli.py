@@ -52,7 +52,7 @@ def test_single_run_trains_and_records(tmp_path, wandb_env):
                               "throughput/img_s"}
     config = yaml.safe_load((run / "config.yaml").read_text())
     # the record holds the complete loss settings: the schema's defaults with the option's gamma
-        assert config["loss"] == {"name": "focal", "gamma": 2.0, "l1": 0.0, "l2": 0.0, "smoothing": 0.0}
+    assert config["loss"] == {"name": "focal", "gamma": 2.0, "l1": 0.0, "l2": 0.0, "smoothing": 0.0}
     assert (run / "filters.png").stat().st_size > 0
 
     wandb_runs = list(run.glob("wandb/offline-run-*"))
