@@ -95,6 +95,13 @@ def swept_keys(params: dict | None, overrides: Iterable[str]) -> list[str]:
     return keys
 
 
+def sweep_arguments(master: DictConfig) -> tuple[dict, list[str]]:
+    """hydra.sweeper.params and the command line's overrides of a composed multirun config."""
+    params = OmegaConf.select(master, "hydra.sweeper.params", default=None)
+    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+    return params, list(OmegaConf.to_container(master.hydra.overrides.task, resolve=False))
+
+
 def swept_keys_from_env() -> list[str]:
     """The swept keys of the multirun this job belongs to (empty outside one)."""
     return [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]

@@ -23,8 +23,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # raise Interrupted (SIGINT: Key
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM (kill, docker stop, SLURM) or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that every
-    layer (the run, joblib, the Optuna sweeper) treats them alike."""
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt (see the module's docstring)."""
 
     def __init__(self, signame: str = "SIGTERM"):
         super().__init__(signame)

@@ -30,23 +30,16 @@ class MetricSink(Protocol):
     def log_summary(self, summary: dict) -> None: ...     # the summary.json content
 
 
+SINK_METHODS = ("log_steps", "log_epoch", "log_probe", "log_images", "log_summary")
+
+
 class NullSink:
     """A MetricSink that keeps nothing: the base of sinks that take only some of it."""
 
-    def log_steps(self, rows: list[dict]) -> None:
+    def _ignore(self, *args) -> None:
         pass
 
-    def log_epoch(self, row: dict) -> None:
-        pass
-
-    def log_probe(self, row: dict) -> None:
-        pass
-
-    def log_images(self, images: dict) -> None:
-        pass
-
-    def log_summary(self, summary: dict) -> None:
-        pass
+    log_steps = log_epoch = log_probe = log_images = log_summary = _ignore
 
 
 def wandb_credentials_configured() -> bool:
@@ -186,31 +179,20 @@ class WandbSink:
         self.run.finish(exit_code=1 if failed else 0)
 
 
+def _to_every_sink(method: str):
+    def send(self, *args) -> None:
+        for sink in self.sinks:
+            getattr(sink, method)(*args)
+    return send
+
+
 class FanOut:
     """A MetricSink that passes each row on to every one of its sinks."""
 
     def __init__(self, *sinks: MetricSink | None):
         self.sinks = [s for s in sinks if s is not None]
 
-    def log_steps(self, rows: list[dict]) -> None:
-        for sink in self.sinks:
-            sink.log_steps(rows)
-
-    def log_epoch(self, row: dict) -> None:
-        for sink in self.sinks:
-            sink.log_epoch(row)
-
-    def log_probe(self, row: dict) -> None:
-        for sink in self.sinks:
-            sink.log_probe(row)
-
-    def log_images(self, images: dict) -> None:
-        for sink in self.sinks:
-            sink.log_images(images)
-
-    def log_summary(self, summary: dict) -> None:
-        for sink in self.sinks:
-            sink.log_summary(summary)
+    log_steps, log_epoch, log_probe, log_images, log_summary = map(_to_every_sink, SINK_METHODS)
 
 
 class ConsoleSink(NullSink):

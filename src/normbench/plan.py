@@ -1,15 +1,10 @@
-"""The planning command: what a sweep will do, before anything runs.
+"""The planning command: what a sweep will do, before anything runs (nothing is trained or written).
 
     python bench/plan.py -m +experiment=vgg_losses seed=0,1,2
 
-takes the same arguments as bench/train.py, composes the multirun config and each job's config with
-Hydra's own config loader, expands the grid with Hydra's basic sweeper's own `split_arguments` (as
-bench/train.py -m and its launcher do), and looks each job's identity up in the sweep dir's index
-(`.normbench/index/`). It prints how many runs the sweep makes, how many are done, how many will run
-(and how many of those continue from a checkpoint), and an estimate of the time left. Each run still
-to go is estimated from the finished runs of the same size (`SIZE_KEYS`: model, width, input size,
-data, batch size, steps and eval batches per epoch, probes), scaled to its number of epochs; runs with
-no finished run of their size are not guessed at. Nothing is trained or written.
+It composes the jobs as bench/train.py -m does (Hydra's config loader and its basic sweeper's
+`split_arguments`), looks each job's identity up in the sweep dir's index and estimates the time left
+from the finished runs of the same size (`SIZE_KEYS`); the output is described in `parse_args`.
 """
 
 from __future__ import annotations
@@ -34,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from normbench.errors import NormbenchError, fail
-from normbench.identity import register_resolvers, run_identity
+from normbench.identity import register_resolvers, run_identity, sweep_arguments
 from normbench.preflight import check_launch, preset_spelling
 from normbench.record import CHECKPOINT, DONE, Status, read_config
 from normbench.sweep.index import SweepState, done_statuses, sibling_dir
@@ -56,14 +51,6 @@ def expand_grid(params: dict, task: list[str], config_loader=None) -> list[list[
     parser = OverridesParser.create(config_loader=config_loader)
     [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
     return jobs
-
-
-def sweep_arguments(master: DictConfig) -> tuple[dict, list[str]]:
-    """hydra.sweeper.params and the command line's overrides of a composed multirun config."""
-    params = OmegaConf.select(master, "hydra.sweeper.params", default=None)
-    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
-    task = list(OmegaConf.to_container(master.hydra.overrides.task, resolve=False))
-    return params, task
 
 
 def _lookup(data: dict, key: str):
@@ -249,11 +236,7 @@ def _without_hydra(cfg: DictConfig) -> DictConfig:
 
 def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
     """Read the sweep dir's index once (without writing one when it is missing)."""
-    if state.index_dir.is_dir():
-        entries = {e["identity"]: e for e in state.entries() if e.get("identity")}
-    else:
-        entries = state.scan_records()
-    state.cached = entries
+    entries = state.cached = state.known_entries()
     for entry in entries.values():
         if entry.get("status") not in (*DONE, Status.PRUNED, Status.FAILED) or not entry.get("dir"):
             continue
@@ -272,9 +255,7 @@ def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
 
 def _parallel_jobs(master: DictConfig) -> int:
     n_jobs = OmegaConf.select(master, "hydra.launcher.n_jobs", default=None)
-    if isinstance(n_jobs, int) and n_jobs > 1:
-        return n_jobs
-    return 1
+    return n_jobs if isinstance(n_jobs, int) and n_jobs > 1 else 1
 
 
 def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
@@ -309,8 +290,7 @@ def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
 
 
 def _plan_other_sweeper(master: DictConfig, sweeper: str, out) -> int:
-    state = SweepState(master.hydra.sweep.dir)
-    entries = list(state.entries()) if state.index_dir.is_dir() else list(state.scan_records().values())
+    entries = SweepState(master.hydra.sweep.dir).known_entries().values()
     done = sum(1 for e in entries if e.get("status") in DONE)
     n_trials = OmegaConf.select(master, "hydra.sweeper.n_trials", default=None)
     name = sweeper.rsplit(".", 1)[-1] or "custom sweeper"

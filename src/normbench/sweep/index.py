@@ -146,11 +146,6 @@ class SweepState:
     def get(self, identity: str) -> dict | None:
         return _entry(read_json(self.index_dir / f"{identity}.json"))
 
-    def entry_is_corrupt(self, identity: str) -> bool:
-        """The entry's file is there but is not a JSON object (a torn or damaged file)."""
-        path = self.index_dir / f"{identity}.json"
-        return self.get(identity) is None and path.exists()
-
     def recover(self, identity: str, statuses: tuple[str, ...], candidates: list[Path]) -> dict | None:
         """The run of this identity that its record says is done although its index entry does not
         (missing, unreadable, or still `running` after a kill between the summary and the index
@@ -158,7 +153,7 @@ class SweepState:
         entry's dir and `candidates` (the job's own dir); an unreadable entry is rebuilt from a scan of
         every record (where the run of this identity is, done or not)."""
         entry = self.get(identity)
-        if entry is None and self.entry_is_corrupt(identity):
+        if entry is None and (self.index_dir / f"{identity}.json").exists():  # there but unreadable
             entry = self.scan_records().get(identity)
             self.put_entry(identity, entry)
             where = f"rebuilt from its record in {self.run_dir(entry)}" if entry else "no record of it found"
@@ -205,17 +200,16 @@ class SweepState:
         atomic_write_json(self.index_dir / f"{identity}.json", entry)
         return entry
 
-    def entries(self) -> Iterator[dict]:
-        """All index entries (a full read: for the planning command, not for jobs)."""
+    def known_entries(self) -> dict[str, dict]:
+        """All index entries by identity, or without an index those of a scan of the records (a full
+        read that writes nothing: for the planning command, not for jobs)."""
         try:
-            names = os.listdir(self.index_dir)
+            names = sorted(os.listdir(self.index_dir))
         except OSError:
-            return
-        for name in names:
-            if name.endswith(".json") and not name.startswith("."):
-                entry = _entry(read_json(self.index_dir / name))
-                if entry:
-                    yield entry
+            return self.scan_records()
+        entries = (_entry(read_json(self.index_dir / n)) for n in names
+                   if n.endswith(".json") and not n.startswith("."))
+        return {e["identity"]: e for e in entries if e and e.get("identity")}
 
     def done(self, identity: str, statuses: tuple[str, ...] = DONE) -> dict | None:
         """The index entry of a finished run of this identity whose record still says so, else None.
@@ -224,7 +218,7 @@ class SweepState:
         if not entry or entry.get("status") not in statuses or not entry.get("dir"):
             return None
         summary = read_summary(self.run_dir(entry))
-        if not summary or summary.get("identity") != identity or summary.get("status") not in statuses:
+        if not record_is_done(summary, identity, statuses):
             return None
         return {**entry, "objective": summary.get("objective", entry.get("objective")),
                 "status": summary["status"]}
@@ -233,9 +227,7 @@ class SweepState:
     @staticmethod
     @contextlib.contextmanager
     def _file_lock(path: Path) -> Iterator[None]:
-        """flock() on `path` (filelock's UnixFileLock): released by the kernel when its holder dies. On a
-        filesystem without flock, filelock warns and falls back to a marker file it reclaims from a
-        holder that died on the same host."""
+        """flock() on `path` (filelock): released by the kernel when its holder dies."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(path):
             yield
