@@ -1,9 +1,6 @@
-"""Hydra callbacks (configured in conf/config.yaml under hydra.callbacks).
-
-SweepSummary names the multirun (NORMBENCH_SWEEP_ID, inherited by launcher workers), under which each
-job writes its outcome, and the keys it sweeps (NORMBENCH_SWEPT_KEYS, put first in the jobs' names);
-at the end it prints one line: `sweep multirun/vgg_losses: 8 completed / 1 diverged / 1 failed / ...`.
-Preflight checks experiment_name and the launcher's parallelism before any run or sweep dir exists.
+"""Hydra callbacks (conf/config.yaml, hydra.callbacks): SweepSummary names the multirun and its swept
+keys for the jobs and prints the sweep's closing line (docs/sweeps.md); Preflight checks the config
+before any run or sweep dir exists.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Epoch-end checkpoints, loaded with weights_only=True and used only by the identity they carry.
-
-A checkpoint that cannot be loaded (truncated, corrupt, a pickle that is not plain weights) or that
-belongs to another identity is never deleted and never blocks its run: it is moved aside to
-`checkpoint.pt.corrupt-<UTC time>` (or `checkpoint.pt.other-<time>`), one warning line says so, and
-the run starts from scratch.
+"""Epoch-end checkpoints, loaded with weights_only=True and used only by the identity they carry; one
+that cannot be loaded or is another identity's is set aside, never deleted (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def _fit(parts: list[str], limit: int) -> tuple[str, bool]:
     """`parts` joined with commas, cut at a part boundary to at most `limit` characters (the first part
     is always kept, itself cut when longer); True when something was left out."""
     name = ""
-    for index, part in enumerate(parts):
+    for part in parts:
         candidate = f"{name},{part}" if name else part
         if len(candidate) > limit:
             return (name or part[:limit]), True

@@ -35,8 +35,7 @@ def signal_name(exc: BaseException) -> str:
 
 
 def raise_on_sigterm() -> None:
-    """In the main thread: SIGTERM and SIGHUP raise Interrupted (a handler that was there, e.g.
-    submitit's, is called first)."""
+    """In the main thread: SIGTERM and SIGHUP raise Interrupted."""
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in STOP_SIGNALS:
@@ -45,7 +44,7 @@ def raise_on_sigterm() -> None:
             signal.signal(signum, _raiser(previous))
 
 
-def _raiser(previous):
+def _raiser(previous):  # a handler that was there (e.g. submitit's) is called first
     def handler(signum, frame):
         ignore_further_interrupts()
         stop_workers()

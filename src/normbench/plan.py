@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import NormbenchError, fail
 from normbench.identity import register_resolvers, run_identity, sweep_arguments
@@ -180,7 +180,7 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
         job_cfg = loader.load_sweep_config(master, list(overrides))
         HydraConfig.instance().set_config(job_cfg)
         sweep_dir = str(job_cfg.hydra.sweep.dir)
-        training = _without_hydra(job_cfg)
+        training = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k != "hydra"])
         spec = validate(training)  # the job's own check: a value train.py refuses, the plan refuses
         identity = run_identity(training)
         if sweep_dir not in plans:
@@ -225,13 +225,6 @@ def _plain(value):
 
 def _job_dir(job_cfg: DictConfig) -> Path:
     return Path(str(job_cfg.hydra.sweep.dir), str(job_cfg.hydra.sweep.subdir)).absolute()
-
-
-def _without_hydra(cfg: DictConfig) -> DictConfig:
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    return cfg
 
 
 def _load_index(state: SweepState, dir_plan: DirPlan) -> None:

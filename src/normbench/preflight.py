@@ -1,10 +1,5 @@
-"""Checks made before Hydra creates any dir or launches any job (docs/training.md, "Bad input").
-
-- `check_command_line(argv)` (bench/train.py, before Hydra sees argv): an override Hydra cannot parse
-  ends in one line with any password in it masked, and when a password is on the command line every
-  later line printed to stdout/stderr (Hydra's own errors quote overrides) is masked too.
-- `check_experiment_name` and `check_launch` (the `Preflight` Hydra callback, before the run or sweep
-  dir exists): `experiment_name` is one path component; a launcher's parallelism is a usable number.
+"""Checks made before Hydra creates any dir or launches any job (docs/training.md, "Bad input"): the
+command line's overrides (bench/train.py), experiment_name and the launcher's parallelism (`Preflight`).
 """
 
 from __future__ import annotations

@@ -1,33 +1,18 @@
-"""Sweep bookkeeping under the sweep dir: identity index, per-identity locks, finished curves, journal.
+"""Sweep bookkeeping under `<sweep dir>/.normbench/` (layout: docs/sweeps.md): the identity index
+(`index/<identity>.json`: {"identity", "dir" (relative to the sweep dir), "status", "objective",
+"time_s", "epochs_done", "updated_at"}), per-identity locks, finished curves and the journal.
 
-Layout (hidden from the report, which does not enter dot-dirs)::
-
-    <sweep dir>/.normbench/
-        index/<identity>.json      where the run of this identity lives and how it ended:
-                                   {"identity", "dir" (relative to the sweep dir), "status",
-                                    "objective", "time_s", "epochs_done", "updated_at"}
-        locks/<identity>.lock      flock()ed (filelock) while a job trains that identity (released by
-                                   the kernel when the job dies, so a SIGKILL never leaves a stale lock)
-        curves/<identity>.json     validation-error curve of a completed run (for the median pruner)
-        sweeps/<sweep id>/<job>.json   one file per job of one sweep invocation (for the summary line)
-
-The records are the truth, the index only a cache of them: an entry that is missing, unreadable, or
-behind its record (a job killed between writing its summary and updating its entry) is rebuilt from
-the records (SweepState.recover), with a warning; a completed run is never trained again because of its
-index entry.
-
-Every file is written whole through a temp file + rename, one file per identity, so concurrent jobs
-(joblib workers, SLURM array tasks, several hosts on a shared filesystem) never write the same file
-at the same time and a killed job never leaves a half file. A lookup is one file open: O(1) in the
-size of the sweep.
-
-Nothing here imports torch: the planning command uses it too.
+The records are the truth, the index only a cache of them: an entry that is missing, unreadable or
+behind its record is rebuilt from the records (SweepState.recover), with a warning. Every file is written
+whole (temp file + rename), one per identity, so concurrent jobs never write the same file and a killed
+job never leaves a half file. Nothing here imports torch: the planning command uses it too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,11 +250,7 @@ class SweepState:
 
 
 def count_outcomes(rows: list[dict]) -> dict[str, int]:
-    counts = dict.fromkeys(OUTCOMES, 0)
-    for row in rows:
-        status = row.get("status")
-        counts[status] = counts.get(status, 0) + 1
-    return counts
+    return {**dict.fromkeys(OUTCOMES, 0), **Counter(row.get("status") for row in rows)}
 
 
 def summary_line(sweep_dir: str, counts: dict[str, int], expected: int | None = None) -> str:
