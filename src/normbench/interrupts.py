@@ -59,16 +59,9 @@ def _raiser(previous):  # a handler that was there (e.g. submitit's) is called f
 
 def pass_on_ctrl_c() -> None:
     """In the main thread of the sweep process: Ctrl-C first stops its joblib workers cleanly (joblib
-    would SIGKILL them while their runs record themselves), then raises KeyboardInterrupt as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum, frame):
-        ignore_further_interrupts()
-        stop_workers()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
+    would SIGKILL them while their runs record themselves), then raises a KeyboardInterrupt as usual."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _raiser(None))
 
 
 def ignore_further_interrupts(exiting: bool = False) -> None:

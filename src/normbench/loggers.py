@@ -221,8 +221,7 @@ def shown_path(path: Path | str) -> str:
 
 def final_line(summary: dict, run_dir: Path, wandb_sink: WandbSink | None) -> str:
     """The run's last console line: status, test accuracy, the record dir, the W&B run."""
-    status = summary["status"]
-    status = status.value if isinstance(status, Enum) else str(status)
+    status = str(summary["status"])  # a Status is its value as a str
     if summary.get("error_type"):
         status = f"{status} ({summary['error_type']})"
     accuracy = summary.get("metrics", {}).get("test/acc")

@@ -104,10 +104,6 @@ class DirPlan:
     basis: set = field(default_factory=set)        # the sizes the estimates come from
     unknown: int = 0                               # runs to go with no finished run of their size
 
-    @property
-    def n_done(self) -> int:
-        return sum(self.done.values())
-
 
 def format_duration(seconds: float) -> str:
     seconds = round(seconds)
@@ -253,7 +249,7 @@ def _parallel_jobs(master: DictConfig) -> int:
 
 def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
     done = ", ".join(f"{n} {status}" for status, n in sorted(p.done.items()))
-    line = f"plan {p.sweep_dir}: {p.runs} run{'s' if p.runs != 1 else ''}, {p.n_done} done"
+    line = f"plan {p.sweep_dir}: {p.runs} run{'s' if p.runs != 1 else ''}, {sum(p.done.values())} done"
     line += f" ({done})" if done else ""
     line += f", {p.to_run} to run"
     if p.resume:

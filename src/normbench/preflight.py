@@ -40,13 +40,8 @@ class MaskingStream(io.TextIOBase):
     def flush(self) -> None:
         self._stream.flush()
 
-    @property
-    def encoding(self) -> str:
-        return self._stream.encoding
-
-    @property
-    def errors(self) -> str | None:
-        return self._stream.errors
+    encoding = property(lambda self: self._stream.encoding)
+    errors = property(lambda self: self._stream.errors)
 
 
 def _overrides(argv: list[str]) -> list[str]:
