@@ -19,8 +19,7 @@ PAYLOAD_KEYS = ("identity", "model", "optimizer", "scheduler", "generator", "tor
 
 
 class UnusableCheckpoint(Exception):
-    """The checkpoint failed while it was being applied (the parts may be half restored: build them
-    afresh). It has been moved aside already."""
+    """Restoring failed half-way (build the parts afresh); the checkpoint is set aside already."""
 
 
 class _Writer(io.RawIOBase):

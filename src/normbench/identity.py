@@ -161,11 +161,8 @@ def run_name(overrides: Iterable[str], swept: Iterable[str] = (), trial=None,
     return (f"{name}…" if cut else name) or "base"
 
 
-def _job_dir(overrides, trial=None) -> str:
-    return job_dirname(list(overrides), swept_keys_from_env(), trial)
-
-
 def register_resolvers() -> None:
     """The OmegaConf resolvers conf/ uses (`normbench_job_dir`): registered before Hydra composes."""
     if not OmegaConf.has_resolver("normbench_job_dir"):
-        OmegaConf.register_resolver("normbench_job_dir", _job_dir)
+        OmegaConf.register_resolver("normbench_job_dir", lambda overrides, trial=None: job_dirname(
+            list(overrides), swept_keys_from_env(), trial))

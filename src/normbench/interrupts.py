@@ -70,11 +70,7 @@ def ignore_further_interrupts(exiting: bool = False) -> None:
     race condition" in the middle of the record's writing); SIG_IGN when `exiting`, since Python's exit
     gives a Python handler's signal its default action back (-2, no closing line), not an ignored one's."""
     for signum in (signal.SIGINT, *STOP_SIGNALS):
-        signal.signal(signum, signal.SIG_IGN if exiting else _ignored)
-
-
-def _ignored(signum, frame) -> None:
-    pass
+        signal.signal(signum, signal.SIG_IGN if exiting else (lambda signum, frame: None))
 
 
 def process_stat(pid: int | str) -> list[str]:

@@ -118,12 +118,10 @@ class WandbSink:
         self.files_dir = Path(self.run.dir).parent  # the run's local dir (offline: offline-run-<time>-<id>)
         self.last_step = 0
         self._probes: list[dict] = []  # logged with the step rows they belong to (those come later)
-        self.run.define_metric("step")
-        self.run.define_metric("epoch")
-        self.run.define_metric("step/*", step_metric="step")
-        self.run.define_metric("probe/*", step_metric="step")
-        for pattern in EPOCH_METRICS:
-            self.run.define_metric(pattern, step_metric="epoch")
+        axes = {"step": None, "epoch": None, "step/*": "step", "probe/*": "step",
+                **dict.fromkeys(EPOCH_METRICS, "epoch")}
+        for pattern, axis in axes.items():
+            self.run.define_metric(pattern, step_metric=axis)
 
     def _log(self, data: dict, step: int) -> None:
         if step < self.first_step:  # W&B holds this step already (and would drop it, with a warning)
@@ -167,12 +165,10 @@ class WandbSink:
                 self.log_steps([row])
 
     def log_summary(self, summary: dict) -> None:
-        for key, value in summary.get("metrics", {}).items():
-            self.run.summary[key] = value
+        self.run.summary.update(summary.get("metrics", {}))
         for key in ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error"):
             value = summary.get(key)
-            # W&B would store an Enum's name
-            self.run.summary[key] = value.value if isinstance(value, Enum) else value
+            self.run.summary[key] = value.value if isinstance(value, Enum) else value  # not the Enum's name
 
     def finish(self, failed: bool = False) -> None:
         self._flush_probes(float("inf"))

@@ -68,8 +68,7 @@ def run_size(config: dict, flat: bool = False) -> str:
 
 
 @dataclass
-class Finished:
-    """A finished run of the sweep dir, for the estimate."""
+class Finished:  # a finished run of the sweep dir, for the estimate
     size: str
     epochs: int | None       # configured
     epochs_done: int
@@ -106,12 +105,9 @@ class DirPlan:
 
 
 def format_duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
+    hours, rest = divmod(round(seconds), 3600)
     minutes, secs = divmod(rest, 60)
-    if hours >= 48:
-        return f"{hours / 24:.1f} days"
-    return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -123,8 +119,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "run's epochs; runs with no finished run of their size are not guessed at. Examples: "
         "plan.py -m +experiment=vgg_losses seed=0,1,2; plan.py -m norm=bn,ln,gn batch_size=8,16,32,64")
     parser.add_argument("-m", "--multirun", action="store_true",
-                        help="accepted for the same command line as bench/train.py -m (a plan is "
-                        "of a multirun)")
+                        help="as in bench/train.py -m (a plan is of a multirun)")
     parser.add_argument("-cd", "--config-dir", help="the config dir (default: the repository's conf/)")
     parser.add_argument("-cn", "--config-name", default="config", help="the primary config (default: config)")
     parser.add_argument("overrides", nargs="*", help="the sweep's overrides, as for bench/train.py -m")
@@ -161,8 +156,9 @@ def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
         if not jobs:
             print(f"plan {master.hydra.sweep.dir}: the sweep expands to zero runs; nothing to do", file=out)
             return 0
+        n_jobs = OmegaConf.select(master, "hydra.launcher.n_jobs", default=None)
         for dir_plan in _plan_jobs(master, jobs, loader).values():
-            _print_dir_plan(dir_plan, _parallel_jobs(master), out)
+            _print_dir_plan(dir_plan, n_jobs if isinstance(n_jobs, int) and n_jobs > 1 else 1, out)
         return 0
 
 
@@ -191,7 +187,8 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
         seen.add((sweep_dir, identity))
         # the job's own skip decision: a record that says done, in the index entry's dir or in the job's
         # dir or its sibling, whatever the entry says
-        statuses, job_dir = done_statuses(spec.pruning.name != "none"), _job_dir(job_cfg)
+        statuses = done_statuses(spec.pruning.name != "none")
+        job_dir = Path(sweep_dir, str(job_cfg.hydra.sweep.subdir)).absolute()
         done = state.done_record(identity, statuses, [job_dir, sibling_dir(job_dir, identity)])
         entry = state.cached.get(identity)
         if done is not None:
@@ -219,10 +216,6 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def _job_dir(job_cfg: DictConfig) -> Path:
-    return Path(str(job_cfg.hydra.sweep.dir), str(job_cfg.hydra.sweep.subdir)).absolute()
-
-
 def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
     """Read the sweep dir's index once (without writing one when it is missing)."""
     entries = state.cached = state.known_entries()
@@ -242,16 +235,10 @@ def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
                                               epochs_done, float(time_s), str(entry["status"])))
 
 
-def _parallel_jobs(master: DictConfig) -> int:
-    n_jobs = OmegaConf.select(master, "hydra.launcher.n_jobs", default=None)
-    return n_jobs if isinstance(n_jobs, int) and n_jobs > 1 else 1
-
-
 def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
     done = ", ".join(f"{n} {status}" for status, n in sorted(p.done.items()))
-    line = f"plan {p.sweep_dir}: {p.runs} run{'s' if p.runs != 1 else ''}, {sum(p.done.values())} done"
-    line += f" ({done})" if done else ""
-    line += f", {p.to_run} to run"
+    line = (f"plan {p.sweep_dir}: {p.runs} run{'s' if p.runs != 1 else ''}, {sum(p.done.values())} done"
+            f"{f' ({done})' if done else ''}, {p.to_run} to run")
     if p.resume:
         line += f" ({p.resume} continue from a checkpoint)"
     if p.duplicates:

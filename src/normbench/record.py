@@ -249,14 +249,12 @@ def read_summary(run_dir: str | Path) -> dict | None:
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
-    """The rows of a JSON-lines file of a record, and how many lines were no JSON object (skipped); a
-    missing or unreadable file is ([], 1)."""
+    """A JSON-lines file's rows and how many lines were no JSON object; a missing file is ([], 1)."""
     try:
         data = read_bytes(path)
     except OSError:
         return [], 1
-    rows: list[dict] = []
-    bad = 0
+    rows, bad = [], 0
     for line in data.splitlines():
         if not line.strip():
             continue

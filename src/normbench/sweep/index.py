@@ -79,8 +79,7 @@ class SweepState:
 
     # ------------------------------------------------------------------------------------- index
     def ensure_index(self) -> None:
-        """Create the index; a sweep dir that has records but no index (e.g. copied in) is indexed once
-        from its summary.json files."""
+        """Create the index; a sweep dir with records but no index is indexed once from its summaries."""
         if self.index_dir.is_dir():
             return
         self.state.mkdir(parents=True, exist_ok=True)
@@ -168,7 +167,7 @@ class SweepState:
         return None
 
     def put_entry(self, identity: str, entry: dict | None) -> None:
-        """Replace the entry whole (None: drop an unreadable one). Never raises: the index is a cache."""
+        """Replace the entry whole (None: drop it). Never raises: the index is a cache."""
         path = self.index_dir / f"{identity}.json"
         try:
             if entry is None:
