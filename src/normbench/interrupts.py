@@ -19,11 +19,11 @@ import time
 MAIN_PID_ENV = "NORMBENCH_MAIN_PID"   # the pid of the bench/train.py process (its launcher's workers see it)
 ORPHANED = threading.Event()          # set in a launcher worker whose sweep process is gone
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # raise Interrupted (SIGINT: KeyboardInterrupt)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # raise Interrupted (SIGINT: see pass_on_ctrl_c)
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt (see the module's docstring)."""
+    """A stop signal (SIGTERM, SIGHUP; Ctrl-C in a sweep process), raised as a KeyboardInterrupt."""
 
     def __init__(self, signame: str = "SIGTERM"):
         super().__init__(signame)
