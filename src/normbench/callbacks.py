@@ -1,9 +1,6 @@
-"""Hydra callbacks (configured in conf/config.yaml under hydra.callbacks).
-
-SweepSummary names the multirun (NORMBENCH_SWEEP_ID, inherited by launcher workers), under which each
-job writes its outcome, and the keys it sweeps (NORMBENCH_SWEPT_KEYS, put first in the jobs' names);
-at the end it prints one line: `sweep multirun/vgg_losses: 8 completed / 1 diverged / 1 failed / ...`.
-Preflight checks experiment_name and the launcher's parallelism before any run or sweep dir exists.
+"""Hydra callbacks (conf/config.yaml, hydra.callbacks): SweepSummary names the multirun and its swept
+keys for the jobs and prints the sweep's closing line (docs/sweeps.md); Preflight checks the config
+before any run or sweep dir exists.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import ConfigError, fail
-from normbench.identity import SWEPT_KEYS_ENV, swept_keys
+from normbench.identity import SWEPT_KEYS_ENV, sweep_arguments, swept_keys
 from normbench.preflight import check_experiment_name, check_launch
 from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
 
@@ -30,7 +27,7 @@ def expected_jobs(config: DictConfig) -> int | None:
     if not target.endswith("BasicSweeper"):
         return None
     try:
-        from normbench.plan import expand_grid, sweep_arguments
+        from normbench.plan import expand_grid
 
         return len(expand_grid(*sweep_arguments(config)))
     except Exception:  # noqa: BLE001 - the count only refines the summary line
@@ -61,11 +58,9 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.previous = {name: os.environ.get(name) for name in (SWEEP_ID_ENV, SWEPT_KEYS_ENV)}
         self.sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
-        params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
-        task = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
         # the swept keys: the jobs' dir and W&B run names put them first (a job sees only its own overrides)
-        os.environ.update({SWEEP_ID_ENV: self.sweep_id, SWEPT_KEYS_ENV: ",".join(swept_keys(params, task))})
+        swept = ",".join(swept_keys(*sweep_arguments(config)))
+        os.environ.update({SWEEP_ID_ENV: self.sweep_id, SWEPT_KEYS_ENV: swept})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.sweep_id is None:

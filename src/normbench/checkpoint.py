@@ -1,9 +1,5 @@
-"""Epoch-end checkpoints, loaded with weights_only=True and used only by the identity they carry.
-
-A checkpoint that cannot be loaded (truncated, corrupt, a pickle that is not plain weights) or that
-belongs to another identity is never deleted and never blocks its run: it is moved aside to
-`checkpoint.pt.corrupt-<UTC time>` (or `checkpoint.pt.other-<time>`), one warning line says so, and
-the run starts from scratch.
+"""Epoch-end checkpoints, loaded with weights_only=True and used only by the identity they carry; one
+that cannot be loaded or is another identity's is set aside, never deleted (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -23,8 +19,7 @@ PAYLOAD_KEYS = ("identity", "model", "optimizer", "scheduler", "generator", "tor
 
 
 class UnusableCheckpoint(Exception):
-    """The checkpoint failed while it was being applied (the parts may be half restored: build them
-    afresh). It has been moved aside already."""
+    """Restoring failed half-way (build the parts afresh); the checkpoint is set aside already."""
 
 
 class _Writer(io.RawIOBase):

@@ -95,6 +95,13 @@ def swept_keys(params: dict | None, overrides: Iterable[str]) -> list[str]:
     return keys
 
 
+def sweep_arguments(master: DictConfig) -> tuple[dict, list[str]]:
+    """hydra.sweeper.params and the command line's overrides of a composed multirun config."""
+    params = OmegaConf.select(master, "hydra.sweeper.params", default=None)
+    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+    return params, list(OmegaConf.to_container(master.hydra.overrides.task, resolve=False))
+
+
 def swept_keys_from_env() -> list[str]:
     """The swept keys of the multirun this job belongs to (empty outside one)."""
     return [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
@@ -117,7 +124,7 @@ def _fit(parts: list[str], limit: int) -> tuple[str, bool]:
     """`parts` joined with commas, cut at a part boundary to at most `limit` characters (the first part
     is always kept, itself cut when longer); True when something was left out."""
     name = ""
-    for index, part in enumerate(parts):
+    for part in parts:
         candidate = f"{name},{part}" if name else part
         if len(candidate) > limit:
             return (name or part[:limit]), True
@@ -154,11 +161,8 @@ def run_name(overrides: Iterable[str], swept: Iterable[str] = (), trial=None,
     return (f"{name}…" if cut else name) or "base"
 
 
-def _job_dir(overrides, trial=None) -> str:
-    return job_dirname(list(overrides), swept_keys_from_env(), trial)
-
-
 def register_resolvers() -> None:
     """The OmegaConf resolvers conf/ uses (`normbench_job_dir`): registered before Hydra composes."""
     if not OmegaConf.has_resolver("normbench_job_dir"):
-        OmegaConf.register_resolver("normbench_job_dir", _job_dir)
+        OmegaConf.register_resolver("normbench_job_dir", lambda overrides, trial=None: job_dirname(
+            list(overrides), swept_keys_from_env(), trial))

@@ -19,12 +19,11 @@ import time
 MAIN_PID_ENV = "NORMBENCH_MAIN_PID"   # the pid of the bench/train.py process (its launcher's workers see it)
 ORPHANED = threading.Event()          # set in a launcher worker whose sweep process is gone
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # raise Interrupted (SIGINT: KeyboardInterrupt)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # raise Interrupted (SIGINT: see pass_on_ctrl_c)
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM (kill, docker stop, SLURM) or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that every
-    layer (the run, joblib, the Optuna sweeper) treats them alike."""
+    """A stop signal (SIGTERM, SIGHUP; Ctrl-C in a sweep process), raised as a KeyboardInterrupt."""
 
     def __init__(self, signame: str = "SIGTERM"):
         super().__init__(signame)
@@ -36,8 +35,7 @@ def signal_name(exc: BaseException) -> str:
 
 
 def raise_on_sigterm() -> None:
-    """In the main thread: SIGTERM and SIGHUP raise Interrupted (a handler that was there, e.g.
-    submitit's, is called first)."""
+    """In the main thread: SIGTERM and SIGHUP raise Interrupted."""
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in STOP_SIGNALS:
@@ -46,7 +44,7 @@ def raise_on_sigterm() -> None:
             signal.signal(signum, _raiser(previous))
 
 
-def _raiser(previous):
+def _raiser(previous):  # a handler that was there (e.g. submitit's) is called first
     def handler(signum, frame):
         ignore_further_interrupts()
         stop_workers()
@@ -61,16 +59,9 @@ def _raiser(previous):
 
 def pass_on_ctrl_c() -> None:
     """In the main thread of the sweep process: Ctrl-C first stops its joblib workers cleanly (joblib
-    would SIGKILL them while their runs record themselves), then raises KeyboardInterrupt as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum, frame):
-        ignore_further_interrupts()
-        stop_workers()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
+    would SIGKILL them while their runs record themselves), then raises a KeyboardInterrupt as usual."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _raiser(None))
 
 
 def ignore_further_interrupts(exiting: bool = False) -> None:
@@ -79,11 +70,7 @@ def ignore_further_interrupts(exiting: bool = False) -> None:
     race condition" in the middle of the record's writing); SIG_IGN when `exiting`, since Python's exit
     gives a Python handler's signal its default action back (-2, no closing line), not an ignored one's."""
     for signum in (signal.SIGINT, *STOP_SIGNALS):
-        signal.signal(signum, signal.SIG_IGN if exiting else _ignored)
-
-
-def _ignored(signum, frame) -> None:
-    pass
+        signal.signal(signum, signal.SIG_IGN if exiting else (lambda signum, frame: None))
 
 
 def process_stat(pid: int | str) -> list[str]:

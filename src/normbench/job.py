@@ -255,15 +255,8 @@ def record_in_sweep(state: SweepState, info: JobInfo, run: Run) -> None:
 
 
 def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tuple[float | None, ...]:
-    """Train one configuration, record it, and return its validation error (what sweepers minimize).
-
-    In a sweep (multirun) the job first looks its identity up in the sweep's index: a run of the same
-    training config that already completed (or diverged) is not trained again, its recorded objective
-    is returned. When the sweeper names its objectives (hydra.sweeper.objectives, see
-    normbench.sweep.objectives) the job returns those metrics instead, a tuple for several. With the
-    basic sweeper a run that raises or runs out of memory is recorded as failed and the sweep goes on
-    (the job returns the worst objective); a single run re-raises.
-    """
+    """Train one configuration (or skip it, done), record it, and return its validation error, or the
+    sweeper's named objectives (normbench.sweep.objectives); a failure: see the module's docstring."""
     info = job_info(cfg, output_dir)
     raise_on_sigterm()
     watch_parent()

@@ -30,23 +30,16 @@ class MetricSink(Protocol):
     def log_summary(self, summary: dict) -> None: ...     # the summary.json content
 
 
+SINK_METHODS = ("log_steps", "log_epoch", "log_probe", "log_images", "log_summary")
+
+
 class NullSink:
     """A MetricSink that keeps nothing: the base of sinks that take only some of it."""
 
-    def log_steps(self, rows: list[dict]) -> None:
+    def _ignore(self, *args) -> None:
         pass
 
-    def log_epoch(self, row: dict) -> None:
-        pass
-
-    def log_probe(self, row: dict) -> None:
-        pass
-
-    def log_images(self, images: dict) -> None:
-        pass
-
-    def log_summary(self, summary: dict) -> None:
-        pass
+    log_steps = log_epoch = log_probe = log_images = log_summary = _ignore
 
 
 def wandb_credentials_configured() -> bool:
@@ -125,12 +118,10 @@ class WandbSink:
         self.files_dir = Path(self.run.dir).parent  # the run's local dir (offline: offline-run-<time>-<id>)
         self.last_step = 0
         self._probes: list[dict] = []  # logged with the step rows they belong to (those come later)
-        self.run.define_metric("step")
-        self.run.define_metric("epoch")
-        self.run.define_metric("step/*", step_metric="step")
-        self.run.define_metric("probe/*", step_metric="step")
-        for pattern in EPOCH_METRICS:
-            self.run.define_metric(pattern, step_metric="epoch")
+        axes = {"step": None, "epoch": None, "step/*": "step", "probe/*": "step",
+                **dict.fromkeys(EPOCH_METRICS, "epoch")}
+        for pattern, axis in axes.items():
+            self.run.define_metric(pattern, step_metric=axis)
 
     def _log(self, data: dict, step: int) -> None:
         if step < self.first_step:  # W&B holds this step already (and would drop it, with a warning)
@@ -174,16 +165,21 @@ class WandbSink:
                 self.log_steps([row])
 
     def log_summary(self, summary: dict) -> None:
-        for key, value in summary.get("metrics", {}).items():
-            self.run.summary[key] = value
+        self.run.summary.update(summary.get("metrics", {}))
         for key in ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error"):
             value = summary.get(key)
-            # W&B would store an Enum's name
-            self.run.summary[key] = value.value if isinstance(value, Enum) else value
+            self.run.summary[key] = value.value if isinstance(value, Enum) else value  # not the Enum's name
 
     def finish(self, failed: bool = False) -> None:
         self._flush_probes(float("inf"))
         self.run.finish(exit_code=1 if failed else 0)
+
+
+def _to_every_sink(method: str):
+    def send(self, *args) -> None:
+        for sink in self.sinks:
+            getattr(sink, method)(*args)
+    return send
 
 
 class FanOut:
@@ -192,25 +188,7 @@ class FanOut:
     def __init__(self, *sinks: MetricSink | None):
         self.sinks = [s for s in sinks if s is not None]
 
-    def log_steps(self, rows: list[dict]) -> None:
-        for sink in self.sinks:
-            sink.log_steps(rows)
-
-    def log_epoch(self, row: dict) -> None:
-        for sink in self.sinks:
-            sink.log_epoch(row)
-
-    def log_probe(self, row: dict) -> None:
-        for sink in self.sinks:
-            sink.log_probe(row)
-
-    def log_images(self, images: dict) -> None:
-        for sink in self.sinks:
-            sink.log_images(images)
-
-    def log_summary(self, summary: dict) -> None:
-        for sink in self.sinks:
-            sink.log_summary(summary)
+    log_steps, log_epoch, log_probe, log_images, log_summary = map(_to_every_sink, SINK_METHODS)
 
 
 class ConsoleSink(NullSink):
@@ -239,8 +217,7 @@ def shown_path(path: Path | str) -> str:
 
 def final_line(summary: dict, run_dir: Path, wandb_sink: WandbSink | None) -> str:
     """The run's last console line: status, test accuracy, the record dir, the W&B run."""
-    status = summary["status"]
-    status = status.value if isinstance(status, Enum) else str(status)
+    status = str(summary["status"])  # a Status is its value as a str
     if summary.get("error_type"):
         status = f"{status} ({summary['error_type']})"
     accuracy = summary.get("metrics", {}).get("test/acc")

@@ -1,15 +1,10 @@
-"""The planning command: what a sweep will do, before anything runs.
+"""The planning command: what a sweep will do, before anything runs (nothing is trained or written).
 
     python bench/plan.py -m +experiment=vgg_losses seed=0,1,2
 
-takes the same arguments as bench/train.py, composes the multirun config and each job's config with
-Hydra's own config loader, expands the grid with Hydra's basic sweeper's own `split_arguments` (as
-bench/train.py -m and its launcher do), and looks each job's identity up in the sweep dir's index
-(`.normbench/index/`). It prints how many runs the sweep makes, how many are done, how many will run
-(and how many of those continue from a checkpoint), and an estimate of the time left. Each run still
-to go is estimated from the finished runs of the same size (`SIZE_KEYS`: model, width, input size,
-data, batch size, steps and eval batches per epoch, probes), scaled to its number of epochs; runs with
-no finished run of their size are not guessed at. Nothing is trained or written.
+It composes the jobs as bench/train.py -m does (Hydra's config loader and its basic sweeper's
+`split_arguments`), looks each job's identity up in the sweep dir's index and estimates the time left
+from the finished runs of the same size (`SIZE_KEYS`); the output is described in `parse_args`.
 """
 
 from __future__ import annotations
@@ -31,10 +26,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import NormbenchError, fail
-from normbench.identity import register_resolvers, run_identity
+from normbench.identity import register_resolvers, run_identity, sweep_arguments
 from normbench.preflight import check_launch, preset_spelling
 from normbench.record import CHECKPOINT, DONE, Status, read_config
 from normbench.sweep.index import SweepState, done_statuses, sibling_dir
@@ -58,14 +53,6 @@ def expand_grid(params: dict, task: list[str], config_loader=None) -> list[list[
     return jobs
 
 
-def sweep_arguments(master: DictConfig) -> tuple[dict, list[str]]:
-    """hydra.sweeper.params and the command line's overrides of a composed multirun config."""
-    params = OmegaConf.select(master, "hydra.sweeper.params", default=None)
-    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
-    task = list(OmegaConf.to_container(master.hydra.overrides.task, resolve=False))
-    return params, task
-
-
 def _lookup(data: dict, key: str):
     for part in key.split("."):
         if not isinstance(data, dict) or part not in data:
@@ -81,8 +68,7 @@ def run_size(config: dict, flat: bool = False) -> str:
 
 
 @dataclass
-class Finished:
-    """A finished run of the sweep dir, for the estimate."""
+class Finished:  # a finished run of the sweep dir, for the estimate
     size: str
     epochs: int | None       # configured
     epochs_done: int
@@ -117,18 +103,11 @@ class DirPlan:
     basis: set = field(default_factory=set)        # the sizes the estimates come from
     unknown: int = 0                               # runs to go with no finished run of their size
 
-    @property
-    def n_done(self) -> int:
-        return sum(self.done.values())
-
 
 def format_duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
+    hours, rest = divmod(round(seconds), 3600)
     minutes, secs = divmod(rest, 60)
-    if hours >= 48:
-        return f"{hours / 24:.1f} days"
-    return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -140,8 +119,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "run's epochs; runs with no finished run of their size are not guessed at. Examples: "
         "plan.py -m +experiment=vgg_losses seed=0,1,2; plan.py -m norm=bn,ln,gn batch_size=8,16,32,64")
     parser.add_argument("-m", "--multirun", action="store_true",
-                        help="accepted for the same command line as bench/train.py -m (a plan is "
-                        "of a multirun)")
+                        help="as in bench/train.py -m (a plan is of a multirun)")
     parser.add_argument("-cd", "--config-dir", help="the config dir (default: the repository's conf/)")
     parser.add_argument("-cn", "--config-name", default="config", help="the primary config (default: config)")
     parser.add_argument("overrides", nargs="*", help="the sweep's overrides, as for bench/train.py -m")
@@ -178,8 +156,9 @@ def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
         if not jobs:
             print(f"plan {master.hydra.sweep.dir}: the sweep expands to zero runs; nothing to do", file=out)
             return 0
+        n_jobs = OmegaConf.select(master, "hydra.launcher.n_jobs", default=None)
         for dir_plan in _plan_jobs(master, jobs, loader).values():
-            _print_dir_plan(dir_plan, _parallel_jobs(master), out)
+            _print_dir_plan(dir_plan, n_jobs if isinstance(n_jobs, int) and n_jobs > 1 else 1, out)
         return 0
 
 
@@ -193,7 +172,7 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
         job_cfg = loader.load_sweep_config(master, list(overrides))
         HydraConfig.instance().set_config(job_cfg)
         sweep_dir = str(job_cfg.hydra.sweep.dir)
-        training = _without_hydra(job_cfg)
+        training = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k != "hydra"])
         spec = validate(training)  # the job's own check: a value train.py refuses, the plan refuses
         identity = run_identity(training)
         if sweep_dir not in plans:
@@ -208,7 +187,8 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
         seen.add((sweep_dir, identity))
         # the job's own skip decision: a record that says done, in the index entry's dir or in the job's
         # dir or its sibling, whatever the entry says
-        statuses, job_dir = done_statuses(spec.pruning.name != "none"), _job_dir(job_cfg)
+        statuses = done_statuses(spec.pruning.name != "none")
+        job_dir = Path(sweep_dir, str(job_cfg.hydra.sweep.subdir)).absolute()
         done = state.done_record(identity, statuses, [job_dir, sibling_dir(job_dir, identity)])
         entry = state.cached.get(identity)
         if done is not None:
@@ -236,24 +216,9 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def _job_dir(job_cfg: DictConfig) -> Path:
-    return Path(str(job_cfg.hydra.sweep.dir), str(job_cfg.hydra.sweep.subdir)).absolute()
-
-
-def _without_hydra(cfg: DictConfig) -> DictConfig:
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    return cfg
-
-
 def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
     """Read the sweep dir's index once (without writing one when it is missing)."""
-    if state.index_dir.is_dir():
-        entries = {e["identity"]: e for e in state.entries() if e.get("identity")}
-    else:
-        entries = state.scan_records()
-    state.cached = entries
+    entries = state.cached = state.known_entries()
     for entry in entries.values():
         if entry.get("status") not in (*DONE, Status.PRUNED, Status.FAILED) or not entry.get("dir"):
             continue
@@ -270,18 +235,10 @@ def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
                                               epochs_done, float(time_s), str(entry["status"])))
 
 
-def _parallel_jobs(master: DictConfig) -> int:
-    n_jobs = OmegaConf.select(master, "hydra.launcher.n_jobs", default=None)
-    if isinstance(n_jobs, int) and n_jobs > 1:
-        return n_jobs
-    return 1
-
-
 def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
     done = ", ".join(f"{n} {status}" for status, n in sorted(p.done.items()))
-    line = f"plan {p.sweep_dir}: {p.runs} run{'s' if p.runs != 1 else ''}, {p.n_done} done"
-    line += f" ({done})" if done else ""
-    line += f", {p.to_run} to run"
+    line = (f"plan {p.sweep_dir}: {p.runs} run{'s' if p.runs != 1 else ''}, {sum(p.done.values())} done"
+            f"{f' ({done})' if done else ''}, {p.to_run} to run")
     if p.resume:
         line += f" ({p.resume} continue from a checkpoint)"
     if p.duplicates:
@@ -309,8 +266,7 @@ def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
 
 
 def _plan_other_sweeper(master: DictConfig, sweeper: str, out) -> int:
-    state = SweepState(master.hydra.sweep.dir)
-    entries = list(state.entries()) if state.index_dir.is_dir() else list(state.scan_records().values())
+    entries = SweepState(master.hydra.sweep.dir).known_entries().values()
     done = sum(1 for e in entries if e.get("status") in DONE)
     n_trials = OmegaConf.select(master, "hydra.sweeper.n_trials", default=None)
     name = sweeper.rsplit(".", 1)[-1] or "custom sweeper"

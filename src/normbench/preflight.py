@@ -1,10 +1,5 @@
-"""Checks made before Hydra creates any dir or launches any job (docs/training.md, "Bad input").
-
-- `check_command_line(argv)` (bench/train.py, before Hydra sees argv): an override Hydra cannot parse
-  ends in one line with any password in it masked, and when a password is on the command line every
-  later line printed to stdout/stderr (Hydra's own errors quote overrides) is masked too.
-- `check_experiment_name` and `check_launch` (the `Preflight` Hydra callback, before the run or sweep
-  dir exists): `experiment_name` is one path component; a launcher's parallelism is a usable number.
+"""Checks made before Hydra creates any dir or launches any job (docs/training.md, "Bad input"): the
+command line's overrides (bench/train.py), experiment_name and the launcher's parallelism (`Preflight`).
 """
 
 from __future__ import annotations
@@ -45,13 +40,8 @@ class MaskingStream(io.TextIOBase):
     def flush(self) -> None:
         self._stream.flush()
 
-    @property
-    def encoding(self) -> str:
-        return self._stream.encoding
-
-    @property
-    def errors(self) -> str | None:
-        return self._stream.errors
+    encoding = property(lambda self: self._stream.encoding)
+    errors = property(lambda self: self._stream.errors)
 
 
 def _overrides(argv: list[str]) -> list[str]:

@@ -51,13 +51,8 @@ METRICS = "metrics.jsonl"
 STEPS = "steps.jsonl"
 PROBES = "probes.jsonl"
 FILTERS = "filters.png"
-# A sweep job that failed before its run started (a failed config check) leaves this instead of a
-# summary.json: {"status": "failed", "error", "error_type", "overrides", "at"}; the report lists it as
-# skipped.
-REJECTED = "rejected.json"
-# A sweep job skipped because its run is already done in another dir leaves this pointer in its own dir:
-# {"identity", "record": that dir, "status", "at"} (a sweeper reads the run's summary from there).
-SKIPPED_POINTER = "skipped.json"
+REJECTED = "rejected.json"  # a sweep job that failed before its run started (docs/ARCHITECTURE.md)
+SKIPPED_POINTER = "skipped.json"  # a skipped sweep job's pointer to its run's record
 CHECKPOINT = "checkpoint.pt"
 JSONL = (METRICS, STEPS, PROBES)
 RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS, REJECTED})
@@ -71,12 +66,9 @@ RUN_MARKERS = (SUMMARY, CONFIG, METRICS, REJECTED)
 SUMMARY_KEYS: dict[str, type] = {
     "status": str, "identity": str, "experiment": str, "choices": dict, "overrides": list, "metrics": dict,
 }
-# The identity without the seed: runs that differ only in their seed share it (the report pools them).
-# Not required: the report derives it from config.yaml where a summary lacks it.
+# Not required: the report derives the seedless identity from config.yaml where a summary lacks it.
 SEEDLESS_IDENTITY = "seedless_identity"
-# The W&B run that tracks this record (written when it opens, so that a resumed run continues it):
-# its id, its url (online runs only) and its local files dir (that of the latest attempt). Absent with
-# logger=none.
+# The W&B run of this record, written when it opens so that a resumed run continues it.
 WANDB_RUN_ID = "wandb_run_id"
 WANDB_URL = "wandb_url"
 WANDB_FILES = "wandb_dir"
@@ -90,10 +82,9 @@ LEARN_MARGIN = 0.05  # accuracy points above chance a run must reach to count as
 
 
 def learned_threshold(num_classes: int, num_images: int = 0, margin: float = LEARN_MARGIN) -> float:
-    """The accuracy above which a run has learned: chance (1/num_classes) plus `margin`, or plus three
-    binomial standard deviations of a chance-level classifier on `num_images` images if that is more (a
-    small validation split reaches chance + 5 points by luck). Used for the convergence epoch (null for a
-    run that never learns) and the report's effective learning-rate range."""
+    """Chance (1/num_classes) plus `margin`, or plus three binomial standard deviations of a chance-level
+    classifier on `num_images` images if that is more (a small validation split reaches chance + 5 points
+    by luck)."""
     chance = 1.0 / max(int(num_classes), 1)
     noise = 3.0 * math.sqrt(chance * (1.0 - chance) / num_images) if num_images > 0 else 0.0
     return chance + max(margin, noise)
@@ -180,17 +171,10 @@ def remove_temp_files(run_dir: Path) -> list[str]:
     """The temp files a killed writer left in a run dir (`.<name>.tmp`, `.<name>.<random>.tmp`):
     removed before a job writes there again, so a kill never leaves a half-written file taking space."""
     removed = []
-    try:
-        names = os.listdir(run_dir)
-    except OSError:
-        return removed
-    for name in names:
-        if name.startswith(".") and name.endswith(".tmp"):
-            try:
-                os.unlink(os.path.join(run_dir, name))
-                removed.append(name)
-            except OSError:
-                pass
+    for path in Path(run_dir).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path.name)
     return removed
 
 
@@ -205,8 +189,7 @@ def write_skipped_pointer(job_dir: Path, *, identity: str, record: Path, status:
 
 
 def record_dir(job_dir: Path) -> Path:
-    """Where the record of the run a job dir stands for is: the job dir itself, or the dir its skipped.json
-    points at."""
+    """The job dir itself, or the dir its skipped.json points at."""
     record = (read_json(Path(job_dir) / SKIPPED_POINTER) or {}).get("record")
     return Path(record) if isinstance(record, str) else Path(job_dir)
 
@@ -248,8 +231,7 @@ def read_json(path: str | Path) -> dict | None:
 
 def read_config(run_dir: str | Path) -> dict:
     """A record's config.yaml ({} when it holds no mapping); OSError or ValueError when it cannot be read,
-    is no YAML, nests beyond libyaml's limit or has YAML aliases (normbench writes none; an alias bomb
-    expands without bound)."""
+    is no YAML, nests too deeply or has aliases (normbench writes none; an alias bomb has no bound)."""
     import yaml
 
     data, loader = read_bytes(Path(run_dir) / CONFIG), getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -267,14 +249,12 @@ def read_summary(run_dir: str | Path) -> dict | None:
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
-    """The rows of a JSON-lines file of a record, and how many lines were no JSON object (skipped); a
-    missing or unreadable file is ([], 1)."""
+    """A JSON-lines file's rows and how many lines were no JSON object; a missing file is ([], 1)."""
     try:
         data = read_bytes(path)
     except OSError:
         return [], 1
-    rows: list[dict] = []
-    bad = 0
+    rows, bad = [], 0
     for line in data.splitlines():
         if not line.strip():
             continue

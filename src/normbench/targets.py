@@ -36,7 +36,7 @@ def check_target(key: str, target_cfg, allowed: tuple[str, ...]) -> None:
         module = target.rsplit(".", 1)[0]
         if "not in the Hydra execution whitelist" in message:
             raise ConfigError(key, target, "is not a trusted target; add its module to trusted_targets, "
-                              f"e.g. 'trusted_targets=[{module}.*]'") from None
+                                           f"e.g. 'trusted_targets=[{module}.*]'") from None
         if "cannot be authorized" in message:
             raise ConfigError(key, target, "can never be a target (it could run arbitrary code)") from None
         raise ConfigError(key, target, f"cannot be imported ({message.splitlines()[0]}); put its module on "

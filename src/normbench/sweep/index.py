@@ -1,33 +1,18 @@
-"""Sweep bookkeeping under the sweep dir: identity index, per-identity locks, finished curves, journal.
+"""Sweep bookkeeping under `<sweep dir>/.normbench/` (layout: docs/sweeps.md): the identity index
+(`index/<identity>.json`: {"identity", "dir" (relative to the sweep dir), "status", "objective",
+"time_s", "epochs_done", "updated_at"}), per-identity locks, finished curves and the journal.
 
-Layout (hidden from the report, which does not enter dot-dirs)::
-
-    <sweep dir>/.normbench/
-        index/<identity>.json      where the run of this identity lives and how it ended:
-                                   {"identity", "dir" (relative to the sweep dir), "status",
-                                    "objective", "time_s", "epochs_done", "updated_at"}
-        locks/<identity>.lock      flock()ed (filelock) while a job trains that identity (released by
-                                   the kernel when the job dies, so a SIGKILL never leaves a stale lock)
-        curves/<identity>.json     validation-error curve of a completed run (for the median pruner)
-        sweeps/<sweep id>/<job>.json   one file per job of one sweep invocation (for the summary line)
-
-The records are the truth, the index only a cache of them: an entry that is missing, unreadable, or
-behind its record (a job killed between writing its summary and updating its entry) is rebuilt from
-the records (SweepState.recover), with a warning; a completed run is never trained again because of its
-index entry.
-
-Every file is written whole through a temp file + rename, one file per identity, so concurrent jobs
-(joblib workers, SLURM array tasks, several hosts on a shared filesystem) never write the same file
-at the same time and a killed job never leaves a half file. A lookup is one file open: O(1) in the
-size of the sweep.
-
-Nothing here imports torch: the planning command uses it too.
+The records are the truth, the index only a cache of them: an entry that is missing, unreadable or
+behind its record is rebuilt from the records (SweepState.recover), with a warning. Every file is written
+whole (temp file + rename), one per identity, so concurrent jobs never write the same file and a killed
+job never leaves a half file. Nothing here imports torch: the planning command uses it too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,8 +79,7 @@ class SweepState:
 
     # ------------------------------------------------------------------------------------- index
     def ensure_index(self) -> None:
-        """Create the index; a sweep dir that has records but no index (e.g. copied in) is indexed once
-        from its summary.json files."""
+        """Create the index; a sweep dir with records but no index is indexed once from its summaries."""
         if self.index_dir.is_dir():
             return
         self.state.mkdir(parents=True, exist_ok=True)
@@ -146,11 +130,6 @@ class SweepState:
     def get(self, identity: str) -> dict | None:
         return _entry(read_json(self.index_dir / f"{identity}.json"))
 
-    def entry_is_corrupt(self, identity: str) -> bool:
-        """The entry's file is there but is not a JSON object (a torn or damaged file)."""
-        path = self.index_dir / f"{identity}.json"
-        return self.get(identity) is None and path.exists()
-
     def recover(self, identity: str, statuses: tuple[str, ...], candidates: list[Path]) -> dict | None:
         """The run of this identity that its record says is done although its index entry does not
         (missing, unreadable, or still `running` after a kill between the summary and the index
@@ -158,7 +137,7 @@ class SweepState:
         entry's dir and `candidates` (the job's own dir); an unreadable entry is rebuilt from a scan of
         every record (where the run of this identity is, done or not)."""
         entry = self.get(identity)
-        if entry is None and self.entry_is_corrupt(identity):
+        if entry is None and (self.index_dir / f"{identity}.json").exists():  # there but unreadable
             entry = self.scan_records().get(identity)
             self.put_entry(identity, entry)
             where = f"rebuilt from its record in {self.run_dir(entry)}" if entry else "no record of it found"
@@ -188,7 +167,7 @@ class SweepState:
         return None
 
     def put_entry(self, identity: str, entry: dict | None) -> None:
-        """Replace the entry whole (None: drop an unreadable one). Never raises: the index is a cache."""
+        """Replace the entry whole (None: drop it). Never raises: the index is a cache."""
         path = self.index_dir / f"{identity}.json"
         try:
             if entry is None:
@@ -205,17 +184,16 @@ class SweepState:
         atomic_write_json(self.index_dir / f"{identity}.json", entry)
         return entry
 
-    def entries(self) -> Iterator[dict]:
-        """All index entries (a full read: for the planning command, not for jobs)."""
+    def known_entries(self) -> dict[str, dict]:
+        """All index entries by identity, or without an index those of a scan of the records (a full
+        read that writes nothing: for the planning command, not for jobs)."""
         try:
-            names = os.listdir(self.index_dir)
+            names = sorted(os.listdir(self.index_dir))
         except OSError:
-            return
-        for name in names:
-            if name.endswith(".json") and not name.startswith("."):
-                entry = _entry(read_json(self.index_dir / name))
-                if entry:
-                    yield entry
+            return self.scan_records()
+        entries = (_entry(read_json(self.index_dir / n)) for n in names
+                   if n.endswith(".json") and not n.startswith("."))
+        return {e["identity"]: e for e in entries if e and e.get("identity")}
 
     def done(self, identity: str, statuses: tuple[str, ...] = DONE) -> dict | None:
         """The index entry of a finished run of this identity whose record still says so, else None.
@@ -224,7 +202,7 @@ class SweepState:
         if not entry or entry.get("status") not in statuses or not entry.get("dir"):
             return None
         summary = read_summary(self.run_dir(entry))
-        if not summary or summary.get("identity") != identity or summary.get("status") not in statuses:
+        if not record_is_done(summary, identity, statuses):
             return None
         return {**entry, "objective": summary.get("objective", entry.get("objective")),
                 "status": summary["status"]}
@@ -233,9 +211,7 @@ class SweepState:
     @staticmethod
     @contextlib.contextmanager
     def _file_lock(path: Path) -> Iterator[None]:
-        """flock() on `path` (filelock's UnixFileLock): released by the kernel when its holder dies. On a
-        filesystem without flock, filelock warns and falls back to a marker file it reclaims from a
-        holder that died on the same host."""
+        """flock() on `path` (filelock): released by the kernel when its holder dies."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(path):
             yield
@@ -273,11 +249,7 @@ class SweepState:
 
 
 def count_outcomes(rows: list[dict]) -> dict[str, int]:
-    counts = dict.fromkeys(OUTCOMES, 0)
-    for row in rows:
-        status = row.get("status")
-        counts[status] = counts.get(status, 0) + 1
-    return counts
+    return {**dict.fromkeys(OUTCOMES, 0), **Counter(row.get("status") for row in rows)}
 
 
 def summary_line(sweep_dir: str, counts: dict[str, int], expected: int | None = None) -> str:
