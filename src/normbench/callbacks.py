@@ -42,9 +42,10 @@ class Preflight(Callback):
                 check_launch(config)
         except ConfigError as err:
             fail(err)
-        from normbench.job import claim_run_dir
+        if not multirun:  # a sweep's jobs get their dirs from the sweep (normbench.job.choose_run_dir)
+            from normbench.job import claim_run_dir
 
-        claim_run_dir(config)
+            claim_run_dir(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.on_run_start(config, multirun=True)

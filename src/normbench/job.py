@@ -403,11 +403,22 @@ def _finish(run: Run, state: SweepState | None, info: JobInfo, status: Status | 
         raise write_error
 
 
+def _release_run_dir() -> None:
+    """A refused single run leaves nothing behind: its lock goes, and its dir if that leaves it empty."""
+    while _CLAIMED:
+        handle = _CLAIMED.pop()
+        handle.close()
+        with contextlib.suppress(OSError):
+            Path(handle.name).unlink()
+            Path(handle.name).parent.rmdir()
+
+
 def main(cfg: DictConfig) -> float:
     """Hydra task function: user errors end in one line on stderr, exit status 2."""
     try:
         return run_job(cfg)
     except NormbenchError as err:
+        _release_run_dir()
         fail(err)
     except OSError as err:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
