@@ -177,3 +177,40 @@ def test_what_cannot_fuse_says_why():
     assert "not a built-in" in unfusable_reason(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="cannot fuse: norm layer LocalResponseNorm"):
         FusedModel([lrn.model, lrn.model])
+
+
+def test_perf_section_fused_measures_every_k(tmp_path):
+    """bench/perf.py's section at tiny sizes: fused and sequential rates per K, concurrent processes, and
+    the target read from the K=8 row."""
+    from normbench.perf.common import PerfPaths, PerfSettings
+    from normbench.perf.fused import bench_fused
+    from normbench.perf.targets import evaluate_targets
+
+    s = PerfSettings(threads=1, fused_widths=(0.125,), fused_ks=(1, 2), fused_concurrent_ks=(2,), fused_steps=2,
+                     fused_rounds=1)
+    result = bench_fused(s, PerfPaths(conf_dir=CONF), torch.device("cpu"), tmp_path)
+    assert [(r["k"], r["width"], r["batch"]) for r in result["rows"]] == [(1, 0.125, 8), (2, 0.125, 8)]
+    assert all(r["fused_steps_s"] > 0 and r["sequential_steps_s"] > 0 and r["speedup"] > 0 for r in result["rows"])
+    assert result["rows"][1]["concurrent_steps_s"] > 0 and result["rows"][0]["concurrent_steps_s"] is None
+    row = {**result["rows"][1], "k": 8, "speedup": 1.4}
+    [verdict] = [t for t in evaluate_targets({"fused": {"rows": [row]}}) if t["name"].startswith("fused")]
+    assert verdict["result"] == "FAIL" and verdict["target"] == ">= 1.5"
+
+
+def test_gpu_check_fused_is_selectable_and_skips_without_cuda(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from normbench.perf.gpu import verdicts
+
+    script = CONF.parent / "bench" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--cpu-dry-run", "--checks", "fused", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "needs CUDA" in results["fused"]["skipped"]
+    assert results["verdicts"]["fused K=8 vs the best concurrent processes (b8)"] == "skipped"
+    rows = [{"k": 8, "fused_steps_s": 300.0}]
+    assert verdicts({"fused": {"rows": rows, "concurrent_steps_s": {"1.0": {1: 100.0, 4: 200.0}}}})[
+        "fused K=8 vs the best concurrent processes (b8)"] == "fused faster (1.50x)"

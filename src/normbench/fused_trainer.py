@@ -7,8 +7,9 @@ backward of their sum (each run's gradient is that of its own loss: the runs sha
 run's own optimizer and scheduler step. Each run's step rows, epoch rows, validation and divergence check
 are its own Trainer's (``_flush``, ``end_epoch``), on its own model, which reads the fused values in place.
 
-A run that diverges, is pruned or is done leaves the group: the others are fused anew without it (it gets
-its own storage back; its weights, buffers and optimizer state stop changing). Runs resumed at different
+The runs are fused for a pass of training steps only: a run that diverges leaves the pass (the others are
+fused anew without it; its weights, buffers and optimizer state stop changing), and after the pass every
+model has its own storage again (validation, checkpoints and pruning see ordinary models). Runs resumed at different
 epochs catch up one epoch at a time, each epoch's pass fusing only the runs at that epoch.
 """
 
@@ -70,7 +71,7 @@ class FusedTrainer:
         self._members = tuple(members)
 
     def release(self) -> None:
-        """Every run's model with its own storage again (after training, or before a checkpoint is kept)."""
+        """Every run's model with its own storage again."""
         self._fuse([])
 
     def run(self, states: list[LoopState | None],
@@ -128,6 +129,9 @@ class FusedTrainer:
         elapsed = time.perf_counter() - started
         for pass_totals in totals.values():
             pass_totals.time_s = elapsed
+        # between passes each model has its own storage: its checkpoint holds its tensors only, and its
+        # own Trainer may use it
+        self.release()
         return totals
 
     def _step(self, epoch: int, active: list[int], streams: dict, states: list[LoopState],
