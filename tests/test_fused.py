@@ -214,3 +214,29 @@ def test_gpu_check_fused_is_selectable_and_skips_without_cuda(tmp_path):
     rows = [{"k": 8, "fused_steps_s": 300.0}]
     assert verdicts({"fused": {"rows": rows, "concurrent_steps_s": {"1.0": {1: 100.0, 4: 200.0}}}})[
         "fused K=8 vs the best concurrent processes (b8)"] == "fused faster (1.50x)"
+
+
+@needs_fashion_mnist
+def test_runs_with_other_dropouts_fuse():
+    """Dropout 0, 0.3 and 0.5 (the first has no dropout layer at all) fuse: in eval mode the fused logits
+    are each model's own; in training the run without dropout is computed exactly as alone, and about
+    half of the p=0.5 run's hidden units are dropped."""
+    runs = [make_run([f"seed={i}", "norm=gn", f"model.dropout={p}"], torch.float64)
+            for i, p in enumerate((0.0, 0.3, 0.5))]
+    models = [run.model for run in runs]
+    x, _ = next(iter(runs[0].trainer.stream))
+    fused = FusedModel(models)
+    batches = [x, x.flip(0), x.flip(3)]
+    for model in (fused, *models):
+        model.eval()
+    logits = fused(fused.stack_inputs(batches))
+    for model, batch, own in zip(models, batches, logits):
+        assert (model(batch) - own).abs().max() < 1e-10
+    fused.train()
+    assert type(fused.classifier[0]).__name__ == "FusedDropout"
+    models[0].train()
+    assert (fused(fused.stack_inputs(batches))[0] - models[0](batches[0])).abs().max() < 1e-10
+    kept = fused.classifier[0](torch.ones(3, 1000, 64, dtype=torch.float64))
+    assert (kept[0] == 1).all()
+    assert 0.25 < (kept[1] == 0).double().mean() < 0.35 and 0.45 < (kept[2] == 0).double().mean() < 0.55
+    assert kept[2].sum().item() == pytest.approx(kept[2].numel(), rel=0.05)     # scaled by 1 / (1 - p)

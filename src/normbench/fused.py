@@ -2,8 +2,9 @@
 K (Wang et al., "Horizontally Fused Training Array", MLSys 2021).
 
 The K convolutions of a layer are one grouped convolution over K stacked inputs, the K BatchNorms one
-BatchNorm over K*C channels (GroupNorm: K*G groups), the K linear layers one batched matmul. Activations,
-pooling and dropout act per channel or element and are shared as they are.
+BatchNorm over K*C channels (GroupNorm: K*G groups), the K linear layers one batched matmul, the K
+dropouts one with each model's own probability (a model without one: 0). Activations and pooling act per
+channel and are shared as they are. Dropout masks come from the global RNG, not from each run's seed.
 
 The K unfused models stay the models: `FusedModel` concatenates their parameters and buffers into its own
 tensors and points each model's tensors at its slice (``param.data`` becomes a view), so every model's
@@ -23,8 +24,7 @@ from torch import nn
 from normbench.models import VGG, AlexNet
 
 FUSABLE_MODELS = (VGG, AlexNet)
-SHARED_LAYERS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Mish, nn.MaxPool2d, nn.Dropout,
-                 nn.AdaptiveAvgPool2d)
+SHARED_LAYERS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Mish, nn.MaxPool2d, nn.AdaptiveAvgPool2d)
 
 
 def unfusable_reason(model: nn.Module) -> str | None:
@@ -67,6 +67,32 @@ class FusedLinear(nn.Module):
 
     def forward(self, x):
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class FusedDropout(nn.Module):
+    """K dropouts over (K, B, features), model k keeping each value with probability keep[k]."""
+
+    def __init__(self, probabilities: list[float], device):
+        super().__init__()
+        self.keep = torch.tensor([1.0 - p for p in probabilities], device=device).view(-1, 1, 1)
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = self.keep.to(x.dtype)
+        return x * (torch.rand_like(x) < keep) / keep
+
+
+def _with_dropouts(layers: nn.Sequential) -> list[tuple[float, nn.Module]]:
+    """A model's layers other than dropouts, each with the probability of the dropout before it (or 0)."""
+    out, p = [], 0.0
+    for layer in layers:
+        if isinstance(layer, nn.Dropout):
+            p = layer.p
+            continue
+        out.append((p, layer))
+        p = 0.0
+    return out
 
 
 def _fused_batchnorm(norms: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
@@ -129,24 +155,35 @@ class FusedModel(nn.Module):
                 raise ValueError(f"cannot fuse: {reason}")
         self.k, self.channels_last = len(models), channels_last
         self.models = list(models)   # a plain list: the fused model does not own (or save) them
-        self.features = nn.Sequential(*map(_fuse_layer, zip(*(m.features for m in models))))
+        self._pairs: list[tuple[nn.Module, list[nn.Module]]] = []
+        self.features = self._fuse_sequence([m.features for m in models])
         self.pool = models[0].pool
-        self.classifier = nn.Sequential(*map(_fuse_layer, zip(*(m.classifier for m in models))))
+        self.classifier = self._fuse_sequence([m.classifier for m in models])
         self._links = self._link()
 
-    def _member_modules(self):
-        """(fused layer, the K models' layers) for every layer with parameters or buffers."""
-        pairs = [(self.features, [m.features for m in self.models]),
-                 (self.classifier, [m.classifier for m in self.models])]
-        for fused_seq, seqs in pairs:
-            for i, fused in enumerate(fused_seq):
-                if any(True for _ in fused.parameters(recurse=False)) or any(True for _ in fused.buffers(False)):
-                    yield fused, [s[i] for s in seqs]
+    def _fuse_sequence(self, sequences: list[nn.Sequential]) -> nn.Sequential:
+        """One fused layer per position (a FusedDropout before it where any model has a dropout there);
+        the models' layers must match position by position, which one architecture guarantees."""
+        fused: list[nn.Module] = []
+        positions = [_with_dropouts(seq) for seq in sequences]
+        if len({len(p) for p in positions}) != 1:
+            raise ValueError("cannot fuse: the models' layers differ")
+        device = next(self.models[0].parameters()).device
+        for column in zip(*positions):
+            probabilities = [p for p, _ in column]
+            if any(probabilities):
+                fused.append(FusedDropout(probabilities, device))
+            layers = [layer for _, layer in column]
+            if len({type(layer) for layer in layers}) != 1:
+                raise ValueError("cannot fuse: the models' layers differ")
+            fused.append(_fuse_layer(layers))
+            self._pairs.append((fused[-1], layers))
+        return nn.Sequential(*fused)
 
     def _link(self) -> list[tuple]:
         """Point the models' parameters, gradients and buffers at their slices of the fused ones."""
         links = []
-        for fused, members in self._member_modules():
+        for fused, members in self._pairs:
             stacked = isinstance(fused, FusedLinear)
             for name, param in fused.named_parameters(recurse=False):
                 param.grad = torch.zeros_like(param)
