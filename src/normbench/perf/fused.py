@@ -7,6 +7,7 @@ at one batch size. A model-step is one training step of one run."""
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import statistics
 import time
 from pathlib import Path
@@ -61,7 +62,16 @@ def concurrent_rate(s: PerfSettings, paths: PerfPaths, device: torch.device, wid
                                                    results)) for seed in range(k)]
     for proc in procs:
         proc.start()
-    got = [results.get(timeout=600) for _ in procs]
+    got = []
+    while len(got) < k:
+        try:
+            got.append(results.get(timeout=5))
+        except queue.Empty:
+            failed = [proc.exitcode for proc in procs if proc.exitcode not in (None, 0)]
+            if failed:
+                for proc in procs:
+                    proc.kill()
+                raise RuntimeError(f"a concurrent benchmark process failed (exit codes {failed})") from None
     for proc in procs:
         proc.join()
     return sum(steps for _, _, steps in got) / (max(end for _, end, _ in got) - min(start for start, _, _ in got))
