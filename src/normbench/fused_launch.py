@@ -131,6 +131,7 @@ def _train_parked(seats: list[Seat]) -> list:
     if len(seats) == 1:   # nothing to fuse with: exactly the job's own training
         seat = seats[0]
         return [seat.trainer.run(seat.state, on_epoch_end=seat.on_epoch_end)]
+    print(f"normbench: {len(seats)} runs train as one fused model", flush=True)
     trainer = FusedTrainer([seat.trainer for seat in seats])
     return trainer.run([seat.state for seat in seats],
                        on_epoch_end=lambda i, state: seats[i].on_epoch_end(state))
