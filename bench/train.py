@@ -9,12 +9,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from normbench.identity import register_resolvers
 from normbench.job import cli
 from normbench.job import main as run_main
-from normbench.sweep.preflight import check_command_line
-from normbench.sweep.resolvers import register
+from normbench.preflight import check_command_line
 
-register()
+register_resolvers()
 
 
 # Targets that Hydra itself instantiates from this config outside normbench's own instantiate calls:

@@ -13,23 +13,22 @@ from conftest import CONF, ROOT
 SRC = ROOT / "src"
 PACKAGE = SRC / "normbench"
 
-# What each part of normbench may import from normbench (a prefix covers a package).
-BASE = ("normbench.errors", "normbench.record")
+BASE = ("normbench.errors", "normbench.record", "normbench.schema", "normbench.identity",
+        "normbench.preflight")
 RUN_PARTS = ("normbench.activations", "normbench.norms", "normbench.losses", "normbench.optim",
-             "normbench.device", "normbench.data", "normbench.datasets", "normbench.models", "normbench.probes",
-             "normbench.faults", "normbench.filters", "normbench.checkpoint", "normbench.interrupts", "normbench.trainer",
-             "normbench.loggers", "normbench.targets")
+             "normbench.device", "normbench.data", "normbench.datasets", "normbench.models",
+             "normbench.probes",
+             "normbench.faults", "normbench.filters", "normbench.checkpoint", "normbench.interrupts",
+             "normbench.trainer", "normbench.loggers", "normbench.targets", "normbench.pruning")
 ALLOWED = {
     **{m: BASE + RUN_PARTS for m in RUN_PARTS},
-    "normbench.errors": (),
-    "normbench.record": (),
-    "normbench.sweep": BASE + ("normbench.sweep",),
-    "normbench.validate": BASE + RUN_PARTS + ("normbench.sweep.pruning", "normbench.sweep.preflight"),
+    **{m: BASE for m in BASE},
+    "normbench.validate": BASE + RUN_PARTS,
     "normbench.run": BASE + RUN_PARTS + ("normbench.validate",),
+    "normbench.sweep": BASE + ("normbench.sweep",),
     "normbench.job": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.sweep"),
-    "normbench.report": BASE + ("normbench.report", "normbench.sweep.identity", "normbench.loggers"),
-    "normbench.perf": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.perf",
-                                          "normbench.sweep.resolvers"),
+    "normbench.report": BASE + ("normbench.report", "normbench.loggers"),
+    "normbench.perf": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.perf"),
 }
 
 

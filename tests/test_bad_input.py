@@ -55,17 +55,20 @@ def test_bad_value_is_one_clear_line(override, tmp_path, capsys, monkeypatch):
     assert not list(tmp_path.rglob("summary.json"))
 
 
+@pytest.mark.slow
 def test_bad_value_from_the_command_line(tmp_path):
     proc = run_train([*TINY, "logger=none", "batch_size=0"], tmp_path, check=False)
     _assert_one_line_error(proc, CASES["batch_size=0"], tmp_path)
 
 
+@pytest.mark.slow
 def test_gn_groups_that_do_not_divide_channels(tmp_path):
     proc = run_train([*TINY, "logger=none", "norm=gn", "norm.groups=5"], tmp_path, check=False)
     _assert_one_line_error(proc, "bad value norm.groups=5: must divide every normalized layer's channels",
                            tmp_path)
 
 
+@pytest.mark.slow
 def test_cuda_requested_without_cuda(tmp_path):
     import torch
 
@@ -75,6 +78,7 @@ def test_cuda_requested_without_cuda(tmp_path):
     _assert_one_line_error(proc, "CUDA is not available on this machine", tmp_path)
 
 
+@pytest.mark.slow
 def test_unknown_option_lists_the_available_ones(tmp_path):
     proc = run_train([*TINY, "logger=none", "norm=batchnorm"], tmp_path, check=False)
     assert proc.returncode != 0
@@ -83,6 +87,7 @@ def test_unknown_option_lists_the_available_ones(tmp_path):
         assert f"\t{option}\n" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_cifar_without_network_names_the_data_dir(tmp_path):
     empty = tmp_path / "empty-data"
     empty.mkdir()
@@ -127,6 +132,7 @@ def test_every_group_is_checked_before_anything_is_recorded(overrides, expected,
     assert not list(tmp_path.rglob("summary.json"))
 
 
+@pytest.mark.slow
 def test_a_sweep_job_with_a_bad_group_value_records_nothing(tmp_path):
     """In a sweep the bad job is reported and the others run; the bad one leaves no record."""
     proc = run_train(["-m", *TINY, "logger=none", "probe=landscape", "probe.interval=0,5"], tmp_path)
@@ -220,6 +226,7 @@ def battery(tmp_path_factory) -> dict:
     return {"reference": reference, "results": results}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BATTERY, ids=list(BATTERY))
 def test_bad_input_battery(name, battery):
     proc, elapsed, root = battery["results"][name]
@@ -241,6 +248,7 @@ def test_bad_input_battery(name, battery):
     assert elapsed < limit, f"{elapsed:.1f} s (limit {limit:.1f} s; composing alone took {battery['reference']:.1f} s)"
 
 
+@pytest.mark.slow
 def test_a_password_in_any_hydra_error_is_masked(tmp_path):
     """Hydra's own composition errors quote the override (with its value): masked too."""
     proc = run_train([*TINY, f"hydra.sweeper.storagee=postgresql://u:{PASSWORD}@h/db"], tmp_path, check=False)
@@ -249,6 +257,7 @@ def test_a_password_in_any_hydra_error_is_masked(tmp_path):
     assert "postgresql://u:***@h/db" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_bad_value_in_a_sweep_fails_that_job_only(tmp_path):
     """A value refused by the new checks, in a sweep: that job is counted failed, the other one runs."""
     proc = run_train(["-m", *TINY, "logger=none", "optimizer.momentum=1.5,0.9"], tmp_path)
@@ -280,6 +289,7 @@ class Blackhole:
         self.sock.close()
 
 
+@pytest.mark.slow
 def test_a_hanging_postgresql_fails_within_connect_timeout(tmp_path):
     timeout = 4
     hole = Blackhole()

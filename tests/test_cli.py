@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import TINY, run_train, wandb_inspect
 
@@ -28,6 +29,7 @@ def _wandb_history(run_dir: Path) -> list[dict]:
     return [r["history"]["item"] for r in records if r.get("type") == "history"]
 
 
+@pytest.mark.slow
 def test_single_run_trains_and_records(tmp_path, wandb_env):
     proc = run_train(["model=vgg_a", "norm=bn", "loss=focal", *WANDB_TINY, "trainer.epochs=2"], tmp_path)
     assert "model" in proc.stdout and "norm" in proc.stdout  # the config tree is printed
@@ -63,6 +65,7 @@ def test_single_run_trains_and_records(tmp_path, wandb_env):
     assert recorded["summary"]["filters"]["_type"] == "image-file"
 
 
+@pytest.mark.slow
 def test_multirun_grid_records_every_job(tmp_path, wandb_env):
     tiny = [o for o in WANDB_TINY if not o.startswith("batch_size")]
     run_train(["-m", "norm=bn,ln,gn", "batch_size=8,16,32,64", *tiny], tmp_path, timeout=900)
@@ -100,6 +103,7 @@ def test_multirun_grid_records_every_job(tmp_path, wandb_env):
     assert len(step_rows) == 4 and all("step/lr" in h for h in step_rows)
 
 
+@pytest.mark.slow
 def test_failing_job_still_closes_its_wandb_run(tmp_path, wandb_env):
     proc = run_train([*WANDB_TINY, "trainer.epochs=2", "+trainer.fault=raise", "+trainer.fault_epoch=2"],
                      tmp_path, check=False)

@@ -144,11 +144,11 @@ def test_synthetic_is_learnable_by_a_small_cnn():
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "synthetic"])
 def test_data_config_files(name, monkeypatch, tmp_path):
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
 
     monkeypatch.setenv("NORMBENCH_DATA", str(tmp_path))
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / f"{name}.yaml")
-    OmegaConf.set_struct(cfg, True)
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
+        cfg = compose(config_name="config", overrides=[f"data={name}"]).data  # with the schema's defaults
     assert cfg._target_ == f"normbench.datasets.{name}"
     if name != "synthetic":  # the generated dataset has no files
         assert cfg.root == str(tmp_path) and "download" in cfg

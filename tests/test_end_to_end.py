@@ -7,13 +7,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, TINY, run_train
 
 
+@pytest.mark.slow
 def test_preset_sweep_with_probes_then_report(tmp_path):
-    tiny = [o for o in TINY if not o.startswith("trainer.epochs")]
     run_train(["-m", "+experiment=vgg_lr_robustness", "optimizer.lr=0.001,0.005", "model=vgg_a_light",
-               *tiny, "trainer.epochs=2", "probe.interval=2", "logger=none"], tmp_path, timeout=900)
+               *TINY, "trainer.epochs=2", "probe.interval=2", "logger=none"], tmp_path, timeout=900)
     sweep = tmp_path / "multirun" / "vgg_lr_robustness"
     summaries = [json.loads(p.read_text()) for p in sweep.rglob("summary.json")]
     assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries)

@@ -318,6 +318,7 @@ def test_build_optimizer_fuses_on_cuda():
 # ------------------------------------------------------------------------------------------ compile
 
 
+@pytest.mark.slow
 def test_compiled_code_is_reused_by_a_new_model_of_the_same_shape():
     """Dynamo guards on structure, not identity: a second instance (a second run in the same process) does
     not trace again. backend=eager checks dynamo's cache without paying for inductor here."""

@@ -24,6 +24,7 @@ def _run(args, tmp_path, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the real check applies")
 def test_without_cuda_one_line_and_exit_0(tmp_path):
     proc = _run(["--out", str(tmp_path / "out")], tmp_path, timeout=120)
@@ -32,6 +33,7 @@ def test_without_cuda_one_line_and_exit_0(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_goes_through_every_check(tmp_path):
     out = tmp_path / "out"
     checks = [c for c in CHECKS if c != "cuda_tests"]   # pytest inside pytest: covered by its own verdict test

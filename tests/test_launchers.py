@@ -23,15 +23,13 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from conftest import CONF, TINY, TRAIN
 from hydra import compose, initialize_config_dir
 from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 LAUNCHERS = CONF / "hydra" / "launcher"
-TRAIN = ROOT / "bench" / "train.py"
 
 PROBE = '''
 """Test probe from tests/test_launchers.py: records which process runs each Hydra job."""
@@ -161,11 +159,9 @@ def _compose_full(name: str, overrides: list[str]):
 
 @pytest.fixture(autouse=True)
 def _resolvers():
-    try:  # conf/config.yaml uses normbench's resolvers; absent before the package has them
-        from normbench.sweep.resolvers import register
-    except ImportError:
-        return
-    register()
+    from normbench.identity import register_resolvers  # conf/config.yaml uses normbench's resolvers
+
+    register_resolvers()
 
 
 @pytest.mark.parametrize("name, schema", [("submitit_local", LocalQueueConf), ("joblib", JobLibLauncherConf)])
@@ -255,6 +251,7 @@ def test_slurm_config_renders_the_sbatch_array(tmp_path, monkeypatch):
 
 # --- real multiruns: a toy app (fast) ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["submitit_local", "joblib", "basic"])
 def test_toy_multirun_runs_jobs_in_parallel_processes(tmp_path, launcher):
     app_dir, app = toy_app(tmp_path, sleep_s=2.0)
@@ -280,13 +277,12 @@ def test_toy_multirun_runs_jobs_in_parallel_processes(tmp_path, launcher):
 
 # --- real multiruns: the training entry point -----------------------------------------------------
 
-TRAIN_ARGS = ["data=synthetic", "model=vgg_a_light", "model.width=0.25", "trainer.epochs=1",
-              "trainer.max_steps_per_epoch=3", "logger=none", "norm=none,bn",
-              # keep it short on a CPU-only machine: small eval, one thread per job
-              "data.num_train=512", "data.num_test=128", "data.val_size=128",
-              "trainer.max_eval_batches=2", "trainer.eval_batch_size=64", "trainer.threads=1"]
+# the tests' tiny run (small eval, one thread per job) with a wider model, 3 steps of 128 images
+TRAIN_ARGS = [*TINY, "model=vgg_a_light", "model.width=0.25", "trainer.max_steps_per_epoch=3", "batch_size=128",
+              "logger=none", "norm=none,bn"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TRAIN.exists(), reason="bench/train.py not written yet")
 @pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])
 def test_train_multirun_through_launcher(tmp_path, launcher):

@@ -25,11 +25,12 @@ def test_convergence_epoch_is_null_for_a_run_that_never_learns():
     assert convergence_epoch([], learned_above=learned) is None
 
 
+@pytest.mark.slow
 def test_each_sweep_job_measures_its_own_peak_memory(tmp_path):
     """Jobs of one process, large batch, small batch, large batch: the small one's peak is far below the
     large ones', which agree. Before, every job reported the process's peak RSS so far (never smaller)."""
     sizes = (240, 16, 241)
-    tiny = [a for a in TINY if not a.startswith(("batch_size=", "model.width="))]
+    tiny = [a for a in TINY if not a.startswith("batch_size=")]
     run_train(["-m", *tiny, "model.width=0.5", "trainer.max_steps_per_epoch=3", "trainer.max_eval_batches=1",
                "logger=none", "optimizer.lr=1e-12", "experiment_name=mem",
                f"batch_size={','.join(map(str, sizes))}"], tmp_path)

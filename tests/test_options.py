@@ -79,7 +79,9 @@ def write_other_datasets(root: Path, monkeypatch) -> None:
                            np.arange(n) % 10, [f"class_{i}" for i in range(10)])
 
 
-@pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+# logger=wandb starts W&B's service process: a slow test
+@pytest.mark.parametrize("group,option", [pytest.param(*c, marks=pytest.mark.slow) if c == ("logger", "wandb") else c
+                                          for c in CASES], ids=[f"{g}={o}" for g, o in CASES])
 def test_option_composes_and_trains(group, option, tmp_path, fake_cifar, wandb_env, monkeypatch):
     overrides = tiny_overrides(group, option)
     if group == "data" and option != "synthetic":
@@ -105,6 +107,7 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["train/loss"] for line in (run_dir / "steps.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ["norm=bn", "optimizer=sgd"],
     ["norm=gn", "activation=leaky_relu", "loss=focal"],
@@ -112,8 +115,8 @@ def _losses(run_dir: Path) -> list[float]:
     ["model=alexnet_cifar", "norm=ln", "model.width=0.25", "model.dropout=0.0"],
 ], ids=lambda o: ",".join(o))
 def test_loss_decreases_over_a_short_run(overrides, tmp_path):
-    base = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.epochs", "model.width"))]
-    cfg = compose_cfg(base + ["logger=none", "model=vgg_a_light", "trainer.epochs=3",
+    # vgg_a_light at its own width (0.25), not quick's
+    cfg = compose_cfg([*TINY, "logger=none", "model=vgg_a_light", "model.width=0.25", "trainer.epochs=3",
                               "trainer.max_steps_per_epoch=30", "data.num_train=1024",
                               "data.augment=false", *overrides])
     run_job(cfg, output_dir=tmp_path)

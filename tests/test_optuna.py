@@ -23,14 +23,8 @@ from hydra_plugins.normbench_optuna_sweeper._study import (
     trials_to_ask,
     trials_used,
 )
-from normbench.sweep.optuna_support import (
-    StorageSettings,
-    mask_text,
-    mask_url,
-    open_storage,
-    quiet_optuna,
-    url_secrets,
-)
+from normbench.errors import mask_passwords
+from normbench.sweep.optuna_support import StorageSettings, open_storage, quiet_optuna, url_secrets
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -54,6 +48,7 @@ def summary_of(trial: optuna.trial.FrozenTrial) -> dict:
 # Sweeps through bench/train.py
 
 
+@pytest.mark.slow
 def test_tpe_sweep_fills_the_study_and_a_rerun_continues_it(tmp_path):
     args = ["-m", "search=optuna_tpe", "hydra.sweeper.sampler.seed=0", *FAST]
     run_train([*args, "hydra.sweeper.n_trials=2"], tmp_path)
@@ -87,6 +82,7 @@ def test_tpe_sweep_fills_the_study_and_a_rerun_continues_it(tmp_path):
     assert "best_params" in results and "default-optuna_tpe" in results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["worst", "fail"])
 def test_grid_sweep_survives_failing_and_diverging_runs(tmp_path, strategy):
     """A 2 x 2 grid where half the runs raise (an injected fault) and one diverges (lr 1e9): the sweep
@@ -116,6 +112,7 @@ def test_grid_sweep_survives_failing_and_diverging_runs(tmp_path, strategy):
             assert trial.state == TrialState.FAIL and trial.system_attrs[COUNTED_FAILURE_ATTR]
 
 
+@pytest.mark.slow
 def test_median_pruner_stops_a_clearly_worse_trial(tmp_path):
     """Two trials in a fixed order (enqueued): a learning one (Adam lr 3e-3), then one that cannot
     learn (lr 1e-4). With the median pruner the second stops after its first epoch: PRUNED in the
@@ -144,6 +141,7 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_unreachable_storage_fails_in_one_line_with_the_password_masked(tmp_path):
     port = closed_port()
     url = f"postgresql://bench:hunter2-pw@127.0.0.1:{port}/studies"
@@ -274,22 +272,22 @@ def test_stale_trials_of_a_dead_worker_are_requeued_not_counted(tmp_path):
 
 def test_password_masking():
     url = "postgresql://bench:p%40ss-w0rd@db.example:5432/studies?sslmode=require"
-    assert mask_url(url) == "postgresql://bench:***@db.example:5432/studies?sslmode=require"
+    assert mask_passwords(url) == "postgresql://bench:***@db.example:5432/studies?sslmode=require"
     assert set(url_secrets(url)) >= {"p%40ss-w0rd", "p@ss-w0rd"}
-    assert mask_url("postgresql://h/db?user=u&password=x1y2") == "postgresql://h/db?user=u&password=***"
-    assert mask_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db" and url_secrets("sqlite:///a.db") == []
+    assert mask_passwords("postgresql://h/db?user=u&password=x1y2") == "postgresql://h/db?user=u&password=***"
+    assert mask_passwords("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db" and url_secrets("sqlite:///a.db") == []
 
 
 def test_a_password_in_the_query_is_masked_too():
     url = ("postgresql://bench:u%3Ainfo@db.example/studies?sslmode=require&password=p%40ss%2Fw0rd"
            "&application_name=nb")
-    assert mask_url(url) == ("postgresql://bench:***@db.example/studies?sslmode=require&password=***"
+    assert mask_passwords(url) == ("postgresql://bench:***@db.example/studies?sslmode=require&password=***"
                              "&application_name=nb")
     secrets = url_secrets(url)
     assert {"u%3Ainfo", "u:info", "p%40ss%2Fw0rd", "p@ss/w0rd"} <= set(secrets)
-    text = mask_text(f"could not connect to {url} (password p@ss/w0rd)", secrets)
+    text = mask_passwords(f"could not connect to {url} (password p@ss/w0rd)", secrets)
     assert "w0rd" not in text and "info" not in text
-    assert mask_url("postgresql://h/db?PWD=x1y2&passwd=z") == "postgresql://h/db?PWD=***&passwd=***"
+    assert mask_passwords("postgresql://h/db?PWD=x1y2&passwd=z") == "postgresql://h/db?PWD=***&passwd=***"
 
 
 HOLD = """
@@ -307,6 +305,7 @@ with storage_lock(url, "normbench:study:s"):
 """
 
 
+@pytest.mark.slow
 def test_sqlite_storage_lock_serialises_two_processes(tmp_path):
     """Two sweeper processes on one SQLite study: the storage lock (a filelock on <db>.lock) lets one
     count-and-ask at a time."""

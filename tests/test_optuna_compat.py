@@ -133,6 +133,7 @@ def dominates(a, b) -> bool:
 # upstream's documented behaviours
 
 
+@pytest.mark.slow
 def test_tpe_example_finds_the_minimum_links_the_study_and_continues_it(app):
     """upstream test_optuna_example (TPE, seed 123, 20 trials, best value <= 2.27, `~z`, the results
     file), plus normbench's: the default SQLite study in the sweep dir named by study_name, the study's
@@ -184,6 +185,7 @@ def test_search_space_override_syntax(app):
     assert "y" not in results(out).best_params
 
 
+@pytest.mark.slow
 def test_grid_sampler_runs_each_point_once(app):
     """upstream test_example_with_grid_sampler: n_trials above the grid size runs the grid (best value 1
     at |x| = 1, y = 0); normbench: n_trials=null is the whole grid too."""
@@ -200,6 +202,7 @@ def test_grid_sampler_runs_each_point_once(app):
     assert sorted(t.params["x"] for t in study_of(out).get_trials()) == [-1, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["nsgaii", "random"])
 def test_multi_objective_completes_exactly_n_trials_with_a_pareto_front(app, sampler):
     """upstream test_optuna_multi_objective_example: direction [minimize, minimize], the task returns a
@@ -238,6 +241,7 @@ def test_custom_search_space(app):
     assert abs(best.x - best.z) <= 0.3 and 0 <= best["+w"] <= 1
 
 
+@pytest.mark.slow
 def test_n_jobs_launches_batches_and_the_study_has_exactly_n_trials(app):
     """upstream test_launch_jobs (n_trials=8, n_jobs=3): batches of 3, 3, 2."""
     out = sweep(app, ["hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=3", "hydra/sweeper/sampler=random"])
@@ -263,6 +267,7 @@ def test_motpe_is_refused_as_upstream(app):
         sweep(app, ["hydra/sweeper/sampler=motpe", "hydra.sweeper.direction=[minimize,minimize]"])
 
 
+@pytest.mark.slow
 def test_failure_rate_ends_the_sweep_with_the_jobs_exception(app):
     """upstream test_failure_rate: max_failure_rate=0.5 with failing jobs: the job's exception on
     stderr, a non-zero exit; max_failure_rate=1.0: the sweep goes on to n_trials (the exception is not
@@ -293,6 +298,7 @@ def test_failure_rate_ends_the_sweep_with_the_jobs_exception(app):
 # normbench's differences
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direction", ["minimize", "maximize"])
 def test_failed_trials_are_told_the_worst_value_for_the_direction(app, direction):
     """failure: worst (normbench's default): a failed trial is COMPLETE with a value worse than any

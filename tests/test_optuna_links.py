@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import optuna
+import pytest
 from conftest import ROOT, TINY, run_train
 from optuna.trial import TrialState
 
@@ -29,6 +30,7 @@ def summary_of(trial) -> dict:
     return json.loads((Path(trial.user_attrs["run_dir"]) / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_objective_study_links_both_ways(tmp_path, wandb_env):
     """val/error and model/params as two objectives: exactly n_trials COMPLETE trials with both values
     taken from each run's record, the study's metric names and user attributes, each trial's test
@@ -60,6 +62,7 @@ def test_two_objective_study_links_both_ways(tmp_path, wandb_env):
     assert "solutions:" in results
 
 
+@pytest.mark.slow
 def test_failed_config_checks_are_counted_and_reported(tmp_path):
     """A grid where one point fails its config check (norm.groups=5 divides no layer): Optuna is told
     val/error's worst value 1.0, the closing line counts it as failed, and the report lists its job dir

@@ -28,6 +28,7 @@ def start_worker(args: list[str], cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_concurrent_workers_share_one_study_with_exactly_n_trials(tmp_path, postgres):  # noqa: F811
     """Three sweeper processes (as on three machines: each its own working dir) run the same command
     against one PostgreSQL study with n_trials=8: the study ends with exactly 8 finished trials,
@@ -66,6 +67,7 @@ def test_concurrent_workers_share_one_study_with_exactly_n_trials(tmp_path, post
         assert PASSWORD not in out and "bench:***@" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
 def test_storage_password_never_reaches_logs_records_or_wandb(tmp_path, postgres, wandb_env,  # noqa: F811
                                                                launcher):

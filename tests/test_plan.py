@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 
+import pytest
 from conftest import CONF, ROOT, TINY, run_train
 
 from normbench.sweep.plan import Finished, estimate, plan
@@ -21,6 +22,7 @@ def plan_output(args, cwd, monkeypatch) -> str:
     return out.getvalue()
 
 
+@pytest.mark.slow
 def test_the_estimate_comes_from_runs_of_the_same_size(tmp_path, monkeypatch):
     run_train(["-m", "norm=bn", *SMOKE], tmp_path)  # a smoke run finishes in seconds
 

@@ -33,6 +33,7 @@ def summaries(sweep: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
                     reason=f"Fashion-MNIST is not installed in {DEBIAN} (apt-get install dataset-fashion-mnist; "
                            "scripts/install.sh --dev installs it)")
@@ -45,18 +46,25 @@ def test_bn_beats_plain_on_real_fashion_mnist(tmp_path):
     assert max(acc.values()) >= BEST_FLOOR, acc
 
 
-def test_debug_quick_is_the_tests_tiny_overrides():
+def test_debug_quick_is_the_tests_and_perfs_tiny_run():
+    from normbench.perf.startup import TINY as PERF_TINY
+
+    assert "+debug=quick" in TINY and "+debug=quick" in PERF_TINY
+    perf_only = ["trainer.max_steps_per_epoch=1", "trainer.log_every_steps=1", "logger=none"]
     with initialize_config_dir(config_dir=str(CONF)):
         tiny = compose(config_name="config", overrides=TINY)
-        quick = compose(config_name="config", overrides=[*TINY[:3], "+debug=quick"])
+        # one definition: the perf run is the tests' tiny run plus the keys its measurement needs
+        assert compose(config_name="config", overrides=PERF_TINY) == compose(config_name="config",
+                                                                             overrides=[*TINY, *perf_only])
         # after a preset it still wins over the preset's sizes
         preset = compose(config_name="config", overrides=["+experiment=fmnist_bn_baseline", "+debug=quick"])
-    assert quick == tiny
-    assert (preset.trainer.epochs, preset.trainer.max_steps_per_epoch, preset.batch_size, preset.model.width) == (
-        1, 4, 16, 0.125)
+    for cfg in (tiny, preset):
+        assert (cfg.trainer.epochs, cfg.trainer.max_steps_per_epoch, cfg.batch_size, cfg.model.width) == (
+            1, 4, 16, 0.125)
     assert preset.data._target_ == "normbench.datasets.fashion_mnist"
 
 
+@pytest.mark.slow
 def test_image_folder_trains_through_train_py(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 30), ("test", 9)):
@@ -69,6 +77,7 @@ def test_image_folder_trains_through_train_py(tmp_path):
     assert summary["status"] == "completed" and summary["choices"]["data"] == "imagefolder"
 
 
+@pytest.mark.slow
 def test_report_over_fashion_mnist_preset_sweeps(tmp_path):
     """Both presets' sweeps (shrunk by +debug=quick) fill the study tables with "no study number for this
     dataset" where the study has CIFAR-10 numbers, and draw the figures."""

@@ -71,6 +71,7 @@ def killed_after_summary(tmp_path_factory):
     return cwd, killed, before, again
 
 
+@pytest.mark.slow
 def test_a_kill_between_summary_and_index_does_not_retrain_the_run(killed_after_summary):
     cwd, _, before, again = killed_after_summary
     (run_dir, summary), = before.values()
@@ -82,6 +83,7 @@ def test_a_kill_between_summary_and_index_does_not_retrain_the_run(killed_after_
     assert SweepState(cwd / SWEEP).get(summary["identity"])["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_lost_or_unreadable_index_entry_is_rebuilt_from_the_records(killed_after_summary, tmp_path):
     shutil.copytree(killed_after_summary[0] / "multirun", tmp_path / "multirun")
     state = SweepState(tmp_path / SWEEP)
@@ -97,6 +99,7 @@ def test_a_lost_or_unreadable_index_entry_is_rebuilt_from_the_records(killed_aft
     assert state.get(lost)["status"] == state.get(torn)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_an_index_entry_pointing_at_another_runs_dir_is_not_followed(killed_after_summary, tmp_path):
     shutil.copytree(killed_after_summary[0] / "multirun", tmp_path / "multirun")
     state = SweepState(tmp_path / SWEEP)
@@ -131,6 +134,7 @@ class Malicious:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_a_malicious_checkpoint_is_set_aside_and_the_run_starts_from_scratch(tmp_path):
     args = ["norm=bn", "trainer.epochs=2"]
     killed = sweep(tmp_path, args, kill="checkpoint_saved@1", check=False)
@@ -233,6 +237,7 @@ def fill(path: Path, leave: int = 0) -> None:
                     break
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_run_in_one_line_and_the_sweep_goes_on(tmp_path):
     with tmpfs(tmp_path / "disk", "48m") as disk:
         first = sweep(disk, ["norm=none"])
@@ -255,6 +260,7 @@ def test_a_full_disk_fails_the_run_in_one_line_and_the_sweep_goes_on(tmp_path):
         assert closing_line(again) == "sweep multirun/default: 0 completed / 0 diverged / 0 failed / 0 pruned / 1 skipped"
 
 
+@pytest.mark.slow
 def test_a_read_only_run_dir_fails_that_run_in_one_line_and_the_sweep_goes_on(tmp_path):
     if shutil.which("chattr") is None:
         pytest.skip("no chattr here")
@@ -281,6 +287,7 @@ def test_a_read_only_run_dir_fails_that_run_in_one_line_and_the_sweep_goes_on(tm
 # SIGTERM and Ctrl-C
 
 
+@pytest.mark.slow
 def test_sigterm_records_interrupted_closes_wandb_and_a_resumed_run_that_fails_keeps_its_epochs(tmp_path,
                                                                                               wandb_env):
     args = ["logger=wandb", "norm=bn", "trainer.epochs=3", "+trainer.fault=raise", "+trainer.fault_epoch=2"]
@@ -300,6 +307,7 @@ def test_sigterm_records_interrupted_closes_wandb_and_a_resumed_run_that_fails_k
     assert summary["status"] == "failed" and summary["resumed_from_epoch"] == 1 and summary["epochs_done"] == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_records_interrupted_and_ends_the_sweep_with_its_closing_line(tmp_path):
     proc = sweep(tmp_path, ["norm=none,bn", "trainer.epochs=2"], kill="checkpoint_saved@1:INT", check=False)
     assert proc.returncode == 130
@@ -319,6 +327,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killing_a_joblib_sweep_leaves_no_workers_behind(tmp_path, sig):
     args = [*BASE, "norm=none,bn", "trainer.epochs=500", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
@@ -354,6 +363,7 @@ def test_killing_a_joblib_sweep_leaves_no_workers_behind(tmp_path, sig):
 # an Optuna worker killed and restarted at once
 
 
+@pytest.mark.slow
 def test_a_restarted_optuna_worker_requeues_its_dead_trial_at_once(tmp_path):
     import optuna
     from optuna.trial import TrialState

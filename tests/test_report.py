@@ -26,10 +26,10 @@ from PIL import Image
 
 from normbench import record
 from normbench.filters import filter_grid
+from normbench.identity import seedless_identity
 from normbench.report import cli as report
-from normbench.report import records, reference, stats
+from normbench.report import records, reference, render, stats
 from normbench.report import tables as report_tables
-from normbench.sweep.identity import seedless_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 # published two-sided 95% Student t quantiles (t_{0.975, df})
@@ -56,7 +56,8 @@ def config_for(choices: dict, dropout: float, lr: float, experiment: str, device
         "experiment_name": experiment,
         "batch_size": choices.get("batch_size", 128),
         "seed": choices.get("seed", 0),
-        "data": {"name": choices.get("data", "cifar10"), "root": "data", "download": False, "val_size": 5000,
+        "data": {"name": choices.get("data", "cifar10"), "num_classes": 10, "root": "data", "download": False,
+                 "val_size": 5000,
                  "split_seed": 0, "augment": True, "crop_padding": 4, "flip": True, "synthetic": {}},
         "model": {"name": choices["model"], "width": 1.0, "input_size": 32 if choices["model"] == "vgg_a" else 224,
                   "dropout": dropout},
@@ -79,8 +80,8 @@ def write_run(sweep: Path, *, experiment: str, choices: dict, test_acc: float | 
               probes: list[dict] | None = None, filters: bool = False, bad_metrics_line: bool = False,
               identity: str | None = None, device: str = "cpu", legacy: bool = False,
               config: bool = True) -> Path:
-    """A run dir as the job writes it; legacy: a record before normbench 0.2 (no seedless_identity in
-    summary.json); config=False: without config.yaml."""
+    """A run dir as the job writes it; legacy: a record made by hand, without seedless_identity in
+    summary.json; config=False: without config.yaml."""
     _counter[0] += 1
     run_dir = sweep / str(sum(1 for _ in sweep.iterdir()) if sweep.exists() else 0)
     run_dir.mkdir(parents=True)
@@ -316,6 +317,23 @@ def test_reference_numbers_follow_design_digest():
     assert n_numbers >= 2 * 5 + 2 * 6 * 2 + 6 + 4 + 8 + 6 + 16 + 3
 
 
+def test_reference_settings_are_config_options():
+    """Every setting a study row names is a config group's option (conf/<group>/<option>.yaml) or, for the
+    numeric keys, a number; every `vs` and pair names a row of its table."""
+    for table in reference.STUDY_TABLES:
+        labels = {r.label for r in table.rows}
+        assert len(labels) == len(table.rows), table.name
+        for a, b in table.pairs:
+            assert a in labels and b in labels, (table.name, a, b)
+        for row in table.rows:
+            assert row.vs is None or row.vs in labels, (table.name, row.vs)
+            for key, value in {**table.context, **row.settings}.items():
+                if key in ("batch_size", "dropout", "lr"):
+                    assert isinstance(value, (int, float)), (table.name, key, value)
+                else:
+                    assert (ROOT / "conf" / key / f"{value}.yaml").is_file(), (table.name, key, value)
+
+
 # ------------------------------------------------------------------------------------------------
 # loading
 
@@ -376,7 +394,7 @@ def test_seed_cells_mean_ci_and_reference(built):
     assert 100 * st.mean == pytest.approx(mean)
     assert 100 * st.ci == pytest.approx(ci)
     assert focal.ref.ref["test/err"] == 12.28
-    header, rows = report_tables.display(t)
+    header, rows = render.display(t)
     line = rows[t.rows.index(focal)]
     assert line[header.index("test error %")] == f"{mean:.2f} ± {ci:.2f}"
     assert line[header.index("study")] == "12.28"
@@ -430,7 +448,7 @@ def test_matching_by_settings_not_by_name(built, tmp_path):
     assert r.cell.n == 2 and r.comparison is not None
     diverged = _row(lr_t, "plain · lr 0.005")
     assert diverged.cell.n == 1 and len(diverged.cell.diverged) == 1
-    header, rows = report_tables.display(lr_t)
+    header, rows = render.display(lr_t)
     assert rows[lr_t.rows.index(diverged)][header.index("n")] == "1 (+1 diverged)"
     alex = _table(built, "alexnet_norm_batch")
     assert _row(alex, "plain · bs 64").cell.n == 1  # the copied duplicate is not a second seed
@@ -440,7 +458,7 @@ def test_alexnet_table_uses_accuracy(built):
     t = _table(built, "alexnet_norm_batch")
     assert t.primary == "test/acc"
     bn8 = _row(t, "BN · bs 8")
-    header, rows = report_tables.display(t)
+    header, rows = render.display(t)
     line = rows[t.rows.index(bn8)]
     accs = [100 * a for a in BN_ALEX_8]
     # two seeds: the mean and both points, not a t-interval (t_{0.975,1} = 12.7 makes it meaningless)
@@ -458,7 +476,7 @@ def test_generic_table_for_default_runs(built):
     assert [r.label for r in t.rows] == ["norm=bn", "norm=gn"]
     bn = t.rows[0]
     assert bn.vs == "best" and bn.comparison.diff == pytest.approx(0.1)
-    header, rows = report_tables.display(t)
+    header, rows = render.display(t)
     assert header[0] == "norm" and rows[0][0] == "bn"
     other = _table(built, "vgg_losses_other")
     assert [r.cell.choices["loss"] for r in other.rows] == ["label_smoothing"]
@@ -469,7 +487,7 @@ def test_mechanism_numbers_per_learning_rate(built, sweep):
     the smallest lr's would dominate), the training-loss range after the first epoch (steps 10..29 here;
     every network starts near 2.3), the effective lr range (plain's seed 1 diverged at lr 5e-3)."""
     t = _table(built, "vgg_lr_robustness")
-    rows = {(m["norm"], m["lr"]): m for m in t.mechanism}
+    rows = {(m.norm, getattr(m, "lr", None)): m for m in t.mechanism}  # a NormLine: the norm over all lrs
     assert list(rows) == [("plain", 1e-3), ("plain", 5e-3), ("plain", None), ("BN", 1e-3), ("BN", 5e-3), ("BN", None)]
     for norm, label in (("none", "plain"), ("bn", "BN")):
         after_warmup = []
@@ -478,21 +496,21 @@ def test_mechanism_numbers_per_learning_rate(built, sweep):
             runs = [values[i:i + 30] for i in range(0, len(values), 30)] if not (norm == "none" and lr == 5e-3) \
                 else [values[:30], values[30:]]
             window = [v for run in runs for v in run[10:]]
-            assert rows[(label, lr)]["loss_range"] == pytest.approx((min(window), max(window)))
+            assert rows[(label, lr)].loss_range == pytest.approx((min(window), max(window)))
             after_warmup += window
-        assert rows[(label, None)]["loss_range"] == pytest.approx((min(after_warmup), max(after_warmup)))
-        assert rows[(label, None)]["runs"] == 4 and rows[(label, 1e-3)]["runs"] == 2
+        assert rows[(label, None)].loss_range == pytest.approx((min(after_warmup), max(after_warmup)))
+        assert rows[(label, None)].runs == 4 and rows[(label, 1e-3)].runs == 2
     bn_rows = {lr: [r for s in (0, 1) for r in probe_rows(s, True, lr)] for lr in (1e-3, 5e-3)}
     for lr, probe in bn_rows.items():
-        assert rows[("BN", lr)]["beta_mean"] == pytest.approx(statistics.mean(r["probe/beta"] for r in probe))
-        assert rows[("BN", lr)]["lipschitz_max"] == pytest.approx(max(r["probe/lipschitz"] for r in probe))
-        assert rows[("BN", lr)]["grad_cos"] == pytest.approx(statistics.mean(r["probe/grad_cos"] for r in probe))
-    assert rows[("BN", 1e-3)]["beta_mean"] == pytest.approx(5 * rows[("BN", 5e-3)]["beta_mean"])
-    assert rows[("BN", None)]["effective_lrs"] == [1e-3, 5e-3]
-    assert rows[("plain", None)]["effective_lrs"] == [1e-3]  # (0.70 + chance) / 2 < 90% of 0.705
-    assert rows[("plain", 5e-3)]["trains"] is False
-    assert rows[("BN", None)]["study"]["lipschitz"] == 6.3
-    header, lines = report_tables.mechanism_rows(t)
+        assert rows[("BN", lr)].beta_mean == pytest.approx(statistics.mean(r["probe/beta"] for r in probe))
+        assert rows[("BN", lr)].lipschitz_max == pytest.approx(max(r["probe/lipschitz"] for r in probe))
+        assert rows[("BN", lr)].grad_cos == pytest.approx(statistics.mean(r["probe/grad_cos"] for r in probe))
+    assert rows[("BN", 1e-3)].beta_mean == pytest.approx(5 * rows[("BN", 5e-3)].beta_mean)
+    assert rows[("BN", None)].effective_lrs == [1e-3, 5e-3]
+    assert rows[("plain", None)].effective_lrs == [1e-3]  # (0.70 + chance) / 2 < 90% of 0.705
+    assert rows[("plain", 5e-3)].trains is False
+    assert rows[("BN", None)].study["lipschitz"] == 6.3
+    header, lines = render.mechanism_rows(t)
     assert [line[:2] for line in lines] == [["plain", "0.001"], ["plain", "0.005"], ["plain", "all 2"],
                                             ["BN", "0.001"], ["BN", "0.005"], ["BN", "all 2"]]
     assert lines[-1][header.index("trains / effective lrs")] == "0.001–0.005 (×5), 2 of 2 lrs"
@@ -640,6 +658,7 @@ def find_chromium() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_html_renders_in_headless_chromium(built, tmp_path):
     browser = find_chromium()
     if browser is None:
@@ -664,7 +683,7 @@ def test_html_renders_in_headless_chromium(built, tmp_path):
     assert images == n_images > 10
     assert broken == 0
     assert tables == len(built.tables)
-    assert rows == sum(min(len(t.rows), report_tables.MAX_HTML_ROWS) + 1 for t in built.tables)
+    assert rows == sum(min(len(t.rows), render.MAX_HTML_ROWS) + 1 for t in built.tables)
     console = [line for line in p.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     # the page as shipped, screenshotted: not blank
@@ -735,26 +754,20 @@ def _cells_by_seeds(root: Path) -> tuple[records.ScanResult, list]:
     return res, sorted(records.cells_of(res.runs), key=lambda c: sorted(str(r.seed) for r in c.all_runs))
 
 
-def test_legacy_record_pooled_via_config_yaml(tmp_path):
+def test_record_without_seedless_identity_is_a_cell_of_its_own(tmp_path):
+    """Every run writes its seedless identity; a record made without one (and without config.yaml) is
+    pooled with no other seed."""
     choices = {"model": "vgg_a", "norm": "bn"}
-    new = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 0}, test_acc=0.87)
-    old = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 1}, test_acc=0.88, legacy=True)
-    assert record.SEEDLESS_IDENTITY in json.loads((new / "summary.json").read_text())
-    assert record.SEEDLESS_IDENTITY not in json.loads((old / "summary.json").read_text())
-    res, cells = _cells_by_seeds(tmp_path)
-    assert len(cells) == 1 and cells[0].n == 2
-    assert not res.warnings
-    # an old record without config.yaml either: a cell of its own, and the scan says so
+    for seed in (0, 1):
+        write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": seed}, test_acc=0.87 + seed / 100)
     bare = write_run(tmp_path, experiment="vgg_losses", choices={**choices, "seed": 2}, test_acc=0.86, legacy=True,
                      config=False)
-    res, cells = _cells_by_seeds(tmp_path)
+    assert record.SEEDLESS_IDENTITY not in json.loads((bare / "summary.json").read_text())
+    _, cells = _cells_by_seeds(tmp_path)
     assert sorted(c.n for c in cells) == [1, 2]
     alone = next(c for c in cells if c.n == 1)
     assert alone.runs[0].path == os.path.realpath(bare) and alone.key == ("vgg_losses", alone.runs[0].identity)
-    assert len(res.warnings) == 1 and res.warnings[0].startswith(os.path.realpath(bare))
-    assert "not pooled with other seeds" in res.warnings[0]
     rep = report.build([str(tmp_path)], str(tmp_path / "out"))
-    assert "not pooled with other seeds" in (tmp_path / "out" / "index.html").read_text()
     assert _row(_table(rep, "vgg_losses"), "BN · CE").cell.n == 2
     # without config.yaml its dropout is unknown: it matches no study row
     assert [r.cell.n for r in _table(rep, "vgg_losses_other").rows] == [1]

@@ -14,13 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY, TRAIN
 
-from normbench.job import choose_run_dir
+from normbench.job import choose_run_dir, run_pruner
+from normbench.pruning import MedianStoppingPruner
 from normbench.record import atomic_write_json
 from normbench.sweep.index import SweepState
-from normbench.sweep.pruning import MedianStoppingPruner, build_pruner
 
 BASE = [*TINY, "logger=none"]
 
@@ -34,6 +35,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sigkilled_sweep_resumes_from_checkpoints_without_redoing_finished_runs(tmp_path):
     epochs = 10
     args = ["-m", *BASE, f"trainer.epochs={epochs}", "norm=none,bn"]
@@ -153,6 +155,7 @@ with SweepState(sys.argv[1]).lock("same"):
 """
 
 
+@pytest.mark.slow
 def test_the_identity_lock_of_a_sigkilled_job_is_released(tmp_path):
     """A job killed with SIGKILL while it holds its identity's lock (a real process: no finaliser runs)
     leaves no stale lock: the next job of that identity gets it at once."""
@@ -197,11 +200,11 @@ def test_median_stopping_rule(tmp_path):
     assert not longer.should_stop(4, 0.99)          # no peer reached epoch 4
 
 
-def test_build_pruner_is_off_by_default_and_needs_a_sweep(tmp_path):
+def test_run_pruner_is_off_by_default_and_needs_a_sweep(tmp_path):
     from omegaconf import OmegaConf
 
-    assert build_pruner(OmegaConf.create({"pruning": {"name": "none"}}), tmp_path, tmp_path) is None
+    assert run_pruner(OmegaConf.create({"pruning": {"name": "none"}}), tmp_path, "me") is None
     median = OmegaConf.create({"pruning": {"name": "median", "warmup_epochs": 2, "min_runs": 5}})
-    assert build_pruner(median, tmp_path, None, "me") is None  # a single run has no peers
-    pruner = build_pruner(median, tmp_path / "run", tmp_path, "me")
+    assert run_pruner(median, None, "me") is None  # a single run has no peers
+    pruner = run_pruner(median, tmp_path, "me")
     assert isinstance(pruner, MedianStoppingPruner) and (pruner.warmup_epochs, pruner.min_runs) == (2, 5)

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from normbench.errors import ConfigError
 from normbench.faults import fault_spec
+from normbench.schema import TrainerConf, parse
 
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=null",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.array_parallelism=2", "hydra.launcher.timeout_min=10",
@@ -87,9 +88,9 @@ def summaries(sweep: Path) -> list[dict]:
 def test_wait_fault_needs_its_release_file():
     cfg = OmegaConf.create({"trainer": {"fault": "wait", "fault_epoch": 2}})
     with pytest.raises(ConfigError, match="trainer.fault_file"):
-        fault_spec(cfg)
+        fault_spec(parse("trainer", TrainerConf, cfg.trainer))
     cfg.trainer.fault_file = "/tmp/go"
-    assert fault_spec(cfg).file == "/tmp/go"
+    assert fault_spec(parse("trainer", TrainerConf, cfg.trainer)).file == "/tmp/go"
 
 
 def test_skips_with_a_reason_where_slurm_cannot_run(monkeypatch):
@@ -104,6 +105,7 @@ def test_skips_with_a_reason_where_slurm_cannot_run(monkeypatch):
         pass
 
 
+@pytest.mark.slow
 def test_job_array_sweep_completes_and_hydra_collects_every_objective(slurm_cluster, tmp_path):
     sweep = tmp_path / "sweep"
     started = time.monotonic()
@@ -143,6 +145,7 @@ def metrics_epochs(run_dir: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_requeued_job_resumes_from_its_epoch_checkpoint_and_completes_once(slurm_cluster, tmp_path):
     """`scontrol requeue` (what preemption with PreemptMode=REQUEUE does): SLURM kills the running job
     and starts it again under the same job id; the run continues from its epoch-1 checkpoint."""
@@ -177,6 +180,7 @@ def test_requeued_job_resumes_from_its_epoch_checkpoint_and_completes_once(slurm
     print(f"requeue: {time.monotonic() - started:.1f} s, back at epoch 2 {restart_s:.1f} s after the requeue")
 
 
+@pytest.mark.slow
 def test_timeout_requeues_through_submitit_checkpoint_up_to_max_num_timeout(slurm_cluster, tmp_path):
     """Over the time limit: SLURM sends SIGUSR2 `signal_delay_s` before it (sbatch --signal); submitit
     calls the launcher's `checkpoint` (a DelayedSubmission of the same job), requeues the job and
@@ -220,6 +224,7 @@ def test_timeout_requeues_through_submitit_checkpoint_up_to_max_num_timeout(slur
     print(f"timeout: {time.monotonic() - started:.1f} s")
 
 
+@pytest.mark.slow
 def test_optuna_workers_as_array_tasks_share_one_study_with_exactly_n_trials(slurm_cluster, tmp_path):
     """Two sweeper processes share one SQLite study; each launches its trials as SLURM array tasks,
     which open the study themselves (median pruner: every epoch's error is reported from the task)."""

@@ -44,6 +44,7 @@ def plan_output(args: list[str], cwd: Path, monkeypatch) -> str:
     return out.getvalue()
 
 
+@pytest.mark.slow
 def test_preset_grid_completes_reruns_skip_and_plan_counts(tmp_path, monkeypatch):
     preset = ["+experiment=vgg_dropout", *BASE]
     sweep_dir = tmp_path / "multirun" / "vgg_dropout"
@@ -93,6 +94,7 @@ def test_preset_grid_completes_reruns_skip_and_plan_counts(tmp_path, monkeypatch
     assert "8 runs, 4 done (4 completed), 4 to run" in seeded
 
 
+@pytest.mark.slow
 def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path):
     """2 learning rates (one diverges for real) x 3 faults (none, an exception, a real failed
     allocation), the faults in epoch 2 after epoch 1 was checkpointed."""
@@ -122,6 +124,7 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert summary["status"] == "failed" and "trainer.fault=raise" in summary["error"]
 
 
+@pytest.mark.slow
 def test_median_pruning_stops_a_clearly_worse_run(tmp_path):
     """Sequential jobs: two good learning rates finish, then a useless one (lr 1e-6) is compared with
     them from epoch 2 and stopped."""
@@ -148,6 +151,7 @@ def test_median_pruning_stops_a_clearly_worse_run(tmp_path):
     assert epochs == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_zero_run_sweep_says_so(tmp_path, monkeypatch):
     proc = run_train(["-m", *BASE, "seed=range(0,0)"], tmp_path)
     assert sweep_line(proc) == "sweep multirun/default: no runs (the sweep expands to zero jobs; nothing was launched)"
@@ -155,6 +159,7 @@ def test_zero_run_sweep_says_so(tmp_path, monkeypatch):
         "plan multirun/default: the sweep expands to zero runs; nothing to do")
 
 
+@pytest.mark.slow
 def test_joblib_jobs_run_in_parallel_with_their_share_of_the_cpu(tmp_path):
     """hydra/launcher=joblib n_jobs=2: two worker processes at once, each with cores // 2 threads
     (trainer.threads=0 means: split the cores between the jobs)."""

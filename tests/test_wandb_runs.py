@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import ROOT, TINY, TRAIN, run_train, wandb_inspect
 
+from normbench.identity import MAX_DIRNAME, MAX_RUN_NAME, job_dirname, run_name, swept_keys
 from normbench.loggers import WandbSink
-from normbench.sweep.identity import MAX_DIRNAME, MAX_RUN_NAME, job_dirname, run_name, swept_keys
 
 
 def leet_history(wandb_run: Path) -> list[dict]:
@@ -33,6 +34,7 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
 # resume
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_is_one_wandb_run_with_every_epoch(tmp_path, wandb_env):
     """The job SIGKILLs itself in epoch 2 (after epoch 1's checkpoint); the same command again resumes
     it. W&B: one run id, and the resumed attempt's run holds epochs 1-3 and every step once."""
@@ -135,6 +137,7 @@ def test_swept_keys_come_from_the_command_line_and_the_sweeper_params():
         ["optimizer.lr", "model"]
 
 
+@pytest.mark.slow
 def test_optuna_trials_show_their_number_and_study_in_dir_wandb_name_and_config(tmp_path, wandb_env):
     fixed = ["model=vgg_a_light", "activation=relu", "loss=ce", "optimizer=sgd", "optimizer.lr=0.01",
              "optimizer.weight_decay=0", "scheduler=constant", "model.dropout=0"]
@@ -155,6 +158,7 @@ def test_optuna_trials_show_their_number_and_study_in_dir_wandb_name_and_config(
 # the console's last line
 
 
+@pytest.mark.slow
 def test_a_run_without_wandb_ends_with_one_line_naming_status_accuracy_and_record(tmp_path):
     plain = run_train([*TINY, "logger=none"], tmp_path)
     (record,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
@@ -190,6 +194,7 @@ def agent_command(sweep_config: dict, run_id: str, args: dict, monkeypatch) -> t
     return started["command"], started["env"]
 
 
+@pytest.mark.slow
 def test_a_wandb_sweep_agent_command_drives_train_py_with_hydra_overrides(tmp_path, wandb_env, monkeypatch):
     sweep_config = yaml.safe_load((ROOT / "docs" / "wandb_sweep.yaml").read_text())
     assert sweep_config["command"] == ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]

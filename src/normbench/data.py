@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import ConfigError
+from normbench.schema import DataConf, parse_data
 from normbench.targets import BUILTIN_TARGETS, check_target
 
 # --------------------------------------------------------------------------------------------------------
@@ -74,9 +75,10 @@ def dataset_name(data_cfg) -> str:
 
 
 def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=BUILTIN_TARGETS,
-              input_size: int | None = None) -> DataBundle:
+              input_size: int | None = None, pipeline: DataConf | None = None) -> DataBundle:
     """Call the dataset's `_target_` (an allowed one), check what it returns against the config, hold out
-    the validation split and put the three splits on ``device``.
+    the validation split and put the three splits on ``device``. ``pipeline``: the config's shared keys
+    as the run parsed them (default: parsed here).
 
     The validation split is ``val_size`` images held out of the training set by a permutation fixed by
     ``split_seed`` (the same images on every device and every run with that seed); ``train_size`` (null:
@@ -87,23 +89,21 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
     device = torch.device(device)
     if not isinstance(data_cfg, DictConfig):
         data_cfg = OmegaConf.create(data_cfg)
+    spec = pipeline or parse_data(data_cfg)
     check_target("data._target_", data_cfg, allowed_targets)
     tensors = instantiate(data_cfg, _execution_whitelist_=list(allowed_targets))
-    train_images, train_labels, test_images, test_labels = _checked(data_cfg, tensors)
-    n = len(train_labels)
-    val_size = data_cfg.val_size
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size <= n - 1:
-        raise ConfigError("data.val_size", val_size, f"use an integer in [0, {n - 1}] (images held out of the "
-                                                     f"{n} training images of {dataset_name(data_cfg)}; 0: "
-                                                     f"train on all, validate on the test set)")
-    train_size = data_cfg.get("train_size")
-    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int)
-                                   or not 1 <= train_size <= n - val_size):
-        raise ConfigError("data.train_size", train_size, f"use null (all) or an integer in [1, {n - val_size}] "
-                                                         f"(training images left after the validation hold-out)")
-    train_idx, val_idx = _split_indices(n, val_size, int(data_cfg.split_seed), train_size)
-    image_size = int(data_cfg.image_size)
-    pad = _padding(data_cfg, image_size, input_size)
+    train_images, train_labels, test_images, test_labels = _checked(data_cfg, spec, tensors)
+    n, val_size, train_size = len(train_labels), spec.val_size, spec.train_size
+    if val_size > n - 1:
+        raise ConfigError("data.val_size", val_size,
+                          f"use an integer in [0, {n - 1}] (images held out of the {n} training images of "
+                          f"{dataset_name(data_cfg)}; 0: train on all, validate on the test set)")
+    if train_size is not None and train_size > n - val_size:
+        raise ConfigError("data.train_size", train_size,
+                          f"use null (all) or an integer in [1, {n - val_size}] (training images left after "
+                          "the validation hold-out)")
+    train_idx, val_idx = _split_indices(n, val_size, spec.split_seed, train_size)
+    pad = _padding(spec, input_size)
 
     def on_device(images: torch.Tensor, labels: torch.Tensor) -> Split:
         images = images.to(device)
@@ -113,35 +113,31 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
     test = on_device(test_images, test_labels)
     # val_size 0 is study 002's setup: every training image trains; "validation" is the test set (one copy)
     val = test if val_size == 0 else on_device(train_images[val_idx], train_labels[val_idx])
-    mean, std = data_cfg.get("mean"), data_cfg.get("std")
+    mean, std = spec.mean, spec.std
     if mean is None or std is None:
         mean, std = channel_stats(train.images)
-    channels = int(data_cfg.channels)
-    mean, std = (tuple(float(v) for v in (list(m) * channels if len(m) == 1 else m)) for m in (mean, std))
-    return DataBundle(train=train, val=val, test=test, num_classes=int(data_cfg.num_classes),
-                      image_size=image_size + 2 * pad, channels=channels, mean=mean, std=std,
+    mean, std = (tuple(float(v) for v in (list(m) * spec.channels if len(m) == 1 else m))
+                 for m in (mean, std))
+    return DataBundle(train=train, val=val, test=test, num_classes=spec.num_classes,
+                      image_size=spec.image_size + 2 * pad, channels=spec.channels, mean=mean, std=std,
                       name=dataset_name(data_cfg))
 
 
-FITS = ("resize", "pad")
-
-
-def _padding(data_cfg, image_size: int, input_size: int | None) -> int:
+def _padding(spec: DataConf, input_size: int | None) -> int:
     """Zero pixels added on each side with ``fit: pad`` (0 when the model takes the images as they are)."""
-    fit = data_cfg.get("fit", "resize")
-    if fit not in FITS:
-        raise ConfigError("data.fit", fit, "use resize (bilinear, to the model's input_size) or pad (zero padding)")
-    if fit != "pad" or input_size is None or input_size == image_size:
+    image_size = spec.image_size
+    if spec.fit != "pad" or input_size is None or input_size == image_size:
         return 0
     if input_size < image_size or (input_size - image_size) % 2 or input_size > 2 * image_size:
         # beyond twice the size the images would be a small patch of a mostly black input (AlexNet's 224)
-        raise ConfigError("data.fit", fit, f"cannot pad {image_size}x{image_size} images to the model's "
-                                           f"input_size {input_size} (it must be larger by an even number, "
-                                           "at most twice the size); use data.fit=resize")
+        raise ConfigError("data.fit", spec.fit,
+                          f"cannot pad {image_size}x{image_size} images to the model's input_size "
+                          f"{input_size} (it must be larger by an even number, at most twice the size); "
+                          "use data.fit=resize")
     return (input_size - image_size) // 2
 
 
-def _checked(data_cfg, tensors) -> tuple[torch.Tensor, ...]:
+def _checked(data_cfg, spec: DataConf, tensors) -> tuple[torch.Tensor, ...]:
     """The dataset's four tensors, or one clear error naming the dataset and what is wrong."""
     target = data_cfg["_target_"]
 
@@ -153,28 +149,22 @@ def _checked(data_cfg, tensors) -> tuple[torch.Tensor, ...]:
         raise bad(f"returned {type(tensors).__name__}, not four tensors")
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         raise bad("returned something that is not a torch.Tensor")
-    expected = (int(data_cfg.channels), int(data_cfg.image_size), int(data_cfg.image_size))
+    expected = (spec.channels, spec.image_size, spec.image_size)
     for split, (images, labels) in (("train", tensors[:2]), ("test", tensors[2:])):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise bad(f"{split} images are {images.dtype} of shape {tuple(images.shape)}, not uint8 (N, C, H, W)")
         if tuple(images.shape[1:]) != expected:
             raise ConfigError("data.image_size" if images.shape[1] == expected[0] else "data.channels",
-                              data_cfg.image_size if images.shape[1] == expected[0] else data_cfg.channels,
+                              spec.image_size if images.shape[1] == expected[0] else spec.channels,
                               f"the dataset returned {split} images of shape (C, H, W) = "
                               f"{tuple(images.shape[1:])}; set data.channels and data.image_size to match")
         if labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
             raise bad(f"{split} labels are {labels.dtype} of shape {tuple(labels.shape)}, not int64 "
                       f"({images.shape[0]},)")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= int(data_cfg.num_classes)):
-            raise ConfigError("data.num_classes", data_cfg.num_classes,
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
+            raise ConfigError("data.num_classes", spec.num_classes,
                               f"the dataset's {split} labels run from {int(labels.min())} to {int(labels.max())}")
     return tuple(t.contiguous() for t in tensors)
-
-
-def _as_int(value, key: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(key, value, f"use an integer >= {lo}")
-    return value
 
 
 def _split_indices(n: int, val_size: int, split_seed: int,
@@ -234,8 +224,6 @@ def augment_batch(
     if x.dim() != 4:
         raise ValueError(f"augment_batch expects (B, C, H, W), got shape {tuple(x.shape)}")
     p = int(crop_padding)
-    if p < 0:
-        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
     if p == 0 and not flip:
         return x
     b, c, h, w = x.shape
@@ -313,11 +301,9 @@ class BatchStream:
         generator: torch.Generator | None = None,
     ):
         n = len(split)
-        batch_size = _as_int(batch_size, "batch_size", lo=1)
+        batch_size = int(batch_size)
         if drop_last and batch_size > n:
             raise ConfigError("batch_size", batch_size, f"use at most {n}, the number of training images")
-        if int(crop_padding) < 0:
-            raise ConfigError("data.crop_padding", crop_padding, "use an integer >= 0 (0 turns cropping off)")
         self.split = split
         self.batch_size = batch_size
         self.augment = bool(augment)
@@ -361,7 +347,7 @@ def eval_batches(
     max_batches: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Evaluation batches in dataset order (last batch may be short), normalized, no augmentation."""
-    batch_size = _as_int(batch_size, "trainer.eval_batch_size", lo=1)
+    batch_size = int(batch_size)  # trainer.eval_batch_size, checked by its schema
     finish = _Normalizer(mean, std, split.images.device, resize_to, channels_last)  # built eagerly
     n = len(split)
     count = math.ceil(n / batch_size)

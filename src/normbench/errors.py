@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Iterable
+from typing import NoReturn
+
+PREFIX = "normbench: "   # every line normbench itself prints to stderr starts so
 
 
 class NormbenchError(Exception):
@@ -25,7 +30,7 @@ def unknown_key(key: str, value: object, accepted, why: str, tail: str | None = 
     close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
     hint = f"did you mean {group}.{close[0]}? " if close else ""
     if tail is None:
-        tail = "accepted: " + (", ".join(accepted) if len(accepted) <= 12 else ", ".join(accepted[:12]) + ", ...")
+        tail = "accepted: " + ", ".join(accepted[:12]) + (", ..." if len(accepted) > 12 else "")
     return ConfigError(key, value, f"{why}; {hint}{tail}")
 
 
@@ -38,14 +43,39 @@ class StorageError(NormbenchError):
 
 
 MASK = "***"
+PASSWORD_KEYS = ("password", "passwd", "pwd")  # key=value and URL query keys that carry a password
 # user:password@ in any URL, and password=... in a query string or key=value list
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)(?P<secret>[^\s'\"/]+)(?=@)")
-_KEY_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd|pwd)=)(?P<secret>[^\s&'\",\]]+)", re.IGNORECASE)
+_KEY_PASSWORD = re.compile(rf"(?P<head>\b(?:{'|'.join(PASSWORD_KEYS)})=)(?P<secret>[^\s&'\",\]]+)",
+                           re.IGNORECASE)
 
 
-def mask_passwords(text: str) -> str:
-    """`text` with every URL password (`scheme://user:***@host`) and `password=***` masked: for text that
-    is printed before anything could parse it (the command line, a parse error quoting it)."""
+def mask_passwords(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with each of `secrets` (known passwords, e.g. a storage URL's in every spelling), every URL
+    password (`scheme://user:***@host`) and every `password=***` masked."""
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, MASK)
     for pattern in (_URL_PASSWORD, _KEY_PASSWORD):
         text = pattern.sub(lambda m: m["head"] + MASK, text)
     return text
+
+
+def one_line(err: BaseException, typed: bool = True) -> str:
+    """An error on one line: the first line of its message (of the database driver's own error for
+    SQLAlchemy's, which adds the statement and a link) and its notes, after its type when `typed`."""
+    orig = getattr(err, "orig", None) or err
+    first = next((line.strip() for line in str(orig).splitlines() if line.strip()), "")
+    first = " ".join([first, *getattr(err, "__notes__", ())]).strip()
+    if not typed:
+        return first or type(orig).__name__
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def fail(message: object, status: int = 2) -> NoReturn:
+    """End an entry point with one line on stderr (`normbench: ...`, no traceback)."""
+    print(f"{PREFIX}{message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def warn(message: str) -> None:
+    print(f"{PREFIX}warning: {message}", file=sys.stderr, flush=True)

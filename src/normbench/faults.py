@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from normbench.errors import ConfigError
+from normbench.schema import TrainerConf
 
-FAULTS = ("none", "raise", "oom", "kill", "wait")
 KILL_AT_ENV = "NORMBENCH_KILL_AT"
 KILL_POINTS = (
     "checkpoint_tmp_written",   # the epoch's checkpoint is in its temp file, not yet renamed
@@ -44,44 +43,31 @@ class FaultSpec:
     file: str | None = None  # wait: the file whose appearance releases the run
 
 
-def fault_spec(cfg: DictConfig) -> FaultSpec:
-    """The injected fault (`+trainer.fault=raise|oom|wait`, at `+trainer.fault_epoch` (1) and
+def fault_spec(trainer: TrainerConf) -> FaultSpec:
+    """The injected fault (`+trainer.fault=raise|oom|kill|wait`, at `+trainer.fault_epoch` (1) and
     `+trainer.fault_step` (1), the step within that epoch): for checking that a sweep survives a run
     that raises or runs out of memory. It fails inside the real training loop, through the real error
     handling; the run is recorded as failed. `wait` (with `+trainer.fault_file=PATH`) appends a line
     to `PATH.waiting` when the run gets there, then holds it until PATH exists."""
-    trainer = cfg.trainer
-    kind = trainer.get("fault") or "none"
-    kind = str(kind)
-    if kind not in FAULTS:
-        raise ConfigError("trainer.fault", kind, f"choose one of {', '.join(FAULTS)}")
-    at = []
-    for key in ("fault_epoch", "fault_step"):
-        value = trainer.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"trainer.{key}", value, "must be an integer >= 1")
-        at.append(value)
-    file = trainer.get("fault_file")
-    if kind == "wait" and (not isinstance(file, str) or not file):
-        raise ConfigError("trainer.fault_file", file, "trainer.fault=wait needs the path of the file that releases "
-                          "the run, e.g. +trainer.fault_file=/tmp/go")
-    return FaultSpec(kind, at[0], at[1], file)
+    if trainer.fault == "wait" and not trainer.fault_file:
+        raise ConfigError("trainer.fault_file", trainer.fault_file, "trainer.fault=wait needs the path of "
+                          "the file that releases the run, e.g. +trainer.fault_file=/tmp/go")
+    return FaultSpec(trainer.fault or "none", trainer.fault_epoch or 1, trainer.fault_step or 1,
+                     trainer.fault_file)
 
 
 class FaultyStream:
     """The real batch stream, failing at one training step (see fault_spec)."""
 
     def __init__(self, stream, spec: FaultSpec, device: torch.device):
-        self.stream, self.kind, self.epoch, self.step, self.device = stream, spec.kind, spec.epoch, spec.step, device
+        self.stream, self.kind, self.epoch, self.step = stream, spec.kind, spec.epoch, spec.step
+        self.device = device
         self.file = spec.file
         self.current_epoch = 0  # epochs already trained (set by a run that resumes from a checkpoint)
         self.resumed = False    # set by a run that resumed from a checkpoint: a kill fault does not fire
 
     def __len__(self) -> int:
         return len(self.stream)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
 
     def __iter__(self):
         self.current_epoch += 1

@@ -44,7 +44,7 @@ def raise_on_sigterm() -> None:
     def handler(signum, frame):
         stop_workers()
         if callable(previous):
-            with contextlib.suppress(KeyboardInterrupt):  # e.g. the Optuna sweeper's: ours says which signal
+            with contextlib.suppress(KeyboardInterrupt):  # one that raises its own: ours says which signal
                 previous(signum, frame)
         raise Interrupted(signal.Signals(signum).name)
 
@@ -65,20 +65,28 @@ def pass_on_ctrl_c() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def process_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, ..., start time at [19]);
+    [] when the process is gone or there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def launcher_workers() -> list[int]:
     """This process's joblib (loky) worker processes."""
-    me, found = os.getpid(), []
+    me, found = str(os.getpid()), []
     for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not name.isdigit():
+        if not name.isdigit() or process_stat(name)[1:2] != [me]:
             continue
         try:
-            with open(f"/proc/{name}/stat") as handle:
-                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{name}/cmdline", "rb") as handle:
                 cmdline = handle.read()
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue
-        if ppid == me and b"loky" in cmdline and b"resource_tracker" not in cmdline:
+        if b"loky" in cmdline and b"resource_tracker" not in cmdline:
             found.append(int(name))
     return found
 
@@ -92,16 +100,8 @@ def stop_workers(timeout: float = 20.0) -> None:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while workers and time.monotonic() < deadline:
-        workers = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and not _zombie(pid)]
+        workers = [pid for pid in workers if process_stat(pid)[:1] not in ([], ["Z"])]
         time.sleep(0.05)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def is_launcher_worker() -> bool:
@@ -129,6 +129,12 @@ def watch_parent() -> None:
         os._exit(143)
 
     threading.Thread(target=watch, name="normbench-parent-watch", daemon=True).start()
+
+
+def ignore_sigterm() -> None:
+    """From here on SIGTERM does nothing: a process on its way out after submitit requeued its job (the
+    requeue's SIGTERM must not cut the exit short)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

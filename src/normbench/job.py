@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from normbench.checkpoint import checkpoint_identity
 from normbench.device import launcher_jobs, placement
-from normbench.errors import NormbenchError
+from normbench.errors import NormbenchError, fail, one_line, warn
 from normbench.faults import free_memory, is_out_of_memory, kill_point
+from normbench.identity import run_identity, run_name, seedless_identity, swept_keys_from_env
 from normbench.interrupts import (
     EXIT_CODES,
     MAIN_PID_ENV,
+    ignore_sigterm,
     is_launcher_worker,
     pass_on_ctrl_c,
     raise_on_sigterm,
@@ -40,6 +40,7 @@ from normbench.interrupts import (
     signals_held,
     watch_parent,
 )
+from normbench.pruning import MedianStoppingPruner, Pruner
 from normbench.record import (
     CHECKPOINT,
     SUMMARY,
@@ -50,11 +51,10 @@ from normbench.record import (
     write_skipped_pointer,
 )
 from normbench.run import TAG_GROUPS, WORST_OBJECTIVE, Run, RunInfo
-from normbench.sweep.identity import run_identity, run_name, seedless_identity, swept_keys_from_env
-from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses, warn
+from normbench.schema import PruningConf
+from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, done_statuses
 from normbench.sweep.objectives import job_objectives, job_return
-from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER
-from normbench.sweep.pruning import build_pruner
+from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER, trial_pruner
 from normbench.validate import RunSpec, validate
 
 SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
@@ -108,7 +108,8 @@ def job_info(cfg: DictConfig, output_dir: str | Path | None = None) -> JobInfo:
     for group in TAG_GROUPS:
         info.choices.setdefault(group, _group_name(cfg.get(group)))
     info.choices.update(batch_size=cfg.get("batch_size"), seed=cfg.get("seed"),
-                        lr=OmegaConf.select(cfg, "optimizer.lr"), dropout=OmegaConf.select(cfg, "model.dropout"),
+                        lr=OmegaConf.select(cfg, "optimizer.lr"),
+                        dropout=OmegaConf.select(cfg, "model.dropout"),
                         epochs=OmegaConf.select(cfg, "trainer.epochs"))
     info.device, info.threads = placement(cfg.trainer.device, cfg.trainer.threads, info.job_num, n_jobs)
     return info
@@ -128,10 +129,6 @@ def print_config_tree(cfg: DictConfig) -> None:
     rich_print(tree)
 
 
-def one_line(exc: BaseException) -> str:
-    return " ".join("".join(traceback.format_exception_only(exc)).split())
-
-
 def journal(info: JobInfo, identity: str | None, status: str, objective, run_dir: Path | None,
             error: str | None = None) -> None:
     """This job's outcome, for the summary line of the sweep invocation it belongs to."""
@@ -139,7 +136,8 @@ def journal(info: JobInfo, identity: str | None, status: str, objective, run_dir
     if info.sweep_dir is None or not sweep_id or info.reported:
         return
     job = f"{info.job_num:06d}" if isinstance(info.job_num, int) else f"{identity}-{os.getpid()}"
-    SweepState(info.sweep_dir).journal(sweep_id, job, quiet=info.unrecorded is not None, status=status, identity=identity, objective=objective,
+    SweepState(info.sweep_dir).journal(sweep_id, job, quiet=info.unrecorded is not None, status=status,
+                                       identity=identity, objective=objective,
                                        dir=str(run_dir) if run_dir else None, error=error)
     info.reported = True
 
@@ -182,6 +180,17 @@ def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
     return job_dir
 
 
+def run_pruner(cfg: DictConfig, sweep_dir: Path | None, identity: str, spec: PruningConf) -> Pruner | None:
+    """What may stop this job's run early: its Optuna trial's pruner in an Optuna sweep, else the grid
+    rule chosen by `pruning.name` (which needs a sweep dir: a single run has no peers); None: nothing."""
+    pruner = trial_pruner()
+    if pruner is not None:
+        return pruner
+    if spec.name == "none" or sweep_dir is None:
+        return None
+    return MedianStoppingPruner(SweepState(sweep_dir).curves_dir, identity, spec.warmup_epochs, spec.min_runs)
+
+
 def record_in_sweep(state: SweepState, info: JobInfo, run: Run) -> None:
     """The finished run in the sweep's bookkeeping: index entry, curve (median pruner), journal line."""
     summary = run.summary
@@ -222,7 +231,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
     except Exception as exc:  # noqa: BLE001 - failure isolation: the sweep goes on
         error = _journal_unreported(info, exc)
         kind = "out of memory" if is_out_of_memory(exc) else "failed"
-        recorded = "recorded" if info.unrecorded is None else f"its record could not be written ({info.unrecorded})"
+        recorded = ("recorded" if info.unrecorded is None
+                    else f"its record could not be written ({info.unrecorded})")
         print(f"normbench: job {info.job_num} {kind}: {error} -- {recorded}, the sweep goes on",
               file=sys.stderr, flush=True)
     free_memory()
@@ -239,14 +249,15 @@ def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
     journal(info, None, Status.FAILED, WORST_OBJECTIVE, info.output_dir, error)
     if info.output_dir is not None and read_summary(info.output_dir) is None:
         try:
-            write_rejected(info.output_dir, error=error, error_type=type(exc).__name__, overrides=info.overrides)
+            write_rejected(info.output_dir, error=error, error_type=type(exc).__name__,
+                           overrides=info.overrides)
         except OSError:
             pass
     return error
 
 
 def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]:
-    spec = validate(cfg, device=info.device, overrides=info.overrides)
+    spec = validate(cfg, device=info.device)
     if info.output_dir is None:
         raise NormbenchError(NO_OUTPUT_DIR)
     objectives = job_objectives()  # checked before anything runs
@@ -256,7 +267,7 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]
     state = SweepState(info.sweep_dir)
     state.ensure_index()
     with state.lock(identity):
-        statuses = done_statuses(spec.pruning["name"] != "none")
+        statuses = done_statuses(spec.pruning.name != "none")
         done = state.done(identity, statuses) or state.recover(
             identity, statuses, [info.output_dir, sibling_dir(info.output_dir, identity)])
         if done is not None:
@@ -268,7 +279,8 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]
             journal(info, identity, SKIPPED, objective, run_dir)
             if Path(run_dir).resolve() != Path(info.output_dir).resolve():
                 with contextlib.suppress(OSError):  # a pointer only: a full disk must not fail the skip
-                    write_skipped_pointer(info.output_dir, identity=identity, record=run_dir, status=done["status"])
+                    write_skipped_pointer(info.output_dir, identity=identity, record=run_dir,
+                                          status=done["status"])
             return job_return(objectives, read_summary(run_dir) or {}, objective)
         info.output_dir = choose_run_dir(state, identity, info.output_dir)
         remove_temp_files(info.output_dir)
@@ -285,7 +297,7 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
                        threads=info.threads, optuna=info.optuna)
     run = Run(cfg, spec, run_info)
     try:
-        run.pruner = build_pruner(cfg, run.run_dir, info.sweep_dir, identity)
+        run.pruner = run_pruner(cfg, info.sweep_dir, identity, spec.pruning)
         objective = run.execute()
     except NormbenchError as err:
         # a single run leaves nothing for errors caught before the run started; a sweep job records them
@@ -314,8 +326,9 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
             _finish(run, state, info, Status.INTERRUPTED, "interrupted by SIGUSR2 (SLURM time limit): "
                     "requeued by submitit", "SIGUSR2", write_without_record=info.isolate)
         print(f"normbench: {identity} requeued at its time limit after {run.summary['epochs_done']} "
-              f"epoch(s); it continues from its checkpoint when SLURM starts it again", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not cut the exit short
+              f"epoch(s); it continues from its checkpoint when SLURM starts it again", file=sys.stderr,
+              flush=True)
+        ignore_sigterm()
         raise
     except BaseException as exc:
         error_type = "OutOfMemoryError" if is_out_of_memory(exc) else type(exc).__name__
@@ -326,7 +339,8 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
 
 
 def _finish(run: Run, state: SweepState | None, info: JobInfo, status: Status | None = None,
-            error: str | None = None, error_type: str | None = None, write_without_record: bool = False) -> None:
+            error: str | None = None, error_type: str | None = None,
+            write_without_record: bool = False) -> None:
     """The final summary, then the sweep's bookkeeping. A record that cannot be written (a full disk,
     a read-only dir) is said once (info.unrecorded, in the job's one line); a run that had finished
     but could not record it counts as failed."""
@@ -354,13 +368,11 @@ def main(cfg: DictConfig) -> float:
     try:
         return run_job(cfg)
     except NormbenchError as err:
-        print(f"normbench: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     except OSError as err:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper's to handle (the basic sweeper's jobs never get here)
-        print(f"normbench: {one_line(err)}", file=sys.stderr)
-        sys.exit(1)
+        fail(one_line(err), status=1)
 
 
 def cli(hydra_main) -> None:
@@ -374,6 +386,4 @@ def cli(hydra_main) -> None:
         hydra_main()
     except KeyboardInterrupt as exc:
         name = signal_name(exc)
-        print(f"normbench: interrupted by {name}; run the same command to continue", file=sys.stderr,
-              flush=True)
-        sys.exit(EXIT_CODES.get(name, 130))
+        fail(f"interrupted by {name}; run the same command to continue", EXIT_CODES.get(name, 130))

@@ -1,4 +1,4 @@
-"""Metric sinks: the W&B run and a fan-out to several sinks."""
+"""Metric sinks: what a sink takes (MetricSink), the W&B run, the console and a fan-out to several sinks."""
 
 from __future__ import annotations
 
@@ -6,9 +6,39 @@ import netrc
 import os
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlparse
 
 EPOCH_METRICS = ("train/*", "val/*", "lr", "time/*", "throughput/*")
+
+
+class MetricSink(Protocol):
+    """Where the trainer and the run send what they measure; every row carries its training `step`."""
+
+    def log_steps(self, rows: list[dict]) -> None: ...    # rows with "step", "epoch", "train/loss", "lr"
+    def log_epoch(self, row: dict) -> None: ...           # a metrics.jsonl row
+    def log_probe(self, row: dict) -> None: ...           # a probes.jsonl row
+    def log_images(self, images: dict) -> None: ...       # name -> HxWx3 uint8, or float in [0, 1]
+    def log_summary(self, summary: dict) -> None: ...     # the summary.json content
+
+
+class NullSink:
+    """A MetricSink that keeps nothing: the base of sinks that take only some of it."""
+
+    def log_steps(self, rows: list[dict]) -> None:
+        pass
+
+    def log_epoch(self, row: dict) -> None:
+        pass
+
+    def log_probe(self, row: dict) -> None:
+        pass
+
+    def log_images(self, images: dict) -> None:
+        pass
+
+    def log_summary(self, summary: dict) -> None:
+        pass
 
 
 def wandb_credentials_configured() -> bool:
@@ -53,7 +83,7 @@ class WandbSink:
         self.first_step = self.run.starting_step
         self.run_id: str = self.run.id
         self.url: str | None = None if self.run.offline else self.run.url
-        self.files_dir = Path(self.run.dir).parent  # the W&B run's local dir (offline: offline-run-<time>-<id>)
+        self.files_dir = Path(self.run.dir).parent  # the run's local dir (offline: offline-run-<time>-<id>)
         self.last_step = 0
         self._probes: list[dict] = []  # logged with the step rows they belong to (those come later)
         self.run.define_metric("step")
@@ -77,7 +107,8 @@ class WandbSink:
     def log_steps(self, rows: list[dict]) -> None:
         for row in rows:
             self._flush_probes(row["step"])
-            self._log({"step": row["step"], "step/loss": row["train/loss"], "step/lr": row["lr"]}, row["step"])
+            step = row["step"]
+            self._log({"step": step, "step/loss": row["train/loss"], "step/lr": row["lr"]}, step)
 
     def log_epoch(self, row: dict) -> None:
         self._flush_probes(row["step"])
@@ -108,7 +139,8 @@ class WandbSink:
             self.run.summary[key] = value
         for key in ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error"):
             value = summary.get(key)
-            self.run.summary[key] = value.value if isinstance(value, Enum) else value  # W&B stores an Enum's name
+            # W&B would store an Enum's name
+            self.run.summary[key] = value.value if isinstance(value, Enum) else value
 
     def finish(self, failed: bool = False) -> None:
         self._flush_probes(float("inf"))
@@ -116,20 +148,34 @@ class WandbSink:
 
 
 class FanOut:
-    """Sends every call to each sink."""
+    """A MetricSink that passes each row on to every one of its sinks."""
 
-    def __init__(self, *sinks):
+    def __init__(self, *sinks: MetricSink | None):
         self.sinks = [s for s in sinks if s is not None]
 
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            for sink in self.sinks:
-                getattr(sink, name)(*args, **kwargs)
-        return call
+    def log_steps(self, rows: list[dict]) -> None:
+        for sink in self.sinks:
+            sink.log_steps(rows)
+
+    def log_epoch(self, row: dict) -> None:
+        for sink in self.sinks:
+            sink.log_epoch(row)
+
+    def log_probe(self, row: dict) -> None:
+        for sink in self.sinks:
+            sink.log_probe(row)
+
+    def log_images(self, images: dict) -> None:
+        for sink in self.sinks:
+            sink.log_images(images)
+
+    def log_summary(self, summary: dict) -> None:
+        for sink in self.sinks:
+            sink.log_summary(summary)
 
 
-class ConsoleSink:
-    """One log line per epoch (Hydra sends it to the console and the job's .log file)."""
+class ConsoleSink(NullSink):
+    """One log line per epoch (Hydra sends it to the console and the job's .log file); nothing else."""
 
     def __init__(self, epochs: int):
         import logging
@@ -141,9 +187,6 @@ class ConsoleSink:
         self.log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  "
                       "%.0f img/s", row["epoch"], self.epochs, row["train/loss"], row["train/acc"],
                       row["val/loss"], row["val/acc"], row["throughput/img_s"])
-
-    def __getattr__(self, name):  # steps, probes, images: nothing to print
-        return lambda *args, **kwargs: None
 
 
 def shown_path(path: Path | str) -> str:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.errors import ConfigError, unknown_key
-
-LOSSES = ("ce", "ce_l1", "ce_l2", "label_smoothing", "focal")
-WEIGHTS = ("l1", "l2", "smoothing", "gamma")
+from normbench.schema import LossConf, parse
 
 
 class Criterion(nn.Module):
@@ -43,18 +40,4 @@ class Criterion(nn.Module):
 
 
 def build_criterion(loss_cfg) -> Criterion:
-    name = loss_cfg.name
-    if name not in LOSSES:
-        raise ConfigError("loss.name", name, f"choose one of {', '.join(LOSSES)}")
-    for key in loss_cfg:
-        if key != "name" and key not in WEIGHTS:
-            raise unknown_key(f"loss.{key}", loss_cfg[key], WEIGHTS, "no loss reads it",
-                              "the loss reads " + ", ".join("loss." + k for k in WEIGHTS))
-    for key in WEIGHTS:
-        value = loss_cfg.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"loss.{key}", value, "must be a number >= 0")
-    values = {k: float(loss_cfg.get(k, 0.0)) for k in WEIGHTS}
-    if not 0 <= values["smoothing"] < 1:
-        raise ConfigError("loss.smoothing", values["smoothing"], "must be in [0, 1)")
-    return Criterion(name, **values)
+    return Criterion(**dataclasses.asdict(parse("loss", LossConf, loss_cfg)))

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from normbench.errors import ConfigError
+from normbench.schema import ModelConf
 from normbench.targets import BUILTIN_TARGETS
 
 NormFactory = Callable[[int, int], nn.Module]
@@ -39,10 +40,11 @@ ALEXNET_CIFAR = [(96, 5, 1, 2, True), (256, 5, 1, 2, True), (384, 3, 1, 1, False
 def build_model(model_cfg, *, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
                 activation: ActivationFactory, allowed_targets=BUILTIN_TARGETS) -> nn.Module:
     """Call the model config's `_target_` (an allowed one) with the protocol's keyword arguments (`width`
-    and `dropout` always: 1.0 and 0.0 where the config has none)."""
+    and `dropout` always: ModelConf's defaults where the config has none)."""
     return instantiate(model_cfg, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                       norm=norm, activation=activation, width=model_cfg.get("width", 1.0),
-                       dropout=model_cfg.get("dropout", 0.0), _execution_whitelist_=list(allowed_targets))
+                       norm=norm, activation=activation, width=model_cfg.get("width", ModelConf.width),
+                       dropout=model_cfg.get("dropout", ModelConf.dropout),
+                       _execution_whitelist_=list(allowed_targets))
 
 
 def model_name(model_cfg) -> str:

@@ -8,60 +8,20 @@ same config works at any input size; `norm.affine=element` gives the study's per
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import dataclasses
 
 from torch import nn
 
-from normbench.errors import ConfigError, unknown_key
-
-NORMS = ("none", "bn", "ln", "gn", "lrn")
-# The settings each norm reads (besides `name`); a key no norm reads would be silently ignored: refused.
-NORM_KEYS = {"none": (), "bn": ("eps", "momentum"), "ln": ("eps", "affine"), "gn": ("groups", "eps"),
-             "lrn": ("lrn_size",)}
+from normbench.errors import ConfigError
+from normbench.schema import NormConf, parse
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class NormSpec:
-    name: str = "none"
-    groups: int = 4
-    eps: float = 1e-5
-    momentum: float = 0.1
-    affine: str = "channel"  # ln only: channel | element
-    lrn_size: int = 5
+class NormSpec(NormConf):
+    """A norm's settings (normbench.schema.NormConf) and the layers they make."""
 
     @classmethod
     def from_cfg(cls, cfg) -> NormSpec:
-        name = cfg.get("name")
-        if name not in NORMS:
-            raise ConfigError("norm.name", name, f"choose one of {', '.join(NORMS)}")
-        # A key another norm reads is fine (a preset sweeping norms sets e.g. affine for all of them).
-        reads = sorted({k for keys in NORM_KEYS.values() for k in keys})
-        for key in cfg:
-            if key != "name" and key not in reads:
-                raise unknown_key(f"norm.{key}", cfg[key], reads, "no norm reads it",
-                                  "the norms read " + ", ".join("norm." + k for k in reads))
-        spec = cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
-        if not (_is_int(spec.groups) and spec.groups >= 1):
-            raise ConfigError("norm.groups", spec.groups, "must be a positive integer, e.g. norm.groups=4")
-        if not (_is_number(spec.eps) and spec.eps > 0):
-            raise ConfigError("norm.eps", spec.eps, "must be a number > 0, e.g. norm.eps=1e-5")
-        if not (spec.momentum is None or (_is_number(spec.momentum) and 0 <= spec.momentum <= 1)):
-            raise ConfigError("norm.momentum", spec.momentum, "must be in [0, 1] (the running statistics' update "
-                                                              "weight, e.g. norm.momentum=0.1) or null (cumulative)")
-        if not (_is_int(spec.lrn_size) and spec.lrn_size >= 1):
-            raise ConfigError("norm.lrn_size", spec.lrn_size, "must be a positive integer, e.g. norm.lrn_size=5")
-        if spec.affine not in ("channel", "element"):
-            raise ConfigError("norm.affine", spec.affine, "choose channel or element")
-        return spec
+        return cls(**dataclasses.asdict(parse("norm", NormConf, cfg)))
 
     def make(self, channels: int, spatial: int) -> nn.Module:
         """A norm layer for a (channels, spatial, spatial) activation."""

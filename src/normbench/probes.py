@@ -1,89 +1,34 @@
 """Optimization probes measured during training (Santurkar et al. 2018, "How Does Batch Normalization
-Help Optimization?").
+Help Optimization?"): ``landscape`` (LandscapeProbe), ``grad_similarity`` (GradSimilarityProbe) and
+``grad_variance`` (GradVarianceProbe). What each measures, how and at what cost: docs/probes.md.
 
 The training loop calls every probe after ``loss.backward()`` and before ``optimizer.step()``::
 
     metrics = probe.on_step(step, model, closure, lr)   # dict[str, float] or None
 
-so ``p.grad`` holds the (unscaled) mini-batch gradient g at the weights w, and ``closure()`` runs the
-forward pass on the same mini-batch in float32 (autocast off: ``fp32_closure``; with autograd enabled) and
-returns the scalar loss without backpropagating it.  On non-probe steps a probe returns None and does
-(almost) nothing.  Probes are float32 whatever the training precision: under bf16/fp16 training the trainer
-calls ``run_probes(..., loop_grads_fp32=False)``, which recomputes the mini-batch gradient in float32 on the
-steps a probe reads it (``reads_gradient(step)``) and puts the loop's gradients back afterwards.
-
-Three probes:
-
-``landscape`` (``LandscapeProbe``) -- along the gradient direction.  For ``num_steps`` step sizes
-  η = lr·f, f geometrically (``spacing: log``, default) or evenly (``linear``) spaced in
-  [eta_min_factor, eta_max_factor] (default ½× .. 4× the lr, 8 values), evaluate the loss L(w − ηg) and the
-  gradient ∇L(w − ηg) on the same batch.  The reference gradient ∇L(w) is recomputed once with the very
-  same RNG state as every η point (so dropout masks and batch statistics match; without dropout it equals
-  g up to kernel nondeterminism).  Metrics:
-
-    probe/loss_min, probe/loss_max   range of L(w − ηg) over the η grid            (Santurkar Fig. 4a)
-    probe/grad_pred                  max over η of ‖∇L(w − ηg) − ∇L(w)‖             (Fig. 4b, upper edge)
-    probe/grad_pred_min              min over η of the same                          (Fig. 4b, lower edge)
-    probe/beta                       max over η of ‖∇L(w − ηg) − ∇L(w)‖ / ‖ηg‖      (Fig. 4c)
-    probe/grad_norm                  ‖g‖ of the loop's mini-batch gradient
-
-  Cost per probe step: num_steps + 1 forward+backward passes on one batch, plus three copies of the
-  parameters (weights, reference gradient, one gradient at a time).  Afterwards weights, every .grad,
-  every buffer (BatchNorm running statistics, num_batches_tracked, ...), the CPU and CUDA RNG states and
-  each module's train/eval flag are restored exactly, so a probed run trains bit-identically to an
-  unprobed one.  Optimizer state is never touched.  Skipped (None) when lr <= 0 or g is not finite.
-
-``grad_similarity`` (``GradSimilarityProbe``) -- consecutive mini-batch gradients.  At every step t with
-  t % interval == 0 it compares the flattened all-parameter gradient of step t with that of step t − 1:
-
-    probe/grad_cos                   cosine similarity  <g_t, g_{t-1}> / (‖g_t‖‖g_{t-1}‖)  (nan if a norm is 0)
-    probe/grad_l2                    ‖g_t − g_{t-1}‖
-    probe/lipschitz                  ‖g_t − g_{t-1}‖ / ‖w_t − w_{t-1}‖  (Lipschitz estimate along the path;
-                                     left out when the weights did not move)
-
-  A copy of the gradient and of the weights is kept only at steps t − 1 preceding a probe step, so the
-  cost is a few flattens and reductions per ``interval`` steps.
-
-``grad_variance`` (``GradVarianceProbe``) -- the mini-batch gradients g_1..g_k of the ``window`` = k
-  consecutive steps ending at each probe step (t % interval == 0), their mean ḡ:
-
-    probe/grad_var                   Σ_i ‖g_i − ḡ‖² / (k − 1)   (trace of the sample covariance)
-    probe/grad_var_rel               grad_var / ‖ḡ‖²
-
-  Welford's update: one gradient-sized running mean during the window.
-
-``build_probes(cfg)`` turns a ``conf/probe/<name>.yaml`` node into a list of probes; ``name: none`` -> [].
-All metric values are Python floats.
+so ``p.grad`` holds the (unscaled) mini-batch gradient at the weights, and ``closure()`` runs the forward
+pass on the same mini-batch in float32 (``fp32_closure``) and returns the loss without backpropagating it.
+On non-probe steps a probe returns None. Under bf16/fp16 training ``run_probes(..., loop_grads_fp32=False)``
+recomputes the gradient in float32 on the steps a probe reads it (``reads_gradient(step)``).
+``build_probes(cfg)`` turns a probe config (normbench.schema) into a list of probes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from normbench.errors import ConfigError
+from normbench.schema import PROBES, GradSimilaritySettings, GradVarianceSettings, LandscapeSettings, parse
 
-__all__ = [
-    "PROBE_NAMES",
-    "GradSimilarityProbe",
-    "GradVarianceProbe",
-    "LandscapeProbe",
-    "Probe",
-    "build_probes",
-    "capture_rng",
-    "fp32_closure",
-    "probe_batch",
-    "reads_gradient",
-    "run_probes",
-]
-
-PROBE_NAMES = ("none", "landscape", "grad_similarity", "grad_variance", "all")
+PROBE_NAMES = tuple(PROBES)
 
 
 @runtime_checkable
@@ -293,11 +238,11 @@ class LandscapeProbe:
 
     def __init__(
         self,
-        interval: int = 50,
-        eta_min_factor: float = 0.5,
-        eta_max_factor: float = 4.0,
-        num_steps: int = 8,
-        spacing: str = "log",
+        interval: int = LandscapeSettings.interval,
+        eta_min_factor: float = LandscapeSettings.eta_min_factor,
+        eta_max_factor: float = LandscapeSettings.eta_max_factor,
+        num_steps: int = LandscapeSettings.num_steps,
+        spacing: str = LandscapeSettings.spacing,
     ):
         self.interval = int(interval)
         self.eta_min_factor = float(eta_min_factor)
@@ -422,7 +367,7 @@ class GradSimilarityProbe:
 
     name = "grad_similarity"
 
-    def __init__(self, interval: int = 10):
+    def __init__(self, interval: int = GradSimilaritySettings.interval):
         self.interval = int(interval)
         self._prev: Tensor | None = None
         self._prev_w: Tensor | None = None
@@ -467,7 +412,8 @@ class GradVarianceProbe:
 
     name = "grad_variance"
 
-    def __init__(self, interval: int = 50, window: int = 4):
+    def __init__(self, interval: int = GradVarianceSettings.interval,
+                 window: int = GradVarianceSettings.window):
         self.interval = int(interval)
         self.window = min(int(window), self.interval)  # windows never overlap; interval 1: nothing to measure
         self._count = 0
@@ -521,112 +467,26 @@ class GradVarianceProbe:
 # config
 
 
-_LANDSCAPE_KEYS = {"interval", "eta_min_factor", "eta_max_factor", "num_steps", "spacing"}
-_SIMILARITY_KEYS = {"interval"}
-_VARIANCE_KEYS = {"interval", "window"}
-_LANDSCAPE_DEFAULTS = {
-    "interval": 50,
-    "eta_min_factor": 0.5,
-    "eta_max_factor": 4.0,
-    "num_steps": 8,
-    "spacing": "log",
-}
-_SIMILARITY_DEFAULTS = {"interval": 10}
-_VARIANCE_DEFAULTS = {"interval": 50, "window": 4}
-
-
-def _to_dict(cfg: Any) -> dict:
-    if cfg is None:
-        return {}
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    raise ConfigError("probe", cfg, "a mapping such as conf/probe/landscape.yaml")
-
-
-def _check_interval(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "an integer number of steps >= 1")
-    return value
-
-
-def _check_factor(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise ConfigError(key, value, "a finite number > 0 (a multiple of the learning rate)")
-    return float(value)
-
-
-def _check_keys(prefix: str, cfg: dict, allowed: set[str]) -> None:
-    for key, value in cfg.items():
-        if key not in allowed:
-            raise ConfigError(f"{prefix}.{key}", value, f"unknown key; allowed keys: {sorted(allowed)}")
-
-
-def _landscape(prefix: str, cfg: dict, interval: Any = None) -> LandscapeProbe:
-    _check_keys(prefix, cfg, _LANDSCAPE_KEYS)
-    c = {**_LANDSCAPE_DEFAULTS, **cfg}
-    if interval is not None:
-        c["interval"] = interval
-    lo = _check_factor(f"{prefix}.eta_min_factor", c["eta_min_factor"])
-    hi = _check_factor(f"{prefix}.eta_max_factor", c["eta_max_factor"])
-    if not lo < hi:
-        raise ConfigError(f"{prefix}.eta_min_factor", lo, f"must be < {prefix}.eta_max_factor={hi}")
-    n = c["num_steps"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ConfigError(f"{prefix}.num_steps", n, "an integer >= 2 (number of step sizes probed)")
-    if c["spacing"] not in ("log", "linear"):
-        raise ConfigError(f"{prefix}.spacing", c["spacing"], "one of: log, linear")
-    return LandscapeProbe(
-        interval=_check_interval(f"{prefix}.interval", c["interval"]),
-        eta_min_factor=lo,
-        eta_max_factor=hi,
-        num_steps=n,
-        spacing=c["spacing"],
-    )
-
-
-def _similarity(prefix: str, cfg: dict, interval: Any = None) -> GradSimilarityProbe:
-    _check_keys(prefix, cfg, _SIMILARITY_KEYS)
-    c = {**_SIMILARITY_DEFAULTS, **cfg}
-    if interval is not None:
-        c["interval"] = interval
-    return GradSimilarityProbe(interval=_check_interval(f"{prefix}.interval", c["interval"]))
-
-
-def _variance(prefix: str, cfg: dict, interval: Any = None) -> GradVarianceProbe:
-    _check_keys(prefix, cfg, _VARIANCE_KEYS)
-    c = {**_VARIANCE_DEFAULTS, **cfg}
-    if interval is not None:
-        c["interval"] = interval
-    every = _check_interval(f"{prefix}.interval", c["interval"])
-    window = c["window"]
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ConfigError(f"{prefix}.window", window, "an integer number of consecutive steps >= 2")
-    return GradVarianceProbe(interval=every, window=window)
-
-
-_SUB_PROBES = {"landscape": _landscape, "grad_similarity": _similarity, "grad_variance": _variance}
-
-
 def build_probes(probe_cfg: Any) -> list[Probe]:
     """Probes from a ``conf/probe/<name>.yaml`` node (DictConfig or mapping); raises ConfigError."""
-    cfg = _to_dict(probe_cfg)
-    name = cfg.pop("name", "none")
-    if name in (None, "none"):
-        return []
-    if name in _SUB_PROBES:
-        return [_SUB_PROBES[name]("probe", cfg)]
+    cfg = OmegaConf.create({} if probe_cfg is None else probe_cfg)
+    name = cfg.get("name") or "none"
+    if name not in PROBES:
+        raise ConfigError("probe.name", name, f"one of: {', '.join(PROBES)}")
+    spec = parse("probe", PROBES[name], cfg, [k for k in cfg if k != "name"])
     if name == "all":
-        _check_keys("probe", cfg, {"interval", *_SUB_PROBES})
-        interval = cfg.get("interval")
-        if interval is not None:
-            _check_interval("probe.interval", interval)
-        probes: list[Probe] = []
-        for key, build in _SUB_PROBES.items():
-            sub = cfg.get(key) or {}
-            if not isinstance(sub, Mapping):
-                raise ConfigError(f"probe.{key}", sub, "a mapping of that probe's settings")
-            probes.append(build(f"probe.{key}", dict(sub), interval))
-        return probes
-    raise ConfigError("probe.name", name, f"one of: {', '.join(PROBE_NAMES)}")
+        every = {} if spec.interval is None else {"interval": spec.interval}
+        return [make(**{**dataclasses.asdict(getattr(spec, key)), **every})
+                for key, make in _PROBE_CLASSES.items()]
+    return [] if name == "none" else [_PROBE_CLASSES[name](**dataclasses.asdict(spec))]
+
+
+def _landscape(**settings) -> LandscapeProbe:
+    if not settings["eta_min_factor"] < settings["eta_max_factor"]:
+        raise ConfigError("probe.eta_min_factor", settings["eta_min_factor"],
+                          f"must be < probe.eta_max_factor={settings['eta_max_factor']}")
+    return LandscapeProbe(**settings)
+
+
+_PROBE_CLASSES = {"landscape": _landscape, "grad_similarity": GradSimilarityProbe,
+                  "grad_variance": GradVarianceProbe}

@@ -6,13 +6,16 @@ takes the file names, the statuses and the summary keys from here. The format: d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -42,7 +45,8 @@ STEPS = "steps.jsonl"
 PROBES = "probes.jsonl"
 FILTERS = "filters.png"
 # A sweep job that failed before its run started (a failed config check) leaves this instead of a
-# summary.json: {"status": "failed", "error", "error_type", "overrides", "at"}; the report lists it as skipped.
+# summary.json: {"status": "failed", "error", "error_type", "overrides", "at"}; the report lists it as
+# skipped.
 REJECTED = "rejected.json"
 # A sweep job skipped because its run is already done in another dir leaves this pointer in its own dir:
 # {"identity", "record": that dir, "status", "at"} (a sweeper reads the run's summary from there).
@@ -50,13 +54,15 @@ SKIPPED_POINTER = "skipped.json"
 CHECKPOINT = "checkpoint.pt"
 JSONL = (METRICS, STEPS, PROBES)
 RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS, REJECTED})
+# a directory holding one of these is a run dir (its subdirectories are not searched)
+RUN_MARKERS = (SUMMARY, CONFIG, METRICS, REJECTED)
 
 # summary.json keys every record has, with their types.
 SUMMARY_KEYS: dict[str, type] = {
     "status": str, "identity": str, "experiment": str, "choices": dict, "overrides": list, "metrics": dict,
 }
 # The identity without the seed: runs that differ only in their seed share it (the report pools them).
-# Records written before normbench 0.2 lack it.
+# Not required: the report derives it from config.yaml where a summary lacks it.
 SEEDLESS_IDENTITY = "seedless_identity"
 # The W&B run that tracks this record (written when it opens, so that a resumed run continues it):
 # its id, its url (online runs only) and its local files dir (that of the latest attempt). Absent with
@@ -101,10 +107,12 @@ def validate_summary(summary) -> None:
         raise MalformedRecord(f"summary.json misses key(s) {', '.join(missing)}")
     for key, kind in SUMMARY_KEYS.items():
         if not isinstance(summary[key], kind):
-            raise MalformedRecord(f"summary.json {key!r} is {type(summary[key]).__name__}, expected {kind.__name__}")
+            raise MalformedRecord(f"summary.json {key!r} is {type(summary[key]).__name__}, "
+                                  f"expected {kind.__name__}")
     statuses = [s.value for s in Status]
     if summary["status"] not in statuses:
-        raise MalformedRecord(f"summary.json status {summary['status']!r} is not one of {', '.join(statuses)}")
+        raise MalformedRecord(f"summary.json status {summary['status']!r} is not one of "
+                              f"{', '.join(statuses)}")
     if not summary["identity"]:
         raise MalformedRecord("summary.json identity is empty")
     if not all(isinstance(o, str) for o in summary["overrides"]):
@@ -124,13 +132,16 @@ def validate_summary(summary) -> None:
             raise MalformedRecord(f"completed run has null {', '.join(nulls)}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same dir + rename, so a killed job never leaves a half file."""
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A handle on a temp file in `path`'s dir that replaces `path` whole (fsync, rename) when the block
+    ends, so that a killed writer never leaves a half file; the temp file goes when the block fails."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -139,7 +150,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path) as handle:
+        handle.write(text)
+
+
+def atomic_write_json(path: str | Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
@@ -180,39 +196,82 @@ def write_skipped_pointer(job_dir: Path, *, identity: str, record: Path, status:
 def record_dir(job_dir: Path) -> Path:
     """Where the record of the run a job dir stands for is: the job dir itself, or the dir its skipped.json
     points at."""
-    try:
-        return Path(json.loads((Path(job_dir) / SKIPPED_POINTER).read_text())["record"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return Path(job_dir)
+    record = (read_json(Path(job_dir) / SKIPPED_POINTER) or {}).get("record")
+    return Path(record) if isinstance(record, str) else Path(job_dir)
 
 
-def read_summary(run_dir: Path) -> dict | None:
+def read_json(path: str | Path) -> dict | None:
+    """A JSON object file of a record or of the sweep index; None when it is missing, torn or no object."""
     try:
-        return json.loads((Path(run_dir) / SUMMARY).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file of the record ([] when it is missing; unreadable lines skipped)."""
+def read_summary(run_dir: str | Path) -> dict | None:
+    return read_json(Path(run_dir) / SUMMARY)
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
+    """The rows of a JSON-lines file of a record, and how many lines were no JSON object (skipped); a
+    missing or unreadable file is ([], 1)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
+        return [], 1
+    rows: list[dict] = []
+    bad = 0
+    for line in data.splitlines():
+        if not line.strip():
             continue
-    return rows
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
 
 
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
+def read_rows(path: str | Path) -> list[dict]:
+    return read_jsonl(path)[0]
+
+
+def _step(row: dict) -> float:
+    step = row.get("step")
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
+
+
+def run_dirs(root: str | Path) -> Iterator[tuple[str, frozenset[str]]]:
+    """The dirs under `root` (itself included) that hold a run record, in name order, each with the
+    record files it holds. Hidden dirs and wandb/ are not entered, nor are a run dir's subdirs."""
+    stack = [os.fspath(root)]
+    while stack:
+        path = stack.pop()
+        names: set[str] = set()
+        subdirs: list[str] = []
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.name in RECORD_FILES:
+                        names.add(entry.name)
+                    elif not entry.name.startswith(".") and entry.name != "wandb" \
+                            and entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.path)
+        except OSError:
+            continue
+        if any(m in names for m in RUN_MARKERS):
+            yield path, frozenset(names)
+        else:
+            stack.extend(sorted(subdirs, reverse=True))
 
 
 class RecordSink:
@@ -228,16 +287,14 @@ class RecordSink:
     def truncate_to(self, step: int, history: list[dict]) -> None:
         """On resume: keep what the checkpoint covers, drop rows written after it."""
         for name in (STEPS, PROBES):
-            path = self.run_dir / name
-            lines = path.read_text().splitlines() if path.exists() else []
-            atomic_write_text(path, "".join(f"{line}\n" for line in lines if _step_of(line) <= step))
-        atomic_write_text(self.run_dir / METRICS,
-                          "".join(json.dumps(row, default=_json_default) + "\n" for row in history))
+            rows = read_rows(self.run_dir / name)
+            atomic_write_text(self.run_dir / name, _jsonl([row for row in rows if _step(row) <= step]))
+        atomic_write_text(self.run_dir / METRICS, _jsonl(history))
 
     def _write(self, name: str, rows: list[dict]) -> None:
         # Opened per call (calls come at logging points only), so nothing stays open between them.
         with open(self.run_dir / name, "a") as handle:
-            handle.writelines(json.dumps(row, default=_json_default) + "\n" for row in rows)
+            handle.write(_jsonl(rows))
 
     def log_steps(self, rows: list[dict]) -> None:
         self._write(STEPS, rows)

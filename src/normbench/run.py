@@ -89,27 +89,28 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
     `on_data` is called once the data is on the device, before anything else is built."""
     device, allowed = spec.device, spec.allowed_targets
     seed_everything(spec.seed)
-    data = load_data(cfg.data, device, allowed, input_size=spec.input_size)
+    data = load_data(cfg.data, device, allowed, input_size=spec.input_size, pipeline=spec.data)
     if on_data is not None:
         on_data(data)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.channels,
                         image_size=spec.input_size, norm=spec.norm.make, activation=spec.activation,
                         allowed_targets=allowed)
-    model = model.to(device, memory_format=torch.channels_last if spec.channels_last else torch.preserve_format)
+    layout = torch.channels_last if spec.channels_last else torch.preserve_format
+    model = model.to(device, memory_format=layout)
     generator = torch.Generator(device=device)
     generator.manual_seed(spec.seed)
-    stream = BatchStream(data.train, spec.batch_size, data.mean, data.std, augment=cfg.data.augment,
-                         crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
+    stream = BatchStream(data.train, spec.batch_size, data.mean, data.std, augment=spec.data.augment,
+                         crop_padding=spec.data.crop_padding, flip=spec.data.flip,
                          resize_to=spec.input_size if spec.input_size != data.image_size else None,
-                         channels_last=spec.channels_last, drop_last=bool(cfg.trainer.get("drop_last", True)),
+                         channels_last=spec.channels_last, drop_last=spec.trainer.drop_last,
                          generator=generator)
     if spec.fault.kind != "none":
         stream = FaultyStream(stream, spec.fault, device)
     optimizer = build_optimizer(cfg.optimizer, model, allowed)
     settings = spec.settings
-    steps_per_epoch = min(len(stream), settings.max_steps_per_epoch or len(stream))
+    steps_per_epoch = settings.steps_per_epoch(len(stream))
     scheduler = build_scheduler(cfg.scheduler, optimizer, settings.epochs, steps_per_epoch, allowed)
-    trained = compile_model(model) if cfg.trainer.compile else model  # compiled code reused across runs
+    trained = compile_model(model) if spec.trainer.compile else model  # compiled code reused across runs
     trainer = Trainer(trained, spec.criterion, optimizer, scheduler, data, stream, settings,
                       sink if sink is not None else FanOut(), list(spec.probes), device)
     return RunParts(data, model, generator, stream, optimizer, scheduler, trainer)
@@ -280,7 +281,8 @@ class Run:
         self.summary["metrics"]["model/params"] = count_parameters(parts.model)
         try:
             state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
-                                    optimizer=parts.optimizer, scheduler=parts.scheduler, generator=parts.generator)
+                                    optimizer=parts.optimizer, scheduler=parts.scheduler,
+                                    generator=parts.generator)
         except UnusableCheckpoint:  # set aside, and the parts may be half restored: from scratch
             parts, state = build_parts(self.cfg, self.spec), None
         self._open_sinks(resumed=state)
@@ -306,7 +308,7 @@ class Run:
             if device.index is not None:
                 torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = True
-        threads = self.info.threads or self.cfg.trainer.threads
+        threads = self.info.threads or self.spec.trainer.threads
         if threads:
             torch.set_num_threads(threads)
         self.summary["threads"] = torch.get_num_threads()
@@ -314,7 +316,7 @@ class Run:
     def _after_epoch(self, parts: RunParts, state: LoopState) -> bool:
         """Checkpoint, then ask the pruner (if any) whether to stop: True means pruned."""
         self.summary["epochs_done"] = state.epochs_done
-        if self.cfg.trainer.checkpoint:
+        if self.spec.trainer.checkpoint:
             save_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
                             optimizer=parts.optimizer, scheduler=parts.scheduler, generator=parts.generator,
                             state=state)
@@ -351,26 +353,26 @@ class Run:
         self.record = RecordSink(self.run_dir, append=resumed is not None)
         if resumed is not None:
             self.record.truncate_to(resumed.step, resumed.history)
-        if cfg.logger.name == "wandb":
+        if self.spec.logger.name == "wandb":
             self._open_wandb(previous, resumed)
         self.record.log_summary(self.summary)
 
     def _open_wandb(self, previous: dict | None, resumed: LoopState | None) -> None:
         """The W&B run of this record: the earlier attempt's (same id) when there is one, which then
         gets the record's rows again (W&B keeps the steps it lacks)."""
-        cfg, info = self.cfg, self.info
+        cfg, info, logger = self.cfg, self.info, self.spec.logger
         config = OmegaConf.to_container(cfg, resolve=True)
         config.update(choices=info.choices, identity=info.identity)
         if info.optuna:
             config["optuna"] = dict(info.optuna)
-        tags = [f"{k}:{v}" for k, v in info.choices.items() if k in TAG_GROUPS] + list(cfg.logger.tags)
+        tags = [f"{k}:{v}" for k, v in info.choices.items() if k in TAG_GROUPS] + list(logger.tags)
         same_run = previous is not None and previous.get("identity") == info.identity
         run_id = previous.get(WANDB_RUN_ID) if same_run else None
         # WANDB_DIR, when set, is where W&B keeps its files; else the record dir
         files_dir = None if os.environ.get("WANDB_DIR") else self.run_dir
-        self.wandb = WandbSink(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.experiment_name,
+        self.wandb = WandbSink(project=logger.project, entity=logger.entity, group=cfg.experiment_name,
                                name=info.name, tags=tags, config=config, run_dir=files_dir,
-                               mode=wandb_mode(cfg.logger.mode), run_id=run_id)
+                               mode=wandb_mode(logger.mode), run_id=run_id)
         self.summary.update({WANDB_RUN_ID: self.wandb.run_id, WANDB_URL: self.wandb.url,
                              WANDB_FILES: str(self.wandb.files_dir)})
         if resumed is not None:

@@ -40,6 +40,10 @@ class LoopSettings:
     channels_last: bool = False
     progress: bool = True
 
+    def steps_per_epoch(self, batches: int) -> int:
+        """Training steps of an epoch of `batches` batches (max_steps_per_epoch caps it)."""
+        return min(batches, self.max_steps_per_epoch or batches)
+
 
 @dataclass
 class LoopState:
@@ -78,8 +82,8 @@ class PassTotals:
 def convergence_epoch(history: list[dict], tolerance: float = 0.01,
                       learned_above: float | None = None) -> int | None:
     """First epoch whose validation accuracy is within `tolerance` (1 point) of the run's best; None for
-    a run without epochs or, given `learned_above` (see normbench.record.learned_threshold), one whose best validation
-    accuracy never exceeds it: a run that never learns has no convergence epoch."""
+    a run without epochs or, given `learned_above` (see normbench.record.learned_threshold), one whose best
+    validation accuracy never exceeds it: a run that never learns has no convergence epoch."""
     if not history:
         return None
     best = max(row["val/acc"] for row in history)
@@ -130,8 +134,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.settings.amp_dtype)
 
     def steps_per_epoch(self) -> int:
-        limit = self.settings.max_steps_per_epoch
-        return min(len(self.stream), limit) if limit else len(self.stream)
+        return self.settings.steps_per_epoch(len(self.stream))
 
     def evaluate(self, split) -> tuple[float, float]:
         self.model.eval()

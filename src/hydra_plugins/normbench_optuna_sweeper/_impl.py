@@ -24,9 +24,7 @@ import functools
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import traceback
 from collections import Counter
 from dataclasses import dataclass
@@ -43,7 +41,8 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_p
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
-from normbench.errors import ConfigError, StorageError
+from normbench.errors import PREFIX, ConfigError, StorageError, fail, mask_passwords, one_line
+from normbench.interrupts import EXIT_CODES, raise_on_sigterm, signal_name
 from normbench.record import Status, read_summary, record_dir
 from normbench.sweep.objectives import OBJECTIVES
 from normbench.sweep.optuna_support import (
@@ -53,11 +52,8 @@ from normbench.sweep.optuna_support import (
     ENV_TRIAL_NUMBER,
     PRUNED_ATTR,
     StorageSettings,
-    build_pruner,
-    first_line,
-    mask_text,
-    mask_url,
     open_storage,
+    optuna_pruner,
     quiet_optuna,
     url_secrets,
 )
@@ -67,13 +63,17 @@ from ._study import (
     FAILURE_STRATEGIES,
     SCHEMA_LOCK,
     Heartbeat,
+    JobExited,
     Outcome,
+    TrialTask,
+    best_results,
     default_storage_url,
     failure_values,
     is_failure,
     mark_owner,
     quote_override,
     requeue_dead_local_trials,
+    returned_values,
     storage_lock,
     study_lock_name,
     tell_failed,
@@ -85,44 +85,12 @@ from ._study import (
 log = logging.getLogger(__name__)
 
 
-class JobExited(RuntimeError):
-    """A job called sys.exit with a non-zero status (normbench's entry point does so on user errors)."""
-
-    def __init__(self, message: str, cause: BaseException | None = None):
-        super().__init__(message)
-        self.cause = cause
-
-
-class TrialTask:
-    """The task function as the launcher runs it: a job's sys.exit(n) becomes an ordinary failure, so
-    that one bad trial is recorded as failed instead of ending the whole sweep."""
-
-    def __init__(self, task_function: TaskFunction):
-        self.task_function = task_function
-
-    def __call__(self, cfg: DictConfig) -> Any:
-        try:
-            return self.task_function(cfg)
-        except SystemExit as exc:
-            if exc.code in (None, 0):
-                raise
-            cause = exc.__context__  # normbench's entry point exits 2 while handling a NormbenchError
-            reason = f"{type(cause).__name__}: {cause}" if cause is not None else "no message"
-            raise JobExited(f"the job exited with status {exc.code} ({reason})", cause) from None
-
-
 @dataclass
 class SearchSpace:
     """What the sweeper's params and the command line make of the trials' overrides."""
     distributions: dict
     fixed_params: dict
     fixed_overrides: dict
-
-
-def fail(message: str) -> None:
-    """A user-facing error of the sweep: one line on stderr, exit status 2 (no traceback)."""
-    print(f"normbench: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
@@ -168,7 +136,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
     def _scrub_credentials(self, config: DictConfig) -> None:
         """Replace the storage password by *** in the sweep's config (jobs are composed from it and
         save it in .hydra/) and in sys.argv (W&B records the command line)."""
-        masked = mask_url(self.storage_url)
+        masked = mask_passwords(self.storage_url)
         with read_write(config.hydra), open_dict(config.hydra):
             raw = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("storage")
             if raw is not None and any(s in str(raw) for s in self.secrets):
@@ -183,14 +151,14 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                         config.hydra.sweeper.storage = masked
                         self.masked_storage = masked
                     else:
-                        item = mask_text(item, self.secrets)
+                        item = mask_passwords(item, self.secrets)
                 scrubbed.append(item)
             config.hydra.overrides.hydra = scrubbed
         # HydraConfig holds its own copy of the sweep's hydra node, which launchers pickle with the
         # jobs (submitit writes it to disk): refresh it from the scrubbed config.
         if HydraConfig.initialized():
             HydraConfig.instance().set_config(config)
-        sys.argv[:] = [mask_text(arg, self.secrets) for arg in sys.argv]
+        sys.argv[:] = [mask_passwords(arg, self.secrets) for arg in sys.argv]
 
     # ----------------------------------------------------------------------------------------------
     # sweep: check the settings, open the study, ask/launch/tell until the study has n_trials
@@ -207,7 +175,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         storage, study = self._open_study(pruner)
         self._describe_study(study, space)
         log.info("Study %r in %s: %d of %d trials already there; sampler %s, pruner %s, failures -> %s",
-                 study.study_name, mask_url(self.storage_url), trials_used(study), target,
+                 study.study_name, mask_passwords(self.storage_url), trials_used(study), target,
                  type(self.sampler).__name__, type(pruner).__name__, self.failure)
         ran = self._run_trials(storage, study, space, target)
         self._finish(study, target, ran)
@@ -243,7 +211,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         distributions, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
         for name in fixed_params:  # a value given on the command line fixes a searched key
             distributions.pop(name, None)
-        self.space_description = dict(item.split("=", 1) if "=" in item else (item, "") for item in params_conf)
+        self.space_description = dict(item.split("=", 1) if "=" in item else (item, "")
+                                      for item in params_conf)
         return SearchSpace(distributions, fixed_params, fixed_overrides)
 
     def _describe_study(self, study: optuna.Study, space: SearchSpace) -> None:
@@ -256,7 +225,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             for key, value in study_attributes(self.config, self.space_description, self.storage_url).items():
                 study.set_user_attr(key, value)
         except Exception as err:  # noqa: BLE001 - descriptions must never stop a sweep
-            log.warning("could not describe study %r: %s", study.study_name, first_line(err))
+            log.warning("could not describe study %r: %s", study.study_name, one_line(err, typed=False))
 
     def _target(self, space: SearchSpace) -> int:
         """The study's n_trials; for the grid sampler (which gets its grid here) at most the grid size."""
@@ -271,15 +240,15 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         if target is None:
             fail("bad value hydra.sweeper.n_trials=null: only the grid sampler can infer it; set a number")
         if isinstance(target, bool) or not isinstance(target, int) or target < 1:
-            fail(f"bad value hydra.sweeper.n_trials={target!r}: must be the study's total number of trials, an "
-                 "integer >= 1, e.g. hydra.sweeper.n_trials=100")
+            fail(f"bad value hydra.sweeper.n_trials={target!r}: must be the study's total number of trials, "
+                 "an integer >= 1, e.g. hydra.sweeper.n_trials=100")
         return int(target)
 
     def _pruner(self):
         try:
-            return build_pruner(self.pruner_cfg)
+            return optuna_pruner(self.pruner_cfg)
         except Exception as err:  # noqa: BLE001
-            fail(f"bad value hydra.sweeper.pruner: {first_line(err)}")
+            fail(f"bad value hydra.sweeper.pruner: {one_line(err, typed=False)}")
 
     def _run_trials(self, storage, study: optuna.Study, space: SearchSpace, target: int) -> Counter:
         """Ask, launch and tell batches of n_jobs trials until the study has `target`; running trials
@@ -287,12 +256,13 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         heartbeat = Heartbeat(storage, self.settings.heartbeat_interval)
         ran: Counter = Counter()
         in_flight: list[optuna.Trial] = []
-        previous_sigterm = _raise_on_sigterm()
+        raise_on_sigterm()  # SIGTERM (docker stop, SLURM) re-queues the running trials like Ctrl-C
         try:
             while self._ask(study, target, heartbeat, in_flight):
                 returns, error = self._launch(study, in_flight, space)
                 for trial, ret in zip(list(in_flight), returns):
-                    outcome = Outcome(Status.FAILED, None, error) if ret is None else self._outcome(storage, trial, ret)
+                    outcome = (Outcome(Status.FAILED, None, error) if ret is None
+                               else self._outcome(storage, trial, ret))
                     self._tell(study, trial, outcome)
                     heartbeat.discard(trial._trial_id)
                     in_flight.remove(trial)
@@ -301,26 +271,25 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                         self.last_failure = ret
                         _stop_on_sweep_config_error(ret)
                 self._check_failure_rate(ran)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if in_flight:
                 self._requeue(study, in_flight)
             requeued = f"; {len(in_flight)} running trial(s) re-queued" if in_flight else ""
-            print(f"normbench: sweep interrupted{requeued}; run the same command to continue the study",
-                  file=sys.stderr, flush=True)
-            sys.exit(130)
+            fail(f"sweep interrupted{requeued}; run the same command to continue the study",
+                 EXIT_CODES.get(signal_name(exc), 130))
         except BaseException:
             if in_flight:
                 self._requeue(study, in_flight)
             raise
         finally:
             heartbeat.stop()
-            _restore_sigterm(previous_sigterm)
         return ran
 
     def _ask(self, study: optuna.Study, target: int, heartbeat: Heartbeat, in_flight: list) -> bool:
         """Under the storage-wide lock: fail stale trials, then ask for up to n_jobs of the trials the
         study still misses (appended to `in_flight`). False when the study is full."""
-        lock = storage_lock(self.storage_url, study_lock_name(study.study_name), self.settings.connect_timeout)
+        lock = storage_lock(self.storage_url, study_lock_name(study.study_name),
+                            self.settings.connect_timeout)
         with lock, quiet_optuna():
             requeue_dead_local_trials(study, self.settings.max_retry)
             optuna.storages.fail_stale_trials(study)
@@ -347,9 +316,10 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         except (ConfigCompositionException, OverrideParseException) as err:
             for trial in trials:  # a search space that cannot compose: stop, don't retry
                 study.tell(trial, state=TrialState.FAIL)
-            fail(mask_text(f"Optuna trial {trials[0].number}: {first_line(err)}", self.secrets))
+            fail(mask_passwords(f"Optuna trial {trials[0].number}: {one_line(err, typed=False)}",
+                                self.secrets))
         except Exception as err:  # noqa: BLE001
-            error = mask_text(f"{type(err).__name__}: {first_line(err)}", self.secrets)
+            error = mask_passwords(one_line(err), self.secrets)
             returns = [None] * len(trials)
             log.warning("the launcher failed for trial(s) %s: %s", [t.number for t in trials], error)
         self.job_idx += len(returns)
@@ -362,7 +332,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             if "Study.stop" not in str(err):
                 raise
         except ValueError as err:  # Optuna refused the values: FAIL, counted, so that the sweep ends
-            outcome.status, outcome.error = Status.FAILED, f"Optuna refused the outcome: {first_line(err)}"
+            outcome.status = Status.FAILED
+            outcome.error = f"Optuna refused the outcome: {one_line(err, typed=False)}"
             tell_failed(study, trial, outcome.error)
         values = outcome.values()
         shown = "-" if values is None else ", ".join(f"{v:.4g}" for v in values)
@@ -378,15 +349,15 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             return
         log.error("%d of %d trials failed, more than hydra.sweeper.max_failure_rate=%s",
                   ran[Status.FAILED], n_ran, self.max_failure_rate)
-        print(f"normbench: {ran[Status.FAILED]} of {n_ran} trials failed, more than hydra.sweeper."
+        print(f"{PREFIX}{ran[Status.FAILED]} of {n_ran} trials failed, more than hydra.sweeper."
               f"max_failure_rate={self.max_failure_rate}; the last failure:", file=sys.stderr, flush=True)
         error = self.last_failure._return_value if self.last_failure is not None else None
         if isinstance(error, JobExited):
-            print(mask_text(str(error), self.secrets), file=sys.stderr, flush=True)
+            print(mask_passwords(str(error), self.secrets), file=sys.stderr, flush=True)
             sys.exit(1)
         if isinstance(error, BaseException):
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-            print(mask_text(text.rstrip(), self.secrets), file=sys.stderr, flush=True)
+            print(mask_passwords(text.rstrip(), self.secrets), file=sys.stderr, flush=True)
         sys.exit(1)
 
     # ----------------------------------------------------------------------------------------------
@@ -412,12 +383,12 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         except StorageError as err:
             fail(str(err))
         except Exception as err:  # noqa: BLE001
-            fail(mask_text(f"cannot open the Optuna study {study_name!r} in {mask_url(self.storage_url)}: "
-                           f"{first_line(err)}", self.secrets))
+            fail(mask_passwords(f"cannot open the Optuna study {study_name!r} in {self.storage_url}: "
+                                f"{one_line(err, typed=False)}", self.secrets))
         existing = [d.name.lower() for d in study.directions]
         if existing != [d.lower() for d in directions]:
             fail(f"bad value hydra.sweeper.direction={directions}: study {study_name!r} in "
-                 f"{mask_url(self.storage_url)} already exists with direction {existing}; "
+                 f"{mask_passwords(self.storage_url)} already exists with direction {existing}; "
                  "use another hydra.sweeper.study_name")
         return storage, study
 
@@ -426,7 +397,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         outcome.run_dir = _run_dir(ret)
         outcome.attrs = trial_links(_read_summary(ret))
         if outcome.error:
-            outcome.error = mask_text(outcome.error, self.secrets)
+            outcome.error = mask_passwords(outcome.error, self.secrets)
         return outcome
 
     def _classify(self, storage, trial: optuna.Trial, ret: JobReturn) -> Outcome:
@@ -434,10 +405,10 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         status = summary.get("status")
         if ret.status != JobStatus.COMPLETED:
             error = ret._return_value
-            text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-            text = (summary.get("error") or text).strip()
-            return Outcome(Status.FAILED, None, text.splitlines()[0] if text else "failed")
-        value = self._values(ret._return_value)
+            text = summary.get("error") or (one_line(error) if isinstance(error, BaseException)
+                                            else str(error))
+            return Outcome(Status.FAILED, None, text.strip().split("\n")[0] or "failed")
+        value = returned_values(ret._return_value, len(self._get_directions()))
         if isinstance(value, str):
             return Outcome(Status.FAILED, None, value)
         if PRUNED_ATTR in storage.get_trial(trial._trial_id).system_attrs or status == Status.PRUNED:
@@ -447,23 +418,6 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         if not all(math.isfinite(v) for v in value):
             return Outcome(Status.DIVERGED, value)
         return Outcome(Status.COMPLETED, value)
-
-    def _values(self, returned: Any) -> list[float] | str:
-        """The job's return value as one float per objective (upstream's rules), or what is wrong with it."""
-        n = len(self._get_directions())
-        if n == 1:
-            try:
-                return [float(returned)]
-            except (TypeError, ValueError):
-                return f"Return value must be float-castable. Got {returned!r}."
-        try:
-            values = [float(v) for v in returned]
-        except (TypeError, ValueError):
-            return f"Return value must be a list or tuple of float-castable values. Got {returned!r}."
-        if len(values) != n:
-            return (f"The number of the values and the number of the objectives are mismatched. "
-                    f"Expect {n}, but actually {len(values)}.")
-        return values
 
     def _requeue(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
         """Trials whose jobs were interrupted: FAIL (not counted) and a WAITING copy with the same
@@ -496,37 +450,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             log.info("%s", line)
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create({"name": "optuna", "study_name": study.study_name,
-                                         "storage": mask_url(self.storage_url), **results}),
+                                         "storage": mask_passwords(self.storage_url), **results}),
                        f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
-
-
-def best_results(study: optuna.Study, trials: list) -> dict | None:
-    """optimization_results.yaml's content, as upstream (best_params / best_value, or the Pareto front
-    as `solutions`), from the trials whose runs completed: a failure told as the worst value is never
-    the best. None when no trial completed."""
-    real = [t for t in trials if t.state == TrialState.COMPLETE and not is_failure(t)]
-    if not real:
-        return None
-    if len(study.directions) == 1:
-        pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
-        best = pick(real, key=lambda t: t.value)
-        return {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
-                "log": [f"Best value {best.value:.6g} (trial {best.number}): {best.params}"]}
-    front = _pareto_front(real, study.directions)
-    return {"solutions": [{"number": t.number, "params": t.params, "values": t.values} for t in front],
-            "log": [f"Number of Pareto solutions: {len(front)}"]
-                   + [f"    Values: {t.values}, Params: {t.params} (trial {t.number})" for t in front]}
-
-
-def _pareto_front(trials: list, directions) -> list:
-    signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
-
-    def dominates(a, b) -> bool:
-        x = [s * v for s, v in zip(signs, a.values)]
-        y = [s * v for s, v in zip(signs, b.values)]
-        return all(p <= q for p, q in zip(x, y)) and any(p < q for p, q in zip(x, y))
-
-    return [t for t in trials if not any(dominates(o, t) for o in trials if o is not t)]
 
 
 def _plain(value: Any) -> Any:
@@ -555,23 +480,3 @@ def _read_summary(ret: JobReturn) -> dict:
     """The job's summary.json; {} when it has none (the job failed before writing one)."""
     run_dir = _run_dir(ret)
     return (read_summary(Path(run_dir)) or {}) if run_dir else {}
-
-
-def _raise_on_sigterm():
-    """SIGTERM (docker stop, SLURM preemption) interrupts the sweep like Ctrl-C, so that its running
-    trials are re-queued instead of staying RUNNING."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except (ValueError, OSError):  # pragma: no cover
-        return None
-
-
-def _restore_sigterm(previous) -> None:
-    if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, previous)

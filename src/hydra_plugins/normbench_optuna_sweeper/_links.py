@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from normbench.sweep.optuna_support import mask_url
+from normbench.errors import mask_passwords
 
 WANDB_RUN_ID = "wandb_run_id"   # summary.json key of the run's W&B run id (when it logged to W&B)
 
@@ -47,7 +47,7 @@ def study_attributes(config: DictConfig, space: dict, storage_url: str | None) -
              "search_space": {str(k): str(v) for k, v in space.items()},
              "sweep_dir": str(config.hydra.sweep.dir)}
     if storage_url:
-        attrs["storage"] = mask_url(storage_url)
+        attrs["storage"] = mask_passwords(storage_url)
     revision = git_revision(_code_dir())
     if revision:
         attrs["git_revision"] = revision

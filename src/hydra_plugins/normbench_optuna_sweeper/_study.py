@@ -1,5 +1,6 @@
 """The sweeper's bookkeeping in the Optuna study: the storage-wide lock, the study-wide trial budget,
-how a job's outcome is told to its trial, and the heartbeats of the running trials. (Imported lazily,
+what a job's exit or return means for its trial and how that is told, the heartbeats of the running
+trials, the best results. (Imported lazily,
 like _impl.py: Hydra's plugin scan skips `_` modules, so no Hydra start pays for SQLAlchemy here.)"""
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from typing import Any
 
 import sqlalchemy
 from filelock import FileLock
+from hydra.types import TaskFunction
+from omegaconf import DictConfig
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from normbench.errors import one_line
+from normbench.interrupts import process_stat
 from normbench.record import Status
 from normbench.sweep.objectives import OBJECTIVES
 from normbench.sweep.optuna_support import backend, driver_url, engine_kwargs
@@ -145,6 +151,32 @@ def trials_to_ask(study, target: int) -> int:
 # Outcomes
 
 
+class JobExited(RuntimeError):
+    """A job called sys.exit with a non-zero status (normbench's entry point does so on user errors)."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
+
+
+class TrialTask:
+    """The task function as the launcher runs it: a job's sys.exit(n) becomes an ordinary failure, so
+    that one bad trial is recorded as failed instead of ending the whole sweep."""
+
+    def __init__(self, task_function: TaskFunction):
+        self.task_function = task_function
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        try:
+            return self.task_function(cfg)
+        except SystemExit as exc:
+            if exc.code in (None, 0):
+                raise
+            cause = exc.__context__  # normbench's entry point exits 2 while handling a NormbenchError
+            reason = one_line(cause) if cause is not None else "no message"
+            raise JobExited(f"the job exited with status {exc.code} ({reason})", cause) from None
+
+
 @dataclass
 class Outcome:
     """What a finished job means for its trial."""
@@ -183,6 +215,24 @@ def failure_values(directions: Sequence[str], objectives: Sequence[str] | None,
         else:
             out.append(math.inf if direction == "minimize" else -math.inf)
     return out
+
+
+def returned_values(returned: Any, n: int) -> list[float] | str:
+    """A job's return value as one float for each of `n` objectives (upstream's rules), or what is wrong
+    with it."""
+    if n == 1:
+        try:
+            return [float(returned)]
+        except (TypeError, ValueError):
+            return f"Return value must be float-castable. Got {returned!r}."
+    try:
+        values = [float(v) for v in returned]
+    except (TypeError, ValueError):
+        return f"Return value must be a list or tuple of float-castable values. Got {returned!r}."
+    if len(values) != n:
+        return (f"The number of the values and the number of the objectives are mismatched. "
+                f"Expect {n}, but actually {len(values)}.")
+    return values
 
 
 def is_failure(trial) -> bool:
@@ -282,11 +332,7 @@ class Heartbeat:
 
 def _process_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (/proc): a pid reused later differs."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    return next(iter(process_stat(pid)[19:20]), None)
 
 
 def mark_owner(storage, trial_id: int) -> None:
@@ -339,3 +385,36 @@ def requeue_dead_local_trials(study, max_retry: int | None) -> list[int]:
                     owner.get("pid"))
         requeued.append(trial.number)
     return requeued
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+def best_results(study, trials: list) -> dict | None:
+    """optimization_results.yaml's content, as upstream (best_params / best_value, or the Pareto front
+    as `solutions`), from the trials whose runs completed: a failure told as the worst value is never
+    the best. None when no trial completed."""
+    real = [t for t in trials if t.state == TrialState.COMPLETE and not is_failure(t)]
+    if not real:
+        return None
+    if len(study.directions) == 1:
+        pick = min if study.direction == StudyDirection.MINIMIZE else max
+        best = pick(real, key=lambda t: t.value)
+        return {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
+                "log": [f"Best value {best.value:.6g} (trial {best.number}): {best.params}"]}
+    front = _pareto_front(real, study.directions)
+    return {"solutions": [{"number": t.number, "params": t.params, "values": t.values} for t in front],
+            "log": [f"Number of Pareto solutions: {len(front)}"]
+                   + [f"    Values: {t.values}, Params: {t.params} (trial {t.number})" for t in front]}
+
+
+def _pareto_front(trials: list, directions) -> list:
+    signs = [1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in directions]
+
+    def dominates(a, b) -> bool:
+        x = [s * v for s, v in zip(signs, a.values)]
+        y = [s * v for s, v in zip(signs, b.values)]
+        return all(p <= q for p, q in zip(x, y)) and any(p < q for p, q in zip(x, y))
+
+    return [t for t in trials if not any(dominates(o, t) for o in trials if o is not t)]

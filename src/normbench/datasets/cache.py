@@ -15,13 +15,13 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from normbench.datasets.common import Tensors
+from normbench.record import atomic_write
 
 CACHE_FORMAT = 1
 CACHE_DIR_NAME = ".normbench-cache"
@@ -73,17 +73,10 @@ def cached(name: str, data_dir: str, sources: Iterable[str], params: dict, decod
 
 
 def _save(folder: Path, filename: str, prefix: str, tensors) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.", suffix=".tmp")
-    except OSError:  # read-only data dir: the next place
-        return False
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(zip(KEYS, tensors)), fh)
-        os.replace(tmp, folder / filename)  # atomic: parallel jobs never read a half-written file
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
+    try:  # atomic: parallel jobs never read a half-written file
+        with atomic_write(folder / filename, "wb") as handle:
+            torch.save(dict(zip(KEYS, tensors)), handle)
+    except OSError:  # a read-only data dir: the next place
         return False
     for stale in folder.glob(f"{prefix}*.pt"):  # caches of older versions of the sources
         if stale.name != filename:

@@ -29,7 +29,6 @@ script (``bench/train.py``) and the Hydra config dir by the caller.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ from normbench.perf.probes import bench_probes
 from normbench.perf.startup import bench_fixed_cost
 from normbench.perf.table import print_table
 from normbench.perf.targets import evaluate_targets
+from normbench.record import atomic_write_json
 
 
 def _sections(s: PerfSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
@@ -89,13 +89,6 @@ def run_all(s: PerfSettings, paths: PerfPaths | None = None, workdir: Path | Non
     return results
 
 
-def write_json(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/perf.py", description="normbench performance benchmarks "
                                 "(docs/PERFORMANCE.md). Prints one table and writes it as JSON.")
@@ -127,7 +120,7 @@ def main(argv: list[str] | None = None, *, train_script: Path | None = None, con
     paths = PerfPaths(train_script=train_script, conf_dir=conf_dir)
     results = run_all(settings, paths, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     path = args.json or (args.out or Path.cwd()) / "perf.json"
-    write_json(results, path)
+    atomic_write_json(path, results)
     print_table(results)
     print(f"written: {path}")
     return 0

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from normbench.perf.common import (
     child_env,
     precision_name,
 )
-from normbench.record import METRICS
+from normbench.record import METRICS, read_rows
 from normbench.trainer import LoopState
 
 # Dense (no sparsity) peak TFLOP/s by device name: (bf16/fp16 tensor cores, fp32). Checked in order.
@@ -81,7 +80,7 @@ def _concurrency_level(job: list[str], k: int, workdir: Path) -> dict:
         if p.returncode != 0:
             raise RuntimeError(f"concurrent job failed ({p.returncode}): {err[-2000:]}")
     wall = time.time() - start
-    img_s = [json.loads((d / METRICS).read_text().splitlines()[-1])["throughput/img_s"] for d in dirs]
+    img_s = [read_rows(d / METRICS)[-1]["throughput/img_s"] for d in dirs]
     return {"concurrent": k, "wall_s": wall, "runs_per_hour": k / wall * 3600,
             "train_img_s_total": sum(img_s), "train_img_s_per_job": img_s}
 

@@ -13,7 +13,6 @@ minute or two: that is how it is tested before a GPU is ever lent.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ from normbench.device import resolve_channels_last, synchronize
 from normbench.perf import parts
 from normbench.perf.common import PerfPaths, PerfSettings, child_env, timed, train_seen
 from normbench.perf.cuda import _concurrency, peak_tflops, train_step_flops
+from normbench.record import atomic_write_json
 from normbench.trainer import LoopState
 
 NORMS = ("none", "bn", "gn", "ln", "lrn")
@@ -308,9 +308,8 @@ def _fused_verdicts(fused: dict | None) -> dict[str, str]:
 
 
 def write(results: dict, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "gpu_check.json"
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_json(path, results)
     return path
 
 

@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from normbench.data import BatchStream
+from normbench.identity import register_resolvers
 from normbench.perf.common import PerfSettings
 from normbench.run import RunParts, build_parts
-from normbench.sweep.resolvers import register
 from normbench.validate import validate
 
 # The benchmarks' run: synthetic data, SGD (lr 0.01, momentum 0.9), constant lr, cross-entropy, ReLU,
@@ -26,7 +26,7 @@ BENCH = ["data=synthetic", "data.num_test=64", "optimizer=sgd", "scheduler=const
 
 
 def compose_config(conf_dir: Path, overrides: list[str]) -> DictConfig:
-    register()
+    register_resolvers()
     with initialize_config_dir(config_dir=str(Path(conf_dir).absolute())):
         return compose(config_name="config", overrides=overrides)
 

@@ -23,16 +23,12 @@ from pathlib import Path
 import torch
 
 from normbench.perf.common import PerfPaths, PerfSettings, alternate, child_env, paired_ratio
-from normbench.record import STEPS
+from normbench.record import STEPS, read_rows
 
-# Tiny run settings for the start-up measurements (what tests/conftest.py uses for quick runs), with one
+# The tests' tiny run (conf/debug/quick.yaml on small synthetic data, as tests/conftest.py's TINY) with one
 # training step per epoch and a logging point after every step: steps.jsonl is written once, after step 1.
-TINY = [
-    "data=synthetic", "data.num_train=512", "data.num_test=128", "data.val_size=128",
-    "model.width=0.125", "trainer.epochs=1", "trainer.max_steps_per_epoch=1", "trainer.log_every_steps=1",
-    "trainer.max_eval_batches=2", "trainer.eval_batch_size=64", "trainer.threads=1", "batch_size=16",
-    "logger=none",
-]
+TINY = ["data=synthetic", "data.num_train=512", "data.num_test=128", "+debug=quick",
+        "trainer.max_steps_per_epoch=1", "trainer.log_every_steps=1", "logger=none"]
 # A minimal PyTorch training process; appends the time of its first step to the file named by argv[1].
 MINIMAL_TORCH = ("import sys, time, torch\n"
                  "m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(),\n"
@@ -87,7 +83,7 @@ def first_step_time(run_dir: Path) -> float:
     if not path.exists():
         raise RuntimeError(f"{run_dir} has no {STEPS}: the run recorded no training step")
     mtime = path.stat().st_mtime
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     if [row.get("step") for row in rows] != [1]:
         raise RuntimeError(f"{path} holds steps {[row.get('step') for row in rows]}, expected exactly [1] "
                            "(one step per epoch, logged at every step)")

@@ -17,14 +17,17 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from normbench.errors import ConfigError, NormbenchError
 from normbench.loggers import wandb_mode
-from normbench.report.records import ScanResult, cells_of, scan
+from normbench.record import atomic_write_text
+from normbench.report.mechanism import mechanism
+from normbench.report.records import ScanResult, cells_of, malformed_warnings, scan
 from normbench.report.reference import STUDY_TABLES
-from normbench.report.render import render_html, render_markdown, write_runs_csv, write_table_csv, write_text
-from normbench.report.tables import Table, assign_to_tables, generic_tables, records, slug, study_table
+from normbench.report.render import records, render_html, render_markdown, write_runs_csv, write_table_csv
+from normbench.report.tables import Table, assign_to_tables, generic_tables, slug, study_table
 
 # ------------------------------------------------------------------------------------------------
 # W&B
@@ -38,7 +41,8 @@ def log_wandb(tables: list[Table], result: ScanResult, out: str, project: str, n
         payload: dict[str, Any] = {}
         for table in tables:
             header, rows = records(table)
-            payload[f"table/{table.name}"] = wandb.Table(columns=header, data=[[_wb(v) for v in r] for r in rows])
+            data = [[_wb(v) for v in r] for r in rows]
+            payload[f"table/{table.name}"] = wandb.Table(columns=header, data=data)
             for caption, rel in table.figures:
                 key = os.path.splitext(os.path.basename(rel))[0]
                 payload[f"figure/{key}"] = wandb.Image(os.path.join(out, rel), caption=caption)
@@ -89,6 +93,9 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
             tables.append(table)
     shown = {id(c) for t in tables for c in t.cells}
     tables += generic_tables(cells, shown)
+    for table in tables:
+        if table.study is not None and table.study.mechanism:
+            table.mechanism = mechanism(table)
     timings["tables"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -100,14 +107,16 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
     for table in tables:
         add_figures(table, out, warnings, copied)
     timings["figures"] = time.perf_counter() - t2
+    warnings = malformed_warnings(result.runs) + warnings
 
     t3 = time.perf_counter()
-    title = title or "normbench report: " + ", ".join(os.path.basename(os.path.normpath(d)) for d in sweep_dirs)
+    names = ", ".join(os.path.basename(os.path.normpath(d)) for d in sweep_dirs)
+    title = title or f"normbench report: {names}"
     for table in tables:
         write_table_csv(table, os.path.join(out, "tables", f"{table.name}.csv"))
     write_runs_csv(result, os.path.join(out, "runs.csv"))
-    write_text(os.path.join(out, "index.html"), render_html(tables, result, out, warnings, title))
-    write_text(os.path.join(out, "report.md"), render_markdown(tables, result, title))
+    atomic_write_text(Path(out, "index.html"), render_html(tables, result, warnings, title))
+    atomic_write_text(Path(out, "report.md"), render_markdown(tables, result, title))
     timings["write"] = time.perf_counter() - t3
     if wandb:
         t4 = time.perf_counter()
@@ -123,7 +132,8 @@ def default_out(sweep_dirs: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/report.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dirs", nargs="+", help="sweep directories (e.g. multirun/vgg_losses) or run dirs")
+    parser.add_argument("sweep_dirs", nargs="+",
+                        help="sweep directories (e.g. multirun/vgg_losses) or run dirs")
     parser.add_argument("--out", help="report directory (default: reports/<sweep name>)")
     parser.add_argument("--title", help="page title")
     parser.add_argument("--wandb", action="store_true", help="also log tables and figures to a W&B run")
@@ -132,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or default_out(args.sweep_dirs)
     try:
-        report = build(args.sweep_dirs, out, wandb=args.wandb, wandb_project=args.wandb_project, title=args.title)
+        report = build(args.sweep_dirs, out, wandb=args.wandb, wandb_project=args.wandb_project,
+                       title=args.title)
     except NormbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

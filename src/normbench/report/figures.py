@@ -2,9 +2,9 @@
 
 One function per figure kind; each adds (caption, path) to ``table.figures`` when the runs have its
 data: ours-vs-study bars, clustered bars by norm x batch size (study 002), training curves, the loss
-landscape across learning rates with the optimisation-mechanism numbers (study 000 section 9), the
+landscape across learning rates over the runs of the mechanism table (normbench.report.mechanism), the
 optimisation probes, and the first-layer filters (``table.filters``). The jsonl files are read here,
-for the few runs each figure shows.
+for the few runs each figure shows. Figures only draw: every number in a table is computed before.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import os
 import shutil
 import warnings as _warnings
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from normbench.record import FILTERS, METRICS, PROBES, STEPS, learned_threshold
+from normbench.record import FILTERS, METRICS, PROBES
 from normbench.report import plots
+from normbench.report.mechanism import LOSS_RANGE_WARMUP_EPOCHS, NormLine, lr_of, num
 from normbench.report.records import RunRecord
 from normbench.report.reference import NORM_LABEL
 from normbench.report.tables import COLUMNS, MIN_CI_N, Table, ci_for_display, slug
@@ -28,14 +28,8 @@ MAX_BARS = 40
 MAX_CURVE_CELLS = 12
 MAX_RUNS_PER_CELL = 5  # runs read per cell for curves
 MAX_PROBE_RUNS = 40
-MAX_BAND_RUNS = 200
 MAX_FILTERS = 24  # per table
 PROBE_KEYS = ("probe/grad_pred", "probe/beta", "probe/grad_cos", "probe/lipschitz", "probe/grad_var_rel")
-# The training-loss range (study 000 section 9) is taken after the first epoch: every network starts at
-# ln(10) = 2.30 on CIFAR-10, above BN's reported upper bound of 1.8, so the study's range cannot include
-# the start. A run with a single epoch uses the second half of its steps.
-LOSS_RANGE_WARMUP_EPOCHS = 1
-EFFECTIVE_LR_FRACTION = 0.9  # an lr is in a norm's effective range at >= 90% of that norm's best test acc
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -45,32 +39,23 @@ def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, s
     os.makedirs(fig_dir, exist_ok=True)
     summary_bars(table, fig_dir)
     clustered_bars(table, fig_dir)
-    training_curves(table, fig_dir, warnings)
-    loss_landscape(table, fig_dir, warnings)
-    probe_panels(table, fig_dir, warnings)
+    training_curves(table, fig_dir)
+    loss_landscape(table, fig_dir)
+    probe_panels(table, fig_dir)
     copy_filters(table, out, warnings, copied)
 
 
 # ------------------------------------------------------------------------------------------------
 # per-run series (read on demand)
 
-def _num(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return math.nan
-    return float(value)
-
-
-def _epoch_curve(label: str, runs: Sequence[RunRecord], warnings: list[str]):
+def _epoch_curve(label: str, runs: Sequence[RunRecord]):
     per_epoch: dict[int, list[list[float]]] = {}
     for run in runs:
-        rows, bad = run.epochs()
-        if bad:
-            warnings.append(f"{run.path}: {METRICS} has {bad} malformed line(s), ignored")
-        for row in rows:
+        for row in run.epochs():
             epoch = row.get("epoch")
             if not isinstance(epoch, int) or isinstance(epoch, bool):
                 continue
-            values = [_num(row.get(k)) for k in ("train/acc", "val/acc", "train/loss", "val/loss")]
+            values = [num(row.get(k)) for k in ("train/acc", "val/acc", "train/loss", "val/loss")]
             per_epoch.setdefault(epoch, []).append(values)
     if not per_epoch:
         return None
@@ -99,30 +84,9 @@ def _per_step(pairs: list[tuple[np.ndarray, np.ndarray]]):
 
 
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    steps = np.array([_num(r.get("step")) for r in rows], dtype=float)
-    values = np.array([_num(r.get(key)) for r in rows], dtype=float)
+    steps = np.array([num(r.get("step")) for r in rows], dtype=float)
+    values = np.array([num(r.get(key)) for r in rows], dtype=float)
     return steps, values
-
-
-def _group_runs(table: Table, cap: int) -> dict[str, list[RunRecord]]:
-    """Runs of the table's cells grouped by norm (the studies' contrast) when norm varies, else by row."""
-    cells = [(r, r.cell) for r in table.rows if r.cell is not None]
-    norms = {c.choices.get("norm") for _, c in cells}
-    groups: dict[str, list[RunRecord]] = {}
-    for row, cell in cells:
-        if len(norms) > 1:
-            name = NORM_LABEL.get(str(cell.choices.get("norm")), str(cell.choices.get("norm")))
-        else:
-            name = row.label + (f" ({row.extra})" if row.extra else "")
-        groups.setdefault(name, []).extend(cell.runs + cell.diverged)
-    total = 0
-    capped: dict[str, list[RunRecord]] = {}
-    for name, runs in groups.items():
-        if total < cap:
-            capped[name] = runs[: cap - total]
-            total += len(capped[name])
-    return capped
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,8 +111,9 @@ def summary_bars(table: Table, fig_dir: str) -> None:
     name = f"{table.name}_bars.png"
     title = f"{table.title}: ours vs study" if table.kind == "study" else table.title
     plots.summary_bars(bar_rows, os.path.join(fig_dir, name), title, col.title)
-    table.figures.append(((f"{col.title}: ours (mean ± 95% CI from {MIN_CI_N} seeds; dots: the runs of a cell "
-                          f"with fewer) and the study"), f"fig/{name}"))
+    caption = (f"{col.title}: ours (mean ± 95% CI from {MIN_CI_N} seeds; dots: the runs of a cell with "
+               "fewer) and the study")
+    table.figures.append((caption, f"fig/{name}"))
 
 
 def clustered_bars(table: Table, fig_dir: str) -> None:
@@ -177,7 +142,7 @@ def clustered_bars(table: Table, fig_dir: str) -> None:
     table.figures.append(("test accuracy by norm × batch size (study 002)", f"fig/{name}"))
 
 
-def training_curves(table: Table, fig_dir: str, warnings: list[str]) -> None:
+def training_curves(table: Table, fig_dir: str) -> None:
     """Train/validation accuracy and loss per epoch of up to MAX_CURVE_CELLS cells on shared axes."""
     curve_rows = [r for r in table.rows if r.cell is not None
                   and any(METRICS in run.files for run in r.cell.runs + r.cell.diverged)]
@@ -191,7 +156,7 @@ def training_curves(table: Table, fig_dir: str, warnings: list[str]) -> None:
     series = []
     for row in curve_rows:
         runs = [r for r in row.cell.runs + row.cell.diverged if METRICS in r.files][:MAX_RUNS_PER_CELL]
-        curve = _epoch_curve(row.label + (f" {row.extra}" if row.extra else ""), runs, warnings)
+        curve = _epoch_curve(row.label + (f" {row.extra}" if row.extra else ""), runs)
         if curve is not None:
             series.append(curve)
     if not series:
@@ -201,25 +166,27 @@ def training_curves(table: Table, fig_dir: str, warnings: list[str]) -> None:
     table.figures.append((f"train/validation accuracy and loss per epoch{note}", f"fig/{name}"))
 
 
-def loss_landscape(table: Table, fig_dir: str, warnings: list[str]) -> None:
-    """Tables with the study's mechanism numbers (study 000 section 9): fills ``table.mechanism`` and
-    draws the per-step min-max of the training loss over the lr sweep, per norm."""
-    if table.study is None or not table.study.mechanism:
-        return
-    bands = mechanism(table, warnings)
+def loss_landscape(table: Table, fig_dir: str) -> None:
+    """The per-step min-max of the training loss over the lr sweep, per norm, beside the study's range
+    (the runs of the table's mechanism lines, normbench.report.mechanism)."""
+    bands = []
+    for line in table.mechanism:
+        agg = _loss_band(line.records) if isinstance(line, NormLine) else None
+        if agg is not None:
+            bands.append((plots.Band(line.norm, agg[0], agg[1], agg[2], None), line.study.get("loss_range")))
     if not bands:
         return
-    lrs = sorted({float(v) for c in table.cells if isinstance(v := c.setting("lr"), (int, float))})
+    lrs = sorted({lr for c in table.cells if (lr := lr_of(c)) is not None})
     name = f"{table.name}_landscape.png"
     plots.band_plot([b for b, _ in bands], os.path.join(fig_dir, name),
                     "Training loss per step, min–max over learning rates " + ", ".join(f"{v:g}" for v in lrs),
                     "training loss", ref_ranges=[r for _, r in bands])
-    caption = ("training loss per step: min–max over all learning rates and seeds (dashed: the study's reported "
-               f"range); the table's range leaves out the first {LOSS_RANGE_WARMUP_EPOCHS} epoch(s)")
+    caption = ("training loss per step: min–max over all learning rates and seeds (dashed: the study's "
+               f"reported range); the table's range leaves out the first {LOSS_RANGE_WARMUP_EPOCHS} epoch(s)")
     table.figures.append((caption, f"fig/{name}"))
 
 
-def probe_panels(table: Table, fig_dir: str, warnings: list[str]) -> None:
+def probe_panels(table: Table, fig_dir: str) -> None:
     """Gradient predictiveness, beta-smoothness, gradient cosine, the Lipschitz estimate along the path,
     the relative gradient variance and the loss range along the gradient, per group of runs (by norm
     when norm varies, and by learning rate when it varies: β grows ~1/η, so pooling lrs would let the
@@ -228,14 +195,15 @@ def probe_panels(table: Table, fig_dir: str, warnings: list[str]) -> None:
     panels: dict[str, list] = {}
     for gname, runs in groups.items():
         if runs:
-            _probe_bands(gname, [_probe_rows(run, warnings) for run in runs], panels)
+            _probe_bands(gname, [run.probes() for run in runs], panels)
     if not panels:
         return
     name = f"{table.name}_probes.png"
     plots.probe_panels(panels, os.path.join(fig_dir, name),
                        f"{table.title}: optimisation probes (line: mean, band: min–max over runs)")
     caption = ("gradient predictiveness, β-smoothness, gradient cosine, Lipschitz estimate along the path, "
-               "relative gradient variance and loss range along the gradient, per probe step and learning rate")
+               "relative gradient variance and loss range along the gradient, per probe step and learning "
+               "rate")
     table.figures.append((caption, f"fig/{name}"))
 
 
@@ -259,64 +227,23 @@ def copy_filters(table: Table, out: str, warnings: list[str], copied: dict[str, 
 # ------------------------------------------------------------------------------------------------
 # helpers
 
-def mechanism(table: Table, warnings: list[str]) -> list[tuple[plots.Band, Any]]:
-    """Study 000 section 9, per norm and learning rate (``table.mechanism``): one row per (norm, lr) with
-    that lr's training-loss range, gradient cosine, predictiveness, β, Lipschitz estimate, gradient
-    variance and test accuracy, then one row per norm over all its lrs (lr None) with the study's
-    training-loss range (min-max over the lr sweep after the warm-up), the effective learning-rate range
-    and the study's numbers. Returns the per-norm loss bands over all lrs, with the study's range."""
-    by_norm: dict[str, dict[float | None, list]] = {}
-    for cell in table.cells:
-        lr = _lr_of(cell)
-        by_norm.setdefault(str(cell.choices.get("norm")), {}).setdefault(lr, []).append(cell)
-    bands = []
-    for norm in sorted(by_norm, key=lambda n: list(NORM_LABEL).index(n) if n in NORM_LABEL else 99):
-        label = NORM_LABEL.get(norm, norm)
-        no_study = any(r.no_study for r in table.rows if r.cell is not None and r.cell.choices.get("norm") == norm)
-        ref = {} if no_study else table.study.mechanism.get(norm, {})
-        per_lr = by_norm[norm]
-        lr_entries = []
-        for lr in sorted(per_lr, key=lambda v: (v is None, v or 0.0)):
-            runs = [r for c in per_lr[lr] for r in c.runs + c.diverged][:MAX_BAND_RUNS]
-            entry: dict[str, Any] = {"norm": label, "lr": lr, "runs": len(runs)}
-            window = _loss_window(runs, warnings)
-            if window:
-                entry["loss_range"] = (float(min(window)), float(max(window)))
-            entry.update(_probe_stats(runs))
-            entry["test_acc"] = _mean_acc(runs)
-            lr_entries.append(entry)
-        runs = [r for cells in per_lr.values() for c in cells for r in c.runs + c.diverged][:MAX_BAND_RUNS]
-        pooled: dict[str, Any] = {"norm": label, "lr": None, "runs": len(runs), "study": ref, "no_study": no_study}
-        ranges = [e["loss_range"] for e in lr_entries if "loss_range" in e]
-        if ranges:
-            pooled["loss_range"] = (min(r[0] for r in ranges), max(r[1] for r in ranges))
-        pooled["effective_lrs"] = _effective_lrs(lr_entries, runs)
-        for entry in lr_entries:
-            entry["trains"] = entry["lr"] in pooled["effective_lrs"]
-        pooled["lrs"] = [e["lr"] for e in lr_entries if e["lr"] is not None]
-        table.mechanism.extend(lr_entries + [pooled])
-        agg = _loss_band(runs, warnings)
-        if agg is not None:
-            bands.append((plots.Band(label, agg[0], agg[1], agg[2], None), ref.get("loss_range")))
-    return bands
-
-
-def _lr_of(cell) -> float | None:
-    value = cell.setting("lr")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
-    """_group_runs, split further by learning rate when the table's cells have more than one."""
-    lrs = {_lr_of(c) for c in table.cells}
-    if len(lrs) < 2:
-        return _group_runs(table, MAX_PROBE_RUNS)
-    norms = {c.choices.get("norm") for c in table.cells}
+    """The table's runs (at most MAX_PROBE_RUNS) grouped by norm (the studies' contrast) when norm varies
+    and by learning rate when it varies, else by row."""
+    rows = sorted((r for r in table.rows if r.cell is not None),
+                  key=lambda r: (str(r.cell.choices.get("norm")), lr_of(r.cell) or 0.0))
+    by_lr = len({lr_of(r.cell) for r in rows}) > 1
+    if not by_lr:
+        rows = [r for r in table.rows if r.cell is not None]
+    by_norm = len({r.cell.choices.get("norm") for r in rows}) > 1
     groups: dict[str, list[RunRecord]] = {}
-    for cell in sorted(table.cells, key=lambda c: (str(c.choices.get("norm")), _lr_of(c) or 0.0)):
-        norm = str(cell.choices.get("norm"))
-        name = (NORM_LABEL.get(norm, norm) + " · " if len(norms) > 1 else "") + f"lr {_lr_of(cell):g}"
-        groups.setdefault(name, []).extend(cell.runs + cell.diverged)
+    for row in rows:
+        norm = str(row.cell.choices.get("norm"))
+        parts = [NORM_LABEL.get(norm, norm)] if by_norm else []
+        if by_lr:
+            parts.append(f"lr {lr_of(row.cell):g}")
+        name = " · ".join(parts) or row.label + (f" ({row.extra})" if row.extra else "")
+        groups.setdefault(name, []).extend(row.cell.runs + row.cell.diverged)
     total, capped = 0, {}
     for name, runs in groups.items():
         if total < MAX_PROBE_RUNS:
@@ -325,90 +252,13 @@ def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
     return capped
 
 
-def _loss_window(runs: Sequence[RunRecord], warnings: list[str]) -> list[float]:
-    """The finite training losses of the runs' steps after the warm-up (LOSS_RANGE_WARMUP_EPOCHS)."""
-    values: list[float] = []
-    for run in runs:
-        rows, bad = run.steps()
-        if bad:
-            warnings.append(f"{run.path}: {STEPS} has {bad} malformed line(s), ignored")
-        after = [r for r in rows if _num(r.get("epoch")) > LOSS_RANGE_WARMUP_EPOCHS]
-        if not after and rows:  # a single-epoch run: its second half
-            after = rows[len(rows) // 2:]
-        values.extend(v for v in (_num(r.get("train/loss")) for r in after) if math.isfinite(v))
-    return values
-
-
-def _loss_band(runs: Sequence[RunRecord], warnings: list[str]):
+def _loss_band(runs: Sequence[RunRecord]):
     step_pairs = []
     for run in runs:
-        rows, _ = run.steps()
+        rows = run.steps()
         if rows:
             step_pairs.append(_series(rows, "train/loss"))
     return _per_step(step_pairs) if step_pairs else None
-
-
-def _probe_stats(runs: Sequence[RunRecord]) -> dict[str, float]:
-    """Means (and maxima, medians) of the probe values over the runs' probe steps."""
-    found: dict[str, list[float]] = {}
-    for run in runs:
-        if PROBES not in run.files:
-            continue
-        rows, _ = run.probes()
-        for key in ("probe/grad_cos", "probe/grad_pred", "probe/beta", "probe/lipschitz", "probe/grad_var",
-                    "probe/grad_var_rel"):
-            found.setdefault(key, []).extend(v for v in (_num(r.get(key)) for r in rows) if math.isfinite(v))
-    out: dict[str, float] = {}
-    if found.get("probe/grad_cos"):
-        out["grad_cos"] = float(np.mean(found["probe/grad_cos"]))
-    if found.get("probe/grad_pred"):
-        out["grad_pred"] = float(np.mean(found["probe/grad_pred"]))
-    if found.get("probe/beta"):
-        out["beta_mean"], out["beta_max"] = float(np.mean(found["probe/beta"])), float(np.max(found["probe/beta"]))
-    if found.get("probe/lipschitz"):
-        values = found["probe/lipschitz"]
-        out["lipschitz_median"], out["lipschitz_max"] = float(np.median(values)), float(np.max(values))
-    if found.get("probe/grad_var"):
-        out["grad_var"] = float(np.mean(found["probe/grad_var"]))
-    if found.get("probe/grad_var_rel"):
-        out["grad_var_rel"] = float(np.mean(found["probe/grad_var_rel"]))
-    return out
-
-
-def _num_classes(runs: Sequence[RunRecord]) -> int:
-    for run in runs:
-        data = run.config().get("data")
-        if isinstance(data, dict) and isinstance(data.get("num_classes"), int):
-            return data["num_classes"]
-    return 10
-
-
-def _mean_acc(runs: Sequence[RunRecord]) -> float | None:
-    """Mean test accuracy over the runs, a diverged run counting as chance (it stopped learning)."""
-    if not runs:
-        return None
-    chance = 1.0 / _num_classes(runs)
-    accs = [chance if r.status == "diverged" else r.metric("test/acc") for r in runs]
-    accs = [a for a in accs if a is not None]
-    return float(np.mean(accs)) if accs else None
-
-
-def _effective_lrs(lr_entries: list[dict[str, Any]], runs: Sequence[RunRecord]) -> list[float]:
-    """The lrs at which the norm still trains: mean test accuracy (a diverged seed at chance) above chance
-    + 5 points and at least EFFECTIVE_LR_FRACTION of the norm's best lr."""
-    accs = [(e["lr"], e["test_acc"]) for e in lr_entries if e["lr"] is not None and e["test_acc"] is not None]
-    if not accs:
-        return []
-    best = max(a for _, a in accs)
-    floor = max(learned_threshold(_num_classes(runs)), EFFECTIVE_LR_FRACTION * best)
-    return [lr for lr, a in accs if a >= floor]
-
-
-def _probe_rows(run: RunRecord, warnings: list[str]) -> list[dict]:
-    rows, bad = run.probes()
-    if bad:
-        warnings.append(f"{run.path}: {PROBES} has {bad} malformed line(s), ignored")
-    return rows
 
 
 def _probe_bands(gname: str, rows: list[list[dict]], panels: dict[str, list]) -> None:

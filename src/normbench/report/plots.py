@@ -25,7 +25,8 @@ def _short(label: str) -> str:
 def _legend_below(fig, ax, n: int) -> None:
     """One legend for the figure, under the axes: never on top of the curves, however many entries."""
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=max(1, min(2, n)), frameon=False)
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=max(1, min(2, n)),
+               frameon=False)
 
 
 def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):

@@ -2,12 +2,12 @@
 
 Only files are read, never live objects. ``scan`` walks the given directories with ``os.scandir``,
 reads every ``summary.json`` and nothing else; the jsonl files and ``config.yaml`` are read on
-demand (``RunRecord.epochs()``, ``.steps()``, ``.probes()``, ``.setting()``) for the few runs that
-need them, and ``config.yaml`` of records written before normbench 0.2, which lack the seedless
-identity. Records in progress, malformed or duplicated are returned as ``Skipped`` with a reason.
+demand (``RunRecord.epochs()``, ``.steps()``, ``.probes()``, ``.setting()``, ``.num_classes``) for the
+few runs that need them. Records in progress, malformed or duplicated are returned as ``Skipped`` with a
+reason.
 
 A ``Cell`` pools the runs that compute the same thing but for their seed: the same experiment and the
-same seedless identity (normbench.sweep.identity: the config without the seed and the keys that do not
+same seedless identity (normbench.identity: the config without the seed and the keys that do not
 change the numbers).
 """
 
@@ -17,29 +17,30 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+from normbench.identity import NOT_IDENTITY, SEED, covered, override_key
 from normbench.record import (
     CONFIG,
     FILTERS,
     METRICS,
     PROBES,
-    RECORD_FILES,
     REJECTED,
     SEEDLESS_IDENTITY,
     STEPS,
     SUMMARY,
     MalformedRecord,
     Status,
+    read_jsonl,
+    run_dirs,
     validate_summary,
 )
 from normbench.report.stats import Stat, mean_ci
-from normbench.sweep.identity import NOT_IDENTITY, SEED, covered, override_key, seedless_identity
 
-# a directory holding one of these is a run dir (its subdirectories are not searched)
-RUN_MARKERS = (SUMMARY, CONFIG, METRICS, REJECTED)
 # config.yaml paths of the numeric settings when summary["choices"] does not carry them
 CONFIG_PATHS = {"dropout": ("model", "dropout"), "lr": ("optimizer", "lr"), "batch_size": ("batch_size",)}
 _UNSET = object()
@@ -57,9 +58,7 @@ class RunRecord:
     path: str
     summary: dict[str, Any]
     files: frozenset[str]
-    _config: dict | None = field(default=None, repr=False)
-    _config_read: bool = field(default=False, repr=False)
-    _seedless: Any = field(default=_UNSET, repr=False)
+    malformed: dict[str, int] = field(default_factory=dict, repr=False)  # jsonl file read -> lines ignored
 
     # --- summary fields -------------------------------------------------------------------
     @property
@@ -91,16 +90,12 @@ class RunRecord:
         return self.choices.get(SEED)
 
     @property
-    def seedless_identity(self) -> str | None:
-        """The identity without the seed: summary.json's; for a record written before normbench 0.2,
-        computed from its config.yaml (the resolved config); None when it has neither."""
-        value = self.summary.get(SEEDLESS_IDENTITY)
-        if isinstance(value, str) and value:
-            return value
-        if self._seedless is _UNSET:
-            config = self.config()
-            self._seedless = seedless_identity(config) if config else None
-        return self._seedless
+    def num_classes(self) -> int | None:
+        """data.num_classes of the run's config.yaml (the resolved config: every run writes it); None
+        without one."""
+        data = self.config.get("data")
+        n = data.get("num_classes") if isinstance(data, dict) else None
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
 
     def metric(self, key: str) -> float | None:
         """A metric as float; None when absent, null or not finite. ``test/err`` = 1 - test/acc."""
@@ -121,27 +116,26 @@ class RunRecord:
         path = CONFIG_PATHS.get(key)
         if path is None:
             return None
-        node: Any = self.config()
+        node: Any = self.config
         for part in path:
             if not isinstance(node, dict) or part not in node:
                 return None
             node = node[part]
         return node
 
+    @cached_property
     def config(self) -> dict:
-        if not self._config_read:
-            self._config_read = True
-            if CONFIG in self.files:
-                import yaml
+        """The run's config.yaml (the resolved config), read once; {} without a readable one."""
+        if CONFIG not in self.files:
+            return {}
+        import yaml
 
-                loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-                try:
-                    with open(os.path.join(self.path, CONFIG), encoding="utf-8") as f:
-                        data = yaml.load(f, Loader=loader)  # safe loader
-                    self._config = data if isinstance(data, dict) else None
-                except (OSError, yaml.YAMLError):
-                    self._config = None
-        return self._config or {}
+        try:
+            with open(os.path.join(self.path, CONFIG), encoding="utf-8") as f:
+                data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        except (OSError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     # --- per-run files (read on demand) ---------------------------------------------------
     def _jsonl(self, name: str) -> tuple[list[dict], int]:
@@ -149,43 +143,30 @@ class RunRecord:
             return [], 0
         return read_jsonl(os.path.join(self.path, name))
 
-    def epochs(self) -> tuple[list[dict], int]:
-        return self._jsonl(METRICS)
+    def _rows(self, name: str) -> list[dict]:
+        rows, bad = self._jsonl(name)
+        if bad:
+            self.malformed[name] = bad
+        return rows
 
-    def steps(self) -> tuple[list[dict], int]:
-        return self._jsonl(STEPS)
+    def epochs(self) -> list[dict]:
+        return self._rows(METRICS)
 
-    def probes(self) -> tuple[list[dict], int]:
-        return self._jsonl(PROBES)
+    def steps(self) -> list[dict]:
+        return self._rows(STEPS)
+
+    def probes(self) -> list[dict]:
+        return self._rows(PROBES)
 
     @property
     def filters_png(self) -> str | None:
         return os.path.join(self.path, FILTERS) if FILTERS in self.files else None
 
 
-def read_jsonl(path: str) -> tuple[list[dict], int]:
-    """Rows of a jsonl file and the number of lines that were not a JSON object (ignored)."""
-    rows: list[dict] = []
-    bad = 0
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return [], 1
-    loads = json.loads
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
+def malformed_warnings(runs: Iterable[RunRecord]) -> list[str]:
+    """One warning per jsonl file the report read that had malformed lines (they were left out)."""
+    return [f"{run.path}: {name} has {bad} malformed line(s), ignored"
+            for run in runs for name, bad in run.malformed.items()]
 
 
 @dataclass
@@ -194,47 +175,18 @@ class ScanResult:
     skipped: list[Skipped]
     roots: list[str]
     seconds: float
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def n_records(self) -> int:
         return len(self.runs) + len(self.skipped)
 
     def summary_line(self) -> str:
-        kinds: dict[str, int] = {}
-        for s in self.skipped:
-            kinds[s.kind] = kinds.get(s.kind, 0) + 1
-        status: dict[str, int] = {}
-        for r in self.runs:
-            status[r.status] = status.get(r.status, 0) + 1
-        parts = [f"{n} {k}" for k, n in sorted(status.items())]
+        status = Counter(r.status for r in self.runs)
+        kinds = Counter(s.kind for s in self.skipped)
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(status.items())) or "no finished runs"
         skipped = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-        return (f"read {self.n_records} run records in {self.seconds:.2f}s: "
-                f"{', '.join(parts) or 'no finished runs'}; skipped {len(self.skipped)} ({skipped})")
-
-
-def _run_dirs(root: str) -> Iterable[tuple[str, frozenset[str]]]:
-    """Directories holding a run record, with the record files present. Hidden dirs and wandb/ are
-    not entered, nor are a run dir's subdirectories."""
-    stack = [root]
-    while stack:
-        path = stack.pop()
-        names: set[str] = set()
-        subdirs: list[str] = []
-        try:
-            with os.scandir(path) as it:
-                for entry in it:
-                    name = entry.name
-                    if name in RECORD_FILES:
-                        names.add(name)
-                    elif not name.startswith(".") and name != "wandb" and entry.is_dir(follow_symlinks=False):
-                        subdirs.append(entry.path)
-        except OSError:
-            continue
-        if any(m in names for m in RUN_MARKERS):
-            yield path, frozenset(names)
-        else:
-            stack.extend(sorted(subdirs, reverse=True))
+        return (f"read {self.n_records} run records in {self.seconds:.2f}s: {parts}; "
+                f"skipped {len(self.skipped)} ({skipped})")
 
 
 def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
@@ -272,12 +224,11 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
     skipped: list[Skipped] = []
     seen_dirs: set[str] = set()
     by_identity: dict[str, RunRecord] = {}
-    warnings: list[str] = []
     real_roots = []
     for root in roots:
         root = os.path.realpath(os.fspath(root))
         real_roots.append(root)
-        for path, files in _run_dirs(root):
+        for path, files in run_dirs(root):
             if path in seen_dirs:
                 continue
             seen_dirs.add(path)
@@ -287,23 +238,21 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
                 continue
             first = by_identity.get(item.identity)
             if first is not None:
-                skipped.append(Skipped(path, "duplicate", f"identity {item.identity} already read from {first.path}"))
+                reason = f"identity {item.identity} already read from {first.path}"
+                skipped.append(Skipped(path, "duplicate", reason))
                 continue
             by_identity[item.identity] = item
             runs.append(item)
-            if item.seedless_identity is None:
-                warnings.append(f"{path}: no {SEEDLESS_IDENTITY} in {SUMMARY} and no readable {CONFIG}: "
-                                "not pooled with other seeds")
-    return ScanResult(runs, skipped, real_roots, time.perf_counter() - t0, warnings)
+    return ScanResult(runs, skipped, real_roots, time.perf_counter() - t0)
 
 
 # --- cells: runs that differ only in their seed --------------------------------------------------
 
 def pool_key(run: RunRecord) -> tuple[str, str]:
     """Runs with the same key differ at most in their seed and in keys that do not change the numbers
-    (normbench.sweep.identity.NOT_IDENTITY): the experiment and the seedless identity. A run without a
-    seedless identity (an old record without config.yaml) is a cell of its own: its identity."""
-    return (run.experiment, run.seedless_identity or run.identity)
+    (normbench.identity.NOT_IDENTITY): the experiment and the seedless identity, which every run
+    writes into its summary.json (a record made by hand without one is a cell of its own)."""
+    return (run.experiment, run.summary.get(SEEDLESS_IDENTITY) or run.identity)
 
 
 def value_overrides(run: RunRecord) -> tuple[str, ...]:

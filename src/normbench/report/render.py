@@ -1,243 +1,334 @@
-"""Writing the report: the HTML page (self-contained: inline CSS, no script, images by relative path),
-Markdown, and the CSV files (every run record; each table's numbers)."""
+"""Writing the report: the strings of every table (one place for how a number is shown), the HTML page
+(templates/index.html.j2: self-contained, inline CSS, no script, images by relative path), Markdown
+(templates/report.md.j2) and the CSV files (every run record; each table's numbers)."""
 
 from __future__ import annotations
 
 import csv
-import html
 import math
-import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from normbench.record import Status
-from normbench.report.records import ScanResult
+import jinja2
+
+from normbench.record import STEPS, Status
+from normbench.report.mechanism import NormLine
+from normbench.report.records import Cell, ScanResult
 from normbench.report.reference import STUDY_TITLES
+from normbench.report.stats import Stat
 from normbench.report.tables import (
     COLUMNS,
-    MAX_HTML_ROWS,
+    MIN_CI_N,
+    NO_STUDY_NUMBER,
+    Column,
+    Row,
     Table,
-    display,
-    mechanism_rows,
-    pair_rows,
-    records,
-    table_title,
+    cell_stat,
+    fmt_value,
+    override_map,
+    round_text,
+    value_of,
 )
 
+MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
 MAX_SKIPPED_LISTED = 1000
-
-CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:1.5em auto;max-width:1400px;
-padding:0 1em;color:#222;line-height:1.4}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}h3{font-size:1.05em}
-div.scroll{overflow-x:auto;max-width:100%}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
-td.cmp{min-width:22em}
-th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
-th{background:#f0f0f0}tr.notrun td{color:#999}td.num{text-align:right;white-space:nowrap}
-.verdict-differs{color:#0a6b0a}.verdict-noise{color:#8a5a00}.verdict-cannot{color:#777}
-figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
-figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.8em;color:#555;max-width:700px}
-.filters figure img{image-rendering:pixelated;width:160px}.filters figcaption{max-width:170px}
-.note{font-size:.85em;color:#444}.flag{font-size:.85em;color:#7a3b00;background:#fff4e0;
-border-left:3px solid #e0a040;padding:.2em .5em}.skipped td{font-size:.85em}code{background:#f4f4f4;padding:0 .2em}
-nav ul{columns:2;font-size:.9em}
-"""
+MAX_WARNINGS_LISTED = 500
+PERCENT = {"test/err", "test/acc", "val/best_acc"}
+SUMMARY_COLUMNS = ("objective", "epochs_done", "diverged_epoch", "error")  # runs.csv's from summary.json
 
 
-STATS_NOTE_HTML = (
-    "<p class=note>Cells pool runs that differ only in their seed: mean ± half-width of the 95% "
-    "confidence interval of the mean (Student t, n−1 degrees of freedom); n counts completed runs. "
-    "With fewer than 3 seeds a cell shows its mean and, for 2, both points instead of an interval. "
-    "A comparison uses Welch's t-test at the 5% level: <b>differs</b> when p &lt; 0.05, "
-    "<b>within noise</b> otherwise; with one seed on either side it cannot tell. "
-    "⚠ marks where a study contradicts itself about the numbers beside it.</p>"
-)
+def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
+    """Mean ± 95% CI half-width from MIN_CI_N seeds on; below that the mean and its points."""
+    if st.mean is None:
+        return "–"
+    if col.metric == "model/params":
+        text = f"{st.mean:,.0f}"
+        return text if not st.sd else f"{text} ± {st.ci:,.0f}" if st.ci is not None else text
+    if st.n < MIN_CI_N:
+        whole = col.metric == "convergence/epoch" and all(float(v).is_integer() for v in points)
+        digits = 0 if whole else col.digits
+        text = f"{st.mean * col.scale:.{digits}f}"
+        if st.n > 1 and points:
+            text += " (" + ", ".join(f"{v * col.scale:.{digits}f}" for v in points) + ")"
+        return text
+    text = f"{st.mean * col.scale:.{col.digits}f}"
+    return text if st.ci is None else f"{text} ± {st.ci * col.scale:.{col.digits}f}"
 
 
-def _verdict_class(text: str) -> str:
-    if "differs" in text:
-        return "verdict-differs"
-    if "within noise" in text:
-        return "verdict-noise"
-    if "cannot tell" in text or "not run" in text:
-        return "verdict-cannot"
+def _fmt_ref(value: float, col: Column) -> str:
+    if col.metric == "model/params":
+        return f"{value:,.0f}"
+    return f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
+
+
+def _n_text(cell: Cell) -> str:
+    text = str(cell.n)
+    extra = []
+    if cell.diverged:
+        extra.append(f"{len(cell.diverged)} diverged")
+    failed = [r for r in cell.other if r.status == Status.FAILED]
+    pruned = [r for r in cell.other if r.status == Status.PRUNED]
+    if failed:
+        extra.append(f"{len(failed)} failed")
+    if pruned:
+        extra.append(f"{len(pruned)} pruned")
+    return text + (f" (+{', '.join(extra)})" if extra else "")
+
+
+def _comparison_text(row: Row, scale: float = 100.0) -> str:
+    if row.vs is None:
+        return ""
+    parts = []
+    c = row.comparison
+    if c is None:
+        parts.append(f"vs {row.vs}: not run")
+    elif c.diff is None:
+        parts.append(f"vs {row.vs}: {c.text}")
+    else:
+        parts.append(f"vs {row.vs}: {c.diff * scale:+.2f} pp, {c.text}")
+    if row.study_diff is not None:
+        parts.append(f"study {row.study_diff:+.2f} pp")
+    return "; ".join(parts)
+
+
+def display(table: Table) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of strings, as shown in HTML and Markdown (the first MAX_HTML_ROWS rows)."""
+    study = table.kind == "study"
+    extra = study and any(r.extra for r in table.rows)  # only when some row differs
+    header = ["row"] if study else list(table.setting_columns or ["experiment"])
+    header += ["other settings"] * extra + ["experiment"] * table.show_experiment + ["n"]
+    for col in table.columns:
+        header += [col.title] + (["study", "ours − study"] if col.metric == table.primary and study else [])
+    header.append("comparison")
+    return header, [_display_row(table, row, extra) for row in table.rows[:MAX_HTML_ROWS]]
+
+
+def _display_row(table: Table, row: Row, extra: bool) -> list[str]:
+    cell, study = row.cell, table.kind == "study"
+    line = ([row.label, row.extra] if extra else [row.label]) if study else _setting_values(table, cell)
+    if table.show_experiment:
+        line.append(cell.experiment if cell else "")
+    line.append(_n_text(cell) if cell else "not run")
+    for col in table.columns:
+        st, points, never = cell_stat(row, col.metric)
+        text = fmt_stat(st, col, points)
+        if never:
+            text = f"never ({never} of {never + st.n})" if st.mean is None else f"{text}; never: {never}"
+        ref = row.ref.ref.get(col.metric) if row.ref else None
+        if col.metric == table.primary and study:
+            line += [text, _fmt_ref(ref, col) if ref is not None else NO_STUDY_NUMBER if row.no_study else "",
+                     f"{st.mean * col.scale - ref:+.2f}" if ref is not None and st.mean is not None else ""]
+        else:
+            if ref is not None and not (col.metric == "test/acc" and table.primary == "test/err"):
+                text += f" (study {_fmt_ref(ref, col)})"
+            line.append(text)
+    primary = next(c for c in COLUMNS if c.metric == table.primary)
+    return line + [_comparison_text(row, primary.scale)]
+
+
+def _setting_values(table: Table, cell: Cell | None) -> list[str]:
+    if cell is None:
+        return [""] * len(table.setting_columns)
+    if not table.setting_columns:
+        return [cell.experiment]
+    values = []
+    overrides = override_map(cell)
+    for key in table.setting_columns:
+        if key in overrides:
+            values.append(round_text(overrides[key]))
+            continue
+        value = value_of(cell, key) if key in cell.choices or "." not in key else None
+        values.append("" if value is None else fmt_value(value))
+    return values
+
+
+def records(table: Table) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows with numbers (CSV, W&B): mean, CI half-width and n of each metric."""
+    header = ["row", "other_settings", "experiment", "n", "n_diverged", "n_failed_or_pruned"]
+    if table.kind == "generic":
+        header = list(table.setting_columns) + header[2:]
+    for col in table.columns:
+        base = col.metric.replace("/", "_")
+        header += [f"{base}_mean", f"{base}_ci95", f"{base}_n"]
+        if table.kind == "study":
+            header.append(f"{base}_study")
+    header += ["vs", "vs_diff", "vs_p", "vs_verdict", "study_vs_diff"]
+    rows = []
+    for row in table.rows:
+        cell = row.cell
+        line: list[Any] = []
+        if table.kind == "study":
+            line += [row.label, row.extra]
+        else:
+            line += _setting_values(table, cell) if table.setting_columns else []
+        line += [cell.experiment if cell else "", cell.n if cell else 0, len(cell.diverged) if cell else 0,
+                 len(cell.other) if cell else 0]
+        for col in table.columns:
+            st = cell_stat(row, col.metric)[0]
+            scale = col.scale
+            line += [None if st.mean is None else st.mean * scale, None if st.ci is None else st.ci * scale,
+                     st.n]
+            if table.kind == "study":
+                line.append(row.ref.ref.get(col.metric) if row.ref else None)
+        c = row.comparison
+        line += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0,
+                 None if c is None else c.p, "" if c is None else c.verdict, row.study_diff]
+        rows.append(line)
+    return header, rows
+
+
+def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
+    """The study's own comparisons (Table.pairs): ours by Welch's test next to the study's difference."""
+    col = next(c for c in COLUMNS if c.metric == table.primary)
+    header = ["comparison", f"ours ({col.title}, difference)", "Welch verdict", "study difference"]
+    rows = []
+    for pair in table.pairs:
+        c = pair.comparison
+        if c is None:
+            ours, verdict = "not run", "not run"
+        elif c.diff is None:
+            ours, verdict = "–", c.text
+        else:
+            ours, verdict = f"{c.diff * col.scale:+.2f} pp", c.text
+        rows.append([f"{pair.row} vs {pair.base}", ours, verdict,
+                     "" if pair.study_diff is None else f"{pair.study_diff:+.2f} pp"])
+    return header, rows
+
+
+def table_title(table: Table) -> str:
+    if table.study is not None:
+        return f"{table.name} — {table.title} (study {table.study.study})"
+    return f"{table.name} — {table.title}"
+
+
+def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
+    """Study 000 section 9 per norm and learning rate (normbench.report.mechanism): one line per
+    (norm, lr), then the norm over all its lrs with the study's numbers and the effective lr range."""
+    header = ["norm", "lr", "runs", "test acc %", "training-loss range (after epoch 1)", "study",
+              "gradient cosine (mean)", "study", "gradient predictiveness (mean max ‖Δ∇L‖)",
+              "β-smoothness mean / max", "Lipschitz along the path median / max", "study Lipschitz estimate",
+              "gradient variance (relative)", "trains / effective lrs"]
+    rows = []
+    for m in table.mechanism:
+        loss = f"[{m.loss_range[0]:.2f}, {m.loss_range[1]:.2f}]" if m.loss_range else f"no {STEPS}"
+        if isinstance(m, NormLine):
+            ref, none = m.study, NO_STUDY_NUMBER if m.no_study else ""
+            lo_hi = ref.get("loss_range")
+            study_range = f"[{lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else none
+            rows.append([m.norm, f"all {len(m.lrs)}", str(m.runs), "", loss, study_range, "per lr",
+                         f"{ref['grad_cos']:g}" if "grad_cos" in ref else none, "per lr", "per lr", "per lr",
+                         f"{ref['lipschitz']:g}" if "lipschitz" in ref else none, "per lr",
+                         _effective_text(m.effective_lrs, m.lrs)])
+            continue
+        rows.append([
+            m.norm, "" if m.lr is None else f"{m.lr:g}", str(m.runs),
+            "" if m.test_acc is None else f"{m.test_acc * 100:.2f}", loss, "", _probe(".2f", m.grad_cos), "",
+            _probe(".3g", m.grad_pred), _probe(".3g", m.beta_mean, m.beta_max),
+            _probe(".3g", m.lipschitz_median, m.lipschitz_max), "", _probe(".3g", m.grad_var_rel),
+            "yes" if m.trains else "no",
+        ])
+    return header, rows
+
+
+def _probe(spec: str, *values: float | None) -> str:
+    return "no probes" if values[0] is None else " / ".join(f"{v:{spec}}" for v in values)
+
+
+def _effective_text(effective: list[float], lrs: list[float]) -> str:
+    if not effective:
+        return f"none of {len(lrs)}"
+    lo, hi = min(effective), max(effective)
+    span = f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g} (×{hi / lo:.3g})"
+    return f"{span}, {len(effective)} of {len(lrs)} lrs"
+
+
+
+
+# ------------------------------------------------------------------------------------------------
+# the page and the Markdown, through the templates
+
+@dataclass
+class TableView:
+    """A table's strings as the page and the Markdown show them."""
+
+    table: Table
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    numeric: set[int]  # columns of numbers (right-aligned)
+    pairs: tuple[list[str], list[list[str]]] | None
+    mechanism: tuple[list[str], list[list[str]]] | None
+
+    @property
+    def not_run(self) -> set[int]:
+        return {i for i, row in enumerate(self.table.rows[:len(self.rows)]) if row.cell is None}
+
+    @property
+    def notes(self) -> list[str]:
+        """Notes, the study's inconsistencies and the convergence note, as the Markdown quotes them."""
+        conv = [self.table.convergence_note] if self.table.convergence_note else []
+        return self.table.notes + [f"⚠ {f}" for f in self.table.flags] + conv
+
+
+def _view(table: Table) -> TableView:
+    header, rows = display(table)
+    numbers = {c.title for c in COLUMNS} | {"n", "study", "ours − study"}
+    numeric = {i for i, h in enumerate(header) if h in numbers}
+    pairs = pair_rows(table) if table.pairs else None
+    return TableView(table, table_title(table), header, rows, numeric, pairs,
+                     mechanism_rows(table) if table.mechanism else None)
+
+
+def verdict_class(text: str) -> str:
+    for word, css in (("differs", "differs"), ("within noise", "noise"), ("cannot tell", "cannot"),
+                      ("not run", "cannot")):
+        if word in text:
+            return f"verdict-{css}"
     return ""
 
 
-def render_html(tables: list[Table], result: ScanResult, out: str, extra_warnings: list[str],
-                title: str) -> str:
-    e = html.escape
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{e(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{e(title)}</h1>",
-        f'<p id="summary">{e(result.summary_line())}</p>',
-        "<p class=note>Sources: " + ", ".join(f"<code>{e(r)}</code>" for r in result.roots) + "</p>",
-        STATS_NOTE_HTML,
-    ]
-    if tables:
-        parts.append("<nav><ul>" + "".join(f'<li><a href="#{e(t.name)}">{e(table_title(t))}</a></li>'
-                                             for t in tables) + "</ul></nav>")
-    else:
-        parts.append("<p><b>No finished runs to tabulate.</b></p>")
-    for study in ("000", "002", None):
-        group = [t for t in tables if (t.study.study if t.study else None) == study]
-        if not group:
-            continue
-        parts.append(f"<h2>{e(STUDY_TITLES[study]) if study else 'Other runs'}</h2>")
-        for table in group:
-            parts.append(_html_table(table))
-    parts.append('<h2 id="skipped">Skipped run records</h2>')
-    if result.skipped:
-        parts.append(f"<p>{len(result.skipped)} run record(s) were not used:</p>")
-        parts.append('<table class="skipped"><tr><th>run dir</th><th>kind</th><th>reason</th></tr>')
-        for s in result.skipped[:MAX_SKIPPED_LISTED]:
-            parts.append(f"<tr><td><code>{e(s.path)}</code></td><td>{e(s.kind)}</td><td>{e(s.reason)}</td></tr>")
-        parts.append("</table>")
-        if len(result.skipped) > MAX_SKIPPED_LISTED:
-            parts.append(f"<p class=note>… {len(result.skipped) - MAX_SKIPPED_LISTED} more in runs.csv.</p>")
-    else:
-        parts.append("<p>None.</p>")
-    warnings = result.warnings + extra_warnings
-    if warnings:
-        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{e(w)}</li>" for w in warnings[:500]) + "</ul>")
-    parts.append('<p class=note>Every run record: <a href="runs.csv">runs.csv</a>. '
-                 'Tables as Markdown: <a href="report.md">report.md</a>.</p>')
-    parts.append("</body></html>")
-    return "\n".join(parts)
+def _environment(autoescape: bool) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("normbench.report"), autoescape=autoescape,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["verdict"] = verdict_class
+    env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+    env.globals.update(max_rows=MAX_HTML_ROWS, max_skipped=MAX_SKIPPED_LISTED,
+                       max_warnings=MAX_WARNINGS_LISTED)
+    return env
 
 
-def _html_table(table: Table) -> str:
-    e = html.escape
-    header, rows = display(table)
-    out = [f'<h3 id="{e(table.name)}">{e(table_title(table))}</h3>']
-    for note in table.notes:
-        out.append(f"<p class=note>{e(note)}</p>")
-    for flag in table.flags:
-        out.append(f'<p class="flag">⚠ {e(flag)}</p>')
-    if table.convergence_note:
-        out.append(f"<p class=note>{e(table.convergence_note)}</p>")
-    out.append(f'<div class="scroll"><table class="results" data-table="{e(table.name)}"><tr>'
-               + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-    numeric = {i for i, h in enumerate(header) if h in {c.title for c in COLUMNS} | {"n", "study", "ours − study"}}
-    for row_obj, line in zip(table.rows, rows, strict=False):
-        cls = ' class="notrun"' if row_obj.cell is None else ""
-        cells = []
-        for i, text in enumerate(line):
-            attr = ' class="num"' if i in numeric else ""
-            if i == len(line) - 1:
-                attr = f' class="cmp {_verdict_class(text)}"'
-            cells.append(f"<td{attr}>{e(text)}</td>")
-        out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
-    out.append("</table></div>")
-    if len(table.rows) > MAX_HTML_ROWS:
-        out.append(f"<p class=note>Showing {MAX_HTML_ROWS} of {len(table.rows)} rows; all rows: "
-                   f'<a href="tables/{e(table.name)}.csv">tables/{e(table.name)}.csv</a>.</p>')
-    else:
-        out.append(f'<p class=note>CSV: <a href="tables/{e(table.name)}.csv">tables/{e(table.name)}.csv</a></p>')
-    if table.pairs:
-        out.append(_html_pairs(table))
-    if table.mechanism:
-        out.append(_html_mechanism(table))
-    for caption, path in table.figures:
-        out.append(f'<figure><img src="{e(path)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
-    if table.filters:
-        out.append('<div class="filters"><p class=note>First-layer convolution filters (one run per row):</p>')
-        for caption, path in table.filters:
-            out.append(f'<figure><img src="{e(path)}" alt="filters {e(caption)}">'
-                       f"<figcaption>{e(caption)}</figcaption></figure>")
-        out.append("</div>")
-    return "\n".join(out)
-
-
-def _html_small_table(note: str, css: str, name: str, header: list[str], rows: list[list[str]],
-                      cell=lambda i, t: f"<td>{html.escape(t)}</td>") -> str:
-    """A note and a plain table (the study's comparisons, the mechanism table); `cell(i, text)` renders a cell."""
-    e = html.escape
-    out = [f"<p class=note>{e(note)}</p>", f'<table class="{css}" data-table="{e(name)}"><tr>'
-           + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
-    out += ["<tr>" + "".join(cell(i, t) for i, t in enumerate(line)) + "</tr>" for line in rows]
-    out.append("</table>")
-    return "\n".join(out)
-
-
-def _html_pairs(table: Table) -> str:
-    header, rows = pair_rows(table)
-    return _html_small_table(
-        "The study's own comparisons, each by Welch's t-test on our runs:", "pairs", f"{table.name}_pairs",
-        header, rows, lambda i, t: (f'<td class="cmp {_verdict_class(t)}">{html.escape(t)}</td>' if i == 2
-                                    else f"<td>{html.escape(t)}</td>"))
-
-
-def _html_mechanism(table: Table) -> str:
-    header, rows = mechanism_rows(table)
-    return _html_small_table(
-        "Optimisation mechanism per norm and learning rate over this table's runs (study 000 section 9; "
-        "definitions in the README):", "mechanism", f"{table.name}_mechanism", header, rows)
-
-
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(_md_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_md_escape(t) for t in line) + " |" for line in rows]
-    return out
+def render_html(tables: list[Table], result: ScanResult, warnings: list[str], title: str) -> str:
+    views = [_view(t) for t in tables]
+    sections = [(STUDY_TITLES[study] if study else "Other runs", group) for study in ("000", "002", None)
+                if (group := [v for v in views if (v.table.study.study if v.table.study else None) == study])]
+    return _environment(True).get_template("index.html.j2").render(
+        title=title, result=result, views=views, sections=sections, warnings=warnings)
 
 
 def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
-    lines = [f"# {title}", "", result.summary_line(), "",
-             "Cells: mean ± 95% CI half-width (Student t) over seeds; comparisons: Welch's t-test at 5%.", ""]
-    for table in tables:
-        lines += [f"## {table_title(table)}", ""]
-        notes = table.notes + [f"⚠ {f}" for f in table.flags] + ([table.convergence_note] if table.convergence_note else [])
-        lines += [f"> {n}" for n in notes] + ([""] if notes else [])
-        header, rows = display(table)
-        lines += _md_table(header, rows) + [""]
-        if len(table.rows) > MAX_HTML_ROWS:
-            lines += [f"Showing {MAX_HTML_ROWS} of {len(table.rows)} rows; all in tables/{table.name}.csv.", ""]
-        if table.pairs:
-            lines += _md_table(*pair_rows(table)) + [""]
-        if table.mechanism:
-            lines += _md_table(*mechanism_rows(table)) + [""]
-        for caption, path in table.figures:
-            lines += [f"![{_md_escape(caption)}]({path})", ""]
-    if result.skipped:
-        lines += ["## Skipped run records", ""]
-        lines += [f"- `{s.path}`: {s.kind}: {s.reason}" for s in result.skipped[:MAX_SKIPPED_LISTED]] + [""]
-    return "\n".join(lines)
+    return _environment(False).get_template("report.md.j2").render(
+        title=title, result=result, views=[_view(t) for t in tables])
 
+
+# ------------------------------------------------------------------------------------------------
+# CSV files
 
 def write_runs_csv(result: ScanResult, path: str) -> None:
-    choice_keys: list[str] = []
-    metric_keys: list[str] = []
-    seen_c, seen_m = set(), set()
-    for run in result.runs:
-        for k in run.choices:
-            if k not in seen_c:
-                seen_c.add(k)
-                choice_keys.append(k)
-        for k in run.metrics:
-            if k not in seen_m:
-                seen_m.add(k)
-                metric_keys.append(k)
+    choice_keys = list(dict.fromkeys(k for run in result.runs for k in run.choices))
+    metric_keys = list(dict.fromkeys(k for run in result.runs for k in run.metrics))
     header = (["path", "identity", "status", "experiment"] + [f"choice/{k}" for k in choice_keys]
               + ["overrides"] + [f"metric/{k}" for k in metric_keys]
-              + ["objective", "epochs_done", "diverged_epoch", "error", "skipped", "skip_reason"])
+              + list(SUMMARY_COLUMNS) + ["skipped", "skip_reason"])
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
         for run in result.runs:
-            s = run.summary
             w.writerow([run.path, run.identity, run.status, run.experiment]
-                       + [_csv_value(run.choices.get(k)) for k in choice_keys]
-                       + [" ".join(run.overrides)]
+                       + [_csv_value(run.choices.get(k)) for k in choice_keys] + [" ".join(run.overrides)]
                        + [_csv_value(run.metrics.get(k)) for k in metric_keys]
-                       + [_csv_value(s.get("objective")), _csv_value(s.get("epochs_done")),
-                          _csv_value(s.get("diverged_epoch")), _csv_value(s.get("error")), "", ""])
-        blank = [""] * (len(choice_keys) + 1 + len(metric_keys) + 4)
+                       + [_csv_value(run.summary.get(k)) for k in SUMMARY_COLUMNS] + ["", ""])
+        blank = [""] * (len(choice_keys) + 1 + len(metric_keys) + len(SUMMARY_COLUMNS))
         for sk in result.skipped:
             status = Status.RUNNING.value if sk.kind == "in progress" else ""
             w.writerow([sk.path, "", status, ""] + blank + [sk.kind, sk.reason])
@@ -256,14 +347,4 @@ def write_table_csv(table: Table, path: str) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
-        for line in rows:
-            w.writerow([_csv_value(v) for v in line])
-
-
-
-def write_text(path: str, text: str) -> None:
-    """Via a temp file + rename: a reader never sees half a page."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        w.writerows([_csv_value(v) for v in line] for line in rows)

@@ -1,8 +1,8 @@
 """The report's tables: study tables (the studies' rows, matched by settings) and generic tables.
 
 A ``Table`` holds ``Row``s of cells (normbench.report.records) next to the study's numbers
-(normbench.report.reference) and a comparison with the row the study compares it with.
-``display`` gives its strings (HTML, Markdown), ``records`` its numbers (CSV, W&B).
+(normbench.report.reference) and a comparison with the row the study compares it with; the numbers
+only: normbench.report.render formats them (HTML, Markdown, CSV, W&B).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from normbench.record import STEPS, Status
+from normbench.identity import SEED
+from normbench.record import CONFIG, LEARN_MARGIN, learned_threshold
+from normbench.report.mechanism import LrLine, NormLine
 from normbench.report.records import Cell
 from normbench.report.reference import (
     MODEL_VARIANTS,
@@ -23,18 +25,15 @@ from normbench.report.reference import (
     StudyTable,
     model_family,
 )
-from normbench.report.stats import Comparison, Stat, welch
-from normbench.sweep.identity import SEED
+from normbench.report.stats import Comparison, Stat, mean_ci, welch
 
 ALPHA = 0.05
-MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
 MAX_NEAREST = 50  # comparison partner searched among at most this many cells when no exact counterpart
 MIN_CI_N = 3  # below this many seeds a cell shows its points, not a t-interval (t_{0.975,1} = 12.7)
 # Convergence epoch (the report's): the first epoch whose validation accuracy reaches CONVERGED_FRACTION
-# of the best validation accuracy of the table (the comparison group); null for a run that never does,
-# or that never learns (best validation accuracy below LEARNS_OVER_CHANCE x chance, 1/classes).
+# of the best validation accuracy of the table (the comparison group), so that the table's rows share one
+# yardstick; null for a run that never does or that never learns (normbench.record.learned_threshold).
 CONVERGED_FRACTION = 0.99
-LEARNS_OVER_CHANCE = 1.2
 MAX_CONVERGENCE_RUNS = 5000  # a table with more runs keeps each run's own recorded convergence/epoch
 # choice keys that select a study row and so are the row, not a setting to show (conf/vgg_best_row)
 ROW_SELECTORS = {"vgg_best_row"}
@@ -57,7 +56,6 @@ COLUMNS = (
     Column("memory/peak_mb", "peak memory MB", 1.0, 0),
     Column("time/total_s", "time s", 1.0, 1),
 )
-PERCENT = {"test/err", "test/acc", "val/best_acc"}
 # Both studies report CIFAR-10 only: a row run on other data has no study number to compare with.
 STUDY_DATA = "cifar10"
 NO_STUDY_NUMBER = "no study number for this dataset"
@@ -76,6 +74,8 @@ class Row:
     comparison: Comparison | None = None
     study_diff: float | None = None  # study: ref(row) - ref(vs), in the primary metric's percent
     no_study: bool = False  # the cell ran on other data than the study's: its numbers are left out
+    # the report's convergence epoch of each of the cell's runs (None: never); None: the runs' recorded one
+    convergence: list[float | None] | None = None
 
 
 @dataclass
@@ -99,14 +99,11 @@ class Table:
     notes: list[str] = field(default_factory=list)
     setting_columns: list[str] = field(default_factory=list)  # generic tables: one column per varying key
     show_experiment: bool = False
-    mechanism: list[dict[str, Any]] = field(default_factory=list)
+    mechanism: list[LrLine | NormLine] = field(default_factory=list)  # normbench.report.mechanism
     figures: list[tuple[str, str]] = field(default_factory=list)  # (caption, path relative to out dir)
     filters: list[tuple[str, str]] = field(default_factory=list)
-    truncated: int = 0  # rows left out of HTML/Markdown (they are in the CSV)
     flags: list[str] = field(default_factory=list)  # the study's own inconsistencies about these numbers
     pairs: list[Pair] = field(default_factory=list)
-    # the report's convergence epoch per run of each cell (id(cell) -> values, None: never converged)
-    convergence: dict[int, list[float | None]] = field(default_factory=dict)
     convergence_note: str = ""
 
     @property
@@ -142,31 +139,18 @@ def matches(cell: Cell, settings: dict[str, Any]) -> bool:
     return True
 
 
-def _describe(settings: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in settings.items())
-
-
 def _varying(cells: Sequence[Cell], skip: set[str]) -> tuple[list[str], set[str]]:
     """Choice keys whose value differs between cells, and the override keys whose value differs (an
     override every cell has with the same value is a constant of the table, not a difference)."""
-    keys: list[str] = []
-    all_keys: list[str] = []
-    for cell in cells:
-        for k in cell.choices:
-            if k not in all_keys:
-                all_keys.append(k)
-    for k in all_keys:
-        if k in skip or k in ROW_SELECTORS:
-            continue
-        if len({repr(_value(c, k)) for c in cells}) > 1:
-            keys.append(k)
-    per_cell = [_override_map(c) for c in cells]
+    keys = [k for k in dict.fromkeys(k for cell in cells for k in cell.choices)
+            if k not in skip and k not in ROW_SELECTORS and len({repr(value_of(c, k)) for c in cells}) > 1]
+    per_cell = [override_map(c) for c in cells]
     override_keys = {k for m in per_cell for k in m}
     varying = {k for k in override_keys if len({m.get(k) for m in per_cell}) > 1}
     return keys, varying
 
 
-def _override_map(cell: Cell) -> dict[str, str]:
+def override_map(cell: Cell) -> dict[str, str]:
     pairs = (o.lstrip("+~").split("=", 1) for o in cell.value_overrides if "=" in o)
     return {k: v for k, v in pairs if k not in ROW_SELECTORS}
 
@@ -175,9 +159,9 @@ def constant_overrides(cells: Sequence[Cell]) -> list[str]:
     """The overrides every cell shares with the same value (shown once, above the table)."""
     if not cells:
         return []
-    maps = [_override_map(c) for c in cells]
+    maps = [override_map(c) for c in cells]
     first = maps[0]
-    return [f"{k}={_round_text(v)}" for k, v in sorted(first.items()) if all(m.get(k) == v for m in maps[1:])]
+    return [f"{k}={round_text(v)}" for k, v in sorted(first.items()) if all(m.get(k) == v for m in maps[1:])]
 
 
 def fmt_value(value: Any) -> str:
@@ -187,7 +171,7 @@ def fmt_value(value: Any) -> str:
     return str(value)
 
 
-def _round_text(text: str) -> str:
+def round_text(text: str) -> str:
     try:
         number = float(text)
     except ValueError:
@@ -195,22 +179,23 @@ def _round_text(text: str) -> str:
     return text if number.is_integer() and "." not in text and "e" not in text.lower() else f"{number:.4g}"
 
 
-def _value(cell: Cell, key: str) -> Any:
+def value_of(cell: Cell, key: str) -> Any:
     """A choice; a numeric setting (lr, dropout) a cell's choices lack comes from its config.yaml."""
     return cell.choices[key] if key in cell.choices else cell.setting(key)
 
 
 def _extra_label(cell: Cell, keys: Sequence[str], overrides: set[str]) -> str:
-    parts = [f"{k}={fmt_value(v)}" for k in keys if (v := _value(cell, k)) is not None]
+    parts = [f"{k}={fmt_value(v)}" for k in keys if (v := value_of(cell, k)) is not None]
     if overrides:
-        mine = _override_map(cell)
-        parts.extend(f"{k}={_round_text(mine[k])}" if k in mine else f"{k}=(default)" for k in sorted(overrides))
+        mine = override_map(cell)
+        parts.extend(f"{k}={round_text(mine[k])}" if k in mine else f"{k}=(default)"
+                     for k in sorted(overrides))
     return " ".join(parts)
 
 
 def _counterpart_key(cell: Cell, defining: set[str]) -> tuple:
-    return (cell.experiment, tuple(sorted((k, repr(v)) for k, v in cell.choices.items() if k not in defining)),
-            cell.value_overrides)
+    others = tuple(sorted((k, repr(v)) for k, v in cell.choices.items() if k not in defining))
+    return (cell.experiment, others, cell.value_overrides)
 
 
 def _closest(cell: Cell, candidates: Sequence[Cell], index: dict[tuple, Cell] | None = None,
@@ -258,56 +243,46 @@ def _compare_pairs(st: StudyTable, table: Table) -> None:
 
 def add_convergence(table: Table) -> None:
     """The report's convergence epoch of every run of the table (CONVERGED_FRACTION of the table's best
-    validation accuracy; None when a run never gets there or never learns)."""
-    runs = [(cell, run) for cell in table.cells for run in cell.runs]
+    validation accuracy; None when a run never gets there or never learns: normbench.record.learned_threshold
+    with the number of classes in the run's record)."""
+    runs = [(row, run) for row in table.rows if row.cell is not None for run in row.cell.runs]
     if not runs:
         return
     if len(runs) > MAX_CONVERGENCE_RUNS:
-        table.convergence_note = (f"conv. epoch: each run's recorded convergence/epoch ({len(runs)} runs, more "
-                                  f"than the {MAX_CONVERGENCE_RUNS} whose curves the report reads).")
+        table.convergence_note = (f"conv. epoch: each run's recorded convergence/epoch ({len(runs)} runs, "
+                                  f"more than the {MAX_CONVERGENCE_RUNS} whose curves the report reads).")
         return
     curves = {id(run): _val_curve(run) for _, run in runs}
     best = max((acc for curve in curves.values() for _, acc in curve), default=None)
     if best is None:
         return
     threshold = CONVERGED_FRACTION * best
-    for cell, run in runs:
-        curve = curves[id(run)]
-        chance = 1.0 / _num_classes(run)
-        learns = bool(curve) and max(acc for _, acc in curve) >= LEARNS_OVER_CHANCE * chance
-        epoch = next((e for e, acc in curve if acc >= threshold), None) if learns else None
-        table.convergence.setdefault(id(cell), []).append(None if epoch is None else float(epoch))
+    unknown = 0
+    for row, run in runs:
+        curve, classes = curves[id(run)], run.num_classes
+        unknown += classes is None
+        learned = bool(curve) and (classes is None
+                                   or max(acc for _, acc in curve) > learned_threshold(classes))
+        epoch = next((e for e, acc in curve if acc >= threshold), None) if learned else None
+        row.convergence = (row.convergence or []) + [None if epoch is None else float(epoch)]
     table.convergence_note = (f"conv. epoch: the first epoch whose validation accuracy reaches "
                               f"{CONVERGED_FRACTION:.0%} of this table's best ({100 * best:.2f}% → threshold "
-                              f"{100 * threshold:.2f}%); 'never' for a run that does not get there or does not "
-                              f"learn (best validation accuracy under {LEARNS_OVER_CHANCE:g}× chance).")
+                              f"{100 * threshold:.2f}%); 'never' for a run that does not get there or does "
+                              "not learn (best validation accuracy not above chance + "
+                              f"{100 * LEARN_MARGIN:g} points).")
+    if unknown:
+        table.convergence_note += (f" {unknown} run(s) without data.num_classes in their {CONFIG}: not "
+                                   "checked for learning.")
 
 
 def _val_curve(run) -> list[tuple[int, float]]:
-    rows, _ = run.epochs()
     out = []
-    for row in rows:
+    for row in run.epochs():
         e, acc = row.get("epoch"), row.get("val/acc")
         if isinstance(e, int) and not isinstance(e, bool) and isinstance(acc, (int, float)) \
                 and not isinstance(acc, bool) and math.isfinite(acc):
             out.append((e, float(acc)))
     return sorted(out)
-
-
-def _num_classes(run) -> int:
-    data = run.config().get("data") if run.config() else None
-    n = data.get("num_classes") if isinstance(data, dict) else None
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else 10
-
-
-def convergence_stat(table: Table, cell: Cell) -> tuple[Stat, int]:
-    """Mean (and CI) of the cell's converged runs and how many of its runs never converged."""
-    if id(cell) not in table.convergence:
-        return cell.stat("convergence/epoch"), 0
-    values = table.convergence[id(cell)]
-    from normbench.report.stats import mean_ci
-
-    return mean_ci([v for v in values if v is not None]), sum(v is None for v in values)
 
 
 def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
@@ -325,7 +300,8 @@ def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
         if not group:
             table.rows.append(Row(ref.label, None, ref, vs=ref.vs))
         for cell in sorted(group, key=lambda c: _extra_label(c, extra_keys, extra_overrides)):
-            table.rows.append(Row(ref.label, cell, ref, _extra_label(cell, extra_keys, extra_overrides), ref.vs))
+            extra = _extra_label(cell, extra_keys, extra_overrides)
+            table.rows.append(Row(ref.label, cell, ref, extra, ref.vs))
     _compare_rows(st, table)
     _compare_pairs(st, table)
     for row in table.rows:
@@ -347,10 +323,7 @@ def assign_to_tables(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     A preset's runs (experiment = a study table's name) go to that table only; the runs of any other
     experiment go to the one study table that matches most of them (ties: the studies' order)."""
     out: dict[str, list[Cell]] = {}
-    by_exp: dict[str, list[Cell]] = {}
-    for cell in cells:
-        by_exp.setdefault(cell.experiment, []).append(cell)
-    for exp, group in by_exp.items():
+    for exp, group in _by_experiment(cells).items():
         candidates = [TABLES_BY_NAME[exp]] if exp in TABLES_BY_NAME else list(STUDY_TABLES)
         best, best_n = None, 0
         for st in candidates:
@@ -377,12 +350,8 @@ def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     where runs of the preset of the table's name cover a row, only those."""
     assigned: dict[str, list[Cell]] = {}
     for cell in cells:
-        if not matches(cell, st.context):
-            continue
-        for ref in st.rows:
-            if matches(cell, ref.settings):
-                assigned.setdefault(ref.label, []).append(cell)
-                break
+        if (ref := _row_of(st, cell)) is not None:
+            assigned.setdefault(ref.label, []).append(cell)
     for label, group in assigned.items():
         own = [c for c in group if c.experiment == st.name]
         if own:
@@ -417,14 +386,15 @@ def _compare_rows(st: StudyTable, table: Table) -> None:
         if other is not None:
             row.comparison = _compare(row.cell, other, st.primary)
         elif by_label.get(row.vs):
-            row.comparison = Comparison(None, None, None, "cannot tell", "no run with the same other settings")
+            row.comparison = Comparison(None, None, None, "cannot tell",
+                                        "no run with the same other settings")
 
 
 def _notes(st: StudyTable, covered: Sequence[Cell]) -> list[str]:
     """Where the runs differ from the study's setup (data, a smaller model variant), and the study's note."""
     notes = []
     data = {str(c.choices.get("data")) for c in covered if c.choices.get("data") is not None}
-    if data - {"cifar10"}:
+    if data - {STUDY_DATA}:
         notes.append(f"These runs used data={', '.join(sorted(data))}; the study reports CIFAR-10 only, so "
                      f"their rows show {NO_STUDY_NUMBER}.")
     variants = sorted({str(c.choices.get("model")) for c in covered} & set(MODEL_VARIANTS))
@@ -446,14 +416,21 @@ def _contrasts(st: StudyTable, table: Table) -> list[str]:
             ma, mb = a.stat(con.metric).mean, b.stat(con.metric).mean
             if ma is not None and mb:
                 ours = f"{(ma / mb - 1.0) * 100.0:+.3g}%"
-        out.append(f"{con.text} ({con.row} vs {con.base}, {con.metric}): ours {ours}, study +{con.percent:g}%.")
+        out.append(f"{con.text} ({con.row} vs {con.base}, {con.metric}): ours {ours}, "
+                   f"study +{con.percent:g}%.")
     return out
 
 
-def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
+def _by_experiment(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     by_exp: dict[str, list[Cell]] = {}
     for cell in cells:
         by_exp.setdefault(cell.experiment, []).append(cell)
+    return by_exp
+
+
+def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
+    """A table per experiment of the cells no study table shows, one row per cell."""
+    by_exp = _by_experiment(cells)
     tables = []
     for exp in sorted(by_exp):
         group = [c for c in by_exp[exp] if id(c) not in shown]  # each run in one table
@@ -464,13 +441,13 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
         else:
             name, title = exp, f"experiment {exp}: runs grouped by their varying choices"
         keys, overrides = _varying(group, {SEED})
-        group = sorted(group, key=lambda c: tuple(_sort_key(_value(c, k)) for k in keys) + c.value_overrides)
+        group.sort(key=lambda c: tuple(_sort_key(value_of(c, k)) for k in keys) + c.value_overrides)
         table = Table(slug(name), title, "generic", "test/err", [])
         table.setting_columns = keys + sorted(overrides)
         if not keys and not overrides and group:
             shared = {k: v for k, v in group[0].choices.items() if k != SEED}
-            table.notes.append("All runs share the settings " + _describe(shared)
-                               + (" " + " ".join(group[0].value_overrides) if group[0].value_overrides else ""))
+            settings = [f"{k}={v}" for k, v in shared.items()] + list(group[0].value_overrides)
+            table.notes.append("All runs share the settings " + " ".join(settings))
         elif constant_overrides(group):
             table.notes.append("Every row also: " + " ".join(constant_overrides(group)))
         best = min((c for c in group if c.stat("test/err").mean is not None),
@@ -499,237 +476,18 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "table"
 
 
-def _fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
-    """Mean ± 95% CI half-width from MIN_CI_N seeds on; below that the mean and its points."""
-    if st.mean is None:
-        return "–"
-    if col.metric == "model/params":
-        text = f"{st.mean:,.0f}"
-        return text if not st.sd else f"{text} ± {st.ci:,.0f}" if st.ci is not None else text
-    if st.n < MIN_CI_N:
-        digits = 0 if col.metric == "convergence/epoch" and all(float(v).is_integer() for v in points) else col.digits
-        text = f"{st.mean * col.scale:.{digits}f}"
-        if st.n > 1 and points:
-            text += " (" + ", ".join(f"{v * col.scale:.{digits}f}" for v in points) + ")"
-        return text
-    return st.fmt(col.scale, col.digits)
-
-
-def cell_stat(table: Table, cell: Cell | None, metric: str) -> tuple[Stat, list[float], int]:
-    """The statistic shown for a cell's metric, its points and (convergence) how many runs never got there."""
-    if cell is None:
+def cell_stat(row: Row, metric: str) -> tuple[Stat, list[float], int]:
+    """The statistic shown for a row's metric, its points and (convergence) how many runs never got there."""
+    if row.cell is None:
         return Stat(0, None, None, None), [], 0
-    if metric == "convergence/epoch" and id(cell) in table.convergence:
-        st, never = convergence_stat(table, cell)
-        return st, [v for v in table.convergence[id(cell)] if v is not None], never
-    return cell.stat(metric), cell.values(metric), 0
+    if metric == "convergence/epoch" and row.convergence is not None:
+        epochs = [v for v in row.convergence if v is not None]
+        return mean_ci(epochs), epochs, len(row.convergence) - len(epochs)
+    return row.cell.stat(metric), row.cell.values(metric), 0
 
 
 def ci_for_display(st: Stat) -> float | None:
     """The CI half-width a figure may draw: none below MIN_CI_N seeds."""
     return st.ci if st.n >= MIN_CI_N else None
-
-
-def _fmt_ref(value: float, col: Column) -> str:
-    if col.metric == "model/params":
-        return f"{value:,.0f}"
-    return f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
-
-
-def _n_text(cell: Cell) -> str:
-    text = str(cell.n)
-    extra = []
-    if cell.diverged:
-        extra.append(f"{len(cell.diverged)} diverged")
-    failed = [r for r in cell.other if r.status == Status.FAILED]
-    pruned = [r for r in cell.other if r.status == Status.PRUNED]
-    if failed:
-        extra.append(f"{len(failed)} failed")
-    if pruned:
-        extra.append(f"{len(pruned)} pruned")
-    return text + (f" (+{', '.join(extra)})" if extra else "")
-
-
-def _comparison_text(row: Row, scale: float = 100.0) -> str:
-    if row.vs is None:
-        return ""
-    parts = []
-    c = row.comparison
-    if c is None:
-        parts.append(f"vs {row.vs}: not run")
-    elif c.diff is None:
-        parts.append(f"vs {row.vs}: {c.text}")
-    else:
-        parts.append(f"vs {row.vs}: {c.diff * scale:+.2f} pp, {c.text}")
-    if row.study_diff is not None:
-        parts.append(f"study {row.study_diff:+.2f} pp")
-    return "; ".join(parts)
-
-
-def display(table: Table) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of strings, as shown in HTML and Markdown."""
-    cols = table.columns
-    primary = next(c for c in COLUMNS if c.metric == table.primary)
-    header = ["row"] if table.kind == "study" else list(table.setting_columns or ["experiment"])
-    extra = table.kind == "study" and any(r.extra for r in table.rows)  # only when some row differs
-    if extra:
-        header.append("other settings")
-    if table.show_experiment:
-        header.append("experiment")
-    header.append("n")
-    for col in cols:
-        header.append(col.title)
-        if col.metric == table.primary and table.kind == "study":
-            header += ["study", "ours − study"]
-    header.append("comparison")
-    out = []
-    for row in table.rows[:MAX_HTML_ROWS]:
-        cell = row.cell
-        line: list[str] = []
-        if table.kind == "study":
-            line += [row.label, row.extra] if extra else [row.label]
-        else:
-            line += _setting_values(table, cell)
-        if table.show_experiment:
-            line.append(cell.experiment if cell else "")
-        line.append(_n_text(cell) if cell else "not run")
-        for col in cols:
-            st, points, never = cell_stat(table, cell, col.metric)
-            text = _fmt_stat(st, col, points)
-            if never:
-                text = f"never ({never} of {never + st.n})" if st.mean is None else f"{text}; never: {never}"
-            ref = row.ref.ref.get(col.metric) if row.ref else None
-            if col.metric == table.primary and table.kind == "study":
-                line.append(text)
-                line.append(_fmt_ref(ref, col) if ref is not None else NO_STUDY_NUMBER if row.no_study else "")
-                if ref is not None and st.mean is not None:
-                    line.append(f"{st.mean * col.scale - ref:+.2f}")
-                else:
-                    line.append("")
-            else:
-                if ref is not None and not (col.metric == "test/acc" and table.primary == "test/err"):
-                    text += f" (study {_fmt_ref(ref, col)})"
-                line.append(text)
-        line.append(_comparison_text(row, primary.scale))
-        out.append(line)
-    return header, out
-
-
-def _setting_values(table: Table, cell: Cell | None) -> list[str]:
-    if cell is None:
-        return [""] * len(table.setting_columns)
-    if not table.setting_columns:
-        return [cell.experiment]
-    values = []
-    overrides = _override_map(cell)
-    for key in table.setting_columns:
-        if key in overrides:
-            values.append(_round_text(overrides[key]))
-            continue
-        value = _value(cell, key) if key in cell.choices or "." not in key else None
-        values.append("" if value is None else fmt_value(value))
-    return values
-
-
-def records(table: Table) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows with numbers (CSV, W&B): mean, CI half-width and n of each metric."""
-    header = ["row", "other_settings", "experiment", "n", "n_diverged", "n_failed_or_pruned"]
-    if table.kind == "generic":
-        header = list(table.setting_columns) + header[2:]
-    for col in table.columns:
-        base = col.metric.replace("/", "_")
-        header += [f"{base}_mean", f"{base}_ci95", f"{base}_n"]
-        if table.kind == "study":
-            header.append(f"{base}_study")
-    header += ["vs", "vs_diff", "vs_p", "vs_verdict", "study_vs_diff"]
-    rows = []
-    for row in table.rows:
-        cell = row.cell
-        line: list[Any] = []
-        if table.kind == "study":
-            line += [row.label, row.extra]
-        else:
-            line += _setting_values(table, cell) if table.setting_columns else []
-        line += [cell.experiment if cell else "", cell.n if cell else 0, len(cell.diverged) if cell else 0,
-                 len(cell.other) if cell else 0]
-        for col in table.columns:
-            st = cell_stat(table, cell, col.metric)[0]
-            scale = col.scale
-            line += [None if st.mean is None else st.mean * scale, None if st.ci is None else st.ci * scale, st.n]
-            if table.kind == "study":
-                line.append(row.ref.ref.get(col.metric) if row.ref else None)
-        c = row.comparison
-        line += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0,
-                 None if c is None else c.p, "" if c is None else c.verdict, row.study_diff]
-        rows.append(line)
-    return header, rows
-
-
-def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
-    """The study's own comparisons (Table.pairs): ours by Welch's test next to the study's difference."""
-    col = next(c for c in COLUMNS if c.metric == table.primary)
-    header = ["comparison", f"ours ({col.title}, difference)", "Welch verdict", "study difference"]
-    rows = []
-    for pair in table.pairs:
-        c = pair.comparison
-        if c is None:
-            ours, verdict = "not run", "not run"
-        elif c.diff is None:
-            ours, verdict = "–", c.text
-        else:
-            ours, verdict = f"{c.diff * col.scale:+.2f} pp", c.text
-        rows.append([f"{pair.row} vs {pair.base}", ours, verdict,
-                     "" if pair.study_diff is None else f"{pair.study_diff:+.2f} pp"])
-    return header, rows
-
-
-def table_title(table: Table) -> str:
-    if table.study is not None:
-        return f"{table.name} — {table.title} (study {table.study.study})"
-    return f"{table.name} — {table.title}"
-
-
-def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
-    """Study 000 section 9 per norm and learning rate (normbench.report.figures.mechanism): one line per
-    (norm, lr), then the norm over all its lrs with the study's numbers and the effective lr range."""
-    header = ["norm", "lr", "runs", "test acc %", "training-loss range (after epoch 1)", "study",
-              "gradient cosine (mean)", "study", "gradient predictiveness (mean max ‖Δ∇L‖)",
-              "β-smoothness mean / max", "Lipschitz along the path median / max", "study Lipschitz estimate",
-              "gradient variance (relative)", "trains / effective lrs"]
-    rows = []
-    for m in table.mechanism:
-        lr = m.get("loss_range")
-        loss = f"[{lr[0]:.2f}, {lr[1]:.2f}]" if lr else f"no {STEPS}"
-        if m.get("lr") is None and "study" in m:  # the norm over all its lrs
-            ref = m["study"]
-            none = NO_STUDY_NUMBER if m.get("no_study") else ""
-            rows.append([
-                m["norm"], f"all {len(m.get('lrs', []))}", str(m["runs"]), "", loss,
-                f"[{ref['loss_range'][0]:g}, {ref['loss_range'][1]:g}]" if "loss_range" in ref else none,
-                "per lr", f"{ref['grad_cos']:g}" if "grad_cos" in ref else none, "per lr", "per lr", "per lr",
-                f"{ref['lipschitz']:g}" if "lipschitz" in ref else none, "per lr",
-                _effective_text(m.get("effective_lrs", []), m.get("lrs", [])),
-            ])
-            continue
-        acc = m.get("test_acc")
-        rows.append([
-            m["norm"], "" if m.get("lr") is None else f"{m['lr']:g}", str(m["runs"]),
-            "" if acc is None else f"{acc * 100:.2f}", loss, "",
-            f"{m['grad_cos']:.2f}" if "grad_cos" in m else "no probes", "",
-            f"{m['grad_pred']:.3g}" if "grad_pred" in m else "no probes",
-            f"{m['beta_mean']:.3g} / {m['beta_max']:.3g}" if "beta_mean" in m else "no probes",
-            f"{m['lipschitz_median']:.3g} / {m['lipschitz_max']:.3g}" if "lipschitz_max" in m else "no probes", "",
-            f"{m['grad_var_rel']:.3g}" if "grad_var_rel" in m else "no probes",
-            {True: "yes", False: "no"}.get(m.get("trains"), ""),
-        ])
-    return header, rows
-
-
-def _effective_text(effective: list[float], lrs: list[float]) -> str:
-    if not effective:
-        return f"none of {len(lrs)}"
-    lo, hi = min(effective), max(effective)
-    span = f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g} (×{hi / lo:.3g})"
-    return f"{span}, {len(effective)} of {len(lrs)} lrs"
 
 

@@ -1,1 +1,2 @@
-"""Sweeps: run identity, the sweep index, job dir names, pruning, the end-of-sweep line, planning, Optuna trials."""
+"""Sweeps: the sweep index, the Hydra callbacks, planning, what a job returns to its sweeper, Optuna
+trials."""

@@ -9,7 +9,7 @@ dir and W&B run names put first. At the end one line is printed:
     sweep multirun/vgg_losses: 8 completed / 1 diverged / 1 failed / 0 pruned / 0 skipped
 
 Preflight: before the run dir (single run) or the sweep dir exists, checks experiment_name and the
-launcher's parallelism (normbench.sweep.preflight); a bad value ends in one line, exit status 2.
+launcher's parallelism (normbench.preflight); a bad value ends in one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from normbench.errors import ConfigError
-from normbench.sweep.identity import SWEPT_KEYS_ENV, swept_keys
+from normbench.errors import ConfigError, fail
+from normbench.identity import SWEPT_KEYS_ENV, swept_keys
+from normbench.preflight import check_experiment_name, check_launch
 from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
-from normbench.sweep.preflight import check_experiment_name, check_launch, fail
 
 log = logging.getLogger(__name__)
 

@@ -27,15 +27,23 @@ Nothing here imports torch: the planning command uses it too.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock
 
-from normbench.record import DONE, SUMMARY, Status, atomic_write_json, now_iso, read_summary
+from normbench.errors import warn
+from normbench.record import (
+    DONE,
+    SUMMARY,
+    Status,
+    atomic_write_json,
+    now_iso,
+    read_json,
+    read_summary,
+    run_dirs,
+)
 
 STATE_DIR = ".normbench"
 SWEEP_ID_ENV = "NORMBENCH_SWEEP_ID"
@@ -45,10 +53,6 @@ SHOWN_IF_ANY = (Status.INTERRUPTED,)  # in the summary line only when some job h
 
 # Journal rows a job could not write (a full disk): kept for the summary line of this process.
 _UNWRITTEN: dict[str, dict[str, dict]] = {}
-
-
-def warn(message: str) -> None:
-    print(f"normbench: warning: {message}", file=sys.stderr, flush=True)
 
 
 def record_is_done(summary: dict | None, identity: str, statuses: tuple[str, ...]) -> bool:
@@ -61,14 +65,6 @@ def done_statuses(pruning_on: bool) -> tuple[str, ...]:
     """What counts as done. A pruned run is done while pruning is on (re-running it would only be
     pruned again); with pruning off, a re-run continues it from its checkpoint to the end."""
     return (*DONE, Status.PRUNED) if pruning_on else DONE
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class SweepState:
@@ -85,8 +81,8 @@ class SweepState:
 
     # ------------------------------------------------------------------------------------- index
     def ensure_index(self) -> None:
-        """Create the index; a sweep dir that has records but no index (written before the index
-        existed, or copied in) is indexed once from its summary.json files."""
+        """Create the index; a sweep dir that has records but no index (e.g. copied in) is indexed once
+        from its summary.json files."""
         if self.index_dir.is_dir():
             return
         self.state.mkdir(parents=True, exist_ok=True)
@@ -104,25 +100,13 @@ class SweepState:
         """Index entries built from the records under the sweep dir (a one-off full scan). Where an
         identity has several records, a done one wins over an incomplete one."""
         entries: dict[str, dict] = {}
-        if not self.root.is_dir():
-            return entries
-        stack = [self.root]
-        while stack:
-            path = stack.pop()
-            try:
-                children = list(os.scandir(path))
-            except OSError:
-                continue
-            if any(c.name == SUMMARY for c in children):
-                summary = read_summary(Path(path))
-                if summary and summary.get("identity"):
-                    entry = self.entry_from_summary(Path(path), summary)
-                    old = entries.get(entry["identity"])
-                    if old is None or (old["status"] not in DONE and entry["status"] in DONE):
-                        entries[entry["identity"]] = entry
-                continue
-            stack.extend(Path(c.path) for c in children
-                         if not c.name.startswith(".") and c.name != "wandb" and c.is_dir(follow_symlinks=False))
+        for path, files in run_dirs(self.root):
+            summary = read_summary(Path(path)) if SUMMARY in files else None
+            if summary and summary.get("identity"):
+                entry = self.entry_from_summary(Path(path), summary)
+                old = entries.get(entry["identity"])
+                if old is None or (old["status"] not in DONE and entry["status"] in DONE):
+                    entries[entry["identity"]] = entry
         return entries
 
     def entry_from_summary(self, run_dir: Path, summary: dict) -> dict:
@@ -143,7 +127,7 @@ class SweepState:
         return self.root / entry["dir"]  # an absolute "dir" stays absolute
 
     def get(self, identity: str) -> dict | None:
-        return _read_json(self.index_dir / f"{identity}.json")
+        return read_json(self.index_dir / f"{identity}.json")
 
     def entry_is_corrupt(self, identity: str) -> bool:
         """The entry's file is there but is not a JSON object (a torn or damaged file)."""
@@ -202,7 +186,7 @@ class SweepState:
             return
         for name in names:
             if name.endswith(".json") and not name.startswith("."):
-                entry = _read_json(self.index_dir / name)
+                entry = read_json(self.index_dir / name)
                 if entry:
                     yield entry
 
@@ -256,7 +240,7 @@ class SweepState:
             names = sorted(os.listdir(folder))
         except OSError:
             names = []
-        rows = {n[:-5]: _read_json(folder / n) for n in names if n.endswith(".json") and not n.startswith(".")}
+        rows = {n[:-5]: read_json(folder / n) for n in names if n.endswith(".json") and not n.startswith(".")}
         rows.update(_UNWRITTEN.get(sweep_id, {}))
         return [r for r in rows.values() if r]
 

@@ -12,7 +12,7 @@ The storage URL reaches the job through the environment variable NORMBENCH_OPTUN
 sweeper sets in its own process (jobs inherit it: in-process, joblib, submitit, sbatch's default
 --export=ALL). It is never written into a config, so a password in it stays out of the run records.
 
-`trial_pruner(cfg)` re-opens the trial from the storage and returns an object whose
+`trial_pruner()` re-opens the trial from the storage and returns an object whose
 `should_stop(epoch, val_error)` reports the epoch's validation error to Optuna and asks its pruner.
 `optuna_trial_info()` is the job's study name and trial number (for its W&B config), storage-free.
 """
@@ -35,7 +35,7 @@ from urllib.parse import quote, quote_plus
 
 from hydra.core.hydra_config import HydraConfig
 
-from normbench.errors import StorageError
+from normbench.errors import MASK, PASSWORD_KEYS, StorageError, mask_passwords, one_line
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ ENV_TRIAL_ID = "NORMBENCH_OPTUNA_TRIAL_ID"
 ENV_TRIAL_NUMBER = "NORMBENCH_OPTUNA_TRIAL"
 
 PRUNED_ATTR = "normbench:pruned_epoch"      # trial system attr the job sets when its pruner stops it
-MASK = "***"
-PASSWORD_PARAMS = ("password", "passwd", "pwd")  # query parameters that carry a password
 BACKENDS = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 
 
@@ -67,7 +65,7 @@ def _parse(url: str | None):
 
 
 def _query_passwords(parsed) -> list[str]:
-    return [value for key, values in parsed.query.items() if key.lower() in PASSWORD_PARAMS
+    return [value for key, values in parsed.query.items() if key.lower() in PASSWORD_KEYS
             for value in ([values] if isinstance(values, str) else values)]
 
 
@@ -93,29 +91,9 @@ def url_secrets(url: str | None) -> list[str]:
     return sorted((s for s in found if s and s != MASK), key=len, reverse=True)
 
 
-def mask_url(url: str | None) -> str | None:
-    """The URL with its password (userinfo or ?password=) replaced by ***; the query keeps its order."""
-    parsed = _parse(url)
-    if parsed is None:
-        return url
-    masked = parsed.set(query={}).render_as_string(hide_password=True)
-    query = [f"{quote_plus(key)}={MASK if key.lower() in PASSWORD_PARAMS else quote_plus(value)}"
-             for key, values in parsed.query.items()
-             for value in ([values] if isinstance(values, str) else values)]
-    return f"{masked}?{'&'.join(query)}" if query else masked
-
-
-def mask_text(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, MASK)
-    return text
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message (of the driver's own error for SQLAlchemy ones)."""
-    orig = getattr(err, "orig", None) or err
-    text = str(orig).strip() or type(orig).__name__
-    return text.splitlines()[0].strip()
+def _reason(err: BaseException, url: str) -> str:
+    """An error's first line with the passwords of `url` masked (a driver's error may quote them)."""
+    return mask_passwords(one_line(err, typed=False), url_secrets(url))
 
 
 @contextlib.contextmanager
@@ -198,16 +176,16 @@ def open_storage(url: str, settings: StorageSettings | None = None,
         if url in _STORAGES:
             return _STORAGES[url]
         if backend(url) not in BACKENDS:
-            raise StorageError(f"bad value hydra.sweeper.storage={mask_url(url)!r}: use an SQLAlchemy URL "
-                               "(sqlite:///path/optuna.db, postgresql://user:password@host/db, ...)")
+            raise StorageError(f"bad value hydra.sweeper.storage={mask_passwords(url)!r}: use an SQLAlchemy "
+                               "URL (sqlite:///path/optuna.db, postgresql://user:password@host/db, ...)")
         try:
             with quiet_optuna(), schema_lock or contextlib.nullcontext():
                 storage = optuna.storages.RDBStorage(
                     driver_url(url), engine_kwargs=engine_kwargs(url, settings.connect_timeout),
                     **_heartbeat_kwargs(settings))
         except Exception as err:  # noqa: BLE001 - any driver error becomes one clear line
-            raise StorageError(f"cannot open the Optuna storage {mask_url(url)}: "
-                               f"{mask_text(first_line(err), url_secrets(url))}") from None
+            raise StorageError(f"cannot open the Optuna storage {mask_passwords(url)}: "
+                               f"{_reason(err, url)}") from None
         _STORAGES[url] = storage
         return storage
 
@@ -259,8 +237,8 @@ def job_pruner_config():
     return HydraConfig.get().get("sweeper", {}).get("pruner")
 
 
-def build_pruner(pruner_cfg):
-    """The Optuna pruner of a `hydra.sweeper.pruner` node (NopPruner for none)."""
+def optuna_pruner(pruner_cfg):
+    """The Optuna pruner a `hydra.sweeper.pruner` node configures (NopPruner for none)."""
     import optuna
     from hydra.utils import instantiate
 
@@ -289,11 +267,11 @@ class OptunaTrialPruner:
         except Exception as err:  # noqa: BLE001 - the storage hiccuping must not kill a training run
             self._broken = True
             log.warning("Optuna trial %d: reporting to the study failed, pruning is off for this run: %s",
-                        self.pointer.number, mask_text(first_line(err), url_secrets(self.pointer.storage)))
+                        self.pointer.number, _reason(err, self.pointer.storage))
         return False
 
 
-def trial_pruner(cfg=None) -> OptunaTrialPruner | None:
+def trial_pruner() -> OptunaTrialPruner | None:
     """For a job launched by the normbench Optuna sweeper: the handle on its trial; otherwise None."""
     pointer = current_trial()
     if pointer is None:
@@ -306,13 +284,13 @@ def trial_pruner(cfg=None) -> OptunaTrialPruner | None:
         # pick a grid point); the pruner is the one the sweeper was configured with.
         study = optuna.load_study(study_name=pointer.study, storage=storage,
                                   sampler=optuna.samplers.RandomSampler(),
-                                  pruner=build_pruner(job_pruner_config()))
+                                  pruner=optuna_pruner(job_pruner_config()))
         if len(study.directions) > 1:  # Optuna prunes single-objective trials only
             log.info("Optuna trial %d: multi-objective study, no pruning", pointer.number)
             return None
         trial = optuna.trial.Trial(study, pointer.trial_id)
     except Exception as err:  # noqa: BLE001
         log.warning("Optuna trial %d: cannot re-open it (%s); pruning is off for this run",
-                    pointer.number, mask_text(first_line(err), url_secrets(pointer.storage)))
+                    pointer.number, _reason(err, pointer.storage))
         return None
     return OptunaTrialPruner(trial, pointer)

@@ -2,21 +2,19 @@
 
     python bench/plan.py -m +experiment=vgg_losses seed=0,1,2
 
-takes the same arguments as bench/train.py, composes the multirun config with Hydra's compose API,
-expands the grid exactly as Hydra's basic sweeper does (`split_arguments`, on Hydra's own override
-parser), composes each job's config the way the launcher does (the sweep's Hydra overrides plus the
-job's), and looks each job's identity up in the sweep dir's index (`.normbench/index/`). It prints how
-many runs the sweep makes, how many are done, how many will run (and how many of those continue from a
-checkpoint), and an estimate of the time left. Each run still to go is estimated from the finished runs
-of the same size (`SIZE_KEYS`: model, width, input size, data, batch size, steps and eval batches per
-epoch, probes), scaled to its number of epochs; runs with no finished run of their size are not
-guessed at. Nothing is trained and nothing is written.
+takes the same arguments as bench/train.py, composes the multirun config and each job's config with
+Hydra's own config loader, expands the grid with Hydra's basic sweeper's own `split_arguments` (as
+bench/train.py -m and its launcher do), and looks each job's identity up in the sweep dir's index
+(`.normbench/index/`). It prints how many runs the sweep makes, how many are done, how many will run
+(and how many of those continue from a checkpoint), and an estimate of the time left. Each run still
+to go is estimated from the finished runs of the same size (`SIZE_KEYS`: model, width, input size,
+data, batch size, steps and eval batches per epoch, probes), scaled to its number of epochs; runs with
+no finished run of their size are not guessed at. Nothing is trained or written.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -27,20 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
-from hydra.errors import ConfigCompositionException, HydraException
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from normbench.errors import NormbenchError
+from normbench.errors import NormbenchError, fail
+from normbench.identity import register_resolvers, run_identity
 from normbench.record import CHECKPOINT, CONFIG, DONE, Status
-from normbench.sweep.identity import run_identity
 from normbench.sweep.index import SweepState, done_statuses
-from normbench.sweep.pruning import pruning_on
-from normbench.sweep.resolvers import register
 
 JOB_NAME = "train"  # hydra.job.name of bench/train.py's jobs
 # What makes one epoch of a run take as long as another's (the seed, norm or lr hardly matter);
@@ -51,28 +48,13 @@ SIZE_KEYS = ("model._target_", "model.width", "model.input_size", "data._target_
 EPOCHS_KEY = "trainer.epochs"
 
 
-def split_arguments(overrides: list[Override]) -> list[list[str]]:
-    """Hydra's BasicSweeper.split_arguments (one batch): one entry per key, in the order the keys first
-    appear, the last value of a key winning; the jobs are the cartesian product of the entries."""
-    final: dict[str, list[str]] = {}
-    for override in overrides:
-        key = override.get_key_element()
-        if not override.is_sweep_override():
-            final[key] = [f"{key}={override.get_value_element_as_str()}"]
-        elif override.is_discrete_sweep():
-            final[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
-        else:
-            assert override.value_type is not None
-            raise HydraException(f"BasicSweeper does not support sweep type : {override.value_type.name}")
-    return [list(job) for job in itertools.product(*final.values())]
-
-
 def expand_grid(params: dict, task: list[str], config_loader=None) -> list[list[str]]:
     """The jobs' override lists, as hydra's BasicSweeper makes them from hydra.sweeper.params plus
     the command line's overrides (the command line wins for a key in both)."""
     arguments = [f"{k}={v}" for k, v in (params or {}).items()] + list(task)
     parser = OverridesParser.create(config_loader=config_loader)
-    return split_arguments(parser.parse_overrides(arguments))
+    [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
+    return jobs
 
 
 def sweep_arguments(master: DictConfig) -> tuple[dict, list[str]]:
@@ -152,12 +134,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="plan.py", description="Plan a sweep of bench/train.py: how many runs it makes, how many are "
         "done, how many will run and how long they take. Nothing is trained or written.",
-        epilog="The time left is estimated from the sweep dir's finished runs of the same size (model, width, "
-        "input size, data, batch size, steps and eval batches per epoch, probes), scaled to each run's "
-        "epochs; runs with no finished run of their size are not guessed at. Examples: "
+        epilog="The time left is estimated from the sweep dir's finished runs of the same size (model, "
+        "width, input size, data, batch size, steps and eval batches per epoch, probes), scaled to each "
+        "run's epochs; runs with no finished run of their size are not guessed at. Examples: "
         "plan.py -m +experiment=vgg_losses seed=0,1,2; plan.py -m norm=bn,ln,gn batch_size=8,16,32,64")
     parser.add_argument("-m", "--multirun", action="store_true",
-                        help="accepted for the same command line as bench/train.py -m (a plan is of a multirun)")
+                        help="accepted for the same command line as bench/train.py -m (a plan is "
+                        "of a multirun)")
     parser.add_argument("-cd", "--config-dir", help="the config dir (default: the repository's conf/)")
     parser.add_argument("-cn", "--config-name", default="config", help="the primary config (default: config)")
     parser.add_argument("overrides", nargs="*", help="the sweep's overrides, as for bench/train.py -m")
@@ -168,7 +151,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def hydra_session(config_dir: Path) -> Iterator[None]:
     """Hydra initialised on `config_dir` as bench/train.py's, with the normbench resolvers; the global
     Hydra state and HydraConfig as they were afterwards."""
-    register()
+    register_resolvers()
     previous_hydra_cfg = HydraConfig.instance().cfg
     GlobalHydra.instance().clear()
     try:
@@ -179,72 +162,33 @@ def hydra_session(config_dir: Path) -> Iterator[None]:
         HydraConfig.instance().cfg = previous_hydra_cfg
 
 
-def compose_multirun(config_name: str, overrides: list[str]) -> DictConfig:
-    """The sweep's config as Hydra composes it for a multirun: the sweep values left out of the
-    composition but kept in hydra.overrides (inside hydra_session)."""
-    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(overrides)
-    for override in parsed:
-        if override.is_sweep_override() and override.is_hydra_override():
-            raise ConfigCompositionException(
-                f"Sweeping over Hydra's configuration is not supported : '{override.input_line}'")
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    master = compose(config_name=config_name, overrides=fixed, return_hydra_config=True)
-    with read_write(master.hydra), open_dict(master.hydra):
-        master.hydra.overrides.hydra = [o.input_line for o in parsed if o.is_hydra_override()]
-        master.hydra.overrides.task = [o.input_line for o in parsed if not o.is_hydra_override()]
-    return master
-
-
-def compose_job(master: DictConfig, overrides: list[str]) -> DictConfig:
-    """A job's config as the launcher composes it: the sweep's Hydra overrides plus the job's."""
-    hydra_overrides = list(OmegaConf.to_container(master.hydra.overrides.hydra, resolve=False))
-    job_cfg = compose(config_name=master.hydra.job.config_name, overrides=hydra_overrides + list(overrides),
-                      return_hydra_config=True)
-    _check_controllers_unchanged(master, job_cfg)
-    OmegaConf.copy_cache(from_config=master, to_config=job_cfg)  # the same ${now:} etc. as the sweep
-    return job_cfg
-
-
-def _check_controllers_unchanged(master: DictConfig, job_cfg: DictConfig) -> None:
-    """What Hydra's launcher checks of each job's config: the sweep's launcher and sweeper stay as the
-    sweep was started with (a swept preset must not configure them differently)."""
-    for group, node in (("hydra/launcher", "launcher"), ("hydra/sweeper", "sweeper")):
-        before, after = master.hydra.runtime.choices.get(group), job_cfg.hydra.runtime.choices.get(group)
-        if before != after:
-            raise ConfigCompositionException(
-                f"'{group}' must be selected before the sweep starts, but a swept job config changed it "
-                f"from '{before}' to '{after}'. Select it in the primary config or from the command line.")
-        if not OmegaConf.structural_equality(master.hydra[node], job_cfg.hydra[node]):
-            raise ConfigCompositionException(
-                f"'hydra.{node}' must be configured before the sweep starts, but a swept job config "
-                "changed it. Configure it in the primary config or from the command line.")
-
-
 def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
     """Print the plan for `bench/train.py ARGV` (configs in `config_dir`, unless ARGV gives -cd)."""
     args = parse_args(argv)
     with hydra_session(Path(args.config_dir or config_dir)):
-        master = compose_multirun(args.config_name, list(args.overrides))
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(args.config_name, list(args.overrides), run_mode=RunMode.MULTIRUN)
         HydraConfig.instance().set_config(master)
         sweeper = OmegaConf.select(master, "hydra.sweeper._target_", default="") or ""
         if not sweeper.endswith("BasicSweeper"):
             return _plan_other_sweeper(master, sweeper, out)
-        jobs = expand_grid(*sweep_arguments(master), GlobalHydra.instance().config_loader())
+        jobs = expand_grid(*sweep_arguments(master), loader)
         if not jobs:
             print(f"plan {master.hydra.sweep.dir}: the sweep expands to zero runs; nothing to do", file=out)
             return 0
-        for dir_plan in _plan_jobs(master, jobs).values():
+        for dir_plan in _plan_jobs(master, jobs, loader).values():
             _print_dir_plan(dir_plan, _parallel_jobs(master), out)
         return 0
 
 
-def _plan_jobs(master: DictConfig, jobs: list[list[str]]) -> dict[str, DirPlan]:
-    """Each job composed and looked up in its sweep dir's index: the plan of each sweep dir."""
+def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, DirPlan]:
+    """Each job composed (as the launcher does: the sweep's Hydra overrides plus the job's, the sweep's
+    launcher and sweeper unchanged) and looked up in its sweep dir's index: the plan of each sweep dir."""
     plans: dict[str, DirPlan] = {}
     states: dict[str, SweepState] = {}
     seen: set[tuple[str, str]] = set()
     for overrides in jobs:
-        job_cfg = compose_job(master, overrides)
+        job_cfg = loader.load_sweep_config(master, list(overrides))
         HydraConfig.instance().set_config(job_cfg)
         sweep_dir = str(job_cfg.hydra.sweep.dir)
         training = _without_hydra(job_cfg)
@@ -260,7 +204,8 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]]) -> dict[str, DirPlan]:
             continue
         seen.add((sweep_dir, identity))
         entry = state.cached.get(identity)
-        if entry and entry.get("status") in done_statuses(pruning_on(training)):
+        pruning_on = OmegaConf.select(training, "pruning.name", default="none") != "none"
+        if entry and entry.get("status") in done_statuses(pruning_on):
             dir_plan.done[entry["status"]] += 1
         else:
             dir_plan.to_run += 1
@@ -325,7 +270,8 @@ def _parallel_jobs(master: DictConfig) -> int:
 
 def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
     done = ", ".join(f"{n} {status}" for status, n in sorted(p.done.items()))
-    line = f"plan {p.sweep_dir}: {p.runs} run{'s' if p.runs != 1 else ''}, {p.n_done} done" + (f" ({done})" if done else "")
+    line = f"plan {p.sweep_dir}: {p.runs} run{'s' if p.runs != 1 else ''}, {p.n_done} done"
+    line += f" ({done})" if done else ""
     line += f", {p.to_run} to run"
     if p.resume:
         line += f" ({p.resume} continue from a checkpoint)"
@@ -337,8 +283,8 @@ def _print_dir_plan(p: DirPlan, n_jobs: int, out) -> None:
         return
     if not p.estimates:
         reason = ("no finished runs in this sweep dir yet" if not p.finished else
-                  f"none of its {len(p.finished)} finished runs is of the same size: same model, width, data, "
-                  "batch size, steps and eval batches per epoch")
+                  f"none of its {len(p.finished)} finished runs is of the same size: same model, width, "
+                  "data, batch size, steps and eval batches per epoch")
         print(f"estimated time left: unknown ({reason})", file=out)
         return
     mean = statistics.fmean(p.estimates)
@@ -370,5 +316,4 @@ def main(argv: list[str] | None = None, *, config_dir: str | Path) -> int:
     try:
         return plan(sys.argv[1:] if argv is None else argv, config_dir=config_dir)
     except (HydraException, NormbenchError) as err:
-        print(f"normbench plan: {err}", file=sys.stderr)
-        return 2
+        fail(err)

@@ -16,23 +16,25 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from normbench.errors import ConfigError, mask_passwords
+from normbench.errors import ConfigError, fail, mask_passwords, one_line
 
 PARALLEL_KEYS = ("hydra.launcher.n_jobs", "hydra.sweeper.n_jobs")
 
 
-class MaskingStream:
-    """A text stream that masks passwords in what is written to it (everything else is the wrapped one)."""
+class MaskingStream(io.TextIOBase):
+    """A text stream that writes to `stream` with passwords masked (io.TextIOBase adds writelines, closed,
+    the context manager; closing it leaves `stream` open)."""
 
     def __init__(self, stream) -> None:
+        super().__init__()
         self._stream = stream
 
     def write(self, text: str) -> int:
         self._stream.write(mask_passwords(text))
         return len(text)
 
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
+    def writable(self) -> bool:
+        return True
 
     def fileno(self) -> int:
         return self._stream.fileno()
@@ -42,6 +44,14 @@ class MaskingStream:
 
     def flush(self) -> None:
         self._stream.flush()
+
+    @property
+    def encoding(self) -> str:
+        return self._stream.encoding
+
+    @property
+    def errors(self) -> str | None:
+        return self._stream.errors
 
 
 def _overrides(argv: list[str]) -> list[str]:
@@ -68,12 +78,10 @@ def check_command_line(argv: list[str]) -> None:
         try:
             parser.parse_override(override)
         except HydraException as err:  # parse_override raises the base class, parse_overrides the subclass
-            reason = " ".join(line.strip() for line in str(err).splitlines()[:1] if line.strip())
-            print(mask_passwords(f"normbench: cannot parse the override {override!r}: {reason}; quote a value "
-                                 "with special characters, e.g. 'key=\"a value\"' (grammar: "
-                                 "https://hydra.cc/docs/advanced/override_grammar/basic/)"),
-                  file=sys.stderr, flush=True)
-            sys.exit(2)
+            reason = one_line(err, typed=False)
+            fail(mask_passwords(f"cannot parse the override {override!r}: {reason}; quote a "
+                                "value with special characters, e.g. 'key=\"a value\"' (grammar: "
+                                "https://hydra.cc/docs/advanced/override_grammar/basic/)"))
 
 
 def check_experiment_name(name) -> None:
@@ -81,8 +89,8 @@ def check_experiment_name(name) -> None:
     ok = isinstance(name, str) and name.strip() and name not in (".", "..") and os.sep not in name \
         and "/" not in name and "\\" not in name and "\0" not in name and name == name.strip()
     if not ok:
-        raise ConfigError("experiment_name", name, "must be one dir name (no '/', not '.' or '..', not empty), "
-                                                   "e.g. experiment_name=bn_vs_gn")
+        raise ConfigError("experiment_name", name, "must be one dir name (no '/', not '.' or '..', not "
+                                                   "empty), e.g. experiment_name=bn_vs_gn")
 
 
 def check_launch(config: DictConfig) -> None:
@@ -96,11 +104,8 @@ def check_launch(config: DictConfig) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool) and (
             value >= 1 or (joblib_style and -cores <= value <= -1))
         if not ok:
-            allowed = (f"jobs at a time: an integer >= 1, or -1 for one per core (-{cores}..-1: all but n-1 cores)"
+            allowed = (f"jobs at a time: an integer >= 1, or -1 for one per core (-{cores}..-1: all but n-1 "
+                       "cores)"
                        if joblib_style else "trials launched at a time: an integer >= 1")
             raise ConfigError(key, value, f"must be the number of {allowed}, e.g. {key}=2")
 
-
-def fail(err: ConfigError) -> None:
-    print(f"normbench: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)

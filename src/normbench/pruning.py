@@ -3,8 +3,8 @@
 The job asks its pruner after every epoch: `should_stop(epoch, val_error) -> bool`; True ends the run
 with status `pruned` (its record, checkpoint and objective are kept).
 
-- Optuna sweeps: `normbench.sweep.optuna_support.trial_pruner(cfg)` (reports to the Optuna trial and asks
-  its pruner) whenever the job is an Optuna trial.
+- Optuna sweeps: `normbench.sweep.optuna_support.trial_pruner()` (reports to the Optuna trial and asks
+  its pruner) whenever the job is an Optuna trial (the job chooses: `normbench.job.run_pruner`).
 - Grid sweeps (`pruning=median`): the median-stopping rule over the finished runs of the same sweep
   dir. After `warmup_epochs` epochs, and once at least `min_runs` completed peers reached epoch e, a
   run whose best validation error up to epoch e is worse than the median of the peers' best errors
@@ -21,12 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Protocol
 
-from normbench.errors import ConfigError
-from normbench.sweep.identity import run_identity
-from normbench.sweep.index import SweepState
-from normbench.sweep.optuna_support import trial_pruner
-
-PRUNERS = ("none", "median")
+from normbench.schema import PruningConf, parse
 
 
 class Pruner(Protocol):
@@ -34,10 +29,10 @@ class Pruner(Protocol):
 
 
 class MedianStoppingPruner:
-    def __init__(self, curves_dir: str | Path, identity: str | None, warmup_epochs: int = 1, min_runs: int = 3):
+    def __init__(self, curves_dir: str | Path, identity: str | None, warmup_epochs: int, min_runs: int):
         self.curves_dir = Path(curves_dir)
         self.identity = identity
-        self.warmup_epochs, self.min_runs = int(warmup_epochs), int(min_runs)
+        self.warmup_epochs, self.min_runs = warmup_epochs, min_runs
         self.best = float("inf")
         self.peers: dict[str, list[float]] = {}   # identity -> best-so-far error per epoch
         self.last_decision: dict | None = None
@@ -72,46 +67,13 @@ class MedianStoppingPruner:
         if len(at_epoch) < self.min_runs:
             return False
         median = statistics.median(at_epoch)
-        self.last_decision = {"epoch": epoch, "best_error": self.best, "median": median, "peers": len(at_epoch)}
+        self.last_decision = {"epoch": epoch, "best_error": self.best, "median": median,
+                              "peers": len(at_epoch)}
         return self.best > median
 
 
-def pruning_spec(cfg) -> dict:
-    spec = cfg.get("pruning") if hasattr(cfg, "get") else None
-    if spec is None:
-        return {"name": "none"}
-    return {"name": spec.get("name", "none"), "warmup_epochs": spec.get("warmup_epochs", 1),
-            "min_runs": spec.get("min_runs", 3)}
+def pruning_spec(cfg) -> PruningConf:
+    """The `pruning` node, parsed (before anything expensive)."""
+    return parse("pruning", PruningConf, cfg.get("pruning") or {})
 
 
-def check_pruning(cfg) -> dict:
-    """Validate the `pruning` node (before anything expensive); returns it as a dict."""
-    spec = pruning_spec(cfg)
-    if spec["name"] not in PRUNERS:
-        raise ConfigError("pruning.name", spec["name"], f"choose one of {', '.join(PRUNERS)} (e.g. pruning=median)")
-    if spec["name"] == "median":
-        for key in ("warmup_epochs", "min_runs"):
-            value = spec[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"pruning.{key}", value, "must be an integer >= 0")
-    return spec
-
-
-def pruning_on(cfg) -> bool:
-    return pruning_spec(cfg)["name"] != "none"
-
-
-def build_pruner(cfg, run_dir: str | Path | None, sweep_dir: str | Path | None,
-                 identity: str | None = None) -> Pruner | None:
-    """The pruner for this job, or None: Optuna's trial pruner in an Optuna sweep, else the grid rule
-    chosen by `pruning.name` (which needs a sweep dir: a single run has no peers)."""
-    pruner = trial_pruner(cfg)
-    if pruner is not None:
-        return pruner
-    spec = check_pruning(cfg)
-    if spec["name"] == "none" or sweep_dir is None:
-        return None
-    if identity is None:
-        identity = run_identity(cfg)
-    return MedianStoppingPruner(SweepState(sweep_dir).curves_dir, identity, spec["warmup_epochs"],
-                                spec["min_runs"])

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 NOT_IDENTITY = (
     "hydra", "logger", "experiment_name", "paths", "trusted_targets",
     "search",   # the search group configures the sweeper (hydra.sweeper), not the run
-    "pruning",  # whether a run may be stopped early, not what an epoch computes (normbench.sweep.pruning)
+    "pruning",  # whether a run may be stopped early, not what an epoch computes (normbench.pruning)
     "trainer.device", "trainer.threads", "trainer.compile", "trainer.channels_last",
     "trainer.log_every_steps", "trainer.checkpoint", "trainer.eval_batch_size",
     "data.root", "data.download",
@@ -144,10 +144,21 @@ def short_override(override: str) -> str:
     return f"{key.rsplit('.', 1)[-1]}={value}"
 
 
-def run_name(overrides: Iterable[str], swept: Iterable[str] = (), trial=None, limit: int = MAX_RUN_NAME) -> str:
+def run_name(overrides: Iterable[str], swept: Iterable[str] = (), trial=None,
+             limit: int = MAX_RUN_NAME) -> str:
     """A W&B run's display name: trial number, swept values, then fixed ones, with the last part of each
     key only, cut at `limit` characters (`…` marks a cut). W&B ids, not names, are unique."""
     swept_parts, fixed = _named_parts(overrides, swept)
     parts = _trial_part(trial) + [short_override(o) for o in swept_parts + fixed]
     name, cut = _fit(parts, limit - 1)
     return (f"{name}…" if cut else name) or "base"
+
+
+def _job_dir(overrides, trial=None) -> str:
+    return job_dirname(list(overrides), swept_keys_from_env(), trial)
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers conf/ uses (`normbench_job_dir`): registered before Hydra composes."""
+    if not OmegaConf.has_resolver("normbench_job_dir"):
+        OmegaConf.register_resolver("normbench_job_dir", _job_dir)

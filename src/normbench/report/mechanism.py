@@ -1,0 +1,162 @@
+"""Study 000 section 9's optimisation mechanism per norm and learning rate, from the runs' records.
+
+``mechanism(table)`` gives one ``LrLine`` per (norm, lr) -- that lr's training-loss range, gradient cosine,
+predictiveness, β, Lipschitz estimate, gradient variance and test accuracy -- then one ``NormLine`` per norm
+over all its lrs with the study's numbers and the effective learning-rate range. The jsonl files are read
+here, for the runs of the table only (at most MAX_BAND_RUNS per norm).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from normbench.record import Status, learned_threshold
+from normbench.report.records import Cell, RunRecord
+from normbench.report.reference import NORM_LABEL
+
+MAX_BAND_RUNS = 200
+# The training-loss range (study 000 section 9) is taken after the first epoch: every network starts at
+# ln(10) = 2.30 on CIFAR-10, above BN's reported upper bound of 1.8, so the study's range cannot include
+# the start. A run with a single epoch uses the second half of its steps.
+LOSS_RANGE_WARMUP_EPOCHS = 1
+EFFECTIVE_LR_FRACTION = 0.9  # an lr is in a norm's effective range at >= 90% of that norm's best test acc
+
+
+@dataclass
+class LrLine:
+    """A norm at one learning rate: means (maxima, medians) over its runs' probe steps."""
+
+    norm: str
+    lr: float | None
+    runs: int
+    test_acc: float | None  # a diverged seed counts as chance
+    loss_range: tuple[float, float] | None = None
+    grad_cos: float | None = None
+    grad_pred: float | None = None
+    beta_mean: float | None = None
+    beta_max: float | None = None
+    lipschitz_median: float | None = None
+    lipschitz_max: float | None = None
+    grad_var_rel: float | None = None
+    trains: bool = False  # the lr is in the norm's effective range
+
+
+@dataclass
+class NormLine:
+    """A norm over all its learning rates, with the study's numbers (``study``; empty off its data)."""
+
+    norm: str
+    runs: int
+    loss_range: tuple[float, float] | None
+    study: dict[str, Any]
+    no_study: bool
+    effective_lrs: list[float]
+    lrs: list[float]
+    records: list[RunRecord] = field(default_factory=list, repr=False)  # the runs the figure's band shows
+
+
+def lr_of(cell: Cell) -> float | None:
+    value = cell.setting("lr")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def num(value: Any) -> float:
+    """A JSON value as float (nan for anything but a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def mechanism(table) -> list[LrLine | NormLine]:
+    """The mechanism lines of a study table (normbench.report.tables.Table, which holds them: not imported
+    here): per norm (in NORM_LABEL's order) its LrLines, then its NormLine."""
+    by_norm: dict[str, dict[float | None, list[Cell]]] = {}
+    for cell in table.cells:
+        by_norm.setdefault(str(cell.choices.get("norm")), {}).setdefault(lr_of(cell), []).append(cell)
+    lines: list[LrLine | NormLine] = []
+    for norm in sorted(by_norm, key=lambda n: list(NORM_LABEL).index(n) if n in NORM_LABEL else 99):
+        no_study = any(r.no_study for r in table.rows
+                       if r.cell is not None and r.cell.choices.get("norm") == norm)
+        per_lr = by_norm[norm]
+        label = NORM_LABEL.get(norm, norm)
+        lr_lines = [_lr_line(label, lr, per_lr[lr])
+                    for lr in sorted(per_lr, key=lambda v: (v is None, v or 0.0))]
+        runs = [r for cells in per_lr.values() for c in cells for r in c.runs + c.diverged][:MAX_BAND_RUNS]
+        ranges = [line.loss_range for line in lr_lines if line.loss_range]
+        effective = _effective_lrs(lr_lines, _num_classes(runs))
+        for line in lr_lines:
+            line.trains = line.lr in effective
+        lines += lr_lines
+        loss_range = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
+        study = {} if no_study else table.study.mechanism.get(norm, {})
+        lrs = [line.lr for line in lr_lines if line.lr is not None]
+        lines.append(NormLine(label, len(runs), loss_range, study, no_study, effective, lrs, runs))
+    return lines
+
+
+def _lr_line(label: str, lr: float | None, cells: Sequence[Cell]) -> LrLine:
+    runs = [r for c in cells for r in c.runs + c.diverged][:MAX_BAND_RUNS]
+    window = _loss_window(runs)
+    line = LrLine(label, lr, len(runs), _mean_acc(runs),
+                  (float(min(window)), float(max(window))) if window else None)
+    found: dict[str, list[float]] = {}
+    for run in runs:
+        rows = run.probes()
+        for key in ("grad_cos", "grad_pred", "beta", "lipschitz", "grad_var_rel"):
+            values = (num(r.get(f"probe/{key}")) for r in rows)
+            found.setdefault(key, []).extend(v for v in values if math.isfinite(v))
+    if found.get("grad_cos"):
+        line.grad_cos = float(np.mean(found["grad_cos"]))
+    if found.get("grad_pred"):
+        line.grad_pred = float(np.mean(found["grad_pred"]))
+    if found.get("beta"):
+        line.beta_mean, line.beta_max = float(np.mean(found["beta"])), float(np.max(found["beta"]))
+    if found.get("lipschitz"):
+        line.lipschitz_median, line.lipschitz_max = (float(np.median(found["lipschitz"])),
+                                                     float(np.max(found["lipschitz"])))
+    if found.get("grad_var_rel"):
+        line.grad_var_rel = float(np.mean(found["grad_var_rel"]))
+    return line
+
+
+def _loss_window(runs: Sequence[RunRecord]) -> list[float]:
+    """The finite training losses of the runs' steps after the warm-up (LOSS_RANGE_WARMUP_EPOCHS)."""
+    values: list[float] = []
+    for run in runs:
+        rows = run.steps()
+        after = [r for r in rows if num(r.get("epoch")) > LOSS_RANGE_WARMUP_EPOCHS]
+        if not after and rows:  # a single-epoch run: its second half
+            after = rows[len(rows) // 2:]
+        values.extend(v for v in (num(r.get("train/loss")) for r in after) if math.isfinite(v))
+    return values
+
+
+def _num_classes(runs: Sequence[RunRecord]) -> int | None:
+    return next((n for run in runs if (n := run.num_classes) is not None), None)
+
+
+def _mean_acc(runs: Sequence[RunRecord]) -> float | None:
+    """Mean test accuracy over the runs, a diverged run counting as chance (it stopped learning); a diverged
+    run whose number of classes its record does not give is left out."""
+    classes = _num_classes(runs)
+    chance = None if classes is None else 1.0 / classes
+    accs = [chance if r.status == Status.DIVERGED else r.metric("test/acc") for r in runs]
+    accs = [a for a in accs if a is not None]
+    return float(np.mean(accs)) if accs else None
+
+
+def _effective_lrs(lines: Sequence[LrLine], classes: int | None) -> list[float]:
+    """The lrs at which the norm still trains: mean test accuracy (a diverged seed at chance) has learned
+    (normbench.record.learned_threshold) and reaches EFFECTIVE_LR_FRACTION of the norm's best lr."""
+    accs = [(line.lr, line.test_acc) for line in lines if line.lr is not None and line.test_acc is not None]
+    if not accs:
+        return []
+    floor = EFFECTIVE_LR_FRACTION * max(a for _, a in accs)
+    if classes is not None:
+        floor = max(learned_threshold(classes), floor)
+    return [lr for lr, a in accs if a >= floor]
