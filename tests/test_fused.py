@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from normbench.fused import FusedModel, unfusable_reason
 from normbench.fused_trainer import FusedTrainer
+from normbench.perf.parts import compose_config
 from normbench.record import Status
 from normbench.run import build_parts
-from normbench.sweep.resolvers import register
 from normbench.trainer import LoopState
 from normbench.validate import validate
 
@@ -66,9 +65,7 @@ class AsDouble:
 
 
 def make_run(overrides: list[str], dtype=torch.float32):
-    register()
-    with initialize_config_dir(config_dir=str(CONF)):
-        cfg = compose(config_name="config", overrides=[*BASE, *overrides])
+    cfg = compose_config(CONF, [*BASE, *overrides])
     parts = build_parts(cfg, validate(cfg, device="cpu"), sink=StepLosses())
     parts.trainer.settings.progress = False
     if dtype == torch.float64:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TRAIN, run_train, wandb_inspect
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

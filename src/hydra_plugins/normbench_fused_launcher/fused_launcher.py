@@ -63,7 +63,7 @@ class FusedLauncher(Launcher):
 
     def _plan(self, configs: list[DictConfig]) -> list[list[int]]:
         from normbench.fused_launch import fuse_key, plan_groups, unfusable_job_reason
-        from normbench.sweep.identity import run_identity
+        from normbench.identity import run_identity
 
         keys, identities, reasons = [], [], Counter()
         before = HydraConfig.instance().cfg
