@@ -40,11 +40,13 @@ def test_fused_sweep_writes_whole_runs_and_reruns_skip_them(tmp_path, wandb_env)
     runs = summaries(tmp_path)
     assert len(runs) == 4 and {s["status"] for s in runs.values()} == {"completed"}
     assert len({s["identity"] for s in runs.values()}) == 4 and len({s["pid"] for s in runs.values()}) == 1
+    assert len({s["wandb_run_id"] for s in runs.values()}) == 4
     for run_dir, summary in runs.items():
         assert summary["epochs_done"] == 2 and 0 <= summary["objective"] <= 1
         assert steps_of(run_dir) == list(range(1, 9))
         assert (run_dir / "checkpoint.pt").exists() and summary["metrics"]["test/acc"] is not None
-        seen = wandb_inspect(Path(summary["wandb_files"]))
+        seen = wandb_inspect(Path(summary["wandb_dir"]))          # each run its own W&B run, read back
+        assert seen["run_id"] == summary["wandb_run_id"] and seen["state"] == "finished"
         assert seen["summary"]["val/acc"] == pytest.approx(summary["metrics"]["val/acc"])
     # the same grid unfused, in its own sweep: the fused runs' numbers within float32 rounding
     alone = tmp_path / "alone"
@@ -120,3 +122,11 @@ def test_a_fused_sweep_killed_mid_epoch_resumes_every_run(tmp_path):
     for run_dir, summary in summaries(tmp_path).items():
         assert summary["status"] == "completed" and summary["resumed_from_epoch"] == 1
         assert steps_of(run_dir) == list(range(1, 61)), run_dir
+
+
+def test_a_bad_max_fuse_is_one_line_before_anything_runs(tmp_path):
+    proc = run_train(["-m", *BASE, "hydra/launcher=fused", "hydra.launcher.max_fuse=0", "seed=0,1", "logger=none"],
+                     tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "bad value hydra.launcher.max_fuse=0" in proc.stderr and "runs trained as one fused model" in proc.stderr
+    assert not (tmp_path / "multirun").exists()

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class FusedLauncherConf:
     _target_: str = "hydra_plugins.normbench_fused_launcher.fused_launcher.FusedLauncher"
-    # the most jobs trained as one fused model (1: every job alone, as the basic launcher runs them)
+    # the most jobs trained as one fused model (1: every job alone, as the basic launcher runs them);
+    # checked before the sweep starts (normbench.preflight.check_launch)
     max_fuse: int = 8
 
 
@@ -41,10 +42,6 @@ def _task_config(config: DictConfig) -> DictConfig:
 class FusedLauncher(Launcher):
     def __init__(self, max_fuse: int = 8) -> None:
         super().__init__()
-        if isinstance(max_fuse, bool) or not isinstance(max_fuse, int) or max_fuse < 1:
-            from normbench.errors import ConfigError
-
-            raise ConfigError("hydra.launcher.max_fuse", max_fuse, "must be an integer >= 1, e.g. 8")
         self.max_fuse = max_fuse
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None

@@ -63,7 +63,8 @@ class PerfSettings:
                    data_seconds=0.3, data_images=2_000, startup_rounds=1, multirun_jobs=3, probe_width=0.125,
                    probe_batch=8, probe_rounds=3, cuda_epoch_images=5_000,
                    cuda_concurrency_steps=300, layout_batch=16, layout_steps=1, layout_rounds=3,
-                   fused_widths=(0.125,), fused_concurrent_ks=(4, 8), fused_steps=5, fused_rounds=3) if quick else cls()
+                   fused_widths=(0.125,), fused_ks=(1, 8), fused_concurrent_ks=(), fused_steps=5,
+                   fused_rounds=3) if quick else cls()
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)
