@@ -115,4 +115,4 @@ def bench_fused(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir
 def gpu_settings() -> PerfSettings:
     """The GPU check's sizes: full width, batch 8, bf16, against 1, 2 and 4 concurrent processes."""
     return PerfSettings(precision="bf16", fused_widths=(1.0,), fused_ks=(1, 4, 8, 16),
-                        fused_concurrent_ks=(1, 2, 4), fused_steps=50, fused_rounds=3)
+                        fused_concurrent_ks=(1, 2, 4), fused_steps=40, fused_rounds=3)

@@ -237,7 +237,7 @@ CHECKS: dict[str, Callable[..., dict]] = {
 }
 # Rough share of the budget each check needs on an H100-class GPU, to decide whether it still fits.
 EXPECTED_S = {"cuda_tests": 90, "epochs": 60, "layouts": 60, "compile": 90, "concurrency": 60, "probes": 10,
-              "fused": 120}
+              "fused": 90}
 
 
 def run_checks(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path, names=tuple(CHECKS),
