@@ -35,8 +35,8 @@ ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLau
 
 
 def _task_config(config: DictConfig) -> DictConfig:
-    task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-    return task
+    """A job's config without its `hydra` node (what the task function receives)."""
+    return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
 
 
 class FusedLauncher(Launcher):
