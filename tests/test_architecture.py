@@ -19,7 +19,8 @@ RUN_PARTS = ("normbench.activations", "normbench.norms", "normbench.losses", "no
              "normbench.device", "normbench.data", "normbench.datasets", "normbench.models",
              "normbench.probes", "normbench.faults", "normbench.filters", "normbench.checkpoint",
              "normbench.interrupts", "normbench.trainer", "normbench.loggers", "normbench.targets",
-             "normbench.pruning")
+             "normbench.pruning", "normbench.fused", "normbench.fused_trainer",
+             "normbench.fused_launch")
 ALLOWED = {
     **{m: BASE + RUN_PARTS for m in RUN_PARTS},
     **{m: BASE for m in BASE},

@@ -60,9 +60,12 @@ def test_quick_benchmark_runs_and_writes_every_section(tmp_path):
     assert all(_positive(r["ratio"]) and r["auto"] in ("channels_last", "nchw") for r in layout)
     cuda = results["cuda"]
     assert "skipped" in cuda or cuda["epochs"]
+    fused = results["fused"]["rows"]
+    assert [r["k"] for r in fused] == [1, 8] and all(_positive(r["speedup"]) for r in fused)
     names = {t["name"] for t in results["targets"]}
     assert {"loop/raw vgg_a b128", "loop/raw alexnet_cifar b8", "data pipeline / torchvision",
-            "first step / bare import torch", "channels_last=auto picks the faster layout"} <= names
+            "first step / bare import torch", "channels_last=auto picks the faster layout",
+            "fused / sequential K=8 w0.125 b8"} <= names
     assert all(t["result"] in ("PASS", "FAIL", "skipped") for t in results["targets"])
     # one table on stdout
     assert proc.stdout.count("normbench perf (quick)") == 1

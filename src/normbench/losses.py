@@ -24,7 +24,7 @@ class Criterion(nn.Module):
         self.name, self.l1, self.l2, self.smoothing, self.gamma = name, l1, l2, smoothing, gamma
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, model: nn.Module | None = None):
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
         if self.gamma > 0:
             log_p = F.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
             loss = (-(1 - log_p.exp()) ** self.gamma * log_p).mean()

@@ -13,7 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import ConfigError, fail, mask_passwords, one_line
 
-PARALLEL_KEYS = ("hydra.launcher.n_jobs", "hydra.sweeper.n_jobs")
+# what each parallelism key counts (an integer >= 1; joblib's n_jobs also takes -1..-cores)
+PARALLEL_KEYS = {"hydra.launcher.n_jobs": "jobs at a time",
+                 "hydra.sweeper.n_jobs": "trials launched at a time",
+                 "hydra.launcher.max_fuse": "runs trained as one fused model"}
 
 
 class MaskingStream(io.TextIOBase):
@@ -91,7 +94,7 @@ def check_experiment_name(name) -> None:
 
 def check_launch(config: DictConfig) -> None:
     """The parallelism a launcher or sweeper is given: an integer >= 1 (joblib also takes -1: every core)."""
-    for key in PARALLEL_KEYS:
+    for key, counted in PARALLEL_KEYS.items():
         value = OmegaConf.select(config, key, default=None)
         if value is None:
             continue
@@ -100,8 +103,8 @@ def check_launch(config: DictConfig) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool) and (
             value >= 1 or (joblib_style and -cores <= value <= -1))
         if not ok:
-            allowed = (f"jobs at a time: an integer >= 1, or -1 for one per core (-{cores}..-1: all but n-1 "
-                       "cores)"
-                       if joblib_style else "trials launched at a time: an integer >= 1")
+            allowed = (f"{counted}: an integer >= 1"
+                       + (f", or -1 for one per core (-{cores}..-1: all but n-1 cores)" if joblib_style
+                          else ""))
             raise ConfigError(key, value, f"must be the number of {allowed}, e.g. {key}=2")
 

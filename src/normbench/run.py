@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from normbench import fused_launch
 from normbench.checkpoint import UnusableCheckpoint, load_checkpoint, save_checkpoint
 from normbench.data import BatchStream, DataBundle, load_data
 from normbench.device import compile_model
@@ -262,7 +263,7 @@ class Run:
                 parts.stream.resumed = True
             print(f"normbench: resuming {self.identity} from its epoch-{state.epochs_done} checkpoint "
                   f"in {self.run_dir}", flush=True)
-        state = parts.trainer.run(state, on_epoch_end=lambda s: self._after_epoch(parts, s))
+        state = fused_launch.train(parts.trainer, state, on_epoch_end=lambda s: self._after_epoch(parts, s))
         self.history = state.history
         self._final_metrics(parts, state)
         objective = WORST_OBJECTIVE if state.status == Status.DIVERGED else 1.0 - state.best_val_acc

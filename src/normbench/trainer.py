@@ -171,7 +171,11 @@ class Trainer:
     def _train_epoch(self, epoch: int, state: LoopState) -> bool:
         """One epoch of training steps, then validation; False when the loss became non-finite."""
         started = time.perf_counter()
-        totals = self.train_steps(epoch, state)
+        return self.end_epoch(epoch, state, self.train_steps(epoch, state), started)
+
+    def end_epoch(self, epoch: int, state: LoopState, totals: PassTotals, started: float) -> bool:
+        """After the epoch's training steps (`totals`): validation and the epoch row; False when the loss
+        became non-finite. `started`: when the epoch began (perf_counter)."""
         if not totals.finite or not math.isfinite(totals.loss):
             return False
         val_loss, val_acc = self.evaluate(self.data.val)

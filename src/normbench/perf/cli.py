@@ -16,6 +16,8 @@ Sections (each a key of the JSON result, each its own module of ``normbench.perf
                 whether ``trainer.channels_last=auto`` picks the faster one.
 ``cuda``        (``cuda``) on CUDA only: epoch time, TFLOP/s against the peak, runs/hour with concurrent
                 jobs.
+``fused``       (``fused``) model-steps/s of K runs trained as one fused model against K runs one after the
+                other and K concurrent processes, per width and K.
 
 Every comparison alternates its candidates inside one process (order reversed every other round), after
 a warm-up, and reports the median of the per-round ratios, so a busy machine slows both sides alike.
@@ -36,6 +38,7 @@ from normbench.device import resolve_device
 from normbench.perf.common import SECTIONS, PerfPaths, PerfSettings, machine_info
 from normbench.perf.cuda import bench_cuda
 from normbench.perf.data import bench_data
+from normbench.perf.fused import bench_fused
 from normbench.perf.layout import bench_layout
 from normbench.perf.loop import bench_loop
 from normbench.perf.probes import bench_probes
@@ -53,6 +56,7 @@ def _sections(s: PerfSettings, paths: PerfPaths, device: torch.device, work: Pat
         "probes": lambda: bench_probes(s, paths, device, work),
         "layout": lambda: bench_layout(s, paths, device, work),
         "cuda": lambda: bench_cuda(s, paths, device, work),
+        "fused": lambda: bench_fused(s, paths, device, work),
     }
 
 

@@ -17,7 +17,7 @@ import torch
 
 from normbench.device import cpu_count, synchronize
 
-SECTIONS = ("loop", "data", "fixed_cost", "probes", "layout", "cuda")
+SECTIONS = ("loop", "data", "fixed_cost", "probes", "layout", "cuda", "fused")
 
 
 @dataclass
@@ -47,6 +47,14 @@ class PerfSettings:
     layout_batch: int = 64
     layout_steps: int = 2
     layout_rounds: int = 5
+    fused_model: str = "vgg_a"
+    fused_norm: str = "bn"
+    fused_batch: int = 8
+    fused_widths: tuple[float, ...] = (0.125, 0.25, 0.5)
+    fused_ks: tuple[int, ...] = (1, 4, 8, 16)
+    fused_concurrent_ks: tuple[int, ...] = (1, 4, 8, 16)
+    fused_steps: int = 10                 # training steps per run per timed window
+    fused_rounds: int = 7
     sections: tuple[str, ...] = SECTIONS
 
     @classmethod
@@ -54,8 +62,9 @@ class PerfSettings:
         base = cls(quick=True, threads=1, rounds=15, width=0.125, steps={8: 2, 128: 1}, loop_budget_s=2.5,
                    data_seconds=0.3, data_images=2_000, startup_rounds=1, multirun_jobs=3, probe_width=0.125,
                    probe_batch=8, probe_rounds=3, cuda_epoch_images=5_000,
-                   cuda_concurrency_steps=300, layout_batch=16, layout_steps=1,
-                   layout_rounds=3) if quick else cls()
+                   cuda_concurrency_steps=300, layout_batch=16, layout_steps=1, layout_rounds=3,
+                   fused_widths=(0.125,), fused_ks=(1, 8), fused_concurrent_ks=(), fused_steps=5,
+                   fused_rounds=3) if quick else cls()
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)

@@ -7,7 +7,8 @@ Checks: the CUDA-only tests (``pytest -m cuda``); one CIFAR-sized epoch of VGG-A
 (224 px) in bf16 and fp32 with the achieved TFLOP/s and each run's own peak memory; channels_last
 auto/on/off images/s per model and norm; ``torch.compile`` once and reused by a second run in the same
 process; runs/hour at batch 8 with 1, 2 and 4 concurrent jobs; the landscape probe under bf16 autocast
-against fp32. ``GpuCheckSettings.tiny`` shrinks every size so that the whole script runs on a CPU in a
+against fp32; fused training of K runs against sequential runs and concurrent processes (CUDA only).
+``GpuCheckSettings.tiny`` shrinks every size so that the whole script runs on a CPU in a
 minute or two: that is how it is tested before a GPU is ever lent.
 """
 
@@ -153,13 +154,24 @@ def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, wo
                                     or "grad_pred" in k)}
 
 
+def check_fused(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
+    """bench/perf.py's section ``fused`` at full width, batch 8, bf16: model-steps/s of K = 1, 4, 8, 16
+    runs fused against the same runs one after the other and against 1, 2 and 4 concurrent processes.
+    CUDA only (the CPU's numbers are ``bench/perf.py --sections fused``)."""
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA (on the CPU: bench/perf.py --sections fused)"}
+    from normbench.perf.fused import bench_fused, gpu_settings
+
+    return bench_fused(gpu_settings(), paths, device, work)
+
+
 CHECKS: dict[str, Callable[..., dict]] = {
     "cuda_tests": check_cuda_tests, "epochs": check_epochs, "layouts": check_layouts,
-    "compile": check_compile,
-    "concurrency": check_concurrency, "probes": check_probes,
+    "compile": check_compile, "concurrency": check_concurrency, "probes": check_probes, "fused": check_fused,
 }
 # Rough share of the budget each check needs on an H100-class GPU, to decide whether it still fits.
-EXPECTED_S = {"cuda_tests": 90, "epochs": 60, "layouts": 60, "compile": 90, "concurrency": 60, "probes": 10}
+EXPECTED_S = {"cuda_tests": 90, "epochs": 60, "layouts": 60, "compile": 90, "concurrency": 60, "probes": 10,
+              "fused": 90}
 
 
 def run_checks(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path, names=tuple(CHECKS),
@@ -209,6 +221,8 @@ def verdicts(results: dict) -> dict[str, str]:
     else:
         best = max(level["speedup"] for level in con["levels"])
         out[">= 2x runs/hour from concurrent jobs (b8)"] = "PASS" if best >= 2 else f"FAIL ({best:.2f}x)"
+    f = get("fused")
+    out.update(_fused_verdicts(f))
     p = get("probes")
     out["probes under bf16 = fp32"] = "skipped" if p is None else ("PASS" if p["within_tolerance"]
                                                                    else "FAIL")
@@ -216,6 +230,19 @@ def verdicts(results: dict) -> dict[str, str]:
         if isinstance(r, dict) and "error" in r:
             out[f"{name} ran"] = "ERROR: " + r["error"][:200]
     return out
+
+
+def _fused_verdicts(fused: dict | None) -> dict[str, str]:
+    """Which is faster at batch 8, full width: K = 8 fused or the best of the concurrent processes."""
+    claim = "fused K=8 vs the best concurrent processes (b8)"
+    if fused is None:
+        return {claim: "skipped"}
+    rows = {row["k"]: row for row in fused["rows"]}
+    best = max((rate for by_k in fused["concurrent_steps_s"].values() for rate in by_k.values()), default=0.0)
+    if 8 not in rows or not best:
+        return {claim: "skipped"}
+    ratio = rows[8]["fused_steps_s"] / best
+    return {claim: f"{'fused' if ratio >= 1 else 'concurrent'} faster ({ratio:.2f}x)"}
 
 
 def write(results: dict, out_dir: Path) -> Path:

@@ -45,6 +45,12 @@ def table(results: dict) -> list[tuple[str, str]]:
     for level in results.get("concurrency", {}).get("levels", []):
         rows.append((f"b8 jobs x{level['concurrent']}", (f"{level['runs_per_hour']:.0f} runs/h "
                      f"({level['speedup']:.2f}x)")))
+    fused = results.get("fused", {})
+    for r in fused.get("rows", []):
+        rows.append((f"fused K={r['k']} b{r['batch']}",
+                     f"{r['fused_steps_s']:,.0f} model-steps/s ({r['speedup']:.2f}x sequential)"))
+    for by_k in fused.get("concurrent_steps_s", {}).values():
+        rows += [(f"b8 processes x{k}", f"{rate:,.0f} model-steps/s") for k, rate in by_k.items()]
     p = results.get("probes", {})
     if "relative_difference" in p:
         rows.append(("probes bf16 vs fp32",

@@ -104,6 +104,18 @@ def _cuda_rows(add: Add, rows: list, verdict: dict, cuda: dict) -> None:
                  "runs/hour, concurrent / single (b8)", 2)
 
 
+def _fused_rows(add: Add, fused: dict) -> None:
+    if fused.get("skipped"):
+        add("7 fused", "skipped", fused["skipped"], "", "")
+    for r in fused.get("rows", []):
+        concurrent = (f", {_f(r['concurrent_steps_s'], 1)} {r['k']} procs" if r.get("concurrent_steps_s")
+                      else "")
+        add("7 fused", f"model-steps/s fused K={r['k']} w{r['width']:g} b{r['batch']}",
+            _f(r["fused_steps_s"], 1),
+            _f(r["sequential_steps_s"], 1) + f" seq{concurrent}", _f(r["speedup"], 2),
+            f"fused / sequential K={r['k']} w{r['width']:g} b{r['batch']}")
+
+
 def table_rows(results: dict) -> list[tuple[str, ...]]:
     """(section, measure, normbench, reference, ratio, target, result) rows."""
     verdict = {t["name"]: t for t in results.get("targets", [])}
@@ -123,6 +135,7 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
     _probe_rows(add, results.get("probes", {}))
     _layout_rows(add, rows, verdict, results.get("layout", {}))
     _cuda_rows(add, rows, verdict, results.get("cuda", {}))
+    _fused_rows(add, results.get("fused", {}))
     return rows
 
 

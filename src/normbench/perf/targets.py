@@ -8,6 +8,7 @@ DATA_RATIO_TARGET = 10.0
 DATA_SHARE_TARGET = 0.10       # the data pipeline's time per batch, as a fraction of a training step
 FIXED_COST_TARGET = 1.5        # process start -> first step, over bare `import torch`
 CONCURRENCY_TARGET = 2.0       # runs/hour at batch 8 with concurrent jobs, over one job at a time
+FUSED_TARGET = (8, 0.125, 8, 1.5)   # K, width, batch: fused model-steps/s over K sequential runs (CPU)
 
 
 def target(name: str, value, goal: str, passed: bool | None, note: str = "") -> dict:
@@ -54,4 +55,10 @@ def evaluate_targets(results: dict) -> list[dict]:
         targets.append(target("channels_last=auto picks the faster layout", len(wrong), "0 wrong", not wrong,
                               ", ".join(wrong)))
     targets.append(_cuda_target(results.get("cuda", {})))
+    k, width, batch, goal = FUSED_TARGET
+    for row in results.get("fused", {}).get("rows", []):
+        if (row["k"], row["width"], row["batch"]) == (k, width, batch):
+            targets.append(target(f"fused / sequential K={k} w{width:g} b{batch}", row["speedup"],
+                                  f">= {goal}",
+                                  row["speedup"] >= goal))
     return targets

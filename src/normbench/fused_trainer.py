@@ -1,0 +1,165 @@
+"""The training loop of K runs fused into one model (normbench.fused).
+
+Each run keeps its own `normbench.trainer.Trainer` -- its unfused model, criterion, optimizer, scheduler,
+batch stream (its own data order and augmentation), settings and sink -- and `FusedTrainer` replaces only
+the step: one forward of the fused model on the K runs' batches, each run's loss on its own logits, one
+backward of their sum (each run's gradient is that of its own loss: the runs share no weights), then each
+run's own optimizer and scheduler step. Each run's step rows, epoch rows, validation and divergence check
+are its own Trainer's (``_flush``, ``end_epoch``), on its own model, which reads the fused values in place.
+
+The runs are fused for a pass of training steps only: a run that diverges leaves the pass (the others are
+fused anew without it; its weights, buffers and optimizer state stop changing), and after the pass every
+model has its own storage again (validation, checkpoints and pruning see ordinary models). Runs resumed
+at different epochs catch up one epoch at a time, each epoch's pass fusing only the runs at that epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from normbench.device import keep_norms_fp32
+from normbench.fused import FusedModel
+from normbench.record import Status
+from normbench.trainer import LoopState, PassTotals, Trainer
+
+SAME_SETTINGS = ("epochs", "max_steps_per_epoch", "amp_dtype", "channels_last", "log_every_steps")
+
+
+def unfusable_trainer_reason(trainer: Trainer) -> str | None:
+    """Why a run's trainer cannot train fused (None: it can; the model is `normbench.fused`'s business)."""
+    if trainer.probes:
+        return "probes have no fused code"
+    if trainer.scaler is not None:
+        return "fp16 loss scaling has no fused code"
+    if trainer.model is not getattr(trainer.model, "_orig_mod", trainer.model):
+        return "a compiled model has no fused code"
+    return None
+
+
+class FusedTrainer:
+    """Trains the runs of `trainers` (same model architecture, settings, batch size and data) as one."""
+
+    def __init__(self, trainers: list[Trainer]):
+        first = trainers[0]
+        for trainer in trainers:
+            reason = unfusable_trainer_reason(trainer)
+            if reason:
+                raise ValueError(f"cannot fuse: {reason}")
+            differs = [k for k in SAME_SETTINGS if getattr(trainer.settings, k) != getattr(first.settings, k)]
+            if differs or trainer.steps_per_epoch() != first.steps_per_epoch():
+                raise ValueError(f"cannot fuse runs whose {differs or 'steps per epoch'} differ")
+        self.trainers = trainers
+        self.settings = first.settings
+        self.fused: FusedModel | None = None
+        self._members: tuple[int, ...] = ()
+
+    def _fuse(self, members: list[int]) -> None:
+        """Fuse exactly the runs `members` (indices into trainers); the others get their own storage."""
+        if tuple(members) == self._members:
+            return
+        if self.fused is not None:
+            self.fused.unfuse()
+        self.fused = None
+        if members:
+            self.fused = FusedModel([self.trainers[i].model for i in members], self.settings.channels_last)
+            if self.settings.amp_dtype is not None:
+                keep_norms_fp32(self.fused)
+            self.fused.train()
+        self._members = tuple(members)
+
+    def release(self) -> None:
+        """Every run's model with its own storage again."""
+        self._fuse([])
+
+    def run(
+        self, states: list[LoopState | None], on_epoch_end: Callable[[int, LoopState], bool] | None = None
+    ) -> list[LoopState]:
+        """Train every run until its epochs are done, it diverges, or on_epoch_end(run index, state) asks
+        to stop it (pruned). Returns each run's state."""
+        states = [state or LoopState() for state in states]
+        try:
+            for epoch in range(1, self.settings.epochs + 1):
+                members = [
+                    i
+                    for i, s in enumerate(states)
+                    if s.status == Status.RUNNING and s.epochs_done == epoch - 1
+                ]
+                if members:
+                    self._epoch(epoch, states, members, on_epoch_end)
+        finally:
+            self.release()
+        for state in states:
+            if state.status == Status.RUNNING and state.epochs_done >= self.settings.epochs:
+                state.status = Status.COMPLETED
+        return states
+
+    def _epoch(self, epoch: int, states: list[LoopState], members: list[int], on_epoch_end) -> None:
+        totals = self.train_steps(epoch, states, members)
+        for i in members:
+            state, pass_totals = states[i], totals[i]
+            # the epoch's time: the fused pass, then this run's own validation
+            if not self.trainers[i].end_epoch(
+                epoch, state, pass_totals, time.perf_counter() - pass_totals.time_s
+            ):
+                state.status, state.diverged_epoch = Status.DIVERGED, epoch
+                continue
+            state.epochs_done = epoch
+            if on_epoch_end is not None and on_epoch_end(i, state):
+                state.status = Status.PRUNED
+
+    def train_steps(
+        self, epoch: int, states: list[LoopState], members: list[int] | None = None, steps: int | None = None
+    ) -> dict[int, PassTotals]:
+        """One fused pass: `steps` steps (default: an epoch's) of the runs `members` (default: all), each
+        run leaving the pass at its first non-finite loss, as ``Trainer.train_steps`` does."""
+        active = list(range(len(self.trainers)) if members is None else members)
+        first = self.trainers[active[0]]
+        total = first.steps_per_epoch() if steps is None else min(int(steps), len(first.stream))
+        log_every = max(1, int(self.settings.log_every_steps))
+        totals = {i: PassTotals() for i in active}
+        pending: dict[int, tuple[list, list, list, list]] = {i: ([], [], [], []) for i in active}
+        streams = {i: iter(self.trainers[i].stream) for i in active}
+        self._fuse(active)
+        started = time.perf_counter()
+        for step in range(1, total + 1):
+            self._step(epoch, active, streams, states, pending)
+            if step % log_every == 0 or step == total:
+                stopped = [i for i in active if not self.trainers[i]._flush(*pending[i], totals[i], None)]
+                if stopped:
+                    active = [i for i in active if i not in stopped]
+                    self._fuse(active)
+                if not active:
+                    break
+        elapsed = time.perf_counter() - started
+        for pass_totals in totals.values():
+            pass_totals.time_s = elapsed
+        # between passes each model has its own storage: its checkpoint holds its tensors only, and its
+        # own Trainer may use it
+        self.release()
+        return totals
+
+    def _step(
+        self, epoch: int, active: list[int], streams: dict, states: list[LoopState], pending: dict
+    ) -> None:
+        trainers = [self.trainers[i] for i in active]
+        batches = [next(streams[i]) for i in active]
+        lrs = [t.scheduler.get_last_lr()[0] for t in trainers]
+        with trainers[0].autocast():
+            logits = self.fused(self.fused.stack_inputs([x for x, _ in batches]))
+            losses = [
+                t.criterion(logits[j], y, t.model) for j, (t, (_, y)) in enumerate(zip(trainers, batches))
+            ]
+        self.fused.zero_grad()
+        torch.stack(losses).sum().backward()
+        for j, (i, trainer) in enumerate(zip(active, trainers)):
+            states[i].step += 1
+            trainer.optimizer.step()
+            trainer.scheduler.step()
+            run_losses, preds, labels, rows = pending[i]
+            run_losses.append(losses[j].detach())
+            preds.append(logits[j].detach().argmax(1))
+            labels.append(batches[j][1])
+            rows.append({"step": states[i].step, "epoch": epoch, "lr": lrs[j]})
