@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from normbench.fused import FusedModel, unfusable_reason
 from normbench.fused_trainer import FusedTrainer
-from normbench.perf.parts import compose_config
+from normbench.identity import register_resolvers
 from normbench.record import Status
 from normbench.run import build_parts
 from normbench.trainer import LoopState
@@ -83,7 +84,9 @@ class AsDouble:
 
 
 def make_run(overrides: list[str], dtype=torch.float32):
-    cfg = compose_config(CONF, [*BASE, *overrides])
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF)):
+        cfg = compose(config_name="config", overrides=[*BASE, *overrides])
     parts = build_parts(cfg, validate(cfg, device="cpu"), sink=StepLosses())
     parts.trainer.settings.progress = False
     if dtype == torch.float64:
