@@ -132,17 +132,11 @@ def test_job_array_sweep_completes_and_hydra_collects_every_objective(slurm_clus
     print(f"array sweep: {time.monotonic() - started:.1f} s (cluster up in {slurm_cluster.start_s:.1f} s)")
 
 
-def tiny(**overrides) -> list[str]:
-    """TINY with some of its keys replaced."""
-    keys = {f"{key}=" for key in overrides}
-    return ([o for o in TINY if not any(o.startswith(k) for k in keys)]
-            + [f"{k}={v}" for k, v in overrides.items()])
-
-
 def held_run(tmp_path: Path, epochs: int = 3) -> tuple[list[str], Path, Path]:
     """A run of `epochs` epochs held at the start of epoch 2, after its epoch-1 checkpoint."""
     release = tmp_path / "release"
-    args = [*tiny(**{"trainer.epochs": epochs}), "norm=bn", "+trainer.fault=wait", "+trainer.fault_epoch=2",
+    # start_sweep puts TINY first: only what differs from it here
+    args = [f"trainer.epochs={epochs}", "norm=bn", "+trainer.fault=wait", "+trainer.fault_epoch=2",
             f"+trainer.fault_file={release}"]
     return args, release, Path(f"{release}.waiting")
 
