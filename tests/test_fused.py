@@ -19,6 +19,9 @@ from normbench.run import build_parts
 from normbench.trainer import LoopState
 from normbench.validate import validate
 
+# every test here trains fused and unfused models: out of the inner loop (pytest -m 'not slow')
+pytestmark = pytest.mark.slow
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion_mnist = pytest.mark.skipif(

@@ -16,10 +16,10 @@ import pytest
 from conftest import TRAIN, run_train, wandb_inspect
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not FASHION.is_dir(),
     reason=f"Fashion-MNIST is not installed in {FASHION} (apt-get install dataset-fashion-mnist)",
-)
+)]
 BASE = [
     "data=fashion_mnist",
     f"data.root={FASHION}",
