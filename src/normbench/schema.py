@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from normbench.errors import ConfigError, unknown_key
 
 FAULTS = ("none", "raise", "oom", "kill", "wait")
-NORMS = ("none", "bn", "ln", "gn", "lrn")
+NORMS = ("none", "bn", "ln", "gn", "lrn", "brn")
 LOSSES = ("ce", "ce_l1", "ce_l2", "label_smoothing", "focal")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PRUNERS = ("none", "median")
@@ -134,6 +134,12 @@ class NormConf:
     momentum: float | None = fraction(0.1, closed=True, optional=True)  # bn; null: cumulative average
     affine: str = one_of("channel", "channel", "element")  # ln: per channel, or per (c, h, w) element
     lrn_size: int = whole(5, 1)
+    # brn (normbench.norms.BatchRenorm2d): plain BN for renorm_start steps, then the clips of r and d relax
+    # linearly over renorm_warmup steps to r_max and d_max (the paper's 5k and 20k-35k steps, scaled down)
+    r_max: float = _checked(3.0, lambda v: math.isfinite(v) and v >= 1, "must be a number >= 1")
+    d_max: float = non_negative(5.0)
+    renorm_start: int = whole(500, 0)
+    renorm_warmup: int = whole(2500, 0)
 
     UNKNOWN: ClassVar[str] = "no norm reads it"
 
@@ -170,11 +176,17 @@ class GradVarianceSettings:
 
 
 @dataclass
+class LayersSettings:
+    interval: int = whole(50, 1)
+
+
+@dataclass
 class AllProbesConf:
     interval: int | None = whole(None, 1, optional=True)   # null: each probe's own; a number: all of them
     landscape: LandscapeSettings = field(default_factory=LandscapeSettings)
     grad_similarity: GradSimilaritySettings = field(default_factory=GradSimilaritySettings)
     grad_variance: GradVarianceSettings = field(default_factory=GradVarianceSettings)
+    layers: LayersSettings = field(default_factory=LayersSettings)
 
 
 @dataclass
@@ -184,7 +196,7 @@ class NoProbes:
 
 # The settings of each probe option (besides its `name`).
 PROBES = {"none": NoProbes, "landscape": LandscapeSettings, "grad_similarity": GradSimilaritySettings,
-          "grad_variance": GradVarianceSettings, "all": AllProbesConf}
+          "grad_variance": GradVarianceSettings, "layers": LayersSettings, "all": AllProbesConf}
 
 
 @dataclass
