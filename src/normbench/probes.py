@@ -1,5 +1,6 @@
 """Optimization probes measured during training (Santurkar et al. 2018): ``landscape``, ``grad_similarity``
-and ``grad_variance``; what each measures, how and at what cost: docs/probes.md.
+and ``grad_variance``, and the per-layer statistics ``layers``; what each measures, how and at what cost:
+docs/probes.md.
 
 The training loop calls ``probe.on_step(step, model, closure, lr)`` after ``loss.backward()`` and before
 ``optimizer.step()``: ``p.grad`` holds the unscaled mini-batch gradient, and ``closure()`` returns the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +21,16 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from normbench.device import NORM_TYPES
 from normbench.errors import ConfigError
-from normbench.schema import PROBES, GradSimilaritySettings, GradVarianceSettings, LandscapeSettings, parse
+from normbench.schema import (
+    PROBES,
+    GradSimilaritySettings,
+    GradVarianceSettings,
+    LandscapeSettings,
+    LayersSettings,
+    parse,
+)
 
 
 @runtime_checkable
@@ -384,7 +394,81 @@ class GradVarianceProbe(GradVarianceSettings):
         self._count, self._mean, self._m2, self._last_step = 0, None, None, None
 
 
-PROBE_CLASSES = {cls.name: cls for cls in (LandscapeProbe, GradSimilarityProbe, GradVarianceProbe)}
+def conv_blocks(model: nn.Module) -> dict[str, dict[str, nn.Module]]:
+    """Each convolution ("conv"; named conv1, conv2, ... in the model's module order) with the first norm and
+    the first activation ("norm", "act") registered after it and before the next convolution or linear."""
+    blocks: dict[str, dict[str, nn.Module]] = {}
+    block = None
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            block = blocks[f"conv{len(blocks) + 1}"] = {"conv": module}
+        elif isinstance(module, nn.Linear):
+            block = None
+        elif block is not None and isinstance(module, NORM_TYPES):
+            block.setdefault("norm", module)
+        elif block is not None and type(module).__module__ == nn.ReLU.__module__:  # torch's activations
+            block.setdefault("act", module)
+    return blocks
+
+
+def _output_stats(stats: dict[str, Tensor], prefix: str, kind: str, dead: bool, module, inputs,
+                  out: Tensor) -> None:
+    """A forward hook's measurement of `out` (N, C, ...): mean and std over all its elements, and with `dead`
+    the fraction of channels that are exactly zero at every position of every sample."""
+    out = out.detach().float()
+    stats[f"{prefix}/{kind}_std"], stats[f"{prefix}/{kind}_mean"] = torch.std_mean(out)
+    if dead:
+        alive = out.transpose(0, 1).reshape(out.shape[1], -1).ne(0).any(dim=1)
+        stats[f"{prefix}/dead_frac"] = 1 - alive.float().mean()
+
+
+@dataclass(eq=False)
+class LayersProbe(LayersSettings):
+    """Per convolution block: activation statistics after the norm and the activation, the dead-ReLU
+    fraction, the conv weight's norm, its effective learning rate and its gradient's norm."""
+
+    name: ClassVar[str] = "layers"
+
+    def reads_gradient(self, step: int) -> bool:
+        return step % self.interval == 0
+
+    def on_step(self, step: int, model: nn.Module, closure: Callable[[], Tensor],
+                lr: float) -> dict[str, float] | None:
+        blocks = conv_blocks(model) if step % self.interval == 0 else None
+        if not blocks:
+            return None
+        stats: dict[str, Tensor] = {}
+        hooks = []
+        for name, block in blocks.items():
+            prefix = f"probe/layers/{name}"
+            for kind in ("norm", "act"):
+                if kind in block:
+                    dead = kind == "act" and isinstance(block[kind], nn.ReLU)
+                    hook = functools.partial(_output_stats, stats, prefix, kind, dead)
+                    hooks.append(block[kind].register_forward_hook(hook))
+            weight = block["conv"].weight
+            stats[f"{prefix}/weight_norm"] = torch.linalg.vector_norm(weight.detach())
+            if weight.grad is not None:
+                stats[f"{prefix}/grad_norm"] = torch.linalg.vector_norm(weight.grad)
+        state = _ModelState(model)
+        try:
+            with torch.no_grad():  # the training forward again (batch statistics, dropout), measured
+                closure()
+        finally:
+            for hook in hooks:
+                hook.remove()
+            state.restore()
+        device = next(iter(stats.values())).device
+        values = dict(zip(stats, torch.stack([v.to(device).double() for v in stats.values()]).cpu().tolist()))
+        for name, block in blocks.items():
+            norm_sq = values[f"probe/layers/{name}/weight_norm"] ** 2
+            if "norm" in block and norm_sq > 0:  # the conv weight is scale-invariant only under a norm
+                values[f"probe/layers/{name}/eff_lr"] = float(lr) / norm_sq
+        return values
+
+
+PROBE_CLASSES = {cls.name: cls for cls in (LandscapeProbe, GradSimilarityProbe, GradVarianceProbe,
+                                           LayersProbe)}
 
 
 def build_probes(probe_cfg: Any) -> list[Probe]:
