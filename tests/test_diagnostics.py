@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import TINY, run_train, wandb_inspect
+from conftest import CONF, TINY, run_train, wandb_inspect
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
 from normbench.activations import activation_factory
 from normbench.fused import unfusable_reason
 from normbench.fused_launch import unfusable_job_reason
+from normbench.job import run_job
 from normbench.models import VGG
 from normbench.norms import BatchRenorm2d, NormSpec
 from normbench.probes import LayersProbe, conv_blocks
@@ -140,3 +142,78 @@ def test_conv_blocks_of_the_builtin_models():
     assert all(set(b) == {"conv", "act"} for b in blocks.values())  # no norm: no norm stats, no eff_lr
     gn = conv_blocks(VGG(NormSpec(name="gn", groups=2).make, activation_factory("gelu"), width=0.125))
     assert all(isinstance(b["norm"], nn.GroupNorm) and isinstance(b["act"], nn.GELU) for b in gn.values())
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def _tiny_run(overrides: list[str], out: Path) -> tuple[list[dict], dict]:
+    """A tiny run in this process (real Hydra composition, the real job); its epoch rows and summary."""
+    with initialize_config_dir(config_dir=str(CONF)):
+        cfg = compose(config_name="config", overrides=[*TINY, "logger=none", *overrides])
+    run_job(cfg, output_dir=out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, json.loads((out / "summary.json").read_text())
+
+
+def test_brn_with_layers_probe_trains_and_records_everything(tmp_path, wandb_env):
+    """norm=brn whose clips relax within the run, probe=layers every 2 steps, logged to W&B offline."""
+    run_train([*TINY, "norm=brn", "norm.renorm_start=1", "norm.renorm_warmup=2", "probe=layers",
+               "probe.interval=2", "trainer.epochs=2"], tmp_path)
+    (run,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    probes = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in probes] == [2, 4, 6, 8]
+    kinds = ("norm_mean", "norm_std", "act_mean", "act_std", "dead_frac", "weight_norm", "eff_lr",
+             "grad_norm")
+    layer_keys = {f"probe/layers/conv{i}/{k}" for i in range(1, 9) for k in kinds}
+    for row in probes:
+        assert set(row) == {"step", "epoch"} | layer_keys
+        assert all(math.isfinite(v) for v in row.values())
+        assert all(0 <= row[f"probe/layers/conv{i}/dead_frac"] <= 1 for i in range(1, 9))
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    gap_keys = {f"val/{m}_{mode}" for m in ("loss", "acc") for mode in ("evalmode", "batchstats")}
+    assert all(gap_keys <= set(row) and all(math.isfinite(row[k]) for k in gap_keys) for row in epochs)
+    (wandb_run,) = run.glob("wandb/offline-run-*")
+    summary = wandb_inspect(wandb_run)["summary"]
+    assert summary["probe/layers/conv1/act_std"] == probes[-1]["probe/layers/conv1/act_std"]
+    assert summary["val/acc_batchstats"] == epochs[-1]["val/acc_batchstats"]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_batchstats_gap_is_zero_without_a_norm(tmp_path, dropout):
+    """No norm layer: train-mode norms with dropout off is eval mode, so the two agree exactly (dropout is
+    off in both)."""
+    rows, _ = _tiny_run(["norm=none", f"model.dropout={dropout}"], tmp_path)
+    (row,) = rows
+    assert row["val/acc_batchstats"] == row["val/acc_evalmode"]
+    assert row["val/loss_batchstats"] == row["val/loss_evalmode"]
+
+
+def test_batchstats_gap_leaves_training_unchanged(tmp_path):
+    """BN with dropout, two epochs: with the gap measured (default) and without (0), every training and
+    evaluation number is the same, so neither the running statistics nor the RNG were disturbed; with BN
+    the two modes do differ."""
+    base = ["norm=bn", "model.dropout=0.5", "trainer.epochs=2"]
+    measured, summary = _tiny_run(base, tmp_path / "on")
+    plain, plain_summary = _tiny_run([*base, "trainer.batchstats_images=0"], tmp_path / "off")
+    assert all("val/acc_batchstats" not in row for row in plain)
+    for with_gap, without in zip(measured, plain, strict=True):
+        for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+            assert with_gap[key] == without[key], key
+        assert with_gap["val/loss_batchstats"] != with_gap["val/loss_evalmode"]
+    for key in ("test/loss", "test/acc"):
+        assert summary["metrics"][key] == plain_summary["metrics"][key]
+
+
+def test_layers_probe_leaves_training_bit_identical():
+    """The probe's forward (batch statistics, dropout) is undone: weights, BN buffers and the RNG as if
+    unprobed (test_probes' tiny BN+dropout CNN, probed at every step)."""
+    from test_probes import _train
+
+    ref_model, _, _, ref_next = _train([])
+    model, _, rows, nxt = _train([LayersProbe(interval=1)])
+    assert len(rows) == 4 and all(math.isfinite(r["probe/layers/conv1/norm_std"]) for r in rows)
+    for key, value in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert torch.equal(ref_next, nxt)
