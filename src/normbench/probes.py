@@ -405,15 +405,14 @@ def conv_blocks(model: nn.Module) -> dict[str, dict[str, nn.Module]]:
     return blocks
 
 
-def _output_stats(stats: dict[str, Tensor], prefix: str, kind: str, dead: bool, module, inputs,
-                  out: Tensor) -> None:
-    """A forward hook's measurement of `out` (N, C, ...): mean and std over all its elements, and with `dead`
-    the fraction of channels that are exactly zero at every position of every sample."""
+def _measure(stats: dict[str, Tensor], key: str, module: nn.Module, inputs, out: Tensor) -> None:
+    """Forward hook: mean and std of `out` (N, C, ...) over all its elements; after a ReLU also the fraction
+    of channels that are exactly zero at every position of every sample."""
     out = out.detach().float()
-    stats[f"{prefix}/{kind}_std"], stats[f"{prefix}/{kind}_mean"] = torch.std_mean(out)
-    if dead:
-        alive = out.transpose(0, 1).reshape(out.shape[1], -1).ne(0).any(dim=1)
-        stats[f"{prefix}/dead_frac"] = 1 - alive.float().mean()
+    stats[f"{key}_std"], stats[f"{key}_mean"] = torch.std_mean(out)
+    if isinstance(module, nn.ReLU):
+        alive = out.transpose(0, 1).flatten(1).ne(0).any(1)
+        stats[f"{key.rpartition('/')[0]}/dead_frac"] = 1 - alive.float().mean()
 
 
 @dataclass(eq=False)
@@ -431,16 +430,12 @@ class LayersProbe(_AtInterval, schema.LayersSettings):
         stats: dict[str, Tensor] = {}
         hooks = []
         for name, block in blocks.items():
-            prefix = f"probe/layers/{name}"
-            for kind in ("norm", "act"):
-                if kind in block:
-                    dead = kind == "act" and isinstance(block[kind], nn.ReLU)
-                    hook = functools.partial(_output_stats, stats, prefix, kind, dead)
-                    hooks.append(block[kind].register_forward_hook(hook))
-            weight = block["conv"].weight
-            stats[f"{prefix}/weight_norm"] = torch.linalg.vector_norm(weight.detach())
+            key, weight = f"probe/layers/{name}", block["conv"].weight
+            stats[f"{key}/weight_norm"] = torch.linalg.vector_norm(weight.detach())
             if weight.grad is not None:
-                stats[f"{prefix}/grad_norm"] = torch.linalg.vector_norm(weight.grad)
+                stats[f"{key}/grad_norm"] = torch.linalg.vector_norm(weight.grad)
+            hooks += [module.register_forward_hook(functools.partial(_measure, stats, f"{key}/{kind}"))
+                      for kind, module in block.items() if kind != "conv"]
         state = _ModelState(model)
         try:
             with torch.no_grad():  # the training forward again (batch statistics, dropout), measured
