@@ -84,7 +84,7 @@ class TrainerConf:
     max_eval_batches: int | None = whole(None, 1, optional=True)      # cap evaluation batches
     eval_batch_size: int = whole(1000, 1)
     # the first this many validation images at the training batch size with batch vs running statistics
-    batchstats_images: int = whole(1000, 0)  # (val/acc_batchstats beside val/acc_evalmode; 0: off)
+    batchstats_images: int = whole(500, 0)  # (val/acc_batchstats beside val/acc_evalmode; 0: off)
     log_every_steps: int = whole(25, 1)  # per-step loss/lr are read from the device every this many steps
     checkpoint: bool = True         # save a checkpoint at each epoch end (resume continues from it)
     drop_last: bool = True          # drop the last partial batch (false: keep it, as study 002 did)
