@@ -72,11 +72,11 @@ class BatchRenorm2d(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         r_max, d_max = self.limits(int(self.num_batches_tracked))
-        with torch.no_grad():
-            mean, std = self.running_mean.clone(), (self.running_var + self.eps).sqrt()
+        with torch.no_grad():  # r and d from the running statistics before this batch updates them
+            std = (self.running_var + self.eps).sqrt()
             batch_var, batch_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
             r = ((batch_var + self.eps).sqrt() / std).clamp(1.0 / r_max, r_max)
-            d = ((batch_mean - mean) / std).clamp(-d_max, d_max)
+            d = ((batch_mean - self.running_mean) / std).clamp(-d_max, d_max)
         self.num_batches_tracked.add_(1)
         factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         # (x - mu_B) / sigma_B with BatchNorm's own kernel, which also updates the running statistics
