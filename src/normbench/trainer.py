@@ -145,7 +145,7 @@ class Trainer:
         self.model.eval()
         saved = [(b, b.clone()) for b in self.model.buffers()] if batch_stats else []
         for module in self.model.modules() if batch_stats else ():
-            module.train(isinstance(module, NORM_TYPES))
+            module.training = isinstance(module, NORM_TYPES)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         count = 0
