@@ -82,14 +82,46 @@ def test_convergence_epoch_is_null_for_a_run_that_does_not_learn(tmp_path):
     table = rep.tables[0]
     plain, bn = (next(r for r in table.rows if r.label == label) for label in ("plain", "BN"))
     assert plain.convergence == [None]
-    # the learning runs (val/acc 0.25 -> 0.85 over 3 epochs; table best 0.855): epoch 3 reaches 99%
-    assert bn.convergence == [3.0, 3.0]
+    # the learning runs (val/acc 0.25 -> 0.85 over 3 epochs of 10 steps; table best 0.855): the speed
+    # measure is steps, epoch 3 (step 30) reaches 99%
+    assert bn.convergence == [30.0, 30.0]
     md = (tmp_path / "out" / "report.md").read_text()
     line = next(x for x in md.splitlines() if x.startswith("| plain |"))
-    assert "never (1 of 1) (study 45)" in line
+    # the study's convergence epoch (45) counts epochs of its own budget: not beside our steps
+    assert "never (1 of 1)" in line and "still improving" not in line and "(study 45)" not in line
     assert "99% of this table's best" in md
     csv_text = (tmp_path / "out" / "tables" / "vgg_bn_baseline.csv").read_text()
-    assert "convergence_epoch_mean" in csv_text
+    assert "convergence_steps_mean" in csv_text
+
+
+def test_a_run_cut_while_improving_is_labelled_so_and_every_row_states_its_steps(tmp_path):
+    sweep = tmp_path / "vgg_bn_baseline"
+    for seed in (0, 1):
+        write_run(sweep, experiment="vgg_bn_baseline", choices={"model": "vgg_a", "norm": "bn", "seed": seed},
+                  test_acc=0.85)
+    # plain leaves chance late: 10% -> 20% -> 40% validation accuracy in 3 epochs of 10 steps, still rising
+    # when its budget ends, far below the table's threshold (99% of 85.5%)
+    rising = write_run(sweep, experiment="vgg_bn_baseline", choices={"model": "vgg_a", "norm": "none"},
+                       test_acc=0.40, val_best=0.40)
+    rows = [{"epoch": e, "step": 10 * e, "train/loss": 2.3 - 0.3 * e, "train/acc": acc, "val/loss": 2.0,
+             "val/acc": acc, "lr": 0.001} for e, acc in ((1, 0.10), (2, 0.20), (3, 0.40))]
+    (rising / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a run that records its budget in summary.json: that number, not one derived from metrics.jsonl
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    summary["metrics"].update({"train/steps": 31, "train/images": 3968})
+    (sweep / "0" / "summary.json").write_text(json.dumps(summary))
+    rep = report.build([str(sweep)], str(tmp_path / "out"))
+    plain = next(r for r in rep.tables[0].rows if r.label == "plain")
+    assert plain.convergence == [None] and plain.cut == [30.0]
+    assert [run.budget for run in next(r for r in rep.tables[0].rows if r.label == "BN").cell.runs] == [
+        (31.0, 3968.0), (30.0, 30.0 * 128)]
+    md = (tmp_path / "out" / "report.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| plain |"))
+    assert "cut at 30 steps, still improving (1 of 1)" in line and "never" not in line
+    header = next(x for x in md.splitlines() if x.startswith("| row |")).split(" | ")
+    assert "steps" in header and "images" in header
+    assert line.split(" | ")[header.index("steps")] == "30"
+    assert line.split(" | ")[header.index("images")] == "3,840"
 
 
 def test_study_002_comparisons_with_welch_verdicts_and_flags(tmp_path):
@@ -109,7 +141,7 @@ def test_study_002_comparisons_with_welch_verdicts_and_flags(tmp_path):
     assert list(pairs) == list(ALEXNET_NORM_BATCH.pairs)
     assert pairs[("plain · bs 8", "plain · bs 64")].comparison.verdict == "differs"
     assert pairs[("BN · bs 8", "BN · bs 64")].comparison.verdict == "differs"
-    assert pairs[("LN · bs 64", "BN · bs 64")].comparison.verdict == "within noise"
+    assert pairs[("LN · bs 64", "BN · bs 64")].comparison.verdict == "not resolved"
     assert pairs[("GN (4 groups) · bs 8", "BN · bs 8")].comparison.verdict == "differs"
     assert pairs[("LN · bs 8", "LN · bs 64")].comparison is None  # LN at bs 8 not run
     assert pairs[("LN · bs 64", "BN · bs 64")].study_diff == pytest.approx(82.66 - 81.31)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -43,8 +44,12 @@ from normbench.record import (
 from normbench.report.stats import Stat, mean_ci
 
 # config.yaml paths of the numeric settings when summary["choices"] does not carry them
-CONFIG_PATHS = {"dropout": ("model", "dropout"), "lr": ("optimizer", "lr"), "batch_size": ("batch_size",)}
+CONFIG_PATHS = {"dropout": ("model", "dropout"), "lr": ("optimizer", "lr"), "batch_size": ("batch_size",),
+                "trainer.max_steps_per_epoch": ("trainer", "max_steps_per_epoch"),
+                "trainer.max_steps": ("trainer", "max_steps")}
+BUDGET = ("train/steps", "train/images")  # what a run trained on: optimizer steps, training images
 _UNSET = object()
+TRIAL_DIR = re.compile(r"trial-(\d+)")  # an Optuna job's dir name starts with it (identity.job_dirname)
 
 
 @dataclass
@@ -78,6 +83,12 @@ class RunRecord:
         return self.choices.get(SEED)
 
     @property
+    def trial(self) -> int | None:
+        """The Optuna trial number of a search job (from its directory name); None outside a search."""
+        m = TRIAL_DIR.match(os.path.basename(self.path))
+        return int(m.group(1)) if m else None
+
+    @property
     def num_classes(self) -> int | None:
         """data.num_classes of the run's config.yaml (the resolved config: every run writes it); None
         without one."""
@@ -90,11 +101,29 @@ class RunRecord:
         if key == "test/err":
             acc = self.metric("test/acc")
             return None if acc is None else 1.0 - acc
-        value = self.metrics.get(key)
+        if key in BUDGET:
+            return self.budget[BUDGET.index(key)]
+        value = self.summary.get(key) if key == "objective" else self.metrics.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
         value = float(value)
         return value if math.isfinite(value) else None
+
+    @cached_property
+    def budget(self) -> tuple[float | None, float | None]:
+        """Optimizer steps and training images: summary.json's train/steps and train/images when the run
+        records them, else the last epoch's step in metrics.jsonl and steps x batch_size (an upper
+        bound: an epoch's last batch may be smaller)."""
+        found = [self.summary.get(k, self.metrics.get(k)) for k in BUDGET]
+        steps, images = (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+                         for v in found)
+        if steps is None:
+            ends = [row.get("step") for row in self.epochs()]
+            steps = next((float(e) for e in reversed(ends) if isinstance(e, int)), None)
+        batch = self.setting("batch_size")
+        if images is None and steps is not None and isinstance(batch, int):
+            images = steps * batch
+        return steps, images
 
     # --- settings -------------------------------------------------------------------------
     def setting(self, key: str) -> Any:
@@ -264,6 +293,10 @@ class Cell:
     @property
     def n(self) -> int:
         return len(self.runs)
+
+    @property
+    def trials(self) -> str:
+        return ", ".join(str(t) for t in sorted({r.trial for r in self.all_runs if r.trial is not None}))
 
     def setting(self, key: str) -> Any:
         if key in self.choices:

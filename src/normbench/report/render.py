@@ -16,7 +16,7 @@ from normbench.record import STEPS, Status
 from normbench.report.mechanism import NormLine
 from normbench.report.records import Cell, ScanResult
 from normbench.report.reference import STUDY_TITLES
-from normbench.report.stats import Stat
+from normbench.report.stats import Comparison, Stat
 from normbench.report.tables import (
     COLUMNS,
     MIN_CI_N,
@@ -26,8 +26,10 @@ from normbench.report.tables import (
     Table,
     cell_stat,
     fmt_value,
+    on_study_data,
     override_map,
     round_text,
+    used,
     value_of,
 )
 
@@ -35,6 +37,8 @@ MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
 MAX_SKIPPED_LISTED = 1000
 MAX_WARNINGS_LISTED = 500
 PERCENT = {"test/err", "test/acc", "val/best_acc"}
+COUNTS = {"model/params", "train/steps", "train/images"}  # whole numbers with thousands separators
+MAX_POINTS = 4  # a comparison lists its points up to this many seeds a side (an interval says little then)
 SUMMARY_COLUMNS = ("objective", "epochs_done", "diverged_epoch", "error")  # runs.csv's from summary.json
 
 
@@ -42,15 +46,13 @@ def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
     """Mean ± 95% CI half-width from MIN_CI_N seeds on; below that the mean and its points."""
     if st.mean is None:
         return "–"
-    if col.metric == "model/params":
+    if col.metric in COUNTS:
         text = f"{st.mean:,.0f}"
         return text if not st.sd else f"{text} ± {st.ci:,.0f}" if st.ci is not None else text
     if st.n < MIN_CI_N:
-        whole = col.metric == "convergence/epoch" and all(float(v).is_integer() for v in points)
-        digits = 0 if whole else col.digits
-        text = f"{st.mean * col.scale:.{digits}f}"
+        text = f"{st.mean * col.scale:.{col.digits}f}"
         if st.n > 1 and points:
-            text += " (" + ", ".join(f"{v * col.scale:.{digits}f}" for v in points) + ")"
+            text += " (" + ", ".join(f"{v * col.scale:.{col.digits}f}" for v in points) + ")"
         return text
     text = f"{st.mean * col.scale:.{col.digits}f}"
     return text if st.ci is None else f"{text} ± {st.ci * col.scale:.{col.digits}f}"
@@ -69,12 +71,30 @@ def _n_text(cell: Cell) -> str:
     return f"{cell.n} (+{extra})" if extra else str(cell.n)
 
 
+def difference_text(c: Comparison | None, scale: float = 100.0) -> str:
+    """A difference with its 95% interval (Welch), its verdict and, with few seeds, its points:
+    "+2.85 pp, not resolved at n = 3: [-4.10, +9.80] pp (Welch p=0.31; points 12.1, 13.0, 11.8 vs ...)"."""
+    if c is None:
+        return "not run"
+    if c.diff is None or c.interval is None:
+        return c.text if c.diff is None else f"{c.diff * scale:+.2f} pp, {c.text}"
+    na, nb = c.n
+    n = f"{na}" if na == nb else f"{na} / {nb}"
+    lo, hi = (v * scale for v in c.interval)
+    text = f"{c.diff * scale:+.2f} pp, "
+    text += (f"differs at n = {n}: [{lo:+.2f}, {hi:+.2f}] pp" if c.verdict == "differs"
+             else f"not resolved at n = {n}: [{lo:+.2f}, {hi:+.2f}] pp")
+    extra = [] if c.p is None else [f"Welch p={c.p:.3g}"]
+    if max(na, nb) <= MAX_POINTS:
+        a, b = (", ".join(f"{v * scale:.1f}" for v in side) for side in c.points)
+        extra.append(f"points {a} vs {b}")
+    return text + (f" ({'; '.join(extra)})" if extra else "")
+
+
 def _comparison_text(row: Row, scale: float = 100.0) -> str:
     if row.vs is None:
         return ""
-    c = row.comparison
-    ours = "not run" if c is None else c.text if c.diff is None else f"{c.diff * scale:+.2f} pp, {c.text}"
-    parts = [f"vs {row.vs}: {ours}"]
+    parts = [f"vs {row.vs}: {difference_text(row.comparison, scale)}"]
     if row.study_diff is not None:
         parts.append(f"study {row.study_diff:+.2f} pp")
     return "; ".join(parts)
@@ -102,7 +122,7 @@ def _display_row(table: Table, row: Row, extra: bool) -> list[str]:
         st, points, never = cell_stat(row, col.metric)
         text = fmt_stat(st, col, points)
         if never:
-            text = f"never ({never} of {never + st.n})" if st.mean is None else f"{text}; never: {never}"
+            text = _never_text(row, never, never + st.n, "" if st.mean is None else f"{text}; ")
         ref = row.ref.ref.get(col.metric) if row.ref else None
         if col.metric == table.primary and study:
             line += [text, _fmt_ref(ref, col) if ref is not None else NO_STUDY_NUMBER if row.no_study else "",
@@ -115,6 +135,14 @@ def _display_row(table: Table, row: Row, extra: bool) -> list[str]:
     return line + [_comparison_text(row, primary.scale)]
 
 
+def _never_text(row: Row, never: int, total: int, before: str) -> str:
+    """The runs that did not reach the threshold: cut while still improving, or never."""
+    cut, rest = len(row.cut), never - len(row.cut)
+    steps = "/".join(f"{v:,.0f}" for v in sorted(set(row.cut)))
+    parts = [f"cut at {steps} steps, still improving ({cut} of {total})"] * bool(cut)
+    return before + "; ".join(parts + [f"never ({rest} of {total})"] * bool(rest))
+
+
 def _setting_values(table: Table, cell: Cell | None) -> list[str]:
     if cell is None:
         return [""] * len(table.setting_columns)
@@ -123,11 +151,13 @@ def _setting_values(table: Table, cell: Cell | None) -> list[str]:
     values = []
     overrides = override_map(cell)
     for key in table.setting_columns:
-        if key in overrides:
+        if key == "trial":
+            values.append(cell.trials)
+        elif key in overrides:
             values.append(round_text(overrides[key]))
-            continue
-        value = value_of(cell, key) if key in cell.choices or "." not in key else None
-        values.append("" if value is None else fmt_value(value))
+        else:
+            value = value_of(cell, key) if key in cell.choices or "." not in key else None
+            values.append("" if value is None else fmt_value(value))
     return values
 
 
@@ -173,19 +203,51 @@ def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
     rows = []
     for pair in table.pairs:
         c = pair.comparison
-        if c is None:
-            ours, verdict = "not run", "not run"
-        elif c.diff is None:
-            ours, verdict = "–", c.text
-        else:
-            ours, verdict = f"{c.diff * col.scale:+.2f} pp", c.text
-        rows.append([f"{pair.row} vs {pair.base}", ours, verdict,
+        verdict = "not run" if c is None else c.verdict
+        rows.append([f"{pair.row} vs {pair.base}", difference_text(c, col.scale), verdict,
                      "" if pair.study_diff is None else f"{pair.study_diff:+.2f} pp"])
     return header, rows
 
 
 def table_title(table: Table) -> str:
-    return f"{table.name} — {table.title}" + (f" (study {table.study.study})" if table.study else "")
+    return (f"{table.name} — {table.title}" + (f" (study {table.study.study})" if table.study else "")
+            + (f" — {used(table.cells)}" if table.cells else ""))
+
+
+MAX_HEADLINES = 6
+
+
+def headlines(tables: Sequence[Table]) -> list[tuple[str, str]]:
+    """The answer, first on the page: per comparison of a table (a search: its best trial) one line
+    with the difference, its 95% interval, n and the budget; and the figure that shows it."""
+    out: list[tuple[str, str]] = []
+    for table in tables:
+        figure = table.figures[0][1] if table.figures else ""
+        col = next(c for c in COLUMNS if c.metric == table.primary)
+        first = table.rows[0] if table.rows else None
+        if first is not None and first.cell is not None and first.cell.trials:
+            text = (f"{used(table.cells)}: best {first.label}, {col.title} "
+                    f"{fmt_stat(first.cell.stat(table.primary), col)}, {_steps_text(first.cell)} steps")
+            out.append((text, figure))
+            continue
+        for row in table.rows:
+            c = row.comparison
+            many = row.vs == "best" and len(table.rows) > 3  # each row vs the best: no single answer
+            if c is None or c.interval is None or row.cell is None or many:
+                continue
+            lo, hi = (v * col.scale for v in c.interval)
+            text = (f"{row.label}{f' ({row.extra})' if row.extra else ''} vs {row.vs}: "
+                    f"{col.title.removesuffix(' %')} {c.diff * col.scale:+.2f} pp "
+                    f"[95% CI {lo:+.2f}, {hi:+.2f}] "
+                    f"({c.verdict}), n = {c.n[0]} / {c.n[1]}, {_steps_text(row.cell)} steps each "
+                    f"— {used([row.cell])}")
+            out.append((text, figure))
+    return out[:MAX_HEADLINES]
+
+
+def _steps_text(cell: Cell) -> str:
+    steps = cell.stat("train/steps")
+    return "?" if steps.mean is None else f"{steps.mean:,.0f}"
 
 
 def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -193,7 +255,7 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
     (norm, lr), then the norm over all its lrs with the study's numbers and the effective lr range."""
     header = ["norm", "lr", "runs", "test acc %", "training-loss range (after epoch 1)", "study",
               "gradient cosine (mean)", "study", "gradient predictiveness (mean max ‖Δ∇L‖)",
-              "β-smoothness mean / max", "Lipschitz along the path median / max", "study Lipschitz estimate",
+              "β-smoothness mean / max", "Lipschitz along the path median / max", "β, Lipschitz vs plain",
               "gradient variance (relative)", "trains / effective lrs"]
     rows = []
     for m in table.mechanism:
@@ -204,17 +266,25 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
             study_range = f"[{lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else none
             rows.append([m.norm, f"all {len(m.lrs)}", str(m.runs), "", loss, study_range, "per lr",
                          f"{ref['grad_cos']:g}" if "grad_cos" in ref else none, "per lr", "per lr", "per lr",
-                         f"{ref['lipschitz']:g}" if "lipschitz" in ref else none, "per lr",
+                         _study_direction(table, m), "per lr",
                          _effective_text(m.effective_lrs, m.lrs)])
             continue
         rows.append([
             m.norm, "" if m.lr is None else f"{m.lr:g}", str(m.runs),
             "" if m.test_acc is None else f"{m.test_acc * 100:.2f}", loss, "", _probe(".2f", m.grad_cos), "",
             _probe(".3g", m.grad_pred), _probe(".3g", m.beta_mean, m.beta_max),
-            _probe(".3g", m.lipschitz_median, m.lipschitz_max), "", _probe(".3g", m.grad_var_rel),
+            _probe(".3g", m.lipschitz_median, m.lipschitz_max), m.vs_plain, _probe(".3g", m.grad_var_rel),
             "yes" if m.trains else "no",
         ])
     return header, rows
+
+
+def _study_direction(table: Table, line: NormLine) -> str:
+    """The study's direction of the Lipschitz estimate against plain (its magnitude does not compare)."""
+    ours, plain = line.study.get("lipschitz"), table.study.mechanism.get("none", {}).get("lipschitz")
+    if ours is None or plain is None or line.norm == "plain":
+        return NO_STUDY_NUMBER if line.no_study else ""
+    return f"study: Lipschitz {'lower' if ours < plain else 'higher'}"
 
 
 def _probe(spec: str, *values: float | None) -> str:
@@ -263,7 +333,7 @@ def _view(table: Table) -> TableView:
 
 
 def verdict_class(text: str) -> str:
-    for word, css in (("differs", "differs"), ("within noise", "noise"), ("cannot tell", "cannot"),
+    for word, css in (("differs", "differs"), ("not resolved", "noise"), ("cannot tell", "cannot"),
                       ("not run", "cannot")):
         if word in text:
             return f"verdict-{css}"
@@ -280,17 +350,28 @@ def _environment(autoescape: bool) -> jinja2.Environment:
     return env
 
 
+def _heading(study: str | None, views: list[TableView]) -> str:
+    """A section's heading: the study's title on its data, else the data and models actually run."""
+    if study is None:
+        return "Other runs"
+    cells = [c for v in views for c in v.table.cells]
+    if all(on_study_data(c) for c in cells):
+        return STUDY_TITLES[study]
+    return f"Study {study}'s comparisons, run on {used(cells)}"
+
+
 def render_html(tables: list[Table], result: ScanResult, warnings: list[str], title: str) -> str:
     views = [_view(t) for t in tables]
-    sections = [(STUDY_TITLES[study] if study else "Other runs", group) for study in ("000", "002", None)
+    sections = [(_heading(study, group), group) for study in ("000", "002", None)
                 if (group := [v for v in views if (v.table.study.study if v.table.study else None) == study])]
     return _environment(True).get_template("index.html.j2").render(
-        title=title, result=result, views=views, sections=sections, warnings=warnings)
+        title=title, result=result, views=views, sections=sections, warnings=warnings,
+        headlines=headlines(tables))
 
 
 def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
     return _environment(False).get_template("report.md.j2").render(
-        title=title, result=result, views=[_view(t) for t in tables])
+        title=title, result=result, views=[_view(t) for t in tables], headlines=headlines(tables))
 
 
 # CSV files
