@@ -11,31 +11,43 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, run_train
+from scipy import stats as scipy_stats
 from test_report import find_chromium, write_run
 
+from normbench.datasets.idx import DEBIAN_FASHION_MNIST
 from normbench.report import cli as report
 from normbench.report.reference import TABLES_BY_NAME
 
 ALEXNET_NORM_BATCH = TABLES_BY_NAME["alexnet_norm_batch"]
 
-HEIGHT_SCRIPT = """<script>window.addEventListener('load', () => { const d = document.createElement('div');
-d.id = 'height-check'; d.textContent = 'height=' + document.documentElement.scrollHeight;
-document.body.appendChild(d); });</script>"""
+HEIGHT_SCRIPT = "'height=' + document.documentElement.scrollHeight"
+# where the first headline and the figure beside it lie on the page (CSS px from the top)
+ANSWER_SCRIPT = ("'headline=' + document.querySelector('.headline').getBoundingClientRect().bottom + "
+                 "' figure=' + document.querySelector('figure.answer').getBoundingClientRect().top")
 
 
-def page_height(browser: str, out: Path, profile: Path) -> int:
-    check = out / "_height_check.html"
-    check.write_text((out / "index.html").read_text().replace("</body>", HEIGHT_SCRIPT + "</body>"))
+def after_load(browser: str, out: Path, profile: Path, expression: str, size: str = "1400,900") -> str:
+    """`expression` evaluated in headless Chromium once index.html has loaded (images included) in a
+    window of `size`, read back from the dumped DOM."""
+    script = ("<script>window.addEventListener('load', () => { const d = document.createElement('div'); "
+              f"d.id = 'browser-check'; d.textContent = {expression}; "
+              "document.body.appendChild(d); });</script>")
+    check = out / "_browser_check.html"  # beside index.html: its relative image paths resolve the same
+    check.write_text((out / "index.html").read_text().replace("</body>", script + "</body>"))
     try:
         p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                            "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,900",
-                            "--virtual-time-budget=5000", "--dump-dom", check.as_uri()],
+                            "--no-first-run", f"--user-data-dir={profile}", f"--window-size={size}",
+                            "--hide-scrollbars", "--virtual-time-budget=5000", "--dump-dom", check.as_uri()],
                            capture_output=True, text=True, timeout=180, check=False)
     finally:
         check.unlink()
-    m = re.search(r'id="height-check">height=(\d+)<', p.stdout)
+    m = re.search(r'id="browser-check">([^<]*)<', p.stdout)
     assert m, p.stderr[-2000:]
-    return int(m.group(1))
+    return m.group(1)
+
+
+def page_height(browser: str, out: Path, profile: Path) -> int:
+    return int(after_load(browser, out, profile, HEIGHT_SCRIPT).removeprefix("height="))
 
 
 @pytest.mark.slow
@@ -173,3 +185,62 @@ def test_study_000_inconsistencies_are_flagged_beside_their_tables():
                                         activation=nn.ReLU)) for n in ("none", "bn")}
     added = 100 * (counts["bn"] / counts["none"] - 1)
     assert f"+{added:.4f}%" in flags["vgg_bn_baseline"]  # 0.0564%: not the study's 0.067%
+
+
+DEBIAN = Path(DEBIAN_FASHION_MNIST)
+# the README's quick comparison, shrunk: 3 seeds x plain/BN, 2 epochs of 4 steps of 16 real images
+FMNIST_TINY = ["-m", "experiment=fmnist_quick", "seed=0,1,2", "+debug=quick", "trainer.epochs=2",
+               "logger=none"]
+NUMBER = r"([+-]\d+\.\d\d)"
+HEADLINE = re.compile(rf"BN vs plain: test error {NUMBER} pp \[95% CI {NUMBER}, {NUMBER}\] "
+                      r"\((differs|not resolved)\), n = 3 / 3, (\d+) steps each — fashion_mnist, vgg_a_light")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
+                    reason=f"Fashion-MNIST is not in {DEBIAN} (apt-get install dataset-fashion-mnist)")
+def test_the_answer_comes_first_on_a_real_fashion_mnist_sweep(tmp_path):
+    run_train(FMNIST_TINY, cwd=tmp_path)
+    sweep = tmp_path / "multirun" / "fmnist_quick"
+    out = tmp_path / "rep"
+    rep = report.build([str(sweep)], str(out))
+    assert [t.name for t in rep.tables] == ["vgg_bn_baseline"]  # one sweep, one table
+    page, md = (out / "index.html").read_text(), (out / "report.md").read_text()
+    # the headline: the difference, its Welch interval (scipy's), n and the steps, before any note or table
+    m = HEADLINE.search(page)
+    assert m, page[:3000]
+    assert m.start() < page.index("class=note") and m.start() < page.index("<table")
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    err = {norm: [1 - s["metrics"]["test/acc"] for s in summaries if s["choices"]["norm"] == norm]
+           for norm in ("bn", "none")}
+    welch = scipy_stats.ttest_ind(err["bn"], err["none"], equal_var=False)
+    low, high = welch.confidence_interval(0.95)
+    diff = sum(err["bn"]) / 3 - sum(err["none"]) / 3
+    expected = [100 * diff, 100 * low, 100 * high]
+    assert [float(v) for v in m.group(1, 2, 3)] == pytest.approx(expected, abs=0.006)
+    assert m.group(4) == ("differs" if welch.pvalue < 0.05 else "not resolved")
+    # steps: 2 epochs capped at 4 steps (+debug=quick), as the runs recorded them in metrics.jsonl
+    steps = {json.loads(p.read_text().splitlines()[-1])["step"] for p in sweep.glob("*/metrics.jsonl")}
+    assert steps == {8} and m.group(5) == "8"
+    header = next(x for x in md.splitlines() if x.startswith("| row |")).split(" | ")
+    rows = [x.split(" | ") for x in md.splitlines() if x.startswith(("| plain |", "| BN |"))]
+    assert len(rows) == 2 and all(r[header.index("steps")] == "8" for r in rows)
+    assert "Budget: trainer.max_steps_per_epoch=4" in md
+    # no study number (CIFAR-10, the study's VGG-A) beside a Fashion-MNIST row or summary line
+    st = TABLES_BY_NAME["vgg_bn_baseline"]
+    numbers = {f"{v:g}" for r in st.rows for v in r.ref.values()} | {f"{c.percent:g}" for c in st.contrasts}
+    lines = [x for x in md.splitlines() if x.startswith(("| plain |", "| BN |", "> ", "**"))]
+    for number in numbers:
+        assert not any(re.search(rf"(?<![\d.]){re.escape(number)}(?!\d)", x) for x in lines), number
+    assert "ours +" not in md and "study +" not in md
+    # headings name the data and model run, not the study's CIFAR-10
+    headings = re.findall(r"<h[123][^>]*>(.*?)</h[123]>", page)
+    assert all("CIFAR" not in h for h in headings)
+    assert any("fashion_mnist, vgg_a_light" in h for h in headings)
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("chromium not found (apt-get install -y chromium)")
+    # on a 1366x768 screen the answer is on the first screen: the headline, and the figure starts there
+    where = after_load(browser, out, tmp_path / "profile", ANSWER_SCRIPT, size="1366,768")
+    bottom, figure = (float(v.split("=")[1]) for v in where.split())
+    assert 0 < bottom <= 768 and figure < 768, where

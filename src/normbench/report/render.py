@@ -226,7 +226,9 @@ def headlines(tables: Sequence[Table]) -> list[tuple[str, str]]:
         col = next(c for c in COLUMNS if c.metric == table.primary)
         first = table.rows[0] if table.rows else None
         if first is not None and first.cell is not None and first.cell.trials:
-            text = (f"{used(table.cells)}: best {first.label}, {col.title} "
+            best = first.cell.stat("val/best_acc").mean
+            text = (f"{used(table.cells)}: best of {len(table.rows)} trials: trial {first.cell.trials}, best "
+                    f"validation accuracy {100 * (best or math.nan):.2f}%, {col.title} "
                     f"{fmt_stat(first.cell.stat(table.primary), col)}, {_steps_text(first.cell)} steps")
             out.append((text, figure))
             continue

@@ -469,7 +469,8 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
         group.sort(key=lambda c: tuple(_sort_key(value_of(c, k)) for k in keys) + c.value_overrides)
         table = Table(slug(name), title, "generic", "test/err", [])
         table.setting_columns = keys + sorted(overrides)
-        if any(c.trials for c in group):  # a search: its trials by objective (1 - best val acc), best first
+        search = any(c.trials for c in group)
+        if search:  # its trials by objective (1 - best val acc), best first, and compared with the first
             table.title = f"search {exp}: trials sorted by objective (1 − best validation accuracy)"
             group.sort(key=lambda c: _sort_key(c.stat("objective").mean))
             table.setting_columns.insert(0, "trial")
@@ -480,8 +481,8 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
         elif constant_overrides(group):
             table.notes.append("Every row also: " + " ".join(constant_overrides(group)))
         table.notes.extend(budget_notes(group))
-        best = min((c for c in group if c.stat("test/err").mean is not None),
-                   key=lambda c: c.stat("test/err").mean, default=None)
+        best = group[0] if search else min((c for c in group if c.stat("test/err").mean is not None),
+                                           key=lambda c: c.stat("test/err").mean, default=None)
         for cell in group:
             label = _extra_label(cell, keys, overrides) or exp
             row = Row(f"trial {cell.trials}: {label}" if cell.trials else label, cell)
@@ -490,8 +491,9 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
                 row.comparison = _compare(cell, best, "test/err")
             table.rows.append(row)
         if best is not None and len(group) > 1:
-            table.notes.append(f"'vs best' compares each row with the lowest mean test error "
-                               f"({_extra_label(best, keys, overrides)}).")
+            which = f"trial {best.trials}, the best objective" if search else "the lowest mean test error"
+            label = _extra_label(best, keys, overrides)
+            table.notes.append(f"'vs best' compares each row with {which} ({label}).")
         add_convergence(table)
         tables.append(table)
     return tables
