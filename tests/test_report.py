@@ -447,6 +447,11 @@ def test_seed_cells_mean_ci_and_reference(built):
     assert float(csv_rows["BN · focal"]["test_err_ci95"]) == pytest.approx(ci)
     assert float(csv_rows["BN · focal"]["test_err_study"]) == 12.28
     assert csv_rows["BN · focal"]["vs_verdict"] == "not resolved"
+    # the difference's 95% interval (Welch), as scipy gives it, in the CSV and on the page
+    low, high = scipy_stats.ttest_ind(errs, ce_errs, equal_var=False).confidence_interval(0.95)
+    assert float(csv_rows["BN · focal"]["vs_ci95_low"]) == pytest.approx(low, rel=1e-9)
+    assert float(csv_rows["BN · focal"]["vs_ci95_high"]) == pytest.approx(high, rel=1e-9)
+    assert f"not resolved at n = 3: [{low:+.2f}, {high:+.2f}] pp" in comp
 
 
 def test_matching_by_settings_not_by_name(built, tmp_path):

@@ -9,6 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY, run_train
 from scipy import stats as scipy_stats
@@ -244,3 +245,39 @@ def test_the_answer_comes_first_on_a_real_fashion_mnist_sweep(tmp_path):
     where = after_load(browser, out, tmp_path / "profile", ANSWER_SCRIPT, size="1366,768")
     bottom, figure = (float(v.split("=")[1]) for v in where.split())
     assert 0 < bottom <= 768 and figure < 768, where
+
+
+@pytest.mark.slow
+def test_a_search_report_has_a_trial_column_sorted_by_objective(tmp_path):
+    run_train(["-m", "search=optuna_random", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.n_trials=4",
+               *TINY, "model=vgg_a_light", "logger=none"], cwd=tmp_path)
+    sweep = tmp_path / "multirun" / "default"
+    rep = report.build([str(sweep)], str(tmp_path / "out"))
+    (table,) = rep.tables  # one search, one table
+    assert table.setting_columns[0] == "trial"
+    objectives = {int(p.parent.name[len("trial-"):].split(",")[0]): json.loads(p.read_text())["objective"]
+                  for p in sweep.glob("trial-*/summary.json")}
+    assert len(objectives) == 4
+    by_objective = sorted(objectives, key=lambda t: (objectives[t], t))
+    assert [int(r.cell.trials) for r in table.rows] == by_objective  # best first
+    assert [r.label.split(":")[0] for r in table.rows] == [f"trial {t}" for t in by_objective]
+    assert all(r.vs == "best" for r in table.rows[1:]) and table.rows[0].vs is None
+    md = (tmp_path / "out" / "report.md").read_text()
+    header = next(x for x in md.splitlines() if x.startswith("| trial |")).split(" | ")
+    assert header[0] == "| trial" and "steps" in header
+    assert f"best of 4 trials: trial {by_objective[0]}, best validation accuracy" in md.splitlines()[2]
+
+
+def test_one_spiking_run_does_not_flatten_the_other_curves():
+    from matplotlib.figure import Figure
+
+    from normbench.report import plots
+
+    curves = [np.linspace(2.3, 0.5, 20) + 0.01 * i for i in range(5)]
+    spiking = np.linspace(2.3, 0.5, 20)
+    spiking[7] = 1e13
+    ax = Figure().subplots()
+    assert plots._clip_to_quantiles(ax, [*curves, spiking])
+    low, high = ax.get_ylim()
+    assert 0 < low < 0.5 and 2.3 < high < 3  # the robust range, with a margin
+    assert not plots._clip_to_quantiles(Figure().subplots(), curves)  # nothing to clip: matplotlib's range

@@ -18,9 +18,9 @@ import numpy as np
 from normbench.record import FILTERS, METRICS, PROBES
 from normbench.report import plots
 from normbench.report.mechanism import LOSS_RANGE_WARMUP_EPOCHS, NormLine, lr_of, num
-from normbench.report.records import RunRecord
+from normbench.report.records import RunRecord, used
 from normbench.report.reference import NORM_LABEL
-from normbench.report.tables import COLUMNS, MIN_CI_N, Table, ci_for_display, slug, used
+from normbench.report.tables import COLUMNS, MIN_CI_N, Table, ci_for_display, slug
 
 MAX_BARS = 40
 MAX_CURVE_CELLS = 12
@@ -60,19 +60,12 @@ def _epoch_curve(label: str, runs: Sequence[RunRecord]):
 
 def _per_step(pairs: list[tuple[np.ndarray, np.ndarray]]):
     """Per-step min, max and mean over several runs' (step, value) series (finite values only)."""
-    steps = np.concatenate([p[0] for p in pairs])
-    values = np.concatenate([p[1] for p in pairs])
-    keep = np.isfinite(steps) & np.isfinite(values)
-    steps, values = steps[keep], values[keep]
-    if steps.size == 0:
-        return None
-    order = np.argsort(steps, kind="stable")
-    steps, values = steps[order], values[order]
-    uniq, start, counts = np.unique(steps, return_index=True, return_counts=True)
-    low = np.minimum.reduceat(values, start)
-    high = np.maximum.reduceat(values, start)
-    mean = np.add.reduceat(values, start) / counts
-    return uniq, low, high, mean
+    import pandas as pd
+
+    frame = pd.DataFrame({"step": np.concatenate([p[0] for p in pairs]),
+                          "value": np.concatenate([p[1] for p in pairs])})
+    agg = frame[np.isfinite(frame).all(axis=1)].groupby("step")["value"].agg(["min", "max", "mean"])
+    return None if agg.empty else (agg.index.to_numpy(), *(agg[k].to_numpy() for k in ("min", "max", "mean")))
 
 
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:

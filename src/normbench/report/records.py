@@ -164,7 +164,16 @@ class RunRecord:
         return rows
 
     def epochs(self) -> list[dict]:
+        return self._epoch_rows
+
+    @cached_property
+    def _epoch_rows(self) -> list[dict]:  # read once: the budget, the speed column and figures need them
         return self._rows(METRICS)
+
+    def val_curve(self) -> list[tuple[float, float]]:
+        """(steps, validation accuracy) at each epoch end of metrics.jsonl."""
+        return sorted((float(s), float(acc)) for row in self.epochs() if isinstance(s := row.get("step"), int)
+                      and isinstance(acc := row.get("val/acc"), (int, float)) and math.isfinite(acc))
 
     def steps(self) -> list[dict]:
         return self._rows(STEPS)
@@ -311,6 +320,22 @@ class Cell:
 
     def stat(self, metric: str) -> Stat:
         return mean_ci(self.values(metric))
+
+
+def used(cells: Sequence[Cell]) -> str:
+    """The data and models the cells ran (for headings): "fashion_mnist, vgg_a_light"."""
+    names = [sorted({str(c.choices.get(k)) for c in cells if c.choices.get(k) is not None})
+             for k in ("data", "model")]
+    return ", ".join(" / ".join(n) for n in names if n)
+
+
+def budget_notes(cells: Sequence[Cell]) -> list[str]:
+    """The caps on the runs' budgets (a preset's or the command line's): an 'epoch' of a capped run is
+    that many steps, not a pass over the training data."""
+    caps = {key: sorted({str(v) for c in cells if (v := c.setting(key)) is not None})
+            for key in ("trainer.max_steps_per_epoch", "trainer.max_steps")}
+    text = " ".join(f"{k}={'/'.join(v)}" for k, v in caps.items() if v)
+    return [f"Budget: {text} caps the runs (steps and images: what each run trained on)."] * bool(text)
 
 
 def cells_of(runs: Iterable[RunRecord]) -> list[Cell]:

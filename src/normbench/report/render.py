@@ -14,7 +14,7 @@ import jinja2
 
 from normbench.record import STEPS, Status
 from normbench.report.mechanism import NormLine
-from normbench.report.records import Cell, ScanResult
+from normbench.report.records import Cell, ScanResult, used
 from normbench.report.reference import STUDY_TITLES
 from normbench.report.stats import Comparison, Stat
 from normbench.report.tables import (
@@ -29,7 +29,6 @@ from normbench.report.tables import (
     on_study_data,
     override_map,
     round_text,
-    used,
     value_of,
 )
 
@@ -49,17 +48,15 @@ def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
     if col.metric in COUNTS:
         text = f"{st.mean:,.0f}"
         return text if not st.sd else f"{text} ± {st.ci:,.0f}" if st.ci is not None else text
-    if st.n < MIN_CI_N:
-        text = f"{st.mean * col.scale:.{col.digits}f}"
-        if st.n > 1 and points:
-            text += " (" + ", ".join(f"{v * col.scale:.{col.digits}f}" for v in points) + ")"
-        return text
     text = f"{st.mean * col.scale:.{col.digits}f}"
+    if st.n < MIN_CI_N:
+        shown = ", ".join(f"{v * col.scale:.{col.digits}f}" for v in points) if st.n > 1 else ""
+        return f"{text} ({shown})" if shown else text
     return text if st.ci is None else f"{text} ± {st.ci * col.scale:.{col.digits}f}"
 
 
 def _fmt_ref(value: float, col: Column) -> str:
-    if col.metric == "model/params":
+    if col.metric in COUNTS:
         return f"{value:,.0f}"
     return f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
 
@@ -171,7 +168,7 @@ def records(table: Table) -> tuple[list[str], list[list[Any]]]:
         header += [f"{base}_mean", f"{base}_ci95", f"{base}_n"]
         if table.kind == "study":
             header.append(f"{base}_study")
-    header += ["vs", "vs_diff", "vs_p", "vs_verdict", "study_vs_diff"]
+    header += ["vs", "vs_diff", "vs_ci95_low", "vs_ci95_high", "vs_p", "vs_verdict", "study_vs_diff"]
     rows = []
     for row in table.rows:
         cell = row.cell
@@ -190,7 +187,8 @@ def records(table: Table) -> tuple[list[str], list[list[Any]]]:
             if table.kind == "study":
                 line.append(row.ref.ref.get(col.metric) if row.ref else None)
         c = row.comparison
-        line += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0,
+        low, high = (None, None) if c is None or c.interval is None else (v * 100.0 for v in c.interval)
+        line += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0, low, high,
                  None if c is None else c.p, "" if c is None else c.verdict, row.study_diff]
         rows.append(line)
     return header, rows
@@ -224,12 +222,11 @@ def headlines(tables: Sequence[Table]) -> list[tuple[str, str]]:
     for table in tables:
         figure = table.figures[0][1] if table.figures else ""
         col = next(c for c in COLUMNS if c.metric == table.primary)
-        first = table.rows[0] if table.rows else None
-        if first is not None and first.cell is not None and first.cell.trials:
-            best = first.cell.stat("val/best_acc").mean
-            text = (f"{used(table.cells)}: best of {len(table.rows)} trials: trial {first.cell.trials}, best "
-                    f"validation accuracy {100 * (best or math.nan):.2f}%, {col.title} "
-                    f"{fmt_stat(first.cell.stat(table.primary), col)}, {_steps_text(first.cell)} steps")
+        best = table.rows[0].cell if table.rows else None
+        if best is not None and best.trials:
+            text = (f"{used(table.cells)}: best of {len(table.rows)} trials: trial {best.trials}, best "
+                    f"validation accuracy {_stat_text(best, 'val/best_acc')}%, {col.title} "
+                    f"{_stat_text(best, table.primary)}, {_stat_text(best, 'train/steps')} steps")
             out.append((text, figure))
             continue
         for row in table.rows:
@@ -238,18 +235,17 @@ def headlines(tables: Sequence[Table]) -> list[tuple[str, str]]:
             if c is None or c.interval is None or row.cell is None or many:
                 continue
             lo, hi = (v * col.scale for v in c.interval)
-            text = (f"{row.label}{f' ({row.extra})' if row.extra else ''} vs {row.vs}: "
-                    f"{col.title.removesuffix(' %')} {c.diff * col.scale:+.2f} pp "
+            steps = _stat_text(row.cell, "train/steps")
+            name = row.label + (f" ({row.extra})" if row.extra else "")
+            text = (f"{name} vs {row.vs}: {col.title.removesuffix(' %')} {c.diff * col.scale:+.2f} pp "
                     f"[95% CI {lo:+.2f}, {hi:+.2f}] "
-                    f"({c.verdict}), n = {c.n[0]} / {c.n[1]}, {_steps_text(row.cell)} steps each "
-                    f"— {used([row.cell])}")
+                    f"({c.verdict}), n = {c.n[0]} / {c.n[1]}, {steps} steps each — {used([row.cell])}")
             out.append((text, figure))
     return out[:MAX_HEADLINES]
 
 
-def _steps_text(cell: Cell) -> str:
-    steps = cell.stat("train/steps")
-    return "?" if steps.mean is None else f"{steps.mean:,.0f}"
+def _stat_text(cell: Cell, metric: str) -> str:
+    return fmt_stat(cell.stat(metric), next(c for c in COLUMNS if c.metric == metric))
 
 
 def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -335,11 +331,8 @@ def _view(table: Table) -> TableView:
 
 
 def verdict_class(text: str) -> str:
-    for word, css in (("differs", "differs"), ("not resolved", "noise"), ("cannot tell", "cannot"),
-                      ("not run", "cannot")):
-        if word in text:
-            return f"verdict-{css}"
-    return ""
+    css = {"differs": "differs", "not resolved": "noise", "cannot tell": "cannot", "not run": "cannot"}
+    return next((f"verdict-{c}" for word, c in css.items() if word in text), "")
 
 
 def _environment(autoescape: bool) -> jinja2.Environment:

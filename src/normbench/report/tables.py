@@ -15,8 +15,8 @@ from typing import Any
 
 from normbench.identity import SEED
 from normbench.record import CONFIG, LEARN_MARGIN, learned_threshold
-from normbench.report.mechanism import LrLine, NormLine, num
-from normbench.report.records import Cell
+from normbench.report.mechanism import LrLine, NormLine
+from normbench.report.records import Cell, budget_notes
 from normbench.report.reference import (
     MODEL_VARIANTS,
     STUDY_TABLES,
@@ -37,7 +37,6 @@ MIN_CI_N = 3  # below this many seeds a cell shows its points, not a t-interval 
 # IMPROVING_MARGIN was cut while still improving: its budget, not the run, ends the curve.
 CONVERGED_FRACTION = 0.99
 IMPROVING_MARGIN = 0.005
-MAX_CONVERGENCE_RUNS = 5000  # a table with more runs has no speed column (its curves are not read)
 # choice keys that select a study row and so are the row, not a setting to show (conf/vgg_best_row)
 ROW_SELECTORS = {"vgg_best_row"}
 
@@ -108,7 +107,6 @@ class Table:
     flags: list[str] = field(default_factory=list)  # the study's own inconsistencies about these numbers
     pairs: list[Pair] = field(default_factory=list)
     convergence_note: str = ""
-    threshold: float | None = None  # the validation accuracy the speed column counts steps to
 
     @property
     def cells(self) -> list[Cell]:
@@ -117,13 +115,6 @@ class Table:
     @property
     def columns(self) -> list[Column]:
         return [c for c in COLUMNS if c.metric != "test/acc" or self.primary == "test/acc"]
-
-
-def used(cells: Sequence[Cell]) -> str:
-    """The data and models the cells ran (for headings): "fashion_mnist, vgg_a_light"."""
-    names = [sorted({str(c.choices.get(k)) for c in cells if c.choices.get(k) is not None})
-             for k in ("data", "model")]
-    return ", ".join(" / ".join(n) for n in names if n)
 
 
 def _same(value: Any, wanted: Any) -> bool:
@@ -255,15 +246,11 @@ def add_convergence(table: Table) -> None:
     runs = [(row, run) for row in table.rows if row.cell is not None for run in row.cell.runs]
     if not runs:
         return
-    if len(runs) > MAX_CONVERGENCE_RUNS:
-        table.convergence_note = (f"steps to threshold: not computed for {len(runs)} runs, more than the "
-                                  f"{MAX_CONVERGENCE_RUNS} whose curves the report reads.")
-        return
-    curves = {id(run): _val_curve(run) for _, run in runs}
+    curves = {id(run): run.val_curve() for _, run in runs}
     best = max((acc for curve in curves.values() for _, acc in curve), default=None)
     if best is None:
         return
-    table.threshold = threshold = CONVERGED_FRACTION * best
+    threshold = CONVERGED_FRACTION * best
     unknown = 0
     for row, run in runs:
         curve, classes = curves[id(run)], run.num_classes
@@ -284,12 +271,6 @@ def add_convergence(table: Table) -> None:
     if unknown:
         table.convergence_note += (f" {unknown} run(s) without data.num_classes in their {CONFIG}: not "
                                    "checked for learning.")
-
-
-def _val_curve(run) -> list[tuple[float, float]]:
-    """(steps, validation accuracy) at each epoch end of the run's metrics.jsonl."""
-    return sorted((float(s), acc) for row in run.epochs() if isinstance(s := row.get("step"), int)
-                  and not isinstance(s, bool) and math.isfinite(acc := num(row.get("val/acc"))))
 
 
 def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
@@ -417,15 +398,6 @@ def _notes(st: StudyTable, covered: Sequence[Cell]) -> list[str]:
     if st.note and any(on_study_data(c) for c in covered):
         notes.append(st.note)
     return notes
-
-
-def budget_notes(cells: Sequence[Cell]) -> list[str]:
-    """The caps on the runs' budgets (a preset's or the command line's): an 'epoch' of a capped run is
-    that many steps, not a pass over the training data."""
-    caps = {key: sorted({str(v) for c in cells if (v := c.setting(key)) is not None})
-            for key in ("trainer.max_steps_per_epoch", "trainer.max_steps")}
-    text = " ".join(f"{k}={'/'.join(v)}" for k, v in caps.items() if v)
-    return [f"Budget: {text} caps the runs (steps and images: what each run trained on)."] * bool(text)
 
 
 def _contrasts(st: StudyTable, table: Table) -> list[str]:
