@@ -65,7 +65,7 @@ def test_a_two_run_preset_makes_one_table(tmp_path):
     assert not any(r.extra for r in table.rows)
     assert any(n.startswith("Every row also: ") and "data.num_train=512" in n for n in table.notes)
     # a real run's record gives its number of classes: every run is checked for learning
-    assert "conv. epoch" in table.convergence_note and "num_classes" not in table.convergence_note
+    assert "steps to threshold" in table.convergence_note and "num_classes" not in table.convergence_note
     page = (out / "index.html").read_text()
     assert page.count('class="results"') == 1
     assert "other settings" not in page
