@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -281,3 +282,22 @@ def test_one_spiking_run_does_not_flatten_the_other_curves():
     low, high = ax.get_ylim()
     assert 0 < low < 0.5 and 2.3 < high < 3  # the robust range, with a margin
     assert not plots._clip_to_quantiles(Figure().subplots(), curves)  # nothing to clip: matplotlib's range
+
+
+def test_one_sweep_makes_one_table(tmp_path):
+    # a 2x2 lr x norm sweep of which only lr 0.001 matches study rows: one table of its four cells, not
+    # the matching half in a study table and the rest in a second one
+    sweep = tmp_path / "manual"
+    for norm in ("none", "bn"):
+        for lr in (0.001, 0.01):
+            for seed in (0, 1):
+                write_run(sweep, experiment="manual", choices={"model": "vgg_a", "norm": norm, "seed": seed},
+                          test_acc=0.8 + 0.05 * (norm == "bn"), lr=lr)
+    rep = report.build([str(sweep)], str(tmp_path / "out"))
+    assert [t.name for t in rep.tables] == ["manual"] and len(rep.tables[0].rows) == 4
+    # the same sweep at the study's lrs only fills the study table, whole
+    for run in sweep.glob("*/config.yaml"):
+        if "lr: 0.01" in run.read_text():
+            shutil.rmtree(run.parent)
+    rep = report.build([str(sweep)], str(tmp_path / "out2"))
+    assert len(rep.tables) == 1 and rep.tables[0].kind == "study" and len(rep.tables[0].cells) == 2
