@@ -134,8 +134,7 @@ def _left_chance(run: RunRecord, classes: int | None) -> float | None:
     unknown; None when it never leaves chance."""
     if classes is None:
         return 0.0
-    return next((num(row.get("step")) for row in run.epochs()
-                 if num(row.get("val/acc")) > learned_threshold(classes)), None)
+    return next((step for step, acc in run.val_curve() if acc > learned_threshold(classes)), None)
 
 
 def _direction(line: LrLine, plain: LrLine) -> str:

@@ -197,14 +197,9 @@ def records(table: Table) -> tuple[list[str], list[list[Any]]]:
 def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
     """The study's own comparisons (Table.pairs): ours by Welch's test next to the study's difference."""
     col = next(c for c in COLUMNS if c.metric == table.primary)
-    header = ["comparison", f"ours ({col.title}, difference)", "Welch verdict", "study difference"]
-    rows = []
-    for pair in table.pairs:
-        c = pair.comparison
-        verdict = "not run" if c is None else c.verdict
-        rows.append([f"{pair.row} vs {pair.base}", difference_text(c, col.scale), verdict,
-                     "" if pair.study_diff is None else f"{pair.study_diff:+.2f} pp"])
-    return header, rows
+    header = ["comparison", f"ours ({col.title}, difference, 95% interval, Welch)", "study difference"]
+    return header, [[f"{pair.row} vs {pair.base}", difference_text(pair.comparison, col.scale),
+                     "" if pair.study_diff is None else f"{pair.study_diff:+.2f} pp"] for pair in table.pairs]
 
 
 def table_title(table: Table) -> str:
