@@ -158,13 +158,11 @@ def curves(series: Sequence[Curve], path: str, title: str) -> str:
 def _clip_to_quantiles(ax, arrays: Sequence[np.ndarray]) -> bool:
     """Limit the y axis to the CLIP_QUANTILES range of the values (with a margin) when some value lies
     further than that range's width outside it: one run's spike would flatten every other curve."""
-    values = np.concatenate([np.asarray(a, dtype=float) for a in arrays]) if arrays else np.array([])
+    values = np.concatenate([np.asarray(a, dtype=float) for a in arrays] or [np.array([])])
     values = values[np.isfinite(values)]
-    if values.size < 2:
-        return False
-    lo, hi = np.quantile(values, CLIP_QUANTILES)
+    lo, hi = np.quantile(values, CLIP_QUANTILES) if values.size > 1 else (0.0, 0.0)
     pad = max(hi - lo, 1e-6) * 0.15
-    if values.max() <= hi + 6 * pad and values.min() >= lo - 6 * pad:
+    if values.size < 2 or lo - 6 * pad <= values.min() <= values.max() <= hi + 6 * pad:
         return False
     ax.set_ylim(lo - pad, hi + pad)
     return True

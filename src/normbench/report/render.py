@@ -75,12 +75,9 @@ def difference_text(c: Comparison | None, scale: float = 100.0) -> str:
         return "not run"
     if c.diff is None or c.interval is None:
         return c.text if c.diff is None else f"{c.diff * scale:+.2f} pp, {c.text}"
-    na, nb = c.n
+    (na, nb), (lo, hi) = c.n, (v * scale for v in c.interval)
     n = f"{na}" if na == nb else f"{na} / {nb}"
-    lo, hi = (v * scale for v in c.interval)
-    text = f"{c.diff * scale:+.2f} pp, "
-    text += (f"differs at n = {n}: [{lo:+.2f}, {hi:+.2f}] pp" if c.verdict == "differs"
-             else f"not resolved at n = {n}: [{lo:+.2f}, {hi:+.2f}] pp")
+    text = f"{c.diff * scale:+.2f} pp, {c.verdict} at n = {n}: [{lo:+.2f}, {hi:+.2f}] pp"
     extra = [] if c.p is None else [f"Welch p={c.p:.3g}"]
     if max(na, nb) <= MAX_POINTS:
         a, b = (", ".join(f"{v * scale:.1f}" for v in side) for side in c.points)
@@ -89,12 +86,8 @@ def difference_text(c: Comparison | None, scale: float = 100.0) -> str:
 
 
 def _comparison_text(row: Row, scale: float = 100.0) -> str:
-    if row.vs is None:
-        return ""
-    parts = [f"vs {row.vs}: {difference_text(row.comparison, scale)}"]
-    if row.study_diff is not None:
-        parts.append(f"study {row.study_diff:+.2f} pp")
-    return "; ".join(parts)
+    study = "" if row.study_diff is None else f"; study {row.study_diff:+.2f} pp"
+    return "" if row.vs is None else f"vs {row.vs}: {difference_text(row.comparison, scale)}{study}"
 
 
 def display(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -342,11 +335,9 @@ def _environment(autoescape: bool) -> jinja2.Environment:
 
 def _heading(study: str | None, views: list[TableView]) -> str:
     """A section's heading: the study's title on its data, else the data and models actually run."""
-    if study is None:
-        return "Other runs"
     cells = [c for v in views for c in v.table.cells]
-    if all(on_study_data(c) for c in cells):
-        return STUDY_TITLES[study]
+    if study is None or all(on_study_data(c) for c in cells):
+        return STUDY_TITLES[study] if study else "Other runs"
     return f"Study {study}'s comparisons, run on {used(cells)}"
 
 
