@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from scipy import stats as scipy_stats
 
 from normbench import record
 from normbench.filters import filter_grid
@@ -304,7 +305,11 @@ def test_welch_against_hand_computation():
     assert c.diff == pytest.approx(-3.5)
     assert c.p == pytest.approx(_t_sf2_numeric(t, df), rel=1e-4)
     assert c.verdict == "differs"
-    assert stats.welch([1.0, 1.2, 0.9], [1.05, 1.1, 1.0]).verdict == "within noise"
+    assert stats.welch([1.0, 1.2, 0.9], [1.05, 1.1, 1.0]).verdict == "not resolved"
+    # the difference's 95% interval: Welch-Satterthwaite df, t quantile, both from scipy
+    half = scipy_stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert c.interval == pytest.approx((-3.5 - half, -3.5 + half), rel=1e-12)
+    assert scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95) == pytest.approx(c.interval)
     one = stats.welch([1.0], [2.0, 2.1])
     assert one.verdict == "cannot tell" and "n=1, cannot tell" in one.text
 
@@ -424,10 +429,11 @@ def test_seed_cells_mean_ci_and_reference(built):
     tval = (mean - statistics.mean(ce_errs)) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
     assert focal.comparison.p == pytest.approx(_t_sf2_numeric(tval, df), rel=1e-4)
-    assert focal.comparison.verdict == "within noise"
+    assert focal.comparison.verdict == "not resolved"
     assert focal.study_diff == pytest.approx(12.28 - 12.35)
     comp = line[header.index("comparison")]
-    assert comp.startswith("vs BN · CE: ") and "within noise (Welch p=" in comp and "study -0.07 pp" in comp
+    assert comp.startswith("vs BN · CE: ") and "not resolved at n = 3: [" in comp and "Welch p=" in comp
+    assert "study -0.07 pp" in comp
     # one seed: cannot tell
     l2 = _row(t, "BN · CE+L2")
     assert l2.cell.n == 1 and l2.comparison.verdict == "cannot tell"
@@ -440,7 +446,12 @@ def test_seed_cells_mean_ci_and_reference(built):
     assert float(csv_rows["BN · focal"]["test_err_mean"]) == pytest.approx(mean)
     assert float(csv_rows["BN · focal"]["test_err_ci95"]) == pytest.approx(ci)
     assert float(csv_rows["BN · focal"]["test_err_study"]) == 12.28
-    assert csv_rows["BN · focal"]["vs_verdict"] == "within noise"
+    assert csv_rows["BN · focal"]["vs_verdict"] == "not resolved"
+    # the difference's 95% interval (Welch), as scipy gives it, in the CSV and on the page
+    low, high = scipy_stats.ttest_ind(errs, ce_errs, equal_var=False).confidence_interval(0.95)
+    assert float(csv_rows["BN · focal"]["vs_ci95_low"]) == pytest.approx(low, rel=1e-9)
+    assert float(csv_rows["BN · focal"]["vs_ci95_high"]) == pytest.approx(high, rel=1e-9)
+    assert f"not resolved at n = 3: [{low:+.2f}, {high:+.2f}] pp" in comp
 
 
 def test_matching_by_settings_not_by_name(built, tmp_path):
@@ -483,7 +494,7 @@ def test_alexnet_table_uses_accuracy(built):
     assert line[header.index("test acc %")] == f"{statistics.mean(accs):.2f} ({accs[0]:.2f}, {accs[1]:.2f})"
     assert "±" not in line[header.index("test acc %")]
     assert line[header.index("study")] == "77.49"
-    assert bn8.comparison.verdict in {"differs", "within noise"}
+    assert bn8.comparison.verdict in {"differs", "not resolved"}
     assert "vs plain · bs 8" in line[header.index("comparison")]
 
 
@@ -519,7 +530,9 @@ def test_mechanism_numbers_per_learning_rate(built, sweep):
             after_warmup += window
         assert rows[(label, None)].loss_range == pytest.approx((min(after_warmup), max(after_warmup)))
         assert rows[(label, None)].runs == 4 and rows[(label, 1e-3)].runs == 2
-    bn_rows = {lr: [r for s in (0, 1) for r in probe_rows(s, True, lr)] for lr in (1e-3, 5e-3)}
+    # probes are read once a run has left chance: its first epoch ends at step 10 above chance
+    bn_rows = {lr: [r for s in (0, 1) for r in probe_rows(s, True, lr) if r["step"] >= 10]
+               for lr in (1e-3, 5e-3)}
     for lr, probe in bn_rows.items():
         assert rows[("BN", lr)].beta_mean == pytest.approx(statistics.mean(r["probe/beta"] for r in probe))
         assert rows[("BN", lr)].lipschitz_max == pytest.approx(max(r["probe/lipschitz"] for r in probe))
@@ -534,6 +547,13 @@ def test_mechanism_numbers_per_learning_rate(built, sweep):
                                             ["BN", "0.001"], ["BN", "0.005"], ["BN", "all 2"]]
     assert lines[-1][header.index("trains / effective lrs")] == "0.001–0.005 (×5), 2 of 2 lrs"
     assert lines[-1][header.index("study")] == "[0.3, 1.8]"
+    # β and Lipschitz: ours and their direction against plain at the same lr; the study's magnitudes
+    # (15.7 / 6.3, at its own lr and weights) stand nowhere beside ours, its direction does
+    direction = header.index("β, Lipschitz vs plain")
+    assert lines[3][direction].startswith("β lower, Lipschitz ")
+    assert lines[-1][direction] == "study: Lipschitz lower"
+    assert not any(v in {"15.7", "6.3"} for line in lines for v in line)
+    assert "magnitudes do not compare" in (Path(built.out) / "index.html").read_text()
     md = (Path(built.out) / "report.md").read_text()
     assert "| BN | 0.005 |" in md
 
@@ -703,6 +723,7 @@ def test_html_renders_in_headless_chromium(built, tmp_path):
     assert m, p.stdout[-2000:]
     images, broken, tables, rows = map(int, m.groups())
     n_images = sum(len(t.figures) + len(t.filters) for t in built.tables)
+    n_images += bool(render.headlines(built.tables))  # the answer's figure, at the top of the page
     assert images == n_images > 10
     assert broken == 0
     assert tables == len(built.tables)

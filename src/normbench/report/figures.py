@@ -18,7 +18,7 @@ import numpy as np
 from normbench.record import FILTERS, METRICS, PROBES
 from normbench.report import plots
 from normbench.report.mechanism import LOSS_RANGE_WARMUP_EPOCHS, NormLine, lr_of, num
-from normbench.report.records import RunRecord
+from normbench.report.records import RunRecord, used
 from normbench.report.reference import NORM_LABEL
 from normbench.report.tables import COLUMNS, MIN_CI_N, Table, ci_for_display, slug
 
@@ -41,38 +41,31 @@ def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, s
 
 
 def _epoch_curve(label: str, runs: Sequence[RunRecord]):
+    """The runs' mean per epoch end, against the optimizer steps there (their mean over the runs)."""
     per_epoch: dict[int, list[list[float]]] = {}
     for run in runs:
         for row in run.epochs():
             epoch = row.get("epoch")
             if not isinstance(epoch, int) or isinstance(epoch, bool):
                 continue
-            values = [num(row.get(k)) for k in ("train/acc", "val/acc", "train/loss", "val/loss")]
-            per_epoch.setdefault(epoch, []).append(values)
+            keys = ("step", "train/acc", "val/acc", "train/loss", "val/loss")
+            per_epoch.setdefault(epoch, []).append([num(row.get(k)) for k in keys])
     if not per_epoch:
         return None
-    epochs = sorted(per_epoch)
     with np.errstate(all="ignore"), _warnings.catch_warnings():
         _warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.array([np.nanmean(np.array(per_epoch[e], dtype=float), axis=0) for e in epochs])
-    return plots.Curve(label, np.array(epochs), mean[:, 0] * 100, mean[:, 1] * 100, mean[:, 2], mean[:, 3])
+        mean = np.array([np.nanmean(np.array(per_epoch[e], dtype=float), axis=0) for e in sorted(per_epoch)])
+    return plots.Curve(label, mean[:, 0], mean[:, 1] * 100, mean[:, 2] * 100, mean[:, 3], mean[:, 4])
 
 
 def _per_step(pairs: list[tuple[np.ndarray, np.ndarray]]):
     """Per-step min, max and mean over several runs' (step, value) series (finite values only)."""
-    steps = np.concatenate([p[0] for p in pairs])
-    values = np.concatenate([p[1] for p in pairs])
-    keep = np.isfinite(steps) & np.isfinite(values)
-    steps, values = steps[keep], values[keep]
-    if steps.size == 0:
-        return None
-    order = np.argsort(steps, kind="stable")
-    steps, values = steps[order], values[order]
-    uniq, start, counts = np.unique(steps, return_index=True, return_counts=True)
-    low = np.minimum.reduceat(values, start)
-    high = np.maximum.reduceat(values, start)
-    mean = np.add.reduceat(values, start) / counts
-    return uniq, low, high, mean
+    import pandas as pd
+
+    frame = pd.DataFrame({"step": np.concatenate([p[0] for p in pairs]),
+                          "value": np.concatenate([p[1] for p in pairs])})
+    agg = frame[np.isfinite(frame).all(axis=1)].groupby("step")["value"].agg(["min", "max", "mean"])
+    return None if agg.empty else (agg.index.to_numpy(), *(agg[k].to_numpy() for k in ("min", "max", "mean")))
 
 
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +92,7 @@ def summary_bars(table: Table, fig_dir: str) -> None:
         return
     name = f"{table.name}_bars.png"
     title = f"{table.title}: ours vs study" if table.kind == "study" else table.title
-    plots.summary_bars(bar_rows, os.path.join(fig_dir, name), title, col.title)
+    plots.summary_bars(bar_rows, os.path.join(fig_dir, name), f"{title} — {used(table.cells)}", col.title)
     caption = (f"{col.title}: ours (mean ± 95% CI from {MIN_CI_N} seeds; dots: the runs of a cell with "
                "fewer) and the study")
     table.figures.append((caption, f"fig/{name}"))
@@ -151,8 +144,9 @@ def training_curves(table: Table, fig_dir: str) -> None:
     if not series:
         return
     name = f"{table.name}_curves.png"
-    plots.curves(series, os.path.join(fig_dir, name), f"{table.title}{note}: mean over seeds")
-    table.figures.append((f"train/validation accuracy and loss per epoch{note}", f"fig/{name}"))
+    title = f"{table.title}{note}: mean over seeds — {used(table.cells)}"
+    plots.curves(series, os.path.join(fig_dir, name), title)
+    table.figures.append((f"train/validation accuracy and loss against optimizer steps{note}", f"fig/{name}"))
 
 
 def loss_landscape(table: Table, fig_dir: str) -> None:

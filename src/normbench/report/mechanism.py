@@ -49,6 +49,7 @@ class LrLine:
     lipschitz_max: float | None = None
     grad_var_rel: float | None = None
     trains: bool = False  # the lr is in the norm's effective range
+    vs_plain: str = ""  # β's and the Lipschitz estimate's direction against plain at the same lr
 
 
 @dataclass
@@ -84,6 +85,7 @@ def mechanism(table) -> list[LrLine | NormLine]:
     for cell in table.cells:
         by_norm.setdefault(str(cell.choices.get("norm")), {}).setdefault(lr_of(cell), []).append(cell)
     lines: list[LrLine | NormLine] = []
+    plain: dict[float | None, LrLine] = {}
     for norm in sorted(by_norm, key=lambda n: list(NORM_LABEL).index(n) if n in NORM_LABEL else 99):
         no_study = any(r.no_study for r in table.rows
                        if r.cell is not None and r.cell.choices.get("norm") == norm)
@@ -96,6 +98,10 @@ def mechanism(table) -> list[LrLine | NormLine]:
         effective = _effective_lrs(lr_lines, _num_classes(runs))
         for line in lr_lines:
             line.trains = line.lr in effective
+            if norm == "none":
+                plain[line.lr] = line
+            elif line.lr in plain:
+                line.vs_plain = _direction(line, plain[line.lr])
         lines += lr_lines
         loss_range = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
         study = {} if no_study else table.study.mechanism.get(norm, {})
@@ -110,14 +116,33 @@ def _lr_line(label: str, lr: float | None, cells: Sequence[Cell]) -> LrLine:
     line = LrLine(label, lr, len(runs), _mean_acc(runs),
                   (float(min(window)), float(max(window))) if window else None)
     found: dict[str, list[float]] = {key: [] for key, _ in PROBE_STATS.values()}
+    classes = _num_classes(runs)
     for run in runs:
-        rows = run.probes()
+        start = _left_chance(run, classes)
+        rows = [] if start is None else [r for r in run.probes() if num(r.get("step")) >= start]
         for key, values in found.items():
             values.extend(v for r in rows if math.isfinite(v := num(r.get(f"probe/{key}"))))
     for name, (key, statistic) in PROBE_STATS.items():
         if found[key]:
             setattr(line, name, float(statistic(found[key])))
     return line
+
+
+def _left_chance(run: RunRecord, classes: int | None) -> float | None:
+    """The step at the end of the run's first epoch above chance (normbench.record.learned_threshold):
+    its probes from there on measure training, not a plateau at chance. 0 when the number of classes is
+    unknown; None when it never leaves chance."""
+    if classes is None:
+        return 0.0
+    return next((step for step, acc in run.val_curve() if acc > learned_threshold(classes)), None)
+
+
+def _direction(line: LrLine, plain: LrLine) -> str:
+    def word(ours: float | None, base: float | None) -> str:
+        return "?" if ours is None or base is None else "lower" if ours < base else "higher"
+
+    return (f"β {word(line.beta_mean, plain.beta_mean)}, "
+            f"Lipschitz {word(line.lipschitz_median, plain.lipschitz_median)}")
 
 
 def _loss_window(runs: Sequence[RunRecord]) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,12 +15,14 @@ from matplotlib.ticker import MaxNLocator
 
 DPI = 110
 MAX_LABEL = 64  # characters of a tick or legend label (an Optuna sweep's settings run long)
+MAX_BAR_LABEL = 40  # a bar's label: the table beside the figure has the rest
+CLIP_QUANTILES = (0.02, 0.98)  # the loss axis's range when one run spikes far outside it
 
 
-def _short(label: str) -> str:
-    """Group prefixes dropped (optimizer.lr=... -> lr=...), then cut to MAX_LABEL characters."""
+def _short(label: str, limit: int = MAX_LABEL) -> str:
+    """Group prefixes dropped (optimizer.lr=... -> lr=...), then cut to `limit` characters."""
     label = re.sub(r"\b(?:model|optimizer|scheduler|data|trainer|loss|norm)\.(?=\w+=)", "", label)
-    return label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 1] + "…"
+    return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
 def _legend_below(fig, ax, n: int) -> None:
@@ -66,28 +69,30 @@ class BarRow:
     points: Sequence[float] = ()  # the runs' values when there are too few for an interval
 
 
-def summary_bars(rows: Sequence[BarRow], path: str, title: str, ylabel: str) -> str:
-    """Ours (mean with 95% CI, n under the bar) next to the study's number, one pair per row."""
-    fig, axes = _figure(max(5.0, 0.55 * len(rows) + 2.5), 4.2)
+def summary_bars(rows: Sequence[BarRow], path: str, title: str, xlabel: str) -> str:
+    """Horizontal bars (labels stay readable however long or many): ours (mean with 95% CI, n beside
+    the bar) next to the study's number, one pair per row, the first row on top."""
+    fig, axes = _figure(8.0, max(2.4, 0.42 * len(rows) + 1.4))
     ax = axes[0][0]
-    x = np.arange(len(rows))
-    width = 0.4
+    y = np.arange(len(rows))[::-1]
+    height = 0.4
     ours = np.array([np.nan if r.ours is None else r.ours for r in rows], dtype=float)
     err = np.array([0.0 if r.ci is None else r.ci for r in rows], dtype=float)
     study = np.array([np.nan if r.study is None else r.study for r in rows], dtype=float)
-    ax.bar(x - width / 2, ours, width, yerr=err, capsize=3, color="#3b75af", label="ours (mean ± 95% CI)")
-    ax.bar(x + width / 2, study, width, color="#c9c9c9", edgecolor="#666666", label="study")
-    px = [xi - width / 2 for xi, r in zip(x, rows, strict=True) for _ in r.points]
-    py = [v for r in rows for v in r.points]
-    if py:
+    ax.barh(y + height / 2, ours, height, xerr=err, capsize=3, color="#3b75af", label="ours (mean ± 95% CI)")
+    if not np.isnan(study).all():
+        ax.barh(y - height / 2, study, height, color="#c9c9c9", edgecolor="#666666", label="study")
+    py = [yi + height / 2 for yi, r in zip(y, rows, strict=True) for _ in r.points]
+    px = [v for r in rows for v in r.points]
+    if px:
         ax.scatter(px, py, s=14, color="black", zorder=3, label="runs (n < 3)")
-    for xi, r, v in zip(x, rows, ours, strict=True):
+    for yi, r, v in zip(y, rows, ours, strict=True):
         if not math.isnan(v):
-            ax.annotate(f"n={r.n}", (xi - width / 2, 0), textcoords="offset points", xytext=(0, 3),
-                        ha="center", fontsize=7, color="white")
-    ax.set_xticks(x, [_short(r.label) for r in rows], rotation=35, ha="right", fontsize=8)
-    _label(ax, title, "", ylabel, "y")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # off the bars
+            ax.annotate(f"n={r.n}", (0, yi + height / 2), textcoords="offset points", xytext=(3, 0),
+                        va="center", fontsize=7, color="white")
+    ax.set_yticks(y, [_short(r.label, MAX_BAR_LABEL) for r in rows], fontsize=8)
+    _label(ax, textwrap.fill(title, 70), xlabel, "", "x", fontsize=9)
+    _legend_below(fig, ax, 3)
     return _save(fig, path)
 
 
@@ -117,7 +122,7 @@ def clustered_bars(groups: Sequence[str], clusters: Sequence[str], ours: dict[tu
 @dataclass
 class Curve:
     label: str
-    epoch: np.ndarray
+    step: np.ndarray  # optimizer steps at each epoch's end
     train_acc: np.ndarray
     val_acc: np.ndarray
     train_loss: np.ndarray
@@ -125,16 +130,22 @@ class Curve:
 
 
 def curves(series: Sequence[Curve], path: str, title: str) -> str:
-    """Train (dashed) and validation (solid) accuracy and loss per epoch, runs on shared axes."""
+    """Train (dashed) and validation (solid) accuracy and loss against optimizer steps, runs on shared
+    axes; the loss axis clipped to the values' robust range when a run spikes far outside it."""
     fig, axes = _figure(11.0, 4.2, ncols=2)
     colors = _colors(len(series))
     for c, color in zip(series, colors, strict=True):
         for ax, train, val in ((axes[0][0], c.train_acc, c.val_acc), (axes[0][1], c.train_loss, c.val_loss)):
-            ax.plot(c.epoch, train, "--", color=color, lw=1.2)
-            ax.plot(c.epoch, val, "-", color=color, lw=1.6, label=_short(c.label))
+            ax.plot(c.step, train, "--", color=color, lw=1.2)
+            ax.plot(c.step, val, "-", color=color, lw=1.6, label=_short(c.label))
     for ax, name, ylabel in zip(axes[0], ("accuracy", "loss"), ("accuracy (%)", "loss"), strict=True):
-        _label(ax, f"{name}: train dashed, validation solid", "epoch", ylabel, fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        _label(ax, f"{name}: train dashed, validation solid", "optimizer steps", ylabel, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    loss = axes[0][1]
+    if _clip_to_quantiles(loss, [v for c in series for v in (c.train_loss, c.val_loss)]):
+        low, high = CLIP_QUANTILES
+        loss.set_title(f"{loss.get_title()}\n(y clipped to the {low:.0%}–{high:.0%} quantiles: a run spikes)",
+                       fontsize=9)
     if len(series) <= 4:
         axes[0][1].legend(fontsize=7, loc="upper right")
     else:
@@ -142,6 +153,19 @@ def curves(series: Sequence[Curve], path: str, title: str) -> str:
         _legend_below(fig, axes[0][0], len(series))
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def _clip_to_quantiles(ax, arrays: Sequence[np.ndarray]) -> bool:
+    """Limit the y axis to the CLIP_QUANTILES range of the values (with a margin) when some value lies
+    further than that range's width outside it: one run's spike would flatten every other curve."""
+    values = np.concatenate([np.asarray(a, dtype=float) for a in arrays] or [np.array([])])
+    values = values[np.isfinite(values)]
+    lo, hi = np.quantile(values, CLIP_QUANTILES) if values.size > 1 else (0.0, 0.0)
+    pad = max(hi - lo, 1e-6) * 0.15
+    if values.size < 2 or lo - 6 * pad <= values.min() <= values.max() <= hi + 6 * pad:
+        return False
+    ax.set_ylim(lo - pad, hi + pad)
+    return True
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -43,8 +44,12 @@ from normbench.record import (
 from normbench.report.stats import Stat, mean_ci
 
 # config.yaml paths of the numeric settings when summary["choices"] does not carry them
-CONFIG_PATHS = {"dropout": ("model", "dropout"), "lr": ("optimizer", "lr"), "batch_size": ("batch_size",)}
+CONFIG_PATHS = {"dropout": ("model", "dropout"), "lr": ("optimizer", "lr"), "batch_size": ("batch_size",),
+                "trainer.max_steps_per_epoch": ("trainer", "max_steps_per_epoch"),
+                "trainer.max_steps": ("trainer", "max_steps")}
+BUDGET = ("train/steps", "train/images")  # what a run trained on: optimizer steps, training images
 _UNSET = object()
+TRIAL_DIR = re.compile(r"trial-(\d+)")  # an Optuna job's dir name starts with it (identity.job_dirname)
 
 
 @dataclass
@@ -78,6 +83,12 @@ class RunRecord:
         return self.choices.get(SEED)
 
     @property
+    def trial(self) -> int | None:
+        """The Optuna trial number of a search job (from its directory name); None outside a search."""
+        m = TRIAL_DIR.match(os.path.basename(self.path))
+        return int(m.group(1)) if m else None
+
+    @property
     def num_classes(self) -> int | None:
         """data.num_classes of the run's config.yaml (the resolved config: every run writes it); None
         without one."""
@@ -90,11 +101,29 @@ class RunRecord:
         if key == "test/err":
             acc = self.metric("test/acc")
             return None if acc is None else 1.0 - acc
-        value = self.metrics.get(key)
+        if key in BUDGET:
+            return self.budget[BUDGET.index(key)]
+        value = self.summary.get(key) if key == "objective" else self.metrics.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
         value = float(value)
         return value if math.isfinite(value) else None
+
+    @cached_property
+    def budget(self) -> tuple[float | None, float | None]:
+        """Optimizer steps and training images: summary.json's train/steps and train/images when the run
+        records them, else the last epoch's step in metrics.jsonl and steps x batch_size (an upper
+        bound: an epoch's last batch may be smaller)."""
+        found = [self.summary.get(k, self.metrics.get(k)) for k in BUDGET]
+        steps, images = (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+                         for v in found)
+        if steps is None:
+            ends = [row.get("step") for row in self.epochs()]
+            steps = next((float(e) for e in reversed(ends) if isinstance(e, int)), None)
+        batch = self.setting("batch_size")
+        if images is None and steps is not None and isinstance(batch, int):
+            images = steps * batch
+        return steps, images
 
     # --- settings -------------------------------------------------------------------------
     def setting(self, key: str) -> Any:
@@ -135,7 +164,16 @@ class RunRecord:
         return rows
 
     def epochs(self) -> list[dict]:
+        return self._epoch_rows
+
+    @cached_property
+    def _epoch_rows(self) -> list[dict]:  # read once: the budget, the speed column and figures need them
         return self._rows(METRICS)
+
+    def val_curve(self) -> list[tuple[float, float]]:
+        """(steps, validation accuracy) at each epoch end of metrics.jsonl."""
+        return sorted((float(s), float(acc)) for row in self.epochs() if isinstance(s := row.get("step"), int)
+                      and isinstance(acc := row.get("val/acc"), (int, float)) and math.isfinite(acc))
 
     def steps(self) -> list[dict]:
         return self._rows(STEPS)
@@ -265,6 +303,10 @@ class Cell:
     def n(self) -> int:
         return len(self.runs)
 
+    @property
+    def trials(self) -> str:
+        return ", ".join(str(t) for t in sorted({r.trial for r in self.all_runs if r.trial is not None}))
+
     def setting(self, key: str) -> Any:
         if key in self.choices:
             return self.choices[key]
@@ -278,6 +320,22 @@ class Cell:
 
     def stat(self, metric: str) -> Stat:
         return mean_ci(self.values(metric))
+
+
+def used(cells: Sequence[Cell]) -> str:
+    """The data and models the cells ran (for headings): "fashion_mnist, vgg_a_light"."""
+    names = [sorted({str(c.choices.get(k)) for c in cells if c.choices.get(k) is not None})
+             for k in ("data", "model")]
+    return ", ".join(" / ".join(n) for n in names if n)
+
+
+def budget_notes(cells: Sequence[Cell]) -> list[str]:
+    """The caps on the runs' budgets (a preset's or the command line's): an 'epoch' of a capped run is
+    that many steps, not a pass over the training data."""
+    caps = {key: sorted({str(v) for c in cells if (v := c.setting(key)) is not None})
+            for key in ("trainer.max_steps_per_epoch", "trainer.max_steps")}
+    text = " ".join(f"{k}={'/'.join(v)}" for k, v in caps.items() if v)
+    return [f"Budget: {text} caps the runs (steps and images: what each run trained on)."] * bool(text)
 
 
 def cells_of(runs: Iterable[RunRecord]) -> list[Cell]:

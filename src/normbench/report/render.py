@@ -14,9 +14,9 @@ import jinja2
 
 from normbench.record import STEPS, Status
 from normbench.report.mechanism import NormLine
-from normbench.report.records import Cell, ScanResult
+from normbench.report.records import Cell, ScanResult, used
 from normbench.report.reference import STUDY_TITLES
-from normbench.report.stats import Stat
+from normbench.report.stats import Comparison, Stat
 from normbench.report.tables import (
     COLUMNS,
     MIN_CI_N,
@@ -26,6 +26,7 @@ from normbench.report.tables import (
     Table,
     cell_stat,
     fmt_value,
+    on_study_data,
     override_map,
     round_text,
     value_of,
@@ -35,6 +36,8 @@ MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
 MAX_SKIPPED_LISTED = 1000
 MAX_WARNINGS_LISTED = 500
 PERCENT = {"test/err", "test/acc", "val/best_acc"}
+COUNTS = {"model/params", "train/steps", "train/images"}  # whole numbers with thousands separators
+MAX_POINTS = 4  # a comparison lists its points up to this many seeds a side (an interval says little then)
 SUMMARY_COLUMNS = ("objective", "epochs_done", "diverged_epoch", "error")  # runs.csv's from summary.json
 
 
@@ -42,22 +45,18 @@ def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
     """Mean ± 95% CI half-width from MIN_CI_N seeds on; below that the mean and its points."""
     if st.mean is None:
         return "–"
-    if col.metric == "model/params":
+    if col.metric in COUNTS:
         text = f"{st.mean:,.0f}"
         return text if not st.sd else f"{text} ± {st.ci:,.0f}" if st.ci is not None else text
-    if st.n < MIN_CI_N:
-        whole = col.metric == "convergence/epoch" and all(float(v).is_integer() for v in points)
-        digits = 0 if whole else col.digits
-        text = f"{st.mean * col.scale:.{digits}f}"
-        if st.n > 1 and points:
-            text += " (" + ", ".join(f"{v * col.scale:.{digits}f}" for v in points) + ")"
-        return text
     text = f"{st.mean * col.scale:.{col.digits}f}"
+    if st.n < MIN_CI_N:
+        shown = ", ".join(f"{v * col.scale:.{col.digits}f}" for v in points) if st.n > 1 else ""
+        return f"{text} ({shown})" if shown else text
     return text if st.ci is None else f"{text} ± {st.ci * col.scale:.{col.digits}f}"
 
 
 def _fmt_ref(value: float, col: Column) -> str:
-    if col.metric == "model/params":
+    if col.metric in COUNTS:
         return f"{value:,.0f}"
     return f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
 
@@ -69,15 +68,26 @@ def _n_text(cell: Cell) -> str:
     return f"{cell.n} (+{extra})" if extra else str(cell.n)
 
 
+def difference_text(c: Comparison | None, scale: float = 100.0) -> str:
+    """A difference with its 95% interval (Welch), its verdict and, with few seeds, its points:
+    "+2.85 pp, not resolved at n = 3: [-4.10, +9.80] pp (Welch p=0.31; points 12.1, 13.0, 11.8 vs ...)"."""
+    if c is None:
+        return "not run"
+    if c.diff is None or c.interval is None:
+        return c.text if c.diff is None else f"{c.diff * scale:+.2f} pp, {c.text}"
+    (na, nb), (lo, hi) = c.n, (v * scale for v in c.interval)
+    n = f"{na}" if na == nb else f"{na} / {nb}"
+    text = f"{c.diff * scale:+.2f} pp, {c.verdict} at n = {n}: [{lo:+.2f}, {hi:+.2f}] pp"
+    extra = [] if c.p is None else [f"Welch p={c.p:.3g}"]
+    if max(na, nb) <= MAX_POINTS:
+        a, b = (", ".join(f"{v * scale:.1f}" for v in side) for side in c.points)
+        extra.append(f"points {a} vs {b}")
+    return text + (f" ({'; '.join(extra)})" if extra else "")
+
+
 def _comparison_text(row: Row, scale: float = 100.0) -> str:
-    if row.vs is None:
-        return ""
-    c = row.comparison
-    ours = "not run" if c is None else c.text if c.diff is None else f"{c.diff * scale:+.2f} pp, {c.text}"
-    parts = [f"vs {row.vs}: {ours}"]
-    if row.study_diff is not None:
-        parts.append(f"study {row.study_diff:+.2f} pp")
-    return "; ".join(parts)
+    study = "" if row.study_diff is None else f"; study {row.study_diff:+.2f} pp"
+    return "" if row.vs is None else f"vs {row.vs}: {difference_text(row.comparison, scale)}{study}"
 
 
 def display(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -102,7 +112,7 @@ def _display_row(table: Table, row: Row, extra: bool) -> list[str]:
         st, points, never = cell_stat(row, col.metric)
         text = fmt_stat(st, col, points)
         if never:
-            text = f"never ({never} of {never + st.n})" if st.mean is None else f"{text}; never: {never}"
+            text = _never_text(row, never, never + st.n, "" if st.mean is None else f"{text}; ")
         ref = row.ref.ref.get(col.metric) if row.ref else None
         if col.metric == table.primary and study:
             line += [text, _fmt_ref(ref, col) if ref is not None else NO_STUDY_NUMBER if row.no_study else "",
@@ -115,6 +125,14 @@ def _display_row(table: Table, row: Row, extra: bool) -> list[str]:
     return line + [_comparison_text(row, primary.scale)]
 
 
+def _never_text(row: Row, never: int, total: int, before: str) -> str:
+    """The runs that did not reach the threshold: cut while still improving, or never."""
+    cut, rest = len(row.cut), never - len(row.cut)
+    steps = "/".join(f"{v:,.0f}" for v in sorted(set(row.cut)))
+    parts = [f"cut at {steps} steps, still improving ({cut} of {total})"] * bool(cut)
+    return before + "; ".join(parts + [f"never ({rest} of {total})"] * bool(rest))
+
+
 def _setting_values(table: Table, cell: Cell | None) -> list[str]:
     if cell is None:
         return [""] * len(table.setting_columns)
@@ -123,11 +141,13 @@ def _setting_values(table: Table, cell: Cell | None) -> list[str]:
     values = []
     overrides = override_map(cell)
     for key in table.setting_columns:
-        if key in overrides:
+        if key == "trial":
+            values.append(cell.trials)
+        elif key in overrides:
             values.append(round_text(overrides[key]))
-            continue
-        value = value_of(cell, key) if key in cell.choices or "." not in key else None
-        values.append("" if value is None else fmt_value(value))
+        else:
+            value = value_of(cell, key) if key in cell.choices or "." not in key else None
+            values.append("" if value is None else fmt_value(value))
     return values
 
 
@@ -141,7 +161,7 @@ def records(table: Table) -> tuple[list[str], list[list[Any]]]:
         header += [f"{base}_mean", f"{base}_ci95", f"{base}_n"]
         if table.kind == "study":
             header.append(f"{base}_study")
-    header += ["vs", "vs_diff", "vs_p", "vs_verdict", "study_vs_diff"]
+    header += ["vs", "vs_diff", "vs_ci95_low", "vs_ci95_high", "vs_p", "vs_verdict", "study_vs_diff"]
     rows = []
     for row in table.rows:
         cell = row.cell
@@ -160,7 +180,8 @@ def records(table: Table) -> tuple[list[str], list[list[Any]]]:
             if table.kind == "study":
                 line.append(row.ref.ref.get(col.metric) if row.ref else None)
         c = row.comparison
-        line += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0,
+        low, high = (None, None) if c is None or c.interval is None else (v * 100.0 for v in c.interval)
+        line += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0, low, high,
                  None if c is None else c.p, "" if c is None else c.verdict, row.study_diff]
         rows.append(line)
     return header, rows
@@ -169,23 +190,50 @@ def records(table: Table) -> tuple[list[str], list[list[Any]]]:
 def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
     """The study's own comparisons (Table.pairs): ours by Welch's test next to the study's difference."""
     col = next(c for c in COLUMNS if c.metric == table.primary)
-    header = ["comparison", f"ours ({col.title}, difference)", "Welch verdict", "study difference"]
-    rows = []
-    for pair in table.pairs:
-        c = pair.comparison
-        if c is None:
-            ours, verdict = "not run", "not run"
-        elif c.diff is None:
-            ours, verdict = "–", c.text
-        else:
-            ours, verdict = f"{c.diff * col.scale:+.2f} pp", c.text
-        rows.append([f"{pair.row} vs {pair.base}", ours, verdict,
-                     "" if pair.study_diff is None else f"{pair.study_diff:+.2f} pp"])
-    return header, rows
+    header = ["comparison", f"ours ({col.title}, difference, 95% interval, Welch)", "study difference"]
+    return header, [[f"{pair.row} vs {pair.base}", difference_text(pair.comparison, col.scale),
+                     "" if pair.study_diff is None else f"{pair.study_diff:+.2f} pp"] for pair in table.pairs]
 
 
 def table_title(table: Table) -> str:
-    return f"{table.name} — {table.title}" + (f" (study {table.study.study})" if table.study else "")
+    return (f"{table.name} — {table.title}" + (f" (study {table.study.study})" if table.study else "")
+            + (f" — {used(table.cells)}" if table.cells else ""))
+
+
+MAX_HEADLINES = 6
+
+
+def headlines(tables: Sequence[Table]) -> list[tuple[str, str]]:
+    """The answer, first on the page: per comparison of a table (a search: its best trial) one line
+    with the difference, its 95% interval, n and the budget; and the figure that shows it."""
+    out: list[tuple[str, str]] = []
+    for table in tables:
+        figure = table.figures[0][1] if table.figures else ""
+        col = next(c for c in COLUMNS if c.metric == table.primary)
+        best = table.rows[0].cell if table.rows else None
+        if best is not None and best.trials:
+            text = (f"{used(table.cells)}: best of {len(table.rows)} trials: trial {best.trials}, best "
+                    f"validation accuracy {_stat_text(best, 'val/best_acc')}%, {col.title} "
+                    f"{_stat_text(best, table.primary)}, {_stat_text(best, 'train/steps')} steps")
+            out.append((text, figure))
+            continue
+        for row in table.rows:
+            c = row.comparison
+            many = row.vs == "best" and len(table.rows) > 3  # each row vs the best: no single answer
+            if c is None or c.interval is None or row.cell is None or many:
+                continue
+            lo, hi = (v * col.scale for v in c.interval)
+            steps = _stat_text(row.cell, "train/steps")
+            name = row.label + (f" ({row.extra})" if row.extra else "")
+            text = (f"{name} vs {row.vs}: {col.title.removesuffix(' %')} {c.diff * col.scale:+.2f} pp "
+                    f"[95% CI {lo:+.2f}, {hi:+.2f}] "
+                    f"({c.verdict}), n = {c.n[0]} / {c.n[1]}, {steps} steps each — {used([row.cell])}")
+            out.append((text, figure))
+    return out[:MAX_HEADLINES]
+
+
+def _stat_text(cell: Cell, metric: str) -> str:
+    return fmt_stat(cell.stat(metric), next(c for c in COLUMNS if c.metric == metric))
 
 
 def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -193,7 +241,7 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
     (norm, lr), then the norm over all its lrs with the study's numbers and the effective lr range."""
     header = ["norm", "lr", "runs", "test acc %", "training-loss range (after epoch 1)", "study",
               "gradient cosine (mean)", "study", "gradient predictiveness (mean max ‖Δ∇L‖)",
-              "β-smoothness mean / max", "Lipschitz along the path median / max", "study Lipschitz estimate",
+              "β-smoothness mean / max", "Lipschitz along the path median / max", "β, Lipschitz vs plain",
               "gradient variance (relative)", "trains / effective lrs"]
     rows = []
     for m in table.mechanism:
@@ -204,17 +252,25 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
             study_range = f"[{lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else none
             rows.append([m.norm, f"all {len(m.lrs)}", str(m.runs), "", loss, study_range, "per lr",
                          f"{ref['grad_cos']:g}" if "grad_cos" in ref else none, "per lr", "per lr", "per lr",
-                         f"{ref['lipschitz']:g}" if "lipschitz" in ref else none, "per lr",
+                         _study_direction(table, m), "per lr",
                          _effective_text(m.effective_lrs, m.lrs)])
             continue
         rows.append([
             m.norm, "" if m.lr is None else f"{m.lr:g}", str(m.runs),
             "" if m.test_acc is None else f"{m.test_acc * 100:.2f}", loss, "", _probe(".2f", m.grad_cos), "",
             _probe(".3g", m.grad_pred), _probe(".3g", m.beta_mean, m.beta_max),
-            _probe(".3g", m.lipschitz_median, m.lipschitz_max), "", _probe(".3g", m.grad_var_rel),
+            _probe(".3g", m.lipschitz_median, m.lipschitz_max), m.vs_plain, _probe(".3g", m.grad_var_rel),
             "yes" if m.trains else "no",
         ])
     return header, rows
+
+
+def _study_direction(table: Table, line: NormLine) -> str:
+    """The study's direction of the Lipschitz estimate against plain (its magnitude does not compare)."""
+    ours, plain = line.study.get("lipschitz"), table.study.mechanism.get("none", {}).get("lipschitz")
+    if ours is None or plain is None or line.norm == "plain":
+        return NO_STUDY_NUMBER if line.no_study else ""
+    return f"study: Lipschitz {'lower' if ours < plain else 'higher'}"
 
 
 def _probe(spec: str, *values: float | None) -> str:
@@ -263,11 +319,8 @@ def _view(table: Table) -> TableView:
 
 
 def verdict_class(text: str) -> str:
-    for word, css in (("differs", "differs"), ("within noise", "noise"), ("cannot tell", "cannot"),
-                      ("not run", "cannot")):
-        if word in text:
-            return f"verdict-{css}"
-    return ""
+    css = {"differs": "differs", "not resolved": "noise", "cannot tell": "cannot", "not run": "cannot"}
+    return next((f"verdict-{c}" for word, c in css.items() if word in text), "")
 
 
 def _environment(autoescape: bool) -> jinja2.Environment:
@@ -280,17 +333,26 @@ def _environment(autoescape: bool) -> jinja2.Environment:
     return env
 
 
+def _heading(study: str | None, views: list[TableView]) -> str:
+    """A section's heading: the study's title on its data, else the data and models actually run."""
+    cells = [c for v in views for c in v.table.cells]
+    if study is None or all(on_study_data(c) for c in cells):
+        return STUDY_TITLES[study] if study else "Other runs"
+    return f"Study {study}'s comparisons, run on {used(cells)}"
+
+
 def render_html(tables: list[Table], result: ScanResult, warnings: list[str], title: str) -> str:
     views = [_view(t) for t in tables]
-    sections = [(STUDY_TITLES[study] if study else "Other runs", group) for study in ("000", "002", None)
+    sections = [(_heading(study, group), group) for study in ("000", "002", None)
                 if (group := [v for v in views if (v.table.study.study if v.table.study else None) == study])]
     return _environment(True).get_template("index.html.j2").render(
-        title=title, result=result, views=views, sections=sections, warnings=warnings)
+        title=title, result=result, views=views, sections=sections, warnings=warnings,
+        headlines=headlines(tables))
 
 
 def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
     return _environment(False).get_template("report.md.j2").render(
-        title=title, result=result, views=[_view(t) for t in tables])
+        title=title, result=result, views=[_view(t) for t in tables], headlines=headlines(tables))
 
 
 # CSV files

@@ -42,24 +42,34 @@ class Comparison:
     diff: float | None  # mean(a) - mean(b)
     p: float | None  # Welch's t-test, two-sided
     df: float | None
-    verdict: str  # "differs" | "within noise" | "cannot tell"
+    verdict: str  # "differs" | "not resolved" | "cannot tell"
     text: str
+    interval: tuple[float, float] | None = None  # 95% CI of diff (Welch-Satterthwaite df)
+    points: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())  # the values of a and b
+
+    @property
+    def n(self) -> tuple[int, int]:
+        return len(self.points[0]), len(self.points[1])
 
 
 def welch(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> Comparison:
-    """Can the data tell mean(a) from mean(b)? Welch's unequal-variance t-test at level alpha."""
+    """Can the data tell mean(a) from mean(b)? Welch's unequal-variance t-test at level alpha, and the
+    1 - alpha interval of the difference with the Welch-Satterthwaite degrees of freedom."""
     na, nb = len(a), len(b)
+    points = (tuple(a), tuple(b))
     if na == 0 or nb == 0:
-        return Comparison(None, None, None, "cannot tell", "no data")
+        return Comparison(None, None, None, "cannot tell", "no data", points=points)
     diff = math.fsum(a) / na - math.fsum(b) / nb
     if na < 2 or nb < 2:
-        return Comparison(diff, None, None, "cannot tell", f"n={min(na, nb)}, cannot tell")
+        return Comparison(diff, None, None, "cannot tell", f"n={min(na, nb)}, cannot tell", points=points)
     sa, sb = mean_ci(a), mean_ci(b)
     if sa.sd == 0.0 and sb.sd == 0.0:  # scipy gives nan here; equal constants are the same, unequal differ
         if diff == 0.0:
-            return Comparison(0.0, 1.0, None, "within noise", "identical values")
-        return Comparison(diff, 0.0, None, "differs", "differs (no spread in either)")
+            return Comparison(0.0, 1.0, None, "not resolved", "identical values", (0.0, 0.0), points)
+        return Comparison(diff, 0.0, None, "differs", "differs (no spread in either)", (diff, diff), points)
     result = sps.ttest_ind(a, b, equal_var=False)
     p, df = float(result.pvalue), float(result.df)
-    verdict = "differs" if p < alpha else "within noise"
-    return Comparison(diff, p, df, verdict, f"{verdict} (Welch p={p:.3g}, n={na}/{nb})")
+    half = t_quantile(1.0 - alpha / 2.0, df) * math.sqrt(sa.sd**2 / na + sb.sd**2 / nb)
+    verdict = "differs" if p < alpha else "not resolved"
+    return Comparison(diff, p, df, verdict, f"{verdict} (Welch p={p:.3g}, n={na}/{nb})",
+                      (diff - half, diff + half), points)

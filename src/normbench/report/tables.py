@@ -15,8 +15,8 @@ from typing import Any
 
 from normbench.identity import SEED
 from normbench.record import CONFIG, LEARN_MARGIN, learned_threshold
-from normbench.report.mechanism import LrLine, NormLine, num
-from normbench.report.records import Cell
+from normbench.report.mechanism import LrLine, NormLine
+from normbench.report.records import Cell, budget_notes
 from normbench.report.reference import (
     MODEL_VARIANTS,
     STUDY_TABLES,
@@ -30,11 +30,13 @@ from normbench.report.stats import Comparison, Stat, mean_ci, welch
 ALPHA = 0.05
 MAX_NEAREST = 50  # comparison partner searched among at most this many cells when no exact counterpart
 MIN_CI_N = 3  # below this many seeds a cell shows its points, not a t-interval (t_{0.975,1} = 12.7)
-# Convergence epoch (the report's): the first epoch whose validation accuracy reaches CONVERGED_FRACTION
-# of the best validation accuracy of the table (the comparison group), so that the table's rows share one
-# yardstick; null for a run that never does or that never learns (normbench.record.learned_threshold).
+# The report's speed measure: the optimizer steps after which validation accuracy first reaches
+# CONVERGED_FRACTION of the best validation accuracy of the table (the comparison group), so that the
+# table's rows share one stated accuracy; null for a run that never does or that never learns
+# (normbench.record.learned_threshold). A run that does not get there but whose last epoch is its best by
+# IMPROVING_MARGIN was cut while still improving: its budget, not the run, ends the curve.
 CONVERGED_FRACTION = 0.99
-MAX_CONVERGENCE_RUNS = 5000  # a table with more runs keeps each run's own recorded convergence/epoch
+IMPROVING_MARGIN = 0.005
 # choice keys that select a study row and so are the row, not a setting to show (conf/vgg_best_row)
 ROW_SELECTORS = {"vgg_best_row"}
 
@@ -51,7 +53,9 @@ COLUMNS = (
     Column("test/err", "test error %", 100.0, 2),
     Column("test/acc", "test acc %", 100.0, 2),
     Column("val/best_acc", "best val acc %", 100.0, 2),
-    Column("convergence/epoch", "conv. epoch", 1.0, 1),
+    Column("convergence/steps", "steps to threshold", 1.0, 0),
+    Column("train/steps", "steps", 1.0, 0),
+    Column("train/images", "images", 1.0, 0),
     Column("model/params", "params", 1.0, 0),
     Column("memory/peak_mb", "peak memory MB", 1.0, 0),
     Column("time/total_s", "time s", 1.0, 1),
@@ -71,8 +75,9 @@ class Row:
     comparison: Comparison | None = None
     study_diff: float | None = None  # study: ref(row) - ref(vs), in the primary metric's percent
     no_study: bool = False  # the cell ran on other data than the study's: its numbers are left out
-    # the report's convergence epoch of each of the cell's runs (None: never); None: the runs' recorded one
+    # the steps to the table's threshold of each of the cell's runs (None: never); None: not computed
     convergence: list[float | None] | None = None
+    cut: list[float] = field(default_factory=list)  # steps of the runs cut while still improving
 
 
 @dataclass
@@ -234,17 +239,14 @@ def _compare_pairs(st: StudyTable, table: Table) -> None:
 
 
 def add_convergence(table: Table) -> None:
-    """The report's convergence epoch of every run of the table (CONVERGED_FRACTION of the table's best
-    validation accuracy; None when a run never gets there or never learns: normbench.record.learned_threshold
-    with the number of classes in the run's record)."""
+    """The steps each run of the table needs to reach CONVERGED_FRACTION of the table's best validation
+    accuracy (None when it never gets there or never learns: normbench.record.learned_threshold with the
+    number of classes in the run's record); a run that does not get there but was still improving goes
+    to its row's ``cut``."""
     runs = [(row, run) for row in table.rows if row.cell is not None for run in row.cell.runs]
     if not runs:
         return
-    if len(runs) > MAX_CONVERGENCE_RUNS:
-        table.convergence_note = (f"conv. epoch: each run's recorded convergence/epoch ({len(runs)} runs, "
-                                  f"more than the {MAX_CONVERGENCE_RUNS} whose curves the report reads).")
-        return
-    curves = {id(run): _val_curve(run) for _, run in runs}
+    curves = {id(run): run.val_curve() for _, run in runs}
     best = max((acc for curve in curves.values() for _, acc in curve), default=None)
     if best is None:
         return
@@ -255,21 +257,20 @@ def add_convergence(table: Table) -> None:
         unknown += classes is None
         learned = bool(curve) and (classes is None
                                    or max(acc for _, acc in curve) > learned_threshold(classes))
-        epoch = next((e for e, acc in curve if acc >= threshold), None) if learned else None
-        row.convergence = (row.convergence or []) + [None if epoch is None else float(epoch)]
-    table.convergence_note = (f"conv. epoch: the first epoch whose validation accuracy reaches "
-                              f"{CONVERGED_FRACTION:.0%} of this table's best ({100 * best:.2f}% → threshold "
-                              f"{100 * threshold:.2f}%); 'never' for a run that does not get there or does "
-                              "not learn (best validation accuracy not above chance + "
-                              f"{100 * LEARN_MARGIN:g} points).")
+        steps = next((s for s, acc in curve if acc >= threshold), None) if learned else None
+        row.convergence = (row.convergence or []) + [steps]
+        accs = [acc for _, acc in curve]
+        if steps is None and len(accs) > 1 and accs[-1] >= max(accs[:-1]) + IMPROVING_MARGIN:
+            row.cut.append(curve[-1][0])
+    table.convergence_note = (
+        f"steps to threshold: the optimizer steps after which validation accuracy first reaches "
+        f"{100 * threshold:.2f}% ({CONVERGED_FRACTION:.0%} of this table's best, {100 * best:.2f}%), counted "
+        "at epoch ends; 'cut at N steps, still improving' for a run whose budget ended while its validation "
+        "accuracy still rose; 'never' for a run that does not get there or does not learn (best validation "
+        f"accuracy not above chance + {100 * LEARN_MARGIN:g} points).")
     if unknown:
         table.convergence_note += (f" {unknown} run(s) without data.num_classes in their {CONFIG}: not "
                                    "checked for learning.")
-
-
-def _val_curve(run) -> list[tuple[int, float]]:
-    return sorted((e, acc) for row in run.epochs() if isinstance(e := row.get("epoch"), int)
-                  and not isinstance(e, bool) and math.isfinite(acc := num(row.get("val/acc"))))
 
 
 def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
@@ -294,12 +295,15 @@ def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
     for row in table.rows:
         if row.cell is not None and not on_study_data(row.cell):
             row.ref, row.study_diff, row.no_study = replace(row.ref, ref={}), None, True
+        elif row.cell is not None and not _study_model(row.cell, st):
+            row.ref = replace(row.ref, ref={k: v for k, v in row.ref.ref.items() if k != "model/params"})
     table.notes.extend(_notes(st, covered))
     shared = constant_overrides(covered)
     if shared:
         table.notes.append("Every row also: " + " ".join(shared))
-    table.notes.extend(_contrasts(st, table))
-    table.flags.extend(st.flags)
+    table.notes.extend(_contrasts(st, table) + budget_notes(covered))
+    if not all(r.no_study for r in table.rows if r.cell is not None):  # notes on numbers the table shows
+        table.flags.extend(st.flags)
     add_convergence(table)
     return table
 
@@ -308,17 +312,17 @@ def assign_to_tables(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     """Study table name -> the cells it shows; each cell in at most one study table, so that one sweep
     makes one table per study table, not a near-duplicate per table whose settings it happens to match.
     A preset's runs (experiment = a study table's name) go to that table only; the runs of any other
-    experiment go to the one study table that matches most of them (ties: the studies' order)."""
+    experiment go to the first study table that matches all of them, else to a generic table: one sweep,
+    one table."""
     out: dict[str, list[Cell]] = {}
     for exp, group in _by_experiment(cells).items():
-        candidates = [TABLES_BY_NAME[exp]] if exp in TABLES_BY_NAME else list(STUDY_TABLES)
-        best, best_n = None, 0
-        for st in candidates:
-            matched = [c for c in group if _row_of(st, c) is not None]
-            if len(matched) > best_n:
-                best, best_n = (st, matched), len(matched)
-        if best is not None:
-            out.setdefault(best[0].name, []).extend(best[1])
+        if exp in TABLES_BY_NAME:
+            matched = [c for c in group if _row_of(TABLES_BY_NAME[exp], c) is not None]
+            out.setdefault(exp, []).extend(matched)
+            continue
+        st = next((st for st in STUDY_TABLES if all(_row_of(st, c) is not None for c in group)), None)
+        if st is not None:
+            out.setdefault(st.name, []).extend(group)
     return out
 
 
@@ -330,6 +334,11 @@ def _row_of(st: StudyTable, cell: Cell) -> RefRow | None:
 
 def on_study_data(cell: Cell) -> bool:
     return str(cell.choices.get("data", STUDY_DATA)) == STUDY_DATA
+
+
+def _study_model(cell: Cell, st: StudyTable) -> bool:
+    """The study's own model (not a smaller variant): parameter and memory numbers compare only then."""
+    return "model" not in st.context or str(cell.choices.get("model")) == st.context["model"]
 
 
 def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
@@ -386,13 +395,17 @@ def _notes(st: StudyTable, covered: Sequence[Cell]) -> list[str]:
     if variants:
         notes.append(f"These runs used model={', '.join(variants)}, a smaller variant; the study's numbers "
                      f"are for {st.context.get('model', 'the full model')}.")
-    if st.note:
+    if st.note and any(on_study_data(c) for c in covered):
         notes.append(st.note)
     return notes
 
 
 def _contrasts(st: StudyTable, table: Table) -> list[str]:
+    """The study's relative claims (parameters, memory) beside ours, when every run is of the study's
+    model on its data (a smaller or other-channel net's proportions are not the study's)."""
     out, first = [], _first_cells(table)
+    if not all(on_study_data(c) and _study_model(c, st) for c in table.cells):
+        return []
     for con in st.contrasts:
         a, b = first.get(con.row), first.get(con.base)
         ours = "not measured"
@@ -428,23 +441,31 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
         group.sort(key=lambda c: tuple(_sort_key(value_of(c, k)) for k in keys) + c.value_overrides)
         table = Table(slug(name), title, "generic", "test/err", [])
         table.setting_columns = keys + sorted(overrides)
+        search = any(c.trials for c in group)
+        if search:  # its trials by objective (1 - best val acc), best first, and compared with the first
+            table.title = f"search {exp}: trials sorted by objective (1 − best validation accuracy)"
+            group.sort(key=lambda c: _sort_key(c.stat("objective").mean))
+            table.setting_columns.insert(0, "trial")
         if not keys and not overrides and group:
             shared = {k: v for k, v in group[0].choices.items() if k != SEED}
             settings = [f"{k}={v}" for k, v in shared.items()] + list(group[0].value_overrides)
             table.notes.append("All runs share the settings " + " ".join(settings))
         elif constant_overrides(group):
             table.notes.append("Every row also: " + " ".join(constant_overrides(group)))
-        best = min((c for c in group if c.stat("test/err").mean is not None),
-                   key=lambda c: c.stat("test/err").mean, default=None)
+        table.notes.extend(budget_notes(group))
+        best = group[0] if search else min((c for c in group if c.stat("test/err").mean is not None),
+                                           key=lambda c: c.stat("test/err").mean, default=None)
         for cell in group:
-            row = Row(_extra_label(cell, keys, overrides) or exp, cell)
+            label = _extra_label(cell, keys, overrides) or exp
+            row = Row(f"trial {cell.trials}: {label}" if cell.trials else label, cell)
             if best is not None and cell is not best:
                 row.vs = "best"
                 row.comparison = _compare(cell, best, "test/err")
             table.rows.append(row)
         if best is not None and len(group) > 1:
-            table.notes.append(f"'vs best' compares each row with the lowest mean test error "
-                               f"({_extra_label(best, keys, overrides)}).")
+            which = f"trial {best.trials}, the best objective" if search else "the lowest mean test error"
+            label = _extra_label(best, keys, overrides)
+            table.notes.append(f"'vs best' compares each row with {which} ({label}).")
         add_convergence(table)
         tables.append(table)
     return tables
@@ -453,7 +474,7 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
 def _sort_key(value: Any) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (0, float(value), "")
-    return (1, 0.0, str(value))
+    return (1 + (value is None), 0.0, str(value))
 
 
 def slug(name: str) -> str:
@@ -464,9 +485,9 @@ def cell_stat(row: Row, metric: str) -> tuple[Stat, list[float], int]:
     """The statistic shown for a row's metric, its points and (convergence) how many runs never got there."""
     if row.cell is None:
         return Stat(0, None, None, None), [], 0
-    if metric == "convergence/epoch" and row.convergence is not None:
-        epochs = [v for v in row.convergence if v is not None]
-        return mean_ci(epochs), epochs, len(row.convergence) - len(epochs)
+    if metric == "convergence/steps":
+        steps = [v for v in row.convergence or () if v is not None]
+        return mean_ci(steps), steps, len(row.convergence or ()) - len(steps)
     return row.cell.stat(metric), row.cell.values(metric), 0
 
 
