@@ -28,6 +28,7 @@ from normbench.plan import plan
 from normbench.report import cli as report
 
 SINGLE = [*TINY, "trainer.epochs=2", "logger=none"]
+LONG = "n" * 300  # an experiment_name longer than a dir name may be
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
@@ -236,6 +237,7 @@ def test_hostile_files_in_a_sweep_dir_are_named_and_skipped_never_hang(tmp_path,
 @pytest.mark.parametrize("override,line", [
     ("batch_size=abc", "normbench: bad value batch_size='abc'"),
     ("experiment_name=../x", "normbench: bad value experiment_name='../x': must be one dir name"),
+    (f"experiment_name={LONG}", f"normbench: bad value experiment_name='{LONG}': is 300 bytes long"),
 ])
 def test_the_plan_refuses_what_train_refuses_in_the_same_line(override, line, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -245,3 +247,11 @@ def test_the_plan_refuses_what_train_refuses_in_the_same_line(override, line, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(line), err
     assert not (tmp_path / "multirun").exists()  # nothing written
+
+
+def test_a_too_long_experiment_name_is_one_line_before_any_dir(tmp_path):
+    proc = run_train([*SINGLE, f"experiment_name={LONG}"], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [(
+        f"normbench: bad value experiment_name='{LONG}': is 300 bytes long: at most 255, since it becomes "
+        "a dir name, e.g. experiment_name=bn_vs_gn")], proc.stderr
+    assert list(tmp_path.iterdir()) == []
