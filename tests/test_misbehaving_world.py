@@ -255,3 +255,15 @@ def test_a_too_long_experiment_name_is_one_line_before_any_dir(tmp_path):
         f"normbench: bad value experiment_name='{LONG}': is 300 bytes long: at most 255, since it becomes "
         "a dir name, e.g. experiment_name=bn_vs_gn")], proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_record_with_accuracies_outside_0_1_is_skipped_by_the_report_in_one_line(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed, acc in ((0, 0.8), (1, 0.81), (2, 87.5)):  # a percentage where a fraction belongs
+        write_run(sweep, experiment="x", choices={"model": "vgg_a", "norm": "bn", "seed": seed}, test_acc=acc)
+    assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [(f"normbench: warning: {sweep / '2' / 'summary.json'} is skipped "
+                                 "(summary.json metrics['test/acc'] is 87.5, not an accuracy in [0, 1])")]
+    assert "read 3 run records" in out and "skipped 1 (1 malformed)" in out
+    assert "| BN | 2 | 19.50 (20.00, 19.00) |" in (tmp_path / "report" / "report.md").read_text()  # 2 seeds

@@ -124,6 +124,9 @@ def validate_summary(summary) -> None:
     for key, value in summary["metrics"].items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise MalformedRecord(f"summary.json metrics[{key!r}] is {type(value).__name__}, not a number")
+        if "acc" in key.rsplit("/", 1)[-1] and value is not None and math.isfinite(value) \
+                and not 0 <= value <= 1:
+            raise MalformedRecord(f"summary.json metrics[{key!r}] is {value}, not an accuracy in [0, 1]")
     if summary["status"] == Status.COMPLETED:
         missing = [k for k in FINAL_METRICS if k not in summary["metrics"]]
         if missing:
