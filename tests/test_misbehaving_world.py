@@ -267,3 +267,19 @@ def test_a_record_with_accuracies_outside_0_1_is_skipped_by_the_report_in_one_li
                                  "(summary.json metrics['test/acc'] is 87.5, not an accuracy in [0, 1])")]
     assert "read 3 run records" in out and "skipped 1 (1 malformed)" in out
     assert "| BN | 2 | 19.50 (20.00, 19.00) |" in (tmp_path / "report" / "report.md").read_text()  # 2 seeds
+
+
+@pytest.mark.slow
+def test_garbage_in_a_completed_summary_is_kept_aside_with_one_warning_and_the_run_re_finished(tmp_path):
+    run_train(["-m", *SINGLE], tmp_path)
+    (summary,) = (tmp_path / "multirun" / "default").glob("*/summary.json")
+    garbage = b"\x00\x17garbage{" * 10
+    summary.write_bytes(garbage)
+    proc = run_train(["-m", *SINGLE], tmp_path)
+    warned = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"normbench: warning: {summary} cannot be read (")
+    (kept,) = summary.parent.glob("summary.json.damaged-*")
+    assert warned[0].endswith(f"; kept as {kept.name}, this run's record is written anew")
+    assert kept.read_bytes() == garbage  # what was there is not lost
+    assert json.loads(summary.read_text())["status"] == "completed"
+    assert "resuming" in proc.stdout  # from its last checkpoint: not trained again

@@ -74,8 +74,8 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {first[:160]}"
 
 
-def set_aside(path: Path, kind: str, reason: str) -> Path:
-    """Keep the file under a name no run loads (`checkpoint.pt.<kind>-<UTC time>`), with one warning line."""
+def set_aside(path: Path, kind: str, reason: str, then: str = "the run starts from scratch") -> Path:
+    """Keep the file under a name no run reads (`<name>.<kind>-<UTC time>`), with one warning line."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = path.with_name(f"{path.name}.{kind}-{stamp}")
     n = 1
@@ -83,8 +83,7 @@ def set_aside(path: Path, kind: str, reason: str) -> Path:
         n += 1
         target = path.with_name(f"{path.name}.{kind}-{stamp}.{n}")
     path.replace(target)
-    print(f"normbench: warning: {path} {reason}; kept as {target.name}, the run starts from scratch",
-          file=sys.stderr, flush=True)
+    print(f"normbench: warning: {path} {reason}; kept as {target.name}, {then}", file=sys.stderr, flush=True)
     return target
 
 

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from normbench.checkpoint import checkpoint_identity
+from normbench.checkpoint import checkpoint_identity, set_aside
 from normbench.device import launcher_jobs, placement
 from normbench.errors import NormbenchError, fail, one_line, warn
 from normbench.faults import free_memory, is_out_of_memory, kill_point
@@ -48,6 +48,7 @@ from normbench.record import (
     DONE,
     SUMMARY,
     Status,
+    load_json,
     read_summary,
     remove_temp_files,
     write_rejected,
@@ -329,9 +330,21 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]
         return _train(cfg, spec, info, state, identity, objectives)
 
 
+def _set_aside_damaged_summary(run_dir: Path) -> None:
+    """A summary.json this run is about to replace that cannot be read (damaged by hand, by a disk): kept."""
+    try:
+        if not (run_dir / SUMMARY).exists() or isinstance(load_json(run_dir / SUMMARY), dict):
+            return
+        reason = "is no JSON object"
+    except (OSError, ValueError) as err:
+        reason = f"cannot be read ({getattr(err, 'strerror', None) or err})"
+    set_aside(run_dir / SUMMARY, "damaged", reason, then="this run's record is written anew")
+
+
 def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | None, identity: str,
            objectives: list[str] | None = None) -> float | tuple[float | None, ...]:
     print_config_tree(cfg)
+    _set_aside_damaged_summary(info.output_dir)
     run_info = RunInfo(run_dir=info.output_dir, identity=identity, seedless_identity=seedless_identity(cfg),
                        choices=info.choices, overrides=info.overrides, name=info.name, job_num=info.job_num,
                        threads=info.threads, optuna=info.optuna)
