@@ -28,6 +28,7 @@ from normbench.plan import plan
 from normbench.report import cli as report
 
 SINGLE = [*TINY, "trainer.epochs=2", "logger=none"]
+SWEEP_DIR = Path("multirun") / "default"
 LONG = "n" * 300  # an experiment_name longer than a dir name may be
 
 
@@ -283,3 +284,36 @@ def test_garbage_in_a_completed_summary_is_kept_aside_with_one_warning_and_the_r
     assert kept.read_bytes() == garbage  # what was there is not lost
     assert json.loads(summary.read_text())["status"] == "completed"
     assert "resuming" in proc.stdout  # from its last checkpoint: not trained again
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_dead_joblib_worker_costs_only_its_own_job(tmp_path, sig):
+    # three jobs on two workers; the one that waits at epoch 2 has its worker killed there (the
+    # out-of-memory killer's SIGKILL, or a SIGTERM sent to that process alone)
+    release = tmp_path / "never"
+    args = ["-m", *SINGLE, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+trainer.fault=wait",
+            "+trainer.fault_epoch=2,8,9", f"+trainer.fault_file={release}"]
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 180
+    while not Path(f"{release}.waiting").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    worker = int(Path(f"{release}.waiting").read_text().split()[0])
+    os.kill(worker, sig)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / SWEEP_DIR).glob("*/summary.json")]
+    (killed,) = [s for s in summaries if s["pid"] == worker]
+    others = [s for s in summaries if s["pid"] != worker]
+    assert [s["status"] for s in others] == ["completed", "completed"], err[-3000:]
+    closing = out.splitlines()[-1]
+    if sig == signal.SIGKILL:
+        assert killed["status"] == "failed" and killed["error"] == "its worker process died (SIGKILL)"
+        assert closing == "sweep multirun/default: 2 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped"
+        assert "normbench: job 0 failed: its worker process died (SIGKILL) -- recorded in" in err
+    else:
+        assert killed["status"] == "interrupted" and killed["error"] == "interrupted by SIGTERM"
+        assert closing == ("sweep multirun/default: 2 completed / 0 diverged / 0 failed / 0 pruned / "
+                           "0 skipped / 1 interrupted")

@@ -48,7 +48,9 @@ from normbench.record import (
     DONE,
     SUMMARY,
     Status,
+    atomic_write_json,
     load_json,
+    now_iso,
     read_summary,
     remove_temp_files,
     write_rejected,
@@ -278,6 +280,30 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
               file=sys.stderr, flush=True)
     free_memory()
     return WORST_OBJECTIVE
+
+
+def record_dead_worker(cfg: DictConfig, cause: str) -> tuple[object, bool]:
+    """In the sweep process: the job whose launcher worker died (`cause`: SIGKILL, ...). A worker stopped
+    by SIGTERM recorded its run `interrupted` itself; a record left `running` is finished `failed`, naming
+    the cause, with one line. Returns the job's return value and whether the job counts as failed: the
+    worst objective for the basic sweeper (the sweep goes on), else the error."""
+    info, error = job_info(cfg), f"its worker process died ({cause})"
+    identity, state = run_identity(cfg), SweepState(info.sweep_dir)
+    entry = state.get(identity) or {}
+    run_dir = state.run_dir(entry) if entry.get("dir") else info.output_dir
+    summary = read_summary(run_dir) or {}
+    if (state.journal_dir / str(os.environ.get(SWEEP_ID_ENV)) / f"{info.job_num:06d}.json").exists():
+        error = f"interrupted by {cause}"  # it recorded itself
+    elif summary.get("identity") == identity and summary.get("status") == Status.RUNNING:
+        summary.update(status=Status.FAILED, error=error, error_type=cause, finished_at=now_iso())
+        atomic_write_json(run_dir / SUMMARY, summary)
+        state.put(identity, status=Status.FAILED)
+        journal(info, identity, Status.FAILED, WORST_OBJECTIVE, run_dir, error)
+        print(f"normbench: job {info.job_num} failed: {error} -- recorded in {run_dir}, the sweep goes on",
+              file=sys.stderr, flush=True)
+    else:  # it died before its run started
+        _journal_unreported(info, NormbenchError(error))
+    return (WORST_OBJECTIVE, False) if info.isolate else (NormbenchError(error), True)
 
 
 def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
