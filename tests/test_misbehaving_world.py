@@ -317,3 +317,20 @@ def test_a_dead_joblib_worker_costs_only_its_own_job(tmp_path, sig):
         assert killed["status"] == "interrupted" and killed["error"] == "interrupted by SIGTERM"
         assert closing == ("sweep multirun/default: 2 completed / 0 diverged / 0 failed / 0 pruned / "
                            "0 skipped / 1 interrupted")
+
+
+@pytest.mark.slow
+def test_a_run_dir_on_a_read_only_mount_fails_its_job_in_one_line_and_the_sweep_goes_on(tmp_path):
+    args = ["-m", *SINGLE, "norm=none,bn,gn", "hydra.sweep.subdir=job${hydra.job.num}"]
+    with read_only_mount(tmp_path / SWEEP_DIR / "job1") as ro:  # where Hydra puts the second job
+        proc = run_train(args, tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == ("sweep multirun/default: "
+                                            "2 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped")
+    assert [line for line in proc.stderr.splitlines() if line.startswith("normbench:")] == [
+        (f"normbench: job 1 failed: OSError: [Errno 30] Read-only file system: '{ro / '.hydra'}' -- its "
+         "record could not be written (OSError: Read-only file system), the sweep goes on")]
+    for job in ("job0", "job2"):
+        assert json.loads((tmp_path / SWEEP_DIR / job / "summary.json").read_text())["status"] == "completed"
+        assert (tmp_path / SWEEP_DIR / job / "train.log").stat().st_size > 0
+        assert "- norm=" in (tmp_path / SWEEP_DIR / job / ".hydra" / "overrides.yaml").read_text()

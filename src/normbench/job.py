@@ -65,6 +65,7 @@ from normbench.validate import RunSpec, validate
 
 SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
 NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
+HYDRA_FILES = ".hydra"  # the job's config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them
 RUN_LOCK = ".normbench-run.lock"  # held by the live single run whose dir holds it
 FINISHED = (*DONE, Status.PRUNED)  # a single run pointed at such a record of its own identity goes beside it
 _CLAIMED: list = []  # the open lock of this process's run dir
@@ -323,7 +324,24 @@ def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
     return error
 
 
+def save_hydra_files(cfg: DictConfig, info: JobInfo) -> None:
+    """The job's `.hydra/` files, as Hydra writes them (hydra.output_subdir is null: Hydra's own writing
+    would end the sweep on a run dir that cannot be written; here it fails the job, naming path and errno)."""
+    if not HydraConfig.initialized() or info.output_dir is None:
+        return
+    hydra_cfg, folder = HydraConfig.instance().cfg, info.output_dir / HYDRA_FILES
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        overrides = hydra_cfg.hydra.overrides.task
+        for name, node in (("config", cfg), ("hydra", hydra_cfg), ("overrides", overrides)):
+            (folder / f"{name}.yaml").write_text(OmegaConf.to_yaml(node))
+    except OSError as err:
+        info.unrecorded = f"{type(err).__name__}: {err.strerror or err}"
+        raise
+
+
 def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]:
+    save_hydra_files(cfg, info)
     spec = validate(cfg, device=info.device)
     if info.output_dir is None:
         raise NormbenchError(NO_OUTPUT_DIR)
