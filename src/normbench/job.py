@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from normbench.checkpoint import checkpoint_identity, set_aside
+from normbench.checkpoint import checkpoint_identity
 from normbench.device import launcher_jobs, placement
 from normbench.errors import NormbenchError, fail, one_line, warn
 from normbench.faults import free_memory, is_out_of_memory, kill_point
@@ -48,11 +48,9 @@ from normbench.record import (
     DONE,
     SUMMARY,
     Status,
-    atomic_write_json,
-    load_json,
-    now_iso,
     read_summary,
     remove_temp_files,
+    set_aside_damaged_summary,
     write_rejected,
     write_skipped_pointer,
 )
@@ -268,12 +266,12 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
         try:
             return _run_job(cfg, info)
         except Exception as exc:
-            _journal_unreported(info, exc)  # e.g. a failed config check in an Optuna sweep
+            journal_unreported(info, exc)  # e.g. a failed config check in an Optuna sweep
             raise
     try:
         return _run_job(cfg, info)
     except Exception as exc:  # noqa: BLE001 - failure isolation: the sweep goes on
-        error = _journal_unreported(info, exc)
+        error = journal_unreported(info, exc)
         kind = "out of memory" if is_out_of_memory(exc) else "failed"
         recorded = ("recorded" if info.unrecorded is None
                     else f"its record could not be written ({info.unrecorded})")
@@ -283,31 +281,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
     return WORST_OBJECTIVE
 
 
-def record_dead_worker(cfg: DictConfig, cause: str) -> tuple[object, bool]:
-    """In the sweep process: the job whose launcher worker died (`cause`: SIGKILL, ...). A worker stopped
-    by SIGTERM recorded its run `interrupted` itself; a record left `running` is finished `failed`, naming
-    the cause, with one line. Returns the job's return value and whether the job counts as failed: the
-    worst objective for the basic sweeper (the sweep goes on), else the error."""
-    info, error = job_info(cfg), f"its worker process died ({cause})"
-    identity, state = run_identity(cfg), SweepState(info.sweep_dir)
-    entry = state.get(identity) or {}
-    run_dir = state.run_dir(entry) if entry.get("dir") else info.output_dir
-    summary = read_summary(run_dir) or {}
-    if (state.journal_dir / str(os.environ.get(SWEEP_ID_ENV)) / f"{info.job_num:06d}.json").exists():
-        error = f"interrupted by {cause}"  # it recorded itself
-    elif summary.get("identity") == identity and summary.get("status") == Status.RUNNING:
-        summary.update(status=Status.FAILED, error=error, error_type=cause, finished_at=now_iso())
-        atomic_write_json(run_dir / SUMMARY, summary)
-        state.put(identity, status=Status.FAILED)
-        journal(info, identity, Status.FAILED, WORST_OBJECTIVE, run_dir, error)
-        print(f"normbench: job {info.job_num} failed: {error} -- recorded in {run_dir}, the sweep goes on",
-              file=sys.stderr, flush=True)
-    else:  # it died before its run started
-        _journal_unreported(info, NormbenchError(error))
-    return (WORST_OBJECTIVE, False) if info.isolate else (NormbenchError(error), True)
-
-
-def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
+def journal_unreported(info: JobInfo, exc: BaseException) -> str:
     """A sweep job that failed without reporting (before its run started: a failed config check): a
     journal line for the sweep's closing line, and in its job dir, when that holds no record,
     `rejected.json` with the reason (listed by the report among the skipped records)."""
@@ -374,21 +348,10 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]
         return _train(cfg, spec, info, state, identity, objectives)
 
 
-def _set_aside_damaged_summary(run_dir: Path) -> None:
-    """A summary.json this run is about to replace that cannot be read (damaged by hand, by a disk): kept."""
-    try:
-        if not (run_dir / SUMMARY).exists() or isinstance(load_json(run_dir / SUMMARY), dict):
-            return
-        reason = "is no JSON object"
-    except (OSError, ValueError) as err:
-        reason = f"cannot be read ({getattr(err, 'strerror', None) or err})"
-    set_aside(run_dir / SUMMARY, "damaged", reason, then="this run's record is written anew")
-
-
 def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | None, identity: str,
            objectives: list[str] | None = None) -> float | tuple[float | None, ...]:
     print_config_tree(cfg)
-    _set_aside_damaged_summary(info.output_dir)
+    set_aside_damaged_summary(info.output_dir)
     run_info = RunInfo(run_dir=info.output_dir, identity=identity, seedless_identity=seedless_identity(cfg),
                        choices=info.choices, overrides=info.overrides, name=info.name, job_num=info.job_num,
                        threads=info.threads, optuna=info.optuna)
