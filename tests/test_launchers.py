@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF, TINY, TRAIN
 from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from omegaconf import OmegaConf
@@ -175,7 +176,8 @@ def test_shadowing_configs_spell_out_the_plugin_schema(name, schema):
     expected = {f.name for f in fields(schema)}
     assert keys == expected, f"missing {sorted(expected - keys)}, unknown {sorted(keys - expected)}"
     merged = OmegaConf.merge(OmegaConf.structured(schema), node)   # raises on a wrong type
-    assert merged._target_ == schema()._target_
+    # the plugin's launcher, or normbench's subclass of it (joblib: a dead worker costs only its job)
+    assert issubclass(get_class(merged._target_), get_class(schema()._target_))
 
 
 def test_joblib_n_jobs_and_local_options_are_overridable():

@@ -28,6 +28,8 @@ from normbench.plan import plan
 from normbench.report import cli as report
 
 SINGLE = [*TINY, "trainer.epochs=2", "logger=none"]
+SWEEP_DIR = Path("multirun") / "default"
+LONG = "n" * 300  # an experiment_name longer than a dir name may be
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
@@ -236,6 +238,7 @@ def test_hostile_files_in_a_sweep_dir_are_named_and_skipped_never_hang(tmp_path,
 @pytest.mark.parametrize("override,line", [
     ("batch_size=abc", "normbench: bad value batch_size='abc'"),
     ("experiment_name=../x", "normbench: bad value experiment_name='../x': must be one dir name"),
+    (f"experiment_name={LONG}", f"normbench: bad value experiment_name='{LONG}': is 300 bytes long"),
 ])
 def test_the_plan_refuses_what_train_refuses_in_the_same_line(override, line, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -245,3 +248,89 @@ def test_the_plan_refuses_what_train_refuses_in_the_same_line(override, line, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(line), err
     assert not (tmp_path / "multirun").exists()  # nothing written
+
+
+def test_a_too_long_experiment_name_is_one_line_before_any_dir(tmp_path):
+    proc = run_train([*SINGLE, f"experiment_name={LONG}"], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [(
+        f"normbench: bad value experiment_name='{LONG}': is 300 bytes long: at most 255, since it becomes "
+        "a dir name, e.g. experiment_name=bn_vs_gn")], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_record_with_accuracies_outside_0_1_is_skipped_by_the_report_in_one_line(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed, acc in ((0, 0.8), (1, 0.81), (2, 87.5)):  # a percentage where a fraction belongs
+        write_run(sweep, experiment="x", choices={"model": "vgg_a", "norm": "bn", "seed": seed}, test_acc=acc)
+    assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [(f"normbench: warning: {sweep / '2' / 'summary.json'} is skipped "
+                                 "(summary.json metrics['test/acc'] is 87.5, not an accuracy in [0, 1])")]
+    assert "read 3 run records" in out and "skipped 1 (1 malformed)" in out
+    assert "| BN | 2 | 19.50 (20.00, 19.00) |" in (tmp_path / "report" / "report.md").read_text()  # 2 seeds
+
+
+@pytest.mark.slow
+def test_garbage_in_a_completed_summary_is_kept_aside_with_one_warning_and_the_run_re_finished(tmp_path):
+    run_train(["-m", *SINGLE], tmp_path)
+    (summary,) = (tmp_path / "multirun" / "default").glob("*/summary.json")
+    garbage = b"\x00\x17garbage{" * 10
+    summary.write_bytes(garbage)
+    proc = run_train(["-m", *SINGLE], tmp_path)
+    warned = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"normbench: warning: {summary} cannot be read (")
+    (kept,) = summary.parent.glob("summary.json.damaged-*")
+    assert warned[0].endswith(f"; kept as {kept.name}, this run's record is written anew")
+    assert kept.read_bytes() == garbage  # what was there is not lost
+    assert json.loads(summary.read_text())["status"] == "completed"
+    assert "resuming" in proc.stdout  # from its last checkpoint: not trained again
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_dead_joblib_worker_costs_only_its_own_job(tmp_path, sig):
+    # three jobs on two workers; the one that waits at epoch 2 has its worker killed there (the
+    # out-of-memory killer's SIGKILL, or a SIGTERM sent to that process alone)
+    release = tmp_path / "never"
+    args = ["-m", *SINGLE, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+trainer.fault=wait",
+            "+trainer.fault_epoch=2,8,9", f"+trainer.fault_file={release}"]
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 180
+    while not Path(f"{release}.waiting").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    worker = int(Path(f"{release}.waiting").read_text().split()[0])
+    os.kill(worker, sig)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / SWEEP_DIR).glob("*/summary.json")]
+    (killed,) = [s for s in summaries if s["pid"] == worker]
+    others = [s for s in summaries if s["pid"] != worker]
+    assert [s["status"] for s in others] == ["completed", "completed"], err[-3000:]
+    closing = out.splitlines()[-1]
+    if sig == signal.SIGKILL:
+        assert killed["status"] == "failed" and killed["error"] == "its worker process died (SIGKILL)"
+        assert closing == "sweep multirun/default: 2 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped"
+        assert "normbench: job 0 failed: its worker process died (SIGKILL) -- recorded in" in err
+    else:
+        assert killed["status"] == "interrupted" and killed["error"] == "interrupted by SIGTERM"
+        assert closing == ("sweep multirun/default: 2 completed / 0 diverged / 0 failed / 0 pruned / "
+                           "0 skipped / 1 interrupted")
+
+
+@pytest.mark.slow
+def test_a_run_dir_on_a_read_only_mount_fails_its_job_in_one_line_and_the_sweep_goes_on(tmp_path):
+    args = ["-m", *SINGLE, "norm=none,bn,gn", "hydra.sweep.subdir=job${hydra.job.num}"]
+    with read_only_mount(tmp_path / SWEEP_DIR / "job1") as ro:  # where Hydra puts the second job
+        proc = run_train(args, tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == ("sweep multirun/default: "
+                                            "2 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped")
+    assert [line for line in proc.stderr.splitlines() if line.startswith("normbench:")] == [
+        (f"normbench: job 1 failed: OSError: [Errno 30] Read-only file system: '{ro / '.hydra'}' -- its "
+         "record could not be written (OSError: Read-only file system), the sweep goes on")]
+    for job in ("job0", "job2"):
+        assert json.loads((tmp_path / SWEEP_DIR / job / "summary.json").read_text())["status"] == "completed"
+        assert (tmp_path / SWEEP_DIR / job / "train.log").stat().st_size > 0
+        assert "- norm=" in (tmp_path / SWEEP_DIR / job / ".hydra" / "overrides.yaml").read_text()

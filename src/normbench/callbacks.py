@@ -1,6 +1,6 @@
 """Hydra callbacks (conf/config.yaml, hydra.callbacks): SweepSummary names the multirun and its swept
 keys for the jobs and prints the sweep's closing line (docs/sweeps.md); Preflight checks the config
-before any run or sweep dir exists.
+before any run or sweep dir exists. And the job log's handler (conf/hydra/job_logging/normbench.yaml).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from normbench.errors import ConfigError, fail
+from normbench.errors import ConfigError, fail, warn
 from normbench.identity import SWEPT_KEYS_ENV, sweep_arguments, swept_keys
 from normbench.preflight import check_experiment_name, check_launch
 from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
@@ -32,6 +32,26 @@ def expected_jobs(config: DictConfig) -> int | None:
         return len(expand_grid(*sweep_arguments(config)))
     except Exception:  # noqa: BLE001 - the count only refines the summary line
         return None
+
+
+class JobLogFile(logging.FileHandler):
+    """The job's log file (hydra/job_logging=normbench: train.log), opened at its first record, so that a
+    run dir that cannot hold it (read-only, full) costs the log file, never the sweep: the job's own writes
+    there fail the job in one line naming the path."""
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None) -> None:
+        super().__init__(filename, mode, encoding, delay=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            try:
+                self.stream = self._open()
+            except OSError as err:
+                self.emit = lambda record: None
+                if os.access(os.path.dirname(self.baseFilename), os.W_OK):  # else the job says it
+                    warn(f"the job log cannot be written: {err}")
+                return
+        super().emit(record)
 
 
 class Preflight(Callback):

@@ -5,13 +5,12 @@ that cannot be loaded or is another identity's is set aside, never deleted (docs
 from __future__ import annotations
 
 import io
-import sys
-import time
 from pathlib import Path
 
 import torch
 
 from normbench.faults import kill_point
+from normbench.record import set_aside
 from normbench.trainer import LoopState
 
 PAYLOAD_KEYS = ("identity", "model", "optimizer", "scheduler", "generator", "torch_rng", "cuda_rng",
@@ -72,20 +71,6 @@ def _reason(err: BaseException) -> str:
     if "weights_only" in first or "Weights only" in first or not first:
         return f"{type(err).__name__}: not a checkpoint of plain tensors"
     return f"{type(err).__name__}: {first[:160]}"
-
-
-def set_aside(path: Path, kind: str, reason: str) -> Path:
-    """Keep the file under a name no run loads (`checkpoint.pt.<kind>-<UTC time>`), with one warning line."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = path.with_name(f"{path.name}.{kind}-{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.{kind}-{stamp}.{n}")
-    path.replace(target)
-    print(f"normbench: warning: {path} {reason}; kept as {target.name}, the run starts from scratch",
-          file=sys.stderr, flush=True)
-    return target
 
 
 def read_checkpoint(path: Path) -> dict | None:

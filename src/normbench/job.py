@@ -50,6 +50,7 @@ from normbench.record import (
     Status,
     read_summary,
     remove_temp_files,
+    set_aside_damaged_summary,
     write_rejected,
     write_skipped_pointer,
 )
@@ -62,6 +63,7 @@ from normbench.validate import RunSpec, validate
 
 SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
 NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
+HYDRA_FILES = ".hydra"  # the job's config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them
 RUN_LOCK = ".normbench-run.lock"  # held by the live single run whose dir holds it
 FINISHED = (*DONE, Status.PRUNED)  # a single run pointed at such a record of its own identity goes beside it
 _CLAIMED: list = []  # the open lock of this process's run dir
@@ -264,12 +266,12 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
         try:
             return _run_job(cfg, info)
         except Exception as exc:
-            _journal_unreported(info, exc)  # e.g. a failed config check in an Optuna sweep
+            journal_unreported(info, exc)  # e.g. a failed config check in an Optuna sweep
             raise
     try:
         return _run_job(cfg, info)
     except Exception as exc:  # noqa: BLE001 - failure isolation: the sweep goes on
-        error = _journal_unreported(info, exc)
+        error = journal_unreported(info, exc)
         kind = "out of memory" if is_out_of_memory(exc) else "failed"
         recorded = ("recorded" if info.unrecorded is None
                     else f"its record could not be written ({info.unrecorded})")
@@ -279,7 +281,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
     return WORST_OBJECTIVE
 
 
-def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
+def journal_unreported(info: JobInfo, exc: BaseException) -> str:
     """A sweep job that failed without reporting (before its run started: a failed config check): a
     journal line for the sweep's closing line, and in its job dir, when that holds no record,
     `rejected.json` with the reason (listed by the report among the skipped records)."""
@@ -296,7 +298,24 @@ def _journal_unreported(info: JobInfo, exc: BaseException) -> str:
     return error
 
 
+def save_hydra_files(cfg: DictConfig, info: JobInfo) -> None:
+    """The job's `.hydra/` files, as Hydra writes them (hydra.output_subdir is null: Hydra's own writing
+    would end the sweep on a run dir that cannot be written; here it fails the job, naming path and errno)."""
+    if not HydraConfig.initialized() or info.output_dir is None:
+        return
+    hydra_cfg, folder = HydraConfig.instance().cfg, info.output_dir / HYDRA_FILES
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        overrides = hydra_cfg.hydra.overrides.task
+        for name, node in (("config", cfg), ("hydra", hydra_cfg), ("overrides", overrides)):
+            (folder / f"{name}.yaml").write_text(OmegaConf.to_yaml(node))
+    except OSError as err:
+        info.unrecorded = f"{type(err).__name__}: {err.strerror or err}"
+        raise
+
+
 def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]:
+    save_hydra_files(cfg, info)
     spec = validate(cfg, device=info.device)
     if info.output_dir is None:
         raise NormbenchError(NO_OUTPUT_DIR)
@@ -332,6 +351,7 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]
 def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | None, identity: str,
            objectives: list[str] | None = None) -> float | tuple[float | None, ...]:
     print_config_tree(cfg)
+    set_aside_damaged_summary(info.output_dir)
     run_info = RunInfo(run_dir=info.output_dir, identity=identity, seedless_identity=seedless_identity(cfg),
                        choices=info.choices, overrides=info.overrides, name=info.name, job_num=info.job_num,
                        threads=info.threads, optuna=info.optuna)

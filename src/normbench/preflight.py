@@ -17,6 +17,7 @@ from normbench.errors import ConfigError, fail, mask_passwords, one_line
 PARALLEL_KEYS = {"hydra.launcher.n_jobs": "jobs at a time",
                  "hydra.sweeper.n_jobs": "trials launched at a time",
                  "hydra.launcher.max_fuse": "runs trained as one fused model"}
+NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows filesystems
 
 
 class MaskingStream(io.TextIOBase):
@@ -90,6 +91,10 @@ def check_experiment_name(name) -> None:
     if not ok:
         raise ConfigError("experiment_name", name, "must be one dir name (no '/', not '.' or '..', not "
                                                    "empty), e.g. experiment_name=bn_vs_gn")
+    if len(name.encode()) > NAME_MAX:
+        raise ConfigError("experiment_name", name, f"is {len(name.encode())} bytes long: at most "
+                                                   f"{NAME_MAX}, since it becomes a dir name, e.g. "
+                                                   "experiment_name=bn_vs_gn")
 
 
 def check_launch(config: DictConfig) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from enum import Enum
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+
+from normbench.errors import warn
 
 # The user's umask, read once (reading it means setting it): a record's files get the permissions any file
 # the user makes gets (team-mates sharing a sweep dir read them), not mkstemp's 0600.
@@ -124,6 +127,9 @@ def validate_summary(summary) -> None:
     for key, value in summary["metrics"].items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise MalformedRecord(f"summary.json metrics[{key!r}] is {type(value).__name__}, not a number")
+        if "acc" in key.rsplit("/", 1)[-1] and value is not None and math.isfinite(value) \
+                and not 0 <= value <= 1:
+            raise MalformedRecord(f"summary.json metrics[{key!r}] is {value}, not an accuracy in [0, 1]")
     if summary["status"] == Status.COMPLETED:
         missing = [k for k in FINAL_METRICS if k not in summary["metrics"]]
         if missing:
@@ -176,6 +182,29 @@ def remove_temp_files(run_dir: Path) -> list[str]:
             path.unlink()
             removed.append(path.name)
     return removed
+
+
+def set_aside(path: Path, kind: str, reason: str, then: str = "the run starts from scratch") -> Path:
+    """Keep the file under a name no run reads (`<name>.<kind>-<UTC time>`), with one warning line."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = path.with_name(f"{path.name}.{kind}-{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{kind}-{stamp}.{n}")
+    path.replace(target)
+    warn(f"{path} {reason}; kept as {target.name}, {then}")
+    return target
+
+
+def set_aside_damaged_summary(run_dir: Path) -> None:
+    """A summary.json a run is about to replace that cannot be read (damaged by hand, by a disk): kept."""
+    try:
+        if not (run_dir / SUMMARY).exists() or isinstance(load_json(run_dir / SUMMARY), dict):
+            return
+        reason = "is no JSON object"
+    except (OSError, ValueError) as err:
+        reason = f"cannot be read ({getattr(err, 'strerror', None) or err})"
+    set_aside(run_dir / SUMMARY, "damaged", reason, then="this run's record is written anew")
 
 
 def write_rejected(run_dir: Path, *, error: str, error_type: str, overrides: list[str]) -> None:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normbench.errors import ConfigError, NormbenchError
+from normbench.errors import ConfigError, NormbenchError, warn
 from normbench.loggers import wandb_mode
-from normbench.record import atomic_write_text
+from normbench.record import SUMMARY, atomic_write_text
 from normbench.report.mechanism import mechanism
 from normbench.report.records import ScanResult, cells_of, malformed_warnings, scan
 from normbench.report.reference import STUDY_TABLES
@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{e.strerror}", file=sys.stderr)
         return 1
     result = report.result
+    for skipped in result.skipped:
+        if skipped.kind == "malformed":
+            warn(f"{os.path.join(skipped.path, SUMMARY)} is skipped ({skipped.reason})")
     print(f"{result.summary_line()}; {len(report.tables)} table(s) -> {os.path.join(out, 'index.html')}")
     if args.profile:
         rate = result.n_records / result.seconds if result.seconds > 0 else float("inf")

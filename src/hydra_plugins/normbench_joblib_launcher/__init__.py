@@ -1,0 +1,3 @@
+"""hydra/launcher=joblib: the joblib launcher plugin, with one death costing only its job.
+
+See joblib_launcher."""
