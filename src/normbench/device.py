@@ -25,8 +25,8 @@ CHANNELS_LAST_NORMS = ("none", "bn")
 # pairs. A model is named by its `_target_` function (normbench.models.model_name).
 CPU_CHANNELS_LAST = {**dict.fromkeys([("vgg_a", "none"), ("vgg_a", "bn"), ("alexnet_cifar", "none"),
                                       ("alexnet_cifar", "bn")], (0.125, 1.0)),
-                     **dict.fromkeys([("vgg_a", "ln"), ("alexnet_cifar", "gn"), ("alexnet_cifar", "ln"),
-                                      ("alexnet_cifar", "lrn")], (0.125, 0.125))}
+                     **dict.fromkeys([("vgg_a", "gn"), ("vgg_a", "ln"), ("alexnet_cifar", "gn"),
+                                      ("alexnet_cifar", "ln"), ("alexnet_cifar", "lrn")], (0.125, 0.125))}
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 RECOMPILE_LIMIT = 64
 

@@ -9,8 +9,10 @@ Sections (each a key of the JSON result, each its own module of ``normbench.perf
 ``data``        (``data``) normbench's on-device pipeline against torchvision CIFAR10 + standard transforms +
                 DataLoader.
 ``fixed_cost``  (``startup``) process start to the first finished training step of ``bench/train.py`` with
-                tiny settings, against bare ``import torch`` and a minimal PyTorch training process; the
-                per-job cost in a sequential multirun of tiny jobs.
+                tiny settings, against bare ``import torch`` and a minimal PyTorch training process, and
+                its start-up phase by phase.
+``jobs``        (``phases``) a real multirun of tiny jobs (batch 8, width 0.125, 100 steps, W&B offline),
+                phase by phase: the share of a job's wall time outside its training steps.
 ``probes``      (``probes``) training images/s with each probe at its default interval against probe=none.
 ``layout``      (``layout``) channels_last against NCHW images/s per model and norm on this device, and
                 whether ``trainer.channels_last=auto`` picks the faster one.
@@ -41,6 +43,7 @@ from normbench.perf.data import bench_data
 from normbench.perf.fused import bench_fused
 from normbench.perf.layout import bench_layout
 from normbench.perf.loop import bench_loop
+from normbench.perf.phases import bench_jobs
 from normbench.perf.probes import bench_probes
 from normbench.perf.startup import bench_fixed_cost
 from normbench.perf.table import print_table
@@ -53,6 +56,7 @@ def _sections(s: PerfSettings, paths: PerfPaths, device: torch.device, work: Pat
         "loop": lambda: bench_loop(s, paths, device, work),
         "data": lambda: bench_data(s, device),
         "fixed_cost": lambda: bench_fixed_cost(s, paths, device, work),
+        "jobs": lambda: bench_jobs(s, paths, device, work),
         "probes": lambda: bench_probes(s, paths, device, work),
         "layout": lambda: bench_layout(s, paths, device, work),
         "cuda": lambda: bench_cuda(s, paths, device, work),
