@@ -24,37 +24,32 @@ import torch
 
 from normbench.perf.common import PerfPaths, PerfSettings, child_env, run_process
 
-# (phase, module, attribute): the wrapped functions, patched where their callers look them up.
-PHASES = (
-    ("compose the config (Hydra)", "hydra._internal.config_loader_impl",
-     "ConfigLoaderImpl.load_sweep_config"),
-    ("compose the run's config (Hydra)", "hydra._internal.config_loader_impl",
-     "ConfigLoaderImpl.load_configuration"),
-    ("Hydra job set-up (dirs, logging)", "hydra._internal.core_plugins.basic_launcher", "run_job"),
-    ("job: identity, sweep index, run set-up", "normbench.job", "run_job"),
-    ("validate", "normbench.job", "validate"),
-    ("config tree", "normbench.job", "print_config_tree"),
-    ("gc / memory baseline", "normbench.run", "RunMemory.collect"),
-    ("gc / memory baseline", "normbench.run", "RunMemory.start"),
-    ("data", "normbench.run", "load_data"),
-    ("model build", "normbench.run", "build_model"),
-    ("optimizer, trainer", "normbench.run", "build_parts"),
-    ("checkpoint", "normbench.run", "load_checkpoint"),
-    ("checkpoint", "normbench.run", "save_checkpoint"),
-    ("W&B init", "normbench.loggers", "WandbSink.__init__"),
-    ("record open", "normbench.run", "Run._open_sinks"),
-    ("training steps", "normbench.trainer", "Trainer.train_steps"),
-    ("validation", "normbench.trainer", "Trainer.end_epoch"),
-    ("test, final metrics", "normbench.run", "Run._final_metrics"),
-    ("record writing", "normbench.run", "Run.finish"),
-    ("W&B finish", "normbench.loggers", "WandbSink.finish"),
-    ("sweep bookkeeping", "normbench.job", "record_in_sweep"),
-)
-TRAIN = "training steps"
-VALIDATION = "validation"
+# phase = a wrapped function (module:attribute), patched where its callers look it up
+PHASES = [line.split(" = ") for line in """
+compose the config (Hydra) = hydra._internal.config_loader_impl:ConfigLoaderImpl.load_sweep_config
+compose the run's config (Hydra) = hydra._internal.config_loader_impl:ConfigLoaderImpl.load_configuration
+Hydra job set-up (dirs, logging) = hydra._internal.core_plugins.basic_launcher:run_job
+job: identity, sweep index, run set-up = normbench.job:run_job
+validate = normbench.job:validate
+config tree = normbench.job:print_config_tree
+gc / memory baseline = normbench.run:RunMemory.collect
+gc / memory baseline = normbench.run:RunMemory.start
+data = normbench.run:load_data
+model build = normbench.run:build_model
+optimizer, trainer = normbench.run:build_parts
+checkpoint = normbench.run:load_checkpoint
+checkpoint = normbench.run:save_checkpoint
+W&B init = normbench.loggers:WandbSink.__init__
+record open = normbench.run:Run._open_sinks
+training steps = normbench.trainer:Trainer.train_steps
+validation = normbench.trainer:Trainer.end_epoch
+test, final metrics = normbench.run:Run._final_metrics
+record writing = normbench.run:Run.finish
+W&B finish = normbench.loggers:WandbSink.finish
+sweep bookkeeping = normbench.job:record_in_sweep
+""".strip().splitlines()]
+TRAIN, COMPOSE, OTHER = "training steps", "compose the config (Hydra)", "other (launcher, between jobs)"
 JOB = "Hydra job set-up (dirs, logging)"   # one call per job of the multirun: its outermost phase
-COMPOSE = PHASES[0][0]
-OTHER = "other (launcher, between jobs)"
 # The tiny sweep job: batch 8, width 0.125, 100 steps on synthetic data, W&B offline.
 JOB_ARGS = ["data=synthetic", "data.num_train=928", "data.num_test=128", "+debug=quick", "batch_size=8",
             "trainer.max_steps_per_epoch=100", "logger=wandb", "logger.mode=offline"]
@@ -79,7 +74,8 @@ def _wrap(events: list, stack: list, start: float, phase: str, fn):
 def install(events: list, start: float) -> None:
     """Wrap every function of PHASES; each call appends [phase, start s, end s, exclusive s] to `events`."""
     stack: list = []
-    for phase, module_name, attribute in PHASES:
+    for phase, target in PHASES:
+        module_name, attribute = target.split(":")
         owner = importlib.import_module(module_name)
         *path, name = attribute.split(".")
         for part in path:
@@ -146,19 +142,6 @@ def timeline(events: list, upto: str = TRAIN) -> list[dict]:
             for phase, _, end, exclusive in sorted(events, key=lambda e: e[2]) if end <= last]
 
 
-def wandb_env(workdir: Path) -> dict:
-    """The child's environment with W&B offline and every W&B dir inside `workdir` (no host credentials)."""
-    base = workdir / "wandb-home"
-    dirs = {f"WANDB_{key}_DIR": str(base / key.lower()) for key in ("CACHE", "CONFIG", "DATA")}
-    for path in dirs.values():
-        Path(path).mkdir(parents=True, exist_ok=True)
-    env = {**child_env(), **dirs, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "WANDB_DISABLE_GIT": "true", "NETRC": str(base / "netrc")}
-    for key in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_SERVICE"):
-        env.pop(key, None)
-    return env
-
-
 def bench_jobs(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path) -> dict:
     """`s.sweep_rounds` multiruns of `s.sweep_jobs` tiny jobs (JOB_ARGS), each traced; per phase the
     median over the multiruns."""
@@ -170,7 +153,7 @@ def bench_jobs(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir:
     for n in range(s.sweep_rounds):
         events = trace(Path(train), ["-m", *JOB_ARGS, f"trainer.device={device}", f"seed={seeds}",
                                      f"hydra.sweep.dir={workdir / f'jobs-{n}'}", "experiment_name=perf"],
-                       workdir, wandb_env(workdir))
+                       workdir, {**child_env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
         runs.append(job_phases(events, s.sweep_jobs))
     median = {key: statistics.median(run[key] for run in runs) for key in ("job_s", "outside", "start_s")}
     later = [x for run in runs for x in run["outside_per_job"][1:]]
