@@ -53,7 +53,7 @@ def test_quick_benchmark_runs_and_writes_every_section(tmp_path):
     for key in ("bare_import_torch_s", "minimal_torch_step_s", "first_step_s", "ratio", "ratio_vs_minimal"):
         assert _positive(fixed[key]), key
     jobs = results["jobs"]
-    assert _positive(jobs["job_s"]) and len(jobs["runs"][0]["outside_per_job"]) == 4
+    assert _positive(jobs["job_s"]) and len(jobs["runs"][0]["outside_per_job"]) == 3
     assert 0 < jobs["outside"] < 1 and _positive(jobs["phases"]["training steps"])
     assert [r["phase"] for r in fixed["breakdown"]][-1] == "training steps"
     probes = {r["probe"]: r for r in results["probes"]["rows"]}

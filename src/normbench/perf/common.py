@@ -61,7 +61,7 @@ class PerfSettings:
     @classmethod
     def make(cls, quick: bool, **overrides) -> PerfSettings:
         base = cls(quick=True, threads=1, rounds=15, width=0.125, steps={8: 2, 128: 1}, loop_budget_s=2.5,
-                   data_seconds=0.3, data_images=2_000, startup_rounds=1, sweep_jobs=4, sweep_rounds=1,
+                   data_seconds=0.3, data_images=2_000, startup_rounds=1, sweep_jobs=3, sweep_rounds=1,
                    probe_width=0.125, probe_batch=8, probe_rounds=3, cuda_epoch_images=5_000,
                    cuda_concurrency_steps=300, layout_batch=16, layout_steps=1, layout_rounds=3,
                    fused_widths=(0.125,), fused_ks=(1, 8), fused_concurrent_ks=(), fused_steps=5,
