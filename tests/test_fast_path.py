@@ -131,6 +131,13 @@ def test_channels_last_auto_policy():
     assert resolve_channels_last("auto", gpu, "bn") and resolve_channels_last("auto", gpu, "none")
     assert not any(resolve_channels_last("auto", gpu, n) for n in ("gn", "ln", "lrn"))
     assert resolve_channels_last(True, cpu, "gn") and not resolve_channels_last(False, gpu, "bn")
+    # on the CPU, per model, norm and width as measured: none/bn at every width from 0.125 to 1, gn/ln/lrn
+    # only at the narrow width where it was faster; NCHW where unmeasured or no faster
+    assert all(resolve_channels_last("auto", cpu, "bn", "vgg_a", w) for w in (0.125, 0.5, 1.0))
+    assert resolve_channels_last("auto", cpu, "gn", "alexnet_cifar", 0.125)
+    assert not any(resolve_channels_last("auto", cpu, "gn", "alexnet_cifar", w) for w in (0.25, 1.0, 2.0))
+    assert not resolve_channels_last("auto", cpu, "lrn", "vgg_a", 0.125)
+    assert not resolve_channels_last("auto", cpu, "bn", "my_model", 0.125)
 
 
 # ------------------------------------------------------------------------------------------ fp32 norms

@@ -3,12 +3,16 @@ each run's own peak memory, and no convergence epoch for a run that never learns
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
+import torch
 from conftest import TINY, run_train
 
 from normbench.record import learned_threshold
+from normbench.run import RunMemory
 from normbench.trainer import convergence_epoch
 
 
@@ -45,3 +49,47 @@ def test_each_sweep_job_measures_its_own_peak_memory(tmp_path):
     assert all(s["metrics"]["memory/data_mb"] > 0 for s in summaries)
     # lr 1e-12: the runs never learn, so they have no convergence epoch (before: epoch 1)
     assert [s["metrics"]["convergence/epoch"] for s in summaries] == [None] * 3
+
+
+def _full_collections(action) -> int:
+    """How many full (generation 2) garbage collections `action()` ran."""
+    seen: list[int] = []
+
+    def callback(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            seen.append(1)
+
+    gc.callbacks.append(callback)
+    try:
+        action()
+    finally:
+        gc.callbacks.remove(callback)
+    return len(seen)
+
+
+def test_a_sweep_job_collects_once_and_the_first_freezes_what_survives():
+    """Before a sweep job's memory baseline: the first job freezes what survives its collection (the
+    imported modules) out of every later one; a later job runs one full collection, which still frees
+    the garbage jobs left (a cycle made after the freeze goes). A single run collects and freezes
+    nothing."""
+    gc.unfreeze()
+    try:
+        single = RunMemory(torch.device("cpu"), in_sweep=False)
+        assert _full_collections(single.collect) == 0
+        assert gc.get_freeze_count() == 0
+        RunMemory(torch.device("cpu"), in_sweep=True).collect()  # the first job (its imports collect too)
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # torch, hydra, normbench: the heap a full collection would walk again
+        cycle = _Cycle()
+        cycle.me, alive = cycle, weakref.ref(cycle)
+        del cycle
+        assert alive() is not None
+        assert _full_collections(RunMemory(torch.device("cpu"), in_sweep=True).collect) == 1
+        assert alive() is None
+        assert gc.get_freeze_count() == frozen  # frozen once, by the first job
+    finally:
+        gc.unfreeze()
+
+
+class _Cycle:
+    me: object = None

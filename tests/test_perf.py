@@ -4,6 +4,7 @@ which cannot run without a GPU)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import pytest
 
 from normbench.perf.common import SECTIONS, PerfSettings, Sample, alternate, paired_ratio
 from normbench.perf.cuda import peak_tflops
+from normbench.perf.phases import job_phases, timeline
 from normbench.perf.table import print_table, table_rows
 from normbench.perf.targets import evaluate_targets
 
@@ -50,7 +52,10 @@ def test_quick_benchmark_runs_and_writes_every_section(tmp_path):
     fixed = results["fixed_cost"]
     for key in ("bare_import_torch_s", "minimal_torch_step_s", "first_step_s", "ratio", "ratio_vs_minimal"):
         assert _positive(fixed[key]), key
-    assert _positive(fixed["multirun"]["per_job_s"]) and len(fixed["multirun"]["gaps_s"]) == 2
+    jobs = results["jobs"]
+    assert _positive(jobs["job_s"]) and len(jobs["runs"][0]["outside_per_job"]) == 3
+    assert 0 < jobs["outside"] < 1 and _positive(jobs["phases"]["training steps"])
+    assert [r["phase"] for r in fixed["breakdown"]][-1] == "training steps"
     probes = {r["probe"]: r for r in results["probes"]["rows"]}
     assert set(probes) == {"none", "landscape", "grad_similarity", "all"}
     assert all(_positive(r["ratio_vs_none"]) for r in probes.values())
@@ -65,6 +70,7 @@ def test_quick_benchmark_runs_and_writes_every_section(tmp_path):
     names = {t["name"] for t in results["targets"]}
     assert {"loop/raw vgg_a b128", "loop/raw alexnet_cifar b8", "data pipeline / torchvision",
             "first step / bare import torch", "channels_last=auto picks the faster layout",
+            "sweep job: share outside training steps",
             "fused / sequential K=8 w0.125 b8"} <= names
     assert all(t["result"] in ("PASS", "FAIL", "skipped") for t in results["targets"])
     # one table on stdout
@@ -111,8 +117,8 @@ def fabricated(cuda: bool) -> dict:
                  "data": "fake-cifar10", "num_workers": 2},
         "fixed_cost": {"ratio": 1.6, "first_step_s": 4.0, "bare_import_torch_s": 2.5,
                        "minimal_torch_step_s": 4.2,
-                       "ratio_vs_minimal": 0.95, "tiny_run_total_s": 6.0,
-                       "multirun": {"jobs": 3, "per_job_s": 0.4, "per_job_over_bare": 0.16}},
+                       "ratio_vs_minimal": 0.95, "tiny_run_total_s": 6.0},
+        "jobs": job_phases(SWEEP_EVENTS, 2) | {"outside_later_job": 0.25},
         "probes": {"rows": [{"probe": "none", "img_s": 100.0, "ratio_vs_none": 1.0, "overhead": 0.0},
                             {"probe": "landscape", "img_s": 85.0, "ratio_vs_none": 0.85, "overhead": 0.176}],
                    "width": 0.25, "batch": 32},
@@ -146,12 +152,15 @@ def test_targets_and_table_from_fabricated_results(cuda, capsys):
     assert verdict["data time / step time (worst)"] == "FAIL"       # 0.2 > 0.1
     assert verdict["data pipeline / torchvision"] == "PASS"
     assert verdict["first step / bare import torch"] == "FAIL"
+    assert verdict["sweep job: share outside training steps"] == "FAIL"   # 0.35 > 0.2
     assert verdict["runs/hour, concurrent / single (b8)"] == ("PASS" if cuda else "skipped")
     assert verdict["channels_last=auto picks the faster layout"] == "FAIL"      # vgg_a/gn picked the slower
     rows = table_rows(results)
     assert all(len(r) == 7 for r in rows)
     assert sum(r[0] == "6 cuda" for r in rows) == (4 if cuda else 2)
     assert sum(r[0] == "5 layout" for r in rows) == 3                          # 2 pairs + the verdict
+    jobs = [r for r in rows if r[0] == "3 jobs"]
+    assert jobs[0][1].strip().startswith("training steps") and jobs[-1][4:] == ("0.350", "<= 0.2", "FAIL")
     print_table(results)
     out = capsys.readouterr().out
     assert "Test CPU" in out and ("H100" in out) == cuda
@@ -161,3 +170,42 @@ def test_quick_settings_are_small():
     quick, full = PerfSettings.make(True), PerfSettings.make(False, rounds=7)
     assert quick.threads == 1 and quick.width < full.width and full.rounds == 7
     assert set(quick.sections) == set(SECTIONS)
+
+
+# A traced multirun of two jobs (normbench.perf.phases): [phase, start, end, exclusive seconds], times from
+# process start. The master composition and the imports come before the sweep's window (2.0 -> 6.0 s).
+SWEEP_EVENTS = [
+    ["import torch", 0.0, 1.0, 1.0], ["imports", 1.0, 1.5, 0.5],
+    ["compose the run's config (Hydra)", 1.6, 1.9, 0.3],
+    ["compose the config (Hydra)", 2.0, 2.1, 0.1], ["compose the config (Hydra)", 2.1, 2.2, 0.1],
+    ["compose the config (Hydra)", 2.2, 2.3, 0.1],
+    ["validate", 2.4, 2.5, 0.1], ["training steps", 2.5, 3.8, 1.3], ["validation", 3.8, 3.9, 0.1],
+    ["Hydra job set-up (dirs, logging)", 2.3, 4.0, 0.1],
+    ["compose the config (Hydra)", 4.0, 4.1, 0.1],
+    ["validate", 4.2, 4.3, 0.1], ["training steps", 4.3, 5.6, 1.3], ["validation", 5.6, 5.8, 0.2],
+    ["Hydra job set-up (dirs, logging)", 4.1, 6.0, 0.2],
+    ["exit", 6.5, 6.5, 0.0],
+]
+
+
+def test_job_phases_split_a_sweep_into_per_job_phases():
+    out = job_phases(SWEEP_EVENTS, 2)
+    assert out["job_s"] == pytest.approx(2.0) and out["start_s"] == pytest.approx(2.0)
+    assert out["end_s"] == pytest.approx(0.5)
+    assert out["outside"] == pytest.approx(1 - 2.6 / 4.0)          # validation is outside the steps
+    assert out["outside_per_job"] == pytest.approx([1 - 1.3 / 2.0, 1 - 1.3 / 2.0])
+    phases = out["phases"]
+    assert phases["compose the config (Hydra)"] == pytest.approx(0.2)   # 4 compositions, 2 jobs
+    assert phases["validation"] == pytest.approx(0.15)
+    assert "imports" not in phases and "compose the run's config (Hydra)" not in phases
+    assert sum(phases.values()) == pytest.approx(out["job_s"])          # "other" is the rest
+    assert phases["other (launcher, between jobs)"] == pytest.approx((4.0 - 3.8) / 2)
+    with pytest.raises(RuntimeError, match="ran 2 jobs, expected 3"):
+        job_phases(SWEEP_EVENTS, 3)
+
+
+def test_timeline_ends_with_the_first_training_steps():
+    rows = timeline(SWEEP_EVENTS)
+    assert [r["phase"] for r in rows][:2] == ["import torch", "imports"]
+    assert rows[-1] == {"phase": "training steps", "at_s": 3.8, "phase_s": 1.3}
+    assert all(a["at_s"] <= b["at_s"] for a, b in itertools.pairwise(rows))

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import CONF, TINY, run_train
+from conftest import CONF, ROOT, TINY, run_train
 
 from normbench.plan import plan
 
@@ -196,3 +196,27 @@ def test_job_number_picks_the_gpu(monkeypatch, n_gpus, job, expected):
     monkeypatch.setattr(app, "cpu_count", lambda: 16)
     assert app.placement("cpu", 0, job, 4) == ("cpu", 4)
     assert app.placement("cpu", 2, job, 4) == ("cpu", 2)
+
+
+@pytest.mark.slow
+def test_each_job_config_is_composed_once_and_is_the_jobs_own(tmp_path):
+    """Hydra's sweeper checks a batch by composing every job, and the basic launcher composed each again;
+    normbench's basic sweeper hands its composition on: a traced multirun of four jobs composes four
+    configs, and each job still runs its own (its record holds its seed and batch size)."""
+    from normbench.perf.phases import COMPOSE, trace
+
+    sweep = tmp_path / "sweep"
+    events = trace(ROOT / "bench" / "train.py", ["-m", *BASE, "seed=0,1", "batch_size=8,16",
+                                                  f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert sum(e[0] == COMPOSE for e in events) == 4
+    configs = sorted((read_yaml(p)["seed"], read_yaml(p)["batch_size"]) for p in sweep.rglob("config.yaml")
+                     if p.parent.name != ".hydra")
+    assert configs == [(0, 8), (0, 16), (1, 8), (1, 16)]
+    hydra = read_yaml(next(sweep.rglob(".hydra/hydra.yaml")))["hydra"]
+    assert hydra["sweeper"]["_target_"].endswith("ComposeOnceBasicSweeper")
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())

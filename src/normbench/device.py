@@ -19,11 +19,14 @@ from normbench.errors import ConfigError
 
 DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
 CHANNELS_LAST_NORMS = ("none", "bn")
-# (model, norm) pairs that train faster in channels_last on the CPU (oneDNN's NHWC convolutions), measured
-# per model and norm by bench/perf.py's section "cpu_layout" (docs/PERFORMANCE.md has the figures).
-# A model is named by its `_target_` function (normbench.models.model_name).
-CPU_CHANNELS_LAST = frozenset({("vgg_a", "none"), ("vgg_a", "bn"), ("alexnet_cifar", "none"),
-                               ("alexnet_cifar", "bn")})
+# Per (model, norm) on the CPU, the (narrowest, widest) model.width at which channels_last trained faster
+# (oneDNN's NHWC convolutions), measured by bench/perf.py's section "layout" at widths 0.125 (--quick) and
+# 1 (docs/PERFORMANCE.md has the figures); NCHW at other widths (unmeasured, or no faster) and for other
+# pairs. A model is named by its `_target_` function (normbench.models.model_name).
+CPU_CHANNELS_LAST = {**dict.fromkeys([("vgg_a", "none"), ("vgg_a", "bn"), ("alexnet_cifar", "none"),
+                                      ("alexnet_cifar", "bn")], (0.125, 1.0)),
+                     **dict.fromkeys([("vgg_a", "gn"), ("vgg_a", "ln"), ("alexnet_cifar", "gn"),
+                                      ("alexnet_cifar", "ln"), ("alexnet_cifar", "lrn")], (0.125, 0.125))}
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 RECOMPILE_LIMIT = 64
 
@@ -58,15 +61,17 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
 
 
-def resolve_channels_last(setting, device: torch.device, norm_name: str, model: str | None = None) -> bool:
+def resolve_channels_last(setting, device: torch.device, norm_name: str, model: str | None = None,
+                          width: float = 1.0) -> bool:
     """`auto`: channels_last on CUDA for the norms in CHANNELS_LAST_NORMS; on the CPU for the (model, norm)
-    pairs in CPU_CHANNELS_LAST, measured faster there by bench/perf.py (see the module docstring)."""
+    pairs and widths in CPU_CHANNELS_LAST, measured faster there by bench/perf.py."""
     if setting != "auto":
         return bool(setting)
     if device.type == "cuda":
         return norm_name in CHANNELS_LAST_NORMS
     if device.type == "cpu":
-        return (model, norm_name) in CPU_CHANNELS_LAST
+        narrowest, widest = CPU_CHANNELS_LAST.get((model, norm_name), (1, 0))
+        return narrowest <= width <= widest
     return False
 
 

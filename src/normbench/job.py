@@ -67,7 +67,6 @@ HYDRA_FILES = ".hydra"  # the job's config.yaml, hydra.yaml and overrides.yaml, 
 RUN_LOCK = ".normbench-run.lock"  # held by the live single run whose dir holds it
 FINISHED = (*DONE, Status.PRUNED)  # a single run pointed at such a record of its own identity goes beside it
 _CLAIMED: list = []  # the open lock of this process's run dir
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # a _target_ string, not an import
 
 
 @dataclass
@@ -112,7 +111,7 @@ def job_info(cfg: DictConfig, output_dir: str | Path | None = None) -> JobInfo:
             info.job_num = hydra_cfg.job.get("num")
             n_jobs = launcher_jobs(hydra_cfg.get("launcher"))
             sweeper = (hydra_cfg.get("sweeper") or {}).get("_target_")
-    info.isolate = info.sweep_dir is not None and sweeper == BASIC_SWEEPER
+    info.isolate = info.sweep_dir is not None and str(sweeper).endswith("BasicSweeper")
     for group in TAG_GROUPS:
         info.choices.setdefault(group, _group_name(cfg.get(group)))
     info.choices.update(batch_size=cfg.get("batch_size"), seed=cfg.get("seed"),

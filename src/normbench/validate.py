@@ -254,7 +254,8 @@ def _build_on_meta(cfg, data: DataConf, input_size: int, norm: NormSpec, activat
 
 
 def _settings(trainer: TrainerConf, device: torch.device, norm: NormSpec, model) -> LoopSettings:
-    channels_last = resolve_channels_last(trainer.channels_last, device, norm.name, model_name(model))
+    channels_last = resolve_channels_last(trainer.channels_last, device, norm.name, model_name(model),
+                                          model.get("width") or 1.0)
     return LoopSettings(
         epochs=trainer.epochs, max_steps_per_epoch=trainer.max_steps_per_epoch,
         max_eval_batches=trainer.max_eval_batches, eval_batch_size=trainer.eval_batch_size,

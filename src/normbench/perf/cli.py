@@ -1,23 +1,8 @@
 """The driver behind ``bench/perf.py`` (see docs/PERFORMANCE.md): runs the selected sections, checks the
 targets, writes the JSON and prints one table.
 
-Sections (each a key of the JSON result, each its own module of ``normbench.perf``):
-
-``loop``        (``loop``) steady-state training images/s of ``Trainer.train_steps`` against a minimal
-                hand-written loop on the same model, batch, device and data; the data pipeline's own time
-                per batch against the step time.
-``data``        (``data``) normbench's on-device pipeline against torchvision CIFAR10 + standard transforms +
-                DataLoader.
-``fixed_cost``  (``startup``) process start to the first finished training step of ``bench/train.py`` with
-                tiny settings, against bare ``import torch`` and a minimal PyTorch training process; the
-                per-job cost in a sequential multirun of tiny jobs.
-``probes``      (``probes``) training images/s with each probe at its default interval against probe=none.
-``layout``      (``layout``) channels_last against NCHW images/s per model and norm on this device, and
-                whether ``trainer.channels_last=auto`` picks the faster one.
-``cuda``        (``cuda``) on CUDA only: epoch time, TFLOP/s against the peak, runs/hour with concurrent
-                jobs.
-``fused``       (``fused``) model-steps/s of K runs trained as one fused model against K runs one after the
-                other and K concurrent processes, per width and K.
+Sections: ``SECTIONS``, each a key of the JSON result and a module of ``normbench.perf`` (its docstring says
+what it measures; ``fixed_cost`` is ``startup``, ``jobs`` is ``phases``).
 
 Every comparison alternates its candidates inside one process (order reversed every other round), after
 a warm-up, and reports the median of the per-round ratios, so a busy machine slows both sides alike.
@@ -41,6 +26,7 @@ from normbench.perf.data import bench_data
 from normbench.perf.fused import bench_fused
 from normbench.perf.layout import bench_layout
 from normbench.perf.loop import bench_loop
+from normbench.perf.phases import bench_jobs
 from normbench.perf.probes import bench_probes
 from normbench.perf.startup import bench_fixed_cost
 from normbench.perf.table import print_table
@@ -53,6 +39,7 @@ def _sections(s: PerfSettings, paths: PerfPaths, device: torch.device, work: Pat
         "loop": lambda: bench_loop(s, paths, device, work),
         "data": lambda: bench_data(s, device),
         "fixed_cost": lambda: bench_fixed_cost(s, paths, device, work),
+        "jobs": lambda: bench_jobs(s, paths, device, work),
         "probes": lambda: bench_probes(s, paths, device, work),
         "layout": lambda: bench_layout(s, paths, device, work),
         "cuda": lambda: bench_cuda(s, paths, device, work),

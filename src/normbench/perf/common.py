@@ -17,7 +17,7 @@ import torch
 
 from normbench.device import cpu_count, synchronize
 
-SECTIONS = ("loop", "data", "fixed_cost", "probes", "layout", "cuda", "fused")
+SECTIONS = ("loop", "data", "fixed_cost", "jobs", "probes", "layout", "cuda", "fused")
 
 
 @dataclass
@@ -38,7 +38,8 @@ class PerfSettings:
     data_images: int = 10_000
     data_workers: int = 2
     startup_rounds: int = 3
-    multirun_jobs: int = 5
+    sweep_jobs: int = 16                  # tiny jobs per traced multirun (section jobs)
+    sweep_rounds: int = 3
     probe_width: float = 0.25
     probe_batch: int = 32
     probe_rounds: int = 3
@@ -60,8 +61,8 @@ class PerfSettings:
     @classmethod
     def make(cls, quick: bool, **overrides) -> PerfSettings:
         base = cls(quick=True, threads=1, rounds=15, width=0.125, steps={8: 2, 128: 1}, loop_budget_s=2.5,
-                   data_seconds=0.3, data_images=2_000, startup_rounds=1, multirun_jobs=3, probe_width=0.125,
-                   probe_batch=8, probe_rounds=3, cuda_epoch_images=5_000,
+                   data_seconds=0.3, data_images=2_000, startup_rounds=1, sweep_jobs=3, sweep_rounds=1,
+                   probe_width=0.125, probe_batch=8, probe_rounds=3, cuda_epoch_images=5_000,
                    cuda_concurrency_steps=300, layout_batch=16, layout_steps=1, layout_rounds=3,
                    fused_widths=(0.125,), fused_ks=(1, 8), fused_concurrent_ks=(), fused_steps=5,
                    fused_rounds=3) if quick else cls()
@@ -173,6 +174,17 @@ def machine_info(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def run_process(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> float:
+    """Run `cmd` to its end (environment: `child_env()` unless given); its wall-clock seconds. Raises
+    RuntimeError when it fails."""
+    start = time.time()
+    proc = subprocess.run(cmd, check=False, cwd=cwd, env=env or child_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return time.time() - start
 
 
 def child_env() -> dict:

@@ -2,16 +2,13 @@
 (``CIFAR10`` + RandomCrop/RandomHorizontalFlip/ToTensor/Normalize + ``DataLoader``, batches moved to the
 device) on the same images, alternated in one process (docs/PERFORMANCE.md). Without real CIFAR-10,
 torchvision's own ``CIFAR10`` class holds generated images in memory, so its real per-sample work is timed.
-
-CLI: ``python -m normbench.perf.data --device cpu --seconds 2``.
+On its own: ``python bench/perf.py --sections data``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import json
 import os
 import statistics
 import time
@@ -124,22 +121,3 @@ def bench_data(s, device: torch.device) -> dict:
     return compare_data_pipelines(device, batch_size=128, n_images=s.data_images, seconds=s.data_seconds,
                                   rounds=3 if s.quick else 5, num_workers=s.data_workers,
                                   root=os.environ.get("NORMBENCH_DATA"))
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--n-images", type=int, default=10_000)
-    p.add_argument("--seconds", type=float, default=2.0)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--root", default=os.environ.get("NORMBENCH_DATA"))
-    p.add_argument("--threads", type=int, default=1, help="torch threads while measuring (0: leave as is)")
-    args = p.parse_args(argv)
-    args.threads = args.threads or None
-    print(json.dumps(compare_data_pipelines(**vars(args)), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -94,14 +94,8 @@ def check_epochs(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, wo
 
 def check_layouts(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
     """channels_last against NCHW images/s (bf16, batch `g.batch`) per model and norm, and what auto picks."""
-    rows = []
-    for r in layout_rows(_perf_settings(g, "bf16"), paths, device, MODELS, g.norms):
-        cl, nchw = r["channels_last_img_s"], r["nchw_img_s"]
-        rows.append({"model": r["model"], "norm": r["norm"], "channels_last_img_s": cl, "nchw_img_s": nchw,
-                     "ratio": cl / nchw, "auto": r["auto"],
-                     "auto_is_faster": (cl >= nchw) == (r["auto"] == "channels_last")})
-    wrong = [f"{r['model']}/{r['norm']}" for r in rows if not r["auto_is_faster"]]
-    return {"rows": rows, "auto_wrong": wrong}
+    rows = layout_rows(_perf_settings(g, "bf16"), paths, device, MODELS, g.norms)
+    return {"rows": rows, "auto_wrong": [f"{r['model']}/{r['norm']}" for r in rows if not r["auto_ok"]]}
 
 
 def check_compile(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:

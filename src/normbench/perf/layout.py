@@ -34,7 +34,7 @@ def layout_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: s
             timed, functools.partial(train_seen, run.trainer, LoopState(), s.layout_steps), device)
     res = alternate(candidates, s.layout_rounds)
     ratio = paired_ratio(rates(res["channels_last"]), rates(res["nchw"]))
-    auto = resolve_channels_last("auto", device, norm, model)
+    auto = resolve_channels_last("auto", device, norm, model, s.width)
     faster_or_tie = abs(ratio - 1) <= TIE or (ratio > 1) == auto
     return {"model": model, "norm": norm, "batch": s.layout_batch, "width": s.width,
             "channels_last_img_s": statistics.median(rates(res["channels_last"])),

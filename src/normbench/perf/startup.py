@@ -1,23 +1,22 @@
 """Section ``fixed_cost``: process start to the first finished training step of ``bench/train.py`` (tiny
-settings) against bare ``import torch`` and a minimal PyTorch training process; the per-job cost in a
-sequential multirun of tiny jobs. The first-step time is read from the run record (docs/PERFORMANCE.md
-says why that is exact), not from a hook in the loop.
+settings) against bare ``import torch`` and a minimal PyTorch training process, and its start-up phase by
+phase (the per-job cost in a sweep is section ``jobs``). The first-step time is read from the run record
+(docs/PERFORMANCE.md says why that is exact), not from a hook in the loop.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from normbench.perf.common import PerfPaths, PerfSettings, alternate, child_env, paired_ratio
+from normbench.perf.common import PerfPaths, PerfSettings, alternate, paired_ratio, run_process
+from normbench.perf.phases import timeline, trace
 from normbench.record import STEPS, read_rows
 
 # The tests' tiny run (conf/debug/quick.yaml on small synthetic data, as tests/conftest.py's TINY) with one
@@ -32,44 +31,6 @@ MINIMAL_TORCH = ("import sys, time, torch\n"
                  "x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))\n"
                  "torch.nn.functional.cross_entropy(m(x), y).backward(); o.step()\n"
                  "open(sys.argv[1], 'a').write(f'{time.time()}\\n')\n")
-
-
-# bench/train.py run with timestamps at the phases of its start-up: argv = start time, output file, the
-# training script, its arguments. The phases are marked by wrapping two functions the job calls (this is
-# the benchmark's instrumentation; the product has no timing hooks).
-BREAKDOWN = ("import sys, time, json, runpy\n"
-             "start, out, train = float(sys.argv[1]), sys.argv[2], sys.argv[3]\n"
-             "marks = []\n"
-             "mark = lambda name: marks.append((name, time.time() - start))\n"
-             "import torch; mark('import torch')\n"
-             "import hydra, omegaconf; mark('import hydra, omegaconf')\n"
-             "import normbench.job, normbench.run; mark('import normbench')\n"
-             "def traced(module, name, before, after):\n"
-             "    fn = getattr(module, name)\n"
-             "    def wrapper(*a, **k):\n"
-             "        if before: mark(before)\n"
-             "        result = fn(*a, **k); mark(after); return result\n"
-             "    setattr(module, name, wrapper)\n"
-             "traced(normbench.job, 'run_job', 'Hydra composed the config, run_job entered', 'run ended')\n"
-             "traced(normbench.run, 'load_data', 'config printed, validated', 'data on the device')\n"
-             "traced(normbench.run, 'build_model', 'memory baseline (imports torch._dynamo)',\n"
-             "       'model built')\n"
-             "traced(normbench.run, 'build_optimizer', None, 'optimizer, scheduler built')\n"
-             "sys.argv = sys.argv[3:]\n"
-             "try:\n"
-             "    runpy.run_path(train, run_name='__main__')\n"
-             "finally:\n"
-             "    open(out, 'w').write(json.dumps(marks))\n")
-
-
-def run_process(cmd: list[str], cwd: Path, timeout: float = 600) -> float:
-    """Run `cmd` to its end; its wall-clock seconds. Raises RuntimeError when it fails."""
-    start = time.time()
-    proc = subprocess.run(cmd, check=False, cwd=cwd, env=child_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return time.time() - start
 
 
 def first_step_time(run_dir: Path) -> float:
@@ -118,35 +79,9 @@ def _single_runs(s: PerfSettings, train: Path, device_arg: list[str], workdir: P
 
 
 def startup_breakdown(train: Path, device_arg: list[str], workdir: Path) -> list[dict]:
-    """One tiny run's start-up, phase by phase: seconds from process start to the end of each phase, and
-    each phase's own share."""
-    run_dir, marks_file = workdir / "run-breakdown", workdir / "breakdown.json"
-    start = time.time()
-    run_process([sys.executable, "-c", BREAKDOWN, str(start), str(marks_file), str(train), *TINY, *device_arg,
-                 f"hydra.run.dir={run_dir}"], workdir)
-    first_step = ("first training step done", first_step_time(run_dir) - start)
-    marks = [*json.loads(marks_file.read_text()), first_step]
-    marks = sorted((m for m in marks if m[0] != "run ended"), key=lambda m: m[1])
-    return [{"phase": name, "at_s": at, "phase_s": at - before}
-            for (_, before), (name, at) in itertools.pairwise([("start", 0.0), *marks])]
-
-
-def _multirun(s: PerfSettings, train: Path, device_arg: list[str], workdir: Path, bare_s: float) -> dict:
-    """N tiny jobs in one sequential multirun (basic launcher); a job's cost = the gap between consecutive
-    jobs' first steps (each job's steps.jsonl)."""
-    sweep = workdir / "sweep"
-    seeds = ",".join(str(i) for i in range(s.multirun_jobs))
-    start = time.time()
-    wall = run_process([sys.executable, str(train), "-m", *TINY, *device_arg, f"seed={seeds}",
-                        f"hydra.sweep.dir={sweep}", "experiment_name=perf"], workdir)
-    stamps = sorted(first_step_time(path.parent) for path in sweep.rglob(STEPS))
-    if len(stamps) != s.multirun_jobs:
-        raise RuntimeError(f"multirun of {s.multirun_jobs} jobs left {len(stamps)} records with {STEPS} "
-                           f"in {sweep}")
-    gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    per_job = statistics.median(gaps) if gaps else float("nan")
-    return {"jobs": s.multirun_jobs, "wall_s": wall, "first_step_s": stamps[0] - start if stamps else None,
-            "per_job_s": per_job, "gaps_s": gaps, "per_job_over_bare": per_job / bare_s}
+    """One tiny run's start-up, phase by phase (normbench.perf.phases.timeline): its first epoch trains one
+    step, so the training steps end with the first step."""
+    return timeline(trace(train, [*TINY, *device_arg, f"hydra.run.dir={workdir / 'run-breakdown'}"], workdir))
 
 
 def bench_fixed_cost(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path) -> dict:
@@ -156,5 +91,4 @@ def bench_fixed_cost(s: PerfSettings, paths: PerfPaths, device: torch.device, wo
     device_arg = [f"trainer.device={device}"]
     out = _single_runs(s, Path(train), device_arg, workdir)
     out["breakdown"] = startup_breakdown(Path(train), device_arg, workdir)
-    out["multirun"] = _multirun(s, Path(train), device_arg, workdir, out["bare_import_torch_s"])
     return out

@@ -62,10 +62,21 @@ def _fixed_rows(add: Add, fixed: dict) -> None:
     for r in fixed.get("breakdown", []):
         add("3 fixed", f"  {r['phase']} (s from start)", _f(r["at_s"], 2), f"+{r['phase_s']:.2f}", "")
     add("3 fixed", "tiny run, start -> exit (s)", _f(fixed["tiny_run_total_s"], 2), "", "")
-    m = fixed.get("multirun", {})
-    if m:
-        add("3 fixed", f"per job in a multirun of {m['jobs']} tiny jobs (s)", _f(m["per_job_s"], 2),
-            _f(fixed["bare_import_torch_s"], 2) + " import torch", _f(m["per_job_over_bare"], 2))
+
+
+def _jobs_rows(add: Add, jobs: dict) -> None:
+    if "outside" not in jobs:
+        if jobs.get("skipped"):
+            add("3 jobs", "skipped", jobs["skipped"], "", "")
+        return
+    for phase, seconds in sorted(jobs["phases"].items(), key=lambda item: -item[1]):
+        add("3 jobs", f"  {phase} (s per job; share)", _f(seconds, 3), "", _f(seconds / jobs["job_s"], 3))
+    add("3 jobs", f"once per sweep: start -> first job (s; {jobs['jobs']} jobs)", _f(jobs["start_s"], 2), "",
+        "")
+    add("3 jobs", "a later job: share outside training steps (median)", "", "",
+        _f(jobs["outside_later_job"], 3))
+    add("3 jobs", "tiny sweep job (b8 w0.125 100 steps, W&B offline): s; share outside training steps",
+        _f(jobs["job_s"], 2), "", _f(jobs["outside"], 3), "sweep job: share outside training steps")
 
 
 def _probe_rows(add: Add, probes: dict) -> None:
@@ -132,6 +143,7 @@ def table_rows(results: dict) -> list[tuple[str, ...]]:
                      3)
     _data_rows(add, results.get("data", {}))
     _fixed_rows(add, results.get("fixed_cost", {}))
+    _jobs_rows(add, results.get("jobs", {}))
     _probe_rows(add, results.get("probes", {}))
     _layout_rows(add, rows, verdict, results.get("layout", {}))
     _cuda_rows(add, rows, verdict, results.get("cuda", {}))
