@@ -403,8 +403,8 @@ def _finish(run: Run, state: SweepState | None, info: JobInfo, status: Status | 
         raise write_error
 
 
-def _release_run_dir() -> None:
-    """A refused single run leaves nothing behind: its lock goes, and its dir if that leaves it empty."""
+def release_run_dir() -> None:
+    """A single run's lock goes, and its dir if that leaves it empty (a refused run leaves nothing)."""
     while _CLAIMED:
         handle = _CLAIMED.pop()
         handle.close()
@@ -418,7 +418,7 @@ def main(cfg: DictConfig) -> float:
     try:
         return run_job(cfg)
     except NormbenchError as err:
-        _release_run_dir()
+        release_run_dir()
         fail(err)
     except OSError as err:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
