@@ -1,6 +1,6 @@
 """Hydra callbacks (conf/config.yaml, hydra.callbacks): SweepSummary names the multirun and its swept
-keys for the jobs and prints the sweep's closing line (docs/sweeps.md); Preflight checks the config
-before any run or sweep dir exists.
+keys for the jobs and ends the sweep with its results table (also `results.csv`) and closing line
+(docs/sweeps.md); Preflight checks the config before any run or sweep dir exists.
 """
 
 from __future__ import annotations
@@ -8,17 +8,22 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from normbench.errors import ConfigError, fail
-from normbench.identity import SWEPT_KEYS_ENV, sweep_arguments, swept_keys
+from normbench.errors import ConfigError, fail, warn
+from normbench.identity import SWEPT_KEYS_ENV, override_key, sweep_arguments, swept_keys
 from normbench.preflight import check_experiment_name, check_launch
 from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
 
 log = logging.getLogger(__name__)
+RESULTS_CSV = "results.csv"
+RESULT_COLUMNS = {"status": "status", "objective": "objective", "test/acc": "test/acc", "steps": "steps",
+                  "time/total_s": "time (s)"}
+MAX_SHOWN = 30  # rows printed; results.csv has them all
 
 
 def expected_jobs(config: DictConfig) -> int | None:
@@ -67,6 +72,10 @@ class SweepSummary(Callback):
         if self.sweep_id is None:
             return
         sweep_dir = str(config.hydra.sweep.dir)
+        try:
+            print_results(sweep_dir, swept_keys(*sweep_arguments(config)))
+        except Exception as err:  # noqa: BLE001 - the table must never hide the closing line
+            warn(f"no results table: {err}")
         rows = SweepState(sweep_dir).read_journal(self.sweep_id)
         line = summary_line(sweep_dir, count_outcomes(rows), expected_jobs(config))
         print(line, flush=True)
@@ -76,3 +85,41 @@ class SweepSummary(Callback):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = previous
+
+
+def print_results(sweep_dir: str, swept: list[str]) -> None:
+    """Every run of the sweep dir (normbench.load_runs), best objective first: its swept values, status,
+    objective, test accuracy, steps and time, printed (the first MAX_SHOWN) and written to results.csv."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from normbench.api import load_runs
+
+    runs = load_runs(sweep_dir)
+    if runs.empty:
+        return
+    values = runs["overrides"].map(lambda given: {override_key(o): o.split("=", 1)[1] for o in given
+                                                  if "=" in o})
+    results = runs.reindex(columns=[*RESULT_COLUMNS, "identity", "dir"])
+    for position, key in enumerate(swept):
+        results.insert(position, key, values.map(lambda given, key=key: given.get(key)))
+    results = results.sort_values("objective", na_position="last", kind="stable")
+    results.to_csv(Path(sweep_dir) / RESULTS_CSV, index=False)
+    table = Table(title=f"{len(results)} runs in {sweep_dir} (best objective first; all in {RESULTS_CSV})")
+    shown = results.iloc[:MAX_SHOWN]
+    for column in [*swept, *RESULT_COLUMNS]:
+        table.add_column(RESULT_COLUMNS.get(column, column), justify="right")
+    for row in shown.itertuples(index=False):
+        row = dict(zip(shown.columns, row))
+        table.add_row(*(_cell(row[column], column) for column in [*swept, *RESULT_COLUMNS]))
+    Console().print(table)
+
+
+def _cell(value, column: str) -> str:
+    import pandas as pd
+
+    if pd.isna(value):
+        return "-"
+    if column in ("steps", "time/total_s"):
+        return f"{value:.{int(column != 'steps')}f}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
