@@ -247,6 +247,7 @@ class Run:
     def execute(self) -> float:
         self._claim_device()
         parts = build_parts(self.cfg, self.spec, on_data=self.memory.start)
+        self.summary["data_dir"] = parts.data.folder  # the files really read (data.root is where to look)
         self.summary["metrics"]["model/params"] = count_parameters(parts.model)
         try:
             state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
