@@ -5,8 +5,10 @@ keys for the jobs and ends the sweep with its results table (also `results.csv`)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -112,7 +114,7 @@ def print_results(sweep_dir: str, swept: list[str]) -> None:
     for row in shown.itertuples(index=False):
         row = dict(zip(shown.columns, row))
         table.add_row(*(_cell(row[column], column) for column in [*swept, *RESULT_COLUMNS]))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log file: no 80-column cut
 
 
 def _cell(value, column: str) -> str:
@@ -122,4 +124,8 @@ def _cell(value, column: str) -> str:
         return "-"
     if column in ("steps", "time/total_s"):
         return f"{value:.{int(column != 'steps')}f}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    with contextlib.suppress(ValueError):  # a swept number as given on the command line: 4 digits
+        return f"{float(value):.4g}" if "." in str(value) else str(value)
+    return str(value)
