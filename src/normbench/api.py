@@ -1,8 +1,5 @@
-"""The Python API for notebooks (docs/api.md): `train` runs one configuration in-process, as bench/train.py
-does, and `load_runs` reads run records into a pandas DataFrame, one row per run.
-
-torch, Hydra and pandas are imported inside the functions: `import normbench` stays cheap.
-"""
+"""The Python API for notebooks (docs/api.md): `train` runs one configuration in-process as bench/train.py
+does; `load_runs` reads run records into a pandas DataFrame. torch, Hydra and pandas are imported inside."""
 
 from __future__ import annotations
 
@@ -21,8 +18,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 @dataclass
 class TrainResult:
-    run_dir: Path         # the run's record
-    summary: dict         # its summary.json
+    run_dir: Path  # the run's record
+    summary: dict  # its summary.json
     metrics: pd.DataFrame  # its metrics.jsonl: one row per epoch
 
 

@@ -23,8 +23,7 @@ from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summ
 
 log = logging.getLogger(__name__)
 RESULTS_CSV = "results.csv"
-RESULT_COLUMNS = {"status": "status", "objective": "objective", "test/acc": "test/acc", "steps": "steps",
-                  "time/total_s": "time (s)"}
+RESULT_COLUMNS = ["status", "objective", "test/acc", "steps", "time/total_s"]
 MAX_SHOWN = 30  # rows printed; results.csv has them all
 
 
@@ -107,25 +106,18 @@ def print_results(sweep_dir: str, swept: list[str]) -> None:
         results.insert(position, key, values.map(lambda given, key=key: given.get(key)))
     results = results.sort_values("objective", na_position="last", kind="stable")
     results.to_csv(Path(sweep_dir) / RESULTS_CSV, index=False)
-    table = Table(title=f"{len(results)} runs in {sweep_dir} (best objective first; all in {RESULTS_CSV})")
-    shown = results.iloc[:MAX_SHOWN]
-    for column in [*swept, *RESULT_COLUMNS]:
-        table.add_column(RESULT_COLUMNS.get(column, column), justify="right")
-    for row in shown.itertuples(index=False):
-        row = dict(zip(shown.columns, row))
+    table = Table(*swept, *RESULT_COLUMNS, title=f"{len(results)} runs in {sweep_dir} (best objective first; "
+                  f"all in {RESULTS_CSV})")
+    for row in results.iloc[:MAX_SHOWN].to_dict("records"):
         table.add_row(*(_cell(row[column], column) for column in [*swept, *RESULT_COLUMNS]))
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log file: no 80-column cut
 
 
 def _cell(value, column: str) -> str:
-    import pandas as pd
-
-    if pd.isna(value):
+    if value is None or value != value:  # noqa: PLR0124 - NaN: pandas' missing value
         return "-"
-    if column in ("steps", "time/total_s"):
-        return f"{value:.{int(column != 'steps')}f}"
-    if isinstance(value, float):
-        return f"{value:.4f}"
+    if isinstance(value, float):  # steps and seconds whole (one decimal), metrics to 4 decimals
+        return f"{value:.{ {'steps': 0, 'time/total_s': 1}.get(column, 4) }f}"
     with contextlib.suppress(ValueError):  # a swept number as given on the command line: 4 digits
         return f"{float(value):.4g}" if "." in str(value) else str(value)
     return str(value)
