@@ -64,8 +64,8 @@ def _table_rows(stdout: str, first_column_values: set[str]) -> list[list[str]]:
             if line.startswith("│") and line.strip("│ ").split("│")[0].strip() in first_column_values]
 
 
-@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
-                         ids=["basic", "joblib"])
+@pytest.mark.parametrize("launcher", [[], pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                                                       marks=pytest.mark.slow)], ids=["basic", "joblib"])
 def test_a_multirun_ends_with_its_results_table_and_results_csv(launcher, tmp_path):
     args = ["-m", *QUICK, *launcher, "norm=bn,none", "optimizer.lr=0.01,0.1,-1"]
     proc = run_train(args, tmp_path)
@@ -93,6 +93,7 @@ def test_a_multirun_ends_with_its_results_table_and_results_csv(launcher, tmp_pa
     assert _table_rows(again.stdout, {"bn", "none"}) == table
 
 
+@pytest.mark.slow
 def test_an_optuna_search_of_short_runs_trains_step_schedules_and_labels_its_trials(tmp_path):
     """scheduler=step in a 3-epoch search trains (its period defaults to a third of the run); each trial's
     user attributes are its own (status, test accuracy, record dir), the fixed overrides are the study's."""
