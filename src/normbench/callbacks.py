@@ -1,6 +1,6 @@
 """Hydra callbacks (conf/config.yaml, hydra.callbacks): SweepSummary names the multirun and its swept
-keys for the jobs and ends the sweep with its results table (also `results.csv`) and closing line
-(docs/sweeps.md); Preflight checks the config before any run or sweep dir exists.
+keys for the jobs and prints the sweep's closing line (docs/sweeps.md); Preflight checks the config
+before any run or sweep dir exists.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import ConfigError, fail, warn
-from normbench.identity import SWEPT_KEYS_ENV, override_key, sweep_arguments, swept_keys
+from normbench.identity import SWEPT_KEYS_ENV, sweep_arguments, swept_keys
 from normbench.preflight import check_experiment_name, check_launch
 from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
 
@@ -89,12 +89,14 @@ class SweepSummary(Callback):
 
 
 def print_results(sweep_dir: str, swept: list[str]) -> None:
-    """Every run of the sweep dir (normbench.load_runs), best objective first: its swept values, status,
-    objective, test accuracy, steps and time, printed (the first MAX_SHOWN) and written to results.csv."""
+    """The end of a sweep, before its closing line: every run of the sweep dir (normbench.load_runs),
+    best objective first, with its swept values, status, objective, test accuracy, steps and time,
+    printed (the first MAX_SHOWN) and written to results.csv."""
     from rich.console import Console
     from rich.table import Table
 
     from normbench.api import load_runs
+    from normbench.identity import override_key
 
     runs = load_runs(sweep_dir)
     if runs.empty:
