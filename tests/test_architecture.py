@@ -31,7 +31,9 @@ ALLOWED = {
     # the entry side beside the job: what bench/plan.py and the Hydra callbacks run
     "normbench.plan": BASE + RUN_PARTS + ("normbench.validate", "normbench.sweep"),
     "normbench.callbacks": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.sweep",
-                                               "normbench.job", "normbench.plan"),
+                                               "normbench.job", "normbench.plan", "normbench.api"),
+    # the notebook API: the job (train) and the report's record reader (load_runs)
+    "normbench.api": BASE + ("normbench.job", "normbench.report"),
     "normbench.report": BASE + ("normbench.report", "normbench.loggers"),
     "normbench.perf": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.perf"),
 }

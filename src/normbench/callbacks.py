@@ -5,9 +5,12 @@ before any run or sweep dir exists. And the job log's handler (conf/hydra/job_lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -19,6 +22,9 @@ from normbench.preflight import check_experiment_name, check_launch
 from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
 
 log = logging.getLogger(__name__)
+RESULTS_CSV = "results.csv"
+RESULT_COLUMNS = ["status", "objective", "test/acc", "steps", "time/total_s"]
+MAX_SHOWN = 30  # rows printed; results.csv has them all
 
 
 def expected_jobs(config: DictConfig) -> int | None:
@@ -87,6 +93,10 @@ class SweepSummary(Callback):
         if self.sweep_id is None:
             return
         sweep_dir = str(config.hydra.sweep.dir)
+        try:
+            print_results(sweep_dir, swept_keys(*sweep_arguments(config)))
+        except Exception as err:  # noqa: BLE001 - the table must never hide the closing line
+            warn(f"no results table: {err}")
         rows = SweepState(sweep_dir).read_journal(self.sweep_id)
         line = summary_line(sweep_dir, count_outcomes(rows), expected_jobs(config))
         print(line, flush=True)
@@ -96,3 +106,40 @@ class SweepSummary(Callback):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = previous
+
+
+def print_results(sweep_dir: str, swept: list[str]) -> None:
+    """The end of a sweep, before its closing line: every run of the sweep dir (normbench.load_runs),
+    best objective first, with its swept values, status, objective, test accuracy, steps and time,
+    printed (the first MAX_SHOWN) and written to results.csv."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from normbench.api import load_runs
+    from normbench.identity import override_key
+
+    runs = load_runs(sweep_dir)
+    if runs.empty:
+        return
+    values = runs["overrides"].map(lambda given: {override_key(o): o.split("=", 1)[1] for o in given
+                                                  if "=" in o})
+    results = runs.reindex(columns=[*RESULT_COLUMNS, "identity", "dir"])
+    for position, key in enumerate(swept):
+        results.insert(position, key, values.map(lambda given, key=key: given.get(key)))
+    results = results.sort_values("objective", na_position="last", kind="stable")
+    results.to_csv(Path(sweep_dir) / RESULTS_CSV, index=False)
+    table = Table(*swept, *RESULT_COLUMNS, title=f"{len(results)} runs in {sweep_dir} (best objective first; "
+                  f"all in {RESULTS_CSV})")
+    for row in results.iloc[:MAX_SHOWN].to_dict("records"):
+        table.add_row(*(_cell(row[column], column) for column in [*swept, *RESULT_COLUMNS]))
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log file: no 80-column cut
+
+
+def _cell(value, column: str) -> str:
+    if value is None or value != value:  # noqa: PLR0124 - NaN: pandas' missing value
+        return "-"
+    if isinstance(value, float):  # steps and seconds whole (one decimal), metrics to 4 decimals
+        return f"{value:.{ {'steps': 0, 'time/total_s': 1}.get(column, 4) }f}"
+    with contextlib.suppress(ValueError):  # a swept number as given on the command line: 4 digits
+        return f"{float(value):.4g}" if "." in str(value) else str(value)
+    return str(value)

@@ -54,6 +54,7 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     name: str
+    folder: str | None = None  # where the dataset's files were read from (None: generated)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
                           f"images of {dataset_name(data_cfg)}); check the images")
     return DataBundle(train=train, val=val, test=test, num_classes=spec.num_classes,
                       image_size=spec.image_size + 2 * pad, channels=spec.channels, mean=mean, std=std,
-                      name=dataset_name(data_cfg))
+                      name=dataset_name(data_cfg), folder=getattr(tensors, "folder", None))
 
 
 def _padding(spec: DataConf, input_size: int | None) -> int:

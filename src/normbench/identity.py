@@ -28,6 +28,7 @@ HASH_SUFFIX = 11    # "_" + 10 hex digits, when the name had to be cut
 MAX_RUN_NAME = 60   # a W&B run name
 # The keys the running multirun sweeps (set by normbench.callbacks for its jobs; comma-separated).
 SWEPT_KEYS_ENV = "NORMBENCH_SWEPT_KEYS"
+INTERNAL_GROUPS = ("hydra", "schema", "vgg_best_row")  # left out of --help
 
 
 def covered(key: str, keys: Iterable[str]) -> bool:
@@ -161,8 +162,20 @@ def run_name(overrides: Iterable[str], swept: Iterable[str] = (), trial=None,
     return (f"{name}…" if cut else name) or "base"
 
 
+def config_groups_help() -> str:
+    """--help's list of the config groups a user picks from, one line each with its options (not Hydra's
+    own, nor the schemas and the parts of presets)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    return "\n".join(f"  {group}: {', '.join(loader.get_group_options(group))}"
+                     for group in sorted(loader.list_groups("")) if group not in INTERNAL_GROUPS)
+
+
 def register_resolvers() -> None:
-    """The OmegaConf resolvers conf/ uses (`normbench_job_dir`): registered before Hydra composes."""
+    """The OmegaConf resolvers conf/ uses (`normbench_job_dir`, `normbench_groups` for --help): registered
+    before Hydra composes."""
     if not OmegaConf.has_resolver("normbench_job_dir"):
         OmegaConf.register_resolver("normbench_job_dir", lambda overrides, trial=None: job_dirname(
             list(overrides), swept_keys_from_env(), trial))
+        OmegaConf.register_resolver("normbench_groups", config_groups_help)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ HYDRA_FILES = ".hydra"  # the job's config.yaml, hydra.yaml and overrides.yaml, 
 RUN_LOCK = ".normbench-run.lock"  # held by the live single run whose dir holds it
 FINISHED = (*DONE, Status.PRUNED)  # a single run pointed at such a record of its own identity goes beside it
 _CLAIMED: list = []  # the open lock of this process's run dir
+RERUN = {"hint": "run the same command"}  # how to continue this process's interrupted run (cli's last line)
 
 
 @dataclass
@@ -368,8 +370,10 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
         with signals_held():
             _finish(run, state, info, Status.INTERRUPTED, f"interrupted by {name}", name,
                     write_without_record=info.isolate)
+        if info.sweep_dir is None and not run_dir_given():  # the same command would start a new dir
+            RERUN["hint"] = f"run the same command with hydra.run.dir={shlex.quote(str(run.run_dir))}"
         print(f"normbench: {identity} interrupted by {name} after {run.summary['epochs_done']} epoch(s); "
-              f"recorded in {run.run_dir}; run the same command to continue it", file=sys.stderr, flush=True)
+              f"recorded in {run.run_dir}; {RERUN['hint']} to continue it", file=sys.stderr, flush=True)
         if is_launcher_worker():  # the sweep process is gone or going: so does its worker
             sys.stdout.flush()
             os._exit(EXIT_CODES.get(name, 130))
@@ -422,8 +426,14 @@ def _finish(run: Run, state: SweepState | None, info: JobInfo, status: Status | 
         raise write_error
 
 
-def _release_run_dir() -> None:
-    """A refused single run leaves nothing behind: its lock goes, and its dir if that leaves it empty."""
+def run_dir_given() -> bool:
+    """Whether this single run's dir was named on the command line (else a new one each time)."""
+    return HydraConfig.initialized() and any(o.startswith("hydra.run.dir=")
+                                             for o in HydraConfig.get().overrides.hydra)
+
+
+def release_run_dir() -> None:
+    """A single run's lock goes, and its dir if that leaves it empty (a refused run leaves nothing)."""
     while _CLAIMED:
         handle = _CLAIMED.pop()
         handle.close()
@@ -437,7 +447,7 @@ def main(cfg: DictConfig) -> float:
     try:
         return run_job(cfg)
     except NormbenchError as err:
-        _release_run_dir()
+        release_run_dir()
         fail(err)
     except OSError as err:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -457,4 +467,4 @@ def cli(hydra_main) -> None:
     except KeyboardInterrupt as exc:
         name = signal_name(exc)
         ignore_further_interrupts(exiting=True)
-        fail(f"interrupted by {name}; run the same command to continue", EXIT_CODES.get(name, 130))
+        fail(f"interrupted by {name}; {RERUN['hint']} to continue", EXIT_CODES.get(name, 130))

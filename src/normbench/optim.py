@@ -46,7 +46,8 @@ def build_scheduler(scheduler_cfg, optimizer, epochs: int, steps_per_epoch: int,
     if name == "cosine":
         return make(optimizer, T_max=total_steps)
     if name == "step":
-        return make(optimizer, step_size=max(1, int(scheduler_cfg.every_epochs) * steps_per_epoch))
+        every = scheduler_cfg.every_epochs
+        return make(optimizer, step_size=max(1, every * steps_per_epoch if every else total_steps // 3))
     if name == "onecycle":
         max_lr = scheduler_cfg.get("max_lr") or optimizer.param_groups[0]["lr"]
         return make(optimizer, max_lr=max_lr, total_steps=total_steps,

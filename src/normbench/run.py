@@ -261,6 +261,7 @@ class Run:
         self._claim_device()
         self.memory.collect()
         parts = build_parts(self.cfg, self.spec, on_data=self.memory.start)
+        self.summary["data_dir"] = parts.data.folder  # the files really read (data.root is where to look)
         self.summary["metrics"]["model/params"] = count_parameters(parts.model)
         try:
             state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,

@@ -5,7 +5,7 @@ scheduler step, and one ``argmax`` for the accuracy. Nothing in it waits for the
 
 * the per-step losses and predictions stay on the device and are read in ONE transfer every
   ``log_every_steps`` steps (and at the end of the pass), which is also where divergence is noticed, the
-  step rows go to the sink and the progress bar moves;
+  step rows go to the sink and the progress bar's loss is updated (its count moves every step);
 * ``scheduler.get_last_lr()`` is a host-side float (constant, cosine, step and one-cycle schedules);
 * probes only synchronise on their own probe steps;
 * the data stream (``normbench.data.BatchStream``) indexes a uint8 tensor on the device.
@@ -253,6 +253,8 @@ class Trainer:
                 scaler.step(optimizer)
                 scaler.update()
             scheduler.step()
+            if bar is not None:  # every step (tqdm redraws at most every 0.1 s): an ETA from the first step
+                bar.update()
             pending_losses.append(loss.detach())
             pending_preds.append(logits.detach().argmax(1))
             pending_labels.append(y)
@@ -284,7 +286,6 @@ class Trainer:
         finite = all(math.isfinite(v) for v in step_losses)
         totals.finite = totals.finite and finite
         if bar is not None:
-            bar.update(len(rows))
             bar.set_postfix(loss=f"{step_losses[-1]:.4f}", refresh=False)
         for pending in (losses, preds, labels, rows):
             pending.clear()

@@ -184,12 +184,12 @@ def _scheduler(cfg, epochs: int) -> None:
             raise unknown_key(f"scheduler.fn.{key}", fn[key], set(takes) - SCHEDULER_FILLED,
                               f"unknown key ({fn._target_} does not take it)")
     if name == "step":
-        every = sched.get("every_epochs")
-        _require(isinstance(every, int) and not isinstance(every, bool) and every >= 1,
-                 "scheduler.every_epochs", every, "must be an integer >= 1, e.g. scheduler.every_epochs=10")
-        _require(every < epochs, "scheduler.every_epochs", every,
+        every = sched.get("every_epochs")  # null: every third of the run's steps
+        _require(every is None or isinstance(every, int) and not isinstance(every, bool) and every >= 1,
+                 "scheduler.every_epochs", every, "must be null or an integer >= 1, e.g. 10")
+        _require(every is None or every < epochs, "scheduler.every_epochs", every,
                  f"the first decay would come after epoch {every}, but the run has trainer.epochs={epochs}; "
-                 "use fewer epochs between decays than the run has, more epochs, or scheduler=constant")
+                 "use null (a third of the run), fewer epochs between decays, or scheduler=constant")
         gamma = fn.get("gamma", 0.1)
         _require(_is_number(gamma) and 0 < gamma <= 1, "scheduler.fn.gamma", gamma, "must be in (0, 1]")
     if name == "onecycle":

@@ -81,6 +81,7 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         self.failure_values: list[float] = []
         self.last_failure: JobReturn | None = None
         self.space_description: dict = {}       # the search space as written (a study user attr)
+        self.fixed_overrides: list[str] = []    # the overrides every trial gets (a study user attr)
         self.settings = StorageSettings(heartbeat_interval, grace_period, max_retry, connect_timeout)
         self.storage_url: str | None = None
         self.masked_storage: str | None = None   # set when the configs had to be scrubbed
@@ -179,7 +180,10 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             distributions.pop(name, None)
         self.space_description = dict(item.split("=", 1) if "=" in item else (item, "")
                                       for item in params_conf)
-        return distributions, fixed_params, fixed_overrides
+        # passed to every job as overrides, but recorded once, on the study (upstream copies the fixed
+        # values into each trial's user attributes, where they hide the trial's own)
+        self.fixed_overrides = [*(f"{key}={value}" for key, value in fixed_params.items()), *fixed_overrides]
+        return distributions, {}, self.fixed_overrides
 
     def _describe_study(self, study: optuna.Study) -> None:
         """Links from the study to what made it: metric names, and user attributes with the command,
@@ -188,7 +192,8 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             if self.objectives is not None and study.metric_names != self.objectives:
                 with quiet_optuna():  # "experimental" since Optuna 3.2
                     study.set_metric_names(self.objectives)
-            for key, value in study_attributes(self.config, self.space_description, self.storage_url).items():
+            attrs = study_attributes(self.config, self.space_description, self.storage_url)
+            for key, value in {**attrs, "fixed_overrides": self.fixed_overrides}.items():
                 study.set_user_attr(key, value)
         except Exception as err:  # noqa: BLE001 - descriptions must never stop a sweep
             log.warning("could not describe study %r: %s", study.study_name, one_line(err, typed=False))

@@ -55,10 +55,19 @@ def cache_dirs(data_dir: str) -> list[Path]:
     return [Path(data_dir) / CACHE_DIR_NAME, user_cache_dir()]
 
 
+class ReadFrom(tuple):
+    """A dataset's four tensors and the folder its files were read from (the run records it)."""
+
+    def __new__(cls, tensors, folder: str):
+        loaded = super().__new__(cls, tensors)
+        loaded.folder = os.path.abspath(folder)
+        return loaded
+
+
 def cached(name: str, data_dir: str, sources: Iterable[str], params: dict,
            decode: Callable[[], Tensors]) -> Tensors:
-    """The dataset's tensors from its cache file when one matches the sources, else ``decode()``d and
-    saved."""
+    """The dataset's tensors (a ReadFrom `data_dir`) from its cache file when one matches the sources, else
+    ``decode()``d and saved."""
     # <dataset>-<data dir and parameters>-<sources>.pt: a cache of older sources shares the prefix
     prefix = f"{name}-{_digest([CACHE_FORMAT, os.path.abspath(data_dir), params], 10)}-"
     filename = prefix + sources_key(sources) + ".pt"
@@ -67,12 +76,12 @@ def cached(name: str, data_dir: str, sources: Iterable[str], params: dict,
         if path.is_file():
             tensors = _load(path)
             if tensors is not None:
-                return tensors
+                return ReadFrom(tensors, data_dir)
     tensors = tuple(t.contiguous() for t in decode())
     for folder in cache_dirs(data_dir):
         if _save(folder, filename, prefix, tensors):
             break
-    return tensors
+    return ReadFrom(tensors, data_dir)
 
 
 def content_hash(tensors) -> str:
