@@ -1,4 +1,5 @@
-"""Metric sinks: what a sink takes (MetricSink), the W&B run, the console and a fan-out to several sinks."""
+"""Metric sinks: what a sink takes (MetricSink), the W&B run, TensorBoard, the console and a fan-out to
+several sinks."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ class MetricSink(Protocol):
 
 
 SINK_METHODS = ("log_steps", "log_epoch", "log_probe", "log_images", "log_summary")
+SUMMARY_FIELDS = ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error", "stop_reason",
+                  "stopped_epoch", "best_epoch", "test_on", "tested_epoch")  # a tracker's run summary
+
+
+def step_scalars(row: dict) -> dict:
+    """A trainer's step row as the trackers log it (the epoch rows hold train/loss and lr already)."""
+    return {"step/loss": row["train/loss"], "step/lr": row["lr"]}
 
 
 class NullSink:
@@ -137,8 +145,7 @@ class WandbSink:
     def log_steps(self, rows: list[dict]) -> None:
         for row in rows:
             self._flush_probes(row["step"])
-            step = row["step"]
-            self._log({"step": step, "step/loss": row["train/loss"], "step/lr": row["lr"]}, step)
+            self._log({"step": row["step"], **step_scalars(row)}, row["step"])
 
     def log_epoch(self, row: dict) -> None:
         self._flush_probes(row["step"])
@@ -166,13 +173,66 @@ class WandbSink:
 
     def log_summary(self, summary: dict) -> None:
         self.run.summary.update(summary.get("metrics", {}))
-        for key in ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error"):
+        for key in SUMMARY_FIELDS:
             value = summary.get(key)
             self.run.summary[key] = value.value if isinstance(value, Enum) else value  # not the Enum's name
+
+    def log_model(self, path: Path, metadata: dict) -> None:
+        """`path` (best.pt) as this run's model artifact, alias `best` (offline: kept for `wandb sync`)."""
+        artifact = self._wandb.Artifact(f"model-{self.run_id}", type="model", metadata=metadata)
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact, aliases=["best"])
 
     def finish(self, failed: bool = False) -> None:
         self._flush_probes(float("inf"))
         self.run.finish(exit_code=1 if failed else 0)
+
+
+class TensorBoardSink:
+    """Event files in the record dir (torch.utils.tensorboard) under W&B's names and training steps, and at
+    the end the final metrics with `hparams` (HParams dashboard). A resumed run purges the events a killed
+    attempt wrote after the checkpoint it resumes from (TensorBoard drops them as it reads the files)."""
+
+    def __init__(self, run_dir: Path, hparams: dict, resumed_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = None if resumed_step is None else resumed_step + 1
+        self.writer, self.hparams, self.step = SummaryWriter(str(run_dir), purge_step=purge), hparams, 0
+        self.tags: set[str] = set()
+
+    def _scalars(self, row: dict, step: int) -> None:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+                self.tags.add(key)
+        self.step = max(self.step, step)
+
+    def log_steps(self, rows: list[dict]) -> None:
+        for row in rows:
+            self._scalars(step_scalars(row), row["step"])
+
+    def log_epoch(self, row: dict) -> None:
+        self._scalars(row, row["step"])
+
+    def log_probe(self, row: dict) -> None:
+        self._scalars({k: v for k, v in row.items() if k != "epoch"}, row["step"])
+
+    def log_images(self, images: dict) -> None:
+        for name, image in images.items():
+            self.writer.add_image(name, image, self.step, dataformats="HWC")
+
+    def log_summary(self, summary: dict) -> None:
+        if summary.get("status") in (None, "running"):
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {k: v for k, v in summary.get("metrics", {}).items() if isinstance(v, (int, float))}
+        for part in hparams(self.hparams, metrics):
+            self.writer.file_writer.add_summary(part, self.step)
+        self._scalars({k: v for k, v in metrics.items() if k not in self.tags}, self.step)  # not val/acc again
+
+    def finish(self, failed: bool = False) -> None:
+        self.writer.close()
 
 
 def _to_every_sink(method: str):
