@@ -213,6 +213,7 @@ class TensorBoardSink:
 
     def log_epoch(self, row: dict) -> None:
         self._scalars(row, row["step"])
+        self.writer.flush()  # on disk before the epoch's checkpoint: a killed run resumes after them
 
     def log_probe(self, row: dict) -> None:
         self._scalars({k: v for k, v in row.items() if k != "epoch"}, row["step"])
@@ -229,7 +230,7 @@ class TensorBoardSink:
         metrics = {k: v for k, v in summary.get("metrics", {}).items() if isinstance(v, (int, float))}
         for part in hparams(self.hparams, metrics):
             self.writer.file_writer.add_summary(part, self.step)
-        self._scalars({k: v for k, v in metrics.items() if k not in self.tags}, self.step)  # not val/acc again
+        self._scalars({k: v for k, v in metrics.items() if k not in self.tags}, self.step)
 
     def finish(self, failed: bool = False) -> None:
         self.writer.close()
