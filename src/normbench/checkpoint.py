@@ -56,12 +56,9 @@ def save_best(path: Path, *, identity: str, model, row: dict) -> None:
 def read_best(path: Path, *, identity: str, epoch: int | None) -> dict | None:
     """best.pt's payload when it holds this identity's weights of `epoch`; None otherwise (none, another
     run's, or an epoch whose record a killed attempt did not keep)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - missing or unreadable: no best weights to use
-        return None
-    ok = isinstance(payload, dict) and payload.get("identity") == identity and payload.get("epoch") == epoch
-    return payload if ok and epoch is not None else None
+    payload = _readable(path)
+    ok = epoch is not None and payload.get("identity") == identity and payload.get("epoch") == epoch
+    return payload if ok else None
 
 
 def _reason(err: BaseException) -> str:
@@ -99,13 +96,19 @@ def read_checkpoint(path: Path) -> dict | None:
     return payload
 
 
-def checkpoint_identity(path: Path) -> str | None:
-    """The identity a checkpoint carries (None: no checkpoint, or one that cannot be read)."""
+def _readable(path: Path) -> dict:
+    """A checkpoint's or best.pt's payload; {} when there is none or it cannot be read (a run that uses
+    such a checkpoint sets it aside)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - unreadable: the run that uses it sets it aside
-        return None
-    identity = payload.get("identity") if isinstance(payload, dict) else None
+    except Exception:  # noqa: BLE001 - missing, truncated or not plain tensors
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def checkpoint_identity(path: Path) -> str | None:
+    """The identity a checkpoint carries (None: no checkpoint, or one that cannot be read)."""
+    identity = _readable(path).get("identity")
     return identity if isinstance(identity, str) else None
 
 
