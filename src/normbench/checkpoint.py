@@ -1,16 +1,18 @@
-"""Epoch-end checkpoints, loaded with weights_only=True and used only by the identity they carry; one
-that cannot be loaded or is another identity's is set aside, never deleted (docs/ARCHITECTURE.md).
+"""Epoch-end checkpoints and best.pt (the best validation epoch's weights), loaded with weights_only=True
+and used only by the identity they carry; a checkpoint that cannot be loaded or is another identity's is set
+aside, never deleted (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from normbench.faults import kill_point
-from normbench.record import set_aside
+from normbench.record import atomic_write, set_aside
 from normbench.trainer import LoopState
 
 PAYLOAD_KEYS = ("identity", "model", "optimizer", "scheduler", "generator", "torch_rng", "cuda_rng",
@@ -21,24 +23,16 @@ class UnusableCheckpoint(Exception):
     """Restoring failed half-way (build the parts afresh); the checkpoint is set aside already."""
 
 
-class _Writer(io.RawIOBase):
-    """The checkpoint's file, keeping the OSError of a failed write (torch.save hides it)."""
-
-    def __init__(self, handle):
-        self.handle, self.error = handle, None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        try:
-            return self.handle.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self) -> None:
-        self.handle.flush()
+def _save(path: Path, payload: dict, written: Callable[[], None] = lambda: None) -> None:
+    """`payload` to `path` atomically (normbench.record.atomic_write), serialised in memory first: a failed
+    write (a full disk, a read-only dir) is then the OSError that says why, not torch's "unexpected pos".
+    `written` is called once the temp file holds it all."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
+        handle.flush()
+        written()
 
 
 def save_checkpoint(path: Path, *, identity: str, model, optimizer, scheduler, generator, state: LoopState):
@@ -47,22 +41,22 @@ def save_checkpoint(path: Path, *, identity: str, model, optimizer, scheduler, g
                "torch_rng": torch.get_rng_state(),
                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                **{key: getattr(state, key) for key in ("epochs_done", "step", "train_time_s", "history")}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            writer = _Writer(handle)
-            try:
-                torch.save(payload, writer)
-            except RuntimeError as err:  # torch reports a failed write as "unexpected pos": say why
-                if writer.error is not None:
-                    raise writer.error from err
-                raise
-        kill_point("checkpoint_tmp_written", state.epochs_done)
-        tmp.replace(path)
-    except BaseException:  # a full disk or a read-only dir: leave no temp file behind (closed first,
-        tmp.unlink(missing_ok=True)  # so that its space is given back at once)
-        raise
+    _save(path, payload, lambda: kill_point("checkpoint_tmp_written", state.epochs_done))
     kill_point("checkpoint_saved", state.epochs_done)
+
+
+def save_best(path: Path, *, identity: str, model, row: dict) -> None:
+    """best.pt: the model's weights at the epoch of `row` (its metrics.jsonl row), the best so far."""
+    _save(path, {"identity": identity, "epoch": row["epoch"], "step": row["step"], "val/acc": row["val/acc"],
+                 "model": model.state_dict()})
+
+
+def read_best(path: Path, *, identity: str, epoch: int | None) -> dict | None:
+    """best.pt's payload when it holds this identity's weights of `epoch`; None otherwise (none, another
+    run's, or an epoch whose record a killed attempt did not keep)."""
+    payload = _readable(path)
+    ok = epoch is not None and payload.get("identity") == identity and payload.get("epoch") == epoch
+    return payload if ok else None
 
 
 def _reason(err: BaseException) -> str:
@@ -86,13 +80,19 @@ def read_checkpoint(path: Path) -> dict | None:
     return payload
 
 
-def checkpoint_identity(path: Path) -> str | None:
-    """The identity a checkpoint carries (None: no checkpoint, or one that cannot be read)."""
+def _readable(path: Path) -> dict:
+    """A checkpoint's or best.pt's payload; {} when there is none or it cannot be read (a run that uses
+    such a checkpoint sets it aside)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - unreadable: the run that uses it sets it aside
-        return None
-    identity = payload.get("identity") if isinstance(payload, dict) else None
+    except Exception:  # noqa: BLE001 - missing, truncated or not plain tensors
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def checkpoint_identity(path: Path) -> str | None:
+    """The identity a checkpoint carries (None: no checkpoint, or one that cannot be read)."""
+    identity = _readable(path).get("identity")
     return identity if isinstance(identity, str) else None
 
 

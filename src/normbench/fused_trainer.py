@@ -82,11 +82,9 @@ class FusedTrainer:
         states = [state or LoopState() for state in states]
         try:
             for epoch in range(1, self.settings.epochs + 1):
-                members = [
-                    i
-                    for i, s in enumerate(states)
-                    if s.status == Status.RUNNING and s.epochs_done == epoch - 1
-                ]
+                # early stopping stops its run alone (the others train on, fused without it)
+                members = [i for i, s in enumerate(states) if s.status == Status.RUNNING
+                           and s.epochs_done == epoch - 1 and not s.stop_early(self.trainers[i].settings)]
                 if members:
                     self._epoch(epoch, states, members, on_epoch_end)
         finally:

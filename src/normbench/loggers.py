@@ -1,4 +1,5 @@
-"""Metric sinks: what a sink takes (MetricSink), the W&B run, the console and a fan-out to several sinks."""
+"""Metric sinks: what a sink takes (MetricSink), the W&B run, TensorBoard, the console and a fan-out to
+several sinks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
+
+import numpy as np
 
 EPOCH_METRICS = ("train/*", "val/*", "lr", "time/*", "throughput/*")
 # W&B's list of every installed package (requirements.txt) is most of an offline init's time (0.4 s of
@@ -34,15 +37,8 @@ class MetricSink(Protocol):
 
 
 SINK_METHODS = ("log_steps", "log_epoch", "log_probe", "log_images", "log_summary")
-
-
-class NullSink:
-    """A MetricSink that keeps nothing: the base of sinks that take only some of it."""
-
-    def _ignore(self, *args) -> None:
-        pass
-
-    log_steps = log_epoch = log_probe = log_images = log_summary = _ignore
+SUMMARY_FIELDS = ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error", "stop_reason",
+                  "stopped_epoch", "best_epoch", "test_on", "tested_epoch")  # a tracker's run summary
 
 
 def wandb_credentials_configured() -> bool:
@@ -97,7 +93,44 @@ def wandb_mode(setting: str) -> str:
     return "online"
 
 
-class WandbSink:
+class TrackerSink:
+    """A tracker's MetricSink (W&B, TensorBoard): each row is one `_log(data, step)` of the subclass at its
+    training step, in step order (a probe row waits until the step rows reach its step), step rows as
+    step/loss and step/lr; `first_step`: the steps before it are the tracker's already (not sent again)."""
+
+    def __init__(self, first_step: int = 0):
+        self.first_step, self.last_step = first_step, 0
+        self._probes: list[dict] = []  # logged with the step rows they belong to (those come later)
+
+    def _send(self, data: dict, step: int) -> None:
+        if step >= self.first_step:
+            self._log(data, step)
+            self.last_step = max(self.last_step, step)
+
+    def _flush_probes(self, upto: float) -> None:
+        while self._probes and self._probes[0]["step"] <= upto:
+            row = self._probes.pop(0)
+            self._send({k: v for k, v in row.items() if k != "epoch"}, row["step"])
+
+    def log_steps(self, rows: list[dict]) -> None:
+        for row in rows:
+            self._flush_probes(row["step"])
+            step = row["step"]
+            self._send({"step": step, "step/loss": row["train/loss"], "step/lr": row["lr"]}, step)
+
+    def log_epoch(self, row: dict) -> None:
+        self._flush_probes(row["step"])
+        self._send(dict(row), row["step"])
+
+    def log_probe(self, row: dict) -> None:
+        self._probes.append(row)
+
+    def log_images(self, images: dict) -> None:
+        self._flush_probes(float("inf"))
+        self._send(images, max(self.last_step, self.first_step))
+
+
+class WandbSink(TrackerSink):
     """One W&B run per run record. Epoch metrics use `epoch` as x-axis, per-step ones `step`; every row
     is logged at its training step (W&B's `_step`), so that a resumed run can send its record again
     and W&B keeps each step once: rows before the step W&B resumed at are not sent.
@@ -115,45 +148,18 @@ class WandbSink:
                               reinit="create_new", job_type="train", id=run_id,
                               resume="allow" if run_id else None, settings=wandb.Settings(**WANDB_SETTINGS))
         # online, a resumed run holds the steps before this one; offline each attempt is its own file
-        self.first_step = self.run.starting_step
+        super().__init__(first_step=self.run.starting_step)
         self.run_id: str = self.run.id
         self.url: str | None = None if self.run.offline else self.run.url
         self.files_dir = Path(self.run.dir).parent  # the run's local dir (offline: offline-run-<time>-<id>)
-        self.last_step = 0
-        self._probes: list[dict] = []  # logged with the step rows they belong to (those come later)
         axes = {"step": None, "epoch": None, "step/*": "step", "probe/*": "step",
                 **dict.fromkeys(EPOCH_METRICS, "epoch")}
         for pattern, axis in axes.items():
             self.run.define_metric(pattern, step_metric=axis)
 
     def _log(self, data: dict, step: int) -> None:
-        if step < self.first_step:  # W&B holds this step already (and would drop it, with a warning)
-            return
-        self.run.log(data, step=step)
-        self.last_step = max(self.last_step, step)
-
-    def _flush_probes(self, upto: float) -> None:
-        while self._probes and self._probes[0]["step"] <= upto:
-            row = self._probes.pop(0)
-            self._log({k: v for k, v in row.items() if k != "epoch"}, row["step"])
-
-    def log_steps(self, rows: list[dict]) -> None:
-        for row in rows:
-            self._flush_probes(row["step"])
-            step = row["step"]
-            self._log({"step": step, "step/loss": row["train/loss"], "step/lr": row["lr"]}, step)
-
-    def log_epoch(self, row: dict) -> None:
-        self._flush_probes(row["step"])
-        self._log(dict(row), row["step"])
-
-    def log_probe(self, row: dict) -> None:
-        self._probes.append(row)
-
-    def log_images(self, images: dict) -> None:
-        self._flush_probes(float("inf"))
-        self._log({name: self._wandb.Image(image) for name, image in images.items()},
-                  max(self.last_step, self.first_step))
+        self.run.log({k: self._wandb.Image(v) if isinstance(v, np.ndarray) else v for k, v in data.items()},
+                     step=step)
 
     def replay(self, steps: list[dict], epochs: list[dict], probes: list[dict]) -> None:
         """A resumed run's record so far (what its checkpoint covers), in step order: W&B keeps the
@@ -169,24 +175,70 @@ class WandbSink:
 
     def log_summary(self, summary: dict) -> None:
         self.run.summary.update(summary.get("metrics", {}))
-        for key in ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error"):
+        for key in SUMMARY_FIELDS:
             value = summary.get(key)
             self.run.summary[key] = value.value if isinstance(value, Enum) else value  # not the Enum's name
+
+    def log_model(self, path: Path, metadata: dict) -> None:
+        """`path` (best.pt) as this run's model artifact, alias `best` (offline: kept for `wandb sync`)."""
+        artifact = self._wandb.Artifact(f"model-{self.run_id}", type="model", metadata=metadata)
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact, aliases=["best"])
 
     def finish(self, failed: bool = False) -> None:
         self._flush_probes(float("inf"))
         self.run.finish(exit_code=1 if failed else 0)
 
 
+class TensorBoardSink(TrackerSink):
+    """Event files in the record dir (torch.utils.tensorboard) with W&B's names and steps, and at the end
+    the final metrics with `hparams` (HParams dashboard). A resumed run purges the events a killed attempt
+    wrote after the checkpoint it resumes from (TensorBoard drops them as it reads the files)."""
+
+    def __init__(self, run_dir: Path, hparams: dict, resumed_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        super().__init__()
+        purge = None if resumed_step is None else resumed_step + 1
+        self.writer, self.hparams, self.tags = SummaryWriter(str(run_dir), purge_step=purge), hparams, set()
+
+    def _log(self, data: dict, step: int) -> None:
+        for key, value in data.items():
+            if isinstance(value, np.ndarray):
+                self.writer.add_image(key, value, step, dataformats="HWC")
+            elif key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+                self.tags.add(key)
+
+    def log_epoch(self, row: dict) -> None:
+        super().log_epoch(row)
+        self.writer.flush()  # on disk before the epoch's checkpoint: a killed run resumes after them
+
+    def log_summary(self, summary: dict) -> None:
+        if summary.get("status") in (None, "running"):
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {k: v for k, v in summary.get("metrics", {}).items() if isinstance(v, (int, float))}
+        for part in hparams(self.hparams, metrics):
+            self.writer.file_writer.add_summary(part, self.last_step)
+        self._send({k: v for k, v in metrics.items() if k not in self.tags}, self.last_step)
+
+    def finish(self, failed: bool = False) -> None:
+        self._flush_probes(float("inf"))
+        self.writer.close()
+
+
 def _to_every_sink(method: str):
     def send(self, *args) -> None:
         for sink in self.sinks:
-            getattr(sink, method)(*args)
+            if hasattr(sink, method):  # a sink may take only some of it (the console: the epoch rows)
+                getattr(sink, method)(*args)
     return send
 
 
 class FanOut:
-    """A MetricSink that passes each row on to every one of its sinks."""
+    """A MetricSink that passes each row on to every one of its sinks that takes it."""
 
     def __init__(self, *sinks: MetricSink | None):
         self.sinks = [s for s in sinks if s is not None]
@@ -194,7 +246,7 @@ class FanOut:
     log_steps, log_epoch, log_probe, log_images, log_summary = map(_to_every_sink, SINK_METHODS)
 
 
-class ConsoleSink(NullSink):
+class ConsoleSink:
     """One log line per epoch (Hydra sends it to the console and the job's .log file); nothing else."""
 
     def __init__(self, epochs: int):

@@ -7,6 +7,7 @@ takes the file names, the statuses and the summary keys from here. The format: d
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import json
 import math
@@ -51,12 +52,14 @@ DONE = (Status.COMPLETED, Status.DIVERGED)
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"  # metrics.jsonl as a table, for spreadsheets
 STEPS = "steps.jsonl"
 PROBES = "probes.jsonl"
 FILTERS = "filters.png"
 REJECTED = "rejected.json"  # a sweep job that failed before its run started (docs/ARCHITECTURE.md)
 SKIPPED_POINTER = "skipped.json"  # a skipped sweep job's pointer to its run's record
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"  # the weights of the best validation epoch
 JSONL = (METRICS, STEPS, PROBES)
 RECORD_FILES = frozenset({SUMMARY, CONFIG, METRICS, STEPS, PROBES, FILTERS, REJECTED})
 # Bounds of every reader of a sweep dir: a file's size, and how deep below a root run dirs are looked for.
@@ -337,11 +340,13 @@ def run_dirs(root: str | Path) -> Iterator[tuple[str, frozenset[str]]]:
 
 
 class RecordSink:
-    """MetricSink that appends JSON lines to the run dir and writes the summary atomically."""
+    """MetricSink that appends JSON lines to the run dir and writes the summary atomically; metrics.csv is
+    metrics.jsonl again, rewritten whole (atomically) at each epoch: its columns are every row's keys."""
 
     def __init__(self, run_dir: Path, append: bool = False):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.epochs: list[dict] = []
         if not append:
             for name in JSONL:
                 (self.run_dir / name).write_text("")
@@ -352,6 +357,15 @@ class RecordSink:
             rows = read_rows(self.run_dir / name)
             atomic_write_text(self.run_dir / name, _jsonl([row for row in rows if _step(row) <= step]))
         atomic_write_text(self.run_dir / METRICS, _jsonl(history))
+        self.epochs = list(history)
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        columns = list(dict.fromkeys(key for row in self.epochs for key in row))
+        with atomic_write(self.run_dir / METRICS_CSV) as handle:
+            writer = csv.DictWriter(handle, columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.epochs)
 
     def _write(self, name: str, rows: list[dict]) -> None:
         # Opened per call (calls come at logging points only), so nothing stays open between them.
@@ -363,6 +377,8 @@ class RecordSink:
 
     def log_epoch(self, row: dict) -> None:
         self._write(METRICS, [row])
+        self.epochs.append(row)
+        self._write_csv()
 
     def log_probe(self, row: dict) -> None:
         self._write(PROBES, [row])

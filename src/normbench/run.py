@@ -28,15 +28,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from normbench import fused_launch
-from normbench.checkpoint import UnusableCheckpoint, load_checkpoint, save_checkpoint
+from normbench.checkpoint import UnusableCheckpoint, load_checkpoint, read_best, save_best, save_checkpoint
 from normbench.data import BatchStream, DataBundle, load_data
 from normbench.device import compile_model
 from normbench.faults import FaultyStream
 from normbench.filters import filter_grid, first_conv_weight
-from normbench.loggers import ConsoleSink, FanOut, WandbSink, final_line, wandb_mode
+from normbench.loggers import ConsoleSink, FanOut, TensorBoardSink, WandbSink, final_line, wandb_mode
 from normbench.models import build_model, count_parameters
 from normbench.optim import build_optimizer, build_scheduler
 from normbench.record import (
+    BEST,
     CHECKPOINT,
     CONFIG,
     PROBES,
@@ -251,9 +252,14 @@ class Run:
             # where and how this job ran (parallel launchers: several jobs at once)
             "host": socket.gethostname(), "pid": os.getpid(), "job_num": info.job_num,
             "threads": None, "resumed_from_epoch": None, "started_ts": time.time(), "finished_ts": None,
+            # early stopping, best.pt and the weights the test metrics come from
+            "stop_reason": None, "stopped_epoch": None, "best_epoch": None, "test_on": spec.trainer.test_on,
+            "tested_epoch": None,
         }
         self.record: RecordSink | None = None
         self.wandb: WandbSink | None = None
+        self.tensorboard: TensorBoardSink | None = None
+        self.keeps_best = spec.trainer.checkpoint or spec.trainer.test_on == "best" or spec.logger.log_model
         self.history: list[dict] = []
         self.memory = RunMemory(spec.device, in_sweep=info.job_num is not None)
 
@@ -270,9 +276,10 @@ class Run:
         except UnusableCheckpoint:  # set aside, and the parts may be half restored: from scratch
             parts, state = build_parts(self.cfg, self.spec), None
         self._open_sinks(resumed=state)
-        parts.trainer.sink = FanOut(self.record, self.wandb, ConsoleSink(self.spec.settings.epochs))
+        parts.trainer.sink = FanOut(*self.sinks.sinks, ConsoleSink(self.spec.settings.epochs))
         if state is not None:
             self.summary["resumed_from_epoch"] = self.summary["epochs_done"] = state.epochs_done
+            self._keep_best(parts, state)  # the attempt may have been killed between checkpoint and best.pt
             if isinstance(parts.stream, FaultyStream):
                 parts.stream.current_epoch = state.epochs_done
                 parts.stream.resumed = True
@@ -282,9 +289,16 @@ class Run:
         self.history = state.history
         self._final_metrics(parts, state)
         objective = WORST_OBJECTIVE if state.status == Status.DIVERGED else 1.0 - state.best_val_acc
-        self.summary.update(status=state.status, epochs_done=state.epochs_done,
-                            diverged_epoch=state.diverged_epoch, objective=objective)
+        self.summary.update(status=state.status, epochs_done=state.epochs_done, objective=objective,
+                            diverged_epoch=state.diverged_epoch, best_epoch=state.best_epoch,
+                            stop_reason=state.stop_reason,
+                            stopped_epoch=state.epochs_done if state.stop_reason else None)
         return objective
+
+    @property
+    def sinks(self) -> FanOut:
+        """The record and the trackers that are on (the console is the trainer's alone)."""
+        return FanOut(self.record, self.wandb, self.tensorboard)
 
     def _claim_device(self) -> None:
         device = self.spec.device
@@ -304,6 +318,7 @@ class Run:
             save_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
                             optimizer=parts.optimizer, scheduler=parts.scheduler, generator=parts.generator,
                             state=state)
+        self._keep_best(parts, state)
         if self.pruner is None:
             return False
         last = state.history[-1]
@@ -312,10 +327,30 @@ class Run:
             self.summary["pruning"] = getattr(self.pruner, "last_decision", None)
         return stop
 
+    def _keep_best(self, parts: RunParts, state: LoopState) -> None:
+        """best.pt after the checkpoint, when the epoch just done is the best so far."""
+        if self.keeps_best and state.history and state.best_epoch == state.epochs_done:
+            save_best(self.run_dir / BEST, identity=self.identity, model=parts.model, row=state.history[-1])
+
+    def _test(self, parts: RunParts, state: LoopState) -> None:
+        """The test metrics of the last epoch's weights, or of best.pt's (trainer.test_on=best); best.pt as
+        the W&B model artifact (logger.log_model)."""
+        best = read_best(self.run_dir / BEST, identity=self.identity, epoch=state.best_epoch)
+        self.summary["tested_epoch"] = state.epochs_done
+        if self.spec.trainer.test_on == "best":
+            if best is None:
+                raise RuntimeError(f"{self.run_dir / BEST} does not hold epoch {state.best_epoch}'s weights")
+            parts.model.load_state_dict(best["model"])
+            self.summary["tested_epoch"] = best["epoch"]
+        metrics = self.summary["metrics"]
+        metrics["test/loss"], metrics["test/acc"] = parts.trainer.evaluate(parts.data.test)
+        if best is not None and self.wandb is not None and self.spec.logger.log_model:
+            self.wandb.log_model(self.run_dir / BEST, {"epoch": best["epoch"], "val/acc": best["val/acc"]})
+
     def _final_metrics(self, parts: RunParts, state: LoopState) -> None:
         metrics = self.summary["metrics"]
         if state.status != Status.DIVERGED:
-            metrics["test/loss"], metrics["test/acc"] = parts.trainer.evaluate(parts.data.test)
+            self._test(parts, state)
         if state.history:
             last = state.history[-1]
             metrics.update({k: last[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")})
@@ -327,10 +362,8 @@ class Run:
         metrics["memory/data_mb"] = self.memory.data_mb
         metrics["time/train_s"] = state.train_time_s
         weight = first_conv_weight(parts.model)
-        images = {"filters": filter_grid(weight)} if weight is not None else None
-        for sink in (self.record, self.wandb):
-            if sink is not None and images:
-                sink.log_images(images)
+        if weight is not None:
+            self.sinks.log_images({"filters": filter_grid(weight)})
 
     def _open_sinks(self, resumed: LoopState | None) -> None:
         cfg = self.cfg
@@ -339,8 +372,11 @@ class Run:
         self.record = RecordSink(self.run_dir, append=resumed is not None)
         if resumed is not None:
             self.record.truncate_to(resumed.step, resumed.history)
-        if self.spec.logger.name == "wandb":
+        if self.spec.logger.wandb:
             self._open_wandb(previous, resumed)
+        if self.spec.logger.tensorboard:
+            hparams = {**self.info.choices, "identity": self.identity}
+            self.tensorboard = TensorBoardSink(self.run_dir, hparams, resumed.step if resumed else None)
         self.record.log_summary(self.summary)
 
     def _open_wandb(self, previous: dict | None, resumed: LoopState | None) -> None:
@@ -378,13 +414,12 @@ class Run:
         self.summary["finished_ts"] = time.time()
         self.summary["metrics"]["time/total_s"] = time.perf_counter() - self.started
         try:
-            for sink in (self.record, self.wandb):
-                if sink is not None:
-                    sink.log_summary(self.summary)
+            self.sinks.log_summary(self.summary)
             if self.record is None and write_without_record:
                 atomic_write_json(self.run_dir / SUMMARY, self.summary)
-        finally:  # the W&B run is closed even when the record cannot be written
-            if self.wandb is not None:
-                self.wandb.finish(failed=self.summary["status"] in (Status.FAILED, Status.INTERRUPTED))
+        finally:  # the trackers are closed even when the record cannot be written
+            for tracker in (self.wandb, self.tensorboard):
+                if tracker is not None:
+                    tracker.finish(failed=self.summary["status"] in (Status.FAILED, Status.INTERRUPTED))
         if self.record is not None or write_without_record:
             print(final_line(self.summary, self.run_dir, self.wandb), flush=True)

@@ -1,8 +1,9 @@
 """The typed schemas of the closed config groups: every key they take, its type, its default and its range.
 
-Each option file of conf/trainer, conf/data, conf/norm, conf/loss, conf/probe, conf/pruning and conf/logger
-pulls its schema's defaults (`defaults: [/schema/<group>@_here_, _self_]`) and states only what differs,
-so any key can be overridden without `+`. `parse(group, Schema, node)` is the one place a group's node
+Each option file of conf/trainer, conf/data, conf/norm, conf/loss, conf/probe and conf/pruning pulls its
+schema's defaults (`defaults: [/schema/<group>@_here_, _self_]`) and states only what differs, so any key can
+be overridden without `+` (conf/config.yaml pulls the logger's once, so that several logger options merge:
+`logger=[wandb,tensorboard]`). `parse(group, Schema, node)` is the one place a group's node
 becomes its dataclass: OmegaConf refuses a wrong type, a key the schema lacks is refused with the closest
 one, a value out of range with its fix -- each as one ConfigError. Types are checked there, in the job,
 rather than at composition, so that one bad job of a sweep fails alone and the others run.
@@ -73,6 +74,13 @@ class RunConf:
 
 
 @dataclass
+class EarlyStoppingConf:
+    """Stop once validation accuracy has not improved by more than min_delta for `patience` epochs."""
+    patience: int | None = whole(None, 0, optional=True)   # null or 0: off
+    min_delta: float = non_negative(0.0)
+
+
+@dataclass
 class TrainerConf:
     epochs: int = whole(30, 1)
     device: str = "auto"            # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
@@ -88,6 +96,8 @@ class TrainerConf:
     log_every_steps: int = whole(25, 1)  # per-step loss/lr are read from the device every this many steps
     checkpoint: bool = True         # save a checkpoint at each epoch end (resume continues from it)
     drop_last: bool = True          # drop the last partial batch (false: keep it, as study 002 did)
+    early_stopping: EarlyStoppingConf = field(default_factory=EarlyStoppingConf)
+    test_on: str = one_of("last", "last", "best")  # the test metrics' weights: the last epoch's or best.pt's
     # An injected fault (normbench.faults); null keys can still be set with `+` (Hydra adds to null only).
     fault: str | None = one_of(None, None, *FAULTS)
     fault_epoch: int | None = whole(None, 1, optional=True)    # null: the first
@@ -210,7 +220,11 @@ class PruningConf:
 
 @dataclass
 class LoggerConf:
-    name: str = one_of("none", "none", "wandb")
+    """The W&B run and the TensorBoard event files: each on when its option is chosen (logger=wandb,
+    logger=[wandb,tensorboard]); the other settings are W&B's."""
+    wandb: bool = False
+    tensorboard: bool = False
+    log_model: bool = False         # best.pt as the W&B run's model artifact
     project: str = "normbench"
     entity: str | None = None
     mode: str = one_of("auto", "auto", "online", "offline")  # auto: online with W&B credentials, else offline

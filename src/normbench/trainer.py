@@ -40,6 +40,8 @@ class LoopSettings:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     progress: bool = True
+    patience: int | None = None   # early stopping (trainer.early_stopping); None or 0: off
+    min_delta: float = 0.0
 
     def steps_per_epoch(self, batches: int) -> int:
         """Training steps of an epoch of `batches` batches (max_steps_per_epoch caps it)."""
@@ -55,10 +57,28 @@ class LoopState:
     status: Status = Status.RUNNING   # then completed, diverged or pruned
     diverged_epoch: int | None = None
     train_time_s: float = 0.0
+    stop_reason: str | None = None   # "early_stopping": completed before its last epoch
 
     @property
     def best_val_acc(self) -> float:
         return max((row["val/acc"] for row in self.history), default=0.0)
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The first epoch of the best validation accuracy (best.pt's)."""
+        return max(self.history, key=lambda row: row["val/acc"], default={}).get("epoch")
+
+    def stop_early(self, settings: LoopSettings) -> bool:
+        """Whether validation accuracy has not improved by more than `min_delta` on its best so far for
+        `patience` epochs; then the run is completed, with its stop reason. Read from the history alone,
+        so that a resumed run counts as the uninterrupted one would."""
+        best, waited = -math.inf, 0
+        for acc in (row["val/acc"] for row in self.history):
+            best, waited = (acc, 0) if acc > best + settings.min_delta else (best, waited + 1)
+        if not settings.patience or waited < settings.patience:
+            return False
+        self.status, self.stop_reason = Status.COMPLETED, "early_stopping"
+        return True
 
 
 @dataclass
@@ -178,9 +198,12 @@ class Trainer:
 
     def run(self, state: LoopState | None = None,
             on_epoch_end: Callable[[LoopState], bool] | None = None) -> LoopState:
-        """Train until the configured epochs are done, the loss diverges, or on_epoch_end asks to stop."""
+        """Train until the configured epochs are done, early stopping ends the run, the loss diverges, or
+        on_epoch_end asks to stop."""
         state = state or LoopState()
         for epoch in range(state.epochs_done + 1, self.settings.epochs + 1):
+            if state.stop_early(self.settings):
+                return state
             if not self._train_epoch(epoch, state):
                 state.status, state.diverged_epoch = Status.DIVERGED, epoch
                 return state

@@ -261,7 +261,8 @@ def _settings(trainer: TrainerConf, device: torch.device, norm: NormSpec, model)
         max_eval_batches=trainer.max_eval_batches, eval_batch_size=trainer.eval_batch_size,
         log_every_steps=trainer.log_every_steps, batchstats_images=trainer.batchstats_images,
         amp_dtype=resolve_precision(trainer.precision, device),
-        channels_last=channels_last, progress=sys.stderr.isatty())
+        channels_last=channels_last, progress=sys.stderr.isatty(),
+        patience=trainer.early_stopping.patience, min_delta=trainer.early_stopping.min_delta)
 
 
 def validate(cfg: DictConfig, device: str | None = None) -> RunSpec:

@@ -40,7 +40,7 @@ def study_attributes(config: DictConfig, space: dict, storage_url: str) -> dict:
              "sweep_dir": str(config.hydra.sweep.dir), "storage": mask_passwords(storage_url),
              "git_revision": git_revision(_code_dir())}
     logger = OmegaConf.select(config, "logger", default=None)
-    if OmegaConf.is_config(logger) and logger.get("name") == "wandb":
+    if OmegaConf.is_config(logger) and logger.get("wandb"):
         # normbench's W&B runs: project logger.project, group logger.group or else experiment_name
         attrs.update(wandb_group=logger.get("group") or config.get("experiment_name"),
                      wandb_project=logger.get("project"), wandb_entity=logger.get("entity"))
