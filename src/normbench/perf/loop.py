@@ -57,14 +57,12 @@ def _raw_loop(model, stream, steps: int, device: torch.device, amp, compile_: bo
     return run
 
 
-def _data_only(stream, steps: int) -> Callable[[], int]:
-    """Draw 4 x `steps` batches from the pipeline alone."""
+def _data_only(stream, steps: int) -> Callable[[], int]:  # 4 x `steps` batches of the pipeline alone
     return lambda: sum(y.shape[0] for _ in range(4) for _x, y in itertools.islice(stream, steps))
 
 
 def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
                 batch: int, steps: int) -> tuple[dict, dict]:
-    """The three timed candidates (normbench, raw, data) of one configuration, and its settings."""
     run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model_name, s.width),
                                                        f"batch_size={batch}"],
                           num_train=max(batch * steps * 2, 512),
@@ -87,20 +85,19 @@ def _row(s: PerfSettings, device: torch.device, model_name: str, batch: int, ste
     nb_rates, raw_rates = rates(res["normbench"]), rates(res["raw"])
     nb, raw, dat = (statistics.median(rates(res[k])) for k in ("normbench", "raw", "data"))
     step_ms, data_ms = 1000 * batch / nb, 1000 * batch / dat
-    return {
-        "model": model_name, "batch": batch, "width": s.width, "steps_per_window": steps,
-        "rounds": len(res["raw"]), "precision": config["precision"],
-        "channels_last": config["channels_last"], "compile": s.compile,
-        "normbench_img_s": nb, "raw_img_s": raw, "ratio": paired_ratio(nb_rates, raw_rates),
-        "ratio_quartiles": quartiles([a / b for a, b in zip(nb_rates, raw_rates)]),
-        "best_ratio": max(nb_rates) / max(raw_rates),
-        "cpu_time_ratio": paired_ratio(rates(res["normbench"], cpu=True), rates(res["raw"], cpu=True))
-        if device.type == "cpu" else None,
-        "normbench_rounds_img_s": nb_rates, "raw_rounds_img_s": raw_rates,
-        "data_img_s": dat, "step_ms": step_ms, "data_ms_per_batch": data_ms, "data_share": data_ms / step_ms,
-        "extra_us_per_step": 1e6 * statistics.median((a.wall_s - b.wall_s) / steps
-                                                     for a, b in zip(res["normbench"], res["raw"])),
-    }
+    return {"model": model_name, "batch": batch, "width": s.width, "steps_per_window": steps,
+           "rounds": len(res["raw"]), "precision": config["precision"],
+           "channels_last": config["channels_last"], "compile": s.compile,
+           "normbench_img_s": nb, "raw_img_s": raw, "ratio": paired_ratio(nb_rates, raw_rates),
+           "ratio_quartiles": quartiles([a / b for a, b in zip(nb_rates, raw_rates)]),
+           "best_ratio": max(nb_rates) / max(raw_rates),
+           "cpu_time_ratio": paired_ratio(rates(res["normbench"], cpu=True), rates(res["raw"], cpu=True))
+           if device.type == "cpu" else None,
+           "normbench_rounds_img_s": nb_rates, "raw_rounds_img_s": raw_rates,
+           "data_img_s": dat, "step_ms": step_ms, "data_ms_per_batch": data_ms,
+           "data_share": data_ms / step_ms,
+           "extra_us_per_step": 1e6 * statistics.median((a.wall_s - b.wall_s) / steps
+                                                        for a, b in zip(res["normbench"], res["raw"]))}
 
 
 def loop_config(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
