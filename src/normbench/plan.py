@@ -1,10 +1,6 @@
-"""The planning command: what a sweep will do, before anything runs (nothing is trained or written).
-
-    python bench/plan.py -m +experiment=vgg_losses seed=0,1,2
-
-It composes the jobs as bench/train.py -m does (Hydra's config loader and its basic sweeper's
-`split_arguments`), looks each job's identity up in the sweep dir's index and estimates the time left
-from the finished runs of the same size (`SIZE_KEYS`); the output is described in `parse_args`.
+"""The planning command (bench/plan.py): what a sweep will do, before anything runs. It composes the
+jobs as bench/train.py -m does, looks each identity up in the sweep dir's index and estimates the time
+left from the finished runs of the same size (`SIZE_KEYS`).
 """
 
 from __future__ import annotations
@@ -45,8 +41,7 @@ EPOCHS_KEY = "trainer.epochs"
 
 
 def expand_grid(params: dict, task: list[str], config_loader=None) -> list[list[str]]:
-    """The jobs' override lists, as hydra's BasicSweeper makes them from hydra.sweeper.params plus
-    the command line's overrides (the command line wins for a key in both)."""
+    """The jobs' override lists, as Hydra's BasicSweeper makes them (the command line wins)."""
     arguments = [f"{k}={v}" for k, v in (params or {}).items()] + list(task)
     parser = OverridesParser.create(config_loader=config_loader)
     [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
@@ -62,8 +57,7 @@ def _lookup(data: dict, key: str):
 
 
 def run_size(config: dict, flat: bool = False) -> str:
-    """The size of a run: SIZE_KEYS' values in its resolved config (a plain nested dict, or with
-    `flat` one keyed by the dotted SIZE_KEYS)."""
+    """SIZE_KEYS' values in a resolved config (nested, or `flat`: keyed by the dotted keys)."""
     return json.dumps([config.get(k) if flat else _lookup(config, k) for k in SIZE_KEYS], default=str)
 
 
@@ -77,9 +71,8 @@ class Finished:  # a finished run of the sweep dir, for the estimate
 
 
 def estimate(size: str, epochs: int | None, finished: list[Finished]) -> tuple[float, int] | None:
-    """The time a run of this size and number of epochs takes, from the finished runs of its size: the
-    mean time of the completed ones with as many epochs, else the mean time per epoch of any that
-    finished an epoch, times its epochs. With the number of runs it is based on; None without any."""
+    """(seconds, runs it is based on): the mean time of the completed runs of this size and epochs, else
+    the mean time per epoch of any of its size times `epochs`; None without any."""
     same = [f for f in finished if f.size == size]
     exact = [f.time_s for f in same if f.status == Status.COMPLETED and f.epochs == epochs]
     if exact:
@@ -128,8 +121,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 @contextmanager
 def hydra_session(config_dir: Path) -> Iterator[None]:
-    """Hydra initialised on `config_dir` as bench/train.py's, with the normbench resolvers; the global
-    Hydra state and HydraConfig as they were afterwards."""
+    """Hydra initialised as bench/train.py's; the global Hydra state restored afterwards."""
     register_resolvers()
     previous_hydra_cfg = HydraConfig.instance().cfg
     GlobalHydra.instance().clear()
@@ -142,7 +134,6 @@ def hydra_session(config_dir: Path) -> Iterator[None]:
 
 
 def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
-    """Print the plan for `bench/train.py ARGV` (configs in `config_dir`, unless ARGV gives -cd)."""
     args = parse_args(preset_spelling(argv))
     with hydra_session(Path(args.config_dir or config_dir)):
         loader = GlobalHydra.instance().config_loader()
@@ -163,8 +154,7 @@ def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
 
 
 def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, DirPlan]:
-    """Each job composed (as the launcher does: the sweep's Hydra overrides plus the job's, the sweep's
-    launcher and sweeper unchanged) and looked up in its sweep dir's index: the plan of each sweep dir."""
+    """Each job composed as the launcher does and looked up in its sweep dir's index."""
     plans: dict[str, DirPlan] = {}
     states: dict[str, SweepState] = {}
     seen: set[tuple[str, str]] = set()
@@ -185,8 +175,7 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
             dir_plan.duplicates += 1
             continue
         seen.add((sweep_dir, identity))
-        # the job's own skip decision: a record that says done, in the index entry's dir or in the job's
-        # dir or its sibling, whatever the entry says
+        # the job's own skip decision
         statuses = done_statuses(spec.pruning.name != "none")
         job_dir = Path(sweep_dir, str(job_cfg.hydra.sweep.subdir)).absolute()
         done = state.done_record(identity, statuses, [job_dir, sibling_dir(job_dir, identity)])
@@ -217,7 +206,6 @@ def _plain(value):
 
 
 def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
-    """Read the sweep dir's index once (without writing one when it is missing)."""
     entries = state.cached = state.known_entries()
     for entry in entries.values():
         if entry.get("status") not in (*DONE, Status.PRUNED, Status.FAILED) or not entry.get("dir"):
@@ -277,7 +265,6 @@ def _plan_other_sweeper(master: DictConfig, sweeper: str, out) -> int:
 
 
 def main(argv: list[str] | None = None, *, config_dir: str | Path) -> int:
-    """bench/plan.py: the plan, or one line on stderr and status 2 for a config or user error."""
     try:
         return plan(sys.argv[1:] if argv is None else argv, config_dir=config_dir)
     except (HydraException, NormbenchError) as err:
