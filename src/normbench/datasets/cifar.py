@@ -16,14 +16,12 @@ from normbench.errors import DataNotFoundError
 
 
 def cifar10(root: str = "./data", download: bool = True, **_) -> Tensors:
-    """CIFAR-10 from ``<root>/cifar-10-batches-py/`` (downloaded there when missing and allowed)."""
     from torchvision.datasets import CIFAR10
 
     return _torchvision_cifar(CIFAR10, "CIFAR-10", root, download)
 
 
 def cifar100(root: str = "./data", download: bool = True, **_) -> Tensors:
-    """CIFAR-100 (fine labels) from ``<root>/cifar-100-python/``."""
     from torchvision.datasets import CIFAR100
 
     return _torchvision_cifar(CIFAR100, "CIFAR-100", root, download)

@@ -19,8 +19,6 @@ def _integer(key: str, value, lo: int, hi: int | None = None) -> int:
 
 def synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: int = 10, image_size: int = 32,
               channels: int = 3, generator_seed: int = 0, noise: float = 0.25, **_) -> Tensors:
-    """CIFAR-shaped images of smooth class templates (see make_synthetic): the first `num_train` are
-    the training split, the next `num_test` the test split."""
     num_train = _integer("data.num_train", num_train, 2)
     num_test = _integer("data.num_test", num_test, 1)
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < 10:
