@@ -33,11 +33,6 @@ ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLau
                              provider="normbench")
 
 
-def _task_config(config: DictConfig) -> DictConfig:
-    """A job's config without its `hydra` node (what the task function receives)."""
-    return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-
-
 class FusedLauncher(Launcher):
     def __init__(self, max_fuse: int = 8) -> None:
         super().__init__()
@@ -66,7 +61,7 @@ class FusedLauncher(Launcher):
         try:
             for config in configs:
                 HydraConfig.instance().set_config(config)  # for the interpolations that read it
-                task = _task_config(config)
+                task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])  # the task's
                 reason = unfusable_job_reason(task)
                 reasons.update([reason] if reason else [])
                 keys.append(None if reason or self.max_fuse == 1 else fuse_key(task))

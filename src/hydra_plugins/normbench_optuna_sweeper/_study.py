@@ -56,10 +56,6 @@ def default_storage_url(sweep_dir: str | Path) -> str:  # <sweep dir>/optuna.db,
     return f"sqlite:///{path / 'optuna.db'}"
 
 
-# --------------------------------------------------------------------------------------------------
-# The storage-wide lock
-
-
 def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
@@ -103,13 +99,9 @@ def storage_lock(url: str, name: str, connect_timeout: int = 10) -> contextlib.A
     return FileLock(db + ".lock")
 
 
-# --------------------------------------------------------------------------------------------------
-# The study-wide trial budget
-
-
 def counts_toward_total(trial) -> bool:
-    """Whether a trial uses up one of the study's n_trials: all but the FAIL trials the sweeper did not
-    decide (of a killed or interrupted sweeper: failed, and re-queued as a WAITING copy that counts)."""
+    """All but the FAIL trials the sweeper did not decide (those of a killed or interrupted sweeper are
+    re-queued as a WAITING copy that counts)."""
     return trial.state != TrialState.FAIL or bool(trial.system_attrs.get(COUNTED_FAILURE_ATTR))
 
 
@@ -124,13 +116,7 @@ def trials_to_ask(study, target: int) -> int:
     return max(0, target - trials_used(study)) + len(waiting)
 
 
-# --------------------------------------------------------------------------------------------------
-# Outcomes
-
-
-class JobExited(RuntimeError):
-    """A job called sys.exit with a non-zero status (normbench's entry point does so on user errors)."""
-
+class JobExited(RuntimeError):  # a job's sys.exit(n != 0): normbench's entry point's on user errors
     def __init__(self, message: str, cause: BaseException | None = None):
         super().__init__(message)
         self.cause = cause
@@ -169,8 +155,7 @@ class Outcome:  # what a finished job means for its trial
 
 def failure_values(directions: Sequence[str], objectives: Sequence[str] | None,
                    explicit: float | Sequence[float] | None) -> list[float]:
-    """The values a failed or diverged trial is told under `failure: worst`, one per objective:
-    `explicit` (hydra.sweeper.worst_value: one number for all, or one each) as it is, else each
+    """Under `failure: worst`: hydra.sweeper.worst_value (one for all, or one each) as it is, else each
     objective's worst possible value (+-inf where unbounded: Optuna's samplers rank those last)."""
     n = len(directions)
     if explicit is not None:
@@ -224,16 +209,11 @@ def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst",
 
 
 def requeue(study, trial, max_retry: int | None) -> None:
-    """A trial of an interrupted or dead sweeper: FAIL (not counted) and a WAITING copy with the same
-    parameters (at most max_retry times), which the next sweeper picks up first."""
+    """FAIL (not counted) and a WAITING copy (at most max_retry times) that the next sweeper runs first."""
     with quiet_optuna():
         retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
     retry(study, study._storage.get_trial(trial._trial_id))
-
-
-# --------------------------------------------------------------------------------------------------
-# Heartbeats
 
 
 class Heartbeat:
@@ -273,10 +253,6 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-
-
-# --------------------------------------------------------------------------------------------------
-# Trials whose sweeper died on this host
 
 
 def _process_start(pid: int) -> str | None:  # in clock ticks since boot: a pid reused later differs
@@ -321,10 +297,6 @@ def requeue_dead_local_trials(study, max_retry: int | None) -> None:
             continue
         log.warning("Optuna trial %d: its sweeper (pid %s on this host) is gone: re-queued", trial.number,
                     owner.get("pid"))
-
-
-# --------------------------------------------------------------------------------------------------
-# Results
 
 
 def best_results(study, trials: list) -> dict | None:
