@@ -1,5 +1,4 @@
-"""Section ``cuda`` (CUDA only): epoch time, achieved TFLOP/s against the device's peak, runs/hour with 1,
-2 and 4 concurrent jobs on the GPU (channels_last per norm is section ``layout``)."""
+"""Section ``cuda``: epoch time, achieved TFLOP/s against the device's peak, runs/hour of concurrent jobs."""
 
 from __future__ import annotations
 

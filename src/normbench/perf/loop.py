@@ -1,7 +1,5 @@
-"""Section ``loop``: steady-state training images/s of ``Trainer.train_steps`` (the real loop) against a
-minimal hand-written loop on identical model copies, batches, device and data (docs/PERFORMANCE.md); the
-data pipeline's own time per batch against the step time; the loop's own cost per step on a near-free model.
-"""
+"""Section ``loop`` (docs/PERFORMANCE.md): ``Trainer.train_steps`` against a minimal hand-written loop on
+identical model copies and data; the data pipeline's own time; the loop's own cost per step."""
 
 from __future__ import annotations
 
@@ -38,7 +36,6 @@ WHAT = ("Trainer.train_steps (RecordSink, constant scheduler, accuracy, logging 
 
 
 def _raw_loop(model, stream, steps: int, device: torch.device, amp, compile_: bool) -> Callable[[], int]:
-    """The hand-written reference loop: `steps` steps per call, returning the images trained on."""
     forward = compile_model(model) if compile_ else model
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, **fast_optimizer_kwargs(torch.optim.SGD, params))
@@ -102,7 +99,6 @@ def _row(s: PerfSettings, device: torch.device, model_name: str, batch: int, ste
 
 def loop_config(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
                 batch: int, *, steps: int | None = None, budget_s: float | None = None) -> dict:
-    """One (model, batch) row: normbench, raw and data-only alternated, `steps` steps per window."""
     steps = steps or int(s.steps.get(batch, max(3, 384 // batch)))
     candidates, config = _candidates(s, paths, device, workdir, model_name, batch, steps)
     res = alternate(candidates, s.rounds, budget_s=s.loop_budget_s if budget_s is None else budget_s)
