@@ -32,6 +32,7 @@ SWEEP_ID_ENV = "NORMBENCH_SWEEP_ID"
 SKIPPED = "skipped"  # a journal outcome: the job found its run done and did not train
 OUTCOMES = (Status.COMPLETED, Status.DIVERGED, Status.FAILED, Status.PRUNED, SKIPPED)
 SHOWN_IF_ANY = (Status.INTERRUPTED,)  # in the summary line only when some job has it
+JSON_FILES = "[!.]*.json"  # not the temp files of a write in progress
 
 # Journal rows a job could not write (a full disk): kept for the summary line of this process.
 _UNWRITTEN: dict[str, dict[str, dict]] = {}
@@ -175,12 +176,9 @@ class SweepState:
     def known_entries(self) -> dict[str, dict]:
         """All index entries, or without an index a scan of the records (writes nothing: for the planning
         command, not for jobs)."""
-        try:
-            names = sorted(os.listdir(self.index_dir))
-        except OSError:
+        if not self.index_dir.is_dir():
             return self.scan_records()
-        entries = (_entry(read_json(self.index_dir / n)) for n in names
-                   if n.endswith(".json") and not n.startswith("."))
+        entries = (_entry(read_json(path)) for path in sorted(self.index_dir.glob(JSON_FILES)))
         return {e["identity"]: e for e in entries if e and e.get("identity")}
 
     def done(self, identity: str, statuses: tuple[str, ...] = DONE) -> dict | None:
@@ -220,12 +218,7 @@ class SweepState:
                 warn(f"could not write the sweep journal: {err}")
 
     def read_journal(self, sweep_id: str) -> list[dict]:
-        folder = self.journal_dir / sweep_id
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError:
-            names = []
-        rows = {n[:-5]: read_json(folder / n) for n in names if n.endswith(".json") and not n.startswith(".")}
+        rows = {path.stem: read_json(path) for path in sorted((self.journal_dir / sweep_id).glob(JSON_FILES))}
         rows.update(_UNWRITTEN.get(sweep_id, {}))
         return [r for r in rows.values() if r]
 
