@@ -138,10 +138,8 @@ def ignore_sigterm() -> None:
 @contextlib.contextmanager
 def signals_held():
     """While an interrupted run writes its record, a second Ctrl-C or SIGTERM does not cut it short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    held = (signal.SIGINT, *STOP_SIGNALS) if threading.current_thread() is threading.main_thread() else ()
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in held}
     try:
         yield
     finally:

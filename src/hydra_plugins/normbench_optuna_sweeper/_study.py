@@ -117,9 +117,7 @@ def trials_to_ask(study, target: int) -> int:
 
 
 class JobExited(RuntimeError):  # a job's sys.exit(n != 0): normbench's entry point's on user errors
-    def __init__(self, message: str, cause: BaseException | None = None):
-        super().__init__(message)
-        self.cause = cause
+    pass
 
 
 class TrialTask:
@@ -136,7 +134,7 @@ class TrialTask:
                 raise
             cause = exc.__context__  # normbench's entry point exits 2 while handling a NormbenchError
             reason = one_line(cause) if cause is not None else "no message"
-            raise JobExited(f"the job exited with status {exc.code} ({reason})", cause) from None
+            raise JobExited(f"the job exited with status {exc.code} ({reason})") from None
 
 
 @dataclass

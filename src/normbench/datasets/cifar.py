@@ -45,9 +45,8 @@ def _torchvision_cifar(cls, label: str, root, download: bool) -> Tensors:
         if missing:
             raise DataNotFoundError(
                 f"{label} not found in data.root={root_abs} ({base}/{missing[0]} is missing) and "
-                "data.download=false: rerun with data.download=true on a machine with network access, or "
-                f"{fill}"
-            )
+                f"data.download=false: rerun with data.download=true on a machine with network access, or "
+                f"{fill}")
     else:
         try:
             with download_guard(root_abs):  # checked under the lock: another job may be extracting
@@ -56,8 +55,7 @@ def _torchvision_cifar(cls, label: str, root, download: bool) -> Tensors:
         except (urllib.error.URLError, OSError, RuntimeError, tarfile.TarError, EOFError) as err:
             raise DataNotFoundError(
                 f"{label} not found in data.root={root_abs} and it could not be downloaded ({short(err)}): "
-                f"run on a machine with network access with data.download=true, or {fill}"
-            ) from err
+                f"run on a machine with network access with data.download=true, or {fill}") from err
     sources = [os.path.join(folder, f) for f in _files(cls)]
 
     def decode() -> Tensors:
@@ -67,8 +65,7 @@ def _torchvision_cifar(cls, label: str, root, download: bool) -> Tensors:
         except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
             raise DataNotFoundError(
                 f"{label} in data.root={root_abs} is corrupted or incomplete ({short(err)}): delete {folder} "
-                f"and rerun with data.download=true, or copy a good {base}/ there; {OFFLINE_HINT}"
-            ) from err
+                f"and rerun with data.download=true, or copy a good {base}/ there; {OFFLINE_HINT}") from err
         return (*_to_tensors(train), *_to_tensors(test))
 
     return cached(cls.__name__.lower(), folder, sources, {}, decode)
