@@ -56,9 +56,8 @@ def _lookup(data: dict, key: str):
     return data
 
 
-def run_size(config: dict, flat: bool = False) -> str:
-    """SIZE_KEYS' values in a resolved config (nested, or `flat`: keyed by the dotted keys)."""
-    return json.dumps([config.get(k) if flat else _lookup(config, k) for k in SIZE_KEYS], default=str)
+def run_size(config: dict) -> str:  # SIZE_KEYS' values in a resolved config
+    return json.dumps([_lookup(config, k) for k in SIZE_KEYS], default=str)
 
 
 @dataclass
@@ -164,7 +163,8 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
         sweep_dir = str(job_cfg.hydra.sweep.dir)
         training = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k != "hydra"])
         spec = validate(training)  # the job's own check: a value train.py refuses, the plan refuses
-        identity = run_identity(training)
+        resolved = OmegaConf.to_container(training, resolve=True)
+        identity = run_identity(resolved)
         if sweep_dir not in plans:
             plans[sweep_dir] = DirPlan(sweep_dir)
             states[sweep_dir] = SweepState(sweep_dir)
@@ -186,23 +186,19 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
             dir_plan.to_run += 1
             if entry and entry.get("dir") and (state.run_dir(entry) / CHECKPOINT).exists():
                 dir_plan.resume += 1
-            _estimate_job(dir_plan, job_cfg)
+            _estimate_job(dir_plan, resolved)
     return plans
 
 
-def _estimate_job(dir_plan: DirPlan, job_cfg: DictConfig) -> None:
-    size = run_size({k: _plain(OmegaConf.select(job_cfg, k, default=None)) for k in SIZE_KEYS}, flat=True)
-    epochs = OmegaConf.select(job_cfg, EPOCHS_KEY, default=None)
+def _estimate_job(dir_plan: DirPlan, config: dict) -> None:
+    size = run_size(config)
+    epochs = _lookup(config, EPOCHS_KEY)
     found = estimate(size, epochs if isinstance(epochs, int) else None, dir_plan.finished)
     if found is None:
         dir_plan.unknown += 1
     else:
         dir_plan.estimates.append(found[0])
         dir_plan.basis.add(size)
-
-
-def _plain(value):
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _load_index(state: SweepState, dir_plan: DirPlan) -> None:

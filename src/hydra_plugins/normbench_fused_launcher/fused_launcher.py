@@ -37,9 +37,6 @@ class FusedLauncher(Launcher):
     def __init__(self, max_fuse: int = 8) -> None:
         super().__init__()
         self.max_fuse = max_fuse
-        self.config: DictConfig | None = None
-        self.task_function: TaskFunction | None = None
-        self.hydra_context: HydraContext | None = None
         self.unfused_said = False
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
