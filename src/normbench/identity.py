@@ -39,13 +39,8 @@ def training_config(cfg: DictConfig | dict, ignored: Iterable[str] = NOT_IDENTIT
     ignored = tuple(ignored)
 
     def strip(node: dict, prefix: str) -> dict:
-        out = {}
-        for key, value in node.items():
-            path = f"{prefix}{key}"
-            if covered(path, ignored):
-                continue
-            out[key] = strip(value, path + ".") if isinstance(value, dict) else value
-        return out
+        return {key: strip(value, f"{prefix}{key}.") if isinstance(value, dict) else value
+                for key, value in node.items() if not covered(f"{prefix}{key}", ignored)}
 
     return strip(container, "")
 

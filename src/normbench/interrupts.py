@@ -80,13 +80,10 @@ def launcher_workers() -> list[int]:  # this process's joblib (loky) workers
     for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not name.isdigit() or process_stat(name)[1:2] != [me]:
             continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-        except OSError:
-            continue
-        if b"loky" in cmdline and b"resource_tracker" not in cmdline:
-            found.append(int(name))
+        with contextlib.suppress(OSError), open(f"/proc/{name}/cmdline", "rb") as handle:
+            cmdline = handle.read()
+            if b"loky" in cmdline and b"resource_tracker" not in cmdline:
+                found.append(int(name))
     return found
 
 

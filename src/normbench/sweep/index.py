@@ -73,7 +73,6 @@ class SweepState:
         """Create the index; a sweep dir with records but no index is indexed once from its summaries."""
         if self.index_dir.is_dir():
             return
-        self.state.mkdir(parents=True, exist_ok=True)
         with self._file_lock(self.state / "index.lock"):
             if self.index_dir.is_dir():
                 return

@@ -17,7 +17,6 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -141,7 +140,7 @@ def _heartbeat_kwargs(settings: StorageSettings) -> dict:
 
 
 def open_storage(url: str, settings: StorageSettings | None = None,
-                 schema_lock: AbstractContextManager | None = None):
+                 schema_lock: contextlib.AbstractContextManager | None = None):
     """An Optuna RDBStorage for `url` (one per URL and process), created under `schema_lock`; else a
     one-line StorageError with the password masked."""
     import optuna
