@@ -50,9 +50,7 @@ def expand_grid(params: dict, task: list[str], config_loader=None) -> list[list[
 
 def _lookup(data: dict, key: str):
     for part in key.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
+        data = data.get(part) if isinstance(data, dict) else None
     return data
 
 

@@ -37,14 +37,9 @@ def fashion_mnist(root: str = "./data", download: bool = True, channels: int = 1
 
 
 def find_idx_files(folder: str) -> list[str] | None:
-    found = []
-    for name in FILES:
-        path = next((os.path.join(folder, name + ext) for ext in ("", ".gz")
-                     if os.path.isfile(os.path.join(folder, name + ext))), None)
-        if path is None:
-            return None
-        found.append(path)
-    return found
+    found = [next(filter(os.path.isfile, (os.path.join(folder, name + ext) for ext in ("", ".gz"))), None)
+             for name in FILES]
+    return None if None in found else found
 
 
 def read_idx(path: str) -> torch.Tensor:

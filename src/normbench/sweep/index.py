@@ -108,10 +108,7 @@ class SweepState:
 
     def relative(self, run_dir: Path) -> str:
         run_dir = Path(run_dir).absolute()
-        try:
-            return str(run_dir.relative_to(self.root))
-        except ValueError:
-            return str(run_dir)
+        return str(run_dir.relative_to(self.root) if run_dir.is_relative_to(self.root) else run_dir)
 
     def run_dir(self, entry: dict) -> Path:
         return self.root / entry["dir"]  # an absolute "dir" stays absolute
