@@ -222,9 +222,8 @@ class Heartbeat:
         self.trial_ids: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
         if interval:
-            self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
             self._thread.start()
 
     def add(self, trial_id: int) -> None:  # beat now, then every interval until discarded
@@ -249,7 +248,7 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread.is_alive():
             self._thread.join(timeout=5)
 
 

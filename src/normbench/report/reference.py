@@ -52,12 +52,9 @@ class StudyTable:
     primary: str = "test/err"  # the metric the study reports for the rows
     note: str = ""
     contrasts: tuple[Contrast, ...] = ()
-    # per norm: reported optimisation-mechanism numbers (study 000, section 9)
-    mechanism: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # where the study contradicts itself about these numbers (shown beside them in the report)
-    flags: tuple[str, ...] = ()
-    # the comparisons the study draws besides each row's `vs`: (row, base) label pairs
-    pairs: tuple[tuple[str, str], ...] = ()
+    mechanism: dict[str, dict[str, Any]] = field(default_factory=dict)  # per norm (study 000, section 9)
+    flags: tuple[str, ...] = ()  # where the study contradicts itself about these numbers
+    pairs: tuple[tuple[str, str], ...] = ()  # the study's comparisons besides each row's `vs`: (row, base)
 
     def row(self, label: str) -> RefRow:
         return {r.label: r for r in self.rows}[label]
