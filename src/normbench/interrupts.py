@@ -66,8 +66,7 @@ def ignore_further_interrupts(exiting: bool = False) -> None:
 
 
 def process_stat(pid: int | str) -> list[str]:
-    """The fields of /proc/<pid>/stat after the command name (state, ppid, ..., start time at [19]);
-    [] when the process is gone or there is no /proc."""
+    """/proc/<pid>/stat's fields after the command name ([19]: start time); [] when gone."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             return handle.read().rsplit(")", 1)[1].split()
@@ -127,8 +126,7 @@ def watch_parent() -> None:
 
 
 def ignore_sigterm() -> None:
-    """For a process on its way out after submitit requeued its job (the requeue's SIGTERM must not cut the
-    exit short)."""
+    """After submitit requeued the job: the requeue's SIGTERM must not cut the exit short."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

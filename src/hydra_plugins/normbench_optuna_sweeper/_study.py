@@ -110,8 +110,7 @@ def trials_used(study) -> int:
 
 
 def trials_to_ask(study, target: int) -> int:
-    """What is missing to reach `target`, plus the WAITING trials (enqueued or re-queued), which count
-    already but still have to run."""
+    """What is missing to reach `target`, plus the WAITING trials (counted, yet to run)."""
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     return max(0, target - trials_used(study)) + len(waiting)
 
@@ -281,8 +280,7 @@ def _owner_is_gone(owner) -> bool:
 
 
 def requeue_dead_local_trials(study, max_retry: int | None) -> None:
-    """Re-queue now, not after the heartbeat's grace period, the RUNNING trials of a sweeper process of
-    this host that is gone."""
+    """The RUNNING trials of a dead sweeper of this host, re-queued now (not after the grace period)."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(OWNER_ATTR)
         if not _owner_is_gone(owner):

@@ -98,8 +98,7 @@ def _concurrency_level(job: list[str], k: int, workdir: Path) -> dict:
 
 def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Path,
                  levels_run=CONCURRENCY_LEVELS) -> dict:
-    """Runs/hour of concurrent bench/train.py jobs, plus their summed steady-state training images/s,
-    which is what decides runs/hour for long runs."""
+    """Runs/hour of concurrent jobs and their summed training images/s (what decides long runs)."""
     steps = s.cuda_concurrency_steps
     job = [sys.executable, str(train), "data=synthetic", f"data.num_train={steps * 8 + 1008}",
            "data.val_size=1000", "model=vgg_a", "batch_size=8", "trainer.epochs=1",

@@ -141,8 +141,7 @@ class SweepState:
         return rebuilt
 
     def done_record(self, identity: str, statuses: tuple[str, ...], candidates: list[Path]):
-        """(dir, summary) of a done record in the entry's dir or `candidates`, or None. Reads only (the
-        planning command predicts the jobs' skips with it)."""
+        """(dir, summary) of a done record in the entry's dir or `candidates`, or None (reads only)."""
         entry = self.get(identity) or {}
         dirs = [self.run_dir(entry)] if entry.get("dir") else []
         for run_dir in [*dirs, *map(Path, candidates)]:
@@ -170,16 +169,14 @@ class SweepState:
         return entry
 
     def known_entries(self) -> dict[str, dict]:
-        """All index entries, or without an index a scan of the records (writes nothing: for the planning
-        command, not for jobs)."""
+        """All index entries, or a scan of the records without an index (writes nothing)."""
         if not self.index_dir.is_dir():
             return self.scan_records()
         entries = (_entry(read_json(path)) for path in sorted(self.index_dir.glob(JSON_FILES)))
         return {e["identity"]: e for e in entries if e and e.get("identity")}
 
     def done(self, identity: str, statuses: tuple[str, ...] = DONE) -> dict | None:
-        """The entry of a finished run whose record still says so, else None (two reads, whatever the
-        size of the sweep)."""
+        """The entry of a finished run whose record still says so (two reads), else None."""
         entry = self.get(identity)
         if not entry or entry.get("status") not in statuses or not entry.get("dir"):
             return None
@@ -203,8 +200,7 @@ class SweepState:
         atomic_write_json(self.curves_dir / f"{identity}.json", {"identity": identity, "val_error": errors})
 
     def journal(self, sweep_id: str, job: str, quiet: bool = False, **fields) -> None:
-        """One job's outcome. Never raises: on a full disk the row is kept in this process for the summary
-        line, with a warning."""
+        """One job's outcome. Never raises: on a full disk the row is kept in this process."""
         row = {**fields, "at": now_iso()}
         try:
             atomic_write_json(self.journal_dir / sweep_id / f"{job}.json", row)

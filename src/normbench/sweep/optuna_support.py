@@ -58,8 +58,7 @@ def _spelled_in(text: str, secret: str) -> set[str]:
 
 
 def url_secrets(url: str | None) -> list[str]:
-    """The passwords of a storage URL (userinfo and ?password=) in every spelling they may take in
-    text, longest first."""
+    """A storage URL's passwords in every spelling they may take in text, longest first."""
     parsed = _parse(url)
     if parsed is None:
         return []
@@ -141,8 +140,7 @@ def _heartbeat_kwargs(settings: StorageSettings) -> dict:
 
 def open_storage(url: str, settings: StorageSettings | None = None,
                  schema_lock: contextlib.AbstractContextManager | None = None):
-    """An Optuna RDBStorage for `url` (one per URL and process), created under `schema_lock`; else a
-    one-line StorageError with the password masked."""
+    """One RDBStorage per URL and process; else a one-line StorageError, its password masked."""
     import optuna
 
     settings = settings or StorageSettings()
