@@ -9,8 +9,7 @@ from omegaconf import DictConfig
 
 from normbench.errors import ConfigError
 
-# torch.nn: what a model builder may return (Hydra also checks the class of a callable result, and a module
-# is callable).
+# torch.nn: what a model builder returns (Hydra also checks the class of a callable result: a module).
 BUILTIN_TARGETS = ("normbench.models.*", "normbench.datasets.*", "torch.optim.*", "torch.nn.*")
 
 

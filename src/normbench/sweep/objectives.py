@@ -1,7 +1,5 @@
-"""What a sweep job returns to its sweeper: one value per objective (hydra.sweeper.objectives, see
-docs/optuna.md), read from the run's summary; by default its validation error. Test metrics are not
-objectives: the test set never guides a search.
-"""
+"""What a sweep job returns to its sweeper: one value per objective (docs/optuna.md), by default its
+validation error. Test metrics are not objectives: the test set never guides a search."""
 
 from __future__ import annotations
 
