@@ -24,8 +24,7 @@ class ConfigError(NormbenchError):
 
 
 def unknown_key(key: str, value: object, accepted, why: str, tail: str | None = None) -> ConfigError:
-    """A key nothing reads: `why`, the closest accepted key (difflib) and `tail` (default: the accepted
-    keys)."""
+    """A key nothing reads: `why`, the closest accepted key and `tail` (default: the accepted keys)."""
     import difflib
 
     group, _, name = key.rpartition(".")
@@ -54,8 +53,7 @@ _KEY_PASSWORD = re.compile(rf"(?P<head>\b(?:{'|'.join(PASSWORD_KEYS)})=)(?P<secr
 
 
 def mask_passwords(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with each of `secrets` (known passwords, e.g. a storage URL's in every spelling), every URL
-    password (`scheme://user:***@host`) and every `password=***` masked."""
+    """`text` with `secrets` (known passwords), every URL password and every `password=...` masked."""
     for secret in sorted(filter(None, secrets), key=len, reverse=True):
         text = text.replace(secret, MASK)
     for pattern in (_URL_PASSWORD, _KEY_PASSWORD):
@@ -64,8 +62,8 @@ def mask_passwords(text: str, secrets: Iterable[str] = ()) -> str:
 
 
 def one_line(err: BaseException, typed: bool = True) -> str:
-    """An error on one line: the first line of its message (of the database driver's own error for
-    SQLAlchemy's, which adds the statement and a link) and its notes, after its type when `typed`."""
+    """The first line of its message (of the driver's own error for SQLAlchemy's, which adds the statement
+    and a link) and its notes, after its type when `typed`."""
     orig = getattr(err, "orig", None) or err
     first = next((line.strip() for line in str(orig).splitlines() if line.strip()), "")
     first = " ".join([first, *getattr(err, "__notes__", ())]).strip()
@@ -75,7 +73,6 @@ def one_line(err: BaseException, typed: bool = True) -> str:
 
 
 def fail(message: object, status: int = 2) -> NoReturn:
-    """End an entry point with one line on stderr (`normbench: ...`, no traceback)."""
     print(f"{PREFIX}{message}", file=sys.stderr, flush=True)
     sys.exit(status)
 

@@ -31,24 +31,17 @@ SWEPT_KEYS_ENV = "NORMBENCH_SWEPT_KEYS"
 INTERNAL_GROUPS = ("hydra", "schema", "vgg_best_row")  # left out of --help
 
 
-def covered(key: str, keys: Iterable[str]) -> bool:
-    """`key` is one of `keys` or a sub-key of one (how NOT_IDENTITY is read)."""
+def covered(key: str, keys: Iterable[str]) -> bool:  # `key` is one of `keys` or a sub-key of one
     return any(key == k or key.startswith(k + ".") for k in keys)
 
 
 def training_config(cfg: DictConfig | dict, ignored: Iterable[str] = NOT_IDENTITY) -> dict:
-    """The resolved config minus the keys that don't change the numbers."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     ignored = tuple(ignored)
 
     def strip(node: dict, prefix: str) -> dict:
-        out = {}
-        for key, value in node.items():
-            path = f"{prefix}{key}"
-            if covered(path, ignored):
-                continue
-            out[key] = strip(value, path + ".") if isinstance(value, dict) else value
-        return out
+        return {key: strip(value, f"{prefix}{key}.") if isinstance(value, dict) else value
+                for key, value in node.items() if not covered(f"{prefix}{key}", ignored)}
 
     return strip(container, "")
 
@@ -63,12 +56,10 @@ def run_identity(cfg: DictConfig | dict) -> str:
 
 
 def seedless_identity(cfg: DictConfig | dict) -> str:
-    """The identity of the run's config with its seed left out: the same for every seed of one setting."""
     return _digest(training_config(cfg, (*NOT_IDENTITY, SEED)))
 
 
-def override_key(override: str) -> str:
-    """`+trainer.fault=raise` -> `trainer.fault`."""
+def override_key(override: str) -> str:  # `+trainer.fault=raise` -> `trainer.fault`
     return override.split("=", 1)[0].lstrip("+~")
 
 
@@ -97,19 +88,17 @@ def swept_keys(params: dict | None, overrides: Iterable[str]) -> list[str]:
 
 
 def sweep_arguments(master: DictConfig) -> tuple[dict, list[str]]:
-    """hydra.sweeper.params and the command line's overrides of a composed multirun config."""
     params = OmegaConf.select(master, "hydra.sweeper.params", default=None)
     params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
     return params, list(OmegaConf.to_container(master.hydra.overrides.task, resolve=False))
 
 
 def swept_keys_from_env() -> list[str]:
-    """The swept keys of the multirun this job belongs to (empty outside one)."""
     return [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
 
 
 def _named_parts(overrides: Iterable[str], swept: Iterable[str]) -> tuple[list[str], list[str]]:
-    """The overrides of keys that change the numbers, split into (swept, fixed), swept in sweep order."""
+    """The overrides of keys that change the numbers: (swept, in sweep order; fixed)."""
     kept = [o.lstrip("+") for o in overrides if not covered(override_key(o), NOT_IDENTITY)]
     swept = list(swept)
     by_key = {override_key(o): o for o in kept}
@@ -146,8 +135,7 @@ def job_dirname(overrides: Iterable[str], swept: Iterable[str] = (), trial=None)
     return name
 
 
-def short_override(override: str) -> str:
-    """`optimizer.lr=0.01` -> `lr=0.01` (the last part of the key; groups stay as they are)."""
+def short_override(override: str) -> str:  # `optimizer.lr=0.01` -> `lr=0.01`
     key, _, value = override.partition("=")
     return f"{key.rsplit('.', 1)[-1]}={value}"
 
@@ -173,8 +161,7 @@ def config_groups_help() -> str:
 
 
 def register_resolvers() -> None:
-    """The OmegaConf resolvers conf/ uses (`normbench_job_dir`, `normbench_groups` for --help): registered
-    before Hydra composes."""
+    """The resolvers conf/ uses (`normbench_job_dir`; `normbench_groups` for --help), before Hydra composes."""
     if not OmegaConf.has_resolver("normbench_job_dir"):
         OmegaConf.register_resolver("normbench_job_dir", lambda overrides, trial=None: job_dirname(
             list(overrides), swept_keys_from_env(), trial))

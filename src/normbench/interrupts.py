@@ -1,11 +1,7 @@
-"""SIGTERM, SIGHUP and Ctrl-C: one exception for all, passed on to a sweep's joblib workers, and workers
-that never outlive their sweep process.
-
-SIGTERM (kill, docker stop, SLURM) and SIGHUP (the terminal closed) raise `Interrupted`, a
-KeyboardInterrupt, so that every layer (the run, joblib, the Optuna sweeper) treats them like Ctrl-C: the
-job records the run `interrupted` and bench/train.py ends without a traceback (normbench.job). Only the
-first of them interrupts: later ones (a second Ctrl-C) are ignored, so that the record and the closing
-line are written and the exit status is the first signal's.
+"""SIGTERM (kill, docker stop, SLURM), SIGHUP and Ctrl-C raise `Interrupted`, a KeyboardInterrupt, so that
+every layer (the run, joblib, the Optuna sweeper) treats them alike; they are passed on to a sweep's joblib
+workers, which never outlive their sweep process. Only the first interrupts: later ones are ignored, so
+that the record and the closing line are written and the exit status is the first signal's.
 """
 
 from __future__ import annotations
@@ -23,8 +19,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # raise Interrupted (SIGINT: see
 
 
 class Interrupted(KeyboardInterrupt):
-    """A stop signal (SIGTERM, SIGHUP; Ctrl-C in a sweep process), raised as a KeyboardInterrupt."""
-
     def __init__(self, signame: str = "SIGTERM"):
         super().__init__(signame)
         self.signame = signame
@@ -34,8 +28,7 @@ def signal_name(exc: BaseException) -> str:
     return getattr(exc, "signame", "SIGINT")
 
 
-def raise_on_sigterm() -> None:
-    """In the main thread: SIGTERM and SIGHUP raise Interrupted."""
+def raise_on_sigterm() -> None:  # in the main thread
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in STOP_SIGNALS:
@@ -65,17 +58,15 @@ def pass_on_ctrl_c() -> None:
 
 
 def ignore_further_interrupts(exiting: bool = False) -> None:
-    """After the first interrupt: Ctrl-C, SIGTERM and SIGHUP do nothing. A Python handler while the
-    process runs (one that had already arrived when SIG_IGN was set would raise "Signal ignored due to
-    race condition" in the middle of the record's writing); SIG_IGN when `exiting`, since Python's exit
-    gives a Python handler's signal its default action back (-2, no closing line), not an ignored one's."""
+    """After the first interrupt: a no-op Python handler while the process runs (a signal that had
+    arrived when SIG_IGN was set would raise "Signal ignored due to race condition" mid-record); SIG_IGN
+    when `exiting`, since Python's exit gives a Python handler's signal its default action back."""
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(signum, signal.SIG_IGN if exiting else (lambda signum, frame: None))
 
 
 def process_stat(pid: int | str) -> list[str]:
-    """The fields of /proc/<pid>/stat after the command name (state, ppid, ..., start time at [19]);
-    [] when the process is gone or there is no /proc."""
+    """/proc/<pid>/stat's fields after the command name ([19]: start time); [] when gone."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             return handle.read().rsplit(")", 1)[1].split()
@@ -83,25 +74,21 @@ def process_stat(pid: int | str) -> list[str]:
         return []
 
 
-def launcher_workers() -> list[int]:
-    """This process's joblib (loky) worker processes."""
+def launcher_workers() -> list[int]:  # this process's joblib (loky) workers
     me, found = str(os.getpid()), []
     for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not name.isdigit() or process_stat(name)[1:2] != [me]:
             continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-        except OSError:
-            continue
-        if b"loky" in cmdline and b"resource_tracker" not in cmdline:
-            found.append(int(name))
+        with contextlib.suppress(OSError), open(f"/proc/{name}/cmdline", "rb") as handle:
+            cmdline = handle.read()
+            if b"loky" in cmdline and b"resource_tracker" not in cmdline:
+                found.append(int(name))
     return found
 
 
 def stop_workers(timeout: float = 20.0) -> None:
-    """SIGTERM reached a sweep process: pass it on to its launcher workers and give their runs the time
-    to record themselves interrupted (joblib would SIGKILL them on its way out)."""
+    """Pass SIGTERM on to the launcher workers and give their runs the time to record themselves
+    interrupted (joblib would SIGKILL them on its way out)."""
     workers = launcher_workers()
     for pid in workers:
         with contextlib.suppress(OSError):
@@ -113,15 +100,14 @@ def stop_workers(timeout: float = 20.0) -> None:
 
 
 def is_launcher_worker() -> bool:
-    """A joblib (loky) worker of the bench/train.py process (or one that outlived it); not a SLURM task,
-    whose parent is slurmstepd although it inherits the environment."""
+    """A joblib worker of the bench/train.py process (or one that outlived it); not a SLURM task, whose
+    parent is slurmstepd although it inherits the environment."""
     return ORPHANED.is_set() or os.environ.get(MAIN_PID_ENV) == str(os.getppid())
 
 
 def watch_parent() -> None:
-    """A launcher worker (a joblib/loky process of this sweep) whose sweep process dies -- even by
-    SIGKILL -- interrupts its run (SIGTERM to itself) instead of training on as an orphan; it leaves
-    once the run is recorded (normbench.job), or after 30 s."""
+    """A launcher worker whose sweep process dies, even by SIGKILL, interrupts its run instead of training
+    on as an orphan; it leaves once the run is recorded, or after 30 s."""
     parent = os.environ.get(MAIN_PID_ENV)
     if not parent or parent == str(os.getpid()) or parent != str(os.getppid()):
         return
@@ -140,18 +126,15 @@ def watch_parent() -> None:
 
 
 def ignore_sigterm() -> None:
-    """From here on SIGTERM does nothing: a process on its way out after submitit requeued its job (the
-    requeue's SIGTERM must not cut the exit short)."""
+    """After submitit requeued the job: the requeue's SIGTERM must not cut the exit short."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
 def signals_held():
     """While an interrupted run writes its record, a second Ctrl-C or SIGTERM does not cut it short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    held = (signal.SIGINT, *STOP_SIGNALS) if threading.current_thread() is threading.main_thread() else ()
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in held}
     try:
         yield
     finally:

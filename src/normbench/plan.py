@@ -1,10 +1,6 @@
-"""The planning command: what a sweep will do, before anything runs (nothing is trained or written).
-
-    python bench/plan.py -m +experiment=vgg_losses seed=0,1,2
-
-It composes the jobs as bench/train.py -m does (Hydra's config loader and its basic sweeper's
-`split_arguments`), looks each job's identity up in the sweep dir's index and estimates the time left
-from the finished runs of the same size (`SIZE_KEYS`); the output is described in `parse_args`.
+"""The planning command (bench/plan.py): what a sweep will do, before anything runs. It composes the
+jobs as bench/train.py -m does, looks each identity up in the sweep dir's index and estimates the time
+left from the finished runs of the same size (`SIZE_KEYS`).
 """
 
 from __future__ import annotations
@@ -45,8 +41,7 @@ EPOCHS_KEY = "trainer.epochs"
 
 
 def expand_grid(params: dict, task: list[str], config_loader=None) -> list[list[str]]:
-    """The jobs' override lists, as hydra's BasicSweeper makes them from hydra.sweeper.params plus
-    the command line's overrides (the command line wins for a key in both)."""
+    """The jobs' override lists, as Hydra's BasicSweeper makes them (the command line wins)."""
     arguments = [f"{k}={v}" for k, v in (params or {}).items()] + list(task)
     parser = OverridesParser.create(config_loader=config_loader)
     [jobs] = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)
@@ -55,16 +50,12 @@ def expand_grid(params: dict, task: list[str], config_loader=None) -> list[list[
 
 def _lookup(data: dict, key: str):
     for part in key.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
+        data = data.get(part) if isinstance(data, dict) else None
     return data
 
 
-def run_size(config: dict, flat: bool = False) -> str:
-    """The size of a run: SIZE_KEYS' values in its resolved config (a plain nested dict, or with
-    `flat` one keyed by the dotted SIZE_KEYS)."""
-    return json.dumps([config.get(k) if flat else _lookup(config, k) for k in SIZE_KEYS], default=str)
+def run_size(config: dict) -> str:  # SIZE_KEYS' values in a resolved config
+    return json.dumps([_lookup(config, k) for k in SIZE_KEYS], default=str)
 
 
 @dataclass
@@ -77,9 +68,8 @@ class Finished:  # a finished run of the sweep dir, for the estimate
 
 
 def estimate(size: str, epochs: int | None, finished: list[Finished]) -> tuple[float, int] | None:
-    """The time a run of this size and number of epochs takes, from the finished runs of its size: the
-    mean time of the completed ones with as many epochs, else the mean time per epoch of any that
-    finished an epoch, times its epochs. With the number of runs it is based on; None without any."""
+    """(seconds, runs it is based on): the mean time of the completed runs of this size and epochs, else
+    the mean time per epoch of any of its size times `epochs`; None without any."""
     same = [f for f in finished if f.size == size]
     exact = [f.time_s for f in same if f.status == Status.COMPLETED and f.epochs == epochs]
     if exact:
@@ -128,8 +118,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 @contextmanager
 def hydra_session(config_dir: Path) -> Iterator[None]:
-    """Hydra initialised on `config_dir` as bench/train.py's, with the normbench resolvers; the global
-    Hydra state and HydraConfig as they were afterwards."""
+    """Hydra initialised as bench/train.py's; the global Hydra state restored afterwards."""
     register_resolvers()
     previous_hydra_cfg = HydraConfig.instance().cfg
     GlobalHydra.instance().clear()
@@ -142,7 +131,6 @@ def hydra_session(config_dir: Path) -> Iterator[None]:
 
 
 def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
-    """Print the plan for `bench/train.py ARGV` (configs in `config_dir`, unless ARGV gives -cd)."""
     args = parse_args(preset_spelling(argv))
     with hydra_session(Path(args.config_dir or config_dir)):
         loader = GlobalHydra.instance().config_loader()
@@ -163,8 +151,7 @@ def plan(argv: list[str], config_dir: str | Path, out=sys.stdout) -> int:
 
 
 def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, DirPlan]:
-    """Each job composed (as the launcher does: the sweep's Hydra overrides plus the job's, the sweep's
-    launcher and sweeper unchanged) and looked up in its sweep dir's index: the plan of each sweep dir."""
+    """Each job composed as the launcher does and looked up in its sweep dir's index."""
     plans: dict[str, DirPlan] = {}
     states: dict[str, SweepState] = {}
     seen: set[tuple[str, str]] = set()
@@ -174,7 +161,8 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
         sweep_dir = str(job_cfg.hydra.sweep.dir)
         training = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k != "hydra"])
         spec = validate(training)  # the job's own check: a value train.py refuses, the plan refuses
-        identity = run_identity(training)
+        resolved = OmegaConf.to_container(training, resolve=True)
+        identity = run_identity(resolved)
         if sweep_dir not in plans:
             plans[sweep_dir] = DirPlan(sweep_dir)
             states[sweep_dir] = SweepState(sweep_dir)
@@ -185,8 +173,7 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
             dir_plan.duplicates += 1
             continue
         seen.add((sweep_dir, identity))
-        # the job's own skip decision: a record that says done, in the index entry's dir or in the job's
-        # dir or its sibling, whatever the entry says
+        # the job's own skip decision
         statuses = done_statuses(spec.pruning.name != "none")
         job_dir = Path(sweep_dir, str(job_cfg.hydra.sweep.subdir)).absolute()
         done = state.done_record(identity, statuses, [job_dir, sibling_dir(job_dir, identity)])
@@ -197,13 +184,13 @@ def _plan_jobs(master: DictConfig, jobs: list[list[str]], loader) -> dict[str, D
             dir_plan.to_run += 1
             if entry and entry.get("dir") and (state.run_dir(entry) / CHECKPOINT).exists():
                 dir_plan.resume += 1
-            _estimate_job(dir_plan, job_cfg)
+            _estimate_job(dir_plan, resolved)
     return plans
 
 
-def _estimate_job(dir_plan: DirPlan, job_cfg: DictConfig) -> None:
-    size = run_size({k: _plain(OmegaConf.select(job_cfg, k, default=None)) for k in SIZE_KEYS}, flat=True)
-    epochs = OmegaConf.select(job_cfg, EPOCHS_KEY, default=None)
+def _estimate_job(dir_plan: DirPlan, config: dict) -> None:
+    size = run_size(config)
+    epochs = _lookup(config, EPOCHS_KEY)
     found = estimate(size, epochs if isinstance(epochs, int) else None, dir_plan.finished)
     if found is None:
         dir_plan.unknown += 1
@@ -212,12 +199,7 @@ def _estimate_job(dir_plan: DirPlan, job_cfg: DictConfig) -> None:
         dir_plan.basis.add(size)
 
 
-def _plain(value):
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 def _load_index(state: SweepState, dir_plan: DirPlan) -> None:
-    """Read the sweep dir's index once (without writing one when it is missing)."""
     entries = state.cached = state.known_entries()
     for entry in entries.values():
         if entry.get("status") not in (*DONE, Status.PRUNED, Status.FAILED) or not entry.get("dir"):
@@ -277,7 +259,6 @@ def _plan_other_sweeper(master: DictConfig, sweeper: str, out) -> int:
 
 
 def main(argv: list[str] | None = None, *, config_dir: str | Path) -> int:
-    """bench/plan.py: the plan, or one line on stderr and status 2 for a config or user error."""
     try:
         return plan(sys.argv[1:] if argv is None else argv, config_dir=config_dir)
     except (HydraException, NormbenchError) as err:

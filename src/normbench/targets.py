@@ -1,7 +1,5 @@
-"""Which `_target_`s a config may instantiate: normbench's own models and datasets, torch.optim, torch.nn,
-and the config's `trusted_targets` (a user's models, datasets or optimizers: docs/extending.md). Every
-`instantiate` call passes this list to Hydra's execution whitelist.
-"""
+"""Which `_target_`s a config may instantiate (docs/extending.md): every `instantiate` call passes this list
+to Hydra's execution whitelist."""
 
 from __future__ import annotations
 
@@ -11,8 +9,7 @@ from omegaconf import DictConfig
 
 from normbench.errors import ConfigError
 
-# torch.nn: what a model builder may return (Hydra also checks the class of a callable result, and a module
-# is callable).
+# torch.nn: what a model builder returns (Hydra also checks the class of a callable result: a module).
 BUILTIN_TARGETS = ("normbench.models.*", "normbench.datasets.*", "torch.optim.*", "torch.nn.*")
 
 
@@ -25,7 +22,7 @@ def allowed_targets(cfg: DictConfig) -> tuple[str, ...]:
 
 
 def check_target(key: str, target_cfg, allowed: tuple[str, ...]) -> None:
-    """The `_target_` is allowed and importable (Hydra's own check; nothing is called)."""
+    """Hydra's own check; nothing is called."""
     target = target_cfg.get("_target_") if isinstance(target_cfg, DictConfig) else None
     if not isinstance(target, str) or not target:
         raise ConfigError(key, target, "must name a callable, e.g. my_models.build")

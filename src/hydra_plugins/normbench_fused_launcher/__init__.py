@@ -1,3 +1,1 @@
-"""hydra/launcher=fused: jobs that share an architecture train as one fused model.
-
-See normbench.fused_launch."""
+"""hydra/launcher=fused: jobs that share an architecture train as one fused model (normbench.fused_launch)."""

@@ -1,8 +1,6 @@
-"""hydra/launcher=fused: Hydra's basic launcher, except that the jobs it is given which may train as one
-fused model (``normbench.fused_launch.fuse_key``: same model and width, norm, activation, batch size,
-data, trainer settings) run in groups of at most ``hydra.launcher.max_fuse`` as one fused model in this
-process, each job still a whole run (``normbench.fused_launch.run_group``). Jobs that cannot fuse run
-one at a time as the basic launcher runs them; the sweep says once which and why."""
+"""hydra/launcher=fused: Hydra's basic launcher, except that jobs which may train as one fused model
+(same ``normbench.fused_launch.fuse_key``) run in groups of at most ``max_fuse`` in this process, each
+still a whole run. Jobs that cannot fuse run one at a time; the sweep says once which and why."""
 
 from __future__ import annotations
 
@@ -31,23 +29,14 @@ class FusedLauncherConf:
     max_fuse: int = 8
 
 
-ConfigStore.instance().store(
-    group="hydra/launcher", name="fused", node=FusedLauncherConf, provider="normbench"
-)
-
-
-def _task_config(config: DictConfig) -> DictConfig:
-    """A job's config without its `hydra` node (what the task function receives)."""
-    return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLauncherConf,
+                             provider="normbench")
 
 
 class FusedLauncher(Launcher):
     def __init__(self, max_fuse: int = 8) -> None:
         super().__init__()
         self.max_fuse = max_fuse
-        self.config: DictConfig | None = None
-        self.task_function: TaskFunction | None = None
-        self.hydra_context: HydraContext | None = None
         self.unfused_said = False
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -69,7 +58,7 @@ class FusedLauncher(Launcher):
         try:
             for config in configs:
                 HydraConfig.instance().set_config(config)  # for the interpolations that read it
-                task = _task_config(config)
+                task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])  # the task's
                 reason = unfusable_job_reason(task)
                 reasons.update([reason] if reason else [])
                 keys.append(None if reason or self.max_fuse == 1 else fuse_key(task))
@@ -78,11 +67,8 @@ class FusedLauncher(Launcher):
             HydraConfig.instance().cfg = before
         if reasons and not self.unfused_said:
             said = ", ".join(f"{reason} ({count})" for reason, count in reasons.items())
-            print(
-                f"normbench: hydra/launcher=fused: {sum(reasons.values())} job(s) run unfused, no fused code "
-                f"for: {said}",
-                flush=True,
-            )
+            print(f"normbench: hydra/launcher=fused: {sum(reasons.values())} job(s) run unfused, no fused "
+                  f"code for: {said}", flush=True)
             self.unfused_said = True
         return plan_groups(keys, identities, self.max_fuse)
 
@@ -90,39 +76,26 @@ class FusedLauncher(Launcher):
         from normbench.fused_launch import run_group
 
         setup_globals()
-        whitelist = self.hydra_context.execution_whitelist
-        configure_log(
-            self.config.hydra.hydra_logging, self.config.hydra.verbose, execution_whitelist=whitelist
-        )
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        configs = [
-            self._job_config(overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)
-        ]
+        hydra_cfg = self.config.hydra
+        reset_log = partial(configure_log, hydra_cfg.hydra_logging, hydra_cfg.verbose,
+                            execution_whitelist=self.hydra_context.execution_whitelist)
+        reset_log()
+        Path(str(hydra_cfg.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        configs = [self._job_config(over, initial_job_idx + i) for i, over in enumerate(job_overrides)]
         groups = self._plan(configs)
-        log.info(
-            f"Launching {len(configs)} jobs locally, in {len(groups)} group(s) of at most {self.max_fuse}"
-        )
+        log.info(f"Launching {len(configs)} jobs locally, in {len(groups)} group(s) of at most "
+                 f"{self.max_fuse}")
         returns: list = [None] * len(configs)
         for group in groups:
             for i in group:
                 log.info(f"\t#{initial_job_idx + i} : {' '.join(filter_overrides(job_overrides[i]))}")
-            jobs = [
-                partial(
-                    run_job,
-                    hydra_context=self.hydra_context,
-                    task_function=self.task_function,
-                    config=configs[i],
-                    job_dir_key="hydra.sweep.dir",
-                    job_subdir_key="hydra.sweep.subdir",
-                )
-                for i in group
-            ]
+            jobs = [partial(run_job, hydra_context=self.hydra_context, task_function=self.task_function,
+                            config=configs[i], job_dir_key="hydra.sweep.dir",
+                            job_subdir_key="hydra.sweep.subdir") for i in group]
             outcomes = [jobs[0]()] if len(jobs) == 1 else run_group(jobs)
             for i, outcome in zip(group, outcomes):
                 if isinstance(outcome, BaseException):  # as the basic launcher, whose job would raise it
                     raise outcome
                 returns[i] = outcome
-            configure_log(
-                self.config.hydra.hydra_logging, self.config.hydra.verbose, execution_whitelist=whitelist
-            )
+            reset_log()
         return returns

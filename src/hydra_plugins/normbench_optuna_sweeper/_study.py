@@ -43,7 +43,6 @@ OWNER_ATTR = "normbench:owner"              # trial system attr: the sweeper pro
 
 
 def quote_override(value: str) -> str:
-    """A string as a quoted Hydra override value."""
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
@@ -51,15 +50,10 @@ def study_lock_name(study_name: str) -> str:
     return f"normbench:study:{study_name}"
 
 
-def default_storage_url(sweep_dir: str | Path) -> str:
-    """The embedded SQLite study next to the sweep's runs: <sweep dir>/optuna.db (dir created)."""
+def default_storage_url(sweep_dir: str | Path) -> str:  # <sweep dir>/optuna.db, beside the runs
     path = Path(sweep_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'optuna.db'}"
-
-
-# --------------------------------------------------------------------------------------------------
-# The storage-wide lock
 
 
 def _lock_key(name: str) -> int:
@@ -92,10 +86,9 @@ def _database_lock(url: str, name: str, connect_timeout: int) -> Iterator[None]:
 
 
 def storage_lock(url: str, name: str, connect_timeout: int = 10) -> contextlib.AbstractContextManager:
-    """A lock shared by every process that uses this storage, held while a worker counts the study's
-    trials and asks for new ones (so that n_trials is a study-wide total with no race), and while the
-    schema is created. PostgreSQL: an advisory lock; MySQL: GET_LOCK; SQLite: a filelock (flock) on
-    <db>.lock, which the kernel releases when its holder dies; none for an in-memory database."""
+    """A lock shared by every process of this storage, held while a worker counts the study's trials and
+    asks for new ones (n_trials is a study-wide total with no race) and while the schema is created.
+    SQLite: a flock on <db>.lock (released by the kernel when its holder dies)."""
     kind = backend(url)
     if kind in ("postgresql", "mysql"):
         return _database_lock(url, name, connect_timeout)
@@ -106,13 +99,9 @@ def storage_lock(url: str, name: str, connect_timeout: int = 10) -> contextlib.A
     return FileLock(db + ".lock")
 
 
-# --------------------------------------------------------------------------------------------------
-# The study-wide trial budget
-
-
 def counts_toward_total(trial) -> bool:
-    """Whether a trial uses up one of the study's n_trials: all but the FAIL trials the sweeper did not
-    decide (of a killed or interrupted sweeper: failed, and re-queued as a WAITING copy that counts)."""
+    """All but the FAIL trials the sweeper did not decide (those of a killed or interrupted sweeper are
+    re-queued as a WAITING copy that counts)."""
     return trial.state != TrialState.FAIL or bool(trial.system_attrs.get(COUNTED_FAILURE_ATTR))
 
 
@@ -121,28 +110,17 @@ def trials_used(study) -> int:
 
 
 def trials_to_ask(study, target: int) -> int:
-    """How many trials a worker may ask for now: what is missing to reach `target`, plus the WAITING
-    trials (enqueued, or re-queued after an interruption), which count already but still have to run."""
-    trials = study.get_trials(deepcopy=False)
-    used = sum(counts_toward_total(t) for t in trials)
-    return max(0, target - used) + sum(t.state == TrialState.WAITING for t in trials)
+    """What is missing to reach `target`, plus the WAITING trials (counted, yet to run)."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return max(0, target - trials_used(study)) + len(waiting)
 
 
-# --------------------------------------------------------------------------------------------------
-# Outcomes
-
-
-class JobExited(RuntimeError):
-    """A job called sys.exit with a non-zero status (normbench's entry point does so on user errors)."""
-
-    def __init__(self, message: str, cause: BaseException | None = None):
-        super().__init__(message)
-        self.cause = cause
+class JobExited(RuntimeError):  # a job's sys.exit(n != 0): normbench's entry point's on user errors
+    pass
 
 
 class TrialTask:
-    """The task function as the launcher runs it: a job's sys.exit(n) becomes an ordinary failure, so
-    that one bad trial is recorded as failed instead of ending the whole sweep."""
+    """The task function whose sys.exit(n) is an ordinary failure: one bad trial does not end the sweep."""
 
     def __init__(self, task_function: TaskFunction):
         self.task_function = task_function
@@ -155,12 +133,11 @@ class TrialTask:
                 raise
             cause = exc.__context__  # normbench's entry point exits 2 while handling a NormbenchError
             reason = one_line(cause) if cause is not None else "no message"
-            raise JobExited(f"the job exited with status {exc.code} ({reason})", cause) from None
+            raise JobExited(f"the job exited with status {exc.code} ({reason})") from None
 
 
 @dataclass
-class Outcome:
-    """What a finished job means for its trial."""
+class Outcome:  # what a finished job means for its trial
     status: str                 # a normbench.record.Status but running
     value: float | Sequence[float] | None  # the job's objective value(s); None when it raised
     error: str | None = None
@@ -175,8 +152,7 @@ class Outcome:
 
 def failure_values(directions: Sequence[str], objectives: Sequence[str] | None,
                    explicit: float | Sequence[float] | None) -> list[float]:
-    """The values a failed or diverged trial is told under `failure: worst`, one per objective:
-    `explicit` (hydra.sweeper.worst_value: one number for all, or one each) as it is, else each
+    """Under `failure: worst`: hydra.sweeper.worst_value (one for all, or one each) as it is, else each
     objective's worst possible value (+-inf where unbounded: Optuna's samplers rank those last)."""
     n = len(directions)
     if explicit is not None:
@@ -188,8 +164,7 @@ def failure_values(directions: Sequence[str], objectives: Sequence[str] | None,
 
 
 def returned_values(returned: Any, n: int) -> list[float] | str:
-    """A job's return value as one float for each of `n` objectives (upstream's rules and messages), or
-    what is wrong with it."""
+    """One float per objective (upstream's rules and messages), or what is wrong with the return value."""
     try:
         values = [float(returned)] if n == 1 else [float(v) for v in returned]
     except (TypeError, ValueError):
@@ -201,23 +176,18 @@ def returned_values(returned: Any, n: int) -> list[float] | str:
     return values
 
 
-def is_failure(trial) -> bool:
-    """Whether a finished trial stands for a run that failed or diverged (told as the worst value)."""
+def is_failure(trial) -> bool:  # a run that failed or diverged, told as the worst value
     return trial.user_attrs.get(STATUS_ATTR) in (Status.DIVERGED, Status.FAILED)
 
 
 def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst",
                  worst_value: float | Sequence[float] = 1.0):
-    """Record a job's outcome in its trial.
-
-    completed -> COMPLETE(values); pruned -> PRUNED (Optuna keeps the last reported value);
-    diverged or failed -> strategy "worst": COMPLETE(worst_value, one per objective), so the sampler
-    sees these parameters as the worst ones; strategy "fail": FAIL, which Optuna's samplers ignore."""
+    """completed -> COMPLETE(values); pruned -> PRUNED; diverged or failed -> "worst": COMPLETE(worst_value)
+    (the sampler learns to avoid them), "fail": FAIL (the samplers ignore it)."""
     if strategy not in FAILURE_STRATEGIES:
         raise ValueError(f"failure strategy must be one of {FAILURE_STRATEGIES}, got {strategy!r}")
     attrs = {STATUS_ATTR: str(outcome.status), "error": (outcome.error or "")[:500],
-             "run_dir": outcome.run_dir,
-             **outcome.attrs}
+             "run_dir": outcome.run_dir, **outcome.attrs}
     for key, value in attrs.items():
         if value is not None and value != "":
             study._storage.set_trial_user_attr(trial._trial_id, key, value)
@@ -236,16 +206,11 @@ def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst",
 
 
 def requeue(study, trial, max_retry: int | None) -> None:
-    """A trial of an interrupted or dead sweeper: FAIL (not counted) and a WAITING copy with the same
-    parameters (at most max_retry times), which the next sweeper picks up first."""
+    """FAIL (not counted) and a WAITING copy (at most max_retry times) that the next sweeper runs first."""
     with quiet_optuna():
         retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
     retry(study, study._storage.get_trial(trial._trial_id))
-
-
-# --------------------------------------------------------------------------------------------------
-# Heartbeats
 
 
 class Heartbeat:
@@ -256,13 +221,11 @@ class Heartbeat:
         self.trial_ids: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
         if interval:
-            self._thread = threading.Thread(target=self._run, name="optuna-heartbeat", daemon=True)
             self._thread.start()
 
-    def add(self, trial_id: int) -> None:
-        """Beat now, then every interval until discarded."""
+    def add(self, trial_id: int) -> None:  # beat now, then every interval until discarded
         if self.interval:
             self.storage.record_heartbeat(trial_id)
         with self._lock:
@@ -284,21 +247,15 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread.is_alive():
             self._thread.join(timeout=5)
 
 
-# --------------------------------------------------------------------------------------------------
-# Trials whose sweeper died on this host
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc): a pid reused later differs."""
+def _process_start(pid: int) -> str | None:  # in clock ticks since boot: a pid reused later differs
     return next(iter(process_stat(pid)[19:20]), None)
 
 
-def mark_owner(storage, trial_id: int) -> None:
-    """Which process runs this trial, so that its successor on the same host can tell it died."""
+def mark_owner(storage, trial_id: int) -> None:  # so that a successor on this host can tell it died
     pid = os.getpid()
     storage.set_trial_system_attr(trial_id, OWNER_ATTR,
                                   {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)})
@@ -323,8 +280,7 @@ def _owner_is_gone(owner) -> bool:
 
 
 def requeue_dead_local_trials(study, max_retry: int | None) -> None:
-    """RUNNING trials whose sweeper process on this host is gone (killed, then restarted at once):
-    failed (not counted) and re-queued now, not after the heartbeat's grace period."""
+    """The RUNNING trials of a dead sweeper of this host, re-queued now (not after the grace period)."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(OWNER_ATTR)
         if not _owner_is_gone(owner):
@@ -338,14 +294,9 @@ def requeue_dead_local_trials(study, max_retry: int | None) -> None:
                     owner.get("pid"))
 
 
-# --------------------------------------------------------------------------------------------------
-# Results
-
-
 def best_results(study, trials: list) -> dict | None:
-    """optimization_results.yaml's content, as upstream (best_params / best_value, or the Pareto front
-    as `solutions`), from the trials whose runs completed: a failure told as the worst value is never
-    the best. None when no trial completed."""
+    """optimization_results.yaml's content as upstream's, from the trials whose runs completed (a
+    failure told as the worst value is never the best); None when none did."""
     real = [t for t in trials if t.state == TrialState.COMPLETE and not is_failure(t)]
     if not real:
         return None

@@ -1,7 +1,5 @@
-"""The built-in datasets, the `_target_`s of conf/data/*.yaml: they follow the protocol a user's dataset
-follows (normbench.data; docs/extending.md). Files are read with torchvision's own dataset classes
-(and downloaded by them); what was decoded is cached as one tensor file (normbench.datasets.cache).
-"""
+"""The built-in datasets (conf/data/*.yaml): they follow the protocol a user's dataset follows
+(docs/extending.md), read with torchvision's own classes; what was decoded is cached (datasets.cache)."""
 
 from normbench.datasets.cifar import cifar10, cifar100
 from normbench.datasets.generated import make_synthetic, synthetic

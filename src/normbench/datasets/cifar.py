@@ -16,14 +16,12 @@ from normbench.errors import DataNotFoundError
 
 
 def cifar10(root: str = "./data", download: bool = True, **_) -> Tensors:
-    """CIFAR-10 from ``<root>/cifar-10-batches-py/`` (downloaded there when missing and allowed)."""
     from torchvision.datasets import CIFAR10
 
     return _torchvision_cifar(CIFAR10, "CIFAR-10", root, download)
 
 
 def cifar100(root: str = "./data", download: bool = True, **_) -> Tensors:
-    """CIFAR-100 (fine labels) from ``<root>/cifar-100-python/``."""
     from torchvision.datasets import CIFAR100
 
     return _torchvision_cifar(CIFAR100, "CIFAR-100", root, download)
@@ -47,9 +45,8 @@ def _torchvision_cifar(cls, label: str, root, download: bool) -> Tensors:
         if missing:
             raise DataNotFoundError(
                 f"{label} not found in data.root={root_abs} ({base}/{missing[0]} is missing) and "
-                "data.download=false: rerun with data.download=true on a machine with network access, or "
-                f"{fill}"
-            )
+                f"data.download=false: rerun with data.download=true on a machine with network access, or "
+                f"{fill}")
     else:
         try:
             with download_guard(root_abs):  # checked under the lock: another job may be extracting
@@ -58,8 +55,7 @@ def _torchvision_cifar(cls, label: str, root, download: bool) -> Tensors:
         except (urllib.error.URLError, OSError, RuntimeError, tarfile.TarError, EOFError) as err:
             raise DataNotFoundError(
                 f"{label} not found in data.root={root_abs} and it could not be downloaded ({short(err)}): "
-                f"run on a machine with network access with data.download=true, or {fill}"
-            ) from err
+                f"run on a machine with network access with data.download=true, or {fill}") from err
     sources = [os.path.join(folder, f) for f in _files(cls)]
 
     def decode() -> Tensors:
@@ -69,8 +65,7 @@ def _torchvision_cifar(cls, label: str, root, download: bool) -> Tensors:
         except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
             raise DataNotFoundError(
                 f"{label} in data.root={root_abs} is corrupted or incomplete ({short(err)}): delete {folder} "
-                f"and rerun with data.download=true, or copy a good {base}/ there; {OFFLINE_HINT}"
-            ) from err
+                f"and rerun with data.download=true, or copy a good {base}/ there; {OFFLINE_HINT}") from err
         return (*_to_tensors(train), *_to_tensors(test))
 
     return cached(cls.__name__.lower(), folder, sources, {}, decode)

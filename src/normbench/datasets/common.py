@@ -1,4 +1,4 @@
-"""What the built-in datasets share: the download guard, error text, and the grayscale channel option."""
+"""What the built-in datasets share: the download guard, error text, the grayscale channel option."""
 
 from __future__ import annotations
 
@@ -36,24 +36,18 @@ def download_guard(root: str):
     drops packets cannot hang a job."""
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
-    lock = None
     try:
-        try:
-            os.makedirs(root, exist_ok=True)
-            lock = FileLock(os.path.join(root, ".normbench-download.lock"))
-            lock.acquire()
-        except OSError:  # read-only: no lock (a download there fails on its own)
-            lock = None
-        yield
+        with contextlib.ExitStack() as stack:
+            with contextlib.suppress(OSError):  # read-only: no lock (a download there fails on its own)
+                os.makedirs(root, exist_ok=True)
+                stack.enter_context(FileLock(os.path.join(root, ".normbench-download.lock")))
+            yield
     finally:
-        if lock is not None:
-            lock.release()
         socket.setdefaulttimeout(old_timeout)
 
 
 def with_channels(tensors: Tensors, channels, native: int) -> Tensors:
-    """A grayscale dataset (``native`` = 1) as 1 channel, or as 3 equal channels with ``data.channels=3``
-    (for models and code that expect RGB); an RGB dataset only as itself."""
+    """A grayscale dataset as 1 channel, or as 3 equal ones (for models that expect RGB)."""
     allowed = (1, 3) if native == 1 else (native,)
     if isinstance(channels, bool) or channels not in allowed:
         raise ConfigError("data.channels", channels,

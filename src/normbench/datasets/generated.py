@@ -19,8 +19,6 @@ def _integer(key: str, value, lo: int, hi: int | None = None) -> int:
 
 def synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: int = 10, image_size: int = 32,
               channels: int = 3, generator_seed: int = 0, noise: float = 0.25, **_) -> Tensors:
-    """CIFAR-shaped images of smooth class templates (see make_synthetic): the first `num_train` are
-    the training split, the next `num_test` the test split."""
     num_train = _integer("data.num_train", num_train, 2)
     num_test = _integer("data.num_test", num_test, 1)
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < 10:
@@ -35,14 +33,9 @@ def synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: int = 1
 
 def make_synthetic(n: int, *, num_classes: int = 10, image_size: int = 32, channels: int = 3, seed: int = 0,
                    noise: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (n, channels, S, S) and balanced int64 labels, fully determined by ``seed``.
-
-    Each class has a smooth random template (a 4x4 grid of random values per channel, bilinearly
-    upsampled); a sample is its class template shifted by up to S/8 pixels on each axis, times a random
-    contrast in [0.7, 1.3], plus Gaussian pixel noise of std ``noise`` (in units of the full 0..255 range).
-    A small CNN separates the classes within a few dozen SGD steps. Generated on the CPU (same bytes on
-    every machine).
-    """
+    """uint8 images and balanced labels, determined by ``seed`` (generated on the CPU: same bytes on every
+    machine). A sample is its class's smooth random template shifted by up to S/8 pixels, times a random
+    contrast, plus Gaussian noise: a small CNN separates the classes within a few dozen SGD steps."""
     g = torch.Generator().manual_seed(int(seed))
     s = int(image_size)
     m = max(1, s // 8)

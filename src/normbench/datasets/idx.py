@@ -1,14 +1,6 @@
-"""MNIST and Fashion-MNIST (28x28 grayscale, 60k train / 10k test) through torchvision's own classes and
-download path, plus the flat layout of Debian's ``dataset-fashion-mnist`` package.
-
-Where the four idx files are looked up, in this order (``.gz`` or not):
-
-1. ``<root>/MNIST/raw/`` or ``<root>/FashionMNIST/raw/`` -- torchvision's layout (where it downloads);
-2. ``<root>/`` itself -- the files directly in the folder, e.g.
-   ``data.root=/usr/share/datasets/fashion-mnist``;
-3. Fashion-MNIST only: ``/usr/share/datasets/fashion-mnist/``, where Debian's package installs them.
-
-If none has them, torchvision downloads them into (1) when ``data.download`` is true.
+"""MNIST and Fashion-MNIST through torchvision's own classes and download path. The four idx files (``.gz``
+or not) are looked up in torchvision's layout (``<root>/MNIST/raw/``, where it downloads), then in
+``<root>`` itself, then for Fashion-MNIST where Debian's ``dataset-fashion-mnist`` installs them.
 """
 
 from __future__ import annotations
@@ -20,16 +12,8 @@ import urllib.error
 import numpy as np
 import torch
 
+from normbench.datasets import common
 from normbench.datasets.cache import cached
-from normbench.datasets.common import (
-    OFFLINE_HINT,
-    SYNTHETIC_HINT,
-    Tensors,
-    absolute,
-    download_guard,
-    short,
-    with_channels,
-)
 from normbench.errors import DataNotFoundError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -38,37 +22,27 @@ FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3
 IDX_UINT8 = 0x08  # the idx type code of unsigned bytes
 
 
-def mnist(root: str = "./data", download: bool = True, channels: int = 1, **_) -> Tensors:
-    """MNIST digits from ``<root>/MNIST/raw/`` (or the four idx files directly in ``root``)."""
+def mnist(root: str = "./data", download: bool = True, channels: int = 1, **_) -> common.Tensors:
     from torchvision.datasets import MNIST
 
-    return with_channels(_mnist_like(MNIST, "MNIST", root, download, extra_dirs=()), channels, 1)
+    return common.with_channels(_mnist_like(MNIST, "MNIST", root, download, extra_dirs=()), channels, 1)
 
 
-def fashion_mnist(root: str = "./data", download: bool = True, channels: int = 1, **_) -> Tensors:
-    """Fashion-MNIST from ``<root>/FashionMNIST/raw/``, the four files in ``root``, or Debian's
-    package dir."""
+def fashion_mnist(root: str = "./data", download: bool = True, channels: int = 1, **_) -> common.Tensors:
     from torchvision.datasets import FashionMNIST
 
     tensors = _mnist_like(FashionMNIST, "Fashion-MNIST", root, download, extra_dirs=(DEBIAN_FASHION_MNIST,),
                           apt_hint="apt-get install dataset-fashion-mnist (Debian), ")
-    return with_channels(tensors, channels, 1)
+    return common.with_channels(tensors, channels, 1)
 
 
 def find_idx_files(folder: str) -> list[str] | None:
-    """The four idx files in ``folder`` (each plain or gzipped), or None if any is missing."""
-    found = []
-    for name in FILES:
-        path = next((os.path.join(folder, name + ext) for ext in ("", ".gz")
-                     if os.path.isfile(os.path.join(folder, name + ext))), None)
-        if path is None:
-            return None
-        found.append(path)
-    return found
+    found = [next(filter(os.path.isfile, (os.path.join(folder, name + ext) for ext in ("", ".gz"))), None)
+             for name in FILES]
+    return None if None in found else found
 
 
 def read_idx(path: str) -> torch.Tensor:
-    """An idx file of unsigned bytes (the MNIST format, plain or gzipped) as a uint8 tensor of its shape."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as fh:
         data = fh.read()
@@ -84,24 +58,25 @@ def read_idx(path: str) -> torch.Tensor:
 
 
 def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ...],
-                apt_hint: str = "") -> Tensors:
-    root_abs = absolute(root)
+                apt_hint: str = "") -> common.Tensors:
+    root_abs = common.absolute(root)
     tv_dir = os.path.join(root_abs, cls.__name__, "raw")
     candidates = (tv_dir, root_abs, *extra_dirs)
     looked = ", ".join(candidates)
-    offline = SYNTHETIC_HINT if apt_hint else OFFLINE_HINT  # Fashion-MNIST itself is the offline route
+    # Fashion-MNIST itself is the offline route
+    offline = common.SYNTHETIC_HINT if apt_hint else common.OFFLINE_HINT
     fill = f"{apt_hint}copy the four files ({FILES[0]}[.gz], ...) into {root_abs} or {tv_dir}; {offline}"
     files = next(filter(None, map(find_idx_files, candidates)), None)
     if files is None and download:
         try:
-            with download_guard(root_abs):  # checked under the lock: another job may be extracting
+            with common.download_guard(root_abs):  # checked under the lock: another job may be extracting
                 if find_idx_files(tv_dir) is None:
                     cls(root_abs, train=True, download=True)  # torchvision's mirrors, md5-checked
         except (urllib.error.URLError, OSError, RuntimeError, EOFError) as err:
             raise DataNotFoundError(
                 f"{label} not found in data.root={root_abs} (looked in {looked}) and it could not be "
-                f"downloaded ({short(err)}): rerun with data.download=true on a machine with network access, "
-                f"or {fill}") from err
+                f"downloaded ({common.short(err)}): rerun with data.download=true on a machine with network "
+                f"access, or {fill}") from err
         files = find_idx_files(tv_dir)
     if files is None:
         raise DataNotFoundError(
@@ -109,7 +84,7 @@ def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ..
             f"with data.download=true on a machine with network access, or {fill}")
     folder = os.path.dirname(files[0])
 
-    def decode() -> Tensors:
+    def decode() -> common.Tensors:
         try:
             train_x, train_y, test_x, test_y = (read_idx(f) for f in files)
             for images, labels in ((train_x, train_y), (test_x, test_y)):
@@ -118,8 +93,8 @@ def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ..
                                      f"{tuple(labels.shape)} do not match")
         except (OSError, EOFError, ValueError, gzip.BadGzipFile) as err:
             raise DataNotFoundError(
-                f"{label} in {folder} is corrupted or incomplete ({short(err)}): delete the files there and "
-                f"rerun with data.download=true, or {fill}") from err
+                f"{label} in {folder} is corrupted or incomplete ({common.short(err)}): delete the files "
+                f"there and rerun with data.download=true, or {fill}") from err
         return train_x[:, None], train_y.long(), test_x[:, None], test_y.long()
 
     return cached(cls.__name__.lower(), folder, files, {}, decode)

@@ -1,13 +1,5 @@
-"""`data=imagefolder`: your own images in torchvision's ImageFolder layout,
-
-    <root>/train/<class>/<any name>.<png|jpg|...>
-    <root>/test/<class>/<any name>.<png|jpg|...>
-
-any file PIL can read, converted to ``data.channels`` (1: grayscale, 3: RGB) and resized to
-``data.image_size`` x ``data.image_size`` (bilinear, antialiased), decoded once and then cached. The
-classes are the sub-folder names of ``train/``, in sorted order (torchvision's ``class_to_idx``); ``test/``
-must have the same ones.
-"""
+"""`data=imagefolder`: your own images in torchvision's ImageFolder layout (docs/data.md), converted to
+``data.channels``, resized to ``data.image_size`` (bilinear, antialiased), decoded once and cached."""
 
 from __future__ import annotations
 
@@ -78,8 +70,7 @@ def _decode_all(samples, channels: int, size: int) -> torch.Tensor:
 
 
 def _decode(path: str, channels: int, size: int) -> np.ndarray:
-    """One image as uint8 (size, size, channels); a file PIL cannot decode, or one over PIL's
-    decompression-bomb limit (Image.MAX_IMAGE_PIXELS, refused before it is decoded), is one line naming it."""
+    """A file PIL cannot decode, or one over its decompression-bomb limit, is one line naming it."""
     from PIL import Image
 
     try:

@@ -1,7 +1,4 @@
-"""SVHN (32x32 RGB house-number digits; 73,257 train / 26,032 test, 531,131 extra) through torchvision's
-own SVHN class (md5-checked ``.mat`` files read with scipy, torchvision's download path): the files
-``train_32x32.mat``, ``test_32x32.mat`` and, with ``data.extra=true``, ``extra_32x32.mat`` directly in
-``data.root``. Labels are 0-9 (torchvision maps SVHN's 10 to 0)."""
+"""SVHN through torchvision's own class (md5-checked ``.mat`` files directly in ``data.root``; labels 0-9)."""
 
 from __future__ import annotations
 
@@ -17,7 +14,6 @@ from normbench.errors import DataNotFoundError
 
 
 def svhn(root: str = "./data", download: bool = True, extra: bool = False, **_) -> Tensors:
-    """SVHN's train split (plus ``extra`` when asked) and test split."""
     from torchvision.datasets import SVHN
 
     root_abs = absolute(root)

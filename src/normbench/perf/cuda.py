@@ -1,5 +1,4 @@
-"""Section ``cuda`` (CUDA only): epoch time, achieved TFLOP/s against the device's peak, runs/hour with 1,
-2 and 4 concurrent jobs on the GPU (channels_last per norm is section ``layout``)."""
+"""Section ``cuda``: epoch time, achieved TFLOP/s against the device's peak, runs/hour of concurrent jobs."""
 
 from __future__ import annotations
 
@@ -57,8 +56,7 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 def epoch_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: str, batch: int,
               warmup_steps: int) -> dict:
-    """One CIFAR-sized epoch (`s.cuda_epoch_images`, 90 % train) + validation of `model` (norm=bn) at
-    `batch`, its TFLOP/s and its peak device memory beyond the data set's."""
+    """One epoch + validation of `model` (norm=bn): its TFLOP/s and peak device memory beyond the data's."""
     _reset_peak_memory(device)
     run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model, s.width),
                                                        f"batch_size={batch}", "trainer.epochs=1",
@@ -83,7 +81,6 @@ def epoch_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: st
 
 
 def _concurrency_level(job: list[str], k: int, workdir: Path) -> dict:
-    """k jobs launched together (one wave): runs/hour = k / wall, and their summed training images/s."""
     dirs = [workdir / f"concurrent-{k}-{i}" for i in range(k)]
     start = time.time()
     procs = [subprocess.Popen([*job, f"seed={i}", f"hydra.run.dir={d}"], cwd=workdir, env=child_env(),
@@ -101,8 +98,7 @@ def _concurrency_level(job: list[str], k: int, workdir: Path) -> dict:
 
 def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Path,
                  levels_run=CONCURRENCY_LEVELS) -> dict:
-    """(b) runs/hour with 1, 2, 4 concurrent bench/train.py jobs on this GPU (batch 8, full-width vgg_a),
-    plus their summed steady-state training images/s, which is what decides runs/hour for long runs."""
+    """Runs/hour of concurrent jobs and their summed training images/s (what decides long runs)."""
     steps = s.cuda_concurrency_steps
     job = [sys.executable, str(train), "data=synthetic", f"data.num_train={steps * 8 + 1008}",
            "data.val_size=1000", "model=vgg_a", "batch_size=8", "trainer.epochs=1",

@@ -1,5 +1,4 @@
-"""The command line behind ``bench/gpu_check.py``: pick the device, run the checks of
-``normbench.perf.gpu`` under one deadline, write ``gpu_check.json`` and print one table."""
+"""bench/gpu_check.py: the checks of ``normbench.perf.gpu`` under one deadline, gpu_check.json, one table."""
 
 from __future__ import annotations
 
@@ -89,18 +88,16 @@ def main(argv: list[str] | None = None, *, train_script: Path | None = None,
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
         _parser().error(f"unknown check(s) {unknown}; choose from {tuple(CHECKS)}")
-    out = Path(args.out)
-    work = out / "work"
+    work = args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     paths = PerfPaths(train_script=train_script, conf_dir=conf_dir)
     if args.budget is not None:
         settings = replace(settings, budget_s=args.budget)
     results = run_checks(settings, paths, device, work, names,
                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    results["machine"] = machine_info(device)
-    results["dry_run"] = bool(args.cpu_dry_run)
+    results.update(machine=machine_info(device), dry_run=bool(args.cpu_dry_run))
     results["verdicts"] = verdicts(results)
-    path = write(results, out)
+    path = write(results, args.out)
     print_table(results)
     print(f"written: {path}")
     return 0

@@ -1,7 +1,5 @@
-"""Section ``loop``: steady-state training images/s of ``Trainer.train_steps`` (the real loop) against a
-minimal hand-written loop on identical model copies, batches, device and data (docs/PERFORMANCE.md); the
-data pipeline's own time per batch against the step time; the loop's own cost per step on a near-free model.
-"""
+"""Section ``loop`` (docs/PERFORMANCE.md): ``Trainer.train_steps`` against a minimal hand-written loop on
+identical model copies and data; the data pipeline's own time; the loop's own cost per step."""
 
 from __future__ import annotations
 
@@ -38,7 +36,6 @@ WHAT = ("Trainer.train_steps (RecordSink, constant scheduler, accuracy, logging 
 
 
 def _raw_loop(model, stream, steps: int, device: torch.device, amp, compile_: bool) -> Callable[[], int]:
-    """The hand-written reference loop: `steps` steps per call, returning the images trained on."""
     forward = compile_model(model) if compile_ else model
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, **fast_optimizer_kwargs(torch.optim.SGD, params))
@@ -57,14 +54,12 @@ def _raw_loop(model, stream, steps: int, device: torch.device, amp, compile_: bo
     return run
 
 
-def _data_only(stream, steps: int) -> Callable[[], int]:
-    """Draw 4 x `steps` batches from the pipeline alone."""
+def _data_only(stream, steps: int) -> Callable[[], int]:  # 4 x `steps` batches of the pipeline alone
     return lambda: sum(y.shape[0] for _ in range(4) for _x, y in itertools.islice(stream, steps))
 
 
 def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
                 batch: int, steps: int) -> tuple[dict, dict]:
-    """The three timed candidates (normbench, raw, data) of one configuration, and its settings."""
     run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model_name, s.width),
                                                        f"batch_size={batch}"],
                           num_train=max(batch * steps * 2, 512),
@@ -87,25 +82,23 @@ def _row(s: PerfSettings, device: torch.device, model_name: str, batch: int, ste
     nb_rates, raw_rates = rates(res["normbench"]), rates(res["raw"])
     nb, raw, dat = (statistics.median(rates(res[k])) for k in ("normbench", "raw", "data"))
     step_ms, data_ms = 1000 * batch / nb, 1000 * batch / dat
-    return {
-        "model": model_name, "batch": batch, "width": s.width, "steps_per_window": steps,
-        "rounds": len(res["raw"]), "precision": config["precision"],
-        "channels_last": config["channels_last"], "compile": s.compile,
-        "normbench_img_s": nb, "raw_img_s": raw, "ratio": paired_ratio(nb_rates, raw_rates),
-        "ratio_quartiles": quartiles([a / b for a, b in zip(nb_rates, raw_rates)]),
-        "best_ratio": max(nb_rates) / max(raw_rates),
-        "cpu_time_ratio": paired_ratio(rates(res["normbench"], cpu=True), rates(res["raw"], cpu=True))
-        if device.type == "cpu" else None,
-        "normbench_rounds_img_s": nb_rates, "raw_rounds_img_s": raw_rates,
-        "data_img_s": dat, "step_ms": step_ms, "data_ms_per_batch": data_ms, "data_share": data_ms / step_ms,
-        "extra_us_per_step": 1e6 * statistics.median((a.wall_s - b.wall_s) / steps
-                                                     for a, b in zip(res["normbench"], res["raw"])),
-    }
+    return {"model": model_name, "batch": batch, "width": s.width, "steps_per_window": steps,
+           "rounds": len(res["raw"]), "precision": config["precision"],
+           "channels_last": config["channels_last"], "compile": s.compile,
+           "normbench_img_s": nb, "raw_img_s": raw, "ratio": paired_ratio(nb_rates, raw_rates),
+           "ratio_quartiles": quartiles([a / b for a, b in zip(nb_rates, raw_rates)]),
+           "best_ratio": max(nb_rates) / max(raw_rates),
+           "cpu_time_ratio": paired_ratio(rates(res["normbench"], cpu=True), rates(res["raw"], cpu=True))
+           if device.type == "cpu" else None,
+           "normbench_rounds_img_s": nb_rates, "raw_rounds_img_s": raw_rates,
+           "data_img_s": dat, "step_ms": step_ms, "data_ms_per_batch": data_ms,
+           "data_share": data_ms / step_ms,
+           "extra_us_per_step": 1e6 * statistics.median((a.wall_s - b.wall_s) / steps
+                                                        for a, b in zip(res["normbench"], res["raw"]))}
 
 
 def loop_config(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
                 batch: int, *, steps: int | None = None, budget_s: float | None = None) -> dict:
-    """One (model, batch) row: normbench, raw and data-only alternated, `steps` steps per window."""
     steps = steps or int(s.steps.get(batch, max(3, 384 // batch)))
     candidates, config = _candidates(s, paths, device, workdir, model_name, batch, steps)
     res = alternate(candidates, s.rounds, budget_s=s.loop_budget_s if budget_s is None else budget_s)

@@ -26,7 +26,6 @@ BENCH = ["data=synthetic", "data.num_test=64", "optimizer=sgd", "scheduler=const
 
 def run_parts(s: PerfSettings, conf_dir: Path, device: torch.device, overrides: list[str], *,
               num_train: int, val: int = 64, sink=None) -> RunParts:
-    """A run's parts on `device` for the benchmark settings `s` plus `overrides` (later ones win)."""
     register_resolvers()
     with initialize_config_dir(config_dir=str(Path(conf_dir).absolute())):
         cfg = compose(config_name="config", overrides=[
@@ -40,8 +39,7 @@ def run_parts(s: PerfSettings, conf_dir: Path, device: torch.device, overrides: 
 
 
 def model_overrides(name: str, width: float, norm: str = "bn") -> list[str]:
-    """A built-in model (conf/model/<name>.yaml) at `width`, or `linear`: one linear layer (the loop's own
-    cost per step, measured where a real model's step time does not hide it)."""
+    """A built-in model at `width`, or `linear`: one linear layer (the loop's own cost per step)."""
     if name == "linear":
         return ["model=vgg_a", "model._target_=normbench.perf.parts.linear_model",
                 "trusted_targets=[normbench.perf.*]", f"norm={norm}"]
@@ -49,7 +47,6 @@ def model_overrides(name: str, width: float, norm: str = "bn") -> list[str]:
 
 
 def linear_model(*, num_classes: int, in_channels: int, image_size: int, **_) -> nn.Module:
-    """A near-free model, through the model protocol like any other."""
     return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_classes))
 
 

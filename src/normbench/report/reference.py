@@ -1,11 +1,8 @@
-"""The studies' reported numbers (studies.yaml beside this module), each with the settings it belongs to
-(study 000: VGG-A with and without BatchNorm on CIFAR-10; study 002: AlexNet with none/BN/LN/GN across
-batch sizes and lrs).
+"""The studies' reported numbers (studies.yaml beside this module), each with the settings it belongs to.
 
-A run matches a reference row when every setting of the row, and of its table's ``context``, equals
-the run's setting (group choices such as ``norm=bn``, plus ``batch_size``, ``dropout`` = model.dropout
-and ``lr`` = optimizer.lr). Keys a table does not name are free: the report shows them when they vary.
-Metric keys are the run record's; accuracies and errors are in percent here.
+A run matches a reference row when every setting of the row and of its table's ``context`` equals the
+run's (group choices such as ``norm=bn``, ``batch_size``, ``dropout`` = model.dropout, ``lr`` =
+optimizer.lr); other keys are free. Metric keys are the run record's; accuracies and errors in percent.
 """
 
 from __future__ import annotations
@@ -29,9 +26,7 @@ NORM_LABEL = {"none": "plain", "bn": "BN", "ln": "LN", "gn": "GN"}
 
 
 @dataclass(frozen=True)
-class RefRow:
-    """One reported number (or several for the same settings) of a study table."""
-
+class RefRow:  # one reported number (or several for the same settings) of a study table
     label: str
     settings: dict[str, Any]
     ref: dict[str, float]  # metric -> value in the study's units (see module doc)
@@ -39,9 +34,7 @@ class RefRow:
 
 
 @dataclass(frozen=True)
-class Contrast:
-    """A relative claim between two rows: metric(row) / metric(base) - 1, in percent."""
-
+class Contrast:  # a relative claim between two rows: metric(row) / metric(base) - 1, in percent
     metric: str
     row: str
     base: str
@@ -59,12 +52,9 @@ class StudyTable:
     primary: str = "test/err"  # the metric the study reports for the rows
     note: str = ""
     contrasts: tuple[Contrast, ...] = ()
-    # per norm: reported optimisation-mechanism numbers (study 000, section 9)
-    mechanism: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # where the study contradicts itself about these numbers (shown beside them in the report)
-    flags: tuple[str, ...] = ()
-    # the comparisons the study draws besides each row's `vs`: (row, base) label pairs
-    pairs: tuple[tuple[str, str], ...] = ()
+    mechanism: dict[str, dict[str, Any]] = field(default_factory=dict)  # per norm (study 000, section 9)
+    flags: tuple[str, ...] = ()  # where the study contradicts itself about these numbers
+    pairs: tuple[tuple[str, str], ...] = ()  # the study's comparisons besides each row's `vs`: (row, base)
 
     def row(self, label: str) -> RefRow:
         return {r.label: r for r in self.rows}[label]

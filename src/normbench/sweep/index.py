@@ -1,19 +1,15 @@
-"""Sweep bookkeeping under `<sweep dir>/.normbench/` (layout: docs/sweeps.md): the identity index
-(`index/<identity>.json`: {"identity", "dir" (relative to the sweep dir), "status", "objective",
-"time_s", "epochs_done", "updated_at"}), per-identity locks, finished curves and the journal.
+"""Sweep bookkeeping under `<sweep dir>/.normbench/` (layout: docs/sweeps.md): the identity index,
+per-identity locks, finished curves and the journal.
 
-The records are the truth, the index only a cache of them: an entry that is missing, unreadable or
-behind its record is rebuilt from the records (SweepState.recover), with a warning. Every file is written
-whole (temp file + rename), one per identity, so concurrent jobs never write the same file and a killed
-job never leaves a half file. Nothing here imports torch: the planning command uses it too.
+The records are the truth, the index only a cache of them (rebuilt from them with a warning). Every file
+is written whole (temp file + rename), one per identity, so concurrent jobs never write the same file and
+a killed job never leaves a half file. Nothing here imports torch: the planning command uses it too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock
@@ -36,14 +32,13 @@ SWEEP_ID_ENV = "NORMBENCH_SWEEP_ID"
 SKIPPED = "skipped"  # a journal outcome: the job found its run done and did not train
 OUTCOMES = (Status.COMPLETED, Status.DIVERGED, Status.FAILED, Status.PRUNED, SKIPPED)
 SHOWN_IF_ANY = (Status.INTERRUPTED,)  # in the summary line only when some job has it
+JSON_FILES = "[!.]*.json"  # not the temp files of a write in progress
 
 # Journal rows a job could not write (a full disk): kept for the summary line of this process.
 _UNWRITTEN: dict[str, dict[str, dict]] = {}
 
 
 def record_is_done(summary: dict | None, identity: str, statuses: tuple[str, ...]) -> bool:
-    """A summary.json that says this identity finished with one of `statuses` (the truth, whatever
-    the index says)."""
     return bool(summary) and summary.get("identity") == identity and summary.get("status") in statuses
 
 
@@ -54,8 +49,7 @@ def _entry(data: dict | None) -> dict | None:
     return data
 
 
-def sibling_dir(job_dir: Path, identity: str) -> Path:
-    """Where a job records its run when its own dir holds another identity's record."""
+def sibling_dir(job_dir: Path, identity: str) -> Path:  # a job's, when its dir holds another identity
     return job_dir.with_name(f"{job_dir.name}.{identity}")
 
 
@@ -66,8 +60,6 @@ def done_statuses(pruning_on: bool) -> tuple[str, ...]:
 
 
 class SweepState:
-    """The `.normbench/` bookkeeping of one sweep dir."""
-
     def __init__(self, sweep_dir: str | Path):
         self.root = Path(sweep_dir).absolute()
         self.state = self.root / STATE_DIR
@@ -77,12 +69,10 @@ class SweepState:
         self.journal_dir = self.state / "sweeps"
         self.cached: dict[str, dict] = {}  # the planning command's in-memory copy of the index
 
-    # ------------------------------------------------------------------------------------- index
     def ensure_index(self) -> None:
         """Create the index; a sweep dir with records but no index is indexed once from its summaries."""
         if self.index_dir.is_dir():
             return
-        self.state.mkdir(parents=True, exist_ok=True)
         with self._file_lock(self.state / "index.lock"):
             if self.index_dir.is_dir():
                 return
@@ -94,8 +84,7 @@ class SweepState:
             os.replace(tmp, self.index_dir)
 
     def scan_records(self) -> dict[str, dict]:
-        """Index entries built from the records under the sweep dir (a one-off full scan). Where an
-        identity has several records, a done one wins over an incomplete one."""
+        """Index entries from a full scan of the records; of several of an identity, a done one wins."""
         entries: dict[str, dict] = {}
         for path, files in run_dirs(self.root):
             try:
@@ -119,10 +108,7 @@ class SweepState:
 
     def relative(self, run_dir: Path) -> str:
         run_dir = Path(run_dir).absolute()
-        try:
-            return str(run_dir.relative_to(self.root))
-        except ValueError:
-            return str(run_dir)
+        return str(run_dir.relative_to(self.root) if run_dir.is_relative_to(self.root) else run_dir)
 
     def run_dir(self, entry: dict) -> Path:
         return self.root / entry["dir"]  # an absolute "dir" stays absolute
@@ -131,11 +117,10 @@ class SweepState:
         return _entry(read_json(self.index_dir / f"{identity}.json"))
 
     def recover(self, identity: str, statuses: tuple[str, ...], candidates: list[Path]) -> dict | None:
-        """The run of this identity that its record says is done although its index entry does not
-        (missing, unreadable, or still `running` after a kill between the summary and the index
-        update): the entry is rebuilt from the record, with a warning, and returned. Looks in the
-        entry's dir and `candidates` (the job's own dir); an unreadable entry is rebuilt from a scan of
-        every record (where the run of this identity is, done or not)."""
+        """The entry of a run whose record says done although its index entry does not (missing,
+        unreadable, or `running` after a kill between the summary and the index update), rebuilt from
+        the record with a warning. Looks in the entry's dir and `candidates`; an unreadable entry is
+        rebuilt from a scan of every record."""
         entry = self.get(identity)
         if entry is None and (self.index_dir / f"{identity}.json").exists():  # there but unreadable
             entry = self.scan_records().get(identity)
@@ -156,8 +141,7 @@ class SweepState:
         return rebuilt
 
     def done_record(self, identity: str, statuses: tuple[str, ...], candidates: list[Path]):
-        """(dir, summary) of a record of this identity that says it is done, in its index entry's dir or
-        one of `candidates`; None. Reads only (the planning command predicts the jobs' skips with it)."""
+        """(dir, summary) of a done record in the entry's dir or `candidates`, or None (reads only)."""
         entry = self.get(identity) or {}
         dirs = [self.run_dir(entry)] if entry.get("dir") else []
         for run_dir in [*dirs, *map(Path, candidates)]:
@@ -167,7 +151,7 @@ class SweepState:
         return None
 
     def put_entry(self, identity: str, entry: dict | None) -> None:
-        """Replace the entry whole (None: drop it). Never raises: the index is a cache."""
+        """None drops the entry. Never raises: the index is a cache."""
         path = self.index_dir / f"{identity}.json"
         try:
             if entry is None:
@@ -185,19 +169,14 @@ class SweepState:
         return entry
 
     def known_entries(self) -> dict[str, dict]:
-        """All index entries by identity, or without an index those of a scan of the records (a full
-        read that writes nothing: for the planning command, not for jobs)."""
-        try:
-            names = sorted(os.listdir(self.index_dir))
-        except OSError:
+        """All index entries, or a scan of the records without an index (writes nothing)."""
+        if not self.index_dir.is_dir():
             return self.scan_records()
-        entries = (_entry(read_json(self.index_dir / n)) for n in names
-                   if n.endswith(".json") and not n.startswith("."))
+        entries = (_entry(read_json(path)) for path in sorted(self.index_dir.glob(JSON_FILES)))
         return {e["identity"]: e for e in entries if e and e.get("identity")}
 
     def done(self, identity: str, statuses: tuple[str, ...] = DONE) -> dict | None:
-        """The index entry of a finished run of this identity whose record still says so, else None.
-        Two file reads, whatever the size of the sweep."""
+        """The entry of a finished run whose record still says so (two reads), else None."""
         entry = self.get(identity)
         if not entry or entry.get("status") not in statuses or not entry.get("dir"):
             return None
@@ -207,28 +186,21 @@ class SweepState:
         return {**entry, "objective": summary.get("objective", entry.get("objective")),
                 "status": summary["status"]}
 
-    # ------------------------------------------------------------------------------------- locks
     @staticmethod
-    @contextlib.contextmanager
-    def _file_lock(path: Path) -> Iterator[None]:
-        """flock() on `path` (filelock): released by the kernel when its holder dies."""
+    def _file_lock(path: Path) -> FileLock:  # flock(): released by the kernel when its holder dies
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(path):
-            yield
+        return FileLock(path)
 
     def lock(self, identity: str):
         """Held while a job works on this identity: a second job of the same identity (a duplicate
         in the grid, or a second sweep process) waits, then finds it done and skips it."""
         return self._file_lock(self.locks_dir / f"{identity}.lock")
 
-    # ------------------------------------------------------------------------------------ curves
     def add_curve(self, identity: str, errors: list[float]) -> None:
         atomic_write_json(self.curves_dir / f"{identity}.json", {"identity": identity, "val_error": errors})
 
-    # ----------------------------------------------------------------------------------- journal
     def journal(self, sweep_id: str, job: str, quiet: bool = False, **fields) -> None:
-        """One job's outcome. Never raises: on a full disk the row is kept in this process (the basic
-        launcher's summary line still counts it) and a warning says so."""
+        """One job's outcome. Never raises: on a full disk the row is kept in this process."""
         row = {**fields, "at": now_iso()}
         try:
             atomic_write_json(self.journal_dir / sweep_id / f"{job}.json", row)
@@ -238,12 +210,7 @@ class SweepState:
                 warn(f"could not write the sweep journal: {err}")
 
     def read_journal(self, sweep_id: str) -> list[dict]:
-        folder = self.journal_dir / sweep_id
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError:
-            names = []
-        rows = {n[:-5]: read_json(folder / n) for n in names if n.endswith(".json") and not n.startswith(".")}
+        rows = {path.stem: read_json(path) for path in sorted((self.journal_dir / sweep_id).glob(JSON_FILES))}
         rows.update(_UNWRITTEN.get(sweep_id, {}))
         return [r for r in rows.values() if r]
 
@@ -253,7 +220,6 @@ def count_outcomes(rows: list[dict]) -> dict[str, int]:
 
 
 def summary_line(sweep_dir: str, counts: dict[str, int], expected: int | None = None) -> str:
-    """`sweep <dir>: N completed / N diverged / N failed / N pruned / N skipped`."""
     if expected == 0:
         return f"sweep {sweep_dir}: no runs (the sweep expands to zero jobs; nothing was launched)"
     shown = list(OUTCOMES) + [k for k in SHOWN_IF_ANY if counts.get(k)]

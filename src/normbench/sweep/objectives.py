@@ -1,7 +1,5 @@
-"""What a sweep job returns to its sweeper: one value per objective (hydra.sweeper.objectives, see
-docs/optuna.md), read from the run's summary; by default its validation error. Test metrics are not
-objectives: the test set never guides a search.
-"""
+"""What a sweep job returns to its sweeper: one value per objective (docs/optuna.md), by default its
+validation error. Test metrics are not objectives: the test set never guides a search."""
 
 from __future__ import annotations
 
@@ -32,7 +30,6 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def check_objectives(names: Sequence[str] | None) -> list[str]:
-    """The objective names, checked: normbench's own metrics only (one line naming the fix otherwise)."""
     names = [DEFAULT] if names is None else [str(n) for n in names]
     if not names:
         raise ConfigError(KEY, names, f"name at least one objective, e.g. {KEY}=[{DEFAULT}]")
@@ -47,7 +44,7 @@ def check_objectives(names: Sequence[str] | None) -> list[str]:
 
 
 def objective_values(names: Sequence[str], metrics: dict) -> list[float | None]:
-    """The objectives' values in a run's summary metrics (None where a metric is missing or not finite)."""
+    """None where a metric is missing or not finite."""
     metrics = dict(metrics or {})
     best = metrics.get("val/best_acc")
     metrics[DEFAULT] = None if best is None else 1.0 - float(best)
@@ -56,8 +53,7 @@ def objective_values(names: Sequence[str], metrics: dict) -> list[float | None]:
 
 
 def worst_value(name: str | None, direction: str) -> float:
-    """The worst possible value of objective `name` in `direction`: its bound where it has one that way
-    (val/error 1.0, val/best_acc 0.0), else +inf when minimizing and -inf when maximizing."""
+    """Its bound where it has one that way (val/error 1.0, val/best_acc 0.0), else +-inf."""
     known = OBJECTIVES.get(name)
     if known is not None and known.worst is not None and known.direction == direction:
         return float(known.worst)
@@ -65,8 +61,7 @@ def worst_value(name: str | None, direction: str) -> float:
 
 
 def job_objectives() -> list[str] | None:
-    """The objectives this Hydra job returns when its sweeper names them (hydra.sweeper.objectives);
-    None for the default (the validation error alone)."""
+    """hydra.sweeper.objectives of this job's sweeper; None for the default (the validation error)."""
     from hydra.core.hydra_config import HydraConfig
 
     names = (HydraConfig.get().get("sweeper") or {}).get("objectives") if HydraConfig.initialized() else None
@@ -77,9 +72,8 @@ def job_objectives() -> list[str] | None:
 
 
 def job_return(names: Sequence[str] | None, summary: dict, objective: float):
-    """What the job returns: its objective (the validation error) by default; with named objectives
-    their values in its summary, a tuple for several (each objective's worst for a diverged or failed
-    run: the Optuna sweeper tells those by their status anyway)."""
+    """The validation error by default; with named objectives their values, a tuple for several (the
+    worst for a diverged or failed run: the Optuna sweeper tells those by their status anyway)."""
     if names is None:
         return objective
     if summary.get("status") in (Status.DIVERGED, Status.FAILED):

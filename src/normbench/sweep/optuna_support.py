@@ -17,7 +17,6 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -37,13 +36,8 @@ PRUNED_ATTR = "normbench:pruned_epoch"      # trial system attr the job sets whe
 BACKENDS = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 
 
-# --------------------------------------------------------------------------------------------------
-# Credentials
-
-
 def _parse(url: str | None):
-    """SQLAlchemy's URL of `url`; None when it is none. (SQLAlchemy is imported here, not with this
-    module: every job imports it, and only Optuna sweeps need it.)"""
+    """SQLAlchemy's URL of `url`, or None (imported here: every job imports this module)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -55,6 +49,7 @@ def _parse(url: str | None):
 
 def _spelled_in(text: str, secret: str) -> set[str]:
     """The spellings of `secret` in `text` with any of its characters percent-encoded (any hex case)."""
+
     def char(c: str) -> str:
         encoded = "".join(f"%[{b >> 4:X}{b >> 4:x}][{b & 15:X}{b & 15:x}]" for b in c.encode())
         return f"(?:{re.escape(c)}|{encoded}{'|[+]' if c == ' ' else ''})"
@@ -63,8 +58,7 @@ def _spelled_in(text: str, secret: str) -> set[str]:
 
 
 def url_secrets(url: str | None) -> list[str]:
-    """The passwords of a storage URL (userinfo and ?password=) in every spelling they may take in
-    text: decoded, as written in the URL, percent-encoded; longest first."""
+    """A storage URL's passwords in every spelling they may take in text, longest first."""
     parsed = _parse(url)
     if parsed is None:
         return []
@@ -77,15 +71,14 @@ def url_secrets(url: str | None) -> list[str]:
     return sorted((s for s in found if s and s != MASK), key=len, reverse=True)
 
 
-def _reason(err: BaseException, url: str) -> str:
-    """An error's first line with the passwords of `url` masked (a driver's error may quote them)."""
+def _reason(err: BaseException, url: str) -> str:  # a driver's error may quote the password
     return mask_passwords(one_line(err, typed=False), url_secrets(url))
 
 
 @contextlib.contextmanager
 def quiet_optuna() -> Iterator[None]:
-    """Silence Optuna's notes about the (stable for years) heartbeat API being "experimental" and about
-    heartbeats being "supposed to be used with Study.optimize" (we record them ourselves)."""
+    """Silence Optuna's notes that the heartbeat API is "experimental" and "supposed to be used with
+    Study.optimize" (we record them ourselves)."""
     import optuna
 
     with warnings.catch_warnings():
@@ -94,20 +87,16 @@ def quiet_optuna() -> Iterator[None]:
         yield
 
 
-# --------------------------------------------------------------------------------------------------
-# Storage
-
-
 def backend(url: str) -> str:
-    """The database kind of a storage URL (`postgres` spelled `postgresql`); "" when it is no URL."""
+    """The database kind of a storage URL (`postgres` spelled `postgresql`), or ""."""
     parsed = _parse(url)
     kind = parsed.get_backend_name() if parsed is not None else ""
     return "postgresql" if kind == "postgres" else kind
 
 
 def driver_url(url: str) -> str:
-    """The URL SQLAlchemy is given. `postgresql://` (or `postgres://`) without a driver means psycopg
-    (v3) to SQLAlchemy 2.1; when only psycopg2 is installed (our dependency), use it instead."""
+    """`postgresql://` without a driver means psycopg (v3) to SQLAlchemy 2.1: with only psycopg2 installed
+    (our dependency), name it."""
     scheme, sep, rest = url.partition("://")
     if sep and scheme.lower() in ("postgresql", "postgres"):
         has_psycopg3 = importlib.util.find_spec("psycopg") is not None
@@ -150,9 +139,8 @@ def _heartbeat_kwargs(settings: StorageSettings) -> dict:
 
 
 def open_storage(url: str, settings: StorageSettings | None = None,
-                 schema_lock: AbstractContextManager | None = None):
-    """An Optuna RDBStorage for `url` (one per URL and process; jobs in the sweeper's process share it),
-    created under `schema_lock`; else a one-line StorageError naming the URL with its password masked."""
+                 schema_lock: contextlib.AbstractContextManager | None = None):
+    """One RDBStorage per URL and process; else a one-line StorageError, its password masked."""
     import optuna
 
     settings = settings or StorageSettings()
@@ -174,12 +162,7 @@ def open_storage(url: str, settings: StorageSettings | None = None,
         return storage
 
 
-# --------------------------------------------------------------------------------------------------
-# The job side
-
-
 def optuna_pruner(pruner_cfg):
-    """The Optuna pruner a `hydra.sweeper.pruner` node configures (NopPruner for none)."""
     import optuna
     from hydra.utils import instantiate
 
@@ -189,7 +172,7 @@ def optuna_pruner(pruner_cfg):
 
 
 class OptunaTrialPruner:
-    """The job's handle on its Optuna trial: reports each epoch's validation error, asks the pruner."""
+    """Reports each epoch's validation error to the job's trial and asks its pruner."""
 
     def __init__(self, trial, storage_url: str):
         self.trial, self.storage_url = trial, storage_url
