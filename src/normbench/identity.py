@@ -161,7 +161,7 @@ def config_groups_help() -> str:
 
 
 def register_resolvers() -> None:
-    """The resolvers conf/ uses (`normbench_job_dir`; `normbench_groups` for --help), before Hydra composes."""
+    """The resolvers conf/ uses (`normbench_job_dir`; `normbench_groups` for --help), before composing."""
     if not OmegaConf.has_resolver("normbench_job_dir"):
         OmegaConf.register_resolver("normbench_job_dir", lambda overrides, trial=None: job_dirname(
             list(overrides), swept_keys_from_env(), trial))
