@@ -341,3 +341,21 @@ def test_a_run_dir_on_a_read_only_mount_fails_its_job_in_one_line_and_the_sweep_
         assert json.loads((tmp_path / SWEEP_DIR / job / "summary.json").read_text())["status"] == "completed"
         assert (tmp_path / SWEEP_DIR / job / "train.log").stat().st_size > 0
         assert "- norm=" in (tmp_path / SWEEP_DIR / job / ".hydra" / "overrides.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_job_ends_the_sweep_non_zero_only_when_max_failure_rate_asks(tmp_path):
+    rate = "hydra.callbacks.sweep_summary.max_failure_rate"
+    bad = run_train(["-m", *SINGLE, f"{rate}=2"], tmp_path, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == (f"normbench: bad value {rate}=2: a share of the "
+                                                          "jobs, from 0 (any failure) to 1 (never)")
+    assert not (tmp_path / "multirun").exists()
+    args = ["-m", *SINGLE, "+trainer.fault=raise", "+trainer.fault_epoch=1,9"]  # the first job fails
+    default = run_train(args, tmp_path)  # exit 0: the default, 1.0, never ends a sweep
+    assert default.stdout.splitlines()[-1] == ("sweep multirun/default: "
+                                               "1 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped")
+    strict = run_train([*args, f"{rate}=0"], tmp_path, check=False)  # the failed job runs again
+    assert strict.returncode == 1, strict.stderr[-3000:]
+    assert strict.stdout.splitlines()[-1] == ("sweep multirun/default: "
+                                              "0 completed / 0 diverged / 1 failed / 0 pruned / 1 skipped")
+    assert strict.stderr.splitlines()[-1] == f"normbench: 1 of 1 jobs failed, more than {rate}=0"
