@@ -73,9 +73,6 @@ class Preflight(Callback):
 
 
 class SweepSummary(Callback):
-    """`max_failure_rate` (hydra.callbacks.sweep_summary.max_failure_rate): a sweep in which a larger share
-    of the jobs that ran failed exits 1 after its closing line; 1.0 (the default) never."""
-
     RATE_KEY = "hydra.callbacks.sweep_summary.max_failure_rate"
 
     def __init__(self, max_failure_rate: float = 1.0) -> None:
@@ -98,8 +95,7 @@ class SweepSummary(Callback):
             return
         sweep_dir = str(config.hydra.sweep.dir)
         rows = SweepState(sweep_dir).read_journal(self.sweep_id)
-        counts = count_outcomes(rows)
-        line = summary_line(sweep_dir, counts, expected_jobs(config))
+        line = summary_line(sweep_dir, counts := count_outcomes(rows), expected_jobs(config))
         print(line, flush=True)
         log.debug(line)
         for name, previous in self.previous.items():
@@ -107,7 +103,6 @@ class SweepSummary(Callback):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = previous
-        ran = sum(counts.values()) - counts[SKIPPED]
-        failed, rate = counts[Status.FAILED], self.max_failure_rate
-        if ran and failed / ran > rate:
+        ran, failed = sum(counts.values()) - counts[SKIPPED], counts[Status.FAILED]
+        if ran and failed / ran > (rate := self.max_failure_rate):  # more failed than asked: exit 1
             fail(f"{failed} of {ran} jobs failed, more than {self.RATE_KEY}={rate}", status=1)
