@@ -181,24 +181,6 @@ def test_requeued_job_resumes_from_its_epoch_checkpoint_and_completes_once(slurm
 
 
 @pytest.mark.slow
-def test_a_cancelled_array_task_costs_only_its_own_job(slurm_cluster, tmp_path):
-    """`scancel` of one array task (SIGTERM to its run): the run records itself `interrupted`, the other
-    task completes and Hydra collects it, the sweep ends with its closing line and exit status 0."""
-    sweep = tmp_path / "sweep"
-    args, _release, marker = held_run(tmp_path, epochs=2)
-    args = [*args[:-2], "+trainer.fault_epoch=2,9", args[-1]]  # job 0 is held at epoch 2, job 1 never
-    proc = start_sweep([*args, f"hydra.sweep.dir={sweep}"], tmp_path, slurm_cluster)
-    wait_for(lambda: arrivals(marker), "job 0 to reach epoch 2", proc)
-    task = wait_for(lambda: [p.name for p in (sweep / ".submitit").glob("*_0")], "the task id", proc)[0]
-    slurm_cluster.run("scancel", task)
-    out = finish(proc, slurm_cluster)
-    assert proc.returncode == 0 and "Traceback" not in out, out[-5000:]
-    assert sorted(r["status"] for r in summaries(sweep)) == ["completed", "interrupted"], out[-3000:]
-    assert out.splitlines()[-1] == (f"sweep {sweep}: 1 completed / 0 diverged / 0 failed / 0 pruned / "
-                                    "0 skipped / 1 interrupted")
-
-
-@pytest.mark.slow
 def test_timeout_requeues_through_submitit_checkpoint_up_to_max_num_timeout(slurm_cluster, tmp_path):
     """Over the time limit: SLURM sends SIGUSR2 `signal_delay_s` before it (sbatch --signal); submitit
     calls the launcher's `checkpoint` (a DelayedSubmission of the same job), requeues the job and
