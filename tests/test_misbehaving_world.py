@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -287,12 +288,15 @@ def test_garbage_in_a_completed_summary_is_kept_aside_with_one_warning_and_the_r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_dead_joblib_worker_costs_only_its_own_job(tmp_path, sig):
-    # three jobs on two workers; the one that waits at epoch 2 has its worker killed there (the
-    # out-of-memory killer's SIGKILL, or a SIGTERM sent to that process alone)
+@pytest.mark.parametrize("launcher, sig", [("joblib", signal.SIGKILL), ("joblib", signal.SIGTERM),
+                                           ("submitit_local", signal.SIGKILL)],
+                         ids=["joblib-SIGKILL", "joblib-SIGTERM", "submitit_local-SIGKILL"])
+def test_a_dead_joblib_or_submitit_worker_costs_only_its_own_job(tmp_path, launcher, sig):
+    # three jobs (joblib: on two workers; submitit: each its own process); the one that waits at epoch 2
+    # has its worker killed there (the out-of-memory killer's SIGKILL, or a SIGTERM sent to that process)
     release = tmp_path / "never"
-    args = ["-m", *SINGLE, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+trainer.fault=wait",
+    workers = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.gpus_per_node=0"]
+    args = ["-m", *SINGLE, f"hydra/launcher={launcher}", *workers, "+trainer.fault=wait",
             "+trainer.fault_epoch=2,8,9", f"+trainer.fault_file={release}"]
     proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -309,10 +313,13 @@ def test_a_dead_joblib_worker_costs_only_its_own_job(tmp_path, sig):
     others = [s for s in summaries if s["pid"] != worker]
     assert [s["status"] for s in others] == ["completed", "completed"], err[-3000:]
     closing = out.splitlines()[-1]
-    if sig == signal.SIGKILL:
-        assert killed["status"] == "failed" and killed["error"] == "its worker process died (SIGKILL)"
+    if sig == signal.SIGKILL:  # submitit's local job, whose process was killed, ends without a result
+        job_id = re.search(r"submitit job (\S+) ", killed["error"])
+        cause = "SIGKILL" if launcher == "joblib" else f"submitit job {job_id[1]} finished without a result"
+        assert launcher == "joblib" or (tmp_path / SWEEP_DIR / ".submitit" / job_id[1]).is_dir()
+        assert killed["status"] == "failed" and killed["error"] == f"its worker process died ({cause})"
         assert closing == "sweep multirun/default: 2 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped"
-        assert "normbench: job 0 failed: its worker process died (SIGKILL) -- recorded in" in err
+        assert f"normbench: job 0 failed: its worker process died ({cause}) -- recorded in" in err
     else:
         assert killed["status"] == "interrupted" and killed["error"] == "interrupted by SIGTERM"
         assert closing == ("sweep multirun/default: 2 completed / 0 diverged / 0 failed / 0 pruned / "
@@ -334,3 +341,21 @@ def test_a_run_dir_on_a_read_only_mount_fails_its_job_in_one_line_and_the_sweep_
         assert json.loads((tmp_path / SWEEP_DIR / job / "summary.json").read_text())["status"] == "completed"
         assert (tmp_path / SWEEP_DIR / job / "train.log").stat().st_size > 0
         assert "- norm=" in (tmp_path / SWEEP_DIR / job / ".hydra" / "overrides.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_job_ends_the_sweep_non_zero_only_when_max_failure_rate_asks(tmp_path):
+    rate = "hydra.callbacks.sweep_summary.max_failure_rate"
+    bad = run_train(["-m", *SINGLE, f"{rate}=2"], tmp_path, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == (f"normbench: bad value {rate}=2: a share of the "
+                                                          "jobs, from 0 (any failure) to 1 (never)")
+    assert not (tmp_path / "multirun").exists()
+    args = ["-m", *SINGLE, "+trainer.fault=raise", "+trainer.fault_epoch=1,9"]  # the first job fails
+    default = run_train(args, tmp_path)  # exit 0: the default, 1.0, never ends a sweep
+    assert default.stdout.splitlines()[-1] == ("sweep multirun/default: "
+                                               "1 completed / 0 diverged / 1 failed / 0 pruned / 0 skipped")
+    strict = run_train([*args, f"{rate}=0"], tmp_path, check=False)  # the failed job runs again
+    assert strict.returncode == 1, strict.stderr[-3000:]
+    assert strict.stdout.splitlines()[-1] == ("sweep multirun/default: "
+                                              "0 completed / 0 diverged / 1 failed / 0 pruned / 1 skipped")
+    assert strict.stderr.splitlines()[-1] == f"normbench: 1 of 1 jobs failed, more than {rate}=0"

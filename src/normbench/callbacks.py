@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from normbench.errors import ConfigError, fail, warn
 from normbench.identity import SWEPT_KEYS_ENV, sweep_arguments, swept_keys
 from normbench.preflight import check_experiment_name, check_launch
-from normbench.sweep.index import SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
+from normbench.record import Status
+from normbench.sweep.index import SKIPPED, SWEEP_ID_ENV, SweepState, count_outcomes, summary_line
 
 log = logging.getLogger(__name__)
 RESULTS_CSV = "results.csv"
@@ -78,11 +79,17 @@ class Preflight(Callback):
 
 
 class SweepSummary(Callback):
-    def __init__(self) -> None:
+    RATE_KEY = "hydra.callbacks.sweep_summary.max_failure_rate"
+
+    def __init__(self, max_failure_rate: float = 1.0) -> None:
+        self.max_failure_rate = max_failure_rate
         self.sweep_id: str | None = None
         self.previous: dict[str, str | None] = {}  # the environment to restore at the end
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        rate = self.max_failure_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            fail(ConfigError(self.RATE_KEY, rate, "a share of the jobs, from 0 (any failure) to 1 (never)"))
         self.previous = {name: os.environ.get(name) for name in (SWEEP_ID_ENV, SWEPT_KEYS_ENV)}
         self.sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         # the swept keys: the jobs' dir and W&B run names put them first (a job sees only its own overrides)
@@ -98,7 +105,7 @@ class SweepSummary(Callback):
         except Exception as err:  # noqa: BLE001 - the table must never hide the closing line
             warn(f"no results table: {err}")
         rows = SweepState(sweep_dir).read_journal(self.sweep_id)
-        line = summary_line(sweep_dir, count_outcomes(rows), expected_jobs(config))
+        line = summary_line(sweep_dir, counts := count_outcomes(rows), expected_jobs(config))
         print(line, flush=True)
         log.debug(line)
         for name, previous in self.previous.items():
@@ -106,6 +113,9 @@ class SweepSummary(Callback):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = previous
+        ran, failed = sum(counts.values()) - counts[SKIPPED], counts[Status.FAILED]
+        if ran and failed / ran > (rate := self.max_failure_rate):  # more failed than asked: exit 1
+            fail(f"{failed} of {ran} jobs failed, more than {self.RATE_KEY}={rate}", status=1)
 
 
 def print_results(sweep_dir: str, swept: list[str]) -> None:
