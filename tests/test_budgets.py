@@ -20,7 +20,6 @@ from normbench.fused_trainer import FusedTrainer
 from normbench.identity import register_resolvers, run_identity
 from normbench.loggers import NullSink
 from normbench.models import alexnet_cifar, vgg_a
-from normbench.optim import effective_lrs
 from normbench.record import Status
 from normbench.run import build_parts
 from normbench.trainer import LoopState
@@ -53,15 +52,14 @@ def test_lr_is_scaled_by_batch_size_over_lr_ref_batch(batch_size, reference, lr,
     ref = "null" if reference is None else reference
     parts = make_parts([f"batch_size={batch_size}", f"optimizer.lr={lr}", f"optimizer.lr_ref_batch={ref}"])
     assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
-    assert effective_lrs(parts.optimizer) == {"optimizer/lr_effective": pytest.approx(expected, rel=1e-12)}
 
 
 @pytest.mark.parametrize("max_lr,expected_peak", [("null", 0.01 * 16 / 64), ("0.2", 0.2 * 16 / 64)])
 def test_one_cycle_peak_is_scaled_too_and_the_cycle_spans_the_step_budget(max_lr, expected_peak):
     parts = make_parts(["optimizer.lr=0.01", "optimizer.lr_ref_batch=64", "scheduler=onecycle",
                         f"scheduler.max_lr={max_lr}", "trainer.epochs=3", "trainer.max_steps=10"])
-    assert effective_lrs(parts.optimizer) == {"optimizer/lr_effective": pytest.approx(0.0025),
-                                              "scheduler/max_lr_effective": pytest.approx(expected_peak)}
+    assert parts.optimizer.defaults["lr"] == pytest.approx(0.0025)
+    assert parts.optimizer.param_groups[0]["max_lr"] == pytest.approx(expected_peak)
     lrs = []
     for _ in range(10):  # the run's 10 steps (of its 3 x 4 without the budget)
         lrs.append(parts.scheduler.get_last_lr()[0])
@@ -141,10 +139,9 @@ def test_init_is_in_the_config_and_the_identity_and_checked():
 # trainer.max_steps
 
 
-@pytest.mark.parametrize("max_steps,steps,epochs_done,cut", [(10, [4, 8, 10], 3, True), (6, [4, 6], 2, True),
-                                                             (12, [4, 8, 12], 3, False),
-                                                             (100, [4, 8, 12], 3, False)])
-def test_max_steps_stops_the_run_mid_epoch_after_validating(max_steps, steps, epochs_done, cut):
+@pytest.mark.parametrize("max_steps,steps,epochs_done", [(10, [4, 8, 10], 3), (6, [4, 6], 2),
+                                                         (12, [4, 8, 12], 3), (100, [4, 8, 12], 3)])
+def test_max_steps_stops_the_run_mid_epoch_after_validating(max_steps, steps, epochs_done):
     parts = make_parts(["trainer.epochs=3", f"trainer.max_steps={max_steps}"])
     state = parts.trainer.run()
     assert state.status == Status.COMPLETED and state.epochs_done == epochs_done
@@ -152,7 +149,7 @@ def test_max_steps_stops_the_run_mid_epoch_after_validating(max_steps, steps, ep
     assert [row["step"] for row in state.history] == steps
     assert [row["train/images"] for row in state.history] == [16 * s for s in steps]
     assert all("val/acc" in row for row in state.history)  # the cut epoch validated too
-    assert parts.trainer.settings.cut_by_max_steps(len(parts.stream)) is cut
+    assert parts.trainer.settings.total_steps(len(parts.stream)) == min(max_steps, 12)
 
 
 def test_max_steps_holds_after_a_resume_from_a_checkpoint(tmp_path):

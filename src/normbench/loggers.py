@@ -222,8 +222,7 @@ def final_line(summary: dict, run_dir: Path, wandb_sink: WandbSink | None) -> st
     if summary.get("error_type"):
         status = f"{status} ({summary['error_type']})"
     metrics = summary.get("metrics", {})
-    accuracy = metrics.get("test/acc")
-    accuracy = f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "-"
+    accuracy = f"{metrics['test/acc']:.4f}" if isinstance(metrics.get("test/acc"), (int, float)) else "-"
     if "train/steps" in metrics:  # the run's budget, once its training ended
         cut = " (cut by trainer.max_steps)" if summary.get("cut_by_max_steps") else ""
         accuracy += f"  steps {metrics['train/steps']}{cut}  images {metrics['train/images']}"

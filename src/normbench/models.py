@@ -8,6 +8,7 @@ spatial)` factory and an `activation()` factory, and takes ``**kwargs`` for the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from hydra.utils import instantiate
 from torch import nn
@@ -64,29 +65,23 @@ GROUPED_LAYERS = (2, 4, 5)
 NORM_AT = ("after_pool", "before_pool")
 
 
-def alexnet(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
-            activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5, conv_groups: int = 1,
-            norm_at: str = "after_pool", norm_layers=(1, 2, 3, 4, 5), init: str = ModelConf.init,
-            **_) -> nn.Module:
-    """The study's AlexNet (224x224 input), classifier 4096-4096-classes.
-
-    conv_groups: 1, or 2 for the text's grouped conv2/conv4/conv5. norm_at: after_pool (the norm follows
+def _alexnet(spec, hidden: int, pooled: int, *, num_classes: int, in_channels: int, image_size: int,
+             norm: NormFactory, activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5,
+             conv_groups: int = 1, norm_at: str = "after_pool", norm_layers=(1, 2, 3, 4, 5),
+             init: str = ModelConf.init, **_) -> nn.Module:
+    """conv_groups: 1, or 2 for the text's grouped conv2/conv4/conv5. norm_at: after_pool (the norm follows
     the block's pooling, where the study's LayerNorm shapes [96,27,27] ... put it) or before_pool (after the
     ReLU, where Krizhevsky's LRN sits). norm_layers: which conv blocks (1-5) get a norm (LRN as in
     Krizhevsky: [1, 2])."""
-    return initialized(AlexNet(ALEXNET, norm, activation, num_classes, float(width), float(dropout),
-                               int(image_size), int(in_channels), hidden=4096, pooled=6,
+    return initialized(AlexNet(spec, norm, activation, num_classes, float(width), float(dropout),
+                               int(image_size), int(in_channels), hidden, pooled,
                                **_layout(conv_groups, norm_at, norm_layers)), init)
 
 
-def alexnet_cifar(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
-                  activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5,
-                  conv_groups: int = 1, norm_at: str = "after_pool", norm_layers=(1, 2, 3, 4, 5),
-                  init: str = ModelConf.init, **_) -> nn.Module:
-    """AlexNet-style net for native 32x32 input, classifier 1024-1024-classes (options as alexnet)."""
-    return initialized(AlexNet(ALEXNET_CIFAR, norm, activation, num_classes, float(width), float(dropout),
-                               int(image_size), int(in_channels), hidden=1024, pooled=3,
-                               **_layout(conv_groups, norm_at, norm_layers)), init)
+# The study's AlexNet (224x224 input), classifier 4096-4096-classes.
+alexnet = partial(_alexnet, ALEXNET, 4096, 6)
+# AlexNet-style net for native 32x32 input, classifier 1024-1024-classes.
+alexnet_cifar = partial(_alexnet, ALEXNET_CIFAR, 1024, 3)
 
 
 def _layout(conv_groups, norm_at, norm_layers) -> dict:
@@ -169,11 +164,8 @@ class AlexNet(_ConvNet):
 
     def __init__(self, spec, norm: NormFactory, act: ActivationFactory, num_classes: int, width: float,
                  dropout: float, input_size: int, in_channels: int, hidden: int, pooled: int,
-                 groups: dict[int, int] | None = None, norm_at: str = "after_pool",
-                 norm_layers: set[int] | None = None):
+                 groups: dict[int, int], norm_at: str, norm_layers: set[int]):
         super().__init__()
-        groups = groups or {}
-        norm_layers = {1, 2, 3, 4, 5} if norm_layers is None else norm_layers
         layers: list[nn.Module] = []
         in_ch, spatial = in_channels, input_size
         for index, (out, kernel, stride, padding, pool) in enumerate(spec, start=1):

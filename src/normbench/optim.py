@@ -31,25 +31,12 @@ def fast_optimizer_kwargs(optimizer_class, params: list, given=()) -> dict:
     return {}
 
 
-def lr_scale(optimizer_cfg, batch_size: int) -> float:
-    """Goyal et al.'s linear scaling rule: batch_size / optimizer.lr_ref_batch (1 when that is null)."""
-    reference = optimizer_cfg.get(LR_REF_BATCH)
-    return 1.0 if reference is None else batch_size / reference
-
-
 def optimizer_factory(optimizer_cfg, scale: float = 1.0, allowed_targets=BUILTIN_TARGETS):
     """The config's `_partial_` optimizer, its lr multiplied by `scale`."""
     node = OmegaConf.to_container(optimizer_cfg, resolve=True)
     node.pop(LR_REF_BATCH, None)
     node["lr"] = node["lr"] * scale
     return instantiate(node, _execution_whitelist_=list(allowed_targets))
-
-
-def effective_lrs(optimizer) -> dict:
-    """The lr the run trains with (scaled), and one-cycle's peak, read off the built optimizer."""
-    peak = optimizer.param_groups[0].get("max_lr")  # set by OneCycleLR
-    return {"optimizer/lr_effective": optimizer.defaults["lr"],
-            **({"scheduler/max_lr_effective": peak} if peak is not None else {})}
 
 
 def build_optimizer(optimizer_cfg, model, allowed_targets=BUILTIN_TARGETS, scale: float = 1.0):

@@ -35,7 +35,7 @@ from normbench.faults import FaultyStream
 from normbench.filters import filter_grid, first_conv_weight
 from normbench.loggers import ConsoleSink, FanOut, WandbSink, final_line, wandb_mode
 from normbench.models import build_model, count_parameters
-from normbench.optim import build_optimizer, build_scheduler, effective_lrs, lr_scale
+from normbench.optim import LR_REF_BATCH, build_optimizer, build_scheduler
 from normbench.record import (
     CHECKPOINT,
     CONFIG,
@@ -103,7 +103,8 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
                          generator=generator)
     if spec.trainer.fault not in (None, "none"):
         stream = FaultyStream(stream, spec.trainer, device)
-    scale = lr_scale(cfg.optimizer, spec.batch_size)
+    reference = cfg.optimizer.get(LR_REF_BATCH)  # Goyal et al.'s linear rule: lr x batch_size / reference
+    scale = spec.batch_size / reference if reference else 1.0
     optimizer = build_optimizer(cfg.optimizer, model, allowed, scale)
     settings, batches = spec.settings, len(stream)
     scheduler = build_scheduler(cfg.scheduler, optimizer, settings.total_steps(batches),
@@ -248,8 +249,10 @@ class Run:
     def execute(self) -> float:
         self._claim_device()
         parts = build_parts(self.cfg, self.spec, on_data=self.memory.start)
+        peak = parts.optimizer.param_groups[0].get("max_lr")  # one-cycle's, scaled as the lr is
         self.summary["metrics"].update({"model/params": count_parameters(parts.model),
-                                        **effective_lrs(parts.optimizer)})
+                                        "optimizer/lr_effective": parts.optimizer.defaults["lr"],
+                                        **({"scheduler/max_lr_effective": peak} if peak else {})})
         try:
             state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
                                     optimizer=parts.optimizer, scheduler=parts.scheduler,
@@ -309,8 +312,9 @@ class Run:
             metrics["throughput/img_s"] = float(np.mean([r["throughput/img_s"] for r in state.history]))
         metrics.update({"train/steps": state.step, "train/images": state.images})
         metrics["val/best_acc"] = state.best_val_acc
-        self.summary["cut_by_max_steps"] = (state.status == Status.COMPLETED
-                                            and self.spec.settings.cut_by_max_steps(len(parts.stream)))
+        settings, batches = self.spec.settings, len(parts.stream)  # cut: max_steps ended it before its epochs
+        self.summary["cut_by_max_steps"] = (state.status == Status.COMPLETED and settings.total_steps(batches)
+                                            < settings.epochs * settings.steps_per_epoch(batches))
         learned = learned_threshold(parts.data.num_classes, int(parts.data.val.labels.numel()))
         metrics["convergence/epoch"] = convergence_epoch(state.history, learned_above=learned)
         metrics["memory/peak_mb"] = self.memory.peak_mb()

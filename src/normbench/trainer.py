@@ -49,10 +49,6 @@ class LoopSettings:
         """Optimizer steps of the whole run: its epochs', or max_steps when that is fewer."""
         return min(self.epochs * self.steps_per_epoch(batches), self.max_steps or math.inf)
 
-    def cut_by_max_steps(self, batches: int) -> bool:
-        """Whether max_steps ends the run before its epochs do."""
-        return self.total_steps(batches) < self.epochs * self.steps_per_epoch(batches)
-
 
 @dataclass
 class LoopState:
@@ -174,11 +170,10 @@ class Trainer:
         stop; the last epoch may be cut short by the step budget (it still validates)."""
         state = state or LoopState()
         for epoch in range(state.epochs_done + 1, self.settings.epochs + 1):
-            steps = self.next_epoch_steps(state)
-            if not steps:
+            if not self.next_epoch_steps(state):
                 break
             started = time.perf_counter()
-            if not self.end_epoch(epoch, state, self.train_steps(epoch, state, steps), started):
+            if not self.end_epoch(epoch, state, self.train_steps(epoch, state), started):
                 state.status, state.diverged_epoch = Status.DIVERGED, epoch
                 return state
             state.epochs_done = epoch
@@ -205,12 +200,12 @@ class Trainer:
         return True
 
     def train_steps(self, epoch: int, state: LoopState, steps: int | None = None) -> PassTotals:
-        """One pass over the stream: `steps` training steps (default: the epoch's), stopping early at a
+        """One pass over the stream: `steps` training steps (default: the run's next epoch's), stopping at a
         non-finite loss. Step rows go to the sink at each logging point. This is the hot path that
         `bench/perf.py` times against a hand-written loop."""
         model, optimizer, scheduler, criterion = self.model, self.optimizer, self.scheduler, self.criterion
         log_every = max(1, int(self.settings.log_every_steps))
-        total = self.steps_per_epoch() if steps is None else min(int(steps), len(self.stream))
+        total = self.next_epoch_steps(state) if steps is None else min(int(steps), len(self.stream))
         totals = PassTotals()
         pending_losses: list[torch.Tensor] = []
         pending_preds: list[torch.Tensor] = []
