@@ -312,9 +312,8 @@ class Run:
             metrics["throughput/img_s"] = float(np.mean([r["throughput/img_s"] for r in state.history]))
         metrics.update({"train/steps": state.step, "train/images": state.images})
         metrics["val/best_acc"] = state.best_val_acc
-        settings, batches = self.spec.settings, len(parts.stream)  # cut: max_steps ended it before its epochs
-        self.summary["cut_by_max_steps"] = (state.status == Status.COMPLETED and settings.total_steps(batches)
-                                            < settings.epochs * settings.steps_per_epoch(batches))
+        planned = self.spec.settings.epochs * self.spec.settings.steps_per_epoch(len(parts.stream))
+        self.summary["cut_by_max_steps"] = state.status == Status.COMPLETED and state.step < planned
         learned = learned_threshold(parts.data.num_classes, int(parts.data.val.labels.numel()))
         metrics["convergence/epoch"] = convergence_epoch(state.history, learned_above=learned)
         metrics["memory/peak_mb"] = self.memory.peak_mb()

@@ -134,10 +134,9 @@ def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
     takes = _signature(target)
     given = [k for k in opt if k not in ("_target_", "_partial_", LR_REF_BATCH)]
     reference = opt.get(LR_REF_BATCH)
-    _require(reference is None or (isinstance(reference, int) and not isinstance(reference, bool)
-                                   and reference >= 1), f"optimizer.{LR_REF_BATCH}", reference,
-             "must be null (no scaling) or a positive integer: the batch size optimizer.lr is meant for "
-             "(lr x batch_size / lr_ref_batch), e.g. optimizer.lr_ref_batch=64")
+    _require(reference is None or (type(reference) is int and reference >= 1), f"optimizer.{LR_REF_BATCH}",
+             reference, "must be null (no scaling) or a positive integer, the batch size optimizer.lr is "
+                        "meant for (lr x batch_size / lr_ref_batch), e.g. optimizer.lr_ref_batch=64")
     for key in given:
         if takes is not None and (key not in takes or key == "params"):
             raise unknown_key(f"optimizer.{key}", opt[key], set(takes) - {"params"},
