@@ -73,18 +73,6 @@ def _alexnet(spec, hidden: int, pooled: int, *, num_classes: int, in_channels: i
     the block's pooling, where the study's LayerNorm shapes [96,27,27] ... put it) or before_pool (after the
     ReLU, where Krizhevsky's LRN sits). norm_layers: which conv blocks (1-5) get a norm (LRN as in
     Krizhevsky: [1, 2])."""
-    return initialized(AlexNet(spec, norm, activation, num_classes, float(width), float(dropout),
-                               int(image_size), int(in_channels), hidden, pooled,
-                               **_layout(conv_groups, norm_at, norm_layers)), init)
-
-
-# The study's AlexNet (224x224 input), classifier 4096-4096-classes.
-alexnet = partial(_alexnet, ALEXNET, 4096, 6)
-# AlexNet-style net for native 32x32 input, classifier 1024-1024-classes.
-alexnet_cifar = partial(_alexnet, ALEXNET_CIFAR, 1024, 3)
-
-
-def _layout(conv_groups, norm_at, norm_layers) -> dict:
     if isinstance(conv_groups, bool) or conv_groups not in (1, 2):
         raise ConfigError("model.conv_groups", conv_groups, "choose 1 (no grouping) or 2 (study 002's text: "
                                                             "grouped conv2, conv4, conv5)")
@@ -94,8 +82,15 @@ def _layout(conv_groups, norm_at, norm_layers) -> dict:
     if not all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= 5 for i in layers):
         raise ConfigError("model.norm_layers", list(layers), "a list of conv block numbers 1-5, e.g. "
                           "[1,2,3,4,5]")
-    return {"groups": {i: conv_groups for i in GROUPED_LAYERS}, "norm_at": norm_at,
-            "norm_layers": set(layers)}
+    return initialized(AlexNet(spec, norm, activation, num_classes, float(width), float(dropout),
+                               int(image_size), int(in_channels), hidden, pooled,
+                               dict.fromkeys(GROUPED_LAYERS, conv_groups), norm_at, set(layers)), init)
+
+
+# The study's AlexNet (224x224 input), classifier 4096-4096-classes.
+alexnet = partial(_alexnet, ALEXNET, 4096, 6)
+# AlexNet-style net for native 32x32 input, classifier 1024-1024-classes.
+alexnet_cifar = partial(_alexnet, ALEXNET_CIFAR, 1024, 3)
 
 
 def scaled(channels: int, width: float) -> int:
