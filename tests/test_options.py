@@ -99,6 +99,10 @@ def test_option_composes_and_trains(group, option, tmp_path, fake_cifar, wandb_e
     assert summary["metrics"]["model/params"] > 0
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    # the budget in the record: 4 steps of 16 images, not cut (no trainer.max_steps), the lr as configured
+    assert (summary["metrics"]["train/steps"], summary["metrics"]["train/images"]) == (4, 64)
+    assert summary["cut_by_max_steps"] is False
+    assert summary["metrics"]["optimizer/lr_effective"] == cfg.optimizer.lr
     if group == "probe" and option != "none":
         probes = (tmp_path / "run" / "probes.jsonl").read_text().splitlines()
         assert probes and all("probe/" in "".join(json.loads(p)) for p in probes)

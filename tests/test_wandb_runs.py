@@ -164,7 +164,7 @@ def test_a_run_without_wandb_ends_with_one_line_naming_status_accuracy_and_recor
     plain = run_train([*TINY, "logger=none"], tmp_path)
     (record,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
     accuracy = json.loads((record / "summary.json").read_text())["metrics"]["test/acc"]
-    assert last_line(plain) == (f"normbench: completed  test/acc {accuracy:.4f}  "
+    assert last_line(plain) == (f"normbench: completed  test/acc {accuracy:.4f}  steps 4  images 64  "
                                 f"record {record.relative_to(tmp_path)}  W&B off")
     # (an offline W&B run's line: the W&B Sweep test below; a failed run's: tests/test_cli.py)
 
@@ -226,6 +226,7 @@ def test_a_wandb_sweep_agent_command_drives_train_py_with_hydra_overrides(tmp_pa
     # the agent sets WANDB_DIR: W&B's files go there, and the run's last line says where
     assert not (record / "wandb").exists() and Path(summary["wandb_dir"]) == files
     assert last_line(proc) == (f"normbench: completed  test/acc {summary['metrics']['test/acc']:.4f}  "
+                               f"steps 4  images 64  "
                                f"record {record.relative_to(tmp_path)}  W&B offline run sweeprun1: "
                                f"wandb sync {files.relative_to(tmp_path)}")
     assert recorded["summary"]["val/best_acc"] == summary["metrics"]["val/best_acc"]  # the sweep's metric

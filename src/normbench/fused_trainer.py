@@ -25,7 +25,8 @@ from normbench.fused import FusedModel
 from normbench.record import Status
 from normbench.trainer import LoopState, PassTotals, Trainer
 
-SAME_SETTINGS = ("epochs", "max_steps_per_epoch", "amp_dtype", "channels_last", "log_every_steps")
+SAME_SETTINGS = ("epochs", "max_steps_per_epoch", "max_steps", "amp_dtype", "channels_last",
+                 "log_every_steps")
 
 
 def unfusable_trainer_reason(trainer: Trainer) -> str | None:
@@ -82,15 +83,18 @@ class FusedTrainer:
         states = [state or LoopState() for state in states]
         try:
             for epoch in range(1, self.settings.epochs + 1):
+                # runs at one epoch have taken the same steps (their next epoch has the same length);
                 # early stopping stops its run alone (the others train on, fused without it)
                 members = [i for i, s in enumerate(states) if s.status == Status.RUNNING
-                           and s.epochs_done == epoch - 1 and not s.stop_early(self.trainers[i].settings)]
+                           and s.epochs_done == epoch - 1 and self.trainers[i].next_epoch_steps(s)
+                           and not s.stop_early(self.trainers[i].settings)]
                 if members:
                     self._epoch(epoch, states, members, on_epoch_end)
         finally:
             self.release()
-        for state in states:
-            if state.status == Status.RUNNING and state.epochs_done >= self.settings.epochs:
+        for trainer, state in zip(self.trainers, states):
+            done = state.epochs_done >= self.settings.epochs or not trainer.next_epoch_steps(state)
+            if state.status == Status.RUNNING and done:
                 state.status = Status.COMPLETED
         return states
 
@@ -111,11 +115,12 @@ class FusedTrainer:
     def train_steps(
         self, epoch: int, states: list[LoopState], members: list[int] | None = None, steps: int | None = None
     ) -> dict[int, PassTotals]:
-        """One fused pass: `steps` steps (default: an epoch's) of the runs `members` (default: all), each
+        """One fused pass: `steps` steps (default: the next epoch's) of the runs `members` (default all), each
         run leaving the pass at its first non-finite loss, as ``Trainer.train_steps`` does."""
         active = list(range(len(self.trainers)) if members is None else members)
         first = self.trainers[active[0]]
-        total = first.steps_per_epoch() if steps is None else min(int(steps), len(first.stream))
+        steps = first.next_epoch_steps(states[active[0]]) if steps is None else steps
+        total = min(int(steps), len(first.stream))
         log_every = max(1, int(self.settings.log_every_steps))
         totals = {i: PassTotals() for i in active}
         pending: dict[int, tuple[list, list, list, list]] = {i: ([], [], [], []) for i in active}

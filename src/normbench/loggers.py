@@ -38,7 +38,8 @@ class MetricSink(Protocol):
 
 SINK_METHODS = ("log_steps", "log_epoch", "log_probe", "log_images", "log_summary")
 SUMMARY_FIELDS = ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error", "stop_reason",
-                  "stopped_epoch", "best_epoch", "test_on", "tested_epoch")  # a tracker's run summary
+                  "stopped_epoch", "best_epoch", "test_on", "tested_epoch",
+                  "cut_by_max_steps")  # a tracker's run summary
 
 
 def wandb_credentials_configured() -> bool:
@@ -271,12 +272,15 @@ def shown_path(path: Path | str) -> str:
 
 
 def final_line(summary: dict, run_dir: Path, wandb_sink: WandbSink | None) -> str:
-    """The run's last console line: status, test accuracy, the record dir, the W&B run."""
+    """The run's last console line: status, test accuracy, steps and images, the record dir, the W&B run."""
     status = str(summary["status"])  # a Status is its value as a str
     if summary.get("error_type"):
         status = f"{status} ({summary['error_type']})"
-    accuracy = summary.get("metrics", {}).get("test/acc")
-    accuracy = f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "-"
+    metrics = summary.get("metrics", {})
+    accuracy = f"{metrics['test/acc']:.4f}" if isinstance(metrics.get("test/acc"), (int, float)) else "-"
+    if "train/steps" in metrics:  # the run's budget, once its training ended
+        cut = " (cut by trainer.max_steps)" if summary.get("cut_by_max_steps") else ""
+        accuracy += f"  steps {metrics['train/steps']}{cut}  images {metrics['train/images']}"
     if wandb_sink is None:
         tracked = "W&B off"
     elif wandb_sink.url:

@@ -36,7 +36,8 @@ JOB_NAME = "train"  # hydra.job.name of bench/train.py's jobs
 # runs that agree on these are "of the same size", and their time per epoch is what a plan uses.
 SIZE_KEYS = ("model._target_", "model.width", "model.input_size", "data._target_", "data.num_train",
              "data.num_test", "data.val_size", "data.image_size", "batch_size", "trainer.max_steps_per_epoch",
-             "trainer.max_eval_batches", "trainer.eval_batch_size", "probe.name", "probe.interval")
+             "trainer.max_eval_batches", "trainer.eval_batch_size", "probe.name", "probe.interval",
+             "trainer.max_steps")
 EPOCHS_KEY = "trainer.epochs"
 
 

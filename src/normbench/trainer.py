@@ -33,6 +33,7 @@ from normbench.record import Status
 class LoopSettings:
     epochs: int
     max_steps_per_epoch: int | None = None
+    max_steps: int | None = None    # the run's budget of optimizer steps, over all its epochs
     max_eval_batches: int | None = None
     eval_batch_size: int = 1000
     log_every_steps: int = 25
@@ -47,12 +48,17 @@ class LoopSettings:
         """Training steps of an epoch of `batches` batches (max_steps_per_epoch caps it)."""
         return min(batches, self.max_steps_per_epoch or batches)
 
+    def total_steps(self, batches: int) -> int:
+        """Optimizer steps of the whole run: its epochs', or max_steps when that is fewer."""
+        return min(self.epochs * self.steps_per_epoch(batches), self.max_steps or math.inf)
+
 
 @dataclass
 class LoopState:
     """Everything needed to continue a run after its last finished epoch."""
     epochs_done: int = 0
     step: int = 0
+    images: int = 0                 # training images seen
     history: list[dict] = field(default_factory=list)
     status: Status = Status.RUNNING   # then completed, diverged or pruned
     diverged_epoch: int | None = None
@@ -157,6 +163,11 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return self.settings.steps_per_epoch(len(self.stream))
 
+    def next_epoch_steps(self, state: LoopState) -> int:
+        """The steps of the run's next epoch: an epoch's, fewer where the step budget ends in it, 0 when
+        the run has no steps left."""
+        return max(0, min(self.steps_per_epoch(), self.settings.total_steps(len(self.stream)) - state.step))
+
     def evaluate(self, split, batch_size: int | None = None, max_batches: int | None = None,
                  batch_stats: bool = False) -> tuple[float, float]:
         """Loss and accuracy on `split` (default batches: eval_batch_size, max_eval_batches) in eval mode, or
@@ -198,13 +209,17 @@ class Trainer:
 
     def run(self, state: LoopState | None = None,
             on_epoch_end: Callable[[LoopState], bool] | None = None) -> LoopState:
-        """Train until the configured epochs are done, early stopping ends the run, the loss diverges, or
-        on_epoch_end asks to stop."""
+        """Train until the configured epochs or steps are done, early stopping ends the run, the loss
+        diverges, or on_epoch_end asks to stop; the last epoch may be cut short by the step budget (it still
+        validates)."""
         state = state or LoopState()
         for epoch in range(state.epochs_done + 1, self.settings.epochs + 1):
             if state.stop_early(self.settings):
                 return state
-            if not self._train_epoch(epoch, state):
+            if not self.next_epoch_steps(state):
+                break
+            started = time.perf_counter()
+            if not self.end_epoch(epoch, state, self.train_steps(epoch, state), started):
                 state.status, state.diverged_epoch = Status.DIVERGED, epoch
                 return state
             state.epochs_done = epoch
@@ -214,14 +229,10 @@ class Trainer:
         state.status = Status.COMPLETED
         return state
 
-    def _train_epoch(self, epoch: int, state: LoopState) -> bool:
-        """One epoch of training steps, then validation; False when the loss became non-finite."""
-        started = time.perf_counter()
-        return self.end_epoch(epoch, state, self.train_steps(epoch, state), started)
-
     def end_epoch(self, epoch: int, state: LoopState, totals: PassTotals, started: float) -> bool:
         """After the epoch's training steps (`totals`): validation and the epoch row; False when the loss
         became non-finite. `started`: when the epoch began (perf_counter)."""
+        state.images += totals.seen
         if not totals.finite or not math.isfinite(totals.loss):
             return False
         val_loss, val_acc = self.evaluate(self.data.val)
@@ -229,19 +240,19 @@ class Trainer:
         state.train_time_s += totals.time_s
         row = {"epoch": epoch, "step": state.step, "train/loss": totals.loss, "train/acc": totals.acc,
                "val/loss": val_loss, "val/acc": val_acc, "lr": self.scheduler.get_last_lr()[0],
-               "time/epoch_s": time.perf_counter() - started,
+               "time/epoch_s": time.perf_counter() - started, "train/images": state.images,
                "throughput/img_s": totals.seen / max(totals.time_s, 1e-9), **gap}
         state.history.append(row)
         self.sink.log_epoch(row)
         return True
 
     def train_steps(self, epoch: int, state: LoopState, steps: int | None = None) -> PassTotals:
-        """One pass over the stream: `steps` training steps (default: the epoch's), stopping early at a
+        """One pass over the stream: `steps` training steps (default: the run's next epoch's), stopping at a
         non-finite loss. Step rows go to the sink at each logging point. This is the hot path that
         `bench/perf.py` times against a hand-written loop."""
         model, optimizer, scheduler, criterion = self.model, self.optimizer, self.scheduler, self.criterion
         log_every = max(1, int(self.settings.log_every_steps))
-        total = self.steps_per_epoch() if steps is None else min(int(steps), len(self.stream))
+        total = self.next_epoch_steps(state) if steps is None else min(int(steps), len(self.stream))
         totals = PassTotals()
         pending_losses: list[torch.Tensor] = []
         pending_preds: list[torch.Tensor] = []
