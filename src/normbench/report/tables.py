@@ -1,9 +1,5 @@
 """The report's tables: study tables (the studies' rows, matched by settings) and generic tables.
-
-A ``Table`` holds ``Row``s of cells (normbench.report.records) next to the study's numbers
-(normbench.report.reference) and a comparison with the row the study compares it with; the numbers
-only: normbench.report.render formats them (HTML, Markdown, CSV, W&B).
-"""
+Numbers only: normbench.report.render formats them."""
 
 from __future__ import annotations
 
@@ -30,11 +26,8 @@ from normbench.report.stats import Comparison, Stat, mean_ci, welch
 ALPHA = 0.05
 MAX_NEAREST = 50  # comparison partner searched among at most this many cells when no exact counterpart
 MIN_CI_N = 3  # below this many seeds a cell shows its points, not a t-interval (t_{0.975,1} = 12.7)
-# The report's speed measure: the optimizer steps after which validation accuracy first reaches
-# CONVERGED_FRACTION of the best validation accuracy of the table (the comparison group), so that the
-# table's rows share one stated accuracy; null for a run that never does or that never learns
-# (normbench.record.learned_threshold). A run that does not get there but whose last epoch is its best by
-# IMPROVING_MARGIN was cut while still improving: its budget, not the run, ends the curve.
+# Steps to threshold (docs/report.md): a fraction of the table's best validation accuracy, so that the
+# rows share one stated accuracy; a last epoch best by IMPROVING_MARGIN: cut by its budget, still improving.
 CONVERGED_FRACTION = 0.99
 IMPROVING_MARGIN = 0.005
 # choice keys that select a study row and so are the row, not a setting to show (conf/vgg_best_row)
@@ -159,11 +152,8 @@ def override_map(cell: Cell) -> dict[str, str]:
 
 def constant_overrides(cells: Sequence[Cell]) -> list[str]:
     """The overrides every cell shares with the same value (shown once, above the table)."""
-    if not cells:
-        return []
-    maps = [override_map(c) for c in cells]
-    first = maps[0]
-    return [f"{k}={round_text(v)}" for k, v in sorted(first.items()) if all(m.get(k) == v for m in maps[1:])]
+    first, *maps = [override_map(c) for c in cells] or [{}]
+    return [f"{k}={round_text(v)}" for k, v in sorted(first.items()) if all(m.get(k) == v for m in maps)]
 
 
 def fmt_value(value: Any) -> str:
@@ -220,6 +210,10 @@ def _compare(a: Cell, b: Cell, metric: str) -> Comparison:
     return welch(a.values(metric), b.values(metric), alpha=ALPHA)
 
 
+def _study_diff(st: StudyTable, a: RefRow, b: RefRow) -> float | None:
+    return a.ref[st.primary] - b.ref[st.primary] if st.primary in a.ref and st.primary in b.ref else None
+
+
 def _first_cells(table: Table) -> dict[str, Cell]:
     """Row label -> the first cell of the rows with that label."""
     return {row.label: row.cell for row in reversed(table.rows) if row.cell is not None}
@@ -229,20 +223,14 @@ def _compare_pairs(st: StudyTable, table: Table) -> None:
     """The study's extra comparisons: the first cell of each side (same other settings when several)."""
     first = _first_cells(table)
     for a, b in st.pairs:
-        ra, rb = st.row(a), st.row(b)
-        study = None
-        if st.primary in ra.ref and st.primary in rb.ref:
-            study = ra.ref[st.primary] - rb.ref[st.primary]
         ca, cb = first.get(a), first.get(b)
         cmp = _compare(ca, cb, st.primary) if ca is not None and cb is not None else None
-        table.pairs.append(Pair(a, b, cmp, study))
+        table.pairs.append(Pair(a, b, cmp, _study_diff(st, st.row(a), st.row(b))))
 
 
 def add_convergence(table: Table) -> None:
-    """The steps each run of the table needs to reach CONVERGED_FRACTION of the table's best validation
-    accuracy (None when it never gets there or never learns: normbench.record.learned_threshold with the
-    number of classes in the run's record); a run that does not get there but was still improving goes
-    to its row's ``cut``."""
+    """Each run's steps to the table's threshold into its row's ``convergence`` (None: never, or never
+    learns); a run that does not get there but was still improving also into ``cut``."""
     runs = [(row, run) for row in table.rows if row.cell is not None for run in row.cell.runs]
     if not runs:
         return
@@ -309,11 +297,8 @@ def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
 
 
 def assign_to_tables(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
-    """Study table name -> the cells it shows; each cell in at most one study table, so that one sweep
-    makes one table per study table, not a near-duplicate per table whose settings it happens to match.
-    A preset's runs (experiment = a study table's name) go to that table only; the runs of any other
-    experiment go to the first study table that matches all of them, else to a generic table: one sweep,
-    one table."""
+    """Study table name -> the cells it shows, each cell in at most one: one sweep, one table
+    (docs/report.md): a preset's runs go to its table, another experiment's to the first that fits all."""
     out: dict[str, list[Cell]] = {}
     for exp, group in _by_experiment(cells).items():
         if exp in TABLES_BY_NAME:
@@ -324,6 +309,13 @@ def assign_to_tables(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
         if st is not None:
             out.setdefault(st.name, []).extend(group)
     return out
+
+
+def _by_experiment(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
+    by_exp: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_exp.setdefault(cell.experiment, []).append(cell)
+    return by_exp
 
 
 def _row_of(st: StudyTable, cell: Cell) -> RefRow | None:
@@ -367,8 +359,7 @@ def _compare_rows(st: StudyTable, table: Table) -> None:
         if row.vs is None:
             continue
         vs_ref = st.row(row.vs)
-        if st.primary in row.ref.ref and st.primary in vs_ref.ref:
-            row.study_diff = row.ref.ref[st.primary] - vs_ref.ref[st.primary]
+        row.study_diff = _study_diff(st, row.ref, vs_ref)
         if row.cell is None:
             continue
         candidates = by_label.get(row.vs, [])
@@ -416,13 +407,6 @@ def _contrasts(st: StudyTable, table: Table) -> list[str]:
         out.append(f"{con.text} ({con.row} vs {con.base}, {con.metric}): ours {ours}, "
                    f"study +{con.percent:g}%.")
     return out
-
-
-def _by_experiment(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
-    by_exp: dict[str, list[Cell]] = {}
-    for cell in cells:
-        by_exp.setdefault(cell.experiment, []).append(cell)
-    return by_exp
 
 
 def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
