@@ -1,11 +1,9 @@
-"""Writing the report: the strings of every table (one place for how a number is shown), the HTML page
-(templates/index.html.j2: self-contained, inline CSS, no script, images by relative path), Markdown
-(templates/report.md.j2) and the CSV files (every run record; each table's numbers)."""
+"""Writing the report: the strings of every table (one place for how a number is shown), the page and
+Markdown through templates/, and the CSV files."""
 
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,8 +67,7 @@ def _n_text(cell: Cell) -> str:
 
 
 def difference_text(c: Comparison | None, scale: float = 100.0) -> str:
-    """A difference with its 95% interval (Welch), its verdict and, with few seeds, its points:
-    "+2.85 pp, not resolved at n = 3: [-4.10, +9.80] pp (Welch p=0.31; points 12.1, 13.0, 11.8 vs ...)"."""
+    """E.g. "+2.85 pp, not resolved at n = 3: [-4.10, +9.80] pp (Welch p=0.31; points 12.1, 13.0 vs ...)"."""
     if c is None:
         return "not run"
     if c.diff is None or c.interval is None:
@@ -285,7 +282,6 @@ def _effective_text(effective: list[float], lrs: list[float]) -> str:
     return f"{span}, {len(effective)} of {len(lrs)} lrs"
 
 
-# the page and the Markdown, through the templates
 @dataclass
 class TableView:
     """A table's strings as the page and the Markdown show them."""
@@ -303,8 +299,7 @@ class TableView:
         return {i for i, row in enumerate(self.table.rows[:len(self.rows)]) if row.cell is None}
 
     @property
-    def notes(self) -> list[str]:
-        """Notes, the study's inconsistencies and the convergence note, as the Markdown quotes them."""
+    def notes(self) -> list[str]:  # as the Markdown quotes them
         conv = [self.table.convergence_note] if self.table.convergence_note else []
         return self.table.notes + [f"⚠ {f}" for f in self.table.flags] + conv
 
@@ -355,7 +350,6 @@ def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
         title=title, result=result, views=[_view(t) for t in tables], headlines=headlines(tables))
 
 
-# CSV files
 def write_runs_csv(result: ScanResult, path: str) -> None:
     choice_keys = list(dict.fromkeys(k for run in result.runs for k in run.choices))
     metric_keys = list(dict.fromkeys(k for run in result.runs for k in run.metrics))
@@ -368,25 +362,16 @@ def write_runs_csv(result: ScanResult, path: str) -> None:
         for run in result.runs:
             w.writerow({"path": run.path, "identity": run.identity, "status": run.status,
                         "experiment": run.experiment, "overrides": " ".join(run.overrides),
-                        **{f"choice/{k}": _csv_value(v) for k, v in run.choices.items()},
-                        **{f"metric/{k}": _csv_value(v) for k, v in run.metrics.items()},
-                        **{k: _csv_value(run.summary.get(k)) for k in SUMMARY_COLUMNS}})
+                        **{f"choice/{k}": v for k, v in run.choices.items()},
+                        **{f"metric/{k}": v for k, v in run.metrics.items()},
+                        **{k: run.summary.get(k) for k in SUMMARY_COLUMNS}})
         for sk in result.skipped:
             status = Status.RUNNING.value if sk.kind == "in progress" else ""
             w.writerow({"path": sk.path, "status": status, "skipped": sk.kind, "skip_reason": sk.reason})
 
 
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float) and math.isfinite(value):
-        return repr(value)
-    return value
-
-
 def write_table_csv(table: Table, path: str) -> None:
+    """csv writes None as "" and a float as its repr (full precision)."""
     header, rows = records(table)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows([_csv_value(v) for v in line] for line in rows)
+        csv.writer(f).writerows([header, *rows])
