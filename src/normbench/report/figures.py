@@ -1,19 +1,15 @@
-"""The report's figures per table, drawn from the runs' records (normbench.report.plots draws them).
-
-One function per figure kind; each adds (caption, path) to ``table.figures`` when the runs have its
-data. The jsonl files are read here, for the few runs each figure shows. Figures only draw: every
-number in a table is computed before.
-"""
+"""The report's figures per table: each kind adds (caption, path) to ``table.figures`` when the runs have
+its data (normbench.report.plots draws). The jsonl files are read here, for the few runs each shows."""
 
 from __future__ import annotations
 
 import math
 import os
 import shutil
-import warnings as _warnings
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 from normbench.record import FILTERS, METRICS, PROBES
 from normbench.report import plots
@@ -27,6 +23,7 @@ MAX_CURVE_CELLS = 12
 MAX_RUNS_PER_CELL = 5  # runs read per cell for curves
 MAX_PROBE_RUNS = 40
 MAX_FILTERS = 24  # per table
+CURVE_KEYS = ("step", "train/acc", "val/acc", "train/loss", "val/loss")
 PROBE_KEYS = ("probe/grad_pred", "probe/beta", "probe/grad_cos", "probe/lipschitz", "probe/grad_var_rel")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,37 +38,22 @@ def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, s
 
 
 def _epoch_curve(label: str, runs: Sequence[RunRecord]):
-    """The runs' mean per epoch end, against the optimizer steps there (their mean over the runs)."""
-    per_epoch: dict[int, list[list[float]]] = {}
-    for run in runs:
-        for row in run.epochs():
-            epoch = row.get("epoch")
-            if not isinstance(epoch, int) or isinstance(epoch, bool):
-                continue
-            keys = ("step", "train/acc", "val/acc", "train/loss", "val/loss")
-            per_epoch.setdefault(epoch, []).append([num(row.get(k)) for k in keys])
-    if not per_epoch:
+    """The runs' mean (of the finite values) per epoch end, against the mean optimizer steps there."""
+    frame = pd.DataFrame([[e, *(num(row.get(k)) for k in CURVE_KEYS)] for run in runs for row in run.epochs()
+                          if isinstance(e := row.get("epoch"), int) and not isinstance(e, bool)],
+                         columns=["epoch", *CURVE_KEYS])
+    if frame.empty:
         return None
-    with np.errstate(all="ignore"), _warnings.catch_warnings():
-        _warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.array([np.nanmean(np.array(per_epoch[e], dtype=float), axis=0) for e in sorted(per_epoch)])
+    mean = frame.groupby("epoch").mean().to_numpy()
     return plots.Curve(label, mean[:, 0], mean[:, 1] * 100, mean[:, 2] * 100, mean[:, 3], mean[:, 4])
 
 
-def _per_step(pairs: list[tuple[np.ndarray, np.ndarray]]):
-    """Per-step min, max and mean over several runs' (step, value) series (finite values only)."""
-    import pandas as pd
-
-    frame = pd.DataFrame({"step": np.concatenate([p[0] for p in pairs]),
-                          "value": np.concatenate([p[1] for p in pairs])})
+def _per_step(runs_rows: Sequence[list[dict]], key: str):
+    """Per-step min, max and mean of key over several runs' jsonl rows (finite values only)."""
+    frame = pd.DataFrame([(num(r.get("step")), num(r.get(key))) for rows in runs_rows for r in rows],
+                         columns=["step", "value"], dtype=float)
     agg = frame[np.isfinite(frame).all(axis=1)].groupby("step")["value"].agg(["min", "max", "mean"])
     return None if agg.empty else (agg.index.to_numpy(), *(agg[k].to_numpy() for k in ("min", "max", "mean")))
-
-
-def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    steps = np.array([num(r.get("step")) for r in rows], dtype=float)
-    values = np.array([num(r.get(key)) for r in rows], dtype=float)
-    return steps, values
 
 
 def summary_bars(table: Table, fig_dir: str) -> None:
@@ -154,8 +136,7 @@ def loss_landscape(table: Table, fig_dir: str) -> None:
     (the runs of the table's mechanism lines, normbench.report.mechanism)."""
     bands = []
     for line in table.mechanism:
-        agg = _loss_band(line.records) if isinstance(line, NormLine) else None
-        if agg is not None:
+        if isinstance(line, NormLine) and (agg := _per_step([r.steps() for r in line.records], "train/loss")):
             bands.append((plots.Band(line.norm, *agg[:3]), line.study.get("loss_range")))
     if not bands:
         return
@@ -232,19 +213,13 @@ def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
     return capped
 
 
-def _loss_band(runs: Sequence[RunRecord]):
-    step_pairs = [_series(rows, "train/loss") for run in runs if (rows := run.steps())]
-    return _per_step(step_pairs) if step_pairs else None
-
-
 def _probe_bands(gname: str, rows: list[list[dict]], panels: dict[str, list]) -> None:
     """One group's band per probe key (and for the loss range along the gradient) into panels."""
     for key in PROBE_KEYS:
-        agg = _per_step([_series(r, key) for r in rows])
+        agg = _per_step(rows, key)
         if agg is not None:
             panels.setdefault(key, []).append(plots.Band(gname, *agg))
-    lo = _per_step([_series(r, "probe/loss_min") for r in rows])
-    hi = _per_step([_series(r, "probe/loss_max") for r in rows])
+    lo, hi = _per_step(rows, "probe/loss_min"), _per_step(rows, "probe/loss_max")
     if lo is not None and hi is not None:
         common, ia, ib = np.intersect1d(lo[0], hi[0], return_indices=True)
         if common.size:

@@ -35,8 +35,7 @@ def _legend_below(fig, ax, n: int) -> None:
 def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def _label(ax, title: str, xlabel: str, ylabel: str = "", grid_axis: str = "both",
@@ -45,11 +44,6 @@ def _label(ax, title: str, xlabel: str, ylabel: str = "", grid_axis: str = "both
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=fontsize)
     ax.grid(axis=grid_axis, alpha=0.3)
-
-
-def _save(fig: Figure, path: str) -> str:
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
 
 
 def _colors(n: int) -> list:
@@ -69,7 +63,7 @@ class BarRow:
     points: Sequence[float] = ()  # the runs' values when there are too few for an interval
 
 
-def summary_bars(rows: Sequence[BarRow], path: str, title: str, xlabel: str) -> str:
+def summary_bars(rows: Sequence[BarRow], path: str, title: str, xlabel: str) -> None:
     """Horizontal bars (labels stay readable however long or many): ours (mean with 95% CI, n beside
     the bar) next to the study's number, one pair per row, the first row on top."""
     fig, axes = _figure(8.0, max(2.4, 0.42 * len(rows) + 1.4))
@@ -93,11 +87,11 @@ def summary_bars(rows: Sequence[BarRow], path: str, title: str, xlabel: str) -> 
     ax.set_yticks(y, [_short(r.label, MAX_BAR_LABEL) for r in rows], fontsize=8)
     _label(ax, textwrap.fill(title, 70), xlabel, "", "x", fontsize=9)
     _legend_below(fig, ax, 3)
-    return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI)
 
 
 def clustered_bars(groups: Sequence[str], clusters: Sequence[str], ours: dict[tuple[str, str], tuple],
-                   study: dict[tuple[str, str], float], path: str, title: str, ylabel: str) -> str:
+                   study: dict[tuple[str, str], float], path: str, title: str, ylabel: str) -> None:
     """Bars clustered by ``clusters`` (x axis, e.g. batch size), one bar per group (e.g. norm):
     ours with 95% CI; the study's value as a black marker on the bar."""
     fig, axes = _figure(7.5, 4.2)
@@ -116,7 +110,7 @@ def clustered_bars(groups: Sequence[str], clusters: Sequence[str], ours: dict[tu
     ax.set_xticks(x, list(clusters))
     _label(ax, title, "batch size", ylabel, "y")
     ax.legend(fontsize=8, ncols=len(groups) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.13))
-    return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI)
 
 
 @dataclass
@@ -129,7 +123,7 @@ class Curve:
     val_loss: np.ndarray
 
 
-def curves(series: Sequence[Curve], path: str, title: str) -> str:
+def curves(series: Sequence[Curve], path: str, title: str) -> None:
     """Train (dashed) and validation (solid) accuracy and loss against optimizer steps, runs on shared
     axes; the loss axis clipped to the values' robust range when a run spikes far outside it."""
     fig, axes = _figure(11.0, 4.2, ncols=2)
@@ -152,7 +146,7 @@ def curves(series: Sequence[Curve], path: str, title: str) -> str:
         fig.set_figheight(4.2 + 0.2 * math.ceil(len(series) / 2))
         _legend_below(fig, axes[0][0], len(series))
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI)
 
 
 def _clip_to_quantiles(ax, arrays: Sequence[np.ndarray]) -> bool:
@@ -178,7 +172,7 @@ class Band:
 
 
 def band_plot(bands: Sequence[Band], path: str, title: str, ylabel: str,
-              ref_ranges: Sequence[tuple[float, float] | None]) -> str:
+              ref_ranges: Sequence[tuple[float, float] | None]) -> None:
     """Per-step min-max bands (e.g. training loss over the runs of several learning rates); reference
     ranges per band (or None) drawn as dashed lines in the band's colour; log scale for a wide range."""
     fig, axes = _figure(7.5, 4.2)
@@ -190,17 +184,16 @@ def band_plot(bands: Sequence[Band], path: str, title: str, ylabel: str,
         if ref is not None:
             for y in ref:
                 ax.axhline(y, color=color, ls="--", lw=1)
-    lows = np.concatenate([b.low for b in bands]) if bands else np.array([1.0])
-    highs = np.concatenate([b.high for b in bands]) if bands else np.array([1.0])
+    lows, highs = (np.concatenate([getattr(b, k) for b in bands]) for k in ("low", "high"))
     positive = lows[lows > 0]
     if positive.size and np.nanmax(highs) / np.nanmin(positive) > 50:
         ax.set_yscale("log")
     _label(ax, title, "step", ylabel)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI)
 
 
-def probe_panels(panels: dict[str, Sequence[Band]], path: str, title: str) -> str:
+def probe_panels(panels: dict[str, Sequence[Band]], path: str, title: str) -> None:
     """One panel per probe metric; each group (e.g. plain / BN) as mean line with min-max band."""
     names = list(panels)
     ncols = min(2, len(names))
@@ -218,4 +211,4 @@ def probe_panels(panels: dict[str, Sequence[Band]], path: str, title: str) -> st
     for ax in flat[len(names):]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI)
