@@ -150,10 +150,11 @@ def override_map(cell: Cell) -> dict[str, str]:
     return {k: v for k, v in pairs if k not in ROW_SELECTORS}
 
 
-def constant_overrides(cells: Sequence[Cell]) -> list[str]:
-    """The overrides every cell shares with the same value (shown once, above the table)."""
+def _every_row_note(cells: Sequence[Cell]) -> list[str]:
+    """The overrides every cell shares with the same value, shown once above the table."""
     first, *maps = [override_map(c) for c in cells] or [{}]
-    return [f"{k}={round_text(v)}" for k, v in sorted(first.items()) if all(m.get(k) == v for m in maps)]
+    shared = [f"{k}={round_text(v)}" for k, v in sorted(first.items()) if all(m.get(k) == v for m in maps)]
+    return ["Every row also: " + " ".join(shared)] if shared else []
 
 
 def fmt_value(value: Any) -> str:
@@ -285,11 +286,8 @@ def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
             row.ref, row.study_diff, row.no_study = replace(row.ref, ref={}), None, True
         elif row.cell is not None and not _study_model(row.cell, st):
             row.ref = replace(row.ref, ref={k: v for k, v in row.ref.ref.items() if k != "model/params"})
-    table.notes.extend(_notes(st, covered))
-    shared = constant_overrides(covered)
-    if shared:
-        table.notes.append("Every row also: " + " ".join(shared))
-    table.notes.extend(_contrasts(st, table) + budget_notes(covered))
+    table.notes.extend(_notes(st, covered) + _every_row_note(covered) + _contrasts(st, table)
+                       + budget_notes(covered))
     if not all(r.no_study for r in table.rows if r.cell is not None):  # notes on numbers the table shows
         table.flags.extend(st.flags)
     add_convergence(table)
@@ -430,12 +428,12 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
             table.title = f"search {exp}: trials sorted by objective (1 − best validation accuracy)"
             group.sort(key=lambda c: _sort_key(c.stat("objective").mean))
             table.setting_columns.insert(0, "trial")
-        if not keys and not overrides and group:
-            shared = {k: v for k, v in group[0].choices.items() if k != SEED}
-            settings = [f"{k}={v}" for k, v in shared.items()] + list(group[0].value_overrides)
-            table.notes.append("All runs share the settings " + " ".join(settings))
-        elif constant_overrides(group):
-            table.notes.append("Every row also: " + " ".join(constant_overrides(group)))
+        if keys or overrides:
+            table.notes.extend(_every_row_note(group))
+        else:
+            first = group[0]
+            shared = [*(f"{k}={v}" for k, v in first.choices.items() if k != SEED), *first.value_overrides]
+            table.notes.append("All runs share the settings " + " ".join(shared))
         table.notes.extend(budget_notes(group))
         best = group[0] if search else min((c for c in group if c.stat("test/err").mean is not None),
                                            key=lambda c: c.stat("test/err").mean, default=None)
