@@ -37,15 +37,12 @@ def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, s
     copy_filters(table, out, warnings, copied)
 
 
-def _epoch_curve(label: str, runs: Sequence[RunRecord]):
-    """The runs' mean (of the finite values) per epoch end, against the mean optimizer steps there."""
+def _epoch_means(runs: Sequence[RunRecord]) -> pd.DataFrame:
+    """The runs' CURVE_KEYS per epoch end, mean of the finite values (empty: no epochs)."""
     frame = pd.DataFrame([[e, *(num(row.get(k)) for k in CURVE_KEYS)] for run in runs for row in run.epochs()
                           if isinstance(e := row.get("epoch"), int) and not isinstance(e, bool)],
-                         columns=["epoch", *CURVE_KEYS])
-    if frame.empty:
-        return None
-    mean = frame.groupby("epoch").mean().to_numpy()
-    return plots.Curve(label, mean[:, 0], mean[:, 1] * 100, mean[:, 2] * 100, mean[:, 3], mean[:, 4])
+                         columns=["epoch", *CURVE_KEYS], dtype=float)
+    return frame.groupby("epoch").mean()
 
 
 def _per_step(runs_rows: Sequence[list[dict]], key: str):
@@ -120,9 +117,8 @@ def training_curves(table: Table, fig_dir: str) -> None:
     series = []
     for row in curve_rows:
         runs = [r for r in row.cell.runs + row.cell.diverged if METRICS in r.files][:MAX_RUNS_PER_CELL]
-        curve = _epoch_curve(row.label + (f" {row.extra}" if row.extra else ""), runs)
-        if curve is not None:
-            series.append(curve)
+        if not (means := _epoch_means(runs)).empty:
+            series.append((row.label + (f" {row.extra}" if row.extra else ""), means))
     if not series:
         return
     name = f"{table.name}_curves.png"

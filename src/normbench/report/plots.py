@@ -7,6 +7,7 @@ import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -113,30 +114,20 @@ def clustered_bars(groups: Sequence[str], clusters: Sequence[str], ours: dict[tu
     fig.savefig(path, format="png", dpi=DPI)
 
 
-@dataclass
-class Curve:
-    label: str
-    step: np.ndarray  # optimizer steps at each epoch's end
-    train_acc: np.ndarray
-    val_acc: np.ndarray
-    train_loss: np.ndarray
-    val_loss: np.ndarray
-
-
-def curves(series: Sequence[Curve], path: str, title: str) -> None:
+def curves(series: Sequence[tuple[str, Any]], path: str, title: str) -> None:
     """Train (dashed) and validation (solid) accuracy and loss against optimizer steps, runs on shared
-    axes; the loss axis clipped to the values' robust range when a run spikes far outside it."""
+    axes; the loss axis clipped to the values' robust range when a run spikes far outside it. series:
+    (label, DataFrame of step, train/acc, val/acc, train/loss, val/loss at each epoch's end)."""
     fig, axes = _figure(11.0, 4.2, ncols=2)
-    colors = _colors(len(series))
-    for c, color in zip(series, colors, strict=True):
-        for ax, train, val in ((axes[0][0], c.train_acc, c.val_acc), (axes[0][1], c.train_loss, c.val_loss)):
-            ax.plot(c.step, train, "--", color=color, lw=1.2)
-            ax.plot(c.step, val, "-", color=color, lw=1.6, label=_short(c.label))
+    for (label, c), color in zip(series, _colors(len(series)), strict=True):
+        for ax, kind, scale in ((axes[0][0], "acc", 100), (axes[0][1], "loss", 1)):
+            ax.plot(c["step"], c[f"train/{kind}"] * scale, "--", color=color, lw=1.2)
+            ax.plot(c["step"], c[f"val/{kind}"] * scale, "-", color=color, lw=1.6, label=_short(label))
     for ax, name, ylabel in zip(axes[0], ("accuracy", "loss"), ("accuracy (%)", "loss"), strict=True):
         _label(ax, f"{name}: train dashed, validation solid", "optimizer steps", ylabel, fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     loss = axes[0][1]
-    if _clip_to_quantiles(loss, [v for c in series for v in (c.train_loss, c.val_loss)]):
+    if _clip_to_quantiles(loss, [c[k] for _, c in series for k in ("train/loss", "val/loss")]):
         low, high = CLIP_QUANTILES
         loss.set_title(f"{loss.get_title()}\n(y clipped to the {low:.0%}–{high:.0%} quantiles: a run spikes)",
                        fontsize=9)
