@@ -53,6 +53,12 @@ def _per_step(runs_rows: Sequence[list[dict]], key: str):
     return None if agg.empty else (agg.index.to_numpy(), *(agg[k].to_numpy() for k in ("min", "max", "mean")))
 
 
+def _figure_path(table: Table, fig_dir: str, kind: str, caption: str) -> str:
+    """Where the table's figure of this kind is drawn; listed in ``table.figures`` with its caption."""
+    table.figures.append((caption, f"fig/{table.name}_{kind}.png"))
+    return os.path.join(fig_dir, f"{table.name}_{kind}.png")
+
+
 def summary_bars(table: Table, fig_dir: str) -> None:
     """Ours (mean, 95% CI) of the primary metric next to the study's number, per row."""
     col = next(c for c in COLUMNS if c.metric == table.primary)
@@ -69,12 +75,10 @@ def summary_bars(table: Table, fig_dir: str) -> None:
                                      None if ci is None else ci * col.scale, st.n, study, points))
     if not any(b.ours is not None for b in bar_rows):
         return
-    name = f"{table.name}_bars.png"
-    title = f"{table.title}: ours vs study" if table.kind == "study" else table.title
-    plots.summary_bars(bar_rows, os.path.join(fig_dir, name), f"{title} — {used(table.cells)}", col.title)
+    title = f"{table.title}{': ours vs study' if table.kind == 'study' else ''} — {used(table.cells)}"
     caption = (f"{col.title}: ours (mean ± 95% CI from {MIN_CI_N} seeds; dots: the runs of a cell with "
                "fewer) and the study")
-    table.figures.append((caption, f"fig/{name}"))
+    plots.summary_bars(bar_rows, _figure_path(table, fig_dir, "bars", caption), title, col.title)
 
 
 def clustered_bars(table: Table, fig_dir: str) -> None:
@@ -96,11 +100,10 @@ def clustered_bars(table: Table, fig_dir: str) -> None:
                 ours[(norm, bs)] = (st.mean * 100, None if ci is None else ci * 100)
     if not ours:
         return
-    name = f"{table.name}_clustered.png"
-    plots.clustered_bars(groups, clusters, ours, study, os.path.join(fig_dir, name),
+    path = _figure_path(table, fig_dir, "clustered", "test accuracy by norm × batch size (study 002)")
+    plots.clustered_bars(groups, clusters, ours, study, path,
                          "Test accuracy by norm and batch size (bars: ours; black marks: study)",
                          "test accuracy %")
-    table.figures.append(("test accuracy by norm × batch size (study 002)", f"fig/{name}"))
 
 
 def training_curves(table: Table, fig_dir: str) -> None:
@@ -121,15 +124,13 @@ def training_curves(table: Table, fig_dir: str) -> None:
             series.append((row.label + (f" {row.extra}" if row.extra else ""), means))
     if not series:
         return
-    name = f"{table.name}_curves.png"
-    title = f"{table.title}{note}: mean over seeds — {used(table.cells)}"
-    plots.curves(series, os.path.join(fig_dir, name), title)
-    table.figures.append((f"train/validation accuracy and loss against optimizer steps{note}", f"fig/{name}"))
+    caption = f"train/validation accuracy and loss against optimizer steps{note}"
+    plots.curves(series, _figure_path(table, fig_dir, "curves", caption),
+                 f"{table.title}{note}: mean over seeds — {used(table.cells)}")
 
 
 def loss_landscape(table: Table, fig_dir: str) -> None:
-    """The per-step min-max of the training loss over the lr sweep, per norm, beside the study's range
-    (the runs of the table's mechanism lines, normbench.report.mechanism)."""
+    """The per-step min-max of the training loss over each norm's lr sweep, beside the study's range."""
     bands = []
     for line in table.mechanism:
         if isinstance(line, NormLine) and (agg := _per_step([r.steps() for r in line.records], "train/loss")):
@@ -137,20 +138,16 @@ def loss_landscape(table: Table, fig_dir: str) -> None:
     if not bands:
         return
     lrs = sorted({lr for c in table.cells if (lr := lr_of(c)) is not None})
-    name = f"{table.name}_landscape.png"
-    plots.band_plot([b for b, _ in bands], os.path.join(fig_dir, name),
-                    "Training loss per step, min–max over learning rates " + ", ".join(f"{v:g}" for v in lrs),
-                    "training loss", ref_ranges=[r for _, r in bands])
     caption = ("training loss per step: min–max over all learning rates and seeds (dashed: the study's "
                f"reported range); the table's range leaves out the first {LOSS_RANGE_WARMUP_EPOCHS} epoch(s)")
-    table.figures.append((caption, f"fig/{name}"))
+    plots.band_plot([b for b, _ in bands], _figure_path(table, fig_dir, "landscape", caption),
+                    "Training loss per step, min–max over learning rates " + ", ".join(f"{v:g}" for v in lrs),
+                    "training loss", ref_ranges=[r for _, r in bands])
 
 
 def probe_panels(table: Table, fig_dir: str) -> None:
-    """Gradient predictiveness, beta-smoothness, gradient cosine, the Lipschitz estimate along the path,
-    the relative gradient variance and the loss range along the gradient, per group of runs (by norm
-    when norm varies, and by learning rate when it varies: β grows ~1/η, so pooling lrs would let the
-    smallest dominate)."""
+    """The probes per group of runs: by norm when it varies, and by lr when it varies (β grows ~1/η, so
+    pooling lrs would let the smallest dominate)."""
     groups = {k: [r for r in v if PROBES in r.files] for k, v in _probe_groups(table).items()}
     panels: dict[str, list] = {}
     for gname, runs in groups.items():
@@ -158,24 +155,19 @@ def probe_panels(table: Table, fig_dir: str) -> None:
             _probe_bands(gname, [run.probes() for run in runs], panels)
     if not panels:
         return
-    name = f"{table.name}_probes.png"
-    plots.probe_panels(panels, os.path.join(fig_dir, name),
-                       f"{table.title}: optimisation probes (line: mean, band: min–max over runs)")
     caption = ("gradient predictiveness, β-smoothness, gradient cosine, Lipschitz estimate along the path, "
                "relative gradient variance and loss range along the gradient, per probe step and learning "
                "rate")
-    table.figures.append((caption, f"fig/{name}"))
+    plots.probe_panels(panels, _figure_path(table, fig_dir, "probes", caption),
+                       f"{table.title}: optimisation probes (line: mean, band: min–max over runs)")
 
 
 def copy_filters(table: Table, out: str, warnings: list[str], copied: dict[str, str]) -> None:
     """The first-layer filter grid of one run per row, copied to fig/filters/<identity>.png."""
     for row in table.rows:
-        if len(table.filters) >= MAX_FILTERS:
-            break
-        if row.cell is None:
-            continue
-        run = next((r for r in row.cell.runs + row.cell.diverged if r.filters_png), None)
-        if run is None:
+        runs = row.cell.runs + row.cell.diverged if row.cell else []
+        run = next((r for r in runs if r.filters_png), None)
+        if run is None or len(table.filters) >= MAX_FILTERS:
             continue
         if run.path not in copied:
             copied[run.path] = _copy_filters_png(run, out, warnings)
