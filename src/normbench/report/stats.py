@@ -1,5 +1,4 @@
-"""The small statistics the report needs: mean and Student-t confidence interval, Welch's t-test
-(both from scipy.stats)."""
+"""The report's statistics: mean and Student-t confidence interval, Welch's t-test (scipy.stats)."""
 
 from __future__ import annotations
 
@@ -62,14 +61,12 @@ def welch(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> Compar
     diff = math.fsum(a) / na - math.fsum(b) / nb
     if na < 2 or nb < 2:
         return Comparison(diff, None, None, "cannot tell", f"n={min(na, nb)}, cannot tell", points=points)
-    sa, sb = mean_ci(a), mean_ci(b)
-    if sa.sd == 0.0 and sb.sd == 0.0:  # scipy gives nan here; equal constants are the same, unequal differ
+    if len(set(a)) == 1 and len(set(b)) == 1:  # scipy gives nan: equal constants are the same, unequal differ
         if diff == 0.0:
             return Comparison(0.0, 1.0, None, "not resolved", "identical values", (0.0, 0.0), points)
         return Comparison(diff, 0.0, None, "differs", "differs (no spread in either)", (diff, diff), points)
     result = sps.ttest_ind(a, b, equal_var=False)
-    p, df = float(result.pvalue), float(result.df)
-    half = t_quantile(1.0 - alpha / 2.0, df) * math.sqrt(sa.sd**2 / na + sb.sd**2 / nb)
+    p, df, ci = float(result.pvalue), float(result.df), result.confidence_interval(1.0 - alpha)
     verdict = "differs" if p < alpha else "not resolved"
     return Comparison(diff, p, df, verdict, f"{verdict} (Welch p={p:.3g}, n={na}/{nb})",
-                      (diff - half, diff + half), points)
+                      (float(ci.low), float(ci.high)), points)
