@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import jinja2
@@ -282,35 +282,18 @@ def _effective_text(effective: list[float], lrs: list[float]) -> str:
     return f"{span}, {len(effective)} of {len(lrs)} lrs"
 
 
-@dataclass
-class TableView:
+def _view(table: Table) -> SimpleNamespace:
     """A table's strings as the page and the Markdown show them."""
-
-    table: Table
-    title: str
-    header: list[str]
-    rows: list[list[str]]
-    numeric: set[int]  # columns of numbers (right-aligned)
-    pairs: tuple[list[str], list[list[str]]] | None
-    mechanism: tuple[list[str], list[list[str]]] | None
-
-    @property
-    def not_run(self) -> set[int]:
-        return {i for i, row in enumerate(self.table.rows[:len(self.rows)]) if row.cell is None}
-
-    @property
-    def notes(self) -> list[str]:  # as the Markdown quotes them
-        conv = [self.table.convergence_note] if self.table.convergence_note else []
-        return self.table.notes + [f"⚠ {f}" for f in self.table.flags] + conv
-
-
-def _view(table: Table) -> TableView:
     header, rows = display(table)
     numbers = {c.title for c in COLUMNS} | {"n", "study", "ours − study"}
-    numeric = {i for i, h in enumerate(header) if h in numbers}
-    pairs = pair_rows(table) if table.pairs else None
-    return TableView(table, table_title(table), header, rows, numeric, pairs,
-                     mechanism_rows(table) if table.mechanism else None)
+    return SimpleNamespace(
+        table=table, title=table_title(table), header=header, rows=rows,
+        numeric={i for i, h in enumerate(header) if h in numbers},  # right-aligned
+        not_run={i for i, row in enumerate(table.rows[:len(rows)]) if row.cell is None},
+        pairs=pair_rows(table) if table.pairs else None,
+        mechanism=mechanism_rows(table) if table.mechanism else None,
+        notes=(table.notes + [f"⚠ {f}" for f in table.flags]  # as the Markdown quotes them
+               + [table.convergence_note] * bool(table.convergence_note)))
 
 
 def verdict_class(text: str) -> str:
@@ -328,7 +311,7 @@ def _environment(autoescape: bool) -> jinja2.Environment:
     return env
 
 
-def _heading(study: str | None, views: list[TableView]) -> str:
+def _heading(study: str | None, views: list[SimpleNamespace]) -> str:
     """A section's heading: the study's title on its data, else the data and models actually run."""
     cells = [c for v in views for c in v.table.cells]
     if study is None or all(on_study_data(c) for c in cells):
