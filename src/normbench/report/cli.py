@@ -105,11 +105,6 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
     return Report(out, tables, result, timings, warnings)
 
 
-def default_out(sweep_dirs: Sequence[str]) -> str:
-    names = [os.path.basename(os.path.normpath(d)) or "report" for d in sweep_dirs]
-    return os.path.join("reports", slug("+".join(names)))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/report.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dirs", nargs="+",
@@ -120,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wandb-project", default="normbench", help="W&B project (default: normbench)")
     parser.add_argument("--profile", action="store_true", help="print the time of each phase")
     args = parser.parse_args(argv)
-    out = args.out or default_out(args.sweep_dirs)
+    names = [os.path.basename(os.path.normpath(d)) or "report" for d in args.sweep_dirs]
+    out = args.out or os.path.join("reports", slug("+".join(names)))
     try:
         report = build(args.sweep_dirs, out, wandb=args.wandb, wandb_project=args.wandb_project,
                        title=args.title)

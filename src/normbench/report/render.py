@@ -162,16 +162,14 @@ def records(table: Table) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for row in table.rows:
         cell = row.cell
-        line: list[Any] = []
         if table.kind == "study":
-            line += [row.label, row.extra]
-        else:
-            line += _setting_values(table, cell) if table.setting_columns else []
+            line: list[Any] = [row.label, row.extra]
+        else:  # display() shows the experiment where there are no setting columns; here it has its own
+            line = _setting_values(table, cell) if table.setting_columns else []
         line += [cell.experiment if cell else "", cell.n if cell else 0, len(cell.diverged) if cell else 0,
                  len(cell.other) if cell else 0]
         for col in table.columns:
-            st = cell_stat(row, col.metric)[0]
-            scale = col.scale
+            st, scale = cell_stat(row, col.metric)[0], col.scale
             line += [None if st.mean is None else st.mean * scale, None if st.ci is None else st.ci * scale,
                      st.n]
             if table.kind == "study":

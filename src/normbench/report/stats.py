@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -27,13 +28,10 @@ class Stat:
 def mean_ci(values: Sequence[float], level: float = 0.95) -> Stat:
     """Mean and Student-t confidence interval of the mean."""
     n = len(values)
-    if n == 0:
-        return Stat(0, None, None, None)
-    mean = math.fsum(values) / n
-    if n == 1:
-        return Stat(1, mean, None, None)
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    return Stat(n, mean, sd, t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n))
+    if n < 2:
+        return Stat(n, statistics.fmean(values) if n else None, None, None)
+    sd = statistics.stdev(values)
+    return Stat(n, statistics.fmean(values), sd, t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n))
 
 
 @dataclass(frozen=True)

@@ -135,8 +135,7 @@ def matches(cell: Cell, settings: dict[str, Any]) -> bool:
 
 
 def _varying(cells: Sequence[Cell], skip: set[str]) -> tuple[list[str], set[str]]:
-    """Choice keys whose value differs between cells, and the override keys whose value differs (an
-    override every cell has with the same value is a constant of the table, not a difference)."""
+    """Choice keys and override keys whose value differs between the cells."""
     keys = [k for k in dict.fromkeys(k for cell in cells for k in cell.choices)
             if k not in skip and k not in ROW_SELECTORS and len({repr(value_of(c, k)) for c in cells}) > 1]
     per_cell = [override_map(c) for c in cells]
@@ -191,9 +190,8 @@ def _counterpart_key(cell: Cell, defining: set[str]) -> tuple:
 
 def _closest(cell: Cell, candidates: Sequence[Cell], index: dict[tuple, Cell],
              defining: set[str]) -> Cell | None:
-    """The candidate sharing most settings with cell (same experiment preferred): first the exact
-    counterpart (same everything but the defining settings), else the nearest one when there are at
-    most MAX_NEAREST candidates (a large search has no meaningful nearest: None)."""
+    """The exact counterpart (same everything but the defining settings), else the candidate sharing most
+    settings (same experiment preferred) among at most MAX_NEAREST (a large search has no nearest)."""
     exact = index.get(_counterpart_key(cell, defining))
     if exact is not None or not candidates or len(candidates) > MAX_NEAREST:
         return exact
@@ -332,8 +330,7 @@ def _study_model(cell: Cell, st: StudyTable) -> bool:
 
 
 def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
-    """Row label -> the cells in the table's context that match the row (the first row a cell matches);
-    where runs of the preset of the table's name cover a row, only those."""
+    """Row label -> the cells whose first matching row it is (only the table's own preset's, where any)."""
     assigned: dict[str, list[Cell]] = {}
     for cell in cells:
         if (ref := _row_of(st, cell)) is not None:
@@ -346,8 +343,7 @@ def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
 
 
 def _compare_rows(st: StudyTable, table: Table) -> None:
-    """Each row with a `vs` row: the study's difference, and ours by Welch's test against the counterpart
-    cell (same other settings)."""
+    """Each row with a `vs` row: the study's difference, and ours by Welch's test against the counterpart."""
     by_label: dict[str, list[Cell]] = {}
     for row in table.rows:
         if row.cell is not None:
@@ -390,8 +386,8 @@ def _notes(st: StudyTable, covered: Sequence[Cell]) -> list[str]:
 
 
 def _contrasts(st: StudyTable, table: Table) -> list[str]:
-    """The study's relative claims (parameters, memory) beside ours, when every run is of the study's
-    model on its data (a smaller or other-channel net's proportions are not the study's)."""
+    """The study's relative claims (parameters, memory) beside ours, only when every run is of the study's
+    model on its data."""
     out, first = [], _first_cells(table)
     if not all(on_study_data(c) and _study_model(c, st) for c in table.cells):
         return []
