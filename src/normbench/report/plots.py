@@ -65,16 +65,14 @@ class BarRow:
 
 
 def summary_bars(rows: Sequence[BarRow], path: str, title: str, xlabel: str) -> None:
-    """Horizontal bars (labels stay readable however long or many): ours (mean with 95% CI, n beside
-    the bar) next to the study's number, one pair per row, the first row on top."""
-    fig, axes = _figure(8.0, max(2.4, 0.42 * len(rows) + 1.4))
-    ax = axes[0][0]
+    """Horizontal bars (labels stay readable however long or many): ours (mean, 95% CI, n) beside the
+    study's number, the first row on top."""
+    fig, [[ax]] = _figure(8.0, max(2.4, 0.42 * len(rows) + 1.4))
     y = np.arange(len(rows))[::-1]
     height = 0.4
-    ours = np.array([np.nan if r.ours is None else r.ours for r in rows], dtype=float)
-    err = np.array([0.0 if r.ci is None else r.ci for r in rows], dtype=float)
-    study = np.array([np.nan if r.study is None else r.study for r in rows], dtype=float)
-    ax.barh(y + height / 2, ours, height, xerr=err, capsize=3, color="#3b75af", label="ours (mean ± 95% CI)")
+    ours, err, study = np.array([(r.ours, r.ci, r.study) for r in rows], dtype=float).reshape(-1, 3).T
+    ax.barh(y + height / 2, ours, height, xerr=np.nan_to_num(err), capsize=3, color="#3b75af",
+            label="ours (mean ± 95% CI)")
     if not np.isnan(study).all():
         ax.barh(y - height / 2, study, height, color="#c9c9c9", edgecolor="#666666", label="study")
     py = [yi + height / 2 for yi, r in zip(y, rows, strict=True) for _ in r.points]
@@ -95,8 +93,7 @@ def clustered_bars(groups: Sequence[str], clusters: Sequence[str], ours: dict[tu
                    study: dict[tuple[str, str], float], path: str, title: str, ylabel: str) -> None:
     """Bars clustered by ``clusters`` (x axis, e.g. batch size), one bar per group (e.g. norm):
     ours with 95% CI; the study's value as a black marker on the bar."""
-    fig, axes = _figure(7.5, 4.2)
-    ax = axes[0][0]
+    fig, [[ax]] = _figure(7.5, 4.2)
     x = np.arange(len(clusters))
     width = 0.8 / max(1, len(groups))
     colors = _colors(len(groups))
@@ -166,8 +163,7 @@ def band_plot(bands: Sequence[Band], path: str, title: str, ylabel: str,
               ref_ranges: Sequence[tuple[float, float] | None]) -> None:
     """Per-step min-max bands (e.g. training loss over the runs of several learning rates); reference
     ranges per band (or None) drawn as dashed lines in the band's colour; log scale for a wide range."""
-    fig, axes = _figure(7.5, 4.2)
-    ax = axes[0][0]
+    fig, [[ax]] = _figure(7.5, 4.2)
     for band, color, ref in zip(bands, _colors(len(bands)), ref_ranges, strict=True):
         ax.fill_between(band.step, band.low, band.high, color=color, alpha=0.35, lw=0, label=band.label)
         if band.mean is not None:
