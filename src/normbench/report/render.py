@@ -218,11 +218,10 @@ def headlines(tables: Sequence[Table]) -> list[tuple[str, str]]:
             if c is None or c.interval is None or row.cell is None or many:
                 continue
             lo, hi = (v * col.scale for v in c.interval)
-            steps = _stat_text(row.cell, "train/steps")
             name = row.label + (f" ({row.extra})" if row.extra else "")
             text = (f"{name} vs {row.vs}: {col.title.removesuffix(' %')} {c.diff * col.scale:+.2f} pp "
-                    f"[95% CI {lo:+.2f}, {hi:+.2f}] "
-                    f"({c.verdict}), n = {c.n[0]} / {c.n[1]}, {steps} steps each — {used([row.cell])}")
+                    f"[95% CI {lo:+.2f}, {hi:+.2f}] ({c.verdict}), n = {c.n[0]} / {c.n[1]}, "
+                    f"{_stat_text(row.cell, 'train/steps')} steps each — {used([row.cell])}")
             out.append((text, figure))
     return out[:MAX_HEADLINES]
 
@@ -232,8 +231,7 @@ def _stat_text(cell: Cell, metric: str) -> str:
 
 
 def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
-    """Study 000 section 9 per norm and learning rate (normbench.report.mechanism): one line per
-    (norm, lr), then the norm over all its lrs with the study's numbers and the effective lr range."""
+    """Study 000 section 9: a line per norm and lr, then per norm (normbench.report.mechanism)."""
     header = ["norm", "lr", "runs", "test acc %", "training-loss range (after epoch 1)", "study",
               "gradient cosine (mean)", "study", "gradient predictiveness (mean max ‖Δ∇L‖)",
               "β-smoothness mean / max", "Lipschitz along the path median / max", "β, Lipschitz vs plain",
@@ -247,16 +245,14 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
             study_range = f"[{lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else none
             rows.append([m.norm, f"all {len(m.lrs)}", str(m.runs), "", loss, study_range, "per lr",
                          f"{ref['grad_cos']:g}" if "grad_cos" in ref else none, "per lr", "per lr", "per lr",
-                         _study_direction(table, m), "per lr",
-                         _effective_text(m.effective_lrs, m.lrs)])
+                         _study_direction(table, m), "per lr", _effective_text(m.effective_lrs, m.lrs)])
             continue
-        rows.append([
-            m.norm, "" if m.lr is None else f"{m.lr:g}", str(m.runs),
-            "" if m.test_acc is None else f"{m.test_acc * 100:.2f}", loss, "", _probe(".2f", m.grad_cos), "",
-            _probe(".3g", m.grad_pred), _probe(".3g", m.beta_mean, m.beta_max),
-            _probe(".3g", m.lipschitz_median, m.lipschitz_max), m.vs_plain, _probe(".3g", m.grad_var_rel),
-            "yes" if m.trains else "no",
-        ])
+        rows.append([m.norm, "" if m.lr is None else f"{m.lr:g}", str(m.runs),
+                     "" if m.test_acc is None else f"{m.test_acc * 100:.2f}", loss, "",
+                     _probe(".2f", m.grad_cos), "", _probe(".3g", m.grad_pred),
+                     _probe(".3g", m.beta_mean, m.beta_max),
+                     _probe(".3g", m.lipschitz_median, m.lipschitz_max),
+                     m.vs_plain, _probe(".3g", m.grad_var_rel), "yes" if m.trains else "no"])
     return header, rows
 
 
