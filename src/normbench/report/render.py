@@ -290,15 +290,9 @@ def _view(table: Table) -> SimpleNamespace:
                + [table.convergence_note] * bool(table.convergence_note)))
 
 
-def verdict_class(text: str) -> str:
-    css = {"differs": "differs", "not resolved": "noise", "cannot tell": "cannot", "not run": "cannot"}
-    return next((f"verdict-{c}" for word, c in css.items() if word in text), "")
-
-
 def _environment(autoescape: bool) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("normbench.report"), autoescape=autoescape,
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters["verdict"] = verdict_class
     env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
     env.globals.update(max_rows=MAX_HTML_ROWS, max_skipped=MAX_SKIPPED_LISTED,
                        max_warnings=MAX_WARNINGS_LISTED)
