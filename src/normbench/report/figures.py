@@ -86,22 +86,17 @@ def clustered_bars(table: Table, fig_dir: str) -> None:
     if table.study is None or not {"norm", "batch_size"} <= {k for r in table.study.rows for k in r.settings}:
         return
     ours, study = {}, {}
-    groups, clusters = [], []
     for row in table.rows:
-        norm = NORM_LABEL[row.ref.settings["norm"]]
-        bs = str(row.ref.settings["batch_size"])
-        groups += [norm] if norm not in groups else []
-        clusters += [bs] if bs not in clusters else []
-        study[(norm, bs)] = row.ref.ref.get("test/acc")
-        if row.cell is not None and (norm, bs) not in ours:
-            st = row.cell.stat("test/acc")
-            if st.mean is not None:
-                ci = ci_for_display(st)
-                ours[(norm, bs)] = (st.mean * 100, None if ci is None else ci * 100)
+        key = (NORM_LABEL[row.ref.settings["norm"]], str(row.ref.settings["batch_size"]))
+        study[key] = row.ref.ref.get("test/acc")
+        st = row.cell.stat("test/acc") if row.cell is not None and key not in ours else None
+        if st is not None and st.mean is not None:
+            ci = ci_for_display(st)
+            ours[key] = (st.mean * 100, None if ci is None else ci * 100)
     if not ours:
         return
     path = _figure_path(table, fig_dir, "clustered", "test accuracy by norm × batch size (study 002)")
-    plots.clustered_bars(groups, clusters, ours, study, path,
+    plots.clustered_bars(ours, study, path,
                          "Test accuracy by norm and batch size (bars: ours; black marks: study)",
                          "test accuracy %")
 

@@ -89,10 +89,11 @@ def summary_bars(rows: Sequence[BarRow], path: str, title: str, xlabel: str) -> 
     fig.savefig(path, format="png", dpi=DPI)
 
 
-def clustered_bars(groups: Sequence[str], clusters: Sequence[str], ours: dict[tuple[str, str], tuple],
-                   study: dict[tuple[str, str], float], path: str, title: str, ylabel: str) -> None:
-    """Bars clustered by ``clusters`` (x axis, e.g. batch size), one bar per group (e.g. norm):
-    ours with 95% CI; the study's value as a black marker on the bar."""
+def clustered_bars(ours: dict[tuple[str, str], tuple], study: dict[tuple[str, str], float], path: str,
+                   title: str, ylabel: str) -> None:
+    """Bars clustered by the keys' cluster (x axis, e.g. batch size), one bar per group (e.g. norm), in the
+    order of ``study``'s (group, cluster) keys: ours with 95% CI; the study's value as a black marker."""
+    groups, clusters = (list(dict.fromkeys(key[i] for key in study)) for i in (0, 1))
     fig, [[ax]] = _figure(7.5, 4.2)
     x = np.arange(len(clusters))
     width = 0.8 / max(1, len(groups))
