@@ -27,7 +27,6 @@ from normbench.report.tables import (
     on_study_data,
     override_map,
     round_text,
-    value_of,
 )
 
 MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
@@ -143,7 +142,7 @@ def _setting_values(table: Table, cell: Cell | None) -> list[str]:
         elif key in overrides:
             values.append(round_text(overrides[key]))
         else:
-            value = value_of(cell, key) if key in cell.choices or "." not in key else None
+            value = cell.setting(key) if key in cell.choices or "." not in key else None
             values.append("" if value is None else fmt_value(value))
     return values
 

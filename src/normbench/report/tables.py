@@ -111,14 +111,11 @@ class Table:
 
 
 def _same(value: Any, wanted: Any) -> bool:
-    if value is None:
-        return False
     if isinstance(wanted, (bool, str)):
-        return str(value) == str(wanted)
-    if isinstance(value, bool):
-        return False
-    try:
-        return math.isclose(float(value), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
+        return value is not None and str(value) == str(wanted)
+    try:  # numbers (a bool is not one) compare as floats
+        return not isinstance(value, bool) and math.isclose(float(value), float(wanted), rel_tol=1e-9,
+                                                            abs_tol=1e-12)
     except (TypeError, ValueError):
         return False
 
@@ -137,11 +134,9 @@ def matches(cell: Cell, settings: dict[str, Any]) -> bool:
 def _varying(cells: Sequence[Cell], skip: set[str]) -> tuple[list[str], set[str]]:
     """Choice keys and override keys whose value differs between the cells."""
     keys = [k for k in dict.fromkeys(k for cell in cells for k in cell.choices)
-            if k not in skip and k not in ROW_SELECTORS and len({repr(value_of(c, k)) for c in cells}) > 1]
+            if k not in skip and k not in ROW_SELECTORS and len({repr(c.setting(k)) for c in cells}) > 1]
     per_cell = [override_map(c) for c in cells]
-    override_keys = {k for m in per_cell for k in m}
-    varying = {k for k in override_keys if len({m.get(k) for m in per_cell}) > 1}
-    return keys, varying
+    return keys, {k for k in {k for m in per_cell for k in m} if len({m.get(k) for m in per_cell}) > 1}
 
 
 def override_map(cell: Cell) -> dict[str, str]:
@@ -169,13 +164,8 @@ def round_text(text: str) -> str:
     return text if number.is_integer() and "." not in text and "e" not in text.lower() else f"{number:.4g}"
 
 
-def value_of(cell: Cell, key: str) -> Any:
-    """A choice; a numeric setting (lr, dropout) a cell's choices lack comes from its config.yaml."""
-    return cell.choices[key] if key in cell.choices else cell.setting(key)
-
-
 def _extra_label(cell: Cell, keys: Sequence[str], overrides: set[str]) -> str:
-    parts = [f"{k}={fmt_value(v)}" for k in keys if (v := value_of(cell, k)) is not None]
+    parts = [f"{k}={fmt_value(v)}" for k in keys if (v := cell.setting(k)) is not None]
     if overrides:
         mine = override_map(cell)
         parts.extend(f"{k}={round_text(mine[k])}" if k in mine else f"{k}=(default)"
@@ -416,7 +406,7 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
         else:
             name, title = exp, f"experiment {exp}: runs grouped by their varying choices"
         keys, overrides = _varying(group, {SEED})
-        group.sort(key=lambda c: tuple(_sort_key(value_of(c, k)) for k in keys) + c.value_overrides)
+        group.sort(key=lambda c: tuple(_sort_key(c.setting(k)) for k in keys) + c.value_overrides)
         table = Table(slug(name), title, "generic", "test/err", [])
         table.setting_columns = keys + sorted(overrides)
         search = any(c.trials for c in group)
