@@ -81,11 +81,6 @@ def difference_text(c: Comparison | None, scale: float = 100.0) -> str:
     return text + (f" ({'; '.join(extra)})" if extra else "")
 
 
-def _comparison_text(row: Row, scale: float = 100.0) -> str:
-    study = "" if row.study_diff is None else f"; study {row.study_diff:+.2f} pp"
-    return "" if row.vs is None else f"vs {row.vs}: {difference_text(row.comparison, scale)}{study}"
-
-
 def display(table: Table) -> tuple[list[str], list[list[str]]]:
     """Header and rows of strings, as shown in HTML and Markdown (the first MAX_HTML_ROWS rows)."""
     study = table.kind == "study"
@@ -113,12 +108,15 @@ def _display_row(table: Table, row: Row, extra: bool) -> list[str]:
         if col.metric == table.primary and study:
             line += [text, _fmt_ref(ref, col) if ref is not None else NO_STUDY_NUMBER if row.no_study else "",
                      f"{st.mean * col.scale - ref:+.2f}" if ref is not None and st.mean is not None else ""]
+        elif ref is not None and not (col.metric == "test/acc" and table.primary == "test/err"):
+            line.append(f"{text} (study {_fmt_ref(ref, col)})")
         else:
-            if ref is not None and not (col.metric == "test/acc" and table.primary == "test/err"):
-                text += f" (study {_fmt_ref(ref, col)})"
             line.append(text)
+    if row.vs is None:
+        return line + [""]
+    study_diff = "" if row.study_diff is None else f"; study {row.study_diff:+.2f} pp"
     primary = next(c for c in COLUMNS if c.metric == table.primary)
-    return line + [_comparison_text(row, primary.scale)]
+    return line + [f"vs {row.vs}: {difference_text(row.comparison, primary.scale)}{study_diff}"]
 
 
 def _never_text(row: Row, never: int, total: int, before: str) -> str:
