@@ -188,11 +188,9 @@ def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
             parts.append(f"lr {lr_of(row.cell):g}")
         name = " · ".join(parts) or row.label + (f" ({row.extra})" if row.extra else "")
         groups.setdefault(name, []).extend(row.cell.runs + row.cell.diverged)
-    total, capped = 0, {}
-    for name, runs in groups.items():
-        if total < MAX_PROBE_RUNS:
-            capped[name] = runs[: MAX_PROBE_RUNS - total]
-            total += len(capped[name])
+    capped: dict[str, list[RunRecord]] = {}
+    for name, run in [(name, run) for name, runs in groups.items() for run in runs][:MAX_PROBE_RUNS]:
+        capped.setdefault(name, []).append(run)
     return capped
 
 
