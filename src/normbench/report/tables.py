@@ -427,8 +427,7 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
             label = _extra_label(cell, keys, overrides) or exp
             row = Row(f"trial {cell.trials}: {label}" if cell.trials else label, cell)
             if best is not None and cell is not best:
-                row.vs = "best"
-                row.comparison = _compare(cell, best, "test/err")
+                row.vs, row.comparison = "best", _compare(cell, best, "test/err")
             table.rows.append(row)
         if best is not None and len(group) > 1:
             which = f"trial {best.trials}, the best objective" if search else "the lowest mean test error"
