@@ -34,6 +34,7 @@ MAX_SKIPPED_LISTED = 1000
 MAX_WARNINGS_LISTED = 500
 PERCENT = {"test/err", "test/acc", "val/best_acc"}
 COUNTS = {"model/params", "train/steps", "train/images"}  # whole numbers with thousands separators
+MAX_HEADLINES = 6
 MAX_POINTS = 4  # a comparison lists its points up to this many seeds a side (an interval says little then)
 SUMMARY_COLUMNS = ("objective", "epochs_done", "diverged_epoch", "error")  # runs.csv's from summary.json
 
@@ -187,14 +188,6 @@ def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
                      "" if pair.study_diff is None else f"{pair.study_diff:+.2f} pp"] for pair in table.pairs]
 
 
-def table_title(table: Table) -> str:
-    return (f"{table.name} — {table.title}" + (f" (study {table.study.study})" if table.study else "")
-            + (f" — {used(table.cells)}" if table.cells else ""))
-
-
-MAX_HEADLINES = 6
-
-
 def headlines(tables: Sequence[Table]) -> list[tuple[str, str]]:
     """The answer, first on the page: per comparison of a table (a search: its best trial) one line
     with the difference, its 95% interval, n and the budget; and the figure that shows it."""
@@ -278,7 +271,9 @@ def _view(table: Table) -> SimpleNamespace:
     header, rows = display(table)
     numbers = {c.title for c in COLUMNS} | {"n", "study", "ours − study"}
     return SimpleNamespace(
-        table=table, title=table_title(table), header=header, rows=rows,
+        table=table, header=header, rows=rows,
+        title=(f"{table.name} — {table.title}" + (f" (study {table.study.study})" if table.study else "")
+               + (f" — {used(table.cells)}" if table.cells else "")),
         numeric={i for i, h in enumerate(header) if h in numbers},  # right-aligned
         not_run={i for i, row in enumerate(table.rows[:len(rows)]) if row.cell is None},
         pairs=pair_rows(table) if table.pairs else None,
