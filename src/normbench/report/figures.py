@@ -105,8 +105,6 @@ def training_curves(table: Table, fig_dir: str) -> None:
     """Train/validation accuracy and loss per epoch of up to MAX_CURVE_CELLS cells on shared axes."""
     curve_rows = [r for r in table.rows if r.cell is not None
                   and any(METRICS in run.files for run in r.cell.runs + r.cell.diverged)]
-    if not curve_rows:
-        return
     note = ""
     if len(curve_rows) > MAX_CURVE_CELLS:
         curve_rows.sort(key=lambda r: math.inf if (m := r.cell.stat("test/err").mean) is None else m)
@@ -143,10 +141,9 @@ def loss_landscape(table: Table, fig_dir: str) -> None:
 def probe_panels(table: Table, fig_dir: str) -> None:
     """The probes per group of runs: by norm when it varies, and by lr when it varies (β grows ~1/η, so
     pooling lrs would let the smallest dominate)."""
-    groups = {k: [r for r in v if PROBES in r.files] for k, v in _probe_groups(table).items()}
     panels: dict[str, list] = {}
-    for gname, runs in groups.items():
-        if runs:
+    for gname, runs in _probe_groups(table).items():
+        if runs := [r for r in runs if PROBES in r.files]:
             _probe_bands(gname, [run.probes() for run in runs], panels)
     if not panels:
         return

@@ -314,11 +314,10 @@ def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
 
 
 def write_runs_csv(result: ScanResult, path: str) -> None:
-    choice_keys = list(dict.fromkeys(k for run in result.runs for k in run.choices))
-    metric_keys = list(dict.fromkeys(k for run in result.runs for k in run.metrics))
-    header = (["path", "identity", "status", "experiment"] + [f"choice/{k}" for k in choice_keys]
-              + ["overrides"] + [f"metric/{k}" for k in metric_keys]
-              + list(SUMMARY_COLUMNS) + ["skipped", "skip_reason"])
+    choices = [f"choice/{k}" for k in dict.fromkeys(k for run in result.runs for k in run.choices)]
+    metrics = [f"metric/{k}" for k in dict.fromkeys(k for run in result.runs for k in run.metrics)]
+    header = ["path", "identity", "status", "experiment", *choices, "overrides", *metrics, *SUMMARY_COLUMNS,
+              "skipped", "skip_reason"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, header, restval="")
         w.writeheader()
