@@ -40,8 +40,7 @@ def log_wandb(tables: list[Table], result: ScanResult, out: str, project: str, n
             data = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in r] for r in rows]
             payload[f"table/{table.name}"] = wandb.Table(columns=header, data=data)
             for caption, rel in table.figures:
-                key = os.path.splitext(os.path.basename(rel))[0]
-                payload[f"figure/{key}"] = wandb.Image(os.path.join(out, rel), caption=caption)
+                payload[f"figure/{Path(rel).stem}"] = wandb.Image(os.path.join(out, rel), caption=caption)
         run.log(payload)
         run.summary.update({"report/runs": len(result.runs), "report/skipped": len(result.skipped),
                             "report/tables": len(tables)})

@@ -133,8 +133,7 @@ def _setting_values(table: Table, cell: Cell | None) -> list[str]:
         return [""] * len(table.setting_columns)
     if not table.setting_columns:
         return [cell.experiment]
-    values = []
-    overrides = override_map(cell)
+    values, overrides = [], override_map(cell)
     for key in table.setting_columns:
         if key == "trial":
             values.append(cell.trials)

@@ -221,8 +221,6 @@ def add_convergence(table: Table) -> None:
     """Each run's steps to the table's threshold into its row's ``convergence`` (None: never, or never
     learns); a run that does not get there but was still improving also into ``cut``."""
     runs = [(row, run) for row in table.rows if row.cell is not None for run in row.cell.runs]
-    if not runs:
-        return
     curves = {id(run): run.val_curve() for _, run in runs}
     best = max((acc for curve in curves.values() for _, acc in curve), default=None)
     if best is None:
