@@ -182,20 +182,17 @@ def band_plot(bands: Sequence[Band], path: str, title: str, ylabel: str,
 
 def probe_panels(panels: dict[str, Sequence[Band]], path: str, title: str) -> None:
     """One panel per probe metric; each group (e.g. plain / BN) as mean line with min-max band."""
-    names = list(panels)
-    ncols = min(2, len(names))
-    nrows = math.ceil(len(names) / ncols)
+    ncols, nrows = min(2, len(panels)), math.ceil(len(panels) / 2)
     fig, axes = _figure(5.5 * ncols, 3.6 * nrows, ncols=ncols, nrows=nrows)
-    flat = [ax for row in axes for ax in row]
-    for ax, name in zip(flat, names, strict=False):
-        bands = panels[name]
+    flat = axes.ravel()
+    for ax, (name, bands) in zip(flat, panels.items(), strict=False):
         for band, color in zip(bands, _colors(len(bands)), strict=True):
             ax.fill_between(band.step, band.low, band.high, color=color, alpha=0.3, lw=0)
             ax.plot(band.step, band.mean if band.mean is not None else band.high, color=color, lw=1.2,
                     label=band.label)
         _label(ax, name, "step", fontsize=9)
         ax.legend(fontsize=7)
-    for ax in flat[len(names):]:
+    for ax in flat[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, format="png", dpi=DPI)
