@@ -2,10 +2,7 @@
 
     python bench/report.py multirun/vgg_losses [more dirs] [--out DIR] [--wandb]
 
-Reads run records only (see normbench.report.records). Writes into the output dir:
-``index.html`` (self-contained: inline CSS, images by relative path, no script, no network),
-``report.md``, ``runs.csv`` (every run record, skipped ones included), ``tables/<name>.csv`` and
-``fig/*.png``.
+Reads run records only (normbench.report.records); what it writes: docs/report.md.
 """
 
 from __future__ import annotations
@@ -15,7 +12,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +27,6 @@ from normbench.report.reference import STUDY_TABLES
 from normbench.report.render import records, render_html, render_markdown, write_runs_csv, write_table_csv
 from normbench.report.tables import Table, assign_to_tables, generic_tables, slug, study_table
 
-# ------------------------------------------------------------------------------------------------
-# W&B
 
 def log_wandb(tables: list[Table], result: ScanResult, out: str, project: str, name: str) -> str:
     import wandb
@@ -41,28 +37,17 @@ def log_wandb(tables: list[Table], result: ScanResult, out: str, project: str, n
         payload: dict[str, Any] = {}
         for table in tables:
             header, rows = records(table)
-            data = [[_wb(v) for v in r] for r in rows]
+            data = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in r] for r in rows]
             payload[f"table/{table.name}"] = wandb.Table(columns=header, data=data)
             for caption, rel in table.figures:
-                key = os.path.splitext(os.path.basename(rel))[0]
-                payload[f"figure/{key}"] = wandb.Image(os.path.join(out, rel), caption=caption)
+                payload[f"figure/{Path(rel).stem}"] = wandb.Image(os.path.join(out, rel), caption=caption)
         run.log(payload)
-        run.summary["report/runs"] = len(result.runs)
-        run.summary["report/skipped"] = len(result.skipped)
-        run.summary["report/tables"] = len(tables)
+        run.summary.update({"report/runs": len(result.runs), "report/skipped": len(result.skipped),
+                            "report/tables": len(tables)})
         return run.dir
     finally:
         run.finish()
 
-
-def _wb(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return None
-    return value
-
-
-# ------------------------------------------------------------------------------------------------
-# entry point
 
 @dataclass
 class Report:
@@ -73,6 +58,13 @@ class Report:
     warnings: list[str]
 
 
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[phase] = time.perf_counter() - start
+
+
 def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_project: str = "normbench",
           title: str | None = None) -> Report:
     for d in sweep_dirs:
@@ -80,54 +72,36 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
             raise ConfigError("sweep_dir", d, "pass existing sweep directories, e.g. multirun/vgg_losses")
     os.makedirs(os.path.join(out, "tables"), exist_ok=True)  # an unusable --out fails before the scan
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    result = scan(sweep_dirs)
-    timings["scan"] = time.perf_counter() - t0
+    with _timed(timings, "scan"):
+        result = scan(sweep_dirs)
+    with _timed(timings, "tables"):
+        cells = cells_of(result.runs)
+        assigned = assign_to_tables(cells)
+        tables = [t for st in STUDY_TABLES if (t := study_table(st, assigned.get(st.name, []))) is not None]
+        tables += generic_tables(cells, {id(c) for t in tables for c in t.cells})
+        for table in tables:
+            if table.study is not None and table.study.mechanism:
+                table.mechanism = mechanism(table)
+    with _timed(timings, "figures"):
+        from normbench.report.figures import add_figures  # matplotlib: imported only when figures are drawn
 
-    t1 = time.perf_counter()
-    cells = cells_of(result.runs)
-    tables: list[Table] = []
-    assigned = assign_to_tables(cells)
-    for st in STUDY_TABLES:
-        table = study_table(st, assigned.get(st.name, []))
-        if table is not None:
-            tables.append(table)
-    shown = {id(c) for t in tables for c in t.cells}
-    tables += generic_tables(cells, shown)
-    for table in tables:
-        if table.study is not None and table.study.mechanism:
-            table.mechanism = mechanism(table)
-    timings["tables"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    from normbench.report.figures import add_figures  # matplotlib: imported only when figures are drawn
-
-    warnings: list[str] = []
-    copied: dict[str, str] = {}
-    for table in tables:
-        add_figures(table, out, warnings, copied)
-    timings["figures"] = time.perf_counter() - t2
+        warnings: list[str] = []
+        copied: dict[str, str] = {}
+        for table in tables:
+            add_figures(table, out, warnings, copied)
     warnings = malformed_warnings(result.runs) + warnings
-
-    t3 = time.perf_counter()
     names = ", ".join(os.path.basename(os.path.normpath(d)) for d in sweep_dirs)
     title = title or f"normbench report: {names}"
-    for table in tables:
-        write_table_csv(table, os.path.join(out, "tables", f"{table.name}.csv"))
-    write_runs_csv(result, os.path.join(out, "runs.csv"))
-    atomic_write_text(Path(out, "index.html"), render_html(tables, result, warnings, title))
-    atomic_write_text(Path(out, "report.md"), render_markdown(tables, result, title))
-    timings["write"] = time.perf_counter() - t3
+    with _timed(timings, "write"):
+        for table in tables:
+            write_table_csv(table, os.path.join(out, "tables", f"{table.name}.csv"))
+        write_runs_csv(result, os.path.join(out, "runs.csv"))
+        atomic_write_text(Path(out, "index.html"), render_html(tables, result, warnings, title))
+        atomic_write_text(Path(out, "report.md"), render_markdown(tables, result, title))
     if wandb:
-        t4 = time.perf_counter()
-        log_wandb(tables, result, out, wandb_project, os.path.basename(os.path.normpath(out)))
-        timings["wandb"] = time.perf_counter() - t4
+        with _timed(timings, "wandb"):
+            log_wandb(tables, result, out, wandb_project, os.path.basename(os.path.normpath(out)))
     return Report(out, tables, result, timings, warnings)
-
-
-def default_out(sweep_dirs: Sequence[str]) -> str:
-    names = [os.path.basename(os.path.normpath(d)) or "report" for d in sweep_dirs]
-    return os.path.join("reports", slug("+".join(names)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wandb-project", default="normbench", help="W&B project (default: normbench)")
     parser.add_argument("--profile", action="store_true", help="print the time of each phase")
     args = parser.parse_args(argv)
-    out = args.out or default_out(args.sweep_dirs)
+    names = [os.path.basename(os.path.normpath(d)) or "report" for d in args.sweep_dirs]
+    out = args.out or os.path.join("reports", slug("+".join(names)))
     try:
         report = build(args.sweep_dirs, out, wandb=args.wandb, wandb_project=args.wandb_project,
                        title=args.title)

@@ -1,19 +1,15 @@
-"""The report's figures per table, drawn from the runs' records (normbench.report.plots draws them).
-
-One function per figure kind; each adds (caption, path) to ``table.figures`` when the runs have its
-data. The jsonl files are read here, for the few runs each figure shows. Figures only draw: every
-number in a table is computed before.
-"""
+"""The report's figures per table: each kind adds (caption, path) to ``table.figures`` when the runs have
+its data (normbench.report.plots draws). The jsonl files are read here, for the few runs each shows."""
 
 from __future__ import annotations
 
 import math
 import os
 import shutil
-import warnings as _warnings
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 from normbench.record import FILTERS, METRICS, PROBES
 from normbench.report import plots
@@ -27,6 +23,7 @@ MAX_CURVE_CELLS = 12
 MAX_RUNS_PER_CELL = 5  # runs read per cell for curves
 MAX_PROBE_RUNS = 40
 MAX_FILTERS = 24  # per table
+CURVE_KEYS = ("step", "train/acc", "val/acc", "train/loss", "val/loss")
 PROBE_KEYS = ("probe/grad_pred", "probe/beta", "probe/grad_cos", "probe/lipschitz", "probe/grad_var_rel")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -40,38 +37,26 @@ def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, s
     copy_filters(table, out, warnings, copied)
 
 
-def _epoch_curve(label: str, runs: Sequence[RunRecord]):
-    """The runs' mean per epoch end, against the optimizer steps there (their mean over the runs)."""
-    per_epoch: dict[int, list[list[float]]] = {}
-    for run in runs:
-        for row in run.epochs():
-            epoch = row.get("epoch")
-            if not isinstance(epoch, int) or isinstance(epoch, bool):
-                continue
-            keys = ("step", "train/acc", "val/acc", "train/loss", "val/loss")
-            per_epoch.setdefault(epoch, []).append([num(row.get(k)) for k in keys])
-    if not per_epoch:
-        return None
-    with np.errstate(all="ignore"), _warnings.catch_warnings():
-        _warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.array([np.nanmean(np.array(per_epoch[e], dtype=float), axis=0) for e in sorted(per_epoch)])
-    return plots.Curve(label, mean[:, 0], mean[:, 1] * 100, mean[:, 2] * 100, mean[:, 3], mean[:, 4])
+def _epoch_means(runs: Sequence[RunRecord]) -> pd.DataFrame:
+    """The runs' CURVE_KEYS per epoch end, mean of the finite values (empty: no epochs)."""
+    frame = pd.DataFrame([[e, *(num(row.get(k)) for k in CURVE_KEYS)] for run in runs for row in run.epochs()
+                          if isinstance(e := row.get("epoch"), int) and not isinstance(e, bool)],
+                         columns=["epoch", *CURVE_KEYS], dtype=float)
+    return frame.groupby("epoch").mean()
 
 
-def _per_step(pairs: list[tuple[np.ndarray, np.ndarray]]):
-    """Per-step min, max and mean over several runs' (step, value) series (finite values only)."""
-    import pandas as pd
-
-    frame = pd.DataFrame({"step": np.concatenate([p[0] for p in pairs]),
-                          "value": np.concatenate([p[1] for p in pairs])})
+def _per_step(runs_rows: Sequence[list[dict]], key: str):
+    """Per-step min, max and mean of key over several runs' jsonl rows (finite values only)."""
+    frame = pd.DataFrame([(num(r.get("step")), num(r.get(key))) for rows in runs_rows for r in rows],
+                         columns=["step", "value"], dtype=float)
     agg = frame[np.isfinite(frame).all(axis=1)].groupby("step")["value"].agg(["min", "max", "mean"])
     return None if agg.empty else (agg.index.to_numpy(), *(agg[k].to_numpy() for k in ("min", "max", "mean")))
 
 
-def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    steps = np.array([num(r.get("step")) for r in rows], dtype=float)
-    values = np.array([num(r.get(key)) for r in rows], dtype=float)
-    return steps, values
+def _figure_path(table: Table, fig_dir: str, kind: str, caption: str) -> str:
+    """Where the table's figure of this kind is drawn; listed in ``table.figures`` with its caption."""
+    table.figures.append((caption, f"fig/{table.name}_{kind}.png"))
+    return os.path.join(fig_dir, f"{table.name}_{kind}.png")
 
 
 def summary_bars(table: Table, fig_dir: str) -> None:
@@ -90,12 +75,10 @@ def summary_bars(table: Table, fig_dir: str) -> None:
                                      None if ci is None else ci * col.scale, st.n, study, points))
     if not any(b.ours is not None for b in bar_rows):
         return
-    name = f"{table.name}_bars.png"
-    title = f"{table.title}: ours vs study" if table.kind == "study" else table.title
-    plots.summary_bars(bar_rows, os.path.join(fig_dir, name), f"{title} — {used(table.cells)}", col.title)
+    title = f"{table.title}{': ours vs study' if table.kind == 'study' else ''} — {used(table.cells)}"
     caption = (f"{col.title}: ours (mean ± 95% CI from {MIN_CI_N} seeds; dots: the runs of a cell with "
                "fewer) and the study")
-    table.figures.append((caption, f"fig/{name}"))
+    plots.summary_bars(bar_rows, _figure_path(table, fig_dir, "bars", caption), title, col.title)
 
 
 def clustered_bars(table: Table, fig_dir: str) -> None:
@@ -103,33 +86,25 @@ def clustered_bars(table: Table, fig_dir: str) -> None:
     if table.study is None or not {"norm", "batch_size"} <= {k for r in table.study.rows for k in r.settings}:
         return
     ours, study = {}, {}
-    groups, clusters = [], []
     for row in table.rows:
-        norm = NORM_LABEL[row.ref.settings["norm"]]
-        bs = str(row.ref.settings["batch_size"])
-        groups += [norm] if norm not in groups else []
-        clusters += [bs] if bs not in clusters else []
-        study[(norm, bs)] = row.ref.ref.get("test/acc")
-        if row.cell is not None and (norm, bs) not in ours:
-            st = row.cell.stat("test/acc")
-            if st.mean is not None:
-                ci = ci_for_display(st)
-                ours[(norm, bs)] = (st.mean * 100, None if ci is None else ci * 100)
+        key = (NORM_LABEL[row.ref.settings["norm"]], str(row.ref.settings["batch_size"]))
+        study[key] = row.ref.ref.get("test/acc")
+        st = row.cell.stat("test/acc") if row.cell is not None and key not in ours else None
+        if st is not None and st.mean is not None:
+            ci = ci_for_display(st)
+            ours[key] = (st.mean * 100, None if ci is None else ci * 100)
     if not ours:
         return
-    name = f"{table.name}_clustered.png"
-    plots.clustered_bars(groups, clusters, ours, study, os.path.join(fig_dir, name),
+    path = _figure_path(table, fig_dir, "clustered", "test accuracy by norm × batch size (study 002)")
+    plots.clustered_bars(ours, study, path,
                          "Test accuracy by norm and batch size (bars: ours; black marks: study)",
                          "test accuracy %")
-    table.figures.append(("test accuracy by norm × batch size (study 002)", f"fig/{name}"))
 
 
 def training_curves(table: Table, fig_dir: str) -> None:
     """Train/validation accuracy and loss per epoch of up to MAX_CURVE_CELLS cells on shared axes."""
     curve_rows = [r for r in table.rows if r.cell is not None
                   and any(METRICS in run.files for run in r.cell.runs + r.cell.diverged)]
-    if not curve_rows:
-        return
     note = ""
     if len(curve_rows) > MAX_CURVE_CELLS:
         curve_rows.sort(key=lambda r: math.inf if (m := r.cell.stat("test/err").mean) is None else m)
@@ -138,67 +113,53 @@ def training_curves(table: Table, fig_dir: str) -> None:
     series = []
     for row in curve_rows:
         runs = [r for r in row.cell.runs + row.cell.diverged if METRICS in r.files][:MAX_RUNS_PER_CELL]
-        curve = _epoch_curve(row.label + (f" {row.extra}" if row.extra else ""), runs)
-        if curve is not None:
-            series.append(curve)
+        if not (means := _epoch_means(runs)).empty:
+            series.append((row.label + (f" {row.extra}" if row.extra else ""), means))
     if not series:
         return
-    name = f"{table.name}_curves.png"
-    title = f"{table.title}{note}: mean over seeds — {used(table.cells)}"
-    plots.curves(series, os.path.join(fig_dir, name), title)
-    table.figures.append((f"train/validation accuracy and loss against optimizer steps{note}", f"fig/{name}"))
+    caption = f"train/validation accuracy and loss against optimizer steps{note}"
+    plots.curves(series, _figure_path(table, fig_dir, "curves", caption),
+                 f"{table.title}{note}: mean over seeds — {used(table.cells)}")
 
 
 def loss_landscape(table: Table, fig_dir: str) -> None:
-    """The per-step min-max of the training loss over the lr sweep, per norm, beside the study's range
-    (the runs of the table's mechanism lines, normbench.report.mechanism)."""
+    """The per-step min-max of the training loss over each norm's lr sweep, beside the study's range."""
     bands = []
     for line in table.mechanism:
-        agg = _loss_band(line.records) if isinstance(line, NormLine) else None
-        if agg is not None:
+        if isinstance(line, NormLine) and (agg := _per_step([r.steps() for r in line.records], "train/loss")):
             bands.append((plots.Band(line.norm, *agg[:3]), line.study.get("loss_range")))
     if not bands:
         return
     lrs = sorted({lr for c in table.cells if (lr := lr_of(c)) is not None})
-    name = f"{table.name}_landscape.png"
-    plots.band_plot([b for b, _ in bands], os.path.join(fig_dir, name),
-                    "Training loss per step, min–max over learning rates " + ", ".join(f"{v:g}" for v in lrs),
-                    "training loss", ref_ranges=[r for _, r in bands])
     caption = ("training loss per step: min–max over all learning rates and seeds (dashed: the study's "
                f"reported range); the table's range leaves out the first {LOSS_RANGE_WARMUP_EPOCHS} epoch(s)")
-    table.figures.append((caption, f"fig/{name}"))
+    plots.band_plot([b for b, _ in bands], _figure_path(table, fig_dir, "landscape", caption),
+                    "Training loss per step, min–max over learning rates " + ", ".join(f"{v:g}" for v in lrs),
+                    "training loss", ref_ranges=[r for _, r in bands])
 
 
 def probe_panels(table: Table, fig_dir: str) -> None:
-    """Gradient predictiveness, beta-smoothness, gradient cosine, the Lipschitz estimate along the path,
-    the relative gradient variance and the loss range along the gradient, per group of runs (by norm
-    when norm varies, and by learning rate when it varies: β grows ~1/η, so pooling lrs would let the
-    smallest dominate)."""
-    groups = {k: [r for r in v if PROBES in r.files] for k, v in _probe_groups(table).items()}
+    """The probes per group of runs: by norm when it varies, and by lr when it varies (β grows ~1/η, so
+    pooling lrs would let the smallest dominate)."""
     panels: dict[str, list] = {}
-    for gname, runs in groups.items():
-        if runs:
+    for gname, runs in _probe_groups(table).items():
+        if runs := [r for r in runs if PROBES in r.files]:
             _probe_bands(gname, [run.probes() for run in runs], panels)
     if not panels:
         return
-    name = f"{table.name}_probes.png"
-    plots.probe_panels(panels, os.path.join(fig_dir, name),
-                       f"{table.title}: optimisation probes (line: mean, band: min–max over runs)")
     caption = ("gradient predictiveness, β-smoothness, gradient cosine, Lipschitz estimate along the path, "
                "relative gradient variance and loss range along the gradient, per probe step and learning "
                "rate")
-    table.figures.append((caption, f"fig/{name}"))
+    plots.probe_panels(panels, _figure_path(table, fig_dir, "probes", caption),
+                       f"{table.title}: optimisation probes (line: mean, band: min–max over runs)")
 
 
 def copy_filters(table: Table, out: str, warnings: list[str], copied: dict[str, str]) -> None:
     """The first-layer filter grid of one run per row, copied to fig/filters/<identity>.png."""
     for row in table.rows:
-        if len(table.filters) >= MAX_FILTERS:
-            break
-        if row.cell is None:
-            continue
-        run = next((r for r in row.cell.runs + row.cell.diverged if r.filters_png), None)
-        if run is None:
+        runs = row.cell.runs + row.cell.diverged if row.cell else []
+        run = next((r for r in runs if r.filters_png), None)
+        if run is None or len(table.filters) >= MAX_FILTERS:
             continue
         if run.path not in copied:
             copied[run.path] = _copy_filters_png(run, out, warnings)
@@ -224,27 +185,19 @@ def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
             parts.append(f"lr {lr_of(row.cell):g}")
         name = " · ".join(parts) or row.label + (f" ({row.extra})" if row.extra else "")
         groups.setdefault(name, []).extend(row.cell.runs + row.cell.diverged)
-    total, capped = 0, {}
-    for name, runs in groups.items():
-        if total < MAX_PROBE_RUNS:
-            capped[name] = runs[: MAX_PROBE_RUNS - total]
-            total += len(capped[name])
+    capped: dict[str, list[RunRecord]] = {}
+    for name, run in [(name, run) for name, runs in groups.items() for run in runs][:MAX_PROBE_RUNS]:
+        capped.setdefault(name, []).append(run)
     return capped
-
-
-def _loss_band(runs: Sequence[RunRecord]):
-    step_pairs = [_series(rows, "train/loss") for run in runs if (rows := run.steps())]
-    return _per_step(step_pairs) if step_pairs else None
 
 
 def _probe_bands(gname: str, rows: list[list[dict]], panels: dict[str, list]) -> None:
     """One group's band per probe key (and for the loss range along the gradient) into panels."""
     for key in PROBE_KEYS:
-        agg = _per_step([_series(r, key) for r in rows])
+        agg = _per_step(rows, key)
         if agg is not None:
             panels.setdefault(key, []).append(plots.Band(gname, *agg))
-    lo = _per_step([_series(r, "probe/loss_min") for r in rows])
-    hi = _per_step([_series(r, "probe/loss_max") for r in rows])
+    lo, hi = _per_step(rows, "probe/loss_min"), _per_step(rows, "probe/loss_max")
     if lo is not None and hi is not None:
         common, ia, ib = np.intersect1d(lo[0], hi[0], return_indices=True)
         if common.size:

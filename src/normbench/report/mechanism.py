@@ -1,10 +1,5 @@
-"""Study 000 section 9's optimisation mechanism per norm and learning rate, from the runs' records.
-
-``mechanism(table)`` gives one ``LrLine`` per (norm, lr) -- that lr's training-loss range, gradient cosine,
-predictiveness, β, Lipschitz estimate, gradient variance and test accuracy -- then one ``NormLine`` per norm
-over all its lrs with the study's numbers and the effective learning-rate range. The jsonl files are read
-here, for the runs of the table only (at most MAX_BAND_RUNS per norm).
-"""
+"""Study 000 section 9's optimisation mechanism per norm and learning rate, from the runs' records
+(docs/report.md, "The mechanism table"); the jsonl files are read here, at most MAX_BAND_RUNS per norm."""
 
 from __future__ import annotations
 
@@ -79,8 +74,8 @@ def num(value: Any) -> float:
 
 
 def mechanism(table) -> list[LrLine | NormLine]:
-    """The mechanism lines of a study table (normbench.report.tables.Table, which holds them: not imported
-    here): per norm (in NORM_LABEL's order) its LrLines, then its NormLine."""
+    """Per norm (in NORM_LABEL's order) its LrLines, then its NormLine (table: a tables.Table, which
+    holds them, so not imported here)."""
     by_norm: dict[str, dict[float | None, list[Cell]]] = {}
     for cell in table.cells:
         by_norm.setdefault(str(cell.choices.get("norm")), {}).setdefault(lr_of(cell), []).append(cell)
@@ -129,20 +124,17 @@ def _lr_line(label: str, lr: float | None, cells: Sequence[Cell]) -> LrLine:
 
 
 def _left_chance(run: RunRecord, classes: int | None) -> float | None:
-    """The step at the end of the run's first epoch above chance (normbench.record.learned_threshold):
-    its probes from there on measure training, not a plateau at chance. 0 when the number of classes is
-    unknown; None when it never leaves chance."""
+    """The step ending the run's first epoch above chance, from which its probes measure training, not a
+    plateau (0: classes unknown; None: never)."""
     if classes is None:
         return 0.0
     return next((step for step, acc in run.val_curve() if acc > learned_threshold(classes)), None)
 
 
 def _direction(line: LrLine, plain: LrLine) -> str:
-    def word(ours: float | None, base: float | None) -> str:
-        return "?" if ours is None or base is None else "lower" if ours < base else "higher"
-
-    return (f"β {word(line.beta_mean, plain.beta_mean)}, "
-            f"Lipschitz {word(line.lipschitz_median, plain.lipschitz_median)}")
+    words = ("?" if a is None or b is None else "lower" if a < b else "higher"
+             for a, b in ((line.beta_mean, plain.beta_mean), (line.lipschitz_median, plain.lipschitz_median)))
+    return "β {}, Lipschitz {}".format(*words)
 
 
 def _loss_window(runs: Sequence[RunRecord]) -> list[float]:
@@ -162,8 +154,7 @@ def _num_classes(runs: Sequence[RunRecord]) -> int | None:
 
 
 def _mean_acc(runs: Sequence[RunRecord]) -> float | None:
-    """Mean test accuracy over the runs, a diverged run counting as chance (it stopped learning); a diverged
-    run whose number of classes its record does not give is left out."""
+    """Mean test accuracy, a diverged run at chance (it stopped learning; left out when chance is unknown)."""
     classes = _num_classes(runs)
     chance = None if classes is None else 1.0 / classes
     accs = [chance if r.status == Status.DIVERGED else r.metric("test/acc") for r in runs]
@@ -172,8 +163,7 @@ def _mean_acc(runs: Sequence[RunRecord]) -> float | None:
 
 
 def _effective_lrs(lines: Sequence[LrLine], classes: int | None) -> list[float]:
-    """The lrs at which the norm still trains: mean test accuracy (a diverged seed at chance) has learned
-    (normbench.record.learned_threshold) and reaches EFFECTIVE_LR_FRACTION of the norm's best lr."""
+    """The lrs whose mean test accuracy has learned and reaches EFFECTIVE_LR_FRACTION of the norm's best."""
     accs = [(line.lr, line.test_acc) for line in lines if line.lr is not None and line.test_acc is not None]
     if not accs:
         return []

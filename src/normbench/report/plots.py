@@ -7,8 +7,10 @@ import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -35,8 +37,7 @@ def _legend_below(fig, ax, n: int) -> None:
 def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def _label(ax, title: str, xlabel: str, ylabel: str = "", grid_axis: str = "both",
@@ -47,14 +48,7 @@ def _label(ax, title: str, xlabel: str, ylabel: str = "", grid_axis: str = "both
     ax.grid(axis=grid_axis, alpha=0.3)
 
 
-def _save(fig: Figure, path: str) -> str:
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
-
-
 def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
@@ -69,17 +63,15 @@ class BarRow:
     points: Sequence[float] = ()  # the runs' values when there are too few for an interval
 
 
-def summary_bars(rows: Sequence[BarRow], path: str, title: str, xlabel: str) -> str:
-    """Horizontal bars (labels stay readable however long or many): ours (mean with 95% CI, n beside
-    the bar) next to the study's number, one pair per row, the first row on top."""
-    fig, axes = _figure(8.0, max(2.4, 0.42 * len(rows) + 1.4))
-    ax = axes[0][0]
+def summary_bars(rows: Sequence[BarRow], path: str, title: str, xlabel: str) -> None:
+    """Horizontal bars (labels stay readable however long or many): ours (mean, 95% CI, n) beside the
+    study's number, the first row on top."""
+    fig, [[ax]] = _figure(8.0, max(2.4, 0.42 * len(rows) + 1.4))
     y = np.arange(len(rows))[::-1]
     height = 0.4
-    ours = np.array([np.nan if r.ours is None else r.ours for r in rows], dtype=float)
-    err = np.array([0.0 if r.ci is None else r.ci for r in rows], dtype=float)
-    study = np.array([np.nan if r.study is None else r.study for r in rows], dtype=float)
-    ax.barh(y + height / 2, ours, height, xerr=err, capsize=3, color="#3b75af", label="ours (mean ± 95% CI)")
+    ours, err, study = np.array([(r.ours, r.ci, r.study) for r in rows], dtype=float).reshape(-1, 3).T
+    ax.barh(y + height / 2, ours, height, xerr=np.nan_to_num(err), capsize=3, color="#3b75af",
+            label="ours (mean ± 95% CI)")
     if not np.isnan(study).all():
         ax.barh(y - height / 2, study, height, color="#c9c9c9", edgecolor="#666666", label="study")
     py = [yi + height / 2 for yi, r in zip(y, rows, strict=True) for _ in r.points]
@@ -93,15 +85,15 @@ def summary_bars(rows: Sequence[BarRow], path: str, title: str, xlabel: str) -> 
     ax.set_yticks(y, [_short(r.label, MAX_BAR_LABEL) for r in rows], fontsize=8)
     _label(ax, textwrap.fill(title, 70), xlabel, "", "x", fontsize=9)
     _legend_below(fig, ax, 3)
-    return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI)
 
 
-def clustered_bars(groups: Sequence[str], clusters: Sequence[str], ours: dict[tuple[str, str], tuple],
-                   study: dict[tuple[str, str], float], path: str, title: str, ylabel: str) -> str:
-    """Bars clustered by ``clusters`` (x axis, e.g. batch size), one bar per group (e.g. norm):
-    ours with 95% CI; the study's value as a black marker on the bar."""
-    fig, axes = _figure(7.5, 4.2)
-    ax = axes[0][0]
+def clustered_bars(ours: dict[tuple[str, str], tuple], study: dict[tuple[str, str], float], path: str,
+                   title: str, ylabel: str) -> None:
+    """Bars clustered by the keys' cluster (x axis, e.g. batch size), one bar per group (e.g. norm), in the
+    order of ``study``'s (group, cluster) keys: ours with 95% CI; the study's value as a black marker."""
+    groups, clusters = (list(dict.fromkeys(key[i] for key in study)) for i in (0, 1))
+    fig, [[ax]] = _figure(7.5, 4.2)
     x = np.arange(len(clusters))
     width = 0.8 / max(1, len(groups))
     colors = _colors(len(groups))
@@ -116,33 +108,23 @@ def clustered_bars(groups: Sequence[str], clusters: Sequence[str], ours: dict[tu
     ax.set_xticks(x, list(clusters))
     _label(ax, title, "batch size", ylabel, "y")
     ax.legend(fontsize=8, ncols=len(groups) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.13))
-    return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI)
 
 
-@dataclass
-class Curve:
-    label: str
-    step: np.ndarray  # optimizer steps at each epoch's end
-    train_acc: np.ndarray
-    val_acc: np.ndarray
-    train_loss: np.ndarray
-    val_loss: np.ndarray
-
-
-def curves(series: Sequence[Curve], path: str, title: str) -> str:
+def curves(series: Sequence[tuple[str, Any]], path: str, title: str) -> None:
     """Train (dashed) and validation (solid) accuracy and loss against optimizer steps, runs on shared
-    axes; the loss axis clipped to the values' robust range when a run spikes far outside it."""
+    axes; the loss axis clipped to the values' robust range when a run spikes far outside it. series:
+    (label, DataFrame of step, train/acc, val/acc, train/loss, val/loss at each epoch's end)."""
     fig, axes = _figure(11.0, 4.2, ncols=2)
-    colors = _colors(len(series))
-    for c, color in zip(series, colors, strict=True):
-        for ax, train, val in ((axes[0][0], c.train_acc, c.val_acc), (axes[0][1], c.train_loss, c.val_loss)):
-            ax.plot(c.step, train, "--", color=color, lw=1.2)
-            ax.plot(c.step, val, "-", color=color, lw=1.6, label=_short(c.label))
+    for (label, c), color in zip(series, _colors(len(series)), strict=True):
+        for ax, kind, scale in ((axes[0][0], "acc", 100), (axes[0][1], "loss", 1)):
+            ax.plot(c["step"], c[f"train/{kind}"] * scale, "--", color=color, lw=1.2)
+            ax.plot(c["step"], c[f"val/{kind}"] * scale, "-", color=color, lw=1.6, label=_short(label))
     for ax, name, ylabel in zip(axes[0], ("accuracy", "loss"), ("accuracy (%)", "loss"), strict=True):
         _label(ax, f"{name}: train dashed, validation solid", "optimizer steps", ylabel, fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     loss = axes[0][1]
-    if _clip_to_quantiles(loss, [v for c in series for v in (c.train_loss, c.val_loss)]):
+    if _clip_to_quantiles(loss, [c[k] for _, c in series for k in ("train/loss", "val/loss")]):
         low, high = CLIP_QUANTILES
         loss.set_title(f"{loss.get_title()}\n(y clipped to the {low:.0%}–{high:.0%} quantiles: a run spikes)",
                        fontsize=9)
@@ -152,7 +134,7 @@ def curves(series: Sequence[Curve], path: str, title: str) -> str:
         fig.set_figheight(4.2 + 0.2 * math.ceil(len(series) / 2))
         _legend_below(fig, axes[0][0], len(series))
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI)
 
 
 def _clip_to_quantiles(ax, arrays: Sequence[np.ndarray]) -> bool:
@@ -178,11 +160,10 @@ class Band:
 
 
 def band_plot(bands: Sequence[Band], path: str, title: str, ylabel: str,
-              ref_ranges: Sequence[tuple[float, float] | None]) -> str:
+              ref_ranges: Sequence[tuple[float, float] | None]) -> None:
     """Per-step min-max bands (e.g. training loss over the runs of several learning rates); reference
     ranges per band (or None) drawn as dashed lines in the band's colour; log scale for a wide range."""
-    fig, axes = _figure(7.5, 4.2)
-    ax = axes[0][0]
+    fig, [[ax]] = _figure(7.5, 4.2)
     for band, color, ref in zip(bands, _colors(len(bands)), ref_ranges, strict=True):
         ax.fill_between(band.step, band.low, band.high, color=color, alpha=0.35, lw=0, label=band.label)
         if band.mean is not None:
@@ -190,32 +171,28 @@ def band_plot(bands: Sequence[Band], path: str, title: str, ylabel: str,
         if ref is not None:
             for y in ref:
                 ax.axhline(y, color=color, ls="--", lw=1)
-    lows = np.concatenate([b.low for b in bands]) if bands else np.array([1.0])
-    highs = np.concatenate([b.high for b in bands]) if bands else np.array([1.0])
+    lows, highs = (np.concatenate([getattr(b, k) for b in bands]) for k in ("low", "high"))
     positive = lows[lows > 0]
     if positive.size and np.nanmax(highs) / np.nanmin(positive) > 50:
         ax.set_yscale("log")
     _label(ax, title, "step", ylabel)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI)
 
 
-def probe_panels(panels: dict[str, Sequence[Band]], path: str, title: str) -> str:
+def probe_panels(panels: dict[str, Sequence[Band]], path: str, title: str) -> None:
     """One panel per probe metric; each group (e.g. plain / BN) as mean line with min-max band."""
-    names = list(panels)
-    ncols = min(2, len(names))
-    nrows = math.ceil(len(names) / ncols)
+    ncols, nrows = min(2, len(panels)), math.ceil(len(panels) / 2)
     fig, axes = _figure(5.5 * ncols, 3.6 * nrows, ncols=ncols, nrows=nrows)
-    flat = [ax for row in axes for ax in row]
-    for ax, name in zip(flat, names, strict=False):
-        bands = panels[name]
+    flat = axes.ravel()
+    for ax, (name, bands) in zip(flat, panels.items(), strict=False):
         for band, color in zip(bands, _colors(len(bands)), strict=True):
             ax.fill_between(band.step, band.low, band.high, color=color, alpha=0.3, lw=0)
             ax.plot(band.step, band.mean if band.mean is not None else band.high, color=color, lw=1.2,
                     label=band.label)
         _label(ax, name, "step", fontsize=9)
         ax.legend(fontsize=7)
-    for ax in flat[len(names):]:
+    for ax in flat[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI)

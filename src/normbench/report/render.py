@@ -1,13 +1,11 @@
-"""Writing the report: the strings of every table (one place for how a number is shown), the HTML page
-(templates/index.html.j2: self-contained, inline CSS, no script, images by relative path), Markdown
-(templates/report.md.j2) and the CSV files (every run record; each table's numbers)."""
+"""Writing the report: the strings of every table (one place for how a number is shown), the page and
+Markdown through templates/, and the CSV files."""
 
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import jinja2
@@ -29,7 +27,6 @@ from normbench.report.tables import (
     on_study_data,
     override_map,
     round_text,
-    value_of,
 )
 
 MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
@@ -37,6 +34,7 @@ MAX_SKIPPED_LISTED = 1000
 MAX_WARNINGS_LISTED = 500
 PERCENT = {"test/err", "test/acc", "val/best_acc"}
 COUNTS = {"model/params", "train/steps", "train/images"}  # whole numbers with thousands separators
+MAX_HEADLINES = 6
 MAX_POINTS = 4  # a comparison lists its points up to this many seeds a side (an interval says little then)
 SUMMARY_COLUMNS = ("objective", "epochs_done", "diverged_epoch", "error")  # runs.csv's from summary.json
 
@@ -69,8 +67,7 @@ def _n_text(cell: Cell) -> str:
 
 
 def difference_text(c: Comparison | None, scale: float = 100.0) -> str:
-    """A difference with its 95% interval (Welch), its verdict and, with few seeds, its points:
-    "+2.85 pp, not resolved at n = 3: [-4.10, +9.80] pp (Welch p=0.31; points 12.1, 13.0, 11.8 vs ...)"."""
+    """E.g. "+2.85 pp, not resolved at n = 3: [-4.10, +9.80] pp (Welch p=0.31; points 12.1, 13.0 vs ...)"."""
     if c is None:
         return "not run"
     if c.diff is None or c.interval is None:
@@ -83,11 +80,6 @@ def difference_text(c: Comparison | None, scale: float = 100.0) -> str:
         a, b = (", ".join(f"{v * scale:.1f}" for v in side) for side in c.points)
         extra.append(f"points {a} vs {b}")
     return text + (f" ({'; '.join(extra)})" if extra else "")
-
-
-def _comparison_text(row: Row, scale: float = 100.0) -> str:
-    study = "" if row.study_diff is None else f"; study {row.study_diff:+.2f} pp"
-    return "" if row.vs is None else f"vs {row.vs}: {difference_text(row.comparison, scale)}{study}"
 
 
 def display(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -117,12 +109,15 @@ def _display_row(table: Table, row: Row, extra: bool) -> list[str]:
         if col.metric == table.primary and study:
             line += [text, _fmt_ref(ref, col) if ref is not None else NO_STUDY_NUMBER if row.no_study else "",
                      f"{st.mean * col.scale - ref:+.2f}" if ref is not None and st.mean is not None else ""]
+        elif ref is not None and not (col.metric == "test/acc" and table.primary == "test/err"):
+            line.append(f"{text} (study {_fmt_ref(ref, col)})")
         else:
-            if ref is not None and not (col.metric == "test/acc" and table.primary == "test/err"):
-                text += f" (study {_fmt_ref(ref, col)})"
             line.append(text)
+    if row.vs is None:
+        return line + [""]
+    study_diff = "" if row.study_diff is None else f"; study {row.study_diff:+.2f} pp"
     primary = next(c for c in COLUMNS if c.metric == table.primary)
-    return line + [_comparison_text(row, primary.scale)]
+    return line + [f"vs {row.vs}: {difference_text(row.comparison, primary.scale)}{study_diff}"]
 
 
 def _never_text(row: Row, never: int, total: int, before: str) -> str:
@@ -138,15 +133,14 @@ def _setting_values(table: Table, cell: Cell | None) -> list[str]:
         return [""] * len(table.setting_columns)
     if not table.setting_columns:
         return [cell.experiment]
-    values = []
-    overrides = override_map(cell)
+    values, overrides = [], override_map(cell)
     for key in table.setting_columns:
         if key == "trial":
             values.append(cell.trials)
         elif key in overrides:
             values.append(round_text(overrides[key]))
         else:
-            value = value_of(cell, key) if key in cell.choices or "." not in key else None
+            value = cell.setting(key) if key in cell.choices or "." not in key else None
             values.append("" if value is None else fmt_value(value))
     return values
 
@@ -165,16 +159,14 @@ def records(table: Table) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for row in table.rows:
         cell = row.cell
-        line: list[Any] = []
         if table.kind == "study":
-            line += [row.label, row.extra]
-        else:
-            line += _setting_values(table, cell) if table.setting_columns else []
+            line: list[Any] = [row.label, row.extra]
+        else:  # display() shows the experiment where there are no setting columns; here it has its own
+            line = _setting_values(table, cell) if table.setting_columns else []
         line += [cell.experiment if cell else "", cell.n if cell else 0, len(cell.diverged) if cell else 0,
                  len(cell.other) if cell else 0]
         for col in table.columns:
-            st = cell_stat(row, col.metric)[0]
-            scale = col.scale
+            st, scale = cell_stat(row, col.metric)[0], col.scale
             line += [None if st.mean is None else st.mean * scale, None if st.ci is None else st.ci * scale,
                      st.n]
             if table.kind == "study":
@@ -193,14 +185,6 @@ def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
     header = ["comparison", f"ours ({col.title}, difference, 95% interval, Welch)", "study difference"]
     return header, [[f"{pair.row} vs {pair.base}", difference_text(pair.comparison, col.scale),
                      "" if pair.study_diff is None else f"{pair.study_diff:+.2f} pp"] for pair in table.pairs]
-
-
-def table_title(table: Table) -> str:
-    return (f"{table.name} — {table.title}" + (f" (study {table.study.study})" if table.study else "")
-            + (f" — {used(table.cells)}" if table.cells else ""))
-
-
-MAX_HEADLINES = 6
 
 
 def headlines(tables: Sequence[Table]) -> list[tuple[str, str]]:
@@ -223,11 +207,10 @@ def headlines(tables: Sequence[Table]) -> list[tuple[str, str]]:
             if c is None or c.interval is None or row.cell is None or many:
                 continue
             lo, hi = (v * col.scale for v in c.interval)
-            steps = _stat_text(row.cell, "train/steps")
             name = row.label + (f" ({row.extra})" if row.extra else "")
             text = (f"{name} vs {row.vs}: {col.title.removesuffix(' %')} {c.diff * col.scale:+.2f} pp "
-                    f"[95% CI {lo:+.2f}, {hi:+.2f}] "
-                    f"({c.verdict}), n = {c.n[0]} / {c.n[1]}, {steps} steps each — {used([row.cell])}")
+                    f"[95% CI {lo:+.2f}, {hi:+.2f}] ({c.verdict}), n = {c.n[0]} / {c.n[1]}, "
+                    f"{_stat_text(row.cell, 'train/steps')} steps each — {used([row.cell])}")
             out.append((text, figure))
     return out[:MAX_HEADLINES]
 
@@ -237,8 +220,7 @@ def _stat_text(cell: Cell, metric: str) -> str:
 
 
 def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
-    """Study 000 section 9 per norm and learning rate (normbench.report.mechanism): one line per
-    (norm, lr), then the norm over all its lrs with the study's numbers and the effective lr range."""
+    """Study 000 section 9: a line per norm and lr, then per norm (normbench.report.mechanism)."""
     header = ["norm", "lr", "runs", "test acc %", "training-loss range (after epoch 1)", "study",
               "gradient cosine (mean)", "study", "gradient predictiveness (mean max ‖Δ∇L‖)",
               "β-smoothness mean / max", "Lipschitz along the path median / max", "β, Lipschitz vs plain",
@@ -252,16 +234,14 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
             study_range = f"[{lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else none
             rows.append([m.norm, f"all {len(m.lrs)}", str(m.runs), "", loss, study_range, "per lr",
                          f"{ref['grad_cos']:g}" if "grad_cos" in ref else none, "per lr", "per lr", "per lr",
-                         _study_direction(table, m), "per lr",
-                         _effective_text(m.effective_lrs, m.lrs)])
+                         _study_direction(table, m), "per lr", _effective_text(m.effective_lrs, m.lrs)])
             continue
-        rows.append([
-            m.norm, "" if m.lr is None else f"{m.lr:g}", str(m.runs),
-            "" if m.test_acc is None else f"{m.test_acc * 100:.2f}", loss, "", _probe(".2f", m.grad_cos), "",
-            _probe(".3g", m.grad_pred), _probe(".3g", m.beta_mean, m.beta_max),
-            _probe(".3g", m.lipschitz_median, m.lipschitz_max), m.vs_plain, _probe(".3g", m.grad_var_rel),
-            "yes" if m.trains else "no",
-        ])
+        rows.append([m.norm, "" if m.lr is None else f"{m.lr:g}", str(m.runs),
+                     "" if m.test_acc is None else f"{m.test_acc * 100:.2f}", loss, "",
+                     _probe(".2f", m.grad_cos), "", _probe(".3g", m.grad_pred),
+                     _probe(".3g", m.beta_mean, m.beta_max),
+                     _probe(".3g", m.lipschitz_median, m.lipschitz_max),
+                     m.vs_plain, _probe(".3g", m.grad_var_rel), "yes" if m.trains else "no"])
     return header, rows
 
 
@@ -285,55 +265,32 @@ def _effective_text(effective: list[float], lrs: list[float]) -> str:
     return f"{span}, {len(effective)} of {len(lrs)} lrs"
 
 
-# the page and the Markdown, through the templates
-@dataclass
-class TableView:
+def _view(table: Table) -> SimpleNamespace:
     """A table's strings as the page and the Markdown show them."""
-
-    table: Table
-    title: str
-    header: list[str]
-    rows: list[list[str]]
-    numeric: set[int]  # columns of numbers (right-aligned)
-    pairs: tuple[list[str], list[list[str]]] | None
-    mechanism: tuple[list[str], list[list[str]]] | None
-
-    @property
-    def not_run(self) -> set[int]:
-        return {i for i, row in enumerate(self.table.rows[:len(self.rows)]) if row.cell is None}
-
-    @property
-    def notes(self) -> list[str]:
-        """Notes, the study's inconsistencies and the convergence note, as the Markdown quotes them."""
-        conv = [self.table.convergence_note] if self.table.convergence_note else []
-        return self.table.notes + [f"⚠ {f}" for f in self.table.flags] + conv
-
-
-def _view(table: Table) -> TableView:
     header, rows = display(table)
     numbers = {c.title for c in COLUMNS} | {"n", "study", "ours − study"}
-    numeric = {i for i, h in enumerate(header) if h in numbers}
-    pairs = pair_rows(table) if table.pairs else None
-    return TableView(table, table_title(table), header, rows, numeric, pairs,
-                     mechanism_rows(table) if table.mechanism else None)
-
-
-def verdict_class(text: str) -> str:
-    css = {"differs": "differs", "not resolved": "noise", "cannot tell": "cannot", "not run": "cannot"}
-    return next((f"verdict-{c}" for word, c in css.items() if word in text), "")
+    return SimpleNamespace(
+        table=table, header=header, rows=rows,
+        title=(f"{table.name} — {table.title}" + (f" (study {table.study.study})" if table.study else "")
+               + (f" — {used(table.cells)}" if table.cells else "")),
+        numeric={i for i, h in enumerate(header) if h in numbers},  # right-aligned
+        not_run={i for i, row in enumerate(table.rows[:len(rows)]) if row.cell is None},
+        pairs=pair_rows(table) if table.pairs else None,
+        mechanism=mechanism_rows(table) if table.mechanism else None,
+        notes=(table.notes + [f"⚠ {f}" for f in table.flags]  # as the Markdown quotes them
+               + [table.convergence_note] * bool(table.convergence_note)))
 
 
 def _environment(autoescape: bool) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("normbench.report"), autoescape=autoescape,
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters["verdict"] = verdict_class
     env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
     env.globals.update(max_rows=MAX_HTML_ROWS, max_skipped=MAX_SKIPPED_LISTED,
                        max_warnings=MAX_WARNINGS_LISTED)
     return env
 
 
-def _heading(study: str | None, views: list[TableView]) -> str:
+def _heading(study: str | None, views: list[SimpleNamespace]) -> str:
     """A section's heading: the study's title on its data, else the data and models actually run."""
     cells = [c for v in views for c in v.table.cells]
     if study is None or all(on_study_data(c) for c in cells):
@@ -355,38 +312,27 @@ def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
         title=title, result=result, views=[_view(t) for t in tables], headlines=headlines(tables))
 
 
-# CSV files
 def write_runs_csv(result: ScanResult, path: str) -> None:
-    choice_keys = list(dict.fromkeys(k for run in result.runs for k in run.choices))
-    metric_keys = list(dict.fromkeys(k for run in result.runs for k in run.metrics))
-    header = (["path", "identity", "status", "experiment"] + [f"choice/{k}" for k in choice_keys]
-              + ["overrides"] + [f"metric/{k}" for k in metric_keys]
-              + list(SUMMARY_COLUMNS) + ["skipped", "skip_reason"])
+    choices = [f"choice/{k}" for k in dict.fromkeys(k for run in result.runs for k in run.choices)]
+    metrics = [f"metric/{k}" for k in dict.fromkeys(k for run in result.runs for k in run.metrics)]
+    header = ["path", "identity", "status", "experiment", *choices, "overrides", *metrics, *SUMMARY_COLUMNS,
+              "skipped", "skip_reason"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, header, restval="")
         w.writeheader()
         for run in result.runs:
             w.writerow({"path": run.path, "identity": run.identity, "status": run.status,
                         "experiment": run.experiment, "overrides": " ".join(run.overrides),
-                        **{f"choice/{k}": _csv_value(v) for k, v in run.choices.items()},
-                        **{f"metric/{k}": _csv_value(v) for k, v in run.metrics.items()},
-                        **{k: _csv_value(run.summary.get(k)) for k in SUMMARY_COLUMNS}})
+                        **{f"choice/{k}": v for k, v in run.choices.items()},
+                        **{f"metric/{k}": v for k, v in run.metrics.items()},
+                        **{k: run.summary.get(k) for k in SUMMARY_COLUMNS}})
         for sk in result.skipped:
             status = Status.RUNNING.value if sk.kind == "in progress" else ""
             w.writerow({"path": sk.path, "status": status, "skipped": sk.kind, "skip_reason": sk.reason})
 
 
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float) and math.isfinite(value):
-        return repr(value)
-    return value
-
-
 def write_table_csv(table: Table, path: str) -> None:
+    """csv writes None as "" and a float as its repr (full precision)."""
     header, rows = records(table)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows([_csv_value(v) for v in line] for line in rows)
+        csv.writer(f).writerows([header, *rows])

@@ -1,9 +1,9 @@
-"""The small statistics the report needs: mean and Student-t confidence interval, Welch's t-test
-(both from scipy.stats)."""
+"""The report's statistics: mean and Student-t confidence interval, Welch's t-test (scipy.stats)."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -28,13 +28,10 @@ class Stat:
 def mean_ci(values: Sequence[float], level: float = 0.95) -> Stat:
     """Mean and Student-t confidence interval of the mean."""
     n = len(values)
-    if n == 0:
-        return Stat(0, None, None, None)
-    mean = math.fsum(values) / n
-    if n == 1:
-        return Stat(1, mean, None, None)
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    return Stat(n, mean, sd, t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n))
+    if n < 2:
+        return Stat(n, statistics.fmean(values) if n else None, None, None)
+    sd = statistics.stdev(values)
+    return Stat(n, statistics.fmean(values), sd, t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n))
 
 
 @dataclass(frozen=True)
@@ -62,14 +59,12 @@ def welch(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> Compar
     diff = math.fsum(a) / na - math.fsum(b) / nb
     if na < 2 or nb < 2:
         return Comparison(diff, None, None, "cannot tell", f"n={min(na, nb)}, cannot tell", points=points)
-    sa, sb = mean_ci(a), mean_ci(b)
-    if sa.sd == 0.0 and sb.sd == 0.0:  # scipy gives nan here; equal constants are the same, unequal differ
+    if len(set(a)) == 1 and len(set(b)) == 1:  # scipy gives nan: equal constants are the same, unequal differ
         if diff == 0.0:
             return Comparison(0.0, 1.0, None, "not resolved", "identical values", (0.0, 0.0), points)
         return Comparison(diff, 0.0, None, "differs", "differs (no spread in either)", (diff, diff), points)
     result = sps.ttest_ind(a, b, equal_var=False)
-    p, df = float(result.pvalue), float(result.df)
-    half = t_quantile(1.0 - alpha / 2.0, df) * math.sqrt(sa.sd**2 / na + sb.sd**2 / nb)
+    p, df, ci = float(result.pvalue), float(result.df), result.confidence_interval(1.0 - alpha)
     verdict = "differs" if p < alpha else "not resolved"
     return Comparison(diff, p, df, verdict, f"{verdict} (Welch p={p:.3g}, n={na}/{nb})",
-                      (diff - half, diff + half), points)
+                      (float(ci.low), float(ci.high)), points)

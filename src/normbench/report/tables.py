@@ -1,9 +1,5 @@
 """The report's tables: study tables (the studies' rows, matched by settings) and generic tables.
-
-A ``Table`` holds ``Row``s of cells (normbench.report.records) next to the study's numbers
-(normbench.report.reference) and a comparison with the row the study compares it with; the numbers
-only: normbench.report.render formats them (HTML, Markdown, CSV, W&B).
-"""
+Numbers only: normbench.report.render formats them."""
 
 from __future__ import annotations
 
@@ -30,11 +26,8 @@ from normbench.report.stats import Comparison, Stat, mean_ci, welch
 ALPHA = 0.05
 MAX_NEAREST = 50  # comparison partner searched among at most this many cells when no exact counterpart
 MIN_CI_N = 3  # below this many seeds a cell shows its points, not a t-interval (t_{0.975,1} = 12.7)
-# The report's speed measure: the optimizer steps after which validation accuracy first reaches
-# CONVERGED_FRACTION of the best validation accuracy of the table (the comparison group), so that the
-# table's rows share one stated accuracy; null for a run that never does or that never learns
-# (normbench.record.learned_threshold). A run that does not get there but whose last epoch is its best by
-# IMPROVING_MARGIN was cut while still improving: its budget, not the run, ends the curve.
+# Steps to threshold (docs/report.md): a fraction of the table's best validation accuracy, so that the
+# rows share one stated accuracy; a last epoch best by IMPROVING_MARGIN: cut by its budget, still improving.
 CONVERGED_FRACTION = 0.99
 IMPROVING_MARGIN = 0.005
 # choice keys that select a study row and so are the row, not a setting to show (conf/vgg_best_row)
@@ -118,14 +111,11 @@ class Table:
 
 
 def _same(value: Any, wanted: Any) -> bool:
-    if value is None:
-        return False
     if isinstance(wanted, (bool, str)):
-        return str(value) == str(wanted)
-    if isinstance(value, bool):
-        return False
-    try:
-        return math.isclose(float(value), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
+        return value is not None and str(value) == str(wanted)
+    try:  # numbers (a bool is not one) compare as floats
+        return not isinstance(value, bool) and math.isclose(float(value), float(wanted), rel_tol=1e-9,
+                                                            abs_tol=1e-12)
     except (TypeError, ValueError):
         return False
 
@@ -142,14 +132,11 @@ def matches(cell: Cell, settings: dict[str, Any]) -> bool:
 
 
 def _varying(cells: Sequence[Cell], skip: set[str]) -> tuple[list[str], set[str]]:
-    """Choice keys whose value differs between cells, and the override keys whose value differs (an
-    override every cell has with the same value is a constant of the table, not a difference)."""
+    """Choice keys and override keys whose value differs between the cells."""
     keys = [k for k in dict.fromkeys(k for cell in cells for k in cell.choices)
-            if k not in skip and k not in ROW_SELECTORS and len({repr(value_of(c, k)) for c in cells}) > 1]
+            if k not in skip and k not in ROW_SELECTORS and len({repr(c.setting(k)) for c in cells}) > 1]
     per_cell = [override_map(c) for c in cells]
-    override_keys = {k for m in per_cell for k in m}
-    varying = {k for k in override_keys if len({m.get(k) for m in per_cell}) > 1}
-    return keys, varying
+    return keys, {k for k in {k for m in per_cell for k in m} if len({m.get(k) for m in per_cell}) > 1}
 
 
 def override_map(cell: Cell) -> dict[str, str]:
@@ -157,13 +144,11 @@ def override_map(cell: Cell) -> dict[str, str]:
     return {k: v for k, v in pairs if k not in ROW_SELECTORS}
 
 
-def constant_overrides(cells: Sequence[Cell]) -> list[str]:
-    """The overrides every cell shares with the same value (shown once, above the table)."""
-    if not cells:
-        return []
-    maps = [override_map(c) for c in cells]
-    first = maps[0]
-    return [f"{k}={round_text(v)}" for k, v in sorted(first.items()) if all(m.get(k) == v for m in maps[1:])]
+def _every_row_note(cells: Sequence[Cell]) -> list[str]:
+    """The overrides every cell shares with the same value, shown once above the table."""
+    first, *maps = [override_map(c) for c in cells] or [{}]
+    shared = [f"{k}={round_text(v)}" for k, v in sorted(first.items()) if all(m.get(k) == v for m in maps)]
+    return ["Every row also: " + " ".join(shared)] if shared else []
 
 
 def fmt_value(value: Any) -> str:
@@ -179,13 +164,8 @@ def round_text(text: str) -> str:
     return text if number.is_integer() and "." not in text and "e" not in text.lower() else f"{number:.4g}"
 
 
-def value_of(cell: Cell, key: str) -> Any:
-    """A choice; a numeric setting (lr, dropout) a cell's choices lack comes from its config.yaml."""
-    return cell.choices[key] if key in cell.choices else cell.setting(key)
-
-
 def _extra_label(cell: Cell, keys: Sequence[str], overrides: set[str]) -> str:
-    parts = [f"{k}={fmt_value(v)}" for k in keys if (v := value_of(cell, k)) is not None]
+    parts = [f"{k}={fmt_value(v)}" for k in keys if (v := cell.setting(k)) is not None]
     if overrides:
         mine = override_map(cell)
         parts.extend(f"{k}={round_text(mine[k])}" if k in mine else f"{k}=(default)"
@@ -200,9 +180,8 @@ def _counterpart_key(cell: Cell, defining: set[str]) -> tuple:
 
 def _closest(cell: Cell, candidates: Sequence[Cell], index: dict[tuple, Cell],
              defining: set[str]) -> Cell | None:
-    """The candidate sharing most settings with cell (same experiment preferred): first the exact
-    counterpart (same everything but the defining settings), else the nearest one when there are at
-    most MAX_NEAREST candidates (a large search has no meaningful nearest: None)."""
+    """The exact counterpart (same everything but the defining settings), else the candidate sharing most
+    settings (same experiment preferred) among at most MAX_NEAREST (a large search has no nearest)."""
     exact = index.get(_counterpart_key(cell, defining))
     if exact is not None or not candidates or len(candidates) > MAX_NEAREST:
         return exact
@@ -220,6 +199,10 @@ def _compare(a: Cell, b: Cell, metric: str) -> Comparison:
     return welch(a.values(metric), b.values(metric), alpha=ALPHA)
 
 
+def _study_diff(st: StudyTable, a: RefRow, b: RefRow) -> float | None:
+    return a.ref[st.primary] - b.ref[st.primary] if st.primary in a.ref and st.primary in b.ref else None
+
+
 def _first_cells(table: Table) -> dict[str, Cell]:
     """Row label -> the first cell of the rows with that label."""
     return {row.label: row.cell for row in reversed(table.rows) if row.cell is not None}
@@ -229,23 +212,15 @@ def _compare_pairs(st: StudyTable, table: Table) -> None:
     """The study's extra comparisons: the first cell of each side (same other settings when several)."""
     first = _first_cells(table)
     for a, b in st.pairs:
-        ra, rb = st.row(a), st.row(b)
-        study = None
-        if st.primary in ra.ref and st.primary in rb.ref:
-            study = ra.ref[st.primary] - rb.ref[st.primary]
         ca, cb = first.get(a), first.get(b)
         cmp = _compare(ca, cb, st.primary) if ca is not None and cb is not None else None
-        table.pairs.append(Pair(a, b, cmp, study))
+        table.pairs.append(Pair(a, b, cmp, _study_diff(st, st.row(a), st.row(b))))
 
 
 def add_convergence(table: Table) -> None:
-    """The steps each run of the table needs to reach CONVERGED_FRACTION of the table's best validation
-    accuracy (None when it never gets there or never learns: normbench.record.learned_threshold with the
-    number of classes in the run's record); a run that does not get there but was still improving goes
-    to its row's ``cut``."""
+    """Each run's steps to the table's threshold into its row's ``convergence`` (None: never, or never
+    learns); a run that does not get there but was still improving also into ``cut``."""
     runs = [(row, run) for row in table.rows if row.cell is not None for run in row.cell.runs]
-    if not runs:
-        return
     curves = {id(run): run.val_curve() for _, run in runs}
     best = max((acc for curve in curves.values() for _, acc in curve), default=None)
     if best is None:
@@ -297,11 +272,8 @@ def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
             row.ref, row.study_diff, row.no_study = replace(row.ref, ref={}), None, True
         elif row.cell is not None and not _study_model(row.cell, st):
             row.ref = replace(row.ref, ref={k: v for k, v in row.ref.ref.items() if k != "model/params"})
-    table.notes.extend(_notes(st, covered))
-    shared = constant_overrides(covered)
-    if shared:
-        table.notes.append("Every row also: " + " ".join(shared))
-    table.notes.extend(_contrasts(st, table) + budget_notes(covered))
+    table.notes.extend(_notes(st, covered) + _every_row_note(covered) + _contrasts(st, table)
+                       + budget_notes(covered))
     if not all(r.no_study for r in table.rows if r.cell is not None):  # notes on numbers the table shows
         table.flags.extend(st.flags)
     add_convergence(table)
@@ -309,11 +281,8 @@ def study_table(st: StudyTable, cells: Sequence[Cell]) -> Table | None:
 
 
 def assign_to_tables(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
-    """Study table name -> the cells it shows; each cell in at most one study table, so that one sweep
-    makes one table per study table, not a near-duplicate per table whose settings it happens to match.
-    A preset's runs (experiment = a study table's name) go to that table only; the runs of any other
-    experiment go to the first study table that matches all of them, else to a generic table: one sweep,
-    one table."""
+    """Study table name -> the cells it shows, each cell in at most one: one sweep, one table
+    (docs/report.md): a preset's runs go to its table, another experiment's to the first that fits all."""
     out: dict[str, list[Cell]] = {}
     for exp, group in _by_experiment(cells).items():
         if exp in TABLES_BY_NAME:
@@ -324,6 +293,13 @@ def assign_to_tables(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
         if st is not None:
             out.setdefault(st.name, []).extend(group)
     return out
+
+
+def _by_experiment(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
+    by_exp: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_exp.setdefault(cell.experiment, []).append(cell)
+    return by_exp
 
 
 def _row_of(st: StudyTable, cell: Cell) -> RefRow | None:
@@ -342,8 +318,7 @@ def _study_model(cell: Cell, st: StudyTable) -> bool:
 
 
 def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
-    """Row label -> the cells in the table's context that match the row (the first row a cell matches);
-    where runs of the preset of the table's name cover a row, only those."""
+    """Row label -> the cells whose first matching row it is (only the table's own preset's, where any)."""
     assigned: dict[str, list[Cell]] = {}
     for cell in cells:
         if (ref := _row_of(st, cell)) is not None:
@@ -356,8 +331,7 @@ def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
 
 
 def _compare_rows(st: StudyTable, table: Table) -> None:
-    """Each row with a `vs` row: the study's difference, and ours by Welch's test against the counterpart
-    cell (same other settings)."""
+    """Each row with a `vs` row: the study's difference, and ours by Welch's test against the counterpart."""
     by_label: dict[str, list[Cell]] = {}
     for row in table.rows:
         if row.cell is not None:
@@ -367,8 +341,7 @@ def _compare_rows(st: StudyTable, table: Table) -> None:
         if row.vs is None:
             continue
         vs_ref = st.row(row.vs)
-        if st.primary in row.ref.ref and st.primary in vs_ref.ref:
-            row.study_diff = row.ref.ref[st.primary] - vs_ref.ref[st.primary]
+        row.study_diff = _study_diff(st, row.ref, vs_ref)
         if row.cell is None:
             continue
         candidates = by_label.get(row.vs, [])
@@ -401,8 +374,8 @@ def _notes(st: StudyTable, covered: Sequence[Cell]) -> list[str]:
 
 
 def _contrasts(st: StudyTable, table: Table) -> list[str]:
-    """The study's relative claims (parameters, memory) beside ours, when every run is of the study's
-    model on its data (a smaller or other-channel net's proportions are not the study's)."""
+    """The study's relative claims (parameters, memory) beside ours, only when every run is of the study's
+    model on its data."""
     out, first = [], _first_cells(table)
     if not all(on_study_data(c) and _study_model(c, st) for c in table.cells):
         return []
@@ -418,13 +391,6 @@ def _contrasts(st: StudyTable, table: Table) -> list[str]:
     return out
 
 
-def _by_experiment(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
-    by_exp: dict[str, list[Cell]] = {}
-    for cell in cells:
-        by_exp.setdefault(cell.experiment, []).append(cell)
-    return by_exp
-
-
 def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
     """A table per experiment of the cells no study table shows, one row per cell."""
     by_exp = _by_experiment(cells)
@@ -438,7 +404,7 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
         else:
             name, title = exp, f"experiment {exp}: runs grouped by their varying choices"
         keys, overrides = _varying(group, {SEED})
-        group.sort(key=lambda c: tuple(_sort_key(value_of(c, k)) for k in keys) + c.value_overrides)
+        group.sort(key=lambda c: tuple(_sort_key(c.setting(k)) for k in keys) + c.value_overrides)
         table = Table(slug(name), title, "generic", "test/err", [])
         table.setting_columns = keys + sorted(overrides)
         search = any(c.trials for c in group)
@@ -446,12 +412,12 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
             table.title = f"search {exp}: trials sorted by objective (1 − best validation accuracy)"
             group.sort(key=lambda c: _sort_key(c.stat("objective").mean))
             table.setting_columns.insert(0, "trial")
-        if not keys and not overrides and group:
-            shared = {k: v for k, v in group[0].choices.items() if k != SEED}
-            settings = [f"{k}={v}" for k, v in shared.items()] + list(group[0].value_overrides)
-            table.notes.append("All runs share the settings " + " ".join(settings))
-        elif constant_overrides(group):
-            table.notes.append("Every row also: " + " ".join(constant_overrides(group)))
+        if keys or overrides:
+            table.notes.extend(_every_row_note(group))
+        else:
+            first = group[0]
+            shared = [*(f"{k}={v}" for k, v in first.choices.items() if k != SEED), *first.value_overrides]
+            table.notes.append("All runs share the settings " + " ".join(shared))
         table.notes.extend(budget_notes(group))
         best = group[0] if search else min((c for c in group if c.stat("test/err").mean is not None),
                                            key=lambda c: c.stat("test/err").mean, default=None)
@@ -459,8 +425,7 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
             label = _extra_label(cell, keys, overrides) or exp
             row = Row(f"trial {cell.trials}: {label}" if cell.trials else label, cell)
             if best is not None and cell is not best:
-                row.vs = "best"
-                row.comparison = _compare(cell, best, "test/err")
+                row.vs, row.comparison = "best", _compare(cell, best, "test/err")
             table.rows.append(row)
         if best is not None and len(group) > 1:
             which = f"trial {best.trials}, the best objective" if search else "the lowest mean test error"
