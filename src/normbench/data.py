@@ -5,10 +5,7 @@ own dataset"), called with every key of the data config, that returns train imag
 train labels int64 (N,), test images and test labels. The keys every dataset shares (normbench.schema's
 DataConf) state what it returns and the pipeline: statistics, the validation hold-out, augmentation.
 
-Training batches come from :class:`BatchStream`: per batch one ``index_select`` of a per-epoch device
-permutation, one ``gather`` that crops and flips (:func:`augment_batch`, the distribution of torchvision's
-``RandomCrop(H, padding=p)`` then ``RandomHorizontalFlip(0.5)``: tests/test_data.py checks it), a float
-conversion fused with the normalization, and an optional resize; no DataLoader, no per-sample Python, no
+Training batches (:class:`BatchStream`) are made on the device: no DataLoader, no per-sample Python, no
 host-device synchronisation, the same code on CPU and CUDA (docs/PERFORMANCE.md).
 """
 
@@ -26,9 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from normbench.errors import ConfigError
 from normbench.schema import DataConf, parse_data
 from normbench.targets import BUILTIN_TARGETS, check_target
-
-# --------------------------------------------------------------------------------------------------------
-# containers
 
 
 @dataclass
@@ -56,9 +50,6 @@ class DataBundle:
     name: str
     folder: str | None = None  # where the dataset's files were read from (None: generated)
 
-
-# --------------------------------------------------------------------------------------------------------
-# loading
 
 
 def dataset_name(data_cfg) -> str:
@@ -170,10 +161,8 @@ def _split_indices(n: int, val_size: int, split_seed: int,
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (unbiased) of uint8 images (N, C, H, W), in [0, 1] units.
-
-    Exact and light: a 256-bin histogram per channel, statistics in float64 from the histogram.
-    """
+    """Per-channel mean and std (unbiased) of uint8 images (N, C, H, W), in [0, 1] units: exact and light,
+    from a 256-bin histogram per channel."""
     levels = torch.arange(256, dtype=torch.float64) / 255.0
     means, stds = [], []
     for c in range(images.shape[1]):
@@ -186,9 +175,6 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(means), tuple(stds)
 
 
-# --------------------------------------------------------------------------------------------------------
-# augmentation and batching
-
 
 def _random(draw, *args, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """``draw(*args)`` (torch.randint, torch.randperm) on ``device``, drawn on the generator's device (keep
@@ -197,24 +183,21 @@ def _random(draw, *args, generator: torch.Generator | None, device: torch.device
                 else generator.device).to(device)
 
 
-def augment_batch(
-    images_uint8: torch.Tensor, *, crop_padding: int, flip: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def augment_batch(images_uint8: torch.Tensor, *, crop_padding: int, flip: bool,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop with zero padding + random horizontal flip of a uint8 batch (B, C, H, W) -> same shape.
 
     Same distribution as torchvision ``RandomCrop((H, W), padding=crop_padding)`` then
     ``RandomHorizontalFlip(0.5)``: the crop offsets are uniform in ``0..2*crop_padding`` on each axis,
-    independently per sample. Crop and flip are one ``gather`` on the padded batch. With
-    ``crop_padding=0`` and ``flip=False`` the input is returned as is.
-    """
+    independently per sample (tests/test_data.py checks it). Crop and flip are one ``gather`` on the
+    padded batch."""
     x = images_uint8
     if x.dim() != 4:
         raise ValueError(f"augment_batch expects (B, C, H, W), got shape {tuple(x.shape)}")
     p = int(crop_padding)
     if p == 0 and not flip:
         return x
-    b, c, h, w = x.shape
-    dev = x.device
+    (b, c, h, w), dev = x.shape, x.device
     hp, wp = h + 2 * p, w + 2 * p
     if p:
         xp = F.pad(x, (p, p, p, p))
@@ -277,12 +260,10 @@ class BatchStream:
                  crop_padding: int = 4,
                  flip: bool = True, resize_to: int | None = None, channels_last: bool = False,
                  drop_last: bool = True, generator: torch.Generator | None = None):
-        n = len(split)
-        batch_size = int(batch_size)
-        if drop_last and batch_size > n:
-            raise ConfigError("batch_size", batch_size, f"use at most {n}, the number of training images")
-        self.split = split
-        self.batch_size = batch_size
+        self.split, self.batch_size = split, int(batch_size)
+        if drop_last and self.batch_size > len(split):
+            raise ConfigError("batch_size", batch_size,
+                              f"use at most {len(split)}, the number of training images")
         self.augment = bool(augment)
         self.crop_padding = int(crop_padding)
         self.flip = bool(flip)
@@ -306,8 +287,7 @@ class BatchStream:
         images, labels = self.split.images, self.split.labels
         for i in range(len(self)):
             idx = perm[i * bs : (i + 1) * bs]
-            x = images.index_select(0, idx)
-            y = labels.index_select(0, idx)
+            x, y = images.index_select(0, idx), labels.index_select(0, idx)
             if self.augment:
                 x = augment_batch(x, crop_padding=self.crop_padding, flip=self.flip, generator=self.generator)
             yield self._finish(x), y

@@ -91,9 +91,8 @@ def _norm_input_fp32(module: nn.Module, args: tuple):
 
 
 def keep_norms_fp32(model: nn.Module) -> int:
-    """Make every norm layer of `model` compute in float32 under autocast; returns how many were hooked.
-
-    Idempotent (a module is hooked once); outside autocast the hook does nothing."""
+    """Make every norm layer of `model` compute in float32 under autocast (a module is hooked once);
+    returns how many were hooked."""
     hooked = 0
     for module in model.modules():
         if isinstance(module, NORM_TYPES) and not getattr(module, "_normbench_fp32", False):
@@ -113,10 +112,7 @@ def compile_model(model: nn.Module, **kwargs) -> nn.Module:
     return torch.compile(model, **kwargs)
 
 
-# --------------------------------------------------------------------------------------------------------
 # where a sweep job runs: its device and its share of the CPU when a launcher runs jobs at once
-
-
 def launcher_jobs(launcher) -> int:
     """How many jobs the launcher runs at once: joblib's n_jobs (-1: one per core), else 1."""
     n_jobs = (launcher or {}).get("n_jobs") if launcher is not None else None
@@ -135,14 +131,10 @@ def cpu_count() -> int:
 
 
 def placement(device: str, threads: int, job_num: int | None, n_jobs: int) -> tuple[str, int]:
-    """Bind a sweep job to its own device and share of the CPU.
-
-    - trainer.device=auto with several CUDA GPUs: GPU index = job number mod GPU count, so the N jobs
-      a parallel launcher runs at once land on different GPUs (with one GPU they all share it).
-    - trainer.threads=0 with a launcher running n_jobs > 1 at once: cores // n_jobs threads each.
-    Explicit settings (trainer.device=cuda:1, trainer.threads=4) are kept as they are; a threads value
-    that is no integer is left to validate() to report.
-    """
+    """A sweep job's device and CPU threads: with trainer.device=auto and several GPUs, the job number
+    mod the GPU count (the jobs run at once land on different GPUs); with trainer.threads=0 and n_jobs > 1
+    at once, cores // n_jobs each. Explicit settings are kept; a threads value that is no integer is left
+    to validate() to report."""
     device = str(device)
     if isinstance(threads, bool) or not isinstance(threads, int):
         return device, 0

@@ -158,16 +158,13 @@ def owner(run_dir: Path) -> str | None:
         return str(summary["identity"])
     if (run_dir / SUMMARY).exists():  # an unreadable summary: not ours to overwrite unless the checkpoint is
         return checkpoint_identity(run_dir / CHECKPOINT) or "unknown"
-    if (run_dir / CHECKPOINT).exists():
-        return checkpoint_identity(run_dir / CHECKPOINT)
-    return None
+    return checkpoint_identity(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).exists() else None
 
 
 def claim_run_dir(config: DictConfig) -> None:
-    """Before Hydra makes a single run's dir (its `${now:}` name has 1-second resolution): the dir is this
-    run's, locked until the process exits, unless another live run holds it, or it holds another
-    identity's record or a finished one (hydra.run.dir pointed at a done run): then, as in sweeps, the
-    sibling `<dir>.<identity>` (`-2`, `-3`, ... after it) with one warning."""
+    """Before Hydra makes a single run's dir (`${now:}` has 1-second resolution): lock it for this run,
+    unless a live run holds it or it holds another identity's or a finished record: then, with one warning,
+    the sibling `<dir>.<identity>` (`-2`, `-3`, ... after it), as in sweeps."""
     wanted = Path(str(config.hydra.run.dir)).absolute()
     try:
         identity = run_identity(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
@@ -209,11 +206,9 @@ def _taken(run_dir: Path, identity: str) -> str | None:
 
 
 def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
-    """Where this identity's record lives: where an earlier attempt of it left its record or
-    checkpoint (so a restarted job continues from it even in another job dir), else the job's own
-    dir -- unless that holds the record or checkpoint of another identity (the same overrides after the
-    config changed), which is never overwritten: then a sibling `<job dir>.<identity>`. An index entry
-    pointing at another identity's dir is not followed."""
+    """Where an earlier attempt of this identity left its record or checkpoint (a restarted job continues
+    it), else the job's dir -- unless that holds another identity's (the same overrides after the config
+    changed): then a sibling `<job dir>.<identity>`. An index entry pointing at another's is not followed."""
     entry = state.get(identity)
     if entry and entry.get("dir"):
         earlier = state.run_dir(entry)
@@ -263,16 +258,12 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
     info = job_info(cfg, output_dir)
     raise_on_sigterm()
     watch_parent()
-    if not info.isolate:
-        try:
-            return _run_job(cfg, info)
-        except Exception as exc:
-            journal_unreported(info, exc)  # e.g. a failed config check in an Optuna sweep
-            raise
     try:
         return _run_job(cfg, info)
-    except Exception as exc:  # noqa: BLE001 - failure isolation: the sweep goes on
-        error = journal_unreported(info, exc)
+    except Exception as exc:  # with failure isolation (basic sweeper) the sweep goes on
+        error = journal_unreported(info, exc)  # e.g. a failed config check in an Optuna sweep
+        if not info.isolate:
+            raise
         kind = "out of memory" if is_out_of_memory(exc) else "failed"
         recorded = ("recorded" if info.unrecorded is None
                     else f"its record could not be written ({info.unrecorded})")
@@ -283,9 +274,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
 
 
 def journal_unreported(info: JobInfo, exc: BaseException) -> str:
-    """A sweep job that failed without reporting (before its run started: a failed config check): a
-    journal line for the sweep's closing line, and in its job dir, when that holds no record,
-    `rejected.json` with the reason (listed by the report among the skipped records)."""
+    """A sweep job that failed before its run started: a journal line, and `rejected.json` with the reason
+    in its job dir when that holds no record (the report lists it among the skipped records)."""
     error = str(exc) if isinstance(exc, NormbenchError) else one_line(exc)
     if info.sweep_dir is None or info.reported:
         return error
@@ -456,9 +446,8 @@ def main(cfg: DictConfig) -> float:
 
 
 def cli(hydra_main) -> None:
-    """bench/train.py's entry: SIGTERM and Ctrl-C end it without a traceback -- the interrupted run
-    is recorded `interrupted` (by the job), a sweep prints its closing line (the callback's
-    on_multirun_end runs on the way out) -- with status 130 (Ctrl-C), 143 (SIGTERM) or 129 (SIGHUP)."""
+    """bench/train.py's entry: SIGTERM and Ctrl-C end it without a traceback, status 130 (Ctrl-C), 143
+    (SIGTERM) or 129 (SIGHUP); the job records the run `interrupted`, a sweep prints its closing line."""
     os.environ[MAIN_PID_ENV] = str(os.getpid())
     raise_on_sigterm()
     pass_on_ctrl_c()
