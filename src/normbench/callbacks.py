@@ -119,8 +119,7 @@ class SweepSummary(Callback):
 
 
 def print_results(sweep_dir: str, swept: list[str]) -> None:
-    """The end of a sweep, before its closing line: every run of the sweep dir (normbench.load_runs),
-    best objective first, with its swept values, status, objective, test accuracy, steps and time,
+    """Every run of the sweep dir (normbench.load_runs), best objective first, with its swept values:
     printed (the first MAX_SHOWN) and written to results.csv."""
     from rich.console import Console
     from rich.table import Table

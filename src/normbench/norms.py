@@ -40,11 +40,9 @@ class NormSpec(NormConf):
             return nn.GroupNorm(1, channels, eps=self.eps)
         if self.name == "gn":
             if channels % self.groups:
-                raise ConfigError(
-                    "norm.groups", self.groups,
-                    f"must divide every normalized layer's channels; a layer has {channels} channels "
-                    f"(try a divisor such as {_divisor_hint(channels, self.groups)})",
-                )
+                raise ConfigError("norm.groups", self.groups,
+                                  f"must divide every normalized layer's channels; a layer has {channels} "
+                                  f"channels (try a divisor such as {_divisor_hint(channels, self.groups)})")
             return nn.GroupNorm(self.groups, channels, eps=self.eps)
         return nn.LocalResponseNorm(self.lrn_size, alpha=1e-4, beta=0.75, k=2.0)
 
