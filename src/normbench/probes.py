@@ -40,12 +40,10 @@ class Probe(Protocol):
 def run_probes(probes: list[Probe], step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float,
                loop_grads_fp32: bool = True, rng_at_forward: RngState | None = None,
                ) -> dict[str, float] | None:
-    """Run every probe for this step; the merged metrics, or None when no probe measured anything.
-
-    ``loop_grads_fp32=False`` says the loop's ``p.grad`` came from an autocast (bf16/fp16) backward: then,
-    on a step where a probe reads the mini-batch gradient, it is recomputed once in float32 on the same
-    batch (under ``rng_at_forward``, the training forward's dropout mask) and every probe sees that one, so
-    probe values do not depend on the training precision; the loop's gradients are put back afterwards."""
+    """Every probe for this step; the merged metrics, or None when no probe measured anything. After an
+    autocast backward (``loop_grads_fp32=False``) the gradient is recomputed once in float32 on the same batch
+    (under ``rng_at_forward``: the same dropout mask) for every probe, so probe values do not depend on the
+    training precision; the loop's gradients are put back afterwards."""
     swapped: list[tuple[nn.Parameter, Tensor | None]] | None = None
     if not loop_grads_fp32 and reads_gradient(probes, step):
         swapped = _swap_in_fp32_grads(model, closure, rng_at_forward)
@@ -93,10 +91,8 @@ RngState = tuple[Tensor, list[Tensor] | None]
 
 def capture_rng() -> RngState:
     """The CPU and (when initialised) CUDA RNG states, e.g. before a training forward."""
-    cuda = (
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    )
-    return torch.get_rng_state(), cuda
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
 
 
 def _set_rng(state: RngState) -> None:
@@ -149,12 +145,8 @@ class _ModelState:
         self.params = list(model.parameters())
         self.weights = [p.detach().clone() for p in self.params]
         self.grads = [p.grad for p in self.params]  # references: the probe never writes into them
-        self.buffers = [
-            (module, name, buf, buf.detach().clone())
-            for module in model.modules()
-            for name, buf in module._buffers.items()
-            if buf is not None
-        ]
+        self.buffers = [(module, name, buf, buf.detach().clone()) for module in model.modules()
+                        for name, buf in module._buffers.items() if buf is not None]
         self.modes = [(module, module.training) for module in model.modules()]
         self.rng = capture_rng()
 
@@ -196,7 +188,6 @@ def _diff(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a - b
 
 
-# --------------------------------------------------------------------------------------------------
 # the probes: each is its schema's settings (normbench.schema) and the state it keeps between steps
 
 
@@ -246,8 +237,7 @@ class LandscapeProbe(_AtInterval, schema.LandscapeSettings):
             _, ref = state.loss_and_grads(closure, params)  # at w, with the RNG state of every η point
 
             etas = self.eta_grid(lr)
-            losses: list[Tensor] = []
-            changes: list[Tensor] = []
+            losses, changes = [], []
             weights = dict(zip(map(id, state.params), state.weights))
             for eta in etas:
                 with torch.no_grad():
@@ -280,7 +270,6 @@ class LandscapeProbe(_AtInterval, schema.LandscapeSettings):
         }
 
 
-
 def _flat(model: nn.Module, grads: bool) -> Tensor | None:
     """The trainable parameters' gradients (``grads``) or weights as one fresh vector (safe to keep across
     steps; a missing gradient counts as zeros); None when there are none."""
@@ -301,9 +290,7 @@ class GradSimilarityProbe(schema.GradSimilaritySettings):
     name: ClassVar[str] = "grad_similarity"
 
     def __post_init__(self) -> None:
-        self._prev: Tensor | None = None
-        self._prev_w: Tensor | None = None
-        self._prev_step: int | None = None
+        self._prev, self._prev_w, self._prev_step = None, None, None  # the kept step's gradient, weights
 
     def reads_gradient(self, step: int) -> bool:
         return step % self.interval == 0 or (step + 1) % self.interval == 0
@@ -329,10 +316,8 @@ class GradSimilarityProbe(schema.GradSimilaritySettings):
                 out = {"probe/grad_cos": float(cos), "probe/grad_l2": float(l2)}
                 if dw > 0 and math.isfinite(l2 / dw):
                     out["probe/lipschitz"] = float(l2 / dw)
-        if keep and cur is not None:
-            self._prev, self._prev_w, self._prev_step = cur, cur_w, step
-        else:
-            self._prev, self._prev_w, self._prev_step = None, None, None
+        kept = keep and cur is not None
+        self._prev, self._prev_w, self._prev_step = (cur, cur_w, step) if kept else (None, None, None)
         return out
 
 
@@ -373,9 +358,8 @@ class GradVarianceProbe(schema.GradVarianceSettings):
         self._reset()
         if k < 2:
             return None
-        var, mean_sq = (
-            torch.stack([m2 / (k - 1), torch.linalg.vector_norm(mean).double().square()]).cpu().tolist()
-        )
+        mean_norm_sq = torch.linalg.vector_norm(mean).double().square()
+        var, mean_sq = torch.stack([m2 / (k - 1), mean_norm_sq]).cpu().tolist()
         if not math.isfinite(var):
             return None
         return {
