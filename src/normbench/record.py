@@ -187,7 +187,7 @@ def remove_temp_files(run_dir: Path) -> list[str]:
     return removed
 
 
-def set_aside(path: Path, kind: str, reason: str, then: str = "the run starts from scratch") -> Path:
+def set_aside(path: Path, kind: str, reason: str, then: str = "the run starts from scratch") -> None:
     """Keep the file under a name no run reads (`<name>.<kind>-<UTC time>`), with one warning line."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target, n = path.with_name(f"{path.name}.{kind}-{stamp}"), 1
@@ -196,7 +196,6 @@ def set_aside(path: Path, kind: str, reason: str, then: str = "the run starts fr
         target = path.with_name(f"{path.name}.{kind}-{stamp}.{n}")
     path.replace(target)
     warn(f"{path} {reason}; kept as {target.name}, {then}")
-    return target
 
 
 def set_aside_damaged_summary(run_dir: Path) -> None:
@@ -321,8 +320,7 @@ def run_dirs(root: str | Path) -> Iterator[tuple[str, frozenset[str]]]:
     stack = [(os.fspath(root), 0)]
     while stack:
         path, depth = stack.pop()
-        names: set[str] = set()
-        subdirs: list[str] = []
+        names, subdirs = set(), []
         try:
             with os.scandir(path) as entries:
                 for entry in entries:
