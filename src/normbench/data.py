@@ -222,17 +222,12 @@ class _Normalizer:
     """uint8 (B, C, H, W) -> float32 normalized, optionally resized and channels-last."""
 
     def __init__(self, mean, std, device: torch.device, resize_to: int | None, channels_last: bool):
-        mean_t = torch.as_tensor([float(v) for v in mean], dtype=torch.float32)
-        std_t = torch.as_tensor([float(v) for v in std], dtype=torch.float32)
-        if mean_t.numel() != std_t.numel() or bool((std_t <= 0).any()):
-            raise ValueError(f"mean/std must be one value per channel with std > 0, got mean={mean} "
-                             f"std={std}")
+        # load_data checked the statistics (std > 0), the schema the size (input_size >= 8)
+        mean_t, std_t = (torch.tensor([float(v) for v in m], dtype=torch.float32).view(1, -1, 1, 1)
+                         for m in (mean, std))
         # (x/255 - mean)/std == x * scale + shift
-        self.scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(device)
-        self.shift = (-mean_t / std_t).view(1, -1, 1, 1).to(device)
+        self.scale, self.shift = (1.0 / (255.0 * std_t)).to(device), (-mean_t / std_t).to(device)
         self.resize_to = None if resize_to is None else int(resize_to)
-        if self.resize_to is not None and self.resize_to < 1:
-            raise ValueError(f"resize_to must be a positive size, got {resize_to}")
         self.channels_last = bool(channels_last)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

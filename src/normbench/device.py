@@ -36,12 +36,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available()
                             else "mps" if torch.backends.mps.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError("trainer.device", name, f"MPS is not available here; {DEVICE_HELP}")
-        return torch.device("mps")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.device", name, f"MPS is not available here; {DEVICE_HELP}")
+    if name in ("cpu", "mps"):
+        return torch.device(name)
     match = re.fullmatch(r"cuda(?::(\d+))?", name)
     if not match:
         raise ConfigError("trainer.device", name, DEVICE_HELP)
@@ -85,9 +83,7 @@ def synchronize(device: torch.device) -> None:
 
 def _norm_input_fp32(module: nn.Module, args: tuple):
     x = args[0]
-    if x.is_floating_point() and x.dtype != torch.float32:
-        return (x.float(), *args[1:])
-    return None
+    return (x.float(), *args[1:]) if x.is_floating_point() and x.dtype != torch.float32 else None
 
 
 def keep_norms_fp32(model: nn.Module) -> int:
@@ -115,7 +111,7 @@ def compile_model(model: nn.Module, **kwargs) -> nn.Module:
 # where a sweep job runs: its device and its share of the CPU when a launcher runs jobs at once
 def launcher_jobs(launcher) -> int:
     """How many jobs the launcher runs at once: joblib's n_jobs (-1: one per core), else 1."""
-    n_jobs = (launcher or {}).get("n_jobs") if launcher is not None else None
+    n_jobs = (launcher or {}).get("n_jobs")
     if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs == 0:
         return 1
     if n_jobs < 0:  # joblib: -1 = all cores, -2 = all but one, ...

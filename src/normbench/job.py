@@ -1,14 +1,8 @@
 """The Hydra job: what bench/train.py runs for one configuration, alone or as one job of a sweep.
 
-validate > (sweep: skip a run that is already done, pick its record dir, lock its identity) > the run
-(normbench.run) > (sweep: index entry, curve for the median pruner, journal line). With the basic sweeper
-a run that fails is recorded and the sweep goes on; a single run re-raises. User errors end in one line
-on stderr and exit status 2.
-
 The record is the truth: a summary.json that says this identity is done is never trained again nor
-overwritten, whatever the index says (the index is rebuilt from it), and a dir holding another
-identity's record or checkpoint is never written to. SIGTERM, SIGHUP and Ctrl-C record the run
-`interrupted` (a re-run continues it from its checkpoint) and end the process without a traceback.
+overwritten, whatever the index says, and a dir holding another identity's record or checkpoint is never
+written to. With the basic sweeper a run that fails is recorded and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -226,8 +220,8 @@ def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
 
 
 def run_pruner(spec: PruningConf, sweep_dir: Path | None, identity: str) -> Pruner | None:
-    """What may stop this job's run early: its Optuna trial's pruner in an Optuna sweep, else the grid
-    rule chosen by `pruning.name` (which needs a sweep dir: a single run has no peers); None: nothing."""
+    """What may stop this job's run early: its Optuna trial's pruner, else the grid rule `pruning.name`
+    (a single run has no peers); None: nothing."""
     pruner = trial_pruner()
     if pruner is not None:
         return pruner
@@ -290,8 +284,8 @@ def journal_unreported(info: JobInfo, exc: BaseException) -> str:
 
 
 def save_hydra_files(cfg: DictConfig, info: JobInfo) -> None:
-    """The job's `.hydra/` files, as Hydra writes them (hydra.output_subdir is null: Hydra's own writing
-    would end the sweep on a run dir that cannot be written; here it fails the job, naming path and errno)."""
+    """The job's `.hydra/` files, written here (hydra.output_subdir is null) so that a run dir that cannot
+    be written fails the job, not the whole sweep."""
     if not HydraConfig.initialized() or info.output_dir is None:
         return
     hydra_cfg, folder = HydraConfig.instance().cfg, info.output_dir / HYDRA_FILES

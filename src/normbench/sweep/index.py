@@ -117,10 +117,8 @@ class SweepState:
         return _entry(read_json(self.index_dir / f"{identity}.json"))
 
     def recover(self, identity: str, statuses: tuple[str, ...], candidates: list[Path]) -> dict | None:
-        """The entry of a run whose record says done although its index entry does not (missing,
-        unreadable, or `running` after a kill between the summary and the index update), rebuilt from
-        the record with a warning. Looks in the entry's dir and `candidates`; an unreadable entry is
-        rebuilt from a scan of every record."""
+        """The entry of a run whose record in its entry's dir or `candidates` says done although its index
+        entry does not (missing, unreadable, or left `running` by a kill), rebuilt with a warning."""
         entry = self.get(identity)
         if entry is None and (self.index_dir / f"{identity}.json").exists():  # there but unreadable
             entry = self.scan_records().get(identity)
@@ -192,8 +190,7 @@ class SweepState:
         return FileLock(path)
 
     def lock(self, identity: str):
-        """Held while a job works on this identity: a second job of the same identity (a duplicate
-        in the grid, or a second sweep process) waits, then finds it done and skips it."""
+        """Held while a job works on this identity: a second job of it waits, then finds it done."""
         return self._file_lock(self.locks_dir / f"{identity}.lock")
 
     def add_curve(self, identity: str, errors: list[float]) -> None:
