@@ -1,9 +1,7 @@
 """The data group: a dataset's four tensors become uint8 splits on the training device, augmented there.
 
-A dataset is a config with a `_target_` (normbench.datasets has the built-in ones; a user's: README "Your
-own dataset"), called with every key of the data config, that returns train images uint8 (N, C, H, W),
-train labels int64 (N,), test images and test labels. The keys every dataset shares (normbench.schema's
-DataConf) state what it returns and the pipeline: statistics, the validation hold-out, augmentation.
+A dataset is a config whose `_target_` (README "Your own dataset") is called with every key of the data
+config and returns train images uint8 (N, C, H, W), train labels int64 (N,), test images and test labels.
 
 Training batches (:class:`BatchStream`) are made on the device: no DataLoader, no per-sample Python, no
 host-device synchronisation, the same code on CPU and CUDA (docs/PERFORMANCE.md).
@@ -185,12 +183,9 @@ def _random(draw, *args, generator: torch.Generator | None, device: torch.device
 
 def augment_batch(images_uint8: torch.Tensor, *, crop_padding: int, flip: bool,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop with zero padding + random horizontal flip of a uint8 batch (B, C, H, W) -> same shape.
-
-    Same distribution as torchvision ``RandomCrop((H, W), padding=crop_padding)`` then
-    ``RandomHorizontalFlip(0.5)``: the crop offsets are uniform in ``0..2*crop_padding`` on each axis,
-    independently per sample (tests/test_data.py checks it). Crop and flip are one ``gather`` on the
-    padded batch."""
+    """A uint8 batch (B, C, H, W) randomly cropped from its zero padding and flipped, as one ``gather``:
+    the distribution of torchvision's ``RandomCrop((H, W), padding=crop_padding)`` then
+    ``RandomHorizontalFlip(0.5)`` (tests/test_data.py checks it)."""
     x = images_uint8
     if x.dim() != 4:
         raise ValueError(f"augment_batch expects (B, C, H, W), got shape {tuple(x.shape)}")

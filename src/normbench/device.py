@@ -2,9 +2,7 @@
 in docs/PERFORMANCE.md), and where a sweep job runs.
 
 Under autocast every norm layer computes in float32 (`keep_norms_fp32`): by itself autocast runs
-BatchNorm in bf16 on CUDA and every norm in bf16 on the CPU. `compile_model` raises dynamo's recompile
-limit so that a sweep run in one process keeps compiled code for every (model, norm, batch shape,
-train/eval) it meets; a new model instance of the same class and shapes reuses it.
+BatchNorm in bf16 on CUDA and every norm in bf16 on the CPU.
 """
 
 from __future__ import annotations
@@ -99,7 +97,8 @@ def keep_norms_fp32(model: nn.Module) -> int:
 
 
 def compile_model(model: nn.Module, **kwargs) -> nn.Module:
-    """torch.compile(model, **kwargs) with room in dynamo's cache for the many shapes of a sweep."""
+    """torch.compile(model, **kwargs) with room in dynamo's cache for every (model, norm, batch shape,
+    train/eval) a sweep run in one process meets."""
     import torch._dynamo.config as dynamo_config
 
     key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"

@@ -1,9 +1,8 @@
 """Normalization layers the model builders call once per layer.
 
-`ln` normalizes each sample over (C, H, W) like the study's `nn.LayerNorm([C, H, W])`. Its affine
-parameters are per channel by default (`norm.affine=channel`, i.e. GroupNorm with one group), so the
-same config works at any input size; `norm.affine=element` gives the study's per-element affine
-(`nn.LayerNorm([C, H, W])`), which ties the model to one input size. `brn` is batch renormalization.
+`ln` normalizes each sample over (C, H, W) like the study's `nn.LayerNorm([C, H, W])`, with a per-channel
+affine by default (GroupNorm with one group: any input size); `norm.affine=element` gives the study's
+per-element affine, which ties the model to one input size.
 """
 
 from __future__ import annotations

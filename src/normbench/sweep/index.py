@@ -1,9 +1,8 @@
 """Sweep bookkeeping under `<sweep dir>/.normbench/` (layout: docs/sweeps.md): the identity index,
 per-identity locks, finished curves and the journal.
 
-The records are the truth, the index only a cache of them (rebuilt from them with a warning). Every file
-is written whole (temp file + rename), one per identity, so concurrent jobs never write the same file and
-a killed job never leaves a half file. Nothing here imports torch: the planning command uses it too.
+The records are the truth, the index only a cache of them. Every file is written whole, one per identity,
+so concurrent jobs never write the same file. Nothing here imports torch: the planning command uses it.
 """
 
 from __future__ import annotations
