@@ -57,10 +57,9 @@ def dataset_name(data_cfg) -> str:
 
 def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=BUILTIN_TARGETS,
               input_size: int | None = None, pipeline: DataConf | None = None) -> DataBundle:
-    """Call the dataset's `_target_` (an allowed one), check what it returns against the config, hold out
-    the validation split and put the three splits on ``device``. ``pipeline``: the config's shared keys
-    as the run parsed them (default: parsed here). With ``fit: pad`` the images are zero-padded to the
-    model's larger ``input_size`` once, here (28x28 MNIST into a 32x32 VGG); else batches are resized."""
+    """The dataset's splits on ``device``, checked against the config (``pipeline``: its shared keys as the
+    run parsed them). With ``fit: pad`` the images are zero-padded to the model's larger ``input_size``
+    once, here (28x28 MNIST into a 32x32 VGG); else batches are resized."""
     device = torch.device(device)
     if not isinstance(data_cfg, DictConfig):
         data_cfg = OmegaConf.create(data_cfg)
@@ -239,12 +238,9 @@ class _Normalizer:
 
 
 class BatchStream:
-    """Training batches for one run: a fresh device-side permutation each epoch, augmented on the device.
-
-    ``for x, y in stream`` runs one epoch: x float32 normalized (B, C, S, S) with S = ``resize_to`` or the
-    native size, y int64 (B,). Randomness comes from ``generator`` (keep it on the data's device to avoid
-    host transfers) or from the global RNG of the device when None (seeded by ``torch.manual_seed``).
-    """
+    """``for x, y in stream`` runs one epoch of a fresh device-side permutation, augmented on the device:
+    x float32 normalized, y int64. Randomness comes from ``generator`` (keep it on the data's device to
+    avoid host transfers), else from the device's global RNG."""
 
     def __init__(self, split: Split, batch_size: int, mean, std, *, augment: bool = True,
                  crop_padding: int = 4,

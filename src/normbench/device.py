@@ -127,9 +127,8 @@ def cpu_count() -> int:
 
 def placement(device: str, threads: int, job_num: int | None, n_jobs: int) -> tuple[str, int]:
     """A sweep job's device and CPU threads: with trainer.device=auto and several GPUs, the job number
-    mod the GPU count (the jobs run at once land on different GPUs); with trainer.threads=0 and n_jobs > 1
-    at once, cores // n_jobs each. Explicit settings are kept; a threads value that is no integer is left
-    to validate() to report."""
+    mod the GPU count; with trainer.threads=0 and n_jobs > 1 at once, cores // n_jobs each. Explicit
+    settings are kept; a threads value that is no integer is left to validate() to report."""
     device = str(device)
     if isinstance(threads, bool) or not isinstance(threads, int):
         return device, 0

@@ -123,9 +123,8 @@ def _loss_and_grads(closure: Callable[[], Tensor],
 
 def _swap_in_fp32_grads(model: nn.Module, closure: Callable[[], Tensor],
                         rng: RngState | None = None) -> list[tuple[nn.Parameter, Tensor | None]]:
-    """Replace every ``p.grad`` by the float32 gradient of ``closure`` at the current weights, computed
-    under ``rng`` (default: the current state); returns the originals. Buffers, modes and the current RNG
-    state are restored."""
+    """Replace every ``p.grad`` by the float32 gradient of ``closure`` under ``rng`` (default: the current
+    state); returns the originals. Buffers, modes and the current RNG state are restored."""
     params = _trainable(model)
     state = _ModelState(model)
     try:

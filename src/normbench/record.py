@@ -314,9 +314,8 @@ def _jsonl(rows: list[dict]) -> str:
 
 
 def run_dirs(root: str | Path) -> Iterator[tuple[str, frozenset[str]]]:
-    """The dirs under `root` (itself included) that hold a run record, in name order, each with the
-    record files it holds. Hidden dirs, wandb/, a run dir's subdirs and dirs deeper than MAX_DIR_DEPTH
-    are not entered."""
+    """The dirs under `root` (itself included) that hold a run record, in name order, with its record files;
+    not entered: hidden dirs, wandb/, a run dir's subdirs and dirs deeper than MAX_DIR_DEPTH."""
     stack = [(os.fspath(root), 0)]
     while stack:
         path, depth = stack.pop()

@@ -145,13 +145,8 @@ class RunRecord:
             return {}
 
     # --- per-run files (read on demand) ---------------------------------------------------
-    def _jsonl(self, name: str) -> tuple[list[dict], int]:
-        if name not in self.files:
-            return [], 0
-        return read_jsonl(os.path.join(self.path, name))
-
     def _rows(self, name: str) -> list[dict]:
-        rows, bad = self._jsonl(name)
+        rows, bad = read_jsonl(os.path.join(self.path, name)) if name in self.files else ([], 0)
         if bad:
             self.malformed[name] = f"has {bad} malformed line(s)"
         return rows
