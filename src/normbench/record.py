@@ -1,7 +1,5 @@
-"""The run record: the files in a run's dir and the vocabulary of its summary.json.
-
-Everything that writes or reads a record -- the run, the sweep index, the report, the Optuna sweeper --
-takes the file names, the statuses and the summary keys from here. The format: docs/ARCHITECTURE.md.
+"""The run record: the files in a run's dir and the vocabulary of its summary.json, for everything that
+writes or reads a record (the format: docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -88,9 +86,8 @@ LEARN_MARGIN = 0.05  # accuracy points above chance a run must reach to count as
 
 
 def learned_threshold(num_classes: int, num_images: int = 0, margin: float = LEARN_MARGIN) -> float:
-    """Chance (1/num_classes) plus `margin`, or plus three binomial standard deviations of a chance-level
-    classifier on `num_images` images if that is more (a small validation split reaches chance + 5 points
-    by luck)."""
+    """Chance plus `margin`, or plus three binomial standard deviations of a chance-level classifier on
+    `num_images` images if that is more (a small validation split reaches chance + 5 points by luck)."""
     chance = 1.0 / max(int(num_classes), 1)
     noise = 3.0 * math.sqrt(chance * (1.0 - chance) / num_images) if num_images > 0 else 0.0
     return chance + max(margin, noise)
@@ -285,19 +282,17 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
         data = read_bytes(path)
     except OSError:
         return [], 1
-    rows, bad = [], 0
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
+    parsed = [_json_object(line) for line in data.splitlines() if line.strip()]
+    rows = [row for row in parsed if row is not None]
+    return rows, len(parsed) - len(rows)
+
+
+def _json_object(text: bytes) -> dict | None:
+    try:
+        row = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def read_rows(path: str | Path) -> list[dict]:

@@ -104,9 +104,8 @@ class RunRecord:
 
     @cached_property
     def budget(self) -> tuple[float | None, float | None]:
-        """Optimizer steps and training images: summary.json's train/steps and train/images when the run
-        records them, else the last epoch's step in metrics.jsonl and steps x batch_size (an upper
-        bound: an epoch's last batch may be smaller)."""
+        """Optimizer steps and training images as recorded, else the last epoch's step in metrics.jsonl and
+        steps x batch_size (an upper bound: an epoch's last batch may be smaller)."""
         found = [self.summary.get(k, self.metrics.get(k)) for k in BUDGET]
         steps, images = (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
                          for v in found)
