@@ -161,15 +161,12 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     """Per-channel mean and std (unbiased) of uint8 images (N, C, H, W), in [0, 1] units: exact and light,
     from a 256-bin histogram per channel."""
     levels = torch.arange(256, dtype=torch.float64) / 255.0
-    means, stds = [], []
-    for c in range(images.shape[1]):
-        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to("cpu", torch.float64)
-        count = hist.sum()
-        mean = (hist * levels).sum() / count
-        var = (hist * (levels - mean) ** 2).sum() / (count - 1).clamp_min(1)
-        means.append(float(mean))
-        stds.append(float(var.sqrt()))
-    return tuple(means), tuple(stds)
+    hist = torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256)
+                        for c in range(images.shape[1])]).to("cpu", torch.float64)  # (C, 256)
+    count = hist.sum(1)
+    mean = (hist * levels).sum(1) / count
+    var = (hist * (levels - mean[:, None]) ** 2).sum(1) / (count - 1).clamp_min(1)
+    return tuple(mean.tolist()), tuple(var.sqrt().tolist())
 
 
 

@@ -57,7 +57,6 @@ from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER, trial_pr
 from normbench.validate import RunSpec, validate
 
 SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
-NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
 HYDRA_FILES = ".hydra"  # the job's config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them
 RUN_LOCK = ".normbench-run.lock"  # held by the live single run whose dir holds it
 FINISHED = (*DONE, Status.PRUNED)  # a single run pointed at such a record of its own identity goes beside it
@@ -303,7 +302,7 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]
     save_hydra_files(cfg, info)
     spec = validate(cfg, device=info.device)
     if info.output_dir is None:
-        raise NormbenchError(NO_OUTPUT_DIR)
+        raise NormbenchError("no output dir: run through bench/train.py or pass output_dir")
     objectives = job_objectives()  # checked before anything runs
     identity = run_identity(cfg)
     if info.sweep_dir is None:

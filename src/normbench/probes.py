@@ -1,6 +1,5 @@
-"""Optimization probes measured during training (Santurkar et al. 2018): ``landscape``, ``grad_similarity``
-and ``grad_variance``, and the per-layer statistics ``layers``; what each measures, how and at what cost:
-docs/probes.md.
+"""Optimization probes (Santurkar et al. 2018) and per-layer statistics measured during training; what each
+measures, how and at what cost: docs/probes.md.
 
 The training loop calls ``probe.on_step(step, model, closure, lr)`` after ``loss.backward()`` and before
 ``optimizer.step()``: ``p.grad`` holds the unscaled mini-batch gradient, and ``closure()`` returns the
