@@ -17,10 +17,9 @@ from normbench.errors import ConfigError
 
 DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
 CHANNELS_LAST_NORMS = ("none", "bn")
-# Per (model, norm) on the CPU, the (narrowest, widest) model.width at which channels_last trained faster
-# (oneDNN's NHWC convolutions), measured by bench/perf.py's section "layout" at widths 0.125 (--quick) and
-# 1 (docs/PERFORMANCE.md has the figures); NCHW at other widths (unmeasured, or no faster) and for other
-# pairs. A model is named by its `_target_` function (normbench.models.model_name).
+# Per (model, norm) on the CPU, the (narrowest, widest) model.width at which channels_last trained faster,
+# measured by bench/perf.py's section "layout" at widths 0.125 and 1 (docs/PERFORMANCE.md); NCHW elsewhere.
+# A model is named by its `_target_` function (normbench.models.model_name).
 CPU_CHANNELS_LAST = {**dict.fromkeys([("vgg_a", "none"), ("vgg_a", "bn"), ("alexnet_cifar", "none"),
                                       ("alexnet_cifar", "bn")], (0.125, 1.0)),
                      **dict.fromkeys([("vgg_a", "gn"), ("vgg_a", "ln"), ("alexnet_cifar", "gn"),

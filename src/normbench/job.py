@@ -387,9 +387,8 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
 def _finish(run: Run, state: SweepState | None, info: JobInfo, status: Status | None = None,
             error: str | None = None, error_type: str | None = None,
             write_without_record: bool = False) -> None:
-    """The final summary, then the sweep's bookkeeping. A record that cannot be written (a full disk,
-    a read-only dir) is said once (info.unrecorded, in the job's one line); a run that had finished
-    but could not record it counts as failed."""
+    """The final summary, then the sweep's bookkeeping. A record that cannot be written is said once (in
+    the job's one line); a run that had finished but could not record it counts as failed."""
     write_error = None
     try:
         run.finish(status, error, error_type, write_without_record)

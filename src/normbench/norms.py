@@ -50,9 +50,8 @@ class BatchRenorm2d(nn.BatchNorm2d):
     """Batch renormalization (Ioffe 2017): in training y = ((x - mu_B) / sigma_B * r + d) * weight + bias
     with r = clip(sigma_B / sigma, 1/r_max, r_max) and d = clip((mu_B - mu) / sigma, -d_max, d_max), where
     mu, sigma are the running statistics (before this batch's update) and r, d are constants to autograd.
-    Running statistics are updated and used in eval exactly as BatchNorm2d's. The clips start at r = 1,
-    d = 0 (BatchNorm) for `start` training steps (`num_batches_tracked`, so a resumed run continues the
-    schedule), then relax linearly to r_max and d_max over `warmup` steps."""
+    Running statistics are BatchNorm2d's. The clips start at r = 1, d = 0 (BatchNorm) for `start` steps
+    (`num_batches_tracked`: a resumed run continues the schedule), then relax linearly over `warmup` steps."""
 
     def __init__(self, channels: int, *, eps: float, momentum: float | None, r_max: float, d_max: float,
                  start: int, warmup: int):

@@ -117,7 +117,6 @@ class RunRecord:
             images = steps * batch
         return steps, images
 
-    # --- settings -------------------------------------------------------------------------
     def setting(self, key: str) -> Any:
         """A settings value: from summary choices, else (dropout, lr, batch_size) from config.yaml."""
         if key in self.choices:
@@ -143,7 +142,7 @@ class RunRecord:
             self.malformed[CONFIG] = f"cannot be read ({getattr(err, 'strerror', None) or err})"
             return {}
 
-    # --- per-run files (read on demand) ---------------------------------------------------
+    # per-run files, read on demand
     def _rows(self, name: str) -> list[dict]:
         rows, bad = read_jsonl(os.path.join(self.path, name)) if name in self.files else ([], 0)
         if bad:
