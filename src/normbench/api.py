@@ -25,9 +25,8 @@ class TrainResult:
 
 def train(overrides: list[str] | None = None, *, config_dir: str | Path | None = None,
           config_name: str = "config", output_dir: str | Path | None = None) -> TrainResult:
-    """Train one configuration of `conf/` (or `config_dir`) with the command line's `overrides`, in this
-    process; recorded in `output_dir` (default: the config's hydra.run.dir, a new dir per run; an
-    interrupted run's dir continues it). Bad input raises normbench.errors.NormbenchError."""
+    """Train one configuration of `conf/` (or `config_dir`) in this process, recorded in `output_dir`
+    (default: hydra.run.dir; an interrupted run's dir continues it). Bad input raises NormbenchError."""
     import pandas as pd
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig

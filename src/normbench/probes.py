@@ -71,9 +71,8 @@ def fp32_closure(loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
 
 def probe_batch(probes: list[Probe], step: int, model: nn.Module, criterion: Callable[..., Tensor], x: Tensor,
                 y: Tensor, lr: float, amp_dtype: torch.dtype | None = None) -> dict[str, float] | None:
-    """One probe step as the trainer runs it, for scripts (e.g. a GPU check): the training forward and
-    backward under ``amp_dtype`` autocast (None: fp32), then the probes in float32. ``criterion`` is
-    called as ``criterion(logits, y, model)`` (normbench.losses). Leaves ``p.grad`` set."""
+    """One probe step as the trainer runs it, for scripts: the training forward and backward under
+    ``amp_dtype`` autocast (None: fp32), then the probes in float32. Leaves ``p.grad`` set."""
     device_type = x.device.type
     model.zero_grad(set_to_none=True)
     rng = capture_rng() if amp_dtype is not None else None

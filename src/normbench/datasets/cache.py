@@ -60,8 +60,7 @@ class ReadFrom(tuple):
 
 def cached(name: str, data_dir: str, sources: Iterable[str], params: dict,
            decode: Callable[[], Tensors]) -> Tensors:
-    """The dataset's tensors (a ReadFrom `data_dir`) from its cache file when one matches the sources, else
-    ``decode()``d and saved."""
+    """The dataset's tensors from its cache file when one matches the sources, else ``decode()``d, saved."""
     # <dataset>-<data dir and parameters>-<sources>.pt: a cache of older sources shares the prefix
     prefix = f"{name}-{_digest([CACHE_FORMAT, os.path.abspath(data_dir), params], 10)}-"
     filename = prefix + sources_key(sources) + ".pt"
