@@ -226,9 +226,8 @@ class _Normalizer:
         out = torch.addcmul(self.shift, x.to(torch.float32), self.scale)
         size = self.resize_to
         if size is not None and (size != out.shape[-2] or size != out.shape[-1]):
-            out = F.interpolate(
-                out, size=(size, size), mode="bilinear", align_corners=False, antialias=size < out.shape[-1]
-            )
+            out = F.interpolate(out, size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=size < out.shape[-1])
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out

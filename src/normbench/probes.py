@@ -257,14 +257,9 @@ class LandscapeProbe(_AtInterval, schema.LandscapeSettings):
         n = len(etas)
         loss_vals, change_vals = values[1 : 1 + n], values[1 + n :]
         betas = [c / (eta * g_norm) if g_norm > 0 else math.nan for c, eta in zip(change_vals, etas)]
-        return {
-            "probe/loss_min": float(min(loss_vals)),
-            "probe/loss_max": float(max(loss_vals)),
-            "probe/grad_pred": float(max(change_vals)),
-            "probe/grad_pred_min": float(min(change_vals)),
-            "probe/beta": float(max(betas)),
-            "probe/grad_norm": float(g_norm),
-        }
+        return {"probe/loss_min": float(min(loss_vals)), "probe/loss_max": float(max(loss_vals)),
+                "probe/grad_pred": float(max(change_vals)), "probe/grad_pred_min": float(min(change_vals)),
+                "probe/beta": float(max(betas)), "probe/grad_norm": float(g_norm)}
 
 
 def _flat(model: nn.Module, grads: bool) -> Tensor | None:
@@ -359,10 +354,8 @@ class GradVarianceProbe(schema.GradVarianceSettings):
         var, mean_sq = torch.stack([m2 / (k - 1), mean_norm_sq]).cpu().tolist()
         if not math.isfinite(var):
             return None
-        return {
-            "probe/grad_var": float(var),
-            "probe/grad_var_rel": float(var / mean_sq) if mean_sq > 0 else math.nan,
-        }
+        return {"probe/grad_var": float(var),
+                "probe/grad_var_rel": float(var / mean_sq) if mean_sq > 0 else math.nan}
 
     def _reset(self) -> None:
         # sum of squared deviations (Welford) in _m2, a float64 0-dim tensor
