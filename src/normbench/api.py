@@ -25,9 +25,8 @@ class TrainResult:
 
 def train(overrides: list[str] | None = None, *, config_dir: str | Path | None = None,
           config_name: str = "config", output_dir: str | Path | None = None) -> TrainResult:
-    """Train one configuration of `conf/` (or `config_dir`) with the command line's `overrides`, in this
-    process; recorded in `output_dir` (default: the config's hydra.run.dir, a new dir per run; an
-    interrupted run's dir continues it). Bad input raises normbench.errors.NormbenchError."""
+    """Train one configuration of `conf/` (or `config_dir`) in this process, recorded in `output_dir`
+    (default: hydra.run.dir; an interrupted run's dir continues it). Bad input raises NormbenchError."""
     import pandas as pd
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
@@ -56,10 +55,9 @@ def train(overrides: list[str] | None = None, *, config_dir: str | Path | None =
 
 
 def load_runs(*sweep_dirs: str | Path) -> pd.DataFrame:
-    """One row per run recorded under the given dirs (sweep dirs, or run dirs): its group choices,
-    identity and seedless identity, status, objective, final metrics, steps, record dir and W&B run id.
-    A sweep job refused before its run started is a `failed` row with its error; runs in progress,
-    interrupted or unreadable are left out (bench/report.py lists them)."""
+    """One row per run recorded under the given dirs (sweep dirs, or run dirs), with its choices, identities,
+    status, objective, metrics, steps, dir and W&B run id; a sweep job refused before its run started is a
+    `failed` row with its error. Runs in progress or unreadable are left out (bench/report.py lists them)."""
     import pandas as pd
 
     from normbench.report.records import scan

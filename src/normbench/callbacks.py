@@ -1,6 +1,5 @@
-"""Hydra callbacks (conf/config.yaml, hydra.callbacks): SweepSummary names the multirun and its swept
-keys for the jobs and prints the sweep's closing line (docs/sweeps.md); Preflight checks the config
-before any run or sweep dir exists. And the job log's handler (conf/hydra/job_logging/normbench.yaml).
+"""Hydra callbacks (conf/config.yaml): SweepSummary names the multirun and its swept keys for the jobs and
+prints the sweep's closing line; Preflight checks the config before any run or sweep dir exists.
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ def expected_jobs(config: DictConfig) -> int | None:
 
 
 class JobLogFile(logging.FileHandler):
-    """The job's log file (hydra/job_logging=normbench: train.log), opened at its first record, so that a
-    run dir that cannot hold it (read-only, full) costs the log file, never the sweep: the job's own writes
-    there fail the job in one line naming the path."""
+    """The job's train.log (hydra/job_logging=normbench), opened at its first record, so that a run dir
+    that cannot hold it costs the log file, never the sweep (the job's own writes fail the job)."""
 
     def __init__(self, filename: str, mode: str = "a", encoding: str | None = None) -> None:
         super().__init__(filename, mode, encoding, delay=True)
@@ -119,8 +117,7 @@ class SweepSummary(Callback):
 
 
 def print_results(sweep_dir: str, swept: list[str]) -> None:
-    """The end of a sweep, before its closing line: every run of the sweep dir (normbench.load_runs),
-    best objective first, with its swept values, status, objective, test accuracy, steps and time,
+    """Every run of the sweep dir (normbench.load_runs), best objective first, with its swept values:
     printed (the first MAX_SHOWN) and written to results.csv."""
     from rich.console import Console
     from rich.table import Table

@@ -1,14 +1,9 @@
 """The data group: a dataset's four tensors become uint8 splits on the training device, augmented there.
 
-A dataset is a config with a `_target_` (normbench.datasets has the built-in ones; a user's: README "Your
-own dataset"), called with every key of the data config, that returns train images uint8 (N, C, H, W),
-train labels int64 (N,), test images and test labels. The keys every dataset shares (normbench.schema's
-DataConf) state what it returns and the pipeline: statistics, the validation hold-out, augmentation.
+A dataset is a config whose `_target_` (README "Your own dataset") is called with every key of the data
+config and returns train images uint8 (N, C, H, W), train labels int64 (N,), test images and test labels.
 
-Training batches come from :class:`BatchStream`: per batch one ``index_select`` of a per-epoch device
-permutation, one ``gather`` that crops and flips (:func:`augment_batch`, the distribution of torchvision's
-``RandomCrop(H, padding=p)`` then ``RandomHorizontalFlip(0.5)``: tests/test_data.py checks it), a float
-conversion fused with the normalization, and an optional resize; no DataLoader, no per-sample Python, no
+Training batches (:class:`BatchStream`) are made on the device: no DataLoader, no per-sample Python, no
 host-device synchronisation, the same code on CPU and CUDA (docs/PERFORMANCE.md).
 """
 
@@ -26,9 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 from normbench.errors import ConfigError
 from normbench.schema import DataConf, parse_data
 from normbench.targets import BUILTIN_TARGETS, check_target
-
-# --------------------------------------------------------------------------------------------------------
-# containers
 
 
 @dataclass
@@ -57,9 +49,6 @@ class DataBundle:
     folder: str | None = None  # where the dataset's files were read from (None: generated)
 
 
-# --------------------------------------------------------------------------------------------------------
-# loading
-
 
 def dataset_name(data_cfg) -> str:
     """`normbench.datasets.cifar10` -> `cifar10`."""
@@ -68,10 +57,9 @@ def dataset_name(data_cfg) -> str:
 
 def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=BUILTIN_TARGETS,
               input_size: int | None = None, pipeline: DataConf | None = None) -> DataBundle:
-    """Call the dataset's `_target_` (an allowed one), check what it returns against the config, hold out
-    the validation split and put the three splits on ``device``. ``pipeline``: the config's shared keys
-    as the run parsed them (default: parsed here). With ``fit: pad`` the images are zero-padded to the
-    model's larger ``input_size`` once, here (28x28 MNIST into a 32x32 VGG); else batches are resized."""
+    """The dataset's splits on ``device``, checked against the config (``pipeline``: its shared keys as the
+    run parsed them). With ``fit: pad`` the images are zero-padded to the model's larger ``input_size``
+    once, here (28x28 MNIST into a 32x32 VGG); else batches are resized."""
     device = torch.device(device)
     if not isinstance(data_cfg, DictConfig):
         data_cfg = OmegaConf.create(data_cfg)
@@ -170,24 +158,16 @@ def _split_indices(n: int, val_size: int, split_seed: int,
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (unbiased) of uint8 images (N, C, H, W), in [0, 1] units.
-
-    Exact and light: a 256-bin histogram per channel, statistics in float64 from the histogram.
-    """
+    """Per-channel mean and std (unbiased) of uint8 images (N, C, H, W), in [0, 1] units: exact and light,
+    from a 256-bin histogram per channel."""
     levels = torch.arange(256, dtype=torch.float64) / 255.0
-    means, stds = [], []
-    for c in range(images.shape[1]):
-        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to("cpu", torch.float64)
-        count = hist.sum()
-        mean = (hist * levels).sum() / count
-        var = (hist * (levels - mean) ** 2).sum() / (count - 1).clamp_min(1)
-        means.append(float(mean))
-        stds.append(float(var.sqrt()))
-    return tuple(means), tuple(stds)
+    hist = torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256)
+                        for c in range(images.shape[1])]).to("cpu", torch.float64)  # (C, 256)
+    count = hist.sum(1)
+    mean = (hist * levels).sum(1) / count
+    var = (hist * (levels - mean[:, None]) ** 2).sum(1) / (count - 1).clamp_min(1)
+    return tuple(mean.tolist()), tuple(var.sqrt().tolist())
 
-
-# --------------------------------------------------------------------------------------------------------
-# augmentation and batching
 
 
 def _random(draw, *args, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -197,24 +177,18 @@ def _random(draw, *args, generator: torch.Generator | None, device: torch.device
                 else generator.device).to(device)
 
 
-def augment_batch(
-    images_uint8: torch.Tensor, *, crop_padding: int, flip: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Random crop with zero padding + random horizontal flip of a uint8 batch (B, C, H, W) -> same shape.
-
-    Same distribution as torchvision ``RandomCrop((H, W), padding=crop_padding)`` then
-    ``RandomHorizontalFlip(0.5)``: the crop offsets are uniform in ``0..2*crop_padding`` on each axis,
-    independently per sample. Crop and flip are one ``gather`` on the padded batch. With
-    ``crop_padding=0`` and ``flip=False`` the input is returned as is.
-    """
+def augment_batch(images_uint8: torch.Tensor, *, crop_padding: int, flip: bool,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uint8 batch (B, C, H, W) randomly cropped from its zero padding and flipped, as one ``gather``:
+    the distribution of torchvision's ``RandomCrop((H, W), padding=crop_padding)`` then
+    ``RandomHorizontalFlip(0.5)`` (tests/test_data.py checks it)."""
     x = images_uint8
     if x.dim() != 4:
         raise ValueError(f"augment_batch expects (B, C, H, W), got shape {tuple(x.shape)}")
     p = int(crop_padding)
     if p == 0 and not flip:
         return x
-    b, c, h, w = x.shape
-    dev = x.device
+    (b, c, h, w), dev = x.shape, x.device
     hp, wp = h + 2 * p, w + 2 * p
     if p:
         xp = F.pad(x, (p, p, p, p))
@@ -239,17 +213,12 @@ class _Normalizer:
     """uint8 (B, C, H, W) -> float32 normalized, optionally resized and channels-last."""
 
     def __init__(self, mean, std, device: torch.device, resize_to: int | None, channels_last: bool):
-        mean_t = torch.as_tensor([float(v) for v in mean], dtype=torch.float32)
-        std_t = torch.as_tensor([float(v) for v in std], dtype=torch.float32)
-        if mean_t.numel() != std_t.numel() or bool((std_t <= 0).any()):
-            raise ValueError(f"mean/std must be one value per channel with std > 0, got mean={mean} "
-                             f"std={std}")
+        # load_data checked the statistics (std > 0), the schema the size (input_size >= 8)
+        mean_t, std_t = (torch.tensor([float(v) for v in m], dtype=torch.float32).view(1, -1, 1, 1)
+                         for m in (mean, std))
         # (x/255 - mean)/std == x * scale + shift
-        self.scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(device)
-        self.shift = (-mean_t / std_t).view(1, -1, 1, 1).to(device)
+        self.scale, self.shift = (1.0 / (255.0 * std_t)).to(device), (-mean_t / std_t).to(device)
         self.resize_to = None if resize_to is None else int(resize_to)
-        if self.resize_to is not None and self.resize_to < 1:
-            raise ValueError(f"resize_to must be a positive size, got {resize_to}")
         self.channels_last = bool(channels_last)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,32 +226,26 @@ class _Normalizer:
         out = torch.addcmul(self.shift, x.to(torch.float32), self.scale)
         size = self.resize_to
         if size is not None and (size != out.shape[-2] or size != out.shape[-1]):
-            out = F.interpolate(
-                out, size=(size, size), mode="bilinear", align_corners=False, antialias=size < out.shape[-1]
-            )
+            out = F.interpolate(out, size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=size < out.shape[-1])
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
 
 
 class BatchStream:
-    """Training batches for one run: a fresh device-side permutation each epoch, augmented on the device.
-
-    ``for x, y in stream`` runs one epoch: x float32 normalized (B, C, S, S) with S = ``resize_to`` or the
-    native size, y int64 (B,). Randomness comes from ``generator`` (keep it on the data's device to avoid
-    host transfers) or from the global RNG of the device when None (seeded by ``torch.manual_seed``).
-    """
+    """``for x, y in stream`` runs one epoch of a fresh device-side permutation, augmented on the device:
+    x float32 normalized, y int64. Randomness comes from ``generator`` (keep it on the data's device to
+    avoid host transfers), else from the device's global RNG."""
 
     def __init__(self, split: Split, batch_size: int, mean, std, *, augment: bool = True,
                  crop_padding: int = 4,
                  flip: bool = True, resize_to: int | None = None, channels_last: bool = False,
                  drop_last: bool = True, generator: torch.Generator | None = None):
-        n = len(split)
-        batch_size = int(batch_size)
-        if drop_last and batch_size > n:
-            raise ConfigError("batch_size", batch_size, f"use at most {n}, the number of training images")
-        self.split = split
-        self.batch_size = batch_size
+        self.split, self.batch_size = split, int(batch_size)
+        if drop_last and self.batch_size > len(split):
+            raise ConfigError("batch_size", batch_size,
+                              f"use at most {len(split)}, the number of training images")
         self.augment = bool(augment)
         self.crop_padding = int(crop_padding)
         self.flip = bool(flip)
@@ -306,8 +269,7 @@ class BatchStream:
         images, labels = self.split.images, self.split.labels
         for i in range(len(self)):
             idx = perm[i * bs : (i + 1) * bs]
-            x = images.index_select(0, idx)
-            y = labels.index_select(0, idx)
+            x, y = images.index_select(0, idx), labels.index_select(0, idx)
             if self.augment:
                 x = augment_batch(x, crop_padding=self.crop_padding, flip=self.flip, generator=self.generator)
             yield self._finish(x), y

@@ -2,9 +2,7 @@
 in docs/PERFORMANCE.md), and where a sweep job runs.
 
 Under autocast every norm layer computes in float32 (`keep_norms_fp32`): by itself autocast runs
-BatchNorm in bf16 on CUDA and every norm in bf16 on the CPU. `compile_model` raises dynamo's recompile
-limit so that a sweep run in one process keeps compiled code for every (model, norm, batch shape,
-train/eval) it meets; a new model instance of the same class and shapes reuses it.
+BatchNorm in bf16 on CUDA and every norm in bf16 on the CPU.
 """
 
 from __future__ import annotations
@@ -19,10 +17,9 @@ from normbench.errors import ConfigError
 
 DEVICE_HELP = "use auto, cpu, cuda, cuda:N or mps"
 CHANNELS_LAST_NORMS = ("none", "bn")
-# Per (model, norm) on the CPU, the (narrowest, widest) model.width at which channels_last trained faster
-# (oneDNN's NHWC convolutions), measured by bench/perf.py's section "layout" at widths 0.125 (--quick) and
-# 1 (docs/PERFORMANCE.md has the figures); NCHW at other widths (unmeasured, or no faster) and for other
-# pairs. A model is named by its `_target_` function (normbench.models.model_name).
+# Per (model, norm) on the CPU, the (narrowest, widest) model.width at which channels_last trained faster,
+# measured by bench/perf.py's section "layout" at widths 0.125 and 1 (docs/PERFORMANCE.md); NCHW elsewhere.
+# A model is named by its `_target_` function (normbench.models.model_name).
 CPU_CHANNELS_LAST = {**dict.fromkeys([("vgg_a", "none"), ("vgg_a", "bn"), ("alexnet_cifar", "none"),
                                       ("alexnet_cifar", "bn")], (0.125, 1.0)),
                      **dict.fromkeys([("vgg_a", "gn"), ("vgg_a", "ln"), ("alexnet_cifar", "gn"),
@@ -36,12 +33,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available()
                             else "mps" if torch.backends.mps.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError("trainer.device", name, f"MPS is not available here; {DEVICE_HELP}")
-        return torch.device("mps")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.device", name, f"MPS is not available here; {DEVICE_HELP}")
+    if name in ("cpu", "mps"):
+        return torch.device(name)
     match = re.fullmatch(r"cuda(?::(\d+))?", name)
     if not match:
         raise ConfigError("trainer.device", name, DEVICE_HELP)
@@ -85,15 +80,12 @@ def synchronize(device: torch.device) -> None:
 
 def _norm_input_fp32(module: nn.Module, args: tuple):
     x = args[0]
-    if x.is_floating_point() and x.dtype != torch.float32:
-        return (x.float(), *args[1:])
-    return None
+    return (x.float(), *args[1:]) if x.is_floating_point() and x.dtype != torch.float32 else None
 
 
 def keep_norms_fp32(model: nn.Module) -> int:
-    """Make every norm layer of `model` compute in float32 under autocast; returns how many were hooked.
-
-    Idempotent (a module is hooked once); outside autocast the hook does nothing."""
+    """Make every norm layer of `model` compute in float32 under autocast (a module is hooked once);
+    returns how many were hooked."""
     hooked = 0
     for module in model.modules():
         if isinstance(module, NORM_TYPES) and not getattr(module, "_normbench_fp32", False):
@@ -104,7 +96,8 @@ def keep_norms_fp32(model: nn.Module) -> int:
 
 
 def compile_model(model: nn.Module, **kwargs) -> nn.Module:
-    """torch.compile(model, **kwargs) with room in dynamo's cache for the many shapes of a sweep."""
+    """torch.compile(model, **kwargs) with room in dynamo's cache for every (model, norm, batch shape,
+    train/eval) a sweep run in one process meets."""
     import torch._dynamo.config as dynamo_config
 
     key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
@@ -113,13 +106,10 @@ def compile_model(model: nn.Module, **kwargs) -> nn.Module:
     return torch.compile(model, **kwargs)
 
 
-# --------------------------------------------------------------------------------------------------------
 # where a sweep job runs: its device and its share of the CPU when a launcher runs jobs at once
-
-
 def launcher_jobs(launcher) -> int:
     """How many jobs the launcher runs at once: joblib's n_jobs (-1: one per core), else 1."""
-    n_jobs = (launcher or {}).get("n_jobs") if launcher is not None else None
+    n_jobs = (launcher or {}).get("n_jobs")
     if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs == 0:
         return 1
     if n_jobs < 0:  # joblib: -1 = all cores, -2 = all but one, ...
@@ -135,14 +125,9 @@ def cpu_count() -> int:
 
 
 def placement(device: str, threads: int, job_num: int | None, n_jobs: int) -> tuple[str, int]:
-    """Bind a sweep job to its own device and share of the CPU.
-
-    - trainer.device=auto with several CUDA GPUs: GPU index = job number mod GPU count, so the N jobs
-      a parallel launcher runs at once land on different GPUs (with one GPU they all share it).
-    - trainer.threads=0 with a launcher running n_jobs > 1 at once: cores // n_jobs threads each.
-    Explicit settings (trainer.device=cuda:1, trainer.threads=4) are kept as they are; a threads value
-    that is no integer is left to validate() to report.
-    """
+    """A sweep job's device and CPU threads: with trainer.device=auto and several GPUs, the job number
+    mod the GPU count; with trainer.threads=0 and n_jobs > 1 at once, cores // n_jobs each. Explicit
+    settings are kept; a threads value that is no integer is left to validate() to report."""
     device = str(device)
     if isinstance(threads, bool) or not isinstance(threads, int):
         return device, 0

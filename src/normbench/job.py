@@ -1,14 +1,8 @@
 """The Hydra job: what bench/train.py runs for one configuration, alone or as one job of a sweep.
 
-validate > (sweep: skip a run that is already done, pick its record dir, lock its identity) > the run
-(normbench.run) > (sweep: index entry, curve for the median pruner, journal line). With the basic sweeper
-a run that fails is recorded and the sweep goes on; a single run re-raises. User errors end in one line
-on stderr and exit status 2.
-
 The record is the truth: a summary.json that says this identity is done is never trained again nor
-overwritten, whatever the index says (the index is rebuilt from it), and a dir holding another
-identity's record or checkpoint is never written to. SIGTERM, SIGHUP and Ctrl-C record the run
-`interrupted` (a re-run continues it from its checkpoint) and end the process without a traceback.
+overwritten, whatever the index says, and a dir holding another identity's record or checkpoint is never
+written to. With the basic sweeper a run that fails is recorded and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -63,7 +57,6 @@ from normbench.sweep.optuna_support import ENV_STUDY, ENV_TRIAL_NUMBER, trial_pr
 from normbench.validate import RunSpec, validate
 
 SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
-NO_OUTPUT_DIR = "no output dir: run through bench/train.py or pass output_dir"
 HYDRA_FILES = ".hydra"  # the job's config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them
 RUN_LOCK = ".normbench-run.lock"  # held by the live single run whose dir holds it
 FINISHED = (*DONE, Status.PRUNED)  # a single run pointed at such a record of its own identity goes beside it
@@ -158,16 +151,13 @@ def owner(run_dir: Path) -> str | None:
         return str(summary["identity"])
     if (run_dir / SUMMARY).exists():  # an unreadable summary: not ours to overwrite unless the checkpoint is
         return checkpoint_identity(run_dir / CHECKPOINT) or "unknown"
-    if (run_dir / CHECKPOINT).exists():
-        return checkpoint_identity(run_dir / CHECKPOINT)
-    return None
+    return checkpoint_identity(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).exists() else None
 
 
 def claim_run_dir(config: DictConfig) -> None:
-    """Before Hydra makes a single run's dir (its `${now:}` name has 1-second resolution): the dir is this
-    run's, locked until the process exits, unless another live run holds it, or it holds another
-    identity's record or a finished one (hydra.run.dir pointed at a done run): then, as in sweeps, the
-    sibling `<dir>.<identity>` (`-2`, `-3`, ... after it) with one warning."""
+    """Before Hydra makes a single run's dir (`${now:}` has 1-second resolution): lock it for this run,
+    unless a live run holds it or it holds another identity's or a finished record: then, with one warning,
+    the sibling `<dir>.<identity>` (`-2`, `-3`, ... after it), as in sweeps."""
     wanted = Path(str(config.hydra.run.dir)).absolute()
     try:
         identity = run_identity(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
@@ -209,11 +199,9 @@ def _taken(run_dir: Path, identity: str) -> str | None:
 
 
 def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
-    """Where this identity's record lives: where an earlier attempt of it left its record or
-    checkpoint (so a restarted job continues from it even in another job dir), else the job's own
-    dir -- unless that holds the record or checkpoint of another identity (the same overrides after the
-    config changed), which is never overwritten: then a sibling `<job dir>.<identity>`. An index entry
-    pointing at another identity's dir is not followed."""
+    """Where an earlier attempt of this identity left its record or checkpoint (a restarted job continues
+    it), else the job's dir -- unless that holds another identity's (the same overrides after the config
+    changed): then a sibling `<job dir>.<identity>`. An index entry pointing at another's is not followed."""
     entry = state.get(identity)
     if entry and entry.get("dir"):
         earlier = state.run_dir(entry)
@@ -231,8 +219,8 @@ def choose_run_dir(state: SweepState, identity: str, job_dir: Path) -> Path:
 
 
 def run_pruner(spec: PruningConf, sweep_dir: Path | None, identity: str) -> Pruner | None:
-    """What may stop this job's run early: its Optuna trial's pruner in an Optuna sweep, else the grid
-    rule chosen by `pruning.name` (which needs a sweep dir: a single run has no peers); None: nothing."""
+    """What may stop this job's run early: its Optuna trial's pruner, else the grid rule `pruning.name`
+    (a single run has no peers); None: nothing."""
     pruner = trial_pruner()
     if pruner is not None:
         return pruner
@@ -263,16 +251,12 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
     info = job_info(cfg, output_dir)
     raise_on_sigterm()
     watch_parent()
-    if not info.isolate:
-        try:
-            return _run_job(cfg, info)
-        except Exception as exc:
-            journal_unreported(info, exc)  # e.g. a failed config check in an Optuna sweep
-            raise
     try:
         return _run_job(cfg, info)
-    except Exception as exc:  # noqa: BLE001 - failure isolation: the sweep goes on
-        error = journal_unreported(info, exc)
+    except Exception as exc:  # with failure isolation (basic sweeper) the sweep goes on
+        error = journal_unreported(info, exc)  # e.g. a failed config check in an Optuna sweep
+        if not info.isolate:
+            raise
         kind = "out of memory" if is_out_of_memory(exc) else "failed"
         recorded = ("recorded" if info.unrecorded is None
                     else f"its record could not be written ({info.unrecorded})")
@@ -283,9 +267,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path | None = None) -> float | tu
 
 
 def journal_unreported(info: JobInfo, exc: BaseException) -> str:
-    """A sweep job that failed without reporting (before its run started: a failed config check): a
-    journal line for the sweep's closing line, and in its job dir, when that holds no record,
-    `rejected.json` with the reason (listed by the report among the skipped records)."""
+    """A sweep job that failed before its run started: a journal line, and `rejected.json` with the reason
+    in its job dir when that holds no record (the report lists it among the skipped records)."""
     error = str(exc) if isinstance(exc, NormbenchError) else one_line(exc)
     if info.sweep_dir is None or info.reported:
         return error
@@ -300,8 +283,8 @@ def journal_unreported(info: JobInfo, exc: BaseException) -> str:
 
 
 def save_hydra_files(cfg: DictConfig, info: JobInfo) -> None:
-    """The job's `.hydra/` files, as Hydra writes them (hydra.output_subdir is null: Hydra's own writing
-    would end the sweep on a run dir that cannot be written; here it fails the job, naming path and errno)."""
+    """The job's `.hydra/` files, written here (hydra.output_subdir is null) so that a run dir that cannot
+    be written fails the job, not the whole sweep."""
     if not HydraConfig.initialized() or info.output_dir is None:
         return
     hydra_cfg, folder = HydraConfig.instance().cfg, info.output_dir / HYDRA_FILES
@@ -319,7 +302,7 @@ def _run_job(cfg: DictConfig, info: JobInfo) -> float | tuple[float | None, ...]
     save_hydra_files(cfg, info)
     spec = validate(cfg, device=info.device)
     if info.output_dir is None:
-        raise NormbenchError(NO_OUTPUT_DIR)
+        raise NormbenchError("no output dir: run through bench/train.py or pass output_dir")
     objectives = job_objectives()  # checked before anything runs
     identity = run_identity(cfg)
     if info.sweep_dir is None:
@@ -404,9 +387,8 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
 def _finish(run: Run, state: SweepState | None, info: JobInfo, status: Status | None = None,
             error: str | None = None, error_type: str | None = None,
             write_without_record: bool = False) -> None:
-    """The final summary, then the sweep's bookkeeping. A record that cannot be written (a full disk,
-    a read-only dir) is said once (info.unrecorded, in the job's one line); a run that had finished
-    but could not record it counts as failed."""
+    """The final summary, then the sweep's bookkeeping. A record that cannot be written is said once (in
+    the job's one line); a run that had finished but could not record it counts as failed."""
     write_error = None
     try:
         run.finish(status, error, error_type, write_without_record)
@@ -456,9 +438,8 @@ def main(cfg: DictConfig) -> float:
 
 
 def cli(hydra_main) -> None:
-    """bench/train.py's entry: SIGTERM and Ctrl-C end it without a traceback -- the interrupted run
-    is recorded `interrupted` (by the job), a sweep prints its closing line (the callback's
-    on_multirun_end runs on the way out) -- with status 130 (Ctrl-C), 143 (SIGTERM) or 129 (SIGHUP)."""
+    """bench/train.py's entry: SIGTERM and Ctrl-C end it without a traceback, status 130 (Ctrl-C), 143
+    (SIGTERM) or 129 (SIGHUP); the job records the run `interrupted`, a sweep prints its closing line."""
     os.environ[MAIN_PID_ENV] = str(os.getpid())
     raise_on_sigterm()
     pass_on_ctrl_c()

@@ -1,9 +1,8 @@
 """Normalization layers the model builders call once per layer.
 
-`ln` normalizes each sample over (C, H, W) like the study's `nn.LayerNorm([C, H, W])`. Its affine
-parameters are per channel by default (`norm.affine=channel`, i.e. GroupNorm with one group), so the
-same config works at any input size; `norm.affine=element` gives the study's per-element affine
-(`nn.LayerNorm([C, H, W])`), which ties the model to one input size. `brn` is batch renormalization.
+`ln` normalizes each sample over (C, H, W) like the study's `nn.LayerNorm([C, H, W])`, with a per-channel
+affine by default (GroupNorm with one group: any input size); `norm.affine=element` gives the study's
+per-element affine, which ties the model to one input size.
 """
 
 from __future__ import annotations
@@ -40,11 +39,9 @@ class NormSpec(NormConf):
             return nn.GroupNorm(1, channels, eps=self.eps)
         if self.name == "gn":
             if channels % self.groups:
-                raise ConfigError(
-                    "norm.groups", self.groups,
-                    f"must divide every normalized layer's channels; a layer has {channels} channels "
-                    f"(try a divisor such as {_divisor_hint(channels, self.groups)})",
-                )
+                raise ConfigError("norm.groups", self.groups,
+                                  f"must divide every normalized layer's channels; a layer has {channels} "
+                                  f"channels (try a divisor such as {_divisor_hint(channels, self.groups)})")
             return nn.GroupNorm(self.groups, channels, eps=self.eps)
         return nn.LocalResponseNorm(self.lrn_size, alpha=1e-4, beta=0.75, k=2.0)
 
@@ -53,9 +50,8 @@ class BatchRenorm2d(nn.BatchNorm2d):
     """Batch renormalization (Ioffe 2017): in training y = ((x - mu_B) / sigma_B * r + d) * weight + bias
     with r = clip(sigma_B / sigma, 1/r_max, r_max) and d = clip((mu_B - mu) / sigma, -d_max, d_max), where
     mu, sigma are the running statistics (before this batch's update) and r, d are constants to autograd.
-    Running statistics are updated and used in eval exactly as BatchNorm2d's. The clips start at r = 1,
-    d = 0 (BatchNorm) for `start` training steps (`num_batches_tracked`, so a resumed run continues the
-    schedule), then relax linearly to r_max and d_max over `warmup` steps."""
+    Running statistics are BatchNorm2d's. The clips start at r = 1, d = 0 (BatchNorm) for `start` steps
+    (`num_batches_tracked`: a resumed run continues the schedule), then relax linearly over `warmup` steps."""
 
     def __init__(self, channels: int, *, eps: float, momentum: float | None, r_max: float, d_max: float,
                  start: int, warmup: int):

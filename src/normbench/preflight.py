@@ -1,6 +1,4 @@
-"""Checks made before Hydra creates any dir or launches any job (docs/training.md, "Bad input"): the
-command line's overrides (bench/train.py), experiment_name and the launcher's parallelism (`Preflight`).
-"""
+"""Checks made before Hydra creates any dir or launches any job (docs/training.md, "Bad input")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Optimization probes measured during training (Santurkar et al. 2018): ``landscape``, ``grad_similarity``
-and ``grad_variance``, and the per-layer statistics ``layers``; what each measures, how and at what cost:
-docs/probes.md.
+"""Optimization probes (Santurkar et al. 2018) and per-layer statistics measured during training; what each
+measures, how and at what cost: docs/probes.md.
 
 The training loop calls ``probe.on_step(step, model, closure, lr)`` after ``loss.backward()`` and before
 ``optimizer.step()``: ``p.grad`` holds the unscaled mini-batch gradient, and ``closure()`` returns the
@@ -40,12 +39,10 @@ class Probe(Protocol):
 def run_probes(probes: list[Probe], step: int, model: nn.Module, closure: Callable[[], Tensor], lr: float,
                loop_grads_fp32: bool = True, rng_at_forward: RngState | None = None,
                ) -> dict[str, float] | None:
-    """Run every probe for this step; the merged metrics, or None when no probe measured anything.
-
-    ``loop_grads_fp32=False`` says the loop's ``p.grad`` came from an autocast (bf16/fp16) backward: then,
-    on a step where a probe reads the mini-batch gradient, it is recomputed once in float32 on the same
-    batch (under ``rng_at_forward``, the training forward's dropout mask) and every probe sees that one, so
-    probe values do not depend on the training precision; the loop's gradients are put back afterwards."""
+    """Every probe for this step; the merged metrics, or None when no probe measured anything. After an
+    autocast backward (``loop_grads_fp32=False``) the gradient is recomputed once in float32 on the same batch
+    (under ``rng_at_forward``: the same dropout mask) for every probe, so probe values do not depend on the
+    training precision; the loop's gradients are put back afterwards."""
     swapped: list[tuple[nn.Parameter, Tensor | None]] | None = None
     if not loop_grads_fp32 and reads_gradient(probes, step):
         swapped = _swap_in_fp32_grads(model, closure, rng_at_forward)
@@ -74,9 +71,8 @@ def fp32_closure(loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
 
 def probe_batch(probes: list[Probe], step: int, model: nn.Module, criterion: Callable[..., Tensor], x: Tensor,
                 y: Tensor, lr: float, amp_dtype: torch.dtype | None = None) -> dict[str, float] | None:
-    """One probe step as the trainer runs it, for scripts (e.g. a GPU check): the training forward and
-    backward under ``amp_dtype`` autocast (None: fp32), then the probes in float32. ``criterion`` is
-    called as ``criterion(logits, y, model)`` (normbench.losses). Leaves ``p.grad`` set."""
+    """One probe step as the trainer runs it, for scripts: the training forward and backward under
+    ``amp_dtype`` autocast (None: fp32), then the probes in float32. Leaves ``p.grad`` set."""
     device_type = x.device.type
     model.zero_grad(set_to_none=True)
     rng = capture_rng() if amp_dtype is not None else None
@@ -93,10 +89,8 @@ RngState = tuple[Tensor, list[Tensor] | None]
 
 def capture_rng() -> RngState:
     """The CPU and (when initialised) CUDA RNG states, e.g. before a training forward."""
-    cuda = (
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    )
-    return torch.get_rng_state(), cuda
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
 
 
 def _set_rng(state: RngState) -> None:
@@ -127,9 +121,8 @@ def _loss_and_grads(closure: Callable[[], Tensor],
 
 def _swap_in_fp32_grads(model: nn.Module, closure: Callable[[], Tensor],
                         rng: RngState | None = None) -> list[tuple[nn.Parameter, Tensor | None]]:
-    """Replace every ``p.grad`` by the float32 gradient of ``closure`` at the current weights, computed
-    under ``rng`` (default: the current state); returns the originals. Buffers, modes and the current RNG
-    state are restored."""
+    """Replace every ``p.grad`` by the float32 gradient of ``closure`` under ``rng`` (default: the current
+    state); returns the originals. Buffers, modes and the current RNG state are restored."""
     params = _trainable(model)
     state = _ModelState(model)
     try:
@@ -149,12 +142,8 @@ class _ModelState:
         self.params = list(model.parameters())
         self.weights = [p.detach().clone() for p in self.params]
         self.grads = [p.grad for p in self.params]  # references: the probe never writes into them
-        self.buffers = [
-            (module, name, buf, buf.detach().clone())
-            for module in model.modules()
-            for name, buf in module._buffers.items()
-            if buf is not None
-        ]
+        self.buffers = [(module, name, buf, buf.detach().clone()) for module in model.modules()
+                        for name, buf in module._buffers.items() if buf is not None]
         self.modes = [(module, module.training) for module in model.modules()]
         self.rng = capture_rng()
 
@@ -196,7 +185,6 @@ def _diff(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a - b
 
 
-# --------------------------------------------------------------------------------------------------
 # the probes: each is its schema's settings (normbench.schema) and the state it keeps between steps
 
 
@@ -246,8 +234,7 @@ class LandscapeProbe(_AtInterval, schema.LandscapeSettings):
             _, ref = state.loss_and_grads(closure, params)  # at w, with the RNG state of every η point
 
             etas = self.eta_grid(lr)
-            losses: list[Tensor] = []
-            changes: list[Tensor] = []
+            losses, changes = [], []
             weights = dict(zip(map(id, state.params), state.weights))
             for eta in etas:
                 with torch.no_grad():
@@ -270,15 +257,9 @@ class LandscapeProbe(_AtInterval, schema.LandscapeSettings):
         n = len(etas)
         loss_vals, change_vals = values[1 : 1 + n], values[1 + n :]
         betas = [c / (eta * g_norm) if g_norm > 0 else math.nan for c, eta in zip(change_vals, etas)]
-        return {
-            "probe/loss_min": float(min(loss_vals)),
-            "probe/loss_max": float(max(loss_vals)),
-            "probe/grad_pred": float(max(change_vals)),
-            "probe/grad_pred_min": float(min(change_vals)),
-            "probe/beta": float(max(betas)),
-            "probe/grad_norm": float(g_norm),
-        }
-
+        return {"probe/loss_min": float(min(loss_vals)), "probe/loss_max": float(max(loss_vals)),
+                "probe/grad_pred": float(max(change_vals)), "probe/grad_pred_min": float(min(change_vals)),
+                "probe/beta": float(max(betas)), "probe/grad_norm": float(g_norm)}
 
 
 def _flat(model: nn.Module, grads: bool) -> Tensor | None:
@@ -301,9 +282,7 @@ class GradSimilarityProbe(schema.GradSimilaritySettings):
     name: ClassVar[str] = "grad_similarity"
 
     def __post_init__(self) -> None:
-        self._prev: Tensor | None = None
-        self._prev_w: Tensor | None = None
-        self._prev_step: int | None = None
+        self._prev, self._prev_w, self._prev_step = None, None, None  # the kept step's gradient, weights
 
     def reads_gradient(self, step: int) -> bool:
         return step % self.interval == 0 or (step + 1) % self.interval == 0
@@ -329,10 +308,8 @@ class GradSimilarityProbe(schema.GradSimilaritySettings):
                 out = {"probe/grad_cos": float(cos), "probe/grad_l2": float(l2)}
                 if dw > 0 and math.isfinite(l2 / dw):
                     out["probe/lipschitz"] = float(l2 / dw)
-        if keep and cur is not None:
-            self._prev, self._prev_w, self._prev_step = cur, cur_w, step
-        else:
-            self._prev, self._prev_w, self._prev_step = None, None, None
+        kept = keep and cur is not None
+        self._prev, self._prev_w, self._prev_step = (cur, cur_w, step) if kept else (None, None, None)
         return out
 
 
@@ -373,15 +350,12 @@ class GradVarianceProbe(schema.GradVarianceSettings):
         self._reset()
         if k < 2:
             return None
-        var, mean_sq = (
-            torch.stack([m2 / (k - 1), torch.linalg.vector_norm(mean).double().square()]).cpu().tolist()
-        )
+        mean_norm_sq = torch.linalg.vector_norm(mean).double().square()
+        var, mean_sq = torch.stack([m2 / (k - 1), mean_norm_sq]).cpu().tolist()
         if not math.isfinite(var):
             return None
-        return {
-            "probe/grad_var": float(var),
-            "probe/grad_var_rel": float(var / mean_sq) if mean_sq > 0 else math.nan,
-        }
+        return {"probe/grad_var": float(var),
+                "probe/grad_var_rel": float(var / mean_sq) if mean_sq > 0 else math.nan}
 
     def _reset(self) -> None:
         # sum of squared deviations (Welford) in _m2, a float64 0-dim tensor

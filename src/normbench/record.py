@@ -1,7 +1,5 @@
-"""The run record: the files in a run's dir and the vocabulary of its summary.json.
-
-Everything that writes or reads a record -- the run, the sweep index, the report, the Optuna sweeper --
-takes the file names, the statuses and the summary keys from here. The format: docs/ARCHITECTURE.md.
+"""The run record: the files in a run's dir and the vocabulary of its summary.json, for everything that
+writes or reads a record (the format: docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -88,9 +86,8 @@ LEARN_MARGIN = 0.05  # accuracy points above chance a run must reach to count as
 
 
 def learned_threshold(num_classes: int, num_images: int = 0, margin: float = LEARN_MARGIN) -> float:
-    """Chance (1/num_classes) plus `margin`, or plus three binomial standard deviations of a chance-level
-    classifier on `num_images` images if that is more (a small validation split reaches chance + 5 points
-    by luck)."""
+    """Chance plus `margin`, or plus three binomial standard deviations of a chance-level classifier on
+    `num_images` images if that is more (a small validation split reaches chance + 5 points by luck)."""
     chance = 1.0 / max(int(num_classes), 1)
     noise = 3.0 * math.sqrt(chance * (1.0 - chance) / num_images) if num_images > 0 else 0.0
     return chance + max(margin, noise)
@@ -187,7 +184,7 @@ def remove_temp_files(run_dir: Path) -> list[str]:
     return removed
 
 
-def set_aside(path: Path, kind: str, reason: str, then: str = "the run starts from scratch") -> Path:
+def set_aside(path: Path, kind: str, reason: str, then: str = "the run starts from scratch") -> None:
     """Keep the file under a name no run reads (`<name>.<kind>-<UTC time>`), with one warning line."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target, n = path.with_name(f"{path.name}.{kind}-{stamp}"), 1
@@ -196,7 +193,6 @@ def set_aside(path: Path, kind: str, reason: str, then: str = "the run starts fr
         target = path.with_name(f"{path.name}.{kind}-{stamp}.{n}")
     path.replace(target)
     warn(f"{path} {reason}; kept as {target.name}, {then}")
-    return target
 
 
 def set_aside_damaged_summary(run_dir: Path) -> None:
@@ -286,19 +282,17 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
         data = read_bytes(path)
     except OSError:
         return [], 1
-    rows, bad = [], 0
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
+    parsed = [_json_object(line) for line in data.splitlines() if line.strip()]
+    rows = [row for row in parsed if row is not None]
+    return rows, len(parsed) - len(rows)
+
+
+def _json_object(text: bytes) -> dict | None:
+    try:
+        row = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -315,14 +309,12 @@ def _jsonl(rows: list[dict]) -> str:
 
 
 def run_dirs(root: str | Path) -> Iterator[tuple[str, frozenset[str]]]:
-    """The dirs under `root` (itself included) that hold a run record, in name order, each with the
-    record files it holds. Hidden dirs, wandb/, a run dir's subdirs and dirs deeper than MAX_DIR_DEPTH
-    are not entered."""
+    """The dirs under `root` (itself included) that hold a run record, in name order, with its record files;
+    not entered: hidden dirs, wandb/, a run dir's subdirs and dirs deeper than MAX_DIR_DEPTH."""
     stack = [(os.fspath(root), 0)]
     while stack:
         path, depth = stack.pop()
-        names: set[str] = set()
-        subdirs: list[str] = []
+        names, subdirs = set(), []
         try:
             with os.scandir(path) as entries:
                 for entry in entries:

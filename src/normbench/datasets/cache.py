@@ -1,18 +1,15 @@
 """The decoded-dataset cache: a dataset's four uint8/int64 tensors saved as one torch file, so that the
 next run skips the decoding (gunzip, .mat parsing, md5 checks, thousands of PIL images).
 
-The file lives in ``<data dir>/.normbench-cache/`` next to the source files, or, where that dir cannot be
-written (a read-only system dir such as /usr/share/datasets), in the user's cache dir
-(``$XDG_CACHE_HOME/normbench``, default ``~/.cache/normbench``). Its name holds a hash of the dataset, its
-decoding parameters and every source file's path, size and modification time: a changed, added or
-removed source file gives another name, so a stale cache is never read (and is deleted when the new one
-is written). The file also holds a hash of its tensors' bytes: an unreadable or corrupted cache file is
-said in one line, decoded again and replaced. A write that fails (a full disk) removes its partial file,
-is said in one line naming the path and the error, and goes to the next place.
+The file lives next to the source files or, where that dir cannot be written (/usr/share/datasets), in
+the user's cache dir. Its name hashes the dataset, its decoding parameters and every source file's path,
+size and modification time, so a stale cache is never read; a hash of its tensors' bytes catches a
+corrupted one. Each problem is said in one line, and the dataset decoded again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,11 +40,8 @@ def _digest(obj, size: int) -> str:
 
 def sources_key(sources: Iterable[str]) -> str:
     """A hash of every source file's path, size and modification time."""
-    stats = []
-    for path in sorted(sources):
-        st = os.stat(path)
-        stats.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
-    return _digest(stats, 16)
+    return _digest([(os.path.abspath(path), (st := os.stat(path)).st_size, st.st_mtime_ns)
+                    for path in sorted(sources)], 16)
 
 
 def cache_dirs(data_dir: str) -> list[Path]:
@@ -66,8 +60,7 @@ class ReadFrom(tuple):
 
 def cached(name: str, data_dir: str, sources: Iterable[str], params: dict,
            decode: Callable[[], Tensors]) -> Tensors:
-    """The dataset's tensors (a ReadFrom `data_dir`) from its cache file when one matches the sources, else
-    ``decode()``d and saved."""
+    """The dataset's tensors from its cache file when one matches the sources, else ``decode()``d, saved."""
     # <dataset>-<data dir and parameters>-<sources>.pt: a cache of older sources shares the prefix
     prefix = f"{name}-{_digest([CACHE_FORMAT, os.path.abspath(data_dir), params], 10)}-"
     filename = prefix + sources_key(sources) + ".pt"
@@ -110,10 +103,8 @@ def _load(path: Path):
 
 
 def _save(folder: Path, filename: str, prefix: str, tensors) -> bool:
-    try:
+    with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass
     if not os.access(folder, os.W_OK):  # a read-only data dir: the next place
         return False
     try:  # atomic: parallel jobs never read a half-written file, a failed write leaves no partial one

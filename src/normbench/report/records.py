@@ -1,14 +1,8 @@
 """Reading run records (the format: normbench.record) and pooling them into cells of seeds.
 
-Only files are read, never live objects. ``scan`` walks the given directories with ``os.scandir``,
-reads every ``summary.json`` and nothing else; the jsonl files and ``config.yaml`` are read on
-demand (``RunRecord.epochs()``, ``.steps()``, ``.probes()``, ``.setting()``, ``.num_classes``) for the
-few runs that need them. Records in progress, malformed or duplicated are returned as ``Skipped`` with a
-reason.
-
-A ``Cell`` pools the runs that compute the same thing but for their seed: the same experiment and the
-same seedless identity (normbench.identity: the config without the seed and the keys that do not
-change the numbers).
+``scan`` reads every ``summary.json`` and nothing else; the other files are read on demand for the few
+runs that need them. Records in progress, malformed or duplicated are ``Skipped`` with a reason. A ``Cell``
+pools the runs that differ only in their seed (the same experiment and seedless identity).
 """
 
 from __future__ import annotations
@@ -90,8 +84,7 @@ class RunRecord:
 
     @property
     def num_classes(self) -> int | None:
-        """data.num_classes of the run's config.yaml (the resolved config: every run writes it); None
-        without one."""
+        """data.num_classes of the run's config.yaml; None without one."""
         data = self.config.get("data")
         n = data.get("num_classes") if isinstance(data, dict) else None
         return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
@@ -111,9 +104,8 @@ class RunRecord:
 
     @cached_property
     def budget(self) -> tuple[float | None, float | None]:
-        """Optimizer steps and training images: summary.json's train/steps and train/images when the run
-        records them, else the last epoch's step in metrics.jsonl and steps x batch_size (an upper
-        bound: an epoch's last batch may be smaller)."""
+        """Optimizer steps and training images as recorded, else the last epoch's step in metrics.jsonl and
+        steps x batch_size (an upper bound: an epoch's last batch may be smaller)."""
         found = [self.summary.get(k, self.metrics.get(k)) for k in BUDGET]
         steps, images = (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
                          for v in found)
@@ -125,7 +117,6 @@ class RunRecord:
             images = steps * batch
         return steps, images
 
-    # --- settings -------------------------------------------------------------------------
     def setting(self, key: str) -> Any:
         """A settings value: from summary choices, else (dropout, lr, batch_size) from config.yaml."""
         if key in self.choices:
@@ -151,14 +142,9 @@ class RunRecord:
             self.malformed[CONFIG] = f"cannot be read ({getattr(err, 'strerror', None) or err})"
             return {}
 
-    # --- per-run files (read on demand) ---------------------------------------------------
-    def _jsonl(self, name: str) -> tuple[list[dict], int]:
-        if name not in self.files:
-            return [], 0
-        return read_jsonl(os.path.join(self.path, name))
-
+    # per-run files, read on demand
     def _rows(self, name: str) -> list[dict]:
-        rows, bad = self._jsonl(name)
+        rows, bad = read_jsonl(os.path.join(self.path, name)) if name in self.files else ([], 0)
         if bad:
             self.malformed[name] = f"has {bad} malformed line(s)"
         return rows
@@ -238,11 +224,8 @@ def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
 def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
     """Every run record under the given directories (a run dir itself is accepted too)."""
     t0 = time.perf_counter()
-    runs: list[RunRecord] = []
-    skipped: list[Skipped] = []
-    seen_dirs: set[str] = set()
-    by_identity: dict[str, RunRecord] = {}
-    real_roots = []
+    skipped, real_roots, seen_dirs = [], [], set()
+    by_identity: dict[str, RunRecord] = {}  # the runs read, first of each identity
     for root in roots:
         root = os.path.realpath(os.fspath(root))
         real_roots.append(root)
@@ -253,30 +236,23 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
             item = load_run(path, files)
             if isinstance(item, Skipped):
                 skipped.append(item)
-                continue
-            first = by_identity.get(item.identity)
-            if first is not None:
+            elif (first := by_identity.setdefault(item.identity, item)) is not item:
                 reason = f"identity {item.identity} already read from {first.path}"
                 skipped.append(Skipped(path, "duplicate", reason))
-                continue
-            by_identity[item.identity] = item
-            runs.append(item)
-    return ScanResult(runs, skipped, real_roots, time.perf_counter() - t0)
+    return ScanResult(list(by_identity.values()), skipped, real_roots, time.perf_counter() - t0)
 
 
 # --- cells: runs that differ only in their seed --------------------------------------------------
 
 def pool_key(run: RunRecord) -> tuple[str, str]:
-    """Runs with the same key differ at most in their seed and in keys that do not change the numbers
-    (normbench.identity.NOT_IDENTITY): the experiment and the seedless identity, which every run
-    writes into its summary.json (a record made by hand without one is a cell of its own)."""
+    """The experiment and the seedless identity: runs with the same key differ at most in their seed and
+    in keys that do not change the numbers (a record made by hand without one is a cell of its own)."""
     return (run.experiment, run.summary.get(SEEDLESS_IDENTITY) or run.identity)
 
 
 def value_overrides(run: RunRecord) -> tuple[str, ...]:
-    """The run's overrides of values, for display only: not the seed nor keys that do not change the
-    numbers (NOT_IDENTITY), nor what the choices and the experiment show already (group overrides such
-    as norm=bn, optimizer.lr when the choices carry lr, +experiment=...)."""
+    """The run's overrides of values, for display only: not the seed, keys that do not change the numbers,
+    nor what the choices and the experiment show already (norm=bn, optimizer.lr, +experiment=...)."""
     shown = set(run.choices) | {".".join(CONFIG_PATHS[k]) for k in run.choices if k in CONFIG_PATHS}
     shown.add("experiment")
     ignored = (*NOT_IDENTITY, SEED)

@@ -22,10 +22,9 @@ from normbench.sweep.index import SWEEP_ID_ENV, SweepState
 
 def dead_job_return(hydra_context: HydraContext, config: DictConfig, idx: int, overrides: Sequence[str],
                     cause: str) -> JobReturn:
-    """Job `idx` of the sweep `config`, whose worker died of `cause` (SIGKILL, ...), so that it costs only
-    that job. A worker stopped by SIGTERM recorded its run `interrupted` itself; a record left `running` is
-    finished `failed`, naming the cause, with one line. It returns the worst objective to the basic sweeper
-    (the sweep goes on, as after any failed job), else the error (an Optuna trial fails)."""
+    """Job `idx` of the sweep `config`, whose worker died of `cause` (SIGKILL, ...): a record left `running`
+    is finished `failed` with one line; the basic sweeper gets the worst objective (the sweep goes on),
+    another the error (an Optuna trial fails)."""
     config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
     with read_write(config.hydra), open_dict(config.hydra):  # as the job's run_job made it
         config.hydra.job.num = idx

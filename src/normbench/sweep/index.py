@@ -1,9 +1,8 @@
 """Sweep bookkeeping under `<sweep dir>/.normbench/` (layout: docs/sweeps.md): the identity index,
 per-identity locks, finished curves and the journal.
 
-The records are the truth, the index only a cache of them (rebuilt from them with a warning). Every file
-is written whole (temp file + rename), one per identity, so concurrent jobs never write the same file and
-a killed job never leaves a half file. Nothing here imports torch: the planning command uses it too.
+The records are the truth, the index only a cache of them. Every file is written whole, one per identity,
+so concurrent jobs never write the same file. Nothing here imports torch: the planning command uses it.
 """
 
 from __future__ import annotations
@@ -117,10 +116,8 @@ class SweepState:
         return _entry(read_json(self.index_dir / f"{identity}.json"))
 
     def recover(self, identity: str, statuses: tuple[str, ...], candidates: list[Path]) -> dict | None:
-        """The entry of a run whose record says done although its index entry does not (missing,
-        unreadable, or `running` after a kill between the summary and the index update), rebuilt from
-        the record with a warning. Looks in the entry's dir and `candidates`; an unreadable entry is
-        rebuilt from a scan of every record."""
+        """The entry of a run whose record in its entry's dir or `candidates` says done although its index
+        entry does not (missing, unreadable, or left `running` by a kill), rebuilt with a warning."""
         entry = self.get(identity)
         if entry is None and (self.index_dir / f"{identity}.json").exists():  # there but unreadable
             entry = self.scan_records().get(identity)
@@ -192,8 +189,7 @@ class SweepState:
         return FileLock(path)
 
     def lock(self, identity: str):
-        """Held while a job works on this identity: a second job of the same identity (a duplicate
-        in the grid, or a second sweep process) waits, then finds it done and skips it."""
+        """Held while a job works on this identity: a second job of it waits, then finds it done."""
         return self._file_lock(self.locks_dir / f"{identity}.lock")
 
     def add_curve(self, identity: str, errors: list[float]) -> None:
