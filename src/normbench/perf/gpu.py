@@ -191,52 +191,46 @@ def run_checks(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work
     return results
 
 
+def _concurrency_verdict(con: dict) -> str:
+    best = max(level["speedup"] for level in con["levels"])
+    return "PASS" if best >= 2 else f"FAIL ({best:.2f}x)"
+
+
+def _fused_verdict(fused: dict) -> str:
+    """Which is faster at batch 8, full width: K = 8 fused or the best of the concurrent processes."""
+    rows = {row["k"]: row for row in fused["rows"]}
+    best = max((rate for by_k in fused["concurrent_steps_s"].values() for rate in by_k.values()), default=0.0)
+    if 8 not in rows or not best:
+        return "skipped"
+    ratio = rows[8]["fused_steps_s"] / best
+    return f"{'fused' if ratio >= 1 else 'concurrent'} faster ({ratio:.2f}x)"
+
+
+# claim -> (the check whose result decides it, its verdict from that result)
+CLAIMS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "CUDA-only tests pass": ("cuda_tests", lambda t: "PASS" if t["passed"] and not t["failed"] else "FAIL"),
+    "channels_last=auto picks the faster layout": (
+        "layouts", lambda r: "FAIL: " + ", ".join(r["auto_wrong"]) if r["auto_wrong"] else "PASS"),
+    "torch.compile reused by a second run": ("compile", lambda c: "PASS" if c["reused"] else "FAIL"),
+    ">= 2x runs/hour from concurrent jobs (b8)": ("concurrency", _concurrency_verdict),
+    "fused K=8 vs the best concurrent processes (b8)": ("fused", _fused_verdict),
+    "probes under bf16 = fp32": ("probes", lambda p: "PASS" if p["within_tolerance"] else "FAIL"),
+}
+
+
 def verdicts(results: dict) -> dict[str, str]:
     """PASS / FAIL / skipped per claim, from the results."""
-    def get(name):
+    out = {}
+    for claim, (name, judge) in CLAIMS.items():
         r = results.get(name) or {}
         # a check that did not run has a reason string under "skipped" or "error" (cuda_tests counts its
         # skipped tests under "skipped": a number)
-        return None if not r or isinstance(r.get("skipped"), str) or "error" in r else r
-
-    out = {}
-    t = get("cuda_tests")
-    out["CUDA-only tests pass"] = "skipped" if t is None else ("PASS" if t["passed"] and not t["failed"]
-                                                               else "FAIL")
-    lay = get("layouts")
-    out["channels_last=auto picks the faster layout"] = "skipped" if lay is None else (
-        "PASS" if not lay["auto_wrong"] else "FAIL: " + ", ".join(lay["auto_wrong"]))
-    c = get("compile")
-    out["torch.compile reused by a second run"] = "skipped" if c is None else ("PASS" if c["reused"]
-                                                                               else "FAIL")
-    con = get("concurrency")
-    if con is None:
-        out[">= 2x runs/hour from concurrent jobs (b8)"] = "skipped"
-    else:
-        best = max(level["speedup"] for level in con["levels"])
-        out[">= 2x runs/hour from concurrent jobs (b8)"] = "PASS" if best >= 2 else f"FAIL ({best:.2f}x)"
-    f = get("fused")
-    out.update(_fused_verdicts(f))
-    p = get("probes")
-    out["probes under bf16 = fp32"] = "skipped" if p is None else ("PASS" if p["within_tolerance"]
-                                                                   else "FAIL")
+        ran = r and not isinstance(r.get("skipped"), str) and "error" not in r
+        out[claim] = judge(r) if ran else "skipped"
     for name, r in results.items():
         if isinstance(r, dict) and "error" in r:
             out[f"{name} ran"] = "ERROR: " + r["error"][:200]
     return out
-
-
-def _fused_verdicts(fused: dict | None) -> dict[str, str]:
-    """Which is faster at batch 8, full width: K = 8 fused or the best of the concurrent processes."""
-    claim = "fused K=8 vs the best concurrent processes (b8)"
-    if fused is None:
-        return {claim: "skipped"}
-    rows = {row["k"]: row for row in fused["rows"]}
-    best = max((rate for by_k in fused["concurrent_steps_s"].values() for rate in by_k.values()), default=0.0)
-    if 8 not in rows or not best:
-        return {claim: "skipped"}
-    ratio = rows[8]["fused_steps_s"] / best
-    return {claim: f"{'fused' if ratio >= 1 else 'concurrent'} faster ({ratio:.2f}x)"}
 
 
 def write(results: dict, out_dir: Path) -> Path:
