@@ -116,7 +116,7 @@ def compare_data_pipelines(device: torch.device | str = "cpu", batch_size: int =
     }
 
 
-def bench_data(s, device: torch.device) -> dict:
+def bench_data(s, paths, device: torch.device, workdir) -> dict:
     """The ``data`` section of bench/perf.py (batch 128; real CIFAR-10 from $NORMBENCH_DATA when there)."""
     return compare_data_pipelines(device, batch_size=128, n_images=s.data_images, seconds=s.data_seconds,
                                   rounds=3 if s.quick else 5, num_workers=s.data_workers,
