@@ -1,8 +1,6 @@
-"""Section ``fused``: model-steps/s of K runs trained as one fused model (``normbench.fused_trainer``)
-against the same K runs trained one after the other in this process (fused and sequential alternated,
-order reversed every other round) and against K concurrent processes (each one run, one torch thread,
-timed from a common start after its warm-up, so their start-up is not counted), per model width and K,
-at one batch size. A model-step is one training step of one run."""
+"""Section ``fused``: K runs trained as one fused model (``normbench.fused_trainer``) against the same runs
+one after the other and as K concurrent processes (WHAT), per model width and K. A model-step is one
+training step of one run; the processes are timed from a common start after warm-up."""
 
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
-"""GPU readiness (``bench/gpu_check.py``): everything the CPU tests cannot show, in one run that fits the
-few minutes a GPU is lent for. Each check is a function of ``(settings, paths, device, workdir)`` that
-returns a dict; ``run_checks`` runs them in order under one deadline and skips (with the reason) what no
-longer fits, so a slow machine still writes every result it got.
-
-Checks: the CUDA-only tests (``pytest -m cuda``); one CIFAR-sized epoch of VGG-A (32 px) and AlexNet
-(224 px) in bf16 and fp32 with the achieved TFLOP/s and each run's own peak memory; channels_last
-auto/on/off images/s per model and norm; ``torch.compile`` once and reused by a second run in the same
-process; runs/hour at batch 8 with 1, 2 and 4 concurrent jobs; the landscape probe under bf16 autocast
-against fp32; fused training of K runs against sequential runs and concurrent processes (CUDA only).
-``GpuCheckSettings.tiny`` shrinks every size so that the whole script runs on a CPU in a
-minute or two: that is how it is tested before a GPU is ever lent.
-"""
+"""GPU readiness (``bench/gpu_check.py``, docs/PERFORMANCE.md): everything the CPU tests cannot show, in one
+run that fits the few minutes a GPU is lent for. Each check is a function of ``(settings, paths, device,
+workdir)`` that returns a dict; ``run_checks`` runs them under one deadline and skips (with the reason) what
+no longer fits, so a slow machine still writes every result it got. ``GpuCheckSettings.tiny`` is how the
+script is tested on a CPU before a GPU is ever lent."""
 
 from __future__ import annotations
 
