@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from normbench.device import cpu_count, synchronize
+from normbench.trainer import LoopState
 
 SECTIONS = ("loop", "data", "fixed_cost", "jobs", "probes", "layout", "cuda", "fused")
 
@@ -148,9 +149,16 @@ def timed(fn: Callable[[], int], device: torch.device) -> Sample:
     return Sample(images, time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def train_seen(trainer, state, steps: int) -> int:
-    """`steps` steps of the real loop (``Trainer.train_steps``); the number of images trained on."""
-    return trainer.train_steps(1, state, steps).seen
+def train_window(trainer, steps: int, device: torch.device, state=None) -> Callable[[], Sample]:
+    """A timed window of `steps` steps of the real loop (``Trainer.train_steps``), all from one state."""
+    state = LoopState() if state is None else state
+    return lambda: timed(lambda: trainer.train_steps(1, state, steps).seen, device)
+
+
+def compared(a: list[Sample], b: list[Sample]) -> tuple[float, float, float]:
+    """Each side's median rate and the median of the per-round ratios a / b."""
+    rates_a, rates_b = rates(a), rates(b)
+    return statistics.median(rates_a), statistics.median(rates_b), paired_ratio(rates_a, rates_b)
 
 
 def autocast(device: torch.device, amp):

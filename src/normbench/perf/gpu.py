@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from normbench.perf import parts
-from normbench.perf.common import PerfPaths, PerfSettings, child_env, timed, train_seen
+from normbench.perf.common import PerfPaths, PerfSettings, child_env, train_window
 from normbench.perf.cuda import _concurrency, epoch_row
 from normbench.perf.layout import NORMS, layout_rows
 from normbench.record import atomic_write_json
-from normbench.trainer import LoopState
 
 MODELS = {"vgg_a": 32, "alexnet": 224}   # model -> its input size
 
@@ -105,8 +104,8 @@ def check_compile(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, w
                               num_train=g.batch * (g.compile_steps + 1))
         run.trainer.model = compile_model(run.model, backend=g.compile_backend)
         graphs_before = counters["stats"]["unique_graphs"]
-        first = timed(lambda run=run: train_seen(run.trainer, LoopState(), 1), device).wall_s
-        rate = timed(lambda run=run: train_seen(run.trainer, LoopState(), g.compile_steps), device).rate
+        first = train_window(run.trainer, 1, device)().wall_s
+        rate = train_window(run.trainer, g.compile_steps, device)().rate
         out.append({"run": i + 1, "first_step_s": first, "train_img_s": rate,
                     "new_graphs": counters["stats"]["unique_graphs"] - graphs_before})
     return {"backend": g.compile_backend, "runs": out, "reused": out[1]["new_graphs"] == 0}

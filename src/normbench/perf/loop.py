@@ -25,10 +25,9 @@ from normbench.perf.common import (
     quartiles,
     rates,
     timed,
-    train_seen,
+    train_window,
 )
 from normbench.record import RecordSink
-from normbench.trainer import LoopState
 
 WHAT = ("Trainer.train_steps (RecordSink, constant scheduler, accuracy, logging every 25 steps, no "
         "progress bar) vs a hand-written forward/CE/zero_grad/backward/SGD-step loop; same model copy, "
@@ -66,11 +65,10 @@ def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir
                           sink=RecordSink(workdir / f"loop-{model_name}-{batch}"))
     # the Trainer has made its norms compute in fp32 under autocast: the copy keeps that, and the weights
     raw_model = copy.deepcopy(run.model)
-    state = LoopState()
     raw = _raw_loop(raw_model, parts.another_stream(run, seed=1), steps, device,
                     run.trainer.settings.amp_dtype, s.compile)
     data_only = _data_only(parts.another_stream(run, seed=2), steps)
-    candidates = {"normbench": lambda: timed(lambda: train_seen(run.trainer, state, steps), device),
+    candidates = {"normbench": train_window(run.trainer, steps, device),
                   "raw": lambda: timed(raw, device),
                   "data": lambda: timed(data_only, device)}
     return candidates, {"precision": precision_name(run.trainer.settings.amp_dtype),
