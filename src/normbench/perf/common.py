@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -67,10 +67,7 @@ class PerfSettings:
                    cuda_concurrency_steps=300, layout_batch=16, layout_steps=1, layout_rounds=3,
                    fused_widths=(0.125,), fused_ks=(1, 8), fused_concurrent_ks=(), fused_steps=5,
                    fused_rounds=3) if quick else cls()
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(base, key, value)
-        return base
+        return replace(base, **{key: value for key, value in overrides.items() if value is not None})
 
 
 @dataclass(frozen=True)

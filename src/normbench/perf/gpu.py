@@ -21,7 +21,6 @@ from normbench.perf import parts
 from normbench.perf.common import PerfPaths, PerfSettings, child_env, train_window
 from normbench.perf.cuda import _concurrency, epoch_row
 from normbench.perf.layout import NORMS, layout_rows
-from normbench.record import atomic_write_json
 
 MODELS = {"vgg_a": 32, "alexnet": 224}   # model -> its input size
 
@@ -140,9 +139,7 @@ def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, wo
 
 
 def check_fused(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
-    """bench/perf.py's section ``fused`` at full width, batch 8, bf16: model-steps/s of K = 1, 4, 8, 16
-    runs fused against the same runs one after the other and against 1, 2 and 4 concurrent processes.
-    CUDA only (the CPU's numbers are ``bench/perf.py --sections fused``)."""
+    """bench/perf.py's section ``fused`` at ``fused.gpu_settings``' sizes. CUDA only."""
     if device.type != "cuda":
         return {"skipped": "needs CUDA (on the CPU: bench/perf.py --sections fused)"}
     from normbench.perf.fused import bench_fused, gpu_settings
@@ -222,9 +219,3 @@ def verdicts(results: dict) -> dict[str, str]:
         if isinstance(r, dict) and "error" in r:
             out[f"{name} ran"] = "ERROR: " + r["error"][:200]
     return out
-
-
-def write(results: dict, out_dir: Path) -> Path:
-    path = out_dir / "gpu_check.json"
-    atomic_write_json(path, results)
-    return path
