@@ -182,8 +182,7 @@ def machine_info(device: torch.device) -> dict:
 
 
 def run_process(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> float:
-    """Run `cmd` to its end (environment: `child_env()` unless given); its wall-clock seconds. Raises
-    RuntimeError when it fails."""
+    """Run `cmd` to its end (environment: `child_env()` unless given); its wall-clock seconds."""
     start = time.time()
     proc = subprocess.run(cmd, check=False, cwd=cwd, env=env or child_env(), capture_output=True, text=True,
                           timeout=timeout)

@@ -1,9 +1,6 @@
-"""Section ``data``: normbench's on-device pipeline (``BatchStream``) against the usual torchvision one
-(``CIFAR10`` + RandomCrop/RandomHorizontalFlip/ToTensor/Normalize + ``DataLoader``, batches moved to the
-device) on the same images, alternated in one process (docs/PERFORMANCE.md). Without real CIFAR-10,
-torchvision's own ``CIFAR10`` class holds generated images in memory, so its real per-sample work is timed.
-On its own: ``python bench/perf.py --sections data``.
-"""
+"""Section ``data`` (docs/PERFORMANCE.md): ``BatchStream`` against torchvision's ``CIFAR10`` + transforms +
+``DataLoader`` on the same images. Without real CIFAR-10, torchvision's own class holds generated images in
+memory, so its real per-sample work is still timed."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Section ``fixed_cost``: process start to the first finished training step of ``bench/train.py`` (tiny
-settings) against bare ``import torch`` and a minimal PyTorch training process, and its start-up phase by
-phase (the per-job cost in a sweep is section ``jobs``). The first-step time is read from the run record
-(docs/PERFORMANCE.md says why that is exact), not from a hook in the loop.
-"""
+"""Section ``fixed_cost``: process start to the first finished training step of a tiny ``bench/train.py``
+run against bare ``import torch`` and a minimal PyTorch training process, and its start-up phase by phase.
+The first step's time is read from the run record (docs/PERFORMANCE.md says why that is exact)."""
 
 from __future__ import annotations
 
