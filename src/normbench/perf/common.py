@@ -152,10 +152,11 @@ def train_window(trainer, steps: int, device: torch.device, state=None) -> Calla
     return lambda: timed(lambda: trainer.train_steps(1, state, steps).seen, device)
 
 
-def compared(a: list[Sample], b: list[Sample]) -> tuple[float, float, float]:
-    """Each side's median rate and the median of the per-round ratios a / b."""
+def compared(a: list[Sample], b: list[Sample]) -> tuple[float, float, float, list[float]]:
+    """Each side's median rate, the median of the per-round ratios a / b and their quartiles."""
     rates_a, rates_b = rates(a), rates(b)
-    return statistics.median(rates_a), statistics.median(rates_b), paired_ratio(rates_a, rates_b)
+    return (statistics.median(rates_a), statistics.median(rates_b), paired_ratio(rates_a, rates_b),
+            quartiles([x / y for x, y in zip(rates_a, rates_b)]))
 
 
 def autocast(device: torch.device, amp):

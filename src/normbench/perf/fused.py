@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
-import statistics
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from normbench.device import synchronize
 from normbench.fused_trainer import FusedTrainer
 from normbench.perf import parts
-from normbench.perf.common import PerfPaths, PerfSettings, alternate, paired_ratio, quartiles, rates, timed
+from normbench.perf.common import PerfPaths, PerfSettings, alternate, compared, timed
 from normbench.trainer import LoopState
 
 WHAT = ("model-steps/s: FusedTrainer.train_steps over K runs (seeds 0..K-1, SGD momentum 0.9, constant lr, "
@@ -80,14 +79,11 @@ def concurrent_rate(s: PerfSettings, paths: PerfPaths, device: torch.device, wid
 
 
 def _row(s, width: float, k: int, res: dict, concurrent: dict) -> dict:
-    fused, sequential = rates(res["fused"]), rates(res["sequential"])
-    row = {"width": width, "k": k, "batch": s.fused_batch, "rounds": len(fused),
-           "steps_per_window": s.fused_steps, "fused_steps_s": statistics.median(fused),
-           "sequential_steps_s": statistics.median(sequential), "speedup": paired_ratio(fused, sequential),
-           "speedup_quartiles": quartiles([a / b for a, b in zip(fused, sequential)]),
-           "concurrent_steps_s": concurrent.get(k)}
-    row["speedup_vs_concurrent"] = row["fused_steps_s"] / concurrent[k] if concurrent.get(k) else None
-    return row
+    fused, sequential, speedup, quartiles = compared(res["fused"], res["sequential"])
+    return {"width": width, "k": k, "batch": s.fused_batch, "rounds": len(res["fused"]),
+            "steps_per_window": s.fused_steps, "fused_steps_s": fused, "sequential_steps_s": sequential,
+            "speedup": speedup, "speedup_quartiles": quartiles, "concurrent_steps_s": concurrent.get(k),
+            "speedup_vs_concurrent": fused / concurrent[k] if concurrent.get(k) else None}
 
 
 def _width_rows(s: PerfSettings, paths: PerfPaths, device: torch.device, width: float) -> tuple[list, dict]:

@@ -29,7 +29,7 @@ def layout_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: s
         keep.append(run)
         candidates["channels_last" if cl else "nchw"] = train_window(run.trainer, s.layout_steps, device)
     res = alternate(candidates, s.layout_rounds)
-    cl_img_s, nchw_img_s, ratio = compared(res["channels_last"], res["nchw"])
+    cl_img_s, nchw_img_s, ratio, _ = compared(res["channels_last"], res["nchw"])
     auto = resolve_channels_last("auto", device, norm, model, s.width)
     faster_or_tie = abs(ratio - 1) <= TIE or (ratio > 1) == auto
     return {"model": model, "norm": norm, "batch": s.layout_batch, "width": s.width,

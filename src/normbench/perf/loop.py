@@ -20,9 +20,9 @@ from normbench.perf.common import (
     PerfSettings,
     alternate,
     autocast,
+    compared,
     paired_ratio,
     precision_name,
-    quartiles,
     rates,
     timed,
     train_window,
@@ -77,14 +77,14 @@ def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir
 
 def _row(s: PerfSettings, device: torch.device, model_name: str, batch: int, steps: int, config: dict,
          res: dict) -> dict:
+    nb, raw, ratio, ratio_quartiles = compared(res["normbench"], res["raw"])
     nb_rates, raw_rates = rates(res["normbench"]), rates(res["raw"])
-    nb, raw, dat = (statistics.median(rates(res[k])) for k in ("normbench", "raw", "data"))
+    dat = statistics.median(rates(res["data"]))
     step_ms, data_ms = 1000 * batch / nb, 1000 * batch / dat
     return {"model": model_name, "batch": batch, "width": s.width, "steps_per_window": steps,
            "rounds": len(res["raw"]), "precision": config["precision"],
            "channels_last": config["channels_last"], "compile": s.compile,
-           "normbench_img_s": nb, "raw_img_s": raw, "ratio": paired_ratio(nb_rates, raw_rates),
-           "ratio_quartiles": quartiles([a / b for a, b in zip(nb_rates, raw_rates)]),
+           "normbench_img_s": nb, "raw_img_s": raw, "ratio": ratio, "ratio_quartiles": ratio_quartiles,
            "best_ratio": max(nb_rates) / max(raw_rates),
            "cpu_time_ratio": paired_ratio(rates(res["normbench"], cpu=True), rates(res["raw"], cpu=True))
            if device.type == "cpu" else None,

@@ -32,7 +32,7 @@ def bench_probes(s: PerfSettings, paths: PerfPaths, device: torch.device, workdi
                     s.probe_rounds, warmup=INTERVAL // CHUNK, chunks=INTERVAL // CHUNK)
     rows = []
     for name in VARIANTS:
-        img_s, _, ratio = compared(res[name], res["none"])
+        img_s, _, ratio, _ = compared(res[name], res["none"])
         settings = {f"{p.name}.interval": p.interval for p in trainers[name].probes}
         rows.append({"probe": name, "img_s": img_s, "ratio_vs_none": ratio,
                      "overhead": 1.0 / ratio - 1.0, "settings": settings})
