@@ -1,3 +1,1 @@
-"""hydra/launcher=joblib: the joblib launcher plugin, with one death costing only its job.
-
-See joblib_launcher."""
+"""hydra/launcher=joblib: the joblib launcher plugin, with one death costing only its job."""

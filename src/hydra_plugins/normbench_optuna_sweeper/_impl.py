@@ -87,9 +87,6 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         self.masked_storage: str | None = None   # set when the configs had to be scrubbed
         self.secrets: list[str] = []
 
-    # ----------------------------------------------------------------------------------------------
-    # setup: storage URL, credential scrubbing, the launcher with the wrapped task function
-
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         if self.storage is not None and not isinstance(self.storage, str):
             fail(f"bad value hydra.sweeper.storage: expected a URL string, got {type(self.storage).__name__}")
@@ -124,9 +121,6 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         if HydraConfig.initialized():
             HydraConfig.instance().set_config(config)
         sys.argv[:] = [mask_passwords(arg, self.secrets) for arg in sys.argv]
-
-    # ----------------------------------------------------------------------------------------------
-    # sweep: check the settings, open the study, ask/launch/tell until the study has n_trials
 
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
@@ -314,9 +308,6 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             text = str(error) if isinstance(error, JobExited) else "".join(traceback.format_exception(error))
             print(mask_passwords(text.rstrip(), self.secrets), file=sys.stderr, flush=True)
         sys.exit(1)
-
-    # ----------------------------------------------------------------------------------------------
-    # the steps
 
     def _job_overrides(self, study: optuna.Study, trial: optuna.Trial) -> tuple[str, ...]:
         trial_env = {ENV_STUDY: study.study_name, ENV_TRIAL_ID: trial._trial_id,

@@ -1,12 +1,5 @@
-"""The driver behind ``bench/perf.py`` (see docs/PERFORMANCE.md): runs the selected sections, checks the
-targets, writes the JSON and prints one table.
-
-Sections: ``SECTIONS``, each a key of the JSON result and a module of ``normbench.perf`` (its docstring says
-what it measures; ``fixed_cost`` is ``startup``, ``jobs`` is ``phases``).
-
-Every comparison alternates its candidates inside one process (order reversed every other round), after
-a warm-up, and reports the median of the per-round ratios, so a busy machine slows both sides alike.
-"""
+"""The driver behind ``bench/perf.py`` (docs/PERFORMANCE.md): runs the selected sections (each a key of
+the JSON result), checks the targets, writes the JSON and prints one table."""
 
 from __future__ import annotations
 
@@ -33,18 +26,9 @@ from normbench.perf.table import print_table
 from normbench.perf.targets import evaluate_targets
 from normbench.record import atomic_write_json
 
-
-def _sections(s: PerfSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
-    return {
-        "loop": lambda: bench_loop(s, paths, device, work),
-        "data": lambda: bench_data(s, device),
-        "fixed_cost": lambda: bench_fixed_cost(s, paths, device, work),
-        "jobs": lambda: bench_jobs(s, paths, device, work),
-        "probes": lambda: bench_probes(s, paths, device, work),
-        "layout": lambda: bench_layout(s, paths, device, work),
-        "cuda": lambda: bench_cuda(s, paths, device, work),
-        "fused": lambda: bench_fused(s, paths, device, work),
-    }
+# section -> its function of (settings, paths, device, work dir), in SECTIONS' order
+SECTION_RUNS = {"loop": bench_loop, "data": bench_data, "fixed_cost": bench_fixed_cost, "jobs": bench_jobs,
+                "probes": bench_probes, "layout": bench_layout, "cuda": bench_cuda, "fused": bench_fused}
 
 
 def run_all(s: PerfSettings, paths: PerfPaths | None = None, workdir: Path | None = None, log=print) -> dict:
@@ -59,14 +43,14 @@ def run_all(s: PerfSettings, paths: PerfPaths | None = None, workdir: Path | Non
     with tempfile.TemporaryDirectory(prefix="normbench-perf-") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for name, job in _sections(s, paths, device, work).items():
+        for name, bench in SECTION_RUNS.items():
             if name not in s.sections:
                 results[name] = {"skipped": "not selected (--sections)"}
                 continue
             started = time.perf_counter()
             log(f"perf: {name} ...")
             torch.manual_seed(0)
-            results[name] = job()
+            results[name] = bench(s, paths, device, work)
             results[name]["section_s"] = time.perf_counter() - started
             log(f"perf: {name} done in {results[name]['section_s']:.1f} s")
     results["targets"] = evaluate_targets(results)

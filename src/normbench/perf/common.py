@@ -10,12 +10,13 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from normbench.device import cpu_count, synchronize
+from normbench.trainer import LoopState
 
 SECTIONS = ("loop", "data", "fixed_cost", "jobs", "probes", "layout", "cuda", "fused")
 
@@ -66,10 +67,7 @@ class PerfSettings:
                    cuda_concurrency_steps=300, layout_batch=16, layout_steps=1, layout_rounds=3,
                    fused_widths=(0.125,), fused_ks=(1, 8), fused_concurrent_ks=(), fused_steps=5,
                    fused_rounds=3) if quick else cls()
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(base, key, value)
-        return base
+        return replace(base, **{key: value for key, value in overrides.items() if value is not None})
 
 
 @dataclass(frozen=True)
@@ -148,9 +146,17 @@ def timed(fn: Callable[[], int], device: torch.device) -> Sample:
     return Sample(images, time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def train_seen(trainer, state, steps: int) -> int:
-    """`steps` steps of the real loop (``Trainer.train_steps``); the number of images trained on."""
-    return trainer.train_steps(1, state, steps).seen
+def train_window(trainer, steps: int, device: torch.device, state=None) -> Callable[[], Sample]:
+    """A timed window of `steps` steps of the real loop (``Trainer.train_steps``), all from one state."""
+    state = LoopState() if state is None else state
+    return lambda: timed(lambda: trainer.train_steps(1, state, steps).seen, device)
+
+
+def compared(a: list[Sample], b: list[Sample]) -> tuple[float, float, float, list[float]]:
+    """Each side's median rate, the median of the per-round ratios a / b and their quartiles."""
+    rates_a, rates_b = rates(a), rates(b)
+    return (statistics.median(rates_a), statistics.median(rates_b), paired_ratio(rates_a, rates_b),
+            quartiles([x / y for x, y in zip(rates_a, rates_b)]))
 
 
 def autocast(device: torch.device, amp):
@@ -177,8 +183,7 @@ def machine_info(device: torch.device) -> dict:
 
 
 def run_process(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> float:
-    """Run `cmd` to its end (environment: `child_env()` unless given); its wall-clock seconds. Raises
-    RuntimeError when it fails."""
+    """Run `cmd` to its end (environment: `child_env()` unless given); its wall-clock seconds."""
     start = time.time()
     proc = subprocess.run(cmd, check=False, cwd=cwd, env=env or child_env(), capture_output=True, text=True,
                           timeout=timeout)

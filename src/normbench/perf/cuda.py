@@ -31,10 +31,7 @@ EPOCH_KEYS = ("model", "batch", "train_images", "epoch_s", "train_img_s", "flops
 def peak_tflops(name: str, low_precision: bool) -> float | None:
     if os.environ.get("NORMBENCH_PEAK_TFLOPS"):
         return float(os.environ["NORMBENCH_PEAK_TFLOPS"])
-    for key, bf16, fp32 in PEAK_TFLOPS:
-        if key in name:
-            return bf16 if low_precision else fp32
-    return None
+    return next((bf16 if low_precision else fp32 for key, bf16, fp32 in PEAK_TFLOPS if key in name), None)
 
 
 def train_step_flops(model, x, y, amp, device) -> int:

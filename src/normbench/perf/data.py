@@ -1,9 +1,6 @@
-"""Section ``data``: normbench's on-device pipeline (``BatchStream``) against the usual torchvision one
-(``CIFAR10`` + RandomCrop/RandomHorizontalFlip/ToTensor/Normalize + ``DataLoader``, batches moved to the
-device) on the same images, alternated in one process (docs/PERFORMANCE.md). Without real CIFAR-10,
-torchvision's own ``CIFAR10`` class holds generated images in memory, so its real per-sample work is timed.
-On its own: ``python bench/perf.py --sections data``.
-"""
+"""Section ``data`` (docs/PERFORMANCE.md): ``BatchStream`` against torchvision's ``CIFAR10`` + transforms +
+``DataLoader`` on the same images. Without real CIFAR-10, torchvision's own class holds generated images in
+memory, so its real per-sample work is still timed."""
 
 from __future__ import annotations
 
@@ -116,7 +113,7 @@ def compare_data_pipelines(device: torch.device | str = "cpu", batch_size: int =
     }
 
 
-def bench_data(s, device: torch.device) -> dict:
+def bench_data(s, paths, device: torch.device, workdir) -> dict:
     """The ``data`` section of bench/perf.py (batch 128; real CIFAR-10 from $NORMBENCH_DATA when there)."""
     return compare_data_pipelines(device, batch_size=128, n_images=s.data_images, seconds=s.data_seconds,
                                   rounds=3 if s.quick else 5, num_workers=s.data_workers,

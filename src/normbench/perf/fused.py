@@ -1,14 +1,11 @@
-"""Section ``fused``: model-steps/s of K runs trained as one fused model (``normbench.fused_trainer``)
-against the same K runs trained one after the other in this process (fused and sequential alternated,
-order reversed every other round) and against K concurrent processes (each one run, one torch thread,
-timed from a common start after its warm-up, so their start-up is not counted), per model width and K,
-at one batch size. A model-step is one training step of one run."""
+"""Section ``fused``: K runs trained as one fused model (``normbench.fused_trainer``) against the same runs
+one after the other and as K concurrent processes (WHAT), per model width and K. A model-step is one
+training step of one run; the processes are timed from a common start after warm-up."""
 
 from __future__ import annotations
 
 import multiprocessing
 import queue
-import statistics
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import torch
 from normbench.device import synchronize
 from normbench.fused_trainer import FusedTrainer
 from normbench.perf import parts
-from normbench.perf.common import PerfPaths, PerfSettings, alternate, paired_ratio, quartiles, rates, timed
+from normbench.perf.common import PerfPaths, PerfSettings, alternate, compared, timed
 from normbench.trainer import LoopState
 
 WHAT = ("model-steps/s: FusedTrainer.train_steps over K runs (seeds 0..K-1, SGD momentum 0.9, constant lr, "
@@ -82,14 +79,11 @@ def concurrent_rate(s: PerfSettings, paths: PerfPaths, device: torch.device, wid
 
 
 def _row(s, width: float, k: int, res: dict, concurrent: dict) -> dict:
-    fused, sequential = rates(res["fused"]), rates(res["sequential"])
-    row = {"width": width, "k": k, "batch": s.fused_batch, "rounds": len(fused),
-           "steps_per_window": s.fused_steps, "fused_steps_s": statistics.median(fused),
-           "sequential_steps_s": statistics.median(sequential), "speedup": paired_ratio(fused, sequential),
-           "speedup_quartiles": quartiles([a / b for a, b in zip(fused, sequential)]),
-           "concurrent_steps_s": concurrent.get(k)}
-    row["speedup_vs_concurrent"] = row["fused_steps_s"] / concurrent[k] if concurrent.get(k) else None
-    return row
+    fused, sequential, speedup, quartiles = compared(res["fused"], res["sequential"])
+    return {"width": width, "k": k, "batch": s.fused_batch, "rounds": len(res["fused"]),
+            "steps_per_window": s.fused_steps, "fused_steps_s": fused, "sequential_steps_s": sequential,
+            "speedup": speedup, "speedup_quartiles": quartiles, "concurrent_steps_s": concurrent.get(k),
+            "speedup_vs_concurrent": fused / concurrent[k] if concurrent.get(k) else None}
 
 
 def _width_rows(s: PerfSettings, paths: PerfPaths, device: torch.device, width: float) -> tuple[list, dict]:

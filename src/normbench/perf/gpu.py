@@ -1,16 +1,8 @@
-"""GPU readiness (``bench/gpu_check.py``): everything the CPU tests cannot show, in one run that fits the
-few minutes a GPU is lent for. Each check is a function of ``(settings, paths, device, workdir)`` that
-returns a dict; ``run_checks`` runs them in order under one deadline and skips (with the reason) what no
-longer fits, so a slow machine still writes every result it got.
-
-Checks: the CUDA-only tests (``pytest -m cuda``); one CIFAR-sized epoch of VGG-A (32 px) and AlexNet
-(224 px) in bf16 and fp32 with the achieved TFLOP/s and each run's own peak memory; channels_last
-auto/on/off images/s per model and norm; ``torch.compile`` once and reused by a second run in the same
-process; runs/hour at batch 8 with 1, 2 and 4 concurrent jobs; the landscape probe under bf16 autocast
-against fp32; fused training of K runs against sequential runs and concurrent processes (CUDA only).
-``GpuCheckSettings.tiny`` shrinks every size so that the whole script runs on a CPU in a
-minute or two: that is how it is tested before a GPU is ever lent.
-"""
+"""GPU readiness (``bench/gpu_check.py``, docs/PERFORMANCE.md): everything the CPU tests cannot show, in one
+run that fits the few minutes a GPU is lent for. Each check is a function of ``(settings, paths, device,
+workdir)`` that returns a dict; ``run_checks`` runs them under one deadline and skips (with the reason) what
+no longer fits, so a slow machine still writes every result it got. ``GpuCheckSettings.tiny`` is how the
+script is tested on a CPU before a GPU is ever lent."""
 
 from __future__ import annotations
 
@@ -26,11 +18,9 @@ from pathlib import Path
 import torch
 
 from normbench.perf import parts
-from normbench.perf.common import PerfPaths, PerfSettings, child_env, timed, train_seen
+from normbench.perf.common import PerfPaths, PerfSettings, child_env, train_window
 from normbench.perf.cuda import _concurrency, epoch_row
 from normbench.perf.layout import NORMS, layout_rows
-from normbench.record import atomic_write_json
-from normbench.trainer import LoopState
 
 MODELS = {"vgg_a": 32, "alexnet": 224}   # model -> its input size
 
@@ -113,8 +103,8 @@ def check_compile(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, w
                               num_train=g.batch * (g.compile_steps + 1))
         run.trainer.model = compile_model(run.model, backend=g.compile_backend)
         graphs_before = counters["stats"]["unique_graphs"]
-        first = timed(lambda run=run: train_seen(run.trainer, LoopState(), 1), device).wall_s
-        rate = timed(lambda run=run: train_seen(run.trainer, LoopState(), g.compile_steps), device).rate
+        first = train_window(run.trainer, 1, device)().wall_s
+        rate = train_window(run.trainer, g.compile_steps, device)().rate
         out.append({"run": i + 1, "first_step_s": first, "train_img_s": rate,
                     "new_graphs": counters["stats"]["unique_graphs"] - graphs_before})
     return {"backend": g.compile_backend, "runs": out, "reused": out[1]["new_graphs"] == 0}
@@ -149,9 +139,7 @@ def check_probes(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, wo
 
 
 def check_fused(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work: Path) -> dict:
-    """bench/perf.py's section ``fused`` at full width, batch 8, bf16: model-steps/s of K = 1, 4, 8, 16
-    runs fused against the same runs one after the other and against 1, 2 and 4 concurrent processes.
-    CUDA only (the CPU's numbers are ``bench/perf.py --sections fused``)."""
+    """bench/perf.py's section ``fused`` at ``fused.gpu_settings``' sizes. CUDA only."""
     if device.type != "cuda":
         return {"skipped": "needs CUDA (on the CPU: bench/perf.py --sections fused)"}
     from normbench.perf.fused import bench_fused, gpu_settings
@@ -191,55 +179,43 @@ def run_checks(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work
     return results
 
 
+def _concurrency_verdict(con: dict) -> str:
+    best = max(level["speedup"] for level in con["levels"])
+    return "PASS" if best >= 2 else f"FAIL ({best:.2f}x)"
+
+
+def _fused_verdict(fused: dict) -> str:
+    """Which is faster at batch 8, full width: K = 8 fused or the best of the concurrent processes."""
+    rows = {row["k"]: row for row in fused["rows"]}
+    best = max((rate for by_k in fused["concurrent_steps_s"].values() for rate in by_k.values()), default=0.0)
+    if 8 not in rows or not best:
+        return "skipped"
+    ratio = rows[8]["fused_steps_s"] / best
+    return f"{'fused' if ratio >= 1 else 'concurrent'} faster ({ratio:.2f}x)"
+
+
+# claim -> (the check whose result decides it, its verdict from that result)
+CLAIMS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "CUDA-only tests pass": ("cuda_tests", lambda t: "PASS" if t["passed"] and not t["failed"] else "FAIL"),
+    "channels_last=auto picks the faster layout": (
+        "layouts", lambda r: "FAIL: " + ", ".join(r["auto_wrong"]) if r["auto_wrong"] else "PASS"),
+    "torch.compile reused by a second run": ("compile", lambda c: "PASS" if c["reused"] else "FAIL"),
+    ">= 2x runs/hour from concurrent jobs (b8)": ("concurrency", _concurrency_verdict),
+    "fused K=8 vs the best concurrent processes (b8)": ("fused", _fused_verdict),
+    "probes under bf16 = fp32": ("probes", lambda p: "PASS" if p["within_tolerance"] else "FAIL"),
+}
+
+
 def verdicts(results: dict) -> dict[str, str]:
     """PASS / FAIL / skipped per claim, from the results."""
-    def get(name):
+    out = {}
+    for claim, (name, judge) in CLAIMS.items():
         r = results.get(name) or {}
         # a check that did not run has a reason string under "skipped" or "error" (cuda_tests counts its
         # skipped tests under "skipped": a number)
-        return None if not r or isinstance(r.get("skipped"), str) or "error" in r else r
-
-    out = {}
-    t = get("cuda_tests")
-    out["CUDA-only tests pass"] = "skipped" if t is None else ("PASS" if t["passed"] and not t["failed"]
-                                                               else "FAIL")
-    lay = get("layouts")
-    out["channels_last=auto picks the faster layout"] = "skipped" if lay is None else (
-        "PASS" if not lay["auto_wrong"] else "FAIL: " + ", ".join(lay["auto_wrong"]))
-    c = get("compile")
-    out["torch.compile reused by a second run"] = "skipped" if c is None else ("PASS" if c["reused"]
-                                                                               else "FAIL")
-    con = get("concurrency")
-    if con is None:
-        out[">= 2x runs/hour from concurrent jobs (b8)"] = "skipped"
-    else:
-        best = max(level["speedup"] for level in con["levels"])
-        out[">= 2x runs/hour from concurrent jobs (b8)"] = "PASS" if best >= 2 else f"FAIL ({best:.2f}x)"
-    f = get("fused")
-    out.update(_fused_verdicts(f))
-    p = get("probes")
-    out["probes under bf16 = fp32"] = "skipped" if p is None else ("PASS" if p["within_tolerance"]
-                                                                   else "FAIL")
+        ran = r and not isinstance(r.get("skipped"), str) and "error" not in r
+        out[claim] = judge(r) if ran else "skipped"
     for name, r in results.items():
         if isinstance(r, dict) and "error" in r:
             out[f"{name} ran"] = "ERROR: " + r["error"][:200]
     return out
-
-
-def _fused_verdicts(fused: dict | None) -> dict[str, str]:
-    """Which is faster at batch 8, full width: K = 8 fused or the best of the concurrent processes."""
-    claim = "fused K=8 vs the best concurrent processes (b8)"
-    if fused is None:
-        return {claim: "skipped"}
-    rows = {row["k"]: row for row in fused["rows"]}
-    best = max((rate for by_k in fused["concurrent_steps_s"].values() for rate in by_k.values()), default=0.0)
-    if 8 not in rows or not best:
-        return {claim: "skipped"}
-    ratio = rows[8]["fused_steps_s"] / best
-    return {claim: f"{'fused' if ratio >= 1 else 'concurrent'} faster ({ratio:.2f}x)"}
-
-
-def write(results: dict, out_dir: Path) -> Path:
-    path = out_dir / "gpu_check.json"
-    atomic_write_json(path, results)
-    return path

@@ -7,10 +7,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import rich
 import torch
+from rich.table import Table
 
 from normbench.perf.common import PerfPaths, machine_info
-from normbench.perf.gpu import CHECKS, GpuCheckSettings, run_checks, verdicts, write
+from normbench.perf.gpu import CHECKS, GpuCheckSettings, run_checks, verdicts
+from normbench.record import atomic_write_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,17 +65,6 @@ def table(results: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def print_table(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    machine = results["machine"]
-    t = Table("check", "result", title=f"gpu_check on {machine.get('gpu') or machine['device']}")
-    for row in table(results):
-        t.add_row(*row)
-    Console().print(t)
-
-
 def main(argv: list[str] | None = None, *, train_script: Path | None = None,
          conf_dir: Path | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -97,7 +89,12 @@ def main(argv: list[str] | None = None, *, train_script: Path | None = None,
                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
     results.update(machine=machine_info(device), dry_run=bool(args.cpu_dry_run))
     results["verdicts"] = verdicts(results)
-    path = write(results, args.out)
-    print_table(results)
+    path = args.out / "gpu_check.json"
+    atomic_write_json(path, results)
+    machine = results["machine"]
+    shown = Table("check", "result", title=f"gpu_check on {machine.get('gpu') or machine['device']}")
+    for row in table(results):
+        shown.add_row(*row)
+    rich.print(shown)
     print(f"written: {path}")
     return 0

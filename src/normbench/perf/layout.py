@@ -5,17 +5,14 @@ alternate them."""
 
 from __future__ import annotations
 
-import functools
 import itertools
-import statistics
 from pathlib import Path
 
 import torch
 
 from normbench.device import resolve_channels_last
 from normbench.perf import parts
-from normbench.perf.common import PerfPaths, PerfSettings, alternate, paired_ratio, rates, timed, train_seen
-from normbench.trainer import LoopState
+from normbench.perf.common import PerfPaths, PerfSettings, alternate, compared, train_window
 
 NORMS = ("none", "bn", "gn", "ln", "lrn")
 # auto may pick the slower layout when the two are this close (noise, not a wrong policy).
@@ -30,15 +27,13 @@ def layout_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: s
                                                           f"trainer.channels_last={str(cl).lower()}"],
                               num_train=s.layout_batch * s.layout_steps * 2)
         keep.append(run)
-        candidates["channels_last" if cl else "nchw"] = functools.partial(
-            timed, functools.partial(train_seen, run.trainer, LoopState(), s.layout_steps), device)
+        candidates["channels_last" if cl else "nchw"] = train_window(run.trainer, s.layout_steps, device)
     res = alternate(candidates, s.layout_rounds)
-    ratio = paired_ratio(rates(res["channels_last"]), rates(res["nchw"]))
+    cl_img_s, nchw_img_s, ratio, _ = compared(res["channels_last"], res["nchw"])
     auto = resolve_channels_last("auto", device, norm, model, s.width)
     faster_or_tie = abs(ratio - 1) <= TIE or (ratio > 1) == auto
     return {"model": model, "norm": norm, "batch": s.layout_batch, "width": s.width,
-            "channels_last_img_s": statistics.median(rates(res["channels_last"])),
-            "nchw_img_s": statistics.median(rates(res["nchw"])), "ratio": ratio,
+            "channels_last_img_s": cl_img_s, "nchw_img_s": nchw_img_s, "ratio": ratio,
             "auto": "channels_last" if auto else "nchw", "auto_ok": faster_or_tie}
 
 

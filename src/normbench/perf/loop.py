@@ -20,15 +20,14 @@ from normbench.perf.common import (
     PerfSettings,
     alternate,
     autocast,
+    compared,
     paired_ratio,
     precision_name,
-    quartiles,
     rates,
     timed,
-    train_seen,
+    train_window,
 )
 from normbench.record import RecordSink
-from normbench.trainer import LoopState
 
 WHAT = ("Trainer.train_steps (RecordSink, constant scheduler, accuracy, logging every 25 steps, no "
         "progress bar) vs a hand-written forward/CE/zero_grad/backward/SGD-step loop; same model copy, "
@@ -66,11 +65,10 @@ def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir
                           sink=RecordSink(workdir / f"loop-{model_name}-{batch}"))
     # the Trainer has made its norms compute in fp32 under autocast: the copy keeps that, and the weights
     raw_model = copy.deepcopy(run.model)
-    state = LoopState()
     raw = _raw_loop(raw_model, parts.another_stream(run, seed=1), steps, device,
                     run.trainer.settings.amp_dtype, s.compile)
     data_only = _data_only(parts.another_stream(run, seed=2), steps)
-    candidates = {"normbench": lambda: timed(lambda: train_seen(run.trainer, state, steps), device),
+    candidates = {"normbench": train_window(run.trainer, steps, device),
                   "raw": lambda: timed(raw, device),
                   "data": lambda: timed(data_only, device)}
     return candidates, {"precision": precision_name(run.trainer.settings.amp_dtype),
@@ -79,14 +77,14 @@ def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir
 
 def _row(s: PerfSettings, device: torch.device, model_name: str, batch: int, steps: int, config: dict,
          res: dict) -> dict:
+    nb, raw, ratio, ratio_quartiles = compared(res["normbench"], res["raw"])
     nb_rates, raw_rates = rates(res["normbench"]), rates(res["raw"])
-    nb, raw, dat = (statistics.median(rates(res[k])) for k in ("normbench", "raw", "data"))
+    dat = statistics.median(rates(res["data"]))
     step_ms, data_ms = 1000 * batch / nb, 1000 * batch / dat
     return {"model": model_name, "batch": batch, "width": s.width, "steps_per_window": steps,
            "rounds": len(res["raw"]), "precision": config["precision"],
            "channels_last": config["channels_last"], "compile": s.compile,
-           "normbench_img_s": nb, "raw_img_s": raw, "ratio": paired_ratio(nb_rates, raw_rates),
-           "ratio_quartiles": quartiles([a / b for a, b in zip(nb_rates, raw_rates)]),
+           "normbench_img_s": nb, "raw_img_s": raw, "ratio": ratio, "ratio_quartiles": ratio_quartiles,
            "best_ratio": max(nb_rates) / max(raw_rates),
            "cpu_time_ratio": paired_ratio(rates(res["normbench"], cpu=True), rates(res["raw"], cpu=True))
            if device.type == "cpu" else None,

@@ -1,6 +1,5 @@
 """How the in-process benchmarks build what they time: a config composed from conf/ as bench/train.py
-composes it, validated, and built by `normbench.run.build_parts` -- the same function a training job uses.
-"""
+composes it, validated, and built by `normbench.run.build_parts` -- the same function a training job uses."""
 
 from __future__ import annotations
 

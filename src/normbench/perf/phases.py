@@ -1,12 +1,8 @@
 """Where a job's time goes, phase by phase, in real ``bench/train.py`` processes: the benchmark's own
 instrumentation (the product has no timing hooks). ``python -m normbench.perf.phases START OUT TRAIN
-ARGS...`` runs the training script TRAIN with ARGS after wrapping the functions in PHASES, and writes to
-OUT each call's phase, start, end and exclusive seconds (its own time, the wrapped calls inside it
-excluded), all from START (the parent's clock when it launched the process).
-
-Section ``jobs`` (``bench_jobs``) runs a real multirun of tiny jobs under it: the share of a job's wall
-time spent outside its training steps. Section ``fixed_cost`` draws its start-up timeline from it.
-"""
+ARGS...`` runs TRAIN with ARGS after wrapping the functions in PHASES, and writes to OUT each call's
+phase, start, end and exclusive seconds (the wrapped calls inside it excluded), from START (the parent's
+clock at launch). Sections ``jobs`` (``bench_jobs``) and ``fixed_cost`` (its start-up timeline) use it."""
 
 from __future__ import annotations
 

@@ -3,13 +3,12 @@ intervals against probe=none (vgg_a, one landscape interval per round, timed in 
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import torch
 
 from normbench.perf import parts
-from normbench.perf.common import PerfPaths, PerfSettings, alternate, paired_ratio, rates, timed, train_seen
+from normbench.perf.common import PerfPaths, PerfSettings, alternate, compared, train_window
 from normbench.trainer import LoopState
 
 VARIANTS = ("none", "landscape", "grad_similarity", "all")
@@ -28,18 +27,14 @@ def bench_probes(s: PerfSettings, paths: PerfPaths, device: torch.device, workdi
     trainers = _trainers(s, paths, device)
     states = {name: LoopState() for name in VARIANTS}
 
-    def chunk_of(name: str):
-        return lambda: timed(lambda: train_seen(trainers[name], states[name], CHUNK), device)
-
     # warm-up: one whole interval each, so every probe has run once (and the step counters stay aligned)
-    res = alternate({name: chunk_of(name) for name in VARIANTS}, s.probe_rounds, warmup=INTERVAL // CHUNK,
-                    chunks=INTERVAL // CHUNK)
-    none_rates = rates(res["none"])
+    res = alternate({name: train_window(trainers[name], CHUNK, device, states[name]) for name in VARIANTS},
+                    s.probe_rounds, warmup=INTERVAL // CHUNK, chunks=INTERVAL // CHUNK)
     rows = []
     for name in VARIANTS:
-        ratio = paired_ratio(rates(res[name]), none_rates)
+        img_s, _, ratio, _ = compared(res[name], res["none"])
         settings = {f"{p.name}.interval": p.interval for p in trainers[name].probes}
-        rows.append({"probe": name, "img_s": statistics.median(rates(res[name])), "ratio_vs_none": ratio,
+        rows.append({"probe": name, "img_s": img_s, "ratio_vs_none": ratio,
                      "overhead": 1.0 / ratio - 1.0, "settings": settings})
     return {"rows": rows, "model": "vgg_a", "width": s.probe_width, "batch": s.probe_batch,
             "steps_per_round": INTERVAL, "chunk_steps": CHUNK, "rounds": s.probe_rounds}

@@ -1,8 +1,6 @@
-"""Section ``fixed_cost``: process start to the first finished training step of ``bench/train.py`` (tiny
-settings) against bare ``import torch`` and a minimal PyTorch training process, and its start-up phase by
-phase (the per-job cost in a sweep is section ``jobs``). The first-step time is read from the run record
-(docs/PERFORMANCE.md says why that is exact), not from a hook in the loop.
-"""
+"""Section ``fixed_cost``: process start to the first finished training step of a tiny ``bench/train.py``
+run against bare ``import torch`` and a minimal PyTorch training process, and its start-up phase by phase.
+The first step's time is read from the run record (docs/PERFORMANCE.md says why that is exact)."""
 
 from __future__ import annotations
 
@@ -78,17 +76,14 @@ def _single_runs(s: PerfSettings, train: Path, device_arg: list[str], workdir: P
     }
 
 
-def startup_breakdown(train: Path, device_arg: list[str], workdir: Path) -> list[dict]:
-    """One tiny run's start-up, phase by phase (normbench.perf.phases.timeline): its first epoch trains one
-    step, so the training steps end with the first step."""
-    return timeline(trace(train, [*TINY, *device_arg, f"hydra.run.dir={workdir / 'run-breakdown'}"], workdir))
-
-
 def bench_fixed_cost(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path) -> dict:
     train = paths.train_script
     if train is None or not Path(train).exists():
         return {"skipped": f"{train or 'bench/train.py'} not found"}
     device_arg = [f"trainer.device={device}"]
     out = _single_runs(s, Path(train), device_arg, workdir)
-    out["breakdown"] = startup_breakdown(Path(train), device_arg, workdir)
+    # one tiny run's start-up, phase by phase: its first epoch trains one step, so the training steps end
+    # with the first step
+    breakdown_run = [*TINY, *device_arg, f"hydra.run.dir={workdir / 'run-breakdown'}"]
+    out["breakdown"] = timeline(trace(Path(train), breakdown_run, workdir))
     return out

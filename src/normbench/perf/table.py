@@ -16,13 +16,6 @@ def _f(value, digits: int = 0, suffix: str = "") -> str:
 Add = Callable[..., None]
 
 
-def _verdict_row(rows: list, verdict: dict, section: str, measure: str, key: str, digits: int) -> None:
-    """A row with only the verdict of target `key` (its value, target and result), when there is one."""
-    t = verdict.get(key)
-    if t:
-        rows.append((section, measure, "", "", _f(t["value"], digits), t["target"], t["result"]))
-
-
 def _loop_rows(add: Add, loop: dict) -> None:
     for r in loop.get("rows", []):
         cpu = f" (cpu {r['cpu_time_ratio']:.3f})" if r.get("cpu_time_ratio") else ""
@@ -36,8 +29,6 @@ def _loop_rows(add: Add, loop: dict) -> None:
         o = loop["overhead"]
         add("1 loop", "loop's own cost per step (1-layer model, b8; us)", _f(o["extra_us_per_step"], 1),
             _f(1e3 * o["step_ms"], 0) + " us/step", _f(o["ratio"], 3))
-    if loop.get("skipped"):
-        add("1 loop", "skipped", loop["skipped"], "", "")
 
 
 def _data_rows(add: Add, data: dict) -> None:
@@ -45,14 +36,10 @@ def _data_rows(add: Add, data: dict) -> None:
         add("2 data", f"train img/s, b{data['batch_size']} ({data['data']}, {data['num_workers']} workers)",
             _f(data["normbench_img_s"]), _f(data["torchvision_img_s"]) + " tv", _f(data["ratio"], 1),
             "data pipeline / torchvision")
-    elif data.get("skipped"):
-        add("2 data", "skipped", data["skipped"], "", "")
 
 
 def _fixed_rows(add: Add, fixed: dict) -> None:
     if "ratio" not in fixed:
-        if fixed.get("skipped"):
-            add("3 fixed", "skipped", fixed["skipped"], "", "")
         return
     add("3 fixed", "process start -> first step (s)", _f(fixed["first_step_s"], 2),
         _f(fixed["bare_import_torch_s"], 2) + " import torch", _f(fixed["ratio"], 2),
@@ -66,8 +53,6 @@ def _fixed_rows(add: Add, fixed: dict) -> None:
 
 def _jobs_rows(add: Add, jobs: dict) -> None:
     if "outside" not in jobs:
-        if jobs.get("skipped"):
-            add("3 jobs", "skipped", jobs["skipped"], "", "")
         return
     for phase, seconds in sorted(jobs["phases"].items(), key=lambda item: -item[1]):
         add("3 jobs", f"  {phase} (s per job; share)", _f(seconds, 3), "", _f(seconds / jobs["job_s"], 3))
@@ -86,22 +71,16 @@ def _probe_rows(add: Add, probes: dict) -> None:
             add("4 probes", f"probe={r['probe']} img/s (vgg_a w{probes['width']:g} b{probes['batch']})",
                 _f(r["img_s"], 1), _f(none, 1) + " none",
                 _f(r["ratio_vs_none"], 3) + f" (+{100 * r['overhead']:.1f}%)")
-    if probes.get("skipped"):
-        add("4 probes", "skipped", probes["skipped"], "", "")
 
 
-def _layout_rows(add: Add, rows: list, verdict: dict, layout: dict) -> None:
+def _layout_rows(add: Add, layout: dict) -> None:
     for r in layout.get("rows", []):
         add("5 layout", f"channels_last / NCHW {r['model']} w{r['width']:g} b{r['batch']} norm={r['norm']} "
             f"(auto: {r['auto']})", _f(r["channels_last_img_s"], 1), _f(r["nchw_img_s"], 1) + " nchw",
             _f(r["ratio"], 3))
-    _verdict_row(rows, verdict, "5 layout", "auto picks the faster layout (wrong picks)",
-                 "channels_last=auto picks the faster layout", 0)
 
 
-def _cuda_rows(add: Add, rows: list, verdict: dict, cuda: dict) -> None:
-    if cuda.get("skipped"):
-        rows.append(("6 cuda", f"skipped: {cuda['skipped']}", "", "", "", "", ""))
+def _cuda_rows(add: Add, cuda: dict) -> None:
     for r in cuda.get("epochs", []):
         add("6 cuda", f"vgg_a b{r['batch']} epoch s / TFLOP/s (peak {_f(cuda['peak_tflops'])})",
             _f(r["epoch_s"], 1), _f(r["achieved_tflops"], 1) + " TFLOP/s",
@@ -111,13 +90,9 @@ def _cuda_rows(add: Add, rows: list, verdict: dict, cuda: dict) -> None:
             "steps)",
             _f(r["runs_per_hour"], 1), _f(r["train_img_s_total"]) + " img/s", _f(r["speedup"], 2)
             + f" (img/s {r['train_speedup']:.2f})")
-    _verdict_row(rows, verdict, "6 cuda", "runs/hour gain from concurrency",
-                 "runs/hour, concurrent / single (b8)", 2)
 
 
 def _fused_rows(add: Add, fused: dict) -> None:
-    if fused.get("skipped"):
-        add("7 fused", "skipped", fused["skipped"], "", "")
     for r in fused.get("rows", []):
         concurrent = (f", {_f(r['concurrent_steps_s'], 1)} {r['k']} procs" if r.get("concurrent_steps_s")
                       else "")
@@ -127,27 +102,38 @@ def _fused_rows(add: Add, fused: dict) -> None:
             f"fused / sequential K={r['k']} w{r['width']:g} b{r['batch']}")
 
 
+# section key -> (table label, its rows, the verdict-only row after them: measure, target name, digits)
+SECTION_ROWS = {
+    "loop": ("1 loop", _loop_rows, ("data share of a step (worst)", "data time / step time (worst)", 3)),
+    "data": ("2 data", _data_rows, None),
+    "fixed_cost": ("3 fixed", _fixed_rows, None),
+    "jobs": ("3 jobs", _jobs_rows, None),
+    "probes": ("4 probes", _probe_rows, None),
+    "layout": ("5 layout", _layout_rows, ("auto picks the faster layout (wrong picks)",
+                                          "channels_last=auto picks the faster layout", 0)),
+    "cuda": ("6 cuda", _cuda_rows, ("runs/hour gain from concurrency", "runs/hour, concurrent / single (b8)",
+                                    2)),
+    "fused": ("7 fused", _fused_rows, None),
+}
+
+
 def table_rows(results: dict) -> list[tuple[str, ...]]:
     """(section, measure, normbench, reference, ratio, target, result) rows."""
     verdict = {t["name"]: t for t in results.get("targets", [])}
     rows: list[tuple[str, ...]] = []
 
     def add(section, measure, nb, ref, ratio, key=None):
-        t = verdict.get(key) if key else None
-        rows.append((section, measure, nb, ref, ratio, t["target"] if t else "", t["result"] if t else ""))
+        t = verdict.get(key) or {}
+        rows.append((section, measure, nb, ref, ratio, t.get("target", ""), t.get("result", "")))
 
-    loop = results.get("loop", {})
-    _loop_rows(add, loop)
-    if loop.get("rows"):
-        _verdict_row(rows, verdict, "1 loop", "data share of a step (worst)", "data time / step time (worst)",
-                     3)
-    _data_rows(add, results.get("data", {}))
-    _fixed_rows(add, results.get("fixed_cost", {}))
-    _jobs_rows(add, results.get("jobs", {}))
-    _probe_rows(add, results.get("probes", {}))
-    _layout_rows(add, rows, verdict, results.get("layout", {}))
-    _cuda_rows(add, rows, verdict, results.get("cuda", {}))
-    _fused_rows(add, results.get("fused", {}))
+    for key, (label, section_rows, verdict_row) in SECTION_ROWS.items():
+        part = results.get(key, {})
+        if part.get("skipped"):
+            add(label, "skipped", part["skipped"], "", "")
+        section_rows(add, part)
+        if verdict_row and verdict_row[1] in verdict:
+            measure, name, digits = verdict_row
+            add(label, measure, "", "", _f(verdict[name]["value"], digits), name)
     return rows
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 # The loop ones are for the CPU; on a GPU the aim is the same.
 LOOP_TARGETS = {128: 0.97, 8: 0.95}
 DATA_RATIO_TARGET = 10.0
@@ -12,22 +14,31 @@ CONCURRENCY_TARGET = 2.0       # runs/hour at batch 8 with concurrent jobs, over
 FUSED_TARGET = (8, 0.125, 8, 1.5)   # K, width, batch: fused model-steps/s over K sequential runs (CPU)
 
 
+# (section, its key, target name, comparison, goal): the targets read straight from one value
+SIMPLE_TARGETS = [
+    ("data", "ratio", "data pipeline / torchvision", ">=", DATA_RATIO_TARGET),
+    ("fixed_cost", "ratio", "first step / bare import torch", "<=", FIXED_COST_TARGET),
+    ("jobs", "outside", "sweep job: share outside training steps", "<=", OUTSIDE_TARGET),
+]
+COMPARE = {">=": operator.ge, "<=": operator.le}
+
+
 def target(name: str, value, goal: str, passed: bool | None, note: str = "") -> dict:
     return {"name": name, "value": value, "target": goal,
             "result": "skipped" if passed is None else ("PASS" if passed else "FAIL"), "note": note}
 
 
+def _compared(name: str, value, op: str, goal, note: str = "") -> dict:
+    return target(name, value, f"{op} {goal}", COMPARE[op](value, goal), note)
+
+
 def _loop_targets(loop: dict) -> list[dict]:
-    out = []
-    for row in loop.get("rows", []):
-        goal = LOOP_TARGETS.get(row["batch"])
-        if goal is not None:
-            out.append(target(f"loop/raw {row['model']} b{row['batch']}", row["ratio"], f">= {goal}",
-                              row["ratio"] >= goal))
+    out = [_compared(f"loop/raw {r['model']} b{r['batch']}", r["ratio"], ">=", LOOP_TARGETS[r["batch"]])
+           for r in loop.get("rows", []) if r["batch"] in LOOP_TARGETS]
     if loop.get("rows"):
         worst = max(loop["rows"], key=lambda r: r["data_share"])
-        out.append(target("data time / step time (worst)", worst["data_share"], f"<= {DATA_SHARE_TARGET}",
-                          worst["data_share"] <= DATA_SHARE_TARGET, f"{worst['model']} b{worst['batch']}"))
+        out.append(_compared("data time / step time (worst)", worst["data_share"], "<=", DATA_SHARE_TARGET,
+                             f"{worst['model']} b{worst['batch']}"))
     return out
 
 
@@ -36,24 +47,15 @@ def _cuda_target(cuda: dict) -> dict:
     if best is None:
         return target("runs/hour, concurrent / single (b8)", None, f">= {CONCURRENCY_TARGET}", None,
                       cuda.get("skipped", "not measured"))
-    return target("runs/hour, concurrent / single (b8)", best["speedup"], f">= {CONCURRENCY_TARGET}",
-                  best["speedup"] >= CONCURRENCY_TARGET, f"{best['concurrent']} jobs")
+    return _compared("runs/hour, concurrent / single (b8)", best["speedup"], ">=", CONCURRENCY_TARGET,
+                     f"{best['concurrent']} jobs")
 
 
 def evaluate_targets(results: dict) -> list[dict]:
     targets = _loop_targets(results.get("loop", {}))
-    data = results.get("data", {})
-    if "ratio" in data:
-        targets.append(target("data pipeline / torchvision", data["ratio"], f">= {DATA_RATIO_TARGET}",
-                              data["ratio"] >= DATA_RATIO_TARGET))
-    fixed = results.get("fixed_cost", {})
-    if "ratio" in fixed:
-        targets.append(target("first step / bare import torch", fixed["ratio"], f"<= {FIXED_COST_TARGET}",
-                              fixed["ratio"] <= FIXED_COST_TARGET))
-    jobs = results.get("jobs", {})
-    if "outside" in jobs:
-        targets.append(target("sweep job: share outside training steps", jobs["outside"],
-                              f"<= {OUTSIDE_TARGET}", jobs["outside"] <= OUTSIDE_TARGET))
+    for section, key, name, op, goal in SIMPLE_TARGETS:
+        if key in results.get(section, {}):
+            targets.append(_compared(name, results[section][key], op, goal))
     layout = results.get("layout", {})
     if layout.get("rows"):
         wrong = [f"{r['model']}/{r['norm']}" for r in layout["rows"] if not r["auto_ok"]]
@@ -61,8 +63,7 @@ def evaluate_targets(results: dict) -> list[dict]:
                               ", ".join(wrong)))
     targets.append(_cuda_target(results.get("cuda", {})))
     k, width, batch, goal = FUSED_TARGET
-    for row in results.get("fused", {}).get("rows", []):
-        if (row["k"], row["width"], row["batch"]) == (k, width, batch):
-            targets.append(target(f"fused / sequential K={k} w{width:g} b{batch}", row["speedup"],
-                                  f">= {goal}", row["speedup"] >= goal))
+    targets += [_compared(f"fused / sequential K={k} w{width:g} b{batch}", row["speedup"], ">=", goal)
+                for row in results.get("fused", {}).get("rows", [])
+                if (row["k"], row["width"], row["batch"]) == (k, width, batch)]
     return targets
