@@ -76,7 +76,7 @@ def make_trainer(model, data, *, channels_last=False, batch=8, log_every=25, amp
     stream = BatchStream(data.train, batch, data.mean, data.std, channels_last=channels_last,
                          generator=generator)
     optimizer = build_optimizer(OmegaConf.create({**SGD, "lr": lr or SGD["lr"]}), model)
-    scheduler = build_scheduler(OmegaConf.create(CONSTANT), optimizer, 1, len(stream))
+    scheduler = build_scheduler(OmegaConf.create(CONSTANT), optimizer, len(stream), len(stream))
     settings = LoopSettings(epochs=1, eval_batch_size=16, log_every_steps=log_every, amp_dtype=amp,
                             channels_last=channels_last, progress=False)
     sink = ListSink()

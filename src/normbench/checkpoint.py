@@ -14,8 +14,9 @@ import torch
 from normbench.faults import kill_point
 from normbench.trainer import LoopState
 
+STATE_KEYS = ("epochs_done", "step", "images", "train_time_s", "history")  # of the LoopState
 PAYLOAD_KEYS = ("identity", "model", "optimizer", "scheduler", "generator", "torch_rng", "cuda_rng",
-                "epochs_done", "step", "train_time_s", "history")
+                *STATE_KEYS)
 
 
 class UnusableCheckpoint(Exception):
@@ -47,7 +48,7 @@ def save_checkpoint(path: Path, *, identity: str, model, optimizer, scheduler, g
                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                "torch_rng": torch.get_rng_state(),
                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-               **{key: getattr(state, key) for key in ("epochs_done", "step", "train_time_s", "history")}}
+               **{key: getattr(state, key) for key in STATE_KEYS}}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -133,8 +134,7 @@ def load_checkpoint(path: Path, *, identity: str, model, optimizer, scheduler, g
         torch.set_rng_state(payload["torch_rng"])
         if payload["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payload["cuda_rng"])
-        state = LoopState(epochs_done=int(payload["epochs_done"]), step=int(payload["step"]),
-                          history=list(payload["history"]), train_time_s=float(payload["train_time_s"]))
+        state = LoopState(**{key: payload[key] for key in STATE_KEYS})
     except Exception as err:
         set_aside(path, "corrupt", f"does not fit this run ({_reason(err)})")
         raise UnusableCheckpoint(str(path)) from err

@@ -25,7 +25,9 @@ from normbench.fused import FusedModel
 from normbench.record import Status
 from normbench.trainer import LoopState, PassTotals, Trainer
 
-SAME_SETTINGS = ("epochs", "max_steps_per_epoch", "amp_dtype", "channels_last", "log_every_steps")
+SAME_SETTINGS = (
+    "epochs", "max_steps_per_epoch", "max_steps", "amp_dtype", "channels_last", "log_every_steps"
+)
 
 
 def unfusable_trainer_reason(trainer: Trainer) -> str | None:
@@ -82,22 +84,26 @@ class FusedTrainer:
         states = [state or LoopState() for state in states]
         try:
             for epoch in range(1, self.settings.epochs + 1):
+                # runs at one epoch have taken the same steps: their next epoch has the same length
                 members = [
                     i
                     for i, s in enumerate(states)
                     if s.status == Status.RUNNING and s.epochs_done == epoch - 1
+                    and self.trainers[i].next_epoch_steps(s)
                 ]
                 if members:
                     self._epoch(epoch, states, members, on_epoch_end)
         finally:
             self.release()
-        for state in states:
-            if state.status == Status.RUNNING and state.epochs_done >= self.settings.epochs:
+        for trainer, state in zip(self.trainers, states):
+            done = state.epochs_done >= self.settings.epochs or not trainer.next_epoch_steps(state)
+            if state.status == Status.RUNNING and done:
                 state.status = Status.COMPLETED
         return states
 
     def _epoch(self, epoch: int, states: list[LoopState], members: list[int], on_epoch_end) -> None:
-        totals = self.train_steps(epoch, states, members)
+        steps = self.trainers[members[0]].next_epoch_steps(states[members[0]])
+        totals = self.train_steps(epoch, states, members, steps)
         for i in members:
             state, pass_totals = states[i], totals[i]
             # the epoch's time: the fused pass, then this run's own validation

@@ -166,7 +166,8 @@ class WandbSink:
 
     def log_summary(self, summary: dict) -> None:
         self.run.summary.update(summary.get("metrics", {}))
-        for key in ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error"):
+        for key in ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error",
+                    "cut_by_max_steps"):
             value = summary.get(key)
             self.run.summary[key] = value.value if isinstance(value, Enum) else value  # not the Enum's name
 
@@ -216,12 +217,16 @@ def shown_path(path: Path | str) -> str:
 
 
 def final_line(summary: dict, run_dir: Path, wandb_sink: WandbSink | None) -> str:
-    """The run's last console line: status, test accuracy, the record dir, the W&B run."""
+    """The run's last console line: status, test accuracy, steps and images, the record dir, the W&B run."""
     status = str(summary["status"])  # a Status is its value as a str
     if summary.get("error_type"):
         status = f"{status} ({summary['error_type']})"
-    accuracy = summary.get("metrics", {}).get("test/acc")
+    metrics = summary.get("metrics", {})
+    accuracy = metrics.get("test/acc")
     accuracy = f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "-"
+    if "train/steps" in metrics:  # the run's budget, once its training ended
+        cut = " (cut by trainer.max_steps)" if summary.get("cut_by_max_steps") else ""
+        accuracy += f"  steps {metrics['train/steps']}{cut}  images {metrics['train/images']}"
     if wandb_sink is None:
         tracked = "W&B off"
     elif wandb_sink.url:

@@ -51,9 +51,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def vgg_a(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
-          activation: ActivationFactory, width: float = 1.0, dropout: float = 0.0, **_) -> nn.Module:
+          activation: ActivationFactory, width: float = 1.0, dropout: float = 0.0, init: str = ModelConf.init,
+          **_) -> nn.Module:
     """VGG-A for 32x32: conv -> norm -> activation, max-pool at each M, classifier 512-512-512-classes."""
-    return VGG(norm, activation, num_classes, float(width), float(dropout), int(image_size), int(in_channels))
+    return initialized(VGG(norm, activation, num_classes, float(width), float(dropout), int(image_size),
+                           int(in_channels)), init)
 
 
 # Study 002's text gives conv2's kernels as 5x5x48 and conv4/conv5's as 3x3x192: Krizhevsky's two-GPU
@@ -64,27 +66,27 @@ NORM_AT = ("after_pool", "before_pool")
 
 def alexnet(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
             activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5, conv_groups: int = 1,
-            norm_at: str = "after_pool", norm_layers=(1, 2, 3, 4, 5), **_) -> nn.Module:
+            norm_at: str = "after_pool", norm_layers=(1, 2, 3, 4, 5), init: str = ModelConf.init,
+            **_) -> nn.Module:
     """The study's AlexNet (224x224 input), classifier 4096-4096-classes.
 
     conv_groups: 1, or 2 for the text's grouped conv2/conv4/conv5. norm_at: after_pool (the norm follows
     the block's pooling, where the study's LayerNorm shapes [96,27,27] ... put it) or before_pool (after the
     ReLU, where Krizhevsky's LRN sits). norm_layers: which conv blocks (1-5) get a norm (LRN as in
     Krizhevsky: [1, 2])."""
-    return AlexNet(ALEXNET, norm, activation, num_classes, float(width), float(dropout), int(image_size),
-                   int(in_channels), hidden=4096, pooled=6,
-                   **_layout(conv_groups, norm_at, norm_layers))
+    return initialized(AlexNet(ALEXNET, norm, activation, num_classes, float(width), float(dropout),
+                               int(image_size), int(in_channels), hidden=4096, pooled=6,
+                               **_layout(conv_groups, norm_at, norm_layers)), init)
 
 
 def alexnet_cifar(*, num_classes: int, in_channels: int, image_size: int, norm: NormFactory,
                   activation: ActivationFactory, width: float = 1.0, dropout: float = 0.5,
-                  conv_groups: int = 1,
-                  norm_at: str = "after_pool", norm_layers=(1, 2, 3, 4, 5), **_) -> nn.Module:
+                  conv_groups: int = 1, norm_at: str = "after_pool", norm_layers=(1, 2, 3, 4, 5),
+                  init: str = ModelConf.init, **_) -> nn.Module:
     """AlexNet-style net for native 32x32 input, classifier 1024-1024-classes (options as alexnet)."""
-    return AlexNet(ALEXNET_CIFAR, norm, activation, num_classes, float(width), float(dropout),
-                   int(image_size),
-                   int(in_channels), hidden=1024, pooled=3,
-                   **_layout(conv_groups, norm_at, norm_layers))
+    return initialized(AlexNet(ALEXNET_CIFAR, norm, activation, num_classes, float(width), float(dropout),
+                               int(image_size), int(in_channels), hidden=1024, pooled=3,
+                               **_layout(conv_groups, norm_at, norm_layers)), init)
 
 
 def _layout(conv_groups, norm_at, norm_layers) -> dict:
@@ -105,12 +107,17 @@ def scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def _xavier_init(model: nn.Module) -> None:
+# model.init: how every conv and linear weight is drawn (biases zero); `torch` keeps PyTorch's own init.
+INIT_ARGS = {"xavier_uniform": {}, "kaiming_normal": {"mode": "fan_out", "nonlinearity": "relu"}}
+
+
+def initialized(model: nn.Module, init: str) -> nn.Module:
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(module.weight)
+        if init in INIT_ARGS and isinstance(module, (nn.Conv2d, nn.Linear)):
+            getattr(nn.init, f"{init}_")(module.weight, **INIT_ARGS[init])
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+    return model
 
 
 def _classifier(in_features: int, hidden: int, num_classes: int, act: ActivationFactory,
@@ -154,7 +161,6 @@ class VGG(_ConvNet):
         self.features = _without_identities(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = _classifier(in_ch, scaled(512, width), num_classes, act, dropout)
-        _xavier_init(self)
 
 
 class AlexNet(_ConvNet):
@@ -192,4 +198,3 @@ class AlexNet(_ConvNet):
         self.pool = nn.AdaptiveAvgPool2d(pooled)
         self.classifier = _classifier(in_ch * pooled * pooled, scaled(hidden, width), num_classes, act,
                                       dropout)
-        _xavier_init(self)

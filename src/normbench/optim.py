@@ -8,10 +8,12 @@ from __future__ import annotations
 import inspect
 
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from normbench.targets import BUILTIN_TARGETS
 
 FUSED_ON_CUDA = ("SGD", "Adam", "AdamW")
+LR_REF_BATCH = "lr_ref_batch"  # normbench's key of the optimizer group, not an optimizer argument
 
 
 def fast_optimizer_kwargs(optimizer_class, params: list, given=()) -> dict:
@@ -29,26 +31,49 @@ def fast_optimizer_kwargs(optimizer_class, params: list, given=()) -> dict:
     return {}
 
 
-def build_optimizer(optimizer_cfg, model, allowed_targets=BUILTIN_TARGETS):
-    make = instantiate(optimizer_cfg, _execution_whitelist_=list(allowed_targets))
+def lr_scale(optimizer_cfg, batch_size: int) -> float:
+    """Goyal et al.'s linear scaling rule: batch_size / optimizer.lr_ref_batch (1 when that is null)."""
+    reference = optimizer_cfg.get(LR_REF_BATCH)
+    return 1.0 if reference is None else batch_size / reference
+
+
+def optimizer_factory(optimizer_cfg, scale: float = 1.0, allowed_targets=BUILTIN_TARGETS):
+    """The config's `_partial_` optimizer, its lr multiplied by `scale`."""
+    node = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    node.pop(LR_REF_BATCH, None)
+    node["lr"] = node["lr"] * scale
+    return instantiate(node, _execution_whitelist_=list(allowed_targets))
+
+
+def effective_lrs(optimizer) -> dict:
+    """The lr the run trains with (scaled), and one-cycle's peak, read off the built optimizer."""
+    peak = optimizer.param_groups[0].get("max_lr")  # set by OneCycleLR
+    return {"optimizer/lr_effective": optimizer.defaults["lr"],
+            **({"scheduler/max_lr_effective": peak} if peak is not None else {})}
+
+
+def build_optimizer(optimizer_cfg, model, allowed_targets=BUILTIN_TARGETS, scale: float = 1.0):
+    make = optimizer_factory(optimizer_cfg, scale, allowed_targets)
     params = list(model.parameters())
     optimizer_class = getattr(make, "func", make)
     given = set(getattr(make, "keywords", {}) or {})
     return make(params, **fast_optimizer_kwargs(optimizer_class, params, given))
 
 
-def build_scheduler(scheduler_cfg, optimizer, epochs: int, steps_per_epoch: int,
-                    allowed_targets=BUILTIN_TARGETS):
-    """Schedulers step once per optimizer step."""
+def build_scheduler(scheduler_cfg, optimizer, total_steps: int, steps_per_epoch: int,
+                    allowed_targets=BUILTIN_TARGETS, scale: float = 1.0):
+    """Schedulers step once per optimizer step, over the run's `total_steps`; one-cycle's max_lr is
+    multiplied by `scale` as the optimizer's lr was."""
     make = instantiate(scheduler_cfg.fn, _execution_whitelist_=list(allowed_targets))
-    total_steps = max(1, epochs * steps_per_epoch)
+    total_steps = max(1, total_steps)
     name = scheduler_cfg.name
     if name == "cosine":
         return make(optimizer, T_max=total_steps)
     if name == "step":
         return make(optimizer, step_size=max(1, int(scheduler_cfg.every_epochs) * steps_per_epoch))
     if name == "onecycle":
-        max_lr = scheduler_cfg.get("max_lr") or optimizer.param_groups[0]["lr"]
+        max_lr = scheduler_cfg.get("max_lr")
+        max_lr = max_lr * scale if max_lr else optimizer.param_groups[0]["lr"]  # that lr is scaled already
         return make(optimizer, max_lr=max_lr, total_steps=total_steps,
                     cycle_momentum=_has_momentum(optimizer))
     return make(optimizer)

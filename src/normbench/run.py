@@ -35,7 +35,7 @@ from normbench.faults import FaultyStream
 from normbench.filters import filter_grid, first_conv_weight
 from normbench.loggers import ConsoleSink, FanOut, WandbSink, final_line, wandb_mode
 from normbench.models import build_model, count_parameters
-from normbench.optim import build_optimizer, build_scheduler
+from normbench.optim import build_optimizer, build_scheduler, effective_lrs, lr_scale
 from normbench.record import (
     CHECKPOINT,
     CONFIG,
@@ -103,10 +103,11 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
                          generator=generator)
     if spec.trainer.fault not in (None, "none"):
         stream = FaultyStream(stream, spec.trainer, device)
-    optimizer = build_optimizer(cfg.optimizer, model, allowed)
-    settings = spec.settings
-    steps_per_epoch = settings.steps_per_epoch(len(stream))
-    scheduler = build_scheduler(cfg.scheduler, optimizer, settings.epochs, steps_per_epoch, allowed)
+    scale = lr_scale(cfg.optimizer, spec.batch_size)
+    optimizer = build_optimizer(cfg.optimizer, model, allowed, scale)
+    settings, batches = spec.settings, len(stream)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, settings.total_steps(batches),
+                                settings.steps_per_epoch(batches), allowed, scale)
     trained = compile_model(model) if spec.trainer.compile else model  # compiled code reused across runs
     trainer = Trainer(trained, spec.criterion, optimizer, scheduler, data, stream, settings,
                       sink if sink is not None else FanOut(), list(spec.probes), device)
@@ -247,7 +248,8 @@ class Run:
     def execute(self) -> float:
         self._claim_device()
         parts = build_parts(self.cfg, self.spec, on_data=self.memory.start)
-        self.summary["metrics"]["model/params"] = count_parameters(parts.model)
+        self.summary["metrics"].update({"model/params": count_parameters(parts.model),
+                                        **effective_lrs(parts.optimizer)})
         try:
             state = load_checkpoint(self.run_dir / CHECKPOINT, identity=self.identity, model=parts.model,
                                     optimizer=parts.optimizer, scheduler=parts.scheduler,
@@ -305,7 +307,10 @@ class Run:
             last = state.history[-1]
             metrics.update({k: last[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")})
             metrics["throughput/img_s"] = float(np.mean([r["throughput/img_s"] for r in state.history]))
+        metrics.update({"train/steps": state.step, "train/images": state.images})
         metrics["val/best_acc"] = state.best_val_acc
+        self.summary["cut_by_max_steps"] = (state.status == Status.COMPLETED
+                                            and self.spec.settings.cut_by_max_steps(len(parts.stream)))
         learned = learned_threshold(parts.data.num_classes, int(parts.data.val.labels.numel()))
         metrics["convergence/epoch"] = convergence_epoch(state.history, learned_above=learned)
         metrics["memory/peak_mb"] = self.memory.peak_mb()

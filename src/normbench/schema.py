@@ -30,6 +30,7 @@ NORMS = ("none", "bn", "ln", "gn", "lrn")
 LOSSES = ("ce", "ce_l1", "ce_l2", "label_smoothing", "focal")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PRUNERS = ("none", "median")
+INITS = ("xavier_uniform", "kaiming_normal", "torch")  # the built-in models' weight init (normbench.models)
 SEED_MAX = 2**64 - 1           # torch.manual_seed's range
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -81,6 +82,7 @@ class TrainerConf:
     compile: bool = False           # torch.compile the model
     threads: int = whole(0, 0)      # torch CPU threads (0 = torch's default)
     max_steps_per_epoch: int | None = whole(None, 1, optional=True)   # cap training steps (quick runs)
+    max_steps: int | None = whole(None, 1, optional=True)   # the run's budget of optimizer steps (null: none)
     max_eval_batches: int | None = whole(None, 1, optional=True)      # cap evaluation batches
     eval_batch_size: int = whole(1000, 1)
     log_every_steps: int = whole(25, 1)  # per-step loss/lr are read from the device every this many steps
@@ -123,6 +125,7 @@ class ModelConf:
     width: float = positive(1.0)    # channel multiplier for every conv and hidden linear layer
     dropout: float = fraction(0.0)  # classifier dropout
     input_size: int | None = whole(None, 8, optional=True)  # images are resized to this (null: dataset's)
+    init: str = one_of("xavier_uniform", *INITS)  # weight init of the built-in models
 
 
 @dataclass

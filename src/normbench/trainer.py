@@ -33,6 +33,7 @@ from normbench.record import Status
 class LoopSettings:
     epochs: int
     max_steps_per_epoch: int | None = None
+    max_steps: int | None = None    # the run's budget of optimizer steps, over all its epochs
     max_eval_batches: int | None = None
     eval_batch_size: int = 1000
     log_every_steps: int = 25
@@ -44,12 +45,21 @@ class LoopSettings:
         """Training steps of an epoch of `batches` batches (max_steps_per_epoch caps it)."""
         return min(batches, self.max_steps_per_epoch or batches)
 
+    def total_steps(self, batches: int) -> int:
+        """Optimizer steps of the whole run: its epochs', or max_steps when that is fewer."""
+        return min(self.epochs * self.steps_per_epoch(batches), self.max_steps or math.inf)
+
+    def cut_by_max_steps(self, batches: int) -> bool:
+        """Whether max_steps ends the run before its epochs do."""
+        return self.total_steps(batches) < self.epochs * self.steps_per_epoch(batches)
+
 
 @dataclass
 class LoopState:
     """Everything needed to continue a run after its last finished epoch."""
     epochs_done: int = 0
     step: int = 0
+    images: int = 0                 # training images seen
     history: list[dict] = field(default_factory=list)
     status: Status = Status.RUNNING   # then completed, diverged or pruned
     diverged_epoch: int | None = None
@@ -136,6 +146,11 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return self.settings.steps_per_epoch(len(self.stream))
 
+    def next_epoch_steps(self, state: LoopState) -> int:
+        """The steps of the run's next epoch: an epoch's, fewer where the step budget ends in it, 0 when
+        the run has no steps left."""
+        return max(0, min(self.steps_per_epoch(), self.settings.total_steps(len(self.stream)) - state.step))
+
     def evaluate(self, split) -> tuple[float, float]:
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
@@ -155,10 +170,15 @@ class Trainer:
 
     def run(self, state: LoopState | None = None,
             on_epoch_end: Callable[[LoopState], bool] | None = None) -> LoopState:
-        """Train until the configured epochs are done, the loss diverges, or on_epoch_end asks to stop."""
+        """Train until the configured epochs or steps are done, the loss diverges, or on_epoch_end asks to
+        stop; the last epoch may be cut short by the step budget (it still validates)."""
         state = state or LoopState()
         for epoch in range(state.epochs_done + 1, self.settings.epochs + 1):
-            if not self._train_epoch(epoch, state):
+            steps = self.next_epoch_steps(state)
+            if not steps:
+                break
+            started = time.perf_counter()
+            if not self.end_epoch(epoch, state, self.train_steps(epoch, state, steps), started):
                 state.status, state.diverged_epoch = Status.DIVERGED, epoch
                 return state
             state.epochs_done = epoch
@@ -168,21 +188,17 @@ class Trainer:
         state.status = Status.COMPLETED
         return state
 
-    def _train_epoch(self, epoch: int, state: LoopState) -> bool:
-        """One epoch of training steps, then validation; False when the loss became non-finite."""
-        started = time.perf_counter()
-        return self.end_epoch(epoch, state, self.train_steps(epoch, state), started)
-
     def end_epoch(self, epoch: int, state: LoopState, totals: PassTotals, started: float) -> bool:
         """After the epoch's training steps (`totals`): validation and the epoch row; False when the loss
         became non-finite. `started`: when the epoch began (perf_counter)."""
+        state.images += totals.seen
         if not totals.finite or not math.isfinite(totals.loss):
             return False
         val_loss, val_acc = self.evaluate(self.data.val)
         state.train_time_s += totals.time_s
         row = {"epoch": epoch, "step": state.step, "train/loss": totals.loss, "train/acc": totals.acc,
                "val/loss": val_loss, "val/acc": val_acc, "lr": self.scheduler.get_last_lr()[0],
-               "time/epoch_s": time.perf_counter() - started,
+               "time/epoch_s": time.perf_counter() - started, "train/images": state.images,
                "throughput/img_s": totals.seen / max(totals.time_s, 1e-9)}
         state.history.append(row)
         self.sink.log_epoch(row)

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -28,6 +27,7 @@ from normbench.faults import check_fault
 from normbench.losses import Criterion, build_criterion
 from normbench.models import build_model, model_name
 from normbench.norms import NormSpec
+from normbench.optim import LR_REF_BATCH, optimizer_factory
 from normbench.preflight import check_experiment_name
 from normbench.probes import Probe, build_probes
 from normbench.pruning import pruning_spec
@@ -132,7 +132,12 @@ def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
     opt = cfg.optimizer
     target = opt._target_
     takes = _signature(target)
-    given = [k for k in opt if k not in ("_target_", "_partial_")]
+    given = [k for k in opt if k not in ("_target_", "_partial_", LR_REF_BATCH)]
+    reference = opt.get(LR_REF_BATCH)
+    _require(reference is None or (isinstance(reference, int) and not isinstance(reference, bool)
+                                   and reference >= 1), f"optimizer.{LR_REF_BATCH}", reference,
+             "must be null (no scaling) or a positive integer: the batch size optimizer.lr is meant for "
+             "(lr x batch_size / lr_ref_batch), e.g. optimizer.lr_ref_batch=64")
     for key in given:
         if takes is not None and (key not in takes or key == "params"):
             raise unknown_key(f"optimizer.{key}", opt[key], set(takes) - {"params"},
@@ -155,8 +160,7 @@ def _optimizer(cfg, allowed: tuple[str, ...]) -> None:
             _require(_is_number(value) and math.isfinite(value), f"optimizer.{key}", value,
                      "must be a number")
     try:  # torch's own argument checks (nesterov without momentum, ...) on one throwaway parameter
-        make = instantiate(opt, _execution_whitelist_=list(allowed))
-        make([torch.zeros(1, requires_grad=True)])
+        optimizer_factory(opt, allowed_targets=allowed)([torch.zeros(1, requires_grad=True)])
     except Exception as err:  # noqa: BLE001 - whatever torch refuses becomes one line
         cause = err.__cause__ or err
         raise ConfigError("optimizer", plain(opt), f"{target} refused these arguments: "
@@ -256,7 +260,7 @@ def _build_on_meta(cfg, data: DataConf, input_size: int, norm: NormSpec, activat
 def _settings(trainer: TrainerConf, device: torch.device, norm: NormSpec, model) -> LoopSettings:
     channels_last = resolve_channels_last(trainer.channels_last, device, norm.name, model_name(model))
     return LoopSettings(
-        epochs=trainer.epochs, max_steps_per_epoch=trainer.max_steps_per_epoch,
+        epochs=trainer.epochs, max_steps_per_epoch=trainer.max_steps_per_epoch, max_steps=trainer.max_steps,
         max_eval_batches=trainer.max_eval_batches, eval_batch_size=trainer.eval_batch_size,
         log_every_steps=trainer.log_every_steps, amp_dtype=resolve_precision(trainer.precision, device),
         channels_last=channels_last, progress=sys.stderr.isatty())
