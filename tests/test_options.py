@@ -46,7 +46,7 @@ def tiny_overrides(group: str, option: str) -> list[str]:
 
 def test_every_group_has_the_options_the_studies_use():
     assert GROUP_OPTIONS["model"] == ["alexnet", "alexnet_cifar", "vgg_a", "vgg_a_light"]
-    assert GROUP_OPTIONS["norm"] == ["bn", "gn", "ln", "lrn", "none"]
+    assert GROUP_OPTIONS["norm"] == ["bn", "brn", "gn", "ln", "lrn", "none"]
     assert GROUP_OPTIONS["activation"] == ["elu", "gelu", "leaky_relu", "mish", "relu", "swish"]
     assert GROUP_OPTIONS["loss"] == ["ce", "ce_l1", "ce_l2", "focal", "label_smoothing"]
     assert GROUP_OPTIONS["optimizer"] == ["adagrad", "adam", "adamw", "rmsprop", "sgd", "sgd_momentum"]

@@ -321,11 +321,11 @@ def test_build_from_conf_files():
     assert isinstance(sim, GradSimilarityProbe) and sim.interval == 10
     (var,) = build_probes(OmegaConf.load(CONF / "grad_variance.yaml"))
     assert isinstance(var, GradVarianceProbe) and (var.interval, var.window) == (50, 4)
-    land, sim, var = build_probes(OmegaConf.load(CONF / "all.yaml"))
-    assert (land.interval, sim.interval, var.interval) == (50, 10, 50)
+    land, sim, var, layers = build_probes(OmegaConf.load(CONF / "all.yaml"))
+    assert (land.interval, sim.interval, var.interval, layers.interval) == (50, 10, 50, 50)
     cfg = OmegaConf.load(CONF / "all.yaml")
     cfg.interval = 20
-    assert [p.interval for p in build_probes(cfg)] == [20, 20, 20]
+    assert [p.interval for p in build_probes(cfg)] == [20, 20, 20, 20]
     cfg.interval = 2
     assert build_probes(cfg)[2].window == 2  # capped at the interval
     cfg = OmegaConf.load(CONF / "landscape.yaml")
@@ -349,6 +349,7 @@ def test_build_from_conf_files():
         ({"name": "all", "interval": 0}, "probe.interval"),
         ({"name": "hessian"}, "probe.name"),
         ({"name": "grad_variance", "window": 1}, "probe.window"),
+        ({"name": "layers", "interval": 0}, "probe.interval"),
         ({"name": "all", "grad_variance": {"window": 2.5}}, "probe.grad_variance.window"),
     ],
 )

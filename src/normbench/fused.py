@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.models import VGG, AlexNet
+from normbench.norms import BatchRenorm2d
 
 FUSABLE_MODELS = (VGG, AlexNet)
 SHARED_LAYERS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Mish, nn.MaxPool2d, nn.AdaptiveAvgPool2d)
@@ -29,11 +30,11 @@ SHARED_LAYERS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Mish, nn.Ma
 
 def unfusable_reason(model: nn.Module) -> str | None:
     """Why `model` has no fused code (None: it fuses): only the built-in VGG / AlexNet, norm none, bn or
-    gn (ln with per-channel affine is a GroupNorm and fuses too)."""
+    gn (ln with per-channel affine is a GroupNorm and fuses too; brn is a BatchNorm2d that does not)."""
     if type(model) not in FUSABLE_MODELS:
         return f"model {type(model).__name__} is not a built-in VGG or AlexNet"
     for module in model.modules():
-        if isinstance(module, (nn.LocalResponseNorm, nn.LayerNorm)):
+        if isinstance(module, (nn.LocalResponseNorm, nn.LayerNorm, BatchRenorm2d)):
             return f"norm layer {type(module).__name__} has no fused code"
         if isinstance(module, nn.BatchNorm2d) and not (module.affine and module.track_running_stats):
             return "BatchNorm without affine parameters or running statistics has no fused code"

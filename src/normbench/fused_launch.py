@@ -34,7 +34,7 @@ def unfusable_job_reason(cfg: DictConfig) -> str | None:
     if target not in FUSABLE_TARGETS:
         return f"model {target} (only the built-in vgg_a, alexnet, alexnet_cifar fuse)"
     norm = cfg.norm.get("name")
-    if norm == "lrn" or (norm == "ln" and cfg.norm.get("affine") == "element"):
+    if norm in ("lrn", "brn") or (norm == "ln" and cfg.norm.get("affine") == "element"):
         return f"norm={norm}{' affine=element' if norm == 'ln' else ''}"
     if OmegaConf.select(cfg, "probe.name", default="none") != "none":
         return "probes"

@@ -1,5 +1,6 @@
 """Optimization probes measured during training (Santurkar et al. 2018): ``landscape``, ``grad_similarity``
-and ``grad_variance``; what each measures, how and at what cost: docs/probes.md.
+and ``grad_variance``, and the per-layer statistics ``layers``; what each measures, how and at what cost:
+docs/probes.md.
 
 The training loop calls ``probe.on_step(step, model, closure, lr)`` after ``loss.backward()`` and before
 ``optimizer.step()``: ``p.grad`` holds the unscaled mini-batch gradient, and ``closure()`` returns the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,14 +21,17 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from normbench import schema
+from normbench.device import NORM_TYPES
 from normbench.errors import ConfigError
-from normbench.schema import PROBES, GradSimilaritySettings, GradVarianceSettings, LandscapeSettings, parse
 
 
 @runtime_checkable
 class Probe(Protocol):
     name: str
     interval: int
+
+    def reads_gradient(self, step: int) -> bool: ...  # whether on_step reads p.grad at `step`
 
     def on_step(self, step: int, model: nn.Module, closure: Callable[[], Tensor],
                 lr: float) -> dict[str, float] | None: ...
@@ -41,9 +46,8 @@ def run_probes(probes: list[Probe], step: int, model: nn.Module, closure: Callab
     on a step where a probe reads the mini-batch gradient, it is recomputed once in float32 on the same
     batch (under ``rng_at_forward``, the training forward's dropout mask) and every probe sees that one, so
     probe values do not depend on the training precision; the loop's gradients are put back afterwards."""
-    readers = [p for p in probes if _reads_gradient(p, step)]
     swapped: list[tuple[nn.Parameter, Tensor | None]] | None = None
-    if readers and not loop_grads_fp32:
+    if not loop_grads_fp32 and reads_gradient(probes, step):
         swapped = _swap_in_fp32_grads(model, closure, rng_at_forward)
     merged: dict[str, float] = {}
     try:
@@ -103,12 +107,7 @@ def _set_rng(state: RngState) -> None:
 
 def reads_gradient(probes: list[Probe], step: int) -> bool:
     """Whether any probe reads the mini-batch gradient at ``step``."""
-    return any(_reads_gradient(p, step) for p in probes)
-
-
-def _reads_gradient(probe: Probe, step: int) -> bool:
-    reads = getattr(probe, "reads_gradient", None)
-    return True if reads is None else bool(reads(step))
+    return any(p.reads_gradient(step) for p in probes)
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -134,10 +133,8 @@ def _swap_in_fp32_grads(model: nn.Module, closure: Callable[[], Tensor],
     params = _trainable(model)
     state = _ModelState(model)
     try:
-        _set_rng(rng if rng is not None else state.rng)
-        _, grads = _loss_and_grads(closure, params)
+        _, grads = state.loss_and_grads(closure, params, rng)
     finally:
-        state.reset_buffers_and_modes()
         _set_rng(state.rng)
     original = [(p, p.grad) for p in params]
     for p, g in zip(params, grads):
@@ -160,6 +157,15 @@ class _ModelState:
         ]
         self.modes = [(module, module.training) for module in model.modules()]
         self.rng = capture_rng()
+
+    def loss_and_grads(self, closure: Callable[[], Tensor], params: list[nn.Parameter],
+                       rng: RngState | None = None) -> tuple[Tensor, list[Tensor | None]]:
+        """``_loss_and_grads`` under ``rng`` (default: the saved state), then buffers and modes put back."""
+        _set_rng(rng if rng is not None else self.rng)
+        try:
+            return _loss_and_grads(closure, params)
+        finally:
+            self.reset_buffers_and_modes()
 
     def reset_buffers_and_modes(self) -> None:
         with torch.no_grad():
@@ -194,8 +200,15 @@ def _diff(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 # the probes: each is its schema's settings (normbench.schema) and the state it keeps between steps
 
 
+class _AtInterval:
+    interval: int
+
+    def reads_gradient(self, step: int) -> bool:
+        return step % self.interval == 0
+
+
 @dataclass(eq=False)
-class LandscapeProbe(LandscapeSettings):
+class LandscapeProbe(_AtInterval, schema.LandscapeSettings):
     """Loss range, gradient predictiveness and effective β-smoothness along the gradient direction."""
 
     name: ClassVar[str] = "landscape"
@@ -205,8 +218,6 @@ class LandscapeProbe(LandscapeSettings):
             raise ConfigError("probe.eta_min_factor", self.eta_min_factor,
                               f"must be < probe.eta_max_factor={self.eta_max_factor}")
 
-    def reads_gradient(self, step: int) -> bool:
-        return step % self.interval == 0
     def eta_grid(self, lr: float) -> list[float]:
         """The step sizes η probed for learning rate ``lr`` (ascending)."""
         lo, hi, n = self.eta_min_factor, self.eta_max_factor, self.num_steps
@@ -221,10 +232,8 @@ class LandscapeProbe(LandscapeSettings):
 
     def on_step(self, step: int, model: nn.Module, closure: Callable[[], Tensor],
                 lr: float) -> dict[str, float] | None:
-        if step % self.interval != 0:
-            return None
         lr = float(lr)
-        if not (lr > 0 and math.isfinite(lr)):
+        if not (self.reads_gradient(step) and lr > 0 and math.isfinite(lr)):
             return None
         params = _trainable(model)
         direction = [None if p.grad is None else p.grad.detach() for p in params]
@@ -234,10 +243,7 @@ class LandscapeProbe(LandscapeSettings):
         state = _ModelState(model)
         try:
             gnorm = _sqnorm(direction).sqrt()
-            # reference gradient at w, with the same RNG state as every η point below
-            _set_rng(state.rng)
-            _, ref = _loss_and_grads(closure, params)
-            state.reset_buffers_and_modes()
+            _, ref = state.loss_and_grads(closure, params)  # at w, with the RNG state of every η point
 
             etas = self.eta_grid(lr)
             losses: list[Tensor] = []
@@ -249,9 +255,7 @@ class LandscapeProbe(LandscapeSettings):
                         p.copy_(weights[id(p)])
                         if d is not None:
                             p.sub_(d.to(p.dtype), alpha=eta)
-                _set_rng(state.rng)
-                loss, grads = _loss_and_grads(closure, params)
-                state.reset_buffers_and_modes()
+                loss, grads = state.loss_and_grads(closure, params)
                 losses.append(loss)
                 changes.append(_sqnorm([_diff(g, r) for g, r in zip(grads, ref)]).sqrt())
                 del grads
@@ -290,7 +294,7 @@ def _flat(model: nn.Module, grads: bool) -> Tensor | None:
 
 
 @dataclass(eq=False)
-class GradSimilarityProbe(GradSimilaritySettings):
+class GradSimilarityProbe(schema.GradSimilaritySettings):
     """Cosine similarity and l2 distance of the mini-batch gradients of steps t − 1 and t, and their
     difference over the weight step between them (a Lipschitz estimate along the training path)."""
 
@@ -333,7 +337,7 @@ class GradSimilarityProbe(GradSimilaritySettings):
 
 
 @dataclass(eq=False)
-class GradVarianceProbe(GradVarianceSettings):
+class GradVarianceProbe(schema.GradVarianceSettings):
     """Variance of the mini-batch gradient over the ``window`` consecutive steps ending at each probe step."""
 
     name: ClassVar[str] = "grad_variance"
@@ -384,16 +388,82 @@ class GradVarianceProbe(GradVarianceSettings):
         self._count, self._mean, self._m2, self._last_step = 0, None, None, None
 
 
-PROBE_CLASSES = {cls.name: cls for cls in (LandscapeProbe, GradSimilarityProbe, GradVarianceProbe)}
+def conv_blocks(model: nn.Module) -> dict[str, dict[str, nn.Module]]:
+    """Each convolution ("conv"; named conv1, conv2, ... in the model's module order) with the first norm and
+    the first activation ("norm", "act") registered after it and before the next convolution or linear."""
+    blocks: dict[str, dict[str, nn.Module]] = {}
+    block = None
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            block = blocks[f"conv{len(blocks) + 1}"] = {"conv": module}
+        elif isinstance(module, nn.Linear):
+            block = None
+        elif block is not None and isinstance(module, NORM_TYPES):
+            block.setdefault("norm", module)
+        elif block is not None and type(module).__module__ == nn.ReLU.__module__:  # torch's activations
+            block.setdefault("act", module)
+    return blocks
+
+
+def _measure(stats: dict[str, Tensor], key: str, module: nn.Module, inputs, out: Tensor) -> None:
+    """Forward hook: mean and std of `out` (N, C, ...) over all its elements; after a ReLU also the fraction
+    of channels that are exactly zero at every position of every sample."""
+    out = out.detach().float()
+    stats[f"{key}_std"], stats[f"{key}_mean"] = torch.std_mean(out)
+    if isinstance(module, nn.ReLU):
+        alive = out.transpose(0, 1).flatten(1).ne(0).any(1)
+        stats[f"{key.rpartition('/')[0]}/dead_frac"] = 1 - alive.float().mean()
+
+
+@dataclass(eq=False)
+class LayersProbe(_AtInterval, schema.LayersSettings):
+    """Per convolution block: activation statistics after the norm and the activation, the dead-ReLU
+    fraction, the conv weight's norm, its effective learning rate and its gradient's norm."""
+
+    name: ClassVar[str] = "layers"
+
+    def on_step(self, step: int, model: nn.Module, closure: Callable[[], Tensor],
+                lr: float) -> dict[str, float] | None:
+        blocks = conv_blocks(model) if self.reads_gradient(step) else None
+        if not blocks:
+            return None
+        stats: dict[str, Tensor] = {}
+        hooks = []
+        for name, block in blocks.items():
+            key, weight = f"probe/layers/{name}", block["conv"].weight
+            stats[f"{key}/weight_norm"] = torch.linalg.vector_norm(weight.detach())
+            if weight.grad is not None:
+                stats[f"{key}/grad_norm"] = torch.linalg.vector_norm(weight.grad)
+            hooks += [module.register_forward_hook(functools.partial(_measure, stats, f"{key}/{kind}"))
+                      for kind, module in block.items() if kind != "conv"]
+        state = _ModelState(model)
+        try:
+            with torch.no_grad():  # the training forward again (batch statistics, dropout), measured
+                closure()
+        finally:
+            for hook in hooks:
+                hook.remove()
+            state.restore()
+        device = next(iter(stats.values())).device
+        values = dict(zip(stats, torch.stack([v.to(device).double() for v in stats.values()]).cpu().tolist()))
+        for name, block in blocks.items():
+            norm_sq = values[f"probe/layers/{name}/weight_norm"] ** 2
+            if "norm" in block and norm_sq > 0:  # the conv weight is scale-invariant only under a norm
+                values[f"probe/layers/{name}/eff_lr"] = float(lr) / norm_sq
+        return values
+
+
+PROBE_CLASSES = {cls.name: cls for cls in (LandscapeProbe, GradSimilarityProbe, GradVarianceProbe,
+                                           LayersProbe)}
 
 
 def build_probes(probe_cfg: Any) -> list[Probe]:
     """Probes from a ``conf/probe/<name>.yaml`` node (DictConfig or mapping); raises ConfigError."""
     cfg = OmegaConf.create({} if probe_cfg is None else probe_cfg)
     name = cfg.get("name") or "none"
-    if name not in PROBES:
-        raise ConfigError("probe.name", name, f"one of: {', '.join(PROBES)}")
-    spec = parse("probe", PROBES[name], cfg, [k for k in cfg if k != "name"])
+    if name not in schema.PROBES:
+        raise ConfigError("probe.name", name, f"one of: {', '.join(schema.PROBES)}")
+    spec = schema.parse("probe", schema.PROBES[name], cfg, [k for k in cfg if k != "name"])
     if name == "all":
         every = {} if spec.interval is None else {"interval": spec.interval}
         return [make(**{**dataclasses.asdict(getattr(spec, key)), **every})

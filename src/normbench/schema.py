@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from normbench.errors import ConfigError, unknown_key
 
 FAULTS = ("none", "raise", "oom", "kill", "wait")
-NORMS = ("none", "bn", "ln", "gn", "lrn")
+NORMS = ("none", "bn", "ln", "gn", "lrn", "brn")
 LOSSES = ("ce", "ce_l1", "ce_l2", "label_smoothing", "focal")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PRUNERS = ("none", "median")
@@ -85,6 +85,8 @@ class TrainerConf:
     max_steps: int | None = whole(None, 1, optional=True)   # the run's budget of optimizer steps (null: none)
     max_eval_batches: int | None = whole(None, 1, optional=True)      # cap evaluation batches
     eval_batch_size: int = whole(1000, 1)
+    # the first this many validation images at the training batch size with batch vs running statistics
+    batchstats_images: int = whole(500, 0)  # (val/acc_batchstats beside val/acc_evalmode; 0: off)
     log_every_steps: int = whole(25, 1)  # per-step loss/lr are read from the device every this many steps
     checkpoint: bool = True         # save a checkpoint at each epoch end (resume continues from it)
     drop_last: bool = True          # drop the last partial batch (false: keep it, as study 002 did)
@@ -137,6 +139,12 @@ class NormConf:
     momentum: float | None = fraction(0.1, closed=True, optional=True)  # bn; null: cumulative average
     affine: str = one_of("channel", "channel", "element")  # ln: per channel, or per (c, h, w) element
     lrn_size: int = whole(5, 1)
+    # brn (normbench.norms.BatchRenorm2d): plain BN for renorm_start steps, then the clips of r and d relax
+    # linearly over renorm_warmup steps to r_max and d_max (the paper's 5k and 20k-35k steps, scaled down)
+    r_max: float = _checked(3.0, lambda v: math.isfinite(v) and v >= 1, "must be a number >= 1")
+    d_max: float = non_negative(5.0)
+    renorm_start: int = whole(500, 0)
+    renorm_warmup: int = whole(2500, 0)
 
     UNKNOWN: ClassVar[str] = "no norm reads it"
 
@@ -173,11 +181,17 @@ class GradVarianceSettings:
 
 
 @dataclass
+class LayersSettings:
+    interval: int = whole(50, 1)
+
+
+@dataclass
 class AllProbesConf:
     interval: int | None = whole(None, 1, optional=True)   # null: each probe's own; a number: all of them
     landscape: LandscapeSettings = field(default_factory=LandscapeSettings)
     grad_similarity: GradSimilaritySettings = field(default_factory=GradSimilaritySettings)
     grad_variance: GradVarianceSettings = field(default_factory=GradVarianceSettings)
+    layers: LayersSettings = field(default_factory=LayersSettings)
 
 
 @dataclass
@@ -187,7 +201,7 @@ class NoProbes:
 
 # The settings of each probe option (besides its `name`).
 PROBES = {"none": NoProbes, "landscape": LandscapeSettings, "grad_similarity": GradSimilaritySettings,
-          "grad_variance": GradVarianceSettings, "all": AllProbesConf}
+          "grad_variance": GradVarianceSettings, "layers": LayersSettings, "all": AllProbesConf}
 
 
 @dataclass

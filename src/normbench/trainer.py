@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from normbench.data import eval_batches
-from normbench.device import keep_norms_fp32
+from normbench.device import NORM_TYPES, keep_norms_fp32
 from normbench.record import Status
 
 
@@ -37,6 +37,7 @@ class LoopSettings:
     max_eval_batches: int | None = None
     eval_batch_size: int = 1000
     log_every_steps: int = 25
+    batchstats_images: int = 0
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     progress: bool = True
@@ -151,22 +152,44 @@ class Trainer:
         the run has no steps left."""
         return max(0, min(self.steps_per_epoch(), self.settings.total_steps(len(self.stream)) - state.step))
 
-    def evaluate(self, split) -> tuple[float, float]:
+    def evaluate(self, split, batch_size: int | None = None, max_batches: int | None = None,
+                 batch_stats: bool = False) -> tuple[float, float]:
+        """Loss and accuracy on `split` (default batches: eval_batch_size, max_eval_batches) in eval mode, or
+        with `batch_stats` with the norm layers in train mode (each batch normalized by its own statistics)
+        and dropout off; every buffer (running statistics, batch counts) is restored afterwards."""
         self.model.eval()
+        saved = [(b, b.clone()) for b in self.model.buffers()] if batch_stats else []
+        for module in self.model.modules() if batch_stats else ():
+            module.train(isinstance(module, NORM_TYPES))
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         count = 0
         with torch.inference_mode(), self.autocast():
-            for x, y in eval_batches(split, self.settings.eval_batch_size, self.data.mean, self.data.std,
-                                     resize_to=self.resize_to, channels_last=self.settings.channels_last,
-                                     max_batches=self.settings.max_eval_batches):
+            for x, y in eval_batches(split, batch_size or self.settings.eval_batch_size, self.data.mean,
+                                     self.data.std, resize_to=self.resize_to,
+                                     channels_last=self.settings.channels_last,
+                                     max_batches=max_batches or self.settings.max_eval_batches):
                 logits = self.model(x)
                 loss_sum += self.criterion(logits, y).float() * y.numel()
                 correct += (logits.argmax(1) == y).sum()
                 count += y.numel()
             loss_total, correct_total = torch.stack([loss_sum, correct.float()]).tolist()  # one sync
+            for buffer, value in saved:
+                buffer.copy_(value)
         self.model.train()
         return loss_total / max(count, 1), correct_total / max(count, 1)
+
+    def batch_stats_gap(self) -> dict[str, float]:
+        """The first `batchstats_images` validation images in whole batches of the training batch size, in
+        eval mode (`val/*_evalmode`) and with batch statistics (`val/*_batchstats`): the same data, the
+        batch statistics training used against the running ones eval uses. Consumes no random numbers."""
+        batch_size = self.stream.batch_size
+        batches = min(self.settings.batchstats_images, len(self.data.val)) // batch_size
+        row = {}
+        for mode, batch_stats in (("evalmode", False), ("batchstats", True)) if batches else ():
+            loss, acc = self.evaluate(self.data.val, batch_size, batches, batch_stats)
+            row[f"val/loss_{mode}"], row[f"val/acc_{mode}"] = loss, acc
+        return row
 
     def run(self, state: LoopState | None = None,
             on_epoch_end: Callable[[LoopState], bool] | None = None) -> LoopState:
@@ -195,11 +218,12 @@ class Trainer:
         if not totals.finite or not math.isfinite(totals.loss):
             return False
         val_loss, val_acc = self.evaluate(self.data.val)
+        gap = self.batch_stats_gap()
         state.train_time_s += totals.time_s
         row = {"epoch": epoch, "step": state.step, "train/loss": totals.loss, "train/acc": totals.acc,
                "val/loss": val_loss, "val/acc": val_acc, "lr": self.scheduler.get_last_lr()[0],
                "time/epoch_s": time.perf_counter() - started, "train/images": state.images,
-               "throughput/img_s": totals.seen / max(totals.time_s, 1e-9)}
+               "throughput/img_s": totals.seen / max(totals.time_s, 1e-9), **gap}
         state.history.append(row)
         self.sink.log_epoch(row)
         return True

@@ -262,7 +262,8 @@ def _settings(trainer: TrainerConf, device: torch.device, norm: NormSpec, model)
     return LoopSettings(
         epochs=trainer.epochs, max_steps_per_epoch=trainer.max_steps_per_epoch, max_steps=trainer.max_steps,
         max_eval_batches=trainer.max_eval_batches, eval_batch_size=trainer.eval_batch_size,
-        log_every_steps=trainer.log_every_steps, amp_dtype=resolve_precision(trainer.precision, device),
+        log_every_steps=trainer.log_every_steps, batchstats_images=trainer.batchstats_images,
+        amp_dtype=resolve_precision(trainer.precision, device),
         channels_last=channels_last, progress=sys.stderr.isatty())
 
 
