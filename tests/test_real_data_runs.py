@@ -58,8 +58,10 @@ LEFT_CHANCE = 0.30  # val accuracy; chance is 0.10, seed 0 reaches 0.56 after 3 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~90 s on an idle core; 10 min on the shared 2-core VM at load 12
 @pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
-                    reason=f"Fashion-MNIST is not installed in {DEBIAN} (apt-get install dataset-fashion-mnist)")
+                    reason=f"Fashion-MNIST is not installed in {DEBIAN} "
+                    "(apt-get install dataset-fashion-mnist)")
 def test_plain_vgg_leaves_chance_within_the_bn_baseline_budget(tmp_path):
     with initialize_config_dir(config_dir=str(CONF)):
         preset = compose(config_name="config", overrides=["experiment=fmnist_bn_baseline"])
