@@ -32,6 +32,9 @@ ALLOWED = {
     "normbench.plan": BASE + RUN_PARTS + ("normbench.validate", "normbench.sweep"),
     "normbench.callbacks": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.sweep",
                                                "normbench.job", "normbench.plan", "normbench.api"),
+    # what the sweep process records for a job whose launcher worker died
+    "normbench.dead_jobs": BASE + RUN_PARTS + ("normbench.validate", "normbench.run", "normbench.sweep",
+                                               "normbench.job"),
     # the notebook API: the job (train) and the report's record reader (load_runs)
     "normbench.api": BASE + ("normbench.job", "normbench.report"),
     "normbench.report": BASE + ("normbench.report", "normbench.loggers"),

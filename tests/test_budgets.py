@@ -18,7 +18,7 @@ from normbench.checkpoint import load_checkpoint, save_checkpoint
 from normbench.errors import ConfigError
 from normbench.fused_trainer import FusedTrainer
 from normbench.identity import register_resolvers, run_identity
-from normbench.loggers import NullSink
+from normbench.loggers import FanOut
 from normbench.models import alexnet_cifar, vgg_a
 from normbench.record import Status
 from normbench.run import build_parts
@@ -37,7 +37,7 @@ def compose_cfg(overrides: list[str]):
 
 def make_parts(overrides: list[str]):
     cfg = compose_cfg(overrides)
-    parts = build_parts(cfg, validate(cfg, device="cpu"), sink=NullSink())
+    parts = build_parts(cfg, validate(cfg, device="cpu"), sink=FanOut())
     parts.trainer.settings.progress = False
     return parts
 

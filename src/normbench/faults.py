@@ -46,7 +46,7 @@ class FaultyStream:
 
     def __init__(self, stream, trainer: TrainerConf, device: torch.device):
         self.stream, self.kind, self.device = stream, trainer.fault, device
-        self.batch_size = stream.batch_size
+        self.batch_size = getattr(stream, "batch_size", None)  # read by the batch-stats evaluation
         self.epoch, self.step = trainer.fault_epoch or 1, trainer.fault_step or 1
         self.file = trainer.fault_file
         self.current_epoch = 0  # epochs already trained (set by a run that resumes from a checkpoint)

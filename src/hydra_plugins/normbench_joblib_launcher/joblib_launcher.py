@@ -46,7 +46,7 @@ class JoblibLauncher(joblib_launcher.JoblibLauncher):
                         returns[idx] = future.result()
                         idle.append(pool)
                     except TerminatedWorkerError as err:
-                        from normbench.sweep.dead_jobs import dead_job_return  # not at plugin discovery
+                        from normbench.dead_jobs import dead_job_return  # not at plugin discovery
 
                         cause = re.search(r"SIG[A-Z]+|EXIT\(\d+\)", str(err))
                         returns[idx] = dead_job_return(self.hydra_context, self.config, idx, overrides,

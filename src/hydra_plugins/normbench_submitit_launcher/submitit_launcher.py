@@ -1,6 +1,6 @@
 """hydra/launcher=submitit_local|slurm: the plugin's launchers, whose `launch` ends by collecting every job's
 result, which raises for a job that ended without one (its process killed, the SLURM job cancelled) and so
-ends the sweep. Here the sweep process records that job instead (normbench.sweep.dead_jobs)."""
+ends the sweep. Here the sweep process records that job instead (normbench.dead_jobs)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class SettlingLauncher(submitit_launcher.BaseSubmititLauncher):
         except UncompletedJobError as err:
             if isinstance(err, FailedJobError):  # the job's own exception, outside its run: as the plugin
                 raise
-            from normbench.sweep.dead_jobs import dead_job_return
+            from normbench.dead_jobs import dead_job_return
 
             cause = f"submitit job {job.job_id} {job.state.lower()} without a result"
             return [dead_job_return(self.hydra_context, self.config, idx, overrides, cause)]

@@ -12,7 +12,6 @@ import urllib.error
 import numpy as np
 import torch
 
-from normbench.datasets import common
 from normbench.datasets.cache import cached
 from normbench.errors import DataNotFoundError
 
@@ -22,18 +21,18 @@ FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3
 IDX_UINT8 = 0x08  # the idx type code of unsigned bytes
 
 
-def mnist(root: str = "./data", download: bool = True, channels: int = 1, **_) -> common.Tensors:
+def mnist(root: str = "./data", download: bool = True, channels: int = 1, **_) -> Tensors:
     from torchvision.datasets import MNIST
 
-    return common.with_channels(_mnist_like(MNIST, "MNIST", root, download, extra_dirs=()), channels, 1)
+    return with_channels(_mnist_like(MNIST, "MNIST", root, download, extra_dirs=()), channels, 1)
 
 
-def fashion_mnist(root: str = "./data", download: bool = True, channels: int = 1, **_) -> common.Tensors:
+def fashion_mnist(root: str = "./data", download: bool = True, channels: int = 1, **_) -> Tensors:
     from torchvision.datasets import FashionMNIST
 
     tensors = _mnist_like(FashionMNIST, "Fashion-MNIST", root, download, extra_dirs=(DEBIAN_FASHION_MNIST,),
                           apt_hint="apt-get install dataset-fashion-mnist (Debian), ")
-    return common.with_channels(tensors, channels, 1)
+    return with_channels(tensors, channels, 1)
 
 
 def find_idx_files(folder: str) -> list[str] | None:
@@ -58,24 +57,24 @@ def read_idx(path: str) -> torch.Tensor:
 
 
 def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ...],
-                apt_hint: str = "") -> common.Tensors:
-    root_abs = common.absolute(root)
+                apt_hint: str = "") -> Tensors:
+    root_abs = absolute(root)
     tv_dir = os.path.join(root_abs, cls.__name__, "raw")
     candidates = (tv_dir, root_abs, *extra_dirs)
     looked = ", ".join(candidates)
     # Fashion-MNIST itself is the offline route
-    offline = common.SYNTHETIC_HINT if apt_hint else common.OFFLINE_HINT
+    offline = SYNTHETIC_HINT if apt_hint else OFFLINE_HINT
     fill = f"{apt_hint}copy the four files ({FILES[0]}[.gz], ...) into {root_abs} or {tv_dir}; {offline}"
     files = next(filter(None, map(find_idx_files, candidates)), None)
     if files is None and download:
         try:
-            with common.download_guard(root_abs):  # checked under the lock: another job may be extracting
+            with download_guard(root_abs):  # checked under the lock: another job may be extracting
                 if find_idx_files(tv_dir) is None:
                     cls(root_abs, train=True, download=True)  # torchvision's mirrors, md5-checked
         except (urllib.error.URLError, OSError, RuntimeError, EOFError) as err:
             raise DataNotFoundError(
                 f"{label} not found in data.root={root_abs} (looked in {looked}) and it could not be "
-                f"downloaded ({common.short(err)}): rerun with data.download=true on a machine with network "
+                f"downloaded ({short(err)}): rerun with data.download=true on a machine with network "
                 f"access, or {fill}") from err
         files = find_idx_files(tv_dir)
     if files is None:
@@ -84,7 +83,7 @@ def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ..
             f"with data.download=true on a machine with network access, or {fill}")
     folder = os.path.dirname(files[0])
 
-    def decode() -> common.Tensors:
+    def decode() -> Tensors:
         try:
             train_x, train_y, test_x, test_y = (read_idx(f) for f in files)
             for images, labels in ((train_x, train_y), (test_x, test_y)):
@@ -93,7 +92,7 @@ def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ..
                                      f"{tuple(labels.shape)} do not match")
         except (OSError, EOFError, ValueError, gzip.BadGzipFile) as err:
             raise DataNotFoundError(
-                f"{label} in {folder} is corrupted or incomplete ({common.short(err)}): delete the files "
+                f"{label} in {folder} is corrupted or incomplete ({short(err)}): delete the files "
                 f"there and rerun with data.download=true, or {fill}") from err
         return train_x[:, None], train_y.long(), test_x[:, None], test_y.long()
 
