@@ -13,6 +13,15 @@ import numpy as np
 import torch
 
 from normbench.datasets.cache import cached
+from normbench.datasets.common import (
+    OFFLINE_HINT,
+    SYNTHETIC_HINT,
+    Tensors,
+    absolute,
+    download_guard,
+    short,
+    with_channels,
+)
 from normbench.errors import DataNotFoundError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
