@@ -68,8 +68,9 @@ def test_killed_and_resumed_run_is_one_wandb_run_with_every_epoch(tmp_path, wand
     steps = [row["step"] for row in history if "step/loss" in row]
     assert steps == list(range(1, 13))  # 3 epochs x 4 steps, each once, at W&B step = training step
     assert all(row["_step"] == row["step"] for row in history if "step" in row)
-    job_line, sweep_line = again.stdout.strip().splitlines()[-2:]  # the run's last line, then the sweep's
-    assert job_line.startswith("normbench: completed  test/acc ") and sweep_line.startswith("sweep ")
+    lines = again.stdout.strip().splitlines()  # the run's last line, the sweep's table, the sweep's line
+    job_line = next(line for line in reversed(lines) if line.startswith("normbench: "))
+    assert job_line.startswith("normbench: completed  test/acc ") and lines[-1].startswith("sweep ")
     assert f"W&B offline run {run_id}: wandb sync {attempts[-1].relative_to(tmp_path)}" in job_line
 
 
