@@ -65,18 +65,12 @@ RERUN = {"hint": "run the same command"}  # how to continue this process's inter
 
 
 @dataclass
-class JobInfo:
-    output_dir: Path | None
-    choices: dict = field(default_factory=dict)
-    overrides: list[str] = field(default_factory=list)
-    name: str = "default"
+class JobInfo(RunInfo):
+    """The run's RunInfo and what the sweep needs of the job."""
     sweep_dir: Path | None = None     # multirun only: the sweep's root dir (holds .normbench/)
-    job_num: int | None = None        # multirun only: Hydra's job number
     isolate: bool = False             # record a failing run and go on (basic sweeper) instead of raising
     unrecorded: str | None = None     # why the run's record could not be written (a full disk, ...)
     device: str | None = None         # the device this job trains on (trainer.device, or placed)
-    threads: int = 0                  # torch CPU threads for this job (0: torch's default)
-    optuna: dict | None = None        # an Optuna trial's {"study", "trial"} (the sweeper's env_set)
     reported: bool = field(default=False, repr=False)
 
 
@@ -336,10 +330,8 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
            objectives: list[str] | None = None) -> float | tuple[float | None, ...]:
     print_config_tree(cfg)
     set_aside_damaged_summary(info.output_dir)
-    run_info = RunInfo(run_dir=info.output_dir, identity=identity, seedless_identity=seedless_identity(cfg),
-                       choices=info.choices, overrides=info.overrides, name=info.name, job_num=info.job_num,
-                       threads=info.threads, optuna=info.optuna)
-    run = Run(cfg, spec, run_info)
+    info.identity, info.seedless_identity = identity, seedless_identity(cfg)
+    run = Run(cfg, spec, info)
     try:
         run.pruner = run_pruner(spec.pruning, info.sweep_dir, identity)
         objective = run.execute()
