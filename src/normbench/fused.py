@@ -120,19 +120,15 @@ def _fused_groupnorm(norms: list[nn.GroupNorm]) -> nn.GroupNorm:
     return fused
 
 
+FUSED_LAYERS = {nn.Conv2d: FusedConv2d, nn.Linear: FusedLinear, nn.BatchNorm2d: _fused_batchnorm,
+                nn.GroupNorm: _fused_groupnorm}
+
+
 def _fuse_layer(layers: list[nn.Module]) -> nn.Module:
-    first = layers[0]
-    if isinstance(first, nn.Conv2d):
-        return FusedConv2d(layers)
-    if isinstance(first, nn.Linear):
-        return FusedLinear(layers)
-    if isinstance(first, nn.BatchNorm2d):
-        return _fused_batchnorm(layers)
-    if isinstance(first, nn.GroupNorm):
-        return _fused_groupnorm(layers)
-    if isinstance(first, SHARED_LAYERS):
-        return first
-    raise TypeError(f"no fused code for {type(first).__name__}")
+    fuse = next((f for kind, f in FUSED_LAYERS.items() if isinstance(layers[0], kind)), None)
+    if fuse is None and not isinstance(layers[0], SHARED_LAYERS):
+        raise TypeError(f"no fused code for {type(layers[0]).__name__}")
+    return layers[0] if fuse is None else fuse(layers)
 
 
 def _pieces(fused: torch.Tensor, k: int, stacked: bool) -> tuple[torch.Tensor, ...]:

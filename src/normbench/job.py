@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import shlex
+import signal
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ from normbench.interrupts import (
     EXIT_CODES,
     MAIN_PID_ENV,
     ignore_further_interrupts,
-    ignore_sigterm,
     is_launcher_worker,
     pass_on_ctrl_c,
     raise_on_sigterm,
@@ -366,7 +366,7 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
         print(f"normbench: {identity} requeued at its time limit after {run.summary['epochs_done']} "
               f"epoch(s); it continues from its checkpoint when SLURM starts it again", file=sys.stderr,
               flush=True)
-        ignore_sigterm()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not cut the exit short
         raise
     except BaseException as exc:
         error_type = "OutOfMemoryError" if is_out_of_memory(exc) else type(exc).__name__

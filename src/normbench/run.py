@@ -233,12 +233,11 @@ def versions() -> dict:
 class Run:
     """One training run and its record; `execute()` returns the validation error."""
 
-    def __init__(self, cfg: DictConfig, spec: RunSpec, info: RunInfo, pruner=None):
+    def __init__(self, cfg: DictConfig, spec: RunSpec, info: RunInfo):
         self.cfg, self.spec, self.info = cfg, spec, info
         self.run_dir = info.output_dir
         self.identity = info.identity
-        # Pruner protocol: should_stop(epoch, val_error) -> bool, called after each epoch.
-        self.pruner = pruner
+        self.pruner = None  # the job's: should_stop(epoch, val_error) -> bool, asked after each epoch
         self.started = time.perf_counter()
         self.summary = {
             "status": Status.RUNNING, "identity": info.identity, SEEDLESS_IDENTITY: info.seedless_identity,

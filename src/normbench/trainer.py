@@ -117,12 +117,6 @@ def keep_step(pending: tuple[list, list, list, list], loss, logits, labels, row:
         kept.append(value)
 
 
-def _rng_if_probed(probes, step: int):
-    from normbench.probes import capture_rng, reads_gradient
-
-    return capture_rng() if reads_gradient(probes, step) else None
-
-
 def _progress_bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
@@ -256,13 +250,15 @@ class Trainer:
         probes, scaler = self.probes, self.scaler
         # under autocast, the probes' fp32 gradient is recomputed with the training forward's RNG state
         track_rng = bool(probes) and self.settings.amp_dtype is not None
+        if track_rng:
+            from normbench.probes import capture_rng, reads_gradient
         rng = None
         model.train()
         started = time.perf_counter()
         for x, y in itertools.islice(self.stream, total):
             lr = scheduler.get_last_lr()[0]
             if track_rng:
-                rng = _rng_if_probed(probes, state.step + 1)
+                rng = capture_rng() if reads_gradient(probes, state.step + 1) else None
             with self.autocast():
                 logits = model(x)
                 loss = criterion(logits, y, model)
