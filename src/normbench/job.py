@@ -40,7 +40,6 @@ from normbench.interrupts import (
 from normbench.pruning import MedianStoppingPruner, Pruner
 from normbench.record import (
     CHECKPOINT,
-    DONE,
     SUMMARY,
     Status,
     read_summary,
@@ -59,7 +58,6 @@ from normbench.validate import RunSpec, validate
 SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
 HYDRA_FILES = ".hydra"  # the job's config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them
 RUN_LOCK = ".normbench-run.lock"  # held by the live single run whose dir holds it
-FINISHED = (*DONE, Status.PRUNED)  # a single run pointed at such a record of its own identity goes beside it
 _CLAIMED: list = []  # the open lock of this process's run dir
 RERUN = {"hint": "run the same command"}  # how to continue this process's interrupted run (cli's last line)
 
@@ -182,9 +180,9 @@ def _taken(run_dir: Path, identity: str) -> str | None:
     except OSError:  # a filesystem without locks: unguarded
         pass
     found, summary = owner(run_dir), read_summary(run_dir) or {}
+    finished = summary.get("status") in done_statuses(True)  # a single run goes beside its finished record
     reason = (f"holds the record of run {found}" if found not in (None, identity)
-              else f"holds the {summary['status']} record of this run" if summary.get("status") in FINISHED
-              else None)
+              else f"holds the {summary['status']} record of this run" if finished else None)
     if reason is None:
         _CLAIMED.append(handle)
     else:
