@@ -49,9 +49,7 @@ def run_probes(probes: list[Probe], step: int, model: nn.Module, closure: Callab
     merged: dict[str, float] = {}
     try:
         for probe in probes:
-            out = probe.on_step(step, model, closure, lr)
-            if out:
-                merged.update(out)
+            merged.update(probe.on_step(step, model, closure, lr) or {})
     finally:
         if swapped is not None:
             for p, g in swapped:
