@@ -49,7 +49,6 @@ class DataBundle:
     folder: str | None = None  # where the dataset's files were read from (None: generated)
 
 
-
 def dataset_name(data_cfg) -> str:
     """`normbench.datasets.cifar10` -> `cifar10`."""
     return str(data_cfg["_target_"]).rsplit(".", 1)[-1]
@@ -167,7 +166,6 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     mean = (hist * levels).sum(1) / count
     var = (hist * (levels - mean[:, None]) ** 2).sum(1) / (count - 1).clamp_min(1)
     return tuple(mean.tolist()), tuple(var.sqrt().tolist())
-
 
 
 def _random(draw, *args, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -98,13 +98,8 @@ def _with_dropouts(layers: nn.Sequential) -> list[tuple[float, nn.Module]]:
 
 def _fused_batchnorm(norms: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     first = norms[0]
-    fused = nn.BatchNorm2d(
-        first.num_features * len(norms),
-        eps=first.eps,
-        momentum=first.momentum,
-        device=first.weight.device,
-        dtype=first.weight.dtype,
-    )
+    fused = nn.BatchNorm2d(first.num_features * len(norms), eps=first.eps, momentum=first.momentum,
+                           device=first.weight.device, dtype=first.weight.dtype)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(fused, name).copy_(torch.cat([getattr(n, name) for n in norms]))
@@ -115,14 +110,9 @@ def _fused_batchnorm(norms: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
 def _fused_groupnorm(norms: list[nn.GroupNorm]) -> nn.GroupNorm:
     first = norms[0]
     k = len(norms)
-    fused = nn.GroupNorm(
-        first.num_groups * k,
-        first.num_channels * k,
-        eps=first.eps,
-        affine=first.affine,
-        device=first.weight.device if first.affine else None,
-        dtype=first.weight.dtype if first.affine else None,
-    )
+    fused = nn.GroupNorm(first.num_groups * k, first.num_channels * k, eps=first.eps, affine=first.affine,
+                         device=first.weight.device if first.affine else None,
+                         dtype=first.weight.dtype if first.affine else None)
     if first.affine:
         with torch.no_grad():
             fused.weight.copy_(torch.cat([n.weight for n in norms]))
@@ -130,19 +120,15 @@ def _fused_groupnorm(norms: list[nn.GroupNorm]) -> nn.GroupNorm:
     return fused
 
 
+FUSED_LAYERS = {nn.Conv2d: FusedConv2d, nn.Linear: FusedLinear, nn.BatchNorm2d: _fused_batchnorm,
+                nn.GroupNorm: _fused_groupnorm}
+
+
 def _fuse_layer(layers: list[nn.Module]) -> nn.Module:
-    first = layers[0]
-    if isinstance(first, nn.Conv2d):
-        return FusedConv2d(layers)
-    if isinstance(first, nn.Linear):
-        return FusedLinear(layers)
-    if isinstance(first, nn.BatchNorm2d):
-        return _fused_batchnorm(layers)
-    if isinstance(first, nn.GroupNorm):
-        return _fused_groupnorm(layers)
-    if isinstance(first, SHARED_LAYERS):
-        return first
-    raise TypeError(f"no fused code for {type(first).__name__}")
+    fuse = next((f for kind, f in FUSED_LAYERS.items() if isinstance(layers[0], kind)), None)
+    if fuse is None and not isinstance(layers[0], SHARED_LAYERS):
+        raise TypeError(f"no fused code for {type(layers[0]).__name__}")
+    return layers[0] if fuse is None else fuse(layers)
 
 
 def _pieces(fused: torch.Tensor, k: int, stacked: bool) -> tuple[torch.Tensor, ...]:
@@ -198,9 +184,8 @@ class FusedModel(nn.Module):
             stacked = isinstance(fused, FusedLinear)
             for name, param in fused.named_parameters(recurse=False):
                 param.grad = torch.zeros_like(param)
-                for member, data, grad in zip(
-                    members, _pieces(param.data, self.k, stacked), _pieces(param.grad, self.k, stacked)
-                ):
+                pieces = zip(_pieces(param.data, self.k, stacked), _pieces(param.grad, self.k, stacked))
+                for member, (data, grad) in zip(members, pieces):
                     own = getattr(member, name)
                     own.data, own.grad = data, grad
                 links.append((fused, name, members, stacked, True))

@@ -132,10 +132,8 @@ def _train_parked(seats: list[Seat]) -> list:
         seat = seats[0]
         return [seat.trainer.run(seat.state, on_epoch_end=seat.on_epoch_end)]
     print(f"normbench: {len(seats)} runs train as one fused model", flush=True)
-    trainer = FusedTrainer([seat.trainer for seat in seats])
-    return trainer.run(
-        [seat.state for seat in seats], on_epoch_end=lambda i, state: seats[i].on_epoch_end(state)
-    )
+    return FusedTrainer([seat.trainer for seat in seats]).run([seat.state for seat in seats],
+                                                              lambda i, state: seats[i].on_epoch_end(state))
 
 
 def run_group(jobs: list[Callable[[], object]]) -> list:
@@ -156,13 +154,12 @@ def run_group(jobs: list[Callable[[], object]]) -> list:
         except BaseException as exc:  # noqa: BLE001 - every parked job records it as its own
             results, interrupted = [exc] * len(parked), exc
     except BaseException as exc:  # noqa: BLE001 - interrupted while the jobs were starting
-        parked, results, interrupted = [s for s in seats if s.parked], [], exc
+        parked, interrupted = [s for s in seats if s.parked], exc
         results = [exc] * len(parked)
     for seat, result in reversed(list(zip(parked, results))):
         seat.finish(result)
-    for (
-        seat
-    ) in seats:  # ended without training (or, when interrupted, still starting: it gets the interruption)
+    # ended without training (or, when interrupted, still starting: it gets the interruption)
+    for seat in seats:
         if not seat.go.is_set():
             seat.finish(interrupted)
     if isinstance(interrupted, KeyboardInterrupt):

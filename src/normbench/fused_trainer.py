@@ -23,7 +23,7 @@ import torch
 from normbench.device import keep_norms_fp32
 from normbench.fused import FusedModel
 from normbench.record import Status
-from normbench.trainer import LoopState, PassTotals, Trainer
+from normbench.trainer import LoopState, PassTotals, Trainer, keep_step
 
 SAME_SETTINGS = ("epochs", "max_steps_per_epoch", "max_steps", "amp_dtype", "channels_last",
                  "log_every_steps")
@@ -75,9 +75,8 @@ class FusedTrainer:
         """Every run's model with its own storage again."""
         self._fuse([])
 
-    def run(
-        self, states: list[LoopState | None], on_epoch_end: Callable[[int, LoopState], bool] | None = None
-    ) -> list[LoopState]:
+    def run(self, states: list[LoopState | None],
+            on_epoch_end: Callable[[int, LoopState], bool] | None = None) -> list[LoopState]:
         """Train every run until its epochs are done, it diverges, or on_epoch_end(run index, state) asks
         to stop it (pruned). Returns each run's state."""
         states = [state or LoopState() for state in states]
@@ -88,8 +87,12 @@ class FusedTrainer:
                 members = [i for i, s in enumerate(states) if s.status == Status.RUNNING
                            and s.epochs_done == epoch - 1 and self.trainers[i].next_epoch_steps(s)
                            and not s.stop_early(self.trainers[i].settings)]
-                if members:
-                    self._epoch(epoch, states, members, on_epoch_end)
+                totals = self.train_steps(epoch, states, members) if members else {}
+                for i, done in totals.items():  # the epoch's time: the fused pass, then the run's validation
+                    started = time.perf_counter() - done.time_s
+                    ended = self.trainers[i].end_epoch(epoch, states[i], done, started)
+                    if ended and on_epoch_end is not None and on_epoch_end(i, states[i]):
+                        states[i].status = Status.PRUNED
         finally:
             self.release()
         for trainer, state in zip(self.trainers, states):
@@ -98,23 +101,8 @@ class FusedTrainer:
                 state.status = Status.COMPLETED
         return states
 
-    def _epoch(self, epoch: int, states: list[LoopState], members: list[int], on_epoch_end) -> None:
-        totals = self.train_steps(epoch, states, members)
-        for i in members:
-            state, pass_totals = states[i], totals[i]
-            # the epoch's time: the fused pass, then this run's own validation
-            if not self.trainers[i].end_epoch(
-                epoch, state, pass_totals, time.perf_counter() - pass_totals.time_s
-            ):
-                state.status, state.diverged_epoch = Status.DIVERGED, epoch
-                continue
-            state.epochs_done = epoch
-            if on_epoch_end is not None and on_epoch_end(i, state):
-                state.status = Status.PRUNED
-
-    def train_steps(
-        self, epoch: int, states: list[LoopState], members: list[int] | None = None, steps: int | None = None
-    ) -> dict[int, PassTotals]:
+    def train_steps(self, epoch: int, states: list[LoopState], members: list[int] | None = None,
+                    steps: int | None = None) -> dict[int, PassTotals]:
         """One fused pass: `steps` steps (default: the next epoch's) of the runs `members` (default all), each
         run leaving the pass at its first non-finite loss, as ``Trainer.train_steps`` does."""
         active = list(range(len(self.trainers)) if members is None else members)
@@ -144,25 +132,20 @@ class FusedTrainer:
         self.release()
         return totals
 
-    def _step(
-        self, epoch: int, active: list[int], streams: dict, states: list[LoopState], pending: dict
-    ) -> None:
+    def _step(self, epoch: int, active: list[int], streams: dict, states: list[LoopState],
+              pending: dict) -> None:
         trainers = [self.trainers[i] for i in active]
         batches = [next(streams[i]) for i in active]
         lrs = [t.scheduler.get_last_lr()[0] for t in trainers]
         with trainers[0].autocast():
             logits = self.fused(self.fused.stack_inputs([x for x, _ in batches]))
-            losses = [
-                t.criterion(logits[j], y, t.model) for j, (t, (_, y)) in enumerate(zip(trainers, batches))
-            ]
+            losses = [t.criterion(logits[j], y, t.model)
+                      for j, (t, (_, y)) in enumerate(zip(trainers, batches))]
         self.fused.zero_grad()
         torch.stack(losses).sum().backward()
         for j, (i, trainer) in enumerate(zip(active, trainers)):
             states[i].step += 1
             trainer.optimizer.step()
             trainer.scheduler.step()
-            run_losses, preds, labels, rows = pending[i]
-            run_losses.append(losses[j].detach())
-            preds.append(logits[j].detach().argmax(1))
-            labels.append(batches[j][1])
-            rows.append({"step": states[i].step, "epoch": epoch, "lr": lrs[j]})
+            keep_step(pending[i], losses[j], logits[j], batches[j][1],
+                      {"step": states[i].step, "epoch": epoch, "lr": lrs[j]})

@@ -125,11 +125,6 @@ def watch_parent() -> None:
     threading.Thread(target=watch, name="normbench-parent-watch", daemon=True).start()
 
 
-def ignore_sigterm() -> None:
-    """After submitit requeued the job: the requeue's SIGTERM must not cut the exit short."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 @contextlib.contextmanager
 def signals_held():
     """While an interrupted run writes its record, a second Ctrl-C or SIGTERM does not cut it short."""

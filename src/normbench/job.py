@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import shlex
+import signal
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ from normbench.interrupts import (
     EXIT_CODES,
     MAIN_PID_ENV,
     ignore_further_interrupts,
-    ignore_sigterm,
     is_launcher_worker,
     pass_on_ctrl_c,
     raise_on_sigterm,
@@ -40,7 +40,6 @@ from normbench.interrupts import (
 from normbench.pruning import MedianStoppingPruner, Pruner
 from normbench.record import (
     CHECKPOINT,
-    DONE,
     SUMMARY,
     Status,
     read_summary,
@@ -59,24 +58,17 @@ from normbench.validate import RunSpec, validate
 SUBMITIT_ENV = "SUBMITIT_FOLDER"   # set by submitit in the processes of its jobs (SLURM tasks)
 HYDRA_FILES = ".hydra"  # the job's config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them
 RUN_LOCK = ".normbench-run.lock"  # held by the live single run whose dir holds it
-FINISHED = (*DONE, Status.PRUNED)  # a single run pointed at such a record of its own identity goes beside it
 _CLAIMED: list = []  # the open lock of this process's run dir
 RERUN = {"hint": "run the same command"}  # how to continue this process's interrupted run (cli's last line)
 
 
 @dataclass
-class JobInfo:
-    output_dir: Path | None
-    choices: dict = field(default_factory=dict)
-    overrides: list[str] = field(default_factory=list)
-    name: str = "default"
+class JobInfo(RunInfo):
+    """The run's RunInfo and what the sweep needs of the job."""
     sweep_dir: Path | None = None     # multirun only: the sweep's root dir (holds .normbench/)
-    job_num: int | None = None        # multirun only: Hydra's job number
     isolate: bool = False             # record a failing run and go on (basic sweeper) instead of raising
     unrecorded: str | None = None     # why the run's record could not be written (a full disk, ...)
     device: str | None = None         # the device this job trains on (trainer.device, or placed)
-    threads: int = 0                  # torch CPU threads for this job (0: torch's default)
-    optuna: dict | None = None        # an Optuna trial's {"study", "trial"} (the sweeper's env_set)
     reported: bool = field(default=False, repr=False)
 
 
@@ -188,9 +180,9 @@ def _taken(run_dir: Path, identity: str) -> str | None:
     except OSError:  # a filesystem without locks: unguarded
         pass
     found, summary = owner(run_dir), read_summary(run_dir) or {}
+    finished = summary.get("status") in done_statuses(True)  # a single run goes beside its finished record
     reason = (f"holds the record of run {found}" if found not in (None, identity)
-              else f"holds the {summary['status']} record of this run" if summary.get("status") in FINISHED
-              else None)
+              else f"holds the {summary['status']} record of this run" if finished else None)
     if reason is None:
         _CLAIMED.append(handle)
     else:
@@ -336,10 +328,8 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
            objectives: list[str] | None = None) -> float | tuple[float | None, ...]:
     print_config_tree(cfg)
     set_aside_damaged_summary(info.output_dir)
-    run_info = RunInfo(run_dir=info.output_dir, identity=identity, seedless_identity=seedless_identity(cfg),
-                       choices=info.choices, overrides=info.overrides, name=info.name, job_num=info.job_num,
-                       threads=info.threads, optuna=info.optuna)
-    run = Run(cfg, spec, run_info)
+    info.identity, info.seedless_identity = identity, seedless_identity(cfg)
+    run = Run(cfg, spec, info)
     try:
         run.pruner = run_pruner(spec.pruning, info.sweep_dir, identity)
         objective = run.execute()
@@ -374,7 +364,7 @@ def _train(cfg: DictConfig, spec: RunSpec, info: JobInfo, state: SweepState | No
         print(f"normbench: {identity} requeued at its time limit after {run.summary['epochs_done']} "
               f"epoch(s); it continues from its checkpoint when SLURM starts it again", file=sys.stderr,
               flush=True)
-        ignore_sigterm()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not cut the exit short
         raise
     except BaseException as exc:
         error_type = "OutOfMemoryError" if is_out_of_memory(exc) else type(exc).__name__

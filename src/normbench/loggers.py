@@ -3,6 +3,7 @@ several sinks."""
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import socket
@@ -22,10 +23,6 @@ WANDB_SETTINGS = {"x_save_requirements": False}
 REACH_TIMEOUT_S = 3.0  # how long `auto` waits for W&B's server before it logs offline
 
 
-def wandb_url() -> str:
-    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-
-
 class MetricSink(Protocol):
     """Where the trainer and the run send what they measure; every row carries its training `step`."""
 
@@ -37,16 +34,16 @@ class MetricSink(Protocol):
 
 
 SINK_METHODS = ("log_steps", "log_epoch", "log_probe", "log_images", "log_summary")
+# What a tracker's run summary holds besides the metrics.
 SUMMARY_FIELDS = ("status", "identity", "objective", "epochs_done", "diverged_epoch", "error", "stop_reason",
-                  "stopped_epoch", "best_epoch", "test_on", "tested_epoch",
-                  "cut_by_max_steps")  # a tracker's run summary
+                  "stopped_epoch", "best_epoch", "test_on", "tested_epoch", "cut_by_max_steps")
 
 
-def wandb_credentials_configured() -> bool:
-    """An API key in the environment or in the netrc file for the W&B host."""
+def wandb_credentials_configured(url: str) -> bool:
+    """An API key in the environment or in the netrc file for the W&B host at `url`."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(wandb_url()).hostname
+    host = urlparse(url).hostname
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
         return netrc.netrc(path).authenticators(host) is not None
@@ -84,9 +81,10 @@ def wandb_mode(setting: str) -> str:
         return os.environ["WANDB_MODE"]
     if setting != "auto":
         return setting
-    if not wandb_credentials_configured():
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if not wandb_credentials_configured(url):
         return "offline"
-    problem = wandb_unreachable(wandb_url())
+    problem = wandb_unreachable(url)
     if problem is not None:
         print(f"normbench: warning: W&B credentials are configured but {problem}: logging offline "
               "(`wandb sync` uploads the run later)", file=sys.stderr, flush=True)
@@ -251,8 +249,6 @@ class ConsoleSink:
     """One log line per epoch (Hydra sends it to the console and the job's .log file); nothing else."""
 
     def __init__(self, epochs: int):
-        import logging
-
         self.log = logging.getLogger("normbench")
         self.epochs = epochs
 

@@ -18,10 +18,8 @@ LR_REF_BATCH = "lr_ref_batch"  # normbench's key of the optimizer group, not an 
 
 def fast_optimizer_kwargs(optimizer_class, params: list, given=()) -> dict:
     """Extra constructor arguments for the fastest implementation of `optimizer_class` on `params`."""
-    if "fused" in given or "foreach" in given or not params:
-        return {}
-    on_cuda = all(p.is_cuda and p.is_floating_point() for p in params)
-    if not on_cuda:
+    on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    if "fused" in given or "foreach" in given or not on_cuda:
         return {}
     accepted = inspect.signature(optimizer_class.__init__).parameters
     if getattr(optimizer_class, "__name__", "") in FUSED_ON_CUDA and "fused" in accepted:

@@ -49,9 +49,7 @@ def run_probes(probes: list[Probe], step: int, model: nn.Module, closure: Callab
     merged: dict[str, float] = {}
     try:
         for probe in probes:
-            out = probe.on_step(step, model, closure, lr)
-            if out:
-                merged.update(out)
+            merged.update(probe.on_step(step, model, closure, lr) or {})
     finally:
         if swapped is not None:
             for p, g in swapped:
@@ -108,17 +106,6 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _loss_and_grads(closure: Callable[[], Tensor],
-                    params: list[nn.Parameter]) -> tuple[Tensor, list[Tensor | None]]:
-    with torch.enable_grad():
-        loss = closure()
-        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
-            raise RuntimeError("probe closure must return the scalar loss of a forward pass with autograd "
-                               "enabled")
-        grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
-    return loss.detach().reshape(()).double(), [None if g is None else g.detach() for g in grads]
-
-
 def _swap_in_fp32_grads(model: nn.Module, closure: Callable[[], Tensor],
                         rng: RngState | None = None) -> list[tuple[nn.Parameter, Tensor | None]]:
     """Replace every ``p.grad`` by the float32 gradient of ``closure`` under ``rng`` (default: the current
@@ -149,10 +136,17 @@ class _ModelState:
 
     def loss_and_grads(self, closure: Callable[[], Tensor], params: list[nn.Parameter],
                        rng: RngState | None = None) -> tuple[Tensor, list[Tensor | None]]:
-        """``_loss_and_grads`` under ``rng`` (default: the saved state), then buffers and modes put back."""
+        """The float64 loss of ``closure`` and its gradients for ``params`` under ``rng`` (default:
+        the saved state), then buffers and modes put back."""
         _set_rng(rng if rng is not None else self.rng)
         try:
-            return _loss_and_grads(closure, params)
+            with torch.enable_grad():
+                loss = closure()
+                if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                    raise RuntimeError("probe closure must return the scalar loss of a forward pass with "
+                                       "autograd enabled")
+                grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+            return loss.detach().reshape(()).double(), [None if g is None else g.detach() for g in grads]
         finally:
             self.reset_buffers_and_modes()
 

@@ -123,28 +123,21 @@ def build_parts(cfg: DictConfig, spec: RunSpec, sink=None,
 @dataclass
 class RunInfo:
     """What the job tells the run: where its record goes and what to call it."""
-    run_dir: Path
-    identity: str
-    seedless_identity: str
+    output_dir: Path | None          # the run's record dir
+    identity: str = ""
+    seedless_identity: str = ""
     choices: dict = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     name: str = "default"            # the W&B run's name
-    job_num: int | None = None
+    job_num: int | None = None       # multirun only: Hydra's job number
     optuna: dict | None = None       # {"study": ..., "trial": ...} for an Optuna trial (into the W&B config)
     threads: int = 0                 # torch CPU threads (0: trainer.threads, else torch's default)
 
 
 class RunMemory:
-    """One run's own peak memory, the data excluded (docs/training.md, "Peak memory"), from a reset made once
-    its data is on the device: jobs of a sweep share a process, whose peak only grows from job to job. On the
-    CPU (Linux: /proc/self/clear_refs) a sweep job first gives freed heap back (``malloc_trim``: memory an
-    earlier job freed would lower this run's baseline), and torch._dynamo (~90 MB, imported by torch.optim's
-    first use) is imported first, so the first job of a process does not carry its one-time costs. MPS has no
-    peak counter: its allocation at the end minus that at the reset.
-
-    Before its data is loaded, a sweep job collects the garbage of the jobs before it (`collect`); the
-    first one then freezes what survives (gc.freeze: the imported modules, most of the heap), so that a
-    collection costs only what the jobs since allocated (a full one: 0.3-0.6 s here)."""
+    """One run's own peak memory, the data excluded, from a reset made once its data is on the device (how
+    on each device: docs/training.md, "Peak memory"): jobs of a sweep share a process, whose peak only grows
+    from job to job. MPS has no peak counter: its allocation at the end minus that at the reset."""
 
     def __init__(self, device: torch.device, in_sweep: bool = False):
         self.device, self.in_sweep = device, in_sweep
@@ -153,8 +146,9 @@ class RunMemory:
         self.data_mb: float | None = None  # the three splits on the device, reported separately
 
     def collect(self) -> None:
-        """In a sweep job, before its data is loaded: the garbage of the jobs before it. A single run has
-        none and keeps this off its start-up path."""
+        """In a sweep job, before its data is loaded: the garbage of the jobs before it (a single run has
+        none). The first one then freezes what survives (gc.freeze: the imported modules, most of the heap),
+        so that a collection costs only what the jobs since allocated (a full one: 0.3-0.6 s here)."""
         if not self.in_sweep:
             return
         _import_early(2)
@@ -239,12 +233,11 @@ def versions() -> dict:
 class Run:
     """One training run and its record; `execute()` returns the validation error."""
 
-    def __init__(self, cfg: DictConfig, spec: RunSpec, info: RunInfo, pruner=None):
+    def __init__(self, cfg: DictConfig, spec: RunSpec, info: RunInfo):
         self.cfg, self.spec, self.info = cfg, spec, info
-        self.run_dir = info.run_dir
+        self.run_dir = info.output_dir
         self.identity = info.identity
-        # Pruner protocol: should_stop(epoch, val_error) -> bool, called after each epoch.
-        self.pruner = pruner
+        self.pruner = None  # the job's: should_stop(epoch, val_error) -> bool, asked after each epoch
         self.started = time.perf_counter()
         self.summary = {
             "status": Status.RUNNING, "identity": info.identity, SEEDLESS_IDENTITY: info.seedless_identity,

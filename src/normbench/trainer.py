@@ -1,16 +1,8 @@
 """The training loop. It knows nothing about Hydra or W&B: metrics go to a MetricSink.
 
-The hot path (one step) is: forward under autocast, loss, zero_grad, backward, [probes], optimizer step,
-scheduler step, and one ``argmax`` for the accuracy. Nothing in it waits for the device:
-
-* the per-step losses and predictions stay on the device and are read in ONE transfer every
-  ``log_every_steps`` steps (and at the end of the pass), which is also where divergence is noticed, the
-  step rows go to the sink and the progress bar's loss is updated (its count moves every step);
-* ``scheduler.get_last_lr()`` is a host-side float (constant, cosine, step and one-cycle schedules);
-* probes only synchronise on their own probe steps;
-* the data stream (``normbench.data.BatchStream``) indexes a uint8 tensor on the device.
-
-``docs/PERFORMANCE.md`` has the measurements (``bench/perf.py``) against a hand-written loop.
+Nothing in a training step waits for the device: the per-step losses and predictions stay there and are read
+in one transfer every ``log_every_steps`` steps. What the hot path does and its measurements against a
+hand-written loop: docs/PERFORMANCE.md, "The fast path".
 """
 
 from __future__ import annotations
@@ -119,10 +111,10 @@ def convergence_epoch(history: list[dict], tolerance: float = 0.01,
     return next(row["epoch"] for row in history if row["val/acc"] >= best - tolerance)
 
 
-def _rng_if_probed(probes, step: int):
-    from normbench.probes import capture_rng, reads_gradient
-
-    return capture_rng() if reads_gradient(probes, step) else None
+def keep_step(pending: tuple[list, list, list, list], loss, logits, labels, row: dict) -> None:
+    """A step's loss, predictions, labels and row, kept on the device until the next logging point."""
+    for kept, value in zip(pending, (loss.detach(), logits.detach().argmax(1), labels, row)):
+        kept.append(value)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -220,9 +212,7 @@ class Trainer:
                 break
             started = time.perf_counter()
             if not self.end_epoch(epoch, state, self.train_steps(epoch, state), started):
-                state.status, state.diverged_epoch = Status.DIVERGED, epoch
                 return state
-            state.epochs_done = epoch
             if on_epoch_end is not None and on_epoch_end(state):
                 state.status = Status.PRUNED
                 return state
@@ -231,9 +221,10 @@ class Trainer:
 
     def end_epoch(self, epoch: int, state: LoopState, totals: PassTotals, started: float) -> bool:
         """After the epoch's training steps (`totals`): validation and the epoch row; False when the loss
-        became non-finite. `started`: when the epoch began (perf_counter)."""
+        became non-finite (the run diverged). `started`: when the epoch began (perf_counter)."""
         state.images += totals.seen
         if not totals.finite or not math.isfinite(totals.loss):
+            state.status, state.diverged_epoch = Status.DIVERGED, epoch
             return False
         val_loss, val_acc = self.evaluate(self.data.val)
         gap = self.batch_stats_gap()
@@ -244,6 +235,7 @@ class Trainer:
                "throughput/img_s": totals.seen / max(totals.time_s, 1e-9), **gap}
         state.history.append(row)
         self.sink.log_epoch(row)
+        state.epochs_done = epoch
         return True
 
     def train_steps(self, epoch: int, state: LoopState, steps: int | None = None) -> PassTotals:
@@ -253,22 +245,20 @@ class Trainer:
         model, optimizer, scheduler, criterion = self.model, self.optimizer, self.scheduler, self.criterion
         log_every = max(1, int(self.settings.log_every_steps))
         total = self.next_epoch_steps(state) if steps is None else min(int(steps), len(self.stream))
-        totals = PassTotals()
-        pending_losses: list[torch.Tensor] = []
-        pending_preds: list[torch.Tensor] = []
-        pending_labels: list[torch.Tensor] = []
-        pending_rows: list[dict] = []
+        totals, pending = PassTotals(), ([], [], [], [])
         bar = _progress_bar(total, f"epoch {epoch}/{self.settings.epochs}", self.settings.progress)
         probes, scaler = self.probes, self.scaler
         # under autocast, the probes' fp32 gradient is recomputed with the training forward's RNG state
         track_rng = bool(probes) and self.settings.amp_dtype is not None
+        if track_rng:
+            from normbench.probes import capture_rng, reads_gradient
         rng = None
         model.train()
         started = time.perf_counter()
         for x, y in itertools.islice(self.stream, total):
             lr = scheduler.get_last_lr()[0]
             if track_rng:
-                rng = _rng_if_probed(probes, state.step + 1)
+                rng = capture_rng() if reads_gradient(probes, state.step + 1) else None
             with self.autocast():
                 logits = model(x)
                 loss = criterion(logits, y, model)
@@ -289,15 +279,11 @@ class Trainer:
             scheduler.step()
             if bar is not None:  # every step (tqdm redraws at most every 0.1 s): an ETA from the first step
                 bar.update()
-            pending_losses.append(loss.detach())
-            pending_preds.append(logits.detach().argmax(1))
-            pending_labels.append(y)
-            pending_rows.append({"step": state.step, "epoch": epoch, "lr": lr})
-            if len(pending_rows) >= log_every and not self._flush(
-                    pending_losses, pending_preds, pending_labels, pending_rows, totals, bar):
+            keep_step(pending, loss, logits, y, {"step": state.step, "epoch": epoch, "lr": lr})
+            if len(pending[3]) >= log_every and not self._flush(*pending, totals, bar):
                 break
-        if pending_rows:  # the last, partial interval (or a stream that ended early)
-            self._flush(pending_losses, pending_preds, pending_labels, pending_rows, totals, bar)
+        if pending[3]:  # the last, partial interval (or a stream that ended early)
+            self._flush(*pending, totals, bar)
         totals.time_s = time.perf_counter() - started
         if bar is not None:
             bar.close()
