@@ -84,40 +84,68 @@ def difference_text(c: Comparison | None, scale: float = 100.0) -> str:
 
 def display(table: Table) -> tuple[list[str], list[list[str]]]:
     """Header and rows of strings, as shown in HTML and Markdown (the first MAX_HTML_ROWS rows)."""
+    header, _, lines = _lines(table, table.rows[:MAX_HTML_ROWS])
+    return header, [shown for shown, _ in lines]
+
+
+def records(table: Table) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows with numbers (CSV, W&B): mean, CI half-width and n of each metric."""
+    _, header, lines = _lines(table, table.rows)
+    return header, [numbers for _, numbers in lines]
+
+
+def _lines(table: Table, rows: Sequence[Row]) -> tuple[list[str], list[str], list[tuple[list, list]]]:
+    """One column spec for both: the shown header, the numbers' header, and per row (shown, numbers)."""
     study = table.kind == "study"
-    extra = study and any(r.extra for r in table.rows)  # only when some row differs
-    header = ["row"] if study else list(table.setting_columns or ["experiment"])
-    header += ["other settings"] * extra + ["experiment"] * table.show_experiment + ["n"]
+    extra = study and any(r.extra for r in table.rows)  # shown only when some row differs
+    shown = (["row"] + ["other settings"] * extra) if study else list(table.setting_columns or ["experiment"])
+    numbers = ["row", "other_settings"] if study else list(table.setting_columns)
+    shown += ["experiment"] * table.show_experiment + ["n"]
+    numbers += ["experiment", "n", "n_diverged", "n_failed_or_pruned"]
     for col in table.columns:
-        header += [col.title] + (["study", "ours − study"] if col.metric == table.primary and study else [])
-    header.append("comparison")
-    return header, [_display_row(table, row, extra) for row in table.rows[:MAX_HTML_ROWS]]
+        base = col.metric.replace("/", "_")
+        shown += [col.title] + (["study", "ours − study"] if col.metric == table.primary and study else [])
+        numbers += [f"{base}_mean", f"{base}_ci95", f"{base}_n"] + [f"{base}_study"] * study
+    shown.append("comparison")
+    numbers += ["vs", "vs_diff", "vs_ci95_low", "vs_ci95_high", "vs_p", "vs_verdict", "study_vs_diff"]
+    return shown, numbers, [_line(table, row, extra) for row in rows]
 
 
-def _display_row(table: Table, row: Row, extra: bool) -> list[str]:
+def _line(table: Table, row: Row, extra: bool) -> tuple[list[str], list[Any]]:
     cell, study = row.cell, table.kind == "study"
-    line = ([row.label, row.extra] if extra else [row.label]) if study else _setting_values(table, cell)
-    if table.show_experiment:
-        line.append(cell.experiment if cell else "")
-    line.append(_n_text(cell) if cell else "not run")
+    if study:
+        shown, numbers = [row.label] + [row.extra] * extra, [row.label, row.extra]
+    else:  # the experiment where there are no setting columns; the numbers have it in its own column
+        shown = _setting_values(table, cell)
+        numbers = list(shown) if table.setting_columns else []
+    shown += [cell.experiment if cell else ""] * table.show_experiment
+    shown.append(_n_text(cell) if cell else "not run")
+    numbers += [cell.experiment, cell.n, len(cell.diverged), len(cell.other)] if cell else ["", 0, 0, 0]
     for col in table.columns:
         st, points, never = cell_stat(row, col.metric)
+        ref = row.ref.ref.get(col.metric) if row.ref else None
+        numbers += [None if st.mean is None else st.mean * col.scale,
+                    None if st.ci is None else st.ci * col.scale, st.n] + [ref] * study
         text = fmt_stat(st, col, points)
         if never:
             text = _never_text(row, never, never + st.n, "" if st.mean is None else f"{text}; ")
-        ref = row.ref.ref.get(col.metric) if row.ref else None
         if col.metric == table.primary and study:
-            line += [text, _fmt_ref(ref, col) if ref is not None else NO_STUDY_NUMBER if row.no_study else "",
-                     f"{st.mean * col.scale - ref:+.2f}" if ref is not None and st.mean is not None else ""]
+            none = NO_STUDY_NUMBER if row.no_study else ""
+            shown += [text, none if ref is None else _fmt_ref(ref, col),
+                      f"{st.mean * col.scale - ref:+.2f}" if ref is not None and st.mean is not None else ""]
         elif ref is not None and not (col.metric == "test/acc" and table.primary == "test/err"):
-            line.append(f"{text} (study {_fmt_ref(ref, col)})")
+            shown.append(f"{text} (study {_fmt_ref(ref, col)})")
         else:
-            line.append(text)
+            shown.append(text)
+    c = row.comparison
+    low, high = (None, None) if c is None or c.interval is None else (v * 100.0 for v in c.interval)
+    numbers += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0, low, high,
+                None if c is None else c.p, "" if c is None else c.verdict, row.study_diff]
     if row.vs is None:
-        return line + [""]
+        return shown + [""], numbers
     study_diff = "" if row.study_diff is None else f"; study {row.study_diff:+.2f} pp"
     primary = next(c for c in COLUMNS if c.metric == table.primary)
-    return line + [f"vs {row.vs}: {difference_text(row.comparison, primary.scale)}{study_diff}"]
+    return shown + [f"vs {row.vs}: {difference_text(c, primary.scale)}{study_diff}"], numbers
 
 
 def _never_text(row: Row, never: int, total: int, before: str) -> str:
@@ -143,40 +171,6 @@ def _setting_values(table: Table, cell: Cell | None) -> list[str]:
             value = cell.setting(key) if key in cell.choices or "." not in key else None
             values.append("" if value is None else fmt_value(value))
     return values
-
-
-def records(table: Table) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows with numbers (CSV, W&B): mean, CI half-width and n of each metric."""
-    header = ["row", "other_settings", "experiment", "n", "n_diverged", "n_failed_or_pruned"]
-    if table.kind == "generic":
-        header = list(table.setting_columns) + header[2:]
-    for col in table.columns:
-        base = col.metric.replace("/", "_")
-        header += [f"{base}_mean", f"{base}_ci95", f"{base}_n"]
-        if table.kind == "study":
-            header.append(f"{base}_study")
-    header += ["vs", "vs_diff", "vs_ci95_low", "vs_ci95_high", "vs_p", "vs_verdict", "study_vs_diff"]
-    rows = []
-    for row in table.rows:
-        cell = row.cell
-        if table.kind == "study":
-            line: list[Any] = [row.label, row.extra]
-        else:  # display() shows the experiment where there are no setting columns; here it has its own
-            line = _setting_values(table, cell) if table.setting_columns else []
-        line += [cell.experiment if cell else "", cell.n if cell else 0, len(cell.diverged) if cell else 0,
-                 len(cell.other) if cell else 0]
-        for col in table.columns:
-            st, scale = cell_stat(row, col.metric)[0], col.scale
-            line += [None if st.mean is None else st.mean * scale, None if st.ci is None else st.ci * scale,
-                     st.n]
-            if table.kind == "study":
-                line.append(row.ref.ref.get(col.metric) if row.ref else None)
-        c = row.comparison
-        low, high = (None, None) if c is None or c.interval is None else (v * 100.0 for v in c.interval)
-        line += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0, low, high,
-                 None if c is None else c.p, "" if c is None else c.verdict, row.study_diff]
-        rows.append(line)
-    return header, rows
 
 
 def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
