@@ -13,8 +13,8 @@ import pandas as pd
 
 from normbench.record import FILTERS, METRICS, PROBES
 from normbench.report import plots
-from normbench.report.mechanism import LOSS_RANGE_WARMUP_EPOCHS, NormLine, lr_of, num
-from normbench.report.records import RunRecord, used
+from normbench.report.mechanism import LOSS_RANGE_WARMUP_EPOCHS, NormLine, lr_of
+from normbench.report.records import RunRecord, num, used
 from normbench.report.reference import NORM_LABEL
 from normbench.report.tables import COLUMNS, MIN_CI_N, Table, ci_for_display, slug
 
@@ -39,7 +39,7 @@ def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, s
 
 def _epoch_means(runs: Sequence[RunRecord]) -> pd.DataFrame:
     """The runs' CURVE_KEYS per epoch end, mean of the finite values (empty: no epochs)."""
-    frame = pd.DataFrame([[e, *(num(row.get(k)) for k in CURVE_KEYS)] for run in runs for row in run.epochs()
+    frame = pd.DataFrame([[e, *(num(row.get(k)) for k in CURVE_KEYS)] for run in runs for row in run.epochs
                           if isinstance(e := row.get("epoch"), int) and not isinstance(e, bool)],
                          columns=["epoch", *CURVE_KEYS], dtype=float)
     return frame.groupby("epoch").mean()

@@ -53,6 +53,19 @@ class Skipped:
     reason: str
 
 
+def num(value: Any) -> float:
+    """A JSON value as float (nan for anything but a number)."""
+    return math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+
+
+def group_by(items: Iterable[Any], key: Any) -> dict[Any, list]:
+    """key(item) -> the items with that key, in the order first seen."""
+    out: dict[Any, list] = {}
+    for item in items:
+        out.setdefault(key(item), []).append(item)
+    return out
+
+
 def _summary_field(key: str) -> property:
     return property(lambda self: self.summary[key], doc=f'summary.json\'s "{key}"')
 
@@ -80,7 +93,7 @@ class RunRecord:
     def trial(self) -> int | None:
         """The Optuna trial number of a search job (from its directory name); None outside a search."""
         m = TRIAL_DIR.match(os.path.basename(self.path))
-        return int(m.group(1)) if m else None
+        return int(m.group_by(1)) if m else None
 
     @property
     def num_classes(self) -> int | None:
@@ -96,10 +109,7 @@ class RunRecord:
             return None if acc is None else 1.0 - acc
         if key in BUDGET:
             return self.budget[BUDGET.index(key)]
-        value = self.summary.get(key) if key == "objective" else self.metrics.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None
-        value = float(value)
+        value = num(self.summary.get(key) if key == "objective" else self.metrics.get(key))
         return value if math.isfinite(value) else None
 
     @cached_property
@@ -110,7 +120,7 @@ class RunRecord:
         steps, images = (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
                          for v in found)
         if steps is None:
-            ends = [row.get("step") for row in self.epochs()]
+            ends = [row.get("step") for row in self.epochs]
             steps = next((float(e) for e in reversed(ends) if isinstance(e, int)), None)
         batch = self.setting("batch_size")
         if images is None and steps is not None and isinstance(batch, int):
@@ -149,16 +159,13 @@ class RunRecord:
             self.malformed[name] = f"has {bad} malformed line(s)"
         return rows
 
-    def epochs(self) -> list[dict]:
-        return self._epoch_rows
-
     @cached_property
-    def _epoch_rows(self) -> list[dict]:  # read once: the budget, the speed column and figures need them
+    def epochs(self) -> list[dict]:  # read once: the budget, the speed column and figures need them
         return self._rows(METRICS)
 
     def val_curve(self) -> list[tuple[float, float]]:
         """(steps, validation accuracy) at each epoch end of metrics.jsonl."""
-        return sorted((float(s), float(acc)) for row in self.epochs() if isinstance(s := row.get("step"), int)
+        return sorted((float(s), float(acc)) for row in self.epochs if isinstance(s := row.get("step"), int)
                       and isinstance(acc := row.get("val/acc"), (int, float)) and math.isfinite(acc))
 
     def steps(self) -> list[dict]:
@@ -315,10 +322,7 @@ def budget_notes(cells: Sequence[Cell]) -> list[str]:
 
 
 def cells_of(runs: Iterable[RunRecord]) -> list[Cell]:
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
-    for run in runs:
-        groups.setdefault(pool_key(run), []).append(run)
-    return [_cell(key, group) for key, group in groups.items()]
+    return [_cell(key, same) for key, same in group_by(runs, pool_key).items()]
 
 
 def _cell(key: tuple[str, str], runs: list[RunRecord]) -> Cell:
