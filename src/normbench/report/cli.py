@@ -20,15 +20,15 @@ from typing import Any
 
 from normbench.errors import ConfigError, NormbenchError, warn
 from normbench.loggers import wandb_mode
-from normbench.record import SUMMARY, atomic_write_text
+from normbench.record import SUMMARY
 from normbench.report.mechanism import mechanism
 from normbench.report.records import ScanResult, cells_of, malformed_warnings, scan
 from normbench.report.reference import STUDY_TABLES
-from normbench.report.render import records, render_html, render_markdown, write_runs_csv, write_table_csv
+from normbench.report.render import records, write_files
 from normbench.report.tables import Table, assign_to_tables, generic_tables, slug, study_table
 
 
-def log_wandb(tables: list[Table], result: ScanResult, out: str, project: str, name: str) -> str:
+def log_wandb(tables: list[Table], result: ScanResult, out: str, project: str, name: str) -> None:
     import wandb
 
     run = wandb.init(project=project, job_type="report", name=name, dir=out, mode=wandb_mode("auto"),
@@ -44,7 +44,6 @@ def log_wandb(tables: list[Table], result: ScanResult, out: str, project: str, n
         run.log(payload)
         run.summary.update({"report/runs": len(result.runs), "report/skipped": len(result.skipped),
                             "report/tables": len(tables)})
-        return run.dir
     finally:
         run.finish()
 
@@ -93,11 +92,7 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
     names = ", ".join(os.path.basename(os.path.normpath(d)) for d in sweep_dirs)
     title = title or f"normbench report: {names}"
     with _timed(timings, "write"):
-        for table in tables:
-            write_table_csv(table, os.path.join(out, "tables", f"{table.name}.csv"))
-        write_runs_csv(result, os.path.join(out, "runs.csv"))
-        atomic_write_text(Path(out, "index.html"), render_html(tables, result, warnings, title))
-        atomic_write_text(Path(out, "report.md"), render_markdown(tables, result, title))
+        write_files(out, tables, result, warnings, title)
     if wandb:
         with _timed(timings, "wandb"):
             log_wandb(tables, result, out, wandb_project, os.path.basename(os.path.normpath(out)))

@@ -4,13 +4,15 @@ Markdown through templates/, and the CSV files."""
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import jinja2
 
-from normbench.record import STEPS, Status
+from normbench.record import STEPS, Status, atomic_write_text
 from normbench.report.mechanism import NormLine
 from normbench.report.records import Cell, ScanResult, used
 from normbench.report.reference import STUDY_TITLES
@@ -275,9 +277,10 @@ def _view(table: Table) -> SimpleNamespace:
                + [table.convergence_note] * bool(table.convergence_note)))
 
 
-def _environment(autoescape: bool) -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("normbench.report"), autoescape=autoescape,
-                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("normbench.report"), trim_blocks=True,
+                             autoescape=jinja2.select_autoescape(("html.j2",)), lstrip_blocks=True,
+                             undefined=jinja2.StrictUndefined)
     env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
     env.globals.update(max_rows=MAX_HTML_ROWS, max_skipped=MAX_SKIPPED_LISTED,
                        max_warnings=MAX_WARNINGS_LISTED)
@@ -292,18 +295,21 @@ def _heading(study: str | None, views: list[SimpleNamespace]) -> str:
     return f"Study {study}'s comparisons, run on {used(cells)}"
 
 
-def render_html(tables: list[Table], result: ScanResult, warnings: list[str], title: str) -> str:
+def write_files(out: str, tables: list[Table], result: ScanResult, warnings: list[str], title: str) -> None:
+    """Every table's CSV (csv writes None as "" and a float as its repr: full precision), runs.csv, then
+    index.html and report.md from templates/."""
+    for table in tables:
+        header, rows = records(table)
+        with open(os.path.join(out, "tables", f"{table.name}.csv"), "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([header, *rows])
+    write_runs_csv(result, os.path.join(out, "runs.csv"))
     views = [_view(t) for t in tables]
     sections = [(_heading(study, group), group) for study in ("000", "002", None)
                 if (group := [v for v in views if (v.table.study.study if v.table.study else None) == study])]
-    return _environment(True).get_template("index.html.j2").render(
-        title=title, result=result, views=views, sections=sections, warnings=warnings,
-        headlines=headlines(tables))
-
-
-def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
-    return _environment(False).get_template("report.md.j2").render(
-        title=title, result=result, views=[_view(t) for t in tables], headlines=headlines(tables))
+    for name in ("index.html", "report.md"):
+        atomic_write_text(Path(out, name), _environment().get_template(f"{name}.j2").render(
+            title=title, result=result, views=views, sections=sections, warnings=warnings,
+            headlines=headlines(tables)))
 
 
 def write_runs_csv(result: ScanResult, path: str) -> None:
@@ -324,9 +330,3 @@ def write_runs_csv(result: ScanResult, path: str) -> None:
             status = Status.RUNNING.value if sk.kind == "in progress" else ""
             w.writerow({"path": sk.path, "status": status, "skipped": sk.kind, "skip_reason": sk.reason})
 
-
-def write_table_csv(table: Table, path: str) -> None:
-    """csv writes None as "" and a float as its repr (full precision)."""
-    header, rows = records(table)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([header, *rows])
