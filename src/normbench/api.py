@@ -55,9 +55,8 @@ def train(overrides: list[str] | None = None, *, config_dir: str | Path | None =
 
 
 def load_runs(*sweep_dirs: str | Path) -> pd.DataFrame:
-    """One row per run recorded under the given dirs (sweep dirs, or run dirs), with its choices, identities,
-    status, objective, metrics, steps, dir and W&B run id; a sweep job refused before its run started is a
-    `failed` row with its error. Runs in progress or unreadable are left out (bench/report.py lists them)."""
+    """One row per run recorded under the given sweep or run dirs (columns: docs/api.md); a sweep job refused
+    before its run started is a `failed` row with its error; runs in progress or unreadable are left out."""
     import pandas as pd
 
     from normbench.report.records import scan

@@ -1,9 +1,6 @@
 """Comparison report over sweep directories: seed tables against the studies, figures, HTML page.
 
-    python bench/report.py multirun/vgg_losses [more dirs] [--out DIR] [--wandb]
-
-Reads run records only (normbench.report.records); what it writes: docs/report.md.
-"""
+Reads run records only (normbench.report.records); what it writes: docs/report.md."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""Reading run records (the format: normbench.record) and pooling them into cells of seeds.
-
-``scan`` reads every ``summary.json`` and nothing else; the other files are read on demand for the few
-runs that need them. Records in progress, malformed or duplicated are ``Skipped`` with a reason. A ``Cell``
-pools the runs that differ only in their seed (the same experiment and seedless identity).
-"""
+"""Reading run records (the format: normbench.record) and pooling them into cells of seeds. ``scan`` reads
+every ``summary.json`` and nothing else (the other files on demand, for the few runs that need them);
+records in progress, malformed or duplicated are ``Skipped`` with a reason."""
 
 from __future__ import annotations
 
@@ -248,8 +245,6 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
                 skipped.append(Skipped(path, "duplicate", reason))
     return ScanResult(list(by_identity.values()), skipped, real_roots, time.perf_counter() - t0)
 
-
-# --- cells: runs that differ only in their seed --------------------------------------------------
 
 def pool_key(run: RunRecord) -> tuple[str, str]:
     """The experiment and the seedless identity: runs with the same key differ at most in their seed and

@@ -1,9 +1,5 @@
-"""The studies' reported numbers (studies.yaml beside this module), each with the settings it belongs to.
-
-A run matches a reference row when every setting of the row and of its table's ``context`` equals the
-run's (group choices such as ``norm=bn``, ``batch_size``, ``dropout`` = model.dropout, ``lr`` =
-optimizer.lr); other keys are free. Metric keys are the run record's; accuracies and errors in percent.
-"""
+"""The studies' reported numbers (studies.yaml beside this module), each with the settings it belongs to
+(how a run matches them: docs/report.md). Metric keys are the run record's; accuracies and errors in %."""
 
 from __future__ import annotations
 

@@ -383,12 +383,10 @@ def _contrasts(st: StudyTable, table: Table) -> list[str]:
 
 def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
     """A table per experiment of the cells no study table shows, one row per cell."""
-    by_exp = group_by(cells, attrgetter("experiment"))
+    by_exp = group_by((c for c in cells if id(c) not in shown), attrgetter("experiment"))  # each in one table
     tables = []
     for exp in sorted(by_exp):
-        group = [c for c in by_exp[exp] if id(c) not in shown]  # each run in one table
-        if not group:
-            continue
+        group = by_exp[exp]
         if exp in TABLES_BY_NAME:
             name, title = f"{exp}_other", f"{exp}: runs that match no row of the study table"
         else:
