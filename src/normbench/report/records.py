@@ -133,9 +133,7 @@ class RunRecord:
             return None
         node: Any = self.config
         for part in path:
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
+            node = node.get(part) if isinstance(node, dict) else None
         return node
 
     @cached_property
@@ -228,11 +226,9 @@ def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
 def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
     """Every run record under the given directories (a run dir itself is accepted too)."""
     t0 = time.perf_counter()
-    skipped, real_roots, seen_dirs = [], [], set()
+    skipped, real_roots, seen_dirs = [], [os.path.realpath(os.fspath(root)) for root in roots], set()
     by_identity: dict[str, RunRecord] = {}  # the runs read, first of each identity
-    for root in roots:
-        root = os.path.realpath(os.fspath(root))
-        real_roots.append(root)
+    for root in real_roots:
         for path, files in run_dirs(root):
             if path in seen_dirs:
                 continue
