@@ -19,7 +19,7 @@ from normbench.errors import ConfigError, NormbenchError, warn
 from normbench.loggers import wandb_mode
 from normbench.record import SUMMARY
 from normbench.report.mechanism import mechanism
-from normbench.report.records import ScanResult, cells_of, malformed_warnings, scan
+from normbench.report.records import ScanResult, cells_of, scan
 from normbench.report.reference import STUDY_TABLES
 from normbench.report.render import records, write_files
 from normbench.report.tables import Table, assign_to_tables, generic_tables, slug, study_table
@@ -85,7 +85,8 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
         copied: dict[str, str] = {}
         for table in tables:
             add_figures(table, out, warnings, copied)
-    warnings = malformed_warnings(result.runs) + warnings
+    warnings = [f"{run.path}: {name} {what}, ignored"  # the files read that were unreadable or malformed
+                for run in result.runs for name, what in run.malformed.items()] + warnings
     names = ", ".join(os.path.basename(os.path.normpath(d)) for d in sweep_dirs)
     title = title or f"normbench report: {names}"
     with _timed(timings, "write"):

@@ -174,11 +174,6 @@ class RunRecord:
         return os.path.join(self.path, FILTERS) if FILTERS in self.files else None
 
 
-def malformed_warnings(runs: Iterable[RunRecord]) -> list[str]:
-    """One warning per file the report read that was unreadable or had malformed lines (left out)."""
-    return [f"{run.path}: {name} {what}, ignored" for run in runs for name, what in run.malformed.items()]
-
-
 @dataclass
 class ScanResult:
     runs: list[RunRecord]
@@ -191,12 +186,10 @@ class ScanResult:
         return len(self.runs) + len(self.skipped)
 
     def summary_line(self) -> str:
-        status = Counter(r.status for r in self.runs)
-        kinds = Counter(s.kind for s in self.skipped)
-        parts = ", ".join(f"{n} {k}" for k, n in sorted(status.items())) or "no finished runs"
-        skipped = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-        return (f"read {self.n_records} run records in {self.seconds:.2f}s: {parts}; "
-                f"skipped {len(self.skipped)} ({skipped})")
+        runs, skipped = (", ".join(f"{n} {k}" for k, n in sorted(Counter(values).items()))
+                         for values in ([r.status for r in self.runs], [s.kind for s in self.skipped]))
+        return (f"read {self.n_records} run records in {self.seconds:.2f}s: {runs or 'no finished runs'}; "
+                f"skipped {len(self.skipped)} ({skipped or 'none'})")
 
 
 def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:

@@ -34,7 +34,6 @@ from normbench.report.tables import (
 MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
 MAX_SKIPPED_LISTED = 1000
 MAX_WARNINGS_LISTED = 500
-PERCENT = {"test/err", "test/acc", "val/best_acc"}
 COUNTS = {"model/params", "train/steps", "train/images"}  # whole numbers with thousands separators
 MAX_HEADLINES = 6
 MAX_POINTS = 4  # a comparison lists its points up to this many seeds a side (an interval says little then)
@@ -58,7 +57,7 @@ def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
 def _fmt_ref(value: float, col: Column) -> str:
     if col.metric in COUNTS:
         return f"{value:,.0f}"
-    return f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
+    return f"{value:.{col.digits if col.scale == 100 else 0}f}"  # a percent as shown, else whole
 
 
 def _n_text(cell: Cell) -> str:
@@ -320,13 +319,11 @@ def write_runs_csv(result: ScanResult, path: str) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, header, restval="")
         w.writeheader()
-        for run in result.runs:
-            w.writerow({"path": run.path, "identity": run.identity, "status": run.status,
-                        "experiment": run.experiment, "overrides": " ".join(run.overrides),
-                        **{f"choice/{k}": v for k, v in run.choices.items()},
-                        **{f"metric/{k}": v for k, v in run.metrics.items()},
-                        **{k: run.summary.get(k) for k in SUMMARY_COLUMNS}})
-        for sk in result.skipped:
-            status = Status.RUNNING.value if sk.kind == "in progress" else ""
-            w.writerow({"path": sk.path, "status": status, "skipped": sk.kind, "skip_reason": sk.reason})
+        w.writerows({"path": run.path, "identity": run.identity, "status": run.status,
+                     "experiment": run.experiment, "overrides": " ".join(run.overrides),
+                     **{f"choice/{k}": v for k, v in run.choices.items()},
+                     **{f"metric/{k}": v for k, v in run.metrics.items()},
+                     **{k: run.summary.get(k) for k in SUMMARY_COLUMNS}} for run in result.runs)
+        w.writerows({"path": sk.path, "status": Status.RUNNING.value if sk.kind == "in progress" else "",
+                     "skipped": sk.kind, "skip_reason": sk.reason} for sk in result.skipped)
 
