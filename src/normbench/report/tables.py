@@ -167,10 +167,8 @@ def round_text(text: str) -> str:
 
 def _extra_label(cell: Cell, keys: Sequence[str], overrides: set[str]) -> str:
     parts = [f"{k}={fmt_value(v)}" for k in keys if (v := cell.setting(k)) is not None]
-    if overrides:
-        mine = override_map(cell)
-        parts.extend(f"{k}={round_text(mine[k])}" if k in mine else f"{k}=(default)"
-                     for k in sorted(overrides))
+    mine = override_map(cell)
+    parts.extend(f"{k}={round_text(mine[k])}" if k in mine else f"{k}=(default)" for k in sorted(overrides))
     return " ".join(parts)
 
 
@@ -315,11 +313,7 @@ def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     """Row label -> the cells whose first matching row it is (only the table's own preset's, where any)."""
     rows = {id(cell): ref for cell in cells if (ref := _row_of(st, cell)) is not None}
     assigned = group_by((c for c in cells if id(c) in rows), lambda c: rows[id(c)].label)
-    for label, same in assigned.items():
-        own = [c for c in same if c.experiment == st.name]
-        if own:
-            assigned[label] = own
-    return assigned
+    return {label: [c for c in same if c.experiment == st.name] or same for label, same in assigned.items()}
 
 
 def _compare_rows(st: StudyTable, table: Table) -> None:
