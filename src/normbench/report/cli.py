@@ -81,10 +81,7 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
     with _timed(timings, "figures"):
         from normbench.report.figures import add_figures  # matplotlib: imported only when figures are drawn
 
-        warnings: list[str] = []
-        copied: dict[str, str] = {}
-        for table in tables:
-            add_figures(table, out, warnings, copied)
+        warnings = add_figures(tables, out)
     warnings = [f"{run.path}: {name} {what}, ignored"  # the files read that were unreadable or malformed
                 for run in result.runs for name, what in run.malformed.items()] + warnings
     names = ", ".join(os.path.basename(os.path.normpath(d)) for d in sweep_dirs)

@@ -29,13 +29,15 @@ PROBE_KEYS = ("probe/grad_pred", "probe/beta", "probe/grad_cos", "probe/lipschit
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, str]) -> None:
-    """Every figure of the table into <out>/fig/ (copied: run path -> filters copy, shared by tables)."""
-    fig_dir = os.path.join(out, "fig")
-    os.makedirs(fig_dir, exist_ok=True)
-    for draw in (summary_bars, clustered_bars, training_curves, loss_landscape, probe_panels):
-        draw(table, fig_dir)
-    copy_filters(table, out, warnings, copied)
+def add_figures(tables: Sequence[Table], out: str) -> list[str]:
+    """Every figure of the tables into <out>/fig/; returns the warnings (filters.png files not shown)."""
+    fig_dir, warnings, copied = os.path.join(out, "fig"), [], {}  # copied: run path -> its filters copy
+    for table in tables:
+        os.makedirs(fig_dir, exist_ok=True)
+        for draw in (summary_bars, clustered_bars, training_curves, loss_landscape, probe_panels):
+            draw(table, fig_dir)
+        copy_filters(table, out, warnings, copied)
+    return warnings
 
 
 def _epoch_means(runs: Sequence[RunRecord]) -> pd.DataFrame:
