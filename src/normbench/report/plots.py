@@ -42,7 +42,6 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
 
 def _label(ax, title: str, xlabel: str, ylabel: str = "", grid_axis: str = "both",
            fontsize: int = 10) -> None:
-    """The axes' title, labels and light grid, alike in every figure."""
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=fontsize)
     ax.grid(axis=grid_axis, alpha=0.3)

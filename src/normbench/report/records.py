@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partialmethod
 from typing import Any
 
 from normbench.identity import NOT_IDENTITY, SEED, covered, override_key
@@ -94,7 +94,6 @@ class RunRecord:
 
     @property
     def num_classes(self) -> int | None:
-        """data.num_classes of the run's config.yaml; None without one."""
         data = self.config.get("data")
         n = data.get("num_classes") if isinstance(data, dict) else None
         return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
@@ -154,6 +153,9 @@ class RunRecord:
             self.malformed[name] = f"has {bad} malformed line(s)"
         return rows
 
+    steps = partialmethod(_rows, STEPS)
+    probes = partialmethod(_rows, PROBES)
+
     @cached_property
     def epochs(self) -> list[dict]:  # read once: the budget, the speed column and figures need them
         return self._rows(METRICS)
@@ -162,12 +164,6 @@ class RunRecord:
         """(steps, validation accuracy) at each epoch end of metrics.jsonl."""
         return sorted((float(s), float(acc)) for row in self.epochs if isinstance(s := row.get("step"), int)
                       and isinstance(acc := row.get("val/acc"), (int, float)) and math.isfinite(acc))
-
-    def steps(self) -> list[dict]:
-        return self._rows(STEPS)
-
-    def probes(self) -> list[dict]:
-        return self._rows(PROBES)
 
     @property
     def filters_png(self) -> str | None:
