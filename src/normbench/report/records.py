@@ -90,7 +90,7 @@ class RunRecord:
     def trial(self) -> int | None:
         """The Optuna trial number of a search job (from its directory name); None outside a search."""
         m = TRIAL_DIR.match(os.path.basename(self.path))
-        return int(m.group_by(1)) if m else None
+        return int(m.group(1)) if m else None
 
     @property
     def num_classes(self) -> int | None:
