@@ -12,12 +12,6 @@ import yaml
 # Smaller variants of the studies' models (conf/model/): their runs fill the study's tables, and the
 # report notes that the study's numbers are for the full model.
 MODEL_VARIANTS = {"vgg_a_light": "vgg_a", "alexnet_cifar": "alexnet"}
-
-
-def model_family(model: object) -> object:
-    return MODEL_VARIANTS.get(model, model) if isinstance(model, str) else model
-
-
 NORM_LABEL = {"none": "plain", "bn": "BN", "ln": "LN", "gn": "GN"}
 
 

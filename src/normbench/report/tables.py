@@ -20,7 +20,6 @@ from normbench.report.reference import (
     TABLES_BY_NAME,
     RefRow,
     StudyTable,
-    model_family,
 )
 from normbench.report.stats import Comparison, Stat, mean_ci, welch
 
@@ -125,8 +124,8 @@ def matches(cell: Cell, settings: dict[str, Any]) -> bool:
     # string settings first: numeric ones may need the run's config.yaml
     for key in sorted(settings, key=lambda k: not isinstance(settings[k], str)):
         value = cell.setting(key)
-        if key == "model":
-            value = model_family(value)
+        if key == "model" and isinstance(value, str):  # a smaller variant fills the full model's rows
+            value = MODEL_VARIANTS.get(value, value)
         if not _same(value, settings[key]):
             return False
     return True
