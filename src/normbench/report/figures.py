@@ -31,8 +31,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def add_figures(tables: Sequence[Table], out: str) -> list[str]:
     """Every figure of the tables into <out>/fig/; returns the warnings (filters.png files not shown)."""
-    fig_dir, warnings, copied = os.path.join(out, "fig"), [], {}  # copied: run path -> its filters copy
+    warnings: list[str] = []
+    copied: dict[str, str] = {}  # run path -> its filters copy, shared by the tables
     for table in tables:
+        fig_dir = os.path.join(out, "fig")
         os.makedirs(fig_dir, exist_ok=True)
         for draw in (summary_bars, clustered_bars, training_curves, loss_landscape, probe_panels):
             draw(table, fig_dir)

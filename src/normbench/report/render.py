@@ -326,4 +326,3 @@ def write_runs_csv(result: ScanResult, path: str) -> None:
                      **{k: run.summary.get(k) for k in SUMMARY_COLUMNS}} for run in result.runs)
         w.writerows({"path": sk.path, "status": Status.RUNNING.value if sk.kind == "in progress" else "",
                      "skipped": sk.kind, "skip_reason": sk.reason} for sk in result.skipped)
-

@@ -14,13 +14,7 @@ from normbench.identity import SEED
 from normbench.record import CONFIG, LEARN_MARGIN, learned_threshold
 from normbench.report.mechanism import LrLine, NormLine
 from normbench.report.records import Cell, budget_notes, group_by
-from normbench.report.reference import (
-    MODEL_VARIANTS,
-    STUDY_TABLES,
-    TABLES_BY_NAME,
-    RefRow,
-    StudyTable,
-)
+from normbench.report.reference import MODEL_VARIANTS, STUDY_TABLES, TABLES_BY_NAME, RefRow, StudyTable
 from normbench.report.stats import Comparison, Stat, mean_ci, welch
 
 ALPHA = 0.05
