@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from normbench.record import METRICS, REJECTED, SEEDLESS_IDENTITY, WANDB_RUN_ID, read_json, read_jsonl
 
@@ -55,29 +55,20 @@ def train(overrides: list[str] | None = None, *, config_dir: str | Path | None =
 
 
 def load_runs(*sweep_dirs: str | Path) -> pd.DataFrame:
-    """One row per run recorded under the given dirs (sweep dirs, or run dirs), with its choices, identities,
-    status, objective, metrics, steps, dir and W&B run id; a sweep job refused before its run started is a
-    `failed` row with its error. Runs in progress or unreadable are left out (bench/report.py lists them)."""
+    """One row per run recorded under the given sweep or run dirs (columns: docs/api.md); a sweep job refused
+    before its run started is a `failed` row with its error; runs in progress or unreadable are left out."""
     import pandas as pd
 
     from normbench.report.records import scan
 
     found = scan(sweep_dirs)
-    rows = [_row(run.path, run.summary) for run in found.runs]
+    rows = [{**run.choices, "identity": run.identity, "seedless_identity": run.summary.get(SEEDLESS_IDENTITY),
+             "status": str(run.status), "objective": run.summary.get("objective"), **run.metrics,
+             "steps": None if (steps := run.budget[0]) is None else int(steps),
+             "epochs_done": run.summary.get("epochs_done"), "dir": run.path,
+             "wandb_run_id": run.summary.get(WANDB_RUN_ID), "overrides": run.overrides,
+             "error": run.summary.get("error")} for run in found.runs]
     rows += [{"status": "failed", "error": item.reason, "dir": item.path,
               "overrides": (read_json(Path(item.path) / REJECTED) or {}).get("overrides") or []}
              for item in found.skipped if item.kind == "rejected"]
     return pd.DataFrame(rows)
-
-
-def _row(path: str, summary: dict) -> dict[str, Any]:
-    metrics = summary["metrics"]
-    steps = metrics.get("train/steps")
-    if steps is None:  # the last epoch's step count
-        epochs = read_jsonl(Path(path) / METRICS)[0]
-        steps = epochs[-1].get("step") if epochs else None
-    return {**summary["choices"], "identity": summary["identity"],
-            "seedless_identity": summary.get(SEEDLESS_IDENTITY), "status": str(summary["status"]),
-            "objective": summary.get("objective"), **metrics, "steps": steps,
-            "epochs_done": summary.get("epochs_done"), "dir": path, "wandb_run_id": summary.get(WANDB_RUN_ID),
-            "overrides": summary["overrides"], "error": summary.get("error")}

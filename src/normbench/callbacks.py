@@ -119,6 +119,7 @@ class SweepSummary(Callback):
 def print_results(sweep_dir: str, swept: list[str]) -> None:
     """Every run of the sweep dir (normbench.load_runs), best objective first, with its swept values:
     printed (the first MAX_SHOWN) and written to results.csv."""
+    import pandas as pd
     from rich.console import Console
     from rich.table import Table
 
@@ -128,11 +129,9 @@ def print_results(sweep_dir: str, swept: list[str]) -> None:
     runs = load_runs(sweep_dir)
     if runs.empty:
         return
-    values = runs["overrides"].map(lambda given: {override_key(o): o.split("=", 1)[1] for o in given
-                                                  if "=" in o})
-    results = runs.reindex(columns=[*RESULT_COLUMNS, "identity", "dir"])
-    for position, key in enumerate(swept):
-        results.insert(position, key, values.map(lambda given, key=key: given.get(key)))
+    values = pd.DataFrame([{override_key(o): o.split("=", 1)[1] for o in given if "=" in o}
+                           for given in runs["overrides"]], columns=swept)  # the swept keys' values as given
+    results = pd.concat([values, runs.reindex(columns=[*RESULT_COLUMNS, "identity", "dir"])], axis=1)
     results = results.sort_values("objective", na_position="last", kind="stable")
     results.to_csv(Path(sweep_dir) / RESULTS_CSV, index=False)
     table = Table(*swept, *RESULT_COLUMNS, title=f"{len(results)} runs in {sweep_dir} (best objective first; "

@@ -1,9 +1,6 @@
 """Comparison report over sweep directories: seed tables against the studies, figures, HTML page.
 
-    python bench/report.py multirun/vgg_losses [more dirs] [--out DIR] [--wandb]
-
-Reads run records only (normbench.report.records); what it writes: docs/report.md.
-"""
+Reads run records only (normbench.report.records); what it writes: docs/report.md."""
 
 from __future__ import annotations
 
@@ -20,15 +17,15 @@ from typing import Any
 
 from normbench.errors import ConfigError, NormbenchError, warn
 from normbench.loggers import wandb_mode
-from normbench.record import SUMMARY, atomic_write_text
+from normbench.record import SUMMARY
 from normbench.report.mechanism import mechanism
-from normbench.report.records import ScanResult, cells_of, malformed_warnings, scan
+from normbench.report.records import ScanResult, cells_of, scan
 from normbench.report.reference import STUDY_TABLES
-from normbench.report.render import records, render_html, render_markdown, write_runs_csv, write_table_csv
+from normbench.report.render import records, write_files
 from normbench.report.tables import Table, assign_to_tables, generic_tables, slug, study_table
 
 
-def log_wandb(tables: list[Table], result: ScanResult, out: str, project: str, name: str) -> str:
+def log_wandb(tables: list[Table], result: ScanResult, out: str, project: str, name: str) -> None:
     import wandb
 
     run = wandb.init(project=project, job_type="report", name=name, dir=out, mode=wandb_mode("auto"),
@@ -44,7 +41,6 @@ def log_wandb(tables: list[Table], result: ScanResult, out: str, project: str, n
         run.log(payload)
         run.summary.update({"report/runs": len(result.runs), "report/skipped": len(result.skipped),
                             "report/tables": len(tables)})
-        return run.dir
     finally:
         run.finish()
 
@@ -85,19 +81,13 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
     with _timed(timings, "figures"):
         from normbench.report.figures import add_figures  # matplotlib: imported only when figures are drawn
 
-        warnings: list[str] = []
-        copied: dict[str, str] = {}
-        for table in tables:
-            add_figures(table, out, warnings, copied)
-    warnings = malformed_warnings(result.runs) + warnings
+        warnings = add_figures(tables, out)
+    warnings = [f"{run.path}: {name} {what}, ignored"  # the files read that were unreadable or malformed
+                for run in result.runs for name, what in run.malformed.items()] + warnings
     names = ", ".join(os.path.basename(os.path.normpath(d)) for d in sweep_dirs)
     title = title or f"normbench report: {names}"
     with _timed(timings, "write"):
-        for table in tables:
-            write_table_csv(table, os.path.join(out, "tables", f"{table.name}.csv"))
-        write_runs_csv(result, os.path.join(out, "runs.csv"))
-        atomic_write_text(Path(out, "index.html"), render_html(tables, result, warnings, title))
-        atomic_write_text(Path(out, "report.md"), render_markdown(tables, result, title))
+        write_files(out, tables, result, warnings, title)
     if wandb:
         with _timed(timings, "wandb"):
             log_wandb(tables, result, out, wandb_project, os.path.basename(os.path.normpath(out)))

@@ -7,16 +7,17 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
+from operator import itemgetter
 
 import numpy as np
 import pandas as pd
 
 from normbench.record import FILTERS, METRICS, PROBES
 from normbench.report import plots
-from normbench.report.mechanism import LOSS_RANGE_WARMUP_EPOCHS, NormLine, lr_of, num
-from normbench.report.records import RunRecord, used
+from normbench.report.mechanism import LOSS_RANGE_WARMUP_EPOCHS, NormLine, lr_of
+from normbench.report.records import RunRecord, group_by, num, used
 from normbench.report.reference import NORM_LABEL
-from normbench.report.tables import COLUMNS, MIN_CI_N, Table, ci_for_display, slug
+from normbench.report.tables import COLUMNS, MIN_CI_N, Row, Table, ci_for_display, slug
 
 MAX_BARS = 40
 MAX_CURVE_CELLS = 12
@@ -28,18 +29,22 @@ PROBE_KEYS = ("probe/grad_pred", "probe/beta", "probe/grad_cos", "probe/lipschit
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def add_figures(table: Table, out: str, warnings: list[str], copied: dict[str, str]) -> None:
-    """Every figure of the table into <out>/fig/ (copied: run path -> filters copy, shared by tables)."""
-    fig_dir = os.path.join(out, "fig")
-    os.makedirs(fig_dir, exist_ok=True)
-    for draw in (summary_bars, clustered_bars, training_curves, loss_landscape, probe_panels):
-        draw(table, fig_dir)
-    copy_filters(table, out, warnings, copied)
+def add_figures(tables: Sequence[Table], out: str) -> list[str]:
+    """Every figure of the tables into <out>/fig/; returns the warnings (filters.png files not shown)."""
+    warnings: list[str] = []
+    copied: dict[str, str] = {}  # run path -> its filters copy, shared by the tables
+    for table in tables:
+        fig_dir = os.path.join(out, "fig")
+        os.makedirs(fig_dir, exist_ok=True)
+        for draw in (summary_bars, clustered_bars, training_curves, loss_landscape, probe_panels):
+            draw(table, fig_dir)
+        copy_filters(table, out, warnings, copied)
+    return warnings
 
 
 def _epoch_means(runs: Sequence[RunRecord]) -> pd.DataFrame:
     """The runs' CURVE_KEYS per epoch end, mean of the finite values (empty: no epochs)."""
-    frame = pd.DataFrame([[e, *(num(row.get(k)) for k in CURVE_KEYS)] for run in runs for row in run.epochs()
+    frame = pd.DataFrame([[e, *(num(row.get(k)) for k in CURVE_KEYS)] for run in runs for row in run.epochs
                           if isinstance(e := row.get("epoch"), int) and not isinstance(e, bool)],
                          columns=["epoch", *CURVE_KEYS], dtype=float)
     return frame.groupby("epoch").mean()
@@ -177,18 +182,16 @@ def _probe_groups(table: Table) -> dict[str, list[RunRecord]]:
     if not by_lr:
         rows = [r for r in table.rows if r.cell is not None]
     by_norm = len({r.cell.choices.get("norm") for r in rows}) > 1
-    groups: dict[str, list[RunRecord]] = {}
-    for row in rows:
+
+    def name(row: Row) -> str:
         norm = str(row.cell.choices.get("norm"))
-        parts = [NORM_LABEL.get(norm, norm)] if by_norm else []
-        if by_lr:
-            parts.append(f"lr {lr_of(row.cell):g}")
-        name = " · ".join(parts) or row.label + (f" ({row.extra})" if row.extra else "")
-        groups.setdefault(name, []).extend(row.cell.runs + row.cell.diverged)
-    capped: dict[str, list[RunRecord]] = {}
-    for name, run in [(name, run) for name, runs in groups.items() for run in runs][:MAX_PROBE_RUNS]:
-        capped.setdefault(name, []).append(run)
-    return capped
+        lr = [f"lr {lr_of(row.cell):g}"] if by_lr else []
+        parts = ([NORM_LABEL.get(norm, norm)] if by_norm else []) + lr
+        return " · ".join(parts) or row.label + (f" ({row.extra})" if row.extra else "")
+
+    runs = [(group, run) for group, same in group_by(rows, name).items() for row in same
+            for run in row.cell.runs + row.cell.diverged][:MAX_PROBE_RUNS]
+    return {group: [run for _, run in same] for group, same in group_by(runs, itemgetter(0)).items()}
 
 
 def _probe_bands(gname: str, rows: list[list[dict]], panels: dict[str, list]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from normbench.record import Status, learned_threshold
-from normbench.report.records import Cell, RunRecord
+from normbench.report.records import Cell, RunRecord, group_by, num
 from normbench.report.reference import NORM_LABEL
 
 MAX_BAND_RUNS = 200
@@ -66,19 +66,11 @@ def lr_of(cell: Cell) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def num(value: Any) -> float:
-    """A JSON value as float (nan for anything but a number)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return math.nan
-    return float(value)
-
-
 def mechanism(table) -> list[LrLine | NormLine]:
     """Per norm (in NORM_LABEL's order) its LrLines, then its NormLine (table: a tables.Table, which
     holds them, so not imported here)."""
-    by_norm: dict[str, dict[float | None, list[Cell]]] = {}
-    for cell in table.cells:
-        by_norm.setdefault(str(cell.choices.get("norm")), {}).setdefault(lr_of(cell), []).append(cell)
+    by_norm = {norm: group_by(cells, lr_of)
+               for norm, cells in group_by(table.cells, lambda c: str(c.choices.get("norm"))).items()}
     lines: list[LrLine | NormLine] = []
     plain: dict[float | None, LrLine] = {}
     for norm in sorted(by_norm, key=lambda n: list(NORM_LABEL).index(n) if n in NORM_LABEL else 99):

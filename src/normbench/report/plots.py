@@ -42,7 +42,6 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
 
 def _label(ax, title: str, xlabel: str, ylabel: str = "", grid_axis: str = "both",
            fontsize: int = 10) -> None:
-    """The axes' title, labels and light grid, alike in every figure."""
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=fontsize)
     ax.grid(axis=grid_axis, alpha=0.3)
@@ -113,8 +112,7 @@ def clustered_bars(ours: dict[tuple[str, str], tuple], study: dict[tuple[str, st
 
 def curves(series: Sequence[tuple[str, Any]], path: str, title: str) -> None:
     """Train (dashed) and validation (solid) accuracy and loss against optimizer steps, runs on shared
-    axes; the loss axis clipped to the values' robust range when a run spikes far outside it. series:
-    (label, DataFrame of step, train/acc, val/acc, train/loss, val/loss at each epoch's end)."""
+    axes (series: label, DataFrame of figures.CURVE_KEYS per epoch end); the loss axis clipped at spikes."""
     fig, axes = _figure(11.0, 4.2, ncols=2)
     for (label, c), color in zip(series, _colors(len(series)), strict=True):
         for ax, kind, scale in ((axes[0][0], "acc", 100), (axes[0][1], "loss", 1)):

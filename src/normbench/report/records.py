@@ -1,9 +1,6 @@
-"""Reading run records (the format: normbench.record) and pooling them into cells of seeds.
-
-``scan`` reads every ``summary.json`` and nothing else; the other files are read on demand for the few
-runs that need them. Records in progress, malformed or duplicated are ``Skipped`` with a reason. A ``Cell``
-pools the runs that differ only in their seed (the same experiment and seedless identity).
-"""
+"""Reading run records (the format: normbench.record) and pooling them into cells of seeds. ``scan`` reads
+every ``summary.json`` and nothing else (the other files on demand, for the few runs that need them);
+records in progress, malformed or duplicated are ``Skipped`` with a reason."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partialmethod
 from typing import Any
 
 from normbench.identity import NOT_IDENTITY, SEED, covered, override_key
@@ -53,6 +50,19 @@ class Skipped:
     reason: str
 
 
+def num(value: Any) -> float:
+    """A JSON value as float (nan for anything but a number)."""
+    return math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+
+
+def group_by(items: Iterable[Any], key: Any) -> dict[Any, list]:
+    """key(item) -> the items with that key, in the order first seen."""
+    out: dict[Any, list] = {}
+    for item in items:
+        out.setdefault(key(item), []).append(item)
+    return out
+
+
 def _summary_field(key: str) -> property:
     return property(lambda self: self.summary[key], doc=f'summary.json\'s "{key}"')
 
@@ -84,7 +94,6 @@ class RunRecord:
 
     @property
     def num_classes(self) -> int | None:
-        """data.num_classes of the run's config.yaml; None without one."""
         data = self.config.get("data")
         n = data.get("num_classes") if isinstance(data, dict) else None
         return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
@@ -96,10 +105,7 @@ class RunRecord:
             return None if acc is None else 1.0 - acc
         if key in BUDGET:
             return self.budget[BUDGET.index(key)]
-        value = self.summary.get(key) if key == "objective" else self.metrics.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None
-        value = float(value)
+        value = num(self.summary.get(key) if key == "objective" else self.metrics.get(key))
         return value if math.isfinite(value) else None
 
     @cached_property
@@ -110,7 +116,7 @@ class RunRecord:
         steps, images = (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
                          for v in found)
         if steps is None:
-            ends = [row.get("step") for row in self.epochs()]
+            ends = [row.get("step") for row in self.epochs]
             steps = next((float(e) for e in reversed(ends) if isinstance(e, int)), None)
         batch = self.setting("batch_size")
         if images is None and steps is not None and isinstance(batch, int):
@@ -126,9 +132,7 @@ class RunRecord:
             return None
         node: Any = self.config
         for part in path:
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
+            node = node.get(part) if isinstance(node, dict) else None
         return node
 
     @cached_property
@@ -149,32 +153,21 @@ class RunRecord:
             self.malformed[name] = f"has {bad} malformed line(s)"
         return rows
 
-    def epochs(self) -> list[dict]:
-        return self._epoch_rows
+    steps = partialmethod(_rows, STEPS)
+    probes = partialmethod(_rows, PROBES)
 
     @cached_property
-    def _epoch_rows(self) -> list[dict]:  # read once: the budget, the speed column and figures need them
+    def epochs(self) -> list[dict]:  # read once: the budget, the speed column and figures need them
         return self._rows(METRICS)
 
     def val_curve(self) -> list[tuple[float, float]]:
         """(steps, validation accuracy) at each epoch end of metrics.jsonl."""
-        return sorted((float(s), float(acc)) for row in self.epochs() if isinstance(s := row.get("step"), int)
+        return sorted((float(s), float(acc)) for row in self.epochs if isinstance(s := row.get("step"), int)
                       and isinstance(acc := row.get("val/acc"), (int, float)) and math.isfinite(acc))
-
-    def steps(self) -> list[dict]:
-        return self._rows(STEPS)
-
-    def probes(self) -> list[dict]:
-        return self._rows(PROBES)
 
     @property
     def filters_png(self) -> str | None:
         return os.path.join(self.path, FILTERS) if FILTERS in self.files else None
-
-
-def malformed_warnings(runs: Iterable[RunRecord]) -> list[str]:
-    """One warning per file the report read that was unreadable or had malformed lines (left out)."""
-    return [f"{run.path}: {name} {what}, ignored" for run in runs for name, what in run.malformed.items()]
 
 
 @dataclass
@@ -189,12 +182,10 @@ class ScanResult:
         return len(self.runs) + len(self.skipped)
 
     def summary_line(self) -> str:
-        status = Counter(r.status for r in self.runs)
-        kinds = Counter(s.kind for s in self.skipped)
-        parts = ", ".join(f"{n} {k}" for k, n in sorted(status.items())) or "no finished runs"
-        skipped = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-        return (f"read {self.n_records} run records in {self.seconds:.2f}s: {parts}; "
-                f"skipped {len(self.skipped)} ({skipped})")
+        runs, skipped = (", ".join(f"{n} {k}" for k, n in sorted(Counter(values).items()))
+                         for values in ([r.status for r in self.runs], [s.kind for s in self.skipped]))
+        return (f"read {self.n_records} run records in {self.seconds:.2f}s: {runs or 'no finished runs'}; "
+                f"skipped {len(self.skipped)} ({skipped or 'none'})")
 
 
 def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
@@ -224,11 +215,9 @@ def load_run(path: str, files: frozenset[str]) -> RunRecord | Skipped:
 def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
     """Every run record under the given directories (a run dir itself is accepted too)."""
     t0 = time.perf_counter()
-    skipped, real_roots, seen_dirs = [], [], set()
+    skipped, real_roots, seen_dirs = [], [os.path.realpath(os.fspath(root)) for root in roots], set()
     by_identity: dict[str, RunRecord] = {}  # the runs read, first of each identity
-    for root in roots:
-        root = os.path.realpath(os.fspath(root))
-        real_roots.append(root)
+    for root in real_roots:
         for path, files in run_dirs(root):
             if path in seen_dirs:
                 continue
@@ -241,8 +230,6 @@ def scan(roots: Sequence[str | os.PathLike]) -> ScanResult:
                 skipped.append(Skipped(path, "duplicate", reason))
     return ScanResult(list(by_identity.values()), skipped, real_roots, time.perf_counter() - t0)
 
-
-# --- cells: runs that differ only in their seed --------------------------------------------------
 
 def pool_key(run: RunRecord) -> tuple[str, str]:
     """The experiment and the seedless identity: runs with the same key differ at most in their seed and
@@ -315,10 +302,7 @@ def budget_notes(cells: Sequence[Cell]) -> list[str]:
 
 
 def cells_of(runs: Iterable[RunRecord]) -> list[Cell]:
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
-    for run in runs:
-        groups.setdefault(pool_key(run), []).append(run)
-    return [_cell(key, group) for key, group in groups.items()]
+    return [_cell(key, same) for key, same in group_by(runs, pool_key).items()]
 
 
 def _cell(key: tuple[str, str], runs: list[RunRecord]) -> Cell:

@@ -1,9 +1,5 @@
-"""The studies' reported numbers (studies.yaml beside this module), each with the settings it belongs to.
-
-A run matches a reference row when every setting of the row and of its table's ``context`` equals the
-run's (group choices such as ``norm=bn``, ``batch_size``, ``dropout`` = model.dropout, ``lr`` =
-optimizer.lr); other keys are free. Metric keys are the run record's; accuracies and errors in percent.
-"""
+"""The studies' reported numbers (studies.yaml beside this module), each with the settings it belongs to
+(how a run matches them: docs/report.md). Metric keys are the run record's; accuracies and errors in %."""
 
 from __future__ import annotations
 
@@ -16,12 +12,6 @@ import yaml
 # Smaller variants of the studies' models (conf/model/): their runs fill the study's tables, and the
 # report notes that the study's numbers are for the full model.
 MODEL_VARIANTS = {"vgg_a_light": "vgg_a", "alexnet_cifar": "alexnet"}
-
-
-def model_family(model: object) -> object:
-    return MODEL_VARIANTS.get(model, model) if isinstance(model, str) else model
-
-
 NORM_LABEL = {"none": "plain", "bn": "BN", "ln": "LN", "gn": "GN"}
 
 

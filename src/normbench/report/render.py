@@ -4,13 +4,15 @@ Markdown through templates/, and the CSV files."""
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import jinja2
 
-from normbench.record import STEPS, Status
+from normbench.record import STEPS, Status, atomic_write_text
 from normbench.report.mechanism import NormLine
 from normbench.report.records import Cell, ScanResult, used
 from normbench.report.reference import STUDY_TITLES
@@ -32,7 +34,6 @@ from normbench.report.tables import (
 MAX_HTML_ROWS = 200  # per table; the table's CSV has all rows
 MAX_SKIPPED_LISTED = 1000
 MAX_WARNINGS_LISTED = 500
-PERCENT = {"test/err", "test/acc", "val/best_acc"}
 COUNTS = {"model/params", "train/steps", "train/images"}  # whole numbers with thousands separators
 MAX_HEADLINES = 6
 MAX_POINTS = 4  # a comparison lists its points up to this many seeds a side (an interval says little then)
@@ -56,7 +57,7 @@ def fmt_stat(st: Stat, col: Column, points: Sequence[float] = ()) -> str:
 def _fmt_ref(value: float, col: Column) -> str:
     if col.metric in COUNTS:
         return f"{value:,.0f}"
-    return f"{value:.{col.digits if col.metric in PERCENT else 0}f}"
+    return f"{value:.{col.digits if col.scale == 100 else 0}f}"  # a percent as shown, else whole
 
 
 def _n_text(cell: Cell) -> str:
@@ -84,40 +85,68 @@ def difference_text(c: Comparison | None, scale: float = 100.0) -> str:
 
 def display(table: Table) -> tuple[list[str], list[list[str]]]:
     """Header and rows of strings, as shown in HTML and Markdown (the first MAX_HTML_ROWS rows)."""
+    header, _, lines = _lines(table, table.rows[:MAX_HTML_ROWS])
+    return header, [shown for shown, _ in lines]
+
+
+def records(table: Table) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows with numbers (CSV, W&B): mean, CI half-width and n of each metric."""
+    _, header, lines = _lines(table, table.rows)
+    return header, [numbers for _, numbers in lines]
+
+
+def _lines(table: Table, rows: Sequence[Row]) -> tuple[list[str], list[str], list[tuple[list, list]]]:
+    """One column spec for both: the shown header, the numbers' header, and per row (shown, numbers)."""
     study = table.kind == "study"
-    extra = study and any(r.extra for r in table.rows)  # only when some row differs
-    header = ["row"] if study else list(table.setting_columns or ["experiment"])
-    header += ["other settings"] * extra + ["experiment"] * table.show_experiment + ["n"]
+    extra = study and any(r.extra for r in table.rows)  # shown only when some row differs
+    shown = (["row"] + ["other settings"] * extra) if study else list(table.setting_columns or ["experiment"])
+    numbers = ["row", "other_settings"] if study else list(table.setting_columns)
+    shown += ["experiment"] * table.show_experiment + ["n"]
+    numbers += ["experiment", "n", "n_diverged", "n_failed_or_pruned"]
     for col in table.columns:
-        header += [col.title] + (["study", "ours − study"] if col.metric == table.primary and study else [])
-    header.append("comparison")
-    return header, [_display_row(table, row, extra) for row in table.rows[:MAX_HTML_ROWS]]
+        base = col.metric.replace("/", "_")
+        shown += [col.title] + (["study", "ours − study"] if col.metric == table.primary and study else [])
+        numbers += [f"{base}_mean", f"{base}_ci95", f"{base}_n"] + [f"{base}_study"] * study
+    shown.append("comparison")
+    numbers += ["vs", "vs_diff", "vs_ci95_low", "vs_ci95_high", "vs_p", "vs_verdict", "study_vs_diff"]
+    return shown, numbers, [_line(table, row, extra) for row in rows]
 
 
-def _display_row(table: Table, row: Row, extra: bool) -> list[str]:
+def _line(table: Table, row: Row, extra: bool) -> tuple[list[str], list[Any]]:
     cell, study = row.cell, table.kind == "study"
-    line = ([row.label, row.extra] if extra else [row.label]) if study else _setting_values(table, cell)
-    if table.show_experiment:
-        line.append(cell.experiment if cell else "")
-    line.append(_n_text(cell) if cell else "not run")
+    if study:
+        shown, numbers = [row.label] + [row.extra] * extra, [row.label, row.extra]
+    else:  # the experiment where there are no setting columns; the numbers have it in its own column
+        shown = _setting_values(table, cell)
+        numbers = list(shown) if table.setting_columns else []
+    shown += [cell.experiment if cell else ""] * table.show_experiment
+    shown.append(_n_text(cell) if cell else "not run")
+    numbers += [cell.experiment, cell.n, len(cell.diverged), len(cell.other)] if cell else ["", 0, 0, 0]
     for col in table.columns:
         st, points, never = cell_stat(row, col.metric)
+        ref = row.ref.ref.get(col.metric) if row.ref else None
+        numbers += [None if st.mean is None else st.mean * col.scale,
+                    None if st.ci is None else st.ci * col.scale, st.n] + [ref] * study
         text = fmt_stat(st, col, points)
         if never:
             text = _never_text(row, never, never + st.n, "" if st.mean is None else f"{text}; ")
-        ref = row.ref.ref.get(col.metric) if row.ref else None
         if col.metric == table.primary and study:
-            line += [text, _fmt_ref(ref, col) if ref is not None else NO_STUDY_NUMBER if row.no_study else "",
-                     f"{st.mean * col.scale - ref:+.2f}" if ref is not None and st.mean is not None else ""]
+            none = NO_STUDY_NUMBER if row.no_study else ""
+            shown += [text, none if ref is None else _fmt_ref(ref, col),
+                      f"{st.mean * col.scale - ref:+.2f}" if ref is not None and st.mean is not None else ""]
         elif ref is not None and not (col.metric == "test/acc" and table.primary == "test/err"):
-            line.append(f"{text} (study {_fmt_ref(ref, col)})")
+            shown.append(f"{text} (study {_fmt_ref(ref, col)})")
         else:
-            line.append(text)
+            shown.append(text)
+    c = row.comparison
+    low, high = (None, None) if c is None or c.interval is None else (v * 100.0 for v in c.interval)
+    numbers += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0, low, high,
+                None if c is None else c.p, "" if c is None else c.verdict, row.study_diff]
     if row.vs is None:
-        return line + [""]
+        return shown + [""], numbers
     study_diff = "" if row.study_diff is None else f"; study {row.study_diff:+.2f} pp"
     primary = next(c for c in COLUMNS if c.metric == table.primary)
-    return line + [f"vs {row.vs}: {difference_text(row.comparison, primary.scale)}{study_diff}"]
+    return shown + [f"vs {row.vs}: {difference_text(c, primary.scale)}{study_diff}"], numbers
 
 
 def _never_text(row: Row, never: int, total: int, before: str) -> str:
@@ -143,40 +172,6 @@ def _setting_values(table: Table, cell: Cell | None) -> list[str]:
             value = cell.setting(key) if key in cell.choices or "." not in key else None
             values.append("" if value is None else fmt_value(value))
     return values
-
-
-def records(table: Table) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows with numbers (CSV, W&B): mean, CI half-width and n of each metric."""
-    header = ["row", "other_settings", "experiment", "n", "n_diverged", "n_failed_or_pruned"]
-    if table.kind == "generic":
-        header = list(table.setting_columns) + header[2:]
-    for col in table.columns:
-        base = col.metric.replace("/", "_")
-        header += [f"{base}_mean", f"{base}_ci95", f"{base}_n"]
-        if table.kind == "study":
-            header.append(f"{base}_study")
-    header += ["vs", "vs_diff", "vs_ci95_low", "vs_ci95_high", "vs_p", "vs_verdict", "study_vs_diff"]
-    rows = []
-    for row in table.rows:
-        cell = row.cell
-        if table.kind == "study":
-            line: list[Any] = [row.label, row.extra]
-        else:  # display() shows the experiment where there are no setting columns; here it has its own
-            line = _setting_values(table, cell) if table.setting_columns else []
-        line += [cell.experiment if cell else "", cell.n if cell else 0, len(cell.diverged) if cell else 0,
-                 len(cell.other) if cell else 0]
-        for col in table.columns:
-            st, scale = cell_stat(row, col.metric)[0], col.scale
-            line += [None if st.mean is None else st.mean * scale, None if st.ci is None else st.ci * scale,
-                     st.n]
-            if table.kind == "study":
-                line.append(row.ref.ref.get(col.metric) if row.ref else None)
-        c = row.comparison
-        low, high = (None, None) if c is None or c.interval is None else (v * 100.0 for v in c.interval)
-        line += [row.vs or "", None if c is None or c.diff is None else c.diff * 100.0, low, high,
-                 None if c is None else c.p, "" if c is None else c.verdict, row.study_diff]
-        rows.append(line)
-    return header, rows
 
 
 def pair_rows(table: Table) -> tuple[list[str], list[list[str]]]:
@@ -281,9 +276,10 @@ def _view(table: Table) -> SimpleNamespace:
                + [table.convergence_note] * bool(table.convergence_note)))
 
 
-def _environment(autoescape: bool) -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("normbench.report"), autoescape=autoescape,
-                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("normbench.report"), trim_blocks=True,
+                             autoescape=jinja2.select_autoescape(("html.j2",)), lstrip_blocks=True,
+                             undefined=jinja2.StrictUndefined)
     env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
     env.globals.update(max_rows=MAX_HTML_ROWS, max_skipped=MAX_SKIPPED_LISTED,
                        max_warnings=MAX_WARNINGS_LISTED)
@@ -298,18 +294,21 @@ def _heading(study: str | None, views: list[SimpleNamespace]) -> str:
     return f"Study {study}'s comparisons, run on {used(cells)}"
 
 
-def render_html(tables: list[Table], result: ScanResult, warnings: list[str], title: str) -> str:
+def write_files(out: str, tables: list[Table], result: ScanResult, warnings: list[str], title: str) -> None:
+    """Every table's CSV (csv writes None as "" and a float as its repr: full precision), runs.csv, then
+    index.html and report.md from templates/."""
+    for table in tables:
+        header, rows = records(table)
+        with open(os.path.join(out, "tables", f"{table.name}.csv"), "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([header, *rows])
+    write_runs_csv(result, os.path.join(out, "runs.csv"))
     views = [_view(t) for t in tables]
     sections = [(_heading(study, group), group) for study in ("000", "002", None)
                 if (group := [v for v in views if (v.table.study.study if v.table.study else None) == study])]
-    return _environment(True).get_template("index.html.j2").render(
-        title=title, result=result, views=views, sections=sections, warnings=warnings,
-        headlines=headlines(tables))
-
-
-def render_markdown(tables: list[Table], result: ScanResult, title: str) -> str:
-    return _environment(False).get_template("report.md.j2").render(
-        title=title, result=result, views=[_view(t) for t in tables], headlines=headlines(tables))
+    for name in ("index.html", "report.md"):
+        atomic_write_text(Path(out, name), _environment().get_template(f"{name}.j2").render(
+            title=title, result=result, views=views, sections=sections, warnings=warnings,
+            headlines=headlines(tables)))
 
 
 def write_runs_csv(result: ScanResult, path: str) -> None:
@@ -320,19 +319,10 @@ def write_runs_csv(result: ScanResult, path: str) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, header, restval="")
         w.writeheader()
-        for run in result.runs:
-            w.writerow({"path": run.path, "identity": run.identity, "status": run.status,
-                        "experiment": run.experiment, "overrides": " ".join(run.overrides),
-                        **{f"choice/{k}": v for k, v in run.choices.items()},
-                        **{f"metric/{k}": v for k, v in run.metrics.items()},
-                        **{k: run.summary.get(k) for k in SUMMARY_COLUMNS}})
-        for sk in result.skipped:
-            status = Status.RUNNING.value if sk.kind == "in progress" else ""
-            w.writerow({"path": sk.path, "status": status, "skipped": sk.kind, "skip_reason": sk.reason})
-
-
-def write_table_csv(table: Table, path: str) -> None:
-    """csv writes None as "" and a float as its repr (full precision)."""
-    header, rows = records(table)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([header, *rows])
+        w.writerows({"path": run.path, "identity": run.identity, "status": run.status,
+                     "experiment": run.experiment, "overrides": " ".join(run.overrides),
+                     **{f"choice/{k}": v for k, v in run.choices.items()},
+                     **{f"metric/{k}": v for k, v in run.metrics.items()},
+                     **{k: run.summary.get(k) for k in SUMMARY_COLUMNS}} for run in result.runs)
+        w.writerows({"path": sk.path, "status": Status.RUNNING.value if sk.kind == "in progress" else "",
+                     "skipped": sk.kind, "skip_reason": sk.reason} for sk in result.skipped)

@@ -26,7 +26,6 @@ class Stat:
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> Stat:
-    """Mean and Student-t confidence interval of the mean."""
     n = len(values)
     if n < 2:
         return Stat(n, statistics.fmean(values) if n else None, None, None)

@@ -7,20 +7,14 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import Any
 
 from normbench.identity import SEED
 from normbench.record import CONFIG, LEARN_MARGIN, learned_threshold
 from normbench.report.mechanism import LrLine, NormLine
-from normbench.report.records import Cell, budget_notes
-from normbench.report.reference import (
-    MODEL_VARIANTS,
-    STUDY_TABLES,
-    TABLES_BY_NAME,
-    RefRow,
-    StudyTable,
-    model_family,
-)
+from normbench.report.records import Cell, budget_notes, group_by
+from normbench.report.reference import MODEL_VARIANTS, STUDY_TABLES, TABLES_BY_NAME, RefRow, StudyTable
 from normbench.report.stats import Comparison, Stat, mean_ci, welch
 
 ALPHA = 0.05
@@ -124,8 +118,8 @@ def matches(cell: Cell, settings: dict[str, Any]) -> bool:
     # string settings first: numeric ones may need the run's config.yaml
     for key in sorted(settings, key=lambda k: not isinstance(settings[k], str)):
         value = cell.setting(key)
-        if key == "model":
-            value = model_family(value)
+        if key == "model" and isinstance(value, str):  # a smaller variant fills the full model's rows
+            value = MODEL_VARIANTS.get(value, value)
         if not _same(value, settings[key]):
             return False
     return True
@@ -166,10 +160,8 @@ def round_text(text: str) -> str:
 
 def _extra_label(cell: Cell, keys: Sequence[str], overrides: set[str]) -> str:
     parts = [f"{k}={fmt_value(v)}" for k in keys if (v := cell.setting(k)) is not None]
-    if overrides:
-        mine = override_map(cell)
-        parts.extend(f"{k}={round_text(mine[k])}" if k in mine else f"{k}=(default)"
-                     for k in sorted(overrides))
+    mine = override_map(cell)
+    parts.extend(f"{k}={round_text(mine[k])}" if k in mine else f"{k}=(default)" for k in sorted(overrides))
     return " ".join(parts)
 
 
@@ -284,22 +276,15 @@ def assign_to_tables(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     """Study table name -> the cells it shows, each cell in at most one: one sweep, one table
     (docs/report.md): a preset's runs go to its table, another experiment's to the first that fits all."""
     out: dict[str, list[Cell]] = {}
-    for exp, group in _by_experiment(cells).items():
+    for exp, same in group_by(cells, attrgetter("experiment")).items():
         if exp in TABLES_BY_NAME:
-            matched = [c for c in group if _row_of(TABLES_BY_NAME[exp], c) is not None]
+            matched = [c for c in same if _row_of(TABLES_BY_NAME[exp], c) is not None]
             out.setdefault(exp, []).extend(matched)
             continue
-        st = next((st for st in STUDY_TABLES if all(_row_of(st, c) is not None for c in group)), None)
+        st = next((st for st in STUDY_TABLES if all(_row_of(st, c) is not None for c in same)), None)
         if st is not None:
-            out.setdefault(st.name, []).extend(group)
+            out.setdefault(st.name, []).extend(same)
     return out
-
-
-def _by_experiment(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
-    by_exp: dict[str, list[Cell]] = {}
-    for cell in cells:
-        by_exp.setdefault(cell.experiment, []).append(cell)
-    return by_exp
 
 
 def _row_of(st: StudyTable, cell: Cell) -> RefRow | None:
@@ -319,23 +304,15 @@ def _study_model(cell: Cell, st: StudyTable) -> bool:
 
 def _assign(st: StudyTable, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     """Row label -> the cells whose first matching row it is (only the table's own preset's, where any)."""
-    assigned: dict[str, list[Cell]] = {}
-    for cell in cells:
-        if (ref := _row_of(st, cell)) is not None:
-            assigned.setdefault(ref.label, []).append(cell)
-    for label, group in assigned.items():
-        own = [c for c in group if c.experiment == st.name]
-        if own:
-            assigned[label] = own
-    return assigned
+    rows = {id(cell): ref for cell in cells if (ref := _row_of(st, cell)) is not None}
+    assigned = group_by((c for c in cells if id(c) in rows), lambda c: rows[id(c)].label)
+    return {label: [c for c in same if c.experiment == st.name] or same for label, same in assigned.items()}
 
 
 def _compare_rows(st: StudyTable, table: Table) -> None:
     """Each row with a `vs` row: the study's difference, and ours by Welch's test against the counterpart."""
-    by_label: dict[str, list[Cell]] = {}
-    for row in table.rows:
-        if row.cell is not None:
-            by_label.setdefault(row.label, []).append(row.cell)
+    by_label = {label: [r.cell for r in rows] for label, rows in
+                group_by((r for r in table.rows if r.cell is not None), attrgetter("label")).items()}
     indexes: dict[str, tuple[set[str], dict[tuple, Cell]]] = {}
     for row in table.rows:
         if row.vs is None:
@@ -393,12 +370,10 @@ def _contrasts(st: StudyTable, table: Table) -> list[str]:
 
 def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
     """A table per experiment of the cells no study table shows, one row per cell."""
-    by_exp = _by_experiment(cells)
+    by_exp = group_by((c for c in cells if id(c) not in shown), attrgetter("experiment"))  # each in one table
     tables = []
     for exp in sorted(by_exp):
-        group = [c for c in by_exp[exp] if id(c) not in shown]  # each run in one table
-        if not group:
-            continue
+        group = by_exp[exp]
         if exp in TABLES_BY_NAME:
             name, title = f"{exp}_other", f"{exp}: runs that match no row of the study table"
         else:
