@@ -89,14 +89,11 @@ def storage_lock(url: str, name: str, connect_timeout: int = 10) -> contextlib.A
     return FileLock(db + ".lock")
 
 
-def counts_toward_total(trial) -> bool:
+def trials_used(study) -> int:
     """All but the FAIL trials the sweeper did not decide (those of a killed or interrupted sweeper are
     re-queued as a WAITING copy that counts)."""
-    return trial.state != TrialState.FAIL or bool(trial.system_attrs.get(COUNTED_FAILURE_ATTR))
-
-
-def trials_used(study) -> int:
-    return sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
+    return sum(t.state != TrialState.FAIL or bool(t.system_attrs.get(COUNTED_FAILURE_ATTR))
+               for t in study.get_trials(deepcopy=False))
 
 
 def trials_to_ask(study, target: int) -> int:
