@@ -88,8 +88,9 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
             fail(f"bad value hydra.sweeper.storage: expected a URL string, got {type(self.storage).__name__}")
         self.storage_url = (self.storage or "").strip()
         if not self.storage_url:  # <sweep dir>/optuna.db, beside the runs
-            Path(config.hydra.sweep.dir).resolve().mkdir(parents=True, exist_ok=True)
-            self.storage_url = f"sqlite:///{Path(config.hydra.sweep.dir).resolve() / 'optuna.db'}"
+            sweep_dir = Path(config.hydra.sweep.dir).resolve()
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            self.storage_url = f"sqlite:///{sweep_dir / 'optuna.db'}"
         self.secrets = url_secrets(self.storage_url)
         if self.secrets:
             self._scrub_credentials(config)
