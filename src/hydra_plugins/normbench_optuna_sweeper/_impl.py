@@ -1,8 +1,5 @@
-"""The sweep loop of hydra/sweeper=normbench_optuna: hydra-optuna-sweeper's OptunaSweeperImpl with
-per-trial jobs that can be pruned, failures told and survived, a study-wide n_trials, heartbeats and
-masked storage credentials (docs/optuna.md lists each difference). Imported lazily: Hydra's plugin
-scan skips `_` modules.
-"""
+"""The sweep loop of hydra/sweeper=normbench_optuna: hydra-optuna-sweeper's OptunaSweeperImpl with the
+differences docs/optuna.md lists. Imported lazily: Hydra's plugin scan skips `_` modules."""
 
 from __future__ import annotations
 
@@ -51,7 +48,6 @@ from ._study import (
     Outcome,
     TrialTask,
     best_results,
-    default_storage_url,
     failure_values,
     is_failure,
     mark_owner,
@@ -90,7 +86,11 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         if self.storage is not None and not isinstance(self.storage, str):
             fail(f"bad value hydra.sweeper.storage: expected a URL string, got {type(self.storage).__name__}")
-        self.storage_url = (self.storage or "").strip() or default_storage_url(config.hydra.sweep.dir)
+        self.storage_url = (self.storage or "").strip()
+        if not self.storage_url:  # <sweep dir>/optuna.db, beside the runs
+            sweep_dir = Path(config.hydra.sweep.dir).resolve()
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            self.storage_url = f"sqlite:///{sweep_dir / 'optuna.db'}"
         self.secrets = url_secrets(self.storage_url)
         if self.secrets:
             self._scrub_credentials(config)
@@ -230,7 +230,11 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
                     ran[outcome.status] += 1
                     if outcome.status == Status.FAILED and ret is not None:
                         self.last_failure = ret
-                        _stop_on_sweep_config_error(ret)
+                        # a job that failed its check of a hydra.sweeper key (e.g. an unknown objective):
+                        # every trial would fail alike, so the sweep stops with that one line
+                        cause = getattr(ret._return_value, "cause", None)
+                        if isinstance(cause, ConfigError) and str(cause.key).startswith("hydra.sweeper."):
+                            fail(str(cause))
                 self._check_failure_rate(ran)
         except BaseException as exc:
             self._requeue(study, in_flight)
@@ -343,7 +347,10 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         return storage, study
 
     def _outcome(self, storage, trial: optuna.Trial, ret: JobReturn) -> Outcome:
-        run_dir = _run_dir(ret)
+        try:  # the job's output dir, or where its skipped.json points (a run already done elsewhere)
+            run_dir = str(record_dir(Path(ret.hydra_cfg.hydra.runtime.output_dir)))
+        except Exception:  # noqa: BLE001
+            run_dir = None
         summary = (read_summary(Path(run_dir)) or {}) if run_dir else {}  # {}: failed before writing one
         outcome = self._classify(storage, trial, ret, summary)
         outcome.run_dir, outcome.attrs = run_dir, trial_links(summary)
@@ -401,21 +408,3 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def _stop_on_sweep_config_error(ret: JobReturn) -> None:
-    """A job that failed its config check on a hydra.sweeper key (e.g. an unknown objective): every
-    trial would fail the same way, so the sweep stops with that one line."""
-    error = ret._return_value
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, ConfigError) and str(cause.key).startswith("hydra.sweeper."):
-        fail(str(cause))
-
-
-def _run_dir(ret: JobReturn) -> str | None:
-    """The dir of the trial's run record: the job's output dir, or where its skipped.json points (a run
-    already done in another dir, e.g. an earlier trial with the same settings)."""
-    try:
-        return str(record_dir(Path(ret.hydra_cfg.hydra.runtime.output_dir)))
-    except Exception:  # noqa: BLE001
-        return None

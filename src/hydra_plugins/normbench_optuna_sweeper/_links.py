@@ -26,19 +26,15 @@ def git_revision(path: Path) -> str | None:
         return None
 
 
-def _code_dir() -> Path:
-    """Where the task's code lives: the script's dir (bench/ for normbench), else the working dir."""
-    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    return script.resolve().parent if script is not None and script.is_file() else Path.cwd()
-
-
 def study_attributes(config: DictConfig, space: dict, storage_url: str) -> dict:
     """The study's user attributes (JSON values; the password in a storage URL masked; unknown ones left
-    out)."""
+    out). The git revision is of the script's dir (bench/ for normbench), else of the working dir."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    code_dir = script.resolve().parent if script is not None and script.is_file() else Path.cwd()
     attrs = {"command": shlex.join([Path(sys.executable).name, *sys.argv]),
              "search_space": {str(k): str(v) for k, v in space.items()},
              "sweep_dir": str(config.hydra.sweep.dir), "storage": mask_passwords(storage_url),
-             "git_revision": git_revision(_code_dir())}
+             "git_revision": git_revision(code_dir)}
     logger = OmegaConf.select(config, "logger", default=None)
     if OmegaConf.is_config(logger) and logger.get("wandb"):
         # normbench's W&B runs: project logger.project, group logger.group or else experiment_name

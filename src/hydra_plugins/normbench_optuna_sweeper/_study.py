@@ -50,16 +50,6 @@ def study_lock_name(study_name: str) -> str:
     return f"normbench:study:{study_name}"
 
 
-def default_storage_url(sweep_dir: str | Path) -> str:  # <sweep dir>/optuna.db, beside the runs
-    path = Path(sweep_dir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'optuna.db'}"
-
-
-def _lock_key(name: str) -> int:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-
-
 @functools.cache
 def _lock_engine(url: str, connect_timeout: int):
     kwargs = engine_kwargs(url, connect_timeout)
@@ -70,7 +60,7 @@ def _lock_engine(url: str, connect_timeout: int):
 @contextlib.contextmanager
 def _database_lock(url: str, name: str, connect_timeout: int) -> Iterator[None]:
     """PostgreSQL: an advisory lock; MySQL: GET_LOCK (both released when the connection drops)."""
-    key = _lock_key(name)
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
     if backend(url) == "postgresql":
         take, give, args = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", {"k": key}
     else:
@@ -99,14 +89,11 @@ def storage_lock(url: str, name: str, connect_timeout: int = 10) -> contextlib.A
     return FileLock(db + ".lock")
 
 
-def counts_toward_total(trial) -> bool:
+def trials_used(study) -> int:
     """All but the FAIL trials the sweeper did not decide (those of a killed or interrupted sweeper are
     re-queued as a WAITING copy that counts)."""
-    return trial.state != TrialState.FAIL or bool(trial.system_attrs.get(COUNTED_FAILURE_ATTR))
-
-
-def trials_used(study) -> int:
-    return sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
+    return sum(t.state != TrialState.FAIL or bool(t.system_attrs.get(COUNTED_FAILURE_ATTR))
+               for t in study.get_trials(deepcopy=False))
 
 
 def trials_to_ask(study, target: int) -> int:
@@ -184,8 +171,6 @@ def tell_outcome(study, trial, outcome: Outcome, strategy: str = "worst",
                  worst_value: float | Sequence[float] = 1.0):
     """completed -> COMPLETE(values); pruned -> PRUNED; diverged or failed -> "worst": COMPLETE(worst_value)
     (the sampler learns to avoid them), "fail": FAIL (the samplers ignore it)."""
-    if strategy not in FAILURE_STRATEGIES:
-        raise ValueError(f"failure strategy must be one of {FAILURE_STRATEGIES}, got {strategy!r}")
     attrs = {STATUS_ATTR: str(outcome.status), "error": (outcome.error or "")[:500],
              "run_dir": outcome.run_dir, **outcome.attrs}
     for key, value in attrs.items():

@@ -1,15 +1,18 @@
-"""What the built-in datasets share: the download guard, error text, the grayscale channel option."""
+"""What the built-in datasets share: the download, error text, the grayscale channel option."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
+import tarfile
+import urllib.error
+from collections.abc import Callable, Iterable
 
 import torch
 from filelock import FileLock
 
-from normbench.errors import ConfigError
+from normbench.errors import ConfigError, DataNotFoundError
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 DOWNLOAD_SOCKET_TIMEOUT_S = 60.0
@@ -44,6 +47,32 @@ def download_guard(root: str):
             yield
     finally:
         socket.setdefaulttimeout(old_timeout)
+
+
+def first_missing(paths: Iterable[str], root: str) -> str | None:
+    return next((f"{os.path.relpath(p, root)} is missing" for p in paths if not os.path.isfile(p)), None)
+
+
+def fetch(label: str, root: str, download: bool, missing: Callable[[], str | None], get: Callable[[], object],
+          fill: str) -> None:
+    """Returns when `missing()` finds every file (else it says what is missing), after `get()` downloaded
+    them with data.download (torchvision's mirrors, md5-checked); otherwise one line naming the fixes."""
+    absent = missing()
+    if absent is not None and not download:
+        raise DataNotFoundError(
+            f"{label} not found in data.root={root} ({absent}) and data.download=false: rerun with "
+            f"data.download=true on a machine with network access, or {fill}")
+    if absent is not None:
+        try:
+            with download_guard(root):  # checked under the lock: another job may be extracting
+                if missing() is not None:
+                    get()
+                if (absent := missing()) is not None:
+                    raise RuntimeError(f"{absent} after the download")
+        except (urllib.error.URLError, OSError, RuntimeError, tarfile.TarError, EOFError) as err:
+            raise DataNotFoundError(
+                f"{label} not found in data.root={root} and it could not be downloaded ({short(err)}): "
+                f"run on a machine with network access with data.download=true, or {fill}") from err
 
 
 def with_channels(tensors: Tensors, channels, native: int) -> Tensors:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import urllib.error
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from normbench.datasets.common import (
     SYNTHETIC_HINT,
     Tensors,
     absolute,
-    download_guard,
+    fetch,
     short,
     with_channels,
 )
@@ -70,26 +69,16 @@ def _mnist_like(cls, label: str, root, download: bool, extra_dirs: tuple[str, ..
     root_abs = absolute(root)
     tv_dir = os.path.join(root_abs, cls.__name__, "raw")
     candidates = (tv_dir, root_abs, *extra_dirs)
-    looked = ", ".join(candidates)
     # Fashion-MNIST itself is the offline route
     offline = SYNTHETIC_HINT if apt_hint else OFFLINE_HINT
     fill = f"{apt_hint}copy the four files ({FILES[0]}[.gz], ...) into {root_abs} or {tv_dir}; {offline}"
-    files = next(filter(None, map(find_idx_files, candidates)), None)
-    if files is None and download:
-        try:
-            with download_guard(root_abs):  # checked under the lock: another job may be extracting
-                if find_idx_files(tv_dir) is None:
-                    cls(root_abs, train=True, download=True)  # torchvision's mirrors, md5-checked
-        except (urllib.error.URLError, OSError, RuntimeError, EOFError) as err:
-            raise DataNotFoundError(
-                f"{label} not found in data.root={root_abs} (looked in {looked}) and it could not be "
-                f"downloaded ({short(err)}): rerun with data.download=true on a machine with network "
-                f"access, or {fill}") from err
-        files = find_idx_files(tv_dir)
-    if files is None:
-        raise DataNotFoundError(
-            f"{label} not found in data.root={root_abs} (looked in {looked}) and data.download=false: rerun "
-            f"with data.download=true on a machine with network access, or {fill}")
+
+    def found() -> list[str] | None:
+        return next(filter(None, map(find_idx_files, candidates)), None)
+
+    fetch(label, root_abs, download, lambda: None if found() else f"looked in {', '.join(candidates)}",
+          lambda: cls(root_abs, train=True, download=True), fill)  # torchvision's mirrors, md5-checked
+    files = found()
     folder = os.path.dirname(files[0])
 
     def decode() -> Tensors:

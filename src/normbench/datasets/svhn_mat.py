@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import urllib.error
 
 import numpy as np
 import torch
 
 from normbench.datasets.cache import cached
-from normbench.datasets.common import OFFLINE_HINT, Tensors, absolute, download_guard, short
+from normbench.datasets.common import OFFLINE_HINT, Tensors, absolute, fetch, first_missing, short
 from normbench.errors import DataNotFoundError
 
 
@@ -19,22 +19,14 @@ def svhn(root: str = "./data", download: bool = True, extra: bool = False, **_) 
     root_abs = absolute(root)
     splits = ("train", "extra", "test") if extra else ("train", "test")
     paths = {s: os.path.join(root_abs, SVHN.split_list[s][1]) for s in splits}
-    fill = (f"copy {', '.join(os.path.basename(p) for p in paths.values())} into {root_abs}; {OFFLINE_HINT}")
-    missing = [s for s in splits if not os.path.isfile(paths[s])]
-    if missing and not download:
-        raise DataNotFoundError(
-            f"SVHN not found in data.root={root_abs} ({os.path.basename(paths[missing[0]])} is missing) and "
-            f"data.download=false: rerun with data.download=true on a machine with network access, or {fill}")
-    if missing:
-        try:
-            with download_guard(root_abs):
-                for split in splits:
-                    if not os.path.isfile(paths[split]):
-                        SVHN(root_abs, split=split, download=True)  # downloads and verifies the md5
-        except (urllib.error.URLError, OSError, RuntimeError, EOFError) as err:
-            raise DataNotFoundError(
-                f"SVHN not found in data.root={root_abs} and it could not be downloaded ({short(err)}): "
-                f"run on a machine with network access with data.download=true, or {fill}") from err
+    fill = f"copy {', '.join(os.path.basename(p) for p in paths.values())} into {root_abs}; {OFFLINE_HINT}"
+
+    def get() -> None:
+        for split in splits:
+            if not os.path.isfile(paths[split]):
+                SVHN(root_abs, split=split, download=True)  # downloads and verifies the md5
+
+    fetch("SVHN", root_abs, download, functools.partial(first_missing, paths.values(), root_abs), get, fill)
 
     def decode() -> Tensors:
         parts = {}

@@ -129,10 +129,6 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b) if y > 0)
 
 
-def quartiles(values: list[float]) -> list[float]:
-    return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else values[:1] * 2
-
-
 def rates(samples: list[Sample], cpu: bool = False) -> list[float]:
     return [x.cpu_rate if cpu else x.rate for x in samples]
 
@@ -155,8 +151,9 @@ def train_window(trainer, steps: int, device: torch.device, state=None) -> Calla
 def compared(a: list[Sample], b: list[Sample]) -> tuple[float, float, float, list[float]]:
     """Each side's median rate, the median of the per-round ratios a / b and their quartiles."""
     rates_a, rates_b = rates(a), rates(b)
+    ratios = [x / y for x, y in zip(rates_a, rates_b)]
     return (statistics.median(rates_a), statistics.median(rates_b), paired_ratio(rates_a, rates_b),
-            quartiles([x / y for x, y in zip(rates_a, rates_b)]))
+            statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else ratios[:1] * 2)
 
 
 def autocast(device: torch.device, amp):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from normbench.device import resolve_precision
 from normbench.perf import parts
@@ -34,17 +35,6 @@ def peak_tflops(name: str, low_precision: bool) -> float | None:
     return next((bf16 if low_precision else fp32 for key, bf16, fp32 in PEAK_TFLOPS if key in name), None)
 
 
-def train_step_flops(model, x, y, amp, device) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        with autocast(device, amp):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return int(counter.get_total_flops())
-
-
 def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -61,7 +51,12 @@ def epoch_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: st
                           num_train=int(s.cuda_epoch_images * 0.9), val=int(s.cuda_epoch_images * 0.1))
     amp = run.trainer.settings.amp_dtype
     x, y = next(iter(run.stream))
-    flops = train_step_flops(run.model, x, y, amp, device) / x.shape[0]
+    with FlopCounterMode(display=False) as counter:  # one training step's
+        with autocast(device, amp):
+            loss = F.cross_entropy(run.model(x), y)
+        loss.backward()
+    run.model.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops() / x.shape[0]
     run.trainer.train_steps(1, LoopState(), warmup_steps)   # cuDNN autotuning, allocator, (compile)
     _reset_peak_memory(device)
     row = run.trainer.run(LoopState()).history[-1]

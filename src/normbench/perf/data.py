@@ -19,30 +19,23 @@ from normbench.device import synchronize
 from normbench.perf.common import alternate
 
 
-def in_memory_cifar10(n_images: int, seed: int = 0):
-    """A torchvision ``CIFAR10`` (train split) of `n_images` generated uint8 images: made without its
-    file-reading ``__init__``, then given ``.data`` and ``.targets``; the rest is torchvision's own class."""
-    from torchvision.datasets import CIFAR10, VisionDataset
-
-    rng = np.random.default_rng(seed)
-    ds = CIFAR10.__new__(CIFAR10)
-    VisionDataset.__init__(ds, "in-memory")
-    ds.train = True
-    ds.data = rng.integers(0, 256, size=(n_images, 32, 32, 3), dtype=np.uint8)
-    ds.targets = rng.integers(0, 10, size=n_images).tolist()
-    return ds
-
-
 def _cifar10_dataset(root, n_images: int):
-    """(torchvision CIFAR10 train set, source label); real data from ``root`` when it holds it."""
-    from torchvision.datasets import CIFAR10
+    """(torchvision CIFAR10 train set, source label): real data from ``root`` when it holds it, else
+    `n_images` generated images in torchvision's own class (made without its file-reading ``__init__``)."""
+    from torchvision.datasets import CIFAR10, VisionDataset
 
     if root is not None:
         with contextlib.suppress(RuntimeError):  # absent or corrupted: generated images instead
             ds = CIFAR10(os.path.abspath(os.path.expanduser(str(root))), train=True, download=False)
             ds.data, ds.targets = ds.data[:n_images], ds.targets[:n_images]
             return ds, "cifar10"
-    return in_memory_cifar10(n_images), "fake-cifar10"
+    rng = np.random.default_rng(0)
+    ds = CIFAR10.__new__(CIFAR10)
+    VisionDataset.__init__(ds, "in-memory")
+    ds.train = True
+    ds.data = rng.integers(0, 256, size=(n_images, 32, 32, 3), dtype=np.uint8)
+    ds.targets = rng.integers(0, 10, size=n_images).tolist()
+    return ds, "fake-cifar10"
 
 
 def _endless(batches: Iterable, device: torch.device) -> Iterator:

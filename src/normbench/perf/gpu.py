@@ -179,11 +179,6 @@ def run_checks(g: GpuCheckSettings, paths: PerfPaths, device: torch.device, work
     return results
 
 
-def _concurrency_verdict(con: dict) -> str:
-    best = max(level["speedup"] for level in con["levels"])
-    return "PASS" if best >= 2 else f"FAIL ({best:.2f}x)"
-
-
 def _fused_verdict(fused: dict) -> str:
     """Which is faster at batch 8, full width: K = 8 fused or the best of the concurrent processes."""
     rows = {row["k"]: row for row in fused["rows"]}
@@ -200,7 +195,8 @@ CLAIMS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "channels_last=auto picks the faster layout": (
         "layouts", lambda r: "FAIL: " + ", ".join(r["auto_wrong"]) if r["auto_wrong"] else "PASS"),
     "torch.compile reused by a second run": ("compile", lambda c: "PASS" if c["reused"] else "FAIL"),
-    ">= 2x runs/hour from concurrent jobs (b8)": ("concurrency", _concurrency_verdict),
+    ">= 2x runs/hour from concurrent jobs (b8)": ("concurrency", lambda c: "PASS" if (
+        best := max(level["speedup"] for level in c["levels"])) >= 2 else f"FAIL ({best:.2f}x)"),
     "fused K=8 vs the best concurrent processes (b8)": ("fused", _fused_verdict),
     "probes under bf16 = fp32": ("probes", lambda p: "PASS" if p["within_tolerance"] else "FAIL"),
 }

@@ -19,28 +19,23 @@ NORMS = ("none", "bn", "gn", "ln", "lrn")
 TIE = 0.03
 
 
-def layout_row(s: PerfSettings, paths: PerfPaths, device: torch.device, model: str, norm: str) -> dict:
-    candidates, keep = {}, []
-    for cl in (True, False):
-        run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model, s.width, norm),
-                                                          f"batch_size={s.layout_batch}",
-                                                          f"trainer.channels_last={str(cl).lower()}"],
-                              num_train=s.layout_batch * s.layout_steps * 2)
-        keep.append(run)
-        candidates["channels_last" if cl else "nchw"] = train_window(run.trainer, s.layout_steps, device)
-    res = alternate(candidates, s.layout_rounds)
-    cl_img_s, nchw_img_s, ratio, _ = compared(res["channels_last"], res["nchw"])
-    auto = resolve_channels_last("auto", device, norm, model, s.width)
-    faster_or_tie = abs(ratio - 1) <= TIE or (ratio > 1) == auto
-    return {"model": model, "norm": norm, "batch": s.layout_batch, "width": s.width,
-            "channels_last_img_s": cl_img_s, "nchw_img_s": nchw_img_s, "ratio": ratio,
-            "auto": "channels_last" if auto else "nchw", "auto_ok": faster_or_tie}
-
-
 def layout_rows(s: PerfSettings, paths: PerfPaths, device: torch.device, models, norms) -> list[dict]:
     rows = []
     for model, norm in itertools.product(models, norms):
-        rows.append(layout_row(s, paths, device, model, norm))
+        candidates = {}
+        for cl in (True, False):
+            run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model, s.width, norm),
+                                                              f"batch_size={s.layout_batch}",
+                                                              f"trainer.channels_last={str(cl).lower()}"],
+                                  num_train=s.layout_batch * s.layout_steps * 2)
+            candidates["channels_last" if cl else "nchw"] = train_window(run.trainer, s.layout_steps, device)
+        res = alternate(candidates, s.layout_rounds)
+        cl_img_s, nchw_img_s, ratio, _ = compared(res["channels_last"], res["nchw"])
+        auto = resolve_channels_last("auto", device, norm, model, s.width)
+        rows.append({"model": model, "norm": norm, "batch": s.layout_batch, "width": s.width,
+                     "channels_last_img_s": cl_img_s, "nchw_img_s": nchw_img_s, "ratio": ratio,
+                     "auto": "channels_last" if auto else "nchw",
+                     "auto_ok": abs(ratio - 1) <= TIE or (ratio > 1) == auto})  # faster, or a tie
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -53,10 +53,6 @@ def _raw_loop(model, stream, steps: int, device: torch.device, amp, compile_: bo
     return run
 
 
-def _data_only(stream, steps: int) -> Callable[[], int]:  # 4 x `steps` batches of the pipeline alone
-    return lambda: sum(y.shape[0] for _ in range(4) for _x, y in itertools.islice(stream, steps))
-
-
 def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path, model_name: str,
                 batch: int, steps: int) -> tuple[dict, dict]:
     run = parts.run_parts(s, paths.conf_dir, device, [*parts.model_overrides(model_name, s.width),
@@ -67,7 +63,8 @@ def _candidates(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir
     raw_model = copy.deepcopy(run.model)
     raw = _raw_loop(raw_model, parts.another_stream(run, seed=1), steps, device,
                     run.trainer.settings.amp_dtype, s.compile)
-    data_only = _data_only(parts.another_stream(run, seed=2), steps)
+    data = parts.another_stream(run, seed=2)  # 4 x `steps` batches of the pipeline alone
+    data_only = lambda: sum(y.shape[0] for _ in range(4) for _x, y in itertools.islice(data, steps))
     candidates = {"normbench": train_window(run.trainer, steps, device),
                   "raw": lambda: timed(raw, device),
                   "data": lambda: timed(data_only, device)}

@@ -7,10 +7,11 @@ clock at launch). Sections ``jobs`` (``bench_jobs``) and ``fixed_cost`` (its sta
 from __future__ import annotations
 
 import functools
-import importlib
 import itertools
 import json
 import os
+import pkgutil
+import re
 import statistics
 import sys
 import time
@@ -71,11 +72,8 @@ def install(events: list, start: float) -> None:
     """Wrap every function of PHASES; each call appends [phase, start s, end s, exclusive s] to `events`."""
     stack: list = []
     for phase, target in PHASES:
-        module_name, attribute = target.split(":")
-        owner = importlib.import_module(module_name)
-        *path, name = attribute.split(".")
-        for part in path:
-            owner = getattr(owner, part)
+        owner_name, name = re.fullmatch(r"(.+)[.:](\w+)", target).groups()
+        owner = pkgutil.resolve_name(owner_name)
         setattr(owner, name, _wrap(events, stack, start, phase, getattr(owner, name)))
 
 

@@ -15,16 +15,12 @@ VARIANTS = ("none", "landscape", "grad_similarity", "all")
 INTERVAL, CHUNK = 50, 10   # a round = the 50-step landscape interval, timed in alternating 10-step chunks
 
 
-def _trainers(s: PerfSettings, paths: PerfPaths, device: torch.device) -> dict:
-    """One Trainer per probe variant, each on the same model (same seed, same weights) and data."""
-    model = [*parts.model_overrides("vgg_a", s.probe_width), f"batch_size={s.probe_batch}"]
-    return {name: parts.run_parts(s, paths.conf_dir, device, [*model, f"probe={name}"],
-                                  num_train=s.probe_batch * INTERVAL + s.probe_batch).trainer
-            for name in VARIANTS}
-
-
 def bench_probes(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir: Path) -> dict:
-    trainers = _trainers(s, paths, device)
+    # one Trainer per probe variant, each on the same model (same seed, same weights) and data
+    model = [*parts.model_overrides("vgg_a", s.probe_width), f"batch_size={s.probe_batch}"]
+    trainers = {name: parts.run_parts(s, paths.conf_dir, device, [*model, f"probe={name}"],
+                                      num_train=s.probe_batch * INTERVAL + s.probe_batch).trainer
+                for name in VARIANTS}
     states = {name: LoopState() for name in VARIANTS}
 
     # warm-up: one whole interval each, so every probe has run once (and the step counters stay aligned)

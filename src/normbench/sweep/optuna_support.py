@@ -126,18 +126,6 @@ _STORAGES: dict[str, Any] = {}
 _STORAGES_LOCK = threading.Lock()
 
 
-def _heartbeat_kwargs(settings: StorageSettings) -> dict:
-    import optuna
-
-    if not settings.heartbeat_interval:
-        return {}
-    with quiet_optuna():
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
-    return {"heartbeat_interval": int(settings.heartbeat_interval),
-            "grace_period": int(settings.grace_period) if settings.grace_period else None,
-            "heartbeat_stale_trial_callback": retry}
-
-
 def open_storage(url: str, settings: StorageSettings | None = None,
                  schema_lock: contextlib.AbstractContextManager | None = None):
     """One RDBStorage per URL and process; else a one-line StorageError, its password masked."""
@@ -152,9 +140,12 @@ def open_storage(url: str, settings: StorageSettings | None = None,
                                "URL (sqlite:///path/optuna.db, postgresql://user:password@host/db, ...)")
         try:
             with quiet_optuna(), schema_lock or contextlib.nullcontext():
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
+                heartbeat = {"heartbeat_interval": int(settings.heartbeat_interval),
+                             "grace_period": int(settings.grace_period) if settings.grace_period else None,
+                             "heartbeat_stale_trial_callback": retry} if settings.heartbeat_interval else {}
                 storage = optuna.storages.RDBStorage(
-                    driver_url(url), engine_kwargs=engine_kwargs(url, settings.connect_timeout),
-                    **_heartbeat_kwargs(settings))
+                    driver_url(url), engine_kwargs=engine_kwargs(url, settings.connect_timeout), **heartbeat)
         except Exception as err:  # noqa: BLE001 - any driver error becomes one clear line
             raise StorageError(f"cannot open the Optuna storage {mask_passwords(url)}: "
                                f"{_reason(err, url)}") from None
