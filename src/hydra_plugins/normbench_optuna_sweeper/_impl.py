@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from normbench.errors import PREFIX, ConfigError, StorageError, fail, mask_passwords, one_line
 from normbench.interrupts import EXIT_CODES, raise_on_sigterm, signal_name
 from normbench.record import Status, read_summary, record_dir
-from normbench.sweep.objectives import OBJECTIVES, check_objectives
+from normbench.sweep.objectives import OBJECTIVES
 from normbench.sweep.optuna_support import (
     ENV_STORAGE,
     ENV_STUDY,
@@ -149,10 +149,6 @@ class NormbenchOptunaSweeperImpl(OptunaSweeperImpl):
         if not directions or any(d not in ("minimize", "maximize") for d in directions):
             fail(f"bad value hydra.sweeper.direction={directions}: each direction is minimize or maximize")
         if self.objectives is not None:
-            try:
-                check_objectives(self.objectives)
-            except ConfigError as err:
-                fail(err)
             if len(self.objectives) != len(directions):
                 fail(f"bad value hydra.sweeper.objectives={self.objectives}: {len(self.objectives)} name(s) "
                      f"for {len(directions)} direction(s) (hydra.sweeper.direction={directions}); give one "

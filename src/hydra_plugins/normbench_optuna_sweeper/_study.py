@@ -103,7 +103,9 @@ def trials_to_ask(study, target: int) -> int:
 
 
 class JobExited(RuntimeError):  # a job's sys.exit(n != 0): normbench's entry point's on user errors
-    pass
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause  # the error the entry point exited on (it pickles with the exception)
 
 
 class TrialTask:
@@ -120,7 +122,7 @@ class TrialTask:
                 raise
             cause = exc.__context__  # normbench's entry point exits 2 while handling a NormbenchError
             reason = one_line(cause) if cause is not None else "no message"
-            raise JobExited(f"the job exited with status {exc.code} ({reason})") from None
+            raise JobExited(f"the job exited with status {exc.code} ({reason})", cause) from None
 
 
 @dataclass
