@@ -794,6 +794,30 @@ def test_model_variant_fills_study_table_with_note(tmp_path):
     assert [t.name for t in rep.tables] == ["vgg_bn_baseline"]
 
 
+def test_norm_by_batch_sweep_of_any_model_gets_study_002s_comparisons(tmp_path):
+    """norm x batch size on a model and data of no study table: each norm's smallest vs largest batch and
+    GN vs BN at each batch, with Welch intervals, and the page leads with them."""
+    sweep = tmp_path / "norm_batch"
+    error = {("bn", 2): 0.60, ("bn", 64): 0.40, ("gn", 2): 0.45, ("gn", 64): 0.46}
+    for (norm, batch), err in error.items():
+        for seed in (0, 1, 2):
+            choices = {"model": "vgg_a", "data": "fashion_mnist", "norm": norm, "batch_size": batch,
+                       "seed": seed}
+            write_run(sweep, experiment="nb", choices=choices, test_acc=1 - err - 0.01 * seed)
+    rep = report.build([str(sweep)], str(tmp_path / "out"))
+    (table,) = rep.tables
+    pairs = {(p.row, p.base): p.comparison for p in table.pairs}
+    assert list(pairs) == [("batch_size=2 norm=bn", "batch_size=64 norm=bn"),
+                           ("batch_size=2 norm=gn", "batch_size=64 norm=gn"),
+                           ("batch_size=2 norm=gn", "batch_size=2 norm=bn"),
+                           ("batch_size=64 norm=gn", "batch_size=64 norm=bn")]
+    bn = pairs[("batch_size=2 norm=bn", "batch_size=64 norm=bn")]
+    assert bn.diff == pytest.approx(0.20) and bn.interval[0] > 0 and bn.verdict == "differs"
+    lines = [text for text, _ in render.headlines(rep.tables)]
+    assert any(line.startswith("batch_size=2 norm=gn vs batch_size=2 norm=bn: test error -15.00 pp [95% CI ")
+               and "n = 3 / 3" in line for line in lines), lines
+
+
 # ------------------------------------------------------------------------------------------------
 # seed pooling by the seedless identity
 

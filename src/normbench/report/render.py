@@ -129,7 +129,8 @@ def _line(table: Table, row: Row, extra: bool) -> tuple[list[str], list[Any]]:
                     None if st.ci is None else st.ci * col.scale, st.n] + [ref] * study
         text = fmt_stat(st, col, points)
         if never:
-            text = _never_text(row, never, never + st.n, "" if st.mean is None else f"{text}; ")
+            text = _never_text(row, never, never + st.n,
+                               "" if st.mean is None else f"{text} ({st.n} of {never + st.n}); ")
         if col.metric == table.primary and study:
             none = NO_STUDY_NUMBER if row.no_study else ""
             shown += [text, none if ref is None else _fmt_ref(ref, col),
@@ -201,13 +202,20 @@ def headlines(tables: Sequence[Table]) -> list[tuple[str, str]]:
             many = row.vs == "best" and len(table.rows) > 3  # each row vs the best: no single answer
             if c is None or c.interval is None or row.cell is None or many:
                 continue
-            lo, hi = (v * col.scale for v in c.interval)
             name = row.label + (f" ({row.extra})" if row.extra else "")
-            text = (f"{name} vs {row.vs}: {col.title.removesuffix(' %')} {c.diff * col.scale:+.2f} pp "
-                    f"[95% CI {lo:+.2f}, {hi:+.2f}] ({c.verdict}), n = {c.n[0]} / {c.n[1]}, "
-                    f"{_stat_text(row.cell, 'train/steps')} steps each — {used([row.cell])}")
-            out.append((text, figure))
+            out.append((_headline(f"{name} vs {row.vs}", c, col, [row.cell]), figure))
+        out += [(_headline(f"{pair.row} vs {pair.base}", pair.comparison, col, pair.cells), figure)
+                for pair in table.pairs if pair.cells and pair.comparison.interval is not None]
     return out[:MAX_HEADLINES]
+
+
+def _headline(name: str, c: Comparison, col: Column, cells: Sequence[Cell]) -> str:
+    """One comparison's answer: the difference, its interval, n, the budget and the data."""
+    lo, hi = (v * col.scale for v in c.interval)
+    steps = dict.fromkeys(_stat_text(cell, "train/steps") for cell in cells)
+    budget = f"{' / '.join(steps)} steps" + (" each" if len(steps) == 1 else "")
+    return (f"{name}: {col.title.removesuffix(' %')} {c.diff * col.scale:+.2f} pp [95% CI {lo:+.2f}, "
+            f"{hi:+.2f}] ({c.verdict}), n = {c.n[0]} / {c.n[1]}, {budget} — {used(list(cells))}")
 
 
 def _stat_text(cell: Cell, metric: str) -> str:

@@ -75,6 +75,7 @@ class Pair:
     base: str
     comparison: Comparison | None  # None: one side not run
     study_diff: float | None
+    cells: tuple[Cell, ...] = ()  # the two sides' cells, when both ran
 
 
 @dataclass
@@ -206,7 +207,7 @@ def _compare_pairs(st: StudyTable, table: Table) -> None:
     for a, b in st.pairs:
         ca, cb = first.get(a), first.get(b)
         cmp = _compare(ca, cb, st.primary) if ca is not None and cb is not None else None
-        table.pairs.append(Pair(a, b, cmp, _study_diff(st, st.row(a), st.row(b))))
+        table.pairs.append(Pair(a, b, cmp, _study_diff(st, st.row(a), st.row(b)), (ca, cb) if cmp else ()))
 
 
 def add_convergence(table: Table) -> None:
@@ -227,7 +228,7 @@ def add_convergence(table: Table) -> None:
         steps = next((s for s, acc in curve if acc >= threshold), None) if learned else None
         row.convergence = (row.convergence or []) + [steps]
         accs = [acc for _, acc in curve]
-        if steps is None and len(accs) > 1 and accs[-1] >= max(accs[:-1]) + IMPROVING_MARGIN:
+        if steps is None and learned and len(accs) > 1 and accs[-1] >= max(accs[:-1]) + IMPROVING_MARGIN:
             row.cut.append(curve[-1][0])
     table.convergence_note = (
         f"steps to threshold: the optimizer steps after which validation accuracy first reaches "
@@ -406,9 +407,27 @@ def generic_tables(cells: Sequence[Cell], shown: set[int]) -> list[Table]:
             which = f"trial {best.trials}, the best objective" if search else "the lowest mean test error"
             label = _extra_label(best, keys, overrides)
             table.notes.append(f"'vs best' compares each row with {which} ({label}).")
+        if not overrides and not search:
+            _norm_batch_pairs(table, keys)
         add_convergence(table)
         tables.append(table)
     return tables
+
+
+def _norm_batch_pairs(table: Table, keys: Sequence[str]) -> None:
+    """Study 002's comparisons for any model and data, when norm and batch size are all a sweep varies:
+    each norm at its smallest vs its largest batch size, and GN and batch renorm vs BN at each size."""
+    if sorted(keys) != ["batch_size", "norm"]:
+        return
+    rows = {(row.cell.setting("norm"), row.cell.setting("batch_size")): row for row in table.rows if row.cell}
+    batches = sorted({batch for _, batch in rows})
+    wanted = [((norm, batches[0]), (norm, batches[-1])) for norm in dict.fromkeys(n for n, _ in rows)]
+    wanted += [((norm, batch), ("bn", batch)) for norm in ("gn", "brn") for batch in batches]
+    for a, b in wanted:
+        if a != b and a in rows and b in rows:
+            cells = (rows[a].cell, rows[b].cell)
+            comparison = _compare(*cells, table.primary)
+            table.pairs.append(Pair(rows[a].label, rows[b].label, comparison, None, cells))
 
 
 def _sort_key(value: Any) -> tuple:
