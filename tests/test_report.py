@@ -29,6 +29,7 @@ from normbench import record
 from normbench.filters import filter_grid
 from normbench.identity import seedless_identity
 from normbench.report import cli as report
+from normbench.report import mechanism as records_mechanism
 from normbench.report import records, reference, render, stats
 from normbench.report import tables as report_tables
 
@@ -816,6 +817,30 @@ def test_norm_by_batch_sweep_of_any_model_gets_study_002s_comparisons(tmp_path):
     lines = [text for text, _ in render.headlines(rep.tables)]
     assert any(line.startswith("batch_size=2 norm=gn vs batch_size=2 norm=bn: test error -15.00 pp [95% CI ")
                and "n = 3 / 3" in line for line in lines), lines
+
+
+def test_any_probed_sweep_gets_the_mechanism_table_without_study_numbers(tmp_path):
+    """lrs no study row has (0.01, 0.02), on Fashion-MNIST: a generic table, and still a mechanism line per
+    norm and lr, with no study number and no study range in the figure's caption."""
+    sweep = tmp_path / "lrs"
+    for norm in ("none", "bn"):
+        for lr in (0.01, 0.02):
+            for seed in (0, 1):
+                choices = {"model": "vgg_a_light", "data": "fashion_mnist", "norm": norm, "seed": seed, "lr": lr}
+                write_run(sweep, experiment="my_lrs", lr=lr, test_acc=0.8, choices=choices,
+                          probes=probe_rows(seed, norm == "bn", lr))
+    rep = report.build([str(sweep)], str(tmp_path / "out"))
+    (table,) = rep.tables
+    assert table.kind == "generic"
+    lines = {(m.norm, getattr(m, "lr", None)): m for m in table.mechanism}
+    assert list(lines) == [("plain", 0.01), ("plain", 0.02), ("plain", None), ("BN", 0.01), ("BN", 0.02),
+                           ("BN", None)]
+    assert lines[("BN", 0.02)].grad_cos == pytest.approx(statistics.mean(
+        r["probe/grad_cos"] for s in (0, 1) for r in probe_rows(s, True, 0.02) if r["step"] >= 10))
+    assert all(line.study == {} for line in lines.values() if isinstance(line, records_mechanism.NormLine))
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| BN | 0.02 |" in md and "probes are read only after a run has left chance" in md
+    assert "dashed" not in md
 
 
 # ------------------------------------------------------------------------------------------------

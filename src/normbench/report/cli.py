@@ -76,7 +76,8 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
         tables = [t for st in STUDY_TABLES if (t := study_table(st, assigned.get(st.name, []))) is not None]
         tables += generic_tables(cells, {id(c) for t in tables for c in t.cells})
         for table in tables:
-            if table.study is not None and table.study.mechanism:
+            # a study table with the study's mechanism numbers, or any sweep with probe records
+            if table.study.mechanism if table.study else any(r.probes() for c in table.cells for r in c.runs):
                 table.mechanism = mechanism(table)
     with _timed(timings, "figures"):
         from normbench.report.figures import add_figures  # matplotlib: imported only when figures are drawn

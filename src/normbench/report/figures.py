@@ -136,8 +136,9 @@ def loss_landscape(table: Table, fig_dir: str) -> None:
     if not bands:
         return
     lrs = sorted({lr for c in table.cells if (lr := lr_of(c)) is not None})
-    caption = ("training loss per step: min–max over all learning rates and seeds (dashed: the study's "
-               f"reported range); the table's range leaves out the first {LOSS_RANGE_WARMUP_EPOCHS} epoch(s)")
+    dashed = " (dashed: the study's reported range)" if any(r for _, r in bands) else ""
+    caption = (f"training loss per step: min–max over all learning rates and seeds{dashed}; the table's "
+               f"range leaves out the first {LOSS_RANGE_WARMUP_EPOCHS} epoch(s)")
     plots.band_plot([b for b, _ in bands], _figure_path(table, fig_dir, "landscape", caption),
                     "Training loss per step, min–max over learning rates " + ", ".join(f"{v:g}" for v in lrs),
                     "training loss", ref_ranges=[r for _, r in bands])

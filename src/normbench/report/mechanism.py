@@ -91,7 +91,7 @@ def mechanism(table) -> list[LrLine | NormLine]:
                 line.vs_plain = _direction(line, plain[line.lr])
         lines += lr_lines
         loss_range = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
-        study = {} if no_study else table.study.mechanism.get(norm, {})
+        study = {} if no_study or table.study is None else table.study.mechanism.get(norm, {})
         lrs = [line.lr for line in lr_lines if line.lr is not None]
         lines.append(NormLine(label, len(runs), loss_range, study, no_study, effective, lrs, runs))
     return lines

@@ -250,7 +250,8 @@ def mechanism_rows(table: Table) -> tuple[list[str], list[list[str]]]:
 
 def _study_direction(table: Table, line: NormLine) -> str:
     """The study's direction of the Lipschitz estimate against plain (its magnitude does not compare)."""
-    ours, plain = line.study.get("lipschitz"), table.study.mechanism.get("none", {}).get("lipschitz")
+    ours = line.study.get("lipschitz")
+    plain = table.study.mechanism.get("none", {}).get("lipschitz") if ours is not None else None
     if ours is None or plain is None or line.norm == "plain":
         return NO_STUDY_NUMBER if line.no_study else ""
     return f"study: Lipschitz {'lower' if ours < plain else 'higher'}"
