@@ -826,7 +826,8 @@ def test_any_probed_sweep_gets_the_mechanism_table_without_study_numbers(tmp_pat
     for norm in ("none", "bn"):
         for lr in (0.01, 0.02):
             for seed in (0, 1):
-                choices = {"model": "vgg_a_light", "data": "fashion_mnist", "norm": norm, "seed": seed, "lr": lr}
+                choices = {"model": "vgg_a_light", "data": "fashion_mnist", "norm": norm, "seed": seed,
+                           "lr": lr}
                 write_run(sweep, experiment="my_lrs", lr=lr, test_acc=0.8, choices=choices,
                           probes=probe_rows(seed, norm == "bn", lr))
     rep = report.build([str(sweep)], str(tmp_path / "out"))
