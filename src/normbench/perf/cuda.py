@@ -93,7 +93,7 @@ def _concurrency(s: PerfSettings, train: Path, device: torch.device, workdir: Pa
     """Runs/hour of concurrent jobs and their summed training images/s (what decides long runs)."""
     steps = s.cuda_concurrency_steps
     job = [sys.executable, str(train), "data=synthetic", f"data.num_train={steps * 8 + 1008}",
-           "data.val_size=1000", "model=vgg_a", "batch_size=8", "trainer.epochs=1",
+           "data.val_size=1000", "model=vgg_a", f"model.width={s.width}", "batch_size=8", "trainer.epochs=1",
            f"trainer.max_steps_per_epoch={steps}", "trainer.max_eval_batches=1", "logger=none",
            f"trainer.device={device}", "trainer.checkpoint=false"]
     levels = [_concurrency_level(job, k, workdir) for k in levels_run]
@@ -116,5 +116,5 @@ def bench_cuda(s: PerfSettings, paths: PerfPaths, device: torch.device, workdir:
         out["epochs"].append({key: row[key] for key in EPOCH_KEYS})
         torch.cuda.empty_cache()
     if paths.train_script is not None and Path(paths.train_script).exists():
-        out["concurrency"] = _concurrency(s, Path(paths.train_script), device, workdir)
+        out["concurrency"] = _concurrency(replace(s, width=1.0), Path(paths.train_script), device, workdir)
     return out
