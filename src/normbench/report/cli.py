@@ -17,7 +17,7 @@ from typing import Any
 
 from normbench.errors import ConfigError, NormbenchError, warn
 from normbench.loggers import wandb_mode
-from normbench.record import SUMMARY
+from normbench.record import PROBES, SUMMARY
 from normbench.report.mechanism import mechanism
 from normbench.report.records import ScanResult, cells_of, scan
 from normbench.report.reference import STUDY_TABLES
@@ -76,8 +76,9 @@ def build(sweep_dirs: Sequence[str], out: str, *, wandb: bool = False, wandb_pro
         tables = [t for st in STUDY_TABLES if (t := study_table(st, assigned.get(st.name, []))) is not None]
         tables += generic_tables(cells, {id(c) for t in tables for c in t.cells})
         for table in tables:
-            # a study table with the study's mechanism numbers, or any sweep with probe records
-            if table.study.mechanism if table.study else any(r.probes() for c in table.cells for r in c.runs):
+            # a study table with the study's mechanism numbers, or any other table with probe records
+            probed = any(PROBES in run.files for cell in table.cells for run in cell.runs)
+            if table.study.mechanism if table.study else probed:
                 table.mechanism = mechanism(table)
     with _timed(timings, "figures"):
         from normbench.report.figures import add_figures  # matplotlib: imported only when figures are drawn
