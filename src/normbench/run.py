@@ -145,16 +145,21 @@ class RunMemory:
         self.file_baseline: float | None = None
         self.data_mb: float | None = None  # the three splits on the device, reported separately
 
+    _modules_frozen = 0  # len(sys.modules) at the last gc.freeze of this process
+
     def collect(self) -> None:
         """In a sweep job, before its data is loaded: the garbage of the jobs before it (a single run has
-        none). The first one then freezes what survives (gc.freeze: the imported modules, most of the heap),
-        so that a collection costs only what the jobs since allocated (a full one: 0.3-0.6 s here)."""
+        none). Whenever modules were imported since the last collection (the first job's, W&B's in the
+        first job), what survives is frozen (gc.freeze: the modules, most of the heap), so that a collection
+        traverses only what the jobs since allocated: 1 ms instead of 0.3-0.6 s for a whole heap, or 40 ms
+        for the modules one job imports."""
         if not self.in_sweep:
             return
         _import_early(2)
         gc.collect()
-        if gc.get_freeze_count() == 0:
+        if len(sys.modules) != RunMemory._modules_frozen:
             gc.freeze()
+            RunMemory._modules_frozen = len(sys.modules)
 
     def start(self, data: DataBundle) -> None:
         self.data_mb = sum(t.numel() * t.element_size() for split in (data.train, data.val, data.test)
