@@ -20,6 +20,8 @@ from normbench.data import eval_batches
 from normbench.device import NORM_TYPES, keep_norms_fp32
 from normbench.record import Status
 
+BATCH_STATS_NORMS = torch.nn.modules.batchnorm._NormBase  # the norms whose output depends on the batch
+
 
 @dataclass
 class LoopSettings:
@@ -161,16 +163,17 @@ class Trainer:
         return max(0, min(self.steps_per_epoch(), self.settings.total_steps(len(self.stream)) - state.step))
 
     def evaluate(self, split, batch_size: int | None = None, max_batches: int | None = None,
-                 batch_stats: bool = False) -> tuple[float, float]:
+                 batch_stats: bool = False, first: int = 0) -> tuple[float, ...]:
         """Loss and accuracy on `split` (default batches: eval_batch_size, max_eval_batches) in eval mode, or
         with `batch_stats` with the norm layers in train mode (each batch normalized by its own statistics)
-        and dropout off; every buffer (running statistics, batch counts) is restored afterwards."""
+        and dropout off; every buffer (running statistics, batch counts) is restored afterwards. With
+        `first`, then the loss and accuracy of the first `first` of the images evaluated, from the same
+        forward passes."""
         self.model.eval()
         saved = [(b, b.clone()) for b in self.model.buffers()] if batch_stats else []
         for module in self.model.modules() if batch_stats else ():
             module.training = isinstance(module, NORM_TYPES)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        sums = torch.zeros(4, device=self.device)  # loss, hits: of every image, of the first `first`
         count = 0
         with torch.inference_mode(), self.autocast():
             for x, y in eval_batches(split, batch_size or self.settings.eval_batch_size, self.data.mean,
@@ -178,24 +181,44 @@ class Trainer:
                                      channels_last=self.settings.channels_last,
                                      max_batches=max_batches or self.settings.max_eval_batches):
                 logits = self.model(x)
-                loss_sum += self.criterion(logits, y).float() * y.numel()
-                correct += (logits.argmax(1) == y).sum()
-                count += y.numel()
-            loss_total, correct_total = torch.stack([loss_sum, correct.float()]).tolist()  # one sync
+                n, hits = y.numel(), logits.argmax(1) == y
+                loss = self.criterion(logits, y).float() * n
+                sums[:2] += torch.stack([loss, hits.sum().float()])
+                if (k := min(n, first - count)) > 0:
+                    head = loss if k == n else self.criterion(logits[:k], y[:k]).float() * k
+                    sums[2:] += torch.stack([head, hits[:k].sum().float()])
+                count += n
+            values = sums.tolist()  # one sync
             for buffer, value in saved:
                 buffer.copy_(value)
         self.model.train()
-        return loss_total / max(count, 1), correct_total / max(count, 1)
+        whole = (values[0] / max(count, 1), values[1] / max(count, 1))
+        return whole + (values[2] / max(min(first, count), 1), values[3] / max(min(first, count), 1)) \
+            if first else whole
 
-    def batch_stats_gap(self) -> dict[str, float]:
-        """The first `batchstats_images` validation images in whole batches of the training batch size, in
-        eval mode (`val/*_evalmode`) and with batch statistics (`val/*_batchstats`): the same data, the
-        batch statistics training used against the running ones eval uses. Consumes no random numbers."""
+    def _batch_stats_images(self) -> int:
+        """How many validation images the batch-stats gap reads: whole batches of the training batch size."""
         batch_size = self.stream.batch_size
-        batches = min(self.settings.batchstats_images, len(self.data.val)) // batch_size
-        row = {}
-        for mode, batch_stats in (("evalmode", False), ("batchstats", True)) if batches else ():
-            loss, acc = self.evaluate(self.data.val, batch_size, batches, batch_stats)
+        return min(self.settings.batchstats_images, len(self.data.val)) // batch_size * batch_size
+
+    def validate(self) -> dict[str, float]:
+        """The validation loss and accuracy, and the batch-stats gap: the first `batchstats_images` images
+        in whole batches of the training batch size in eval mode (`val/*_evalmode`, from the validation's
+        own passes when they cover them) and with batch statistics (`val/*_batchstats`): the batch
+        statistics training used against the running ones eval uses. A model without batch-statistics
+        norms computes the same numbers both ways: its batchstats are its evalmode. No random numbers."""
+        images = self._batch_stats_images()
+        evaluated = min(len(self.data.val), self.settings.eval_batch_size * (self.settings.max_eval_batches
+                                                                             or len(self.data.val)))
+        values = self.evaluate(self.data.val, first=images if images <= evaluated else 0)
+        row = {"val/loss": values[0], "val/acc": values[1]}
+        if not images:
+            return row
+        batch_size, batches = self.stream.batch_size, images // self.stream.batch_size
+        evalmode = values[2:] or self.evaluate(self.data.val, batch_size, batches)
+        uses_batch_stats = any(isinstance(m, BATCH_STATS_NORMS) for m in self.model.modules())
+        batchstats = self.evaluate(self.data.val, batch_size, batches, True) if uses_batch_stats else evalmode
+        for mode, (loss, acc) in (("evalmode", evalmode), ("batchstats", batchstats)):
             row[f"val/loss_{mode}"], row[f"val/acc_{mode}"] = loss, acc
         return row
 
@@ -226,13 +249,13 @@ class Trainer:
         if not totals.finite or not math.isfinite(totals.loss):
             state.status, state.diverged_epoch = Status.DIVERGED, epoch
             return False
-        val_loss, val_acc = self.evaluate(self.data.val)
-        gap = self.batch_stats_gap()
+        validated = self.validate()
         state.train_time_s += totals.time_s
         row = {"epoch": epoch, "step": state.step, "train/loss": totals.loss, "train/acc": totals.acc,
-               "val/loss": val_loss, "val/acc": val_acc, "lr": self.scheduler.get_last_lr()[0],
-               "time/epoch_s": time.perf_counter() - started, "train/images": state.images,
-               "throughput/img_s": totals.seen / max(totals.time_s, 1e-9), **gap}
+               "val/loss": validated.pop("val/loss"), "val/acc": validated.pop("val/acc"),
+               "lr": self.scheduler.get_last_lr()[0], "time/epoch_s": time.perf_counter() - started,
+               "train/images": state.images, "throughput/img_s": totals.seen / max(totals.time_s, 1e-9),
+               **validated}
         state.history.append(row)
         self.sink.log_epoch(row)
         state.epochs_done = epoch
