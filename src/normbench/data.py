@@ -9,18 +9,18 @@ host-device synchronisation, the same code on CPU and CUDA (docs/PERFORMANCE.md)
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import ConfigError
 from normbench.schema import DataConf, parse_data
-from normbench.targets import BUILTIN_TARGETS, check_target
+from normbench.targets import BUILTIN_TARGETS, call_target, check_target
 
 
 @dataclass
@@ -64,7 +64,7 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
         data_cfg = OmegaConf.create(data_cfg)
     spec = pipeline or parse_data(data_cfg)
     check_target("data._target_", data_cfg, allowed_targets)
-    tensors = instantiate(data_cfg, _execution_whitelist_=list(allowed_targets))
+    tensors = _dataset_tensors(data_cfg, allowed_targets)
     train_images, train_labels, test_images, test_labels = _checked(data_cfg, spec, tensors)
     n, val_size, train_size = len(train_labels), spec.val_size, spec.train_size
     if val_size > n - 1:
@@ -98,6 +98,24 @@ def load_data(data_cfg: DictConfig, device: torch.device | str, allowed_targets=
     return DataBundle(train=train, val=val, test=test, num_classes=spec.num_classes,
                       image_size=spec.image_size + 2 * pad, channels=spec.channels, mean=mean, std=std,
                       name=dataset_name(data_cfg), folder=getattr(tensors, "folder", None))
+
+
+_last_dataset: list = []  # [(config key, tensors)]: the builtin dataset this process read last
+
+
+def _dataset_tensors(data_cfg: DictConfig, allowed_targets) -> tuple:
+    """The dataset's four tensors. The jobs of a sweep share a process: a builtin dataset (pure: its
+    config decides its tensors) that the job before read or generated with the same config is reused, not
+    read, hashed and split again; a user's dataset is called every time. Nothing writes to them."""
+    builtin = str(data_cfg["_target_"]).startswith("normbench.datasets.")
+    key = json.dumps(OmegaConf.to_container(data_cfg, resolve=True), sort_keys=True, default=str)
+    if builtin and _last_dataset and _last_dataset[0][0] == key:
+        return _last_dataset[0][1]
+    _last_dataset.clear()  # the one before is freed before the next is read
+    tensors = call_target(data_cfg, allowed_targets)
+    if builtin:
+        _last_dataset.append((key, tensors))
+    return tensors
 
 
 def _padding(spec: DataConf, input_size: int | None) -> int:

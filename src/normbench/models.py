@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from hydra.utils import instantiate
 from torch import nn
 
 from normbench.errors import ConfigError
 from normbench.schema import ModelConf
-from normbench.targets import BUILTIN_TARGETS
+from normbench.targets import BUILTIN_TARGETS, call_target
 
 NormFactory = Callable[[int, int], nn.Module]
 ActivationFactory = Callable[[], nn.Module]
@@ -32,10 +31,10 @@ def build_model(model_cfg, *, num_classes: int, in_channels: int, image_size: in
                 activation: ActivationFactory, allowed_targets=BUILTIN_TARGETS) -> nn.Module:
     """Call the model config's `_target_` (an allowed one) with the protocol's keyword arguments (`width`
     and `dropout` always: ModelConf's defaults where the config has none)."""
-    return instantiate(model_cfg, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                       norm=norm, activation=activation, width=model_cfg.get("width", ModelConf.width),
-                       dropout=model_cfg.get("dropout", ModelConf.dropout),
-                       _execution_whitelist_=list(allowed_targets))
+    return call_target(model_cfg, allowed_targets, num_classes=num_classes, in_channels=in_channels,
+                       image_size=image_size, norm=norm, activation=activation,
+                       width=model_cfg.get("width", ModelConf.width),
+                       dropout=model_cfg.get("dropout", ModelConf.dropout))
 
 
 def model_name(model_cfg) -> str:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import inspect
 
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from normbench.targets import BUILTIN_TARGETS
+from normbench.targets import BUILTIN_TARGETS, call_target
 
 FUSED_ON_CUDA = ("SGD", "Adam", "AdamW")
 LR_REF_BATCH = "lr_ref_batch"  # normbench's key of the optimizer group, not an optimizer argument
@@ -34,7 +33,7 @@ def optimizer_factory(optimizer_cfg, scale: float = 1.0, allowed_targets=BUILTIN
     node = OmegaConf.to_container(optimizer_cfg, resolve=True)
     node.pop(LR_REF_BATCH, None)
     node["lr"] = node["lr"] * scale
-    return instantiate(node, _execution_whitelist_=list(allowed_targets))
+    return call_target(node, allowed_targets)
 
 
 def build_optimizer(optimizer_cfg, model, allowed_targets=BUILTIN_TARGETS, scale: float = 1.0):
@@ -49,7 +48,7 @@ def build_scheduler(scheduler_cfg, optimizer, total_steps: int, steps_per_epoch:
                     allowed_targets=BUILTIN_TARGETS, scale: float = 1.0):
     """Schedulers step once per optimizer step, over the run's `total_steps`; one-cycle's max_lr is
     multiplied by `scale` as the optimizer's lr was."""
-    make = instantiate(scheduler_cfg.fn, _execution_whitelist_=list(allowed_targets))
+    make = call_target(scheduler_cfg.fn, allowed_targets)
     total_steps = max(1, total_steps)
     name = scheduler_cfg.name
     if name == "cosine":

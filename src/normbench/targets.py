@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from normbench.errors import ConfigError
 
@@ -19,6 +19,15 @@ def allowed_targets(cfg: DictConfig) -> tuple[str, ...]:
         raise ConfigError("trusted_targets", list(trusted),
                           "must be a list of targets or package patterns, e.g. trusted_targets=[my_models.*]")
     return (*BUILTIN_TARGETS, *trusted)
+
+
+def call_target(node, allowed: tuple[str, ...], **kwargs):
+    """Hydra's instantiate of `node` (a config node or mapping) with only the `allowed` targets. A node is
+    resolved to plain Python first: Hydra instantiates a node of the whole config by deep-copying the whole
+    config (6.5 ms against 0.9 ms for a model config here)."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=True)
+    return instantiate(node, **kwargs, _execution_whitelist_=list(allowed))
 
 
 def check_target(key: str, target_cfg, allowed: tuple[str, ...]) -> None:
