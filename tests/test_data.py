@@ -3,6 +3,7 @@ batching."""
 
 from __future__ import annotations
 
+import functools
 import pickle
 import time
 import urllib.error
@@ -94,14 +95,52 @@ def test_synthetic_bundle_shapes_dtypes_devices(bundle):
 
 def test_synthetic_determined_by_seed():
     a = load_data(synthetic_cfg(), "cpu")
-    b = load_data(synthetic_cfg(), "cpu")
     c = load_data(synthetic_cfg(synthetic={"generator_seed": 1}), "cpu")
+    b = load_data(synthetic_cfg(), "cpu")  # generated again: the process keeps the last dataset only
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
     assert torch.equal(a.test.images, b.test.images) and torch.equal(a.val.labels, b.val.labels)
     assert not torch.equal(a.train.images, c.train.images)
     # classes are balanced over all generated images
     counts = torch.cat([a.train.labels, a.val.labels, a.test.labels]).bincount(minlength=10)
     assert counts.tolist() == [70] * 10
+
+
+def user_dataset(**_):
+    USER_CALLS.append(1)
+    return (*make_synthetic(60), *make_synthetic(10, seed=1))
+
+
+USER_CALLS: list = []
+
+
+def test_consecutive_jobs_reuse_a_builtin_dataset_not_a_users(monkeypatch):
+    """The jobs of a sweep share a process: a builtin dataset that the job before loaded with the same
+    config is not generated (or read and hashed) again, and gives the same splits; another config is
+    loaded anew; a user's dataset is called every time (it may read files that changed)."""
+    from normbench import datasets
+
+    calls, generate = [], datasets.synthetic
+
+    @functools.wraps(generate)  # the same module and name: still a trusted target
+    def counted(**kwargs):
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(datasets, "synthetic", counted)
+    first = load_data(synthetic_cfg(synthetic={"generator_seed": 7}), "cpu")
+    again = load_data(synthetic_cfg(synthetic={"generator_seed": 7}), "cpu")
+    assert len(calls) == 1
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(first, split).images, getattr(again, split).images)
+    load_data(synthetic_cfg(synthetic={"generator_seed": 8}), "cpu")
+    load_data(synthetic_cfg(synthetic={"generator_seed": 7}, split_seed=3), "cpu")
+    assert len(calls) == 3
+    user = OmegaConf.create({**OmegaConf.to_container(synthetic_cfg()), "_target_": "test_data.user_dataset",
+                             "val_size": 10})
+    USER_CALLS.clear()
+    for _ in range(2):
+        load_data(user, "cpu", allowed_targets=("normbench.datasets.*", "test_data.*"))
+    assert len(USER_CALLS) == 2
 
 
 def test_synthetic_is_fast():

@@ -206,6 +206,21 @@ def test_batchstats_gap_leaves_training_unchanged(tmp_path):
         assert summary["metrics"][key] == plain_summary["metrics"][key]
 
 
+def test_batchstats_gap_evalmode_shares_the_validation_passes(tmp_path):
+    """Eval mode does not depend on the batch: when validation covers the gap's images (here all 128),
+    its figures are the validation's own; when it does not (one batch of 64), they come from a pass at the
+    training batch size, and agree to float rounding."""
+    shared, _ = _tiny_run(["norm=bn", "data.val_size=128"], tmp_path / "shared")
+    separate, _ = _tiny_run(["norm=bn", "data.val_size=128", "trainer.max_eval_batches=1"],
+                            tmp_path / "separate")
+    (row,), (apart,) = shared, separate
+    assert (row["val/loss_evalmode"], row["val/acc_evalmode"]) == (row["val/loss"], row["val/acc"])
+    assert apart["val/loss_evalmode"] == pytest.approx(row["val/loss_evalmode"], rel=1e-5)
+    assert apart["val/acc_evalmode"] == row["val/acc_evalmode"]
+    assert apart["val/loss"] != apart["val/loss_evalmode"]  # 64 validated images against the gap's 128
+    assert apart["val/loss_batchstats"] == row["val/loss_batchstats"]
+
+
 def test_layers_probe_leaves_training_bit_identical():
     """The probe's forward (batch statistics, dropout) is undone: weights, BN buffers and the RNG as if
     unprobed (test_probes' tiny BN+dropout CNN, probed at every step)."""
