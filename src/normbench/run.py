@@ -338,16 +338,20 @@ class Run:
     def _test(self, parts: RunParts, state: LoopState) -> None:
         """The test metrics of the last epoch's weights, or of best.pt's (trainer.test_on=best); best.pt as
         the W&B model artifact (logger.log_model)."""
-        best = read_best(self.run_dir / BEST, identity=self.identity, epoch=state.best_epoch)
+        log_model = self.wandb is not None and self.spec.logger.log_model
+        # the weights in memory are the best epoch's when it was the last one: best.pt is not read back
+        load = self.spec.trainer.test_on == "best" and state.best_epoch != state.epochs_done
+        best = read_best(self.run_dir / BEST, identity=self.identity, epoch=state.best_epoch) \
+            if load or log_model else None
         self.summary["tested_epoch"] = state.epochs_done
-        if self.spec.trainer.test_on == "best":
+        if load:
             if best is None:
                 raise RuntimeError(f"{self.run_dir / BEST} does not hold epoch {state.best_epoch}'s weights")
             parts.model.load_state_dict(best["model"])
             self.summary["tested_epoch"] = best["epoch"]
         metrics = self.summary["metrics"]
         metrics["test/loss"], metrics["test/acc"] = parts.trainer.evaluate(parts.data.test)
-        if best is not None and self.wandb is not None and self.spec.logger.log_model:
+        if best is not None and log_model:
             self.wandb.log_model(self.run_dir / BEST, {"epoch": best["epoch"], "val/acc": best["val/acc"]})
 
     def _final_metrics(self, parts: RunParts, state: LoopState) -> None:
