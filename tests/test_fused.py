@@ -128,6 +128,43 @@ def test_fused_float64_equals_unfused_runs(norm):
     assert runs[0].trainer.sink.losses != runs[1].trainer.sink.losses
 
 
+SGD_MEMBERS = {  # runs whose plain SGD steps as one over the fused tensors (FusedSGD)
+    "one lr": [["seed=0"], ["seed=1"], ["seed=2", "loss=ce_l2", "loss.l2=1e-3"], ["seed=3"]],
+    "own lrs": [["seed=0", "optimizer.lr=0.02"], ["seed=1", "optimizer.lr=0.05"],
+                ["seed=2", "optimizer.lr=0.01", "scheduler=cosine"], ["seed=3", "optimizer.lr=0.03"]],
+}
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("lrs", SGD_MEMBERS)
+@pytest.mark.parametrize("optimizer", [["optimizer=sgd_momentum", "optimizer.weight_decay=5e-4"],
+                                       ["optimizer=sgd", "optimizer.momentum=0.0"]])
+def test_fused_sgd_step_equals_each_runs_own_sgd(lrs, optimizer):
+    """float64, BN: SGD with Nesterov momentum and weight decay (or plain SGD), one lr or each run its own
+    (one on a cosine schedule): the fused step's losses, weights and momentum buffers equal the unfused
+    runs', and after the pass each run's optimizer state has its own storage."""
+    members = [[*optimizer, *m] for m in SGD_MEMBERS[lrs]]
+    runs = [make_run(["norm=bn", *m], torch.float64) for m in members]
+    for run in runs:
+        run.trainer.train_steps(1, LoopState(), 5)
+    fused = [make_run(["norm=bn", *m], torch.float64) for m in members]
+    trainer = FusedTrainer([run.trainer for run in fused])
+    trainer._fuse(list(range(len(fused))))
+    assert trainer.fused_sgd is not None
+    trainer.train_steps(1, [LoopState() for _ in fused], None, 5)
+    assert trainer.fused_sgd is None  # released with the pass
+    for run, twin in zip(runs, fused):
+        assert max(abs(a - b) for a, b in zip(run.trainer.sink.losses, twin.trainer.sink.losses)) < 1e-10
+        assert max_difference(run.model.state_dict(), twin.model.state_dict()) < 1e-10
+        mine, theirs = (r.optimizer.state_dict()["state"] for r in (run, twin))
+        assert mine.keys() == theirs.keys()
+        for key, state in mine.items():
+            if "momentum_buffer" in state:
+                assert (state["momentum_buffer"] - theirs[key]["momentum_buffer"]).abs().max() < 1e-10
+                assert theirs[key]["momentum_buffer"]._base is None  # its own storage
+    assert runs[0].trainer.sink.losses != runs[1].trainer.sink.losses
+
+
 @needs_fashion_mnist
 @pytest.mark.parametrize("norm", ["bn", "gn"])
 def test_fused_float32_close_to_unfused_runs(norm):

@@ -4,8 +4,9 @@ Each run keeps its own `normbench.trainer.Trainer` -- its unfused model, criteri
 batch stream (its own data order and augmentation), settings and sink -- and `FusedTrainer` replaces only
 the step: one forward of the fused model on the K runs' batches, each run's loss on its own logits, one
 backward of their sum (each run's gradient is that of its own loss: the runs share no weights), then each
-run's own optimizer and scheduler step. Each run's step rows, epoch rows, validation and divergence check
-are its own Trainer's (``_flush``, ``end_epoch``), on its own model, which reads the fused values in place.
+run's own optimizer and scheduler step (runs that all use plain SGD step together: `FusedSGD`). Each run's
+step rows, epoch rows, validation and divergence check are its own Trainer's (``_flush``, ``end_epoch``),
+on its own model, which reads the fused values in place.
 
 The runs are fused for a pass of training steps only: a run that diverges leaves the pass (the others are
 fused anew without it; its weights, buffers and optimizer state stop changing), and after the pass every
@@ -21,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from normbench.device import keep_norms_fp32
-from normbench.fused import FusedModel
+from normbench.fused import FusedModel, _pieces
 from normbench.record import Status
 from normbench.trainer import LoopState, PassTotals, Trainer, keep_step
 
@@ -40,6 +41,83 @@ def unfusable_trainer_reason(trainer: Trainer) -> str | None:
     return None
 
 
+class FusedSGD:
+    """The runs' `torch.optim.SGD` steps as one step over the fused tensors, by SGD's own update rule: when
+    every run's optimizer is a plain SGD (one parameter group, no hooks) over its model's parameters, with
+    the same momentum, dampening, weight decay, nesterov and maximize; each run keeps its own lr (read from
+    its optimizer at every step, as its scheduler set it). While fused, each run's momentum buffers in its
+    own optimizer's state are views of the fused ones (`release` gives them their own storage again)."""
+
+    SAME = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+    def __init__(self, fused: FusedModel, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers, self.k = optimizers, len(optimizers)
+        self.hyper = {key: optimizers[0].param_groups[0][key] for key in self.SAME}
+        self.entries = []  # [fused parameter, stacked, the runs' parameters, fused momentum buffer]
+        for module, name, members, stacked, is_param in fused._links:
+            if is_param:
+                own = [getattr(member, name) for member in members]
+                buffers = [opt.state.get(p, {}).get("momentum_buffer") for opt, p in zip(optimizers, own)]
+                join = torch.stack if stacked else torch.cat
+                fused_buffer = None if buffers[0] is None else join(buffers)
+                self.entries.append([getattr(module, name), stacked, own, fused_buffer])
+                self._share(self.entries[-1])
+
+    @classmethod
+    def build(cls, fused: FusedModel, optimizers: list) -> FusedSGD | None:
+        """None unless every optimizer qualifies (then each run steps its own optimizer)."""
+        groups = [opt.param_groups for opt in optimizers]
+        plain = all(type(opt) is torch.optim.SGD and len(g) == 1 and not g[0]["differentiable"]
+                    and not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+                    for opt, g in zip(optimizers, groups))
+        if not plain or len({tuple(g[0][key] for key in cls.SAME) for g in groups}) != 1:
+            return None
+        linked = [[getattr(m, name) for m in members] for _, name, members, _, is_param in fused._links
+                  if is_param]
+        if any({id(p) for p in g[0]["params"]} != {id(params[k]) for params in linked}
+               for k, g in enumerate(groups)):  # each optimizer steps exactly its model's parameters
+            return None
+        started = {opt.state.get(params[k], {}).get("momentum_buffer") is not None
+                   for params in linked for k, opt in enumerate(optimizers)}
+        return cls(fused, optimizers) if len(started) == 1 else None
+
+    def _share(self, entry) -> None:
+        _, stacked, own, fused_buffer = entry
+        if fused_buffer is not None:
+            for opt, p, piece in zip(self.optimizers, own, _pieces(fused_buffer, self.k, stacked)):
+                opt.state[p]["momentum_buffer"] = piece
+
+    @torch.no_grad()
+    def step(self) -> None:
+        momentum, dampening, decay, nesterov, maximize = (self.hyper[key] for key in self.SAME)
+        lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers]
+        for entry in self.entries:
+            param, stacked = entry[0], entry[1]
+            d_p = -param.grad if maximize else param.grad
+            if decay:
+                d_p = d_p.add(param, alpha=decay)
+            if momentum:
+                if entry[3] is None:
+                    entry[3] = torch.clone(d_p).detach()
+                    self._share(entry)
+                else:
+                    entry[3].mul_(momentum).add_(d_p, alpha=1 - dampening)
+                d_p = d_p.add(entry[3], alpha=momentum) if nesterov else entry[3]
+            if len(set(lrs)) == 1:
+                param.add_(d_p, alpha=-lrs[0])
+            else:
+                for lr, p, d in zip(lrs, _pieces(param, self.k, stacked), _pieces(d_p, self.k, stacked)):
+                    p.add_(d, alpha=-lr)
+        for opt in self.optimizers:
+            opt._opt_called = True  # what the schedulers' check of the step order reads
+
+    def release(self) -> None:
+        for _, _, own, fused_buffer in self.entries:
+            for opt, p in zip(self.optimizers, own):
+                if fused_buffer is not None:
+                    opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone()
+
+
 class FusedTrainer:
     """Trains the runs of `trainers` (same model architecture, settings, batch size and data) as one."""
 
@@ -55,6 +133,7 @@ class FusedTrainer:
         self.trainers = trainers
         self.settings = first.settings
         self.fused: FusedModel | None = None
+        self.fused_sgd: FusedSGD | None = None
         self._members: tuple[int, ...] = ()
 
     def _fuse(self, members: list[int]) -> None:
@@ -63,12 +142,15 @@ class FusedTrainer:
             return
         if self.fused is not None:
             self.fused.unfuse()
-        self.fused = None
+        if self.fused_sgd is not None:
+            self.fused_sgd.release()
+        self.fused, self.fused_sgd = None, None
         if members:
             self.fused = FusedModel([self.trainers[i].model for i in members], self.settings.channels_last)
             if self.settings.amp_dtype is not None:
                 keep_norms_fp32(self.fused)
             self.fused.train()
+            self.fused_sgd = FusedSGD.build(self.fused, [self.trainers[i].optimizer for i in members])
         self._members = tuple(members)
 
     def release(self) -> None:
@@ -143,9 +225,12 @@ class FusedTrainer:
                       for j, (t, (_, y)) in enumerate(zip(trainers, batches))]
         self.fused.zero_grad()
         torch.stack(losses).sum().backward()
+        if self.fused_sgd is not None:
+            self.fused_sgd.step()
         for j, (i, trainer) in enumerate(zip(active, trainers)):
             states[i].step += 1
-            trainer.optimizer.step()
+            if self.fused_sgd is None:
+                trainer.optimizer.step()
             trainer.scheduler.step()
             keep_step(pending[i], losses[j], logits[j], batches[j][1],
                       {"step": states[i].step, "epoch": epoch, "lr": lrs[j]})
