@@ -131,7 +131,7 @@ def _fuse_layer(layers: list[nn.Module]) -> nn.Module:
     return layers[0] if fuse is None else fuse(layers)
 
 
-def _pieces(fused: torch.Tensor, k: int, stacked: bool) -> tuple[torch.Tensor, ...]:
+def pieces(fused: torch.Tensor, k: int, stacked: bool) -> tuple[torch.Tensor, ...]:
     """The K per-model views of a fused tensor: stacked (K, ...) or concatenated (K*n, ...)."""
     if fused.dim() == 0:
         return (fused,) * k
@@ -184,16 +184,22 @@ class FusedModel(nn.Module):
             stacked = isinstance(fused, FusedLinear)
             for name, param in fused.named_parameters(recurse=False):
                 param.grad = torch.zeros_like(param)
-                pieces = zip(_pieces(param.data, self.k, stacked), _pieces(param.grad, self.k, stacked))
-                for member, (data, grad) in zip(members, pieces):
+                views = zip(pieces(param.data, self.k, stacked), pieces(param.grad, self.k, stacked))
+                for member, (data, grad) in zip(members, views):
                     own = getattr(member, name)
                     own.data, own.grad = data, grad
                 links.append((fused, name, members, stacked, True))
             for name, buffer in fused.named_buffers(recurse=False):
-                for member, piece in zip(members, _pieces(buffer, self.k, stacked)):
+                for member, piece in zip(members, pieces(buffer, self.k, stacked)):
                     member._buffers[name] = piece
                 links.append((fused, name, members, stacked, False))
         return links
+
+    def linked_parameters(self) -> list[tuple[nn.Parameter, bool, list[nn.Parameter]]]:
+        """Each fused parameter, whether it is stacked (K, ...) rather than concatenated, and the models'
+        parameters that are its views."""
+        return [(getattr(fused, name), stacked, [getattr(member, name) for member in members])
+                for fused, name, members, stacked, is_param in self._links if is_param]
 
     def unfuse(self) -> None:
         """Give every model its own copy of its parameters and buffers (no gradient); this fused model is

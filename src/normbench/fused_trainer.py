@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from normbench.device import keep_norms_fp32
-from normbench.fused import FusedModel, _pieces
+from normbench.fused import FusedModel, pieces
 from normbench.record import Status
 from normbench.trainer import LoopState, PassTotals, Trainer, keep_step
 
@@ -54,14 +54,11 @@ class FusedSGD:
         self.optimizers, self.k = optimizers, len(optimizers)
         self.hyper = {key: optimizers[0].param_groups[0][key] for key in self.SAME}
         self.entries = []  # [fused parameter, stacked, the runs' parameters, fused momentum buffer]
-        for module, name, members, stacked, is_param in fused._links:
-            if is_param:
-                own = [getattr(member, name) for member in members]
-                buffers = [opt.state.get(p, {}).get("momentum_buffer") for opt, p in zip(optimizers, own)]
-                join = torch.stack if stacked else torch.cat
-                fused_buffer = None if buffers[0] is None else join(buffers)
-                self.entries.append([getattr(module, name), stacked, own, fused_buffer])
-                self._share(self.entries[-1])
+        for param, stacked, own in fused.linked_parameters():
+            buffers = [opt.state.get(p, {}).get("momentum_buffer") for opt, p in zip(optimizers, own)]
+            join = torch.stack if stacked else torch.cat
+            self.entries.append([param, stacked, own, None if buffers[0] is None else join(buffers)])
+            self._share(self.entries[-1])
 
     @classmethod
     def build(cls, fused: FusedModel, optimizers: list) -> FusedSGD | None:
@@ -72,8 +69,7 @@ class FusedSGD:
                     for opt, g in zip(optimizers, groups))
         if not plain or len({tuple(g[0][key] for key in cls.SAME) for g in groups}) != 1:
             return None
-        linked = [[getattr(m, name) for m in members] for _, name, members, _, is_param in fused._links
-                  if is_param]
+        linked = [own for _, _, own in fused.linked_parameters()]
         if any({id(p) for p in g[0]["params"]} != {id(params[k]) for params in linked}
                for k, g in enumerate(groups)):  # each optimizer steps exactly its model's parameters
             return None
@@ -84,7 +80,7 @@ class FusedSGD:
     def _share(self, entry) -> None:
         _, stacked, own, fused_buffer = entry
         if fused_buffer is not None:
-            for opt, p, piece in zip(self.optimizers, own, _pieces(fused_buffer, self.k, stacked)):
+            for opt, p, piece in zip(self.optimizers, own, pieces(fused_buffer, self.k, stacked)):
                 opt.state[p]["momentum_buffer"] = piece
 
     @torch.no_grad()
@@ -106,16 +102,15 @@ class FusedSGD:
             if len(set(lrs)) == 1:
                 param.add_(d_p, alpha=-lrs[0])
             else:
-                for lr, p, d in zip(lrs, _pieces(param, self.k, stacked), _pieces(d_p, self.k, stacked)):
+                for lr, p, d in zip(lrs, pieces(param, self.k, stacked), pieces(d_p, self.k, stacked)):
                     p.add_(d, alpha=-lr)
         for opt in self.optimizers:
             opt._opt_called = True  # what the schedulers' check of the step order reads
 
     def release(self) -> None:
         for _, _, own, fused_buffer in self.entries:
-            for opt, p in zip(self.optimizers, own):
-                if fused_buffer is not None:
-                    opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone()
+            for opt, p in zip(self.optimizers, own if fused_buffer is not None else ()):
+                opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone()
 
 
 class FusedTrainer:
