@@ -192,14 +192,8 @@ class Trainer:
             for buffer, value in saved:
                 buffer.copy_(value)
         self.model.train()
-        whole = (values[0] / max(count, 1), values[1] / max(count, 1))
-        return whole + (values[2] / max(min(first, count), 1), values[3] / max(min(first, count), 1)) \
-            if first else whole
-
-    def _batch_stats_images(self) -> int:
-        """How many validation images the batch-stats gap reads: whole batches of the training batch size."""
-        batch_size = self.stream.batch_size
-        return min(self.settings.batchstats_images, len(self.data.val)) // batch_size * batch_size
+        seen = (max(count, 1),) * 2 + (max(min(first, count), 1),) * 2
+        return tuple(value / n for value, n in zip(values, seen))[:4 if first else 2]
 
     def validate(self) -> dict[str, float]:
         """The validation loss and accuracy, and the batch-stats gap: the first `batchstats_images` images
@@ -207,19 +201,18 @@ class Trainer:
         own passes when they cover them) and with batch statistics (`val/*_batchstats`): the batch
         statistics training used against the running ones eval uses. A model without batch-statistics
         norms computes the same numbers both ways: its batchstats are its evalmode. No random numbers."""
-        images = self._batch_stats_images()
-        evaluated = min(len(self.data.val), self.settings.eval_batch_size * (self.settings.max_eval_batches
-                                                                             or len(self.data.val)))
-        values = self.evaluate(self.data.val, first=images if images <= evaluated else 0)
+        batch_size, settings = self.stream.batch_size, self.settings
+        batches = min(settings.batchstats_images, len(self.data.val)) // batch_size
+        images, limit = batches * batch_size, settings.max_eval_batches  # no limit: validation reads all
+        covered = not limit or images <= settings.eval_batch_size * limit
+        values = self.evaluate(self.data.val, first=images if covered else 0)
         row = {"val/loss": values[0], "val/acc": values[1]}
-        if not images:
-            return row
-        batch_size, batches = self.stream.batch_size, images // self.stream.batch_size
-        evalmode = values[2:] or self.evaluate(self.data.val, batch_size, batches)
-        uses_batch_stats = any(isinstance(m, BATCH_STATS_NORMS) for m in self.model.modules())
-        batchstats = self.evaluate(self.data.val, batch_size, batches, True) if uses_batch_stats else evalmode
-        for mode, (loss, acc) in (("evalmode", evalmode), ("batchstats", batchstats)):
-            row[f"val/loss_{mode}"], row[f"val/acc_{mode}"] = loss, acc
+        if batches:
+            evalmode = values[2:] or self.evaluate(self.data.val, batch_size, batches)
+            batchstats = evalmode if not any(isinstance(m, BATCH_STATS_NORMS) for m in self.model.modules()) \
+                else self.evaluate(self.data.val, batch_size, batches, True)
+            for mode, (loss, acc) in (("evalmode", evalmode), ("batchstats", batchstats)):
+                row[f"val/loss_{mode}"], row[f"val/acc_{mode}"] = loss, acc
         return row
 
     def run(self, state: LoopState | None = None,
