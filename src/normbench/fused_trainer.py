@@ -58,7 +58,8 @@ class FusedSGD:
             buffers = [opt.state.get(p, {}).get("momentum_buffer") for opt, p in zip(optimizers, own)]
             join = torch.stack if stacked else torch.cat
             self.entries.append([param, stacked, own, None if buffers[0] is None else join(buffers)])
-            self._share(self.entries[-1])
+            if buffers[0] is not None:
+                self._share(self.entries[-1])
 
     @classmethod
     def build(cls, fused: FusedModel, optimizers: list) -> FusedSGD | None:
@@ -78,10 +79,8 @@ class FusedSGD:
         return cls(fused, optimizers) if len(started) == 1 else None
 
     def _share(self, entry) -> None:
-        _, stacked, own, fused_buffer = entry
-        if fused_buffer is not None:
-            for opt, p, piece in zip(self.optimizers, own, pieces(fused_buffer, self.k, stacked)):
-                opt.state[p]["momentum_buffer"] = piece
+        for opt, p, piece in zip(self.optimizers, entry[2], pieces(entry[3], self.k, entry[1])):
+            opt.state[p]["momentum_buffer"] = piece  # a view of the fused buffer
 
     @torch.no_grad()
     def step(self) -> None:

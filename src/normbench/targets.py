@@ -22,9 +22,8 @@ def allowed_targets(cfg: DictConfig) -> tuple[str, ...]:
 
 
 def call_target(node, allowed: tuple[str, ...], **kwargs):
-    """Hydra's instantiate of `node` (a config node or mapping) with only the `allowed` targets. A node is
-    resolved to plain Python first: Hydra instantiates a node of the whole config by deep-copying the whole
-    config (6.5 ms against 0.9 ms for a model config here)."""
+    """Hydra's instantiate of `node` with only the `allowed` targets; a config node as plain Python: Hydra
+    deep-copies the whole config to instantiate one of its nodes (6.5 ms, 0.9 ms for the container)."""
     if OmegaConf.is_config(node):
         node = OmegaConf.to_container(node, resolve=True)
     return instantiate(node, **kwargs, _execution_whitelist_=list(allowed))
