@@ -84,25 +84,31 @@ class FusedSGD:
 
     @torch.no_grad()
     def step(self) -> None:
+        """SGD's update of every fused tensor at once (torch._foreach_*: a few kernels on a GPU, where the
+        runs' own fused SGD steps launch K)."""
         momentum, dampening, decay, nesterov, maximize = (self.hyper[key] for key in self.SAME)
-        lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers]
-        for entry in self.entries:
-            param, stacked = entry[0], entry[1]
-            d_p = -param.grad if maximize else param.grad
-            if decay:
-                d_p = d_p.add(param, alpha=decay)
-            if momentum:
-                if entry[3] is None:
-                    entry[3] = torch.clone(d_p).detach()
+        params = [entry[0] for entry in self.entries]
+        d_p = torch._foreach_neg([p.grad for p in params]) if maximize else [p.grad for p in params]
+        if decay:
+            d_p = torch._foreach_add(d_p, params, alpha=decay)
+        if momentum:
+            if self.entries[0][3] is None:  # the first step: the buffers start as d_p
+                for entry, d in zip(self.entries, d_p):
+                    entry[3] = d.detach().clone()
                     self._share(entry)
-                else:
-                    entry[3].mul_(momentum).add_(d_p, alpha=1 - dampening)
-                d_p = d_p.add(entry[3], alpha=momentum) if nesterov else entry[3]
-            if len(set(lrs)) == 1:
-                param.add_(d_p, alpha=-lrs[0])
             else:
-                for lr, p, d in zip(lrs, pieces(param, self.k, stacked), pieces(d_p, self.k, stacked)):
-                    p.add_(d, alpha=-lr)
+                torch._foreach_mul_([entry[3] for entry in self.entries], momentum)
+                torch._foreach_add_([entry[3] for entry in self.entries], d_p, alpha=1 - dampening)
+            buffers = [entry[3] for entry in self.entries]
+            d_p = torch._foreach_add(d_p, buffers, alpha=momentum) if nesterov else buffers
+        lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers]
+        if len(set(lrs)) == 1:
+            torch._foreach_add_(params, d_p, alpha=-lrs[0])
+        else:  # each run its own lr, on its pieces of every tensor
+            split = [zip(pieces(p, self.k, entry[1]), pieces(d, self.k, entry[1]))
+                     for p, d, entry in zip(params, d_p, self.entries)]
+            for lr, own in zip(lrs, zip(*split)):
+                torch._foreach_add_([p for p, _ in own], [d for _, d in own], alpha=-lr)
         for opt in self.optimizers:
             opt._opt_called = True  # what the schedulers' check of the step order reads
 
