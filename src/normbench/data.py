@@ -104,9 +104,8 @@ _last_dataset: list = []  # [(config key, tensors)]: the builtin dataset this pr
 
 
 def _dataset_tensors(data_cfg: DictConfig, allowed_targets) -> tuple:
-    """The dataset's four tensors. The jobs of a sweep share a process: a builtin dataset (pure: its
-    config decides its tensors) that the job before read or generated with the same config is reused, not
-    read, hashed and split again; a user's dataset is called every time. Nothing writes to them."""
+    """The dataset's four tensors (never written to). A sweep's jobs share a process: a builtin dataset (its
+    config decides its tensors) that the job before loaded with the same config is reused, a user's not."""
     builtin = str(data_cfg["_target_"]).startswith("normbench.datasets.")
     key = json.dumps(OmegaConf.to_container(data_cfg, resolve=True), sort_keys=True, default=str)
     if builtin and _last_dataset and _last_dataset[0][0] == key:

@@ -42,11 +42,10 @@ def unfusable_trainer_reason(trainer: Trainer) -> str | None:
 
 
 class FusedSGD:
-    """The runs' `torch.optim.SGD` steps as one step over the fused tensors, by SGD's own update rule: when
-    every run's optimizer is a plain SGD (one parameter group, no hooks) over its model's parameters, with
-    the same momentum, dampening, weight decay, nesterov and maximize; each run keeps its own lr (read from
-    its optimizer at every step, as its scheduler set it). While fused, each run's momentum buffers in its
-    own optimizer's state are views of the fused ones (`release` gives them their own storage again)."""
+    """The runs' `torch.optim.SGD` steps as one over the fused tensors, by SGD's update rule, when every
+    run's optimizer is a plain SGD (one parameter group, no hooks) with the same settings but its lr (read
+    at every step, as its scheduler set it). While fused, the momentum buffers in each run's optimizer
+    state are views of the fused ones (`release` gives them their own storage again)."""
 
     SAME = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
 

@@ -337,8 +337,7 @@ class Run:
         """The test metrics of the last epoch's weights, or of best.pt's (trainer.test_on=best); best.pt as
         the W&B model artifact (logger.log_model)."""
         log_model = self.wandb is not None and self.spec.logger.log_model
-        # the weights in memory are the best epoch's when it was the last one: best.pt is not read back
-        load = self.spec.trainer.test_on == "best" and state.best_epoch != state.epochs_done
+        load = self.spec.trainer.test_on == "best" and state.best_epoch != state.epochs_done  # else in memory
         best = read_best(self.run_dir / BEST, identity=self.identity, epoch=state.best_epoch) \
             if load or log_model else None
         self.summary["tested_epoch"] = state.epochs_done

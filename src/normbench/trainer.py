@@ -166,9 +166,7 @@ class Trainer:
                  batch_stats: bool = False, first: int = 0) -> tuple[float, ...]:
         """Loss and accuracy on `split` (default batches: eval_batch_size, max_eval_batches) in eval mode, or
         with `batch_stats` with the norm layers in train mode (each batch normalized by its own statistics)
-        and dropout off; every buffer (running statistics, batch counts) is restored afterwards. With
-        `first`, then the loss and accuracy of the first `first` of the images evaluated, from the same
-        forward passes."""
+        and dropout off, every buffer restored afterwards; with `first`, then those of its first images."""
         self.model.eval()
         saved = [(b, b.clone()) for b in self.model.buffers()] if batch_stats else []
         for module in self.model.modules() if batch_stats else ():
@@ -196,11 +194,10 @@ class Trainer:
         return tuple(value / n for value, n in zip(values, seen))[:4 if first else 2]
 
     def validate(self) -> dict[str, float]:
-        """The validation loss and accuracy, and the batch-stats gap: the first `batchstats_images` images
-        in whole batches of the training batch size in eval mode (`val/*_evalmode`, from the validation's
-        own passes when they cover them) and with batch statistics (`val/*_batchstats`): the batch
-        statistics training used against the running ones eval uses. A model without batch-statistics
-        norms computes the same numbers both ways: its batchstats are its evalmode. No random numbers."""
+        """Validation loss and accuracy, and the batch-stats gap: the first `batchstats_images` images in
+        whole batches of the training batch size in eval mode (`val/*_evalmode`, from the validation's own
+        passes when they cover them) and with batch statistics (`val/*_batchstats`; a model without
+        batch-statistics norms computes the same numbers both ways). No random numbers are drawn."""
         batch_size, settings = self.stream.batch_size, self.settings
         batches = min(settings.batchstats_images, len(self.data.val)) // batch_size
         images, limit = batches * batch_size, settings.max_eval_batches  # no limit: validation reads all
