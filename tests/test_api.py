@@ -65,8 +65,9 @@ def _table_rows(stdout: str, first_column_values: set[str]) -> list[list[str]]:
             if line.startswith("│") and line.strip("│ ").split("│")[0].strip() in first_column_values]
 
 
-@pytest.mark.parametrize("launcher", [[], pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-                                                       marks=pytest.mark.slow)], ids=["basic", "joblib"])
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
+                         ids=["basic", "joblib"])
 def test_a_multirun_ends_with_its_results_table_and_results_csv(launcher, tmp_path):
     args = ["-m", *QUICK, *launcher, "norm=bn,none", "optimizer.lr=0.01,0.1,-1"]
     proc = run_train(args, tmp_path)

@@ -56,31 +56,31 @@ def test_bad_value_is_one_clear_line(override, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_bad_value_from_the_command_line(tmp_path):
-    proc = run_train([*TINY, "logger=none", "batch_size=0"], tmp_path, check=False)
-    _assert_one_line_error(proc, CASES["batch_size=0"], tmp_path)
+def test_bad_value_from_the_command_line(battery):
+    proc, _, root = battery["cli"]["batch_size=0"]
+    _assert_one_line_error(proc, CASES["batch_size=0"], root)
 
 
 @pytest.mark.slow
-def test_gn_groups_that_do_not_divide_channels(tmp_path):
-    proc = run_train([*TINY, "logger=none", "norm=gn", "norm.groups=5"], tmp_path, check=False)
+def test_gn_groups_that_do_not_divide_channels(battery):
+    proc, _, root = battery["cli"]["norm.groups=5"]
     _assert_one_line_error(proc, "bad value norm.groups=5: must divide every normalized layer's channels",
-                           tmp_path)
+                           root)
 
 
 @pytest.mark.slow
-def test_cuda_requested_without_cuda(tmp_path):
+def test_cuda_requested_without_cuda(battery):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = run_train([*TINY, "logger=none", "trainer.device=cuda"], tmp_path, check=False)
-    _assert_one_line_error(proc, "CUDA is not available on this machine", tmp_path)
+    proc, _, root = battery["cli"]["trainer.device=cuda"]
+    _assert_one_line_error(proc, "CUDA is not available on this machine", root)
 
 
 @pytest.mark.slow
-def test_unknown_option_lists_the_available_ones(tmp_path):
-    proc = run_train([*TINY, "logger=none", "norm=batchnorm"], tmp_path, check=False)
+def test_unknown_option_lists_the_available_ones(battery):
+    proc, _, _ = battery["cli"]["norm=batchnorm"]
     assert proc.returncode != 0
     assert "Could not find 'norm/batchnorm'" in proc.stderr
     for option in ("bn", "gn", "ln", "lrn", "none"):
@@ -88,13 +88,11 @@ def test_unknown_option_lists_the_available_ones(tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_cifar_without_network_names_the_data_dir(tmp_path):
-    empty = tmp_path / "empty-data"
-    empty.mkdir()
-    args = [o for o in TINY if not o.startswith("data")] + [
-        "logger=none", "data=cifar10", f"data.root={empty}", "data.download=false"]
-    proc = run_train(args, tmp_path, check=False)
-    _assert_one_line_error(proc, str(empty), tmp_path)
+def test_missing_cifar_without_network_names_the_data_dir(battery):
+    proc, _, root = battery["cli"]["missing cifar"]
+    empty = root / "empty-data"
+    assert empty.is_dir()
+    _assert_one_line_error(proc, str(empty), root)
     assert "data.download=true" in proc.stderr or "data=synthetic" in proc.stderr
 
 
@@ -212,6 +210,19 @@ IDLE_REFERENCE_S = 3.0
 LIMIT_S = 10.0
 
 
+# Single bad runs through a real `bench/train.py` process each; they run in the battery's queue,
+# two at a time. name -> the run's whole command line ("{root}": the dir it runs in, with an empty-data/).
+CLI_CASES = {
+    "batch_size=0": [*TINY, "logger=none", "batch_size=0"],
+    "norm.groups=5": [*TINY, "logger=none", "norm=gn", "norm.groups=5"],
+    "trainer.device=cuda": [*TINY, "logger=none", "trainer.device=cuda"],
+    "norm=batchnorm": [*TINY, "logger=none", "norm=batchnorm"],
+    "missing cifar": [o for o in TINY if not o.startswith("data")] + [
+        "logger=none", "data=cifar10", "data.root={root}/empty-data", "data.download=false"],
+    "password in a Hydra error": [*TINY, f"hydra.sweeper.storagee=postgresql://u:{PASSWORD}@h/db"],
+}
+
+
 def _run_case(args: list[str], root: Path) -> tuple[subprocess.CompletedProcess, float]:
     # cwd two levels down, so that experiment_name=../../x would land inside `root`
     cwd = root / "a" / "b"
@@ -221,20 +232,32 @@ def _run_case(args: list[str], root: Path) -> tuple[subprocess.CompletedProcess,
     return proc, time.perf_counter() - start
 
 
+def _run_cli_case(args: list[str], root: Path) -> tuple[subprocess.CompletedProcess, float, Path]:
+    """A CLI_CASES run from `root` itself."""
+    root.mkdir(parents=True)
+    (root / "empty-data").mkdir()
+    start = time.perf_counter()
+    proc = run_train([a.replace("{root}", str(root)) for a in args], root, check=False, timeout=120)
+    return proc, time.perf_counter() - start, root
+
+
 @pytest.fixture(scope="module")
 def battery(tmp_path_factory) -> dict:
-    """Every case, two processes at a time; plus, first and last in the same queue, a process that only
-    composes the config: the time limit scales with the slower of the two when the machine is busy."""
+    """Every case and every CLI_CASES run, two processes at a time; plus, first and last in the same queue, a
+    process that only composes the config: the time limit scales with the slower of the two when the
+    machine is busy."""
     root = tmp_path_factory.mktemp("battery")
     with ThreadPoolExecutor(max_workers=2) as pool:
         first = pool.submit(_run_case, ["--cfg", "job"], root / "reference-first")
         futures = {name: pool.submit(_run_case, args, root / f"case{i}")
                    for i, (name, (args, _)) in enumerate(BATTERY.items())}
+        cli = {name: pool.submit(_run_cli_case, args, root / f"cli{i}") for i, (name, args) in
+               enumerate(CLI_CASES.items())}
         last = pool.submit(_run_case, ["--cfg", "job"], root / "reference-last")
         results = {name: (*future.result(), root / f"case{list(BATTERY).index(name)}")
                    for name, future in futures.items()}
         reference = max(first.result()[1], last.result()[1])
-    return {"reference": reference, "results": results}
+    return {"reference": reference, "results": results, "cli": {name: f.result() for name, f in cli.items()}}
 
 
 @pytest.mark.slow
@@ -261,9 +284,9 @@ def test_bad_input_battery(name, battery):
 
 
 @pytest.mark.slow
-def test_a_password_in_any_hydra_error_is_masked(tmp_path):
+def test_a_password_in_any_hydra_error_is_masked(battery):
     """Hydra's own composition errors quote the override (with its value): masked too."""
-    proc = run_train([*TINY, f"hydra.sweeper.storagee=postgresql://u:{PASSWORD}@h/db"], tmp_path, check=False)
+    proc, _, _ = battery["cli"]["password in a Hydra error"]
     assert proc.returncode != 0
     assert PASSWORD not in proc.stdout + proc.stderr
     assert "postgresql://u:***@h/db" in proc.stderr

@@ -199,6 +199,7 @@ def test_fused_runs_stop_at_max_steps():
 # the record, W&B and the last line
 
 
+@pytest.mark.slow
 def test_a_run_records_its_steps_images_and_effective_lr(tmp_path, wandb_env):
     proc = run_train([*TINY, "trainer.epochs=3", "trainer.max_steps=10", "optimizer.lr=0.02",
                       "optimizer.lr_ref_batch=64", "scheduler=onecycle", "model.init=kaiming_normal"],

@@ -70,17 +70,18 @@ def test_single_run_trains_and_records(tmp_path, wandb_env):
 @pytest.mark.slow
 def test_multirun_grid_records_every_job(tmp_path, wandb_env):
     tiny = [o for o in WANDB_TINY if not o.startswith("batch_size")]
-    run_train(["-m", "norm=bn,ln,gn", "batch_size=8,16,32,64", *tiny], tmp_path, timeout=900)
+    # a 3 x 2 grid: every job of a two-key cross product, a one- and a two-digit batch size in the names
+    run_train(["-m", "norm=bn,ln,gn", "batch_size=8,64", *tiny], tmp_path, timeout=900)
     sweep = tmp_path / "multirun" / "default"
     runs = _records(sweep)
-    assert len(runs) == 12
+    assert len(runs) == 6
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     assert all(s["status"] == "completed" for s in summaries)
-    assert len({s["identity"] for s in summaries}) == 12
+    assert len({s["identity"] for s in summaries}) == 6
     grid = {(s["choices"]["norm"], s["choices"]["batch_size"]) for s in summaries}
-    assert grid == {(n, b) for n in ("bn", "ln", "gn") for b in (8, 16, 32, 64)}
+    assert grid == {(n, b) for n in ("bn", "ln", "gn") for b in (8, 64)}
     configs = {(r / "config.yaml").read_text() for r in runs}
-    assert len(configs) == 12
+    assert len(configs) == 6
 
     for run, summary in zip(runs, summaries):
         wandb_runs = list(run.glob("wandb/offline-run-*"))

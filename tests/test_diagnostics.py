@@ -156,6 +156,7 @@ def _tiny_run(overrides: list[str], out: Path) -> tuple[list[dict], dict]:
     return rows, json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_brn_with_layers_probe_trains_and_records_everything(tmp_path, wandb_env):
     """norm=brn whose clips relax within the run, probe=layers every 2 steps, logged to W&B offline."""
     run_train([*TINY, "norm=brn", "norm.renorm_start=1", "norm.renorm_warmup=2", "probe=layers",

@@ -249,6 +249,7 @@ def test_worst_value_teaches_tpe_to_avoid_failures_and_fail_state_does_not():
     assert mean_fail > 0.4 and mean_fail > mean_worst + 0.2, (worst, fail)
 
 
+@pytest.mark.slow
 def test_stale_trials_of_a_dead_worker_are_requeued_not_counted(tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     storage = open_storage(url, StorageSettings(heartbeat_interval=1, grace_period=1, max_retry=3))

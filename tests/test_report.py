@@ -622,6 +622,7 @@ def test_html_self_contained(built):
     assert 'id="skipped"' in page and "not valid JSON" in page and "status running" in page
 
 
+@pytest.mark.slow
 def test_cli_console_line_and_error(sweep, tmp_path):
     out = tmp_path / "cli"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
