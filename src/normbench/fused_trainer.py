@@ -83,8 +83,8 @@ class FusedSGD:
 
     @torch.no_grad()
     def step(self) -> None:
-        """SGD's update of every fused tensor at once (torch._foreach_*: a few kernels on a GPU, where the
-        runs' own fused SGD steps launch K)."""
+        """SGD's update of every fused tensor at once: one Python call of a few foreach kernels, where the
+        runs' own steps are K calls (K fused kernels on a GPU, K loops over their tensors on a CPU)."""
         momentum, dampening, decay, nesterov, maximize = (self.hyper[key] for key in self.SAME)
         params = [entry[0] for entry in self.entries]
         d_p = torch._foreach_neg([p.grad for p in params]) if maximize else [p.grad for p in params]
